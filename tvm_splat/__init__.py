@@ -1,0 +1,1 @@
+"""tvm_splat: sparse regular attention (ACSR) and pruned-model compaction on Apache TVM."""
