@@ -1,0 +1,48 @@
+"""The public ``sparse_attention`` entry: inputs, patterns, devices and errors."""
+import numpy as np
+import pytest
+
+from tvm_splat import ACSR, Window, parse_pattern, sparse_attention
+from tvm_splat.reference import masked_attention
+
+
+def test_accepts_pattern_objects_and_strings(rng):
+    q, k, v = (rng.standard_normal((1, 2, 20, 8)).astype("float32") for _ in range(3))
+    ref = masked_attention(q, k, v, Window(3).dense_mask(20))
+    for mask in (Window(3), "window:3", ACSR.from_pattern(parse_pattern("window:3"), 20)):
+        np.testing.assert_allclose(sparse_attention(q, k, v, mask), ref, atol=1e-4)
+
+
+def test_torch_tensors_in_and_out(rng):
+    torch = pytest.importorskip("torch")
+    q, k, v = (torch.randn(2, 3, 17, 8) for _ in range(3))
+    out = sparse_attention(q, k, v, "global:2+window:2", target="llvm")
+    assert isinstance(out, torch.Tensor) and out.shape == q.shape and out.dtype == torch.float32
+    mask = parse_pattern("global:2+window:2").dense_mask(17)
+    ref = masked_attention(q.numpy(), k.numpy(), v.numpy(), mask)
+    np.testing.assert_allclose(out.numpy(), ref, atol=1e-4)
+    # non-contiguous input views are accepted
+    qt = q.transpose(2, 3).contiguous().transpose(2, 3)
+    np.testing.assert_allclose(sparse_attention(qt, k, v, "global:2+window:2").numpy(), ref, atol=1e-4)
+
+
+def test_bad_inputs_raise_clear_errors(rng):
+    q = rng.standard_normal((1, 2, 16, 8)).astype("float32")
+    with pytest.raises(ValueError, match=r"\[batch, heads, seq_len, head_dim\]"):
+        sparse_attention(q[0], q[0], q[0], Window(2))
+    with pytest.raises(ValueError, match="same shape"):
+        sparse_attention(q, q, q[:, :, :8], Window(2))
+    with pytest.raises(ValueError, match="same dtype"):
+        sparse_attention(q, q, q.astype("float16"), Window(2))
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        sparse_attention(*(q.astype("int32"),) * 3, Window(2))
+    with pytest.raises(ValueError, match="sequence length 12"):
+        sparse_attention(q, q, q, ACSR.from_pattern(Window(2), 12))
+    with pytest.raises(ValueError, match="heads"):
+        sparse_attention(q, q, q, ACSR.from_mask(np.ones((3, 16, 16), bool)))
+    with pytest.raises(ValueError, match="unknown"):
+        sparse_attention(q, q, q, "swirl:3")
+    with pytest.raises(TypeError, match="expected an ACSR"):
+        sparse_attention(q, q, q, 42)
+    with pytest.raises(ValueError, match="does not match the inputs' device"):
+        sparse_attention(q, q, q, Window(2), target="cuda")

@@ -1,0 +1,128 @@
+"""``sparse_attention``: run ACSR attention on numpy arrays or torch tensors.
+
+Inputs travel to TVM through DLPack: torch tensors (CPU or CUDA) are shared without a copy and
+the output is written straight into a fresh torch tensor; numpy arrays are copied to the device.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import tvm
+
+from .compile import compile_attention
+from .formats import ACSR
+from .kernels.spec import SUPPORTED_DTYPES, AttentionSpec
+from .schedules.targets import as_target, is_gpu
+
+
+def _is_torch(x) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+@functools.lru_cache(maxsize=64)
+def _acsr_for_pattern(pattern, n):
+    return ACSR.from_pattern(pattern, n)
+
+
+def as_acsr(mask, n: int) -> ACSR:
+    """An ACSR for ``n`` rows from an ACSR, a pattern object, or a pattern string."""
+    if isinstance(mask, ACSR):
+        if mask.n != n:
+            raise ValueError(f"the ACSR mask is for sequence length {mask.n}, the inputs have {n}")
+        return mask
+    if isinstance(mask, str):
+        from .formats import parse_pattern
+
+        mask = parse_pattern(mask)
+    if hasattr(mask, "row_segments"):
+        return _acsr_for_pattern(mask, n)
+    raise TypeError(f"expected an ACSR, a pattern or a pattern string, got {type(mask).__name__}")
+
+
+def _device_of(x):
+    if _is_torch(x):
+        if x.device.type == "cuda":
+            return tvm.cuda(x.device.index or 0)
+        if x.device.type == "cpu":
+            return tvm.cpu()
+        raise ValueError(f"unsupported torch device {x.device}")
+    return tvm.cpu()
+
+
+def _check_inputs(q, k, v):
+    shapes = [tuple(x.shape) for x in (q, k, v)]
+    if len(shapes[0]) != 4:
+        raise ValueError(f"q must be [batch, heads, seq_len, head_dim], got shape {shapes[0]}")
+    if len(set(shapes)) != 1:
+        raise ValueError(f"q, k and v must have the same shape, got {shapes}")
+    dtypes = [str(x.dtype).replace("torch.", "") for x in (q, k, v)]
+    if len(set(dtypes)) != 1:
+        raise ValueError(f"q, k and v must have the same dtype, got {dtypes}")
+    if dtypes[0] not in SUPPORTED_DTYPES:
+        raise ValueError(f"unsupported dtype {dtypes[0]}; expected one of {SUPPORTED_DTYPES}")
+    if 0 in shapes[0]:
+        raise ValueError(f"empty input of shape {shapes[0]}")
+    return shapes[0], dtypes[0]
+
+
+def device_metadata(acsr: ACSR, dev) -> list:
+    """ACSR int32 buffers on ``dev``, uploaded once per (ACSR object, device)."""
+    cache = acsr.__dict__.setdefault("_device_buffers", {})
+    key = str(dev)
+    if key not in cache:
+        cache[key] = [
+            tvm.runtime.tensor(np.ascontiguousarray(a, dtype=np.int32), dev)
+            for a in (acsr.seg_start, acsr.seg_step, acsr.seg_count, acsr.row_ptr, acsr.indices)
+        ]
+    return cache[key]
+
+
+def _to_tvm(x, dev):
+    if _is_torch(x):
+        return tvm.runtime.from_dlpack(x.contiguous())
+    return tvm.runtime.tensor(np.ascontiguousarray(x), dev)
+
+
+def sparse_attention(q, k, v, mask, *, target=None, variant="fused", scale=None, knobs=None):
+    """Sparse attention ``softmax(scale * q kᵀ ⊙ mask) v`` over the nonzeros of ``mask``.
+
+    q, k, v: ``[batch, heads, seq_len, head_dim]`` float16/float32, numpy arrays or torch tensors
+    (CPU or CUDA, same device). mask: an :class:`ACSR`, a pattern (``Window(256)``) or a pattern
+    string (``"window:256"``); its head count must be 1 or ``heads``. Rows with no nonzero give
+    zeros. ``variant``: ``"fused"`` (one kernel, online softmax) or ``"separate"`` (R-SDDMM, row
+    softmax, R-SpMM). ``target`` defaults to CUDA for CUDA tensors and ``llvm`` otherwise.
+    Returns the output in the input's type, dtype and device: ``[batch, heads, seq_len, head_dim]``.
+    """
+    (batch, heads, n, head_dim), dtype = _check_inputs(q, k, v)
+    devs = {str(_device_of(x)) for x in (q, k, v)}
+    if len(devs) != 1:
+        raise ValueError(f"q, k and v are on different devices: {sorted(devs)}")
+    dev = _device_of(q)
+    acsr = as_acsr(mask, n)
+    if target is None:
+        target = tvm.target.Target.from_device(dev) if dev.dlpack_device_type() == 2 else "llvm"
+    target = as_target(target)
+    if is_gpu(target) != (dev.dlpack_device_type() == 2):
+        raise ValueError(f"target {target.kind.name} does not match the inputs' device {dev}")
+    spec = AttentionSpec.from_acsr(acsr, batch, heads, head_dim, dtype, scale)
+    lib = compile_attention(spec, target, variant, knobs, geometry=None)
+    meta = device_metadata(acsr, dev)
+    qt, kt, vt = (_to_tvm(x, dev) for x in (q, k, v))
+    if _is_torch(q):
+        import torch
+
+        out_obj = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        out = tvm.runtime.from_dlpack(out_obj)
+    else:
+        out = tvm.runtime.empty(q.shape, dtype, dev)
+    seg_start, seg_step, seg_count, row_ptr, indices = meta
+    if variant == "fused":
+        lib["fused"](qt, kt, vt, seg_start, seg_step, seg_count, indices, out)
+    else:
+        scores = tvm.runtime.empty((batch, heads, spec.max_nnz), "float32", dev)
+        probs = tvm.runtime.empty((batch, heads, spec.max_nnz), "float32", dev)
+        lib["sddmm"](qt, kt, *meta, scores)
+        lib["softmax"](scores, row_ptr, probs)
+        lib["spmm"](probs, vt, *meta, out)
+    return out_obj if _is_torch(q) else out.numpy()

@@ -1,0 +1,1 @@
+"""The ``tvm-splat bench`` suite: cases (data), baselines (callables), runner and report."""

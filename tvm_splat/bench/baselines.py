@@ -1,0 +1,98 @@
+"""Callables for every implementation in the benchmark, on torch tensors of one case.
+
+Each factory returns ``fn() -> torch.Tensor [batch, heads, n, d]`` or raises
+:class:`Skip` with the reason (not enough memory, feature missing).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class Skip(Exception):
+    """This implementation does not run for this case (the message says why)."""
+
+
+def sdpa_dense(q, k, v, mask):
+    import torch.nn.functional as F
+
+    return lambda: F.scaled_dot_product_attention(q, k, v)
+
+
+def sdpa_masked(q, k, v, mask):
+    import torch.nn.functional as F
+
+    return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def flex_attention(q, k, v, mask):
+    """PyTorch FlexAttention, ``torch.compile``d, block mask from the same boolean mask."""
+    import torch
+
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention as flex
+    except ImportError as err:
+        raise Skip(f"FlexAttention unavailable: {err}") from None
+    heads = mask.shape[0] if mask.dim() == 3 else None
+
+    if heads is None:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return mask[q_idx, kv_idx]
+    else:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return mask[h, q_idx, kv_idx]
+
+    n = q.shape[2]
+    block_mask = create_block_mask(mask_mod, None, heads, n, n, device=q.device)
+    compiled = torch.compile(flex)
+    return lambda: compiled(q, k, v, block_mask=block_mask)
+
+
+def tvm_dense(q, k, v, mask):
+    """TVM's Relax ``nn.attention`` with an additive mask, dlight default GPU schedule."""
+    import torch
+    import tvm
+
+    from ..baselines import compile_dense_attention
+
+    b, h, n, d = q.shape
+    if b * h * n * n * 4 * 3 > 40 * 2**30:  # scores, probabilities and the bias in fp32/fp16
+        raise Skip("dense score matrix does not fit in GPU memory")
+    vm, _ = compile_dense_attention(b, h, n, d, str(q.dtype).replace("torch.", ""), "cuda", with_mask=True)
+    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, -1e4)
+    bias = bias.expand(b, h, n, n).contiguous()
+    args = [tvm.runtime.from_dlpack(x) for x in (q, k, v, bias)]
+    main = vm["main"]
+
+    def run():
+        return torch.from_dlpack(main(*args))
+
+    return run
+
+
+def tvm_splat_variant(variant):
+    def factory(q, k, v, acsr):
+        from ..attention import sparse_attention
+
+        return lambda: sparse_attention(q, k, v, acsr, variant=variant)
+
+    return factory
+
+
+def flops(batch, heads, nnz_per_head_mean, head_dim):
+    """Effective FLOPs of sparse attention: 2 matmuls over the nonzeros: ``4·B·H·nnz·D``."""
+    return 4.0 * batch * heads * nnz_per_head_mean * head_dim
+
+
+def min_bytes(batch, heads, seq_len, head_dim, itemsize):
+    """Compulsory traffic: read q, k, v and write the output once."""
+    return 4.0 * batch * heads * seq_len * head_dim * itemsize
+
+
+def roofline_fraction(ms, flop, nbytes, peak_tflops, bandwidth_tbs):
+    ideal_s = max(flop / (peak_tflops * 1e12), nbytes / (bandwidth_tbs * 1e12))
+    return ideal_s / (ms * 1e-3)
+
+
+def geomean(xs):
+    xs = [x for x in xs if x and x > 0]
+    return float(np.exp(np.mean(np.log(xs)))) if xs else float("nan")

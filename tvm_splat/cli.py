@@ -1,0 +1,55 @@
+"""The ``tvm-splat`` command line: ``demo`` (default job), ``bench`` (GPU benchmark suite)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _demo(args):
+    from .demo import run_demo
+
+    run_demo(pattern=args.pattern, seq_len=args.seq, heads=args.heads, head_dim=args.head_dim,
+             batch=args.batch, target=args.target, repeats=args.repeats)
+
+
+def _bench(args):
+    from .bench.run import run_bench
+
+    run_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tvm-splat", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="build ACSR, compile kernels for the local target, check and time them")
+    demo.add_argument("--pattern", default="global:4+window:32",
+                      help="pattern, e.g. window:256, dilated:128:2, strided:128, block:64, global:16+window:256")
+    demo.add_argument("--seq", type=int, default=512)
+    demo.add_argument("--heads", type=int, default=4)
+    demo.add_argument("--head-dim", type=int, default=64)
+    demo.add_argument("--batch", type=int, default=1)
+    demo.add_argument("--target", default=None, help="llvm, cuda or a tag such as nvidia/nvidia-h100 (default: local)")
+    demo.add_argument("--repeats", type=int, default=10)
+    demo.set_defaults(func=_demo)
+
+    bench = sub.add_parser("bench", help="benchmark suite against SDPA, FlexAttention and TVM dense (needs a CUDA GPU)")
+    from .bench.run import add_bench_args
+
+    add_bench_args(bench)
+    bench.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ValueError as err:
+        print(f"tvm-splat: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Compile attention kernels for a spec and target, with an in-memory and on-disk cache.
+
+The on-disk cache (``$TVM_SPLAT_CACHE_DIR``, default ``~/.cache/tvm_splat``) holds one shared
+library per (spec, target, variant, knobs, package version), so a process that has compiled a
+shape once never compiles it again.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import tvm
+
+from . import __version__
+from .kernels import attention_funcs
+from .kernels.spec import AttentionSpec
+from .schedules.dispatch import schedule_attention
+from .schedules.targets import as_target
+
+_MEMORY_CACHE: dict = {}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TVM_SPLAT_CACHE_DIR", Path.home() / ".cache" / "tvm_splat"))
+
+
+def build_module(spec: AttentionSpec, target, variant="fused", knobs=None, geometry=None) -> tvm.IRModule:
+    """The scheduled (not yet compiled) IRModule of one variant."""
+    target = as_target(target)
+    funcs = attention_funcs(spec, variant)
+    scheduled = {
+        name: schedule_attention(name, func, spec, target, knobs=knobs, geometry=geometry).with_attr(
+            "global_symbol", name
+        )
+        for name, func in funcs.items()
+    }
+    return tvm.IRModule(scheduled)
+
+
+def cuda_source(lib) -> str:
+    """CUDA C source of a module built for a CUDA target (empty string if it has none)."""
+    return "".join(m.inspect_source("cuda") for m in lib.imports if m.kind == "cuda")
+
+
+def nvcc_compile(source: str, target="nvidia/nvidia-h100") -> bytes:
+    """Compile CUDA source with the local ``nvcc`` to a fatbin; raises on compile errors.
+
+    TVM's pip wheel keeps CUDA source in the module and compiles it when it is loaded on a
+    machine with a GPU; this lets a CPU-only machine prove that the code compiles.
+    """
+    from tvm.support.nvcc import compile_cuda
+
+    target = as_target(target)
+    code = str(target.attrs["arch"]).removeprefix("sm_")
+    gencode = ["-gencode", f"arch=compute_{code},code=sm_{code}"]
+    with target:  # TVM's nvcc driver reads the compute version off the current target
+        return bytes(compile_cuda(source, target_format="fatbin", arch=gencode, compiler="nvcc"))
+
+
+def compile_attention(spec: AttentionSpec, target, variant="fused", knobs=None, geometry=None,
+                      use_disk_cache=True):
+    """Compiled ``tvm.runtime.Module`` exposing the variant's functions by name."""
+    target = as_target(target)
+    ident = f"{__version__}|{spec.key}|{target}|{variant}|{knobs!r}|{geometry!r}"
+    if ident in _MEMORY_CACHE:
+        return _MEMORY_CACHE[ident]
+    path = cache_dir() / f"{hashlib.sha256(ident.encode()).hexdigest()[:24]}.so"
+    if use_disk_cache and path.exists():
+        lib = tvm.runtime.load_module(str(path))
+    else:
+        lib = tvm.tirx.build(build_module(spec, target, variant, knobs, geometry), target=target)
+        if use_disk_cache:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp.so")
+            lib.export_library(str(tmp))
+            os.replace(tmp, path)  # atomic: concurrent processes never load half a file
+            lib = tvm.runtime.load_module(str(path))
+    _MEMORY_CACHE[ident] = lib
+    return lib

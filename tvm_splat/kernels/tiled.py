@@ -1,0 +1,330 @@
+"""Tiled, FlashAttention-style fused kernel over an ACSR tile plan (unscheduled TensorIR).
+
+One program per (batch x head, tile) of a :class:`~tvm_splat.schedules.tile_plan.TilePlan`:
+
+1. load the tile's Q rows ``row0 + rstride * r`` (``r < nrows``; other rows are zero),
+2. walk the tile's column blocks (a data-dependent loop over ``blk_lo .. blk_hi``); per block:
+   load K and V rows ``col0 + sigma * u`` (out of range -> zero), ``S = Q K^T`` (block
+   ``S_gemm``, static ``BR x BC x D``), scale and mask (``S_mask``: FULL blocks skip the test;
+   PARTIAL blocks test range + residue against the row's segments of the block's step,
+   computed from ``seg_start/seg_count/seg_sigma``), online softmax (``row_max``, ``P``,
+   ``row_sum``, ``state``), ``PV = P V`` (block ``PV_gemm``, static ``BR x D x BC``) and
+   ``O = O * alpha + PV`` (``O_update``),
+3. with one component: write ``O / l`` (0 for an empty row); with several: write the partial
+   state ``(O, m, l)`` of the tile's component, merged by :func:`merge_func`.
+
+Softmax runs in base 2 (``scale * log2(e)`` folded into the scores). Scores, running max/sum
+and the accumulator are float32; ``P`` is stored in the input dtype (fp16 for tensor cores).
+Intermediate buffers are allocated in the block ``"tile"`` in the default scope; schedules
+(:mod:`tvm_splat.schedules.tiled`) move them to shared memory / registers.
+
+Buffers of :func:`tiled_func` (``BH = batch * heads``, ``C`` components, plan tables from
+:class:`~tvm_splat.schedules.tile_plan.TilePlan`)::
+
+    q, k, v          [B, H, N, D] dtype
+    seg_start        [Hm, N, S] int32     seg_count [Hm, N, S] int32
+    seg_sigma        [Hm, N, S] int32     (plan.seg_sigma)
+    tiles            [Hm, T, 6] int32     blocks [Hm, NB, 3] int32
+    out              [B, H, N, D] dtype   (written when C == 1)
+    o_part           [BH, C, N, D] f32    ml_part [BH, C, N, 2] f32   (C > 1; else [1,1,1,*])
+"""
+from __future__ import annotations
+
+import math
+
+from tvm.script import tirx as T
+
+from .attention import _column
+from .spec import AttentionSpec
+
+TILE_BLOCK = "tile"
+#: names of the inner blocks the schedules address
+BLOCKS = ("init_state", "O_init", "Q_load", "K_load", "V_load", "S_gemm", "S_mask", "row_max",
+          "P", "row_sum", "state", "PV_gemm", "O_update", "O_store", "ML_store")
+
+NEG_INIT = -1.0e30  # running-max start: finite, so exp2(m_old - m_new) never sees inf - inf
+LOG2E = math.log2(math.e)
+
+
+def _member(seg_start, seg_count, seg_sigma, hm, row, col, sigma, S):
+    """Whether ``col`` lies in a segment of ``row`` whose effective step is ``sigma``."""
+    cond = None
+    for s in range(S):
+        st = seg_start[hm, row, s]
+        c = T.And(
+            T.And(seg_sigma[hm, row, s] == sigma, col >= st),
+            T.And(col <= st + sigma * (seg_count[hm, row, s] - 1), T.truncmod(col - st, sigma) == 0),
+        )
+        cond = c if cond is None else T.Or(cond, c)
+    return cond
+
+
+def partial_shapes(spec: AttentionSpec, num_components: int):
+    """Shapes of ``o_part`` and ``ml_part`` (dummies of one element per row when C == 1)."""
+    BH = spec.batch * spec.heads
+    if num_components <= 1:
+        return (1, 1, 1, 1), (1, 1, 1, 2)
+    return (BH, num_components, spec.seq_len, spec.head_dim), (BH, num_components, spec.seq_len, 2)
+
+
+def tiled_func(spec: AttentionSpec, plan_shape):
+    """The tiled fused kernel for ``spec`` and a plan of shape ``plan_shape``
+    (:class:`~tvm_splat.schedules.tile_plan.PlanShape`)."""
+    B, H, N, D = spec.batch, spec.heads, spec.seq_len, spec.head_dim
+    HM, S, dt = spec.mask_heads, spec.max_segments, spec.dtype
+    NT, NB, C = plan_shape.num_tiles, plan_shape.num_blocks, plan_shape.num_components
+    BR, BC = plan_shape.br, plan_shape.bc
+    direct = C <= 1
+    o_shape, ml_shape = partial_shapes(spec, C)
+    scale = T.float32(spec.scale * LOG2E)
+    neg_init = T.float32(NEG_INIT)
+    neg_inf = T.min_value("float32")  # -FLT_MAX: exp2(-FLT_MAX - m) == 0 for any finite m
+    zero = T.Cast(dt, T.float32(0))
+
+    @T.prim_func(s_tir=True)
+    def tiled(
+        q: T.Buffer((B, H, N, D), dt),
+        k: T.Buffer((B, H, N, D), dt),
+        v: T.Buffer((B, H, N, D), dt),
+        seg_start: T.Buffer((HM, N, S), "int32"),
+        seg_count: T.Buffer((HM, N, S), "int32"),
+        seg_sigma: T.Buffer((HM, N, S), "int32"),
+        tiles: T.Buffer((HM, NT, 6), "int32"),
+        blocks: T.Buffer((HM, NB, 3), "int32"),
+        out: T.Buffer((B, H, N, D), dt),
+        o_part: T.Buffer(o_shape, "float32"),
+        ml_part: T.Buffer(ml_shape, "float32"),
+    ):
+        T.func_attr({"global_symbol": "tiled", "tirx.noalias": True})
+        for bh, t in T.grid(B * H, NT):
+            with T.sblock(TILE_BLOCK):
+                vbh, vt = T.axis.remap("SS", [bh, t])
+                T.reads()
+                T.writes()
+                Qs = T.sblock_alloc_buffer((BR, D), dt)
+                Ks = T.sblock_alloc_buffer((BC, D), dt)
+                Vs = T.sblock_alloc_buffer((BC, D), dt)
+                Ss = T.sblock_alloc_buffer((BR, BC), "float32")
+                Ps = T.sblock_alloc_buffer((BR, BC), dt)
+                PVs = T.sblock_alloc_buffer((BR, D), "float32")
+                Os = T.sblock_alloc_buffer((BR, D), "float32")
+                ms = T.sblock_alloc_buffer((BR,), "float32")
+                ls = T.sblock_alloc_buffer((BR,), "float32")
+                mn = T.sblock_alloc_buffer((BR,), "float32")
+                rsum = T.sblock_alloc_buffer((BR,), "float32")
+                alpha = T.sblock_alloc_buffer((BR,), "float32")
+                b: T.let[T.int32] = vbh // H
+                h: T.let[T.int32] = vbh % H
+                hm: T.let[T.int32] = h % HM
+                row0: T.let[T.int32] = tiles[hm, vt, 0]
+                rstr: T.let[T.int32] = tiles[hm, vt, 1]
+                nrows: T.let[T.int32] = tiles[hm, vt, 2]
+                comp: T.let[T.int32] = tiles[hm, vt, 3]
+                blk_lo: T.let[T.int32] = tiles[hm, vt, 4]
+                blk_hi: T.let[T.int32] = tiles[hm, vt, 5]
+                for r in T.serial(BR):
+                    with T.sblock("init_state"):
+                        vr = T.axis.spatial(BR, r)
+                        ms[vr] = neg_init
+                        ls[vr] = T.float32(0)
+                for r, d in T.grid(BR, D):
+                    with T.sblock("O_init"):
+                        vr, vd = T.axis.remap("SS", [r, d])
+                        Os[vr, vd] = T.float32(0)
+                for r, d in T.grid(BR, D):
+                    with T.sblock("Q_load"):
+                        vr, vd = T.axis.remap("SS", [r, d])
+                        Qs[vr, vd] = T.if_then_else(vr < nrows, q[b, h, row0 + rstr * vr, vd], zero)
+                for j in T.serial(blk_hi - blk_lo):
+                    col0: T.let[T.int32] = blocks[hm, blk_lo + j, 0]
+                    sig: T.let[T.int32] = blocks[hm, blk_lo + j, 1]
+                    full: T.let[T.int32] = blocks[hm, blk_lo + j, 2]
+                    for u, d in T.grid(BC, D):
+                        with T.sblock("K_load"):
+                            vu, vd = T.axis.remap("SS", [u, d])
+                            Ks[vu, vd] = T.if_then_else(col0 + sig * vu < N, k[b, h, col0 + sig * vu, vd], zero)
+                    for u, d in T.grid(BC, D):
+                        with T.sblock("V_load"):
+                            vu, vd = T.axis.remap("SS", [u, d])
+                            Vs[vu, vd] = T.if_then_else(col0 + sig * vu < N, v[b, h, col0 + sig * vu, vd], zero)
+                    for r, u, d in T.grid(BR, BC, D):
+                        with T.sblock("S_gemm"):
+                            vr, vu, vd = T.axis.remap("SSR", [r, u, d])
+                            with T.init():
+                                Ss[vr, vu] = T.float32(0)
+                            Ss[vr, vu] = Ss[vr, vu] + T.Cast("float32", Qs[vr, vd]) * T.Cast("float32", Ks[vu, vd])
+                    for r, u in T.grid(BR, BC):
+                        with T.sblock("S_mask"):
+                            vr, vu = T.axis.remap("SS", [r, u])
+                            Ss[vr, vu] = T.if_then_else(
+                                full == 1,
+                                Ss[vr, vu] * scale,
+                                T.if_then_else(
+                                    T.And(vr < nrows, col0 + sig * vu < N),
+                                    T.if_then_else(
+                                        _member(seg_start, seg_count, seg_sigma, hm, row0 + rstr * vr,
+                                                col0 + sig * vu, sig, S),
+                                        Ss[vr, vu] * scale,
+                                        neg_inf,
+                                    ),
+                                    neg_inf,
+                                ),
+                            )
+                    for r, u in T.grid(BR, BC):
+                        with T.sblock("row_max"):
+                            vr, vu = T.axis.remap("SR", [r, u])
+                            with T.init():
+                                mn[vr] = ms[vr]
+                            mn[vr] = T.max(mn[vr], Ss[vr, vu])
+                    for r, u in T.grid(BR, BC):
+                        with T.sblock("P"):
+                            vr, vu = T.axis.remap("SS", [r, u])
+                            Ps[vr, vu] = T.Cast(dt, T.exp2(Ss[vr, vu] - mn[vr]))
+                    for r, u in T.grid(BR, BC):
+                        with T.sblock("row_sum"):
+                            vr, vu = T.axis.remap("SR", [r, u])
+                            with T.init():
+                                rsum[vr] = T.float32(0)
+                            rsum[vr] = rsum[vr] + T.Cast("float32", Ps[vr, vu])
+                    for r in T.serial(BR):
+                        with T.sblock("state"):
+                            vr = T.axis.spatial(BR, r)
+                            alpha[vr] = T.exp2(ms[vr] - mn[vr])
+                            ls[vr] = ls[vr] * T.exp2(ms[vr] - mn[vr]) + rsum[vr]
+                            ms[vr] = mn[vr]
+                    for r, d, u in T.grid(BR, D, BC):
+                        with T.sblock("PV_gemm"):
+                            vr, vd, vu = T.axis.remap("SSR", [r, d, u])
+                            with T.init():
+                                PVs[vr, vd] = T.float32(0)
+                            PVs[vr, vd] = PVs[vr, vd] + T.Cast("float32", Ps[vr, vu]) * T.Cast("float32", Vs[vu, vd])
+                    for r, d in T.grid(BR, D):
+                        with T.sblock("O_update"):
+                            vr, vd = T.axis.remap("SS", [r, d])
+                            Os[vr, vd] = Os[vr, vd] * alpha[vr] + PVs[vr, vd]
+                if direct:
+                    for r, d in T.grid(BR, D):
+                        with T.sblock("O_store"):
+                            vr, vd = T.axis.remap("SS", [r, d])
+                            if vr < nrows:
+                                out[b, h, row0 + rstr * vr, vd] = T.Cast(
+                                    dt, T.if_then_else(ls[vr] > T.float32(0), Os[vr, vd] / ls[vr], T.float32(0)))
+                else:
+                    for r, d in T.grid(BR, D):
+                        with T.sblock("O_store"):
+                            vr, vd = T.axis.remap("SS", [r, d])
+                            if vr < nrows:
+                                o_part[vbh, comp, row0 + rstr * vr, vd] = Os[vr, vd]
+                    for r in T.serial(BR):
+                        with T.sblock("ML_store"):
+                            vr = T.axis.spatial(BR, r)
+                            if vr < nrows:
+                                ml_part[vbh, comp, row0 + rstr * vr, 0] = ms[vr]
+                                ml_part[vbh, comp, row0 + rstr * vr, 1] = ls[vr]
+
+    return tiled
+
+
+def merge_func(spec: AttentionSpec, num_components: int):
+    """Combine per-component partial states: ``out = sum_c 2^(m_c - M) O_c / sum_c 2^(m_c - M) l_c``.
+
+    ``num_comp [Hm]`` (``plan.num_comp``) says how many slots of each head are written.
+    """
+    B, H, N, D, HM, dt = spec.batch, spec.heads, spec.seq_len, spec.head_dim, spec.mask_heads, spec.dtype
+    C = num_components
+    o_shape, ml_shape = partial_shapes(spec, C)
+
+    @T.prim_func(s_tir=True)
+    def merge(
+        o_part: T.Buffer(o_shape, "float32"),
+        ml_part: T.Buffer(ml_shape, "float32"),
+        num_comp: T.Buffer((HM,), "int32"),
+        out: T.Buffer((B, H, N, D), dt),
+    ):
+        T.func_attr({"global_symbol": "merge", "tirx.noalias": True})
+        for bh, i in T.grid(B * H, N):
+            with T.sblock("merge_row"):
+                vbh, vi = T.axis.remap("SS", [bh, i])
+                T.reads(o_part[vbh, 0:C, vi, 0:D], ml_part[vbh, 0:C, vi, 0:2], num_comp[0:HM])
+                T.writes(out[vbh // H, vbh % H, vi, 0:D])
+                st = T.sblock_alloc_buffer((3,), "float32", scope="local")
+                acc = T.sblock_alloc_buffer((D,), "float32", scope="local")
+                hm: T.let[T.int32] = (vbh % H) % HM
+                st[0] = T.float32(NEG_INIT)
+                st[1] = T.float32(0)
+                for c in T.serial(num_comp[hm]):
+                    st[0] = T.max(st[0], ml_part[vbh, c, vi, 0])
+                for d in T.serial(D):
+                    acc[d] = T.float32(0)
+                for c in T.serial(num_comp[hm]):
+                    st[2] = T.exp2(ml_part[vbh, c, vi, 0] - st[0])
+                    st[1] = st[1] + st[2] * ml_part[vbh, c, vi, 1]
+                    for d in T.serial(D):
+                        acc[d] = acc[d] + st[2] * o_part[vbh, c, vi, d]
+                for d in T.serial(D):
+                    out[vbh // H, vbh % H, vi, d] = T.Cast(
+                        dt, T.if_then_else(st[1] > T.float32(0), acc[d] / st[1], T.float32(0)))
+
+    return merge
+
+
+def fallback_func(spec: AttentionSpec, num_fallback: int):
+    """Whole-row online softmax for the rows listed in ``fallback_rows [Hm, F]`` (rows with an
+    INDEXED segment; ``-1`` = padding), overwriting their output. Runs after the tiled kernel
+    (and the merge), which leaves those rows at zero."""
+    B, H, N, D = spec.batch, spec.heads, spec.seq_len, spec.head_dim
+    HM, S, L, dt = spec.mask_heads, spec.max_segments, spec.index_len, spec.dtype
+    F = max(int(num_fallback), 1)
+    scale = T.float32(spec.scale * LOG2E)
+
+    @T.prim_func(s_tir=True)
+    def fallback(
+        q: T.Buffer((B, H, N, D), dt),
+        k: T.Buffer((B, H, N, D), dt),
+        v: T.Buffer((B, H, N, D), dt),
+        seg_start: T.Buffer((HM, N, S), "int32"),
+        seg_step: T.Buffer((HM, N, S), "int32"),
+        seg_count: T.Buffer((HM, N, S), "int32"),
+        indices: T.Buffer((HM, L), "int32"),
+        fallback_rows: T.Buffer((HM, F), "int32"),
+        out: T.Buffer((B, H, N, D), dt),
+    ):
+        T.func_attr({"global_symbol": "fallback", "tirx.noalias": True})
+        for bh, j in T.grid(B * H, F):
+            with T.sblock("row"):
+                vbh, vj = T.axis.remap("SS", [bh, j])
+                T.reads(q[0:B, 0:H, 0:N, 0:D], k[0:B, 0:H, 0:N, 0:D], v[0:B, 0:H, 0:N, 0:D],
+                        seg_start[0:HM, 0:N, 0:S], seg_step[0:HM, 0:N, 0:S],
+                        seg_count[0:HM, 0:N, 0:S], indices[0:HM, 0:L], fallback_rows[0:HM, vj])
+                T.writes(out[0:B, 0:H, 0:N, 0:D])
+                acc = T.sblock_alloc_buffer((D,), "float32", scope="local")
+                st = T.sblock_alloc_buffer((5,), "float32", scope="local")
+                b: T.let[T.int32] = vbh // H
+                h: T.let[T.int32] = vbh % H
+                hm: T.let[T.int32] = h % HM
+                vi: T.let[T.int32] = fallback_rows[hm, vj]
+                if vi >= 0:
+                    for d in T.serial(D):
+                        acc[d] = T.float32(0)
+                    st[0] = T.float32(NEG_INIT)
+                    st[1] = T.float32(0)
+                    for s in T.serial(S):
+                        for jj in T.serial(seg_count[hm, vi, s]):
+                            st[4] = T.float32(0)
+                            for d in T.serial(D):
+                                st[4] = st[4] + T.Cast("float32", q[b, h, vi, d]) * T.Cast(
+                                    "float32", k[b, h, _column(spec, seg_start, seg_step, indices, hm, vi, s, jj), d])
+                            st[4] = st[4] * scale
+                            st[3] = T.max(st[0], st[4])
+                            st[2] = T.exp2(st[0] - st[3])
+                            st[4] = T.exp2(st[4] - st[3])
+                            st[1] = st[1] * st[2] + st[4]
+                            for d in T.serial(D):
+                                acc[d] = acc[d] * st[2] + st[4] * T.Cast(
+                                    "float32", v[b, h, _column(spec, seg_start, seg_step, indices, hm, vi, s, jj), d])
+                            st[0] = st[3]
+                    for d in T.serial(D):
+                        out[b, h, vi, d] = T.Cast(
+                            dt, T.if_then_else(st[1] > T.float32(0), acc[d] / st[1], T.float32(0)))
+
+    return fallback

@@ -1,0 +1,36 @@
+"""Dense references that every sparse kernel is checked against (numpy, float64 inside)."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def masked_attention(q, k, v, mask, scale=None):
+    """Dense masked attention in float64.
+
+    q, k, v: ``[batch, heads, n, d]``; mask: bool ``[n, n]`` or ``[heads, n, n]`` (True = attend).
+    Rows with no True entry produce zeros (the convention of our kernels). Returns float64
+    ``[batch, heads, n, d]``.
+    """
+    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim == 2:
+        mask = mask[None]
+    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+    scores = np.einsum("bhid,bhjd->bhij", q, k) * scale
+    scores = np.where(mask[None], scores, -np.inf)
+    row_max = scores.max(-1, keepdims=True)
+    row_max = np.where(np.isfinite(row_max), row_max, 0.0)
+    p = np.exp(scores - row_max)
+    total = p.sum(-1, keepdims=True)
+    p = np.divide(p, total, out=np.zeros_like(p), where=total > 0)
+    return p @ v
+
+
+def masked_scores(q, k, mask, scale=None):
+    """Scaled scores ``[batch, heads, n, n]`` (float64) with -inf outside ``mask``."""
+    q, k = (np.asarray(x, dtype=np.float64) for x in (q, k))
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim == 2:
+        mask = mask[None]
+    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+    return np.where(mask[None], np.einsum("bhid,bhjd->bhij", q, k) * scale, -np.inf)

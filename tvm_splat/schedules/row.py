@@ -1,0 +1,43 @@
+"""Row-parallel schedule: one row of the ACSR mask per thread (GPU) or per task (CPU).
+
+This is the simple, always-correct schedule for every kernel in
+:mod:`tvm_splat.kernels.attention`: their spatial loops ``batch, heads, rows`` sit outside the
+block ``"row"``, so fusing them and mapping the fused loop to parallel workers is legal for any
+mask. Geometry-aware tiled schedules live next to it and fall back to this one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+from tvm import s_tir
+
+from ..kernels.attention import ROW_BLOCK
+from .targets import as_target, is_gpu, max_threads
+
+
+@dataclass(frozen=True)
+class RowKnobs:
+    """Knobs of :func:`row_schedule`. ``threads``: rows per thread block on the GPU."""
+
+    threads: int = 128
+
+    def __post_init__(self):
+        if self.threads < 1 or self.threads & (self.threads - 1):
+            raise ValueError(f"threads must be a power of two >= 1, got {self.threads}")
+
+
+def row_schedule(func: tvm.tirx.PrimFunc, target, knobs: RowKnobs = RowKnobs()) -> tvm.tirx.PrimFunc:
+    """Schedule a row kernel for ``target``: GPU rows -> threads, CPU rows -> parallel tasks."""
+    target = as_target(target)
+    sch = s_tir.Schedule(func)
+    block = sch.get_sblock(ROW_BLOCK)
+    fused = sch.fuse(*sch.get_loops(block))
+    if is_gpu(target):
+        threads = min(knobs.threads, max_threads(target))
+        bx, tx = sch.split(fused, [None, threads])
+        sch.bind(bx, "blockIdx.x")
+        sch.bind(tx, "threadIdx.x")
+    else:
+        sch.parallel(fused)
+    return sch.mod["main"]

@@ -1,0 +1,38 @@
+"""Target handling shared by every schedule: which targets we support and how to name them."""
+from __future__ import annotations
+
+import tvm
+
+SUPPORTED_KINDS = ("llvm", "cuda")
+
+
+def as_target(target) -> tvm.target.Target:
+    """Normalise ``target`` (a Target, a tag such as ``"nvidia/nvidia-h100"``, ``"llvm"``,
+    ``"cuda"`` or a config dict) and reject kinds we have no schedule for."""
+    if isinstance(target, tvm.target.Target):
+        tgt = target
+    else:
+        try:
+            tgt = tvm.target.Target(target)
+        except Exception as err:  # TVM raises several error types for a malformed target
+            raise ValueError(f"invalid target {target!r}: {err}") from None
+    if tgt.kind.name not in SUPPORTED_KINDS:
+        raise ValueError(
+            f"unsupported target kind {tgt.kind.name!r}; tvm_splat schedules support {SUPPORTED_KINDS}"
+        )
+    return tgt
+
+
+def is_gpu(target: tvm.target.Target) -> bool:
+    return target.kind.name == "cuda"
+
+
+def target_name(target: tvm.target.Target) -> str:
+    """A short, filesystem-safe name: ``llvm``, ``cuda-sm_90a``."""
+    if is_gpu(target):
+        return f"cuda-{target.attrs.get('arch', 'unknown')}"
+    return target.kind.name
+
+
+def max_threads(target: tvm.target.Target) -> int:
+    return int(target.attrs.get("max_num_threads", 1024)) if is_gpu(target) else 1
