@@ -12,6 +12,7 @@ import tvm
 
 from tvm_splat import sparse_attention
 from tvm_splat.reference import masked_attention
+from tvm_splat.schedules.tiled import TiledKnobs
 from tvm_splat.testing import dense_mask, mask_cases, qkv
 
 
@@ -26,8 +27,11 @@ def main():
             q, k, v = qkv(rng, 3, heads, acsr.n, 64, dtype)
             ref = masked_attention(q, k, v, dense_mask(acsr))
             tq, tk, tv = (torch.from_numpy(x).cuda() for x in (q, k, v))
-            for variant in ("fused", "separate"):
-                out = sparse_attention(tq, tk, tv, acsr, variant=variant).double().cpu().numpy()
+            for variant in ("fused", "tiled_cuda_cores", "row", "separate"):
+                kw = {"variant": variant}
+                if variant == "tiled_cuda_cores":
+                    kw = {"variant": "tiled", "knobs": TiledKnobs(use_tensor_cores=False)}
+                out = sparse_attention(tq, tk, tv, acsr, **kw).double().cpu().numpy()
                 err = float(np.abs(out - ref).max())
                 tol = 1e-3 if dtype == "float32" else 2e-2
                 rows.append({"case": name, "n": acsr.n, "heads": heads, "batch": 3, "head_dim": 64,

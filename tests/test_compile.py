@@ -9,7 +9,7 @@ from tvm_splat.kernels import AttentionSpec
 H100 = "nvidia/nvidia-h100"
 
 
-@pytest.mark.parametrize("variant", ["fused", "separate"])
+@pytest.mark.parametrize("variant", ["row", "separate"])
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_cuda_source_generated_and_compiled(variant, dtype, tmp_path):
     acsr = ACSR.from_pattern(GlobalTokens(2) | Window(8), 100)
@@ -17,7 +17,7 @@ def test_cuda_source_generated_and_compiled(variant, dtype, tmp_path):
     lib = tvm.tirx.build(build_module(spec, H100, variant), target=H100)
     src = cuda_source(lib)
     assert src, "no CUDA device module produced"
-    names = ["fused"] if variant == "fused" else ["sddmm", "softmax", "spmm"]
+    names = ["fused"] if variant == "row" else ["sddmm", "softmax", "spmm"]
     for name in names:
         assert f"{name}_kernel" in src
     assert "threadIdx.x" in src and "blockIdx.x" in src

@@ -84,14 +84,31 @@ def _to_tvm(x, dev):
     return tvm.runtime.tensor(np.ascontiguousarray(x), dev)
 
 
+VARIANTS = ("fused", "tiled", "row", "separate")
+
+
+def default_tiled_knobs(dtype, target):
+    """The fused path's knobs: tensor cores for fp16 on the GPU."""
+    from .schedules.tiled import TiledKnobs
+
+    return TiledKnobs(use_tensor_cores=is_gpu(target) and dtype == "float16")
+
+
 def sparse_attention(q, k, v, mask, *, target=None, variant="fused", scale=None, knobs=None):
     """Sparse attention ``softmax(scale * q kᵀ ⊙ mask) v`` over the nonzeros of ``mask``.
 
     q, k, v: ``[batch, heads, seq_len, head_dim]`` float16/float32, numpy arrays or torch tensors
     (CPU or CUDA, same device). mask: an :class:`ACSR`, a pattern (``Window(256)``) or a pattern
     string (``"window:256"``); its head count must be 1 or ``heads``. Rows with no nonzero give
-    zeros. ``variant``: ``"fused"`` (one kernel, online softmax) or ``"separate"`` (R-SDDMM, row
-    softmax, R-SpMM). ``target`` defaults to CUDA for CUDA tensors and ``llvm`` otherwise.
+    zeros. ``variant``:
+
+    - ``"fused"`` (default): the geometry-driven tiled kernel (online softmax, scores never
+      reach memory; tensor cores for fp16 on the GPU) with its default knobs;
+    - ``"tiled"``: the same kernel with your ``knobs`` (:class:`~tvm_splat.schedules.tiled.TiledKnobs`);
+    - ``"row"``: the simple fused kernel, one mask row per thread;
+    - ``"separate"``: SPLAT's three kernels, R-SDDMM, row softmax, R-SpMM.
+
+    ``target`` defaults to CUDA for CUDA tensors and ``llvm`` otherwise.
     Returns the output in the input's type, dtype and device: ``[batch, heads, seq_len, head_dim]``.
     """
     (batch, heads, n, head_dim), dtype = _check_inputs(q, k, v)
@@ -105,6 +122,25 @@ def sparse_attention(q, k, v, mask, *, target=None, variant="fused", scale=None,
     target = as_target(target)
     if is_gpu(target) != (dev.dlpack_device_type() == 2):
         raise ValueError(f"target {target.kind.name} does not match the inputs' device {dev}")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown kernel variant {variant!r}; expected one of {VARIANTS}")
+    if _is_torch(q) and is_gpu(target):
+        import tvm_ffi
+
+        # launch on torch's current stream so work queued by torch is ordered with ours
+        with tvm_ffi.use_torch_stream():
+            return _run(q, k, v, acsr, dev, target, variant, dtype, scale, knobs)
+    return _run(q, k, v, acsr, dev, target, variant, dtype, scale, knobs)
+
+
+def _run(q, k, v, acsr, dev, target, variant, dtype, scale, knobs):
+    (batch, heads, _, head_dim) = q.shape
+    if variant in ("fused", "tiled"):
+        from .schedules.tiled import TiledKnobs, tiled_attention
+
+        if variant == "fused" or not isinstance(knobs, TiledKnobs):
+            knobs = default_tiled_knobs(dtype, target)
+        return tiled_attention(q, k, v, acsr, target=target, knobs=knobs, scale=scale)
     spec = AttentionSpec.from_acsr(acsr, batch, heads, head_dim, dtype, scale)
     lib = compile_attention(spec, target, variant, knobs, geometry=None)
     meta = device_metadata(acsr, dev)
@@ -117,7 +153,7 @@ def sparse_attention(q, k, v, mask, *, target=None, variant="fused", scale=None,
     else:
         out = tvm.runtime.empty(q.shape, dtype, dev)
     seg_start, seg_step, seg_count, row_ptr, indices = meta
-    if variant == "fused":
+    if variant == "row":
         lib["fused"](qt, kt, vt, seg_start, seg_step, seg_count, indices, out)
     else:
         scores = tvm.runtime.empty((batch, heads, spec.max_nnz), "float32", dev)

@@ -18,6 +18,22 @@ def _bench(args):
     run_bench(args)
 
 
+def _autotune(args):
+    from rich.console import Console
+
+    from .formats import ACSR, parse_pattern
+    from .tuning import tune_attention
+
+    console = Console()
+    acsr = ACSR.from_pattern(parse_pattern(args.pattern), args.seq)
+    variants = ("row", "separate") if args.variant == "all" else (args.variant,)
+    for variant in variants:
+        res = tune_attention(acsr, args.batch, args.heads, args.head_dim, args.dtype, args.target,
+                             trials=args.trials, variant=variant, root=args.log_dir, console=console)
+        for name, us in res.best_us.items():
+            console.print(f"{variant}/{name}: best {us:.1f} us -> {res.dirs[name]}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tvm-splat", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -32,6 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--target", default=None, help="llvm, cuda or a tag such as nvidia/nvidia-h100 (default: local)")
     demo.add_argument("--repeats", type=int, default=10)
     demo.set_defaults(func=_demo)
+
+    tune = sub.add_parser("autotune", help="tune our kernels with MetaSchedule (XGBoost cost model); resumable")
+    tune.add_argument("--pattern", default="window:256")
+    tune.add_argument("--seq", type=int, default=4096)
+    tune.add_argument("--heads", type=int, default=12)
+    tune.add_argument("--head-dim", type=int, default=64)
+    tune.add_argument("--batch", type=int, default=1)
+    tune.add_argument("--dtype", default="float16", choices=("float16", "float32"))
+    tune.add_argument("--target", default="nvidia/nvidia-h100")
+    tune.add_argument("--trials", type=int, default=64)
+    tune.add_argument("--variant", default="row", choices=("row", "separate", "all"))
+    tune.add_argument("--log-dir", default=None, help="tuning log root (default: tuning_logs/)")
+    tune.set_defaults(func=_autotune)
 
     bench = sub.add_parser("bench", help="benchmark suite against SDPA, FlexAttention and TVM dense (needs a CUDA GPU)")
     from .bench.run import add_bench_args

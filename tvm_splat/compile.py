@@ -25,17 +25,43 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TVM_SPLAT_CACHE_DIR", Path.home() / ".cache" / "tvm_splat"))
 
 
-def build_module(spec: AttentionSpec, target, variant="fused", knobs=None, geometry=None) -> tvm.IRModule:
+def schedule_kernel(name, func, spec, target, knobs=None, geometry=None, use_tuned=True):
+    """One scheduled PrimFunc: the best tuning record for this workload if one exists (and no
+    explicit ``knobs`` were asked for), else the default schedule of the dispatcher."""
+    if use_tuned and knobs is None:
+        from .tuning import apply_best
+
+        tuned = apply_best(name, func, spec, target)
+        if tuned is not None:
+            return tuned
+    return schedule_attention(name, func, spec, target, knobs=knobs, geometry=geometry)
+
+
+def build_module(spec: AttentionSpec, target, variant="row", knobs=None, geometry=None,
+                 use_tuned=True) -> tvm.IRModule:
     """The scheduled (not yet compiled) IRModule of one variant."""
     target = as_target(target)
     funcs = attention_funcs(spec, variant)
     scheduled = {
-        name: schedule_attention(name, func, spec, target, knobs=knobs, geometry=geometry).with_attr(
+        name: schedule_kernel(name, func, spec, target, knobs, geometry, use_tuned).with_attr(
             "global_symbol", name
         )
         for name, func in funcs.items()
     }
     return tvm.IRModule(scheduled)
+
+
+def _tuning_mark(spec, target, variant) -> str:
+    """Changes whenever a tuning database of this workload changes, so caches never serve a
+    library compiled before a new tuning record arrived."""
+    from .tuning.logs import workload_dir
+
+    marks = []
+    for name in attention_funcs(spec, variant):
+        rec = workload_dir(name, spec, target) / "database_tuning_record.json"
+        if rec.exists():
+            marks.append(f"{name}:{rec.stat().st_mtime_ns}:{rec.stat().st_size}")
+    return ",".join(marks)
 
 
 def cuda_source(lib) -> str:
@@ -58,18 +84,19 @@ def nvcc_compile(source: str, target="nvidia/nvidia-h100") -> bytes:
         return bytes(compile_cuda(source, target_format="fatbin", arch=gencode, compiler="nvcc"))
 
 
-def compile_attention(spec: AttentionSpec, target, variant="fused", knobs=None, geometry=None,
-                      use_disk_cache=True):
+def compile_attention(spec: AttentionSpec, target, variant="row", knobs=None, geometry=None,
+                      use_disk_cache=True, use_tuned=True):
     """Compiled ``tvm.runtime.Module`` exposing the variant's functions by name."""
     target = as_target(target)
-    ident = f"{__version__}|{spec.key}|{target}|{variant}|{knobs!r}|{geometry!r}"
+    tuned_mark = _tuning_mark(spec, target, variant) if use_tuned and knobs is None else ""
+    ident = f"{__version__}|{spec.key}|{target}|{variant}|{knobs!r}|{geometry!r}|{tuned_mark}"
     if ident in _MEMORY_CACHE:
         return _MEMORY_CACHE[ident]
     path = cache_dir() / f"{hashlib.sha256(ident.encode()).hexdigest()[:24]}.so"
     if use_disk_cache and path.exists():
         lib = tvm.runtime.load_module(str(path))
     else:
-        lib = tvm.tirx.build(build_module(spec, target, variant, knobs, geometry), target=target)
+        lib = tvm.tirx.build(build_module(spec, target, variant, knobs, geometry, use_tuned), target=target)
         if use_disk_cache:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp.so")

@@ -60,7 +60,7 @@ def run_demo(pattern=DEFAULT_PATTERN, seq_len=512, heads=4, head_dim=64, batch=1
 
     rows = []
     outputs = {}
-    for variant in ("fused", "separate"):
+    for variant in ("fused", "row", "separate"):
         run = lambda variant=variant: sparse_attention(*inputs, acsr, target=target, variant=variant)  # noqa: E731
         outputs[f"tvm_splat {variant}"] = to_np(run())
         rows.append((f"tvm_splat {variant}", median_ms(run, repeats, sync=sync)))

@@ -14,14 +14,19 @@ CASES = mask_cases()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-@pytest.mark.parametrize("variant", ["fused", "separate"])
+@pytest.mark.parametrize("variant", ["fused", "tiled_cuda_cores", "row", "separate"])
 @pytest.mark.parametrize("name,acsr,heads", CASES, ids=[c[0] for c in CASES])
 def test_cuda_matches_dense(name, acsr, heads, variant, dtype, rng):
     from tvm_splat import sparse_attention
 
     q, k, v = qkv(rng, 3, heads, acsr.n, 64, dtype)
     tq, tk, tv = (torch.from_numpy(x).cuda() for x in (q, k, v))
-    out = sparse_attention(tq, tk, tv, acsr, variant=variant)
+    if variant == "tiled_cuda_cores":
+        from tvm_splat.schedules.tiled import TiledKnobs
+
+        out = sparse_attention(tq, tk, tv, acsr, variant="tiled", knobs=TiledKnobs(use_tensor_cores=False))
+    else:
+        out = sparse_attention(tq, tk, tv, acsr, variant=variant)
     assert out.is_cuda and out.dtype == tq.dtype and out.shape == tq.shape
     ref = masked_attention(q, k, v, dense_mask(acsr))
     tol = 1e-3 if dtype == "float32" else 2e-2

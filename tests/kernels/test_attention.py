@@ -12,7 +12,7 @@ from tvm_splat.testing import dense_mask, mask_cases, qkv
 CASES = mask_cases()
 
 
-@pytest.mark.parametrize("variant", ["fused", "separate"])
+@pytest.mark.parametrize("variant", ["fused", "row", "separate"])
 @pytest.mark.parametrize("name,acsr,heads", CASES, ids=[c[0] for c in CASES])
 def test_attention_matches_dense_fp32(name, acsr, heads, variant, rng):
     from tvm_splat import sparse_attention
@@ -30,13 +30,13 @@ def test_empty_rows_give_zeros(rng):
     from tvm_splat import sparse_attention
 
     q, k, v = qkv(rng, 1, heads, acsr.n, 8, "float32")
-    for variant in ("fused", "separate"):
+    for variant in ("fused", "row", "separate"):
         out = sparse_attention(q, k, v, acsr, target="llvm", variant=variant)
         assert np.all(out[:, :, [0, 7, acsr.n - 1]] == 0)
         assert np.all(np.abs(out[:, :, 1]) > 0)
 
 
-@pytest.mark.parametrize("variant", ["fused", "separate"])
+@pytest.mark.parametrize("variant", ["fused", "row", "separate"])
 def test_fp16_inputs_accumulate_in_fp32(variant, rng):
     from tvm_splat import sparse_attention
 

@@ -78,6 +78,17 @@ def tvm_splat_variant(variant):
     return factory
 
 
+def tvm_splat_tiled(use_tensor_cores):
+    def factory(q, k, v, acsr):
+        from ..attention import sparse_attention
+        from ..schedules.tiled import TiledKnobs
+
+        knobs = TiledKnobs(use_tensor_cores=use_tensor_cores)
+        return lambda: sparse_attention(q, k, v, acsr, variant="tiled", knobs=knobs)
+
+    return factory
+
+
 def flops(batch, heads, nnz_per_head_mean, head_dim):
     """Effective FLOPs of sparse attention: 2 matmuls over the nonzeros: ``4·B·H·nnz·D``."""
     return 4.0 * batch * heads * nnz_per_head_mean * head_dim

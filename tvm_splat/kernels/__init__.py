@@ -2,12 +2,14 @@
 from .attention import ROW_BLOCK, fused_func, sddmm_func, softmax_func, spmm_func
 from .spec import AttentionSpec
 
-VARIANTS = ("fused", "separate")
+VARIANTS = ("row", "separate")
 
 
-def attention_funcs(spec: AttentionSpec, variant: str = "fused") -> dict:
-    """The PrimFuncs one variant needs, by name: ``{"fused"}`` or ``{"sddmm","softmax","spmm"}``."""
-    if variant == "fused":
+def attention_funcs(spec: AttentionSpec, variant: str = "row") -> dict:
+    """The row-parallel PrimFuncs of one variant, by name: ``row`` -> ``{"fused"}`` (one kernel,
+    online softmax), ``separate`` -> ``{"sddmm", "softmax", "spmm"}``. The tiled kernel lives in
+    :mod:`tvm_splat.kernels.tiled`."""
+    if variant == "row":
         return {"fused": fused_func(spec)}
     if variant == "separate":
         return {"sddmm": sddmm_func(spec), "softmax": softmax_func(spec), "spmm": spmm_func(spec)}

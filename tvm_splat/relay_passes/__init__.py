@@ -1,8 +1,16 @@
 """Graph passes over Relax IRModules (the design's "Relay passes"; Relay is gone from TVM >= 0.20).
 
+- :class:`SparsifyAttention`: rewrite attention sites into ACSR sparse-attention kernels.
 - :class:`CompactPrunedChannels`: turn zeroed channel groups of pruned models into smaller ops.
 """
 from ._channel_groups import OP_RULES
+from ._pattern_choice import SiteInfo
+from .attention_names import attention_layer_names
 from .compact_channels import CompactionReport, CompactPrunedChannels, compact_pruned_channels
+from .sparsify_attention import SparsifyAttention
+from .sparsify_report import SiteReport, SparsifyReport
 
-__all__ = ["CompactPrunedChannels", "CompactionReport", "OP_RULES", "compact_pruned_channels"]
+__all__ = [
+    "CompactPrunedChannels", "CompactionReport", "OP_RULES", "SiteInfo", "SiteReport",
+    "SparsifyAttention", "SparsifyReport", "attention_layer_names", "compact_pruned_channels",
+]

@@ -27,17 +27,24 @@ class RowKnobs:
             raise ValueError(f"threads must be a power of two >= 1, got {self.threads}")
 
 
-def row_schedule(func: tvm.tirx.PrimFunc, target, knobs: RowKnobs = RowKnobs()) -> tvm.tirx.PrimFunc:
-    """Schedule a row kernel for ``target``: GPU rows -> threads, CPU rows -> parallel tasks."""
+def apply_row_schedule(sch: s_tir.Schedule, target, threads=RowKnobs.threads) -> None:
+    """Apply the row schedule to ``sch`` in place. ``threads`` may be an int or a sampled
+    ``ExprRV`` (MetaSchedule's search decides it then; see :mod:`tvm_splat.tuning`)."""
     target = as_target(target)
-    sch = s_tir.Schedule(func)
     block = sch.get_sblock(ROW_BLOCK)
     fused = sch.fuse(*sch.get_loops(block))
     if is_gpu(target):
-        threads = min(knobs.threads, max_threads(target))
+        if isinstance(threads, int):
+            threads = min(threads, max_threads(target))
         bx, tx = sch.split(fused, [None, threads])
         sch.bind(bx, "blockIdx.x")
         sch.bind(tx, "threadIdx.x")
     else:
         sch.parallel(fused)
+
+
+def row_schedule(func: tvm.tirx.PrimFunc, target, knobs: RowKnobs = RowKnobs()) -> tvm.tirx.PrimFunc:
+    """Schedule a row kernel for ``target``: GPU rows -> threads, CPU rows -> parallel tasks."""
+    sch = s_tir.Schedule(func)
+    apply_row_schedule(sch, target, knobs.threads)
     return sch.mod["main"]

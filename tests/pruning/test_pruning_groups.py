@@ -1,0 +1,124 @@
+"""Group discovery follows the compaction rules: right slices, residual streams untouched."""
+import pytest
+import torch
+import torch.nn as nn
+
+from tvm_splat.pruning.compact import compact_model, count_params
+from tvm_splat.pruning.groups import discover_groups
+from tvm_splat.pruning.zoo import TinyCNN, TinyTransformer
+
+
+def _by_name(space):
+    return {f.name: f for f in space.families}
+
+
+def test_mlp_hidden_units_are_groups():
+    m = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.1), nn.Linear(8, 3), nn.GELU(), nn.Linear(3, 2))
+    space = discover_groups(m)
+    fams = _by_name(space)
+    assert set(fams) == {"0", "3"} and len(space) == 11
+    assert all(f.kind == "hidden" for f in space.families)
+    sl = space.groups[5].slices  # unit 5 of layer 0
+    assert [(s.name, s.dim, s.index) for s in sl] == [
+        ("0.weight", 0, slice(5, 6)), ("0.bias", 0, slice(5, 6)), ("3.weight", 1, slice(5, 6))]
+    assert sl[0].param is m[0].weight and sl[2].param is m[3].weight
+
+
+def test_cnn_channel_group_contains_bn_affine_and_next_conv_inputs():
+    m = TinyCNN()
+    fams = _by_name(discover_groups(m))
+    # conv1, conv2 feed conv-bn-relu-conv; conv3 feeds the global pool (not grouped);
+    # the head MLP's hidden units are grouped.
+    assert {n: (f.kind, f.num_groups) for n, f in fams.items()} == {
+        "features.0": ("channel", 16), "features.3": ("channel", 32), "head.1": ("hidden", 64)}
+    names = [mb.name for mb in fams["features.3"].members]
+    assert names == ["features.3.weight", "features.3.bias", "features.4.weight", "features.4.bias", "features.6.weight"]
+    assert fams["features.3"].members[-1].dim == 1
+
+
+def test_transformer_heads_and_mlp_units_but_no_residual_stream():
+    m = TinyTransformer(dim=32, num_heads=4, depth=2)
+    fams = _by_name(discover_groups(m))
+    assert {n: (f.kind, f.num_groups) for n, f in fams.items()} == {
+        "blocks.0.attn": ("head", 4), "blocks.0.mlp.0": ("hidden", 64),
+        "blocks.1.attn": ("head", 4), "blocks.1.mlp.0": ("hidden", 64)}
+    head = fams["blocks.0.attn"]
+    sl = head.slices(2)
+    assert [(s.name, s.dim, s.index) for s in sl][::2] == [
+        ("blocks.0.attn.q_proj.weight", 0, slice(16, 24)), ("blocks.0.attn.k_proj.weight", 0, slice(16, 24)),
+        ("blocks.0.attn.v_proj.weight", 0, slice(16, 24)), ("blocks.0.attn.o_proj.weight", 1, slice(16, 24))]
+    grouped = {mb.name for f in fams.values() for mb in f.members}
+    # o_proj rows / mlp.2 rows write the residual stream: never grouped along dim 0
+    assert not any(n.endswith(("o_proj.bias", "mlp.2.bias", "ln1.weight", "tok.weight")) for n in grouped)
+
+
+class _ResidualMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3, self.fc4 = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))  # h feeds fc2 AND the residual add: not groupable
+        y = self.fc2(h) + h
+        return self.fc4(torch.relu(self.fc3(y))) + y  # fc3's hidden units only feed fc4
+
+
+def test_residual_consumers_block_grouping():
+    fams = _by_name(discover_groups(_ResidualMLP()))
+    assert list(fams) == ["fc3"] and fams["fc3"].num_groups == 16
+
+
+@pytest.mark.parametrize("make,inp", [
+    (TinyCNN, lambda: torch.randn(3, 3, 16, 16)),
+    (TinyTransformer, lambda: torch.randint(0, 16, (3, 12))),
+    (_ResidualMLP, lambda: torch.randn(5, 8)),
+])
+def test_zeroing_groups_then_compacting_preserves_function(make, inp):
+    m = make().eval()
+    with torch.no_grad():  # non-trivial BN statistics so the test sees them
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.uniform_(-1, 1)
+                mod.running_var.uniform_(0.5, 2)
+    space = discover_groups(m)
+    mask = torch.zeros(len(space), dtype=torch.bool)
+    mask[1::3] = True
+    space.zero_(mask)
+    assert torch.equal(space.zero_mask(), mask)
+    for g in [space.groups[i] for i in torch.nonzero(mask).flatten().tolist()[:5]]:
+        for s in g.slices:
+            assert torch.count_nonzero(s.param.detach().narrow(s.dim, s.index.start, s.index.stop - s.index.start)) == 0
+    small = compact_model(m)
+    x = inp()
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), m(x), rtol=0, atol=1e-5)
+    assert count_params(small) < count_params(m)
+
+
+def test_zeroed_hidden_unit_is_exactly_zero_after_activation():
+    m = nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 2))
+    space = discover_groups(m)
+    space.zero_(torch.tensor([False, True, False, False, True, False]))
+    with torch.no_grad():
+        h = m[1](m[0](torch.randn(16, 4)))
+    assert torch.all(h[:, [1, 4]] == 0) and torch.all(h[:, [0, 2]] != 0)
+
+
+def test_unsupported_modules_fail_clearly():
+    with pytest.raises(ValueError, match=r"'1' of type Conv1d"):
+        discover_groups(nn.Sequential(nn.Linear(4, 4), nn.Conv1d(4, 4, 1)))
+    with pytest.raises(ValueError, match=r"'attn' of type MultiheadAttention"):
+        discover_groups(nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2)}))
+
+    class Dynamic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x) if x.sum() > 0 else x  # data-dependent control flow
+
+    with pytest.raises(ValueError, match="cannot trace model Dynamic"):
+        discover_groups(Dynamic())
+    with pytest.raises(ValueError, match="nn.Module"):
+        discover_groups("not a model")

@@ -1,0 +1,97 @@
+"""Tile plan vs brute force: every nonzero covered exactly once, FULL blocks really full."""
+import numpy as np
+import pytest
+
+from tvm_splat.formats import (ACSR, BlockLocal, DilatedWindow, GlobalTokens, PerHead, Strided,
+                               Window)
+from tvm_splat.schedules.tile_plan import plan_tiles
+
+PATTERNS = [
+    (Window(5), 37),
+    (Window(100), 37),            # window wider than n
+    (Window(3, causal=True), 50),
+    (DilatedWindow(3, 2), 37),
+    (DilatedWindow(4, 3, causal=True), 61),
+    (Strided(8), 100),
+    (Strided(8, causal=True), 100),
+    (Strided(6, 2), 45),
+    (Window(4) | GlobalTokens(3), 100),
+    (Window(2) | GlobalTokens((5, 40)), 60),
+    (BlockLocal(7), 37),
+    (PerHead((Window(3), DilatedWindow(2, 4), Strided(5))), 41),
+]
+
+
+def _check_plan(acsr, br, bc):
+    plan = plan_tiles(acsr, br=br, bc=bc)
+    dense = acsr.to_dense()
+    fallback = plan.fallback_rows
+    for h in range(acsr.num_heads):
+        expect = dense[h].astype(np.int64)
+        fb = fallback[h][fallback[h] >= 0]
+        expect[fb] = 0  # fallback rows are the row kernel's
+        np.testing.assert_array_equal(plan.covered(h), expect)
+        # FULL blocks: every valid row contains every column of the block
+        for t in range(plan.tiles.shape[1]):
+            row0, rs, nrows, _c, lo, hi = plan.tiles[h, t]
+            rows = row0 + rs * np.arange(nrows)
+            assert (rows < acsr.n).all()
+            for b in range(lo, hi):
+                col0, sigma, full = plan.blocks[h, b]
+                if full:
+                    cols = col0 + sigma * np.arange(bc)
+                    assert cols.max() < acsr.n
+                    assert dense[h][np.ix_(rows, cols)].all()
+        # the tiles of each component partition the rows
+        for c in range(plan.num_comp[h]):
+            sel = (plan.tiles[h, :, 3] == c) & (plan.tiles[h, :, 2] > 0)
+            rows = np.concatenate([r0 + rs * np.arange(nr) for r0, rs, nr, *_ in plan.tiles[h, sel]])
+            np.testing.assert_array_equal(np.sort(rows), np.arange(acsr.n))
+    return plan
+
+
+@pytest.mark.parametrize("pattern,n", PATTERNS, ids=lambda x: repr(x)[:40])
+@pytest.mark.parametrize("br,bc", [(16, 16), (8, 32)])
+def test_plan_covers_every_nonzero_once(pattern, n, br, bc):
+    _check_plan(ACSR.from_pattern(pattern, n), br, bc)
+
+
+def test_plan_from_mask_matches(rng):
+    """Masks given densely (single columns get step 1) and random masks with CSR rows."""
+    dense = DilatedWindow(3, 2).dense_mask(40)
+    _check_plan(ACSR.from_mask(dense), 16, 16)
+    mask = rng.random((2, 33, 33)) < 0.3
+    mask[0, 5] = False  # an empty row
+    plan = _check_plan(ACSR.from_mask(mask, max_segments=2), 16, 16)
+    assert plan.num_fallback > 0
+
+
+def test_plan_geometry_choices():
+    # window: one component, contiguous tiles, most blocks of a wide band are FULL
+    plan = plan_tiles(ACSR.from_pattern(Window(256), 1024), br=64, bc=64)
+    assert plan.shape.num_components == 1 and (plan.tiles[0, :, 1] == 1).all()
+    st = plan.stats()
+    assert st["full_blocks"] > st["blocks"] // 2
+    # dilated: rows grouped by residue (row stride d), blocks of step d, dense in compressed space
+    plan = plan_tiles(ACSR.from_pattern(DilatedWindow(128, 2), 1024), br=64, bc=64)
+    assert plan.shape.num_components == 1
+    assert set(plan.tiles[0, :, 1].tolist()) == {2}
+    assert set(plan.blocks[0, :, 1].tolist()) == {2}
+    # strided: a contiguous band component plus a residue component of step s
+    plan = plan_tiles(ACSR.from_pattern(Strided(128), 4096), br=64, bc=64)
+    assert plan.shape.num_components == 2
+    assert sorted(plan.comp_rstride[0].tolist()) == [1, 128]
+    # window + global: tiles get [0, g) and the band, not everything between
+    plan = plan_tiles(ACSR.from_pattern(Window(64) | GlobalTokens(64), 2048), br=64, bc=64)
+    per_tile = plan.tiles[0, :, 5] - plan.tiles[0, :, 4]
+    assert per_tile.max() == 32  # the tile of the global rows: every column
+    assert np.sort(per_tile)[-2] <= 4  # others: [0, 64) + a 192-wide band in <= 3 blocks
+
+
+def test_plan_empty_and_cached():
+    acsr = ACSR.from_mask(np.zeros((9, 9), dtype=bool))
+    plan = plan_tiles(acsr, br=4, bc=4)
+    assert plan.stats()["blocks"] == 0 and plan.shape.num_blocks >= 1
+    assert plan_tiles(acsr, br=4, bc=4) is plan
+    with pytest.raises(ValueError):
+        plan_tiles(acsr, br=0, bc=4)

@@ -1,0 +1,327 @@
+"""``SparsifyAttention``: rewrite attention in a Relax module into ACSR sparse kernels.
+
+The design card names it ``relay.transform.SparsifyAttention()``; Relay is gone from
+TVM >= 0.20, so this is a ``tvm.ir.transform`` module pass over **Relax** IRModules (e.g.
+from ``torch.export`` + ``relax.frontend.torch.from_exported_program``), usable alone or in
+``tvm.transform.Sequential`` next to TVM's passes, before ``tvm.compile``.
+
+Per attention site (see :mod:`._attention_match` for the forms recognised) the pass
+
+1. reads the site's constant mask, if any, into a boolean keep-mask (:mod:`._site_mask`),
+2. picks the sparsity from the user pattern and/or that mask (:mod:`._pattern_choice`),
+3. replaces the ``P @ V`` (or ``nn.attention``) binding by ``R.call_tir`` of our scheduled
+   kernels with the ACSR tables as constants, and drops the now dead dense score code.
+
+Everything else in the module is left as it is. A site that cannot be rewritten exactly is
+skipped with a reason. What happened is in ``pass_obj.report`` (:class:`SparsifyReport`)
+and logged on the ``tvm_splat.relay_passes`` logger.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Dict, List, Optional
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ..kernels import attention_funcs
+from ..kernels.spec import SUPPORTED_DTYPES, AttentionSpec
+from ..schedules.dispatch import schedule_attention
+from ..schedules.targets import as_target, target_name
+from ._attention_match import AttentionMatch, find_attention
+from ._constant_eval import function_bindings
+from ._pattern_choice import PatternChoice, SiteInfo, choose_acsr, describe
+from ._site_mask import analyse_site_mask
+from .sparsify_report import SiteReport, SparsifyReport
+
+logger = logging.getLogger("tvm_splat.relay_passes")
+
+# "fused": the tiled kernel (tensor cores for fp16 on the GPU); "row": one row per thread;
+# "separate": R-SDDMM, softmax, R-SpMM. The same names as tvm_splat.sparse_attention.
+VARIANTS = ("fused", "row", "separate")
+
+__all__ = ["SparsifyAttention"]
+
+
+class _Plan:
+    """A site that will be rewritten, with its ACSR and kernel spec."""
+
+    def __init__(self, site: AttentionMatch, acsr, spec: AttentionSpec):
+        self.site, self.acsr, self.spec = site, acsr, spec
+
+
+def _check_names(names) -> Optional[Dict[int, str]]:
+    if names is None:
+        return None
+    if isinstance(names, Mapping):
+        table = dict(names)
+    elif isinstance(names, Sequence) and not isinstance(names, str):
+        table = dict(enumerate(names))
+    else:
+        raise TypeError(f"names must be a sequence of site names or a dict index -> name, "
+                        f"got {type(names).__name__}")
+    for key, value in table.items():
+        if not isinstance(key, int) or not isinstance(value, str):
+            raise TypeError(f"names must map int site indices to str names, got {key!r}: "
+                            f"{value!r}")
+    if len(set(table.values())) != len(table):
+        raise ValueError(f"names must be unique, got {sorted(table.values())}")
+    return table
+
+
+@tvm.ir.transform.module_pass(opt_level=0, name="SparsifyAttention")
+class SparsifyAttention:
+    """Rewrite attention in a Relax IRModule into ACSR sparse attention kernels.
+
+    Works on **Relax** (TVM >= 0.20 has no Relay; the package keeps the design's name).
+
+    Parameters
+    ----------
+    pattern : Pattern | str | ACSR | dict | callable | None
+        The sparsity. ``None``: only sites with a constant mask in the graph are sparsified,
+        using that mask. One pattern (``Window(256)``, ``"window:256"``, an ACSR): every
+        site. ``{site name: pattern}``: per site (names: ``attn<i>`` or from ``names``);
+        unknown names raise ``ValueError`` when the pass runs. ``f(SiteInfo) -> pattern or
+        None``: per site. Where a site also has a mask, the **intersection** is used (the
+        model's mask is never widened; ``is_causal`` + ``Window(w)`` = causal window).
+    target : Target | str | None
+        Target the kernels are scheduled for (``"llvm"``, ``"cuda"``, a tag such as
+        ``"nvidia/nvidia-h100"``). Default: the current target context (``tvm.compile``
+        sets it for its pipeline), else ``llvm``.
+    variant : str
+        ``"fused"`` (default: the geometry-driven tiled kernel, online softmax, tensor cores
+        for fp16 on the GPU), ``"row"`` (one mask row per thread) or ``"separate"``
+        (R-SDDMM, row softmax, R-SpMM).
+    names : sequence of str | dict int -> str | None
+        Site names by softmax index (e.g. torch module paths from
+        :func:`~tvm_splat.relay_passes.attention_layer_names`).
+    max_segments : int
+        ACSR segment slots per row before a row falls back to CSR.
+
+    Shapes: q, k, v of a site are ``[batch, heads, seq_len, head_dim]`` float16/float32
+    (any batch reshape around them is accepted); the output keeps the replaced binding's
+    shape and dtype. A row whose mask is empty gives zeros (torch: zeros for SDPA, NaN for a
+    hand-written softmax).
+
+    After the pass runs, ``report`` holds a :class:`SparsifyReport`.
+    """
+
+    def __init__(self, pattern=None, *, target=None, variant: str = "fused", names=None,
+                 max_segments: int = 4):
+        self._choice = PatternChoice(pattern)
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+        self._variant = variant
+        self._target = None if target is None else as_target(target)
+        self._names = _check_names(names)
+        if isinstance(max_segments, bool) or not isinstance(max_segments, int) or max_segments < 1:
+            raise ValueError(f"max_segments must be an int >= 1, got {max_segments!r}")
+        self._max_segments = max_segments
+        self.report = SparsifyReport()
+
+    # ------------------------------------------------------------------ pass entry
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        target = self._resolve_target()
+        reports: List[SiteReport] = []
+        plans: Dict[str, List[_Plan]] = {}
+        all_names = []
+        for gv, func in mod.functions.items():
+            if not isinstance(func, relax.Function):
+                continue
+            bindings = function_bindings(func)
+            sites = find_attention(func, bindings)
+            all_names += [self._site_name(s) for s in sites]
+            for site in sites:
+                plan, report = self._decide(gv.name_hint, site, bindings)
+                reports.append(report)
+                if plan is not None:
+                    plans.setdefault(gv.name_hint, []).append(plan)
+        self._choice.check_names(all_names)
+        self.report = SparsifyReport(tuple(reports))
+        if reports:
+            logger.info("%s", self.report)
+        if not plans:
+            return mod
+        return _rewrite(mod, plans, target, self._variant)
+
+    def _resolve_target(self):
+        if self._target is not None:
+            return self._target
+        current = tvm.target.Target.current(allow_none=True)
+        if current is not None:
+            return as_target(current)
+        logger.info("SparsifyAttention: no target given and none current; scheduling for llvm")
+        return as_target("llvm")
+
+    def _site_name(self, site: AttentionMatch) -> str:
+        if self._names is not None and site.softmax_index in self._names:
+            return self._names[site.softmax_index]
+        return f"attn{site.softmax_index}"
+
+    # ------------------------------------------------------------------ decisions
+    def _decide(self, function: str, site: AttentionMatch, bindings):
+        name = self._site_name(site)
+
+        def report(rewritten, reason="", mask="?", pattern=None, density=None):
+            return SiteReport(name, function, site.form, site.batch, site.heads, site.seq_len,
+                              site.head_dim, site.dtype, mask, describe(pattern), density,
+                              rewritten, reason)
+
+        if site.problem:
+            return None, report(False, site.problem)
+        if site.dtype not in SUPPORTED_DTYPES:
+            return None, report(False, f"dtype {site.dtype} (kernels support {SUPPORTED_DTYPES})")
+        mask = analyse_site_mask(site, bindings)
+        if mask.problem:
+            return None, report(False, mask.problem, mask.description)
+        info = SiteInfo(name, site.softmax_index, function, site.batch, site.heads,
+                        site.seq_len, site.head_dim, site.dtype, mask.description)
+        pattern = self._choice.for_site(info)
+        acsr, reason = choose_acsr(mask.keep, pattern, site.seq_len, site.heads,
+                                   self._max_segments)
+        if acsr is None:
+            return None, report(False, reason, mask.description, pattern)
+        spec = AttentionSpec.from_acsr(acsr, site.batch, site.heads, site.head_dim, site.dtype,
+                                       site.scale)
+        return _Plan(site, acsr, spec), report(True, "", mask.description, pattern,
+                                               float(acsr.density))
+
+
+# ---------------------------------------------------------------------- rewriting
+def _kernels(builder, cache, spec: AttentionSpec, target, variant, plan=None, knobs=None):
+    """GlobalVars of the scheduled kernels for ``spec``, added to the module once."""
+    key = (spec.key, variant, None if plan is None else plan.shape.key)
+    if key not in cache:
+        gvs = {}
+        if variant == "fused":
+            from ..schedules.tiled import schedule_tiled, tiled_funcs
+
+            funcs = {name: schedule_tiled(name, f, target, knobs, spec)
+                     for name, f in tiled_funcs(spec, plan.shape, knobs).items()}
+        else:
+            funcs = {name: schedule_attention(name, f, spec, target)
+                     for name, f in attention_funcs(spec, variant).items()}
+        for name, func in funcs.items():
+            func = func.without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
+            suffix = spec.key if plan is None else f"{spec.key}_{plan.shape.key}"
+            gvs[name] = builder.add_func(func, f"splat_{name}_{suffix}")
+        cache[key] = gvs
+    return cache[key]
+
+
+def _const(array) -> tvm.ir.Constant:
+    return relax.const(np.ascontiguousarray(array, dtype=np.int32))
+
+
+@relax.expr_functor.mutator
+class _Rewriter(relax.PyExprMutator):
+    """Replaces each planned site's output binding by calls of our kernels."""
+
+    def __init__(self, mod, target, variant):
+        super().__init__(mod)
+        self.target, self.variant = target, variant
+        self.plans: Dict[relax.Var, _Plan] = {}
+        self.kernel_cache: dict = {}
+
+    def emit(self, expr, name=""):
+        return self.builder_.emit(expr, name)
+
+    def _bhnd(self, expr, site: AttentionMatch, transpose_last: bool = False):
+        """An operand as [batch, heads, n, d]."""
+        x = self.visit_expr(expr)
+        shape = (site.batch, site.heads, site.seq_len, site.head_dim)
+        if site.layout == "bnhd":
+            return self.emit(relax.op.permute_dims(x, [0, 2, 1, 3]))
+        if transpose_last:
+            nd = len(x.ty.shape)
+            x = self.emit(relax.op.permute_dims(x, list(range(nd - 2)) + [nd - 1, nd - 2]))
+        if tuple(int(d) for d in x.ty.shape.values) != shape:
+            x = self.emit(relax.op.reshape(x, shape))
+        return x
+
+    def _sparse_attention(self, plan: _Plan):
+        site, spec, acsr = plan.site, plan.spec, plan.acsr
+        q = self._bhnd(site.q, site)
+        k = self._bhnd(site.k, site, transpose_last=site.k_transposed)
+        v = self._bhnd(site.v, site)
+        seg = [_const(a) for a in (acsr.seg_start, acsr.seg_step, acsr.seg_count)]
+        indices = _const(acsr.indices)
+        out_sinfo = relax.TensorType((spec.batch, spec.heads, spec.seq_len, spec.head_dim),
+                                           spec.dtype)
+        if self.variant == "fused":
+            return self._tiled_attention(q, k, v, spec, acsr, out_sinfo)
+        gvs = _kernels(self.builder_, self.kernel_cache, spec, self.target, self.variant)
+        if self.variant == "row":
+            return self.emit(relax.call_tir(gvs["fused"], [q, k, v, *seg, indices], out_sinfo))
+        row_ptr = _const(acsr.row_ptr)
+        scores_sinfo = relax.TensorType((spec.batch, spec.heads, spec.max_nnz), "float32")
+        scores = self.emit(relax.call_tir(gvs["sddmm"], [q, k, *seg, row_ptr, indices],
+                                          scores_sinfo))
+        probs = self.emit(relax.call_tir(gvs["softmax"], [scores, row_ptr], scores_sinfo))
+        return self.emit(relax.call_tir(gvs["spmm"], [probs, v, *seg, row_ptr, indices],
+                                        out_sinfo))
+
+    def _tiled_attention(self, q, k, v, spec, acsr, out_sinfo):
+        """The tiled kernel, plus the merge of row groupings and the CSR-row fallback when the
+        plan needs them (the fallback overwrites its rows of the output in place)."""
+        from ..attention import default_tiled_knobs
+        from ..kernels.tiled import partial_shapes
+        from ..schedules.tile_plan import plan_tiles
+
+        knobs = default_tiled_knobs(spec.dtype, self.target)
+        plan = plan_tiles(acsr, knobs)
+        gvs = _kernels(self.builder_, self.kernel_cache, spec, self.target, "fused", plan, knobs)
+        o_shape, ml_shape = partial_shapes(spec, plan.shape.num_components)
+        parts = self.emit(relax.call_tir(
+            gvs["tiled"],
+            [q, k, v, *(_const(a) for a in (acsr.seg_start, acsr.seg_count, plan.seg_sigma,
+                                             plan.tiles, plan.blocks))],
+            [out_sinfo, relax.TensorType(o_shape, "float32"), relax.TensorType(ml_shape, "float32")]))
+        out = self.emit(relax.TupleGetItem(parts, 0))
+        if plan.shape.num_components > 1:
+            out = self.emit(relax.call_tir(
+                gvs["merge"], [self.emit(relax.TupleGetItem(parts, 1)),
+                               self.emit(relax.TupleGetItem(parts, 2)), _const(plan.num_comp)],
+                out_sinfo))
+        if plan.shape.num_fallback > 0:
+            args = [q, k, v, *(_const(a) for a in (acsr.seg_start, acsr.seg_step, acsr.seg_count,
+                                                   acsr.indices, plan.fallback_rows)), out]
+            out = self.emit(relax.call_tir_inplace(gvs["fallback"], args, len(args) - 1, out_sinfo))
+        return out
+
+    def visit_var_binding_(self, binding: relax.VarBinding):
+        plan = self.plans.get(binding.var)
+        if plan is None:
+            return super().visit_var_binding_(binding)
+        out = self._sparse_attention(plan)
+        want = binding.var.ty
+        if plan.site.layout == "bnhd":
+            value = relax.op.permute_dims(out, [0, 2, 1, 3])
+        else:
+            value = relax.op.reshape(out, want.shape)
+        if str(want.dtype) != plan.spec.dtype:
+            value = relax.op.astype(self.emit(value), want.dtype)
+        # an output of a dataflow block stays visible after it; keep its kind
+        if isinstance(binding.var, relax.DataflowVar) or not self.builder_.current_block_is_dataflow():
+            new_var = self.builder_.emit(value, binding.var.name)
+        else:
+            new_var = self.builder_.emit_output(value, binding.var.name)
+        self.set_var_remap(binding.var, new_var)
+
+    def run(self, plans: Dict[str, List[_Plan]]) -> tvm.IRModule:
+        mod = self.builder_.get()
+        for gv, func in list(mod.functions.items()):
+            if gv.name_hint not in plans:
+                continue
+            self.plans = {p.site.out_var: p for p in plans[gv.name_hint]}
+            new_func = self.visit_expr(func)
+            new_func = relax.analysis.remove_all_unused(new_func)
+            self.builder_.update_func(gv, new_func)
+        return self.builder_.get()
+
+
+def _rewrite(mod, plans, target, variant) -> tvm.IRModule:
+    logger.debug("SparsifyAttention: scheduling kernels for %s", target_name(target))
+    return _Rewriter(mod, target, variant).run(plans)

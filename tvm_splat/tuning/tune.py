@@ -1,0 +1,157 @@
+"""Tune our attention kernels with MetaSchedule: evolutionary search + XGBoost cost model.
+
+The measured inputs are real: MetaSchedule fills buffers with random data by default, which
+for ACSR metadata would mean out-of-range columns, so the runner is given the actual segment
+tables of the mask and random values only for q, k, v and scores.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm
+import tvm_ffi
+
+from ..kernels import attention_funcs
+from ..kernels.spec import AttentionSpec
+from ..schedules.targets import as_target, is_gpu
+from .logs import open_database, workload_dir
+from .space import mutators, row_space
+
+
+@dataclass
+class TuneResult:
+    """Best latency per kernel (microseconds) and where its database lives."""
+
+    best_us: dict = field(default_factory=dict)
+    dirs: dict = field(default_factory=dict)
+    trials: dict = field(default_factory=dict)
+
+
+def _metadata_args(func, acsr) -> list:
+    """For each parameter of ``func``: the ACSR array it must receive, or None (random)."""
+    arrays = {
+        "seg_start": acsr.seg_start, "seg_step": acsr.seg_step, "seg_count": acsr.seg_count,
+        "row_ptr": acsr.row_ptr, "indices": acsr.indices,
+    }
+    return [arrays.get(p.name) for p in func.params]
+
+
+def _alloc_with_metadata(fixed):
+    """MetaSchedule ``f_alloc_argument``: fixed arrays where given, random data elsewhere."""
+
+    def alloc(device, args_info, alloc_repeat):
+        import numpy as np
+        import tvm
+
+        rng = np.random.default_rng(0)
+        repeated = []
+        for _ in range(alloc_repeat):
+            args = []
+            for array, (_, dtype, shape) in zip(fixed, args_info):
+                if array is None:
+                    array = rng.standard_normal(shape).astype(dtype)
+                args.append(tvm.runtime.tensor(np.ascontiguousarray(array), device))
+            repeated.append(args)
+        return repeated
+
+    return alloc
+
+
+def _progress_callback(progress, task):
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    @derived_object
+    class Progress(ms.measure_callback.PyMeasureCallback):
+        best = float("inf")
+
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            for res in runner_results:
+                if res.run_secs:
+                    self.best = min(self.best, float(np.median([float(s) for s in res.run_secs])) * 1e6)
+            progress.update(task, advance=len(runner_results),
+                            best=f"{self.best:.1f} us" if np.isfinite(self.best) else "-")
+
+    return Progress()
+
+
+def tuning_target(target) -> tvm.target.Target:
+    """MetaSchedule needs the core count of a CPU target."""
+    target = as_target(target)
+    if is_gpu(target) or "num-cores" in target.attrs:
+        return target
+    return tvm.target.Target({"kind": "llvm", "num-cores": os.cpu_count() or 1})
+
+
+def prune_database(path, keep=1):
+    """Keep only the ``keep`` best records of each workload (committed logs stay small)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    db = open_database(path)
+    if db is None:
+        return
+    tmp = tempfile.mkdtemp()
+    fresh = ms.database.JSONDatabase(work_dir=tmp)
+    seen = set()
+    for rec in db.get_all_tuning_records():
+        wl = rec.workload
+        key = tvm_ffi.structural_hash(wl.mod)
+        if key in seen:
+            continue
+        seen.add(key)
+        new_wl = fresh.commit_workload(wl.mod)
+        for best in db.get_top_k(wl, keep):
+            fresh.commit_tuning_record(ms.database.TuningRecord(
+                best.trace, new_wl, best.run_secs, best.target, best.args_info))
+    for name in ("database_workload.json", "database_tuning_record.json"):
+        shutil.move(os.path.join(tmp, name), os.path.join(path, name))
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def tune_attention(acsr, batch, heads, head_dim, dtype, target, *, trials=64, variant="row",
+                   root=None, keep=1, console=None) -> TuneResult:
+    """Tune every kernel of ``variant`` for one workload; resumes from an existing database.
+
+    Inputs have shape ``[batch, heads, acsr.n, head_dim]`` and ``dtype``. Writes
+    ``<root>/<target>/<kernel>_<spec.key>/database_*.json`` and keeps the ``keep`` best records.
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from tvm.s_tir import meta_schedule as ms
+
+    target = tuning_target(target)
+    spec = AttentionSpec.from_acsr(acsr, batch, heads, head_dim, dtype)
+    result = TuneResult()
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("best {task.fields[best]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        for name, func in attention_funcs(spec, variant).items():
+            func = func.with_attr("global_symbol", "main")
+            path = workload_dir(name, spec, target, root)
+            path.mkdir(parents=True, exist_ok=True)
+            database = open_database(path, create=True)
+            task = progress.add_task(f"tuning {name}", total=trials, best="-")
+            space = ms.space_generator.ScheduleFn(row_space(target), sch_rules=[], postprocs=[],
+                                                  mutator_probs=mutators(target))
+            with tempfile.TemporaryDirectory() as work:
+                ms.tune_tir(
+                    tvm.IRModule({"main": func}), target, work, max_trials_global=trials,
+                    num_trials_per_iter=min(32, trials), space=space, cost_model="xgb",
+                    database=database,
+                    builder=ms.builder.LocalBuilder(timeout_sec=120, max_workers=1),
+                    runner=ms.runner.LocalRunner(
+                        timeout_sec=60, f_alloc_argument=_alloc_with_metadata(_metadata_args(func, acsr))),
+                    measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
+                                       _progress_callback(progress, task)],
+                    num_tuning_cores=1,
+                )
+            prune_database(path, keep=keep)
+            db = open_database(path)
+            recs = db.get_top_k(db.commit_workload(tvm.IRModule({"main": func})), 1)
+            result.best_us[name] = float(np.median([float(s) for s in recs[0].run_secs])) * 1e6 if recs else None
+            result.dirs[name] = str(path)
+            result.trials[name] = trials
+    return result
