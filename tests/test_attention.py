@@ -46,3 +46,28 @@ def test_bad_inputs_raise_clear_errors(rng):
         sparse_attention(q, q, q, 42)
     with pytest.raises(ValueError, match="does not match the inputs' device"):
         sparse_attention(q, q, q, Window(2), target="cuda")
+
+
+def test_torch_entry_point_rejects_numpy(rng):
+    pytest.importorskip("torch")
+    import tvm_splat.torch as tst
+
+    q = rng.standard_normal((1, 1, 8, 4)).astype("float32")
+    with pytest.raises(TypeError, match="q must be a torch.Tensor"):
+        tst.sparse_attention(q, q, q, "window:1")
+
+
+def test_torch_entry_point_matches_reference():
+    torch = pytest.importorskip("torch")
+    import tvm_splat.torch as tst
+
+    q, k, v = (torch.randn(2, 2, 21, 8) for _ in range(3))
+    out = tst.sparse_attention(q, k, v, "global:1+window:3")
+    ref = masked_attention(q.numpy(), k.numpy(), v.numpy(), parse_pattern("global:1+window:3").dense_mask(21))
+    np.testing.assert_allclose(out.numpy(), ref, atol=1e-4)
+
+
+def test_unknown_variant_is_rejected(rng):
+    q = rng.standard_normal((1, 1, 8, 4)).astype("float32")
+    with pytest.raises(ValueError, match="unknown kernel variant 'flash'"):
+        sparse_attention(q, q, q, "window:1", variant="flash")

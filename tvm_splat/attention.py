@@ -78,6 +78,17 @@ def device_metadata(acsr: ACSR, dev) -> list:
     return cache[key]
 
 
+def _output_like(q, dtype, dev):
+    """``(torch_tensor_or_None, tvm_tensor)`` for an output shaped like ``q``: a fresh torch
+    tensor shared through DLPack for torch inputs, a TVM tensor otherwise."""
+    if _is_torch(q):
+        import torch
+
+        out_obj = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        return out_obj, tvm.runtime.from_dlpack(out_obj)
+    return None, tvm.runtime.empty(q.shape, dtype, dev)
+
+
 def _to_tvm(x, dev):
     if _is_torch(x):
         return tvm.runtime.from_dlpack(x.contiguous())
@@ -92,6 +103,18 @@ def default_tiled_knobs(dtype, target):
     from .schedules.tiled import TiledKnobs
 
     return TiledKnobs(use_tensor_cores=is_gpu(target) and dtype == "float16")
+
+
+def _fused_knobs(acsr, batch, heads, head_dim, dtype, target, scale):
+    """The tuned knobs of this workload if ``tvm-splat autotune`` recorded some, else defaults."""
+    from .tuning.tiled import tuned_tiled_knobs
+
+    cache = acsr.__dict__.setdefault("_fused_knobs", {})  # off the hot path after the first call
+    key = (batch, heads, head_dim, dtype, str(target), scale)
+    if key not in cache:
+        spec = AttentionSpec.from_acsr(acsr, batch, heads, head_dim, dtype, scale)
+        cache[key] = tuned_tiled_knobs(spec, target) or default_tiled_knobs(dtype, target)
+    return cache[key]
 
 
 def sparse_attention(q, k, v, mask, *, target=None, variant="fused", scale=None, knobs=None):
@@ -139,19 +162,13 @@ def _run(q, k, v, acsr, dev, target, variant, dtype, scale, knobs):
         from .schedules.tiled import TiledKnobs, tiled_attention
 
         if variant == "fused" or not isinstance(knobs, TiledKnobs):
-            knobs = default_tiled_knobs(dtype, target)
+            knobs = _fused_knobs(acsr, batch, heads, head_dim, dtype, target, scale)
         return tiled_attention(q, k, v, acsr, target=target, knobs=knobs, scale=scale)
     spec = AttentionSpec.from_acsr(acsr, batch, heads, head_dim, dtype, scale)
     lib = compile_attention(spec, target, variant, knobs, geometry=None)
     meta = device_metadata(acsr, dev)
     qt, kt, vt = (_to_tvm(x, dev) for x in (q, k, v))
-    if _is_torch(q):
-        import torch
-
-        out_obj = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        out = tvm.runtime.from_dlpack(out_obj)
-    else:
-        out = tvm.runtime.empty(q.shape, dtype, dev)
+    out_obj, out = _output_like(q, dtype, dev)
     seg_start, seg_step, seg_count, row_ptr, indices = meta
     if variant == "row":
         lib["fused"](qt, kt, vt, seg_start, seg_step, seg_count, indices, out)
@@ -161,4 +178,4 @@ def _run(q, k, v, acsr, dev, target, variant, dtype, scale, knobs):
         lib["sddmm"](qt, kt, *meta, scores)
         lib["softmax"](scores, row_ptr, probs)
         lib["spmm"](probs, vt, *meta, out)
-    return out_obj if _is_torch(q) else out.numpy()
+    return out_obj if out_obj is not None else out.numpy()

@@ -26,8 +26,18 @@ def _autotune(args):
 
     console = Console()
     acsr = ACSR.from_pattern(parse_pattern(args.pattern), args.seq)
-    variants = ("row", "separate") if args.variant == "all" else (args.variant,)
+    variants = ("fused", "row", "separate") if args.variant == "all" else (args.variant,)
     for variant in variants:
+        if variant == "fused":
+            from .tuning.tiled import tune_tiled
+
+            res = tune_tiled(acsr, args.batch, args.heads, args.head_dim, args.dtype, args.target,
+                             root=args.log_dir, console=console)
+            for name, us in res.best_us.items():
+                console.print(f"fused/{name}: best {us:.1f} us -> {res.dirs[name]}")
+            if "best" in res.dirs:
+                console.print(f"best knobs -> {res.dirs['best']}")
+            continue
         res = tune_attention(acsr, args.batch, args.heads, args.head_dim, args.dtype, args.target,
                              trials=args.trials, variant=variant, root=args.log_dir, console=console)
         for name, us in res.best_us.items():
@@ -57,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--batch", type=int, default=1)
     tune.add_argument("--dtype", default="float16", choices=("float16", "float32"))
     tune.add_argument("--target", default="nvidia/nvidia-h100")
-    tune.add_argument("--trials", type=int, default=64)
-    tune.add_argument("--variant", default="row", choices=("row", "separate", "all"))
+    tune.add_argument("--trials", type=int, default=64, help="trials per row kernel (the tiled space is enumerated)")
+    tune.add_argument("--variant", default="fused", choices=("fused", "row", "separate", "all"),
+                      help="fused: the tiled kernel's plan and schedule knobs; row/separate: the row kernels")
     tune.add_argument("--log-dir", default=None, help="tuning log root (default: tuning_logs/)")
     tune.set_defaults(func=_autotune)
 

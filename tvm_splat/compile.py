@@ -84,19 +84,16 @@ def nvcc_compile(source: str, target="nvidia/nvidia-h100") -> bytes:
         return bytes(compile_cuda(source, target_format="fatbin", arch=gencode, compiler="nvcc"))
 
 
-def compile_attention(spec: AttentionSpec, target, variant="row", knobs=None, geometry=None,
-                      use_disk_cache=True, use_tuned=True):
-    """Compiled ``tvm.runtime.Module`` exposing the variant's functions by name."""
-    target = as_target(target)
-    tuned_mark = _tuning_mark(spec, target, variant) if use_tuned and knobs is None else ""
-    ident = f"{__version__}|{spec.key}|{target}|{variant}|{knobs!r}|{geometry!r}|{tuned_mark}"
+def load_or_build(ident: str, build, use_disk_cache=True):
+    """The compiled module named by ``ident``: from memory, else from the disk cache, else
+    ``build()`` (then saved). ``ident`` must change whenever the generated code would."""
     if ident in _MEMORY_CACHE:
         return _MEMORY_CACHE[ident]
     path = cache_dir() / f"{hashlib.sha256(ident.encode()).hexdigest()[:24]}.so"
     if use_disk_cache and path.exists():
         lib = tvm.runtime.load_module(str(path))
     else:
-        lib = tvm.tirx.build(build_module(spec, target, variant, knobs, geometry, use_tuned), target=target)
+        lib = build()
         if use_disk_cache:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp.so")
@@ -105,3 +102,16 @@ def compile_attention(spec: AttentionSpec, target, variant="row", knobs=None, ge
             lib = tvm.runtime.load_module(str(path))
     _MEMORY_CACHE[ident] = lib
     return lib
+
+
+def compile_attention(spec: AttentionSpec, target, variant="row", knobs=None, geometry=None,
+                      use_disk_cache=True, use_tuned=True):
+    """Compiled ``tvm.runtime.Module`` exposing the variant's functions by name."""
+    target = as_target(target)
+    tuned_mark = _tuning_mark(spec, target, variant) if use_tuned and knobs is None else ""
+    ident = f"{__version__}|{spec.key}|{target}|{variant}|{knobs!r}|{geometry!r}|{tuned_mark}"
+    return load_or_build(
+        ident,
+        lambda: tvm.tirx.build(build_module(spec, target, variant, knobs, geometry, use_tuned), target=target),
+        use_disk_cache,
+    )

@@ -52,3 +52,22 @@ def test_knob_errors():
     plan = plan_tiles(acsr, knobs)
     with pytest.raises(ValueError):  # one 16-row strip cannot feed two warps
         build_module(spec, plan.shape, H100, knobs)
+
+
+def test_tensor_cores_big_tiles_and_in_place_api():
+    """A 128 x 128 score tile (too big for static shared memory: falls back to shared.dyn)
+    builds on CUDA cores, and the in-place form schedules a Schedule like the wrapper does.
+    (WMMA with br or bc > 64 fails in TVM's storage rewrite, before and after this rework.)"""
+    from tvm import s_tir
+
+    from tvm_splat.schedules.tiled import apply_tiled_schedule, schedule_tiled
+
+    src, _ = _cuda_source(Window(128), 512, TiledKnobs(br=128, bc=128))
+    assert "__shfl" in src  # row reductions on warp shuffles
+    acsr = ACSR.from_pattern(Window(8), 64)
+    knobs = TiledKnobs(br=16, bc=16)
+    spec = AttentionSpec.from_acsr(acsr, 1, 2, 16, "float32")
+    func = tiled_funcs(spec, plan_tiles(acsr, knobs).shape, knobs)["tiled"]
+    sch = s_tir.Schedule(func)
+    apply_tiled_schedule(sch, "tiled", H100, knobs, spec)
+    tvm.ir.assert_structural_equal(sch.mod["main"], schedule_tiled("tiled", func, H100, knobs, spec))

@@ -5,11 +5,13 @@ One program per (batch x head, tile) of a :class:`~tvm_splat.schedules.tile_plan
 1. load the tile's Q rows ``row0 + rstride * r`` (``r < nrows``; other rows are zero),
 2. walk the tile's column blocks (a data-dependent loop over ``blk_lo .. blk_hi``); per block:
    load K and V rows ``col0 + sigma * u`` (out of range -> zero), ``S = Q K^T`` (block
-   ``S_gemm``, static ``BR x BC x D``), scale and mask (``S_mask``: FULL blocks skip the test;
-   PARTIAL blocks test range + residue against the row's segments of the block's step,
-   computed from ``seg_start/seg_count/seg_sigma``), online softmax (``row_max``, ``P``,
-   ``row_sum``, ``state``), ``PV = P V`` (block ``PV_gemm``, static ``BR x D x BC``) and
-   ``O = O * alpha + PV`` (``O_update``),
+   ``S_gemm``, static ``BR x BC x D``), scale and mask into ``Sm`` (``S_mask``: FULL blocks
+   skip the test; PARTIAL blocks test range + residue against the row's segments of the
+   block's step, computed from ``seg_start/seg_count/seg_sigma``), online softmax
+   (``row_max``: the block's row max ``mb``; ``alpha``: ``mn = max(m, mb)``, ``alpha = 2^(m - mn)``,
+   ``lsa = l * alpha``; ``P``; ``row_sum``: the block's row sum; ``l_update``: ``l = lsa + rsum``; ``m_update``;
+   both reductions start from their identity, so GPU schedules can reduce them across threads), then ``O = O * alpha + P V``
+   (``PV_gemm``, static ``BR x D x BC``; see ``separate_pv``),
 3. with one component: write ``O / l`` (0 for an empty row); with several: write the partial
    state ``(O, m, l)`` of the tile's component, merged by :func:`merge_func`.
 
@@ -40,7 +42,7 @@ from .spec import AttentionSpec
 TILE_BLOCK = "tile"
 #: names of the inner blocks the schedules address
 BLOCKS = ("init_state", "O_init", "Q_load", "K_load", "V_load", "S_gemm", "S_mask", "row_max",
-          "P", "row_sum", "state", "PV_gemm", "O_update", "O_store", "ML_store")
+          "alpha", "P", "row_sum", "l_update", "m_update", "PV_gemm", "O_update", "O_store", "ML_store")
 
 NEG_INIT = -1.0e30  # running-max start: finite, so exp2(m_old - m_new) never sees inf - inf
 LOG2E = math.log2(math.e)
@@ -67,9 +69,14 @@ def partial_shapes(spec: AttentionSpec, num_components: int):
     return (BH, num_components, spec.seq_len, spec.head_dim), (BH, num_components, spec.seq_len, 2)
 
 
-def tiled_func(spec: AttentionSpec, plan_shape):
+def tiled_func(spec: AttentionSpec, plan_shape, separate_pv: bool = False):
     """The tiled fused kernel for ``spec`` and a plan of shape ``plan_shape``
-    (:class:`~tvm_splat.schedules.tile_plan.PlanShape`)."""
+    (:class:`~tvm_splat.schedules.tile_plan.PlanShape`).
+
+    ``separate_pv=False``: ``PV_gemm`` accumulates straight into ``O`` (its init rescales ``O``
+    by ``alpha``), the form for CUDA cores and CPUs. ``True``: ``PV_gemm`` is a pure GEMM into a
+    fresh ``PV`` (init 0: the tensor-core target) and ``O_update`` does ``O = O * alpha + PV``.
+    """
     B, H, N, D = spec.batch, spec.heads, spec.seq_len, spec.head_dim
     HM, S, dt = spec.mask_heads, spec.max_segments, spec.dtype
     NT, NB, C = plan_shape.num_tiles, plan_shape.num_blocks, plan_shape.num_components
@@ -104,15 +111,16 @@ def tiled_func(spec: AttentionSpec, plan_shape):
                 Qs = T.sblock_alloc_buffer((BR, D), dt)
                 Ks = T.sblock_alloc_buffer((BC, D), dt)
                 Vs = T.sblock_alloc_buffer((BC, D), dt)
-                Ss = T.sblock_alloc_buffer((BR, BC), "float32")
+                Sm = T.sblock_alloc_buffer((BR, BC), "float32")
                 Ps = T.sblock_alloc_buffer((BR, BC), dt)
-                PVs = T.sblock_alloc_buffer((BR, D), "float32")
                 Os = T.sblock_alloc_buffer((BR, D), "float32")
                 ms = T.sblock_alloc_buffer((BR,), "float32")
                 ls = T.sblock_alloc_buffer((BR,), "float32")
+                mb = T.sblock_alloc_buffer((BR,), "float32")
                 mn = T.sblock_alloc_buffer((BR,), "float32")
-                rsum = T.sblock_alloc_buffer((BR,), "float32")
+                lsa = T.sblock_alloc_buffer((BR,), "float32")
                 alpha = T.sblock_alloc_buffer((BR,), "float32")
+                rsum = T.sblock_alloc_buffer((BR,), "float32")
                 b: T.let[T.int32] = vbh // H
                 h: T.let[T.int32] = vbh % H
                 hm: T.let[T.int32] = h % HM
@@ -147,39 +155,47 @@ def tiled_func(spec: AttentionSpec, plan_shape):
                         with T.sblock("V_load"):
                             vu, vd = T.axis.remap("SS", [u, d])
                             Vs[vu, vd] = T.if_then_else(col0 + sig * vu < N, v[b, h, col0 + sig * vu, vd], zero)
-                    for r, u, d in T.grid(BR, BC, D):
-                        with T.sblock("S_gemm"):
-                            vr, vu, vd = T.axis.remap("SSR", [r, u, d])
-                            with T.init():
-                                Ss[vr, vu] = T.float32(0)
-                            Ss[vr, vu] = Ss[vr, vu] + T.Cast("float32", Qs[vr, vd]) * T.Cast("float32", Ks[vu, vd])
-                    for r, u in T.grid(BR, BC):
-                        with T.sblock("S_mask"):
-                            vr, vu = T.axis.remap("SS", [r, u])
-                            Ss[vr, vu] = T.if_then_else(
-                                full == 1,
-                                Ss[vr, vu] * scale,
-                                T.if_then_else(
-                                    T.And(vr < nrows, col0 + sig * vu < N),
+                    with T.sblock("S_stage"):
+                        Ss = T.sblock_alloc_buffer((BR, BC), "float32")
+                        for r, u, d in T.grid(BR, BC, D):
+                            with T.sblock("S_gemm"):
+                                vr, vu, vd = T.axis.remap("SSR", [r, u, d])
+                                with T.init():
+                                    Ss[vr, vu] = T.float32(0)
+                                Ss[vr, vu] = Ss[vr, vu] + T.Cast("float32", Qs[vr, vd]) * T.Cast("float32", Ks[vu, vd])
+                        for r, u in T.grid(BR, BC):
+                            with T.sblock("S_mask"):
+                                vr, vu = T.axis.remap("SS", [r, u])
+                                Sm[vr, vu] = T.if_then_else(
+                                    full == 1,
+                                    Ss[vr, vu] * scale,
                                     T.if_then_else(
-                                        _member(seg_start, seg_count, seg_sigma, hm, row0 + rstr * vr,
-                                                col0 + sig * vu, sig, S),
-                                        Ss[vr, vu] * scale,
+                                        T.And(vr < nrows, col0 + sig * vu < N),
+                                        T.if_then_else(
+                                            _member(seg_start, seg_count, seg_sigma, hm, row0 + rstr * vr,
+                                                    col0 + sig * vu, sig, S),
+                                            Ss[vr, vu] * scale,
+                                            neg_inf,
+                                        ),
                                         neg_inf,
                                     ),
-                                    neg_inf,
-                                ),
-                            )
+                                )
                     for r, u in T.grid(BR, BC):
                         with T.sblock("row_max"):
                             vr, vu = T.axis.remap("SR", [r, u])
                             with T.init():
-                                mn[vr] = ms[vr]
-                            mn[vr] = T.max(mn[vr], Ss[vr, vu])
+                                mb[vr] = neg_inf
+                            mb[vr] = T.max(mb[vr], Sm[vr, vu])
+                    for r in T.serial(BR):
+                        with T.sblock("alpha"):
+                            vr = T.axis.spatial(BR, r)
+                            mn[vr] = T.max(ms[vr], mb[vr])
+                            alpha[vr] = T.exp2(ms[vr] - T.max(ms[vr], mb[vr]))
+                            lsa[vr] = ls[vr] * T.exp2(ms[vr] - T.max(ms[vr], mb[vr]))
                     for r, u in T.grid(BR, BC):
                         with T.sblock("P"):
                             vr, vu = T.axis.remap("SS", [r, u])
-                            Ps[vr, vu] = T.Cast(dt, T.exp2(Ss[vr, vu] - mn[vr]))
+                            Ps[vr, vu] = T.Cast(dt, T.exp2(Sm[vr, vu] - mn[vr]))
                     for r, u in T.grid(BR, BC):
                         with T.sblock("row_sum"):
                             vr, vu = T.axis.remap("SR", [r, u])
@@ -187,21 +203,35 @@ def tiled_func(spec: AttentionSpec, plan_shape):
                                 rsum[vr] = T.float32(0)
                             rsum[vr] = rsum[vr] + T.Cast("float32", Ps[vr, vu])
                     for r in T.serial(BR):
-                        with T.sblock("state"):
+                        with T.sblock("l_update"):
                             vr = T.axis.spatial(BR, r)
-                            alpha[vr] = T.exp2(ms[vr] - mn[vr])
-                            ls[vr] = ls[vr] * T.exp2(ms[vr] - mn[vr]) + rsum[vr]
+                            ls[vr] = lsa[vr] + rsum[vr]
+                    for r in T.serial(BR):
+                        with T.sblock("m_update"):
+                            vr = T.axis.spatial(BR, r)
                             ms[vr] = mn[vr]
-                    for r, d, u in T.grid(BR, D, BC):
-                        with T.sblock("PV_gemm"):
-                            vr, vd, vu = T.axis.remap("SSR", [r, d, u])
-                            with T.init():
-                                PVs[vr, vd] = T.float32(0)
-                            PVs[vr, vd] = PVs[vr, vd] + T.Cast("float32", Ps[vr, vu]) * T.Cast("float32", Vs[vu, vd])
-                    for r, d in T.grid(BR, D):
-                        with T.sblock("O_update"):
-                            vr, vd = T.axis.remap("SS", [r, d])
-                            Os[vr, vd] = Os[vr, vd] * alpha[vr] + PVs[vr, vd]
+                    if separate_pv:
+                        with T.sblock("PV_stage"):
+                            PVs = T.sblock_alloc_buffer((BR, D), "float32")
+                            for r, d, u in T.grid(BR, D, BC):
+                                with T.sblock("PV_gemm"):
+                                    vr, vd, vu = T.axis.remap("SSR", [r, d, u])
+                                    with T.init():
+                                        PVs[vr, vd] = T.float32(0)
+                                    PVs[vr, vd] = PVs[vr, vd] + T.Cast("float32", Ps[vr, vu]) * T.Cast("float32", Vs[vu, vd])
+                            for r, d, z in T.grid(BR, D, 1):
+                                with T.sblock("O_update"):
+                                    vr, vd, vz = T.axis.remap("SSR", [r, d, z])
+                                    with T.init():
+                                        Os[vr, vd] = Os[vr, vd] * alpha[vr]
+                                    Os[vr, vd] = Os[vr, vd] + PVs[vr, vd + vz]
+                    else:
+                        for r, d, u in T.grid(BR, D, BC):
+                            with T.sblock("PV_gemm"):
+                                vr, vd, vu = T.axis.remap("SSR", [r, d, u])
+                                with T.init():
+                                    Os[vr, vd] = Os[vr, vd] * alpha[vr]
+                                Os[vr, vd] = Os[vr, vd] + T.Cast("float32", Ps[vr, vu]) * T.Cast("float32", Vs[vu, vd])
                 if direct:
                     for r, d in T.grid(BR, D):
                         with T.sblock("O_store"):

@@ -1,0 +1,48 @@
+"""Tuning the tiled kernel's knobs on the CPU: every plan measured, the best knobs recorded,
+picked up by ``sparse_attention`` for the same workload, results still correct."""
+import json
+
+import numpy as np
+import pytest
+
+from tvm_splat.formats import ACSR, Window
+from tvm_splat.kernels import AttentionSpec
+from tvm_splat.reference import masked_attention
+from tvm_splat.tuning.tiled import best_knobs_path, schedule_choices, tune_tiled, tuned_tiled_knobs
+
+
+@pytest.fixture
+def log_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("TVM_SPLAT_TUNING_LOGS", str(tmp_path))
+    return tmp_path
+
+
+def test_tiled_tuning_records_best_knobs_and_they_are_used(log_root, rng):
+    from tvm_splat import sparse_attention
+
+    acsr = ACSR.from_pattern(Window(5), 50)
+    res = tune_tiled(acsr, 1, 2, 8, "float32", "llvm", plans=((16, 16), (32, 16)))
+    assert set(res.best_us) == {"tiled_16x16", "tiled_32x16"}
+    assert all(us > 0 for us in res.best_us.values())
+    spec = AttentionSpec.from_acsr(acsr, 1, 2, 8, "float32")
+    path = best_knobs_path(spec, "llvm")
+    best = json.loads(path.read_text())
+    assert best["us"] == pytest.approx(min(res.best_us.values()))
+    knobs = tuned_tiled_knobs(spec, "llvm")
+    assert (knobs.br, knobs.bc) in ((16, 16), (32, 16))
+
+    q, k, v = (rng.standard_normal((1, 2, 50, 8)).astype("float32") for _ in range(3))
+    out = sparse_attention(q, k, v, acsr, target="llvm")
+    np.testing.assert_allclose(out, masked_attention(q, k, v, acsr.to_dense()[0]), atol=1e-4)
+    assert list(acsr.__dict__["_fused_knobs"].values()) == [knobs]  # the tuned knobs were used
+
+
+def test_schedule_choices_are_valid_for_the_gpu():
+    import tvm
+
+    from tvm_splat.schedules.tiled import TiledKnobs
+
+    choices = schedule_choices(TiledKnobs(br=64, bc=64, use_tensor_cores=True), tvm.target.Target("nvidia/nvidia-h100"))
+    assert len(choices) > 1
+    assert all((c.br // 16) % c.warps == 0 for c in choices)
+    assert len({(c.warps, c.vector_bytes, c.row_pad) for c in choices}) == len(choices)

@@ -1,0 +1,290 @@
+"""Tile plan: the just-in-time geometry analysis that turns an ACSR mask into work tiles.
+
+Pure numpy; no TVM. The tiled kernel (:mod:`tvm_splat.kernels.tiled`) runs one program per
+(batch x head, tile) and reads only the int32 tables built here.
+
+Vocabulary
+----------
+* Every affine segment of a row gets an effective step ``sigma`` (``seg_sigma``): its own step,
+  except that a one-column segment (whose step means nothing) joins the step of a
+  *row-aligned* component when its column fits that component's residue rule, else 1.
+* A step ``sigma > 1`` is **row-aligned** in a head when ``(start - row) mod sigma`` is the same
+  for every multi-column segment of that step (dilated windows, the strided part of
+  Sparse-Transformer masks). Rows of such a component are grouped by ``row mod sigma``, so the
+  rows of one tile share one column residue and their columns compress into dense blocks.
+* A **component** is a row grouping, identified by its row stride ``rstride``: 1 (contiguous
+  rows; holds every non-aligned step, windows, blocks, global tokens) or an aligned ``sigma``.
+  The tiles of one component partition all rows of the head.
+* A **tile** is ``nrows <= BR`` rows ``row0 + rstride * r`` of one component.
+* A **column block** of a tile is ``BC`` columns ``col0 + sigma * u`` (one step, one residue).
+  The blocks of a tile cover, for every step, exactly the columns its rows use with that step,
+  without overlap (greedy minimum cover of the compressed column intervals), so window + global
+  tiles get ``[0, g)`` and the band, not everything between.
+* A block is FULL when every valid row of the tile contains all ``BC`` of its columns (no mask
+  test needed), else PARTIAL: the kernel then tests, per score, whether the column lies in a
+  segment of the row with the block's step (range + residue, computed from the segment
+  tables, never loaded per nonzero).
+
+Each nonzero therefore lies in exactly one (component, tile, block). With one component the
+kernel writes the output directly; with several it writes per-component partial softmax states
+that a merge kernel combines (FlashDecoding-style). Rows with an INDEXED (CSR) segment are left
+out of the tiled path entirely (``seg_sigma = 0``) and listed in ``fallback_rows`` for a row
+kernel that computes them whole.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["TilePlan", "PlanShape", "plan_tiles", "TILE_FIELDS", "BLOCK_FIELDS"]
+
+#: columns of ``TilePlan.tiles[h, t, :]``
+TILE_FIELDS = ("row0", "rstride", "nrows", "comp", "blk_lo", "blk_hi")
+#: columns of ``TilePlan.blocks[h, b, :]``
+BLOCK_FIELDS = ("col0", "sigma", "full")
+
+
+@dataclass(frozen=True)
+class PlanShape:
+    """The static sizes of a plan a compiled kernel is specialised on."""
+
+    num_tiles: int       # T: tiles per head (padded to the max over heads)
+    num_blocks: int      # NB: column blocks per head (padded, >= 1)
+    num_components: int  # C: max components of a head (1 = direct output, no merge)
+    num_fallback: int    # F: max fallback rows of a head (0 = no fallback kernel)
+    br: int
+    bc: int
+
+    @property
+    def key(self) -> str:
+        return (f"t{self.num_tiles}_nb{self.num_blocks}_c{self.num_components}"
+                f"_f{self.num_fallback}_br{self.br}_bc{self.bc}")
+
+
+@dataclass(frozen=True, eq=False)
+class TilePlan:
+    """int32 tables of the tiled kernel, one slab per mask head (``Hm``).
+
+    * ``tiles [Hm, T, 6]``: ``row0, rstride, nrows, comp, blk_lo, blk_hi`` (see
+      ``TILE_FIELDS``); padding tiles have ``nrows = 0`` and no blocks.
+    * ``blocks [Hm, NB, 3]``: ``col0, sigma, full``; the blocks of tile t are
+      ``blk_lo <= b < blk_hi``.
+    * ``seg_sigma [Hm, n, S]``: effective step of each segment for the tiled path (0 = not
+      in it: unused slot, indexed segment, or any segment of a fallback row).
+    * ``comp_rstride [Hm, C]``: row stride of each component (0 = no such component).
+    * ``num_comp [Hm]``: components per head.
+    * ``fallback_rows [Hm, max(F, 1)]``: rows computed by the row kernel, ``-1`` padded.
+    """
+
+    n: int
+    br: int
+    bc: int
+    tiles: np.ndarray = field(repr=False)
+    blocks: np.ndarray = field(repr=False)
+    seg_sigma: np.ndarray = field(repr=False)
+    comp_rstride: np.ndarray = field(repr=False)
+    num_comp: np.ndarray = field(repr=False)
+    fallback_rows: np.ndarray = field(repr=False)
+    num_fallback: int = 0
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.tiles.shape[0])
+
+    @property
+    def shape(self) -> PlanShape:
+        return PlanShape(int(self.tiles.shape[1]), int(self.blocks.shape[1]),
+                         int(self.comp_rstride.shape[1]), int(self.num_fallback),
+                         self.br, self.bc)
+
+    def stats(self) -> dict:
+        """Work counters (for tuning and reports): blocks, full blocks, computed scores."""
+        lo, hi = self.tiles[..., 4], self.tiles[..., 5]
+        nblk = int((hi - lo).sum())
+        full = 0
+        for h in range(self.num_heads):
+            for t in range(self.tiles.shape[1]):
+                full += int(self.blocks[h, lo[h, t]:hi[h, t], 2].sum())
+        return {"tiles": int((self.tiles[..., 2] > 0).sum()), "blocks": nblk, "full_blocks": full,
+                "scores": nblk * self.br * self.bc, "components": int(self.num_comp.max()),
+                "fallback_rows": int(self.num_fallback)}
+
+    def covered(self, head: int = 0) -> np.ndarray:
+        """int [n, n]: how many times each (row, column) is computed as a nonzero by the tiled
+        path, by brute force (tests and debugging, small n only)."""
+        n = self.n
+        cnt = np.zeros((n, n), dtype=np.int64)
+        sig = self.seg_sigma[head]
+        for t in range(self.tiles.shape[1]):
+            row0, rstride, nrows, _comp, lo, hi = (int(x) for x in self.tiles[head, t])
+            rows = row0 + rstride * np.arange(nrows)
+            for b in range(lo, hi):
+                col0, sigma, _full = (int(x) for x in self.blocks[head, b])
+                cols = col0 + sigma * np.arange(self.bc)
+                cols = cols[cols < n]
+                for i in rows:
+                    inseg = np.zeros(cols.shape, dtype=bool)
+                    for s in range(sig.shape[1]):
+                        if sig[i, s] != sigma:
+                            continue
+                        st = self._start[head, i, s]
+                        last = st + sigma * (self._count[head, i, s] - 1)
+                        inseg |= (cols >= st) & (cols <= last) & ((cols - st) % sigma == 0)
+                    cnt[i, cols[inseg]] += 1
+        return cnt
+
+    # set by plan_tiles for `covered` (brute-force checks need the segment tables)
+    _start: np.ndarray = field(default=None, repr=False)
+    _count: np.ndarray = field(default=None, repr=False)
+
+
+def _effective_sigma(rows, start, step, count):
+    """(sigma per segment, aligned steps {sigma: offset}) for one head's used affine segments."""
+    sigma = step.copy()
+    aligned = {}
+    multi = count > 1
+    for s in np.unique(step[multi]):
+        s = int(s)
+        if s <= 1:
+            continue
+        sel = multi & (step == s)
+        off = np.unique((start[sel] - rows[sel]) % s)
+        if off.size == 1:
+            aligned[s] = int(off[0])
+    single = count == 1
+    sigma[single] = 1
+    for s in sorted(aligned, reverse=True):
+        fits = single & (sigma == 1) & ((start - rows) % s == aligned[s])
+        sigma[fits] = s
+    return sigma, aligned
+
+
+def _cover(lo, hi, bc):
+    """Greedy minimum cover of the union of closed integer intervals by blocks of ``bc``:
+    block starts (sorted). ``lo``/``hi`` sorted by ``lo``."""
+    starts = []
+    end = None  # first position not covered by the blocks so far
+    for a, b in zip(lo.tolist(), hi.tolist()):
+        if end is not None and b < end:
+            continue
+        pos = a if end is None or a >= end else end
+        while pos <= b:
+            starts.append(pos)
+            pos += bc
+        end = pos
+    return starts
+
+
+def _head_plan(n, br, bc, start, step, count):
+    """Tiles and blocks of one head: (tiles list, blocks list, seg_sigma [n, S], rstrides,
+    fallback rows)."""
+    S = start.shape[1]
+    used = count > 0
+    indexed_row = ((step == 0) & used).any(axis=1)
+    fallback = np.flatnonzero(indexed_row)
+    take = used & ~indexed_row[:, None]
+    rr, ss = np.nonzero(take)
+    st, sp, ct = start[rr, ss].astype(np.int64), step[rr, ss].astype(np.int64), count[rr, ss].astype(np.int64)
+    sig, aligned = _effective_sigma(rr, st, sp, ct)
+    seg_sigma = np.zeros((n, S), dtype=np.int32)
+    seg_sigma[rr, ss] = sig
+
+    comp_of_sigma = lambda s: s if s in aligned else 1  # noqa: E731
+    rstrides = sorted({comp_of_sigma(int(s)) for s in np.unique(sig)} | {1})
+    # a head whose segments are all aligned needs no contiguous component
+    if sig.size and all(int(s) in aligned for s in np.unique(sig)):
+        rstrides.remove(1)
+    seg_comp_rs = np.array([comp_of_sigma(int(s)) for s in sig], dtype=np.int64)
+
+    tiles, blocks = [], []
+    for comp, rs in enumerate(rstrides):
+        sel = seg_comp_rs == rs
+        c_row, c_sig, c_start, c_count = rr[sel], sig[sel], st[sel], ct[sel]
+        # tile of every row in this component: rows grouped by row mod rs, BR per tile
+        tile_of_row = np.empty(n, dtype=np.int64)
+        comp_tiles = []
+        for res in range(rs):
+            group = np.arange(res, n, rs)
+            first = len(comp_tiles)
+            for t0 in range(0, group.size, br):
+                comp_tiles.append((int(group[t0]), rs, int(min(br, group.size - t0))))
+            tile_of_row[group] = first + np.arange(group.size) // br
+        # segments -> (tile, sigma, residue, compressed interval)
+        seg_tile = tile_of_row[c_row]
+        res_ = c_start % c_sig
+        lo = c_start // c_sig
+        hi = lo + c_count - 1
+        order = np.lexsort((lo, res_, c_sig, seg_tile))
+        seg_tile, c_sig, res_, lo, hi, c_row2 = (a[order] for a in (seg_tile, c_sig, res_, lo, hi, c_row))
+        key = np.stack([seg_tile, c_sig, res_], axis=1)
+        if key.shape[0]:
+            brk = np.flatnonzero(np.any(key[1:] != key[:-1], axis=1)) + 1
+            bounds = np.concatenate(([0], brk, [key.shape[0]]))
+        else:
+            bounds = np.zeros(1, dtype=np.int64)
+        per_tile = [[] for _ in comp_tiles]
+        for g in range(bounds.shape[0] - 1):
+            a, b = int(bounds[g]), int(bounds[g + 1])
+            t, s, r = (int(x) for x in key[a])
+            row0, rstr, nrows = comp_tiles[t]
+            u0 = np.asarray(_cover(lo[a:b], hi[a:b], bc), dtype=np.int64)
+            # coverage of each (tile row, block): segments are disjoint within a row
+            ov = np.minimum(hi[a:b, None], u0[None, :] + bc - 1) - np.maximum(lo[a:b, None], u0[None, :]) + 1
+            ov = np.maximum(ov, 0)
+            local = (c_row2[a:b] - row0) // rstr
+            cov = np.zeros((nrows, u0.size), dtype=np.int64)
+            np.add.at(cov, local, ov)
+            inside = r + s * (u0 + bc - 1) < n
+            full = (cov == bc).all(axis=0) & inside
+            for u, f in zip(u0.tolist(), full.tolist()):
+                per_tile[t].append((r + s * u, s, int(f)))
+        for (row0, rstr, nrows), blks in zip(comp_tiles, per_tile):
+            tiles.append([row0, rstr, nrows, comp, len(blks)])
+            blocks.append(blks)
+    return tiles, blocks, seg_sigma, rstrides, fallback
+
+
+def plan_tiles(acsr, knobs=None, *, br: int | None = None, bc: int | None = None) -> TilePlan:
+    """Build the :class:`TilePlan` of ``acsr`` for row tiles of ``br`` and column blocks of
+    ``bc`` (from ``knobs.br``/``knobs.bc`` when given). Cached on the ACSR object."""
+    br = int(br if br is not None else knobs.br)
+    bc = int(bc if bc is not None else knobs.bc)
+    if br < 1 or bc < 1:
+        raise ValueError(f"tile sizes must be >= 1, got br={br}, bc={bc}")
+    cache = acsr.__dict__.setdefault("_tile_plans", {})
+    if (br, bc) in cache:
+        return cache[(br, bc)]
+    n, hm, S = acsr.n, acsr.num_heads, acsr.max_segments
+    heads = [_head_plan(n, br, bc, acsr.seg_start[h], acsr.seg_step[h], acsr.seg_count[h])
+             for h in range(hm)]
+    T = max(len(p[0]) for p in heads)
+    NB = max(1, max(sum(len(b) for b in p[1]) for p in heads))
+    C = max(len(p[3]) for p in heads)
+    F = max(p[4].size for p in heads)
+    tiles = np.zeros((hm, T, 6), dtype=np.int32)
+    blocks = np.zeros((hm, NB, 3), dtype=np.int32)
+    blocks[..., 1] = 1
+    seg_sigma = np.zeros((hm, n, S), dtype=np.int32)
+    comp_rstride = np.zeros((hm, C), dtype=np.int32)
+    num_comp = np.zeros(hm, dtype=np.int32)
+    fallback = np.full((hm, max(F, 1)), -1, dtype=np.int32)
+    for h, (tl, bl, sg, rs, fb) in enumerate(heads):
+        # longest tiles first: the GPU starts the heaviest programs first (load balance)
+        order = sorted(range(len(tl)), key=lambda t: -tl[t][4])
+        pos = 0
+        for j, t in enumerate(order):
+            row0, rstr, nrows, comp, nb = tl[t]
+            tiles[h, j] = (row0, rstr, nrows, comp, pos, pos + nb)
+            if nb:
+                blocks[h, pos:pos + nb] = np.asarray(bl[t], dtype=np.int32)
+            pos += nb
+        tiles[h, len(tl):, 4:] = pos
+        seg_sigma[h] = sg
+        comp_rstride[h, :len(rs)] = rs
+        num_comp[h] = len(rs)
+        fallback[h, :fb.size] = fb
+    plan = TilePlan(n, br, bc, tiles, blocks, seg_sigma, comp_rstride, num_comp, fallback, F,
+                    _start=acsr.seg_start, _count=acsr.seg_count)
+    cache[(br, bc)] = plan
+    return plan
