@@ -286,8 +286,15 @@ def _apply_tiled_gpu(sch, knobs, spec):
     # allocation later), so keeping producer/consumer pairs in different scopes stops it from
     # putting a __syncthreads into every iteration of the elementwise loops.
     # (static shared memory is capped at 48 KB: larger score tiles fall back to shared.dyn)
+    # CUDA raises a kernel's shared-memory limit above 48 KB only through the *dynamic* part
+    # (TVM does it when that part alone exceeds 48 KB); static + dynamic above 48 KB with a
+    # smaller dynamic part fails at launch (CUDA_ERROR_INVALID_VALUE, seen on the H100 at d=64).
+    # So the score tile is static only when everything fits in 48 KB even without TVM's reuse
+    # of dead ranges; otherwise it joins the dynamic part, which then exceeds 48 KB.
+    static_bytes = 4 * br * (bc + knobs.row_pad) + 4 * 8 * br
+    dynamic_bytes = elem * (br * d + 2 * bc * d) + 2 * br * bc + (4 * br * (bc + d) if tc else 0)
     stat = "shared"
-    score = "shared" if 4 * (knobs.br * (knobs.bc + knobs.row_pad) + 8 * knobs.br) <= 40 * 1024 else shared
+    score = "shared" if static_bytes + dynamic_bytes <= 47 * 1024 else shared
     scopes = [("Q_load", 0, shared), ("K_load", 0, shared), ("V_load", 0, shared),
               ("init_state", 0, stat), ("init_state", 1, stat), ("row_max", 0, stat),
               ("alpha", 0, stat), ("alpha", 1, stat), ("alpha", 2, stat),
