@@ -16,6 +16,17 @@ from tvm_splat.schedules.tiled import TiledKnobs
 from tvm_splat.testing import dense_mask, mask_cases, qkv
 
 
+def write(rows, args, partial):
+    """Write the JSON after every case, so a run cut short still leaves its results."""
+    result = {"device": torch.cuda.get_device_name(), "tvm": tvm.__version__, "torch": torch.__version__,
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "command": "python benchmarks/gpu_correctness.py " + " ".join(f"--variant {v}" for v in args.variant or ()),
+              "complete": not partial, "all_passed": all(r["passed"] for r in rows), "cases": rows}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/gpu_correctness.json")
@@ -40,12 +51,8 @@ def main():
                              "dtype": dtype, "variant": variant, "max_abs_err": err,
                              "tolerance": tol, "passed": err <= tol})
                 print(f"{name:28s} {dtype:8s} {variant:9s} err {err:.2e} {'ok' if err <= tol else 'FAIL'}")
-    result = {"device": torch.cuda.get_device_name(), "tvm": tvm.__version__, "torch": torch.__version__,
-              "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "command": "python benchmarks/gpu_correctness.py " + " ".join(f"--variant {v}" for v in args.variant or ()), "all_passed": all(r["passed"] for r in rows),
-              "cases": rows}
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+                write(rows, args, partial=True)
+    result = write(rows, args, partial=False)
     print("all passed" if result["all_passed"] else "FAILURES")
 
 

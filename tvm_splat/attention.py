@@ -50,6 +50,14 @@ def _device_of(x):
     return tvm.cpu()
 
 
+@functools.lru_cache(maxsize=None)
+def _default_target(dev_name: str):
+    """The target for a device (built once: constructing Targets is slow)."""
+    if dev_name.startswith("cuda"):
+        return as_target(tvm.target.Target.from_device(tvm.cuda(int(dev_name.split(":")[1]))))
+    return as_target("llvm")
+
+
 def _check_inputs(q, k, v):
     shapes = [tuple(x.shape) for x in (q, k, v)]
     if len(shapes[0]) != 4:
@@ -140,9 +148,7 @@ def sparse_attention(q, k, v, mask, *, target=None, variant="fused", scale=None,
         raise ValueError(f"q, k and v are on different devices: {sorted(devs)}")
     dev = _device_of(q)
     acsr = as_acsr(mask, n)
-    if target is None:
-        target = tvm.target.Target.from_device(dev) if dev.dlpack_device_type() == 2 else "llvm"
-    target = as_target(target)
+    target = _default_target(str(dev)) if target is None else as_target(target)
     if is_gpu(target) != (dev.dlpack_device_type() == 2):
         raise ValueError(f"target {target.kind.name} does not match the inputs' device {dev}")
     if variant not in VARIANTS:

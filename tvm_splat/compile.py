@@ -13,10 +13,10 @@ from pathlib import Path
 import tvm
 
 from . import __version__
-from .kernels import attention_funcs
+from .kernels import KERNEL_NAMES, attention_funcs
 from .kernels.spec import AttentionSpec
 from .schedules.dispatch import schedule_attention
-from .schedules.targets import as_target
+from .schedules.targets import as_target, target_key
 
 _MEMORY_CACHE: dict = {}
 
@@ -57,7 +57,7 @@ def _tuning_mark(spec, target, variant) -> str:
     from .tuning.logs import workload_dir
 
     marks = []
-    for name in attention_funcs(spec, variant):
+    for name in KERNEL_NAMES.get(variant, ()):
         rec = workload_dir(name, spec, target) / "database_tuning_record.json"
         if rec.exists():
             marks.append(f"{name}:{rec.stat().st_mtime_ns}:{rec.stat().st_size}")
@@ -109,7 +109,7 @@ def compile_attention(spec: AttentionSpec, target, variant="row", knobs=None, ge
     """Compiled ``tvm.runtime.Module`` exposing the variant's functions by name."""
     target = as_target(target)
     tuned_mark = _tuning_mark(spec, target, variant) if use_tuned and knobs is None else ""
-    ident = f"{__version__}|{spec.key}|{target}|{variant}|{knobs!r}|{geometry!r}|{tuned_mark}"
+    ident = f"{__version__}|{spec.key}|{target_key(target)}|{variant}|{knobs!r}|{geometry!r}|{tuned_mark}"
     return load_or_build(
         ident,
         lambda: tvm.tirx.build(build_module(spec, target, variant, knobs, geometry, use_tuned), target=target),

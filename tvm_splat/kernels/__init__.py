@@ -3,6 +3,8 @@ from .attention import ROW_BLOCK, fused_func, sddmm_func, softmax_func, spmm_fun
 from .spec import AttentionSpec
 
 VARIANTS = ("row", "separate")
+# Function names of each variant (known without generating the PrimFuncs).
+KERNEL_NAMES = {"row": ("fused",), "separate": ("sddmm", "softmax", "spmm")}
 
 
 def attention_funcs(spec: AttentionSpec, variant: str = "row") -> dict:

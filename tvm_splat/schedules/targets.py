@@ -23,6 +23,15 @@ def as_target(target) -> tvm.target.Target:
     return tgt
 
 
+def target_key(target: tvm.target.Target) -> str:
+    """A cheap identity for cache keys (``str(target)`` dumps JSON): kind and the attributes
+    that change generated code."""
+    attrs = target.attrs
+    parts = [target.kind.name] + [f"{k}={attrs[k]}" for k in ("arch", "mcpu", "mtriple", "mattr", "num-cores")
+                                  if k in attrs]
+    return ",".join(parts)
+
+
 def is_gpu(target: tvm.target.Target) -> bool:
     return target.kind.name == "cuda"
 

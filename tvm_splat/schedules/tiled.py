@@ -381,9 +381,10 @@ def build_tiled(spec: AttentionSpec, plan_shape: PlanShape, target, knobs: Tiled
     on disk (see :func:`tvm_splat.compile.load_or_build`)."""
     from .. import __version__
     from ..compile import load_or_build
+    from .targets import target_key
 
     target = as_target(target)
-    ident = f"{__version__}|tiled|{spec.key}|{plan_shape.key}|{target}|{knobs!r}"
+    ident = f"{__version__}|tiled|{spec.key}|{plan_shape.key}|{target_key(target)}|{knobs!r}"
     return load_or_build(
         ident, lambda: tvm.tirx.build(build_module(spec, plan_shape, target, knobs), target=target))
 
