@@ -52,6 +52,9 @@ class AttentionSpec:
     def from_acsr(cls, acsr, batch, heads, head_dim, dtype, scale=None):
         """Spec for running ``acsr`` on inputs ``[batch, heads, acsr.n, head_dim]`` of ``dtype``."""
         acsr.check_heads(heads)
+        facts = acsr.__dict__.setdefault("_spec_facts", {})  # computed once per ACSR
+        if not facts:
+            facts["has_indexed"] = bool(((acsr.seg_step == 0) & (acsr.seg_count > 0)).any())
         return cls(
             batch=int(batch),
             heads=int(heads),
@@ -62,7 +65,7 @@ class AttentionSpec:
             max_segments=int(acsr.max_segments),
             max_nnz=max(int(acsr.max_nnz), 1),
             index_len=int(acsr.indices.shape[1]),
-            has_indexed=bool(((acsr.seg_step == 0) & (acsr.seg_count > 0)).any()),
+            has_indexed=facts["has_indexed"],
             scale=float(1.0 / math.sqrt(head_dim) if scale is None else scale),
         )
 

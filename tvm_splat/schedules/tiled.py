@@ -404,6 +404,36 @@ def _plan_buffers(plan: TilePlan, acsr, dev):
     return cache[key]
 
 
+def _launcher(acsr, spec, plan, target, knobs, dev):
+    """``launch(q, k, v, out)`` for one workload on one device: the compiled functions, plan
+    tables and partial buffers are looked up once, so a call costs only the kernel launches."""
+    from .targets import target_key
+
+    cache = plan.__dict__.setdefault("_launchers", {})
+    key = (spec, target_key(target), knobs, str(dev))
+    if key in cache:
+        return cache[key]
+    lib = build_tiled(spec, plan.shape, target, knobs)
+    buf = _plan_buffers(plan, acsr, dev)
+    o_shape, ml_shape = partial_shapes(spec, plan.shape.num_components)
+    o_part, ml_part = tvm.runtime.empty(o_shape, "float32", dev), tvm.runtime.empty(ml_shape, "float32", dev)
+    tiled = lib["tiled"]
+    tables = [buf[name] for name in ("seg_start", "seg_count", "seg_sigma", "tiles", "blocks")]
+    merge = lib["merge"] if plan.shape.num_components > 1 else None
+    fallback = lib["fallback"] if plan.shape.num_fallback > 0 else None
+    rows = [buf[name] for name in ("seg_start", "seg_step", "seg_count", "indices", "fallback_rows")]
+
+    def launch(qt, kt, vt, out):
+        tiled(qt, kt, vt, *tables, out, o_part, ml_part)
+        if merge is not None:
+            merge(o_part, ml_part, buf["num_comp"], out)
+        if fallback is not None:
+            fallback(qt, kt, vt, *rows, out)
+
+    cache[key] = launch
+    return launch
+
+
 def tiled_attention(q, k, v, acsr, target=None, knobs: TiledKnobs = TiledKnobs(), scale=None):
     """Sparse attention over ``acsr`` with the tiled kernel.
 
@@ -412,35 +442,18 @@ def tiled_attention(q, k, v, acsr, target=None, knobs: TiledKnobs = TiledKnobs()
     device). ``target`` defaults to ``llvm`` for numpy / CPU tensors and to the CUDA device's
     target for CUDA tensors. Rows without nonzeros give zeros.
     """
-    from ..attention import _check_inputs, _device_of, _output_like, _to_tvm
+    from ..attention import _check_inputs, _default_target, _device_of, _output_like, _to_tvm
 
     (batch, heads, n, head_dim), dtype = _check_inputs(q, k, v)
     if acsr.n != n:
         raise ValueError(f"the ACSR mask is for sequence length {acsr.n}, the inputs have {n}")
     dev = _device_of(q)
     gpu_dev = dev.dlpack_device_type() == 2
-    if target is None:
-        target = tvm.target.Target.from_device(dev) if gpu_dev else "llvm"
-    target = as_target(target)
+    target = _default_target(str(dev)) if target is None else as_target(target)
     if is_gpu(target) != gpu_dev:
         raise ValueError(f"target {target.kind.name} does not match the inputs' device {dev}")
     spec = AttentionSpec.from_acsr(acsr, batch, heads, head_dim, dtype, scale)
-    plan = plan_tiles(acsr, knobs)
-    lib = build_tiled(spec, plan.shape, target, knobs)
-    buf = _plan_buffers(plan, acsr, dev)
-    qt, kt, vt = (_to_tvm(x, dev) for x in (q, k, v))
+    launch = _launcher(acsr, spec, plan_tiles(acsr, knobs), target, knobs, dev)
     out_obj, out = _output_like(q, dtype, dev)
-    o_shape, ml_shape = partial_shapes(spec, plan.shape.num_components)
-    parts = plan.__dict__.setdefault("_partials", {})
-    pkey = (str(dev), o_shape)
-    if pkey not in parts:
-        parts[pkey] = (tvm.runtime.empty(o_shape, "float32", dev), tvm.runtime.empty(ml_shape, "float32", dev))
-    o_part, ml_part = parts[pkey]
-    lib["tiled"](qt, kt, vt, buf["seg_start"], buf["seg_count"], buf["seg_sigma"], buf["tiles"],
-                 buf["blocks"], out, o_part, ml_part)
-    if plan.shape.num_components > 1:
-        lib["merge"](o_part, ml_part, buf["num_comp"], out)
-    if plan.shape.num_fallback > 0:
-        lib["fallback"](qt, kt, vt, buf["seg_start"], buf["seg_step"], buf["seg_count"],
-                        buf["indices"], buf["fallback_rows"], out)
+    launch(*(_to_tvm(x, dev) for x in (q, k, v)), out)
     return out_obj if out_obj is not None else out.numpy()
