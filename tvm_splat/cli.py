@@ -25,6 +25,13 @@ def _autotune(args):
     from .tuning import tune_attention
 
     console = Console()
+    if args.dense:
+        from .baselines.tvm_dense import tune_dense_attention
+
+        path = tune_dense_attention(args.batch, args.heads, args.seq, args.head_dim, args.dtype,
+                                    args.target, trials=args.trials, with_mask=True, root=args.log_dir)
+        console.print(f"TVM dense attention (masked) tuned -> {path}")
+        return
     acsr = ACSR.from_pattern(parse_pattern(args.pattern), args.seq)
     variants = ("fused", "row", "separate") if args.variant == "all" else (args.variant,)
     for variant in variants:
@@ -71,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--variant", default="fused", choices=("fused", "row", "separate", "all"),
                       help="fused: the tiled kernel's plan and schedule knobs; row/separate: the row kernels")
     tune.add_argument("--log-dir", default=None, help="tuning log root (default: tuning_logs/)")
+    tune.add_argument("--dense", action="store_true",
+                      help="tune TVM's own dense (masked) attention instead: the tuned TVM baseline of the bench")
     tune.set_defaults(func=_autotune)
 
     bench = sub.add_parser("bench", help="benchmark suite against SDPA, FlexAttention and TVM dense (needs a CUDA GPU)")

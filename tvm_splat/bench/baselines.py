@@ -47,8 +47,9 @@ def flex_attention(q, k, v, mask):
     return lambda: compiled(q, k, v, block_mask=block_mask)
 
 
-def tvm_dense(q, k, v, mask):
-    """TVM's Relax ``nn.attention`` with an additive mask, dlight default GPU schedule."""
+def tvm_dense(q, k, v, mask, tuned=False):
+    """TVM's Relax ``nn.attention`` with an additive mask: dlight default GPU schedule, or the
+    MetaSchedule records of ``tvm-splat autotune --dense`` with ``tuned``."""
     import torch
     import tvm
 
@@ -57,7 +58,11 @@ def tvm_dense(q, k, v, mask):
     b, h, n, d = q.shape
     if b * h * n * n * 4 * 3 > 40 * 2**30:  # scores, probabilities and the bias in fp32/fp16
         raise Skip("dense score matrix does not fit in GPU memory")
-    vm, _ = compile_dense_attention(b, h, n, d, str(q.dtype).replace("torch.", ""), "cuda", with_mask=True)
+    try:
+        vm, _ = compile_dense_attention(b, h, n, d, str(q.dtype).replace("torch.", ""), "cuda",
+                                        with_mask=True, tuned=tuned)
+    except FileNotFoundError as why:
+        raise Skip(str(why)) from None
     bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, -1e4)
     bias = bias.expand(b, h, n, n).contiguous()
     args = [tvm.runtime.from_dlpack(x) for x in (q, k, v, bias)]
@@ -67,6 +72,10 @@ def tvm_dense(q, k, v, mask):
         return torch.from_dlpack(main(*args))
 
     return run
+
+
+def tvm_dense_tuned(q, k, v, mask):
+    return tvm_dense(q, k, v, mask, tuned=True)
 
 
 def tvm_splat_variant(variant):

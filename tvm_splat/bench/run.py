@@ -19,6 +19,7 @@ IMPLEMENTATIONS = {
     "sdpa_masked": B.sdpa_masked,
     "flex": B.flex_attention,
     "tvm_dense": B.tvm_dense,
+    "tvm_dense_tuned": B.tvm_dense_tuned,
     "splat_row": B.tvm_splat_variant("row"),
     "splat_separate": B.tvm_splat_variant("separate"),
     "splat_tiled_cuda_cores": B.tvm_splat_tiled(False),

@@ -48,8 +48,8 @@ __all__ = ["SparsifyAttention"]
 class _Plan:
     """A site that will be rewritten, with its ACSR and kernel spec."""
 
-    def __init__(self, site: AttentionMatch, acsr, spec: AttentionSpec):
-        self.site, self.acsr, self.spec = site, acsr, spec
+    def __init__(self, site: AttentionMatch, acsr, spec: AttentionSpec, site_name: str):
+        self.site, self.acsr, self.spec, self.site_name = site, acsr, spec, site_name
 
 
 def _check_names(names) -> Optional[Dict[int, str]]:
@@ -120,6 +120,7 @@ class SparsifyAttention:
             raise ValueError(f"max_segments must be an int >= 1, got {max_segments!r}")
         self._max_segments = max_segments
         self.report = SparsifyReport()
+        self.workloads: tuple = ()
 
     # ------------------------------------------------------------------ pass entry
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
@@ -140,6 +141,8 @@ class SparsifyAttention:
                     plans.setdefault(gv.name_hint, []).append(plan)
         self._choice.check_names(all_names)
         self.report = SparsifyReport(tuple(reports))
+        # (site name, ACSR, AttentionSpec) of every rewritten site: what tuning needs
+        self.workloads = tuple((p.site_name, p.acsr, p.spec) for ps in plans.values() for p in ps)
         if reports:
             logger.info("%s", self.report)
         if not plans:
@@ -185,7 +188,7 @@ class SparsifyAttention:
             return None, report(False, reason, mask.description, pattern)
         spec = AttentionSpec.from_acsr(acsr, site.batch, site.heads, site.head_dim, site.dtype,
                                        site.scale)
-        return _Plan(site, acsr, spec), report(True, "", mask.description, pattern,
+        return _Plan(site, acsr, spec, name), report(True, "", mask.description, pattern,
                                                float(acsr.density))
 
 
@@ -269,8 +272,9 @@ class _Rewriter(relax.PyExprMutator):
         from ..attention import default_tiled_knobs
         from ..kernels.tiled import partial_shapes
         from ..schedules.tile_plan import plan_tiles
+        from ..tuning.tiled import tuned_tiled_knobs
 
-        knobs = default_tiled_knobs(spec.dtype, self.target)
+        knobs = tuned_tiled_knobs(spec, self.target) or default_tiled_knobs(spec.dtype, self.target)
         plan = plan_tiles(acsr, knobs)
         gvs = _kernels(self.builder_, self.kernel_cache, spec, self.target, "fused", plan, knobs)
         o_shape, ml_shape = partial_shapes(spec, plan.shape.num_components)

@@ -90,7 +90,7 @@ def tuned_tiled_knobs(spec: AttentionSpec, target, root=None):
 
 
 def tune_tiled(acsr, batch, heads, head_dim, dtype, target, *, plans=PLAN_CHOICES, root=None,
-               console=None) -> TuneResult:
+               console=None, scale=None) -> TuneResult:
     """Measure every plan and schedule variation of the tiled kernel; keep the best."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from tvm.s_tir import meta_schedule as ms
@@ -100,7 +100,7 @@ def tune_tiled(acsr, batch, heads, head_dim, dtype, target, *, plans=PLAN_CHOICE
     from ..schedules.tile_plan import plan_tiles
 
     target = tuning_target(target)
-    spec = AttentionSpec.from_acsr(acsr, batch, heads, head_dim, dtype)
+    spec = AttentionSpec.from_acsr(acsr, batch, heads, head_dim, dtype, scale)
     tc = default_tiled_knobs(dtype, target).use_tensor_cores
     result, best = TuneResult(), (float("inf"), None)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),

@@ -113,7 +113,7 @@ def prune_database(path, keep=1):
 
 
 def tune_attention(acsr, batch, heads, head_dim, dtype, target, *, trials=64, variant="row",
-                   root=None, keep=1, console=None) -> TuneResult:
+                   root=None, keep=1, console=None, scale=None) -> TuneResult:
     """Tune every kernel of ``variant`` for one workload; resumes from an existing database.
 
     Inputs have shape ``[batch, heads, acsr.n, head_dim]`` and ``dtype``. Writes
@@ -123,7 +123,7 @@ def tune_attention(acsr, batch, heads, head_dim, dtype, target, *, trials=64, va
     from tvm.s_tir import meta_schedule as ms
 
     target = tuning_target(target)
-    spec = AttentionSpec.from_acsr(acsr, batch, heads, head_dim, dtype)
+    spec = AttentionSpec.from_acsr(acsr, batch, heads, head_dim, dtype, scale)
     result = TuneResult()
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("best {task.fields[best]}"), TimeElapsedColumn())
