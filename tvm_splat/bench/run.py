@@ -47,6 +47,9 @@ def add_bench_args(p):
     p.add_argument("--bandwidth-tbs", type=float, default=H100_BANDWIDTH_TBS)
     p.add_argument("--time-budget", type=float, default=float("inf"),
                    help="stop starting new cases after this many seconds (results so far are kept)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the cases already in the output JSON and run only the missing ones "
+                        "(long suites in several calls)")
 
 
 def _check(out, ref, dtype):
@@ -189,10 +192,16 @@ def run_bench(args):
     rows = []
     start = time.time()
     json_path = out_dir / f"{args.prefix}_{args.suite}.json"
-    for case in cases:
+    if args.resume and json_path.exists():
+        previous = json.loads(json_path.read_text())
+        rows = previous["cases"]  # all of them: a filtered resume must not drop earlier cases
+        meta["resumed_from"] = previous["meta"].get("date")
+    done = {r["name"] for r in rows}
+    todo = [c for c in cases if c.name not in done]
+    for i, case in enumerate(todo):
         if time.time() - start > args.time_budget:
-            console.print(f"[yellow]time budget reached; {len(cases) - len(rows)} cases not run[/]")
-            meta["cases_not_run"] = [c.name for c in cases[len(rows):]]
+            console.print(f"[yellow]time budget reached; {len(todo) - i} cases not run[/]")
+            meta["cases_not_run"] = [c.name for c in todo[i:]]
             break
         console.print(f"[bold]{case.name}[/]")
         rows.append(run_case(case, impls, args.repeats, args.peak_tflops, args.bandwidth_tbs, console))
