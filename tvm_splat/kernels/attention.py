@@ -11,11 +11,15 @@ Accumulation is float32 for every input dtype.
 """
 from __future__ import annotations
 
+import math
+
 from tvm.script import tirx as T
 
 from .spec import AttentionSpec
 
 ROW_BLOCK = "row"
+NEG_INIT = -1.0e30  # running-max start: finite, so exp2(m_old - m_new) never sees inf - inf
+LOG2E = math.log2(math.e)
 
 
 def _column(spec, seg_start, seg_step, indices, hm, i, s, k):
@@ -154,6 +158,46 @@ def spmm_func(spec: AttentionSpec):
     return spmm
 
 
+def online_softmax_row(spec: AttentionSpec):
+    """``@T.macro`` for one whole mask row with online softmax, shared by the row-fused kernel
+    and the tiled kernel's CSR-row fallback.
+
+    ``out[b, h, vi] = softmax_j(scale * q[b,h,vi] . k[b,h,col(vi,j)]) @ v[b,h,col(vi,·)]``, zeros
+    for an empty row; ``acc [D]`` and ``st [5]`` are float32 scratch buffers (``st``: running max,
+    running sum, rescale factor, new max, current probability). Exponentials are base 2 with
+    the scale folded into ``log2(e)``.
+    """
+    D, S, dt = spec.head_dim, spec.max_segments, spec.dtype
+    scale = T.float32(spec.scale * LOG2E)
+
+    @T.macro
+    def row(q, k, v, seg_start, seg_step, seg_count, indices, out, acc, st, b, h, hm, vi):
+        for d in T.serial(D):
+            acc[d] = T.float32(0)
+        st[0] = T.float32(NEG_INIT)
+        st[1] = T.float32(0)
+        for s in T.serial(S):
+            for j in T.serial(seg_count[hm, vi, s]):
+                st[4] = T.float32(0)
+                for d in T.serial(D):
+                    st[4] = st[4] + T.Cast("float32", q[b, h, vi, d]) * T.Cast(
+                        "float32", k[b, h, _column(spec, seg_start, seg_step, indices, hm, vi, s, j), d])
+                st[4] = st[4] * scale
+                st[3] = T.max(st[0], st[4])
+                st[2] = T.exp2(st[0] - st[3])
+                st[4] = T.exp2(st[4] - st[3])
+                st[1] = st[1] * st[2] + st[4]
+                for d in T.serial(D):
+                    acc[d] = acc[d] * st[2] + st[4] * T.Cast(
+                        "float32", v[b, h, _column(spec, seg_start, seg_step, indices, hm, vi, s, j), d])
+                st[0] = st[3]
+        for d in T.serial(D):
+            out[b, h, vi, d] = T.Cast(
+                dt, T.if_then_else(st[1] > T.float32(0), acc[d] / st[1], T.float32(0)))
+
+    return row
+
+
 def fused_func(spec: AttentionSpec):
     """Fused attention with online softmax: scores never reach global memory.
 
@@ -162,7 +206,7 @@ def fused_func(spec: AttentionSpec):
     """
     B, H, N, D = spec.batch, spec.heads, spec.seq_len, spec.head_dim
     HM, S, L, dt = spec.mask_heads, spec.max_segments, spec.index_len, spec.dtype
-    scale = T.float32(spec.scale)
+    row = online_softmax_row(spec)
 
     @T.prim_func(s_tir=True)
     def fused(
@@ -183,36 +227,9 @@ def fused_func(spec: AttentionSpec):
                         seg_start[0:HM, vi, 0:S], seg_step[0:HM, vi, 0:S],
                         seg_count[0:HM, vi, 0:S], indices[0:HM, 0:L])
                 T.writes(out[vb, vh, vi, 0:D])
-                hm = T.floormod(vh, HM)
                 acc = T.alloc_buffer((D,), "float32", scope="local")
-                # m: running max, l: running sum of exp, p/alpha/score: per-nonzero scratch
                 st = T.alloc_buffer((5,), "float32", scope="local")
-                for d in T.serial(D):
-                    acc[d] = T.float32(0)
-                st[0] = T.min_value("float32")
-                st[1] = T.float32(0)
-                for s in T.serial(S):
-                    for j in T.serial(seg_count[hm, vi, s]):
-                        st[4] = T.float32(0)
-                        for d in T.serial(D):
-                            st[4] = st[4] + T.Cast("float32", q[vb, vh, vi, d]) * T.Cast(
-                                "float32",
-                                k[vb, vh, _column(spec, seg_start, seg_step, indices, hm, vi, s, j), d],
-                            )
-                        st[4] = st[4] * scale
-                        st[3] = T.max(st[0], st[4])
-                        st[2] = T.exp(st[0] - st[3])
-                        st[4] = T.exp(st[4] - st[3])
-                        st[1] = st[1] * st[2] + st[4]
-                        for d in T.serial(D):
-                            acc[d] = acc[d] * st[2] + st[4] * T.Cast(
-                                "float32",
-                                v[vb, vh, _column(spec, seg_start, seg_step, indices, hm, vi, s, j), d],
-                            )
-                        st[0] = st[3]
-                for d in T.serial(D):
-                    out[vb, vh, vi, d] = T.Cast(
-                        dt, T.if_then_else(st[1] > T.float32(0), acc[d] / st[1], T.float32(0))
-                    )
+                row(q, k, v, seg_start, seg_step, seg_count, indices, out, acc, st,
+                    vb, vh, T.floormod(vh, HM), vi)
 
     return fused

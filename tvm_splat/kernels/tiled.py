@@ -32,11 +32,10 @@ Buffers of :func:`tiled_func` (``BH = batch * heads``, ``C`` components, plan ta
 """
 from __future__ import annotations
 
-import math
 
 from tvm.script import tirx as T
 
-from .attention import _column
+from .attention import LOG2E, NEG_INIT, _column, online_softmax_row
 from .spec import AttentionSpec
 
 TILE_BLOCK = "tile"
@@ -44,8 +43,6 @@ TILE_BLOCK = "tile"
 BLOCKS = ("init_state", "O_init", "Q_load", "K_load", "V_load", "S_gemm", "S_mask", "row_max",
           "alpha", "P", "row_sum", "l_update", "m_update", "PV_gemm", "O_update", "O_store", "ML_store")
 
-NEG_INIT = -1.0e30  # running-max start: finite, so exp2(m_old - m_new) never sees inf - inf
-LOG2E = math.log2(math.e)
 
 
 def _member(seg_start, seg_count, seg_sigma, hm, row, col, sigma, S):
@@ -305,7 +302,7 @@ def fallback_func(spec: AttentionSpec, num_fallback: int):
     B, H, N, D = spec.batch, spec.heads, spec.seq_len, spec.head_dim
     HM, S, L, dt = spec.mask_heads, spec.max_segments, spec.index_len, spec.dtype
     F = max(int(num_fallback), 1)
-    scale = T.float32(spec.scale * LOG2E)
+    row = online_softmax_row(spec)
 
     @T.prim_func(s_tir=True)
     def fallback(
@@ -329,32 +326,10 @@ def fallback_func(spec: AttentionSpec, num_fallback: int):
                 T.writes(out[0:B, 0:H, 0:N, 0:D])
                 acc = T.sblock_alloc_buffer((D,), "float32", scope="local")
                 st = T.sblock_alloc_buffer((5,), "float32", scope="local")
-                b: T.let[T.int32] = vbh // H
-                h: T.let[T.int32] = vbh % H
-                hm: T.let[T.int32] = h % HM
+                hm: T.let[T.int32] = (vbh % H) % HM
                 vi: T.let[T.int32] = fallback_rows[hm, vj]
                 if vi >= 0:
-                    for d in T.serial(D):
-                        acc[d] = T.float32(0)
-                    st[0] = T.float32(NEG_INIT)
-                    st[1] = T.float32(0)
-                    for s in T.serial(S):
-                        for jj in T.serial(seg_count[hm, vi, s]):
-                            st[4] = T.float32(0)
-                            for d in T.serial(D):
-                                st[4] = st[4] + T.Cast("float32", q[b, h, vi, d]) * T.Cast(
-                                    "float32", k[b, h, _column(spec, seg_start, seg_step, indices, hm, vi, s, jj), d])
-                            st[4] = st[4] * scale
-                            st[3] = T.max(st[0], st[4])
-                            st[2] = T.exp2(st[0] - st[3])
-                            st[4] = T.exp2(st[4] - st[3])
-                            st[1] = st[1] * st[2] + st[4]
-                            for d in T.serial(D):
-                                acc[d] = acc[d] * st[2] + st[4] * T.Cast(
-                                    "float32", v[b, h, _column(spec, seg_start, seg_step, indices, hm, vi, s, jj), d])
-                            st[0] = st[3]
-                    for d in T.serial(D):
-                        out[b, h, vi, d] = T.Cast(
-                            dt, T.if_then_else(st[1] > T.float32(0), acc[d] / st[1], T.float32(0)))
+                    row(q, k, v, seg_start, seg_step, seg_count, indices, out, acc, st,
+                        vbh // H, vbh % H, hm, vi)
 
     return fallback
