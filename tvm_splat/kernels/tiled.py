@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from .attention import LOG2E, NEG_INIT, _column, online_softmax_row
+from .attention import LOG2E, NEG_INIT, online_softmax_row
 from .spec import AttentionSpec
 
 TILE_BLOCK = "tile"

@@ -7,7 +7,7 @@ compacted parameter count and latency even without the compiler pass.
 from __future__ import annotations
 
 import copy
-from typing import Dict, List
+from typing import Dict
 
 import torch
 import torch.nn as nn

@@ -19,7 +19,6 @@ __all__ = ["to_relax", "compile_relax", "run_vm", "time_vm", "relax_param_count"
 
 def to_relax(model: nn.Module, example_inputs: Sequence[torch.Tensor]):
     """``IRModule`` of ``model`` (eval mode) traced on ``example_inputs`` (a tuple of tensors)."""
-    import tvm  # noqa: F401  local import: tvm is heavy and only needed here
     from tvm.relax.frontend.torch import from_exported_program
 
     if any("parametrizations" in n.split(".") for n, _ in model.named_modules()):

@@ -24,7 +24,6 @@ from __future__ import annotations
 from typing import Dict, Iterable, List
 
 import torch
-import torch.nn as nn
 
 from .groups import GroupSpace
 from .hesso import HESSO

@@ -32,7 +32,7 @@ cannot trace. Modules called more than once (weight sharing) are never grouped.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.fx as fx

@@ -498,7 +498,6 @@ class FunctionAnalysis:
         else:
             (s1, p1), = tracked
             gid = s1.gid
-            other = sb if sa is not None else sa
             other_expr = call.args[1] if sa is not None else call.args[0]
             oshape = static_shape(other_expr)
             if p1[0] == "B" and oshape is not None:

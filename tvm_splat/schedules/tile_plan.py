@@ -245,6 +245,17 @@ def _head_plan(n, br, bc, start, step, count):
     return tiles, blocks, seg_sigma, rstrides, fallback
 
 
+def kernel_arrays(acsr, plan: "TilePlan | None" = None) -> dict:
+    """int32 inputs of the kernels by parameter name: the ACSR tables, plus the plan's tables
+    when a plan is given (what the tiled kernel, its merge and its fallback take)."""
+    arrays = {"seg_start": acsr.seg_start, "seg_step": acsr.seg_step, "seg_count": acsr.seg_count,
+              "row_ptr": acsr.row_ptr, "indices": acsr.indices}
+    if plan is not None:
+        arrays.update(seg_sigma=plan.seg_sigma, tiles=plan.tiles, blocks=plan.blocks,
+                      num_comp=plan.num_comp, fallback_rows=plan.fallback_rows)
+    return {name: np.ascontiguousarray(a, dtype=np.int32) for name, a in arrays.items()}
+
+
 def plan_tiles(acsr, knobs=None, *, br: int | None = None, bc: int | None = None) -> TilePlan:
     """Build the :class:`TilePlan` of ``acsr`` for row tiles of ``br`` and column blocks of
     ``bc`` (from ``knobs.br``/``knobs.bc`` when given). Cached on the ACSR object."""

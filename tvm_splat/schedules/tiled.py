@@ -21,14 +21,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import tvm
 from tvm import s_tir
 
 from ..kernels.spec import AttentionSpec
 from ..kernels.tiled import TILE_BLOCK, fallback_func, merge_func, partial_shapes, tiled_func
 from .targets import as_target, is_gpu
-from .tile_plan import PlanShape, TilePlan, plan_tiles
+from .tile_plan import PlanShape, TilePlan, kernel_arrays, plan_tiles
 
 __all__ = ["TiledKnobs", "tiled_funcs", "schedule_tiled", "apply_tiled_schedule", "build_tiled", "tiled_attention",
            "plan_tiles"]
@@ -394,13 +393,7 @@ def _plan_buffers(plan: TilePlan, acsr, dev):
     cache = plan.__dict__.setdefault("_device_buffers", {})
     key = str(dev)
     if key not in cache:
-        arrs = {
-            "seg_start": acsr.seg_start, "seg_step": acsr.seg_step, "seg_count": acsr.seg_count,
-            "indices": acsr.indices, "seg_sigma": plan.seg_sigma, "tiles": plan.tiles,
-            "blocks": plan.blocks, "num_comp": plan.num_comp, "fallback_rows": plan.fallback_rows,
-        }
-        cache[key] = {k: tvm.runtime.tensor(np.ascontiguousarray(a, dtype=np.int32), dev)
-                      for k, a in arrs.items()}
+        cache[key] = {k: tvm.runtime.tensor(a, dev) for k, a in kernel_arrays(acsr, plan).items()}
     return cache[key]
 
 

@@ -22,8 +22,8 @@ import tvm
 
 from ..kernels.spec import AttentionSpec
 from ..schedules.targets import as_target, is_gpu
-from .logs import log_root, open_database, workload_dir
-from .tune import TuneResult, _alloc_with_metadata, _progress_callback, prune_database, tuning_target
+from .logs import open_database, workload_dir
+from .tune import TuneResult, _alloc_with_metadata, _metadata_args, _progress_callback, prune_database, tuning_target
 
 logger = logging.getLogger("tvm_splat.tuning")
 PLAN_CHOICES = ((64, 64), (64, 128), (128, 64), (32, 64))
@@ -32,8 +32,6 @@ KNOB_ANNOTATION = "tvm_splat.knobs"
 
 def schedule_choices(base, target):
     """Valid schedule-level variations of ``base`` (same plan)."""
-    from ..schedules.tiled import TiledKnobs
-
     out = []
     warps = (2, 4, 8) if is_gpu(target) else (base.warps,)
     vecs = (8, 16) if is_gpu(target) else (base.vector_bytes,)
@@ -65,14 +63,6 @@ def _design_spaces(name, target, spec, choices):
         return out
 
     return space
-
-
-def _plan_args(func, acsr, plan):
-    arrays = {"seg_start": acsr.seg_start, "seg_step": acsr.seg_step, "seg_count": acsr.seg_count,
-              "indices": acsr.indices, "seg_sigma": plan.seg_sigma, "tiles": plan.tiles,
-              "blocks": plan.blocks, "num_comp": plan.num_comp, "fallback_rows": plan.fallback_rows}
-    return [None if arrays.get(p.name) is None else np.asarray(arrays[p.name], np.int32)
-            for p in func.params]
 
 
 def best_knobs_path(spec, target, root=None) -> Path:
@@ -127,7 +117,7 @@ def tune_tiled(acsr, batch, heads, head_dim, dtype, target, *, plans=PLAN_CHOICE
                     cost_model="xgb", database=open_database(path, create=True),
                     builder=ms.builder.LocalBuilder(timeout_sec=300, max_workers=1),
                     runner=ms.runner.LocalRunner(timeout_sec=60, f_alloc_argument=_alloc_with_metadata(
-                        _plan_args(func, acsr, plan))),
+                        _metadata_args(func, acsr, plan))),
                     measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
                                        _progress_callback(progress, task)],
                     num_tuning_cores=1,

@@ -31,12 +31,12 @@ class TuneResult:
     trials: dict = field(default_factory=dict)
 
 
-def _metadata_args(func, acsr) -> list:
-    """For each parameter of ``func``: the ACSR array it must receive, or None (random)."""
-    arrays = {
-        "seg_start": acsr.seg_start, "seg_step": acsr.seg_step, "seg_count": acsr.seg_count,
-        "row_ptr": acsr.row_ptr, "indices": acsr.indices,
-    }
+def _metadata_args(func, acsr, plan=None) -> list:
+    """For each parameter of ``func``: the int32 table it must receive (ACSR, and tile plan
+    when given), or None (random data)."""
+    from ..schedules.tile_plan import kernel_arrays
+
+    arrays = kernel_arrays(acsr, plan)
     return [arrays.get(p.name) for p in func.params]
 
 
