@@ -71,3 +71,36 @@ def test_unknown_variant_is_rejected(rng):
     q = rng.standard_normal((1, 1, 8, 4)).astype("float32")
     with pytest.raises(ValueError, match="unknown kernel variant 'flash'"):
         sparse_attention(q, q, q, "window:1", variant="flash")
+
+
+def test_torch_fast_path_reuses_the_launch_and_still_checks(rng):
+    torch = pytest.importorskip("torch")
+    from tvm_splat import attention as att
+
+    q, k, v = (torch.randn(1, 2, 19, 8) for _ in range(3))
+    pattern = parse_pattern("window:2")
+    ref = masked_attention(q.numpy(), k.numpy(), v.numpy(), pattern.dense_mask(19))
+    att._FAST_PATHS.clear()
+    first = sparse_attention(q, k, v, pattern)
+    assert len(att._FAST_PATHS) == 1  # registered by the first call
+    runner = next(iter(att._FAST_PATHS.values()))
+    calls = []
+    launch = runner.launch
+    runner.launch = lambda *a: (calls.append(1), launch(*a))
+    second = sparse_attention(q, k, v, pattern)
+    assert calls == [1]  # served by the fast path
+    for out in (first, second):
+        np.testing.assert_allclose(out.numpy(), ref, atol=1e-4)
+    # another mask object of the same shape must not hit this runner
+    other = parse_pattern("window:5")
+    ref5 = masked_attention(q.numpy(), k.numpy(), v.numpy(), other.dense_mask(19))
+    np.testing.assert_allclose(sparse_attention(q, k, v, other).numpy(), ref5, atol=1e-4)
+    assert calls == [1]
+    # non-contiguous inputs and bad shapes leave the fast path (and get the full checks)
+    qt = q.transpose(2, 3).contiguous().transpose(2, 3)
+    np.testing.assert_allclose(sparse_attention(qt, k, v, pattern).numpy(), ref, atol=1e-4)
+    assert calls == [1]
+    with pytest.raises(ValueError, match="same shape"):
+        sparse_attention(q, k, v[:, :, :8], pattern)
+    with pytest.raises(ValueError, match="same dtype"):
+        sparse_attention(q, k, v.double(), pattern)

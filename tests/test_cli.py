@@ -30,3 +30,17 @@ def test_bench_needs_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("has a GPU")
     assert main(["bench", "--suite", "tiny"]) == 2
+
+
+def test_autotune_suite_tunes_each_case_once(tmp_path, monkeypatch, capsys):
+    """``autotune --suite tiny`` on the CPU: the case gets a best.json; a second run skips it."""
+    import tvm_splat.tuning.tiled as tiled
+
+    monkeypatch.setattr(tiled, "PLAN_CHOICES", ((16, 16),))  # one plan keeps the CPU run short
+    argv = ["autotune", "--suite", "tiny", "--target", "llvm", "--log-dir", str(tmp_path)]
+    assert main(argv) == 0
+    best = list(tmp_path.glob("llvm/fused_*/best.json"))
+    assert len(best) == 1
+    assert "tiled_16x16" in capsys.readouterr().out
+    assert main(argv) == 0
+    assert "already tuned, skipped" in capsys.readouterr().out

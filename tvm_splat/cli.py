@@ -25,6 +25,9 @@ def _autotune(args):
     from .tuning import tune_attention
 
     console = Console()
+    if args.suite:
+        _autotune_suite(args, console)
+        return
     if args.dense:
         from .baselines.tvm_dense import tune_dense_attention
 
@@ -49,6 +52,50 @@ def _autotune(args):
                              trials=args.trials, variant=variant, root=args.log_dir, console=console)
         for name, us in res.best_us.items():
             console.print(f"{variant}/{name}: best {us:.1f} us -> {res.dirs[name]}")
+
+
+def _autotune_suite(args, console):
+    """Tune the fused kernel (and with ``--dense`` TVM's dense attention, once per shape) for
+    every case of a bench suite; cases with a record already are skipped (resumable)."""
+    import time
+
+    from rich.table import Table
+
+    from .bench.suite import suite
+    from .formats import ACSR, parse_pattern
+    from .kernels.spec import AttentionSpec
+    from .tuning.tiled import best_knobs_path, tune_tiled
+
+    start, table = time.time(), Table(title=f"autotune --suite {args.suite} ({args.target})")
+    for col in ("case", "best program", "best us", "programs"):
+        table.add_column(col)
+    shapes_done = set()
+    for case in suite(args.suite):
+        if time.time() - start > args.time_budget:
+            console.print(f"[yellow]time budget reached at {case.name}; run again to continue[/]")
+            break
+        acsr = ACSR.from_pattern(parse_pattern(case.pattern), case.seq_len)
+        if args.dense:
+            shape = (case.batch, case.heads, case.seq_len, case.head_dim, case.dtype)
+            if shape not in shapes_done:
+                from .baselines.tvm_dense import tune_dense_attention
+
+                shapes_done.add(shape)
+                path = tune_dense_attention(*shape, args.target, trials=args.trials, with_mask=True,
+                                            root=args.log_dir)
+                console.print(f"TVM dense attention {shape} -> {path}")
+            continue
+        spec = AttentionSpec.from_acsr(acsr, case.batch, case.heads, case.head_dim, case.dtype)
+        if best_knobs_path(spec, args.target, args.log_dir).exists():
+            console.print(f"{case.name}: already tuned, skipped")
+            continue
+        console.print(f"[bold]{case.name}[/]")
+        res = tune_tiled(acsr, case.batch, case.heads, case.head_dim, case.dtype, args.target,
+                         root=args.log_dir, console=console)
+        if res.best_us:
+            name, us = min(res.best_us.items(), key=lambda kv: kv[1])
+            table.add_row(case.name, name, f"{us:.1f}", str(len(res.best_us)))
+    console.print(table)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--log-dir", default=None, help="tuning log root (default: tuning_logs/)")
     tune.add_argument("--dense", action="store_true",
                       help="tune TVM's own dense (masked) attention instead: the tuned TVM baseline of the bench")
+    tune.add_argument("--suite", default=None, choices=("tiny", "quick", "full"),
+                      help="tune every case of this bench suite (fused kernel, or TVM dense with --dense) "
+                           "instead of one workload; cases already tuned are skipped")
+    tune.add_argument("--time-budget", type=float, default=float("inf"),
+                      help="with --suite: start no new case after this many seconds")
     tune.set_defaults(func=_autotune)
 
     bench = sub.add_parser("bench", help="benchmark suite against SDPA, FlexAttention and TVM dense (needs a CUDA GPU)")

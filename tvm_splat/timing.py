@@ -37,3 +37,22 @@ def cuda_median_ms(fn, repeats: int = 50, warmup: int = 5) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def cuda_kernel_ms(fn, calls: int = 20, warmup: int = 3) -> float:
+    """GPU time of the kernels one call of ``fn()`` launches (CUPTI through torch.profiler),
+    in milliseconds: the device work without the host's launch overhead. Copies and memsets
+    are left out."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    total_us = sum(e.device_time_total for e in prof.key_averages()
+                   if e.device_time_total > 0 and not e.key.startswith(("Memcpy", "Memset")))
+    return total_us / calls / 1e3

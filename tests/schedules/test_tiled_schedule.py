@@ -36,7 +36,7 @@ def test_cuda_core_multi_component_fp32_other_knobs():
 
 
 def test_tensor_cores_wmma_compiles():
-    src, _ = _cuda_source(Strided(64), 512, TiledKnobs(use_tensor_cores=True))
+    src, _ = _cuda_source(Strided(64), 512, TiledKnobs(use_tensor_cores=True, tc_kernel="wmma"))
     assert "tiled_kernel" in src
     assert src.count("wmma::mma_sync") >= 2  # S = Q K^T and P V
     assert "load_matrix_sync" in src and "store_matrix_sync" in src
@@ -48,10 +48,49 @@ def test_knob_errors():
     plan = plan_tiles(acsr, br=32, bc=32)
     with pytest.raises(ValueError):
         tiled_funcs(spec, plan.shape, TiledKnobs())  # plan made for other tile sizes
-    knobs = TiledKnobs(br=16, bc=16, warps=2, use_tensor_cores=True)
+    knobs = TiledKnobs(br=16, bc=16, warps=2, use_tensor_cores=True, tc_kernel="wmma")
     plan = plan_tiles(acsr, knobs)
     with pytest.raises(ValueError):  # one 16-row strip cannot feed two warps
         build_module(spec, plan.shape, H100, knobs)
+    knobs = TiledKnobs(br=64, bc=64, warps=2, use_tensor_cores=True)
+    with pytest.raises(ValueError, match="16 \\* warps \\* m_tiles"):  # mma: 2 warps x 16 rows != 64
+        build_module(spec, plan_tiles(acsr, knobs).shape, H100, knobs)
+    spec40 = AttentionSpec.from_acsr(acsr, 1, 1, 40, "float16")
+    with pytest.raises(ValueError, match="head_dim a multiple of 16"):
+        build_module(spec40, plan_tiles(acsr, TiledKnobs()).shape, H100, TiledKnobs(use_tensor_cores=True))
+
+
+@pytest.mark.parametrize("knobs,d", [
+    (TiledKnobs(use_tensor_cores=True), 64),                                   # default: 2 stages
+    (TiledKnobs(use_tensor_cores=True, stages=1), 64),
+    (TiledKnobs(use_tensor_cores=True, br=64, bc=32, warps=2, m_tiles=2), 128),
+], ids=["default", "one_stage", "m_tiles2_d128"])
+def test_tensor_cores_mma_compiles(knobs, d):
+    """The warp-level kernel: ldmatrix + mma.sync, scores never in shared memory, K/V through
+    cp.async with one barrier per column block (two stages); compiles with nvcc for sm_90a."""
+    from tvm_splat.compile import nvcc_compile
+
+    src, plan = _cuda_source(Window(64) | GlobalTokens(16), 512, knobs, d=d, heads=2)
+    body = src[src.index("tiled_kernel("):]
+    assert body.count("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32") >= 2
+    assert "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16" in body  # V as the B operand
+    assert "wmma" not in body and "store_matrix_sync" not in body
+    assert "__shfl_xor_sync" in body  # row max / sum across the 4 lanes of a row
+    loop = body[body.index("for (int j = 0;"):]
+    if knobs.stages == 2:
+        assert "cp_async" in src and loop.count("__syncthreads") == 1
+    else:
+        assert "cp_async" not in src and loop.count("__syncthreads") == 2
+    assert nvcc_compile(src)
+
+
+def test_knobs_reject_unknown_forms():
+    with pytest.raises(ValueError, match="stages"):
+        TiledKnobs(stages=3)
+    with pytest.raises(ValueError, match="tc_kernel"):
+        TiledKnobs(tc_kernel="wgmma")
+    with pytest.raises(ValueError, match="m_tiles"):
+        TiledKnobs(m_tiles=3)
 
 
 def test_tensor_cores_big_tiles_and_in_place_api():

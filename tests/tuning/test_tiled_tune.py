@@ -46,3 +46,37 @@ def test_schedule_choices_are_valid_for_the_gpu():
     assert len(choices) > 1
     assert all((c.br // 16) % c.warps == 0 for c in choices)
     assert len({(c.warps, c.vector_bytes, c.row_pad) for c in choices}) == len(choices)
+
+
+def test_mma_programs_and_batches_for_the_gpu():
+    """On the GPU in fp16 every (warps, stages) giving ``br`` rows is its own task; tasks whose
+    argument shapes coincide but whose plan tables differ never share a tuning run."""
+    import tvm
+
+    from tvm_splat.schedules.tiled import TiledKnobs
+    from tvm_splat.tuning.tiled import _batches, program_choices
+
+    h100 = tvm.target.Target("nvidia/nvidia-h100")
+    acsr = ACSR.from_pattern(Window(16), 256)
+    spec = AttentionSpec.from_acsr(acsr, 1, 2, 64, "float16")
+    groups = program_choices(TiledKnobs(br=64, bc=64, use_tensor_cores=True), spec, h100, m_tiles=(1, 2))
+    assert sorted((g[0].warps, g[0].m_tiles, g[0].stages) for g in groups) == [
+        (2, 2, 1), (2, 2, 2), (4, 1, 1), (4, 1, 2)]
+    assert all(len(g) == 1 for g in groups)
+    cpu = program_choices(TiledKnobs(br=64, bc=64), AttentionSpec.from_acsr(acsr, 1, 2, 64, "float32"),
+                          tvm.target.Target("llvm"))
+    assert len(cpu) == 1  # one program, its schedule variants in one design space
+
+    a, b = np.arange(6, dtype=np.int32), np.arange(6, dtype=np.int32)[::-1].copy()
+
+    import tvm_splat.tuning.tiled as tt
+
+    sigs = {"p": (("int32", (6,)),), "q": (("int32", (6,)),), "r": (("int32", (6,)),)}
+    orig = tt._signature
+    tt._signature = lambda f: sigs[f.name]  # stand-ins for PrimFuncs: only names and shapes matter
+    try:
+        tasks = {n: (type("F", (), {"name": n})(), ["k"], [arr]) for n, arr in (("p", a), ("q", b), ("r", a.copy()))}
+        batches = _batches(tasks)
+    finally:
+        tt._signature = orig
+    assert [sorted(bt["tasks"]) for bt in batches] == [["p", "r"], ["q"]]

@@ -87,6 +87,14 @@ def tvm_splat_variant(variant):
     return factory
 
 
+def tvm_splat_fused_untuned(q, k, v, acsr):
+    """The fused path with its default knobs, whatever the tuning logs hold."""
+    from ..attention import _default_target, default_tiled_knobs, sparse_attention
+
+    knobs = default_tiled_knobs(str(q.dtype).replace("torch.", ""), _default_target(f"cuda:{q.device.index or 0}"))
+    return lambda: sparse_attention(q, k, v, acsr, variant="tiled", knobs=knobs)
+
+
 def tvm_splat_tiled(use_tensor_cores):
     def factory(q, k, v, acsr):
         from ..attention import sparse_attention

@@ -23,9 +23,10 @@ IMPLEMENTATIONS = {
     "splat_row": B.tvm_splat_variant("row"),
     "splat_separate": B.tvm_splat_variant("separate"),
     "splat_tiled_cuda_cores": B.tvm_splat_tiled(False),
-    "splat_fused": B.tvm_splat_variant("fused"),  # the default: tiled, tensor cores for fp16
+    "splat_fused_untuned": B.tvm_splat_fused_untuned,  # default knobs, tuning logs ignored
+    "splat_fused": B.tvm_splat_variant("fused"),  # the default: tiled, tensor cores for fp16, tuned knobs if logged
 }
-OURS = ("splat_row", "splat_separate", "splat_tiled_cuda_cores", "splat_fused")
+OURS = ("splat_row", "splat_separate", "splat_tiled_cuda_cores", "splat_fused_untuned", "splat_fused")
 # Dense SDPA computes a different function (no mask): its error is recorded, not judged.
 UNMASKED = ("sdpa_dense",)
 REFERENCE = "sdpa_masked"
@@ -62,7 +63,7 @@ def run_case(case, impls, repeats, peak, bw, console):
     import torch
 
     from ..formats import ACSR, parse_pattern
-    from ..timing import cuda_median_ms
+    from ..timing import cuda_kernel_ms, cuda_median_ms
 
     acsr = ACSR.from_pattern(parse_pattern(case.pattern), case.seq_len)
     dev = "cuda"
@@ -91,6 +92,11 @@ def run_case(case, impls, repeats, peak, bw, console):
             res["ms"] = ms
             res["tflops"] = flop / (ms * 1e-3) / 1e12
             res["roofline_fraction"] = B.roofline_fraction(ms, flop, nbytes, peak, bw)
+            # device time of the kernels alone (no host launch overhead), for both sides
+            res["kernel_ms"] = cuda_kernel_ms(fn)
+            res["kernel_tflops"] = flop / (res["kernel_ms"] * 1e-3) / 1e12
+            if name == "splat_fused":
+                res["knobs"] = _fused_knobs_used(acsr, case)
         except B.Skip as why:
             res["skipped"] = str(why)
         except Exception as err:  # keep the suite going; the JSON records the failure
@@ -101,24 +107,41 @@ def run_case(case, impls, repeats, peak, bw, console):
         console.print(f"  {name:16s} " + (f"{res['ms']:.4f} ms  err {res['max_abs_err']:.1e}"
                                            if "ms" in res else res.get("skipped", res.get("error", ""))))
     for ours in OURS:
-        mine = row["results"].get(ours, {}).get("ms")
-        if mine:
-            row["results"][ours]["speedup"] = {
-                base: r["ms"] / mine for base, r in row["results"].items() if "ms" in r and base != ours
-            }
+        for field, key in (("ms", "speedup"), ("kernel_ms", "kernel_speedup")):
+            mine = row["results"].get(ours, {}).get(field)
+            if mine:
+                row["results"][ours][key] = {
+                    base: r[field] / mine for base, r in row["results"].items() if field in r and base != ours
+                }
     return row
 
 
+def _fused_knobs_used(acsr, case):
+    """The knobs the fused path ran with, and whether they came from a tuning record."""
+    import dataclasses
+
+    from ..attention import _default_target, _fused_knobs
+    from ..kernels.spec import AttentionSpec
+    from ..tuning.tiled import tuned_tiled_knobs
+
+    target = _default_target("cuda:0")
+    knobs = _fused_knobs(acsr, case.batch, case.heads, case.head_dim, case.dtype, target, None)
+    spec = AttentionSpec.from_acsr(acsr, case.batch, case.heads, case.head_dim, case.dtype)
+    return {"tuned": tuned_tiled_knobs(spec, target) is not None, **dataclasses.asdict(knobs)}
+
+
 def summarise(rows):
-    """Geomean speedup of each of ours over each baseline, across cases where both ran."""
+    """Geomean speedup of each of ours over each baseline, across cases where both ran: per
+    call (``speedup``, what a caller sees) and kernels only (``kernel_speedup``)."""
     out = {}
     for ours in OURS:
         per_base = {}
         for base in IMPLEMENTATIONS:
-            ratios = [r["results"][ours]["speedup"][base] for r in rows
-                      if "speedup" in r["results"].get(ours, {}) and base in r["results"][ours]["speedup"]]
-            if ratios:
-                per_base[base] = {"geomean": B.geomean(ratios), "min": min(ratios), "cases": len(ratios)}
+            for key, label in (("speedup", base), ("kernel_speedup", f"{base} (kernels)")):
+                ratios = [r["results"][ours][key][base] for r in rows
+                          if key in r["results"].get(ours, {}) and base in r["results"][ours][key]]
+                if ratios:
+                    per_base[label] = {"geomean": B.geomean(ratios), "min": min(ratios), "cases": len(ratios)}
         out[ours] = per_base
     return out
 

@@ -202,7 +202,7 @@ def _kernels(builder, cache, spec: AttentionSpec, target, variant, plan=None, kn
             from ..schedules.tiled import schedule_tiled, tiled_funcs
 
             funcs = {name: schedule_tiled(name, f, target, knobs, spec)
-                     for name, f in tiled_funcs(spec, plan.shape, knobs).items()}
+                     for name, f in tiled_funcs(spec, plan.shape, knobs, target).items()}
         else:
             funcs = {name: schedule_attention(name, f, spec, target)
                      for name, f in attention_funcs(spec, variant).items()}

@@ -37,9 +37,15 @@ def is_gpu(target: tvm.target.Target) -> bool:
 
 
 def target_name(target: tvm.target.Target) -> str:
-    """A short, filesystem-safe name: ``llvm``, ``cuda-sm_90a``."""
+    """A short, filesystem-safe name of the device: ``llvm``, ``cuda-sm_90``.
+
+    The arch-specific suffix is dropped (``sm_90a`` -> ``sm_90``): the tag
+    ``nvidia/nvidia-h100`` says ``sm_90a`` while ``Target.from_device`` on the same H100 says
+    ``sm_90``, and a tuning record made with one must be found with the other.
+    """
     if is_gpu(target):
-        return f"cuda-{target.attrs.get('arch', 'unknown')}"
+        arch = str(target.attrs.get("arch", "unknown"))
+        return f"cuda-{arch[:-1] if arch.startswith('sm_') and arch.endswith('a') else arch}"
     return target.kind.name
 
 

@@ -9,9 +9,15 @@ Plain functions ``(func, target, knobs) -> PrimFunc`` driven by the frozen :clas
   register micro-tile of ``S = Q K^T`` and of ``O``); global loads are 16-byte vectors; the mask
   epilogue runs on the S registers; row reductions accumulate in registers, one row per thread.
   ``merge`` and ``fallback`` are simple one-row-per-thread kernels.
-* GPU, ``use_tensor_cores=True`` (fp16 only): ``S_gemm`` and ``PV_gemm`` are cut into 16x16x16
-  blocks and tensorized with WMMA (``tvm.s_tir.tensor_intrin.cuda``), one warp per 16-row
-  strip; operands from shared memory, results stored back to shared memory as float32.
+* GPU, ``use_tensor_cores=True`` (fp16 only), ``tc_kernel="mma"`` (the default): the
+  warp-level form of the kernel (:mod:`tvm_splat.kernels.tiled_mma`): ``mma.sync`` with
+  scores, P and O in registers. It is already bound to threads, so it has no schedule here;
+  its knobs (``warps``, ``m_tiles``, ``bc``) shape the program itself.
+* GPU, ``use_tensor_cores=True``, ``tc_kernel="wmma"``: ``S_gemm`` and ``PV_gemm`` of the
+  logical kernel are cut into 16x16x16 blocks and tensorized with WMMA
+  (``tvm.s_tir.tensor_intrin.cuda``), one warp per 16-row strip; operands from shared memory,
+  results stored back to shared memory as float32 (the WMMA fragment layout is opaque, so the
+  softmax cannot run on it).
 
 Public API: :func:`tiled_funcs`, :func:`schedule_tiled`, :func:`build_tiled`,
 :func:`tiled_attention` (runner, numpy or torch in/out like
@@ -26,11 +32,12 @@ from tvm import s_tir
 
 from ..kernels.spec import AttentionSpec
 from ..kernels.tiled import TILE_BLOCK, fallback_func, merge_func, partial_shapes, tiled_func
+from ..kernels.tiled_mma import tiled_mma_func
 from .targets import as_target, is_gpu
 from .tile_plan import PlanShape, TilePlan, kernel_arrays, plan_tiles
 
 __all__ = ["TiledKnobs", "tiled_funcs", "schedule_tiled", "apply_tiled_schedule", "build_tiled", "tiled_attention",
-           "plan_tiles"]
+           "tiled_launch", "plan_tiles"]
 
 
 @dataclass(frozen=True)
@@ -41,8 +48,13 @@ class TiledKnobs:
       multiples of 16 when ``use_tensor_cores``.
     * ``warps``: warps per thread block on the GPU (threads = 32 * warps).
     * ``vector_bytes``: width of global loads/stores on the GPU (16 = 128-bit).
-    * ``use_tensor_cores``: WMMA for the two GEMMs (fp16 inputs, CUDA only; ignored elsewhere).
-    * ``row_pad``: extra float32 per shared score row (bank-conflict padding).
+    * ``use_tensor_cores``: tensor cores for the two GEMMs (fp16 inputs, CUDA only; ignored
+      elsewhere), through ``tc_kernel``: ``"mma"`` (warp-level kernel, registers only; needs
+      ``br == 16 * warps * m_tiles``) or ``"wmma"`` (schedule of the logical kernel).
+    * ``m_tiles``: 16-row m-tiles per warp in the ``mma`` kernel.
+    * ``stages``: K/V shared-memory stages of the ``mma`` kernel (2: ``cp.async`` one block ahead).
+    * ``row_pad``: extra float32 per shared score row (bank-conflict padding, ``wmma`` and
+      CUDA cores).
     """
 
     br: int = 64
@@ -51,9 +63,16 @@ class TiledKnobs:
     vector_bytes: int = 16
     use_tensor_cores: bool = False
     row_pad: int = 4
+    tc_kernel: str = "mma"
+    m_tiles: int = 1
+    stages: int = 2
 
     def __post_init__(self):
-        for name in ("br", "bc", "warps", "vector_bytes"):
+        if self.stages not in (1, 2):
+            raise ValueError(f"stages must be 1 or 2, got {self.stages}")
+        if self.tc_kernel not in ("mma", "wmma"):
+            raise ValueError(f"tc_kernel must be 'mma' or 'wmma', got {self.tc_kernel!r}")
+        for name in ("br", "bc", "warps", "vector_bytes", "m_tiles"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two >= 1, got {value}")
@@ -67,14 +86,25 @@ class TiledKnobs:
         return 32 * self.warps
 
 
-def tiled_funcs(spec: AttentionSpec, plan_shape: PlanShape, knobs: TiledKnobs = TiledKnobs()) -> dict:
-    """Unscheduled PrimFuncs by name: ``tiled`` always, ``merge`` when the plan has several
-    components, ``fallback`` when some rows are indexed (CSR)."""
+def uses_mma(spec: AttentionSpec, knobs: TiledKnobs, target) -> bool:
+    """Whether ``tiled`` is the warp-level ``mma`` kernel for this spec, knobs and target."""
+    return (knobs.use_tensor_cores and knobs.tc_kernel == "mma" and spec.dtype == "float16"
+            and target is not None and is_gpu(as_target(target)))
+
+
+def tiled_funcs(spec: AttentionSpec, plan_shape: PlanShape, knobs: TiledKnobs = TiledKnobs(), target=None) -> dict:
+    """PrimFuncs by name: ``tiled`` always, ``merge`` when the plan has several components,
+    ``fallback`` when some rows are indexed (CSR). ``tiled`` is the logical kernel (to be
+    scheduled), or, for tensor cores with ``tc_kernel="mma"`` on a GPU ``target``, the
+    warp-level kernel (already bound to threads)."""
     if (plan_shape.br, plan_shape.bc) != (knobs.br, knobs.bc):
         raise ValueError(f"plan tiles {plan_shape.br}x{plan_shape.bc} do not match knobs "
                          f"{knobs.br}x{knobs.bc}")
     tc = knobs.use_tensor_cores and spec.dtype == "float16"
-    funcs = {"tiled": tiled_func(spec, plan_shape, separate_pv=tc)}
+    if uses_mma(spec, knobs, target):
+        funcs = {"tiled": tiled_mma_func(spec, plan_shape, knobs.warps, knobs.m_tiles, knobs.stages)}
+    else:
+        funcs = {"tiled": tiled_func(spec, plan_shape, separate_pv=tc)}
     if plan_shape.num_components > 1:
         funcs["merge"] = merge_func(spec, plan_shape.num_components)
     if plan_shape.num_fallback > 0:
@@ -338,9 +368,10 @@ def _apply_tiled_gpu(sch, knobs, spec):
         _bind_rows(sch, sch.get_sblock("ML_store"), knobs)
 
 
-def _apply_gpu(sch, name, knobs, spec):
+def _apply_gpu(sch, name, knobs, spec, target):
     if name == "tiled":
-        _apply_tiled_gpu(sch, knobs, spec)
+        if not uses_mma(spec, knobs, target):  # the mma kernel is written bound to threads
+            _apply_tiled_gpu(sch, knobs, spec)
         return
     block = sch.get_sblock("merge_row" if name == "merge" else "row")
     fused = sch.fuse(*sch.get_loops(block))
@@ -355,7 +386,7 @@ def apply_tiled_schedule(sch: s_tir.Schedule, name: str, target, knobs: TiledKno
     Schedule of the unscheduled PrimFunc from :func:`tiled_funcs`)."""
     target = as_target(target)
     if is_gpu(target):
-        _apply_gpu(sch, name, knobs, spec)
+        _apply_gpu(sch, name, knobs, spec, target)
     else:
         _apply_cpu(sch, name, knobs)
 
@@ -370,7 +401,7 @@ def schedule_tiled(name: str, func, target, knobs: TiledKnobs = TiledKnobs(), sp
 def build_module(spec: AttentionSpec, plan_shape: PlanShape, target, knobs: TiledKnobs = TiledKnobs()):
     """Scheduled IRModule with the functions of :func:`tiled_funcs`."""
     target = as_target(target)
-    funcs = tiled_funcs(spec, plan_shape, knobs)
+    funcs = tiled_funcs(spec, plan_shape, knobs, target)
     return tvm.IRModule({name: schedule_tiled(name, f, target, knobs, spec).with_attr("global_symbol", name)
                          for name, f in funcs.items()})
 
@@ -427,6 +458,13 @@ def _launcher(acsr, spec, plan, target, knobs, dev):
     return launch
 
 
+def tiled_launch(acsr, spec: AttentionSpec, target, knobs: TiledKnobs, dev):
+    """``launch(q, k, v, out)`` for ``spec`` over ``acsr`` on ``dev``: compiled (or loaded from
+    the caches) on the first call for a workload. ``q, k, v, out`` are TVM tensors or
+    contiguous torch tensors (passed through DLPack)."""
+    return _launcher(acsr, spec, plan_tiles(acsr, knobs), target, knobs, dev)
+
+
 def tiled_attention(q, k, v, acsr, target=None, knobs: TiledKnobs = TiledKnobs(), scale=None):
     """Sparse attention over ``acsr`` with the tiled kernel.
 
@@ -446,7 +484,7 @@ def tiled_attention(q, k, v, acsr, target=None, knobs: TiledKnobs = TiledKnobs()
     if is_gpu(target) != gpu_dev:
         raise ValueError(f"target {target.kind.name} does not match the inputs' device {dev}")
     spec = AttentionSpec.from_acsr(acsr, batch, heads, head_dim, dtype, scale)
-    launch = _launcher(acsr, spec, plan_tiles(acsr, knobs), target, knobs, dev)
+    launch = tiled_launch(acsr, spec, target, knobs, dev)
     out_obj, out = _output_like(q, dtype, dev)
     launch(*(_to_tvm(x, dev) for x in (q, k, v)), out)
     return out_obj if out_obj is not None else out.numpy()

@@ -7,11 +7,11 @@
 """
 from __future__ import annotations
 
-from .tiled import PLAN_CHOICES, tune_tiled
+from .tiled import tune_tiled
 from .tune import tune_attention
 
 
-def tune_sites(sparsify_pass, target, *, variant="fused", plans=PLAN_CHOICES, trials=64,
+def tune_sites(sparsify_pass, target, *, variant="fused", plans=None, trials=64,
                root=None, console=None) -> dict:
     """Tune the kernels of each distinct workload among the pass's rewritten sites.
 

@@ -1,12 +1,14 @@
 """Tuning the tiled fused kernel.
 
-Its knobs come in two kinds. ``br``/``bc`` size the tile plan, so they change the kernel's
-buffers: each (br, bc) is its own MetaSchedule workload. ``warps``, ``vector_bytes`` and
-``row_pad`` only change the schedule: for one plan, every valid combination is a design space
-of one ``ScheduleFn``, each measured by MetaSchedule (the schedule is annotated with its knobs,
-so the best record names them). The winner over all plans is written to
-``<root>/<target>/fused_<spec.key>/best.json``, which :func:`tuned_tiled_knobs` reads when the
-workload matches.
+Its knobs come in three kinds. ``br``/``bc`` size the tile plan, so they change the kernel's
+buffers and tables. For the warp-level ``mma`` kernel (fp16 on the GPU), ``warps``,
+``m_tiles`` and ``stages`` shape the program itself. Everything else (``warps``,
+``vector_bytes``, ``row_pad`` of the scheduled kernels) only changes the schedule. So every
+(plan, program) is its own MetaSchedule task, whose design space holds its schedule variants,
+each annotated with its knobs; all tasks of a workload are tuned in one MetaSchedule run
+(parallel builds, one database), the runner feeding each task the real tables of its plan.
+The winner over all tasks is written to ``<root>/<target>/fused_<spec.key>/best.json``, which
+:func:`tuned_tiled_knobs` reads when the workload matches.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import os
 import tempfile
 from pathlib import Path
 
@@ -23,10 +26,12 @@ import tvm
 from ..kernels.spec import AttentionSpec
 from ..schedules.targets import as_target, is_gpu
 from .logs import open_database, workload_dir
-from .tune import TuneResult, _alloc_with_metadata, _metadata_args, _progress_callback, prune_database, tuning_target
+from .tune import TuneResult, _metadata_args, _progress_callback, alloc_arguments, prune_database, tuning_target
 
 logger = logging.getLogger("tvm_splat.tuning")
 PLAN_CHOICES = ((64, 64), (64, 128), (128, 64), (32, 64))
+#: plans of the warp-level kernel (each with every (warps, m_tiles) giving ``br`` rows)
+MMA_PLAN_CHOICES = ((64, 64), (64, 32), (64, 128), (32, 64), (32, 32), (128, 64))
 KNOB_ANNOTATION = "tvm_splat.knobs"
 
 
@@ -79,64 +84,150 @@ def tuned_tiled_knobs(spec: AttentionSpec, target, root=None):
     return TiledKnobs(**json.loads(path.read_text())["knobs"])
 
 
-def tune_tiled(acsr, batch, heads, head_dim, dtype, target, *, plans=PLAN_CHOICES, root=None,
-               console=None, scale=None) -> TuneResult:
-    """Measure every plan and schedule variation of the tiled kernel; keep the best."""
+def program_choices(base, spec, target, stages=(1, 2), m_tiles=(1,)):
+    """Groups of knobs for one plan, each group one program (one MetaSchedule task) whose
+    members differ only in their schedule. ``m_tiles=(1,)`` by default: two m-tiles per warp
+    ran slower for every case of ``benchmarks/tc_variants.py`` on the H100 (register spills at
+    d=128), so they are searched only when asked for."""
+    from ..schedules.tiled import uses_mma
+
+    if not uses_mma(spec, base, target):
+        return [schedule_choices(base, target)]
+    groups = []
+    for warps, mt, st in itertools.product((1, 2, 4, 8), m_tiles, stages):
+        if 16 * warps * mt != base.br:
+            continue
+        groups.append([dataclasses.replace(base, warps=warps, m_tiles=mt, stages=st)])
+    return groups
+
+
+def _program_name(kn, mma) -> str:
+    name = f"tiled_{kn.br}x{kn.bc}"
+    return name + (f"_w{kn.warps}_m{kn.m_tiles}_s{kn.stages}" if mma else "")
+
+
+def _signature(func):
+    """Argument (dtype, shape)s of a task as MetaSchedule's runner sees them."""
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+    return tuple((str(a.dtype), tuple(int(x) for x in a.shape)) for a in ArgInfo.from_prim_func(func))
+
+
+def _alloc_by_signature(tables):
+    """MetaSchedule ``f_alloc_argument`` for several tasks: each argument list is matched to
+    its task's plan tables by the (dtype, shape) signature of the arguments."""
+
+    def alloc(device, args_info, alloc_repeat):
+        sig = tuple((str(dtype), tuple(int(x) for x in shape)) for _, dtype, shape in args_info)
+        return alloc_arguments(device, args_info, alloc_repeat, tables.get(sig, [None] * len(args_info)))
+
+    return alloc
+
+
+def _batches(tasks):
+    """Split tasks so that, within a batch, one argument signature means one set of tables
+    (two plans with equal table shapes but other contents go to different runs)."""
+    batches = []
+    for name, (func, choices, fixed) in tasks.items():
+        sig = _signature(func)
+        for batch in batches:
+            other = batch["tables"].get(sig)
+            if other is None or all(_same(a, b) for a, b in zip(other, fixed)):
+                batch["tasks"][name] = (func, choices)
+                batch["tables"][sig] = fixed
+                break
+        else:
+            batches.append({"tasks": {name: (func, choices)}, "tables": {sig: fixed}})
+    return batches
+
+
+def _same(a, b):
+    return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
+
+
+def tune_tiled(acsr, batch, heads, head_dim, dtype, target, *, plans=None, root=None,
+               console=None, scale=None, stages=(1, 2)) -> TuneResult:
+    """Measure every plan, program and schedule variation of the tiled kernel for one workload
+    (inputs ``[batch, heads, acsr.n, head_dim]`` of ``dtype``); keep the best record of each
+    task in ``<root>/<target>/tiled[_tc]_<spec.key>/`` and the best knobs in ``best.json``.
+    Re-running resumes from the database (measured candidates are not measured again)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from tvm.s_tir import meta_schedule as ms
 
     from ..attention import default_tiled_knobs
-    from ..schedules.tiled import TiledKnobs, tiled_funcs
+    from ..schedules.tiled import TiledKnobs, tiled_funcs, uses_mma
     from ..schedules.tile_plan import plan_tiles
 
     target = tuning_target(target)
     spec = AttentionSpec.from_acsr(acsr, batch, heads, head_dim, dtype, scale)
     tc = default_tiled_knobs(dtype, target).use_tensor_cores
-    result, best = TuneResult(), (float("inf"), None)
+    mma = uses_mma(spec, TiledKnobs(use_tensor_cores=tc), target)
+    if plans is None:
+        plans = MMA_PLAN_CHOICES if mma else PLAN_CHOICES
+    tasks = {}
+    for br, bc in plans:
+        try:
+            base = TiledKnobs(br=br, bc=bc, use_tensor_cores=tc)
+        except ValueError:
+            continue
+        plan = plan_tiles(acsr, base)
+        for choices in program_choices(base, spec, target, stages):
+            name = _program_name(choices[0], mma)
+            try:
+                func = tiled_funcs(spec, plan.shape, choices[0], target)["tiled"]
+            except ValueError as why:  # a program this spec cannot run (e.g. head_dim)
+                logger.info("skipping %s: %s", name, why)
+                continue
+            func = func.with_attr("global_symbol", name)
+            tasks[name] = (func, choices, _metadata_args(func, acsr, plan))
+    path = workload_dir("tiled_tc" if tc else "tiled", spec, target, root)
+    path.mkdir(parents=True, exist_ok=True)
+    result, records = TuneResult(), {}
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("best {task.fields[best]}"), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
-        for br, bc in plans:
-            try:
-                base = TiledKnobs(br=br, bc=bc, use_tensor_cores=tc)
-            except ValueError:
-                continue
-            plan = plan_tiles(acsr, base)
-            func = tiled_funcs(spec, plan.shape, base)["tiled"].with_attr("global_symbol", "main")
-            choices = schedule_choices(base, target)
-            tag = f"tiled{'_tc' if tc else ''}"
-            path = workload_dir(tag, spec, target, root) / plan.shape.key
-            path.mkdir(parents=True, exist_ok=True)
-            task = progress.add_task(f"tiled {br}x{bc}", total=len(choices), best="-")
-            mod = tvm.IRModule({"main": func})
+        for run in _batches(tasks):
+            trials = sum(len(c) for _, c in run["tasks"].values())
+            bar = progress.add_task(f"tiled: {len(run['tasks'])} programs", total=trials, best="-")
+            mod = tvm.IRModule({name: func for name, (func, _) in run["tasks"].items()})
+            spaces = {name: ms.space_generator.ScheduleFn(_design_spaces("tiled", target, spec, choices),
+                                                          sch_rules=[], postprocs=[], mutator_probs={})
+                      for name, (_, choices) in run["tasks"].items()}
             with tempfile.TemporaryDirectory() as work:
                 ms.tune_tir(
-                    mod, target, work, max_trials_global=len(choices), num_trials_per_iter=len(choices),
-                    space=ms.space_generator.ScheduleFn(_design_spaces("tiled", target, spec, choices),
-                                                        sch_rules=[], postprocs=[], mutator_probs={}),
-                    cost_model="xgb", database=open_database(path, create=True),
-                    builder=ms.builder.LocalBuilder(timeout_sec=300, max_workers=1),
-                    runner=ms.runner.LocalRunner(timeout_sec=60, f_alloc_argument=_alloc_with_metadata(
-                        _metadata_args(func, acsr, plan))),
+                    mod, target, work, max_trials_global=trials,
+                    max_trials_per_task=max(len(c) for _, c in run["tasks"].values()),
+                    num_trials_per_iter=max(len(c) for _, c in run["tasks"].values()),
+                    space=next(iter(spaces.values())), special_space=spaces,
+                    task_scheduler="round-robin", cost_model="xgb",
+                    database=open_database(path, create=True),
+                    builder=ms.builder.LocalBuilder(timeout_sec=300, max_workers=max(1, (os.cpu_count() or 2) // 2)),
+                    runner=ms.runner.LocalRunner(timeout_sec=60, f_alloc_argument=_alloc_by_signature(run["tables"])),
                     measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
-                                       _progress_callback(progress, task)],
+                                       _progress_callback(progress, bar)],
                     num_tuning_cores=1,
                 )
-            prune_database(path, keep=1)
-            db = open_database(path)
-            recs = db.get_top_k(db.commit_workload(mod), 1) if db else []
-            if not recs:
-                continue
-            us = float(np.median([float(s) for s in recs[0].run_secs])) * 1e6
-            knobs = _annotated_knobs(recs[0].trace)
-            result.best_us[f"tiled_{br}x{bc}"] = us
-            result.dirs[f"tiled_{br}x{bc}"] = str(path)
-            if knobs is not None and us < best[0]:
-                best = (us, knobs)
-    if best[1] is not None:
+    prune_database(path, keep=1)
+    db = open_database(path)
+    for rec in (db.get_all_tuning_records() if db else ()):
+        knobs = _annotated_knobs(rec.trace)
+        if knobs is None or not rec.run_secs:
+            continue
+        us = float(np.median([float(x) for x in rec.run_secs])) * 1e6
+        kn = TiledKnobs(**knobs)
+        name = _program_name(kn, uses_mma(spec, kn, target))
+        if name in tasks and us < records.get(name, (float("inf"),))[0]:
+            records[name] = (us, knobs)
+    for name, (us, _) in sorted(records.items()):
+        result.best_us[name] = us
+        result.dirs[name] = str(path)
+    if records:
+        us, knobs = min(records.values(), key=lambda r: r[0])
         out = best_knobs_path(spec, target, root)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"knobs": best[1], "us": best[0]}, indent=1))
+        out.write_text(json.dumps({"knobs": knobs, "us": us,
+                                   "programs_us": {n: round(r[0], 2) for n, r in sorted(records.items())}},
+                                  indent=1))
         result.dirs["best"] = str(out)
     return result
 

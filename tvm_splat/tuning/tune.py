@@ -40,23 +40,29 @@ def _metadata_args(func, acsr, plan=None) -> list:
     return [arrays.get(p.name) for p in func.params]
 
 
+def alloc_arguments(device, args_info, alloc_repeat, fixed):
+    """``alloc_repeat`` argument lists for MetaSchedule's runner: the arrays of ``fixed``
+    where given (ACSR / plan tables), random data elsewhere (q, k, v, outputs)."""
+    import numpy as np
+    import tvm
+
+    rng = np.random.default_rng(0)
+    repeated = []
+    for _ in range(alloc_repeat):
+        args = []
+        for array, (_, dtype, shape) in zip(fixed, args_info):
+            if array is None:
+                array = rng.standard_normal(shape).astype(dtype)
+            args.append(tvm.runtime.tensor(np.ascontiguousarray(array), device))
+        repeated.append(args)
+    return repeated
+
+
 def _alloc_with_metadata(fixed):
-    """MetaSchedule ``f_alloc_argument``: fixed arrays where given, random data elsewhere."""
+    """MetaSchedule ``f_alloc_argument`` for one task: fixed arrays where given."""
 
     def alloc(device, args_info, alloc_repeat):
-        import numpy as np
-        import tvm
-
-        rng = np.random.default_rng(0)
-        repeated = []
-        for _ in range(alloc_repeat):
-            args = []
-            for array, (_, dtype, shape) in zip(fixed, args_info):
-                if array is None:
-                    array = rng.standard_normal(shape).astype(dtype)
-                args.append(tvm.runtime.tensor(np.ascontiguousarray(array), device))
-            repeated.append(args)
-        return repeated
+        return alloc_arguments(device, args_info, alloc_repeat, fixed)
 
     return alloc
 
