@@ -150,7 +150,7 @@ def sparse_attention(q, k, v, mask, *, target=None, variant="fused", scale=None,
         runner = _FAST_PATHS.get(_fast_key(q, mask, variant, scale, knobs))
         if runner is not None and runner.accepts(q, k, v, mask):
             return runner(q, k, v)
-    target_given = target
+    fast_path_ok = target is None and _is_torch(q)  # the default target only: the key omits it
     (batch, heads, n, head_dim), dtype = _check_inputs(q, k, v)
     devs = {str(_device_of(x)) for x in (q, k, v)}
     if len(devs) != 1:
@@ -162,16 +162,20 @@ def sparse_attention(q, k, v, mask, *, target=None, variant="fused", scale=None,
         raise ValueError(f"target {target.kind.name} does not match the inputs' device {dev}")
     if variant not in VARIANTS:
         raise ValueError(f"unknown kernel variant {variant!r}; expected one of {VARIANTS}")
+    # the tiled kernels: one launch, used for this call and kept for the torch fast path
+    launch = _tiled_launch(q, acsr, dev, target, variant, dtype, scale, knobs) if variant in ("fused", "tiled") else None
     if _is_torch(q) and is_gpu(target):
         import tvm_ffi
 
         # launch on torch's current stream so work queued by torch is ordered with ours
         with tvm_ffi.use_torch_stream():
-            out = _run(q, k, v, acsr, dev, target, variant, dtype, scale, knobs)
+            out = _run(q, k, v, acsr, dev, target, variant, dtype, scale, knobs, launch)
     else:
-        out = _run(q, k, v, acsr, dev, target, variant, dtype, scale, knobs)
-    if target_given is None and _is_torch(q) and variant in ("fused", "tiled"):
-        _register_fast_path(q, mask, acsr, dev, target, variant, dtype, scale, knobs)
+        out = _run(q, k, v, acsr, dev, target, variant, dtype, scale, knobs, launch)
+    if launch is not None and fast_path_ok:
+        if len(_FAST_PATHS) > 256:  # a bound, not an LRU: workloads are few in practice
+            _FAST_PATHS.clear()
+        _FAST_PATHS[_fast_key(q, mask, variant, scale, knobs)] = _TorchRunner(mask, launch, dev, q)
     return out
 
 
@@ -215,29 +219,24 @@ class _TorchRunner:
         return out
 
 
-def _register_fast_path(q, mask, acsr, dev, target, variant, dtype, scale, knobs):
+def _tiled_launch(q, acsr, dev, target, variant, dtype, scale, knobs):
+    """``launch(q, k, v, out)`` of the tiled kernel: ``knobs`` for ``variant="tiled"``, the tuned
+    (or default) knobs of the workload for ``"fused"``."""
     from .schedules.tiled import TiledKnobs, tiled_launch
 
     batch, heads, _, head_dim = q.shape
     if variant == "fused" or not isinstance(knobs, TiledKnobs):
-        run_knobs = _fused_knobs(acsr, batch, heads, head_dim, dtype, target, scale)
-    else:
-        run_knobs = knobs
+        knobs = _fused_knobs(acsr, batch, heads, head_dim, dtype, target, scale)
     spec = AttentionSpec.from_acsr(acsr, batch, heads, head_dim, dtype, scale)
-    launch = tiled_launch(acsr, spec, target, run_knobs, dev)
-    if len(_FAST_PATHS) > 256:  # a bound, not an LRU: workloads are few in practice
-        _FAST_PATHS.clear()
-    _FAST_PATHS[_fast_key(q, mask, variant, scale, knobs)] = _TorchRunner(mask, launch, dev, q)
+    return tiled_launch(acsr, spec, target, knobs, dev)
 
 
-def _run(q, k, v, acsr, dev, target, variant, dtype, scale, knobs):
+def _run(q, k, v, acsr, dev, target, variant, dtype, scale, knobs, launch=None):
     (batch, heads, _, head_dim) = q.shape
-    if variant in ("fused", "tiled"):
-        from .schedules.tiled import TiledKnobs, tiled_attention
-
-        if variant == "fused" or not isinstance(knobs, TiledKnobs):
-            knobs = _fused_knobs(acsr, batch, heads, head_dim, dtype, target, scale)
-        return tiled_attention(q, k, v, acsr, target=target, knobs=knobs, scale=scale)
+    if launch is not None:  # the tiled kernels (variant "fused" or "tiled")
+        out_obj, out = _output_like(q, dtype, dev)
+        launch(*(_to_tvm(x, dev) for x in (q, k, v)), out)
+        return out_obj if out_obj is not None else out.numpy()
     spec = AttentionSpec.from_acsr(acsr, batch, heads, head_dim, dtype, scale)
     lib = compile_attention(spec, target, variant, knobs, geometry=None)
     meta = device_metadata(acsr, dev)

@@ -74,7 +74,6 @@ def _autotune_suite(args, console):
         if time.time() - start > args.time_budget:
             console.print(f"[yellow]time budget reached at {case.name}; run again to continue[/]")
             break
-        acsr = ACSR.from_pattern(parse_pattern(case.pattern), case.seq_len)
         if args.dense:
             shape = (case.batch, case.heads, case.seq_len, case.head_dim, case.dtype)
             if shape not in shapes_done:
@@ -85,6 +84,7 @@ def _autotune_suite(args, console):
                                             root=args.log_dir)
                 console.print(f"TVM dense attention {shape} -> {path}")
             continue
+        acsr = ACSR.from_pattern(parse_pattern(case.pattern), case.seq_len)
         spec = AttentionSpec.from_acsr(acsr, case.batch, case.heads, case.head_dim, case.dtype)
         if best_knobs_path(spec, args.target, args.log_dir).exists():
             console.print(f"{case.name}: already tuned, skipped")

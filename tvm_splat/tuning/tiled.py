@@ -106,11 +106,16 @@ def _program_name(kn, mma) -> str:
     return name + (f"_w{kn.warps}_m{kn.m_tiles}_s{kn.stages}" if mma else "")
 
 
+def _args_signature(args_info):
+    """``(dtype, shape)`` of each argument, from MetaSchedule's ``(kind, dtype, shape)`` infos."""
+    return tuple((str(dtype), tuple(int(x) for x in shape)) for _, dtype, shape in args_info)
+
+
 def _signature(func):
-    """Argument (dtype, shape)s of a task as MetaSchedule's runner sees them."""
+    """The argument signature of a task, as its runner will see it."""
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 
-    return tuple((str(a.dtype), tuple(int(x) for x in a.shape)) for a in ArgInfo.from_prim_func(func))
+    return _args_signature(a.as_json() for a in ArgInfo.from_prim_func(func))
 
 
 def _alloc_by_signature(tables):
@@ -118,8 +123,8 @@ def _alloc_by_signature(tables):
     its task's plan tables by the (dtype, shape) signature of the arguments."""
 
     def alloc(device, args_info, alloc_repeat):
-        sig = tuple((str(dtype), tuple(int(x) for x in shape)) for _, dtype, shape in args_info)
-        return alloc_arguments(device, args_info, alloc_repeat, tables.get(sig, [None] * len(args_info)))
+        fixed = tables.get(_args_signature(args_info), [None] * len(args_info))
+        return alloc_arguments(device, args_info, alloc_repeat, fixed)
 
     return alloc
 
