@@ -161,6 +161,17 @@ def _is_identity_broadcast(call) -> bool:
         _static_shape(call.args[0]) == _static_shape(call)
 
 
+def _pass_through(name, call, casts=True):
+    """The input of a call the matcher looks through (it keeps the last two axes and the
+    values): a batch reshape, an identity broadcast, and with ``casts`` a float-to-float cast;
+    else None."""
+    if ((name == "relax.reshape" and _is_batch_reshape(call))
+            or (name == "relax.broadcast_to" and _is_identity_broadcast(call))
+            or (casts and name == "relax.astype" and _is_float(call) and _is_float(call.args[0]))):
+        return call.args[0]
+    return None
+
+
 def _swaps_last_two(call) -> bool:
     axes = call.attrs.axes
     if axes is None:
@@ -190,10 +201,8 @@ def _strip_operand(graph: _Graph, expr, scales: bool = True) -> _Operand:
     scale, transposed = 1.0, False
     while True:
         name, call = graph.call(expr)
-        if name == "relax.reshape" and _is_batch_reshape(call):
-            expr = call.args[0]
-        elif name == "relax.broadcast_to" and _is_identity_broadcast(call):
-            expr = call.args[0]
+        if (inner := _pass_through(name, call, casts=False)) is not None:
+            expr = inner
         elif name == "relax.permute_dims" and _swaps_last_two(call):
             expr, transposed = call.args[0], not transposed
         elif scales and name in ("relax.multiply", "relax.divide"):
@@ -223,12 +232,8 @@ def _find_softmax(graph: _Graph, expr) -> Tuple[Optional[relax.Call], bool, Opti
             if ndim < 2 or not _last_axis(call.attrs.axis, ndim):
                 return None, guard, None
             return call, guard, None
-        if name == "relax.reshape" and _is_batch_reshape(call):
-            expr = call.args[0]
-        elif name == "relax.broadcast_to" and _is_identity_broadcast(call):
-            expr = call.args[0]
-        elif name == "relax.astype" and _is_float(call) and _is_float(call.args[0]):
-            expr = call.args[0]
+        if (inner := _pass_through(name, call)) is not None:
+            expr = inner
         elif name == "relax.where" and _is_zero(graph, call.args[1]) and not guard:
             softmax, _, _ = _find_softmax(graph, call.args[2])
             if softmax is None:
@@ -316,12 +321,8 @@ def _walk_scores(graph: _Graph, expr) -> Optional[_Scores]:
         if name == "relax.matmul":
             return _Scores(call, scale, masks, problem)
         shape = _static_shape(expr)
-        if name == "relax.reshape" and _is_batch_reshape(call):
-            expr = call.args[0]
-        elif name == "relax.broadcast_to" and _is_identity_broadcast(call):
-            expr = call.args[0]
-        elif name == "relax.astype" and _is_float(call) and _is_float(call.args[0]):
-            expr = call.args[0]
+        if (inner := _pass_through(name, call)) is not None:
+            expr = inner
         elif name in ("relax.multiply", "relax.divide"):
             c = graph.scalar(call.args[1])
             other = call.args[0]
