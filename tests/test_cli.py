@@ -32,15 +32,56 @@ def test_bench_needs_a_gpu():
     assert main(["bench", "--suite", "tiny"]) == 2
 
 
-def test_autotune_suite_tunes_each_case_once(tmp_path, monkeypatch, capsys):
+def test_autotune_suite_tunes_each_case_once(tmp_path, capsys):
     """``autotune --suite tiny`` on the CPU: the case gets a best.json; a second run skips it."""
-    import tvm_splat.tuning.tiled as tiled
-
-    monkeypatch.setattr(tiled, "PLAN_CHOICES", ((16, 16),))  # one plan keeps the CPU run short
-    argv = ["autotune", "--suite", "tiny", "--target", "llvm", "--log-dir", str(tmp_path)]
+    # one plan keeps the CPU run short
+    argv = ["autotune", "--suite", "tiny", "--target", "llvm", "--log-dir", str(tmp_path), "--plans", "16x16"]
     assert main(argv) == 0
     best = list(tmp_path.glob("llvm/fused_*/best.json"))
     assert len(best) == 1
     assert "tiled_16x16" in capsys.readouterr().out
     assert main(argv) == 0
     assert "already tuned, skipped" in capsys.readouterr().out
+
+
+def test_autotune_plans_option(capsys):
+    from tvm_splat.cli import build_parser
+
+    assert build_parser().parse_args(["autotune", "--plans", "64x64,32X16"]).plans == ((64, 64), (32, 16))
+    for bad in ("64", "64x", "0x64", "64x64x2"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["autotune", "--plans", bad])
+        assert "plans must look like 64x64,32x32" in capsys.readouterr().err
+
+
+def test_autotune_dense_suite_tunes_each_shape_once(tmp_path, monkeypatch, capsys):
+    """``autotune --suite tiny --dense``: the orchestration only (the tuning itself is tested in
+    tests/baselines): a shape is tuned until a run finishes, then skipped."""
+    import tvm_splat.baselines.tvm_dense as td
+
+    calls = []
+
+    def fake_tune(b, h, n, d, dtype, target, *, trials, with_mask, root):
+        calls.append((b, h, n, d, dtype))
+        path = td.dense_log_dir(b, h, n, d, dtype, target, with_mask, root)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "database_tuning_record.json").write_text("")  # records, as a cut-short run leaves them
+        if len(calls) > 1:
+            (path / "tuned.json").write_text("{}")  # a finished run
+        return path
+
+    monkeypatch.setattr(td, "tune_dense_attention", fake_tune)
+    argv = ["autotune", "--suite", "tiny", "--dense", "--target", "llvm", "--log-dir", str(tmp_path)]
+    assert main(argv) == 0
+    assert calls == [(1, 2, 128, 16, "float32")]
+    assert main(argv) == 0  # records but no tuned.json: the first run was cut short, tune again
+    assert len(calls) == 2
+    assert main(argv) == 0
+    assert len(calls) == 2 and "already tuned, skipped" in capsys.readouterr().out
+
+
+def test_dense_fits():
+    from tvm_splat.baselines.tvm_dense import dense_fits
+
+    assert dense_fits(8, 12, 4096)  # 19 GB of scores, probabilities and bias
+    assert not dense_fits(1, 16, 16384)  # 52 GB

@@ -42,7 +42,7 @@ def _autotune(args):
             from .tuning.tiled import tune_tiled
 
             res = tune_tiled(acsr, args.batch, args.heads, args.head_dim, args.dtype, args.target,
-                             root=args.log_dir, console=console)
+                             plans=args.plans, stages=args.stages, root=args.log_dir, console=console)
             for name, us in res.best_us.items():
                 console.print(f"fused/{name}: best {us:.1f} us -> {res.dirs[name]}")
             if "best" in res.dirs:
@@ -77,9 +77,15 @@ def _autotune_suite(args, console):
         if args.dense:
             shape = (case.batch, case.heads, case.seq_len, case.head_dim, case.dtype)
             if shape not in shapes_done:
-                from .baselines.tvm_dense import tune_dense_attention
+                from .baselines.tvm_dense import dense_fits, dense_log_dir, tune_dense_attention
 
                 shapes_done.add(shape)
+                if not dense_fits(case.batch, case.heads, case.seq_len):
+                    console.print(f"TVM dense attention {shape}: the dense scores do not fit in GPU memory, skipped")
+                    continue
+                if dense_log_dir(*shape, args.target, True, args.log_dir).joinpath("tuned.json").exists():
+                    console.print(f"TVM dense attention {shape}: already tuned, skipped")
+                    continue
                 path = tune_dense_attention(*shape, args.target, trials=args.trials, with_mask=True,
                                             root=args.log_dir)
                 console.print(f"TVM dense attention {shape} -> {path}")
@@ -91,11 +97,22 @@ def _autotune_suite(args, console):
             continue
         console.print(f"[bold]{case.name}[/]")
         res = tune_tiled(acsr, case.batch, case.heads, case.head_dim, case.dtype, args.target,
-                         root=args.log_dir, console=console)
+                         plans=args.plans, stages=args.stages, root=args.log_dir, console=console)
         if res.best_us:
             name, us = min(res.best_us.items(), key=lambda kv: kv[1])
             table.add_row(case.name, name, f"{us:.1f}", str(len(res.best_us)))
     console.print(table)
+
+
+def _plans(text):
+    """``"64x64,32x32"`` -> ``((64, 64), (32, 32))``."""
+    try:
+        plans = tuple(tuple(int(x) for x in item.lower().split("x")) for item in text.split(","))
+    except ValueError:
+        plans = ()
+    if not plans or any(len(p) != 2 or min(p) <= 0 for p in plans):
+        raise argparse.ArgumentTypeError(f"plans must look like 64x64,32x32, got {text!r}")
+    return plans
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--trials", type=int, default=64, help="trials per row kernel (the tiled space is enumerated)")
     tune.add_argument("--variant", default="fused", choices=("fused", "row", "separate", "all"),
                       help="fused: the tiled kernel's plan and schedule knobs; row/separate: the row kernels")
+    tune.add_argument("--plans", type=_plans, default=None, metavar="BRxBC,...",
+                      help="tile plans the fused search measures, e.g. 64x64,32x32 (default: the built-in list)")
+    tune.add_argument("--stages", type=lambda t: tuple(int(x) for x in t.split(",")), default=(1, 2),
+                      metavar="S,...", help="cp.async pipeline depths the fused search measures (default: 1,2)")
     tune.add_argument("--log-dir", default=None, help="tuning log root (default: tuning_logs/)")
     tune.add_argument("--dense", action="store_true",
                       help="tune TVM's own dense (masked) attention instead: the tuned TVM baseline of the bench")

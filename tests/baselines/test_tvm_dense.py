@@ -1,4 +1,6 @@
 """TVM's dense attention baseline: correct, and tunable with MetaSchedule."""
+import json
+
 import numpy as np
 import pytest
 import tvm
@@ -22,13 +24,57 @@ def test_dense_baseline_matches_reference_with_mask(rng):
 
 
 def test_tuned_dense_baseline(tmp_path, monkeypatch, rng):
+    """Tuning writes a record for every PrimFunc that compile_relax will look up, and the
+    tuned module stays correct."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from tvm_splat.baselines.tvm_dense import dense_attention_module, fused_module
+    from tvm_splat.tuning.logs import open_database
+
     monkeypatch.setenv("TVM_SPLAT_TUNING_LOGS", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="no tuning record"):
-        compile_dense_attention(1, 2, 12, 8, "float32", "llvm", tuned=True)
-    path = tune_dense_attention(1, 2, 12, 8, "float32", "llvm", trials=6)
-    assert path == dense_log_dir(1, 2, 12, 8, "float32", "llvm")
-    assert (path / "database_tuning_record.json").read_text().strip()
-    vm, dev = compile_dense_attention(1, 2, 12, 8, "float32", "llvm", tuned=True)
+        compile_dense_attention(1, 2, 12, 8, "float32", "llvm", with_mask=True, tuned=True)
+    path = tune_dense_attention(1, 2, 12, 8, "float32", "llvm", trials=8, with_mask=True)
+    assert path == dense_log_dir(1, 2, 12, 8, "float32", "llvm", with_mask=True)
+    db = open_database(path)
+    fused = fused_module(dense_attention_module(1, 2, 12, 8, "float32", with_mask=True, decomposed=True))
+    funcs = [f for f in fused.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert len(funcs) >= 2
+    for func in funcs:
+        mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+        assert db.query_tuning_record(mod, tvm.target.Target("llvm"), "main") is not None
+    summary = json.loads((path / "tuned.json").read_text())
+    assert summary["trials"] == 8 and len(summary["tasks_us"]) == len(funcs)
+    assert all(us > 0 for us in summary["tasks_us"].values())
+    vm, dev = compile_dense_attention(1, 2, 12, 8, "float32", "llvm", with_mask=True, tuned=True)
     q, k, v = _inputs(rng)
-    out = vm["main"](*[tvm.runtime.tensor(x, dev) for x in (q, k, v)]).numpy()
-    np.testing.assert_allclose(out, masked_attention(q, k, v, np.ones((12, 12), bool)), atol=1e-5)
+    mask = np.tril(np.ones((12, 12), bool))
+    bias = np.broadcast_to(np.where(mask, 0, -1e9).astype("float32"), (1, 2, 12, 12)).copy()
+    out = vm["main"](*[tvm.runtime.tensor(x, dev) for x in (q, k, v, bias)]).numpy()
+    np.testing.assert_allclose(out, masked_attention(q, k, v, mask), atol=1e-5)
+
+
+def test_decomposed_dense_attention_tunes_for_the_h100():
+    """The module MetaSchedule tunes for the GPU: TVM's default CUDA space samples candidates
+    for its matmul (tensor cores) and they build with nvcc (no GPU needed)."""
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+
+    from tvm.s_tir import tensor_intrin  # noqa: F401  the tensor-core rules name these
+    from tvm_splat.baselines.tvm_dense import dense_attention_module, fused_module
+
+    h100 = tvm.target.Target("nvidia/nvidia-h100")
+    mod = fused_module(dense_attention_module(1, 2, 256, 64, "float16", with_mask=True, decomposed=True))
+    tasks = ms.relax_integration.extract_tasks(mod, h100)
+    task = next(t for t in tasks if t.task_name.startswith("matmul") or "_matmul" in t.task_name)
+    ctx = ms.TuneContext(mod=task.dispatched[0], target=h100, space_generator="post-order-apply",
+                         search_strategy=ms.search_strategy.EvolutionarySearch(
+                             population_size=32, init_min_unmeasured=4, genetic_num_iters=1),
+                         task_name=task.task_name)
+    spaces = ctx.generate_design_space()
+    ctx.search_strategy.pre_tuning(max_trials=4, num_trials_per_iter=4, design_spaces=spaces,
+                                   database=ms.database.MemoryDatabase(), cost_model=ms.cost_model.RandomModel())
+    candidates = ctx.search_strategy.generate_measure_candidates()
+    assert candidates
+    for cand in candidates:
+        tvm.tirx.build(cand.sch.mod, target=h100)

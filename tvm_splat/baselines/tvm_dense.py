@@ -2,6 +2,8 @@
 legalised to TIR and scheduled by TVM's default rules (``s_tir.dlight`` on the GPU)."""
 from __future__ import annotations
 
+import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -12,11 +14,17 @@ from tvm import relax
 from ..schedules.targets import as_target, is_gpu, target_name
 
 
-def dense_attention_module(batch, heads, seq_len, head_dim, dtype, scale=None, with_mask=False):
+def dense_attention_module(batch, heads, seq_len, head_dim, dtype, scale=None, with_mask=False,
+                           decomposed=False):
     """Relax module ``main(q, k, v[, bias]) -> out``, all ``[batch, heads, seq_len, head_dim]``.
 
     With ``with_mask`` an additive float bias ``[batch, heads, seq_len, seq_len]`` (0 / -inf-like)
     is taken, so the baseline computes the same masked attention as the sparse kernels.
+    ``decomposed``: write it as matmul, scale + bias, softmax (fp32), matmul instead of one
+    ``nn.attention``. MetaSchedule tunes that form: ``nn.attention`` legalizes to a single
+    PrimFunc of 18 blocks on which TVM 0.27's CUDA design space fails (its CrossThreadReduction
+    rule raises IndexError; without it no sample built on the H100), while matmul and softmax
+    are the workloads its rules are made for.
     """
     shape = (batch, heads, seq_len, head_dim)
     scale = float(1.0 / np.sqrt(head_dim) if scale is None else scale)
@@ -31,12 +39,25 @@ def dense_attention_module(batch, heads, seq_len, head_dim, dtype, scale=None, w
         params.append(bias)
     with bb.function("main", params):
         with bb.dataflow():
-            # nn.attention takes [batch, seq, heads, dim]
-            qt, kt, vt = (bb.emit(relax.op.permute_dims(x, [0, 2, 1, 3])) for x in (q, k, v))
-            out = bb.emit(relax.op.nn.attention(qt, kt, vt, bias, scale=scale))
-            res = bb.emit_output(relax.op.permute_dims(out, [0, 2, 1, 3]))
+            if decomposed:
+                scores = bb.emit(relax.op.astype(relax.op.matmul(q, relax.op.permute_dims(k, [0, 1, 3, 2])), "float32"))
+                scores = bb.emit(relax.op.multiply(scores, relax.const(scale, "float32")))
+                if bias is not None:
+                    scores = bb.emit(relax.op.add(scores, relax.op.astype(bias, "float32")))
+                probs = bb.emit(relax.op.astype(relax.op.nn.softmax(scores, axis=-1), dtype))
+                res = bb.emit_output(relax.op.matmul(probs, v, out_dtype=dtype))
+            else:  # nn.attention takes [batch, seq, heads, dim]
+                qt, kt, vt = (bb.emit(relax.op.permute_dims(x, [0, 2, 1, 3])) for x in (q, k, v))
+                out = bb.emit(relax.op.nn.attention(qt, kt, vt, bias, scale=scale))
+                res = bb.emit_output(relax.op.permute_dims(out, [0, 2, 1, 3]))
         bb.emit_func_output(res)
     return bb.get()
+
+
+def dense_fits(batch, heads, seq_len, budget_bytes=40 * 2**30) -> bool:
+    """Whether the dense scores, probabilities and additive bias (``[batch, heads, seq_len,
+    seq_len]`` each, fp32 at most) fit in ``budget_bytes`` of GPU memory."""
+    return batch * heads * seq_len * seq_len * 4 * 3 <= budget_bytes
 
 
 def dense_log_dir(batch, heads, seq_len, head_dim, dtype, target, with_mask=False, root=None) -> Path:
@@ -47,27 +68,49 @@ def dense_log_dir(batch, heads, seq_len, head_dim, dtype, target, with_mask=Fals
     return Path(root or log_root()) / target_name(as_target(target)) / name
 
 
+def fused_module(mod):
+    """``mod`` legalized and fused the way ``compile_relax`` does before it applies a tuning
+    database, so the tuned PrimFuncs are exactly the ones it later looks up."""
+    return tvm.transform.Sequential([
+        relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(),
+    ])(mod)
+
+
 def tune_dense_attention(batch, heads, seq_len, head_dim, dtype, target, *, trials=64,
                          with_mask=False, scale=None, root=None) -> Path:
-    """Tune TVM's dense attention with MetaSchedule's default space and XGBoost cost model (the
-    fair "TVM tuned" baseline); resumable; returns the database folder."""
+    """Tune TVM's dense attention (the ``decomposed`` module, fused by Relax) with MetaSchedule's
+    default space and XGBoost cost model: the fair "TVM tuned" baseline. Every task gets at
+    least one batch of trials (``trials`` is shared among them); resumable; returns the
+    database folder."""
     from tvm.s_tir import meta_schedule as ms
 
-    from ..tuning.tune import prune_database, tuning_target
+    from ..tuning.logs import open_database
+    from ..tuning.tune import local_builder, prune_database, tuning_target
 
     target = tuning_target(target)
-    # tasks are extracted from legalized TIR (nn.attention itself is not a TIR task)
-    mod = relax.transform.LegalizeOps()(
-        dense_attention_module(batch, heads, seq_len, head_dim, dtype, scale, with_mask))
+    mod = fused_module(dense_attention_module(batch, heads, seq_len, head_dim, dtype, scale, with_mask,
+                                              decomposed=True))
+    n_tasks = len(ms.relax_integration.extract_tasks(mod, target))
     path = dense_log_dir(batch, heads, seq_len, head_dim, dtype, target, with_mask, root)
     path.mkdir(parents=True, exist_ok=True)
     database = ms.database.JSONDatabase(work_dir=str(path))
     with tempfile.TemporaryDirectory() as work:
         ms.relax_integration.tune_relax(
-            mod, {}, target, work, max_trials_global=trials, num_trials_per_iter=min(32, trials),
-            database=database, builder=ms.builder.LocalBuilder(timeout_sec=120, max_workers=1),
+            mod, {}, target, work, max_trials_global=trials,
+            num_trials_per_iter=max(1, min(32, trials // max(1, n_tasks))),
+            database=database, builder=local_builder(120, max(1, (os.cpu_count() or 2) // 2)),
             runner=ms.runner.LocalRunner(timeout_sec=60))
     prune_database(path, keep=1)
+    # written last: a run cut short leaves its records (a re-run continues from them) but no
+    # summary, so ``autotune --suite --dense`` knows to tune this shape again
+    db = open_database(path)
+    tasks_us = {}
+    for task in ms.relax_integration.extract_tasks(mod, target):
+        rec = db.query_tuning_record(task.dispatched[0], target, "main")
+        tasks_us[task.task_name] = (round(float(np.median([float(x) for x in rec.run_secs])) * 1e6, 2)
+                                    if rec is not None and rec.run_secs else None)
+    (path / "tuned.json").write_text(json.dumps({"trials": trials, "tasks_us": tasks_us}, indent=1))
     return path
 
 
@@ -84,11 +127,14 @@ def compile_dense_attention(batch, heads, seq_len, head_dim, dtype, target, scal
 
         from ..tuning.logs import open_database
 
+        from tvm.s_tir import tensor_intrin  # noqa: F401  tensor-core records name these intrinsics
+
         path = dense_log_dir(batch, heads, seq_len, head_dim, dtype, target, with_mask)
         db = open_database(path)
         if db is None:
             raise FileNotFoundError(f"no tuning record for TVM dense attention in {path}")
-        ex = ms.relax_integration.compile_relax(db, relax.transform.LegalizeOps()(mod), target, None)
+        mod = dense_attention_module(batch, heads, seq_len, head_dim, dtype, scale, with_mask, decomposed=True)
+        ex = ms.relax_integration.compile_relax(db, mod, target, None)  # legalizes and fuses like fused_module
         return relax.VirtualMachine(ex, dev), dev
     if is_gpu(target):
         from tvm.s_tir import dlight as dl

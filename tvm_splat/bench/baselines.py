@@ -53,14 +53,16 @@ def tvm_dense(q, k, v, mask, tuned=False):
     import torch
     import tvm
 
+    from ..attention import _default_target
     from ..baselines import compile_dense_attention
+    from ..baselines.tvm_dense import dense_fits
 
     b, h, n, d = q.shape
-    if b * h * n * n * 4 * 3 > 40 * 2**30:  # scores, probabilities and the bias in fp32/fp16
+    if not dense_fits(b, h, n):
         raise Skip("dense score matrix does not fit in GPU memory")
     try:
-        vm, _ = compile_dense_attention(b, h, n, d, str(q.dtype).replace("torch.", ""), "cuda",
-                                        with_mask=True, tuned=tuned)
+        vm, _ = compile_dense_attention(b, h, n, d, str(q.dtype).replace("torch.", ""),
+                                        _default_target(f"cuda:{q.device.index or 0}"), with_mask=True, tuned=tuned)
     except FileNotFoundError as why:
         raise Skip(str(why)) from None
     bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, -1e4)

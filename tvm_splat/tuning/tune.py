@@ -85,6 +85,26 @@ def _progress_callback(progress, task):
     return Progress()
 
 
+def build_kernel(mod, target, _params=None):
+    """MetaSchedule build function (``f_build``) for our kernels.
+
+    The default one imports ``tvm.s_tir.tensor_intrin`` in every fresh builder process, which
+    parses TVMScript for hundreds of intrinsics (about 15 s on a CPU core) while the modules
+    it builds are already scheduled, tensorized included; LocalBuilder restarts its pool on
+    every batch, so that import dominated the time of a tuning run."""
+    from tvm.driver import build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    return build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+
+def local_builder(timeout_sec, max_workers=1):
+    """MetaSchedule's LocalBuilder with :func:`build_kernel`."""
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.builder.LocalBuilder(timeout_sec=timeout_sec, max_workers=max_workers, f_build=build_kernel)
+
+
 def tuning_target(target) -> tvm.target.Target:
     """MetaSchedule needs the core count of a CPU target."""
     target = as_target(target)
@@ -147,7 +167,7 @@ def tune_attention(acsr, batch, heads, head_dim, dtype, target, *, trials=64, va
                     tvm.IRModule({"main": func}), target, work, max_trials_global=trials,
                     num_trials_per_iter=min(32, trials), space=space, cost_model="xgb",
                     database=database,
-                    builder=ms.builder.LocalBuilder(timeout_sec=120, max_workers=1),
+                    builder=local_builder(120),
                     runner=ms.runner.LocalRunner(
                         timeout_sec=60, f_alloc_argument=_alloc_with_metadata(_metadata_args(func, acsr))),
                     measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
