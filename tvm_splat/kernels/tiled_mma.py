@@ -94,20 +94,21 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         T.evaluate(T.ptx["cp.async.cg.shared.global"](dst, src, 16, T.Cast("uint32", T.if_then_else(valid, 16, 0))))
 
     @T.macro
+    def block_row_async(smem, base, src, blocks, b, h, hm, blk_lo, tid, jj, st, it):
+        # one 16-byte chunk of column block ``jj`` of ``src`` (K or V) -> stage ``st`` at ``base``
+        copy16(T.address_of(smem[base + (st * BC + (it * NTHR + tid) // CH) * DP + (it * NTHR + tid) % CH * 8]),
+               src.access_ptr("r", offset=((b * H + h) * N + T.min(
+                   blocks[hm, blk_lo + jj, 0] + blocks[hm, blk_lo + jj, 1] * ((it * NTHR + tid) // CH), N - 1)) * D
+                   + (it * NTHR + tid) % CH * 8),
+               blocks[hm, blk_lo + jj, 0] + blocks[hm, blk_lo + jj, 1] * ((it * NTHR + tid) // CH) < N)
+
+    @T.macro
     def kv_async(smem, k, v, blocks, b, h, hm, blk_lo, tid, jj, st):
         # column block ``jj`` of the tile -> stage ``st`` of Ks / Vs
         for it in T.serial(KV_IT):
             if it * NTHR + tid < BC * CH:
-                copy16(T.address_of(smem[K_OFF + (st * BC + (it * NTHR + tid) // CH) * DP + (it * NTHR + tid) % CH * 8]),
-                       k.access_ptr("r", offset=((b * H + h) * N + T.min(
-                           blocks[hm, blk_lo + jj, 0] + blocks[hm, blk_lo + jj, 1] * ((it * NTHR + tid) // CH), N - 1)) * D
-                           + (it * NTHR + tid) % CH * 8),
-                       blocks[hm, blk_lo + jj, 0] + blocks[hm, blk_lo + jj, 1] * ((it * NTHR + tid) // CH) < N)
-                copy16(T.address_of(smem[V_OFF + (st * BC + (it * NTHR + tid) // CH) * DP + (it * NTHR + tid) % CH * 8]),
-                       v.access_ptr("r", offset=((b * H + h) * N + T.min(
-                           blocks[hm, blk_lo + jj, 0] + blocks[hm, blk_lo + jj, 1] * ((it * NTHR + tid) // CH), N - 1)) * D
-                           + (it * NTHR + tid) % CH * 8),
-                       blocks[hm, blk_lo + jj, 0] + blocks[hm, blk_lo + jj, 1] * ((it * NTHR + tid) // CH) < N)
+                block_row_async(smem, K_OFF, k, blocks, b, h, hm, blk_lo, tid, jj, st, it)
+                block_row_async(smem, V_OFF, v, blocks, b, h, hm, blk_lo, tid, jj, st, it)
 
     @T.prim_func(s_tir=True)
     def tiled(
