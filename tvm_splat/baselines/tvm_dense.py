@@ -3,7 +3,6 @@ legalised to TIR and scheduled by TVM's default rules (``s_tir.dlight`` on the G
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -91,22 +90,22 @@ def tune_dense_attention(batch, heads, seq_len, head_dim, dtype, target, *, tria
     target = tuning_target(target)
     mod = fused_module(dense_attention_module(batch, heads, seq_len, head_dim, dtype, scale, with_mask,
                                               decomposed=True))
-    n_tasks = len(ms.relax_integration.extract_tasks(mod, target))
+    tasks = ms.relax_integration.extract_tasks(mod, target)
     path = dense_log_dir(batch, heads, seq_len, head_dim, dtype, target, with_mask, root)
     path.mkdir(parents=True, exist_ok=True)
     database = ms.database.JSONDatabase(work_dir=str(path))
     with tempfile.TemporaryDirectory() as work:
         ms.relax_integration.tune_relax(
             mod, {}, target, work, max_trials_global=trials,
-            num_trials_per_iter=max(1, min(32, trials // max(1, n_tasks))),
-            database=database, builder=local_builder(120, max(1, (os.cpu_count() or 2) // 2)),
+            num_trials_per_iter=max(1, min(32, trials // max(1, len(tasks)))),
+            database=database, builder=local_builder(120),
             runner=ms.runner.LocalRunner(timeout_sec=60))
     prune_database(path, keep=1)
     # written last: a run cut short leaves its records (a re-run continues from them) but no
     # summary, so ``autotune --suite --dense`` knows to tune this shape again
     db = open_database(path)
     tasks_us = {}
-    for task in ms.relax_integration.extract_tasks(mod, target):
+    for task in tasks:
         rec = db.query_tuning_record(task.dispatched[0], target, "main")
         tasks_us[task.task_name] = (round(float(np.median([float(x) for x in rec.run_secs])) * 1e6, 2)
                                     if rec is not None and rec.run_secs else None)

@@ -47,13 +47,19 @@ def flex_attention(q, k, v, mask):
     return lambda: compiled(q, k, v, block_mask=block_mask)
 
 
+def _target_of(q):
+    """The target ``sparse_attention`` compiles for when given ``q`` (the device's own)."""
+    from ..attention import _default_target, _device_of
+
+    return _default_target(str(_device_of(q)))
+
+
 def tvm_dense(q, k, v, mask, tuned=False):
     """TVM's Relax ``nn.attention`` with an additive mask: dlight default GPU schedule, or the
     MetaSchedule records of ``tvm-splat autotune --dense`` with ``tuned``."""
     import torch
     import tvm
 
-    from ..attention import _default_target
     from ..baselines import compile_dense_attention
     from ..baselines.tvm_dense import dense_fits
 
@@ -62,7 +68,7 @@ def tvm_dense(q, k, v, mask, tuned=False):
         raise Skip("dense score matrix does not fit in GPU memory")
     try:
         vm, _ = compile_dense_attention(b, h, n, d, str(q.dtype).replace("torch.", ""),
-                                        _default_target(f"cuda:{q.device.index or 0}"), with_mask=True, tuned=tuned)
+                                        _target_of(q), with_mask=True, tuned=tuned)
     except FileNotFoundError as why:
         raise Skip(str(why)) from None
     bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, -1e4)
@@ -91,9 +97,9 @@ def tvm_splat_variant(variant):
 
 def tvm_splat_fused_untuned(q, k, v, acsr):
     """The fused path with its default knobs, whatever the tuning logs hold."""
-    from ..attention import _default_target, default_tiled_knobs, sparse_attention
+    from ..attention import default_tiled_knobs, sparse_attention
 
-    knobs = default_tiled_knobs(str(q.dtype).replace("torch.", ""), _default_target(f"cuda:{q.device.index or 0}"))
+    knobs = default_tiled_knobs(str(q.dtype).replace("torch.", ""), _target_of(q))
     return lambda: sparse_attention(q, k, v, acsr, variant="tiled", knobs=knobs)
 
 

@@ -16,7 +16,6 @@ import dataclasses
 import itertools
 import json
 import logging
-import os
 import tempfile
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from ..kernels.spec import AttentionSpec
 from ..schedules.targets import as_target, is_gpu
 from .logs import open_database, workload_dir
 from .tune import (TuneResult, _metadata_args, _progress_callback, alloc_arguments, local_builder, prune_database,
-                   tuning_target)
+                   tuning_progress, tuning_target)
 
 logger = logging.getLogger("tvm_splat.tuning")
 PLAN_CHOICES = ((64, 64), (64, 128), (128, 64), (32, 64))
@@ -159,7 +158,6 @@ def tune_tiled(acsr, batch, heads, head_dim, dtype, target, *, plans=None, root=
     (inputs ``[batch, heads, acsr.n, head_dim]`` of ``dtype``); keep the best record of each
     task in ``<root>/<target>/tiled[_tc]_<spec.key>/`` and the best knobs in ``best.json``.
     Re-running resumes from the database (measured candidates are not measured again)."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from tvm.s_tir import meta_schedule as ms
 
     from ..attention import default_tiled_knobs
@@ -191,9 +189,7 @@ def tune_tiled(acsr, batch, heads, head_dim, dtype, target, *, plans=None, root=
     path = workload_dir("tiled_tc" if tc else "tiled", spec, target, root)
     path.mkdir(parents=True, exist_ok=True)
     result, records = TuneResult(), {}
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("best {task.fields[best]}"), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
+    with tuning_progress(console) as progress:
         for run in _batches(tasks):
             trials = sum(len(c) for _, c in run["tasks"].values())
             bar = progress.add_task(f"tiled: {len(run['tasks'])} programs", total=trials, best="-")
@@ -209,7 +205,7 @@ def tune_tiled(acsr, batch, heads, head_dim, dtype, target, *, plans=None, root=
                     space=next(iter(spaces.values())), special_space=spaces,
                     task_scheduler="round-robin", cost_model="xgb",
                     database=open_database(path, create=True),
-                    builder=local_builder(300, max(1, (os.cpu_count() or 2) // 2)),
+                    builder=local_builder(300),
                     runner=ms.runner.LocalRunner(timeout_sec=60, f_alloc_argument=_alloc_by_signature(run["tables"])),
                     measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
                                        _progress_callback(progress, bar)],

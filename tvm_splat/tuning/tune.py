@@ -98,11 +98,22 @@ def build_kernel(mod, target, _params=None):
     return build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
-def local_builder(timeout_sec, max_workers=1):
-    """MetaSchedule's LocalBuilder with :func:`build_kernel`."""
+def local_builder(timeout_sec, max_workers=None):
+    """MetaSchedule's LocalBuilder with :func:`build_kernel`; ``max_workers`` defaults to half
+    the cores (the other half is left to the runner and the search)."""
     from tvm.s_tir import meta_schedule as ms
 
+    if max_workers is None:
+        max_workers = max(1, (os.cpu_count() or 2) // 2)
     return ms.builder.LocalBuilder(timeout_sec=timeout_sec, max_workers=max_workers, f_build=build_kernel)
+
+
+def tuning_progress(console=None):
+    """The rich progress display of a tuning run: one bar per task with its best latency."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TextColumn("best {task.fields[best]}"), TimeElapsedColumn(), console=console)
 
 
 def tuning_target(target) -> tvm.target.Target:
@@ -145,15 +156,12 @@ def tune_attention(acsr, batch, heads, head_dim, dtype, target, *, trials=64, va
     Inputs have shape ``[batch, heads, acsr.n, head_dim]`` and ``dtype``. Writes
     ``<root>/<target>/<kernel>_<spec.key>/database_*.json`` and keeps the ``keep`` best records.
     """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from tvm.s_tir import meta_schedule as ms
 
     target = tuning_target(target)
     spec = AttentionSpec.from_acsr(acsr, batch, heads, head_dim, dtype, scale)
     result = TuneResult()
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("best {task.fields[best]}"), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
+    with tuning_progress(console) as progress:
         for name, func in attention_funcs(spec, variant).items():
             func = func.with_attr("global_symbol", "main")
             path = workload_dir(name, spec, target, root)
@@ -167,7 +175,7 @@ def tune_attention(acsr, batch, heads, head_dim, dtype, target, *, trials=64, va
                     tvm.IRModule({"main": func}), target, work, max_trials_global=trials,
                     num_trials_per_iter=min(32, trials), space=space, cost_model="xgb",
                     database=database,
-                    builder=local_builder(120),
+                    builder=local_builder(120, max_workers=1),
                     runner=ms.runner.LocalRunner(
                         timeout_sec=60, f_alloc_argument=_alloc_with_metadata(_metadata_args(func, acsr))),
                     measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
