@@ -78,3 +78,39 @@ def test_decomposed_dense_attention_tunes_for_the_h100():
     assert candidates
     for cand in candidates:
         tvm.tirx.build(cand.sch.mod, target=h100)
+
+
+def _committed_dense_logs():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "tuning_logs" / "cuda-sm_90"
+    return sorted(root.glob("tvm_dense_*_mask"))
+
+
+@pytest.mark.parametrize("path", _committed_dense_logs(), ids=lambda p: p.name)
+def test_committed_h100_dense_records_cover_their_workload(path):
+    """Each committed H100 database (the bench's ``tvm_dense_tuned``) holds a record for every
+    PrimFunc Relax fuses its shape into, and the tuned module generates CUDA."""
+    import re
+
+    from tvm.s_tir import meta_schedule as ms
+
+    from tvm.s_tir import tensor_intrin  # noqa: F401  the tensor-core records name these
+    from tvm_splat.baselines.tvm_dense import dense_attention_module, fused_module
+    from tvm_splat.tuning.logs import open_database
+
+    b, h, n, d, dtype = re.fullmatch(r"tvm_dense_b(\d+)_h(\d+)_n(\d+)_d(\d+)_(\w+)_mask", path.name).groups()
+    shape = (int(b), int(h), int(n), int(d), dtype)
+    assert json.loads((path / "tuned.json").read_text())["trials"] > 0  # a finished run
+    h100 = tvm.target.Target("nvidia/nvidia-h100")
+    db = open_database(path)
+    mod = dense_attention_module(*shape, with_mask=True, decomposed=True)
+    funcs = [f for f in fused_module(mod).functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert len(funcs) == 4
+    for func in funcs:
+        key = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+        assert db.query_tuning_record(key, h100, "main") is not None
+    if shape[:3] == (8, 12, 1024):  # one shape built end to end is enough for the build check
+        ex = ms.relax_integration.compile_relax(db, mod, h100, None)
+        cuda = ex.mod.imports[0].imports[0].inspect_source()
+        assert "wmma" in cuda  # the tuned matmuls run on tensor cores

@@ -55,3 +55,29 @@ def test_missing_record_falls_back_and_says_so_once(log_root, caplog):
         assert apply_best("fused", fused_func(spec), spec, "llvm") is None
         assert apply_best("fused", fused_func(spec), spec, "llvm") is None
     assert caplog.text.count("no tuning record") == 1
+
+
+def test_runner_arguments_are_made_once_per_task():
+    """The runner's arguments: fixed tables as given, random values of the right dtype and
+    shape elsewhere, the same tensors for the next candidate of the task, fresh ones for
+    another task."""
+    import tvm
+
+    from tvm_splat.tuning.tune import alloc_arguments
+
+    dev = tvm.cpu()
+    table = np.arange(6, dtype="int32")
+    info = (("TENSOR", "float16", [3, 5]), ("TENSOR", "int32", [6]), ("TENSOR", "float32", [2000, 700]))
+    first = alloc_arguments(dev, info, 1, [None, table, None])
+    assert len(first) == 1
+    a, t, big = (x.numpy() for x in first[0])
+    assert a.dtype == np.float16 and a.shape == (3, 5) and np.isfinite(a).all() and a.std() > 0.3
+    np.testing.assert_array_equal(t, table)
+    assert big.shape == (2000, 700) and abs(big.mean()) < 0.05 and 0.9 < big.std() < 1.1
+
+    again = alloc_arguments(dev, info, 1, [None, table.copy(), None])
+    assert all(x.same_as(y) for x, y in zip(again[0], first[0]))
+
+    other = alloc_arguments(dev, info, 1, [None, table + 1, None])
+    assert not other[0][0].same_as(first[0][0])
+    np.testing.assert_array_equal(other[0][1].numpy(), table + 1)

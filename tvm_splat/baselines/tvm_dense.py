@@ -85,7 +85,7 @@ def tune_dense_attention(batch, heads, seq_len, head_dim, dtype, target, *, tria
     from tvm.s_tir import meta_schedule as ms
 
     from ..tuning.logs import open_database
-    from ..tuning.tune import local_builder, prune_database, tuning_target
+    from ..tuning.tune import local_builder, prune_database, reused_arguments, tuning_target
 
     target = tuning_target(target)
     mod = fused_module(dense_attention_module(batch, heads, seq_len, head_dim, dtype, scale, with_mask,
@@ -99,7 +99,7 @@ def tune_dense_attention(batch, heads, seq_len, head_dim, dtype, target, *, tria
             mod, {}, target, work, max_trials_global=trials,
             num_trials_per_iter=max(1, min(32, trials // max(1, len(tasks)))),
             database=database, builder=local_builder(120),
-            runner=ms.runner.LocalRunner(timeout_sec=60))
+            runner=ms.runner.LocalRunner(timeout_sec=60, f_alloc_argument=reused_arguments))
     prune_database(path, keep=1)
     # written last: a run cut short leaves its records (a re-run continues from them) but no
     # summary, so ``autotune --suite --dense`` knows to tune this shape again
