@@ -61,7 +61,7 @@ def test_autotune_dense_suite_tunes_each_shape_once(tmp_path, monkeypatch, capsy
 
     calls = []
 
-    def fake_tune(b, h, n, d, dtype, target, *, trials, with_mask, root):
+    def fake_tune(b, h, n, d, dtype, target, *, trials, with_mask, root, console):
         calls.append((b, h, n, d, dtype))
         path = td.dense_log_dir(b, h, n, d, dtype, target, with_mask, root)
         path.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,8 @@ def _autotune(args):
         from .baselines.tvm_dense import tune_dense_attention
 
         path = tune_dense_attention(args.batch, args.heads, args.seq, args.head_dim, args.dtype,
-                                    args.target, trials=args.trials, with_mask=True, root=args.log_dir)
+                                    args.target, trials=args.trials, with_mask=True, root=args.log_dir,
+                                    console=console)
         console.print(f"TVM dense attention (masked) tuned -> {path}")
         return
     acsr = ACSR.from_pattern(parse_pattern(args.pattern), args.seq)
@@ -87,7 +88,7 @@ def _autotune_suite(args, console):
                     console.print(f"TVM dense attention {shape}: already tuned, skipped")
                     continue
                 path = tune_dense_attention(*shape, args.target, trials=args.trials, with_mask=True,
-                                            root=args.log_dir)
+                                            root=args.log_dir, console=console)
                 console.print(f"TVM dense attention {shape} -> {path}")
             continue
         acsr = ACSR.from_pattern(parse_pattern(case.pattern), case.seq_len)

@@ -1,9 +1,12 @@
 """TVM's dense attention baseline: correct, and tunable with MetaSchedule."""
+import io
 import json
+import re
 
 import numpy as np
 import pytest
 import tvm
+from rich.console import Console
 
 from tvm_splat.baselines import compile_dense_attention
 from tvm_splat.baselines.tvm_dense import dense_log_dir, tune_dense_attention
@@ -34,7 +37,9 @@ def test_tuned_dense_baseline(tmp_path, monkeypatch, rng):
     monkeypatch.setenv("TVM_SPLAT_TUNING_LOGS", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="no tuning record"):
         compile_dense_attention(1, 2, 12, 8, "float32", "llvm", with_mask=True, tuned=True)
-    path = tune_dense_attention(1, 2, 12, 8, "float32", "llvm", trials=8, with_mask=True)
+    out = io.StringIO()
+    path = tune_dense_attention(1, 2, 12, 8, "float32", "llvm", trials=8, with_mask=True,
+                                console=Console(file=out, width=200))
     assert path == dense_log_dir(1, 2, 12, 8, "float32", "llvm", with_mask=True)
     db = open_database(path)
     fused = fused_module(dense_attention_module(1, 2, 12, 8, "float32", with_mask=True, decomposed=True))
@@ -46,6 +51,9 @@ def test_tuned_dense_baseline(tmp_path, monkeypatch, rng):
     summary = json.loads((path / "tuned.json").read_text())
     assert summary["trials"] == 8 and len(summary["tasks_us"]) == len(funcs)
     assert all(us > 0 for us in summary["tasks_us"].values())
+    # the progress bar ends on the sum of the tasks' best latencies (rounded to 0.1 us there)
+    shown = float(re.search(r"best ([0-9.]+) us", out.getvalue()).group(1))
+    assert shown == pytest.approx(sum(summary["tasks_us"].values()), abs=0.1 * len(funcs))
     vm, dev = compile_dense_attention(1, 2, 12, 8, "float32", "llvm", with_mask=True, tuned=True)
     q, k, v = _inputs(rng)
     mask = np.tril(np.ones((12, 12), bool))
@@ -91,8 +99,6 @@ def _committed_dense_logs():
 def test_committed_h100_dense_records_cover_their_workload(path):
     """Each committed H100 database (the bench's ``tvm_dense_tuned``) holds a record for every
     PrimFunc Relax fuses its shape into, and the tuned module generates CUDA."""
-    import re
-
     from tvm.s_tir import meta_schedule as ms
 
     from tvm.s_tir import tensor_intrin  # noqa: F401  the tensor-core records name these

@@ -77,15 +77,16 @@ def fused_module(mod):
 
 
 def tune_dense_attention(batch, heads, seq_len, head_dim, dtype, target, *, trials=64,
-                         with_mask=False, scale=None, root=None) -> Path:
+                         with_mask=False, scale=None, root=None, console=None) -> Path:
     """Tune TVM's dense attention (the ``decomposed`` module, fused by Relax) with MetaSchedule's
     default space and XGBoost cost model: the fair "TVM tuned" baseline. Every task gets at
     least one batch of trials (``trials`` is shared among them); resumable; returns the
-    database folder."""
+    database folder. The progress bar shows the sum of the tasks' best latencies."""
     from tvm.s_tir import meta_schedule as ms
 
     from ..tuning.logs import open_database
-    from ..tuning.tune import local_builder, prune_database, reused_arguments, tuning_target
+    from ..tuning.tune import (_progress_callback, local_builder, prune_database, reused_arguments,
+                               tuning_progress, tuning_target)
 
     target = tuning_target(target)
     mod = fused_module(dense_attention_module(batch, heads, seq_len, head_dim, dtype, scale, with_mask,
@@ -94,12 +95,15 @@ def tune_dense_attention(batch, heads, seq_len, head_dim, dtype, target, *, tria
     path = dense_log_dir(batch, heads, seq_len, head_dim, dtype, target, with_mask, root)
     path.mkdir(parents=True, exist_ok=True)
     database = ms.database.JSONDatabase(work_dir=str(path))
-    with tempfile.TemporaryDirectory() as work:
+    with tempfile.TemporaryDirectory() as work, tuning_progress(console) as progress:
+        bar = progress.add_task(f"tuning TVM dense attention ({len(tasks)} tasks)", total=trials, best="-")
         ms.relax_integration.tune_relax(
             mod, {}, target, work, max_trials_global=trials,
             num_trials_per_iter=max(1, min(32, trials // max(1, len(tasks)))),
             database=database, builder=local_builder(120),
-            runner=ms.runner.LocalRunner(timeout_sec=60, f_alloc_argument=reused_arguments))
+            runner=ms.runner.LocalRunner(timeout_sec=60, f_alloc_argument=reused_arguments),
+            measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
+                               _progress_callback(progress, bar, parts=True)])
     prune_database(path, keep=1)
     # written last: a run cut short leaves its records (a re-run continues from them) but no
     # summary, so ``autotune --suite --dense`` knows to tune this shape again

@@ -98,20 +98,26 @@ def _alloc_with_metadata(fixed):
     return alloc
 
 
-def _progress_callback(progress, task):
+def _progress_callback(progress, task, parts=False):
+    """A measure callback that advances ``task`` of the rich ``progress`` and shows the best
+    latency so far: the fastest candidate of any task, or with ``parts`` (tasks that each
+    compute one part of a program, as the kernels of a Relax module) the sum of each task's
+    best over the tasks measured so far."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
 
+    best = {}  # task id (0 without parts) -> best latency in us
+
     @derived_object
     class Progress(ms.measure_callback.PyMeasureCallback):
-        best = float("inf")
-
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            key = task_id if parts else 0
             for res in runner_results:
                 if res.run_secs:
-                    self.best = min(self.best, float(np.median([float(s) for s in res.run_secs])) * 1e6)
+                    us = float(np.median([float(s) for s in res.run_secs])) * 1e6
+                    best[key] = min(best.get(key, float("inf")), us)
             progress.update(task, advance=len(runner_results),
-                            best=f"{self.best:.1f} us" if np.isfinite(self.best) else "-")
+                            best=f"{sum(best.values()):.1f} us" if best else "-")
 
     return Progress()
 
