@@ -29,8 +29,6 @@ def test_dense_baseline_matches_reference_with_mask(rng):
 def test_tuned_dense_baseline(tmp_path, monkeypatch, rng):
     """Tuning writes a record for every PrimFunc that compile_relax will look up, and the
     tuned module stays correct."""
-    from tvm.s_tir import meta_schedule as ms
-
     from tvm_splat.baselines.tvm_dense import dense_attention_module, fused_module
     from tvm_splat.tuning.logs import open_database
 
@@ -65,7 +63,6 @@ def test_tuned_dense_baseline(tmp_path, monkeypatch, rng):
 def test_decomposed_dense_attention_tunes_for_the_h100():
     """The module MetaSchedule tunes for the GPU: TVM's default CUDA space samples candidates
     for its matmul (tensor cores) and they build with nvcc (no GPU needed)."""
-    from tvm import relax
     from tvm.s_tir import meta_schedule as ms
 
     from tvm.s_tir import tensor_intrin  # noqa: F401  the tensor-core rules name these
