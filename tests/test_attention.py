@@ -104,3 +104,28 @@ def test_torch_fast_path_reuses_the_launch_and_still_checks(rng):
         sparse_attention(q, k, v[:, :, :8], pattern)
     with pytest.raises(ValueError, match="same dtype"):
         sparse_attention(q, k, v.double(), pattern)
+
+
+def test_untuned_knobs_pick_stages_by_grid_size():
+    """Without tuning records the fused path takes one K/V stage for small grids and two for
+    large ones (the threshold is measured, see ``TWO_STAGE_MIN_TILES``); tensor cores only for
+    fp16 on the GPU."""
+    import tvm
+
+    from tvm_splat.attention import TWO_STAGE_MIN_TILES, _fused_knobs, default_tiled_knobs
+    from tvm_splat.kernels.spec import AttentionSpec
+
+    h100 = tvm.target.Target("nvidia/nvidia-h100")
+    acsr = ACSR.from_pattern(Window(256), 4096)
+    small = AttentionSpec.from_acsr(acsr, 1, 12, 64, "float16")     # 12 * 64 row tiles of 64
+    large = AttentionSpec.from_acsr(acsr, 8, 12, 64, "float16")     # 8 * 12 * 64
+    assert 12 * 64 < TWO_STAGE_MIN_TILES <= 8 * 12 * 64
+    assert default_tiled_knobs("float16", h100, small).stages == 1
+    assert default_tiled_knobs("float16", h100, large).stages == 2
+    assert default_tiled_knobs("float16", h100, large).use_tensor_cores
+    assert not default_tiled_knobs("float32", h100, large).use_tensor_cores
+    assert not default_tiled_knobs("float16", "llvm", large).use_tensor_cores
+    # the fused path without a record uses them (the tuning logs hold nothing for n=4096, b=3)
+    knobs = _fused_knobs(acsr, 3, 12, 64, "float16", h100, None)
+    assert knobs == default_tiled_knobs("float16", h100, AttentionSpec.from_acsr(acsr, 3, 12, 64, "float16"))
+    assert knobs.stages == 2  # 3 * 12 * 64 = 2304 tiles

@@ -5,6 +5,7 @@ the output is written straight into a fresh torch tensor; numpy arrays are copie
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -106,11 +107,24 @@ def _to_tvm(x, dev):
 VARIANTS = ("fused", "tiled", "row", "separate")
 
 
-def default_tiled_knobs(dtype, target):
-    """The fused path's knobs: tensor cores for fp16 on the GPU."""
+# Grids of at least this many row tiles get two K/V stages (cp.async one block ahead); smaller
+# ones one. Untuned, on the H100: two stages were 17-18% faster at 3072-6144 tiles and 3-15%
+# slower at 384-1536 (benchmarks/results/h100_stages_ab*.json: 13 quick-suite shapes the rule
+# was read from, 8 held-out shapes it was checked on, within 2.1% of the better form on all).
+TWO_STAGE_MIN_TILES = 2048
+
+
+def default_tiled_knobs(dtype, target, spec=None):
+    """The fused path's knobs when nothing is tuned: tensor cores for fp16 on the GPU; with the
+    workload's :class:`AttentionSpec`, the number of K/V stages by grid size
+    (``TWO_STAGE_MIN_TILES``)."""
     from .schedules.tiled import TiledKnobs
 
-    return TiledKnobs(use_tensor_cores=is_gpu(target) and dtype == "float16")
+    knobs = TiledKnobs(use_tensor_cores=is_gpu(as_target(target)) and dtype == "float16")
+    if spec is not None:
+        tiles = spec.batch * spec.heads * -(-spec.seq_len // knobs.br)
+        knobs = dataclasses.replace(knobs, stages=2 if tiles >= TWO_STAGE_MIN_TILES else 1)
+    return knobs
 
 
 def _fused_knobs(acsr, batch, heads, head_dim, dtype, target, scale):
@@ -121,7 +135,7 @@ def _fused_knobs(acsr, batch, heads, head_dim, dtype, target, scale):
     key = (batch, heads, head_dim, dtype, str(target), scale)
     if key not in cache:
         spec = AttentionSpec.from_acsr(acsr, batch, heads, head_dim, dtype, scale)
-        cache[key] = tuned_tiled_knobs(spec, target) or default_tiled_knobs(dtype, target)
+        cache[key] = tuned_tiled_knobs(spec, target) or default_tiled_knobs(dtype, target, spec)
     return cache[key]
 
 

@@ -98,8 +98,11 @@ def tvm_splat_variant(variant):
 def tvm_splat_fused_untuned(q, k, v, acsr):
     """The fused path with its default knobs, whatever the tuning logs hold."""
     from ..attention import default_tiled_knobs, sparse_attention
+    from ..kernels.spec import AttentionSpec
 
-    knobs = default_tiled_knobs(str(q.dtype).replace("torch.", ""), _target_of(q))
+    dtype = str(q.dtype).replace("torch.", "")
+    spec = AttentionSpec.from_acsr(acsr, q.shape[0], q.shape[1], q.shape[3], dtype)
+    knobs = default_tiled_knobs(dtype, _target_of(q), spec)
     return lambda: sparse_attention(q, k, v, acsr, variant="tiled", knobs=knobs)
 
 

@@ -274,7 +274,7 @@ class _Rewriter(relax.PyExprMutator):
         from ..schedules.tile_plan import plan_tiles
         from ..tuning.tiled import tuned_tiled_knobs
 
-        knobs = tuned_tiled_knobs(spec, self.target) or default_tiled_knobs(spec.dtype, self.target)
+        knobs = tuned_tiled_knobs(spec, self.target) or default_tiled_knobs(spec.dtype, self.target, spec)
         plan = plan_tiles(acsr, knobs)
         gvs = _kernels(self.builder_, self.kernel_cache, spec, self.target, "fused", plan, knobs)
         o_shape, ml_shape = partial_shapes(spec, plan.shape.num_components)
