@@ -85,7 +85,7 @@ def tune_dense_attention(batch, heads, seq_len, head_dim, dtype, target, *, tria
     from tvm.s_tir import meta_schedule as ms
 
     from ..tuning.logs import open_database
-    from ..tuning.tune import (_progress_callback, local_builder, prune_database, reused_arguments,
+    from ..tuning.tune import (_progress_callback, alloc_arguments, local_builder, prune_database,
                                tuning_progress, tuning_target)
 
     target = tuning_target(target)
@@ -101,7 +101,7 @@ def tune_dense_attention(batch, heads, seq_len, head_dim, dtype, target, *, tria
             mod, {}, target, work, max_trials_global=trials,
             num_trials_per_iter=max(1, min(32, trials // max(1, len(tasks)))),
             database=database, builder=local_builder(120),
-            runner=ms.runner.LocalRunner(timeout_sec=60, f_alloc_argument=reused_arguments),
+            runner=ms.runner.LocalRunner(timeout_sec=60, f_alloc_argument=alloc_arguments),
             measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
                                _progress_callback(progress, bar, parts=True)])
     prune_database(path, keep=1)

@@ -62,7 +62,9 @@ def _random_array(shape, dtype, rng, block=1 << 20):
 def alloc_arguments(device, args_info, alloc_repeat, fixed=None):
     """``alloc_repeat`` argument lists for MetaSchedule's runner: the arrays of ``fixed``
     where given (ACSR / plan tables), random data elsewhere (q, k, v, outputs). A call with
-    the same arguments as the previous one in this process gets the same tensors back."""
+    the same arguments as the previous one in this process gets the same tensors back, so
+    without ``fixed`` this is itself an ``f_alloc_argument`` making a task's random inputs
+    once rather than once per measured candidate."""
     fixed = list(fixed) if fixed is not None else [None] * len(args_info)
     key = (str(device), repr(args_info), alloc_repeat,
            tuple(None if a is None else hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest()
@@ -81,12 +83,6 @@ def alloc_arguments(device, args_info, alloc_repeat, fixed=None):
         repeated.append(args)
     _LAST_ARGS[key] = repeated
     return repeated
-
-
-def reused_arguments(device, args_info, alloc_repeat):
-    """MetaSchedule ``f_alloc_argument`` for tasks without metadata tables: random inputs,
-    made once per task rather than once per measured candidate."""
-    return alloc_arguments(device, args_info, alloc_repeat)
 
 
 def _alloc_with_metadata(fixed):
