@@ -86,7 +86,7 @@ def tune_dense_attention(batch, heads, seq_len, head_dim, dtype, target, *, tria
 
     from ..tuning.logs import open_database
     from ..tuning.tune import (_progress_callback, alloc_arguments, local_builder, prune_database,
-                               tuning_progress, tuning_target)
+                               run_us, tuning_progress, tuning_target)
 
     target = tuning_target(target)
     mod = fused_module(dense_attention_module(batch, heads, seq_len, head_dim, dtype, scale, with_mask,
@@ -111,7 +111,7 @@ def tune_dense_attention(batch, heads, seq_len, head_dim, dtype, target, *, tria
     tasks_us = {}
     for task in tasks:
         rec = db.query_tuning_record(task.dispatched[0], target, "main")
-        tasks_us[task.task_name] = (round(float(np.median([float(x) for x in rec.run_secs])) * 1e6, 2)
+        tasks_us[task.task_name] = (round(run_us(rec.run_secs), 2)
                                     if rec is not None and rec.run_secs else None)
     (path / "tuned.json").write_text(json.dumps({"trials": trials, "tasks_us": tasks_us}, indent=1))
     return path

@@ -26,7 +26,7 @@ from ..kernels.spec import AttentionSpec
 from ..schedules.targets import as_target, is_gpu
 from .logs import open_database, workload_dir
 from .tune import (TuneResult, _metadata_args, _progress_callback, alloc_arguments, local_builder, prune_database,
-                   tuning_progress, tuning_target)
+                   run_us, tuning_progress, tuning_target)
 
 logger = logging.getLogger("tvm_splat.tuning")
 PLAN_CHOICES = ((64, 64), (64, 128), (128, 64), (32, 64))
@@ -217,7 +217,7 @@ def tune_tiled(acsr, batch, heads, head_dim, dtype, target, *, plans=None, root=
         knobs = _annotated_knobs(rec.trace)
         if knobs is None or not rec.run_secs:
             continue
-        us = float(np.median([float(x) for x in rec.run_secs])) * 1e6
+        us = run_us(rec.run_secs)
         kn = TiledKnobs(**knobs)
         name = _program_name(kn, uses_mma(spec, kn, target))
         if name in tasks and us < records.get(name, (float("inf"),))[0]:

@@ -94,6 +94,12 @@ def _alloc_with_metadata(fixed):
     return alloc
 
 
+def run_us(run_secs) -> float:
+    """A measured candidate's latency in microseconds: the median of MetaSchedule's
+    ``run_secs`` (a record's or a runner result's)."""
+    return float(np.median([float(s) for s in run_secs])) * 1e6
+
+
 def _progress_callback(progress, task, parts=False):
     """A measure callback that advances ``task`` of the rich ``progress`` and shows the best
     latency so far: the fastest candidate of any task, or with ``parts`` (tasks that each
@@ -110,7 +116,7 @@ def _progress_callback(progress, task, parts=False):
             key = task_id if parts else 0
             for res in runner_results:
                 if res.run_secs:
-                    us = float(np.median([float(s) for s in res.run_secs])) * 1e6
+                    us = run_us(res.run_secs)
                     best[key] = min(best.get(key, float("inf")), us)
             progress.update(task, advance=len(runner_results),
                             best=f"{sum(best.values()):.1f} us" if best else "-")
@@ -218,7 +224,7 @@ def tune_attention(acsr, batch, heads, head_dim, dtype, target, *, trials=64, va
             prune_database(path, keep=keep)
             db = open_database(path)
             recs = db.get_top_k(db.commit_workload(tvm.IRModule({"main": func})), 1)
-            result.best_us[name] = float(np.median([float(s) for s in recs[0].run_secs])) * 1e6 if recs else None
+            result.best_us[name] = run_us(recs[0].run_secs) if recs else None
             result.dirs[name] = str(path)
             result.trials[name] = trials
     return result
