@@ -31,7 +31,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/gpu_correctness.json")
     ap.add_argument("--variant", action="append", default=None,
-                    help="fused, tiled_cuda_cores, row, separate (repeatable; default: all)")
+                    help="tiled, tiled_cuda_cores, row, separate (repeatable; default: all)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     rows = []
@@ -40,7 +40,7 @@ def main():
             q, k, v = qkv(rng, 3, heads, acsr.n, 64, dtype)
             ref = masked_attention(q, k, v, dense_mask(acsr))
             tq, tk, tv = (torch.from_numpy(x).cuda() for x in (q, k, v))
-            for variant in args.variant or ("fused", "tiled_cuda_cores", "row", "separate"):
+            for variant in args.variant or ("tiled", "tiled_cuda_cores", "row", "separate"):
                 kw = {"variant": variant}
                 if variant == "tiled_cuda_cores":
                     kw = {"variant": "tiled", "knobs": TiledKnobs(use_tensor_cores=False)}

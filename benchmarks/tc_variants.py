@@ -1,7 +1,7 @@
 """Kernel-level comparison of the tiled kernel's GPU forms on one case (H100).
 
 For a pattern and shape: FlexAttention and SDPA (dense, masked) as references, then the tiled
-kernel with each knob setting given (tensor cores through ``mma`` or ``wmma``, CUDA cores),
+kernel with each knob setting given (tensor cores through ``mma``, CUDA cores),
 each checked against SDPA with the mask; median ms of CUDA-event timings.
 
     python benchmarks/tc_variants.py --pattern window:256 --seq 4096 --heads 12 --head-dim 64 \
@@ -30,7 +30,6 @@ VARIANTS = {
     "mma_w2_bc32": dict(br=32, bc=32, warps=2),
     "mma_w4_m2_bc64": dict(br=128, bc=64, warps=4, m_tiles=2),
     "mma_w2_m2_bc64": dict(br=64, bc=64, warps=2, m_tiles=2),
-    "wmma_64": dict(tc_kernel="wmma"),
     "cuda_cores_64": dict(use_tensor_cores=False),
 }
 

@@ -9,8 +9,9 @@ def test_demo_runs_and_checks_results(capsys):
                  "--pattern", "global:2+window:4"]) == 0
     out = capsys.readouterr().out
     assert "all outputs match dense attention" in out
-    for row in ("tvm_splat fused", "tvm_splat row", "tvm_splat separate", "tvm dense (masked)"):
+    for row in ("tvm_splat row", "tvm_splat tiled", "tvm_splat separate", "tvm dense (masked)"):
         assert row in out
+    assert "default kernel on llvm: row" in out
 
 
 def test_unknown_pattern_is_a_clean_error(capsys):
@@ -22,7 +23,7 @@ def test_autotune_arguments_parse():
     args = build_parser().parse_args(["autotune", "--pattern", "window:256", "--seq", "4096", "--heads", "12",
                                       "--head-dim", "64", "--dtype", "float16", "--target",
                                       "nvidia/nvidia-h100", "--trials", "500"])
-    assert (args.pattern, args.seq, args.trials, args.variant, args.dense) == ("window:256", 4096, 500, "fused", False)
+    assert (args.pattern, args.seq, args.trials, args.variant, args.dense) == ("window:256", 4096, 500, "tiled", False)
 
 
 def test_bench_needs_a_gpu():
@@ -37,7 +38,7 @@ def test_autotune_suite_tunes_each_case_once(tmp_path, capsys):
     # one plan keeps the CPU run short
     argv = ["autotune", "--suite", "tiny", "--target", "llvm", "--log-dir", str(tmp_path), "--plans", "16x16"]
     assert main(argv) == 0
-    best = list(tmp_path.glob("llvm/fused_*/best.json"))
+    best = list(tmp_path.glob("llvm/tiled_*/best.json"))
     assert len(best) == 1
     assert "tiled_16x16" in capsys.readouterr().out
     assert main(argv) == 0

@@ -2,7 +2,7 @@
 import pytest
 import tvm
 
-from tvm_splat.compile import build_module, compile_attention, cuda_source, nvcc_compile
+from tvm_splat.compile import compile_attention, cuda_source, nvcc_compile, row_module
 from tvm_splat.formats import ACSR, GlobalTokens, Window
 from tvm_splat.kernels import AttentionSpec
 
@@ -10,14 +10,14 @@ H100 = "nvidia/nvidia-h100"
 
 
 @pytest.mark.parametrize("variant", ["row", "separate"])
-@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_cuda_source_generated_and_compiled(variant, dtype, tmp_path):
     acsr = ACSR.from_pattern(GlobalTokens(2) | Window(8), 100)
-    spec = AttentionSpec.from_acsr(acsr, 2, 4, 64, dtype)
-    lib = tvm.tirx.build(build_module(spec, H100, variant), target=H100)
+    spec = AttentionSpec.from_acsr(acsr, 2, 4, 64, dtype, kv_heads=2)
+    lib = tvm.tirx.build(row_module(spec, H100, variant), target=H100)
     src = cuda_source(lib)
     assert src, "no CUDA device module produced"
-    names = ["fused"] if variant == "row" else ["sddmm", "softmax", "spmm"]
+    names = ["row"] if variant == "row" else ["sddmm", "softmax", "spmm"]
     for name in names:
         assert f"{name}_kernel" in src
     assert "threadIdx.x" in src and "blockIdx.x" in src
@@ -34,13 +34,13 @@ def test_disk_cache_reuses_library(tmp_path, monkeypatch):
     import tvm_splat.compile as c
 
     monkeypatch.setenv("TVM_SPLAT_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(c, "_MEMORY_CACHE", {})
+    monkeypatch.setattr(c, "_LIBRARIES", {})
     acsr = ACSR.from_pattern(Window(2), 10)
     spec = AttentionSpec.from_acsr(acsr, 1, 1, 4, "float32")
     compile_attention(spec, "llvm")
     files = list(tmp_path.glob("*.so"))
     assert len(files) == 1
-    monkeypatch.setattr(c, "_MEMORY_CACHE", {})
+    monkeypatch.setattr(c, "_LIBRARIES", {})
     mtime = files[0].stat().st_mtime_ns
     compile_attention(spec, "llvm")
     assert files[0].stat().st_mtime_ns == mtime  # loaded, not rebuilt

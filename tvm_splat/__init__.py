@@ -3,10 +3,19 @@
 Public API (thin; everything else lives in submodules):
 
 - patterns and the ACSR format: :mod:`tvm_splat.formats`
-- ``sparse_attention(q, k, v, mask)``: run ACSR attention on numpy/torch tensors
-- ``compile_attention(spec, target)``: compiled kernels for one :class:`AttentionSpec`
+- ``plan(mask, q_shape, kv_shape, dtype, device)`` -> :class:`AttentionPlan`, then
+  ``plan.run(q, k, v)``: plan a workload once, run it many times (:mod:`tvm_splat.plan`)
+- ``sparse_attention(q, k, v, mask)``: the same through a small cache of plans, on numpy
+  arrays or torch tensors
+
+Layers (each imports only from those above it in this list): ``formats`` (patterns, ACSR, tile
+plans: data) -> ``kernels`` (TensorIR generators from an ``AttentionSpec``) -> ``schedules``
+(``(func, target, knobs) -> func`` and default knobs) -> ``records`` (reading tuning records) ->
+``compile`` (build + cache) -> ``devices`` / ``plan`` / ``attention`` (runtime) ->
+``relay_passes``, ``tuning``, ``baselines``, ``bench``, ``demo``, ``cli``. ``pruning`` stands
+apart (torch training); ``reference`` and ``timing`` are leaf helpers.
 """
-__version__ = "0.1.0"
+from ._version import __version__
 
 from .formats import (  # noqa: E402
     ACSR, BlockLocal, Dense, DilatedWindow, GlobalTokens, PerHead, Strided, Union, Window,
@@ -14,9 +23,10 @@ from .formats import (  # noqa: E402
 )
 from .kernels import AttentionSpec  # noqa: E402
 from .compile import compile_attention  # noqa: E402
+from .plan import AttentionPlan, plan  # noqa: E402
 from .attention import sparse_attention  # noqa: E402
 
 __all__ = [
-    "ACSR", "AttentionSpec", "BlockLocal", "Dense", "DilatedWindow", "GlobalTokens", "PerHead",
-    "Strided", "Union", "Window", "compile_attention", "parse_pattern", "sparse_attention",
+    "ACSR", "AttentionPlan", "AttentionSpec", "BlockLocal", "Dense", "DilatedWindow", "GlobalTokens",
+    "PerHead", "Strided", "Union", "Window", "compile_attention", "parse_pattern", "plan", "sparse_attention",
 ]

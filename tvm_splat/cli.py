@@ -18,11 +18,54 @@ def _bench(args):
     run_bench(args)
 
 
+def _workload(args, pattern, seq_len, heads, head_dim, batch, dtype):
+    """The plan of one tuning workload (compile only: tuning measures through MetaSchedule)."""
+    from .plan import plan
+
+    shape = (batch, heads, seq_len, head_dim)
+    return plan(pattern, shape, shape, dtype, None, target=args.target)
+
+
+def _check_through_plan(workload, console):
+    """After tuning: plan the workload as ``sparse_attention`` would and, when this machine has
+    the target's device, run it once against the float64 reference."""
+    import numpy as np
+
+    from .devices import is_gpu_device
+    from .plan import plan
+    from .reference import masked_attention
+
+    dev = None
+    import tvm
+
+    if workload.target.kind.name == "llvm":
+        dev = tvm.cpu()
+    elif tvm.cuda(0).exist:
+        dev = tvm.cuda(0)
+    tuned = plan(workload.acsr, workload.q_shape, workload.kv_shape, workload.spec.dtype, dev,
+                 target=workload.target, scale=workload.spec.scale, variant=workload.variant)
+    console.print(f"plan after tuning: {tuned.variant}, knobs from {tuned.knobs_source}: {tuned.knobs}")
+    if dev is None or workload.spec.dtype == "bfloat16":
+        return tuned
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal(tuned.q_shape).astype(tuned.spec.dtype)
+    k, v = (rng.standard_normal(tuned.kv_shape).astype(tuned.spec.dtype) for _ in range(2))
+    if is_gpu_device(dev):
+        import torch
+
+        out = tuned.run(*(torch.from_numpy(x).cuda() for x in (q, k, v))).float().cpu().numpy()
+    else:
+        out = tuned.run(q, k, v)
+    mask = tuned.acsr.to_dense()
+    ref = masked_attention(q, k, v, mask if tuned.acsr.num_heads > 1 else mask[0], scale=tuned.spec.scale)
+    console.print(f"tuned kernel run once: max |error| vs float64 reference {np.abs(out - ref).max():.2e}")
+    return tuned
+
+
 def _autotune(args):
     from rich.console import Console
 
-    from .formats import ACSR, parse_pattern
-    from .tuning import tune_attention
+    from .tuning import tune_attention, tune_tiled
 
     console = Console()
     if args.suite:
@@ -36,36 +79,40 @@ def _autotune(args):
                                     console=console)
         console.print(f"TVM dense attention (masked) tuned -> {path}")
         return
-    acsr = ACSR.from_pattern(parse_pattern(args.pattern), args.seq)
-    variants = ("fused", "row", "separate") if args.variant == "all" else (args.variant,)
+    workload = _workload(args, args.pattern, args.seq, args.heads, args.head_dim, args.batch, args.dtype)
+    variants = ("tiled", "row", "separate") if args.variant == "all" else (args.variant,)
     for variant in variants:
-        if variant == "fused":
-            from .tuning.tiled import tune_tiled
-
-            res = tune_tiled(acsr, args.batch, args.heads, args.head_dim, args.dtype, args.target,
-                             plans=args.plans, stages=args.stages, root=args.log_dir, console=console)
+        if variant == "tiled":
+            res = tune_tiled(workload, plans=args.plans, stages=args.stages, root=args.log_dir, console=console)
             for name, us in res.best_us.items():
-                console.print(f"fused/{name}: best {us:.1f} us -> {res.dirs[name]}")
+                console.print(f"tiled/{name}: best {us:.1f} us -> {res.dirs[name]}")
             if "best" in res.dirs:
                 console.print(f"best knobs -> {res.dirs['best']}")
-            continue
-        res = tune_attention(acsr, args.batch, args.heads, args.head_dim, args.dtype, args.target,
-                             trials=args.trials, variant=variant, root=args.log_dir, console=console)
-        for name, us in res.best_us.items():
-            console.print(f"{variant}/{name}: best {us:.1f} us -> {res.dirs[name]}")
+        else:
+            res = tune_attention(workload, trials=args.trials, variant=variant, root=args.log_dir, console=console)
+            for name, us in res.best_us.items():
+                console.print(f"{variant}/{name}: best {us:.1f} us -> {res.dirs[name]}")
+        if args.log_dir is None:  # records where plan() looks: show that it picks them up
+            _check_through_plan(_workload_variant(workload, variant), console)
+
+
+def _workload_variant(workload, variant):
+    from .plan import plan
+
+    return plan(workload.acsr, workload.q_shape, workload.kv_shape, workload.spec.dtype, None,
+                target=workload.target, scale=workload.spec.scale, variant=variant)
 
 
 def _autotune_suite(args, console):
-    """Tune the fused kernel (and with ``--dense`` TVM's dense attention, once per shape) for
+    """Tune the tiled kernel (and with ``--dense`` TVM's dense attention, once per shape) for
     every case of a bench suite; cases with a record already are skipped (resumable)."""
     import time
 
     from rich.table import Table
 
     from .bench.suite import suite
-    from .formats import ACSR, parse_pattern
-    from .kernels.spec import AttentionSpec
-    from .tuning.tiled import best_knobs_path, tune_tiled
+    from .records import best_knobs_path
+    from .tuning import tune_tiled
 
     start, table = time.time(), Table(title=f"autotune --suite {args.suite} ({args.target})")
     for col in ("case", "best program", "best us", "programs"):
@@ -91,14 +138,12 @@ def _autotune_suite(args, console):
                                             root=args.log_dir, console=console)
                 console.print(f"TVM dense attention {shape} -> {path}")
             continue
-        acsr = ACSR.from_pattern(parse_pattern(case.pattern), case.seq_len)
-        spec = AttentionSpec.from_acsr(acsr, case.batch, case.heads, case.head_dim, case.dtype)
-        if best_knobs_path(spec, args.target, args.log_dir).exists():
+        workload = _workload(args, case.pattern, case.seq_len, case.heads, case.head_dim, case.batch, case.dtype)
+        if best_knobs_path(workload.spec, args.target, args.log_dir).exists():
             console.print(f"{case.name}: already tuned, skipped")
             continue
         console.print(f"[bold]{case.name}[/]")
-        res = tune_tiled(acsr, case.batch, case.heads, case.head_dim, case.dtype, args.target,
-                         plans=args.plans, stages=args.stages, root=args.log_dir, console=console)
+        res = tune_tiled(workload, plans=args.plans, stages=args.stages, root=args.log_dir, console=console)
         if res.best_us:
             name, us = min(res.best_us.items(), key=lambda kv: kv[1])
             table.add_row(case.name, name, f"{us:.1f}", str(len(res.best_us)))
@@ -137,20 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--heads", type=int, default=12)
     tune.add_argument("--head-dim", type=int, default=64)
     tune.add_argument("--batch", type=int, default=1)
-    tune.add_argument("--dtype", default="float16", choices=("float16", "float32"))
+    tune.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     tune.add_argument("--target", default="nvidia/nvidia-h100")
     tune.add_argument("--trials", type=int, default=64, help="trials per row kernel (the tiled space is enumerated)")
-    tune.add_argument("--variant", default="fused", choices=("fused", "row", "separate", "all"),
-                      help="fused: the tiled kernel's plan and schedule knobs; row/separate: the row kernels")
+    tune.add_argument("--variant", default="tiled", choices=("tiled", "row", "separate", "all"),
+                      help="tiled: the tiled kernel's plan and schedule knobs; row/separate: the row kernels")
     tune.add_argument("--plans", type=_plans, default=None, metavar="BRxBC,...",
-                      help="tile plans the fused search measures, e.g. 64x64,32x32 (default: the built-in list)")
+                      help="tile plans the tiled search measures, e.g. 64x64,32x32 (default: the built-in list)")
     tune.add_argument("--stages", type=lambda t: tuple(int(x) for x in t.split(",")), default=(1, 2),
-                      metavar="S,...", help="cp.async pipeline depths the fused search measures (default: 1,2)")
+                      metavar="S,...", help="cp.async pipeline depths the tiled search measures (default: 1,2)")
     tune.add_argument("--log-dir", default=None, help="tuning log root (default: tuning_logs/)")
     tune.add_argument("--dense", action="store_true",
                       help="tune TVM's own dense (masked) attention instead: the tuned TVM baseline of the bench")
     tune.add_argument("--suite", default=None, choices=("tiny", "quick", "full"),
-                      help="tune every case of this bench suite (fused kernel, or TVM dense with --dense) "
+                      help="tune every case of this bench suite (tiled kernel, or TVM dense with --dense) "
                            "instead of one workload; cases already tuned are skipped")
     tune.add_argument("--time-budget", type=float, default=float("inf"),
                       help="with --suite: start no new case after this many seconds")

@@ -1,67 +1,87 @@
-"""Compile attention kernels for a spec and target, with an in-memory and on-disk cache.
+"""Build scheduled kernel modules and compile them, with an in-memory and on-disk cache.
+
+Two module builders, one per kernel family, and one compile entry:
+
+* :func:`row_module` — the ``row`` / ``separate`` variants, scheduled with the best tuning
+  record of the workload when one exists (:func:`tvm_splat.records.apply_best`), else the row
+  schedule;
+* :func:`tiled_module` — the tiled family for a tile plan's static shape and knobs
+  (``tiled`` [+ ``merge``] [+ ``fallback``]);
+* :func:`compile_module` — ``tvm.tirx.build`` of such a module, cached.
 
 The on-disk cache (``$TVM_SPLAT_CACHE_DIR``, default ``~/.cache/tvm_splat``) holds one shared
-library per (spec, target, variant, knobs, package version), so a process that has compiled a
-shape once never compiles it again.
+library per (module identity, target, fingerprint of this package's kernel and schedule code),
+so a process that has compiled a workload once never compiles it again, and a changed kernel
+never loads a stale library.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
 
 import tvm
 
-from . import __version__
-from .kernels import KERNEL_NAMES, attention_funcs
+from ._version import __version__
+from .formats.tile_plan import PlanShape
+from .kernels import ROW_KERNEL_NAMES, row_variant_funcs
 from .kernels.spec import AttentionSpec
-from .schedules.dispatch import schedule_attention
+from .records import apply_best, record_mark, workload_dir
+from .schedules.row import RowKnobs, row_schedule
 from .schedules.targets import as_target, target_key
+from .schedules.tiled import TiledKnobs, schedule_tiled, tiled_funcs
 
-_MEMORY_CACHE: dict = {}
+#: compiled libraries of this process, by identity (see :func:`load_or_build`)
+_LIBRARIES: dict = {}
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("TVM_SPLAT_CACHE_DIR", Path.home() / ".cache" / "tvm_splat"))
 
 
-def schedule_kernel(name, func, spec, target, knobs=None, geometry=None, use_tuned=True):
-    """One scheduled PrimFunc: the best tuning record for this workload if one exists (and no
-    explicit ``knobs`` were asked for), else the default schedule of the dispatcher."""
-    if use_tuned and knobs is None:
-        from .tuning import apply_best
-
-        tuned = apply_best(name, func, spec, target)
-        if tuned is not None:
-            return tuned
-    return schedule_attention(name, func, spec, target, knobs=knobs, geometry=geometry)
+def clear_memory_cache() -> None:
+    """Forget the libraries compiled or loaded in this process (the disk cache stays)."""
+    _LIBRARIES.clear()
 
 
-def build_module(spec: AttentionSpec, target, variant="row", knobs=None, geometry=None,
-                 use_tuned=True) -> tvm.IRModule:
-    """The scheduled (not yet compiled) IRModule of one variant."""
+@functools.lru_cache(maxsize=None)
+def code_fingerprint() -> str:
+    """SHA-256 (16 hex digits) of the source of the modules that generate code: kernels,
+    schedules and this one. Part of every cache key."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256(__version__.encode())
+    for path in sorted([*root.glob("kernels/*.py"), *root.glob("schedules/*.py"), root / "compile.py"]):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def row_module(spec: AttentionSpec, target, variant: str = "row", knobs: RowKnobs | None = None,
+               use_tuned: bool = True) -> tvm.IRModule:
+    """The scheduled IRModule of a row-parallel variant (functions named as in
+    ``ROW_KERNEL_NAMES``): a tuning record's schedule when one exists and no ``knobs`` were
+    asked for, else :func:`~tvm_splat.schedules.row.row_schedule` with ``knobs``."""
     target = as_target(target)
-    funcs = attention_funcs(spec, variant)
-    scheduled = {
-        name: schedule_kernel(name, func, spec, target, knobs, geometry, use_tuned).with_attr(
-            "global_symbol", name
-        )
-        for name, func in funcs.items()
-    }
-    return tvm.IRModule(scheduled)
+    funcs = {}
+    for name, func in row_variant_funcs(spec, variant).items():
+        tuned = apply_best(name, func, spec, target) if use_tuned and knobs is None else None
+        funcs[name] = (tuned or row_schedule(func, target, knobs or RowKnobs())).with_attr("global_symbol", name)
+    return tvm.IRModule(funcs)
 
 
-def _tuning_mark(spec, target, variant) -> str:
-    """Changes whenever a tuning database of this workload changes, so caches never serve a
-    library compiled before a new tuning record arrived."""
-    from .tuning.logs import workload_dir
+def tiled_module(spec: AttentionSpec, plan_shape: PlanShape, target, knobs: TiledKnobs) -> tvm.IRModule:
+    """The scheduled IRModule of the tiled family: ``tiled`` [, ``merge``] [, ``fallback``]."""
+    target = as_target(target)
+    funcs = tiled_funcs(spec, plan_shape, knobs, target)
+    return tvm.IRModule({name: schedule_tiled(name, f, target, knobs, spec).with_attr("global_symbol", name)
+                         for name, f in funcs.items()})
 
-    marks = []
-    for name in KERNEL_NAMES.get(variant, ()):
-        rec = workload_dir(name, spec, target) / "database_tuning_record.json"
-        if rec.exists():
-            marks.append(f"{name}:{rec.stat().st_mtime_ns}:{rec.stat().st_size}")
-    return ",".join(marks)
+
+def row_tuning_mark(spec: AttentionSpec, target, variant: str) -> str:
+    """Changes whenever a tuning database of this row workload changes."""
+    return record_mark(workload_dir(name, spec, target) / "database_tuning_record.json"
+                       for name in ROW_KERNEL_NAMES[variant])
 
 
 def cuda_source(lib) -> str:
@@ -86,9 +106,11 @@ def nvcc_compile(source: str, target="nvidia/nvidia-h100") -> bytes:
 
 def load_or_build(ident: str, build, use_disk_cache=True):
     """The compiled module named by ``ident``: from memory, else from the disk cache, else
-    ``build()`` (then saved). ``ident`` must change whenever the generated code would."""
-    if ident in _MEMORY_CACHE:
-        return _MEMORY_CACHE[ident]
+    ``build()`` (then saved). ``ident`` must change whenever the generated code would; the code
+    fingerprint is added here."""
+    ident = f"{ident}|{code_fingerprint()}"
+    if ident in _LIBRARIES:
+        return _LIBRARIES[ident]
     path = cache_dir() / f"{hashlib.sha256(ident.encode()).hexdigest()[:24]}.so"
     if use_disk_cache and path.exists():
         lib = tvm.runtime.load_module(str(path))
@@ -100,18 +122,24 @@ def load_or_build(ident: str, build, use_disk_cache=True):
             lib.export_library(str(tmp))
             os.replace(tmp, path)  # atomic: concurrent processes never load half a file
             lib = tvm.runtime.load_module(str(path))
-    _MEMORY_CACHE[ident] = lib
+    _LIBRARIES[ident] = lib
     return lib
 
 
-def compile_attention(spec: AttentionSpec, target, variant="row", knobs=None, geometry=None,
-                      use_disk_cache=True, use_tuned=True):
-    """Compiled ``tvm.runtime.Module`` exposing the variant's functions by name."""
+def compile_module(ident: str, module_fn, target, use_disk_cache=True):
+    """``tvm.tirx.build(module_fn(), target)``, cached under ``ident`` (which must name the
+    workload, variant, knobs and records the module depends on)."""
     target = as_target(target)
-    tuned_mark = _tuning_mark(spec, target, variant) if use_tuned and knobs is None else ""
-    ident = f"{__version__}|{spec.key}|{target_key(target)}|{variant}|{knobs!r}|{geometry!r}|{tuned_mark}"
-    return load_or_build(
-        ident,
-        lambda: tvm.tirx.build(build_module(spec, target, variant, knobs, geometry, use_tuned), target=target),
-        use_disk_cache,
-    )
+    return load_or_build(f"{ident}|{target_key(target)}",
+                         lambda: tvm.tirx.build(module_fn(), target=target), use_disk_cache)
+
+
+def compile_attention(spec: AttentionSpec, target, variant="row", knobs=None, use_disk_cache=True,
+                      use_tuned=True):
+    """Compiled ``tvm.runtime.Module`` of a row-parallel variant, exposing its functions by
+    name (the tiled family is compiled through :mod:`tvm_splat.plan`, which owns its tile
+    plan)."""
+    target = as_target(target)
+    mark = row_tuning_mark(spec, target, variant) if use_tuned and knobs is None else ""
+    return compile_module(f"{variant}|{spec.key}|{knobs!r}|{mark}",
+                          lambda: row_module(spec, target, variant, knobs, use_tuned), target, use_disk_cache)

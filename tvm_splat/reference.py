@@ -7,23 +7,37 @@ import numpy as np
 def masked_attention(q, k, v, mask, scale=None):
     """Dense masked attention in float64.
 
-    q, k, v: ``[batch, heads, n, d]``; mask: bool ``[n, n]`` or ``[heads, n, n]`` (True = attend).
-    Rows with no True entry produce zeros (the convention of our kernels). Returns float64
-    ``[batch, heads, n, d]``.
+    q: ``[batch, heads, n, d]``; k, v: ``[batch, kv_heads, n, d]`` (``heads % kv_heads == 0``:
+    query head h uses KV head ``h // (heads // kv_heads)``); mask: bool ``[n, n]`` or
+    ``[heads, n, n]`` (True = attend). Rows with no True entry produce zeros (the convention of
+    our kernels); only attended entries contribute, so a NaN or inf in a masked-out key or
+    value changes nothing. Returns float64 ``[batch, heads, n, d]``.
     """
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    k, v = (np.repeat(x, group, axis=1) for x in (k, v))
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim == 2:
         mask = mask[None]
     scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
-    scores = np.einsum("bhid,bhjd->bhij", q, k) * scale
-    scores = np.where(mask[None], scores, -np.inf)
-    row_max = scores.max(-1, keepdims=True)
-    row_max = np.where(np.isfinite(row_max), row_max, 0.0)
-    p = np.exp(scores - row_max)
-    total = p.sum(-1, keepdims=True)
-    p = np.divide(p, total, out=np.zeros_like(p), where=total > 0)
-    return p @ v
+    with np.errstate(invalid="ignore", over="ignore"):
+        scores = np.einsum("bhid,bhjd->bhij", q, np.where(np.isfinite(k), k, 0.0)) * scale
+        bad_k = ~np.isfinite(k).all(-1)  # [b, h, n]: keys whose score is not q . k as computed
+        if bad_k.any():
+            exact = np.einsum("bhid,bhjd->bhij", q, k) * scale
+            scores = np.where(bad_k[:, :, None, :], exact, scores)
+        scores = np.where(mask[None], scores, -np.inf)
+        row_max = scores.max(-1, keepdims=True)
+        row_max = np.where(np.isneginf(row_max), 0.0, row_max)
+        p = np.exp(scores - row_max)
+        total = p.sum(-1, keepdims=True)
+        p = np.where(total == 0, 0.0, p / np.where(total == 0, 1.0, total))
+        out = p @ np.where(np.isfinite(v), v, 0.0)
+        # non-finite values reach only the rows that attend them (p > 0: masked-out is p == 0)
+        for b, h, j, d in zip(*np.nonzero(~np.isfinite(v))):
+            attends = p[b, h, :, j] != 0
+            out[b, h, attends, d] += p[b, h, attends, j] * v[b, h, j, d]
+    return out
 
 
 def masked_scores(q, k, mask, scale=None):

@@ -30,7 +30,7 @@ def test_tuned_dense_baseline(tmp_path, monkeypatch, rng):
     """Tuning writes a record for every PrimFunc that compile_relax will look up, and the
     tuned module stays correct."""
     from tvm_splat.baselines.tvm_dense import dense_attention_module, fused_module
-    from tvm_splat.tuning.logs import open_database
+    from tvm_splat.records import open_database
 
     monkeypatch.setenv("TVM_SPLAT_TUNING_LOGS", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="no tuning record"):
@@ -100,7 +100,7 @@ def test_committed_h100_dense_records_cover_their_workload(path):
 
     from tvm.s_tir import tensor_intrin  # noqa: F401  the tensor-core records name these
     from tvm_splat.baselines.tvm_dense import dense_attention_module, fused_module
-    from tvm_splat.tuning.logs import open_database
+    from tvm_splat.records import open_database
 
     b, h, n, d, dtype = re.fullmatch(r"tvm_dense_b(\d+)_h(\d+)_n(\d+)_d(\d+)_(\w+)_mask", path.name).groups()
     shape = (int(b), int(h), int(n), int(d), dtype)

@@ -4,8 +4,9 @@ import pytest
 
 from tvm_splat.formats import (ACSR, BlockLocal, DilatedWindow, GlobalTokens, PerHead, Strided,
                                Window)
+from tvm_splat import sparse_attention
 from tvm_splat.reference import masked_attention
-from tvm_splat.schedules.tiled import TiledKnobs, tiled_attention
+from tvm_splat.schedules.tiled import TiledKnobs
 
 SMALL = TiledKnobs(br=16, bc=16)
 
@@ -17,7 +18,7 @@ def _qkv(rng, shape, dtype="float32"):
 def _check(acsr, rng, batch=2, heads=None, d=16, dtype="float32", knobs=SMALL, tol=1e-3, scale=None):
     heads = heads or max(acsr.num_heads, 2)
     q, k, v = _qkv(rng, (batch, heads, acsr.n, d), dtype)
-    out = tiled_attention(q, k, v, acsr, "llvm", knobs, scale=scale)
+    out = sparse_attention(q, k, v, acsr, target="llvm", variant="tiled", knobs=knobs, scale=scale)
     assert out.dtype == np.dtype(dtype) and out.shape == q.shape
     ref = masked_attention(q, k, v, acsr.to_dense(), scale=scale)
     np.testing.assert_allclose(out.astype(np.float64), ref, atol=tol, rtol=tol)
@@ -63,7 +64,7 @@ def test_tiled_empty_rows_and_csr_fallback(rng):
 def test_tiled_fully_empty_mask(rng):
     acsr = ACSR.from_mask(np.zeros((10, 10), dtype=bool))
     q, k, v = _qkv(rng, (1, 2, 10, 8))
-    assert not tiled_attention(q, k, v, acsr, "llvm", SMALL).any()
+    assert not sparse_attention(q, k, v, acsr, variant="tiled", knobs=SMALL).any()
 
 
 def test_tiled_float16_and_scale(rng):
@@ -79,16 +80,14 @@ def test_tiled_knobs_validate():
         TiledKnobs(br=8, use_tensor_cores=True)
 
 
-@pytest.mark.parametrize("pattern,n", [(Window(5) | GlobalTokens(3), 70), (DilatedWindow(4, 2), 50),
-                                       (Strided(8, causal=True), 60)], ids=["window_global", "dilated", "strided"])
-def test_tiled_tensor_core_form_on_cpu(pattern, n, rng):
-    """The logical kernel the WMMA schedule uses (separate PV GEMM, S in the tile, mask inlined
-    into its readers on the GPU) gives the same numbers; fp32 with tensor-core knobs builds it."""
+def test_tensor_core_knobs_on_cpu_run_the_logical_kernel(rng):
+    """Tensor cores exist only on the GPU: on the CPU the same knobs build the logical kernel."""
     from tvm_splat.kernels.spec import AttentionSpec
-    from tvm_splat.schedules.tiled import plan_tiles, tiled_funcs
+    from tvm_splat.formats.tile_plan import plan_tiles
+    from tvm_splat.schedules.tiled import tiled_funcs
 
     knobs = TiledKnobs(br=16, bc=16, use_tensor_cores=True)
-    acsr = ACSR.from_pattern(pattern, n)
+    acsr = ACSR.from_pattern(Window(5) | GlobalTokens(3), 70)
     spec = AttentionSpec.from_acsr(acsr, 1, 2, 16, "float16")
-    assert "PV_stage" in tiled_funcs(spec, plan_tiles(acsr, knobs).shape, knobs)["tiled"].script()
+    assert "S_gemm" in tiled_funcs(spec, plan_tiles(acsr, knobs).shape, knobs, "llvm")["tiled"].script()
     _check(acsr, rng, dtype="float16", knobs=knobs, tol=2e-2)

@@ -286,6 +286,29 @@ def test_separate_kernels_variant():
     np.testing.assert_allclose(run(new, args), torch_out(model, *args), atol=ATOL)
 
 
+@pytest.mark.parametrize("kind", ["merge", "fallback"])
+def test_tiled_variant_runs_every_step_of_its_plan(kind):
+    """The tiled family through the pass: a strided mask needs the merge of two row groupings
+    (a kernel with three outputs), an irregular one the CSR-row fallback (in place)."""
+    args = qkv(9, n=40)
+    if kind == "merge":
+        from tvm_splat.formats import Strided
+
+        pattern = Strided(8)
+        keep = pattern.dense_mask(40)
+    else:
+        keep = np.random.default_rng(3).random((40, 40)) < 0.3
+        pattern = ACSR.from_mask(keep, max_segments=2)
+    mod, _ = import_model(SDPA(), args)
+    sparsify_pass = SparsifyAttention(pattern, variant="tiled")
+    new = sparsify_pass(mod)
+    (_, plan), = sparsify_pass.workloads
+    assert plan.variant == "tiled" and kind in [s.kernel for s in plan.steps]
+    assert main_ops(new).count("relax.call_tir") + main_ops(new).count("relax.call_tir_inplace") == len(plan.steps)
+    ref = masked_attention(*(a.numpy() for a in args), keep)
+    np.testing.assert_allclose(run(new, args), ref, atol=ATOL)
+
+
 # ----------------------------------------------------------------------------- several layers
 def test_two_layers_with_different_patterns_by_name():
     args = qkv(8)
@@ -426,7 +449,9 @@ def test_bad_pattern_arguments(pattern, error, words):
 
 def test_bad_other_arguments():
     with pytest.raises(ValueError, match="variant"):
-        SparsifyAttention(Window(2), variant="tiled")
+        SparsifyAttention(Window(2), variant="flash")
+    with pytest.raises(ValueError, match="now called 'tiled'"):
+        SparsifyAttention(Window(2), variant="fused")
     with pytest.raises(ValueError, match="target"):
         SparsifyAttention(Window(2), target="c")
     with pytest.raises(TypeError, match="names"):

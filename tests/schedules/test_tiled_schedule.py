@@ -3,17 +3,19 @@
 import pytest
 import tvm
 
+from tvm_splat.compile import tiled_module as build_module
 from tvm_splat.formats import ACSR, GlobalTokens, Strided, Window
+from tvm_splat.formats.tile_plan import plan_tiles
 from tvm_splat.kernels.spec import AttentionSpec
-from tvm_splat.schedules.tiled import TiledKnobs, build_module, plan_tiles, tiled_funcs
+from tvm_splat.schedules.tiled import TiledKnobs, tiled_funcs
 
 H100 = "nvidia/nvidia-h100"
 
 
-def _cuda_source(pattern, n, knobs, dtype="float16", heads=12, d=64):
+def _cuda_source(pattern, n, knobs, dtype="float16", heads=12, d=64, kv_heads=None):
     acsr = ACSR.from_pattern(pattern, n)
     plan = plan_tiles(acsr, knobs)
-    spec = AttentionSpec.from_acsr(acsr, 1, heads, d, dtype)
+    spec = AttentionSpec.from_acsr(acsr, 1, heads, d, dtype, kv_heads=kv_heads)
     lib = tvm.tirx.build(build_module(spec, plan.shape, H100, knobs), target=H100)
     return lib.imports[0].inspect_source(), plan
 
@@ -35,11 +37,13 @@ def test_cuda_core_multi_component_fp32_other_knobs():
     assert "float4" in src
 
 
-def test_tensor_cores_wmma_compiles():
-    src, _ = _cuda_source(Strided(64), 512, TiledKnobs(use_tensor_cores=True, tc_kernel="wmma"))
-    assert "tiled_kernel" in src
-    assert src.count("wmma::mma_sync") >= 2  # S = Q K^T and P V
-    assert "load_matrix_sync" in src and "store_matrix_sync" in src
+def test_cuda_core_bf16_gqa_compiles():
+    """CUDA cores (tensor cores off) take bfloat16 and grouped KV heads too."""
+    from tvm_splat.compile import nvcc_compile
+
+    src, _ = _cuda_source(Window(32), 256, TiledKnobs(), dtype="bfloat16", heads=4, kv_heads=2)
+    assert "nv_bfloat16" in src and "mma.sync" not in src
+    assert nvcc_compile(src)
 
 
 def test_knob_errors():
@@ -48,9 +52,9 @@ def test_knob_errors():
     plan = plan_tiles(acsr, br=32, bc=32)
     with pytest.raises(ValueError):
         tiled_funcs(spec, plan.shape, TiledKnobs())  # plan made for other tile sizes
-    knobs = TiledKnobs(br=16, bc=16, warps=2, use_tensor_cores=True, tc_kernel="wmma")
+    knobs = TiledKnobs(br=16, bc=16, warps=2, use_tensor_cores=True)
     plan = plan_tiles(acsr, knobs)
-    with pytest.raises(ValueError):  # one 16-row strip cannot feed two warps
+    with pytest.raises(ValueError, match="16 \\* warps"):  # one 16-row strip cannot feed two warps
         build_module(spec, plan.shape, H100, knobs)
     knobs = TiledKnobs(br=64, bc=64, warps=2, use_tensor_cores=True)
     with pytest.raises(ValueError, match="16 \\* warps \\* m_tiles"):  # mma: 2 warps x 16 rows != 64
@@ -60,43 +64,52 @@ def test_knob_errors():
         build_module(spec40, plan_tiles(acsr, TiledKnobs()).shape, H100, TiledKnobs(use_tensor_cores=True))
 
 
-@pytest.mark.parametrize("knobs,d", [
-    (TiledKnobs(use_tensor_cores=True), 64),                                   # default: 2 stages
-    (TiledKnobs(use_tensor_cores=True, stages=1), 64),
-    (TiledKnobs(use_tensor_cores=True, br=64, bc=32, warps=2, m_tiles=2), 128),
-], ids=["default", "one_stage", "m_tiles2_d128"])
-def test_tensor_cores_mma_compiles(knobs, d):
-    """The warp-level kernel: ldmatrix + mma.sync, scores never in shared memory, K/V through
-    cp.async with one barrier per column block (two stages); compiles with nvcc for sm_90a."""
+@pytest.mark.parametrize("knobs,d,dtype,kv_heads", [
+    (TiledKnobs(use_tensor_cores=True), 64, "float16", None),                                   # default: 2 stages
+    (TiledKnobs(use_tensor_cores=True, stages=1), 64, "float16", None),
+    (TiledKnobs(use_tensor_cores=True, br=64, bc=32, warps=2, m_tiles=2), 128, "float16", None),
+    (TiledKnobs(use_tensor_cores=True), 128, "bfloat16", 1),                                   # bf16, MQA
+    (TiledKnobs(use_tensor_cores=True, stages=1, br=32, bc=32, warps=2), 64, "bfloat16", 2),   # bf16, GQA
+], ids=["default", "one_stage", "m_tiles2_d128", "bf16_mqa_d128", "bf16_gqa_one_stage"])
+def test_tensor_cores_mma_compiles(knobs, d, dtype, kv_heads):
+    """The warp-level kernel: ldmatrix + mma.sync (f16 or bf16 operands), scores never in shared
+    memory, K/V through cp.async with one barrier per column block (two stages), the exact
+    P V path for blocks whose V holds a NaN or inf; compiles with nvcc for sm_90a."""
     from tvm_splat.compile import nvcc_compile
 
-    src, plan = _cuda_source(Window(64) | GlobalTokens(16), 512, knobs, d=d, heads=2)
+    src, plan = _cuda_source(Window(64) | GlobalTokens(16), 512, knobs, d=d, heads=2, dtype=dtype,
+                             kv_heads=kv_heads)
     body = src[src.index("tiled_kernel("):]
-    assert body.count("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32") >= 2
+    ab = "bf16" if dtype == "bfloat16" else "f16"
+    assert body.count(f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32") >= 2
     assert "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16" in body  # V as the B operand
-    assert "wmma" not in body and "store_matrix_sync" not in body
     assert "__shfl_xor_sync" in body  # row max / sum across the 4 lanes of a row
-    loop = body[body.index("for (int j = 0;"):]
+    assert "CUDART_INF_F" in body and "if (vflag_ptr[0] == (j + 1))" in body  # the non-finite V check
+    loop = body[body.index("for (int j = 0;"):body.index("vflag_ptr[0] = ")]  # up to the exact P V path
+    # one barrier per column block with two stages, two with one; PARTIAL blocks one more (the
+    # V check's result); none is added before the (rare, uniform) exact P V branch
     if knobs.stages == 2:
-        assert "cp_async" in src and loop.count("__syncthreads") == 1
+        assert "cp_async" in src and loop.count("__syncthreads") == 1 + 1
     else:
-        assert "cp_async" not in src and loop.count("__syncthreads") == 2
+        assert "cp_async" not in src and loop.count("__syncthreads") == 2 + 1
     assert nvcc_compile(src)
 
 
 def test_knobs_reject_unknown_forms():
     with pytest.raises(ValueError, match="stages"):
         TiledKnobs(stages=3)
-    with pytest.raises(ValueError, match="tc_kernel"):
-        TiledKnobs(tc_kernel="wgmma")
     with pytest.raises(ValueError, match="m_tiles"):
         TiledKnobs(m_tiles=3)
+    with pytest.raises(ValueError, match="br must be an int"):
+        TiledKnobs(br="64")
+    with pytest.raises(TypeError):
+        TiledKnobs(tc_kernel="wmma")  # the WMMA form is gone
+    assert TiledKnobs.from_dict({"br": 32, "bc": 32, "warps": 2, "tc_kernel": "mma"}) == TiledKnobs(32, 32, 2)
 
 
 def test_tensor_cores_big_tiles_and_in_place_api():
     """A 128 x 128 score tile (too big for static shared memory: falls back to shared.dyn)
-    builds on CUDA cores, and the in-place form schedules a Schedule like the wrapper does.
-    (WMMA with br or bc > 64 fails in TVM's storage rewrite, before and after this rework.)"""
+    builds on CUDA cores, and the in-place form schedules a Schedule like the wrapper does."""
     from tvm import s_tir
 
     from tvm_splat.schedules.tiled import apply_tiled_schedule, schedule_tiled

@@ -8,7 +8,9 @@ import pytest
 from tvm_splat.formats import ACSR, Window
 from tvm_splat.kernels import AttentionSpec
 from tvm_splat.reference import masked_attention
-from tvm_splat.tuning.tiled import best_knobs_path, schedule_choices, tune_tiled, tuned_tiled_knobs
+from tvm_splat.plan import plan
+from tvm_splat.records import best_knobs_path, tuned_tiled_knobs
+from tvm_splat.tuning.tiled import schedule_choices, tune_tiled
 
 
 @pytest.fixture
@@ -20,8 +22,10 @@ def log_root(tmp_path, monkeypatch):
 def test_tiled_tuning_records_best_knobs_and_they_are_used(log_root, rng):
     from tvm_splat import sparse_attention
 
+    from tvm_splat import attention
+
     acsr = ACSR.from_pattern(Window(5), 50)
-    res = tune_tiled(acsr, 1, 2, 8, "float32", "llvm", plans=((16, 16), (32, 16)))
+    res = tune_tiled(plan(acsr, (1, 2, 50, 8), None, "float32", None, target="llvm"), plans=((16, 16), (32, 16)))
     assert set(res.best_us) == {"tiled_16x16", "tiled_32x16"}
     assert all(us > 0 for us in res.best_us.values())
     spec = AttentionSpec.from_acsr(acsr, 1, 2, 8, "float32")
@@ -32,9 +36,10 @@ def test_tiled_tuning_records_best_knobs_and_they_are_used(log_root, rng):
     assert (knobs.br, knobs.bc) in ((16, 16), (32, 16))
 
     q, k, v = (rng.standard_normal((1, 2, 50, 8)).astype("float32") for _ in range(3))
-    out = sparse_attention(q, k, v, acsr, target="llvm")
+    out = sparse_attention(q, k, v, acsr, target="llvm", variant="tiled")
     np.testing.assert_allclose(out, masked_attention(q, k, v, acsr.to_dense()[0]), atol=1e-4)
-    assert list(acsr.__dict__["_fused_knobs"].values()) == [knobs]  # the tuned knobs were used
+    used = attention.plan_for(q, k, v, acsr, target="llvm", variant="tiled")
+    assert used.knobs_source == "tuned" and used.knobs == knobs  # the tuned knobs were used
 
 
 def test_schedule_choices_are_valid_for_the_gpu():

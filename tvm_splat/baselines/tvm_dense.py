@@ -61,7 +61,7 @@ def dense_fits(batch, heads, seq_len, budget_bytes=40 * 2**30) -> bool:
 
 def dense_log_dir(batch, heads, seq_len, head_dim, dtype, target, with_mask=False, root=None) -> Path:
     """Where the MetaSchedule database of one dense-attention workload lives."""
-    from ..tuning.logs import log_root
+    from ..records import log_root
 
     name = f"tvm_dense_b{batch}_h{heads}_n{seq_len}_d{head_dim}_{dtype}{'_mask' if with_mask else ''}"
     return Path(root or log_root()) / target_name(as_target(target)) / name
@@ -84,9 +84,9 @@ def tune_dense_attention(batch, heads, seq_len, head_dim, dtype, target, *, tria
     database folder. The progress bar shows the sum of the tasks' best latencies."""
     from tvm.s_tir import meta_schedule as ms
 
-    from ..tuning.logs import open_database
-    from ..tuning.tune import (_progress_callback, alloc_arguments, local_builder, prune_database,
-                               run_us, tuning_progress, tuning_target)
+    from ..records import open_database
+    from ..tuning.tune import (_progress_callback, alloc_arguments, local_builder, meta_schedule_logging,
+                               prune_database, run_us, tuning_progress, tuning_target)
 
     target = tuning_target(target)
     mod = fused_module(dense_attention_module(batch, heads, seq_len, head_dim, dtype, scale, with_mask,
@@ -95,7 +95,7 @@ def tune_dense_attention(batch, heads, seq_len, head_dim, dtype, target, *, tria
     path = dense_log_dir(batch, heads, seq_len, head_dim, dtype, target, with_mask, root)
     path.mkdir(parents=True, exist_ok=True)
     database = ms.database.JSONDatabase(work_dir=str(path))
-    with tempfile.TemporaryDirectory() as work, tuning_progress(console) as progress:
+    with tempfile.TemporaryDirectory() as work, tuning_progress(console) as progress, meta_schedule_logging():
         bar = progress.add_task(f"tuning TVM dense attention ({len(tasks)} tasks)", total=trials, best="-")
         ms.relax_integration.tune_relax(
             mod, {}, target, work, max_trials_global=trials,
@@ -128,7 +128,7 @@ def compile_dense_attention(batch, heads, seq_len, head_dim, dtype, target, scal
     if tuned:
         from tvm.s_tir import meta_schedule as ms
 
-        from ..tuning.logs import open_database
+        from ..records import open_database
 
         from tvm.s_tir import tensor_intrin  # noqa: F401  tensor-core records name these intrinsics
 

@@ -49,9 +49,9 @@ def flex_attention(q, k, v, mask):
 
 def _target_of(q):
     """The target ``sparse_attention`` compiles for when given ``q`` (the device's own)."""
-    from ..attention import _default_target, _device_of
+    from ..devices import default_target, device_of
 
-    return _default_target(str(_device_of(q)))
+    return default_target(device_of(q))
 
 
 def tvm_dense(q, k, v, mask, tuned=False):
@@ -96,13 +96,13 @@ def tvm_splat_variant(variant):
 
 
 def tvm_splat_fused_untuned(q, k, v, acsr):
-    """The fused path with its default knobs, whatever the tuning logs hold."""
-    from ..attention import default_tiled_knobs, sparse_attention
-    from ..kernels.spec import AttentionSpec
+    """The tiled path with its default knobs, whatever the tuning logs hold."""
+    from ..attention import sparse_attention
+    from ..plan import plan
+    from ..schedules.tiled import default_tiled_knobs
 
-    dtype = str(q.dtype).replace("torch.", "")
-    spec = AttentionSpec.from_acsr(acsr, q.shape[0], q.shape[1], q.shape[3], dtype)
-    knobs = default_tiled_knobs(dtype, _target_of(q), spec)
+    workload = plan(acsr, q.shape, k.shape, str(q.dtype).replace("torch.", ""), None, target=_target_of(q))
+    knobs = default_tiled_knobs(workload.spec, workload.target)
     return lambda: sparse_attention(q, k, v, acsr, variant="tiled", knobs=knobs)
 
 

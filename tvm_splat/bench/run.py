@@ -24,7 +24,7 @@ IMPLEMENTATIONS = {
     "splat_separate": B.tvm_splat_variant("separate"),
     "splat_tiled_cuda_cores": B.tvm_splat_tiled(False),
     "splat_fused_untuned": B.tvm_splat_fused_untuned,  # default knobs, tuning logs ignored
-    "splat_fused": B.tvm_splat_variant("fused"),  # the default: tiled, tensor cores for fp16, tuned knobs if logged
+    "splat_fused": B.tvm_splat_variant("auto"),  # the default: tiled, tensor cores for fp16, tuned knobs if logged
 }
 OURS = ("splat_row", "splat_separate", "splat_tiled_cuda_cores", "splat_fused_untuned", "splat_fused")
 # Dense SDPA computes a different function (no mask): its error is recorded, not judged.
@@ -117,17 +117,14 @@ def run_case(case, impls, repeats, peak, bw, console):
 
 
 def _fused_knobs_used(acsr, case):
-    """The knobs the fused path ran with, and whether they came from a tuning record."""
+    """The knobs the default path ran with, and whether they came from a tuning record."""
     import dataclasses
 
-    from ..attention import _default_target, _fused_knobs
-    from ..kernels.spec import AttentionSpec
-    from ..tuning.tiled import tuned_tiled_knobs
+    from ..plan import plan
 
-    target = _default_target("cuda:0")
-    knobs = _fused_knobs(acsr, case.batch, case.heads, case.head_dim, case.dtype, target, None)
-    spec = AttentionSpec.from_acsr(acsr, case.batch, case.heads, case.head_dim, case.dtype)
-    return {"tuned": tuned_tiled_knobs(spec, target) is not None, **dataclasses.asdict(knobs)}
+    shape = (case.batch, case.heads, case.seq_len, case.head_dim)
+    used = plan(acsr, shape, shape, case.dtype, "cuda")
+    return {"tuned": used.knobs_source == "tuned", **dataclasses.asdict(used.knobs)}
 
 
 def summarise(rows):

@@ -253,6 +253,11 @@ class ACSR:
                                               self.seg_count, self.indices)
         return self._geometry
 
+    @property
+    def has_indexed(self) -> bool:
+        """Whether some row fell back to INDEXED (CSR) segments (O(n·S), not cached)."""
+        return bool(((self.seg_step == 0) & (self.seg_count > 0)).any())
+
     def irregular_columns(self) -> int:
         """Total number of column indices stored for indexed rows, over heads."""
         indexed = (self.seg_step == 0) & (self.seg_count > 0)

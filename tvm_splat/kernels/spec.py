@@ -10,17 +10,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-SUPPORTED_DTYPES = ("float16", "float32")
+#: input dtypes of every kernel (accumulation is float32 for all of them)
+SUPPORTED_DTYPES = ("float16", "bfloat16", "float32")
 
 
 @dataclass(frozen=True)
 class AttentionSpec:
     """Shapes and static facts of one sparse attention problem.
 
-    Tensors: q, k, v and the output are ``[batch, heads, seq_len, head_dim]`` of ``dtype``;
-    ACSR metadata is int32: ``seg_start/seg_step/seg_count [mask_heads, seq_len, max_segments]``,
-    ``row_ptr [mask_heads, seq_len + 1]``, ``indices [mask_heads, index_len]``; scores and
-    probabilities are float32 ``[batch, heads, max_nnz]`` in ACSR value order.
+    Tensors: q and the output are ``[batch, heads, seq_len, head_dim]``, k and v
+    ``[batch, kv_heads, seq_len, head_dim]`` (``heads % kv_heads == 0``: grouped-query
+    attention reads KV head ``h // (heads // kv_heads)``; nothing is repeated in memory), all
+    of ``dtype``. ACSR metadata is int32: ``seg_start/seg_step/seg_count [mask_heads, seq_len,
+    max_segments]``, ``row_ptr [mask_heads, seq_len + 1]``, ``indices [mask_heads, index_len]``;
+    scores and probabilities are float32 ``[batch, heads, max_nnz]`` in ACSR value order. Mask
+    head ``h % mask_heads`` serves query head ``h``.
     """
 
     batch: int
@@ -34,27 +38,32 @@ class AttentionSpec:
     index_len: int
     has_indexed: bool
     scale: float
+    kv_heads: int = 0  # 0: the same as ``heads`` (normalised on creation)
 
     def __post_init__(self):
-        for name in ("batch", "heads", "seq_len", "head_dim", "max_segments", "index_len"):
+        if self.kv_heads == 0:
+            object.__setattr__(self, "kv_heads", self.heads)
+        for name in ("batch", "heads", "kv_heads", "seq_len", "head_dim", "max_segments", "index_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"unsupported dtype {self.dtype!r}; expected one of {SUPPORTED_DTYPES}")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
         if self.mask_heads not in (1, self.heads):
             raise ValueError(
                 f"the ACSR mask has {self.mask_heads} heads but the input has {self.heads} heads"
             )
         if self.max_nnz < 0:
             raise ValueError(f"max_nnz must be >= 0, got {self.max_nnz}")
+        if not math.isfinite(self.scale):
+            raise ValueError(f"scale must be finite, got {self.scale}")
 
     @classmethod
-    def from_acsr(cls, acsr, batch, heads, head_dim, dtype, scale=None):
-        """Spec for running ``acsr`` on inputs ``[batch, heads, acsr.n, head_dim]`` of ``dtype``."""
+    def from_acsr(cls, acsr, batch, heads, head_dim, dtype, scale=None, kv_heads=None):
+        """Spec for running ``acsr`` on q ``[batch, heads, acsr.n, head_dim]`` and k, v with
+        ``kv_heads`` heads (default ``heads``) of ``dtype``."""
         acsr.check_heads(heads)
-        facts = acsr.__dict__.setdefault("_spec_facts", {})  # computed once per ACSR
-        if not facts:
-            facts["has_indexed"] = bool(((acsr.seg_step == 0) & (acsr.seg_count > 0)).any())
         return cls(
             batch=int(batch),
             heads=int(heads),
@@ -65,15 +74,23 @@ class AttentionSpec:
             max_segments=int(acsr.max_segments),
             max_nnz=max(int(acsr.max_nnz), 1),
             index_len=int(acsr.indices.shape[1]),
-            has_indexed=facts["has_indexed"],
+            has_indexed=acsr.has_indexed,
             scale=float(1.0 / math.sqrt(head_dim) if scale is None else scale),
+            kv_heads=int(heads if kv_heads is None else kv_heads),
         )
 
     @property
+    def group(self) -> int:
+        """Query heads per KV head (1 without grouped-query attention)."""
+        return self.heads // self.kv_heads
+
+    @property
     def key(self) -> str:
-        """A short, filesystem-safe identity for caches and tuning logs."""
+        """A short, filesystem-safe identity for caches and tuning logs (unchanged for
+        ``kv_heads == heads``, so records made before GQA existed still match)."""
+        gqa = "" if self.kv_heads == self.heads else f"_kv{self.kv_heads}"
         return (
-            f"b{self.batch}_h{self.heads}_n{self.seq_len}_d{self.head_dim}_{self.dtype}"
+            f"b{self.batch}_h{self.heads}{gqa}_n{self.seq_len}_d{self.head_dim}_{self.dtype}"
             f"_mh{self.mask_heads}_s{self.max_segments}_z{self.max_nnz}_l{self.index_len}"
             f"_{'idx' if self.has_indexed else 'aff'}_sc{self.scale:.6g}"
         )

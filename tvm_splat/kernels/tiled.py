@@ -11,9 +11,12 @@ One program per (batch x head, tile) of a :class:`~tvm_splat.schedules.tile_plan
    (``row_max``: the block's row max ``mb``; ``alpha``: ``mn = max(m, mb)``, ``alpha = 2^(m - mn)``,
    ``lsa = l * alpha``; ``P``; ``row_sum``: the block's row sum; ``l_update``: ``l = lsa + rsum``; ``m_update``;
    both reductions start from their identity, so GPU schedules can reduce them across threads), then ``O = O * alpha + P V``
-   (``PV_gemm``, static ``BR x D x BC``; see ``separate_pv``),
-3. with one component: write ``O / l`` (0 for an empty row); with several: write the partial
-   state ``(O, m, l)`` of the tile's component, merged by :func:`merge_func`.
+   (``PV_gemm``, static ``BR x D x BC``; a probability that is exactly zero — a masked-out
+   score — is *selected* away rather than multiplied, so a NaN or inf in a masked-out value
+   row contributes nothing),
+3. with one component: write ``O / l`` (0 for an empty row, NaN when a score was not finite,
+   as dense attention); with several: write the partial state ``(O, m, l)`` of the tile's
+   component, merged by :func:`merge_func`.
 
 Softmax runs in base 2 (``scale * log2(e)`` folded into the scores). Scores, running max/sum
 and the accumulator are float32; ``P`` is stored in the input dtype (fp16 for tensor cores).
@@ -23,7 +26,7 @@ Intermediate buffers are allocated in the block ``"tile"`` in the default scope;
 Buffers of :func:`tiled_func` (``BH = batch * heads``, ``C`` components, plan tables from
 :class:`~tvm_splat.schedules.tile_plan.TilePlan`)::
 
-    q, k, v          [B, H, N, D] dtype
+    q                [B, H, N, D] dtype   k, v [B, KVH, N, D] dtype (KV head h // group)
     seg_start        [Hm, N, S] int32     seg_count [Hm, N, S] int32
     seg_sigma        [Hm, N, S] int32     (plan.seg_sigma)
     tiles            [Hm, T, 6] int32     blocks [Hm, NB, 3] int32
@@ -35,27 +38,21 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from .attention import LOG2E, NEG_INIT, online_softmax_row
+from .common import LOG2E, NEG_INIT, any_of, normalised, segment_member
+from .row import online_softmax_row
 from .spec import AttentionSpec
 
 TILE_BLOCK = "tile"
 #: names of the inner blocks the schedules address
 BLOCKS = ("init_state", "O_init", "Q_load", "K_load", "V_load", "S_gemm", "S_mask", "row_max",
-          "alpha", "P", "row_sum", "l_update", "m_update", "PV_gemm", "O_update", "O_store", "ML_store")
-
+          "alpha", "P", "row_sum", "l_update", "m_update", "PV_gemm", "O_store", "ML_store")
 
 
 def _member(seg_start, seg_count, seg_sigma, hm, row, col, sigma, S):
     """Whether ``col`` lies in a segment of ``row`` whose effective step is ``sigma``."""
-    cond = None
-    for s in range(S):
-        st = seg_start[hm, row, s]
-        c = T.And(
-            T.And(seg_sigma[hm, row, s] == sigma, col >= st),
-            T.And(col <= st + sigma * (seg_count[hm, row, s] - 1), T.truncmod(col - st, sigma) == 0),
-        )
-        cond = c if cond is None else T.Or(cond, c)
-    return cond
+    return any_of([segment_member(seg_start[hm, row, s],
+                                  seg_start[hm, row, s] + sigma * (seg_count[hm, row, s] - 1),
+                                  sigma, seg_sigma[hm, row, s], col) for s in range(S)])
 
 
 def partial_shapes(spec: AttentionSpec, num_components: int):
@@ -66,15 +63,11 @@ def partial_shapes(spec: AttentionSpec, num_components: int):
     return (BH, num_components, spec.seq_len, spec.head_dim), (BH, num_components, spec.seq_len, 2)
 
 
-def tiled_func(spec: AttentionSpec, plan_shape, separate_pv: bool = False):
+def tiled_func(spec: AttentionSpec, plan_shape):
     """The tiled fused kernel for ``spec`` and a plan of shape ``plan_shape``
-    (:class:`~tvm_splat.schedules.tile_plan.PlanShape`).
-
-    ``separate_pv=False``: ``PV_gemm`` accumulates straight into ``O`` (its init rescales ``O``
-    by ``alpha``), the form for CUDA cores and CPUs. ``True``: ``PV_gemm`` is a pure GEMM into a
-    fresh ``PV`` (init 0: the tensor-core target) and ``O_update`` does ``O = O * alpha + PV``.
-    """
-    B, H, N, D = spec.batch, spec.heads, spec.seq_len, spec.head_dim
+    (:class:`~tvm_splat.formats.tile_plan.PlanShape`), for CPUs and GPU CUDA cores.
+    ``PV_gemm`` accumulates straight into ``O`` (its init rescales ``O`` by ``alpha``)."""
+    B, H, KVH, G, N, D = spec.batch, spec.heads, spec.kv_heads, spec.group, spec.seq_len, spec.head_dim
     HM, S, dt = spec.mask_heads, spec.max_segments, spec.dtype
     NT, NB, C = plan_shape.num_tiles, plan_shape.num_blocks, plan_shape.num_components
     BR, BC = plan_shape.br, plan_shape.bc
@@ -88,8 +81,8 @@ def tiled_func(spec: AttentionSpec, plan_shape, separate_pv: bool = False):
     @T.prim_func(s_tir=True)
     def tiled(
         q: T.Buffer((B, H, N, D), dt),
-        k: T.Buffer((B, H, N, D), dt),
-        v: T.Buffer((B, H, N, D), dt),
+        k: T.Buffer((B, KVH, N, D), dt),
+        v: T.Buffer((B, KVH, N, D), dt),
         seg_start: T.Buffer((HM, N, S), "int32"),
         seg_count: T.Buffer((HM, N, S), "int32"),
         seg_sigma: T.Buffer((HM, N, S), "int32"),
@@ -120,6 +113,7 @@ def tiled_func(spec: AttentionSpec, plan_shape, separate_pv: bool = False):
                 rsum = T.sblock_alloc_buffer((BR,), "float32")
                 b: T.let[T.int32] = vbh // H
                 h: T.let[T.int32] = vbh % H
+                hk: T.let[T.int32] = h // G
                 hm: T.let[T.int32] = h % HM
                 row0: T.let[T.int32] = tiles[hm, vt, 0]
                 rstr: T.let[T.int32] = tiles[hm, vt, 1]
@@ -147,11 +141,11 @@ def tiled_func(spec: AttentionSpec, plan_shape, separate_pv: bool = False):
                     for u, d in T.grid(BC, D):
                         with T.sblock("K_load"):
                             vu, vd = T.axis.remap("SS", [u, d])
-                            Ks[vu, vd] = T.if_then_else(col0 + sig * vu < N, k[b, h, col0 + sig * vu, vd], zero)
+                            Ks[vu, vd] = T.if_then_else(col0 + sig * vu < N, k[b, hk, col0 + sig * vu, vd], zero)
                     for u, d in T.grid(BC, D):
                         with T.sblock("V_load"):
                             vu, vd = T.axis.remap("SS", [u, d])
-                            Vs[vu, vd] = T.if_then_else(col0 + sig * vu < N, v[b, h, col0 + sig * vu, vd], zero)
+                            Vs[vu, vd] = T.if_then_else(col0 + sig * vu < N, v[b, hk, col0 + sig * vu, vd], zero)
                     with T.sblock("S_stage"):
                         Ss = T.sblock_alloc_buffer((BR, BC), "float32")
                         for r, u, d in T.grid(BR, BC, D):
@@ -207,35 +201,20 @@ def tiled_func(spec: AttentionSpec, plan_shape, separate_pv: bool = False):
                         with T.sblock("m_update"):
                             vr = T.axis.spatial(BR, r)
                             ms[vr] = mn[vr]
-                    if separate_pv:
-                        with T.sblock("PV_stage"):
-                            PVs = T.sblock_alloc_buffer((BR, D), "float32")
-                            for r, d, u in T.grid(BR, D, BC):
-                                with T.sblock("PV_gemm"):
-                                    vr, vd, vu = T.axis.remap("SSR", [r, d, u])
-                                    with T.init():
-                                        PVs[vr, vd] = T.float32(0)
-                                    PVs[vr, vd] = PVs[vr, vd] + T.Cast("float32", Ps[vr, vu]) * T.Cast("float32", Vs[vu, vd])
-                            for r, d, z in T.grid(BR, D, 1):
-                                with T.sblock("O_update"):
-                                    vr, vd, vz = T.axis.remap("SSR", [r, d, z])
-                                    with T.init():
-                                        Os[vr, vd] = Os[vr, vd] * alpha[vr]
-                                    Os[vr, vd] = Os[vr, vd] + PVs[vr, vd + vz]
-                    else:
-                        for r, d, u in T.grid(BR, D, BC):
-                            with T.sblock("PV_gemm"):
-                                vr, vd, vu = T.axis.remap("SSR", [r, d, u])
-                                with T.init():
-                                    Os[vr, vd] = Os[vr, vd] * alpha[vr]
-                                Os[vr, vd] = Os[vr, vd] + T.Cast("float32", Ps[vr, vu]) * T.Cast("float32", Vs[vu, vd])
+                    for r, d, u in T.grid(BR, D, BC):
+                        with T.sblock("PV_gemm"):
+                            vr, vd, vu = T.axis.remap("SSR", [r, d, u])
+                            with T.init():
+                                Os[vr, vd] = Os[vr, vd] * alpha[vr]
+                            Os[vr, vd] = Os[vr, vd] + T.if_then_else(
+                                Ps[vr, vu] == zero, T.float32(0),
+                                T.Cast("float32", Ps[vr, vu]) * T.Cast("float32", Vs[vu, vd]))
                 if direct:
                     for r, d in T.grid(BR, D):
                         with T.sblock("O_store"):
                             vr, vd = T.axis.remap("SS", [r, d])
                             if vr < nrows:
-                                out[b, h, row0 + rstr * vr, vd] = T.Cast(
-                                    dt, T.if_then_else(ls[vr] > T.float32(0), Os[vr, vd] / ls[vr], T.float32(0)))
+                                out[b, h, row0 + rstr * vr, vd] = T.Cast(dt, normalised(Os[vr, vd], ls[vr]))
                 else:
                     for r, d in T.grid(BR, D):
                         with T.sblock("O_store"):
@@ -289,8 +268,7 @@ def merge_func(spec: AttentionSpec, num_components: int):
                     for d in T.serial(D):
                         acc[d] = acc[d] + st[2] * o_part[vbh, c, vi, d]
                 for d in T.serial(D):
-                    out[vbh // H, vbh % H, vi, d] = T.Cast(
-                        dt, T.if_then_else(st[1] > T.float32(0), acc[d] / st[1], T.float32(0)))
+                    out[vbh // H, vbh % H, vi, d] = T.Cast(dt, normalised(acc[d], st[1]))
 
     return merge
 
@@ -299,7 +277,7 @@ def fallback_func(spec: AttentionSpec, num_fallback: int):
     """Whole-row online softmax for the rows listed in ``fallback_rows [Hm, F]`` (rows with an
     INDEXED segment; ``-1`` = padding), overwriting their output. Runs after the tiled kernel
     (and the merge), which leaves those rows at zero."""
-    B, H, N, D = spec.batch, spec.heads, spec.seq_len, spec.head_dim
+    B, H, KVH, N, D = spec.batch, spec.heads, spec.kv_heads, spec.seq_len, spec.head_dim
     HM, S, L, dt = spec.mask_heads, spec.max_segments, spec.index_len, spec.dtype
     F = max(int(num_fallback), 1)
     row = online_softmax_row(spec)
@@ -307,8 +285,8 @@ def fallback_func(spec: AttentionSpec, num_fallback: int):
     @T.prim_func(s_tir=True)
     def fallback(
         q: T.Buffer((B, H, N, D), dt),
-        k: T.Buffer((B, H, N, D), dt),
-        v: T.Buffer((B, H, N, D), dt),
+        k: T.Buffer((B, KVH, N, D), dt),
+        v: T.Buffer((B, KVH, N, D), dt),
         seg_start: T.Buffer((HM, N, S), "int32"),
         seg_step: T.Buffer((HM, N, S), "int32"),
         seg_count: T.Buffer((HM, N, S), "int32"),
@@ -320,7 +298,7 @@ def fallback_func(spec: AttentionSpec, num_fallback: int):
         for bh, j in T.grid(B * H, F):
             with T.sblock("row"):
                 vbh, vj = T.axis.remap("SS", [bh, j])
-                T.reads(q[0:B, 0:H, 0:N, 0:D], k[0:B, 0:H, 0:N, 0:D], v[0:B, 0:H, 0:N, 0:D],
+                T.reads(q[0:B, 0:H, 0:N, 0:D], k[0:B, 0:KVH, 0:N, 0:D], v[0:B, 0:KVH, 0:N, 0:D],
                         seg_start[0:HM, 0:N, 0:S], seg_step[0:HM, 0:N, 0:S],
                         seg_count[0:HM, 0:N, 0:S], indices[0:HM, 0:L], fallback_rows[0:HM, vj])
                 T.writes(out[0:B, 0:H, 0:N, 0:D])

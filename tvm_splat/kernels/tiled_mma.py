@@ -1,41 +1,52 @@
-"""Warp-level tensor-core form of the tiled fused kernel (CUDA, fp16, ``mma.sync``).
+"""Warp-level tensor-core form of the tiled fused kernel (CUDA, fp16/bf16, ``mma.sync``).
 
 Same plan tables, buffers and semantics as :func:`tvm_splat.kernels.tiled.tiled_func`
 (one program per (batch x head, tile), a data-dependent walk over the tile's column blocks,
 online softmax in base 2, direct output or per-component partial state), but written at the
 level of one warp, FlashAttention-2 style, because the row softmax has to run on the
-``mma`` accumulators in registers: a TensorIR schedule of the logical kernel can only
-tensorize the two GEMMs with WMMA, whose fragment layout is opaque, so scores and P had to
-make a round trip through shared memory on every block (see :mod:`tvm_splat.schedules.tiled`).
+``mma`` accumulators in registers (a TensorIR schedule of the logical kernel could only
+tensorize the two GEMMs with WMMA, whose fragment layout is opaque).
 
 Layout (``W`` warps, ``MT`` m-tiles of 16 rows per warp, ``BR = 16 * W * MT``):
 
 * thread block = (threadIdx.y = warp, threadIdx.x = lane); warp ``w`` owns tile rows
   ``16 * (w * MT + mt) + g + 8 * half`` with ``g = lane / 4``, ``t = lane % 4``
-  (the ``m16n8k16`` accumulator layout: each thread holds 2 rows x 2 columns per 8-column tile);
-* Q, K, V tiles in dynamic shared memory, rows padded by 8 halves so that ``ldmatrix`` reads
-  8 rows without bank conflicts; Q fragments stay in registers for the whole tile;
-* per column block: ``S = Q K^T`` with ``ldmatrix`` + ``mma.m16n8k16`` into registers, scale,
-  mask (FULL blocks: none; PARTIAL: range + residue against the row's segments, cached in
-  registers per tile), row max over the 4 lanes of a row (2 xor-shuffles), ``P = 2^(S - m)``
-  converted in registers to the A operand of ``P V`` (the accumulator layout of two 8-column
-  tiles is the A layout of one 16-deep k-step), ``O = O * alpha + P V`` with ``ldmatrix.trans``
-  for V; the running sum ``l`` stays per thread and is reduced over the row's lanes once at
-  the end.
+  (the ``m16n8k16`` accumulator layout: each thread holds 2 rows x 2 columns per 8-column
+  tile); the sequence rows of the thread's ``MT * 2`` tile rows are computed once per tile;
+* Q, K, V tiles in dynamic shared memory, rows padded by 8 elements so that ``ldmatrix``
+  reads 8 rows without bank conflicts; Q fragments stay in registers for the whole tile;
+* per column block (:func:`tiled_mma_func` reads as the sequence of these steps):
+  ``S = Q K^T`` (``ldmatrix`` + ``mma.m16n8k16`` into registers), scale and mask (FULL
+  blocks: none; PARTIAL: range + residue against the row's segments, cached in registers),
+  online softmax (row max over the 4 lanes of a row with 2 xor-shuffles, ``P = 2^(S - m)``
+  converted in registers to the A operand of ``P V``), ``O = O * alpha + P V``
+  (``ldmatrix.trans`` for V); the running sum stays per thread and is reduced over the row's
+  lanes once at the end.
 
-Shapes and dtypes of the buffers are those of :func:`~tvm_splat.kernels.tiled.tiled_func`.
+Masked-out entries contribute exactly nothing: scores are *selected* to -inf, and since a
+tensor-core ``P V`` would still multiply a zero probability by a NaN or inf of a masked-out
+value row, every PARTIAL block also checks whether its V rows are all finite (each thread its
+share of the block, then one extra barrier to publish the result); a block that holds a
+non-finite value takes an exact path for ``P V`` on CUDA cores that skips zero probabilities (a
+uniform branch, never taken for finite inputs). FULL blocks need no check: every row of the tile
+attends every one of their columns.
+
+GQA: query head ``h`` reads KV head ``h // group`` (nothing is repeated in memory).
+Buffers and dtypes are those of :func:`~tvm_splat.kernels.tiled.tiled_func`.
 """
 from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from .attention import LOG2E, NEG_INIT
+from .common import LOG2E, NEG_INIT, any_of, normalised, segment_member
 from .spec import AttentionSpec
 from .tiled import partial_shapes
 
-#: extra halves per shared-memory row (16 bytes): row strides of 144/272 bytes put the 8 rows
-#: one ``ldmatrix`` phase reads in 8 different 4-bank groups
+#: extra elements per shared-memory row (16 bytes): row strides of 144/272 bytes put the 8
+#: rows one ``ldmatrix`` phase reads in 8 different 4-bank groups
 ROW_PAD = 8
+#: ``mma.sync`` operand type names of the input dtypes
+MMA_TYPES = {"float16": "fp16", "bfloat16": "bf16"}
 
 
 def mma_tile_rows(warps: int, m_tiles: int) -> int:
@@ -45,8 +56,8 @@ def mma_tile_rows(warps: int, m_tiles: int) -> int:
 
 def check_mma_shape(spec: AttentionSpec, br: int, bc: int, warps: int, m_tiles: int) -> None:
     """Raise ``ValueError`` when the warp-level kernel cannot run this spec and tile shape."""
-    if spec.dtype != "float16":
-        raise ValueError(f"the mma kernel needs float16 inputs, got {spec.dtype}")
+    if spec.dtype not in MMA_TYPES:
+        raise ValueError(f"the mma kernel needs float16 or bfloat16 inputs, got {spec.dtype}")
     if spec.head_dim % 16:
         raise ValueError(f"the mma kernel needs head_dim a multiple of 16, got {spec.head_dim}")
     if bc % 16:
@@ -66,15 +77,19 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     """
     if stages not in (1, 2):
         raise ValueError(f"stages must be 1 or 2, got {stages}")
-    B, H, N, D = spec.batch, spec.heads, spec.seq_len, spec.head_dim
+    B, H, KVH, G, N, D = spec.batch, spec.heads, spec.kv_heads, spec.group, spec.seq_len, spec.head_dim
     HM, S, dt = spec.mask_heads, spec.max_segments, spec.dtype
     NT, NB, C = plan_shape.num_tiles, plan_shape.num_blocks, plan_shape.num_components
     BR, BC, W, MT = plan_shape.br, plan_shape.bc, warps, m_tiles
     check_mma_shape(spec, BR, BC, W, MT)
+    ab = MMA_TYPES[dt]
     direct = C <= 1
     o_shape, ml_shape = partial_shapes(spec, C)
     DP = D + ROW_PAD
     KD, NTL, KC, DT = D // 16, BC // 8, BC // 16, D // 8  # k-steps of S, n-tiles of S, k-steps of PV, n-tiles of O
+    RS = MT * 2  # tile rows per thread
+    PW = BC if BC <= D + ROW_PAD else 16 * ((D + ROW_PAD) // 16)  # P columns staged at a time (exact path)
+    P_CHUNKS = BC // PW
     NTHR = 32 * W
     CH = D // 8  # 16-byte chunks per row
     Q_IT = (BR * CH + NTHR - 1) // NTHR
@@ -88,33 +103,239 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     zero = T.Cast(dt, T.float32(0))
     full_mask = T.uint32(0xFFFFFFFF)
 
+    # -- index helpers (TIR expressions) --------------------------------------------------
+    def chunk_row(it, tid):  # row of the it-th 16-byte chunk this thread copies
+        return (it * NTHR + tid) // CH
+
+    def chunk_col(it, tid):  # first element of that chunk within its row
+        return (it * NTHR + tid) % CH * 8
+
+    def tile_row(w, lane, r):  # tile-local row of the thread's row slot r = mt * 2 + half
+        return (w * MT + r // 2) * 16 + lane // 4 + 8 * (r % 2)
+
+    def kv_stage(base, st, u):  # offset of row u of stage st of the K or V ring
+        return base + (st * BC + u) * DP
+
+    # -- steps ---------------------------------------------------------------------------
     @T.macro
     def copy16(dst, src, valid):
         # cp.async of 16 bytes; src-size 0 zero-fills (rows past the tile or the sequence)
         T.evaluate(T.ptx["cp.async.cg.shared.global"](dst, src, 16, T.Cast("uint32", T.if_then_else(valid, 16, 0))))
 
     @T.macro
-    def block_row_async(smem, base, src, blocks, b, h, hm, blk_lo, tid, jj, st, it):
-        # one 16-byte chunk of column block ``jj`` of ``src`` (K or V) -> stage ``st`` at ``base``
-        copy16(T.address_of(smem[base + (st * BC + (it * NTHR + tid) // CH) * DP + (it * NTHR + tid) % CH * 8]),
-               src.access_ptr("r", offset=((b * H + h) * N + T.min(
-                   blocks[hm, blk_lo + jj, 0] + blocks[hm, blk_lo + jj, 1] * ((it * NTHR + tid) // CH), N - 1)) * D
-                   + (it * NTHR + tid) % CH * 8),
-               blocks[hm, blk_lo + jj, 0] + blocks[hm, blk_lo + jj, 1] * ((it * NTHR + tid) // CH) < N)
+    def load_q_tile(smem, q, b, h, row0, rstr, nrows, tid):
+        # the tile's Q rows -> shared (16-byte vectors; rows past nrows are zero)
+        for it in T.serial(Q_IT):
+            if it * NTHR + tid < BR * CH:
+                if stages == 1:
+                    for e in T.vectorized(8):
+                        smem[chunk_row(it, tid) * DP + chunk_col(it, tid) + e] = T.if_then_else(
+                            chunk_row(it, tid) < nrows,
+                            q[b, h, row0 + rstr * chunk_row(it, tid), chunk_col(it, tid) + e], zero)
+                else:
+                    copy16(T.address_of(smem[chunk_row(it, tid) * DP + chunk_col(it, tid)]),
+                           q.access_ptr("r", offset=((b * H + h) * N + T.if_then_else(
+                               chunk_row(it, tid) < nrows, row0 + rstr * chunk_row(it, tid), 0)) * D
+                               + chunk_col(it, tid)),
+                           chunk_row(it, tid) < nrows)
 
     @T.macro
-    def kv_async(smem, k, v, blocks, b, h, hm, blk_lo, tid, jj, st):
-        # column block ``jj`` of the tile -> stage ``st`` of Ks / Vs
+    def copy_rows_async(smem, base, src, col0, sig, b, hk, tid, st, it):
+        # one 16-byte chunk of the rows col0 + sig * u of ``src`` (K or V) -> stage st at ``base``
+        copy16(T.address_of(smem[kv_stage(base, st, chunk_row(it, tid)) + chunk_col(it, tid)]),
+               src.access_ptr("r", offset=((b * KVH + hk) * N + T.min(
+                   col0 + sig * chunk_row(it, tid), N - 1)) * D + chunk_col(it, tid)),
+               col0 + sig * chunk_row(it, tid) < N)
+
+    @T.macro
+    def copy_rows(smem, base, src, col0, sig, b, hk, tid, it):
+        # the same chunk with a plain 16-byte load (out-of-range rows are zero) -> stage 0
+        for e in T.vectorized(8):
+            smem[kv_stage(base, 0, chunk_row(it, tid)) + chunk_col(it, tid) + e] = T.if_then_else(
+                col0 + sig * chunk_row(it, tid) < N,
+                src[b, hk, col0 + sig * chunk_row(it, tid), chunk_col(it, tid) + e], zero)
+
+    @T.macro
+    def issue_kv_block(smem, k, v, col0, sig, b, hk, tid, st):
+        # cp.async of the K and V rows of a column block -> stage st
         for it in T.serial(KV_IT):
             if it * NTHR + tid < BC * CH:
-                block_row_async(smem, K_OFF, k, blocks, b, h, hm, blk_lo, tid, jj, st, it)
-                block_row_async(smem, V_OFF, v, blocks, b, h, hm, blk_lo, tid, jj, st, it)
+                copy_rows_async(smem, K_OFF, k, col0, sig, b, hk, tid, st, it)
+                copy_rows_async(smem, V_OFF, v, col0, sig, b, hk, tid, st, it)
+
+    @T.macro
+    def load_kv_block(smem, k, v, col0, sig, b, hk, tid):
+        # plain loads of a column block's K and V rows -> stage 0 (stages == 1)
+        for it in T.serial(KV_IT):
+            if it * NTHR + tid < BC * CH:
+                copy_rows(smem, K_OFF, k, col0, sig, b, hk, tid, it)
+                copy_rows(smem, V_OFF, v, col0, sig, b, hk, tid, it)
+
+    @T.macro
+    def flag_nonfinite_v(smem, vbad, nonfinite, st, j, tid):
+        # this thread's share of V's stage st (after the barrier that made it visible): if an
+        # element is NaN or inf, mark block j, then a barrier publishes the mark
+        nonfinite[0] = 0
+        for it in T.serial(KV_IT):
+            if it * NTHR + tid < BC * CH:
+                for e in T.unroll(8):
+                    nonfinite[0] = T.max(nonfinite[0], T.if_then_else(T.isfinite(T.Cast(
+                        "float32", smem[kv_stage(V_OFF, st, chunk_row(it, tid)) + chunk_col(it, tid) + e])), 0, 1))
+        if nonfinite[0] > 0:
+            vbad[st] = j + 1
+        T.tvm_storage_sync("shared")
+
+    @T.macro
+    def cache_row_segments(sg, rows, seg_start, seg_count, seg_sigma, hm, w, lane, nrows):
+        # per thread row: (start, last, sigma) of every segment (sigma 0: none)
+        for r in T.unroll(RS):
+            for s in T.unroll(S):
+                if tile_row(w, lane, r) < nrows:
+                    sg[(r * S + s) * 3] = seg_start[hm, rows[r], s]
+                    sg[(r * S + s) * 3 + 1] = seg_start[hm, rows[r], s] + seg_sigma[hm, rows[r], s] * (seg_count[hm, rows[r], s] - 1)
+                    sg[(r * S + s) * 3 + 2] = T.if_then_else(seg_count[hm, rows[r], s] > 0, seg_sigma[hm, rows[r], s], 0)
+                else:
+                    sg[(r * S + s) * 3 + 2] = 0
+
+    @T.macro
+    def load_q_fragments(qf, smem, w, lane):
+        # Q fragments (A operand) for the whole tile
+        for mt in T.unroll(MT):
+            for kk in T.unroll(KD):
+                T.evaluate(T.ptx_legacy.ldmatrix(
+                    False, 4, ".b16", qf.data, (mt * KD + kk) * 8, smem.access_ptr("r"),
+                    ((w * MT + mt) * 16 + lane % 16) * DP + kk * 16 + 8 * (lane // 16), dtype=dt))
+
+    @T.macro
+    def qk_tile(sacc, qf, bf, smem, stg, lane):
+        # S = Q K^T in registers
+        for i in T.unroll(MT * NTL * 4):
+            sacc[i] = T.float32(0)
+        for kk in T.unroll(KD):
+            for np in T.unroll(KC):
+                T.evaluate(T.ptx_legacy.ldmatrix(
+                    False, 4, ".b16", bf.data, 0, smem.access_ptr("r"),
+                    kv_stage(K_OFF, stg, np * 16 + lane % 8 + 8 * (lane // 16)) + kk * 16 + 8 * (lane // 8 % 2),
+                    dtype=dt))
+                for mt in T.unroll(MT):
+                    for hn in T.unroll(2):
+                        T.evaluate(T.ptx_legacy.mma(
+                            "m16n8k16", "row", "col", ab, ab, "fp32",
+                            qf.data, (mt * KD + kk) * 8, bf.data, hn * 4,
+                            sacc.data, (mt * NTL + np * 2 + hn) * 4, False, dtype="float32"))
+
+    @T.macro
+    def mask_scores(sacc, sg, full, col0, sig, lane):
+        # scale; PARTIAL blocks select masked-out scores to -inf (range + residue test)
+        for mt in T.unroll(MT):
+            for nt in T.unroll(NTL):
+                for i in T.unroll(4):
+                    sacc[(mt * NTL + nt) * 4 + i] = T.if_then_else(
+                        full == 1,
+                        sacc[(mt * NTL + nt) * 4 + i] * scale,
+                        T.if_then_else(
+                            col0 + sig * (nt * 8 + lane % 4 * 2 + i % 2) < N
+                            and _member(sg, mt * 2 + i // 2, col0 + sig * (nt * 8 + lane % 4 * 2 + i % 2), sig, S),
+                            sacc[(mt * NTL + nt) * 4 + i] * scale,
+                            neg_inf))
+
+    @T.macro
+    def online_softmax(sacc, pf, oacc, ms, ls, mb, al):
+        # running max (4 lanes per row), rescale factor, P = 2^(S - m) as the A operand of
+        # P V (two 8-column accumulator tiles = one 16-deep k-step), row sums of the rounded P
+        for i in T.unroll(RS):
+            mb[i] = neg_inf
+        for mt in T.unroll(MT):
+            for nt in T.unroll(NTL):
+                for i in T.unroll(4):
+                    mb[mt * 2 + i // 2] = T.max(mb[mt * 2 + i // 2], sacc[(mt * NTL + nt) * 4 + i])
+        for i in T.unroll(RS):
+            mb[i] = T.max(mb[i], T.tvm_warp_shuffle_xor(full_mask, mb[i], 1, 32, 32))
+            mb[i] = T.max(mb[i], T.tvm_warp_shuffle_xor(full_mask, mb[i], 2, 32, 32))
+            mb[i] = T.max(ms[i], mb[i])  # the new running max
+            al[i] = T.exp2(ms[i] - mb[i])
+            ms[i] = mb[i]
+            ls[i] = ls[i] * al[i]
+        for mt in T.unroll(MT):
+            for kc in T.unroll(KC):
+                for hn in T.unroll(2):
+                    for i in T.unroll(4):
+                        pf[(mt * KC + kc) * 8 + hn * 4 + i] = T.Cast(
+                            dt, T.exp2(sacc[(mt * NTL + kc * 2 + hn) * 4 + i] - ms[mt * 2 + i // 2]))
+                        ls[mt * 2 + i // 2] = ls[mt * 2 + i // 2] + T.Cast("float32", pf[(mt * KC + kc) * 8 + hn * 4 + i])
+        for mt in T.unroll(MT):
+            for dtl in T.unroll(DT):
+                for i in T.unroll(4):
+                    oacc[(mt * DT + dtl) * 4 + i] = oacc[(mt * DT + dtl) * 4 + i] * al[mt * 2 + i // 2]
+
+    @T.macro
+    def pv_tile(oacc, pf, bf, smem, stg, lane):
+        # O += P V on tensor cores
+        for kc in T.unroll(KC):
+            for dp in T.unroll(D // 16):
+                T.evaluate(T.ptx_legacy.ldmatrix(
+                    True, 4, ".b16", bf.data, 0, smem.access_ptr("r"),
+                    kv_stage(V_OFF, stg, kc * 16 + lane % 8 + 8 * (lane // 8 % 2)) + dp * 16 + 8 * (lane // 16),
+                    dtype=dt))
+                for mt in T.unroll(MT):
+                    for hn in T.unroll(2):
+                        T.evaluate(T.ptx_legacy.mma(
+                            "m16n8k16", "row", "col", ab, ab, "fp32",
+                            pf.data, (mt * KC + kc) * 8, bf.data, hn * 4,
+                            oacc.data, (mt * DT + dp * 2 + hn) * 4, False, dtype="float32"))
+
+    @T.macro
+    def pv_exact(oacc, pf, smem, stg, w, lane):
+        # O += P V on CUDA cores, skipping zero probabilities (a block with a non-finite V).
+        # Each warp stages its own rows of P in its own rows of the Q region (dead once the Q
+        # fragments are in registers), PW columns at a time. The barriers are CTA-wide although
+        # a warp reads only its own rows: TVM's barrier planner knows no warp-private shared
+        # memory, and the branch is uniform and rare.
+        T.tvm_storage_sync("shared.dyn")
+        for chunk in T.unroll(P_CHUNKS):
+            for mt in T.unroll(MT):
+                for kc in T.unroll(KC):
+                    for hn in T.unroll(2):
+                        if chunk * PW <= kc * 16 + hn * 8 and kc * 16 + hn * 8 < chunk * PW + PW:
+                            for i in T.unroll(4):
+                                smem[tile_row(w, lane, mt * 2 + i // 2) * DP + kc * 16 + hn * 8 + lane % 4 * 2 + i % 2 - chunk * PW] = pf[(mt * KC + kc) * 8 + hn * 4 + i]
+            T.tvm_storage_sync("shared.dyn")
+            for c in T.serial(PW):
+                for r in T.unroll(RS):
+                    for dtl in T.unroll(DT):
+                        for e in T.unroll(2):
+                            oacc[((r // 2) * DT + dtl) * 4 + (r % 2) * 2 + e] = oacc[((r // 2) * DT + dtl) * 4 + (r % 2) * 2 + e] + T.if_then_else(
+                                smem[tile_row(w, lane, r) * DP + c] == zero, T.float32(0),
+                                T.Cast("float32", smem[tile_row(w, lane, r) * DP + c]) * T.Cast(
+                                    "float32", smem[kv_stage(V_OFF, stg, chunk * PW + c) + dtl * 8 + lane % 4 * 2 + e]))
+            T.tvm_storage_sync("shared.dyn")
+
+    @T.macro
+    def store_rows(out, o_part, ml_part, oacc, ms, ls, rows, b, h, vbh, comp, w, lane, nrows):
+        # full row sums (the 4 lanes of a row hold disjoint columns), then O / l or the
+        # component's partial state
+        for i in T.unroll(RS):
+            ls[i] = ls[i] + T.tvm_warp_shuffle_xor(full_mask, ls[i], 1, 32, 32)
+            ls[i] = ls[i] + T.tvm_warp_shuffle_xor(full_mask, ls[i], 2, 32, 32)
+        for r in T.unroll(RS):
+            if tile_row(w, lane, r) < nrows:
+                for dtl in T.unroll(DT):
+                    for e in T.vectorized(2):
+                        if direct:
+                            out[b, h, rows[r], dtl * 8 + lane % 4 * 2 + e] = T.Cast(
+                                dt, normalised(oacc[((r // 2) * DT + dtl) * 4 + (r % 2) * 2 + e], ls[r]))
+                        else:
+                            o_part[vbh, comp, rows[r], dtl * 8 + lane % 4 * 2 + e] = oacc[((r // 2) * DT + dtl) * 4 + (r % 2) * 2 + e]
+                if not direct:
+                    if lane % 4 == 0:
+                        ml_part[vbh, comp, rows[r], 0] = ms[r]
+                        ml_part[vbh, comp, rows[r], 1] = ls[r]
 
     @T.prim_func(s_tir=True)
     def tiled(
         q: T.Buffer((B, H, N, D), dt),
-        k: T.Buffer((B, H, N, D), dt),
-        v: T.Buffer((B, H, N, D), dt),
+        k: T.Buffer((B, KVH, N, D), dt),
+        v: T.Buffer((B, KVH, N, D), dt),
         seg_start: T.Buffer((HM, N, S), "int32"),
         seg_count: T.Buffer((HM, N, S), "int32"),
         seg_sigma: T.Buffer((HM, N, S), "int32"),
@@ -135,21 +356,26 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                             # one allocation (Q | K stages | V stages): cp.async writes are invisible
                             # to TVM's shared-memory planner, which would otherwise overlap K with Q
                             smem = T.sblock_alloc_buffer((SMEM,), dt, scope="shared.dyn")
+                            # per stage: 1 + the block index whose V holds a non-finite value
+                            vbad = T.sblock_alloc_buffer((stages,), "int32", scope="shared")
                             qf = T.sblock_alloc_buffer((MT * KD * 8,), dt, scope="local")
                             bf = T.sblock_alloc_buffer((8,), dt, scope="local")
                             pf = T.sblock_alloc_buffer((MT * KC * 8,), dt, scope="local")
                             sacc = T.sblock_alloc_buffer((MT * NTL * 4,), "float32", scope="local")
                             oacc = T.sblock_alloc_buffer((MT * DT * 4,), "float32", scope="local")
-                            # per (m-tile, half): running max, running (per-thread) sum, block max,
-                            # new max, alpha
-                            ms = T.sblock_alloc_buffer((MT * 2,), "float32", scope="local")
-                            ls = T.sblock_alloc_buffer((MT * 2,), "float32", scope="local")
-                            mb = T.sblock_alloc_buffer((MT * 2,), "float32", scope="local")
-                            al = T.sblock_alloc_buffer((MT * 2,), "float32", scope="local")
-                            # the thread's rows' segments: start, last, sigma (0 = none)
-                            sg = T.sblock_alloc_buffer((MT * 2 * S * 3,), "int32", scope="local")
+                            nonfinite = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                            vflag = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                            # per thread row: sequence row, running max, running (per-thread) sum,
+                            # block max / new max, rescale factor, cached segments
+                            rows = T.sblock_alloc_buffer((RS,), "int32", scope="local")
+                            ms = T.sblock_alloc_buffer((RS,), "float32", scope="local")
+                            ls = T.sblock_alloc_buffer((RS,), "float32", scope="local")
+                            mb = T.sblock_alloc_buffer((RS,), "float32", scope="local")
+                            al = T.sblock_alloc_buffer((RS,), "float32", scope="local")
+                            sg = T.sblock_alloc_buffer((RS * S * 3,), "int32", scope="local")
                             b: T.let[T.int32] = vbh // H
                             h: T.let[T.int32] = vbh % H
+                            hk: T.let[T.int32] = h // G
                             hm: T.let[T.int32] = h % HM
                             row0: T.let[T.int32] = tiles[hm, vt, 0]
                             rstr: T.let[T.int32] = tiles[hm, vt, 1]
@@ -158,54 +384,23 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                             blk_lo: T.let[T.int32] = tiles[hm, vt, 4]
                             blk_hi: T.let[T.int32] = tiles[hm, vt, 5]
                             tid: T.let[T.int32] = w * 32 + lane
-                            g: T.let[T.int32] = lane // 4
-                            tq: T.let[T.int32] = lane % 4
-                            # Q tile -> shared (16-byte vectors; rows past nrows are zero)
-                            if stages == 1:
-                                for it in T.serial(Q_IT):
-                                    if it * NTHR + tid < BR * CH:
-                                        for e in T.vectorized(8):
-                                            smem[(it * NTHR + tid) // CH * DP + (it * NTHR + tid) % CH * 8 + e] = T.if_then_else(
-                                                (it * NTHR + tid) // CH < nrows,
-                                                q[b, h, row0 + rstr * ((it * NTHR + tid) // CH), (it * NTHR + tid) % CH * 8 + e],
-                                                zero)
-                            else:
-                                for it in T.serial(Q_IT):
-                                    if it * NTHR + tid < BR * CH:
-                                        copy16(T.address_of(smem[(it * NTHR + tid) // CH * DP + (it * NTHR + tid) % CH * 8]),
-                                               q.access_ptr("r", offset=((b * H + h) * N + T.if_then_else(
-                                                   (it * NTHR + tid) // CH < nrows, row0 + rstr * ((it * NTHR + tid) // CH), 0)) * D
-                                                   + (it * NTHR + tid) % CH * 8),
-                                               (it * NTHR + tid) // CH < nrows)
-                                if blk_hi > blk_lo:
-                                    kv_async(smem, k, v, blocks, b, h, hm, blk_lo, tid, 0, 0)
-                                T.evaluate(T.ptx.cp.async_.commit_group())
-                                T.evaluate(T.ptx["cp.async.wait_group"](0))
-                            for i in T.unroll(MT * 2):
-                                ms[i] = neg_init
-                                ls[i] = T.float32(0)
+                            for r in T.unroll(RS):
+                                rows[r] = row0 + rstr * tile_row(w, lane, r)
+                                ms[r] = neg_init
+                                ls[r] = T.float32(0)
                             for i in T.unroll(MT * DT * 4):
                                 oacc[i] = T.float32(0)
-                            for mt in T.unroll(MT):
-                                for hf in T.unroll(2):
-                                    for s in T.unroll(S):
-                                        if (w * MT + mt) * 16 + g + 8 * hf < nrows:
-                                            sg[((mt * 2 + hf) * S + s) * 3] = seg_start[hm, row0 + rstr * ((w * MT + mt) * 16 + g + 8 * hf), s]
-                                            sg[((mt * 2 + hf) * S + s) * 3 + 1] = seg_start[hm, row0 + rstr * ((w * MT + mt) * 16 + g + 8 * hf), s] + seg_sigma[hm, row0 + rstr * ((w * MT + mt) * 16 + g + 8 * hf), s] * (seg_count[hm, row0 + rstr * ((w * MT + mt) * 16 + g + 8 * hf), s] - 1)
-                                            sg[((mt * 2 + hf) * S + s) * 3 + 2] = T.if_then_else(
-                                                seg_count[hm, row0 + rstr * ((w * MT + mt) * 16 + g + 8 * hf), s] > 0,
-                                                seg_sigma[hm, row0 + rstr * ((w * MT + mt) * 16 + g + 8 * hf), s], 0)
-                                        else:
-                                            sg[((mt * 2 + hf) * S + s) * 3 + 2] = 0
+                            if tid < stages:
+                                vbad[tid] = 0
+                            load_q_tile(smem, q, b, h, row0, rstr, nrows, tid)
+                            if stages == 2:
+                                if blk_hi > blk_lo:
+                                    issue_kv_block(smem, k, v, blocks[hm, blk_lo, 0], blocks[hm, blk_lo, 1], b, hk, tid, 0)
+                                T.evaluate(T.ptx.cp.async_.commit_group())
+                                T.evaluate(T.ptx["cp.async.wait_group"](0))
+                            cache_row_segments(sg, rows, seg_start, seg_count, seg_sigma, hm, w, lane, nrows)
                             T.tvm_storage_sync("shared.dyn")
-                            # Q fragments (A operand) for the whole tile
-                            for mt in T.unroll(MT):
-                                for kk in T.unroll(KD):
-                                    T.evaluate(T.ptx_legacy.ldmatrix(
-                                        False, 4, ".b16", qf.data, (mt * KD + kk) * 8,
-                                        smem.access_ptr("r"),
-                                        ((w * MT + mt) * 16 + lane % 16) * DP + kk * 16 + 8 * (lane // 16),
-                                        dtype=dt))
+                            load_q_fragments(qf, smem, w, lane)
                             for j in T.serial(blk_hi - blk_lo):
                                 col0: T.let[T.int32] = blocks[hm, blk_lo + j, 0]
                                 sig: T.let[T.int32] = blocks[hm, blk_lo + j, 1]
@@ -213,125 +408,29 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                 stg: T.let[T.int32] = j % stages
                                 if stages == 1:
                                     T.tvm_storage_sync("shared.dyn")
-                                    for it in T.serial(KV_IT):
-                                        if it * NTHR + tid < BC * CH:
-                                            for e in T.vectorized(8):
-                                                smem[K_OFF + (it * NTHR + tid) // CH * DP + (it * NTHR + tid) % CH * 8 + e] = T.if_then_else(
-                                                    col0 + sig * ((it * NTHR + tid) // CH) < N,
-                                                    k[b, h, col0 + sig * ((it * NTHR + tid) // CH), (it * NTHR + tid) % CH * 8 + e],
-                                                    zero)
-                                            for e in T.vectorized(8):
-                                                smem[V_OFF + (it * NTHR + tid) // CH * DP + (it * NTHR + tid) % CH * 8 + e] = T.if_then_else(
-                                                    col0 + sig * ((it * NTHR + tid) // CH) < N,
-                                                    v[b, h, col0 + sig * ((it * NTHR + tid) // CH), (it * NTHR + tid) % CH * 8 + e],
-                                                    zero)
+                                    load_kv_block(smem, k, v, col0, sig, b, hk, tid)
                                     T.tvm_storage_sync("shared.dyn")
                                 else:
                                     # block j has landed (this thread's copies: wait; everyone's:
                                     # barrier, which also frees the other stage for block j + 1)
                                     T.evaluate(T.ptx["cp.async.wait_group"](0))
                                     T.tvm_storage_sync("shared.dyn")
+                                if full == 0:  # uniform: every thread sees the same block
+                                    flag_nonfinite_v(smem, vbad, nonfinite, stg, j, tid)
+                                if stages == 2:
                                     if j + 1 < blk_hi - blk_lo:
-                                        kv_async(smem, k, v, blocks, b, h, hm, blk_lo, tid, j + 1, (j + 1) % stages)
+                                        issue_kv_block(smem, k, v, blocks[hm, blk_lo + j + 1, 0],
+                                                       blocks[hm, blk_lo + j + 1, 1], b, hk, tid, (j + 1) % stages)
                                     T.evaluate(T.ptx.cp.async_.commit_group())
-                                # S = Q K^T in registers
-                                for i in T.unroll(MT * NTL * 4):
-                                    sacc[i] = T.float32(0)
-                                for kk in T.unroll(KD):
-                                    for np in T.unroll(KC):
-                                        T.evaluate(T.ptx_legacy.ldmatrix(
-                                            False, 4, ".b16", bf.data, 0, smem.access_ptr("r"),
-                                            K_OFF + stg * BC * DP + (np * 16 + lane % 8 + 8 * (lane // 16)) * DP + kk * 16 + 8 * (lane // 8 % 2),
-                                            dtype=dt))
-                                        for mt in T.unroll(MT):
-                                            for hn in T.unroll(2):
-                                                T.evaluate(T.ptx_legacy.mma(
-                                                    "m16n8k16", "row", "col", "fp16", "fp16", "fp32",
-                                                    qf.data, (mt * KD + kk) * 8, bf.data, hn * 4,
-                                                    sacc.data, (mt * NTL + np * 2 + hn) * 4, False, dtype="float32"))
-                                # scale + mask, block row max
-                                for mt in T.unroll(MT):
-                                    for nt in T.unroll(NTL):
-                                        for i in T.unroll(4):
-                                            sacc[(mt * NTL + nt) * 4 + i] = T.if_then_else(
-                                                full == 1,
-                                                sacc[(mt * NTL + nt) * 4 + i] * scale,
-                                                T.if_then_else(
-                                                    col0 + sig * (nt * 8 + tq * 2 + i % 2) < N
-                                                    and _member(sg, mt * 2 + i // 2, col0 + sig * (nt * 8 + tq * 2 + i % 2), sig, S),
-                                                    sacc[(mt * NTL + nt) * 4 + i] * scale,
-                                                    neg_inf))
-                                for i in T.unroll(MT * 2):
-                                    mb[i] = neg_inf
-                                for mt in T.unroll(MT):
-                                    for nt in T.unroll(NTL):
-                                        for i in T.unroll(4):
-                                            mb[mt * 2 + i // 2] = T.max(mb[mt * 2 + i // 2], sacc[(mt * NTL + nt) * 4 + i])
-                                for i in T.unroll(MT * 2):
-                                    mb[i] = T.max(mb[i], T.tvm_warp_shuffle_xor(full_mask, mb[i], 1, 32, 32))
-                                    mb[i] = T.max(mb[i], T.tvm_warp_shuffle_xor(full_mask, mb[i], 2, 32, 32))
-                                    mb[i] = T.max(ms[i], mb[i])  # the new running max
-                                    al[i] = T.exp2(ms[i] - mb[i])
-                                    ms[i] = mb[i]
-                                    ls[i] = ls[i] * al[i]
-                                # P = 2^(S - m) as the A operand of P V (two 8-column accumulator
-                                # tiles = one 16-deep k-step), row sums of the rounded P
-                                for mt in T.unroll(MT):
-                                    for kc in T.unroll(KC):
-                                        for hn in T.unroll(2):
-                                            for i in T.unroll(4):
-                                                pf[(mt * KC + kc) * 8 + hn * 4 + i] = T.Cast(
-                                                    dt, T.exp2(sacc[(mt * NTL + kc * 2 + hn) * 4 + i] - ms[mt * 2 + i // 2]))
-                                for mt in T.unroll(MT):
-                                    for kc in T.unroll(KC):
-                                        for hn in T.unroll(2):
-                                            for i in T.unroll(4):
-                                                ls[mt * 2 + i // 2] = ls[mt * 2 + i // 2] + T.Cast(
-                                                    "float32", pf[(mt * KC + kc) * 8 + hn * 4 + i])
-                                for mt in T.unroll(MT):
-                                    for dtl in T.unroll(DT):
-                                        for i in T.unroll(4):
-                                            oacc[(mt * DT + dtl) * 4 + i] = oacc[(mt * DT + dtl) * 4 + i] * al[mt * 2 + i // 2]
-                                # O += P V
-                                for kc in T.unroll(KC):
-                                    for dp in T.unroll(D // 16):
-                                        T.evaluate(T.ptx_legacy.ldmatrix(
-                                            True, 4, ".b16", bf.data, 0, smem.access_ptr("r"),
-                                            V_OFF + stg * BC * DP + (kc * 16 + lane % 8 + 8 * (lane // 8 % 2)) * DP + dp * 16 + 8 * (lane // 16),
-                                            dtype=dt))
-                                        for mt in T.unroll(MT):
-                                            for hn in T.unroll(2):
-                                                T.evaluate(T.ptx_legacy.mma(
-                                                    "m16n8k16", "row", "col", "fp16", "fp16", "fp32",
-                                                    pf.data, (mt * KC + kc) * 8, bf.data, hn * 4,
-                                                    oacc.data, (mt * DT + dp * 2 + hn) * 4, False, dtype="float32"))
-                            # full row sums: the 4 lanes of a row hold disjoint columns
-                            for i in T.unroll(MT * 2):
-                                ls[i] = ls[i] + T.tvm_warp_shuffle_xor(full_mask, ls[i], 1, 32, 32)
-                                ls[i] = ls[i] + T.tvm_warp_shuffle_xor(full_mask, ls[i], 2, 32, 32)
-                            if direct:
-                                for mt in T.unroll(MT):
-                                    for dtl in T.unroll(DT):
-                                        for hf in T.unroll(2):
-                                            if (w * MT + mt) * 16 + g + 8 * hf < nrows:
-                                                for e in T.vectorized(2):
-                                                    out[b, h, row0 + rstr * ((w * MT + mt) * 16 + g + 8 * hf), dtl * 8 + tq * 2 + e] = T.Cast(
-                                                        dt, T.if_then_else(
-                                                            ls[mt * 2 + hf] > T.float32(0),
-                                                            oacc[(mt * DT + dtl) * 4 + hf * 2 + e] / ls[mt * 2 + hf],
-                                                            T.float32(0)))
-                            else:
-                                for mt in T.unroll(MT):
-                                    for dtl in T.unroll(DT):
-                                        for hf in T.unroll(2):
-                                            if (w * MT + mt) * 16 + g + 8 * hf < nrows:
-                                                for e in T.vectorized(2):
-                                                    o_part[vbh, comp, row0 + rstr * ((w * MT + mt) * 16 + g + 8 * hf), dtl * 8 + tq * 2 + e] = oacc[(mt * DT + dtl) * 4 + hf * 2 + e]
-                                for mt in T.unroll(MT):
-                                    for hf in T.unroll(2):
-                                        if (w * MT + mt) * 16 + g + 8 * hf < nrows and tq == 0:
-                                            ml_part[vbh, comp, row0 + rstr * ((w * MT + mt) * 16 + g + 8 * hf), 0] = ms[mt * 2 + hf]
-                                            ml_part[vbh, comp, row0 + rstr * ((w * MT + mt) * 16 + g + 8 * hf), 1] = ls[mt * 2 + hf]
+                                qk_tile(sacc, qf, bf, smem, stg, lane)
+                                mask_scores(sacc, sg, full, col0, sig, lane)
+                                online_softmax(sacc, pf, oacc, ms, ls, mb, al)
+                                vflag[0] = vbad[stg]  # (TVM's barrier planner refuses shared reads in conditions)
+                                if vflag[0] == j + 1:
+                                    pv_exact(oacc, pf, smem, stg, w, lane)
+                                else:
+                                    pv_tile(oacc, pf, bf, smem, stg, lane)
+                            store_rows(out, o_part, ml_part, oacc, ms, ls, rows, b, h, vbh, comp, w, lane, nrows)
 
     return tiled
 
@@ -339,10 +438,5 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
 def _member(sg, row_slot, col, sig, S):
     """Whether ``col`` lies in one of the cached segments (``sg``) of the thread's row
     ``row_slot`` whose step is the block's ``sig``."""
-    cond = None
-    for s in range(S):
-        base = (row_slot * S + s) * 3
-        c = T.And(T.And(sg[base + 2] == sig, col >= sg[base]),
-                  T.And(col <= sg[base + 1], T.truncmod(col - sg[base], sig) == 0))
-        cond = c if cond is None else T.Or(cond, c)
-    return cond
+    return any_of([segment_member(sg[(row_slot * S + s) * 3], sg[(row_slot * S + s) * 3 + 1], sig,
+                                  sg[(row_slot * S + s) * 3 + 2], col) for s in range(S)])

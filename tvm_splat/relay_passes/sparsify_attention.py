@@ -9,8 +9,10 @@ Per attention site (see :mod:`._attention_match` for the forms recognised) the p
 
 1. reads the site's constant mask, if any, into a boolean keep-mask (:mod:`._site_mask`),
 2. picks the sparsity from the user pattern and/or that mask (:mod:`._pattern_choice`),
-3. replaces the ``P @ V`` (or ``nn.attention``) binding by ``R.call_tir`` of our scheduled
-   kernels with the ACSR tables as constants, and drops the now dead dense score code.
+3. plans the site (:func:`tvm_splat.plan.plan`, the same plan ``sparse_attention`` runs:
+   kernel family, tuned or default knobs, tile plan, launch steps) and replaces the ``P @ V``
+   (or ``nn.attention``) binding by one ``R.call_tir`` per launch step of the plan, with the
+   plan's int32 tables as constants; the now dead dense score code is dropped.
 
 Everything else in the module is left as it is. A site that cannot be rewritten exactly is
 skipped with a reason. What happened is in ``pass_obj.report`` (:class:`SparsifyReport`)
@@ -26,9 +28,9 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..kernels import attention_funcs
-from ..kernels.spec import SUPPORTED_DTYPES, AttentionSpec
-from ..schedules.dispatch import schedule_attention
+from ..kernels import VARIANTS
+from ..kernels.spec import SUPPORTED_DTYPES
+from ..plan import AttentionPlan, choose_variant, plan
 from ..schedules.targets import as_target, target_name
 from ._attention_match import AttentionMatch, find_attention
 from ._constant_eval import function_bindings
@@ -38,18 +40,14 @@ from .sparsify_report import SiteReport, SparsifyReport
 
 logger = logging.getLogger("tvm_splat.relay_passes")
 
-# "fused": the tiled kernel (tensor cores for fp16 on the GPU); "row": one row per thread;
-# "separate": R-SDDMM, softmax, R-SpMM. The same names as tvm_splat.sparse_attention.
-VARIANTS = ("fused", "row", "separate")
-
 __all__ = ["SparsifyAttention"]
 
 
-class _Plan:
-    """A site that will be rewritten, with its ACSR and kernel spec."""
+class _Site:
+    """A site that will be rewritten, with its plan."""
 
-    def __init__(self, site: AttentionMatch, acsr, spec: AttentionSpec, site_name: str):
-        self.site, self.acsr, self.spec, self.site_name = site, acsr, spec, site_name
+    def __init__(self, site: AttentionMatch, plan: AttentionPlan, site_name: str):
+        self.site, self.plan, self.site_name = site, plan, site_name
 
 
 def _check_names(names) -> Optional[Dict[int, str]]:
@@ -91,16 +89,17 @@ class SparsifyAttention:
         ``"nvidia/nvidia-h100"``). Default: the current target context (``tvm.compile``
         sets it for its pipeline), else ``llvm``.
     variant : str
-        ``"fused"`` (default: the geometry-driven tiled kernel, online softmax, tensor cores
-        for fp16 on the GPU), ``"row"`` (one mask row per thread) or ``"separate"``
-        (R-SDDMM, row softmax, R-SpMM).
+        ``"auto"`` (default: what ``sparse_attention`` picks for the target — the
+        geometry-driven tiled kernel with tensor cores for 16-bit inputs on the GPU),
+        ``"tiled"``, ``"row"`` (one mask row per thread) or ``"separate"`` (R-SDDMM, row
+        softmax, R-SpMM).
     names : sequence of str | dict int -> str | None
         Site names by softmax index (e.g. torch module paths from
         :func:`~tvm_splat.relay_passes.attention_layer_names`).
     max_segments : int
         ACSR segment slots per row before a row falls back to CSR.
 
-    Shapes: q, k, v of a site are ``[batch, heads, seq_len, head_dim]`` float16/float32
+    Shapes: q, k, v of a site are ``[batch, heads, seq_len, head_dim]`` float16/bfloat16/float32
     (any batch reshape around them is accepted); the output keeps the replaced binding's
     shape and dtype. A row whose mask is empty gives zeros (torch: zeros for SDPA, NaN for a
     hand-written softmax).
@@ -108,11 +107,11 @@ class SparsifyAttention:
     After the pass runs, ``report`` holds a :class:`SparsifyReport`.
     """
 
-    def __init__(self, pattern=None, *, target=None, variant: str = "fused", names=None,
+    def __init__(self, pattern=None, *, target=None, variant: str = "auto", names=None,
                  max_segments: int = 4):
         self._choice = PatternChoice(pattern)
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+        if variant != "auto" and variant not in VARIANTS:
+            choose_variant(variant, "llvm")  # raises with the reason ("fused" was renamed)
         self._variant = variant
         self._target = None if target is None else as_target(target)
         self._names = _check_names(names)
@@ -124,9 +123,11 @@ class SparsifyAttention:
 
     # ------------------------------------------------------------------ pass entry
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        if not isinstance(mod, tvm.IRModule):
+            raise TypeError(f"SparsifyAttention transforms a tvm.IRModule, got {type(mod).__name__}")
         target = self._resolve_target()
         reports: List[SiteReport] = []
-        plans: Dict[str, List[_Plan]] = {}
+        plans: Dict[str, List[_Site]] = {}
         all_names = []
         for gv, func in mod.functions.items():
             if not isinstance(func, relax.Function):
@@ -135,19 +136,19 @@ class SparsifyAttention:
             sites = find_attention(func, bindings)
             all_names += [self._site_name(s) for s in sites]
             for site in sites:
-                plan, report = self._decide(gv.name_hint, site, bindings)
+                plan, report = self._decide(gv.name_hint, site, bindings, target)
                 reports.append(report)
                 if plan is not None:
                     plans.setdefault(gv.name_hint, []).append(plan)
         self._choice.check_names(all_names)
         self.report = SparsifyReport(tuple(reports))
-        # (site name, ACSR, AttentionSpec) of every rewritten site: what tuning needs
-        self.workloads = tuple((p.site_name, p.acsr, p.spec) for ps in plans.values() for p in ps)
+        # (site name, AttentionPlan) of every rewritten site: what tuning needs
+        self.workloads = tuple((p.site_name, p.plan) for ps in plans.values() for p in ps)
         if reports:
             logger.info("%s", self.report)
         if not plans:
             return mod
-        return _rewrite(mod, plans, target, self._variant)
+        return _rewrite(mod, plans, target)
 
     def _resolve_target(self):
         if self._target is not None:
@@ -164,7 +165,7 @@ class SparsifyAttention:
         return f"attn{site.softmax_index}"
 
     # ------------------------------------------------------------------ decisions
-    def _decide(self, function: str, site: AttentionMatch, bindings):
+    def _decide(self, function: str, site: AttentionMatch, bindings, target):
         name = self._site_name(site)
 
         def report(rewritten, reason="", mask="?", pattern=None, density=None):
@@ -186,50 +187,41 @@ class SparsifyAttention:
                                    self._max_segments)
         if acsr is None:
             return None, report(False, reason, mask.description, pattern)
-        spec = AttentionSpec.from_acsr(acsr, site.batch, site.heads, site.head_dim, site.dtype,
-                                       site.scale)
-        return _Plan(site, acsr, spec, name), report(True, "", mask.description, pattern,
-                                               float(acsr.density))
+        shape = (site.batch, site.heads, site.seq_len, site.head_dim)
+        planned = plan(acsr, shape, shape, site.dtype, None, target=target, scale=site.scale,
+                       variant=self._variant)
+        return _Site(site, planned, name), report(True, "", mask.description, pattern, float(acsr.density))
 
 
 # ---------------------------------------------------------------------- rewriting
-def _kernels(builder, cache, spec: AttentionSpec, target, variant, plan=None, knobs=None):
-    """GlobalVars of the scheduled kernels for ``spec``, added to the module once."""
-    key = (spec.key, variant, None if plan is None else plan.shape.key)
-    if key not in cache:
-        gvs = {}
-        if variant == "fused":
-            from ..schedules.tiled import schedule_tiled, tiled_funcs
-
-            funcs = {name: schedule_tiled(name, f, target, knobs, spec)
-                     for name, f in tiled_funcs(spec, plan.shape, knobs, target).items()}
-        else:
-            funcs = {name: schedule_attention(name, f, spec, target)
-                     for name, f in attention_funcs(spec, variant).items()}
-        for name, func in funcs.items():
-            func = func.without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
-            suffix = spec.key if plan is None else f"{spec.key}_{plan.shape.key}"
-            gvs[name] = builder.add_func(func, f"splat_{name}_{suffix}")
-        cache[key] = gvs
-    return cache[key]
-
-
 def _const(array) -> tvm.ir.Constant:
     return relax.const(np.ascontiguousarray(array, dtype=np.int32))
 
 
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
-    """Replaces each planned site's output binding by calls of our kernels."""
+    """Replaces each planned site's output binding by the launch steps of its plan."""
 
-    def __init__(self, mod, target, variant):
+    def __init__(self, mod):
         super().__init__(mod)
-        self.target, self.variant = target, variant
-        self.plans: Dict[relax.Var, _Plan] = {}
-        self.kernel_cache: dict = {}
+        self.sites: Dict[relax.Var, _Site] = {}
+        self.kernel_cache: dict = {}  # plan identity -> {kernel name: GlobalVar}
 
     def emit(self, expr, name=""):
         return self.builder_.emit(expr, name)
+
+    def _kernels(self, plan: AttentionPlan) -> dict:
+        """GlobalVars of the plan's scheduled kernels, added to the module once per workload."""
+        key = (plan.variant, plan.spec.key, repr(plan.knobs),
+               None if plan.tile_plan is None else plan.tile_plan.shape.key)
+        if key not in self.kernel_cache:
+            suffix = plan.spec.key if plan.tile_plan is None else f"{plan.spec.key}_{plan.tile_plan.shape.key}"
+            self.kernel_cache[key] = {
+                gv.name_hint: self.builder_.add_func(
+                    func.without_attr("global_symbol").with_attr("tirx.is_scheduled", True),
+                    f"splat_{gv.name_hint}_{suffix}")
+                for gv, func in plan.module().functions.items()}
+        return self.kernel_cache[key]
 
     def _bhnd(self, expr, site: AttentionMatch, transpose_last: bool = False):
         """An operand as [batch, heads, n, d]."""
@@ -244,68 +236,46 @@ class _Rewriter(relax.PyExprMutator):
             x = self.emit(relax.op.reshape(x, shape))
         return x
 
-    def _sparse_attention(self, plan: _Plan):
-        site, spec, acsr = plan.site, plan.spec, plan.acsr
-        q = self._bhnd(site.q, site)
-        k = self._bhnd(site.k, site, transpose_last=site.k_transposed)
-        v = self._bhnd(site.v, site)
-        seg = [_const(a) for a in (acsr.seg_start, acsr.seg_step, acsr.seg_count)]
-        indices = _const(acsr.indices)
-        out_sinfo = relax.TensorType((spec.batch, spec.heads, spec.seq_len, spec.head_dim),
-                                           spec.dtype)
-        if self.variant == "fused":
-            return self._tiled_attention(q, k, v, spec, acsr, out_sinfo)
-        gvs = _kernels(self.builder_, self.kernel_cache, spec, self.target, self.variant)
-        if self.variant == "row":
-            return self.emit(relax.call_tir(gvs["fused"], [q, k, v, *seg, indices], out_sinfo))
-        row_ptr = _const(acsr.row_ptr)
-        scores_sinfo = relax.TensorType((spec.batch, spec.heads, spec.max_nnz), "float32")
-        scores = self.emit(relax.call_tir(gvs["sddmm"], [q, k, *seg, row_ptr, indices],
-                                          scores_sinfo))
-        probs = self.emit(relax.call_tir(gvs["softmax"], [scores, row_ptr], scores_sinfo))
-        return self.emit(relax.call_tir(gvs["spmm"], [probs, v, *seg, row_ptr, indices],
-                                        out_sinfo))
-
-    def _tiled_attention(self, q, k, v, spec, acsr, out_sinfo):
-        """The tiled kernel, plus the merge of row groupings and the CSR-row fallback when the
-        plan needs them (the fallback overwrites its rows of the output in place)."""
-        from ..attention import default_tiled_knobs
-        from ..kernels.tiled import partial_shapes
-        from ..schedules.tile_plan import plan_tiles
-        from ..tuning.tiled import tuned_tiled_knobs
-
-        knobs = tuned_tiled_knobs(spec, self.target) or default_tiled_knobs(spec.dtype, self.target, spec)
-        plan = plan_tiles(acsr, knobs)
-        gvs = _kernels(self.builder_, self.kernel_cache, spec, self.target, "fused", plan, knobs)
-        o_shape, ml_shape = partial_shapes(spec, plan.shape.num_components)
-        parts = self.emit(relax.call_tir(
-            gvs["tiled"],
-            [q, k, v, *(_const(a) for a in (acsr.seg_start, acsr.seg_count, plan.seg_sigma,
-                                             plan.tiles, plan.blocks))],
-            [out_sinfo, relax.TensorType(o_shape, "float32"), relax.TensorType(ml_shape, "float32")]))
-        out = self.emit(relax.TupleGetItem(parts, 0))
-        if plan.shape.num_components > 1:
-            out = self.emit(relax.call_tir(
-                gvs["merge"], [self.emit(relax.TupleGetItem(parts, 1)),
-                               self.emit(relax.TupleGetItem(parts, 2)), _const(plan.num_comp)],
-                out_sinfo))
-        if plan.shape.num_fallback > 0:
-            args = [q, k, v, *(_const(a) for a in (acsr.seg_start, acsr.seg_step, acsr.seg_count,
-                                                   acsr.indices, plan.fallback_rows)), out]
-            out = self.emit(relax.call_tir_inplace(gvs["fallback"], args, len(args) - 1, out_sinfo))
-        return out
+    def _sparse_attention(self, planned: _Site):
+        """The plan's steps as ``call_tir`` / ``call_tir_inplace``: buffers by name, tables as
+        constants, scratch and outputs as fresh tensors."""
+        site, plan = planned.site, planned.plan
+        kernels = self._kernels(plan)
+        env = {"q": self._bhnd(site.q, site),
+               "k": self._bhnd(site.k, site, transpose_last=site.k_transposed),
+               "v": self._bhnd(site.v, site)}
+        env.update({name: _const(a) for name, a in plan.tables.items()})
+        types = {"out": relax.TensorType(plan.q_shape, plan.spec.dtype)}
+        types.update({name: relax.TensorType(shape, dtype) for name, (shape, dtype) in plan.scratch.items()})
+        for step in plan.steps:
+            out_types = [types[o] for o in step.outputs]
+            if step.inplace:
+                idx = [step.args.index(o) for o in step.outputs]
+                call = relax.call_tir_inplace(kernels[step.kernel], [env[a] for a in step.args],
+                                              idx[0] if len(idx) == 1 else idx,
+                                              out_types[0] if len(out_types) == 1 else out_types)
+            else:
+                call = relax.call_tir(kernels[step.kernel], [env[a] for a in step.inputs],
+                                      out_types[0] if len(out_types) == 1 else out_types)
+            result = self.emit(call)
+            if len(step.outputs) == 1:
+                env[step.outputs[0]] = result
+            else:
+                for i, name in enumerate(step.outputs):
+                    env[name] = self.emit(relax.TupleGetItem(result, i))
+        return env["out"]
 
     def visit_var_binding_(self, binding: relax.VarBinding):
-        plan = self.plans.get(binding.var)
-        if plan is None:
+        planned = self.sites.get(binding.var)
+        if planned is None:
             return super().visit_var_binding_(binding)
-        out = self._sparse_attention(plan)
+        out = self._sparse_attention(planned)
         want = binding.var.ty
-        if plan.site.layout == "bnhd":
+        if planned.site.layout == "bnhd":
             value = relax.op.permute_dims(out, [0, 2, 1, 3])
         else:
             value = relax.op.reshape(out, want.shape)
-        if str(want.dtype) != plan.spec.dtype:
+        if str(want.dtype) != planned.plan.spec.dtype:
             value = relax.op.astype(self.emit(value), want.dtype)
         # an output of a dataflow block stays visible after it; keep its kind
         if isinstance(binding.var, relax.DataflowVar) or not self.builder_.current_block_is_dataflow():
@@ -314,18 +284,18 @@ class _Rewriter(relax.PyExprMutator):
             new_var = self.builder_.emit_output(value, binding.var.name)
         self.set_var_remap(binding.var, new_var)
 
-    def run(self, plans: Dict[str, List[_Plan]]) -> tvm.IRModule:
+    def run(self, plans: Dict[str, List[_Site]]) -> tvm.IRModule:
         mod = self.builder_.get()
         for gv, func in list(mod.functions.items()):
             if gv.name_hint not in plans:
                 continue
-            self.plans = {p.site.out_var: p for p in plans[gv.name_hint]}
+            self.sites = {p.site.out_var: p for p in plans[gv.name_hint]}
             new_func = self.visit_expr(func)
             new_func = relax.analysis.remove_all_unused(new_func)
             self.builder_.update_func(gv, new_func)
         return self.builder_.get()
 
 
-def _rewrite(mod, plans, target, variant) -> tvm.IRModule:
+def _rewrite(mod, plans, target) -> tvm.IRModule:
     logger.debug("SparsifyAttention: scheduling kernels for %s", target_name(target))
-    return _Rewriter(mod, target, variant).run(plans)
+    return _Rewriter(mod).run(plans)

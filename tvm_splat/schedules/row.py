@@ -1,7 +1,7 @@
 """Row-parallel schedule: one row of the ACSR mask per thread (GPU) or per task (CPU).
 
 This is the simple, always-correct schedule for every kernel in
-:mod:`tvm_splat.kernels.attention`: their spatial loops ``batch, heads, rows`` sit outside the
+:mod:`tvm_splat.kernels.row`: their spatial loops ``batch, heads, rows`` sit outside the
 block ``"row"``, so fusing them and mapping the fused loop to parallel workers is legal for any
 mask. Geometry-aware tiled schedules live next to it and fall back to this one.
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import tvm
 from tvm import s_tir
 
-from ..kernels.attention import ROW_BLOCK
+from ..kernels.row import ROW_BLOCK
 from .targets import as_target, is_gpu, max_threads
 
 
@@ -23,6 +23,8 @@ class RowKnobs:
     threads: int = 128
 
     def __post_init__(self):
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int):
+            raise ValueError(f"threads must be an int, got {self.threads!r}")
         if self.threads < 1 or self.threads & (self.threads - 1):
             raise ValueError(f"threads must be a power of two >= 1, got {self.threads}")
 

@@ -1,27 +1,24 @@
-"""Schedules of the tiled fused kernel (:mod:`tvm_splat.kernels.tiled`), plus its runner.
+"""Schedules of the tiled fused kernel (:mod:`tvm_splat.kernels.tiled`) and its knobs.
 
-Plain functions ``(func, target, knobs) -> PrimFunc`` driven by the frozen :class:`TiledKnobs`:
+Plain functions ``(func, target, knobs) -> PrimFunc`` driven by the frozen :class:`TiledKnobs`,
+whose defaults (:func:`default_tiled_knobs`) live beside them, as dlight keeps a rule's config
+beside the rule:
 
 * CPU (llvm): one parallel task per (batch x head, tile); inner loops stay serial.
-* GPU (cuda), CUDA cores: ``blockIdx.x`` = tile, ``blockIdx.y`` = batch x head, threads
-  (``threadIdx.y`` = warps, ``threadIdx.x`` = 32); Q/K/V/P tiles, masked scores and the row
-  softmax state in (dynamic) shared memory, S and the O accumulator in registers (each thread a
-  register micro-tile of ``S = Q K^T`` and of ``O``); global loads are 16-byte vectors; the mask
-  epilogue runs on the S registers; row reductions accumulate in registers, one row per thread.
-  ``merge`` and ``fallback`` are simple one-row-per-thread kernels.
-* GPU, ``use_tensor_cores=True`` (fp16 only), ``tc_kernel="mma"`` (the default): the
-  warp-level form of the kernel (:mod:`tvm_splat.kernels.tiled_mma`): ``mma.sync`` with
-  scores, P and O in registers. It is already bound to threads, so it has no schedule here;
-  its knobs (``warps``, ``m_tiles``, ``bc``) shape the program itself.
-* GPU, ``use_tensor_cores=True``, ``tc_kernel="wmma"``: ``S_gemm`` and ``PV_gemm`` of the
-  logical kernel are cut into 16x16x16 blocks and tensorized with WMMA
-  (``tvm.s_tir.tensor_intrin.cuda``), one warp per 16-row strip; operands from shared memory,
-  results stored back to shared memory as float32 (the WMMA fragment layout is opaque, so the
-  softmax cannot run on it).
+* GPU (cuda), CUDA cores (float32): ``blockIdx.x`` = tile, ``blockIdx.y`` = batch x head,
+  threads (``threadIdx.z`` = warps, ``threadIdx.y`` x ``threadIdx.x`` = 4 x 8 lanes); Q/K/V/P
+  tiles, masked scores and the row softmax state in shared memory, S and the O accumulator in
+  registers (each thread a register micro-tile of ``S = Q K^T`` and of ``O``); global loads are
+  16-byte vectors; the mask epilogue runs on the S registers; row reductions accumulate in
+  registers, one row per thread. ``merge`` and ``fallback`` are simple one-row-per-thread
+  kernels.
+* GPU, ``use_tensor_cores=True`` (float16 / bfloat16): the warp-level form of the kernel
+  (:mod:`tvm_splat.kernels.tiled_mma`, ``mma.sync`` with scores, P and O in registers). It is
+  already bound to threads, so it has no schedule here; its knobs (``warps``, ``m_tiles``,
+  ``stages``, ``bc``) shape the program itself.
 
-Public API: :func:`tiled_funcs`, :func:`schedule_tiled`, :func:`build_tiled`,
-:func:`tiled_attention` (runner, numpy or torch in/out like
-:func:`tvm_splat.attention.sparse_attention`).
+Public API: :class:`TiledKnobs`, :func:`default_tiled_knobs`, :func:`tiled_funcs`,
+:func:`apply_tiled_schedule`, :func:`schedule_tiled`.
 """
 from __future__ import annotations
 
@@ -30,14 +27,16 @@ from dataclasses import dataclass
 import tvm
 from tvm import s_tir
 
-from ..kernels.spec import AttentionSpec
-from ..kernels.tiled import TILE_BLOCK, fallback_func, merge_func, partial_shapes, tiled_func
-from ..kernels.tiled_mma import tiled_mma_func
-from .targets import as_target, is_gpu
-from .tile_plan import PlanShape, TilePlan, kernel_arrays, plan_tiles
+import dataclasses
 
-__all__ = ["TiledKnobs", "tiled_funcs", "schedule_tiled", "apply_tiled_schedule", "build_tiled", "tiled_attention",
-           "tiled_launch", "plan_tiles"]
+from ..formats.tile_plan import PlanShape
+from ..kernels.spec import AttentionSpec
+from ..kernels.tiled import TILE_BLOCK, fallback_func, merge_func, tiled_func
+from ..kernels.tiled_mma import MMA_TYPES, tiled_mma_func
+from .targets import as_target, is_gpu
+
+__all__ = ["TiledKnobs", "default_tiled_knobs", "TWO_STAGE_MIN_TILES", "tiled_funcs", "uses_mma",
+           "schedule_tiled", "apply_tiled_schedule"]
 
 
 @dataclass(frozen=True)
@@ -48,13 +47,11 @@ class TiledKnobs:
       multiples of 16 when ``use_tensor_cores``.
     * ``warps``: warps per thread block on the GPU (threads = 32 * warps).
     * ``vector_bytes``: width of global loads/stores on the GPU (16 = 128-bit).
-    * ``use_tensor_cores``: tensor cores for the two GEMMs (fp16 inputs, CUDA only; ignored
-      elsewhere), through ``tc_kernel``: ``"mma"`` (warp-level kernel, registers only; needs
-      ``br == 16 * warps * m_tiles``) or ``"wmma"`` (schedule of the logical kernel).
+    * ``use_tensor_cores``: the warp-level ``mma.sync`` kernel (float16/bfloat16 inputs, CUDA
+      only; ignored elsewhere); needs ``br == 16 * warps * m_tiles``.
     * ``m_tiles``: 16-row m-tiles per warp in the ``mma`` kernel.
     * ``stages``: K/V shared-memory stages of the ``mma`` kernel (2: ``cp.async`` one block ahead).
-    * ``row_pad``: extra float32 per shared score row (bank-conflict padding, ``wmma`` and
-      CUDA cores).
+    * ``row_pad``: extra float32 per shared score row (bank-conflict padding, CUDA cores).
     """
 
     br: int = 64
@@ -63,15 +60,18 @@ class TiledKnobs:
     vector_bytes: int = 16
     use_tensor_cores: bool = False
     row_pad: int = 4
-    tc_kernel: str = "mma"
     m_tiles: int = 1
     stages: int = 2
 
     def __post_init__(self):
+        for name in ("br", "bc", "warps", "vector_bytes", "m_tiles", "stages", "row_pad"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an int, got {value!r}")
+        if not isinstance(self.use_tensor_cores, bool):
+            raise ValueError(f"use_tensor_cores must be a bool, got {self.use_tensor_cores!r}")
         if self.stages not in (1, 2):
             raise ValueError(f"stages must be 1 or 2, got {self.stages}")
-        if self.tc_kernel not in ("mma", "wmma"):
-            raise ValueError(f"tc_kernel must be 'mma' or 'wmma', got {self.tc_kernel!r}")
         for name in ("br", "bc", "warps", "vector_bytes", "m_tiles"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
@@ -85,26 +85,47 @@ class TiledKnobs:
     def threads(self) -> int:
         return 32 * self.warps
 
+    @classmethod
+    def from_dict(cls, fields: dict) -> "TiledKnobs":
+        """Knobs from a record, ignoring fields of forms that no longer exist (records written
+        when a ``tc_kernel`` field chose between ``mma`` and a removed WMMA form)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in fields.items() if k in names})
+
+
+# Grids of at least this many row tiles get two K/V stages (cp.async one block ahead); smaller
+# ones one. Untuned, on the H100: two stages were 17-18% faster at 3072-6144 tiles and 3-15%
+# slower at 384-1536 (benchmarks/results/h100_stages_ab*.json: 13 quick-suite shapes the rule
+# was read from, 8 held-out shapes it was checked on, within 2.1% of the better form on all).
+TWO_STAGE_MIN_TILES = 2048
+
+
+def default_tiled_knobs(spec: AttentionSpec, target) -> TiledKnobs:
+    """The knobs when nothing is tuned: the ``mma`` kernel for float16/bfloat16 on the GPU, and
+    the number of K/V stages by grid size (``TWO_STAGE_MIN_TILES``)."""
+    knobs = TiledKnobs(use_tensor_cores=is_gpu(as_target(target)) and spec.dtype in MMA_TYPES)
+    tiles = spec.batch * spec.heads * -(-spec.seq_len // knobs.br)
+    return dataclasses.replace(knobs, stages=2 if tiles >= TWO_STAGE_MIN_TILES else 1)
+
 
 def uses_mma(spec: AttentionSpec, knobs: TiledKnobs, target) -> bool:
     """Whether ``tiled`` is the warp-level ``mma`` kernel for this spec, knobs and target."""
-    return (knobs.use_tensor_cores and knobs.tc_kernel == "mma" and spec.dtype == "float16"
+    return (knobs.use_tensor_cores and spec.dtype in MMA_TYPES
             and target is not None and is_gpu(as_target(target)))
 
 
 def tiled_funcs(spec: AttentionSpec, plan_shape: PlanShape, knobs: TiledKnobs = TiledKnobs(), target=None) -> dict:
     """PrimFuncs by name: ``tiled`` always, ``merge`` when the plan has several components,
     ``fallback`` when some rows are indexed (CSR). ``tiled`` is the logical kernel (to be
-    scheduled), or, for tensor cores with ``tc_kernel="mma"`` on a GPU ``target``, the
-    warp-level kernel (already bound to threads)."""
+    scheduled), or, for tensor cores on a GPU ``target``, the warp-level kernel (already bound
+    to threads)."""
     if (plan_shape.br, plan_shape.bc) != (knobs.br, knobs.bc):
         raise ValueError(f"plan tiles {plan_shape.br}x{plan_shape.bc} do not match knobs "
                          f"{knobs.br}x{knobs.bc}")
-    tc = knobs.use_tensor_cores and spec.dtype == "float16"
     if uses_mma(spec, knobs, target):
         funcs = {"tiled": tiled_mma_func(spec, plan_shape, knobs.warps, knobs.m_tiles, knobs.stages)}
     else:
-        funcs = {"tiled": tiled_func(spec, plan_shape, separate_pv=tc)}
+        funcs = {"tiled": tiled_func(spec, plan_shape)}
     if plan_shape.num_components > 1:
         funcs["merge"] = merge_func(spec, plan_shape.num_components)
     if plan_shape.num_fallback > 0:
@@ -240,69 +261,12 @@ def _tile_map(sch, block, knobs, rows, cols, reduce=False):
     return tx
 
 
-def _read_index(sch, block, name):
-    for idx, region in enumerate(sch.get(block).reads):
-        if region.source.name.split("_")[0] == name:
-            return idx
-    raise KeyError(f"block {sch.get(block).name_hint} does not read {name}")
-
-
-def _scope_of(sch, block, idx, write=False):
-    regions = sch.get(block).writes if write else sch.get(block).reads
-    return regions[idx].source.scope()
-
-
-def _wmma_gemm(sch, block, knobs, a_name, b_name, b_trans):
-    """Tensorize a (i, j, k) GEMM block with 16x16x16 WMMA: warps (threadIdx.z) over 16-row
-    strips, operand fragments loaded from shared memory, the float32 accumulator stored back to
-    shared memory (static or dynamic: the intrinsics follow each buffer's scope)."""
-    from tvm.s_tir.tensor_intrin import cuda as intrin
-
-    def pick(static, dyn, scope):
-        return dyn if scope == "shared.dyn" else static
-
-    a_idx, b_idx = _read_index(sch, block, a_name), _read_index(sch, block, b_name)
-    a_scope, b_scope = _scope_of(sch, block, a_idx), _scope_of(sch, block, b_idx)
-    c_scope = _scope_of(sch, block, 0, write=True)
-    i, j, k = sch.get_loops(block)[-3:]
-    strips = _static_extent(sch, i) // 16
-    if strips % knobs.warps:
-        raise ValueError(f"tensor cores need br/16 ({strips}) to be a multiple of warps ({knobs.warps})")
-    i0, i1 = sch.split(i, [None, 16])
-    j0, j1 = sch.split(j, [None, 16])
-    k0, k1 = sch.split(k, [None, 16])
-    i0o, i0i = sch.split(i0, [None, knobs.warps])
-    sch.reorder(i0i, i0o, j0, k0, i1, j1, k1)
-    sch.bind(i0i, "threadIdx.z")
-    a_frag = sch.cache_read(block, a_idx, "wmma.matrix_a")
-    b_frag = sch.cache_read(block, b_idx, "wmma.matrix_b")
-    sch.compute_at(a_frag, k0)
-    sch.compute_at(b_frag, k0)
-    acc = sch.cache_write(block, 0, "wmma.accumulator")
-    sch.reverse_compute_at(acc, j0)
-    init = sch.decompose_reduction(block, k0)
-    sch.tensorize(sch.get_loops(init)[-2], intrin.WMMA_FILL_16x16x16_F32_INTRIN)
-    sch.tensorize(i1, intrin.WMMA_SYNC_16x16x16_f16f16f32_TRANS_INTRIN if b_trans
-                  else intrin.WMMA_SYNC_16x16x16_f16f16f32_INTRIN)
-    sch.tensorize(sch.get_loops(a_frag)[-2], pick(intrin.WMMA_LOAD_16x16x16_F16_A_INTRIN,
-                                                  intrin.WMMA_LOAD_16x16x16_F16_A_DYN_INTRIN, a_scope))
-    if b_trans:
-        b_load = pick(intrin.WMMA_LOAD_16x16x16_F16_B_TRANS_INTRIN,
-                      intrin.WMMA_LOAD_16x16x16_F16_B_TRANS_DYN_INTRIN, b_scope)
-    else:
-        b_load = pick(intrin.WMMA_LOAD_16x16x16_F16_B_INTRIN, intrin.WMMA_LOAD_16x16x16_F16_B_DYN_INTRIN, b_scope)
-    sch.tensorize(sch.get_loops(b_frag)[-2], b_load)
-    sch.tensorize(sch.get_loops(acc)[-2], pick(intrin.WMMA_STORE_16x16x16_F32_SHARED_INTRIN,
-                                               intrin.WMMA_STORE_16x16x16_F32_SHARED_DYN_INTRIN, c_scope))
-
-
 def _apply_tiled_gpu(sch, knobs, spec):
-    tc = knobs.use_tensor_cores and spec.dtype == "float16"
     # Every shared buffer is dynamic shared memory: TVM merges them into one allocation reusing
-    # dead ranges (K's space holds P, S's holds PV), and above 48 KB it raises the kernel's
-    # dynamic shared-memory limit at launch (static shared memory cannot exceed 48 KB).
+    # dead ranges (K's space holds P), and above 48 KB it raises the kernel's dynamic
+    # shared-memory limit at launch (static shared memory cannot exceed 48 KB).
     shared = "shared.dyn"
-    elem = 2 if spec.dtype == "float16" else 4
+    elem = 4 if spec.dtype == "float32" else 2
     vec = max(1, knobs.vector_bytes // elem)
     br, bc, d = knobs.br, knobs.bc, spec.head_dim
     tile = sch.get_sblock(TILE_BLOCK)
@@ -321,7 +285,7 @@ def _apply_tiled_gpu(sch, knobs, spec):
     # So the score tile is static only when everything fits in 48 KB even without TVM's reuse
     # of dead ranges; otherwise it joins the dynamic part, which then exceeds 48 KB.
     static_bytes = 4 * br * (bc + knobs.row_pad) + 4 * 8 * br
-    dynamic_bytes = elem * (br * d + 2 * bc * d) + 2 * br * bc + (4 * br * (bc + d) if tc else 0)
+    dynamic_bytes = elem * (br * d + 2 * bc * d) + 2 * br * bc
     stat = "shared"
     score = "shared" if static_bytes + dynamic_bytes <= 47 * 1024 else shared
     scopes = [("Q_load", 0, shared), ("K_load", 0, shared), ("V_load", 0, shared),
@@ -329,38 +293,28 @@ def _apply_tiled_gpu(sch, knobs, spec):
               ("alpha", 0, stat), ("alpha", 1, stat), ("alpha", 2, stat),
               ("row_sum", 0, stat), ("O_init", 0, "local")]
     # masked scores: read by the row passes of 4 rows x 8 lanes per warp
-    scopes += [("P", 0, shared), ("S_mask", 0, score), ("S_gemm", 0, shared if tc else "local")]
-    if tc:
-        scopes.append(("PV_gemm", 0, shared))
+    scopes += [("P", 0, shared), ("S_mask", 0, score), ("S_gemm", 0, "local")]
     for blk, idx, scope in scopes:
         sch.set_scope(sch.get_sblock(blk), idx, scope)
     if knobs.row_pad:  # pad the score rows against bank conflicts in the row-wise passes
         sch.storage_align(sch.get_sblock("S_mask"), 0, axis=0, factor=32, offset=knobs.row_pad)
     for blk in ("Q_load", "K_load", "V_load"):
         _bind_elementwise(sch, sch.get_sblock(blk), knobs, vec)
-    # S = Q K^T, then the scale/mask epilogue
-    if tc:
-        _wmma_gemm(sch, sch.get_sblock("S_gemm"), knobs, "Qs", "Ks", b_trans=True)
-        _bind_elementwise(sch, sch.get_sblock("S_mask"), knobs)
-    else:
-        gemm = sch.get_sblock("S_gemm")
-        t_s = _tile_map(sch, gemm, knobs, br, bc, reduce=True)
-        sch.decompose_reduction(gemm, sch.get_loops(gemm)[-3])
-        sch.reverse_compute_at(sch.get_sblock("S_mask"), t_s)
+    # S = Q K^T, then the scale/mask epilogue on the S registers
+    gemm = sch.get_sblock("S_gemm")
+    t_s = _tile_map(sch, gemm, knobs, br, bc, reduce=True)
+    sch.decompose_reduction(gemm, sch.get_loops(gemm)[-3])
+    sch.reverse_compute_at(sch.get_sblock("S_mask"), t_s)
     # online softmax: rows -> threads, P elementwise
     _bind_elementwise(sch, sch.get_sblock("P"), knobs)
     for blk in ("row_max", "row_sum"):
         _bind_row_reduce(sch, sch.get_sblock(blk), knobs)
     for blk in ("init_state", "alpha", "l_update", "m_update"):
         _bind_row_stat(sch, sch.get_sblock(blk), knobs)
-    # O: every thread keeps a register tile of O across the block loop (same map everywhere)
-    if tc:
-        _wmma_gemm(sch, sch.get_sblock("PV_gemm"), knobs, "Ps", "Vs", b_trans=False)
-        _tile_map(sch, sch.get_sblock("O_update"), knobs, br, d, reduce=True)
-    else:
-        # no decompose_reduction: the init (O *= alpha) reads O, which TensorIR cannot split
-        # off; lowering guards it with ``k == 0`` instead.
-        _tile_map(sch, sch.get_sblock("PV_gemm"), knobs, br, d, reduce=True)
+    # O: every thread keeps a register tile of O across the block loop (same map everywhere);
+    # no decompose_reduction: the init (O *= alpha) reads O, which TensorIR cannot split off;
+    # lowering guards it with ``k == 0`` instead.
+    _tile_map(sch, sch.get_sblock("PV_gemm"), knobs, br, d, reduce=True)
     for blk in ("O_init", "O_store"):
         _tile_map(sch, sch.get_sblock(blk), knobs, br, d)
     names = {sch.get(b).name_hint for b in sch.get_child_blocks(tile)}
@@ -396,95 +350,3 @@ def schedule_tiled(name: str, func, target, knobs: TiledKnobs = TiledKnobs(), sp
     sch = s_tir.Schedule(func)
     apply_tiled_schedule(sch, name, target, knobs, spec)
     return sch.mod["main"]
-
-
-def build_module(spec: AttentionSpec, plan_shape: PlanShape, target, knobs: TiledKnobs = TiledKnobs()):
-    """Scheduled IRModule with the functions of :func:`tiled_funcs`."""
-    target = as_target(target)
-    funcs = tiled_funcs(spec, plan_shape, knobs, target)
-    return tvm.IRModule({name: schedule_tiled(name, f, target, knobs, spec).with_attr("global_symbol", name)
-                         for name, f in funcs.items()})
-
-
-def build_tiled(spec: AttentionSpec, plan_shape: PlanShape, target, knobs: TiledKnobs = TiledKnobs()):
-    """Compiled module exposing ``tiled`` [, ``merge``] [, ``fallback``], cached in memory and
-    on disk (see :func:`tvm_splat.compile.load_or_build`)."""
-    from .. import __version__
-    from ..compile import load_or_build
-    from .targets import target_key
-
-    target = as_target(target)
-    ident = f"{__version__}|tiled|{spec.key}|{plan_shape.key}|{target_key(target)}|{knobs!r}"
-    return load_or_build(
-        ident, lambda: tvm.tirx.build(build_module(spec, plan_shape, target, knobs), target=target))
-
-
-# ----------------------------------------------------------------------------- runner
-def _plan_buffers(plan: TilePlan, acsr, dev):
-    cache = plan.__dict__.setdefault("_device_buffers", {})
-    key = str(dev)
-    if key not in cache:
-        cache[key] = {k: tvm.runtime.tensor(a, dev) for k, a in kernel_arrays(acsr, plan).items()}
-    return cache[key]
-
-
-def _launcher(acsr, spec, plan, target, knobs, dev):
-    """``launch(q, k, v, out)`` for one workload on one device: the compiled functions, plan
-    tables and partial buffers are looked up once, so a call costs only the kernel launches."""
-    from .targets import target_key
-
-    cache = plan.__dict__.setdefault("_launchers", {})
-    key = (spec, target_key(target), knobs, str(dev))
-    if key in cache:
-        return cache[key]
-    lib = build_tiled(spec, plan.shape, target, knobs)
-    buf = _plan_buffers(plan, acsr, dev)
-    o_shape, ml_shape = partial_shapes(spec, plan.shape.num_components)
-    o_part, ml_part = tvm.runtime.empty(o_shape, "float32", dev), tvm.runtime.empty(ml_shape, "float32", dev)
-    tiled = lib["tiled"]
-    tables = [buf[name] for name in ("seg_start", "seg_count", "seg_sigma", "tiles", "blocks")]
-    merge = lib["merge"] if plan.shape.num_components > 1 else None
-    fallback = lib["fallback"] if plan.shape.num_fallback > 0 else None
-    rows = [buf[name] for name in ("seg_start", "seg_step", "seg_count", "indices", "fallback_rows")]
-
-    def launch(qt, kt, vt, out):
-        tiled(qt, kt, vt, *tables, out, o_part, ml_part)
-        if merge is not None:
-            merge(o_part, ml_part, buf["num_comp"], out)
-        if fallback is not None:
-            fallback(qt, kt, vt, *rows, out)
-
-    cache[key] = launch
-    return launch
-
-
-def tiled_launch(acsr, spec: AttentionSpec, target, knobs: TiledKnobs, dev):
-    """``launch(q, k, v, out)`` for ``spec`` over ``acsr`` on ``dev``: compiled (or loaded from
-    the caches) on the first call for a workload. ``q, k, v, out`` are TVM tensors or
-    contiguous torch tensors (passed through DLPack)."""
-    return _launcher(acsr, spec, plan_tiles(acsr, knobs), target, knobs, dev)
-
-
-def tiled_attention(q, k, v, acsr, target=None, knobs: TiledKnobs = TiledKnobs(), scale=None):
-    """Sparse attention over ``acsr`` with the tiled kernel.
-
-    q, k, v: ``[batch, heads, n, head_dim]`` float16/float32 numpy arrays (CPU, returns numpy)
-    or torch tensors (CPU or CUDA, shared through DLPack; returns a torch tensor on the same
-    device). ``target`` defaults to ``llvm`` for numpy / CPU tensors and to the CUDA device's
-    target for CUDA tensors. Rows without nonzeros give zeros.
-    """
-    from ..attention import _check_inputs, _default_target, _device_of, _output_like, _to_tvm
-
-    (batch, heads, n, head_dim), dtype = _check_inputs(q, k, v)
-    if acsr.n != n:
-        raise ValueError(f"the ACSR mask is for sequence length {acsr.n}, the inputs have {n}")
-    dev = _device_of(q)
-    gpu_dev = dev.dlpack_device_type() == 2
-    target = _default_target(str(dev)) if target is None else as_target(target)
-    if is_gpu(target) != gpu_dev:
-        raise ValueError(f"target {target.kind.name} does not match the inputs' device {dev}")
-    spec = AttentionSpec.from_acsr(acsr, batch, heads, head_dim, dtype, scale)
-    launch = tiled_launch(acsr, spec, target, knobs, dev)
-    out_obj, out = _output_like(q, dtype, dev)
-    launch(*(_to_tvm(x, dev) for x in (q, k, v)), out)
-    return out_obj if out_obj is not None else out.numpy()

@@ -1,11 +1,16 @@
 """Auto-tuning of our kernels with MetaSchedule (AutoTVM's successor) and its XGBoost cost model.
 
+Every tuner takes the workload as an :class:`~tvm_splat.plan.AttentionPlan` (its ACSR, shapes,
+dtype, scale and target) and measures candidates with that plan's real int32 tables.
+
 - :mod:`.space`: our schedules with their knobs as MetaSchedule design spaces (``ScheduleFn``).
-- :mod:`.logs`: where tuning databases live (``tuning_logs/<target>/<workload>/``) and how the
-  best record is looked up at compile time.
-- :mod:`.tune`: the tuning loop (progress, resumable, real ACSR metadata as measurement inputs).
+- :mod:`.tune`: the tuning loop for the row kernels (progress, resumable).
+- :mod:`.tiled`: the tiled kernel's plans, programs and schedules, best knobs to ``best.json``.
+- :mod:`.sites`: every attention workload a ``SparsifyAttention`` run rewrote.
+
+Where records live and how they are read back is :mod:`tvm_splat.records`.
 """
-from .logs import apply_best, log_root, workload_dir
+from .tiled import tune_tiled
 from .tune import TuneResult, tune_attention
 
-__all__ = ["TuneResult", "apply_best", "log_root", "tune_attention", "workload_dir"]
+__all__ = ["TuneResult", "tune_attention", "tune_tiled"]

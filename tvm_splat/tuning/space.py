@@ -23,7 +23,7 @@ def row_space(target):
             threads = sch.sample_categorical(candidates=choices, probs=[1.0 / len(choices)] * len(choices))
             apply_row_schedule(sch, target, threads)
         else:
-            from ..kernels.attention import ROW_BLOCK
+            from ..kernels.row import ROW_BLOCK
 
             block = sch.get_sblock(ROW_BLOCK)
             fused = sch.fuse(*sch.get_loops(block))

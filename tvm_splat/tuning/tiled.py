@@ -6,9 +6,11 @@ buffers and tables. For the warp-level ``mma`` kernel (fp16 on the GPU), ``warps
 ``vector_bytes``, ``row_pad`` of the scheduled kernels) only changes the schedule. So every
 (plan, program) is its own MetaSchedule task, whose design space holds its schedule variants,
 each annotated with its knobs; all tasks of a workload are tuned in one MetaSchedule run
-(parallel builds, one database), the runner feeding each task the real tables of its plan.
-The winner over all tasks is written to ``<root>/<target>/fused_<spec.key>/best.json``, which
-:func:`tuned_tiled_knobs` reads when the workload matches.
+(parallel builds, one database), the runner feeding each task the real tables of its plan
+(the :class:`~tvm_splat.plan.AttentionPlan` of those knobs: the same tables ``run`` uploads).
+The winner over all tasks is written to ``<root>/<target>/tiled_<spec.key>/best.json``
+(:func:`tvm_splat.records.best_knobs_path`), which :func:`tvm_splat.plan.choose_knobs` reads
+when the workload matches.
 """
 from __future__ import annotations
 
@@ -22,11 +24,13 @@ from pathlib import Path
 import numpy as np
 import tvm
 
-from ..kernels.spec import AttentionSpec
-from ..schedules.targets import as_target, is_gpu
-from .logs import open_database, workload_dir
-from .tune import (TuneResult, _metadata_args, _progress_callback, alloc_arguments, local_builder, prune_database,
-                   run_us, tuning_progress, tuning_target)
+from ..plan import AttentionPlan, plan
+from ..records import best_knobs_path, open_database, workload_dir
+from ..schedules.targets import is_gpu
+from ..schedules.tiled import (TILE_BLOCK, TiledKnobs, apply_tiled_schedule, default_tiled_knobs, tiled_funcs,
+                               uses_mma)
+from .tune import (TuneResult, _metadata_args, _progress_callback, alloc_arguments, local_builder, meta_schedule_logging,
+                   prune_database, run_us, tuning_progress, tuning_target)
 
 logger = logging.getLogger("tvm_splat.tuning")
 PLAN_CHOICES = ((64, 64), (64, 128), (128, 64), (32, 64))
@@ -58,8 +62,6 @@ def _knob_text(kn) -> str:
 
 
 def _design_spaces(name, target, spec, choices):
-    from ..schedules.tiled import TILE_BLOCK, apply_tiled_schedule
-
     def space(sch):
         out = []
         for kn in choices:
@@ -72,27 +74,11 @@ def _design_spaces(name, target, spec, choices):
     return space
 
 
-def best_knobs_path(spec, target, root=None) -> Path:
-    return workload_dir("fused", spec, target, root) / "best.json"
-
-
-def tuned_tiled_knobs(spec: AttentionSpec, target, root=None):
-    """Knobs of the best tuning record for this workload, or None."""
-    from ..schedules.tiled import TiledKnobs
-
-    path = best_knobs_path(spec, as_target(target), root)
-    if not path.exists():
-        return None
-    return TiledKnobs(**json.loads(path.read_text())["knobs"])
-
-
 def program_choices(base, spec, target, stages=(1, 2), m_tiles=(1,)):
     """Groups of knobs for one plan, each group one program (one MetaSchedule task) whose
     members differ only in their schedule. ``m_tiles=(1,)`` by default: two m-tiles per warp
     ran slower for every case of ``benchmarks/tc_variants.py`` on the H100 (register spills at
     d=128), so they are searched only when asked for."""
-    from ..schedules.tiled import uses_mma
-
     if not uses_mma(spec, base, target):
         return [schedule_choices(base, target)]
     groups = []
@@ -152,21 +138,17 @@ def _same(a, b):
     return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
 
 
-def tune_tiled(acsr, batch, heads, head_dim, dtype, target, *, plans=None, root=None,
-               console=None, scale=None, stages=(1, 2)) -> TuneResult:
-    """Measure every plan, program and schedule variation of the tiled kernel for one workload
-    (inputs ``[batch, heads, acsr.n, head_dim]`` of ``dtype``); keep the best record of each
-    task in ``<root>/<target>/tiled[_tc]_<spec.key>/`` and the best knobs in ``best.json``.
-    Re-running resumes from the database (measured candidates are not measured again)."""
+def tune_tiled(workload: AttentionPlan, *, plans=None, root=None, console=None, stages=(1, 2)) -> TuneResult:
+    """Measure every plan, program and schedule variation of the tiled kernel for the workload
+    of ``workload`` (a plan of any variant: its ACSR, shapes, dtype, scale and target); keep the
+    best record of each task in ``<root>/<target>/tiled_<spec.key>/`` and the best knobs in its
+    ``best.json``. Re-running resumes from the database (measured candidates are not measured
+    again)."""
     from tvm.s_tir import meta_schedule as ms
 
-    from ..attention import default_tiled_knobs
-    from ..schedules.tiled import TiledKnobs, tiled_funcs, uses_mma
-    from ..schedules.tile_plan import plan_tiles
-
-    target = tuning_target(target)
-    spec = AttentionSpec.from_acsr(acsr, batch, heads, head_dim, dtype, scale)
-    tc = default_tiled_knobs(dtype, target).use_tensor_cores
+    spec, acsr = workload.spec, workload.acsr
+    target = tuning_target(workload.target)
+    tc = default_tiled_knobs(spec, target).use_tensor_cores
     mma = uses_mma(spec, TiledKnobs(use_tensor_cores=tc), target)
     if plans is None:
         plans = MMA_PLAN_CHOICES if mma else PLAN_CHOICES
@@ -176,17 +158,18 @@ def tune_tiled(acsr, batch, heads, head_dim, dtype, target, *, plans=None, root=
             base = TiledKnobs(br=br, bc=bc, use_tensor_cores=tc)
         except ValueError:
             continue
-        plan = plan_tiles(acsr, base)
+        candidate = plan(acsr, workload.q_shape, workload.kv_shape, spec.dtype, None, target=target,
+                         scale=spec.scale, variant="tiled", knobs=base)
         for choices in program_choices(base, spec, target, stages):
             name = _program_name(choices[0], mma)
             try:
-                func = tiled_funcs(spec, plan.shape, choices[0], target)["tiled"]
+                func = tiled_funcs(spec, candidate.tile_plan.shape, choices[0], target)["tiled"]
             except ValueError as why:  # a program this spec cannot run (e.g. head_dim)
                 logger.info("skipping %s: %s", name, why)
                 continue
             func = func.with_attr("global_symbol", name)
-            tasks[name] = (func, choices, _metadata_args(func, acsr, plan))
-    path = workload_dir("tiled_tc" if tc else "tiled", spec, target, root)
+            tasks[name] = (func, choices, _metadata_args(func, candidate.tables))
+    path = workload_dir("tiled", spec, target, root)
     path.mkdir(parents=True, exist_ok=True)
     result, records = TuneResult(), {}
     with tuning_progress(console) as progress:
@@ -197,7 +180,7 @@ def tune_tiled(acsr, batch, heads, head_dim, dtype, target, *, plans=None, root=
             spaces = {name: ms.space_generator.ScheduleFn(_design_spaces("tiled", target, spec, choices),
                                                           sch_rules=[], postprocs=[], mutator_probs={})
                       for name, (_, choices) in run["tasks"].items()}
-            with tempfile.TemporaryDirectory() as work:
+            with tempfile.TemporaryDirectory() as work, meta_schedule_logging():
                 ms.tune_tir(
                     mod, target, work, max_trials_global=trials,
                     max_trials_per_task=max(len(c) for _, c in run["tasks"].values()),
@@ -218,7 +201,7 @@ def tune_tiled(acsr, batch, heads, head_dim, dtype, target, *, plans=None, root=
         if knobs is None or not rec.run_secs:
             continue
         us = run_us(rec.run_secs)
-        kn = TiledKnobs(**knobs)
+        kn = TiledKnobs.from_dict(knobs)
         name = _program_name(kn, uses_mma(spec, kn, target))
         if name in tasks and us < records.get(name, (float("inf"),))[0]:
             records[name] = (us, knobs)

@@ -6,7 +6,9 @@ tables of the mask and random values only for q, k, v and scores.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -16,10 +18,10 @@ import numpy as np
 import tvm
 import tvm_ffi
 
-from ..kernels import attention_funcs
-from ..kernels.spec import AttentionSpec
+from ..kernels import row_variant_funcs
+from ..plan import AttentionPlan, plan
+from ..records import open_database, workload_dir
 from ..schedules.targets import as_target, is_gpu
-from .logs import open_database, workload_dir
 from .space import mutators, row_space
 
 
@@ -32,13 +34,31 @@ class TuneResult:
     trials: dict = field(default_factory=dict)
 
 
-def _metadata_args(func, acsr, plan=None) -> list:
-    """For each parameter of ``func``: the int32 table it must receive (ACSR, and tile plan
-    when given), or None (random data)."""
-    from ..schedules.tile_plan import kernel_arrays
+def _metadata_args(func, tables: dict) -> list:
+    """For each parameter of ``func``: the int32 table of a plan it must receive (by parameter
+    name), or None (random data)."""
+    return [tables.get(p.name) for p in func.params]
 
-    arrays = kernel_arrays(acsr, plan)
-    return [arrays.get(p.name) for p in func.params]
+
+#: MetaSchedule's logger; its ``create_loggers`` puts every handler's name into a logging
+#: dictConfig, so an unnamed handler (pytest's log capture, or a user's) crashes tuning
+META_SCHEDULE_LOGGER = "tvm.s_tir.meta_schedule"
+
+
+@contextlib.contextmanager
+def meta_schedule_logging():
+    """Detach unnamed handlers from MetaSchedule's logger while tuning, and put them back after
+    (``create_loggers`` would fail on their ``None`` names)."""
+    log = logging.getLogger(META_SCHEDULE_LOGGER)
+    unnamed = [h for h in log.handlers if h.get_name() is None]
+    for handler in unnamed:
+        log.removeHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in unnamed:
+            if handler not in log.handlers:
+                log.addHandler(handler)
 
 
 # The argument lists of the last call to ``alloc_arguments`` in this process. MetaSchedule's
@@ -188,20 +208,21 @@ def prune_database(path, keep=1):
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def tune_attention(acsr, batch, heads, head_dim, dtype, target, *, trials=64, variant="row",
-                   root=None, keep=1, console=None, scale=None) -> TuneResult:
-    """Tune every kernel of ``variant`` for one workload; resumes from an existing database.
-
-    Inputs have shape ``[batch, heads, acsr.n, head_dim]`` and ``dtype``. Writes
-    ``<root>/<target>/<kernel>_<spec.key>/database_*.json`` and keeps the ``keep`` best records.
-    """
+def tune_attention(workload: AttentionPlan, *, trials=64, variant="row", root=None, keep=1,
+                   console=None) -> TuneResult:
+    """Tune every kernel of the row-parallel ``variant`` (``row`` / ``separate``) for the
+    workload of ``workload`` (a plan: its ACSR, shapes, dtype, scale and target); resumes from
+    an existing database. Writes ``<root>/<target>/<kernel>_<spec.key>/database_*.json`` and
+    keeps the ``keep`` best records, which :func:`tvm_splat.records.apply_best` applies."""
     from tvm.s_tir import meta_schedule as ms
 
-    target = tuning_target(target)
-    spec = AttentionSpec.from_acsr(acsr, batch, heads, head_dim, dtype, scale)
+    spec = workload.spec
+    target = tuning_target(workload.target)
+    tables = plan(workload.acsr, workload.q_shape, workload.kv_shape, spec.dtype, None, target=target,
+                  scale=spec.scale, variant=variant).tables
     result = TuneResult()
     with tuning_progress(console) as progress:
-        for name, func in attention_funcs(spec, variant).items():
+        for name, func in row_variant_funcs(spec, variant).items():
             func = func.with_attr("global_symbol", "main")
             path = workload_dir(name, spec, target, root)
             path.mkdir(parents=True, exist_ok=True)
@@ -209,14 +230,14 @@ def tune_attention(acsr, batch, heads, head_dim, dtype, target, *, trials=64, va
             task = progress.add_task(f"tuning {name}", total=trials, best="-")
             space = ms.space_generator.ScheduleFn(row_space(target), sch_rules=[], postprocs=[],
                                                   mutator_probs=mutators(target))
-            with tempfile.TemporaryDirectory() as work:
+            with tempfile.TemporaryDirectory() as work, meta_schedule_logging():
                 ms.tune_tir(
                     tvm.IRModule({"main": func}), target, work, max_trials_global=trials,
                     num_trials_per_iter=min(32, trials), space=space, cost_model="xgb",
                     database=database,
                     builder=local_builder(120, max_workers=1),
                     runner=ms.runner.LocalRunner(
-                        timeout_sec=60, f_alloc_argument=_alloc_with_metadata(_metadata_args(func, acsr))),
+                        timeout_sec=60, f_alloc_argument=_alloc_with_metadata(_metadata_args(func, tables))),
                     measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
                                        _progress_callback(progress, task)],
                     num_tuning_cores=1,

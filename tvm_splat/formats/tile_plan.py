@@ -1,7 +1,8 @@
 """Tile plan: the just-in-time geometry analysis that turns an ACSR mask into work tiles.
 
-Pure numpy; no TVM. The tiled kernel (:mod:`tvm_splat.kernels.tiled`) runs one program per
-(batch x head, tile) and reads only the int32 tables built here.
+Pure numpy, plain data (like FlexAttention's ``BlockMask``); no TVM. The tiled kernels
+(:mod:`tvm_splat.kernels.tiled`, :mod:`tvm_splat.kernels.tiled_mma`) run one program per
+(batch x head, tile) and read only the int32 tables built here.
 
 Vocabulary
 ----------
@@ -75,6 +76,8 @@ class TilePlan:
     * ``comp_rstride [Hm, C]``: row stride of each component (0 = no such component).
     * ``num_comp [Hm]``: components per head.
     * ``fallback_rows [Hm, max(F, 1)]``: rows computed by the row kernel, ``-1`` padded.
+    * ``seg_start``, ``seg_count [Hm, n, S]``: the ACSR's tables, which the tiled kernel reads
+      beside ``seg_sigma`` for the PARTIAL-block membership test.
     """
 
     n: int
@@ -86,6 +89,8 @@ class TilePlan:
     comp_rstride: np.ndarray = field(repr=False)
     num_comp: np.ndarray = field(repr=False)
     fallback_rows: np.ndarray = field(repr=False)
+    seg_start: np.ndarray = field(repr=False)
+    seg_count: np.ndarray = field(repr=False)
     num_fallback: int = 0
 
     @property
@@ -128,15 +133,11 @@ class TilePlan:
                     for s in range(sig.shape[1]):
                         if sig[i, s] != sigma:
                             continue
-                        st = self._start[head, i, s]
-                        last = st + sigma * (self._count[head, i, s] - 1)
+                        st = self.seg_start[head, i, s]
+                        last = st + sigma * (self.seg_count[head, i, s] - 1)
                         inseg |= (cols >= st) & (cols <= last) & ((cols - st) % sigma == 0)
                     cnt[i, cols[inseg]] += 1
         return cnt
-
-    # set by plan_tiles for `covered` (brute-force checks need the segment tables)
-    _start: np.ndarray = field(default=None, repr=False)
-    _count: np.ndarray = field(default=None, repr=False)
 
 
 def _effective_sigma(rows, start, step, count):
@@ -247,7 +248,8 @@ def _head_plan(n, br, bc, start, step, count):
 
 def kernel_arrays(acsr, plan: "TilePlan | None" = None) -> dict:
     """int32 inputs of the kernels by parameter name: the ACSR tables, plus the plan's tables
-    when a plan is given (what the tiled kernel, its merge and its fallback take)."""
+    when a plan is given (what the tiled kernel, its merge and its fallback take). Parameter
+    names are the kernels' own, so a caller matches arrays to ``func.params`` by name."""
     arrays = {"seg_start": acsr.seg_start, "seg_step": acsr.seg_step, "seg_count": acsr.seg_count,
               "row_ptr": acsr.row_ptr, "indices": acsr.indices}
     if plan is not None:
@@ -258,14 +260,12 @@ def kernel_arrays(acsr, plan: "TilePlan | None" = None) -> dict:
 
 def plan_tiles(acsr, knobs=None, *, br: int | None = None, bc: int | None = None) -> TilePlan:
     """Build the :class:`TilePlan` of ``acsr`` for row tiles of ``br`` and column blocks of
-    ``bc`` (from ``knobs.br``/``knobs.bc`` when given). Cached on the ACSR object."""
+    ``bc`` (from ``knobs.br``/``knobs.bc`` when given). Not cached here: the runtime layer
+    (:mod:`tvm_splat.plan`) keeps the plans it made."""
     br = int(br if br is not None else knobs.br)
     bc = int(bc if bc is not None else knobs.bc)
     if br < 1 or bc < 1:
         raise ValueError(f"tile sizes must be >= 1, got br={br}, bc={bc}")
-    cache = acsr.__dict__.setdefault("_tile_plans", {})
-    if (br, bc) in cache:
-        return cache[(br, bc)]
     n, hm, S = acsr.n, acsr.num_heads, acsr.max_segments
     heads = [_head_plan(n, br, bc, acsr.seg_start[h], acsr.seg_step[h], acsr.seg_count[h])
              for h in range(hm)]
@@ -295,7 +295,5 @@ def plan_tiles(acsr, knobs=None, *, br: int | None = None, bc: int | None = None
         comp_rstride[h, :len(rs)] = rs
         num_comp[h] = len(rs)
         fallback[h, :fb.size] = fb
-    plan = TilePlan(n, br, bc, tiles, blocks, seg_sigma, comp_rstride, num_comp, fallback, F,
-                    _start=acsr.seg_start, _count=acsr.seg_count)
-    cache[(br, bc)] = plan
-    return plan
+    return TilePlan(n, br, bc, tiles, blocks, seg_sigma, comp_rstride, num_comp, fallback,
+                    acsr.seg_start, acsr.seg_count, F)

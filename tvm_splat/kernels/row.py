@@ -6,20 +6,19 @@ with ``step == 0``) load their columns from ``indices``. Loops over ``batch, hea
 spatial and sit outside one block named ``"row"``; everything inside it is the per-row work,
 so a schedule only has to map rows to threads (see ``tvm_splat.schedules``).
 
-Buffer shapes and dtypes are documented on :class:`~tvm_splat.kernels.spec.AttentionSpec`.
-Accumulation is float32 for every input dtype.
+Buffer shapes and dtypes are documented on :class:`~tvm_splat.kernels.spec.AttentionSpec`
+(k and v have ``kv_heads`` heads; query head ``h`` reads KV head ``h // group``).
+Accumulation is float32 for every input dtype. Only the nonzeros of a row are ever visited,
+so masked-out keys and values contribute exactly nothing (a NaN there cannot leak).
 """
 from __future__ import annotations
 
-import math
-
 from tvm.script import tirx as T
 
+from .common import LOG2E, NEG_INIT, normalised
 from .spec import AttentionSpec
 
 ROW_BLOCK = "row"
-NEG_INIT = -1.0e30  # running-max start: finite, so exp2(m_old - m_new) never sees inf - inf
-LOG2E = math.log2(math.e)
 
 
 def _column(spec, seg_start, seg_step, indices, hm, i, s, k):
@@ -35,14 +34,14 @@ def _column(spec, seg_start, seg_step, indices, hm, i, s, k):
 
 def sddmm_func(spec: AttentionSpec):
     """R-SDDMM: ``scores[b, h, row_ptr[i] + j] = scale * q[b, h, i] . k[b, h, col(i, j)]``."""
-    B, H, N, D = spec.batch, spec.heads, spec.seq_len, spec.head_dim
+    B, H, KVH, G, N, D = spec.batch, spec.heads, spec.kv_heads, spec.group, spec.seq_len, spec.head_dim
     HM, S, NNZ, L, dt = spec.mask_heads, spec.max_segments, spec.max_nnz, spec.index_len, spec.dtype
     scale = T.float32(spec.scale)
 
     @T.prim_func(s_tir=True)
     def sddmm(
         q: T.Buffer((B, H, N, D), dt),
-        k: T.Buffer((B, H, N, D), dt),
+        k: T.Buffer((B, KVH, N, D), dt),
         seg_start: T.Buffer((HM, N, S), "int32"),
         seg_step: T.Buffer((HM, N, S), "int32"),
         seg_count: T.Buffer((HM, N, S), "int32"),
@@ -54,7 +53,7 @@ def sddmm_func(spec: AttentionSpec):
         for b, h, i in T.grid(B, H, N):
             with T.sblock(ROW_BLOCK):
                 vb, vh, vi = T.axis.remap("SSS", [b, h, i])
-                T.reads(q[vb, vh, vi, 0:D], k[vb, vh, 0:N, 0:D], seg_start[0:HM, vi, 0:S],
+                T.reads(q[vb, vh, vi, 0:D], k[vb, vh // G, 0:N, 0:D], seg_start[0:HM, vi, 0:S],
                         seg_step[0:HM, vi, 0:S], seg_count[0:HM, vi, 0:S], row_ptr[0:HM, vi],
                         indices[0:HM, 0:L])
                 T.writes(scores[vb, vh, 0:NNZ])
@@ -68,7 +67,7 @@ def sddmm_func(spec: AttentionSpec):
                         for d in T.serial(D):
                             acc[0] = acc[0] + T.Cast("float32", q[vb, vh, vi, d]) * T.Cast(
                                 "float32",
-                                k[vb, vh, _column(spec, seg_start, seg_step, indices, hm, vi, s, j), d],
+                                k[vb, vh // G, _column(spec, seg_start, seg_step, indices, hm, vi, s, j), d],
                             )
                         scores[vb, vh, pos[0] + j] = acc[0] * scale
                     pos[0] = pos[0] + seg_count[hm, vi, s]
@@ -115,14 +114,14 @@ def softmax_func(spec: AttentionSpec):
 
 
 def spmm_func(spec: AttentionSpec):
-    """R-SpMM: ``out[b, h, i] = sum_j probs[b, h, row_ptr[i] + j] * v[b, h, col(i, j)]``."""
-    B, H, N, D = spec.batch, spec.heads, spec.seq_len, spec.head_dim
+    """R-SpMM: ``out[b, h, i] = sum_j probs[b, h, row_ptr[i] + j] * v[b, h // group, col(i, j)]``."""
+    B, H, KVH, G, N, D = spec.batch, spec.heads, spec.kv_heads, spec.group, spec.seq_len, spec.head_dim
     HM, S, NNZ, L, dt = spec.mask_heads, spec.max_segments, spec.max_nnz, spec.index_len, spec.dtype
 
     @T.prim_func(s_tir=True)
     def spmm(
         probs: T.Buffer((B, H, NNZ), "float32"),
-        v: T.Buffer((B, H, N, D), dt),
+        v: T.Buffer((B, KVH, N, D), dt),
         seg_start: T.Buffer((HM, N, S), "int32"),
         seg_step: T.Buffer((HM, N, S), "int32"),
         seg_count: T.Buffer((HM, N, S), "int32"),
@@ -134,7 +133,7 @@ def spmm_func(spec: AttentionSpec):
         for b, h, i in T.grid(B, H, N):
             with T.sblock(ROW_BLOCK):
                 vb, vh, vi = T.axis.remap("SSS", [b, h, i])
-                T.reads(probs[vb, vh, 0:NNZ], v[vb, vh, 0:N, 0:D], seg_start[0:HM, vi, 0:S],
+                T.reads(probs[vb, vh, 0:NNZ], v[vb, vh // G, 0:N, 0:D], seg_start[0:HM, vi, 0:S],
                         seg_step[0:HM, vi, 0:S], seg_count[0:HM, vi, 0:S], row_ptr[0:HM, vi],
                         indices[0:HM, 0:L])
                 T.writes(out[vb, vh, vi, 0:D])
@@ -149,7 +148,7 @@ def spmm_func(spec: AttentionSpec):
                         for d in T.serial(D):
                             acc[d] = acc[d] + probs[vb, vh, pos[0] + j] * T.Cast(
                                 "float32",
-                                v[vb, vh, _column(spec, seg_start, seg_step, indices, hm, vi, s, j), d],
+                                v[vb, vh // G, _column(spec, seg_start, seg_step, indices, hm, vi, s, j), d],
                             )
                     pos[0] = pos[0] + seg_count[hm, vi, s]
                 for d in T.serial(D):
@@ -167,7 +166,7 @@ def online_softmax_row(spec: AttentionSpec):
     running sum, rescale factor, new max, current probability). Exponentials are base 2 with
     the scale folded into ``log2(e)``.
     """
-    D, S, dt = spec.head_dim, spec.max_segments, spec.dtype
+    D, S, G, dt = spec.head_dim, spec.max_segments, spec.group, spec.dtype
     scale = T.float32(spec.scale * LOG2E)
 
     @T.macro
@@ -181,7 +180,7 @@ def online_softmax_row(spec: AttentionSpec):
                 st[4] = T.float32(0)
                 for d in T.serial(D):
                     st[4] = st[4] + T.Cast("float32", q[b, h, vi, d]) * T.Cast(
-                        "float32", k[b, h, _column(spec, seg_start, seg_step, indices, hm, vi, s, j), d])
+                        "float32", k[b, h // G, _column(spec, seg_start, seg_step, indices, hm, vi, s, j), d])
                 st[4] = st[4] * scale
                 st[3] = T.max(st[0], st[4])
                 st[2] = T.exp2(st[0] - st[3])
@@ -189,41 +188,41 @@ def online_softmax_row(spec: AttentionSpec):
                 st[1] = st[1] * st[2] + st[4]
                 for d in T.serial(D):
                     acc[d] = acc[d] * st[2] + st[4] * T.Cast(
-                        "float32", v[b, h, _column(spec, seg_start, seg_step, indices, hm, vi, s, j), d])
+                        "float32", v[b, h // G, _column(spec, seg_start, seg_step, indices, hm, vi, s, j), d])
                 st[0] = st[3]
         for d in T.serial(D):
-            out[b, h, vi, d] = T.Cast(
-                dt, T.if_then_else(st[1] > T.float32(0), acc[d] / st[1], T.float32(0)))
+            out[b, h, vi, d] = T.Cast(dt, normalised(acc[d], st[1]))
 
     return row
 
 
-def fused_func(spec: AttentionSpec):
-    """Fused attention with online softmax: scores never reach global memory.
+def row_func(spec: AttentionSpec):
+    """One-pass attention with online softmax, one mask row per program: scores never reach
+    global memory.
 
-    ``out[b, h, i] = softmax_j(scale * q[b,h,i] . k[b,h,col(i,j)]) @ v[b,h,col(i,·)]``; a row
-    with no nonzeros produces zeros.
+    ``out[b, h, i] = softmax_j(scale * q[b,h,i] . k[b,h',col(i,j)]) @ v[b,h',col(i,·)]`` with
+    ``h' = h // group``; a row with no nonzeros produces zeros.
     """
-    B, H, N, D = spec.batch, spec.heads, spec.seq_len, spec.head_dim
+    B, H, KVH, N, D = spec.batch, spec.heads, spec.kv_heads, spec.seq_len, spec.head_dim
     HM, S, L, dt = spec.mask_heads, spec.max_segments, spec.index_len, spec.dtype
     row = online_softmax_row(spec)
 
     @T.prim_func(s_tir=True)
-    def fused(
+    def row_kernel(
         q: T.Buffer((B, H, N, D), dt),
-        k: T.Buffer((B, H, N, D), dt),
-        v: T.Buffer((B, H, N, D), dt),
+        k: T.Buffer((B, KVH, N, D), dt),
+        v: T.Buffer((B, KVH, N, D), dt),
         seg_start: T.Buffer((HM, N, S), "int32"),
         seg_step: T.Buffer((HM, N, S), "int32"),
         seg_count: T.Buffer((HM, N, S), "int32"),
         indices: T.Buffer((HM, L), "int32"),
         out: T.Buffer((B, H, N, D), dt),
     ):
-        T.func_attr({"global_symbol": "fused", "tirx.noalias": True})
+        T.func_attr({"global_symbol": "row", "tirx.noalias": True})
         for b, h, i in T.grid(B, H, N):
             with T.sblock(ROW_BLOCK):
                 vb, vh, vi = T.axis.remap("SSS", [b, h, i])
-                T.reads(q[vb, vh, vi, 0:D], k[vb, vh, 0:N, 0:D], v[vb, vh, 0:N, 0:D],
+                T.reads(q[vb, vh, vi, 0:D], k[vb, vh // (H // KVH), 0:N, 0:D], v[vb, vh // (H // KVH), 0:N, 0:D],
                         seg_start[0:HM, vi, 0:S], seg_step[0:HM, vi, 0:S],
                         seg_count[0:HM, vi, 0:S], indices[0:HM, 0:L])
                 T.writes(out[vb, vh, vi, 0:D])
@@ -232,4 +231,4 @@ def fused_func(spec: AttentionSpec):
                 row(q, k, v, seg_start, seg_step, seg_count, indices, out, acc, st,
                     vb, vh, T.floormod(vh, HM), vi)
 
-    return fused
+    return row_kernel

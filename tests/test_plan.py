@@ -1,0 +1,112 @@
+"""plan → run: what a plan decides once, how it runs, and that every entry point goes through it."""
+import numpy as np
+import pytest
+import tvm
+
+from tvm_splat import ACSR, Window, plan, parse_pattern
+from tvm_splat.plan import Step, choose_knobs
+from tvm_splat.reference import masked_attention
+from tvm_splat.schedules.row import RowKnobs
+from tvm_splat.schedules.tiled import TiledKnobs
+
+H100 = "nvidia/nvidia-h100"
+
+
+def test_plan_holds_its_decisions_as_data():
+    made = plan("global:2+strided:8", (2, 4, 64, 16), (2, 2, 64, 16), "float16", None, target=H100)
+    assert made.variant == "tiled" and made.knobs_source == "default" and made.knobs.use_tensor_cores
+    assert made.spec.kv_heads == 2 and made.spec.group == 2
+    assert made.tile_plan.shape.num_components == 2  # the strided part is a second row grouping
+    assert [s.kernel for s in made.steps] == ["tiled", "merge"]
+    assert set(made.tables) == {"seg_start", "seg_count", "seg_sigma", "tiles", "blocks", "num_comp"}
+    assert all(a.dtype == np.int32 for a in made.tables.values())
+    assert made.scratch["o_part"][0] == (2 * 4, 2, 64, 16)
+    assert sorted(gv.name_hint for gv in made.module().functions) == ["merge", "tiled"]
+    with pytest.raises(ValueError, match="without a device"):
+        made.run(*(np.zeros((2, 4, 64, 16), "float16") for _ in range(3)))
+
+
+def test_steps_name_every_buffer_of_their_kernels():
+    """The launch steps wire each kernel parameter by name: what the runtime and the Relax
+    rewrite both execute."""
+    mask = np.random.default_rng(0).random((40, 40)) < 0.2
+    for variant in ("tiled", "row", "separate"):
+        made = plan(ACSR.from_mask(mask, max_segments=2), (1, 2, 40, 8), None, "float32", "cpu", variant=variant)
+        funcs = {gv.name_hint: f for gv, f in made.module().functions.items()}
+        assert set(funcs) == {s.kernel for s in made.steps}
+        for step in made.steps:
+            assert tuple(p.name for p in funcs[step.kernel].params) == step.args
+            assert set(step.outputs) <= set(step.args)
+    assert Step("f", ("a", "out"), ("out",), inplace=True).inputs == ("a", "out")
+    assert Step("f", ("a", "out"), ("out",)).inputs == ("a",)
+
+
+@pytest.mark.parametrize("variant", ["tiled", "row", "separate"])
+def test_run_numpy_and_torch(variant, rng):
+    torch = pytest.importorskip("torch")
+    made = plan("global:1+window:4", (2, 2, 30, 8), None, "float32", "cpu", variant=variant)
+    q, k, v = (rng.standard_normal((2, 2, 30, 8)).astype("float32") for _ in range(3))
+    ref = masked_attention(q, k, v, parse_pattern("global:1+window:4").dense_mask(30))
+    np.testing.assert_allclose(made.run(q, k, v), ref, atol=1e-4)
+    tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
+    np.testing.assert_allclose(made.run(tq, tk, tv).numpy(), ref, atol=1e-4)
+    with pytest.raises(ValueError, match="this plan expects"):
+        made.run(q[:, :1], k, v)
+    with pytest.raises(ValueError, match="dtype"):
+        made.run(q.astype("float16"), k, v)
+    with pytest.raises(TypeError, match="all be torch tensors or all numpy"):
+        made.run(tq, k, v)
+
+
+def test_knob_choice_is_one_decision(tmp_path, monkeypatch):
+    monkeypatch.setenv("TVM_SPLAT_TUNING_LOGS", str(tmp_path))
+    made = plan(Window(3), (1, 2, 32, 8), None, "float32", "cpu", variant="tiled")
+    assert made.knobs_source == "default"
+    given = TiledKnobs(br=16, bc=16)
+    assert choose_knobs(made.spec, made.target, "tiled", given) == (given, "given")
+    assert choose_knobs(made.spec, made.target, "row", None) == (None, "records")
+    with pytest.raises(TypeError, match="must be TiledKnobs"):
+        choose_knobs(made.spec, made.target, "tiled", RowKnobs())
+    with pytest.raises(TypeError, match="must be RowKnobs"):
+        plan(Window(3), (1, 2, 32, 8), None, "float32", "cpu", variant="row", knobs=given)
+    # a record for this workload is picked up
+    from tvm_splat.records import best_knobs_path
+
+    path = best_knobs_path(made.spec, made.target)
+    path.parent.mkdir(parents=True)
+    path.write_text('{"knobs": {"br": 32, "bc": 16, "warps": 2, "tc_kernel": "mma"}, "us": 1.0}')
+    again = plan(Window(3), (1, 2, 32, 8), None, "float32", "cpu", variant="tiled")
+    assert again.knobs_source == "tuned" and (again.knobs.br, again.knobs.bc) == (32, 16)
+
+
+def test_plan_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="q_shape must be"):
+        plan(Window(1), (4, 8), None, "float32", "cpu")
+    with pytest.raises(ValueError, match="multiple of the number of key/value heads"):
+        plan(Window(1), (1, 4, 8, 8), (1, 3, 8, 8), "float32", "cpu")
+    with pytest.raises(ValueError, match="q's batch, n and head_dim"):
+        plan(Window(1), (1, 4, 8, 8), (1, 4, 9, 8), "float32", "cpu")
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        plan(Window(1), (1, 4, 8, 8), None, "int8", "cpu")
+    with pytest.raises(ValueError, match="scale must be"):
+        plan(Window(1), (1, 4, 8, 8), None, "float32", "cpu", scale=float("nan"))
+    with pytest.raises(ValueError, match="scale must be"):
+        plan(Window(1), (1, 4, 8, 8), None, "float32", "cpu", scale="0.25")
+    with pytest.raises(ValueError, match="does not match the device"):
+        plan(Window(1), (1, 4, 8, 8), None, "float32", "cpu", target=H100)
+    with pytest.raises(ValueError, match="unsupported device"):
+        plan(Window(1), (1, 4, 8, 8), None, "float32", "tpu")
+
+
+def test_cache_key_follows_the_generated_code(tmp_path, monkeypatch):
+    """A compiled library is found again only while the code that generated it is unchanged."""
+    import tvm_splat.compile as c
+
+    monkeypatch.setenv("TVM_SPLAT_CACHE_DIR", str(tmp_path))
+    made = plan(Window(2), (1, 1, 12, 4), None, "float32", "cpu", variant="tiled")
+    monkeypatch.setattr(c, "_LIBRARIES", {})
+    made.compiled()
+    monkeypatch.setattr(c, "code_fingerprint", lambda: "another kernel source")
+    monkeypatch.setattr(c, "_LIBRARIES", {})
+    made.compiled()
+    assert len(list(tmp_path.glob("*.so"))) == 2

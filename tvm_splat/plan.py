@@ -1,0 +1,346 @@
+"""plan → run: one sparse-attention workload, decided once and launched many times.
+
+Like flashinfer's ``plan()`` / ``run()`` and FlexAttention's ``BlockMask``, everything that does
+not depend on the tensors' values is decided once, in :func:`plan`, and held as plain data by
+an :class:`AttentionPlan`:
+
+* the ACSR of the mask and the :class:`~tvm_splat.kernels.spec.AttentionSpec` of the shapes;
+* the kernel family (``variant``) and its knobs — the ones given, else the workload's tuning
+  record, else the defaults: decided in one function, :func:`choose_knobs`;
+* for the tiled family, the tile plan (:func:`~tvm_splat.formats.tile_plan.plan_tiles`);
+* the kernels' int32 inputs (``tables``), their scratch buffers and the launch ``steps``:
+  which kernel runs with which buffers, in order. The runtime launcher and the Relax rewrite of
+  :class:`~tvm_splat.relay_passes.SparsifyAttention` both execute these steps, so there is one
+  description of how attention is computed.
+
+:meth:`AttentionPlan.run` checks what depends on the tensors (shapes, dtypes, device) and
+launches the compiled kernels (compiled once per plan, on first use; cached on disk).
+"""
+from __future__ import annotations
+
+import functools
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+
+from .compile import compile_attention, compile_module, row_module, tiled_module
+from .devices import as_device, default_target, device_of, dtype_name, is_gpu_device, is_torch
+from .formats import ACSR
+from .formats.tile_plan import TilePlan, kernel_arrays, plan_tiles
+from .kernels import VARIANTS
+from .kernels.spec import SUPPORTED_DTYPES, AttentionSpec
+from .kernels.tiled import partial_shapes
+from .records import tuned_tiled_knobs
+from .schedules.row import RowKnobs
+from .schedules.targets import as_target, is_gpu, target_key
+from .schedules.tiled import TiledKnobs, default_tiled_knobs
+
+__all__ = ["AttentionPlan", "Step", "plan", "choose_knobs", "choose_variant", "as_acsr"]
+
+
+# ------------------------------------------------------------------------------ masks
+@functools.lru_cache(maxsize=64)
+def _acsr_for_pattern(pattern, n, max_segments):
+    return ACSR.from_pattern(pattern, n, max_segments)
+
+
+def as_acsr(mask, n: int, max_segments: int = 4) -> ACSR:
+    """An ACSR for ``n`` rows from an ACSR, a pattern object, or a pattern string (patterns
+    are built once per (pattern, n) in this process)."""
+    if isinstance(mask, ACSR):
+        if mask.n != n:
+            raise ValueError(f"the ACSR mask is for sequence length {mask.n}, the inputs have {n}")
+        return mask
+    if isinstance(mask, str):
+        from .formats import parse_pattern
+
+        mask = parse_pattern(mask)
+    if hasattr(mask, "row_segments"):
+        return _acsr_for_pattern(mask, n, max_segments)
+    raise TypeError(f"expected an ACSR, a pattern or a pattern string as the mask, got {type(mask).__name__}")
+
+
+#: tile plans by ACSR (weakly: a plan lives as long as its ACSR) and (br, bc)
+_TILE_PLANS: "weakref.WeakKeyDictionary[ACSR, dict]" = weakref.WeakKeyDictionary()
+
+
+def tile_plan_of(acsr: ACSR, knobs: TiledKnobs) -> TilePlan:
+    """The tile plan of ``acsr`` for the knobs' ``br x bc`` tiles, made once per ACSR."""
+    plans = _TILE_PLANS.setdefault(acsr, {})
+    key = (knobs.br, knobs.bc)
+    if key not in plans:
+        plans[key] = plan_tiles(acsr, knobs)
+    return plans[key]
+
+
+# ------------------------------------------------------------------------------ decisions
+def choose_variant(variant: str, target) -> str:
+    """The kernel family for ``variant`` on ``target``: ``"auto"`` is ``tiled`` (tensor cores)
+    on the GPU and ``row`` on the CPU, where it measured fastest (see ``CPU_VARIANT``)."""
+    if variant == "auto":
+        return "tiled" if is_gpu(as_target(target)) else CPU_VARIANT
+    if variant == "fused":
+        raise ValueError("variant 'fused' is now called 'tiled' (or leave variant='auto')")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown kernel variant {variant!r}; expected 'auto' or one of {VARIANTS}")
+    return variant
+
+
+#: the CPU default. tvm-splat demo's case (global:4+window:32, n=512, 4 heads, d=64, fp32) on
+#: the 2-core CI machine: row 4.2 ms, separate 5.8 ms, tiled 17.5 ms (stop 11); re-measured
+#: with this refactor in ``tests``-free form by ``tvm-splat demo`` (see the README).
+CPU_VARIANT = "row"
+
+
+def choose_knobs(spec: AttentionSpec, target, variant: str, knobs=None):
+    """``(knobs, source)`` of a workload, the one place this is decided: the ``knobs`` given
+    (``source="given"``), else the tuning record of the workload (``"tuned"``), else the
+    defaults (``"default"``). Tiled: :class:`TiledKnobs`; row variants: :class:`RowKnobs`, or
+    None when the compiler applies a MetaSchedule record or the default schedule itself."""
+    expected = TiledKnobs if variant == "tiled" else RowKnobs
+    if knobs is not None:
+        if not isinstance(knobs, expected):
+            raise TypeError(f"knobs of the {variant!r} variant must be {expected.__name__}, "
+                            f"got {type(knobs).__name__}")
+        return knobs, "given"
+    if variant != "tiled":
+        return None, "records"
+    tuned = tuned_tiled_knobs(spec, target)
+    if tuned is not None:
+        return tuned, "tuned"
+    return default_tiled_knobs(spec, target), "default"
+
+
+# ------------------------------------------------------------------------------ steps
+@dataclass(frozen=True)
+class Step:
+    """One kernel launch ``kernel(*(buffers[a] for a in args))``: ``outputs`` are the args it
+    writes; with ``inplace`` they are also read (updated in place)."""
+
+    kernel: str
+    args: tuple
+    outputs: tuple
+    inplace: bool = False
+
+    @property
+    def inputs(self) -> tuple:
+        return self.args if self.inplace else tuple(a for a in self.args if a not in self.outputs)
+
+
+SEGMENTS = ("seg_start", "seg_step", "seg_count")
+
+
+def _tiled_steps(plan: TilePlan) -> tuple:
+    steps = [Step("tiled", ("q", "k", "v", "seg_start", "seg_count", "seg_sigma", "tiles", "blocks",
+                            "out", "o_part", "ml_part"), ("out", "o_part", "ml_part"))]
+    if plan.shape.num_components > 1:
+        steps.append(Step("merge", ("o_part", "ml_part", "num_comp", "out"), ("out",)))
+    if plan.shape.num_fallback > 0:
+        steps.append(Step("fallback", ("q", "k", "v", *SEGMENTS, "indices", "fallback_rows", "out"),
+                          ("out",), inplace=True))
+    return tuple(steps)
+
+
+ROW_STEPS = {
+    "row": (Step("row", ("q", "k", "v", *SEGMENTS, "indices", "out"), ("out",)),),
+    "separate": (Step("sddmm", ("q", "k", *SEGMENTS, "row_ptr", "indices", "scores"), ("scores",)),
+                 Step("softmax", ("scores", "row_ptr", "probs"), ("probs",)),
+                 Step("spmm", ("probs", "v", *SEGMENTS, "row_ptr", "indices", "out"), ("out",))),
+}
+
+
+# ------------------------------------------------------------------------------ the plan
+class AttentionPlan:
+    """One planned workload (see the module docstring). Build with :func:`plan`.
+
+    Attributes: ``mask`` (as given), ``acsr``, ``spec``, ``variant`` (``tiled``/``row``/
+    ``separate``), ``knobs`` and ``knobs_source`` (``given``/``tuned``/``default``/``records``),
+    ``target``, ``device`` (None: compile only), ``tile_plan`` (tiled only), ``tables`` (name ->
+    int32 array), ``scratch`` (name -> (shape, dtype)), ``steps``.
+    Shapes: q and out ``[batch, heads, n, head_dim]``, k and v ``[batch, kv_heads, n, head_dim]``.
+    """
+
+    def __init__(self, mask, acsr: ACSR, spec: AttentionSpec, variant: str, knobs, knobs_source: str,
+                 target, device):
+        self.mask, self.acsr, self.spec = mask, acsr, spec
+        self.variant, self.knobs, self.knobs_source = variant, knobs, knobs_source
+        self.target, self.device = target, device
+        if variant == "tiled":
+            self.tile_plan = tile_plan_of(acsr, knobs)
+            o_shape, ml_shape = partial_shapes(spec, self.tile_plan.shape.num_components)
+            self.scratch = {"o_part": (o_shape, "float32"), "ml_part": (ml_shape, "float32")}
+            self.steps = _tiled_steps(self.tile_plan)
+        else:
+            self.tile_plan = None
+            nnz = (spec.batch, spec.heads, spec.max_nnz)
+            self.scratch = {"scores": (nnz, "float32"), "probs": (nnz, "float32")} if variant == "separate" else {}
+            self.steps = ROW_STEPS[variant]
+        arrays = kernel_arrays(acsr, self.tile_plan)
+        used = {a for step in self.steps for a in step.args}
+        self.tables = {name: arrays[name] for name in arrays if name in used}
+        self.q_shape = (spec.batch, spec.heads, spec.seq_len, spec.head_dim)
+        self.kv_shape = (spec.batch, spec.kv_heads, spec.seq_len, spec.head_dim)
+        self._launch = None  # the compiled launcher (self.device), made on first use
+
+    def __repr__(self):
+        return (f"AttentionPlan({self.variant}, {self.spec.key}, knobs={self.knobs_source}, "
+                f"target={target_key(self.target)}, device={self.device})")
+
+    # ------------------------------------------------------------------ kernels
+    def module(self) -> tvm.IRModule:
+        """The scheduled kernels (PrimFuncs named by the steps' ``kernel``)."""
+        if self.variant == "tiled":
+            return tiled_module(self.spec, self.tile_plan.shape, self.target, self.knobs)
+        return row_module(self.spec, self.target, self.variant, self.knobs)
+
+    def compiled(self) -> tvm.runtime.Module:
+        """The compiled kernels (from the in-memory or disk cache when built before)."""
+        if self.variant != "tiled":
+            return compile_attention(self.spec, self.target, self.variant, self.knobs)
+        ident = f"tiled|{self.spec.key}|{self.tile_plan.shape.key}|{self.knobs!r}"
+        return compile_module(ident, self.module, self.target)
+
+    # ------------------------------------------------------------------ running
+    def _launcher(self):
+        """``launch(q, k, v, out)`` on ``self.device``: tables uploaded and scratch allocated
+        once, functions looked up once, so a call costs only the kernel launches."""
+        if self._launch is None:
+            dev = self.device
+            lib = self.compiled()
+            env = {name: tvm.runtime.tensor(a, dev) for name, a in self.tables.items()}
+            env.update({name: tvm.runtime.empty(shape, dtype, dev) for name, (shape, dtype) in self.scratch.items()})
+            calls = [(lib[step.kernel], step.args) for step in self.steps]
+
+            def launch(q, k, v, out):
+                env["q"], env["k"], env["v"], env["out"] = q, k, v, out
+                try:
+                    for func, args in calls:
+                        func(*(env[a] for a in args))
+                finally:
+                    del env["q"], env["k"], env["v"], env["out"]
+
+            self._launch = launch
+        return self._launch
+
+    def _check(self, q, k, v):
+        for name, x, shape in (("q", q, self.q_shape), ("k", k, self.kv_shape), ("v", v, self.kv_shape)):
+            if tuple(x.shape) != shape:
+                raise ValueError(f"{name} has shape {tuple(x.shape)}, this plan expects {shape}")
+            if dtype_name(x) != self.spec.dtype:
+                raise ValueError(f"{name} has dtype {dtype_name(x)}, this plan expects {self.spec.dtype}")
+        kinds = {is_torch(x) for x in (q, k, v)}
+        if len(kinds) != 1:
+            raise TypeError("q, k and v must all be torch tensors or all numpy arrays")
+        devs = {str(device_of(x)) for x in (q, k, v)}
+        if devs != {str(self.device)}:
+            raise ValueError(f"q, k and v must be on this plan's device {self.device}, got {sorted(devs)}")
+
+    def run(self, q, k, v, out=None):
+        """``softmax(scale · q kᵀ ⊙ mask) v`` for this plan's workload.
+
+        q ``[batch, heads, n, head_dim]``, k and v ``[batch, kv_heads, n, head_dim]``: numpy arrays
+        (CPU; returns numpy) or torch tensors on the plan's device (returns a torch tensor,
+        written into ``out`` when given). Rows without nonzeros give zeros.
+        """
+        if self.device is None:
+            raise ValueError("this plan was made without a device (compile only); "
+                             "plan again with device='cpu' or 'cuda'")
+        self._check(q, k, v)
+        launch = self._launcher()
+        if not is_torch(q):
+            dev = self.device
+            out_t = tvm.runtime.empty(self.q_shape, self.spec.dtype, dev)
+            launch(*(tvm.runtime.tensor(np.ascontiguousarray(x), dev) for x in (q, k, v)), out_t)
+            return out_t.numpy()
+        import torch
+
+        if out is None:
+            out = torch.empty(self.q_shape, dtype=q.dtype, device=q.device)
+        elif tuple(out.shape) != self.q_shape or out.dtype != q.dtype or out.device != q.device:
+            raise ValueError(f"out must be a {self.q_shape} {q.dtype} tensor on {q.device}, got "
+                             f"{tuple(out.shape)} {out.dtype} on {out.device}")
+        args = [_dlpack_ready(x) for x in (q, k, v)]
+        target_out = _dlpack_ready(out)
+        if q.device.type == "cuda":
+            import tvm_ffi
+
+            with tvm_ffi.use_raw_stream(self.device, torch.cuda.current_stream(q.device).cuda_stream):
+                launch(*args, target_out)
+        else:
+            launch(*args, target_out)
+        if target_out is not out:
+            out.copy_(target_out)
+        return out
+
+
+def _dlpack_ready(x):
+    """``x`` itself when TVM can take it through DLPack as it is (contiguous, 64-byte aligned
+    data), else a contiguous, aligned copy (torch's allocators align fresh tensors)."""
+    if x.is_contiguous() and x.data_ptr() % 64 == 0:
+        return x
+    return x.contiguous() if not x.is_contiguous() else x.clone()
+
+
+def plan(mask, q_shape, kv_shape=None, dtype="float32", device="cpu", *, target=None, scale=None,
+         variant="auto", knobs=None, max_segments: int = 4) -> AttentionPlan:
+    """Plan sparse attention for q of ``q_shape = [batch, heads, n, head_dim]`` and k, v of
+    ``kv_shape = [batch, kv_heads, n, head_dim]`` (default: ``q_shape``) in ``dtype``.
+
+    ``mask``: an ACSR, a pattern (``Window(256)``) or a pattern string (``"window:256"``); its
+    head count must be 1 or ``heads``. ``device``: where :meth:`AttentionPlan.run` runs
+    (``"cpu"``, ``"cuda"``, ``"cuda:N"``, a torch or TVM device), or None to compile only.
+    ``target``: default, the device's own (CUDA ``sm_XX`` or ``llvm``). ``variant``: ``"auto"``
+    (tiled on the GPU, the fastest measured on the CPU), ``"tiled"``, ``"row"`` or
+    ``"separate"``. ``knobs``: :class:`TiledKnobs` / :class:`RowKnobs` to force; default, the
+    workload's tuning record, else the defaults. ``scale`` defaults to ``1/sqrt(head_dim)``.
+    """
+    q_shape = _check_shape("q_shape", q_shape)
+    kv_shape = q_shape if kv_shape is None else _check_shape("kv_shape", kv_shape)
+    batch, heads, n, head_dim = q_shape
+    if (kv_shape[0], kv_shape[2], kv_shape[3]) != (batch, n, head_dim):
+        raise ValueError(f"k and v must be [batch, kv_heads, n, head_dim] with q's batch, n and head_dim: "
+                         f"q {q_shape}, k/v {kv_shape}")
+    if heads % kv_shape[1]:
+        raise ValueError(f"the number of query heads ({heads}) must be a multiple of the number of "
+                         f"key/value heads ({kv_shape[1]})")
+    dtype = str(dtype).replace("torch.", "")
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"unsupported dtype {dtype}; expected one of {SUPPORTED_DTYPES}")
+    scale = _check_scale(scale)
+    dev = None if device is None else as_device(device)
+    if target is None:
+        if dev is None:
+            raise ValueError("plan needs a device or a target")
+        target = default_target(dev)
+    target = as_target(target)
+    if dev is not None and is_gpu(target) != is_gpu_device(dev):
+        raise ValueError(f"target {target.kind.name} does not match the device {dev}")
+    variant = choose_variant(variant, target)
+    acsr = as_acsr(mask, n, max_segments)
+    spec = AttentionSpec.from_acsr(acsr, batch, heads, head_dim, dtype, scale, kv_heads=kv_shape[1])
+    knobs, source = choose_knobs(spec, target, variant, knobs)
+    return AttentionPlan(mask, acsr, spec, variant, knobs, source, target, dev)
+
+
+def _check_shape(name, shape) -> tuple:
+    try:
+        shape = tuple(int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a sequence of 4 ints, got {shape!r}") from None
+    if len(shape) != 4:
+        raise ValueError(f"{name} must be [batch, heads, seq_len, head_dim], got {shape}")
+    if min(shape) < 1:
+        raise ValueError(f"{name} has an empty dimension: {shape}")
+    return shape
+
+
+def _check_scale(scale):
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
+        raise ValueError(f"scale must be a finite real number or None, got {scale!r}")
+    if not np.isfinite(float(scale)):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return float(scale)

@@ -1,0 +1,100 @@
+"""Tuning records: where they live and how a workload's best one is read.
+
+``<root>/<target>/<kernel>_<spec.key>/`` holds one MetaSchedule JSON database per tuned row
+kernel (``row``, ``sddmm``, ``softmax``, ``spmm``) and, for the tiled kernel,
+``tiled_<spec.key>/best.json`` (the winning :class:`~tvm_splat.schedules.tiled.TiledKnobs` and
+every measured program's time) beside its database. ``<root>`` is ``$TVM_SPLAT_TUNING_LOGS`` if
+set, else the ``tuning_logs/`` folder of this repository (where the committed GPU records live),
+else ``./tuning_logs``.
+
+This module only reads records (and names their paths); :mod:`tvm_splat.tuning` writes them.
+It sits below :mod:`tvm_splat.compile` and :mod:`tvm_splat.plan`, which pick records up.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import tvm
+
+from .schedules.targets import as_target, target_name
+from .schedules.tiled import TiledKnobs
+
+logger = logging.getLogger("tvm_splat.tuning")
+_ANNOUNCED: set = set()  # (path, hit/miss) already logged once
+
+
+def log_root() -> Path:
+    env = os.environ.get("TVM_SPLAT_TUNING_LOGS")
+    if env:
+        return Path(env)
+    repo = Path(__file__).resolve().parents[1] / "tuning_logs"
+    return repo if repo.is_dir() else Path("tuning_logs")
+
+
+def workload_name(kernel: str, spec) -> str:
+    return f"{kernel}_{spec.key}"
+
+
+def workload_dir(kernel: str, spec, target, root=None) -> Path:
+    return Path(root or log_root()) / target_name(as_target(target)) / workload_name(kernel, spec)
+
+
+def open_database(path: Path, create=False):
+    """The MetaSchedule JSON database in ``path`` (None when there is none and not ``create``)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    if not create and not (path / "database_tuning_record.json").exists():
+        return None
+    path.mkdir(parents=True, exist_ok=True)
+    return ms.database.JSONDatabase(work_dir=str(path), allow_missing=True)
+
+
+def _announce(path: Path, hit: bool, what: str) -> None:
+    key = (str(path), hit)
+    if key not in _ANNOUNCED:
+        _ANNOUNCED.add(key)
+        if hit:
+            logger.info("applying tuned %s from %s", what, path)
+        else:
+            logger.info("no tuning record for %s; using the default %s", path.name, what)
+
+
+def apply_best(kernel: str, func, spec, target, root=None):
+    """The best tuned schedule of row kernel ``func`` for ``target`` as a PrimFunc, or ``None``
+    (and a one-time message) when no record matches this workload."""
+    path = workload_dir(kernel, spec, target, root)
+    db = open_database(path)
+    sch = None
+    if db is not None:
+        mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+        sch = db.query_schedule(mod, target=as_target(target), workload_name="main")
+    _announce(path, sch is not None, "schedule")
+    return None if sch is None else sch.mod["main"]
+
+
+def best_knobs_path(spec, target, root=None) -> Path:
+    """Where the tiled kernel's best knobs of a workload are recorded."""
+    return workload_dir("tiled", spec, target, root) / "best.json"
+
+
+def tuned_tiled_knobs(spec, target, root=None):
+    """Knobs of the best tuning record of the tiled kernel for this workload, or None."""
+    path = best_knobs_path(spec, as_target(target), root)
+    if not path.exists():
+        return None
+    _announce(path.parent, True, "tiled knobs")
+    return TiledKnobs.from_dict(json.loads(path.read_text())["knobs"])
+
+
+def record_mark(paths) -> str:
+    """Changes whenever one of the record files changes (so caches never serve a library
+    compiled before a new record arrived)."""
+    marks = []
+    for path in paths:
+        if path.exists():
+            st = path.stat()
+            marks.append(f"{path.name}:{st.st_mtime_ns}:{st.st_size}")
+    return ",".join(marks)
