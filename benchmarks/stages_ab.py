@@ -15,7 +15,7 @@ import sys
 import torch
 
 from tvm_splat.attention import default_tiled_knobs, sparse_attention
-from tvm_splat.bench.baselines import _target_of
+from tvm_splat.bench.baselines import target_of
 from tvm_splat.bench.suite import BenchCase, suite
 from tvm_splat.formats import ACSR, parse_pattern
 from tvm_splat.timing import cuda_kernel_ms, cuda_median_ms
@@ -40,7 +40,7 @@ def main(out_path, cases="quick"):
         gen = torch.Generator(device="cuda").manual_seed(0)
         q, k, v = (torch.randn(case.batch, case.heads, case.seq_len, case.head_dim, device="cuda",
                                dtype=torch.float16, generator=gen) for _ in range(3))
-        base = default_tiled_knobs("float16", _target_of(q))
+        base = default_tiled_knobs("float16", target_of(q))
         fns, outs = {}, {}
         for stages in (1, 2):
             knobs = dataclasses.replace(base, stages=stages)
