@@ -40,14 +40,14 @@ def plot_speedups(rows, path):
 
     ours = _ours(rows)
     y = np.arange(len(rows))[::-1]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 1.5 + 0.3 * max(1, len(rows))), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(14.5, 1.5 + 0.3 * max(1, len(rows))), sharey=True)
     for ax, (base, title) in zip(axes, PANELS):
         ratios = []
         for yi, r in zip(y, rows):
             res = r["results"]
             ratio = res.get(ours, {}).get("throughput_speedup", {}).get(base)
             if ratio is None:
-                ax.text(1.0, yi, "  " + _why_missing(res, ours, base), va="center", fontsize=7, color="0.4")
+                ax.text(0.0, yi, "  " + _why_missing(res, ours, base), va="center", fontsize=7, color="0.4")
                 continue
             # bars in log10 space from parity (0) to the ratio, so slower cases point left
             ax.barh(yi, abs(np.log10(ratio)), left=min(0.0, np.log10(ratio)), height=0.7,
@@ -59,6 +59,7 @@ def plot_speedups(rows, path):
             if ours == "splat_fused" and untuned:
                 ax.plot(np.log10(untuned), yi, marker="|", color="black", markersize=9)
         ax.axvline(0.0, color="black", linewidth=1)
+        ax.set_ylim(-0.8, len(rows) - 0.2)
         low, high = min(ratios + [0.5]) / 2, max(ratios + [2.0]) * 2  # room for the labels
         ticks = [t for t in (1 / 64, 1 / 16, 0.25, 0.5, 1, 2, 4, 16, 64, 256, 1024) if low <= t <= high]
         ax.set_xticks(np.log10(ticks), [f"{t:g}x" for t in ticks])
@@ -69,10 +70,10 @@ def plot_speedups(rows, path):
     axes[0].set_yticks(y, [r["name"] for r in rows], fontsize=7)
     handles = [Patch(color=c, label=dt) for dt, c in DTYPE_COLORS.items()
                if any(r["case"]["dtype"] == dt for r in rows)]
-    if ours == "splat_fused":
+    if ours == "splat_fused" and any("splat_fused_untuned" in r["results"] for r in rows):
         handles.append(plt.Line2D([], [], marker="|", color="black", linestyle="", markersize=9,
                                   label="splat_fused_untuned"))
-    fig.legend(handles=handles, loc="upper right", fontsize=8)
-    fig.tight_layout(rect=(0, 0, 0.93, 1))
-    fig.savefig(path, dpi=120)
+    fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, bbox_to_anchor=(0.5, 1.0))
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # "tight": the long case names stay whole
     plt.close(fig)

@@ -58,7 +58,8 @@ H100_BANDWIDTH_TBS = 3.35
 
 # A back-to-back window lasts at least this long: its two ends (event records, the pipeline
 # filling and draining) cost about one launch, 5-10 us for a kernel and 0.05-0.1 ms for
-# FlexAttention's launch path (H200, issue 14), so at most 2% of the window.
+# FlexAttention's launch path (H200, issue 14), so at most 2% of the window. An implementation
+# slower than that gets one call per window: its launch cost is then under 2% of a call anyway.
 THROUGHPUT_WINDOW_MS = 5.0
 # Calls per window are capped: 500 calls of 10 us fill the 5 ms window already.
 MAX_WINDOW_CALLS = 500
@@ -118,15 +119,16 @@ def measure(fn, opts: RunOptions):
     synchronize(dev)
     estimate_ms = max((time.perf_counter() - t0) * 1e3, 1e-3)
     share_ms = opts.impl_seconds * 1e3 / 3
+    # the two calls above warmed everything up: no more warm-up calls below
     repeats = _count(share_ms / estimate_ms, MIN_REPEATS, max(MIN_REPEATS, opts.max_repeats))
-    ms = cuda_median_ms(fn, repeats, warmup=2) if dev == "cuda" else median_ms(fn, repeats, warmup=2)
-    calls = _count(math.ceil(THROUGHPUT_WINDOW_MS / estimate_ms), 2, MAX_WINDOW_CALLS)
+    ms = cuda_median_ms(fn, repeats, warmup=0) if dev == "cuda" else median_ms(fn, repeats, warmup=0)
+    calls = _count(math.ceil(THROUGHPUT_WINDOW_MS / estimate_ms), 1, MAX_WINDOW_CALLS)
     windows = _count(share_ms / (calls * estimate_ms), MIN_REPEATS, THROUGHPUT_WINDOWS)
     fields = {
         "first_call_s": first_call_s,
         "ms": ms,
-        "throughput_ms": throughput_ms(fn, calls, windows, warmup=2, device=dev),
-        "kernel_ms": cuda_kernel_ms(fn, calls=_count(share_ms / estimate_ms, 2, 20), warmup=1)
+        "throughput_ms": throughput_ms(fn, calls, windows, warmup=0, device=dev),
+        "kernel_ms": cuda_kernel_ms(fn, calls=_count(share_ms / estimate_ms, 1, 20), warmup=0)
         if dev == "cuda" else None,
         "samples": {"latency": repeats, "throughput_calls": calls, "throughput_windows": windows},
     }
