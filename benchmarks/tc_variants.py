@@ -16,8 +16,9 @@ import tvm
 
 from tvm_splat import ACSR, parse_pattern, sparse_attention
 from tvm_splat.bench.baselines import flex_attention, sdpa_dense, sdpa_masked
+from tvm_splat.bench.inputs import CaseInputs
 from tvm_splat.schedules.tiled import TiledKnobs
-from tvm_splat.timing import cuda_kernel_ms, cuda_median_ms
+from tvm_splat.timing import cuda_kernel_ms, cuda_median_ms, throughput_ms
 
 VARIANTS = {
     "mma_w4_bc64": dict(br=64, bc=64, warps=4),
@@ -32,19 +33,6 @@ VARIANTS = {
     "mma_w2_m2_bc64": dict(br=64, bc=64, warps=2, m_tiles=2),
     "cuda_cores_64": dict(use_tensor_cores=False),
 }
-
-
-def back_to_back_ms(fn, calls=50):
-    """Mean time per call of ``calls`` calls queued without synchronising: the kernel time when
-    the host keeps ahead of the GPU, the host overhead per call when it does not."""
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(calls):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / calls
 
 
 def main():
@@ -64,11 +52,11 @@ def main():
         torch.manual_seed(0)
         q, k, v = (torch.randn(args.batch, args.heads, args.seq, args.head_dim, device="cuda",
                                dtype=torch.float16) for _ in range(3))
-        mask = torch.from_numpy(acsr.to_dense()).cuda()
-        ref = sdpa_masked(q, k, v, mask)().float()
-        impls = {"sdpa_dense": sdpa_dense(q, k, v, mask), "sdpa_masked": sdpa_masked(q, k, v, mask)}
+        inputs = CaseInputs(q, k, v, acsr, parse_pattern(pat))
+        ref = sdpa_masked(inputs)().float()
+        impls = {"sdpa_dense": sdpa_dense(inputs), "sdpa_masked": sdpa_masked(inputs)}
         try:
-            impls["flex"] = flex_attention(q, k, v, mask)
+            impls["flex"] = flex_attention(inputs)
         except Exception as err:  # noqa: BLE001 - recorded, not fatal
             print("flex:", err)
         for name in args.variant or VARIANTS:
@@ -83,7 +71,8 @@ def main():
                 row["first_call_s"] = time.time() - t0
                 row["max_err"] = float((out.float() - ref).abs().nan_to_num(1e9).max())
                 row["ms"] = cuda_median_ms(fn, repeats=args.repeats)
-                row["ms_back_to_back"], row["kernel_ms"] = back_to_back_ms(fn), cuda_kernel_ms(fn)
+                row["ms_back_to_back"] = throughput_ms(fn, calls=50, windows=1)
+                row["kernel_ms"] = cuda_kernel_ms(fn)
             except Exception as err:  # noqa: BLE001
                 row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
             rows.append(row)

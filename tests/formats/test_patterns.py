@@ -3,6 +3,8 @@ import dataclasses
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tvm_splat.formats import (BlockLocal, Dense, DilatedWindow, GlobalTokens, Pattern,
                                PerHead, Strided, Union, Window, parse_pattern)
@@ -249,3 +251,136 @@ def test_sequence_length_must_be_positive(pattern, method):
 def test_base_pattern_is_abstract():
     with pytest.raises(NotImplementedError):
         Pattern().dense_mask(3)
+
+
+# ---- mask_mod: the analytic FlexAttention form -------------------------------------------
+CAUSAL_FORMS = [
+    Window(4, causal=True), DilatedWindow(2, 3, causal=True), Strided(4, 2, causal=True),
+    Strided(3, 0, causal=True), GlobalTokens(2) | Window(3, causal=True),
+    Window(5, causal=True) | Strided(4, 1, causal=True),
+]
+# parameters far beyond n (and beyond int32): the constants must be clamped, not overflow
+HUGE_PARAMETERS = [
+    Window(2**40), Window(2**40, causal=True), DilatedWindow(2**20, 2**40), DilatedWindow(3, 2**40),
+    DilatedWindow(2**40, 3), Strided(2**40), Strided(3, 2**40), BlockLocal(2**40),
+    GlobalTokens([1, 2**40]),
+]
+PER_HEAD = [
+    PerHead((Window(1), Strided(3), BlockLocal(2) | GlobalTokens(1))),
+    PerHead((Dense(), GlobalTokens(()), Window(2, causal=True), DilatedWindow(1, 4) | GlobalTokens([3]))),
+]
+MASK_MOD_SIZES = [1, 2, 5, 37, 67]
+
+
+def _mask_mod_numpy(pattern, n, dtype=np.int64):
+    """Evaluate ``pattern.mask_mod(n)`` on index grids: [n, n] (PerHead: [H, n, n])."""
+    i = np.arange(n, dtype=dtype)[:, None]
+    j = np.arange(n, dtype=dtype)[None, :]
+    h = np.arange(pattern.num_heads, dtype=dtype)[:, None, None]
+    shape = (pattern.num_heads, n, n) if isinstance(pattern, PerHead) else (n, n)
+    out = pattern.mask_mod(n)(0, h if isinstance(pattern, PerHead) else 0, i, j)
+    assert out.dtype == np.bool_
+    return np.broadcast_to(out, shape)
+
+
+def _mask_mod_torch(pattern, n):
+    """The same on int32 torch tensors, the index dtype FlexAttention passes."""
+    torch = pytest.importorskip("torch")
+    i = torch.arange(n, dtype=torch.int32)[:, None]
+    j = torch.arange(n, dtype=torch.int32)[None, :]
+    h = torch.arange(pattern.num_heads, dtype=torch.int32)[:, None, None]
+    out = pattern.mask_mod(n)(torch.zeros((), dtype=torch.int32), h, i, j)
+    assert out.dtype == torch.bool
+    shape = (pattern.num_heads, n, n) if isinstance(pattern, PerHead) else (n, n)
+    return out.expand(shape).numpy()
+
+
+@pytest.mark.parametrize("pattern", FAMILIES + CAUSAL_FORMS + HUGE_PARAMETERS + PER_HEAD, ids=ids)
+def test_mask_mod_equals_dense_mask(pattern):
+    for n in MASK_MOD_SIZES:
+        expected = pattern.dense_mask(n)
+        np.testing.assert_array_equal(_mask_mod_numpy(pattern, n), expected, err_msg=f"numpy n={n}")
+        np.testing.assert_array_equal(_mask_mod_numpy(pattern, n, np.int32), expected,
+                                      err_msg=f"numpy int32 n={n}")
+        np.testing.assert_array_equal(_mask_mod_torch(pattern, n), expected, err_msg=f"torch n={n}")
+
+
+@pytest.mark.parametrize("pattern", FAMILIES + CAUSAL_FORMS + PER_HEAD, ids=ids)
+def test_mask_mod_equals_acsr_mask(pattern):
+    """The mask ours runs (ACSR from the closed-form segments) is the mask Flex runs."""
+    from tvm_splat.formats import ACSR
+
+    for n in MASK_MOD_SIZES:
+        acsr = ACSR.from_pattern(pattern, n).to_dense()
+        np.testing.assert_array_equal(_mask_mod_numpy(pattern, n),
+                                      acsr if isinstance(pattern, PerHead) else acsr[0], err_msg=f"n={n}")
+
+
+@pytest.mark.parametrize("pattern", [Window(3), GlobalTokens([0, 5, 7]) | DilatedWindow(2, 3),
+                                     Strided(4, 2, causal=True) | BlockLocal(5)] + PER_HEAD, ids=ids)
+def test_mask_mod_runs_under_flex_vmap(pattern):
+    """torch's own ``create_mask`` (the vmap FlexAttention's block masks are built with)."""
+    pytest.importorskip("torch")
+    from torch.nn.attention.flex_attention import create_mask
+
+    n = 37
+    heads = pattern.num_heads if isinstance(pattern, PerHead) else 1
+    mask = create_mask(pattern.mask_mod(n), 1, heads, n, n, device="cpu")
+    np.testing.assert_array_equal(mask[0].numpy(), pattern.dense_mask(n).reshape(heads, n, n))
+
+
+class _CountingIndex:
+    """An index that counts the operators applied to it (every result is the same object)."""
+
+    def __init__(self):
+        self.ops = 0
+
+    def _op(self, *args):
+        self.ops += 1
+        return self
+
+    __ge__ = __le__ = __gt__ = __lt__ = __eq__ = __and__ = __or__ = __rand__ = __ror__ = _op
+    __sub__ = __rsub__ = __add__ = __mod__ = __floordiv__ = __abs__ = _op
+
+
+def test_mask_mod_cost_is_independent_of_the_token_count():
+    """A million global tokens are one arithmetic run: a few operators, not a table."""
+    n = 2**21
+
+    def ops(pattern):
+        index = _CountingIndex()
+        pattern.mask_mod(n)(0, 0, index, index)
+        return index.ops
+
+    assert ops(GlobalTokens(10**6)) == ops(GlobalTokens(2)) == 7  # per index: >=, <=, &; then |
+    assert ops(GlobalTokens([0, 2, 4, 6, 8])) == 15  # a run of step 2 adds -, %, ==, & per index
+    mod = GlobalTokens(10**6).mask_mod(n)
+    assert bool(mod(0, 0, np.int64(n - 1), np.int64(999_999)))
+    assert not bool(mod(0, 0, np.int64(n - 1), np.int64(10**6)))
+
+
+def test_mask_mod_checks_n():
+    with pytest.raises(ValueError, match="sequence length must be >= 1, got 0"):
+        Window(2).mask_mod(0)
+    with pytest.raises(NotImplementedError):
+        Pattern().mask_mod(3)
+
+
+@st.composite
+def _patterns(draw):
+    leaf = st.one_of(
+        st.builds(Window, st.integers(0, 40), st.booleans()),
+        st.builds(DilatedWindow, st.integers(0, 12), st.integers(1, 9), st.booleans()),
+        st.builds(Strided, st.integers(1, 20), st.one_of(st.none(), st.integers(0, 20)), st.booleans()),
+        st.builds(BlockLocal, st.integers(1, 40)),
+        st.builds(GlobalTokens, st.lists(st.integers(0, 60), max_size=6)),
+        st.just(Dense()),
+    )
+    parts = draw(st.lists(leaf, min_size=1, max_size=3))
+    return parts[0] if len(parts) == 1 else Union(tuple(parts))
+
+
+@settings(max_examples=150, deadline=None)
+@given(pattern=_patterns(), n=st.integers(1, 70))
+def test_mask_mod_property(pattern, n):
+    np.testing.assert_array_equal(_mask_mod_numpy(pattern, n), pattern.dense_mask(n))

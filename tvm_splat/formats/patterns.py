@@ -5,6 +5,8 @@ Row ``i`` is a query, column ``j`` a key, ``0 <= i, j < n``. Every pattern offer
 * ``dense_mask(n)``: bool [n, n] (``PerHead``: [H, n, n]), straight from the definition,
 * ``row_segments(n)``: the columns of each row as arithmetic progressions in closed form,
   without building an n x n array (see :meth:`Pattern.row_segments`),
+* ``mask_mod(n)``: the same mask as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` written
+  with arithmetic and comparisons only (see :meth:`Pattern.mask_mod`),
 * ``nnz(n)``, ``density(n)``, ``num_heads``, and ``a | b`` for a :class:`Union`.
 
 ``parse_pattern`` reads the short text form used by command lines and configs.
@@ -12,7 +14,7 @@ Row ``i`` is a query, column ``j`` a key, ``0 <= i, j < n``. Every pattern offer
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -33,6 +35,8 @@ __all__ = [
 ]
 
 RowSegments = tuple[np.ndarray, np.ndarray, np.ndarray]
+# fn(b, h, q_idx, kv_idx) -> bool array/tensor, FlexAttention's mask_mod signature
+MaskMod = Callable[[Any, Any, Any, Any], Any]
 
 
 class Pattern:
@@ -75,6 +79,19 @@ class Pattern:
     def __or__(self, other: "Pattern") -> "Union":
         return Union((self, other))
 
+    def mask_mod(self, n: int) -> MaskMod:
+        """The mask as ``fn(b, h, q_idx, kv_idx) -> bool``, FlexAttention's ``mask_mod``.
+
+        Built from the pattern's definition with ``+ - // %``, comparisons and ``& |`` only (no
+        gather from a table), so one function serves numpy int arrays, torch tensors and
+        FlexAttention's compiled kernel; the result has the broadcast shape of ``q_idx`` and
+        ``kv_idx`` (and ``h`` for :class:`PerHead`). Valid for ``0 <= q_idx, kv_idx < n``: every
+        constant is clamped to ``n`` where that keeps the meaning, so it fits the int32 indices
+        Flex passes (a window of 2**40 is a window of n).
+        """
+        n = check_sequence_length(n)
+        return self._mask_mod(n)
+
     # subclasses -------------------------------------------------------------------
     def _contains(self, i: np.ndarray, j: np.ndarray, n: int) -> np.ndarray:
         raise NotImplementedError
@@ -82,6 +99,31 @@ class Pattern:
     def _segments(self, i: np.ndarray, n: int) -> RowSegments:
         """(start, step, count) each [n, P] for rows ``i`` (int64 [n])."""
         raise NotImplementedError
+
+    def _mask_mod(self, n: int) -> MaskMod:
+        """:meth:`mask_mod` for a checked ``n``."""
+        raise NotImplementedError
+
+
+def _never(q_idx, kv_idx):
+    """All False, in the broadcast shape of the indices."""
+    return (q_idx < 0) & (kv_idx < 0)
+
+
+def _in_runs(x, runs):
+    """``x`` is one of the columns ``start + step * k`` (``k < count``) of some run in
+    ``runs``: two or three comparisons per run, OR-ed (``runs`` non-empty)."""
+    hit = None
+    for start, step, count in runs:
+        last = start + step * (count - 1)
+        if count == 1:
+            term = x == start
+        else:
+            term = (x >= start) & (x <= last)
+            if step > 1:
+                term = term & ((x - start) % step == 0)
+        hit = term if hit is None else hit | term
+    return hit
 
 
 def _canonical(start, step, count) -> RowSegments:
@@ -109,6 +151,12 @@ class Dense(Pattern):
     def _segments(self, i, n):
         return _column(np.zeros_like(i), np.ones_like(i), np.full_like(i, n))
 
+    def _mask_mod(self, n):
+        def dense(b, h, q_idx, kv_idx):
+            return (q_idx >= 0) & (kv_idx >= 0)
+
+        return dense
+
 
 @dataclass(frozen=True)
 class Window(Pattern):
@@ -129,6 +177,16 @@ class Window(Pattern):
         lo = np.maximum(i - self.width, 0)
         hi = i if self.causal else np.minimum(i + self.width, n - 1)
         return _column(lo, np.ones_like(i), hi - lo + 1)
+
+    def _mask_mod(self, n):
+        width = min(self.width, n)
+        upper = 0 if self.causal else width
+
+        def window(b, h, q_idx, kv_idx):
+            d = kv_idx - q_idx
+            return (d >= -width) & (d <= upper)
+
+        return window
 
 
 @dataclass(frozen=True)
@@ -155,6 +213,19 @@ class DilatedWindow(Pattern):
         k_lo = np.maximum(-self.width, -(i // d))
         k_hi = np.minimum(0 if self.causal else self.width, (n - 1 - i) // d)
         return _column(i + d * k_lo, np.full_like(i, d), k_hi - k_lo + 1)
+
+    def _mask_mod(self, n):
+        # |kv - q| < n: a dilation >= n leaves only the diagonal, as a dilation of n does
+        dilation = min(self.dilation, n)
+        reach = min(self.width * self.dilation, n)
+        upper = 0 if self.causal else reach
+
+        def dilated(b, h, q_idx, kv_idx):
+            d = kv_idx - q_idx
+            hit = (d >= -reach) & (d <= upper)
+            return hit & (d % dilation == 0) if dilation > 1 else hit
+
+        return dilated
 
 
 @dataclass(frozen=True)
@@ -193,6 +264,17 @@ class Strided(Pattern):
         count = np.stack([band_count, res_count], axis=1)
         return start, step, count
 
+    def _mask_mod(self, n):
+        # |q - kv| < n: a stride >= n hits only the diagonal, as a stride of n does
+        stride, local, causal = min(self.stride, n), min(self.local, n), self.causal
+
+        def strided(b, h, q_idx, kv_idx):
+            d = q_idx - kv_idx
+            hit = (abs(d) < local) | (d % stride == 0)
+            return hit & (d >= 0) if causal else hit
+
+        return strided
+
 
 @dataclass(frozen=True)
 class BlockLocal(Pattern):
@@ -210,6 +292,14 @@ class BlockLocal(Pattern):
         lo = (i // self.block) * self.block
         hi = np.minimum(lo + self.block, n)
         return _column(lo, np.ones_like(i), hi - lo)
+
+    def _mask_mod(self, n):
+        block = min(self.block, n)  # indices < n all lie in block 0 of any block >= n
+
+        def block_local(b, h, q_idx, kv_idx):
+            return q_idx // block == kv_idx // block
+
+        return block_local
 
 
 @dataclass(frozen=True)
@@ -268,6 +358,18 @@ class GlobalTokens(Pattern):
         count[is_token_row, 1:] = 0
         return start, step, count
 
+    def _mask_mod(self, n):
+        t = self._tokens_below(n)
+        cols = decompose_sorted_columns(n, np.zeros_like(t), t)  # tokens as arithmetic runs
+        runs = [(int(s), int(d), int(c)) for s, d, c in zip(cols.start, cols.step, cols.count)]
+
+        def global_tokens(b, h, q_idx, kv_idx):
+            if not runs:  # no token below n
+                return _never(q_idx, kv_idx)
+            return _in_runs(q_idx, runs) | _in_runs(kv_idx, runs)
+
+        return global_tokens
+
 
 def _flatten_union_parts(parts) -> tuple[Pattern, ...]:
     if isinstance(parts, Pattern):
@@ -309,6 +411,17 @@ class Union(Pattern):
         tables = [part._segments(i, n) for part in self.parts]
         return tuple(np.concatenate([np.broadcast_to(t[f], (n, t[f].shape[1]))
                                      for t in tables], axis=1) for f in range(3))
+
+    def _mask_mod(self, n):
+        mods = [part._mask_mod(n) for part in self.parts]
+
+        def union(b, h, q_idx, kv_idx):
+            hit = mods[0](b, h, q_idx, kv_idx)
+            for mod in mods[1:]:
+                hit = hit | mod(b, h, q_idx, kv_idx)
+            return hit
+
+        return union
 
 
 @dataclass(frozen=True)
@@ -354,6 +467,17 @@ class PerHead(Pattern):
     def nnz(self, n: int) -> int:
         """Total over heads."""
         return sum(h.nnz(n) for h in self.heads)
+
+    def _mask_mod(self, n):
+        mods = [head._mask_mod(n) for head in self.heads]
+
+        def per_head(b, h, q_idx, kv_idx):
+            hit = (h == 0) & mods[0](b, h, q_idx, kv_idx)
+            for i, mod in enumerate(mods[1:], start=1):
+                hit = hit | ((h == i) & mod(b, h, q_idx, kv_idx))
+            return hit
+
+        return per_head
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Tiled, FlashAttention-style fused kernel over an ACSR tile plan (unscheduled TensorIR).
 
-One program per (batch x head, tile) of a :class:`~tvm_splat.schedules.tile_plan.TilePlan`:
+One program per (batch x head, tile) of a :class:`~tvm_splat.formats.tile_plan.TilePlan`:
 
 1. load the tile's Q rows ``row0 + rstride * r`` (``r < nrows``; other rows are zero),
 2. walk the tile's column blocks (a data-dependent loop over ``blk_lo .. blk_hi``); per block:
@@ -24,7 +24,7 @@ Intermediate buffers are allocated in the block ``"tile"`` in the default scope;
 (:mod:`tvm_splat.schedules.tiled`) move them to shared memory / registers.
 
 Buffers of :func:`tiled_func` (``BH = batch * heads``, ``C`` components, plan tables from
-:class:`~tvm_splat.schedules.tile_plan.TilePlan`)::
+:class:`~tvm_splat.formats.tile_plan.TilePlan`)::
 
     q                [B, H, N, D] dtype   k, v [B, KVH, N, D] dtype (KV head h // group)
     seg_start        [Hm, N, S] int32     seg_count [Hm, N, S] int32
