@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--log-dir", default=None, help="tuning log root (default: tuning_logs/)")
     tune.add_argument("--dense", action="store_true",
                       help="tune TVM's own dense (masked) attention instead: the tuned TVM baseline of the bench")
-    tune.add_argument("--suite", default=None, choices=("tiny", "quick", "full"),
+    tune.add_argument("--suite", default=None, choices=("tiny", "quick", "models", "full"),
                       help="tune every case of this bench suite (tiled kernel, or TVM dense with --dense) "
                            "instead of one workload; cases already tuned are skipped")
     tune.add_argument("--time-budget", type=float, default=float("inf"),

@@ -25,11 +25,11 @@ Layout (``W`` warps, ``MT`` m-tiles of 16 rows per warp, ``BR = 16 * W * MT``):
 
 Masked-out entries contribute exactly nothing: scores are *selected* to -inf, and since a
 tensor-core ``P V`` would still multiply a zero probability by a NaN or inf of a masked-out
-value row, every PARTIAL block also checks whether its V rows are all finite (each thread its
-share of the block, then one extra barrier to publish the result); a block that holds a
-non-finite value takes an exact path for ``P V`` on CUDA cores that skips zero probabilities (a
-uniform branch, never taken for finite inputs). FULL blocks need no check: every row of the tile
-attends every one of their columns.
+value row, every PARTIAL block also checks whether its V rows are all finite (each thread the
+16-byte chunks it copied, with integer tests on the exponent bits; the block's existing barrier
+publishes the result); a block that holds a non-finite value takes an exact path for ``P V`` on
+CUDA cores that skips zero probabilities (a uniform branch, never taken for finite inputs).
+FULL blocks need no check: every row of the tile attends every one of their columns.
 
 GQA: query head ``h`` reads KV head ``h // group`` (nothing is repeated in memory).
 Buffers and dtypes are those of :func:`~tvm_splat.kernels.tiled.tiled_func`.
@@ -102,6 +102,11 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     neg_inf = T.min_value("float32")
     zero = T.Cast(dt, T.float32(0))
     full_mask = T.uint32(0xFFFFFFFF)
+    # two 16-bit elements per 32-bit word: an element is NaN or inf exactly when its exponent
+    # bits are all ones, i.e. when adding one to the exponent carries into its sign bit
+    EXP_BITS, EXP_CARRY = {"float16": (T.uint32(0x7C007C00), T.uint32(0x04000400)),
+                           "bfloat16": (T.uint32(0x7F807F80), T.uint32(0x00800080))}[dt]
+    SIGN_BITS = T.uint32(0x80008000)
 
     # -- index helpers (TIR expressions) --------------------------------------------------
     def chunk_row(it, tid):  # row of the it-th 16-byte chunk this thread copies
@@ -172,18 +177,21 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                 copy_rows(smem, V_OFF, v, col0, sig, b, hk, tid, it)
 
     @T.macro
-    def flag_nonfinite_v(smem, vbad, nonfinite, st, j, tid):
-        # this thread's share of V's stage st (after the barrier that made it visible): if an
-        # element is NaN or inf, mark block j, then a barrier publishes the mark
-        nonfinite[0] = 0
+    def flag_nonfinite_v(smem, vbad, words, nonfinite, st, j, tid):
+        # this thread's own chunks of V's stage st (its cp.async copies, or its stores): if an
+        # element is NaN or inf, tag stage st with block j; the loop's barrier then publishes
+        # the tag. Reads and the tag go through PTX on raw shared addresses, which TVM's barrier
+        # planner does not track: tracked, it would add a barrier per block (the data is the
+        # thread's own, and the barrier that follows orders everything else).
+        nonfinite[0] = T.uint32(0)
         for it in T.serial(KV_IT):
             if it * NTHR + tid < BC * CH:
-                for e in T.unroll(8):
-                    nonfinite[0] = T.max(nonfinite[0], T.if_then_else(T.isfinite(T.Cast(
-                        "float32", smem[kv_stage(V_OFF, st, chunk_row(it, tid)) + chunk_col(it, tid) + e])), 0, 1))
-        if nonfinite[0] > 0:
-            vbad[st] = j + 1
-        T.tvm_storage_sync("shared")
+                T.ptx.ld.shared.v4.b32(words[0], words[1], words[2], words[3], T.address_of(
+                    smem[kv_stage(V_OFF, st, chunk_row(it, tid)) + chunk_col(it, tid)]))
+                for i in T.unroll(4):
+                    nonfinite[0] = nonfinite[0] | (((words[i] & EXP_BITS) + EXP_CARRY) & SIGN_BITS)
+        if nonfinite[0] != T.uint32(0):
+            T.ptx.st.shared.b32(T.address_of(vbad[st]), j + 1)
 
     @T.macro
     def cache_row_segments(sg, rows, seg_start, seg_count, seg_sigma, hm, w, lane, nrows):
@@ -363,7 +371,8 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                             pf = T.sblock_alloc_buffer((MT * KC * 8,), dt, scope="local")
                             sacc = T.sblock_alloc_buffer((MT * NTL * 4,), "float32", scope="local")
                             oacc = T.sblock_alloc_buffer((MT * DT * 4,), "float32", scope="local")
-                            nonfinite = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                            nonfinite = T.sblock_alloc_buffer((1,), "uint32", scope="local")
+                            words = T.sblock_alloc_buffer((4,), "uint32", scope="local")
                             vflag = T.sblock_alloc_buffer((1,), "int32", scope="local")
                             # per thread row: sequence row, running max, running (per-thread) sum,
                             # block max / new max, rescale factor, cached segments
@@ -391,7 +400,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                             for i in T.unroll(MT * DT * 4):
                                 oacc[i] = T.float32(0)
                             if tid < stages:
-                                vbad[tid] = 0
+                                T.ptx.st.shared.b32(T.address_of(vbad[tid]), 0)
                             load_q_tile(smem, q, b, h, row0, rstr, nrows, tid)
                             if stages == 2:
                                 if blk_hi > blk_lo:
@@ -409,14 +418,13 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                 if stages == 1:
                                     T.tvm_storage_sync("shared.dyn")
                                     load_kv_block(smem, k, v, col0, sig, b, hk, tid)
-                                    T.tvm_storage_sync("shared.dyn")
                                 else:
                                     # block j has landed (this thread's copies: wait; everyone's:
-                                    # barrier, which also frees the other stage for block j + 1)
+                                    # the barrier, which also frees the other stage for block j + 1)
                                     T.evaluate(T.ptx["cp.async.wait_group"](0))
-                                    T.tvm_storage_sync("shared.dyn")
-                                if full == 0:  # uniform: every thread sees the same block
-                                    flag_nonfinite_v(smem, vbad, nonfinite, stg, j, tid)
+                                if full == 0:  # FULL blocks: every row attends every column
+                                    flag_nonfinite_v(smem, vbad, words, nonfinite, stg, j, tid)
+                                T.tvm_storage_sync("shared.dyn")
                                 if stages == 2:
                                     if j + 1 < blk_hi - blk_lo:
                                         issue_kv_block(smem, k, v, blocks[hm, blk_lo + j + 1, 0],
@@ -425,7 +433,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                 qk_tile(sacc, qf, bf, smem, stg, lane)
                                 mask_scores(sacc, sg, full, col0, sig, lane)
                                 online_softmax(sacc, pf, oacc, ms, ls, mb, al)
-                                vflag[0] = vbad[stg]  # (TVM's barrier planner refuses shared reads in conditions)
+                                T.ptx.ld.shared.b32(vflag[0], T.address_of(vbad[stg]))
                                 if vflag[0] == j + 1:
                                     pv_exact(oacc, pf, smem, stg, w, lane)
                                 else:
