@@ -14,7 +14,9 @@ import tvm
 from .compile import compile_attention
 from .formats import ACSR
 from .kernels.spec import SUPPORTED_DTYPES, AttentionSpec
+from .schedules.dispatch import check_knobs
 from .schedules.targets import as_target, is_gpu
+from .tensors import check_acsr_tables, check_scale, is_aligned, to_tvm
 
 
 def _is_torch(x) -> bool:
@@ -99,9 +101,7 @@ def _output_like(q, dtype, dev):
 
 
 def _to_tvm(x, dev):
-    if _is_torch(x):
-        return tvm.runtime.from_dlpack(x.contiguous())
-    return tvm.runtime.tensor(np.ascontiguousarray(x), dev)
+    return to_tvm(x, dev)
 
 
 VARIANTS = ("fused", "tiled", "row", "separate")
@@ -160,6 +160,8 @@ def sparse_attention(q, k, v, mask, *, target=None, variant="fused", scale=None,
     (same mask object or string, shape, dtype, device and options): the checks shrink to
     attribute comparisons and the kernels get the tensors as they are.
     """
+    scale = check_scale(scale)
+    check_knobs(variant, knobs)
     if target is None and variant in ("fused", "tiled") and _is_torch(q):
         runner = _FAST_PATHS.get(_fast_key(q, mask, variant, scale, knobs))
         if runner is not None and runner.accepts(q, k, v, mask):
@@ -171,6 +173,7 @@ def sparse_attention(q, k, v, mask, *, target=None, variant="fused", scale=None,
         raise ValueError(f"q, k and v are on different devices: {sorted(devs)}")
     dev = _device_of(q)
     acsr = as_acsr(mask, n)
+    check_acsr_tables(acsr)
     target = _default_target(str(dev)) if target is None else as_target(target)
     if is_gpu(target) != (dev.dlpack_device_type() == 2):
         raise ValueError(f"target {target.kind.name} does not match the inputs' device {dev}")
@@ -217,7 +220,8 @@ class _TorchRunner:
                 and k.shape == self.shape and v.shape == self.shape
                 and k.dtype == self.dtype and v.dtype == self.dtype
                 and k.device == self.torch_dev and v.device == self.torch_dev
-                and q.is_contiguous() and k.is_contiguous() and v.is_contiguous())
+                and q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
+                and is_aligned(q) and is_aligned(k) and is_aligned(v))
 
     def __call__(self, q, k, v):
         import torch
