@@ -24,9 +24,10 @@ import tvm
 
 from ..kernels.spec import AttentionSpec
 from ..schedules.targets import as_target, is_gpu
+from ..tensors import check_acsr_tables
 from .logs import open_database, workload_dir
 from .tune import (TuneResult, _metadata_args, _progress_callback, alloc_arguments, local_builder, prune_database,
-                   run_us, tuning_progress, tuning_target)
+                   run_us, tuning_progress, tuning_target, unnamed_log_handlers_detached)
 
 logger = logging.getLogger("tvm_splat.tuning")
 PLAN_CHOICES = ((64, 64), (64, 128), (128, 64), (32, 64))
@@ -164,6 +165,7 @@ def tune_tiled(acsr, batch, heads, head_dim, dtype, target, *, plans=None, root=
     from ..schedules.tiled import TiledKnobs, tiled_funcs, uses_mma
     from ..schedules.tile_plan import plan_tiles
 
+    check_acsr_tables(acsr)  # the runner measures with these tables
     target = tuning_target(target)
     spec = AttentionSpec.from_acsr(acsr, batch, heads, head_dim, dtype, scale)
     tc = default_tiled_knobs(dtype, target).use_tensor_cores
@@ -197,7 +199,7 @@ def tune_tiled(acsr, batch, heads, head_dim, dtype, target, *, plans=None, root=
             spaces = {name: ms.space_generator.ScheduleFn(_design_spaces("tiled", target, spec, choices),
                                                           sch_rules=[], postprocs=[], mutator_probs={})
                       for name, (_, choices) in run["tasks"].items()}
-            with tempfile.TemporaryDirectory() as work:
+            with tempfile.TemporaryDirectory() as work, unnamed_log_handlers_detached():
                 ms.tune_tir(
                     mod, target, work, max_trials_global=trials,
                     max_trials_per_task=max(len(c) for _, c in run["tasks"].values()),

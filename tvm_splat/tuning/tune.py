@@ -6,7 +6,9 @@ tables of the mask and random values only for q, k, v and scores.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -19,6 +21,7 @@ import tvm_ffi
 from ..kernels import attention_funcs
 from ..kernels.spec import AttentionSpec
 from ..schedules.targets import as_target, is_gpu
+from ..tensors import check_acsr_tables
 from .logs import open_database, workload_dir
 from .space import mutators, row_space
 
@@ -92,6 +95,34 @@ def _alloc_with_metadata(fixed):
         return alloc_arguments(device, args_info, alloc_repeat, fixed)
 
     return alloc
+
+
+# The logger MetaSchedule configures with ``logging.config.dictConfig`` on every tuning run.
+META_SCHEDULE_LOGGER = "tvm.s_tir.meta_schedule"
+
+
+@contextlib.contextmanager
+def unnamed_log_handlers_detached():
+    """Detach the handlers without a name from MetaSchedule's logger for the duration; attach
+    them again afterwards.
+
+    Every ``tune_tir`` / ``tune_relax`` runs ``meta_schedule.logging.create_loggers``, which
+    lists the names of the handlers already on ``tvm.s_tir.meta_schedule`` in a dictConfig;
+    an unnamed one (``get_name()`` is None) makes it fail with ``AttributeError: 'NoneType'
+    object has no attribute 'format'``. After a first tuning run that logger no longer
+    propagates, so anything attaching handlers to non-propagating loggers (pytest's log capture
+    does, for every test phase) or a user's own ``addHandler`` set the trap for the next run.
+    The detached handlers miss MetaSchedule's records of this run only.
+    """
+    logger = logging.getLogger(META_SCHEDULE_LOGGER)
+    detached = [h for h in logger.handlers if h.get_name() is None]
+    for handler in detached:
+        logger.removeHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in detached:
+            logger.addHandler(handler)  # no-op for a handler that is already there
 
 
 def run_us(run_secs) -> float:
@@ -197,6 +228,7 @@ def tune_attention(acsr, batch, heads, head_dim, dtype, target, *, trials=64, va
     """
     from tvm.s_tir import meta_schedule as ms
 
+    check_acsr_tables(acsr)  # the runner measures with these tables
     target = tuning_target(target)
     spec = AttentionSpec.from_acsr(acsr, batch, heads, head_dim, dtype, scale)
     result = TuneResult()
@@ -209,7 +241,7 @@ def tune_attention(acsr, batch, heads, head_dim, dtype, target, *, trials=64, va
             task = progress.add_task(f"tuning {name}", total=trials, best="-")
             space = ms.space_generator.ScheduleFn(row_space(target), sch_rules=[], postprocs=[],
                                                   mutator_probs=mutators(target))
-            with tempfile.TemporaryDirectory() as work:
+            with tempfile.TemporaryDirectory() as work, unnamed_log_handlers_detached():
                 ms.tune_tir(
                     tvm.IRModule({"main": func}), target, work, max_trials_global=trials,
                     num_trials_per_iter=min(32, trials), space=space, cost_model="xgb",
