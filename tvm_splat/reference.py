@@ -24,8 +24,8 @@ def masked_attention(q, k, v, mask, scale=None):
     row_max = np.where(np.isfinite(row_max), row_max, 0.0)
     p = np.exp(scores - row_max)
     total = p.sum(-1, keepdims=True)
-    with np.errstate(invalid="ignore"):  # inf / inf: a +inf score gives NaN, as dense softmax
-        p = np.divide(p, total, out=np.zeros_like(p), where=total > 0)
+    with np.errstate(invalid="ignore"):  # inf / inf, NaN: non-finite scores give NaN, as dense softmax
+        p = np.divide(p, total, out=np.zeros_like(p), where=total != 0)
     finite = np.isfinite(v)
     out = p @ np.where(finite, v, 0.0)
     cols = np.flatnonzero(~finite.all(axis=(0, 1, 3)))  # keys with a NaN or inf value
