@@ -143,58 +143,76 @@ CHILD_ADDRESS_SPACE = 6 * 2**30
 # compiling the three kernel variants about 4 s; a case that takes ten times that has hung.
 CASE_TIMEOUT_S = 120
 
-_CHILD = """
+_MARK = "@@case"  # the child's report lines; anything else a case prints is ignored
+_CHILD = f"""
 import json, resource, runpy, sys, traceback
 limit = int(sys.argv[2])
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 cases = runpy.run_path(sys.argv[1])["ISOLATED"]
 for name in sys.argv[3:]:
-    print("START", name, flush=True)
+    print("{_MARK} START", name, flush=True)
     try:
         cases[name]()
-        print("PASS", name, flush=True)
+        print("{_MARK} PASS", name, flush=True)
     except BaseException:
-        print("FAIL", name, json.dumps(traceback.format_exc()), flush=True)
+        print("{_MARK} FAIL", name, json.dumps(traceback.format_exc()), flush=True)
 """
+
+
+def _start_child(names):
+    """The child running ``names`` in order (with this module's ``tvm_splat``), a queue of its
+    stdout lines (None at the end) and a list collecting its stderr."""
+    env = dict(os.environ)
+    root = str(Path(tvm_splat.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, __file__, str(CHILD_ADDRESS_SPACE), *names],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    lines: queue.Queue = queue.Queue()
+    stderr: list = []
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True).start()
+    threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True).start()
+    return proc, lines, stderr
+
+
+def _collect(names, results: dict) -> None:
+    """Run ``names`` in one child and record what became of each into ``results`` until the
+    child ends, crashes or hangs in a case."""
+    proc, lines, stderr = _start_child(names)
+    current = None
+    while True:
+        try:
+            line = lines.get(timeout=CASE_TIMEOUT_S)
+        except queue.Empty:
+            proc.kill()
+            proc.wait()
+            results[current or names[0]] = ("TIMEOUT", f"no answer after {CASE_TIMEOUT_S} s")
+            return
+        if line is None:  # the child ended
+            proc.wait()
+            why = f"exit status {proc.returncode}\n" + "".join(stderr)[-3000:]
+            if current is not None:
+                results[current] = ("CRASH", why)
+            elif proc.returncode != 0:  # before its first case (an import error): none can run
+                results.update({n: ("CRASH", why) for n in names if n not in results})
+            return
+        if not line.startswith(_MARK + " "):
+            continue
+        status, name, *detail = line[len(_MARK) + 1:].rstrip("\n").split(" ", 2)
+        if status == "START":
+            current = name
+        else:
+            results[name] = (status, json.loads(detail[0]) if detail else "")
+            current = None
 
 
 def _run_isolated(names) -> dict:
     """Run the cases ``names`` in children: ``{name: (status, detail)}``, status ``PASS``,
-    ``FAIL``, ``CRASH`` (the child died in it) or ``TIMEOUT``."""
-    env = dict(os.environ)
-    root = str(Path(tvm_splat.__file__).resolve().parent.parent)  # the same package in the child
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    results, remaining = {}, list(names)
+    ``FAIL``, ``CRASH`` (the child died in it) or ``TIMEOUT``; after a crash or a hang a new
+    child runs the cases that are left."""
+    results: dict = {}
+    remaining = list(names)
     while remaining:
-        proc = subprocess.Popen([sys.executable, "-c", _CHILD, __file__, str(CHILD_ADDRESS_SPACE), *remaining],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        lines: queue.Queue = queue.Queue()
-        stderr: list = []
-        threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True).start()
-        threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True).start()
-        current = None
-        while True:
-            try:
-                line = lines.get(timeout=CASE_TIMEOUT_S)
-            except queue.Empty:
-                proc.kill()
-                proc.wait()
-                results[current or remaining[0]] = ("TIMEOUT", f"no answer after {CASE_TIMEOUT_S} s")
-                break
-            if line is None:  # the child ended
-                proc.wait()
-                why = f"exit status {proc.returncode}\n" + "".join(stderr)[-3000:]
-                if current is not None:
-                    results[current] = ("CRASH", why)
-                elif proc.returncode != 0:  # before its first case (an import error): no case can run
-                    results.update({n: ("CRASH", why) for n in remaining if n not in results})
-                break
-            status, name, *detail = line.rstrip("\n").split(" ", 2)
-            if status == "START":
-                current = name
-            else:
-                results[name] = (status, json.loads(detail[0]) if detail else "")
-                current = None
+        _collect(remaining, results)
         left = [n for n in remaining if n not in results]
         if len(left) == len(remaining):  # no progress: never loop
             results.update({n: ("CRASH", "the child ran none of its cases") for n in left})

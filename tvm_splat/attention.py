@@ -1,7 +1,8 @@
 """``sparse_attention``: run ACSR attention on numpy arrays or torch tensors.
 
-Inputs travel to TVM through DLPack: torch tensors (CPU or CUDA) are shared without a copy and
-the output is written straight into a fresh torch tensor; numpy arrays are copied to the device.
+Inputs travel to TVM through DLPack (:func:`tvm_splat.tensors.to_tvm`): shared without a copy when
+contiguous and 64-byte aligned, copied once otherwise; for torch inputs the output is written
+straight into a fresh torch tensor.
 """
 from __future__ import annotations
 
