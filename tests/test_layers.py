@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1] / "tvm_splat"
 
 #: lowest first; a unit (top-level module or subpackage) may import only from lower layers
 LAYERS = (
-    ("_version", "reference", "timing"),   # leaf helpers
+    ("_version", "reference", "timing", "channel_rules"),  # leaf helpers (channel_rules: pure data)
+    ("tensors",),                          # arrays at the kernel boundary
     ("formats",),                          # patterns, ACSR, tile plans: data
     ("kernels", "testing"),                # TensorIR generators; shared test cases
     ("schedules",),                        # (func, target, knobs) -> func, default knobs

@@ -65,9 +65,9 @@ def test_knob_choice_is_one_decision(tmp_path, monkeypatch):
     given = TiledKnobs(br=16, bc=16)
     assert choose_knobs(made.spec, made.target, "tiled", given) == (given, "given")
     assert choose_knobs(made.spec, made.target, "row", None) == (None, "records")
-    with pytest.raises(TypeError, match="must be TiledKnobs"):
+    with pytest.raises(ValueError, match="must be TiledKnobs"):
         choose_knobs(made.spec, made.target, "tiled", RowKnobs())
-    with pytest.raises(TypeError, match="must be RowKnobs"):
+    with pytest.raises(ValueError, match="must be RowKnobs"):
         plan(Window(3), (1, 2, 32, 8), None, "float32", "cpu", variant="row", knobs=given)
     # a record for this workload is picked up
     from tvm_splat.records import best_knobs_path

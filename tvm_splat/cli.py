@@ -161,6 +161,28 @@ def _plans(text):
     return plans
 
 
+def _positive_int(text):
+    """An int >= 1 (sizes, repeats, trials)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def _stages(text):
+    """``"1,2"`` -> ``(1, 2)``: K/V pipeline depths of the tiled kernel (1 or 2 each)."""
+    try:
+        stages = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        stages = ()
+    if not stages or any(s not in (1, 2) for s in stages):
+        raise argparse.ArgumentTypeError(f"stages must be a comma-separated list of 1 and 2 (e.g. 1,2), got {text!r}")
+    return stages
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tvm-splat", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -168,28 +190,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="build ACSR, compile kernels for the local target, check and time them")
     demo.add_argument("--pattern", default="global:4+window:32",
                       help="pattern, e.g. window:256, dilated:128:2, strided:128, block:64, global:16+window:256")
-    demo.add_argument("--seq", type=int, default=512)
-    demo.add_argument("--heads", type=int, default=4)
-    demo.add_argument("--head-dim", type=int, default=64)
-    demo.add_argument("--batch", type=int, default=1)
+    demo.add_argument("--seq", type=_positive_int, default=512)
+    demo.add_argument("--heads", type=_positive_int, default=4)
+    demo.add_argument("--head-dim", type=_positive_int, default=64)
+    demo.add_argument("--batch", type=_positive_int, default=1)
     demo.add_argument("--target", default=None, help="llvm, cuda or a tag such as nvidia/nvidia-h100 (default: local)")
-    demo.add_argument("--repeats", type=int, default=10)
+    demo.add_argument("--repeats", type=_positive_int, default=10)
     demo.set_defaults(func=_demo)
 
     tune = sub.add_parser("autotune", help="tune our kernels with MetaSchedule (XGBoost cost model); resumable")
     tune.add_argument("--pattern", default="window:256")
-    tune.add_argument("--seq", type=int, default=4096)
-    tune.add_argument("--heads", type=int, default=12)
-    tune.add_argument("--head-dim", type=int, default=64)
-    tune.add_argument("--batch", type=int, default=1)
+    tune.add_argument("--seq", type=_positive_int, default=4096)
+    tune.add_argument("--heads", type=_positive_int, default=12)
+    tune.add_argument("--head-dim", type=_positive_int, default=64)
+    tune.add_argument("--batch", type=_positive_int, default=1)
     tune.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     tune.add_argument("--target", default="nvidia/nvidia-h100")
-    tune.add_argument("--trials", type=int, default=64, help="trials per row kernel (the tiled space is enumerated)")
+    tune.add_argument("--trials", type=_positive_int, default=64, help="trials per row kernel (the tiled space is enumerated)")
     tune.add_argument("--variant", default="tiled", choices=("tiled", "row", "separate", "all"),
                       help="tiled: the tiled kernel's plan and schedule knobs; row/separate: the row kernels")
     tune.add_argument("--plans", type=_plans, default=None, metavar="BRxBC,...",
                       help="tile plans the tiled search measures, e.g. 64x64,32x32 (default: the built-in list)")
-    tune.add_argument("--stages", type=lambda t: tuple(int(x) for x in t.split(",")), default=(1, 2),
+    tune.add_argument("--stages", type=_stages, default=(1, 2),
                       metavar="S,...", help="cp.async pipeline depths the tiled search measures (default: 1,2)")
     tune.add_argument("--log-dir", default=None, help="tuning log root (default: tuning_logs/)")
     tune.add_argument("--dense", action="store_true",

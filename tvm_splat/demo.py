@@ -32,6 +32,8 @@ def run_demo(pattern=DEFAULT_PATTERN, seq_len=512, heads=4, head_dim=64, batch=1
     from rich.console import Console
     from rich.table import Table
 
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an integer >= 1 (timed runs per kernel), got {repeats!r}")
     console = console or Console()
     gpu = _has_cuda() if target is None else str(target).startswith(("cuda", "nvidia"))
     target = target or ("cuda" if gpu else "llvm")

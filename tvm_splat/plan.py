@@ -36,6 +36,7 @@ from .records import tuned_tiled_knobs
 from .schedules.row import RowKnobs
 from .schedules.targets import as_target, is_gpu, target_key
 from .schedules.tiled import TiledKnobs, default_tiled_knobs
+from .tensors import check_acsr_tables, check_scale, is_aligned, to_tvm
 
 __all__ = ["AttentionPlan", "Step", "plan", "choose_knobs", "choose_variant", "as_acsr"]
 
@@ -48,10 +49,12 @@ def _acsr_for_pattern(pattern, n, max_segments):
 
 def as_acsr(mask, n: int, max_segments: int = 4) -> ACSR:
     """An ACSR for ``n`` rows from an ACSR, a pattern object, or a pattern string (patterns
-    are built once per (pattern, n) in this process)."""
+    are built once per (pattern, n) in this process). A given ACSR's tables are bounds-checked
+    (once per object) before any kernel reads them."""
     if isinstance(mask, ACSR):
         if mask.n != n:
             raise ValueError(f"the ACSR mask is for sequence length {mask.n}, the inputs have {n}")
+        check_acsr_tables(mask)
         return mask
     if isinstance(mask, str):
         from .formats import parse_pattern
@@ -102,8 +105,8 @@ def choose_knobs(spec: AttentionSpec, target, variant: str, knobs=None):
     expected = TiledKnobs if variant == "tiled" else RowKnobs
     if knobs is not None:
         if not isinstance(knobs, expected):
-            raise TypeError(f"knobs of the {variant!r} variant must be {expected.__name__}, "
-                            f"got {type(knobs).__name__}")
+            raise ValueError(f"knobs of the {variant!r} variant must be {expected.__name__} or None, "
+                             f"got {type(knobs).__name__}: {knobs!r}")
         return knobs, "given"
     if variant != "tiled":
         return None, "records"
@@ -252,7 +255,7 @@ class AttentionPlan:
         if not is_torch(q):
             dev = self.device
             out_t = tvm.runtime.empty(self.q_shape, self.spec.dtype, dev)
-            launch(*(tvm.runtime.tensor(np.ascontiguousarray(x), dev) for x in (q, k, v)), out_t)
+            launch(*(to_tvm(x, dev) for x in (q, k, v)), out_t)
             return out_t.numpy()
         import torch
 
@@ -261,26 +264,19 @@ class AttentionPlan:
         elif tuple(out.shape) != self.q_shape or out.dtype != q.dtype or out.device != q.device:
             raise ValueError(f"out must be a {self.q_shape} {q.dtype} tensor on {q.device}, got "
                              f"{tuple(out.shape)} {out.dtype} on {out.device}")
-        args = [_dlpack_ready(x) for x in (q, k, v)]
-        target_out = _dlpack_ready(out)
+        args = [to_tvm(x, self.device) for x in (q, k, v)]
+        # the kernels write a contiguous, aligned tensor: ``out`` itself when it is one
+        target_out = out if out.is_contiguous() and is_aligned(out) else torch.empty_like(out, memory_format=torch.contiguous_format)
         if q.device.type == "cuda":
             import tvm_ffi
 
             with tvm_ffi.use_raw_stream(self.device, torch.cuda.current_stream(q.device).cuda_stream):
-                launch(*args, target_out)
+                launch(*args, to_tvm(target_out, self.device))
         else:
-            launch(*args, target_out)
+            launch(*args, to_tvm(target_out, self.device))
         if target_out is not out:
             out.copy_(target_out)
         return out
-
-
-def _dlpack_ready(x):
-    """``x`` itself when TVM can take it through DLPack as it is (contiguous, 64-byte aligned
-    data), else a contiguous, aligned copy (torch's allocators align fresh tensors)."""
-    if x.is_contiguous() and x.data_ptr() % 64 == 0:
-        return x
-    return x.contiguous() if not x.is_contiguous() else x.clone()
 
 
 def plan(mask, q_shape, kv_shape=None, dtype="float32", device="cpu", *, target=None, scale=None,
@@ -308,7 +304,7 @@ def plan(mask, q_shape, kv_shape=None, dtype="float32", device="cpu", *, target=
     dtype = str(dtype).replace("torch.", "")
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"unsupported dtype {dtype}; expected one of {SUPPORTED_DTYPES}")
-    scale = _check_scale(scale)
+    scale = check_scale(scale)
     dev = None if device is None else as_device(device)
     if target is None:
         if dev is None:
@@ -334,13 +330,3 @@ def _check_shape(name, shape) -> tuple:
     if min(shape) < 1:
         raise ValueError(f"{name} has an empty dimension: {shape}")
     return shape
-
-
-def _check_scale(scale):
-    if scale is None:
-        return None
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
-        raise ValueError(f"scale must be a finite real number or None, got {scale!r}")
-    if not np.isfinite(float(scale)):
-        raise ValueError(f"scale must be finite, got {scale}")
-    return float(scale)

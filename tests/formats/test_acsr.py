@@ -1,4 +1,6 @@
 """ACSR: construction, round trips, runs, metadata size, geometry, errors."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -510,11 +512,32 @@ def test_accessor_errors():
 
 
 def test_table_constructor_errors():
-    z = np.zeros((1, 4, 1))
+    z = np.zeros((1, 4, 1), dtype=np.int64)
     with pytest.raises(ValueError, match="segment tables must share a shape"):
-        ACSR(4, z, z, np.zeros((1, 3, 1)), np.zeros((1, 1)))
+        ACSR(4, z, z, np.zeros((1, 3, 1), dtype=np.int64), np.zeros((1, 1), dtype=np.int64))
     with pytest.raises(ValueError, match="indices must have shape"):
-        ACSR(4, z, np.ones_like(z), z, np.zeros((1, 0)))
+        ACSR(4, z, np.ones_like(z), z, np.zeros((1, 0), dtype=np.int64))
+
+
+@pytest.mark.parametrize("table,value,message", [
+    ("seg_step", 2**32, "seg_step holds 4294967296, outside the int32 range"),  # would wrap to 0 = CSR
+    ("seg_start", -2**31 - 1, "seg_start holds -2147483649, outside the int32 range"),
+    ("seg_count", 2**40, "seg_count holds 1099511627776, outside the int32 range"),
+    ("indices", 2**31, "indices holds 2147483648, outside the int32 range"),
+    ("seg_step", 2**70, "seg_step must be an integer array within int32, got dtype object"),
+    ("seg_start", 1.5, "seg_start must be an integer array within int32, got dtype float64"),
+])
+def test_tables_outside_int32_are_refused_not_wrapped(table, value, message):
+    shapes = {"seg_start": (1, 4, 1), "seg_step": (1, 4, 1), "seg_count": (1, 4, 1), "indices": (1, 1)}
+    fill = {"seg_start": 0, "seg_step": 1, "seg_count": 1, "indices": 0}
+    tables = {}
+    for name, shape in shapes.items():
+        values = [fill[name]] * int(np.prod(shape))
+        if name == table:
+            values[0] = value
+        tables[name] = np.array(values).reshape(shape)  # int64, or object / float64 for the odd value
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ACSR(4, tables["seg_start"], tables["seg_step"], tables["seg_count"], tables["indices"])
 
 
 def test_validate_catches_broken_tables():

@@ -117,11 +117,42 @@ def test_window_wider_than_n_is_dense():
 
 
 def test_global_tokens_normalisation():
-    assert GlobalTokens(3).tokens == (0, 1, 2)
-    assert GlobalTokens.first(3) == GlobalTokens(3) == GlobalTokens([2, 1, 0, 1])
-    assert GlobalTokens(np.int64(2)).tokens == (0, 1)
-    assert GlobalTokens([5, np.int32(3)]).tokens == (3, 5)
+    assert tuple(GlobalTokens(3).tokens) == (0, 1, 2)
+    assert GlobalTokens.first(3) == GlobalTokens(3) == GlobalTokens([2, 1, 0, 1]) == GlobalTokens(range(3))
+    assert tuple(GlobalTokens(np.int64(2)).tokens) == (0, 1)
+    assert tuple(GlobalTokens([5, np.int32(3)]).tokens) == (3, 5)
+    assert GlobalTokens([1, 4, 7]) == GlobalTokens(range(7, 0, -3))
+    assert hash(GlobalTokens([1, 4, 7])) == hash(GlobalTokens(range(1, 8, 3)))
+    assert GlobalTokens([0, 5, 7]) != GlobalTokens([0, 5])
     assert GlobalTokens(0).nnz(4) == 0
+    assert GlobalTokens(()) == GlobalTokens(0) == GlobalTokens(range(5, 2))
+
+
+def test_global_tokens_repr():
+    assert repr(GlobalTokens(16)) == "GlobalTokens(16)"
+    assert repr(GlobalTokens([0, 5, 7])) == "GlobalTokens((0, 5, 7))"
+    assert repr(GlobalTokens([9])) == "GlobalTokens(range(9, 10))"
+
+
+@pytest.mark.parametrize("huge, equivalent", [
+    (Window(2**63), Window(64)),
+    (Window(2**200, causal=True), Window(64, causal=True)),
+    (DilatedWindow(2**40, 2**40), Window(0)),  # only k = 0 lands inside [0, n)
+    (DilatedWindow(1, 2**32), Window(0)),
+    (DilatedWindow(2**40, 3), DilatedWindow(64, 3)),
+    (Strided(2**70, 2**70), Dense()),
+    (Strided(2**70, 2, causal=True), Window(1, causal=True)),
+    (BlockLocal(2**70), Dense()),
+], ids=ids)
+def test_parameters_beyond_n_mean_n(huge, equivalent):
+    """A width, dilation, stride or block of at least n acts as n: no int64 overflow
+    (``Window(2**63)`` raised a C long overflow) and segment tables that fit int32 (a step of
+    2**32 with one column per row was kept and wrapped to 0, a CSR segment, in the ACSR)."""
+    n = 64
+    np.testing.assert_array_equal(huge.dense_mask(n), brute(equivalent, n))
+    start, step, count = huge.row_segments(n)
+    assert max(int(start.max()), int(step.max()), int(count.max())) <= n
+    assert huge.nnz(n) == int(brute(equivalent, n).sum())
 
 
 def test_global_tokens_beyond_n_are_ignored():

@@ -1,4 +1,5 @@
 """A tiny MetaSchedule tuning run on the CPU: database written, best record applied, correct."""
+import io
 import json
 import logging
 
@@ -19,10 +20,29 @@ def log_root(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_tuning_writes_database_and_recompile_uses_it(log_root, rng, caplog):
+@pytest.fixture
+def unnamed_meta_schedule_handler():
+    """A handler without a name on MetaSchedule's logger, as pytest's log capture or a user
+    attaches one; removed after the test."""
+    from tvm_splat.tuning.tune import META_SCHEDULE_LOGGER
+
+    logger = logging.getLogger(META_SCHEDULE_LOGGER)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    assert handler.get_name() is None
+    logger.addHandler(handler)
+    yield logger, handler, stream
+    logger.removeHandler(handler)
+
+
+def test_tuning_writes_database_and_recompile_uses_it(log_root, rng, caplog, unnamed_meta_schedule_handler):
+    """Also: two tuning runs in one process with an unnamed handler on MetaSchedule's logger
+    both succeed (MetaSchedule's dictConfig used to fail on its missing name) and the handler
+    is attached and working afterwards."""
     import tvm_splat.compile as compile_mod
     from tvm_splat import sparse_attention
 
+    ms_logger, handler, stream = unnamed_meta_schedule_handler
     acsr = ACSR.from_pattern(GlobalTokens(2) | Window(3), 40)
     workload = plan(acsr, (1, 2, 40, 8), None, "float32", None, target="llvm", variant="row")
     res = tune_attention(workload, trials=8, variant="row")
@@ -49,6 +69,9 @@ def test_tuning_writes_database_and_recompile_uses_it(log_root, rng, caplog):
     # resumable: a second run continues from the database instead of starting over
     res2 = tune_attention(workload, trials=2, variant="row")
     assert res2.best_us["row"] <= res.best_us["row"] * 1.5
+    assert handler in ms_logger.handlers
+    ms_logger.warning("a record after tuning")
+    assert "a record after tuning" in stream.getvalue()
 
 
 def test_missing_record_falls_back_and_says_so_once(log_root, caplog):

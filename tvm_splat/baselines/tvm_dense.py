@@ -85,8 +85,8 @@ def tune_dense_attention(batch, heads, seq_len, head_dim, dtype, target, *, tria
     from tvm.s_tir import meta_schedule as ms
 
     from ..records import open_database
-    from ..tuning.tune import (_progress_callback, alloc_arguments, local_builder, meta_schedule_logging,
-                               prune_database, run_us, tuning_progress, tuning_target)
+    from ..tuning.tune import (_progress_callback, alloc_arguments, local_builder, prune_database, run_us,
+                               tuning_progress, tuning_target, unnamed_log_handlers_detached)
 
     target = tuning_target(target)
     mod = fused_module(dense_attention_module(batch, heads, seq_len, head_dim, dtype, scale, with_mask,
@@ -95,7 +95,8 @@ def tune_dense_attention(batch, heads, seq_len, head_dim, dtype, target, *, tria
     path = dense_log_dir(batch, heads, seq_len, head_dim, dtype, target, with_mask, root)
     path.mkdir(parents=True, exist_ok=True)
     database = ms.database.JSONDatabase(work_dir=str(path))
-    with tempfile.TemporaryDirectory() as work, tuning_progress(console) as progress, meta_schedule_logging():
+    with tempfile.TemporaryDirectory() as work, tuning_progress(console) as progress, \
+            unnamed_log_handlers_detached():
         bar = progress.add_task(f"tuning TVM dense attention ({len(tasks)} tasks)", total=trials, best="-")
         ms.relax_integration.tune_relax(
             mod, {}, target, work, max_trials_global=trials,

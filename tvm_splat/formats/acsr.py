@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._checks import check_int, check_sequence_length
+from ._checks import INT32_MAX, check_int, check_sequence_length, int32_table
 from .geometry import Geometry, analyse_geometry
 from .patterns import Pattern
 from .runs import RunTable, find_runs
@@ -28,8 +28,6 @@ from .segments import (SegmentList, decompose_sorted_columns, expand_segments,
                        merge_row_segments)
 
 __all__ = ["ACSR"]
-
-_INT32_MAX = np.iinfo(np.int32).max
 
 
 def _as_numpy_mask(mask) -> np.ndarray:
@@ -66,8 +64,8 @@ class ACSR:
         """Wrap ready tables ([Hm, n, S] each, and indices [Hm, L]); derives row_ptr, nnz,
         runs. Does not check disjointness (that costs O(nnz)); see :meth:`validate`."""
         self.n = check_sequence_length(n)
-        tables = [np.ascontiguousarray(t, dtype=np.int32)
-                  for t in (seg_start, seg_step, seg_count)]
+        tables = [int32_table(name, t) for name, t in
+                  (("seg_start", seg_start), ("seg_step", seg_step), ("seg_count", seg_count))]
         shape = tables[0].shape
         if len(shape) != 3 or shape[1] != self.n or shape[0] < 1 or shape[2] < 1 \
                 or any(t.shape != shape for t in tables):
@@ -76,7 +74,7 @@ class ACSR:
         self.seg_start, self.seg_step, self.seg_count = tables
         self.num_heads = int(shape[0])
         self.max_segments = int(shape[2])
-        indices = np.ascontiguousarray(indices, dtype=np.int32)
+        indices = int32_table("indices", indices)
         if indices.ndim != 2 or indices.shape[0] != self.num_heads or indices.shape[1] < 1:
             raise ValueError(f"indices must have shape [Hm={self.num_heads}, L>=1], "
                              f"got {indices.shape}")
@@ -85,7 +83,7 @@ class ACSR:
         row_nnz = self.seg_count.astype(np.int64).sum(axis=2)
         ptr = np.zeros((self.num_heads, self.n + 1), dtype=np.int64)
         np.cumsum(row_nnz, axis=1, out=ptr[:, 1:])
-        if ptr[:, -1].max() > _INT32_MAX:
+        if ptr[:, -1].max() > INT32_MAX:
             raise ValueError(f"a head has {int(ptr[:, -1].max())} nonzeros, more than int32 "
                              "row offsets can address")
         self.row_ptr = np.ascontiguousarray(ptr, dtype=np.int32)
@@ -384,7 +382,7 @@ def _head_tables(n: int, seg: SegmentList, csr, max_segments: int):
         row_of, col = row_of[keep], col[keep]
     row_nnz = np.bincount(row_of, minlength=n)[irregular_rows]
     offsets = np.cumsum(row_nnz) - row_nnz
-    if col.shape[0] > _INT32_MAX:
+    if col.shape[0] > INT32_MAX:
         raise ValueError(f"{col.shape[0]} irregular column indices exceed int32 offsets")
     start[irregular_rows, 0] = offsets
     step[irregular_rows, 0] = 0

@@ -13,6 +13,7 @@ Row ``i`` is a query, column ``j`` a key, ``0 <= i, j < n``. Every pattern offer
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -127,13 +128,22 @@ def _in_runs(x, runs):
 
 
 def _canonical(start, step, count) -> RowSegments:
-    """int64, C-contiguous, and unused slots as (start 0, step 1, count 0)."""
+    """int64, C-contiguous, unused slots as (start 0, step 1, count 0), and single columns
+    with step 1 (their step means nothing; a dilation wider than n must not reach the int32
+    tables of an ACSR)."""
     count = np.maximum(np.asarray(count, dtype=np.int64), 0)
     used = count > 0
     start = np.where(used, np.asarray(start, dtype=np.int64), 0)
-    step = np.where(used, np.asarray(step, dtype=np.int64), 1)
+    step = np.where(count > 1, np.asarray(step, dtype=np.int64), 1)
     return (np.ascontiguousarray(start), np.ascontiguousarray(step),
             np.ascontiguousarray(count))
+
+
+def _reach(value: int, n: int) -> int:
+    """``min(value, n)``: a width, dilation, stride or block of at least ``n`` means the same
+    as ``n`` for ``n`` rows (every offset ``|i - j|`` is below n), and the clamped value keeps
+    the int64 arithmetic of the segment formulas from overflowing (``Window(2**63)``)."""
+    return min(int(value), int(n))
 
 
 def _column(*arrays: np.ndarray) -> RowSegments:
@@ -170,12 +180,14 @@ class Window(Pattern):
 
     def _contains(self, i, j, n):
         d = j - i
-        upper = 0 if self.causal else self.width
-        return (d >= -self.width) & (d <= upper)
+        width = _reach(self.width, n)
+        upper = 0 if self.causal else width
+        return (d >= -width) & (d <= upper)
 
     def _segments(self, i, n):
-        lo = np.maximum(i - self.width, 0)
-        hi = i if self.causal else np.minimum(i + self.width, n - 1)
+        width = _reach(self.width, n)
+        lo = np.maximum(i - width, 0)
+        hi = i if self.causal else np.minimum(i + width, n - 1)
         return _column(lo, np.ones_like(i), hi - lo + 1)
 
     def _mask_mod(self, n):
@@ -204,14 +216,15 @@ class DilatedWindow(Pattern):
 
     def _contains(self, i, j, n):
         d = j - i
-        upper = 0 if self.causal else self.width * self.dilation
-        return (d % self.dilation == 0) & (d >= -self.width * self.dilation) & (d <= upper)
+        width, dilation = _reach(self.width, n), _reach(self.dilation, n)
+        upper = 0 if self.causal else width * dilation
+        return (d % dilation == 0) & (d >= -width * dilation) & (d <= upper)
 
     def _segments(self, i, n):
-        d = self.dilation
+        d, width = _reach(self.dilation, n), _reach(self.width, n)
         # j = i + d*k >= 0  <=>  k >= -(i // d);   j <= n - 1  <=>  k <= (n - 1 - i) // d
-        k_lo = np.maximum(-self.width, -(i // d))
-        k_hi = np.minimum(0 if self.causal else self.width, (n - 1 - i) // d)
+        k_lo = np.maximum(-width, -(i // d))
+        k_hi = np.minimum(0 if self.causal else width, (n - 1 - i) // d)
         return _column(i + d * k_lo, np.full_like(i, d), k_hi - k_lo + 1)
 
     def _mask_mod(self, n):
@@ -246,13 +259,13 @@ class Strided(Pattern):
 
     def _contains(self, i, j, n):
         d = i - j
-        hit = (np.abs(d) < self.local) | (d % self.stride == 0)
+        hit = (np.abs(d) < _reach(self.local, n)) | (d % _reach(self.stride, n) == 0)
         return hit & (j <= i) if self.causal else hit
 
     def _segments(self, i, n):
-        s = self.stride
-        band_lo = np.maximum(i - self.local + 1, 0)
-        band_hi = i if self.causal else np.minimum(i + self.local - 1, n - 1)
+        s, local = _reach(self.stride, n), _reach(self.local, n)
+        band_lo = np.maximum(i - local + 1, 0)
+        band_hi = i if self.causal else np.minimum(i + local - 1, n - 1)
         band_count = np.maximum(band_hi - band_lo + 1, 0)  # 0 when local == 0
         residue = i % s
         if self.causal:
@@ -286,11 +299,13 @@ class BlockLocal(Pattern):
         check_int("block size", self.block, 1)
 
     def _contains(self, i, j, n):
-        return (i // self.block) == (j // self.block)
+        block = _reach(self.block, n)
+        return (i // block) == (j // block)
 
     def _segments(self, i, n):
-        lo = (i // self.block) * self.block
-        hi = np.minimum(lo + self.block, n)
+        block = _reach(self.block, n)
+        lo = (i // block) * block
+        hi = np.minimum(lo + block, n)
         return _column(lo, np.ones_like(i), hi - lo)
 
     def _mask_mod(self, n):
@@ -302,17 +317,41 @@ class BlockLocal(Pattern):
         return block_local
 
 
-@dataclass(frozen=True)
+def _progression_or_tuple(tokens: tuple[int, ...]) -> "range | tuple[int, ...]":
+    """Sorted distinct tokens as a ``range`` when they form an arithmetic progression (no,
+    one, or evenly spaced tokens), else as the tuple itself: one stored form per token set."""
+    if len(tokens) <= 1:
+        return range(tokens[0], tokens[0] + 1) if tokens else range(0)
+    gaps = {b - a for a, b in zip(tokens, tokens[1:])}
+    return range(tokens[0], tokens[-1] + 1, gaps.pop()) if len(gaps) == 1 else tokens
+
+
+def _ascending_range(tokens: range) -> range:
+    """A range of tokens as the canonical ascending ``range`` (empty: ``range(0)``), in O(1)."""
+    if not tokens:
+        return range(0)
+    if tokens.step < 0:
+        tokens = tokens[::-1]
+    if tokens[0] < 0:
+        raise ValueError(f"global tokens must be >= 0, got {tokens[0]}")
+    # no len(): it overflows on ranges longer than sys.maxsize
+    return range(tokens[0], tokens[-1] + 1, tokens.step if tokens[-1] != tokens[0] else 1)
+
+
+@dataclass(frozen=True, repr=False)
 class GlobalTokens(Pattern):
     """Global tokens: rows in ``tokens`` attend to every column and every row attends to
     the token columns.
 
-    ``tokens`` may be given as an iterable of ints (stored sorted, without repeats) or as
-    an int ``k`` meaning tokens ``0..k-1`` (same as :meth:`first`). Tokens ``>= n`` are
-    ignored for that ``n``, so one pattern serves several sequence lengths.
+    ``tokens`` may be given as an int ``k`` meaning tokens ``0..k-1`` (same as
+    :meth:`first`), a ``range``, or an iterable of ints. They are stored as an ascending
+    ``range`` when they form an arithmetic progression (any count ``k``: ``range(0, k)``)
+    and as a sorted tuple without repeats otherwise, so equal token sets compare equal and
+    a count costs O(1) however large. Tokens ``>= n`` are ignored for that ``n``, so one
+    pattern serves several sequence lengths, and building the segments costs O(n).
     """
 
-    tokens: tuple[int, ...]
+    tokens: "range | tuple[int, ...]"
 
     def __post_init__(self):
         tokens = self.tokens
@@ -321,11 +360,20 @@ class GlobalTokens(Pattern):
         elif isinstance(tokens, (str, bytes)) or not isinstance(tokens, Iterable):
             raise ValueError(f"global tokens must be an int count or a sequence of ints, "
                              f"got {tokens!r}")
-        checked = {check_int("global token", t, None) for t in tokens}
-        negative = sorted(t for t in checked if t < 0)
-        if negative:
-            raise ValueError(f"global tokens must be >= 0, got {negative[0]}")
-        object.__setattr__(self, "tokens", tuple(sorted(checked)))
+        if isinstance(tokens, range):
+            tokens = _ascending_range(tokens)
+        else:
+            checked = sorted({check_int("global token", t, None) for t in tokens})
+            if checked and checked[0] < 0:
+                raise ValueError(f"global tokens must be >= 0, got {checked[0]}")
+            tokens = _progression_or_tuple(tuple(checked))
+        object.__setattr__(self, "tokens", tokens)
+
+    def __repr__(self) -> str:
+        t = self.tokens
+        if isinstance(t, range) and t.start == 0 and t.step == 1:
+            return f"GlobalTokens({t.stop})"
+        return f"GlobalTokens({t!r})"
 
     @classmethod
     def first(cls, k: int) -> "GlobalTokens":
@@ -333,8 +381,13 @@ class GlobalTokens(Pattern):
         return cls(check_int("number of global tokens", k, 0))
 
     def _tokens_below(self, n: int) -> np.ndarray:
-        t = np.asarray(self.tokens, dtype=np.int64)
-        return t[t < n]
+        """int64 [<= n]: the tokens below ``n``, without visiting the others."""
+        t = self.tokens
+        if isinstance(t, range):
+            if t.start >= n:
+                return np.zeros(0, dtype=np.int64)
+            return np.arange(t.start, min(t.stop, n), t.step, dtype=np.int64)
+        return np.asarray(t[:bisect.bisect_left(t, n)], dtype=np.int64)
 
     def _contains(self, i, j, n):
         t = self._tokens_below(n)

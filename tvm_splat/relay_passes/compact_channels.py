@@ -49,6 +49,8 @@ Eval-mode models only (``batch_norm`` in training mode is a barrier).
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 from collections.abc import Mapping
 
 import numpy as np
@@ -69,6 +71,14 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+def _check_tol(tol) -> float:
+    """``tol`` as a float, or ``ValueError``: a finite real number >= 0 (a negative one would
+    silently count no weight as zero)."""
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not math.isfinite(tol) or tol < 0:
+        raise ValueError(f"tol must be a finite real number >= 0 (|w| <= tol counts as zero), got {tol!r}")
+    return float(tol)
 
 
 def compact_pruned_channels(
@@ -93,7 +103,8 @@ def compact_pruned_channels(
     -------
     (new module, CompactionReport).  The input module is not modified.
     """
-    report = CompactionReport(tol=float(tol))
+    tol = _check_tol(tol)
+    report = CompactionReport(tol=tol)
     out = mod
     for gv, func in mod.functions_items():
         if not isinstance(func, relax.Function) or (functions and gv.name_hint not in functions):
@@ -146,7 +157,7 @@ class CompactPrunedChannels:
     def __init__(self, params: Mapping | None = None, tol: float = 0.0,
                  functions: list[str] | None = None):
         self.params = params
-        self.tol = tol
+        self.tol = _check_tol(tol)
         self.functions = functions
         self.report: CompactionReport | None = None
 

@@ -28,10 +28,12 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from ..formats import ACSR
 from ..kernels import VARIANTS
 from ..kernels.spec import SUPPORTED_DTYPES
 from ..plan import AttentionPlan, choose_variant, plan
 from ..schedules.targets import as_target, target_name
+from ..tensors import check_acsr_tables
 from ._attention_match import AttentionMatch, find_attention
 from ._constant_eval import function_bindings
 from ._pattern_choice import PatternChoice, SiteInfo, choose_acsr, describe
@@ -69,6 +71,23 @@ def _check_names(names) -> Optional[Dict[int, str]]:
     return table
 
 
+def _takes_a_module(pass_cls):
+    """Make calling a module pass class's instance on anything but an ``IRModule`` a
+    ``TypeError`` that says so (TVM's own reads ``Mismatched type on argument #1 when calling
+    transform.RunPass``)."""
+    run = pass_cls.__call__
+
+    def __call__(self, mod):
+        if not isinstance(mod, tvm.IRModule):
+            raise TypeError(f"{type(self).__name__} runs on a tvm.IRModule (e.g. from "
+                            f"relax.frontend.torch.from_exported_program), got {type(mod).__name__}")
+        return run(self, mod)
+
+    pass_cls.__call__ = __call__
+    return pass_cls
+
+
+@_takes_a_module
 @tvm.ir.transform.module_pass(opt_level=0, name="SparsifyAttention")
 class SparsifyAttention:
     """Rewrite attention in a Relax IRModule into ACSR sparse attention kernels.
@@ -183,6 +202,8 @@ class SparsifyAttention:
         info = SiteInfo(name, site.softmax_index, function, site.batch, site.heads,
                         site.seq_len, site.head_dim, site.dtype, mask.description)
         pattern = self._choice.for_site(info)
+        if isinstance(pattern, ACSR):  # a hand-built one must not send the kernels out of bounds
+            check_acsr_tables(pattern)
         acsr, reason = choose_acsr(mask.keep, pattern, site.seq_len, site.heads,
                                    self._max_segments)
         if acsr is None:

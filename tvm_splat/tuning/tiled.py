@@ -29,8 +29,8 @@ from ..records import best_knobs_path, open_database, workload_dir
 from ..schedules.targets import is_gpu
 from ..schedules.tiled import (TILE_BLOCK, TiledKnobs, apply_tiled_schedule, default_tiled_knobs, tiled_funcs,
                                uses_mma)
-from .tune import (TuneResult, _metadata_args, _progress_callback, alloc_arguments, local_builder, meta_schedule_logging,
-                   prune_database, run_us, tuning_progress, tuning_target)
+from .tune import (TuneResult, _metadata_args, _progress_callback, alloc_arguments, local_builder, prune_database, run_us, tuning_progress, tuning_target,
+                   unnamed_log_handlers_detached)
 
 logger = logging.getLogger("tvm_splat.tuning")
 PLAN_CHOICES = ((64, 64), (64, 128), (128, 64), (32, 64))
@@ -180,7 +180,7 @@ def tune_tiled(workload: AttentionPlan, *, plans=None, root=None, console=None, 
             spaces = {name: ms.space_generator.ScheduleFn(_design_spaces("tiled", target, spec, choices),
                                                           sch_rules=[], postprocs=[], mutator_probs={})
                       for name, (_, choices) in run["tasks"].items()}
-            with tempfile.TemporaryDirectory() as work, meta_schedule_logging():
+            with tempfile.TemporaryDirectory() as work, unnamed_log_handlers_detached():
                 ms.tune_tir(
                     mod, target, work, max_trials_global=trials,
                     max_trials_per_task=max(len(c) for _, c in run["tasks"].values()),

@@ -40,27 +40,6 @@ def _metadata_args(func, tables: dict) -> list:
     return [tables.get(p.name) for p in func.params]
 
 
-#: MetaSchedule's logger; its ``create_loggers`` puts every handler's name into a logging
-#: dictConfig, so an unnamed handler (pytest's log capture, or a user's) crashes tuning
-META_SCHEDULE_LOGGER = "tvm.s_tir.meta_schedule"
-
-
-@contextlib.contextmanager
-def meta_schedule_logging():
-    """Detach unnamed handlers from MetaSchedule's logger while tuning, and put them back after
-    (``create_loggers`` would fail on their ``None`` names)."""
-    log = logging.getLogger(META_SCHEDULE_LOGGER)
-    unnamed = [h for h in log.handlers if h.get_name() is None]
-    for handler in unnamed:
-        log.removeHandler(handler)
-    try:
-        yield
-    finally:
-        for handler in unnamed:
-            if handler not in log.handlers:
-                log.addHandler(handler)
-
-
 # The argument lists of the last call to ``alloc_arguments`` in this process. MetaSchedule's
 # LocalRunner keeps one worker process but asks it for arguments anew for every measured
 # candidate; filling the [batch, heads, n, n] arrays of a dense task with fresh random data
@@ -112,6 +91,34 @@ def _alloc_with_metadata(fixed):
         return alloc_arguments(device, args_info, alloc_repeat, fixed)
 
     return alloc
+
+
+# The logger MetaSchedule configures with ``logging.config.dictConfig`` on every tuning run.
+META_SCHEDULE_LOGGER = "tvm.s_tir.meta_schedule"
+
+
+@contextlib.contextmanager
+def unnamed_log_handlers_detached():
+    """Detach the handlers without a name from MetaSchedule's logger for the duration; attach
+    them again afterwards.
+
+    Every ``tune_tir`` / ``tune_relax`` runs ``meta_schedule.logging.create_loggers``, which
+    lists the names of the handlers already on ``tvm.s_tir.meta_schedule`` in a dictConfig;
+    an unnamed one (``get_name()`` is None) makes it fail with ``AttributeError: 'NoneType'
+    object has no attribute 'format'``. After a first tuning run that logger no longer
+    propagates, so anything attaching handlers to non-propagating loggers (pytest's log capture
+    does, for every test phase) or a user's own ``addHandler`` set the trap for the next run.
+    The detached handlers miss MetaSchedule's records of this run only.
+    """
+    logger = logging.getLogger(META_SCHEDULE_LOGGER)
+    detached = [h for h in logger.handlers if h.get_name() is None]
+    for handler in detached:
+        logger.removeHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in detached:
+            logger.addHandler(handler)  # no-op for a handler that is already there
 
 
 def run_us(run_secs) -> float:
@@ -230,7 +237,7 @@ def tune_attention(workload: AttentionPlan, *, trials=64, variant="row", root=No
             task = progress.add_task(f"tuning {name}", total=trials, best="-")
             space = ms.space_generator.ScheduleFn(row_space(target), sch_rules=[], postprocs=[],
                                                   mutator_probs=mutators(target))
-            with tempfile.TemporaryDirectory() as work, meta_schedule_logging():
+            with tempfile.TemporaryDirectory() as work, unnamed_log_handlers_detached():
                 ms.tune_tir(
                     tvm.IRModule({"main": func}), target, work, max_trials_global=trials,
                     num_trials_per_iter=min(32, trials), space=space, cost_model="xgb",
