@@ -22,9 +22,9 @@ chains through them skipped (reported), never guessed.
 
 Dependency rules
 ----------------
-Which ops form a chain and what constrains what is described in ``_channel_groups`` (module
-docstring and the ``OP_RULES`` table the analysis dispatches on) -- the torch-side group
-discovery mirrors it.  In short:
+Which ops form a chain and what constrains what is ``OP_RULES`` in
+``tvm_splat.channel_rules`` (module docstring there); the torch-side group discovery
+(``tvm_splat.pruning.discover_groups``) reads the same table.  In short:
 
 * ``linear -> act -> linear``: group = rows of W1 / b1 and columns of W2.  A unit goes when
   its W1 row is zero; its constant output ``act(b1[r])`` (``act(0) = 0`` for
@@ -33,7 +33,7 @@ discovery mirrors it.  In short:
   conv2.  A zero filter yields the constant ``relu(beta - mean*gamma/sqrt(var+eps))``; it
   is folded into the next conv's bias when that conv has no padding, and must be exactly 0
   (HESSO groups include gamma/beta) when it is zero-padded -- otherwise the channel is kept
-  and the report says why.
+  and the report says why.  ``conv -> BN -> act -> pool -> flatten -> linear`` likewise.
 * attention heads: q/k/v rows and output-projection columns of one head, plus the head
   count of every reshape; removable when the head's v rows (and v bias) are zero.
 * residual adds tie groups: a channel goes only when every branch agrees; an add with the
@@ -44,6 +44,12 @@ discovery mirrors it.  In short:
 ``tol``: weights with ``|w| <= tol`` count as zero, and so do channel constants of magnitude
 ``<= tol`` (the model then changes by at most that much); the default 0 is exact.
 Eval-mode models only (``batch_norm`` in training mode is a barrier).
+
+NaN and inf: the compacted model gives the same NaN/inf as the model.  A removed channel
+that is 0 meets its consumer's weights as ``0 * w``; torch gives NaN there when ``w`` is
+NaN or inf, so a channel whose consumer weights hold a non-finite value is kept (the report
+says so).  Non-finite producer weights or batch-norm parameters make the channel
+input-dependent, so it is kept too.
 """
 
 from __future__ import annotations
@@ -55,9 +61,11 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ._channel_analysis import FunctionAnalysis, static_shape
-from ._channel_groups import OP_RULES, CompactionReport, GroupReport, Role
+from ..channel_rules import OP_RULES, Role
+from ._channel_analysis import FunctionAnalysis
+from ._channel_report import CompactionReport, GroupReport
 from ._channel_rewrite import FunctionRewriter
+from ._channel_state import static_shape
 
 __all__ = [
     "CompactPrunedChannels",
