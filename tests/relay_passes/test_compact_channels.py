@@ -533,6 +533,52 @@ def test_removed_channel_meeting_nan_conv_plane_is_kept_like_torch():
     np.testing.assert_allclose(got, ref, atol=ATOL, rtol=0)
 
 
+def _mlp_params():
+    torch.manual_seed(19)
+    m, x = MLP(), torch.randn(2, 8)
+    mod, params = import_model(m, x)
+    names = [p.name for p in mod["main"].params[1:]]
+    return mod, dict(zip(names, (p.numpy() for p in params["main"])))
+
+
+def test_unknown_param_names_are_an_error_listing_the_known_ones():
+    mod, flat = _mlp_params()
+    with pytest.raises(ValueError, match=r"\['p_fc9_weight'\] are not weight parameters.*known: "
+                                         r"\['p_fc1_bias', 'p_fc1_weight', 'p_fc2_bias', 'p_fc2_weight'\]"):
+        compact_pruned_channels(mod, {**flat, "p_fc9_weight": flat["p_fc1_weight"]})
+    with pytest.raises(ValueError, match=r"x \(a model input, not a weight\)"):
+        compact_pruned_channels(mod, {**flat, "x": np.zeros((2, 8), "float32")})
+    with pytest.raises(ValueError, match=r"params \['mian'\] hold lists of arrays but are not Relax functions"):
+        compact_pruned_channels(mod, {"mian": list(flat.values())})
+    with pytest.raises(ValueError, match=r"params\['main'\] has 3 arrays but function main has 4 weight"):
+        compact_pruned_channels(mod, {"main": list(flat.values())[:3]})
+    with pytest.raises(ValueError, match="must be a mapping"):
+        compact_pruned_channels(mod, list(flat.values()))
+
+
+def test_wrong_shape_or_dtype_param_is_an_early_error_naming_both():
+    mod, flat = _mlp_params()
+    with pytest.raises(ValueError, match=r"params\['p_fc1_weight'\] has shape \(8, 16\) but parameter "
+                                         r"p_fc1_weight of main has shape \(16, 8\)"):
+        compact_pruned_channels(mod, {**flat, "p_fc1_weight": flat["p_fc1_weight"].T})
+    with pytest.raises(ValueError, match=r"params\['p_fc2_bias'\] has dtype float64 but parameter "
+                                         r"p_fc2_bias of main has dtype float32"):
+        compact_pruned_channels(mod, {**flat, "p_fc2_bias": flat["p_fc2_bias"].astype("float64")})
+
+
+@pytest.mark.parametrize("tol", [-1, float("nan"), float("inf"), "0.1", True])
+def test_bad_tol_is_an_error(tol):
+    mod, flat = _mlp_params()
+    with pytest.raises(ValueError, match="tol must be"):
+        compact_pruned_channels(mod, flat, tol=tol)
+
+
+def test_unknown_function_names_are_an_error():
+    mod, flat = _mlp_params()
+    with pytest.raises(ValueError, match=r"functions \['mian'\] are not Relax functions.*\['main'\]"):
+        compact_pruned_channels(mod, flat, functions=["mian"])
+
+
 # ----------------------------------------------------------------------------- pass API
 
 
