@@ -189,6 +189,16 @@ def test_pooled_conv_channels_reach_the_linear_head(pool, grouped):
     assert _family_names(_Pooled(pool)) == (["conv"] if grouped else [])
 
 
+def test_every_torch_op_maps_into_the_table_and_every_family_has_a_handler():
+    from tvm_splat.channel_rules import OP_RULES, families
+    from tvm_splat.pruning import _torch_ops
+    from tvm_splat.pruning._group_walk import _FAMILY_HANDLERS
+
+    mapped = {*_torch_ops._MODULE_OPS.values(), *_torch_ops._FUNCTION_OPS.values(), *_torch_ops._METHOD_OPS.values()}
+    assert mapped - {_torch_ops.IDENTITY} <= set(OP_RULES)
+    assert set(_FAMILY_HANDLERS) == families()
+
+
 def test_unsupported_modules_fail_clearly():
     with pytest.raises(ValueError, match=r"'1' of type Conv1d"):
         discover_groups(nn.Sequential(nn.Linear(4, 4), nn.Conv1d(4, 4, 1)))
