@@ -571,6 +571,8 @@ def test_bad_tol_is_an_error(tol):
     mod, flat = _mlp_params()
     with pytest.raises(ValueError, match="tol must be"):
         compact_pruned_channels(mod, flat, tol=tol)
+    with pytest.raises(ValueError, match="tol must be"):
+        CompactPrunedChannels(flat, tol=tol)
 
 
 def test_unknown_function_names_are_an_error():

@@ -167,7 +167,7 @@ class CompactPrunedChannels:
     def __init__(self, params: Mapping | None = None, tol: float = 0.0,
                  functions: list[str] | None = None):
         self.params = params
-        self.tol = tol
+        self.tol = _check_tol(tol)
         self.functions = functions
         self.report: CompactionReport | None = None
 
