@@ -4,8 +4,9 @@
 Where the torch side cannot see what the Relax side sees (shapes are unknown in an fx
 graph), it is conservative: the group is pinned rather than guessed.  Known cases: a
 reshape/view/permute of a tracked tensor (heads are found from attention modules instead),
-an untracked activation or a per-channel parameter meeting a group elementwise, and a
-matmul between two activations.
+an untracked activation or a per-channel parameter meeting a group elementwise, a matmul
+between two activations, and a reduction over positive axes of a tensor whose rank is
+unknown (a Linear's output: write ``mean(-2)`` rather than ``mean(1)``).
 """
 from __future__ import annotations
 
