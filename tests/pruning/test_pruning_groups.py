@@ -192,11 +192,12 @@ def test_pooled_conv_channels_reach_the_linear_head(pool, grouped):
 def test_every_torch_op_maps_into_the_table_and_every_family_has_a_handler():
     from tvm_splat.channel_rules import OP_RULES, families
     from tvm_splat.pruning import _torch_ops
-    from tvm_splat.pruning._group_walk import _FAMILY_HANDLERS
+    from tvm_splat.pruning._group_state import FAMILY_HANDLERS
+    from tvm_splat.pruning._group_walk import GraphWalk  # noqa: F401  (registers the handlers)
 
     mapped = {*_torch_ops._MODULE_OPS.values(), *_torch_ops._FUNCTION_OPS.values(), *_torch_ops._METHOD_OPS.values()}
     assert mapped - {_torch_ops.IDENTITY} <= set(OP_RULES)
-    assert set(_FAMILY_HANDLERS) == families()
+    assert set(FAMILY_HANDLERS) == families()
 
 
 def test_unsupported_modules_fail_clearly():

@@ -1,5 +1,6 @@
 """Per-family handlers of the torch-side group walk (``_group_walk``), one per op family of
-``OP_RULES``: the same families, roles and value rules the Relax analysis applies.
+``OP_RULES``: the same families, roles and value rules the Relax analysis applies.  Each
+takes the ``GraphWalk``, the fx node and its Relax op name.
 
 Where the torch side cannot see what the Relax side sees (shapes are unknown in an fx
 graph), it is conservative: the group is pinned rather than guessed.  Known cases: a
@@ -17,7 +18,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..channel_rules import OP_RULES, Value, through
-from ._group_walk import Blocked, Flow, GraphWalk, handles
+from ._group_state import Blocked, Flow, handles
 
 _CONV_RANK = 4  # conv outputs are batched NCHW (BatchNorm2d accepts nothing else)
 
@@ -28,7 +29,7 @@ def _arg(node: fx.Node, index: int, name: str, default=None):
     return node.kwargs.get(name, default)
 
 
-def _module(walk: GraphWalk, node: fx.Node):
+def _module(walk, node: fx.Node):
     return walk.mods[node.target] if node.op == "call_module" else None
 
 
@@ -36,7 +37,7 @@ def _module(walk: GraphWalk, node: fx.Node):
 
 
 @handles("matmul")
-def _linear(walk: GraphWalk, node: fx.Node, op: str) -> None:
+def _linear(walk, node: fx.Node, op: str) -> None:
     """``nn.Linear`` (the only torch op mapped to ``relax.matmul``): consumer and producer."""
     name, lin = node.target, _module(walk, node)
     flow = walk.flow(node.args[0])
@@ -46,7 +47,7 @@ def _linear(walk: GraphWalk, node: fx.Node, op: str) -> None:
 
 
 @handles("conv2d")
-def _conv2d(walk: GraphWalk, node: fx.Node, op: str) -> None:
+def _conv2d(walk, node: fx.Node, op: str) -> None:
     name, conv = node.target, _module(walk, node)
     flow = walk.flow(node.args[0])
     padded = conv.padding != "valid" and (conv.padding == "same" or any(p != 0 for p in conv.padding))
@@ -62,7 +63,7 @@ def _conv2d(walk: GraphWalk, node: fx.Node, op: str) -> None:
         raise Blocked(f"grouped conv2d {name}")
 
 
-def _depthwise(walk: GraphWalk, node: fx.Node, name: str, flow: Optional[Flow]) -> None:
+def _depthwise(walk, node: fx.Node, name: str, flow: Optional[Flow]) -> None:
     """A new group when its input carries none; else the group flows through, its filters
     (and bias) join the group, so a zeroed channel stays exactly 0."""
     if flow is None:
@@ -77,7 +78,7 @@ def _depthwise(walk: GraphWalk, node: fx.Node, name: str, flow: Optional[Flow]) 
 
 
 @handles("batch_norm")
-def _batch_norm(walk: GraphWalk, node: fx.Node, op: str) -> None:
+def _batch_norm(walk, node: fx.Node, op: str) -> None:
     flow = walk.flow(node.args[0])
     if flow is None:
         return
@@ -102,7 +103,7 @@ def _batch_norm(walk: GraphWalk, node: fx.Node, op: str) -> None:
 
 
 @handles("elementwise")
-def _elementwise(walk: GraphWalk, node: fx.Node, op: str) -> None:
+def _elementwise(walk, node: fx.Node, op: str) -> None:
     operands = list(node.args) + ([node.kwargs["other"]] if "other" in node.kwargs else [])
     flows = [walk.flow(a) for a in operands]
     tracked = [f for f in flows if f is not None]
@@ -120,7 +121,7 @@ def _elementwise(walk: GraphWalk, node: fx.Node, op: str) -> None:
     walk.flows[node] = Flow(gid, ref.axis, rank, _combine(OP_RULES[op], values), ref.merged)
 
 
-def _operand_value(walk: GraphWalk, arg, ref: Flow) -> Value:
+def _operand_value(walk, arg, ref: Flow) -> Value:
     """The value an untracked operand brings to the group's channels."""
     if isinstance(arg, (bool, int, float)):
         return Value.ZERO if arg == 0 else Value.CONSTANT
@@ -152,7 +153,7 @@ def _combine(rule, values) -> Value:
 
 
 @handles("unary")
-def _unary(walk: GraphWalk, node: fx.Node, op: str) -> None:
+def _unary(walk, node: fx.Node, op: str) -> None:
     flow = walk.flow(node.args[0])
     if flow is None:
         return
@@ -162,7 +163,7 @@ def _unary(walk: GraphWalk, node: fx.Node, op: str) -> None:
     walk.flows[node] = dataclasses.replace(flow, value=value)
 
 
-def _clip_of_zero(walk: GraphWalk, node: fx.Node) -> Value:
+def _clip_of_zero(walk, node: fx.Node) -> Value:
     """clip(0, lo, hi): 0 when 0 lies in [lo, hi], else a bound (a constant)."""
     mod = _module(walk, node)
     if mod is not None:
@@ -180,7 +181,7 @@ def _clip_of_zero(walk: GraphWalk, node: fx.Node) -> Value:
 
 
 @handles("fill_like")
-def _fill_like(walk: GraphWalk, node: fx.Node, op: str) -> None:
+def _fill_like(walk, node: fx.Node, op: str) -> None:
     flow = walk.flow(node.args[0])
     if flow is None:
         return
@@ -195,7 +196,7 @@ def _fill_like(walk: GraphWalk, node: fx.Node, op: str) -> None:
 
 
 @handles("layout")
-def _flatten(walk: GraphWalk, node: fx.Node, op: str) -> None:
+def _flatten(walk, node: fx.Node, op: str) -> None:
     """``flatten`` (the only layout op mapped on the torch side): the channel axis may absorb
     neighbours; a consumer then accepts it only if their extent is 1."""
     flow = walk.flow(node.args[0])
@@ -226,7 +227,7 @@ def _negative_dims(dims, flow: Flow) -> tuple:
 
 
 @handles("reduce")
-def _reduce(walk: GraphWalk, node: fx.Node, op: str) -> None:
+def _reduce(walk, node: fx.Node, op: str) -> None:
     flow = walk.flow(node.args[0])
     if flow is None:
         return
@@ -247,7 +248,7 @@ def _reduce(walk: GraphWalk, node: fx.Node, op: str) -> None:
 
 
 @handles("softmax")
-def _softmax(walk: GraphWalk, node: fx.Node, op: str) -> None:
+def _softmax(walk, node: fx.Node, op: str) -> None:
     flow = walk.flow(node.args[0])
     if flow is None:
         return
@@ -259,7 +260,7 @@ def _softmax(walk: GraphWalk, node: fx.Node, op: str) -> None:
 
 
 @handles("pool2d")
-def _pool2d(walk: GraphWalk, node: fx.Node, op: str) -> None:
+def _pool2d(walk, node: fx.Node, op: str) -> None:
     flow = walk.flow(node.args[0])
     if flow is None:
         return
@@ -269,7 +270,7 @@ def _pool2d(walk: GraphWalk, node: fx.Node, op: str) -> None:
 
 
 @handles("norm")
-def _norm(walk: GraphWalk, node: fx.Node, op: str) -> None:
+def _norm(walk, node: fx.Node, op: str) -> None:
     flow = walk.flow(node.args[0])
     if flow is None:
         return

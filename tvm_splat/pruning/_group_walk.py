@@ -1,16 +1,16 @@
 """Follow channel groups through a torch.fx graph, by the rules ``CompactPrunedChannels`` uses.
 
-Each node that carries a group has a :class:`Flow`: which chain, on which axis (counted from
-the end: -1 after a Linear, -3 for NCHW channels), the tensor rank when known, and what the
-group's channels hold once all its slices are zero (:class:`~tvm_splat.channel_rules.Value`).
-Per-op handlers are registered by op family of ``OP_RULES``; the torch op -> Relax op map is
-``_torch_ops``.  A chain is removable (a family of groups) when nothing pinned it, it reaches
-at least one consumer layer and every consumer absorbs its zeroed value.
+Each node that carries a group has a ``Flow`` (``_group_state``): which chain, on which axis
+(counted from the end: -1 after a Linear, -3 for NCHW channels), the tensor rank when known,
+and what the group's channels hold once all its slices are zero
+(:class:`~tvm_splat.channel_rules.Value`).  Per-op handlers (``_group_ops``) are registered
+by op family of ``OP_RULES``; the torch op -> Relax op map is ``_torch_ops``.  A chain is
+removable (a family of groups) when nothing pinned it, it reaches at least one consumer
+layer and every consumer absorbs its zeroed value.
 """
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -18,66 +18,9 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..channel_rules import OP_RULES, Value
+from . import _group_ops  # noqa: F401  (registers the per-family handlers)
+from ._group_state import FAMILY_HANDLERS, Blocked, Chain, Flow, Member
 from ._torch_ops import IDENTITY, is_shape_query, relax_op_of
-
-
-class Blocked(Exception):
-    """An op the walk cannot follow: every chain it touches is pinned."""
-
-
-@dataclass
-class Flow:
-    gid: int
-    axis: int  # negative: counted from the last axis
-    rank: Optional[int]  # None when unknown (e.g. after a Linear on an input of any rank)
-    value: Value = Value.ZERO
-    merged: bool = False  # other axes were flattened into the channel axis
-
-
-@dataclass
-class Member:
-    """Parameter ``name`` (of ``module``) belongs to the chain along ``dim``, ``block`` entries per group."""
-
-    name: str
-    module: str
-    attr: str
-    dim: int
-    block: int = 1
-
-
-@dataclass
-class Chain:
-    gid: int
-    channels: int
-    kind: str  # "hidden" | "channel" | "head"
-    name: str  # first producer (or attention) module
-    unit: int = 1
-    members: List[Member] = field(default_factory=list)
-    layers: Dict[str, str] = field(default_factory=dict)  # module -> role
-    consumers: int = 0
-    pins: List[str] = field(default_factory=list)
-
-    @property
-    def removable(self) -> bool:
-        return not self.pins and self.consumers > 0
-
-
-_FAMILY_HANDLERS: Dict[str, Callable] = {}
-
-
-def handles(*families: str):
-    """Decorator: the walk's handler of every op of ``families`` (families of ``OP_RULES``)."""
-    known = {rule.family for rule in OP_RULES.values()}
-    unknown = [f for f in families if f not in known]
-    if unknown:
-        raise KeyError(f"op families {unknown} are not in OP_RULES")
-
-    def deco(fn):
-        for fam in families:
-            _FAMILY_HANDLERS[fam] = fn
-        return fn
-
-    return deco
 
 
 class GraphWalk:
@@ -159,7 +102,7 @@ class GraphWalk:
             if self.tracked_inputs(node):
                 raise Blocked(f"torch op `{self.describe(node)}` is not followed by the compaction pass")
             return
-        _FAMILY_HANDLERS[OP_RULES[op].family](self, node, op)
+        FAMILY_HANDLERS[OP_RULES[op].family](self, node, op)
 
     def describe(self, node: fx.Node) -> str:
         if node.op == "call_module":
@@ -243,5 +186,3 @@ def _attention(walk: GraphWalk, node: fx.Node) -> None:
         walk.pin(gid, f"attention module {name!r} is called more than once")
     walk.produce(node, f"{name}.{o_attr}", getattr(mod, o_attr).out_features, "hidden", -1, None)
 
-
-from . import _group_ops  # noqa: E402,F401  (registers the per-family handlers)

@@ -47,7 +47,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ._group_walk import Chain, GraphWalk
+from ._group_state import Chain
+from ._group_walk import GraphWalk
 
 __all__ = [
     "ParamSlice",
