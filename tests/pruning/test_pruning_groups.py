@@ -27,13 +27,17 @@ def test_mlp_hidden_units_are_groups():
 def test_cnn_channel_group_contains_bn_affine_and_next_conv_inputs():
     m = TinyCNN()
     fams = _by_name(discover_groups(m))
-    # conv1, conv2 feed conv-bn-relu-conv; conv3 feeds the global pool (not grouped);
-    # the head MLP's hidden units are grouped.
+    # conv1, conv2 feed conv-bn-relu-conv; conv3 feeds bn-relu-global pool-flatten-Linear
+    # (issue 19: such a conv used to be missed); the head MLP's hidden units are grouped.
     assert {n: (f.kind, f.num_groups) for n, f in fams.items()} == {
-        "features.0": ("channel", 16), "features.3": ("channel", 32), "head.1": ("hidden", 64)}
+        "features.0": ("channel", 16), "features.3": ("channel", 32), "features.6": ("channel", 32),
+        "head.1": ("hidden", 64)}
     names = [mb.name for mb in fams["features.3"].members]
     assert names == ["features.3.weight", "features.3.bias", "features.4.weight", "features.4.bias", "features.6.weight"]
     assert fams["features.3"].members[-1].dim == 1
+    pooled = [(mb.name, mb.dim) for mb in fams["features.6"].members]
+    assert pooled == [("features.6.weight", 0), ("features.6.bias", 0), ("features.7.weight", 0),
+                      ("features.7.bias", 0), ("head.1.weight", 1)]
 
 
 def test_transformer_heads_and_mlp_units_but_no_residual_stream():
@@ -102,6 +106,98 @@ def test_zeroed_hidden_unit_is_exactly_zero_after_activation():
     with torch.no_grad():
         h = m[1](m[0](torch.randn(16, 4)))
     assert torch.all(h[:, [1, 4]] == 0) and torch.all(h[:, [0, 2]] != 0)
+
+
+def _family_names(model):
+    return [f.name for f in discover_groups(model).families]
+
+
+@pytest.mark.parametrize("act", [nn.ReLU(), nn.ReLU6(), nn.Hardtanh(-1, 1), nn.Sigmoid(), nn.GELU()])
+def test_zeroed_value_must_be_absorbable_by_every_consumer(act):
+    # A zeroed conv channel reaches the next conv as act(0): any constant is fine for an
+    # unpadded conv (folded into its bias), only exactly 0 for a zero-padded one.
+    zero_kept = not isinstance(act, nn.Sigmoid)
+    for padding in (0, 1):
+        m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), act, nn.Conv2d(4, 2, 3, padding=padding))
+        assert _family_names(m) == (["0"] if zero_kept or padding == 0 else [])
+    assert _family_names(nn.Sequential(nn.Linear(3, 4), act, nn.Linear(4, 2))) == ["0"]
+
+
+class _Clamped(nn.Module):
+    def __init__(self, lo):
+        super().__init__()
+        self.lo, self.c1, self.c2 = lo, nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 3, padding=1)
+
+    def forward(self, x):
+        return self.c2(self.c1(x).clamp(min=self.lo))
+
+
+def test_clamp_keeps_a_group_only_when_zero_lies_inside_its_bounds():
+    assert _family_names(_Clamped(0.0)) == ["c1"]
+    assert _family_names(_Clamped(0.5)) == []  # clamp(0, min=0.5) = 0.5 would reach a padded conv
+
+
+class _Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(torch.relu(self.fc1(x)))))
+
+
+class _Conservative(nn.Module):
+    """What the torch side does not follow although the Relax pass may (it sees shapes and
+    values): a view of a grouped tensor, a per-channel parameter added to it.  Scalar
+    arithmetic is followed."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(4, 6)
+        self.shift = nn.Parameter(torch.randn(6))
+        self.out_a, self.out_b, self.out_c = nn.Linear(6, 2), nn.Linear(6, 2), nn.Linear(6, 2)
+
+    def forward(self, x):
+        a = torch.relu(self.a(x)).view(-1, 6)
+        b = self.b(x) + self.shift
+        c = torch.tanh(self.c(x) * 2.0 - 1.0)
+        return self.out_a(a) + self.out_b(b) + self.out_c(c)
+
+
+def test_shared_modules_views_and_per_channel_parameters_pin_the_group():
+    assert _family_names(_Shared()) == []  # fc1 is called twice
+    assert _family_names(_Conservative()) == ["c"]
+
+
+class _Pooled(nn.Module):
+    def __init__(self, pool):
+        super().__init__()
+        self.pool, self.conv, self.bn, self.fc = pool, nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.fc(self.pool(torch.relu(self.bn(self.conv(x)))))
+
+
+@pytest.mark.parametrize("pool,grouped", [
+    (lambda h: h.mean((2, 3)), True),
+    (lambda h: torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1), True),
+    (lambda h: nn.functional.max_pool2d(h, 6).flatten(1), True),
+    (lambda h: h.mean(1), False),  # reduces the channel axis
+    (lambda h: h.mean(), False),  # reduces everything
+])
+def test_pooled_conv_channels_reach_the_linear_head(pool, grouped):
+    assert _family_names(_Pooled(pool)) == (["conv"] if grouped else [])
+
+
+def test_every_torch_op_maps_into_the_table_and_every_family_has_a_handler():
+    from tvm_splat.channel_rules import OP_RULES, families
+    from tvm_splat.pruning import _torch_ops
+    from tvm_splat.pruning._group_state import FAMILY_HANDLERS
+    from tvm_splat.pruning._group_walk import GraphWalk  # noqa: F401  (registers the handlers)
+
+    mapped = {*_torch_ops._MODULE_OPS.values(), *_torch_ops._FUNCTION_OPS.values(), *_torch_ops._METHOD_OPS.values()}
+    assert mapped - {_torch_ops.IDENTITY} <= set(OP_RULES)
+    assert set(FAMILY_HANDLERS) == families()
 
 
 def test_unsupported_modules_fail_clearly():

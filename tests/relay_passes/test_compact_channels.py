@@ -454,6 +454,133 @@ def test_fused_multihead_attention_is_skipped_not_mangled():
     assert rep.skipped
 
 
+class HalfTracked(nn.Module):
+    """``q(x)^T @ x``: a batched matmul with one tracked operand (its group on the rows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.o = nn.Linear(8, 6), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.o(self.q(x).transpose(-2, -1) @ x)
+
+
+def test_batched_matmul_with_one_tracked_operand_is_followed():
+    # Used to crash (UnboundLocalError in the analysis); the group reaches the output: kept.
+    torch.manual_seed(16)
+    m, x = HalfTracked(), torch.randn(2, 5, 8)
+    with torch.no_grad():
+        m.q.weight[1] = 0
+        m.q.bias[1] = 0
+    mod, params = import_model(m, x)
+    new, rep = compact_pruned_channels(mod, params)
+    (g,) = [g for g in rep.groups if "p_q_weight.out" in g.members]
+    assert g.status == "skipped" and "function output" in g.reasons[0], g.reasons
+    check_close(new, m, x)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_removed_unit_meeting_nonfinite_consumer_weight_is_kept_like_torch(bad):
+    """torch gives 0 * nan = nan: a zero unit whose consumer weights hold NaN/inf stays, so the
+    compacted model gives the same NaN outputs; a zero unit with finite weights still goes."""
+    torch.manual_seed(17)
+    m, x = MLP(), torch.randn(3, 8)
+    with torch.no_grad():
+        m.fc1.weight[[3, 5]] = 0
+        m.fc1.bias[[3, 5]] = 0
+        m.fc2.weight[0, 3] = bad
+    mod, params = import_model(m, x)
+    new, rep = compact_pruned_channels(mod, params)
+    (g,) = rep.pruned
+    assert g.removed_units == [5]
+    assert any("unit 3" in n and "NaN/inf" in n for n in g.notes), g.notes
+    got = run(new, x.numpy())
+    with torch.no_grad():
+        ref = m.eval()(x).numpy()
+    assert np.isnan(ref[:, 0]).all() and np.isfinite(ref[:, 1:]).all()
+    np.testing.assert_allclose(got, ref, atol=ATOL, rtol=0)  # NaN where torch has NaN
+
+
+class ConvChain(nn.Module):
+    """conv-BN-relu-conv, the second conv's output is the model's (no relu after it: TVM's
+    relu maps NaN to 0 where torch keeps NaN, which is not compaction's business)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.c2(torch.relu(self.b1(self.c1(x))))
+
+
+def test_removed_channel_meeting_nan_conv_plane_is_kept_like_torch():
+    torch.manual_seed(18)
+    m, x = ConvChain(), torch.randn(1, 3, 5, 5)
+    with torch.no_grad():
+        for c in (1, 6):
+            m.c1.weight[c] = 0
+            m.c1.bias[c] = 0
+            m.b1.weight[c] = 0
+            m.b1.bias[c] = 0
+        m.c2.weight[2, 6, 1, 1] = float("nan")
+    mod, params = import_model(m, x)
+    new, rep = compact_pruned_channels(mod, params)
+    assert [g.removed_units for g in rep.pruned] == [[1]]
+    got = run(new, x.numpy())
+    with torch.no_grad():
+        ref = m.eval()(x).numpy()
+    assert np.isnan(ref[:, 2]).all() and not np.isnan(ref[:, [0, 1, 3]]).any()
+    np.testing.assert_allclose(got, ref, atol=ATOL, rtol=0)
+
+
+def _mlp_params():
+    torch.manual_seed(19)
+    m, x = MLP(), torch.randn(2, 8)
+    mod, params = import_model(m, x)
+    names = [p.name for p in mod["main"].params[1:]]
+    return mod, dict(zip(names, (p.numpy() for p in params["main"])))
+
+
+def test_unknown_param_names_are_an_error_listing_the_known_ones():
+    mod, flat = _mlp_params()
+    with pytest.raises(ValueError, match=r"\['p_fc9_weight'\] are not weight parameters.*known: "
+                                         r"\['p_fc1_bias', 'p_fc1_weight', 'p_fc2_bias', 'p_fc2_weight'\]"):
+        compact_pruned_channels(mod, {**flat, "p_fc9_weight": flat["p_fc1_weight"]})
+    with pytest.raises(ValueError, match=r"x \(a model input, not a weight\)"):
+        compact_pruned_channels(mod, {**flat, "x": np.zeros((2, 8), "float32")})
+    with pytest.raises(ValueError, match=r"params \['mian'\] hold lists of arrays but are not Relax functions"):
+        compact_pruned_channels(mod, {"mian": list(flat.values())})
+    with pytest.raises(ValueError, match=r"params\['main'\] has 3 arrays but function main has 4 weight"):
+        compact_pruned_channels(mod, {"main": list(flat.values())[:3]})
+    with pytest.raises(ValueError, match="must be a mapping"):
+        compact_pruned_channels(mod, list(flat.values()))
+
+
+def test_wrong_shape_or_dtype_param_is_an_early_error_naming_both():
+    mod, flat = _mlp_params()
+    with pytest.raises(ValueError, match=r"params\['p_fc1_weight'\] has shape \(8, 16\) but parameter "
+                                         r"p_fc1_weight of main has shape \(16, 8\)"):
+        compact_pruned_channels(mod, {**flat, "p_fc1_weight": flat["p_fc1_weight"].T})
+    with pytest.raises(ValueError, match=r"params\['p_fc2_bias'\] has dtype float64 but parameter "
+                                         r"p_fc2_bias of main has dtype float32"):
+        compact_pruned_channels(mod, {**flat, "p_fc2_bias": flat["p_fc2_bias"].astype("float64")})
+
+
+@pytest.mark.parametrize("tol", [-1, float("nan"), float("inf"), "0.1", True])
+def test_bad_tol_is_an_error(tol):
+    mod, flat = _mlp_params()
+    with pytest.raises(ValueError, match="tol must be"):
+        compact_pruned_channels(mod, flat, tol=tol)
+    with pytest.raises(ValueError, match="tol must be"):
+        CompactPrunedChannels(flat, tol=tol)
+
+
+def test_unknown_function_names_are_an_error():
+    mod, flat = _mlp_params()
+    with pytest.raises(ValueError, match=r"functions \['mian'\] are not Relax functions.*\['main'\]"):
+        compact_pruned_channels(mod, flat, functions=["mian"])
+
+
 # ----------------------------------------------------------------------------- pass API
 
 

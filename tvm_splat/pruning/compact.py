@@ -33,6 +33,34 @@ def _slice_param(mod: nn.Module, attr: str, dim: int, keep: torch.Tensor) -> Non
         setattr(mod, attr, new)
 
 
+def _fit_widths(mod: nn.Module) -> None:
+    """Set a resized layer's size attributes from its (sliced) weight."""
+    if isinstance(mod, nn.Linear):
+        mod.out_features, mod.in_features = mod.weight.shape
+    elif isinstance(mod, nn.Conv2d):
+        depthwise = mod.groups == mod.in_channels == mod.out_channels and mod.groups > 1
+        mod.out_channels = mod.weight.shape[0]
+        mod.groups = mod.out_channels if depthwise else mod.groups
+        mod.in_channels = mod.weight.shape[1] * mod.groups
+
+
+def _compact_family(fam, keep_groups: torch.Tensor, mods: Dict[str, nn.Module]) -> None:
+    """Slice every member of ``fam`` to ``keep_groups`` and fix the widths of its layers."""
+    for m in fam.members:
+        module, attr = m.name.rsplit(".", 1) if "." in m.name else ("", m.name)
+        keep = (keep_groups[:, None] * m.block + torch.arange(m.block)[None, :]).flatten()
+        _slice_param(mods[module], attr, m.dim, keep)
+        _fit_widths(mods[module])
+    for name, role in fam.layers.items():
+        if role == "batch_norm":
+            bn = mods[name]
+            for attr in ("running_mean", "running_var"):
+                _slice_param(bn, attr, 0, keep_groups)
+            bn.num_features = int(keep_groups.numel())
+        elif role == "attention":
+            mods[name].num_heads = int(keep_groups.numel())
+
+
 def compact_model(model: nn.Module) -> nn.Module:
     """Return a deep copy of ``model`` with every exactly-zero group removed.
 
@@ -52,34 +80,6 @@ def compact_model(model: nn.Module) -> nn.Module:
         keep_groups = torch.nonzero(~zero).flatten()
         if keep_groups.numel() == 0:
             keep_groups = torch.zeros(1, dtype=torch.long)  # keep one (all-zero) group
-        if keep_groups.numel() == fam.num_groups:
-            continue
-        if fam.kind == "hidden":
-            prod, cons = mods[fam.modules["producer"]], mods[fam.modules["consumer"]]
-            _slice_param(prod, "weight", 0, keep_groups)
-            _slice_param(prod, "bias", 0, keep_groups)
-            _slice_param(cons, "weight", 1, keep_groups)
-            prod.out_features = cons.in_features = int(keep_groups.numel())
-        elif fam.kind == "channel":
-            prod, bn, cons = (mods[fam.modules[r]] for r in ("producer", "bn", "consumer"))
-            _slice_param(prod, "weight", 0, keep_groups)
-            _slice_param(prod, "bias", 0, keep_groups)
-            for attr in ("weight", "bias", "running_mean", "running_var"):
-                _slice_param(bn, attr, 0, keep_groups)
-            _slice_param(cons, "weight", 1, keep_groups)
-            prod.out_channels = cons.in_channels = bn.num_features = int(keep_groups.numel())
-        elif fam.kind == "head":
-            att = mods[fam.modules["attention"]]
-            o = mods[fam.modules["o_proj"]]
-            d = att.q_proj.out_features // att.num_heads
-            rows = (keep_groups[:, None] * d + torch.arange(d)[None, :]).flatten()
-            for lin in (att.q_proj, att.k_proj, att.v_proj):
-                _slice_param(lin, "weight", 0, rows)
-                _slice_param(lin, "bias", 0, rows)
-                lin.out_features = int(rows.numel())
-            _slice_param(o, "weight", 1, rows)
-            o.in_features = int(rows.numel())
-            att.num_heads = int(keep_groups.numel())
-        else:  # pragma: no cover - discover_groups only makes the kinds above
-            raise ValueError(f"unknown group kind {fam.kind!r} in family {fam.name!r}")
+        if keep_groups.numel() < fam.num_groups:
+            _compact_family(fam, keep_groups, mods)
     return new

@@ -2,32 +2,41 @@
 
 A *group* is a set of parameter slices that must be zeroed together so that one structure
 (a hidden unit, a conv channel, an attention head) contributes exactly nothing to the
-network; the compiler pass ``CompactPrunedChannels`` then deletes it. The dependency rules
-are the same as the pass's (only the patterns below are grouped; everything else is kept):
+network; the compiler pass ``CompactPrunedChannels`` then deletes it.  Discovery follows
+the model's fx graph with the pass's own rules -- the op table ``OP_RULES`` of
+``tvm_splat.channel_rules``, which both read -- so a discovered group is one the pass
+removes once it is zero, and the groups the pass can remove are discovered
+(``tests/pruning/test_pruning_groups_agree.py`` checks both on several models):
 
-* ``hidden``  -- ``Linear -> act -> Linear`` with ``act`` in relu/gelu/silu/tanh (all map 0
-  to 0). Group ``i`` = row ``i`` of ``W1`` and ``b1`` plus column ``i`` of ``W2``.
-* ``channel`` -- ``Conv2d -> BatchNorm2d -> act -> Conv2d``. Group ``c`` = filter ``c`` (and
-  bias) of the first conv, ``gamma[c]`` and ``beta[c]`` of the BN (the post-BN value must be
-  exactly 0, so the BN affine parameters are in the group), and input channel ``c`` of the
-  second conv.
-* ``head``    -- an attention module (any module with ``nn.Linear`` attributes ``q_proj``,
+* a group is born at a producer (rows of a ``Linear`` weight and bias, filters of a
+  ``Conv2d`` and its bias), flows through per-channel ops (activations, ``BatchNorm2d``
+  whose ``gamma``/``beta`` join the group, depthwise convs whose filters join it, pooling,
+  means over other axes, ``flatten`` to a 1x1 spatial extent, scalar arithmetic) and ends at
+  consumers (columns of the next ``Linear``, input planes of the next ``Conv2d``), whose
+  slices join it too: ``Linear -> act -> Linear`` (``hidden``), ``Conv2d -> BN -> act ->
+  Conv2d`` and ``Conv2d -> BN -> act -> pool -> flatten -> Linear`` (``channel``);
+* residual additions of two groups merge them into one family (a unit goes only if every
+  branch is zero); an addition with the block input, the model output, a reshape or any op
+  outside the table pins the group (never grouped), so the channels every consumer needs
+  stay;
+* once zero, a unit must reach every consumer as a constant it can absorb: any constant
+  for a ``Linear`` or an unpadded conv, exactly 0 for a zero-padded conv (so
+  ``sigmoid(0) = 0.5`` may not reach one);
+* ``head`` -- an attention module (any module with ``nn.Linear`` attributes ``q_proj``,
   ``k_proj``, ``v_proj`` and ``o_proj`` (or ``out_proj``) and an int ``num_heads``, whose
   forward is standard multi-head attention: split q/k/v rows into ``num_heads`` contiguous
   blocks of ``head_dim``, softmax(q k^T / sqrt(d)) v per head, concat, ``o_proj``). Group
   ``h`` = rows ``[h*d, (h+1)*d)`` of q/k/v weights and biases plus the same columns of
-  ``o_proj``. With v rows zero the head output is exactly 0 whatever q/k are.
-
-Residual rule: an intermediate value is grouped only when it has exactly one consumer in
-the traced graph; a value that also feeds an addition (a residual stream), a pooling, a
-flatten, a second layer ... is never grouped, so the channels every consumer needs stay.
+  ``o_proj``. With v rows zero the head output is exactly 0 whatever q/k are.  Attention
+  modules stay fx leaves; outside them a reshape of a grouped tensor pins the group.
 
 Supported models: anything ``torch.fx.symbolic_trace`` can trace (attention modules are
-kept as leaves) whose parametrized leaf modules are ``Linear``, ``Conv2d`` (``groups=1`` to
-be groupable), ``BatchNorm2d``, ``LayerNorm``, ``Embedding`` or attention modules as above.
-Typical: ``nn.Sequential`` MLPs, conv-bn-relu-conv stacks, pre-LN transformer blocks.
-Other parametrized modules raise ``ValueError`` naming the module, and so does a model fx
-cannot trace. Modules called more than once (weight sharing) are never grouped.
+kept as leaves) whose parametrized leaf modules are ``Linear``, ``Conv2d`` (batched NCHW
+input), ``BatchNorm2d``, ``LayerNorm``, ``Embedding`` or attention modules as above.
+Typical: ``nn.Sequential`` MLPs, conv-bn-relu stacks with a pooled linear head, residual
+blocks, pre-LN transformer blocks.  Other parametrized modules raise ``ValueError`` naming
+the module, and so does a model fx cannot trace.  Modules called more than once (weight
+sharing) are never grouped.
 """
 from __future__ import annotations
 
@@ -37,7 +46,9 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
+
+from ._group_state import Chain
+from ._group_walk import GraphWalk
 
 __all__ = [
     "ParamSlice",
@@ -48,12 +59,6 @@ __all__ = [
     "is_attention_module",
 ]
 
-# Activations with act(0) == 0: a zeroed pre-activation gives an exactly-zero output.
-_ACT_MODULES = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh)
-_ACT_FUNCTIONS = {F.relu, torch.relu, F.gelu, F.silu, torch.tanh, F.tanh}
-_ACT_METHODS = {"relu", "relu_", "tanh"}
-# Modules that are the identity at inference; a chain may pass through them.
-_PASSTHROUGH_MODULES = (nn.Dropout, nn.Identity)
 _KNOWN_PARAM_MODULES = (nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.LayerNorm, nn.Embedding)
 
 
@@ -89,14 +94,18 @@ class GroupFamily:
 
     Groups of a family share their slicing pattern, so norms and projections are
     vectorised over the family: ``members`` lists (param, dim, block) and group ``i`` owns
-    ``[i*block, (i+1)*block)`` along ``dim`` of every member.
+    ``[i*block, (i+1)*block)`` along ``dim`` of every member.  ``layers`` maps every module
+    whose width the family sets to its role (``producer``, ``consumer``, ``batch_norm``,
+    ``depthwise``, ``attention``, ``o_proj``); ``modules`` maps a role to its first module
+    (``producer``, ``consumer``, ``bn``, ``attention``, ``o_proj``).
     """
 
-    name: str  # producer module's qualified name (for heads: the attention module)
+    name: str  # first producer module's qualified name (for heads: the attention module)
     kind: str  # "hidden" | "channel" | "head"
     num_groups: int
     members: List[_Member]
-    modules: Dict[str, str] = field(default_factory=dict)  # role -> module name, for compaction
+    modules: Dict[str, str] = field(default_factory=dict)  # role -> first module of that role
+    layers: Dict[str, str] = field(default_factory=dict)  # every module the group resizes -> its role
     quantizers: list = field(default_factory=list)  # GETA: quantizers attached to member layers
 
     def slices(self, i: int) -> List[ParamSlice]:
@@ -291,27 +300,6 @@ def _check_supported(model: nn.Module) -> None:
             )
 
 
-def _is_act(node: fx.Node, mods: Dict[str, nn.Module]) -> bool:
-    if node.op == "call_module":
-        return isinstance(mods[node.target], _ACT_MODULES)
-    if node.op == "call_function":
-        return node.target in _ACT_FUNCTIONS
-    if node.op == "call_method":
-        return node.target in _ACT_METHODS
-    return False
-
-
-def _only_user(node: fx.Node) -> Optional[fx.Node]:
-    users = list(node.users)
-    return users[0] if len(users) == 1 else None
-
-
-def _skip_passthrough(node: Optional[fx.Node], mods) -> Optional[fx.Node]:
-    while node is not None and node.op == "call_module" and isinstance(mods[node.target], _PASSTHROUGH_MODULES):
-        node = _only_user(node)
-    return node
-
-
 def _member(modname: str, module: nn.Module, attr: str, dim: int, block: int = 1) -> Optional[_Member]:
     parametrizations = getattr(module, "parametrizations", None)
     if parametrizations is not None and attr in parametrizations:
@@ -330,8 +318,9 @@ def _q(prefix: str, attr: str) -> str:
 def discover_groups(model: nn.Module) -> GroupSpace:
     """Find the removable groups of ``model`` (see the module docstring for the rules).
 
-    Returns a :class:`GroupSpace`; families are ordered by graph order. Raises
-    ``ValueError`` naming the offending module for unsupported architectures.
+    Returns a :class:`GroupSpace`; families are ordered by graph order of their first
+    producer. Raises ``ValueError`` naming the offending module for unsupported
+    architectures.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"discover_groups expects an nn.Module, got {type(model).__name__}")
@@ -341,78 +330,23 @@ def discover_groups(model: nn.Module) -> GroupSpace:
     except Exception as e:  # fx raises many exception types for untraceable control flow
         raise ValueError(
             f"cannot trace model {type(model).__name__} with torch.fx ({type(e).__name__}: {e}); "
-            "supported: nn.Sequential MLPs, conv-bn-act-conv stacks, transformer blocks with "
+            "supported: nn.Sequential MLPs, conv-bn-act stacks, transformer blocks with "
             "q_proj/k_proj/v_proj/o_proj attention"
         ) from e
     mods = dict(model.named_modules())
-    calls: Dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    single = lambda name: calls.get(name, 0) == 1  # noqa: E731  weight sharing blocks grouping
-
-    families: List[GroupFamily] = []
-    for node in graph.nodes:
-        if node.op != "call_module" or not single(node.target):
-            continue
-        name, mod = node.target, mods[node.target]
-        if is_attention_module(mod):
-            families.append(_attention_family(name, mod))
-            continue
-        if isinstance(mod, nn.Linear):
-            act = _skip_passthrough(_only_user(node), mods)
-            if act is None or not _is_act(act, mods):
-                continue
-            nxt = _skip_passthrough(_only_user(act), mods)
-            if nxt is None or nxt.op != "call_module" or not single(nxt.target):
-                continue
-            cons = mods[nxt.target]
-            if not isinstance(cons, nn.Linear) or cons.in_features != mod.out_features:
-                continue
-            members = [_member(name, mod, "weight", 0), _member(name, mod, "bias", 0),
-                       _member(nxt.target, cons, "weight", 1)]
-            families.append(GroupFamily(name, "hidden", mod.out_features, [m for m in members if m is not None],
-                                        modules={"producer": name, "consumer": nxt.target}))
-        elif isinstance(mod, nn.Conv2d) and mod.groups == 1:
-            bn = _only_user(node)
-            if bn is None or bn.op != "call_module" or not single(bn.target):
-                continue
-            bnm = mods[bn.target]
-            if not (isinstance(bnm, nn.BatchNorm2d) and bnm.affine and bnm.num_features == mod.out_channels):
-                continue
-            act = _only_user(bn)
-            if act is None or not _is_act(act, mods):
-                continue
-            nxt = _skip_passthrough(_only_user(act), mods)
-            if nxt is None or nxt.op != "call_module" or not single(nxt.target):
-                continue
-            cons = mods[nxt.target]
-            if not (isinstance(cons, nn.Conv2d) and cons.groups == 1 and cons.in_channels == mod.out_channels):
-                continue
-            members = [_member(name, mod, "weight", 0), _member(name, mod, "bias", 0),
-                       _member(bn.target, bnm, "weight", 0), _member(bn.target, bnm, "bias", 0),
-                       _member(nxt.target, cons, "weight", 1)]
-            families.append(GroupFamily(name, "channel", mod.out_channels, [m for m in members if m is not None],
-                                        modules={"producer": name, "bn": bn.target, "consumer": nxt.target}))
-    return GroupSpace(families)
+    chains = GraphWalk(model, graph, is_attention_module).run()
+    return GroupSpace([_family(chain, mods) for chain in chains])
 
 
-def _attention_family(name: str, mod: nn.Module) -> GroupFamily:
-    o_attr = "o_proj" if isinstance(getattr(mod, "o_proj", None), nn.Linear) else "out_proj"
-    q, k, v, o = mod.q_proj, mod.k_proj, mod.v_proj, getattr(mod, o_attr)
-    h = mod.num_heads
-    width = q.out_features
-    if h <= 0 or width % h or k.out_features != width or v.out_features != width or o.in_features != width:
-        raise ValueError(
-            f"attention module {name!r}: q/k/v out_features ({q.out_features}, {k.out_features}, "
-            f"{v.out_features}) and o in_features ({o.in_features}) must be equal and divisible by "
-            f"num_heads={h}"
-        )
-    d = width // h
-    members: List[Optional[_Member]] = []
-    for attr, lin in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
-        members.append(_member(f"{name}.{attr}", lin, "weight", 0, d))
-        members.append(_member(f"{name}.{attr}", lin, "bias", 0, d))
-    members.append(_member(f"{name}.{o_attr}", o, "weight", 1, d))
-    return GroupFamily(name, "head", h, [m for m in members if m is not None],
-                       modules={"attention": name, "o_proj": f"{name}.{o_attr}"})
+_FIRST_OF_ROLE = {"producer": "producer", "consumer": "consumer", "batch_norm": "bn", "attention": "attention",
+                  "o_proj": "o_proj"}
+
+
+def _family(chain: Chain, mods: Dict[str, nn.Module]) -> GroupFamily:
+    members = [_member(m.module, mods[m.module], m.attr, m.dim, m.block) for m in chain.members]
+    modules: Dict[str, str] = {}
+    for name, role in chain.layers.items():
+        if role in _FIRST_OF_ROLE:
+            modules.setdefault(_FIRST_OF_ROLE[role], name)
+    return GroupFamily(chain.name, chain.kind, chain.channels // chain.unit, [m for m in members if m is not None],
+                       modules=modules, layers=dict(chain.layers))

@@ -3,7 +3,7 @@
 - :class:`SparsifyAttention`: rewrite attention sites into ACSR sparse-attention kernels.
 - :class:`CompactPrunedChannels`: turn zeroed channel groups of pruned models into smaller ops.
 """
-from ._channel_groups import OP_RULES
+from ..channel_rules import OP_RULES
 from ._pattern_choice import SiteInfo
 from .attention_names import attention_layer_names
 from .compact_channels import CompactionReport, CompactPrunedChannels, compact_pruned_channels

@@ -17,17 +17,17 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ._channel_analysis import (
+from ._channel_analysis import FunctionAnalysis
+from ._channel_report import LayerReport
+from ._channel_state import (
     BatchNormPlan,
     ConvPlan,
     DensePlan,
     ElementwisePlan,
-    FunctionAnalysis,
     TState,
     WeightRef,
     static_shape,
 )
-from ._channel_groups import LayerReport
 
 
 class RewriteError(Exception):

@@ -22,9 +22,9 @@ chains through them skipped (reported), never guessed.
 
 Dependency rules
 ----------------
-Which ops form a chain and what constrains what is described in ``_channel_groups`` (module
-docstring and the ``OP_RULES`` table the analysis dispatches on) -- the torch-side group
-discovery mirrors it.  In short:
+Which ops form a chain and what constrains what is ``OP_RULES`` in
+``tvm_splat.channel_rules`` (module docstring there); the torch-side group discovery
+(``tvm_splat.pruning.discover_groups``) reads the same table.  In short:
 
 * ``linear -> act -> linear``: group = rows of W1 / b1 and columns of W2.  A unit goes when
   its W1 row is zero; its constant output ``act(b1[r])`` (``act(0) = 0`` for
@@ -33,7 +33,7 @@ discovery mirrors it.  In short:
   conv2.  A zero filter yields the constant ``relu(beta - mean*gamma/sqrt(var+eps))``; it
   is folded into the next conv's bias when that conv has no padding, and must be exactly 0
   (HESSO groups include gamma/beta) when it is zero-padded -- otherwise the channel is kept
-  and the report says why.
+  and the report says why.  ``conv -> BN -> act -> pool -> flatten -> linear`` likewise.
 * attention heads: q/k/v rows and output-projection columns of one head, plus the head
   count of every reshape; removable when the head's v rows (and v bias) are zero.
 * residual adds tie groups: a channel goes only when every branch agrees; an add with the
@@ -44,6 +44,17 @@ discovery mirrors it.  In short:
 ``tol``: weights with ``|w| <= tol`` count as zero, and so do channel constants of magnitude
 ``<= tol`` (the model then changes by at most that much); the default 0 is exact.
 Eval-mode models only (``batch_norm`` in training mode is a barrier).
+
+NaN and inf: the compacted model gives the same NaN/inf as the model.  A removed channel
+that is 0 meets its consumer's weights as ``0 * w``; torch gives NaN there when ``w`` is
+NaN or inf, so a channel whose consumer weights hold a non-finite value is kept (the report
+says so).  Non-finite producer weights or batch-norm parameters make the channel
+input-dependent, so it is kept too.
+
+Bad input fails early with a ``ValueError`` naming it: a ``params`` name that is no weight
+parameter of the module (the message lists the known ones), a value whose shape or dtype
+differs from its parameter's, a ``{func: [arrays]}`` entry of the wrong length, an unknown
+function in ``functions``, a negative or non-finite ``tol``.
 """
 
 from __future__ import annotations
@@ -57,9 +68,11 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ._channel_analysis import FunctionAnalysis, static_shape
-from ._channel_groups import OP_RULES, CompactionReport, GroupReport, Role
+from ..channel_rules import OP_RULES, Role
+from ._channel_analysis import FunctionAnalysis
+from ._channel_report import CompactionReport, GroupReport
 from ._channel_rewrite import FunctionRewriter
+from ._channel_state import static_shape
 
 __all__ = [
     "CompactPrunedChannels",
@@ -71,14 +84,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def _check_tol(tol) -> float:
-    """``tol`` as a float, or ``ValueError``: a finite real number >= 0 (a negative one would
-    silently count no weight as zero)."""
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not math.isfinite(tol) or tol < 0:
-        raise ValueError(f"tol must be a finite real number >= 0 (|w| <= tol counts as zero), got {tol!r}")
-    return float(tol)
 
 
 def compact_pruned_channels(
@@ -102,15 +107,22 @@ def compact_pruned_channels(
     Returns
     -------
     (new module, CompactionReport).  The input module is not modified.
+
+    Raises
+    ------
+    ValueError for unknown ``params`` names or ``functions``, a value whose shape or dtype
+    differs from its parameter's, or a ``tol`` that is not a finite number >= 0.
     """
     tol = _check_tol(tol)
+    relax_funcs = {gv.name_hint: (gv, f) for gv, f in mod.functions_items() if isinstance(f, relax.Function)}
+    _check_functions(functions, relax_funcs)
+    values = _param_values(params, {n: f for n, (_, f) in relax_funcs.items()})
     report = CompactionReport(tol=tol)
     out = mod
-    for gv, func in mod.functions_items():
-        if not isinstance(func, relax.Function) or (functions and gv.name_hint not in functions):
+    for name, (gv, func) in relax_funcs.items():
+        if functions and name not in functions:
             continue
-        name = gv.name_hint
-        func, const_names, weight_params = _bind(func, name, params)
+        func, const_names, weight_params = _bind(func, values.get(name, {}))
         before = count_params(func)
         flops_before = _flops(func)
         new = func
@@ -202,23 +214,94 @@ def _to_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def _bind(func, name: str, params):
-    """Bind supplied weights as named constants; -> (func, const -> name, unbound weight params)."""
+def _check_tol(tol) -> float:
+    """``tol`` as a float, or ``ValueError``: a finite real number >= 0 (a negative one would
+    silently count no weight as zero)."""
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not math.isfinite(tol) or tol < 0:
+        raise ValueError(f"tol must be a finite real number >= 0 (|w| <= tol counts as zero), got {tol!r}")
+    return float(tol)
+
+
+def _check_functions(functions, relax_funcs: dict) -> None:
+    if functions is None:
+        return
+    if isinstance(functions, str):
+        raise ValueError(f"functions must be a list of function names, got the string {functions!r}")
+    unknown = [f for f in functions if f not in relax_funcs]
+    if unknown:
+        raise ValueError(f"functions {unknown} are not Relax functions of the module "
+                         f"(it has {sorted(relax_funcs)})")
+
+
+def _weight_params(func) -> list:
+    """The parameters of ``func`` that may be bound: those after ``num_input``, else all."""
+    if func.attrs is not None and "num_input" in func.attrs:
+        return list(func.params)[int(func.attrs["num_input"]):]
+    return list(func.params)
+
+
+def _param_values(params, funcs: dict) -> dict:
+    """``params`` (flat ``{name: array}`` or ``{func: [arrays]}``) -> func -> {param name: numpy},
+    every name, count, shape and dtype checked against the functions' parameters."""
+    if params is None:
+        return {}
+    if not isinstance(params, Mapping):
+        raise ValueError(f"params must be a mapping (name -> array, or function -> list of arrays), "
+                         f"got {type(params).__name__}")
+    flat = {k: v for k, v in params.items() if not isinstance(v, (list, tuple))}
+    values = {}
+    for fname, func in funcs.items():
+        weights = _weight_params(func)
+        if isinstance(params.get(fname), (list, tuple)):
+            arrays = params[fname]
+            if len(arrays) != len(weights):
+                raise ValueError(f"params[{fname!r}] has {len(arrays)} arrays but function {fname} has "
+                                 f"{len(weights)} weight parameters ({[p.name for p in weights]})")
+            given = dict(zip((p.name for p in weights), arrays))
+        else:
+            given = {p.name: flat[p.name] for p in weights if p.name in flat}
+        values[fname] = {p.name: _checked_value(fname, p, given[p.name]) for p in weights if p.name in given}
+    _check_unknown(params, flat, funcs)
+    return values
+
+
+def _check_unknown(params, flat: dict, funcs: dict) -> None:
+    lists = [k for k, v in params.items() if isinstance(v, (list, tuple)) and k not in funcs]
+    if lists:
+        raise ValueError(f"params {lists} hold lists of arrays but are not Relax functions of the module "
+                         f"(it has {sorted(funcs)})")
+    known = {p.name for f in funcs.values() for p in _weight_params(f)}
+    unknown = sorted(k for k in flat if k not in known)
+    if unknown:
+        inputs = {p.name for f in funcs.values() for p in f.params} - known
+        what = [f"{k} (a model input, not a weight)" if k in inputs else k for k in unknown]
+        raise ValueError(f"params names {what} are not weight parameters of the module; "
+                         f"known: {sorted(known)}")
+
+
+def _checked_value(fname: str, param, value) -> np.ndarray:
+    arr = _to_numpy(value)
+    want_shape, want_dtype = static_shape(param), getattr(param.ty, "dtype", None)
+    if want_shape is not None and tuple(arr.shape) != want_shape:
+        raise ValueError(f"params[{param.name!r}] has shape {tuple(arr.shape)} but parameter "
+                         f"{param.name} of {fname} has shape {want_shape}")
+    if want_dtype is not None and str(arr.dtype) != str(want_dtype):
+        raise ValueError(f"params[{param.name!r}] has dtype {arr.dtype} but parameter "
+                         f"{param.name} of {fname} has dtype {want_dtype}")
+    return arr
+
+
+def _bind(func, values: dict):
+    """Bind checked ``values`` (param name -> numpy) as named constants;
+    -> (func, const -> name, unbound weight params)."""
     num_input = None
     if func.attrs is not None and "num_input" in func.attrs:
         num_input = int(func.attrs["num_input"])
-    fparams = list(func.params)
-    weight_params = fparams[num_input:] if num_input is not None else []
-    values = {}
-    if params:
-        if name in params and isinstance(params[name], (list, tuple)):
-            values = {p.name: v for p, v in zip(weight_params, params[name])}
-        else:
-            values = {k: v for k, v in params.items() if not isinstance(v, (list, tuple))}
+    weight_params = list(func.params)[num_input:] if num_input is not None else []
     binding, const_names = {}, {}
-    for p in fparams:
+    for p in func.params:
         if p.name in values:
-            c = relax.const(_to_numpy(values[p.name]))
+            c = relax.const(values[p.name])
             binding[p] = c
             const_names[c] = p.name
     if binding:
