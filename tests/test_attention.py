@@ -124,7 +124,7 @@ def test_default_variant_and_untuned_knobs():
     import tvm
 
     from tvm_splat.kernels.spec import AttentionSpec
-    from tvm_splat.plan import CPU_VARIANT, choose_variant, plan
+    from tvm_splat.planner import CPU_VARIANT, choose_variant, plan
     from tvm_splat.schedules.tiled import TWO_STAGE_MIN_TILES, default_tiled_knobs
 
     h100 = tvm.target.Target("nvidia/nvidia-h100")

@@ -349,7 +349,7 @@ def test_sparsify_attention_refuses_an_acsr_with_bad_tables():
 
 
 def test_tuning_refuses_an_acsr_with_bad_tables(tmp_path, monkeypatch):
-    from tvm_splat.plan import plan
+    from tvm_splat.planner import plan
 
     monkeypatch.setenv("TVM_SPLAT_TUNING_LOGS", str(tmp_path))
     acsr = ACSR.from_pattern(Window(2), 16)

@@ -4,16 +4,18 @@ Public API (thin; everything else lives in submodules):
 
 - patterns and the ACSR format: :mod:`tvm_splat.formats`
 - ``plan(mask, q_shape, kv_shape, dtype, device)`` -> :class:`AttentionPlan`, then
-  ``plan.run(q, k, v)``: plan a workload once, run it many times (:mod:`tvm_splat.plan`)
+  ``plan.run(q, k, v)``: plan a workload once, run it many times (:mod:`tvm_splat.planner`)
 - ``sparse_attention(q, k, v, mask)``: the same through a small cache of plans, on numpy
   arrays or torch tensors
 
 Layers (each imports only from those above it in this list): ``formats`` (patterns, ACSR, tile
 plans: data) -> ``kernels`` (TensorIR generators from an ``AttentionSpec``) -> ``schedules``
 (``(func, target, knobs) -> func`` and default knobs) -> ``records`` (reading tuning records) ->
-``compile`` (build + cache) -> ``devices`` / ``plan`` / ``attention`` (runtime) ->
+``compile`` (build + cache) -> ``devices`` / ``planner`` / ``attention`` (runtime) ->
 ``relay_passes``, ``tuning``, ``baselines``, ``bench``, ``demo``, ``cli``. ``pruning`` stands
-apart (torch training); ``reference`` and ``timing`` are leaf helpers.
+apart (torch training); ``reference``, ``timing`` and ``channel_rules`` are leaf helpers, and
+``tensors`` (checks where arrays meet kernels) sits below ``formats``. ``tests/test_layers.py``
+holds the order.
 """
 from ._version import __version__
 
@@ -23,7 +25,7 @@ from .formats import (  # noqa: E402
 )
 from .kernels import AttentionSpec  # noqa: E402
 from .compile import compile_attention  # noqa: E402
-from .plan import AttentionPlan, plan  # noqa: E402
+from .planner import AttentionPlan, plan  # noqa: E402
 from .attention import sparse_attention  # noqa: E402
 
 __all__ = [

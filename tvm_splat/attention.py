@@ -3,7 +3,7 @@
 Inputs travel to TVM through DLPack: torch tensors (CPU or CUDA) are shared without a copy and
 the output is written straight into a fresh torch tensor; numpy arrays are copied to the CPU
 device. Everything decided per workload (ACSR, knobs, tile plan, compiled kernels) lives in an
-:class:`~tvm_splat.plan.AttentionPlan`; this module only finds the plan of a call.
+:class:`~tvm_splat.planner.AttentionPlan`; this module only finds the plan of a call.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections import OrderedDict
 
 from .devices import device_of, dtype_name, is_torch
 from .formats import ACSR
-from .plan import AttentionPlan, plan
+from .planner import AttentionPlan, plan
 
 __all__ = ["sparse_attention", "plan_for", "clear_plans"]
 
@@ -34,29 +34,28 @@ def _mask_key(mask):
 def plan_for(q, k, v, mask, *, target=None, variant="auto", scale=None, knobs=None) -> AttentionPlan:
     """The plan :func:`sparse_attention` runs for these inputs (made on the first call of a
     workload, then looked up)."""
+    try:  # torch's own dtype and device objects are cheap to hash; numpy arrays live on the CPU
+        key = (_mask_key(mask), q.shape, k.shape, q.dtype, getattr(q, "device", "cpu"),
+               None if target is None else str(target), variant, scale, knobs)
+        hash(key)
+    except (TypeError, AttributeError):  # unhashable mask/knobs, or not arrays: the checks below say
+        key = None
+    found = _PLANS.get(key) if key is not None else None
+    if found is not None and (not isinstance(mask, ACSR) or found.mask is mask):
+        _PLANS.move_to_end(key)
+        return found  # its run checks the tensors themselves
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not (is_torch(x) or hasattr(x, "__array__")):
             raise TypeError(f"{name} must be a torch tensor or a numpy array, got {type(x).__name__}")
         if len(getattr(x, "shape", ())) != 4:
             raise ValueError(f"{name} must be [batch, heads, seq_len, head_dim], got shape "
                              f"{tuple(getattr(x, 'shape', ()))}")
-    dev = device_of(q)
-    try:
-        key = (_mask_key(mask), tuple(q.shape), tuple(k.shape), dtype_name(q), str(dev),
-               None if target is None else str(target), variant, scale, knobs)
-        hash(key)
-    except TypeError:  # an unhashable mask or knobs: plan every call (plan() says what is wrong)
-        key = None
-    found = _PLANS.get(key) if key is not None else None
-    if found is not None and (not isinstance(mask, ACSR) or found.mask is mask):
-        _PLANS.move_to_end(key)
-        return found
     if tuple(v.shape) != tuple(k.shape):
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     dtypes = {dtype_name(x) for x in (q, k, v)}
     if len(dtypes) != 1:
         raise ValueError(f"q, k and v must have the same dtype, got {sorted(dtypes)}")
-    made = plan(mask, q.shape, k.shape, dtype_name(q), dev, target=target, scale=scale, variant=variant,
+    made = plan(mask, q.shape, k.shape, dtype_name(q), device_of(q), target=target, scale=scale, variant=variant,
                 knobs=knobs)
     if key is not None:
         _PLANS[key] = made

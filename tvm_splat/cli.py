@@ -20,7 +20,7 @@ def _bench(args):
 
 def _workload(args, pattern, seq_len, heads, head_dim, batch, dtype):
     """The plan of one tuning workload (compile only: tuning measures through MetaSchedule)."""
-    from .plan import plan
+    from .planner import plan
 
     shape = (batch, heads, seq_len, head_dim)
     return plan(pattern, shape, shape, dtype, None, target=args.target)
@@ -32,7 +32,7 @@ def _check_through_plan(workload, console):
     import numpy as np
 
     from .devices import is_gpu_device
-    from .plan import plan
+    from .planner import plan
     from .reference import masked_attention
 
     dev = None
@@ -97,7 +97,7 @@ def _autotune(args):
 
 
 def _workload_variant(workload, variant):
-    from .plan import plan
+    from .planner import plan
 
     return plan(workload.acsr, workload.q_shape, workload.kv_shape, workload.spec.dtype, None,
                 target=workload.target, scale=workload.spec.scale, variant=variant)

@@ -137,7 +137,7 @@ def compile_module(ident: str, module_fn, target, use_disk_cache=True):
 def compile_attention(spec: AttentionSpec, target, variant="row", knobs=None, use_disk_cache=True,
                       use_tuned=True):
     """Compiled ``tvm.runtime.Module`` of a row-parallel variant, exposing its functions by
-    name (the tiled family is compiled through :mod:`tvm_splat.plan`, which owns its tile
+    name (the tiled family is compiled through :mod:`tvm_splat.planner`, which owns its tile
     plan)."""
     target = as_target(target)
     mark = row_tuning_mark(spec, target, variant) if use_tuned and knobs is None else ""

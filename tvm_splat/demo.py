@@ -10,7 +10,7 @@ import tvm
 
 from .attention import sparse_attention
 from .kernels import VARIANTS
-from .plan import choose_variant
+from .planner import choose_variant
 from .baselines import compile_dense_attention
 from .formats import ACSR, parse_pattern
 from .reference import masked_attention

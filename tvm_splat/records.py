@@ -8,7 +8,7 @@ set, else the ``tuning_logs/`` folder of this repository (where the committed GP
 else ``./tuning_logs``.
 
 This module only reads records (and names their paths); :mod:`tvm_splat.tuning` writes them.
-It sits below :mod:`tvm_splat.compile` and :mod:`tvm_splat.plan`, which pick records up.
+It sits below :mod:`tvm_splat.compile` and :mod:`tvm_splat.planner`, which pick records up.
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ import pytest
 from tvm_splat.formats import ACSR, Window
 from tvm_splat.kernels import AttentionSpec
 from tvm_splat.reference import masked_attention
-from tvm_splat.plan import plan
+from tvm_splat.planner import plan
 from tvm_splat.records import best_knobs_path, tuned_tiled_knobs
 from tvm_splat.tuning.tiled import schedule_choices, tune_tiled
 

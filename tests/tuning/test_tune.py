@@ -8,7 +8,7 @@ import pytest
 
 from tvm_splat.formats import ACSR, GlobalTokens, Window
 from tvm_splat.kernels import AttentionSpec, row_func
-from tvm_splat.plan import plan
+from tvm_splat.planner import plan
 from tvm_splat.records import apply_best, workload_dir
 from tvm_splat.reference import masked_attention
 from tvm_splat.tuning import tune_attention

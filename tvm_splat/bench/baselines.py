@@ -110,7 +110,7 @@ def tvm_splat_variant(variant):
 def tvm_splat_fused_untuned(inputs):
     """The default path with its default knobs, whatever the tuning logs hold."""
     from ..attention import sparse_attention
-    from ..plan import plan
+    from ..planner import plan
     from ..schedules.tiled import default_tiled_knobs
 
     q, k, v, acsr = inputs.q, inputs.k, inputs.v, inputs.fresh_acsr()
@@ -136,7 +136,7 @@ def fused_knobs_used(inputs):
     makes, through the one knob decision), and whether they came from a tuning record."""
     import dataclasses
 
-    from ..plan import plan
+    from ..planner import plan
 
     q, k = inputs.q, inputs.k
     used = plan(inputs.acsr, q.shape, k.shape, inputs.dtype, None, target=target_of(q))

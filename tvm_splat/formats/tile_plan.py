@@ -261,7 +261,7 @@ def kernel_arrays(acsr, plan: "TilePlan | None" = None) -> dict:
 def plan_tiles(acsr, knobs=None, *, br: int | None = None, bc: int | None = None) -> TilePlan:
     """Build the :class:`TilePlan` of ``acsr`` for row tiles of ``br`` and column blocks of
     ``bc`` (from ``knobs.br``/``knobs.bc`` when given). Not cached here: the runtime layer
-    (:mod:`tvm_splat.plan`) keeps the plans it made."""
+    (:mod:`tvm_splat.planner`) keeps the plans it made."""
     br = int(br if br is not None else knobs.br)
     bc = int(bc if bc is not None else knobs.bc)
     if br < 1 or bc < 1:

@@ -9,7 +9,7 @@ Per attention site (see :mod:`._attention_match` for the forms recognised) the p
 
 1. reads the site's constant mask, if any, into a boolean keep-mask (:mod:`._site_mask`),
 2. picks the sparsity from the user pattern and/or that mask (:mod:`._pattern_choice`),
-3. plans the site (:func:`tvm_splat.plan.plan`, the same plan ``sparse_attention`` runs:
+3. plans the site (:func:`tvm_splat.planner.plan`, the same plan ``sparse_attention`` runs:
    kernel family, tuned or default knobs, tile plan, launch steps) and replaces the ``P @ V``
    (or ``nn.attention``) binding by one ``R.call_tir`` per launch step of the plan, with the
    plan's int32 tables as constants; the now dead dense score code is dropped.
@@ -31,7 +31,7 @@ from tvm import relax
 from ..formats import ACSR
 from ..kernels import VARIANTS
 from ..kernels.spec import SUPPORTED_DTYPES
-from ..plan import AttentionPlan, choose_variant, plan
+from ..planner import AttentionPlan, choose_variant, plan
 from ..schedules.targets import as_target, target_name
 from ..tensors import check_acsr_tables
 from ._attention_match import AttentionMatch, find_attention

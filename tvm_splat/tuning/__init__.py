@@ -1,6 +1,6 @@
 """Auto-tuning of our kernels with MetaSchedule (AutoTVM's successor) and its XGBoost cost model.
 
-Every tuner takes the workload as an :class:`~tvm_splat.plan.AttentionPlan` (its ACSR, shapes,
+Every tuner takes the workload as an :class:`~tvm_splat.planner.AttentionPlan` (its ACSR, shapes,
 dtype, scale and target) and measures candidates with that plan's real int32 tables.
 
 - :mod:`.space`: our schedules with their knobs as MetaSchedule design spaces (``ScheduleFn``).

@@ -7,9 +7,9 @@ buffers and tables. For the warp-level ``mma`` kernel (fp16 on the GPU), ``warps
 (plan, program) is its own MetaSchedule task, whose design space holds its schedule variants,
 each annotated with its knobs; all tasks of a workload are tuned in one MetaSchedule run
 (parallel builds, one database), the runner feeding each task the real tables of its plan
-(the :class:`~tvm_splat.plan.AttentionPlan` of those knobs: the same tables ``run`` uploads).
+(the :class:`~tvm_splat.planner.AttentionPlan` of those knobs: the same tables ``run`` uploads).
 The winner over all tasks is written to ``<root>/<target>/tiled_<spec.key>/best.json``
-(:func:`tvm_splat.records.best_knobs_path`), which :func:`tvm_splat.plan.choose_knobs` reads
+(:func:`tvm_splat.records.best_knobs_path`), which :func:`tvm_splat.planner.choose_knobs` reads
 when the workload matches.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import tvm
 
-from ..plan import AttentionPlan, plan
+from ..planner import AttentionPlan, plan
 from ..records import best_knobs_path, open_database, workload_dir
 from ..schedules.targets import is_gpu
 from ..schedules.tiled import (TILE_BLOCK, TiledKnobs, apply_tiled_schedule, default_tiled_knobs, tiled_funcs,

@@ -19,7 +19,7 @@ import tvm
 import tvm_ffi
 
 from ..kernels import row_variant_funcs
-from ..plan import AttentionPlan, plan
+from ..planner import AttentionPlan, plan
 from ..records import open_database, workload_dir
 from ..schedules.targets import as_target, is_gpu
 from .space import mutators, row_space

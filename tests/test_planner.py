@@ -4,7 +4,7 @@ import pytest
 import tvm
 
 from tvm_splat import ACSR, Window, plan, parse_pattern
-from tvm_splat.plan import Step, choose_knobs
+from tvm_splat.planner import Step, choose_knobs
 from tvm_splat.reference import masked_attention
 from tvm_splat.schedules.row import RowKnobs
 from tvm_splat.schedules.tiled import TiledKnobs
