@@ -246,7 +246,7 @@ class GETA(HESSO):
 
     # ------------------------------------------------------------------ the joint rule
     def _family_slices(self, fam, rows: torch.Tensor):
-        """[(member, index along its dim, values, direction or None)] of the rows of ``fam``."""
+        """[(member, index along its dim, values)] of the groups ``rows`` of ``fam``."""
         out = []
         for m in fam.members:
             idx = (rows[:, None] * m.block + torch.arange(m.block)[None, :]).flatten()

@@ -36,13 +36,11 @@ length depends on when its stopping test fires, at most ``cric.max_steps``), res
 parameters to where it started, and hands back all ``K`` groups at once; they are then
 shrunk over one period of ``pruning_steps`` steps (``pruning_periods`` must be 1).
 
-Measured choices (``benchmarks/pruning_eval.py``; figures in its JSON):
-
-* the cosine sign and the step-direction Taylor score follow the reference;
-* an earlier half-space test (project a redundant group to 0 when its trial iterate left
-  ``{y : <y, x_g> >= 0}``) never fired in 20,800 redundant group-steps (digits MLP and CNN,
-  SGD and AdamW, 30% and 70% sparsity) while copying every parameter on each pruning step,
-  so it was removed (the reference HESSO has none).
+The cosine sign and the step-direction Taylor score follow the reference. An earlier
+half-space test (project a redundant group to 0 once its trial iterate left
+``{y : <y, x_g> >= 0}``) never fired in 20,800 redundant group-steps (digits MLP and CNN of
+``benchmarks/pruning_eval.py``, SGD and AdamW, 30% and 70% sparsity, 400 steps) while it
+copied every parameter on each pruning step, so it is gone (the reference HESSO has none).
 
 The optimizer is a normal ``torch.optim.Optimizer`` over all model parameters; call
 ``step()`` after ``backward()`` as usual. ``step(eval_loss=f)`` passes a side-effect-free
