@@ -5,7 +5,8 @@ Data is synthetic and generated here (``tvm_splat.pruning.data``): a 4-class 16x
 task and a token-classification task (label = (tok[t] + tok[t-1]) mod 4). For each model:
 
 1. train the dense baseline (AdamW) and the pruned model (HESSO with CRIC, same step
-   count; for the CNN also GETA: joint pruning + 4..8-bit fake quantization);
+   count; for the CNN also GETA: joint pruning + 4..16-bit weight and activation quantization
+   under a BOPs budget of 25% of the 8-bit dense model);
 2. report test accuracy, parameters (torch; Relax constants before/after the pass);
 3. export (torch.export -> from_exported_program), run ``CompactPrunedChannels``, compile
    with ``tvm.compile(target="llvm")`` and time dense / pruned-uncompacted / compacted,
@@ -61,7 +62,7 @@ def train(model, opt, x, y, steps, batch, seed, use_cric=False):
         loss = _loss(model(x[i]), y[i])
         loss.backward()
         if isinstance(opt, HESSO):
-            # CRIC's removal test needs a side-effect-free loss on this batch (only used in voting steps)
+            # CRIC's trial test and GETA's bit budget need a side-effect-free loss on this batch
             opt.step(eval_loss=make_eval_loss(model, _loss, x[i], y[i]) if use_cric else None)
         else:
             opt.step()
@@ -112,20 +113,21 @@ def run_cnn(args, rows):
     space = discover_groups(pruned)
     warm, prune = int(0.4 * steps), int(0.3 * steps)
     opt = HESSO(pruned.parameters(), space, lr=3e-3, variant="adamw", target_group_sparsity=args.target,
-                warmup_steps=warm, pruning_steps=prune, pruning_periods=3, cric=CRIC(window=3))
+                warmup_steps=warm, pruning_steps=prune, cric=CRIC(cycle_steps=max(2, steps // 30)))
     train(pruned, opt, x, y, steps, batch, seed=1, use_cric=True)
     assert space.group_sparsity() == opt.target_num_groups / len(space)
 
     torch.manual_seed(0)
     joint = TinyCNN()
     jspace = discover_groups(joint)
-    qs = attach_quantizers(joint, 4, 8, space=jspace)
-    gopt = GETA(joint.parameters(), jspace, qs, lr=3e-3, variant="adamw", quant_lr=0.01, bit_penalty=1.0,
-                target_group_sparsity=args.target, warmup_steps=warm, pruning_steps=prune, pruning_periods=3)
-    train(joint, gopt, x, y, steps, batch, seed=1)
+    layers = attach_quantizers(joint, (x[:256],), weight_bits=(4, 16), act_bits=(4, 16))
+    gopt = GETA(joint.parameters(), jspace, layers, lr=3e-3, variant="adamw", quant_lr=1e-4,
+                target_group_sparsity=args.target, warmup_steps=warm // 2, projection_steps=warm - warm // 2,
+                projection_periods=5, pruning_steps=prune, pruning_periods=3, target_relative_bops=0.25)
+    train(joint, gopt, x, y, steps, batch, seed=1, use_cric=True)
     bits = finalize_quantization(joint)
 
-    for label, model, sp, b in (("cnn_hesso_cric", pruned, space, None), ("cnn_geta_4to8bit", joint, jspace, bits)):
+    for label, model, sp, b in (("cnn_hesso_cric", pruned, space, None), ("cnn_geta_bops25", joint, jspace, bits)):
         row = {"task": "image 4-class 16x16", "groups_total": len(sp), "target_group_sparsity": args.target,
                "group_sparsity": sp.group_sparsity(), "acc_dense": accuracy(dense, xt, yt),
                "acc_pruned": accuracy(model, xt, yt), "torch_params_dense": count_params(dense)}
@@ -148,8 +150,8 @@ def run_transformer(args, rows):
     pruned = TinyTransformer(**kw)
     space = discover_groups(pruned)
     opt = HESSO(pruned.parameters(), space, lr=3e-3, variant="adamw", target_group_sparsity=args.target,
-                warmup_steps=int(0.5 * steps), pruning_steps=int(0.25 * steps), pruning_periods=3,
-                cric=CRIC(window=3))
+                warmup_steps=int(0.5 * steps), pruning_steps=int(0.25 * steps),
+                cric=CRIC(cycle_steps=max(2, steps // 30)))
     train(pruned, opt, x, y, steps, batch, seed=1, use_cric=True)
     row = {"task": "token classification (tok[t]+tok[t-1]) mod 4", "groups_total": len(space),
            "target_group_sparsity": args.target, "group_sparsity": space.group_sparsity(),

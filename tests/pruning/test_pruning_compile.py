@@ -23,8 +23,8 @@ def _prune(model, x, y, flat, quant=False):
     kw = dict(lr=0.01, variant="adamw", target_group_sparsity=0.5, warmup_steps=4, pruning_steps=6,
               pruning_periods=2)
     if quant:
-        qs = attach_quantizers(model, 4, 8, space=space)
-        opt = GETA(model.parameters(), space, qs, bit_penalty=1.0, **kw)
+        layers = attach_quantizers(model, (x[:16],), weight_bits=(4, 8), act_bits=(4, 8))
+        opt = GETA(model.parameters(), space, layers, quant_lr=1e-3, **kw)
     else:
         opt = HESSO(model.parameters(), space, **kw)
     model.train()

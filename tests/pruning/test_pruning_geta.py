@@ -1,117 +1,120 @@
-"""GETA: bit widths stay inside [b_min, b_max] after every step; pruning and quantization compose."""
+"""GETA: widths inside the bounds and under the cap after every step, the projection stage
+lowering the cap per period, the joint rule and the BOPs budget the run must end within."""
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tvm_splat.pruning.cric import make_eval_loss
 from tvm_splat.pruning.geta import GETA
 from tvm_splat.pruning.groups import discover_groups
-from tvm_splat.pruning.quant import FakeQuantizer, attach_quantizers, finalize_quantization, quantizers_of
+from tvm_splat.pruning.quant import attach_quantizers, finalize_quantization, quantizers_of
 
 
-def _setup(b_min=3, b_max=6, b_init=None, **kw):
-    m = nn.Sequential(nn.Linear(8, 24), nn.ReLU(), nn.Linear(24, 16), nn.GELU(), nn.Linear(16, 3))
-    space = discover_groups(m)
-    qs = attach_quantizers(m, b_min, b_max, b_init=b_init, space=space)
-    defaults = dict(lr=0.01, variant="adamw", quant_lr=0.05, target_group_sparsity=0.5, warmup_steps=6,
-                    pruning_steps=12, pruning_periods=2)
-    defaults.update(kw)
-    opt = GETA(m.parameters(), space, qs, **defaults)
-    return m, space, qs, opt
-
-
-def _steps(m, opt, n, check=None):
+def _data(n=512):
     g = torch.Generator().manual_seed(0)
-    for _ in range(n):
-        x = torch.randn(32, 8, generator=g)
-        y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    x = torch.randn(n, 8, generator=g)
+    return x, (x[:, 0] > 0).long() + (x[:, 1] > 0.3).long()
+
+
+def _setup(bits=(3, 12), **kw):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 16), nn.GELU(), nn.Linear(16, 3))
+    space = discover_groups(m)
+    x, _ = _data()
+    layers = attach_quantizers(m, (x[:128],), weight_bits=bits, act_bits=bits)
+    cfg = dict(lr=0.01, quant_lr=1e-3, variant="adamw", target_group_sparsity=0.5, warmup_steps=4,
+               projection_steps=12, projection_periods=4, bit_reduction=2, pruning_steps=12, pruning_periods=2)
+    cfg.update(kw)
+    return m, space, layers, GETA(m.parameters(), space, layers, **cfg)
+
+
+def _train(m, opt, steps, check=None):
+    x, y = _data()
+    for s in range(steps):
+        i = torch.arange(s * 32, (s + 1) * 32) % x.shape[0]
         opt.zero_grad()
-        F.cross_entropy(m(x), y).backward()
-        opt.step()
+        F.cross_entropy(m(x[i]), y[i]).backward()
+        opt.step(eval_loss=make_eval_loss(m, F.cross_entropy, x[i], y[i]))
         if check is not None:
             check()
 
 
-@pytest.mark.parametrize("penalty,b_init,expect", [(50.0, 6, 3), (0.0, 3, None)])
-def test_bit_widths_respect_bounds_every_step(penalty, b_init, expect):
-    m, space, qs, opt = _setup(b_init=b_init, bit_penalty=penalty, quant_lr=0.5)
-    seen = []
+def test_widths_stay_in_bounds_and_under_the_cap_every_step():
+    m, space, layers, opt = _setup()
 
     def check():
-        for q in qs.values():
-            b = float(q.bits.detach())
-            seen.append(b)
-            assert 3.0 <= b <= 6.0 and 3 <= q.integer_bits() <= 6
+        for l in layers.values():
+            for q in (l.weight, l.act):
+                assert q.b_min - 1e-4 <= q.bit_width() <= min(q.b_max, opt.cap) + 1e-4
 
-    _steps(m, opt, 30, check)
-    if expect is not None:  # a huge penalty drives bits to the lower bound, never below
-        assert opt.bit_widths() == {n: expect for n in qs}
-    assert min(seen) >= 3.0 and max(seen) <= 6.0
-    # after warm-up + pruning the bits are frozen at integers (cool-down)
-    assert all(float(q.bits) == q.integer_bits() for q in qs.values())
+    _train(m, opt, 40, check)
+    assert opt.bits_fixed and opt.phase == "finetune"
+    for n, (bw, ba) in opt.final_bits.items():
+        assert 3 <= bw <= opt.cap and 3 <= ba <= opt.cap
+        assert layers[n].weight.bit_width() == pytest.approx(bw, abs=1e-4)  # cool-down: d follows the width
 
 
-def test_task_gradient_cannot_push_bits_above_upper_bound():
-    m, space, qs, opt = _setup(b_min=2, b_max=4, b_init=4)
-    for q in qs.values():  # an adversarial gradient asking for ever more bits
-        q.bits.register_hook(lambda g: torch.full_like(g, -100.0))
-    _steps(m, opt, 10)
-    assert all(float(q.bits) == 4.0 for q in qs.values())
+def test_projection_stage_lowers_the_max_width_each_period():
+    m, space, layers, opt = _setup()
+    _train(m, opt, 4 + 12)  # warm-up + projection
+    caps = opt.cap_history
+    # periods of 3 steps start at steps 5, 8, 11, 14: the cap drops by 2 at each but the first
+    assert caps[:4] == [12] * 4 and caps[4:7] == [12] * 3
+    assert caps[7:10] == [10] * 3 and caps[10:13] == [8] * 3 and caps[13:16] == [6] * 3
+    widest = [max(max(b) for b in step.values()) for step in opt.bits_history]
+    for period_end, cap in ((9, 10), (12, 8), (15, 6)):
+        assert widest[period_end] <= cap + 1e-4
 
 
-def test_pruned_groups_stay_exactly_zero_after_quantization():
-    m, space, qs, opt = _setup(bit_penalty=5.0)
-    _steps(m, opt, 25)
+def test_run_ends_within_the_bops_budget_with_per_layer_widths():
+    m, space, layers, opt = _setup(bits=(3, 12), target_relative_bops=0.12)
+    _train(m, opt, 40)
+    assert opt.relative_bops() <= 0.12
+    rep = opt.report()
+    assert rep["relative_bops"] == opt.relative_bops() and set(rep["layers"]) == set(layers)
+    widths = {(r["weight_bits"], r["activation_bits"]) for r in rep["layers"].values()}
+    assert all(3 <= w <= 12 and 3 <= a <= 12 for w, a in widths)
+    assert space.group_sparsity() == pytest.approx(round(0.5 * len(space)) / len(space))
+
+
+def test_budget_is_checked_early_and_at_the_end():
+    with pytest.raises(ValueError, match="unreachable"):
+        _setup(target_relative_bops=0.001)
+    m, space, layers, opt = _setup(bits=(6, 12), target_relative_bops=0.08, target_group_sparsity=0.2)
+    with pytest.raises(RuntimeError, match="cannot meet"):
+        _train(m, opt, 40)
+
+
+def test_joint_rule_runs_on_redundant_families_and_pruned_groups_stay_zero_after_quantization():
+    m, space, layers, opt = _setup()
+    _train(m, opt, 40)
+    families = {name for _, name, _, _ in opt.joint_history}
+    assert families == {f.name for f in space.families}
+    assert all(gamma >= 0 for _, _, gamma, _ in opt.joint_history)
     k = round(0.5 * len(space))
     assert int(space.zero_mask().sum()) == k == len(opt.pruned_groups())
-    # the *quantized* weights the model computes with: zero groups remain exact zeros
-    w0 = m[0].weight  # parametrized: quantized view
-    pruned_units = [g.index for g in (space.groups[i] for i in opt.pruned_groups()) if g.family.name == "0"]
-    assert pruned_units and torch.all(w0[pruned_units] == 0)
-    # and every layer uses at most 2^b - 1 levels (symmetric grid, no zero point)
-    bits = opt.bit_widths()
-    for name, q in qs.items():
-        w = m.get_submodule(name).weight.detach()
-        assert torch.unique(w).numel() <= 2 ** bits[name] - 1
-    # quantization-aware groups: every family knows its layers' quantizers
-    assert [len(f.quantizers) for f in space.families] == [2, 2]
-    x = torch.randn(16, 8)
+    w0 = m[0].weight  # the quantized view the model computes with
+    pruned = [space.groups[i].index for i in opt.pruned_groups() if space.groups[i].family.name == "0"]
+    assert pruned and torch.all(w0[pruned] == 0)
+    x, _ = _data()
     with torch.no_grad():
-        ref = m(x)
-    final = finalize_quantization(m)
-    assert final == bits and not quantizers_of(m)
-    with torch.no_grad():
-        torch.testing.assert_close(m(x), ref, rtol=0, atol=0)
+        ref = m(x[:16])
+    bits = finalize_quantization(m)
+    assert not quantizers_of(m) and {n: (b["weight"], b["activation"]) for n, b in bits.items()} == opt.final_bits
     assert int(space.zero_mask().sum()) == k  # the space still points at the baked weights
+    with torch.no_grad():  # only the activation quantization is gone
+        assert (m(x[:16]).argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
 
 
-def test_fake_quantizer_grid_and_ste():
-    w = torch.linspace(-1, 1, 101, requires_grad=True)
-    q = FakeQuantizer(w, 2, 8, b_init=3)
-    out = q(w)
-    assert torch.unique(out.detach()).numel() == 7  # 2^3 - 1 levels
-    assert out[50] == 0  # zero maps to zero
-    out.sum().backward()
-    assert torch.all(w.grad[1:-1] == 1) and q.bits.grad is not None and q.q_m.grad is not None
-
-
-def test_bad_bounds_and_arguments():
-    lin = nn.Linear(4, 4)
-    with pytest.raises(ValueError, match="2 <= b_min <= b_max"):
-        attach_quantizers(nn.Sequential(lin), 1, 4)
-    with pytest.raises(ValueError, match="2 <= b_min <= b_max"):
-        attach_quantizers(nn.Sequential(lin), 6, 4)
-    with pytest.raises(ValueError, match="integers"):
-        attach_quantizers(nn.Sequential(lin), 2.5, 4)
-    with pytest.raises(ValueError, match="outside"):
-        FakeQuantizer(lin.weight, 2, 4, b_init=8)
-    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-    attach_quantizers(m, 2, 4)
-    with pytest.raises(ValueError, match="already has fake quantizers"):
-        attach_quantizers(m, 2, 4)
-    space = discover_groups(m)
-    with pytest.raises(ValueError, match="at least one FakeQuantizer"):
-        GETA(m.parameters(), space, {}, lr=0.1, target_group_sparsity=0.5, pruning_steps=4)
-    with pytest.raises(ValueError, match="bit_penalty"):
-        GETA(m.parameters(), space, quantizers_of(m), lr=0.1, target_group_sparsity=0.5, pruning_steps=4,
-             bit_penalty=-1)
+def test_bad_arguments():
+    m, space, layers, _ = _setup()
+    kw = dict(lr=0.1, target_group_sparsity=0.5, pruning_steps=4)
+    with pytest.raises(ValueError, match="QuantizedLayer"):
+        GETA(m.parameters(), space, {}, quant_lr=1e-3, **kw)
+    with pytest.raises(ValueError, match="quant_lr"):
+        GETA(m.parameters(), space, layers, quant_lr=0.0, **kw)
+    with pytest.raises(ValueError, match="target_relative_bops"):
+        GETA(m.parameters(), space, layers, quant_lr=1e-3, target_relative_bops=-1, **kw)
+    with pytest.raises(ValueError, match="CRIC"):
+        GETA(m.parameters(), space, layers, quant_lr=1e-3, cric=object(), **kw)

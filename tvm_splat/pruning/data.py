@@ -1,4 +1,4 @@
-"""Synthetic, seeded datasets for the pruning example and tests (nothing is downloaded).
+"""Datasets for the pruning example, tests and benchmark (nothing is downloaded).
 
 * :func:`make_image_task` -- ``(x, y)``: ``x`` float32 ``(n, 3, size, size)``, ``y`` int64
   ``(n,)`` in ``[0, num_classes)``. Class ``k`` = a fixed random smooth template with a
@@ -6,13 +6,15 @@
 * :func:`make_token_task` -- ``(tokens, labels)``: int64 ``(n, seq_len)`` each; label at
   position ``t`` is ``(tok[t] + tok[t-1]) mod num_classes`` (``tok[-1] := 0``), so the
   model must attend to the previous position.
+* :func:`load_digits_split` -- the sklearn digits set (ships inside scikit-learn), fixed
+  1437/360 split, for the pruning benchmark.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["make_image_task", "make_token_task"]
+__all__ = ["load_digits_split", "make_image_task", "make_token_task"]
 
 
 def make_image_task(n: int, size: int = 16, num_classes: int = 4, noise: float = 0.6, seed: int = 0):
@@ -40,3 +42,33 @@ def make_token_task(n: int, seq_len: int = 12, vocab: int = 16, num_classes: int
     tok = torch.randint(0, vocab, (n, seq_len), generator=g)
     prev = torch.cat([torch.zeros(n, 1, dtype=tok.dtype), tok[:, :-1]], dim=1)
     return tok, (tok + prev) % num_classes
+
+
+def load_digits_split(layout: str = "flat"):
+    """The sklearn 8x8 digits set (shipped inside scikit-learn, nothing downloaded), fixed split.
+
+    Returns ``(x_train, y_train, x_test, y_test)``: 1437 train / 360 test samples, stratified
+    by class with ``random_state=0``; ``x`` float32 standardised per pixel with the *train*
+    mean/std (constant pixels get std 1), ``y`` int64 in ``[0, 10)``. ``layout``:
+
+    * ``"flat"``  -- ``x`` of shape ``(n, 64)`` (MLPs);
+    * ``"image"`` -- ``(n, 1, 8, 8)`` (CNNs);
+    * ``"rows"``  -- ``(n, 8, 8)``: a sequence of 8 row tokens of 8 pixels (transformers).
+    """
+    shapes = {"flat": (-1, 64), "image": (-1, 1, 8, 8), "rows": (-1, 8, 8)}
+    if layout not in shapes:
+        raise ValueError(f"layout must be one of {sorted(shapes)}, got {layout!r}")
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as e:  # pragma: no cover - declared in the test/bench extras
+        raise ImportError("load_digits_split needs scikit-learn (pip install 'tvm-splat[bench]')") from e
+    digits = load_digits()
+    x_tr, x_te, y_tr, y_te = train_test_split(digits.data, digits.target, test_size=360, random_state=0,
+                                              stratify=digits.target)
+    x_tr, x_te = torch.tensor(x_tr, dtype=torch.float32), torch.tensor(x_te, dtype=torch.float32)
+    mean, std = x_tr.mean(0), x_tr.std(0)
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
+    shape = shapes[layout]
+    return x_tr.reshape(shape), torch.tensor(y_tr), x_te.reshape(shape), torch.tensor(y_te)

@@ -5,6 +5,9 @@
 * :class:`TinyTransformer` -- token classifier; input ``(B, T)`` int64 token ids, output
   ``(B, T, num_classes)``. Pre-LN blocks ``x + attn(ln(x))``, ``x + mlp(ln(x))``: head groups
   in every attention, hidden groups in every MLP; the residual stream is never grouped.
+* :func:`digits_mlp`, :func:`digits_cnn`, :class:`RowTransformer` -- the pruning benchmark's
+  models for the 8x8 digits (``tvm_splat.pruning.data.load_digits_split``): inputs
+  ``(B, 64)``, ``(B, 1, 8, 8)`` and ``(B, 8, 8)`` (8 row tokens) float32, logits ``(B, 10)``.
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ import math
 import torch
 import torch.nn as nn
 
-__all__ = ["TinyCNN", "MultiHeadSelfAttention", "TransformerBlock", "TinyTransformer"]
+__all__ = ["TinyCNN", "MultiHeadSelfAttention", "TransformerBlock", "TinyTransformer", "RowTransformer", "digits_cnn",
+           "digits_mlp"]
 
 
 def _conv_bn(cin: int, cout: int, stride: int = 1) -> list:
@@ -85,3 +89,37 @@ class TinyTransformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.head(self.ln(self.blocks(self.tok(tokens) + self.pos)))
+
+
+def digits_mlp(hidden=(128, 64), num_classes: int = 10) -> nn.Sequential:
+    """``Linear(64, h1) -> ReLU -> Linear(h1, h2) -> ReLU -> Linear(h2, 10)``: ``h1 + h2`` unit groups."""
+    sizes = (64, *hidden)
+    layers: list = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(sizes[-1], num_classes))
+
+
+def digits_cnn(width=(16, 32, 32), hidden: int = 64, num_classes: int = 10) -> TinyCNN:
+    """:class:`TinyCNN` on 1-channel 8x8 digits."""
+    return TinyCNN(in_ch=1, width=width, hidden=hidden, num_classes=num_classes)
+
+
+class RowTransformer(nn.Module):
+    """Sequence classifier over ``(B, T, in_dim)`` float tokens (the digits' 8 rows of 8 pixels).
+
+    ``Linear(in_dim, dim)`` + learned positions, ``depth`` pre-LN :class:`TransformerBlock`s
+    (head groups and MLP unit groups), final LayerNorm, mean over tokens, ``Linear(dim, classes)``.
+    """
+
+    def __init__(self, in_dim: int = 8, seq_len: int = 8, dim: int = 32, num_heads: int = 8, depth: int = 2,
+                 num_classes: int = 10, mlp_ratio: int = 2):
+        super().__init__()
+        self.embed = nn.Linear(in_dim, dim)
+        self.pos = nn.Parameter(torch.randn(1, seq_len, dim) * 0.1)
+        self.blocks = nn.Sequential(*[TransformerBlock(dim, num_heads, mlp_ratio) for _ in range(depth)])
+        self.ln = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.ln(self.blocks(self.embed(x) + self.pos)).mean(1))
