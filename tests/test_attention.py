@@ -129,6 +129,9 @@ def test_default_variant_and_untuned_knobs():
 
     h100 = tvm.target.Target("nvidia/nvidia-h100")
     assert choose_variant("auto", h100) == "tiled" and choose_variant("auto", "llvm") == CPU_VARIANT
+    # the separate kernels' score buffers past CPU_SCRATCH_BYTES: the row kernel instead
+    huge = AttentionSpec.from_acsr(ACSR.from_pattern(Window(1024), 32768), 1, 16, 128, "float32")
+    assert choose_variant("auto", "llvm", huge) == "row"
     acsr = ACSR.from_pattern(Window(256), 4096)
     small = AttentionSpec.from_acsr(acsr, 1, 12, 64, "float16")     # 12 * 64 row tiles of 64
     large = AttentionSpec.from_acsr(acsr, 8, 12, 64, "float16")     # 8 * 12 * 64

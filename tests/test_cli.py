@@ -11,7 +11,7 @@ def test_demo_runs_and_checks_results(capsys):
     assert "all outputs match dense attention" in out
     for row in ("tvm_splat row", "tvm_splat tiled", "tvm_splat separate", "tvm dense (masked)"):
         assert row in out
-    assert "default kernel on llvm: row" in out
+    assert "default kernel on llvm: separate" in out
 
 
 def test_unknown_pattern_is_a_clean_error(capsys):

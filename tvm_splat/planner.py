@@ -79,11 +79,18 @@ def tile_plan_of(acsr: ACSR, knobs: TiledKnobs) -> TilePlan:
 
 
 # ------------------------------------------------------------------------------ decisions
-def choose_variant(variant: str, target) -> str:
+def choose_variant(variant: str, target, spec: AttentionSpec | None = None) -> str:
     """The kernel family for ``variant`` on ``target``: ``"auto"`` is ``tiled`` (tensor cores)
-    on the GPU and ``row`` on the CPU, where it measured fastest (see ``CPU_VARIANT``)."""
+    on the GPU and ``CPU_VARIANT`` on the CPU, unless its score buffers (``[batch, heads,
+    max_nnz]`` float32, twice) would pass ``CPU_SCRATCH_BYTES``: then the row kernel, which
+    keeps nothing per nonzero."""
     if variant == "auto":
-        return "tiled" if is_gpu(as_target(target)) else CPU_VARIANT
+        if is_gpu(as_target(target)):
+            return "tiled"
+        if CPU_VARIANT == "separate" and spec is not None \
+                and 8 * spec.batch * spec.heads * spec.max_nnz > CPU_SCRATCH_BYTES:
+            return "row"
+        return CPU_VARIANT
     if variant == "fused":
         raise ValueError("variant 'fused' is now called 'tiled' (or leave variant='auto')")
     if variant not in VARIANTS:
@@ -91,10 +98,13 @@ def choose_variant(variant: str, target) -> str:
     return variant
 
 
-#: the CPU default. tvm-splat demo's case (global:4+window:32, n=512, 4 heads, d=64, fp32) on
-#: the 2-core CI machine: row 4.2 ms, separate 5.8 ms, tiled 17.5 ms (stop 11); re-measured
-#: with this refactor in ``tests``-free form by ``tvm-splat demo`` (see the README).
-CPU_VARIANT = "row"
+#: the CPU default: SPLAT's three kernels were the fastest on all 6 cases of
+#: ``benchmarks/cpu_variants.py`` on the 2-core machine (geomean 73.7 ms, row 84.8 ms, tiled
+#: 221.3 ms; the demo's case 8.1 / 8.9 / 39.3 ms; ``benchmarks/results/cpu_variants.json``)
+CPU_VARIANT = "separate"
+#: the separate kernels keep every score twice (float32): above this the row kernel is the CPU
+#: default instead (a memory bound, not a measured speed: row was within 15% of separate)
+CPU_SCRATCH_BYTES = 1 << 30
 
 
 def choose_knobs(spec: AttentionSpec, target, variant: str, knobs=None):
@@ -330,9 +340,10 @@ def plan(mask, q_shape, kv_shape=None, dtype="float32", device="cpu", *, target=
     target = as_target(target)
     if dev is not None and is_gpu(target) != is_gpu_device(dev):
         raise ValueError(f"target {target.kind.name} does not match the device {dev}")
-    variant = choose_variant(variant, target)
+    choose_variant(variant, target)  # a bad name fails before the ACSR is built
     acsr = as_acsr(mask, n, max_segments)
     spec = AttentionSpec.from_acsr(acsr, batch, heads, head_dim, dtype, scale, kv_heads=kv_shape[1])
+    variant = choose_variant(variant, target, spec)
     knobs, source = choose_knobs(spec, target, variant, knobs)
     return AttentionPlan(mask, acsr, spec, variant, knobs, source, target, dev)
 
