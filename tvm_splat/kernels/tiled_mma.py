@@ -121,6 +121,13 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     def kv_stage(base, st, u):  # offset of row u of stage st of the K or V ring
         return base + (st * BC + u) * DP
 
+    def ldmatrix_x4(frag, offset, smem, smem_offset, trans=False):  # 4 8x8 tiles of shared -> registers
+        return T.ptx_legacy.ldmatrix(trans, 4, ".b16", frag.data, offset, smem.access_ptr("r"), smem_offset, dtype=dt)
+
+    def mma_16x8x16(a, a_offset, b, b_offset, c, c_offset):  # c += a b, float32 accumulators
+        return T.ptx_legacy.mma("m16n8k16", "row", "col", ab, ab, "fp32", a.data, a_offset, b.data, b_offset,
+                                c.data, c_offset, False, dtype="float32")
+
     # -- steps ---------------------------------------------------------------------------
     @T.macro
     def copy16(dst, src, valid):
@@ -210,9 +217,8 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         # Q fragments (A operand) for the whole tile
         for mt in T.unroll(MT):
             for kk in T.unroll(KD):
-                T.evaluate(T.ptx_legacy.ldmatrix(
-                    False, 4, ".b16", qf.data, (mt * KD + kk) * 8, smem.access_ptr("r"),
-                    ((w * MT + mt) * 16 + lane % 16) * DP + kk * 16 + 8 * (lane // 16), dtype=dt))
+                T.evaluate(ldmatrix_x4(qf, (mt * KD + kk) * 8, smem,
+                                       ((w * MT + mt) * 16 + lane % 16) * DP + kk * 16 + 8 * (lane // 16)))
 
     @T.macro
     def qk_tile(sacc, qf, bf, smem, stg, lane):
@@ -221,16 +227,11 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
             sacc[i] = T.float32(0)
         for kk in T.unroll(KD):
             for np in T.unroll(KC):
-                T.evaluate(T.ptx_legacy.ldmatrix(
-                    False, 4, ".b16", bf.data, 0, smem.access_ptr("r"),
-                    kv_stage(K_OFF, stg, np * 16 + lane % 8 + 8 * (lane // 16)) + kk * 16 + 8 * (lane // 8 % 2),
-                    dtype=dt))
+                T.evaluate(ldmatrix_x4(bf, 0, smem, kv_stage(K_OFF, stg, np * 16 + lane % 8 + 8 * (lane // 16))
+                                       + kk * 16 + 8 * (lane // 8 % 2)))
                 for mt in T.unroll(MT):
                     for hn in T.unroll(2):
-                        T.evaluate(T.ptx_legacy.mma(
-                            "m16n8k16", "row", "col", ab, ab, "fp32",
-                            qf.data, (mt * KD + kk) * 8, bf.data, hn * 4,
-                            sacc.data, (mt * NTL + np * 2 + hn) * 4, False, dtype="float32"))
+                        T.evaluate(mma_16x8x16(qf, (mt * KD + kk) * 8, bf, hn * 4, sacc, (mt * NTL + np * 2 + hn) * 4))
 
     @T.macro
     def mask_scores(sacc, sg, full, col0, sig, lane):
@@ -278,19 +279,14 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
 
     @T.macro
     def pv_tile(oacc, pf, bf, smem, stg, lane):
-        # O += P V on tensor cores
+        # O += P V on tensor cores (V through ldmatrix.trans: the B operand)
         for kc in T.unroll(KC):
             for dp in T.unroll(D // 16):
-                T.evaluate(T.ptx_legacy.ldmatrix(
-                    True, 4, ".b16", bf.data, 0, smem.access_ptr("r"),
-                    kv_stage(V_OFF, stg, kc * 16 + lane % 8 + 8 * (lane // 8 % 2)) + dp * 16 + 8 * (lane // 16),
-                    dtype=dt))
+                T.evaluate(ldmatrix_x4(bf, 0, smem, kv_stage(V_OFF, stg, kc * 16 + lane % 8 + 8 * (lane // 8 % 2))
+                                       + dp * 16 + 8 * (lane // 16), trans=True))
                 for mt in T.unroll(MT):
                     for hn in T.unroll(2):
-                        T.evaluate(T.ptx_legacy.mma(
-                            "m16n8k16", "row", "col", ab, ab, "fp32",
-                            pf.data, (mt * KC + kc) * 8, bf.data, hn * 4,
-                            oacc.data, (mt * DT + dp * 2 + hn) * 4, False, dtype="float32"))
+                        T.evaluate(mma_16x8x16(pf, (mt * KC + kc) * 8, bf, hn * 4, oacc, (mt * DT + dp * 2 + hn) * 4))
 
     @T.macro
     def pv_exact(oacc, pf, smem, stg, w, lane):
