@@ -187,10 +187,10 @@ class SparsifyAttention:
     def _decide(self, function: str, site: AttentionMatch, bindings, target):
         name = self._site_name(site)
 
-        def report(rewritten, reason="", mask="?", pattern=None, density=None):
+        def report(rewritten, reason="", mask="?", pattern=None, density=None, kernels=""):
             return SiteReport(name, function, site.form, site.batch, site.heads, site.seq_len,
                               site.head_dim, site.dtype, mask, describe(pattern), density,
-                              rewritten, reason)
+                              rewritten, reason, kernels)
 
         if site.problem:
             return None, report(False, site.problem)
@@ -211,7 +211,8 @@ class SparsifyAttention:
         shape = (site.batch, site.heads, site.seq_len, site.head_dim)
         planned = plan(acsr, shape, shape, site.dtype, None, target=target, scale=site.scale,
                        variant=self._variant)
-        return _Site(site, planned, name), report(True, "", mask.description, pattern, float(acsr.density))
+        kernels = f"{planned.variant}: " + ", ".join(step.kernel for step in planned.steps)
+        return _Site(site, planned, name), report(True, "", mask.description, pattern, float(acsr.density), kernels)
 
 
 # ---------------------------------------------------------------------- rewriting

@@ -15,7 +15,9 @@ class SiteReport:
     applied (``"none"``, ``"causal"``, ``"boolean"``, ``"additive"``, joined by ``+``);
     ``pattern``: the user pattern for this site (text), or None when the mask alone decided;
     ``density``: fraction of (query, key) pairs kept (over mask heads), when known;
-    ``rewritten`` and, when not, ``reason``.
+    ``rewritten`` and, when not, ``reason``; for a rewritten site, ``kernels``: the kernel
+    family its plan chose and the kernels it launches, in order (e.g. ``"separate: sddmm,
+    softmax, spmm"``).
     """
 
     name: str
@@ -31,11 +33,17 @@ class SiteReport:
     density: Optional[float]
     rewritten: bool
     reason: str = ""
+    kernels: str = ""
+
+    @property
+    def launches(self) -> int:
+        """How many kernel launches replace the site (0 when it was skipped)."""
+        return len(self.kernels.split(":", 1)[1].split(",")) if self.kernels else 0
 
     def line(self) -> str:
         shape = f"[{self.batch},{self.heads},{self.seq_len},{self.head_dim}] {self.dtype}"
         density = "-" if self.density is None else f"{self.density:.3f}"
-        what = "rewritten" if self.rewritten else f"skipped: {self.reason}"
+        what = f"rewritten ({self.kernels})" if self.rewritten else f"skipped: {self.reason}"
         return (f"{self.function}/{self.name} ({self.form}, {shape}, mask={self.mask}, "
                 f"pattern={self.pattern or '-'}, density={density}): {what}")
 
