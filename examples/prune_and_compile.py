@@ -18,7 +18,6 @@ Usage: ``python examples/prune_and_compile.py [--quick]``.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform

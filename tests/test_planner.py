@@ -1,7 +1,6 @@
 """plan → run: what a plan decides once, how it runs, and that every entry point goes through it."""
 import numpy as np
 import pytest
-import tvm
 
 from tvm_splat import ACSR, Window, plan, parse_pattern
 from tvm_splat.planner import Step, choose_knobs

@@ -17,7 +17,7 @@ apart (torch training); ``reference``, ``timing`` and ``channel_rules`` are leaf
 ``tensors`` (checks where arrays meet kernels) sits below ``formats``. ``tests/test_layers.py``
 holds the order.
 """
-from ._version import __version__
+from ._version import __version__  # noqa: F401  (the package version, re-exported)
 
 from .formats import (  # noqa: E402
     ACSR, BlockLocal, Dense, DilatedWindow, GlobalTokens, PerHead, Strided, Union, Window,

@@ -22,7 +22,6 @@ import functools
 import weakref
 from dataclasses import dataclass
 
-import numpy as np
 import tvm
 
 from .compile import compile_attention, compile_module, row_module, tiled_module

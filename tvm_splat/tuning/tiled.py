@@ -19,7 +19,6 @@ import itertools
 import json
 import logging
 import tempfile
-from pathlib import Path
 
 import numpy as np
 import tvm
