@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from .devices import device_of, dtype_name, is_torch
+from .devices import device_of, dtype_name
+from .tensors import is_torch
 from .formats import ACSR
 from .planner import AttentionPlan, plan
 

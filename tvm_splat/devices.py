@@ -11,10 +11,7 @@ import numpy as np
 import tvm
 
 from .schedules.targets import as_target
-
-
-def is_torch(x) -> bool:
-    return type(x).__module__.startswith("torch")
+from .tensors import is_torch
 
 
 def dtype_name(x) -> str:

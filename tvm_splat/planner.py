@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import tvm
 
 from .compile import compile_attention, compile_module, row_module, tiled_module
-from .devices import as_device, default_target, device_of, dtype_name, is_gpu_device, is_torch
+from .devices import as_device, default_target, device_of, dtype_name, is_gpu_device
 from .formats import ACSR
 from .formats.tile_plan import TilePlan, kernel_arrays, plan_tiles
 from .kernels import VARIANTS
@@ -35,7 +35,7 @@ from .records import tuned_tiled_knobs
 from .schedules.row import RowKnobs
 from .schedules.targets import as_target, is_gpu, target_key
 from .schedules.tiled import TiledKnobs, default_tiled_knobs
-from .tensors import check_acsr_tables, check_scale, is_aligned, to_tvm
+from .tensors import check_acsr_tables, check_scale, is_aligned, is_torch, to_tvm
 
 __all__ = ["AttentionPlan", "Step", "plan", "choose_knobs", "choose_variant", "as_acsr"]
 
@@ -142,6 +142,8 @@ class Step:
 
 
 SEGMENTS = ("seg_start", "seg_step", "seg_count")
+#: the buffers a call brings, by their position in ``launch(q, k, v, out)``
+_CALL_ARGS = {"q": 0, "k": 1, "v": 2, "out": 3}
 
 
 def _tiled_steps(plan: TilePlan) -> tuple:
@@ -222,17 +224,15 @@ class AttentionPlan:
         if self._launch is None:
             dev = self.device
             lib = self.compiled()
-            env = {name: tvm.runtime.tensor(a, dev) for name, a in self.tables.items()}
-            env.update({name: tvm.runtime.empty(shape, dtype, dev) for name, (shape, dtype) in self.scratch.items()})
-            calls = [(lib[step.kernel], step.args) for step in self.steps]
+            fixed = {name: tvm.runtime.tensor(a, dev) for name, a in self.tables.items()}
+            fixed.update({name: tvm.runtime.empty(shape, dtype, dev) for name, (shape, dtype) in self.scratch.items()})
+            # per step: the function and, per argument, its tensor or the position of q, k, v, out
+            calls = [(lib[step.kernel], tuple(fixed.get(a, _CALL_ARGS.get(a)) for a in step.args))
+                     for step in self.steps]
 
-            def launch(q, k, v, out):
-                env["q"], env["k"], env["v"], env["out"] = q, k, v, out
-                try:
-                    for func, args in calls:
-                        func(*(env[a] for a in args))
-                finally:
-                    del env["q"], env["k"], env["v"], env["out"]
+            def launch(*io):  # q, k, v, out
+                for func, args in calls:
+                    func(*(io[a] if isinstance(a, int) else a for a in args))
 
             self._launch = launch
         return self._launch

@@ -15,7 +15,7 @@ import weakref
 import numpy as np
 import tvm
 
-__all__ = ["KERNEL_ALIGNMENT", "to_tvm", "is_aligned", "check_acsr_tables", "check_scale"]
+__all__ = ["KERNEL_ALIGNMENT", "to_tvm", "is_aligned", "is_torch", "check_acsr_tables", "check_scale"]
 
 # Bytes. TVM declares every buffer argument of a compiled PrimFunc 64-byte aligned
 # (``tir.Buffer.data_alignment`` defaults to ``kAllocAlignment`` = 64, and the argument binder
@@ -25,7 +25,8 @@ __all__ = ["KERNEL_ALIGNMENT", "to_tvm", "is_aligned", "check_acsr_tables", "che
 KERNEL_ALIGNMENT = 64
 
 
-def _is_torch(x) -> bool:
+def is_torch(x) -> bool:
+    """Whether ``x`` is a torch tensor (without importing torch)."""
     return type(x).__module__.startswith("torch")
 
 
@@ -45,7 +46,7 @@ def to_tvm(x, dev):
     a read-only numpy array, which DLPack cannot export). A tensor that requires grad is
     read through ``detach()``: the kernels are inference-only.
     """
-    if _is_torch(x):
+    if is_torch(x):
         x = x.detach()
         if not x.is_contiguous():
             x = x.contiguous()

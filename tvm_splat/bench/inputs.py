@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..devices import dtype_name
 from ..formats import ACSR, Pattern, PerHead, parse_pattern
 
 # Rows of the boolean mask built per step on the device: a chunk's int32 index arithmetic stays
@@ -43,7 +44,7 @@ class CaseInputs:
 
     @property
     def dtype(self) -> str:
-        return str(self.q.dtype).replace("torch.", "")
+        return dtype_name(self.q)
 
     @property
     def gqa(self) -> bool:
