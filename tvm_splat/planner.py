@@ -30,7 +30,7 @@ from .formats import ACSR
 from .formats.tile_plan import TilePlan, kernel_arrays, plan_tiles
 from .kernels import VARIANTS
 from .kernels.spec import SUPPORTED_DTYPES, AttentionSpec
-from .kernels.tiled import partial_shapes
+from .kernels.tiled import partial_shapes, split_shapes
 from .records import tuned_tiled_knobs
 from .schedules.row import RowKnobs
 from .schedules.targets import as_target, is_gpu, target_key
@@ -69,9 +69,10 @@ _TILE_PLANS: "weakref.WeakKeyDictionary[ACSR, dict]" = weakref.WeakKeyDictionary
 
 
 def tile_plan_of(acsr: ACSR, knobs: TiledKnobs) -> TilePlan:
-    """The tile plan of ``acsr`` for the knobs' ``br x bc`` tiles, made once per ACSR."""
+    """The tile plan of ``acsr`` for the knobs' ``br x bc`` tiles and split-KV rule, made once
+    per ACSR."""
     plans = _TILE_PLANS.setdefault(acsr, {})
-    key = (knobs.br, knobs.bc)
+    key = (knobs.br, knobs.bc, knobs.split_blocks)
     if key not in plans:
         plans[key] = plan_tiles(acsr, knobs)
     return plans[key]
@@ -148,7 +149,11 @@ _CALL_ARGS = {"q": 0, "k": 1, "v": 2, "out": 3}
 
 def _tiled_steps(plan: TilePlan) -> tuple:
     steps = [Step("tiled", ("q", "k", "v", "seg_start", "seg_count", "seg_sigma", "tiles", "blocks",
-                            "out", "o_part", "ml_part"), ("out", "o_part", "ml_part"))]
+                            "out", "o_part", "ml_part", "split_o", "split_ml"),
+                  ("out", "o_part", "ml_part", "split_o", "split_ml"))]
+    if plan.shape.num_slots > 0:  # split-KV: the chunks' states -> the split tiles' rows
+        steps.append(Step("split_merge", ("split_o", "split_ml", "splits", "out", "o_part", "ml_part"),
+                          ("out", "o_part", "ml_part"), inplace=True))
     if plan.shape.num_components > 1:
         steps.append(Step("merge", ("o_part", "ml_part", "num_comp", "out"), ("out",)))
     if plan.shape.num_fallback > 0:
@@ -184,7 +189,9 @@ class AttentionPlan:
         if variant == "tiled":
             self.tile_plan = tile_plan_of(acsr, knobs)
             o_shape, ml_shape = partial_shapes(spec, self.tile_plan.shape.num_components)
-            self.scratch = {"o_part": (o_shape, "float32"), "ml_part": (ml_shape, "float32")}
+            so_shape, sml_shape = split_shapes(spec, self.tile_plan.shape)
+            self.scratch = {"o_part": (o_shape, "float32"), "ml_part": (ml_shape, "float32"),
+                            "split_o": (so_shape, "float32"), "split_ml": (sml_shape, "float32")}
             self.steps = _tiled_steps(self.tile_plan)
         else:
             self.tile_plan = None

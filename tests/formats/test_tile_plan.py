@@ -22,8 +22,8 @@ PATTERNS = [
 ]
 
 
-def _check_plan(acsr, br, bc):
-    plan = plan_tiles(acsr, br=br, bc=bc)
+def _check_plan(acsr, br, bc, split_blocks="auto"):
+    plan = plan_tiles(acsr, br=br, bc=bc, split_blocks=split_blocks)
     dense = acsr.to_dense()
     fallback = plan.fallback_rows
     for h in range(acsr.num_heads):
@@ -33,7 +33,7 @@ def _check_plan(acsr, br, bc):
         np.testing.assert_array_equal(plan.covered(h), expect)
         # FULL blocks: every valid row contains every column of the block
         for t in range(plan.tiles.shape[1]):
-            row0, rs, nrows, _c, lo, hi = plan.tiles[h, t]
+            row0, rs, nrows, _c, lo, hi, _slot = plan.tiles[h, t]
             rows = row0 + rs * np.arange(nrows)
             assert (rows < acsr.n).all()
             for b in range(lo, hi):
@@ -42,18 +42,46 @@ def _check_plan(acsr, br, bc):
                     cols = col0 + sigma * np.arange(bc)
                     assert cols.max() < acsr.n
                     assert dense[h][np.ix_(rows, cols)].all()
-        # the tiles of each component partition the rows
+        # the tiles of each component partition the rows (a split tile counts once: its group)
+        groups = plan.splits[h][plan.splits[h, :, 2] > 0] if plan.num_slots else np.zeros((0, 6), int)
         for c in range(plan.num_comp[h]):
-            sel = (plan.tiles[h, :, 3] == c) & (plan.tiles[h, :, 2] > 0)
-            rows = np.concatenate([r0 + rs * np.arange(nr) for r0, rs, nr, *_ in plan.tiles[h, sel]])
-            np.testing.assert_array_equal(np.sort(rows), np.arange(acsr.n))
+            sel = (plan.tiles[h, :, 3] == c) & (plan.tiles[h, :, 2] > 0) & (plan.tiles[h, :, 6] < 0)
+            whole = [r0 + rs * np.arange(nr) for r0, rs, nr, *_ in plan.tiles[h, sel]]
+            whole += [r0 + rs * np.arange(nr) for r0, rs, nr, comp, *_ in groups if comp == c]
+            np.testing.assert_array_equal(np.sort(np.concatenate(whole)), np.arange(acsr.n))
+        # every chunk of a group has the group's rows and one of its slots, each slot once
+        chunks = plan.tiles[h][plan.tiles[h, :, 6] >= 0]
+        assert sorted(chunks[:, 6].tolist()) == list(range(int((groups[:, 5] - groups[:, 4]).sum())))
+        for r0, rs, nr, comp, s_lo, s_hi in groups:
+            mine = chunks[(chunks[:, 6] >= s_lo) & (chunks[:, 6] < s_hi)]
+            assert len(mine) == s_hi - s_lo >= 2
+            assert (mine[:, :4] == (r0, rs, nr, comp)).all()
+            if plan.split_blocks:
+                assert ((mine[:, 5] - mine[:, 4]) <= plan.split_blocks).all()
     return plan
 
 
 @pytest.mark.parametrize("pattern,n", PATTERNS, ids=lambda x: repr(x)[:40])
 @pytest.mark.parametrize("br,bc", [(16, 16), (8, 32)])
-def test_plan_covers_every_nonzero_once(pattern, n, br, bc):
-    _check_plan(ACSR.from_pattern(pattern, n), br, bc)
+@pytest.mark.parametrize("split_blocks", ["auto", 0, 1, 2])
+def test_plan_covers_every_nonzero_once(pattern, n, br, bc, split_blocks):
+    _check_plan(ACSR.from_pattern(pattern, n), br, bc, split_blocks)
+
+
+def test_split_kv_only_for_outlier_tiles():
+    """The auto rule splits a global token's row tile (all n columns) into chunks the length
+    of a typical window tile, and leaves masks whose long tiles are the rule alone."""
+    acsr = ACSR.from_pattern(Window(256) | GlobalTokens(4), 4096)
+    plan = _check_plan(acsr, 64, 64)
+    assert plan.num_slots >= 2 and plan.shape.num_groups == 1
+    whole = plan_tiles(acsr, br=64, bc=64, split_blocks=0)
+    assert whole.stats()["max_tile_blocks"] == 4096 // 64
+    assert plan.stats()["max_tile_blocks"] <= plan.split_blocks < 4096 // 64 // 2
+    assert plan.stats()["blocks"] == whole.stats()["blocks"]  # split, not duplicated
+    for pattern, n in ((Window(4095, causal=True), 8192), (Window(1024), 8192), (Strided(128, causal=True), 4096)):
+        assert plan_tiles(ACSR.from_pattern(pattern, n), br=64, bc=64).num_slots == 0, pattern
+    with pytest.raises(ValueError, match="split_blocks"):
+        plan_tiles(acsr, br=64, bc=64, split_blocks=-2)
 
 
 def test_plan_from_mask_matches(rng):
@@ -82,7 +110,7 @@ def test_plan_geometry_choices():
     assert plan.shape.num_components == 2
     assert sorted(plan.comp_rstride[0].tolist()) == [1, 128]
     # window + global: tiles get [0, g) and the band, not everything between
-    plan = plan_tiles(ACSR.from_pattern(Window(64) | GlobalTokens(64), 2048), br=64, bc=64)
+    plan = plan_tiles(ACSR.from_pattern(Window(64) | GlobalTokens(64), 2048), br=64, bc=64, split_blocks=0)
     per_tile = plan.tiles[0, :, 5] - plan.tiles[0, :, 4]
     assert per_tile.max() == 32  # the tile of the global rows: every column
     assert np.sort(per_tile)[-2] <= 4  # others: [0, 64) + a 192-wide band in <= 3 blocks

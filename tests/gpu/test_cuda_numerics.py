@@ -45,6 +45,8 @@ TC_FORMS = {
     "mma_bc128": dict(bc=128),
     "mma_w8": dict(br=128, warps=8),
     "mma_m_tiles2": dict(br=64, warps=2, m_tiles=2),
+    "mma_split_kv": dict(bc=16, split_blocks=1),  # every tile of 2+ blocks split into 1-block chunks
+    "mma_split_kv_one_stage": dict(bc=16, stages=1, split_blocks=2),
 }
 
 
@@ -151,11 +153,30 @@ def test_cuda_non_finite_scores_give_nan_not_zeros(rng):
 
 def test_cuda_heavy_global_rows(rng):
     """A few global rows walk all n columns while the others walk a window: correct in fp16 and
-    bf16 at n = 2049."""
+    bf16 at n = 2049, with the global rows' tile split-KV (the default rule splits it)."""
     from tvm_splat import parse_pattern, sparse_attention
+    from tvm_splat.attention import plan_for
 
     for dtype in ("float16", "bfloat16"):
         (tq, tk, tv), (q, k, v) = _cuda(qkv(rng, 1, 4, 2049, 64, "float32"), dtype)
+        assert plan_for(tq, tk, tv, "global:3+window:64").tile_plan.num_slots > 0
         out = sparse_attention(tq, tk, tv, "global:3+window:64")
         ref = masked_attention(q, k, v, parse_pattern("global:3+window:64").dense_mask(2049))
         np.testing.assert_allclose(out.double().cpu().numpy(), ref, atol=4e-2, rtol=4e-2)
+
+
+@pytest.mark.parametrize("variant", ["tiled", "tiled_cuda_cores"])
+@pytest.mark.parametrize("pattern,n,kv_heads", [("global:2+strided:32", 700, 2), ("global:4+window:100", 1500, 1),
+                                                ("global:64+block:64+window:32", 1000, 4)])
+def test_cuda_split_kv_forms(pattern, n, kv_heads, variant, rng):
+    """Split-KV with one component (split-merge writes the output), two components (it writes
+    the component's state, then the merge), GQA, and the CUDA-core form."""
+    from tvm_splat import parse_pattern, sparse_attention
+    from tvm_splat.schedules.tiled import TiledKnobs
+
+    (tq,), (q,) = _cuda([rng.standard_normal((2, 4, n, 64))], "float16")
+    (tk, tv), (k, v) = _cuda([rng.standard_normal((2, kv_heads, n, 64)) for _ in range(2)], "float16")
+    knobs = TiledKnobs(use_tensor_cores=variant == "tiled", split_blocks=2)
+    out = sparse_attention(tq, tk, tv, pattern, variant="tiled", knobs=knobs)
+    ref = masked_attention(q, k, v, parse_pattern(pattern).dense_mask(n))
+    np.testing.assert_allclose(out.double().cpu().numpy(), ref, atol=2e-2, rtol=2e-2)

@@ -73,11 +73,50 @@ def test_tiled_float16_and_scale(rng):
     _check(acsr, rng, scale=0.3)
 
 
+SPLIT_CASES = [
+    ("window_global", Window(4) | GlobalTokens(3), 100, 2),
+    ("global_middle_rows", Window(2) | GlobalTokens((5, 40)), 60, 1),
+    ("strided_global_two_components", Strided(8) | GlobalTokens(2), 70, 1),
+    ("causal_window", Window(30, causal=True), 90, 1),
+    ("per_head", PerHead((Window(3) | GlobalTokens(2), DilatedWindow(2, 3), Strided(5))), 41, 1),
+]
+
+
+@pytest.mark.parametrize("name,pattern,n,chunk", SPLIT_CASES, ids=[c[0] for c in SPLIT_CASES])
+def test_tiled_split_kv_matches_reference(name, pattern, n, chunk, rng):
+    """Split-KV: long tiles split into chunks of ``chunk`` blocks whose partial states the
+    split-merge kernel combines (directly, or into a component's state before the merge)."""
+    acsr = ACSR.from_pattern(pattern, n)
+    knobs = TiledKnobs(br=16, bc=16, split_blocks=chunk)
+    q, k, v = _qkv(rng, (2, 3, n, 16))
+    from tvm_splat import plan
+
+    planned = plan(acsr, q.shape, dtype="float32", target="llvm", variant="tiled", knobs=knobs)
+    assert planned.tile_plan.num_slots > 0 and "split_merge" in [s.kernel for s in planned.steps]
+    _check(acsr, rng, batch=2, heads=3, knobs=knobs)
+
+
+def test_tiled_split_kv_nan_in_masked_keys_does_not_leak(rng):
+    """A NaN in a key/value no split chunk's rows attend stays out of every output."""
+    acsr = ACSR.from_pattern(Window(3) | GlobalTokens(1), 64)
+    q, k, v = _qkv(rng, (1, 2, 64, 16))
+    dense = acsr.to_dense()[0]
+    unseen = np.flatnonzero(~dense[5])[-1]
+    k[:, :, unseen] = np.nan
+    v[:, :, unseen] = np.nan
+    out = sparse_attention(q, k, v, acsr, target="llvm", variant="tiled",
+                           knobs=TiledKnobs(br=16, bc=16, split_blocks=1))
+    rows = ~dense[:, unseen]
+    assert np.isfinite(out[:, :, rows]).all()
+
+
 def test_tiled_knobs_validate():
     with pytest.raises(ValueError):
         TiledKnobs(br=48)
     with pytest.raises(ValueError):
         TiledKnobs(br=8, use_tensor_cores=True)
+    with pytest.raises(ValueError, match="split_blocks"):
+        TiledKnobs(split_blocks=-2)
 
 
 def test_tensor_core_knobs_on_cpu_run_the_logical_kernel(rng):

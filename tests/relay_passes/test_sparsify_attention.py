@@ -289,12 +289,18 @@ def test_separate_kernels_variant():
     np.testing.assert_allclose(run(new, args), torch_out(model, *args), atol=ATOL)
 
 
-@pytest.mark.parametrize("kind", ["merge", "fallback"])
+@pytest.mark.parametrize("kind", ["merge", "fallback", "split_merge"])
 def test_tiled_variant_runs_every_step_of_its_plan(kind):
     """The tiled family through the pass: a strided mask needs the merge of two row groupings
-    (a kernel with three outputs), an irregular one the CSR-row fallback (in place)."""
-    args = qkv(9, n=40)
-    if kind == "merge":
+    (a kernel with three outputs), an irregular one the CSR-row fallback (in place), a global
+    token's long row tile split-KV and its split-merge (in place, three outputs)."""
+    args = qkv(9, n=640 if kind == "split_merge" else 40)
+    if kind == "split_merge":
+        from tvm_splat.formats import GlobalTokens
+
+        pattern = Window(2) | GlobalTokens(2)
+        keep = pattern.dense_mask(640)
+    elif kind == "merge":
         from tvm_splat.formats import Strided
 
         pattern = Strided(8)

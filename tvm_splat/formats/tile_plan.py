@@ -28,7 +28,14 @@ Vocabulary
 
 Each nonzero therefore lies in exactly one (component, tile, block). With one component the
 kernel writes the output directly; with several it writes per-component partial softmax states
-that a merge kernel combines (FlashDecoding-style). Rows with an INDEXED (CSR) segment are left
+that a merge kernel combines (FlashDecoding-style).
+
+**Split-KV.** A tile whose block list is far longer than the typical tile's (the rows of a
+global token walk all ``n / BC`` blocks while a window's rows walk ~10) would be the last program
+to finish, alone on the GPU. Such a tile is split into *chunks* of consecutive blocks, each its
+own program; every chunk writes its partial softmax state ``(O, m, l)`` into its own *slot* and
+a split-merge kernel combines the slots of each split *group* (the original tile) into the
+tile's output, or into its component's partial state when there are several components. Rows with an INDEXED (CSR) segment are left
 out of the tiled path entirely (``seg_sigma = 0``) and listed in ``fallback_rows`` for a row
 kernel that computes them whole.
 """
@@ -38,10 +45,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["TilePlan", "PlanShape", "plan_tiles", "TILE_FIELDS", "BLOCK_FIELDS"]
+__all__ = ["TilePlan", "PlanShape", "plan_tiles", "split_length", "TILE_FIELDS", "BLOCK_FIELDS", "SPLIT_FIELDS"]
 
-#: columns of ``TilePlan.tiles[h, t, :]``
-TILE_FIELDS = ("row0", "rstride", "nrows", "comp", "blk_lo", "blk_hi")
+#: columns of ``TilePlan.tiles[h, t, :]`` (``slot = -1``: the tile is not split)
+TILE_FIELDS = ("row0", "rstride", "nrows", "comp", "blk_lo", "blk_hi", "slot")
+#: columns of ``TilePlan.splits[h, g, :]``: the rows of a split tile and its chunks' slots
+SPLIT_FIELDS = ("row0", "rstride", "nrows", "comp", "slot_lo", "slot_hi")
 #: columns of ``TilePlan.blocks[h, b, :]``
 BLOCK_FIELDS = ("col0", "sigma", "full")
 
@@ -56,19 +65,25 @@ class PlanShape:
     num_fallback: int    # F: max fallback rows of a head (0 = no fallback kernel)
     br: int
     bc: int
+    num_slots: int = 0   # NS: split-KV chunks of a head (0 = no split, no split-merge kernel)
+    num_groups: int = 0  # NG: split tiles of a head
 
     @property
     def key(self) -> str:
+        split = f"_s{self.num_slots}g{self.num_groups}" if self.num_slots else ""
         return (f"t{self.num_tiles}_nb{self.num_blocks}_c{self.num_components}"
-                f"_f{self.num_fallback}_br{self.br}_bc{self.bc}")
+                f"_f{self.num_fallback}_br{self.br}_bc{self.bc}{split}")
 
 
 @dataclass(frozen=True, eq=False)
 class TilePlan:
     """int32 tables of the tiled kernel, one slab per mask head (``Hm``).
 
-    * ``tiles [Hm, T, 6]``: ``row0, rstride, nrows, comp, blk_lo, blk_hi`` (see
-      ``TILE_FIELDS``); padding tiles have ``nrows = 0`` and no blocks.
+    * ``tiles [Hm, T, 7]``: ``row0, rstride, nrows, comp, blk_lo, blk_hi, slot`` (see
+      ``TILE_FIELDS``); padding tiles have ``nrows = 0`` and no blocks; a chunk of a split
+      tile has its ``slot >= 0`` (else -1).
+    * ``splits [Hm, max(NG, 1), 6]``: per split tile, its rows, component and the slots
+      ``slot_lo <= s < slot_hi`` of its chunks (``SPLIT_FIELDS``; padding: ``nrows = 0``).
     * ``blocks [Hm, NB, 3]``: ``col0, sigma, full``; the blocks of tile t are
       ``blk_lo <= b < blk_hi``.
     * ``seg_sigma [Hm, n, S]``: effective step of each segment for the tiled path (0 = not
@@ -92,6 +107,9 @@ class TilePlan:
     seg_start: np.ndarray = field(repr=False)
     seg_count: np.ndarray = field(repr=False)
     num_fallback: int = 0
+    splits: np.ndarray = field(default=None, repr=False)
+    num_slots: int = 0
+    split_blocks: int = 0  # chunk length in blocks (0: nothing split)
 
     @property
     def num_heads(self) -> int:
@@ -99,9 +117,10 @@ class TilePlan:
 
     @property
     def shape(self) -> PlanShape:
+        groups = int((self.splits[..., 2] > 0).sum(axis=1).max()) if self.num_slots else 0
         return PlanShape(int(self.tiles.shape[1]), int(self.blocks.shape[1]),
                          int(self.comp_rstride.shape[1]), int(self.num_fallback),
-                         self.br, self.bc)
+                         self.br, self.bc, int(self.num_slots), groups)
 
     def stats(self) -> dict:
         """Work counters (for tuning and reports): blocks, full blocks, computed scores."""
@@ -111,9 +130,11 @@ class TilePlan:
         for h in range(self.num_heads):
             for t in range(self.tiles.shape[1]):
                 full += int(self.blocks[h, lo[h, t]:hi[h, t], 2].sum())
+        per_tile = (hi - lo)[self.tiles[..., 2] > 0]
         return {"tiles": int((self.tiles[..., 2] > 0).sum()), "blocks": nblk, "full_blocks": full,
                 "scores": nblk * self.br * self.bc, "components": int(self.num_comp.max()),
-                "fallback_rows": int(self.num_fallback)}
+                "fallback_rows": int(self.num_fallback), "split_slots": int(self.num_slots),
+                "max_tile_blocks": int(per_tile.max()) if per_tile.size else 0}
 
     def covered(self, head: int = 0) -> np.ndarray:
         """int [n, n]: how many times each (row, column) is computed as a nonzero by the tiled
@@ -122,7 +143,7 @@ class TilePlan:
         cnt = np.zeros((n, n), dtype=np.int64)
         sig = self.seg_sigma[head]
         for t in range(self.tiles.shape[1]):
-            row0, rstride, nrows, _comp, lo, hi = (int(x) for x in self.tiles[head, t])
+            row0, rstride, nrows, _comp, lo, hi, _slot = (int(x) for x in self.tiles[head, t])
             rows = row0 + rstride * np.arange(nrows)
             for b in range(lo, hi):
                 col0, sigma, _full = (int(x) for x in self.blocks[head, b])
@@ -254,14 +275,47 @@ def kernel_arrays(acsr, plan: "TilePlan | None" = None) -> dict:
               "row_ptr": acsr.row_ptr, "indices": acsr.indices}
     if plan is not None:
         arrays.update(seg_sigma=plan.seg_sigma, tiles=plan.tiles, blocks=plan.blocks,
-                      num_comp=plan.num_comp, fallback_rows=plan.fallback_rows)
+                      num_comp=plan.num_comp, fallback_rows=plan.fallback_rows, splits=plan.splits)
     return {name: np.ascontiguousarray(a, dtype=np.int32) for name, a in arrays.items()}
 
 
-def plan_tiles(acsr, knobs=None, *, br: int | None = None, bc: int | None = None) -> TilePlan:
+#: split-KV rule (:func:`split_length`): a tile is split when it has more than
+#: ``SPLIT_RATIO`` times the blocks of the typical tile (the ``SPLIT_QUANTILE`` of the tiles'
+#: block counts) and at least ``SPLIT_MIN_BLOCKS`` blocks. A global token's row tile at n=4096,
+#: 64x64 tiles walks 64 blocks against ~11 for the window tiles beside it (H200, Longformer
+#: shapes: 0.22-0.41x FlexAttention before the split, the critical path being that one tile).
+SPLIT_RATIO = 2.0
+SPLIT_QUANTILE = 0.9
+SPLIT_MIN_BLOCKS = 8
+
+
+def split_length(blocks_per_tile) -> int:
+    """Chunk length (in blocks) for split-KV over tiles with these block counts, or 0 when no
+    tile is long enough to be worth splitting (see ``SPLIT_RATIO``). Causal and uniform masks,
+    whose long tiles are the common case rather than outliers, are not split."""
+    counts = np.asarray([c for c in blocks_per_tile if c > 0], dtype=np.int64)
+    if counts.size == 0:
+        return 0
+    typical = max(int(np.ceil(np.quantile(counts, SPLIT_QUANTILE))), SPLIT_MIN_BLOCKS // 2)
+    if counts.max() < SPLIT_MIN_BLOCKS or counts.max() <= SPLIT_RATIO * typical:
+        return 0
+    return typical
+
+
+def _chunks(nb: int, length: int) -> list:
+    """``(lo, hi)`` offsets of ``ceil(nb / length)`` balanced chunks of ``nb`` blocks."""
+    k = -(-nb // length)
+    edges = [round(i * nb / k) for i in range(k + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def plan_tiles(acsr, knobs=None, *, br: int | None = None, bc: int | None = None,
+               split_blocks: "int | str | None" = None) -> TilePlan:
     """Build the :class:`TilePlan` of ``acsr`` for row tiles of ``br`` and column blocks of
-    ``bc`` (from ``knobs.br``/``knobs.bc`` when given). Not cached here: the runtime layer
-    (:mod:`tvm_splat.planner`) keeps the plans it made."""
+    ``bc`` (from ``knobs.br``/``knobs.bc`` when given). ``split_blocks``: chunk length of
+    split-KV in blocks (``"auto"`` or -1: :func:`split_length` over all heads' tiles; 0: no
+    split; default: ``knobs.split_blocks``, else auto).
+    Not cached here: the runtime layer (:mod:`tvm_splat.planner`) keeps the plans it made."""
     br = int(br if br is not None else knobs.br)
     bc = int(bc if bc is not None else knobs.bc)
     if br < 1 or bc < 1:
@@ -269,31 +323,58 @@ def plan_tiles(acsr, knobs=None, *, br: int | None = None, bc: int | None = None
     n, hm, S = acsr.n, acsr.num_heads, acsr.max_segments
     heads = [_head_plan(n, br, bc, acsr.seg_start[h], acsr.seg_step[h], acsr.seg_count[h])
              for h in range(hm)]
-    T = max(len(p[0]) for p in heads)
+    if split_blocks is None:
+        split_blocks = getattr(knobs, "split_blocks", "auto")
+    if split_blocks == "auto" or (isinstance(split_blocks, int) and split_blocks == -1):
+        split_blocks = split_length([t[4] for p in heads for t in p[0]])
+    elif isinstance(split_blocks, bool) or not isinstance(split_blocks, int) or split_blocks < 0:
+        raise ValueError(f"split_blocks must be 'auto' or an int >= 0, got {split_blocks!r}")
+    # per head: program entries (row0, rstride, nrows, comp, blocks, slot) and split groups
+    programs, groups = [], []
+    for tl, bl, *_ in heads:
+        progs, grps, slot = [], [], 0
+        for (row0, rstr, nrows, comp, nb), blks in zip(tl, bl):
+            if split_blocks and nb > split_blocks:
+                parts = _chunks(nb, split_blocks)
+                grps.append((row0, rstr, nrows, comp, slot, slot + len(parts)))
+                for lo, hi in parts:
+                    progs.append((row0, rstr, nrows, comp, blks[lo:hi], slot))
+                    slot += 1
+            else:
+                progs.append((row0, rstr, nrows, comp, blks, -1))
+        programs.append(progs)
+        groups.append(grps)
+    T = max(len(p) for p in programs)
     NB = max(1, max(sum(len(b) for b in p[1]) for p in heads))
     C = max(len(p[3]) for p in heads)
     F = max(p[4].size for p in heads)
-    tiles = np.zeros((hm, T, 6), dtype=np.int32)
+    NS = max(max((g[-1] for g in grps), default=0) for grps in groups)
+    NG = max(len(grps) for grps in groups)
+    tiles = np.zeros((hm, T, 7), dtype=np.int32)
+    tiles[..., 6] = -1
     blocks = np.zeros((hm, NB, 3), dtype=np.int32)
     blocks[..., 1] = 1
     seg_sigma = np.zeros((hm, n, S), dtype=np.int32)
     comp_rstride = np.zeros((hm, C), dtype=np.int32)
     num_comp = np.zeros(hm, dtype=np.int32)
     fallback = np.full((hm, max(F, 1)), -1, dtype=np.int32)
-    for h, (tl, bl, sg, rs, fb) in enumerate(heads):
-        # longest tiles first: the GPU starts the heaviest programs first (load balance)
-        order = sorted(range(len(tl)), key=lambda t: -tl[t][4])
+    splits = np.zeros((hm, max(NG, 1), 6), dtype=np.int32)
+    for h, ((_tl, _bl, sg, rs, fb), progs, grps) in enumerate(zip(heads, programs, groups)):
+        # longest programs first: the GPU starts the heaviest ones first (load balance)
+        order = sorted(range(len(progs)), key=lambda t: -len(progs[t][4]))
         pos = 0
         for j, t in enumerate(order):
-            row0, rstr, nrows, comp, nb = tl[t]
-            tiles[h, j] = (row0, rstr, nrows, comp, pos, pos + nb)
-            if nb:
-                blocks[h, pos:pos + nb] = np.asarray(bl[t], dtype=np.int32)
-            pos += nb
-        tiles[h, len(tl):, 4:] = pos
+            row0, rstr, nrows, comp, blks, slot = progs[t]
+            tiles[h, j] = (row0, rstr, nrows, comp, pos, pos + len(blks), slot)
+            if blks:
+                blocks[h, pos:pos + len(blks)] = np.asarray(blks, dtype=np.int32)
+            pos += len(blks)
+        tiles[h, len(progs):, 4:6] = pos
+        if grps:
+            splits[h, :len(grps)] = np.asarray(grps, dtype=np.int32)
         seg_sigma[h] = sg
         comp_rstride[h, :len(rs)] = rs
         num_comp[h] = len(rs)
         fallback[h, :fb.size] = fb
     return TilePlan(n, br, bc, tiles, blocks, seg_sigma, comp_rstride, num_comp, fallback,
-                    acsr.seg_start, acsr.seg_count, F)
+                    acsr.seg_start, acsr.seg_count, F, splits, NS, int(split_blocks) if NS else 0)

@@ -16,7 +16,8 @@ One program per (batch x head, tile) of a :class:`~tvm_splat.formats.tile_plan.T
    row contributes nothing),
 3. with one component: write ``O / l`` (0 for an empty row, NaN when a score was not finite,
    as dense attention); with several: write the partial state ``(O, m, l)`` of the tile's
-   component, merged by :func:`merge_func`.
+   component, merged by :func:`merge_func`; a chunk of a split tile (``slot >= 0``, split-KV)
+   writes its partial state to its slot, combined by :func:`split_merge_func` first.
 
 Softmax runs in base 2 (``scale * log2(e)`` folded into the scores). Scores, running max/sum
 and the accumulator are float32; ``P`` is stored in the input dtype (fp16 for tensor cores).
@@ -29,9 +30,10 @@ Buffers of :func:`tiled_func` (``BH = batch * heads``, ``C`` components, plan ta
     q                [B, H, N, D] dtype   k, v [B, KVH, N, D] dtype (KV head h // group)
     seg_start        [Hm, N, S] int32     seg_count [Hm, N, S] int32
     seg_sigma        [Hm, N, S] int32     (plan.seg_sigma)
-    tiles            [Hm, T, 6] int32     blocks [Hm, NB, 3] int32
+    tiles            [Hm, T, 7] int32     blocks [Hm, NB, 3] int32
     out              [B, H, N, D] dtype   (written when C == 1)
     o_part           [BH, C, N, D] f32    ml_part [BH, C, N, 2] f32   (C > 1; else [1,1,1,*])
+    split_o          [BH, NS, BR, D] f32  split_ml [BH, NS, BR, 2] f32 (NS > 0; else [1,1,1,*])
 """
 from __future__ import annotations
 
@@ -63,6 +65,15 @@ def partial_shapes(spec: AttentionSpec, num_components: int):
     return (BH, num_components, spec.seq_len, spec.head_dim), (BH, num_components, spec.seq_len, 2)
 
 
+def split_shapes(spec: AttentionSpec, plan_shape):
+    """Shapes of ``split_o`` and ``split_ml``: one ``BR``-row partial state per (batch x head,
+    slot) of split-KV (dummies of one element when nothing is split)."""
+    if not plan_shape.num_slots:
+        return (1, 1, 1, 1), (1, 1, 1, 2)
+    BH = spec.batch * spec.heads
+    return (BH, plan_shape.num_slots, plan_shape.br, spec.head_dim), (BH, plan_shape.num_slots, plan_shape.br, 2)
+
+
 def tiled_func(spec: AttentionSpec, plan_shape):
     """The tiled fused kernel for ``spec`` and a plan of shape ``plan_shape``
     (:class:`~tvm_splat.formats.tile_plan.PlanShape`), for CPUs and GPU CUDA cores.
@@ -72,7 +83,9 @@ def tiled_func(spec: AttentionSpec, plan_shape):
     NT, NB, C = plan_shape.num_tiles, plan_shape.num_blocks, plan_shape.num_components
     BR, BC = plan_shape.br, plan_shape.bc
     direct = C <= 1
+    split = plan_shape.num_slots > 0
     o_shape, ml_shape = partial_shapes(spec, C)
+    so_shape, sml_shape = split_shapes(spec, plan_shape)
     scale = T.float32(spec.scale * LOG2E)
     neg_init = T.float32(NEG_INIT)
     neg_inf = T.min_value("float32")  # -FLT_MAX: exp2(-FLT_MAX - m) == 0 for any finite m
@@ -86,11 +99,13 @@ def tiled_func(spec: AttentionSpec, plan_shape):
         seg_start: T.Buffer((HM, N, S), "int32"),
         seg_count: T.Buffer((HM, N, S), "int32"),
         seg_sigma: T.Buffer((HM, N, S), "int32"),
-        tiles: T.Buffer((HM, NT, 6), "int32"),
+        tiles: T.Buffer((HM, NT, 7), "int32"),
         blocks: T.Buffer((HM, NB, 3), "int32"),
         out: T.Buffer((B, H, N, D), dt),
         o_part: T.Buffer(o_shape, "float32"),
         ml_part: T.Buffer(ml_shape, "float32"),
+        split_o: T.Buffer(so_shape, "float32"),
+        split_ml: T.Buffer(sml_shape, "float32"),
     ):
         T.func_attr({"global_symbol": "tiled", "tirx.noalias": True})
         for bh, t in T.grid(B * H, NT):
@@ -121,6 +136,7 @@ def tiled_func(spec: AttentionSpec, plan_shape):
                 comp: T.let[T.int32] = tiles[hm, vt, 3]
                 blk_lo: T.let[T.int32] = tiles[hm, vt, 4]
                 blk_hi: T.let[T.int32] = tiles[hm, vt, 5]
+                slot: T.let[T.int32] = tiles[hm, vt, 6]
                 for r in T.serial(BR):
                     with T.sblock("init_state"):
                         vr = T.axis.spatial(BR, r)
@@ -209,26 +225,106 @@ def tiled_func(spec: AttentionSpec, plan_shape):
                             Os[vr, vd] = Os[vr, vd] + T.if_then_else(
                                 Ps[vr, vu] == zero, T.float32(0),
                                 T.Cast("float32", Ps[vr, vu]) * T.Cast("float32", Vs[vu, vd]))
-                if direct:
-                    for r, d in T.grid(BR, D):
-                        with T.sblock("O_store"):
-                            vr, vd = T.axis.remap("SS", [r, d])
-                            if vr < nrows:
-                                out[b, h, row0 + rstr * vr, vd] = T.Cast(dt, normalised(Os[vr, vd], ls[vr]))
+                if not split:
+                    if direct:
+                        for r, d in T.grid(BR, D):
+                            with T.sblock("O_store"):
+                                vr, vd = T.axis.remap("SS", [r, d])
+                                if vr < nrows:
+                                    out[b, h, row0 + rstr * vr, vd] = T.Cast(dt, normalised(Os[vr, vd], ls[vr]))
+                    else:
+                        for r, d in T.grid(BR, D):
+                            with T.sblock("O_store"):
+                                vr, vd = T.axis.remap("SS", [r, d])
+                                if vr < nrows:
+                                    o_part[vbh, comp, row0 + rstr * vr, vd] = Os[vr, vd]
+                        for r in T.serial(BR):
+                            with T.sblock("ML_store"):
+                                vr = T.axis.spatial(BR, r)
+                                if vr < nrows:
+                                    ml_part[vbh, comp, row0 + rstr * vr, 0] = ms[vr]
+                                    ml_part[vbh, comp, row0 + rstr * vr, 1] = ls[vr]
                 else:
+                    # a chunk of a split tile (slot >= 0) leaves its state in its slot
                     for r, d in T.grid(BR, D):
                         with T.sblock("O_store"):
                             vr, vd = T.axis.remap("SS", [r, d])
                             if vr < nrows:
-                                o_part[vbh, comp, row0 + rstr * vr, vd] = Os[vr, vd]
+                                if slot >= 0:
+                                    split_o[vbh, slot, vr, vd] = Os[vr, vd]
+                                elif direct:
+                                    out[b, h, row0 + rstr * vr, vd] = T.Cast(dt, normalised(Os[vr, vd], ls[vr]))
+                                else:
+                                    o_part[vbh, comp, row0 + rstr * vr, vd] = Os[vr, vd]
                     for r in T.serial(BR):
                         with T.sblock("ML_store"):
                             vr = T.axis.spatial(BR, r)
                             if vr < nrows:
-                                ml_part[vbh, comp, row0 + rstr * vr, 0] = ms[vr]
-                                ml_part[vbh, comp, row0 + rstr * vr, 1] = ls[vr]
+                                if slot >= 0:
+                                    split_ml[vbh, slot, vr, 0] = ms[vr]
+                                    split_ml[vbh, slot, vr, 1] = ls[vr]
+                                elif not direct:
+                                    ml_part[vbh, comp, row0 + rstr * vr, 0] = ms[vr]
+                                    ml_part[vbh, comp, row0 + rstr * vr, 1] = ls[vr]
 
     return tiled
+
+
+def split_merge_func(spec: AttentionSpec, plan_shape):
+    """Combine the chunks of every split tile (split-KV): for each row of group ``g`` of
+    ``splits [Hm, NG, 6]`` (``row0, rstride, nrows, comp, slot_lo, slot_hi``), merge the partial
+    states of its slots like :func:`merge_func` merges components, then write ``O / l`` (one
+    component) or the tile's component state (several; :func:`merge_func` runs next)."""
+    B, H, N, D, HM, dt = spec.batch, spec.heads, spec.seq_len, spec.head_dim, spec.mask_heads, spec.dtype
+    NG, BR, C = max(plan_shape.num_groups, 1), plan_shape.br, plan_shape.num_components
+    NS = plan_shape.num_slots
+    direct = C <= 1
+    o_shape, ml_shape = partial_shapes(spec, C)
+    so_shape, sml_shape = split_shapes(spec, plan_shape)
+
+    @T.prim_func(s_tir=True)
+    def split_merge(
+        split_o: T.Buffer(so_shape, "float32"),
+        split_ml: T.Buffer(sml_shape, "float32"),
+        splits: T.Buffer((HM, NG, 6), "int32"),
+        out: T.Buffer((B, H, N, D), dt),
+        o_part: T.Buffer(o_shape, "float32"),
+        ml_part: T.Buffer(ml_shape, "float32"),
+    ):
+        T.func_attr({"global_symbol": "split_merge", "tirx.noalias": True})
+        for bh, g, r in T.grid(B * H, NG, BR):
+            with T.sblock("merge_row"):
+                vbh, vg, vr = T.axis.remap("SSS", [bh, g, r])
+                T.reads(split_o[vbh, 0:NS, vr, 0:D], split_ml[vbh, 0:NS, vr, 0:2], splits[0:HM, vg, 0:6])
+                T.writes(out[vbh // H, vbh % H, 0:N, 0:D], o_part[vbh, 0:C, 0:N, 0:D], ml_part[vbh, 0:C, 0:N, 0:2])
+                st = T.sblock_alloc_buffer((3,), "float32", scope="local")
+                acc = T.sblock_alloc_buffer((D,), "float32", scope="local")
+                hm: T.let[T.int32] = (vbh % H) % HM
+                row: T.let[T.int32] = splits[hm, vg, 0] + splits[hm, vg, 1] * vr
+                slot_lo: T.let[T.int32] = splits[hm, vg, 4]
+                slot_hi: T.let[T.int32] = splits[hm, vg, 5]
+                if vr < splits[hm, vg, 2]:
+                    st[0] = T.float32(NEG_INIT)
+                    st[1] = T.float32(0)
+                    for s in T.serial(slot_hi - slot_lo):
+                        st[0] = T.max(st[0], split_ml[vbh, slot_lo + s, vr, 0])
+                    for d in T.serial(D):
+                        acc[d] = T.float32(0)
+                    for s in T.serial(slot_hi - slot_lo):
+                        st[2] = T.exp2(split_ml[vbh, slot_lo + s, vr, 0] - st[0])
+                        st[1] = st[1] + st[2] * split_ml[vbh, slot_lo + s, vr, 1]
+                        for d in T.serial(D):
+                            acc[d] = acc[d] + st[2] * split_o[vbh, slot_lo + s, vr, d]
+                    if direct:
+                        for d in T.serial(D):
+                            out[vbh // H, vbh % H, row, d] = T.Cast(dt, normalised(acc[d], st[1]))
+                    else:
+                        for d in T.serial(D):
+                            o_part[vbh, splits[hm, vg, 3], row, d] = acc[d]
+                        ml_part[vbh, splits[hm, vg, 3], row, 0] = st[0]
+                        ml_part[vbh, splits[hm, vg, 3], row, 1] = st[1]
+
+    return split_merge
 
 
 def merge_func(spec: AttentionSpec, num_components: int):

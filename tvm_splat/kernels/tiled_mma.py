@@ -2,7 +2,7 @@
 
 Same plan tables, buffers and semantics as :func:`tvm_splat.kernels.tiled.tiled_func`
 (one program per (batch x head, tile), a data-dependent walk over the tile's column blocks,
-online softmax in base 2, direct output or per-component partial state), but written at the
+online softmax in base 2, direct output, per-component or per-slot (split-KV) partial state), but written at the
 level of one warp, FlashAttention-2 style, because the row softmax has to run on the
 ``mma`` accumulators in registers (a TensorIR schedule of the logical kernel could only
 tensorize the two GEMMs with WMMA, whose fragment layout is opaque).
@@ -40,7 +40,7 @@ from tvm.script import tirx as T
 
 from .common import LOG2E, NEG_INIT, any_of, normalised, segment_member
 from .spec import AttentionSpec
-from .tiled import partial_shapes
+from .tiled import partial_shapes, split_shapes
 
 #: extra elements per shared-memory row (16 bytes): row strides of 144/272 bytes put the 8
 #: rows one ``ldmatrix`` phase reads in 8 different 4-bank groups
@@ -84,7 +84,9 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     check_mma_shape(spec, BR, BC, W, MT)
     ab = MMA_TYPES[dt]
     direct = C <= 1
+    split = plan_shape.num_slots > 0
     o_shape, ml_shape = partial_shapes(spec, C)
+    so_shape, sml_shape = split_shapes(spec, plan_shape)
     DP = D + ROW_PAD
     KD, NTL, KC, DT = D // 16, BC // 8, BC // 16, D // 8  # k-steps of S, n-tiles of S, k-steps of PV, n-tiles of O
     RS = MT * 2  # tile rows per thread
@@ -335,6 +337,21 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                         ml_part[vbh, comp, rows[r], 0] = ms[r]
                         ml_part[vbh, comp, rows[r], 1] = ls[r]
 
+    @T.macro
+    def store_slot(split_o, split_ml, oacc, ms, ls, vbh, slot, w, lane, nrows):
+        # a chunk of a split tile: its partial state (O, m, l) by tile row, for split_merge
+        for i in T.unroll(RS):
+            ls[i] = ls[i] + T.tvm_warp_shuffle_xor(full_mask, ls[i], 1, 32, 32)
+            ls[i] = ls[i] + T.tvm_warp_shuffle_xor(full_mask, ls[i], 2, 32, 32)
+        for r in T.unroll(RS):
+            if tile_row(w, lane, r) < nrows:
+                for dtl in T.unroll(DT):
+                    for e in T.vectorized(2):
+                        split_o[vbh, slot, tile_row(w, lane, r), dtl * 8 + lane % 4 * 2 + e] = oacc[((r // 2) * DT + dtl) * 4 + (r % 2) * 2 + e]
+                if lane % 4 == 0:
+                    split_ml[vbh, slot, tile_row(w, lane, r), 0] = ms[r]
+                    split_ml[vbh, slot, tile_row(w, lane, r), 1] = ls[r]
+
     @T.prim_func(s_tir=True)
     def tiled(
         q: T.Buffer((B, H, N, D), dt),
@@ -343,11 +360,13 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         seg_start: T.Buffer((HM, N, S), "int32"),
         seg_count: T.Buffer((HM, N, S), "int32"),
         seg_sigma: T.Buffer((HM, N, S), "int32"),
-        tiles: T.Buffer((HM, NT, 6), "int32"),
+        tiles: T.Buffer((HM, NT, 7), "int32"),
         blocks: T.Buffer((HM, NB, 3), "int32"),
         out: T.Buffer((B, H, N, D), dt),
         o_part: T.Buffer(o_shape, "float32"),
         ml_part: T.Buffer(ml_shape, "float32"),
+        split_o: T.Buffer(so_shape, "float32"),
+        split_ml: T.Buffer(sml_shape, "float32"),
     ):
         T.func_attr({"global_symbol": "tiled", "tirx.noalias": True})
         for vt in T.thread_binding(NT, thread="blockIdx.x"):
@@ -388,6 +407,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                             comp: T.let[T.int32] = tiles[hm, vt, 3]
                             blk_lo: T.let[T.int32] = tiles[hm, vt, 4]
                             blk_hi: T.let[T.int32] = tiles[hm, vt, 5]
+                            slot: T.let[T.int32] = tiles[hm, vt, 6]
                             tid: T.let[T.int32] = w * 32 + lane
                             for r in T.unroll(RS):
                                 rows[r] = row0 + rstr * tile_row(w, lane, r)
@@ -434,7 +454,12 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                     pv_exact(oacc, pf, smem, stg, w, lane)
                                 else:
                                     pv_tile(oacc, pf, bf, smem, stg, lane)
-                            store_rows(out, o_part, ml_part, oacc, ms, ls, rows, b, h, vbh, comp, w, lane, nrows)
+                            if not split:
+                                store_rows(out, o_part, ml_part, oacc, ms, ls, rows, b, h, vbh, comp, w, lane, nrows)
+                            elif slot >= 0:
+                                store_slot(split_o, split_ml, oacc, ms, ls, vbh, slot, w, lane, nrows)
+                            else:
+                                store_rows(out, o_part, ml_part, oacc, ms, ls, rows, b, h, vbh, comp, w, lane, nrows)
 
     return tiled
 

@@ -31,7 +31,7 @@ import dataclasses
 
 from ..formats.tile_plan import PlanShape
 from ..kernels.spec import AttentionSpec
-from ..kernels.tiled import TILE_BLOCK, fallback_func, merge_func, tiled_func
+from ..kernels.tiled import TILE_BLOCK, fallback_func, merge_func, split_merge_func, tiled_func
 from ..kernels.tiled_mma import MMA_TYPES, tiled_mma_func
 from .targets import as_target, is_gpu
 
@@ -52,6 +52,8 @@ class TiledKnobs:
     * ``m_tiles``: 16-row m-tiles per warp in the ``mma`` kernel.
     * ``stages``: K/V shared-memory stages of the ``mma`` kernel (2: ``cp.async`` one block ahead).
     * ``row_pad``: extra float32 per shared score row (bank-conflict padding, CUDA cores).
+    * ``split_blocks``: split-KV chunk length in column blocks (-1: the tile plan's rule,
+      :func:`~tvm_splat.formats.tile_plan.split_length`; 0: never split).
     """
 
     br: int = 64
@@ -62,9 +64,10 @@ class TiledKnobs:
     row_pad: int = 4
     m_tiles: int = 1
     stages: int = 2
+    split_blocks: int = -1
 
     def __post_init__(self):
-        for name in ("br", "bc", "warps", "vector_bytes", "m_tiles", "stages", "row_pad"):
+        for name in ("br", "bc", "warps", "vector_bytes", "m_tiles", "stages", "row_pad", "split_blocks"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an int, got {value!r}")
@@ -80,6 +83,8 @@ class TiledKnobs:
             raise ValueError("tensor cores need br and bc multiples of 16")
         if self.row_pad < 0:
             raise ValueError(f"row_pad must be >= 0, got {self.row_pad}")
+        if self.split_blocks < -1:
+            raise ValueError(f"split_blocks must be -1 (auto), 0 (off) or a chunk length >= 1, got {self.split_blocks}")
 
     @property
     def threads(self) -> int:
@@ -115,8 +120,8 @@ def uses_mma(spec: AttentionSpec, knobs: TiledKnobs, target) -> bool:
 
 
 def tiled_funcs(spec: AttentionSpec, plan_shape: PlanShape, knobs: TiledKnobs = TiledKnobs(), target=None) -> dict:
-    """PrimFuncs by name: ``tiled`` always, ``merge`` when the plan has several components,
-    ``fallback`` when some rows are indexed (CSR). ``tiled`` is the logical kernel (to be
+    """PrimFuncs by name: ``tiled`` always, ``split_merge`` when some tiles are split (split-KV),
+    ``merge`` when the plan has several components, ``fallback`` when some rows are indexed (CSR). ``tiled`` is the logical kernel (to be
     scheduled), or, for tensor cores on a GPU ``target``, the warp-level kernel (already bound
     to threads)."""
     if (plan_shape.br, plan_shape.bc) != (knobs.br, knobs.bc):
@@ -126,6 +131,8 @@ def tiled_funcs(spec: AttentionSpec, plan_shape: PlanShape, knobs: TiledKnobs = 
         funcs = {"tiled": tiled_mma_func(spec, plan_shape, knobs.warps, knobs.m_tiles, knobs.stages)}
     else:
         funcs = {"tiled": tiled_func(spec, plan_shape)}
+    if plan_shape.num_slots > 0:
+        funcs["split_merge"] = split_merge_func(spec, plan_shape)
     if plan_shape.num_components > 1:
         funcs["merge"] = merge_func(spec, plan_shape.num_components)
     if plan_shape.num_fallback > 0:
@@ -135,7 +142,7 @@ def tiled_funcs(spec: AttentionSpec, plan_shape: PlanShape, knobs: TiledKnobs = 
 
 # ----------------------------------------------------------------------------- CPU
 def _apply_cpu(sch, name, knobs):
-    block = sch.get_sblock(TILE_BLOCK if name == "tiled" else ("merge_row" if name == "merge" else "row"))
+    block = sch.get_sblock(TILE_BLOCK if name == "tiled" else ("row" if name == "fallback" else "merge_row"))
     loops = sch.get_loops(block)
     sch.parallel(sch.fuse(*loops))
 
@@ -327,7 +334,7 @@ def _apply_gpu(sch, name, knobs, spec, target):
         if not uses_mma(spec, knobs, target):  # the mma kernel is written bound to threads
             _apply_tiled_gpu(sch, knobs, spec)
         return
-    block = sch.get_sblock("merge_row" if name == "merge" else "row")
+    block = sch.get_sblock("row" if name == "fallback" else "merge_row")
     fused = sch.fuse(*sch.get_loops(block))
     bx, tx = sch.split(fused, [None, 128])
     sch.bind(bx, "blockIdx.x")
