@@ -10,7 +10,7 @@ import functools
 import numpy as np
 import tvm
 
-from .schedules.targets import as_target
+from .schedules.targets import arch_specific, as_target
 from .tensors import is_torch
 
 
@@ -52,11 +52,14 @@ def is_gpu_device(dev: tvm.runtime.Device) -> bool:
 @functools.lru_cache(maxsize=None)
 def _target_of_device(dev_name: str):
     if dev_name.startswith("cuda"):
-        return as_target(tvm.target.Target.from_device(tvm.cuda(int(dev_name.split(":")[1]))))
+        # sm_90 -> sm_90a: the kernels are built for this very GPU, so its arch-specific
+        # instructions (Hopper's wgmma) are fair game
+        return arch_specific(as_target(tvm.target.Target.from_device(tvm.cuda(int(dev_name.split(":")[1])))))
     return as_target("llvm")
 
 
 def default_target(dev: tvm.runtime.Device) -> tvm.target.Target:
-    """The target kernels are compiled for on ``dev``: the GPU's own (its ``sm_XX``), or
+    """The target kernels are compiled for on ``dev``: the GPU's own (its ``sm_XX``, ``sm_90a``
+    on Hopper), or
     ``llvm`` for the CPU. Built once per device (constructing Targets is slow)."""
     return _target_of_device(str(dev))

@@ -33,7 +33,7 @@ from .kernels.spec import SUPPORTED_DTYPES, AttentionSpec
 from .kernels.tiled import partial_shapes, split_shapes
 from .records import tuned_tiled_knobs
 from .schedules.row import RowKnobs
-from .schedules.targets import as_target, is_gpu, target_key
+from .schedules.targets import arch_specific, as_target, is_gpu, target_key
 from .schedules.tiled import TiledKnobs, default_tiled_knobs
 from .tensors import check_acsr_tables, check_scale, is_aligned, is_torch, to_tvm
 
@@ -222,7 +222,8 @@ class AttentionPlan:
         if self.variant != "tiled":
             return compile_attention(self.spec, self.target, self.variant, self.knobs)
         ident = f"tiled|{self.spec.key}|{self.tile_plan.shape.key}|{self.knobs!r}"
-        return compile_module(ident, self.module, self.target)
+        target = arch_specific(self.target) if self.knobs.wgmma else self.target
+        return compile_module(ident, self.module, target)
 
     # ------------------------------------------------------------------ running
     def _launcher(self):

@@ -47,6 +47,10 @@ TC_FORMS = {
     "mma_m_tiles2": dict(br=64, warps=2, m_tiles=2),
     "mma_split_kv": dict(bc=16, split_blocks=1),  # every tile of 2+ blocks split into 1-block chunks
     "mma_split_kv_one_stage": dict(bc=16, stages=1, split_blocks=2),
+    "wgmma": dict(wgmma=True),
+    "wgmma_one_stage": dict(wgmma=True, stages=1),
+    "wgmma_two_warpgroups_bc128": dict(br=128, warps=8, bc=128, wgmma=True),
+    "wgmma_bc16_split_kv": dict(bc=16, wgmma=True, split_blocks=1),
 }
 
 
@@ -180,3 +184,46 @@ def test_cuda_split_kv_forms(pattern, n, kv_heads, variant, rng):
     out = sparse_attention(tq, tk, tv, pattern, variant="tiled", knobs=knobs)
     ref = masked_attention(q, k, v, parse_pattern(pattern).dense_mask(n))
     np.testing.assert_allclose(out.double().cpu().numpy(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("kv_heads", [1, 2])
+@pytest.mark.parametrize("pattern,n,d,stages", [("causal_window:40", 333, 128, 2), ("global:5+dilated:6:3", 250, 64, 1),
+                                                ("global:3+window:64", 2049, 128, 1)])
+def test_cuda_wgmma_gqa_and_head_dims(pattern, n, d, stages, kv_heads, dtype, rng):
+    """The Hopper (wgmma) form: GQA/MQA, d = 64 and 128, odd n, one and two stages, split-KV."""
+    from tvm_splat import parse_pattern, sparse_attention
+    from tvm_splat.schedules.tiled import TiledKnobs
+
+    (tq,), (q,) = _cuda([rng.standard_normal((2, 4, n, d))], dtype)
+    (tk, tv), (k, v) = _cuda([rng.standard_normal((2, kv_heads, n, d)) for _ in range(2)], dtype)
+    knobs = TiledKnobs(use_tensor_cores=True, wgmma=True, stages=stages)
+    out = sparse_attention(tq, tk, tv, pattern, variant="tiled", knobs=knobs)
+    ref = masked_attention(q, k, v, parse_pattern(pattern).dense_mask(n))
+    tol = 2e-2 if dtype == "float16" else 4e-2
+    np.testing.assert_allclose(out.double().cpu().numpy(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("stages", [1, 2])
+def test_cuda_wgmma_nan_in_masked_keys_and_values_does_not_leak(stages, rng):
+    """The NaN test of the other forms, on the wgmma form (its exact P V path stages P in a
+    region of its own: wgmma reads Q from shared memory for the whole tile)."""
+    from tvm_splat import ACSR, sparse_attention
+    from tvm_splat.schedules.tiled import TiledKnobs
+
+    n = 64
+    mask = np.zeros((n, n), dtype=bool)
+    for i in range(n):
+        mask[i, max(0, i - 4):min(48, i + 5)] = True
+    acsr = ACSR.from_mask(mask)
+    q, k, v = (rng.standard_normal((1, 2, n, 64)).astype(np.float32) for _ in range(3))
+    k[:, :, 48:] = np.nan
+    v[:, :, 48:] = np.nan
+    v[:, 1, 20, 5] = np.nan
+    (tq, tk, tv), (q64, k64, v64) = _cuda([q, k, v], "float16")
+    knobs = TiledKnobs(use_tensor_cores=True, wgmma=True, stages=stages)
+    out = sparse_attention(tq, tk, tv, acsr, variant="tiled", knobs=knobs).double().cpu().numpy()
+    ref = masked_attention(q64, k64, v64, mask)
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
+    ok = ~np.isnan(ref)
+    np.testing.assert_allclose(out[ok], ref[ok], atol=2e-2, rtol=2e-2)

@@ -123,3 +123,48 @@ def test_tensor_cores_big_tiles_and_in_place_api():
     sch = s_tir.Schedule(func)
     apply_tiled_schedule(sch, "tiled", H100, knobs, spec)
     tvm.ir.assert_structural_equal(sch.mod["main"], schedule_tiled("tiled", func, H100, knobs, spec))
+
+
+@pytest.mark.parametrize("knobs,d,dtype,kv_heads", [
+    (TiledKnobs(use_tensor_cores=True, br=128, warps=8, wgmma=True), 128, "float16", None),     # the Hopper default at d=128
+    (TiledKnobs(use_tensor_cores=True, wgmma=True, stages=1), 64, "bfloat16", 2),              # one warpgroup, bf16, GQA
+    (TiledKnobs(use_tensor_cores=True, wgmma=True, bc=128, split_blocks=1), 64, "float16", 1),  # bc=128, split-KV, MQA
+], ids=["two_warpgroups_d128", "bf16_gqa_one_stage", "bc128_split_mqa"])
+def test_tensor_cores_wgmma_compiles(knobs, d, dtype, kv_heads):
+    """The Hopper form: S = Q K^T as wgmma.mma_async with both operands in shared memory (8x8
+    core-matrix layout, descriptors), O += P V with P from registers and V read transposed;
+    fences between the generic and async proxies; compiles with nvcc for sm_90a. The K/V tiles
+    still arrive by cp.async issued by every thread (no TMA, no producer warp: see README)."""
+    from tvm_splat.compile import nvcc_compile
+
+    src, _ = _cuda_source(Window(64) | GlobalTokens(16), 512, knobs, d=d, heads=2, dtype=dtype, kv_heads=kv_heads)
+    body = src[src.index("tiled_kernel("):]
+    ab = "bf16" if dtype == "bfloat16" else "f16"
+    assert f"wgmma.mma_async.sync.aligned.m64n{knobs.bc}k16.f32.{ab}.{ab}" in src  # S, ss form
+    assert f"wgmma.mma_async.sync.aligned.m64n{d}k16.f32.{ab}.{ab}" in src  # O, rs form (4 A registers)
+    assert "wgmma_encode_matrix_descriptor" in body and "fence_proxy" in body
+    assert "wgmma_commit_group" in body and "wgmma_wait_group" in body
+    assert "mma.sync" not in body and "ldmatrix" not in body
+    assert nvcc_compile(src)
+
+
+def test_wgmma_knobs_and_targets():
+    from tvm_splat.kernels.spec import AttentionSpec
+    from tvm_splat.schedules.tiled import default_tiled_knobs
+
+    with pytest.raises(ValueError, match="wgmma needs"):
+        TiledKnobs(use_tensor_cores=True, wgmma=True, warps=2, br=32)
+    with pytest.raises(ValueError, match="wgmma needs"):
+        TiledKnobs(wgmma=True)  # tensor cores off
+    acsr = ACSR.from_pattern(Window(4), 256)
+    spec128 = AttentionSpec.from_acsr(acsr, 1, 2, 128, "float16")
+    spec64 = AttentionSpec.from_acsr(acsr, 1, 2, 64, "float16")
+    assert default_tiled_knobs(spec128, H100).wgmma and default_tiled_knobs(spec128, H100).br == 128
+    assert not default_tiled_knobs(spec64, H100).wgmma
+    sm90 = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})  # Target.from_device's spelling
+    assert not default_tiled_knobs(spec128, sm90).wgmma
+    sm80 = tvm.target.Target({"kind": "cuda", "arch": "sm_80"})
+    assert not default_tiled_knobs(spec128, sm80).wgmma
+    knobs = TiledKnobs(use_tensor_cores=True, wgmma=True)
+    with pytest.raises(ValueError, match="Hopper"):
+        tiled_funcs(spec64, plan_tiles(acsr, knobs).shape, knobs, sm80)

@@ -65,8 +65,10 @@ def test_mma_programs_and_batches_for_the_gpu():
     acsr = ACSR.from_pattern(Window(16), 256)
     spec = AttentionSpec.from_acsr(acsr, 1, 2, 64, "float16")
     groups = program_choices(TiledKnobs(br=64, bc=64, use_tensor_cores=True), spec, h100, m_tiles=(1, 2))
-    assert sorted((g[0].warps, g[0].m_tiles, g[0].stages) for g in groups) == [
-        (2, 2, 1), (2, 2, 2), (4, 1, 1), (4, 1, 2)]
+    assert sorted((g[0].warps, g[0].m_tiles, g[0].stages, g[0].wgmma) for g in groups) == [
+        (2, 2, 1, False), (2, 2, 2, False), (4, 1, 1, False), (4, 1, 1, True), (4, 1, 2, False), (4, 1, 2, True)]
+    sm80 = tvm.target.Target("nvidia/nvidia-a100")  # no wgmma before Hopper
+    assert not any(g[0].wgmma for g in program_choices(TiledKnobs(br=64, bc=64, use_tensor_cores=True), spec, sm80))
     assert all(len(g) == 1 for g in groups)
     cpu = program_choices(TiledKnobs(br=64, bc=64), AttentionSpec.from_acsr(acsr, 1, 2, 64, "float32"),
                           tvm.target.Target("llvm"))

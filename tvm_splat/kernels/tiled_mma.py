@@ -67,16 +67,32 @@ def check_mma_shape(spec: AttentionSpec, br: int, bc: int, warps: int, m_tiles: 
                          f"({mma_tile_rows(warps, m_tiles)}), got br={br}")
 
 
-def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int = 1, stages: int = 2):
+def check_wgmma_shape(spec: AttentionSpec, br: int, bc: int, warps: int, m_tiles: int) -> None:
+    """Raise ``ValueError`` when the warpgroup form cannot run this spec and tile shape: one
+    warpgroup (4 warps) per 64 rows, one 16-row m-tile per warp, ``bc`` and ``head_dim``
+    multiples of 16 up to 256 (wgmma's N)."""
+    check_mma_shape(spec, br, bc, warps, m_tiles)
+    if warps % 4 or m_tiles != 1:
+        raise ValueError(f"the wgmma kernel needs whole warpgroups (warps a multiple of 4) and m_tiles=1, "
+                         f"got warps={warps}, m_tiles={m_tiles}")
+    if bc > 256 or spec.head_dim > 256:
+        raise ValueError(f"the wgmma kernel needs bc and head_dim <= 256, got bc={bc}, head_dim={spec.head_dim}")
+
+
+def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int = 1, stages: int = 2,
+                   wgmma: bool = False):
     """The warp-level tiled kernel for ``spec`` and a plan of shape ``plan_shape``
     (``plan_shape.br == 16 * warps * m_tiles``); signature of
     :func:`~tvm_splat.kernels.tiled.tiled_func`.
 
     ``stages=2``: K/V blocks are double-buffered and fetched with ``cp.async`` one block ahead
     (one barrier per block); ``stages=1``: plain 16-byte loads, two barriers per block.
+    ``wgmma=True`` (Hopper, sm_90a): the two GEMMs are warpgroup MMAs (see :func:`check_wgmma_shape`).
     """
     if stages not in (1, 2):
         raise ValueError(f"stages must be 1 or 2, got {stages}")
+    if wgmma:
+        check_wgmma_shape(spec, plan_shape.br, plan_shape.bc, warps, m_tiles)
     B, H, KVH, G, N, D = spec.batch, spec.heads, spec.kv_heads, spec.group, spec.seq_len, spec.head_dim
     HM, S, dt = spec.mask_heads, spec.max_segments, spec.dtype
     NT, NB, C = plan_shape.num_tiles, plan_shape.num_blocks, plan_shape.num_components
@@ -87,10 +103,12 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     split = plan_shape.num_slots > 0
     o_shape, ml_shape = partial_shapes(spec, C)
     so_shape, sml_shape = split_shapes(spec, plan_shape)
-    DP = D + ROW_PAD
+    DP = D if wgmma else D + ROW_PAD  # elements per shared row (wgmma: 8x8 core matrices, unpadded)
     KD, NTL, KC, DT = D // 16, BC // 8, BC // 16, D // 8  # k-steps of S, n-tiles of S, k-steps of PV, n-tiles of O
     RS = MT * 2  # tile rows per thread
-    PW = BC if BC <= D + ROW_PAD else 16 * ((D + ROW_PAD) // 16)  # P columns staged at a time (exact path)
+    # P columns staged at a time by the exact P V path: in the Q region for mma (dead once the Q
+    # fragments are in registers), in a region of its own for wgmma (which reads Q from shared)
+    PW = BC if wgmma or BC <= D + ROW_PAD else 16 * ((D + ROW_PAD) // 16)
     P_CHUNKS = BC // PW
     NTHR = 32 * W
     CH = D // 8  # 16-byte chunks per row
@@ -98,7 +116,17 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     KV_IT = (BC * CH + NTHR - 1) // NTHR
     K_OFF = BR * DP
     V_OFF = K_OFF + stages * BC * DP
-    SMEM = V_OFF + stages * BC * DP
+    P_OFF = V_OFF + stages * BC * DP
+    SMEM = P_OFF + (BR * PW if wgmma else 0)
+    # wgmma descriptors (no swizzle; fields in 16-byte units): K-major Q and K tiles step 128 B
+    # between core matrices along K and D / 8 * 128 B between 8-row groups; V, read transposed
+    # (MN-major), steps D / 8 * 128 B between 8-key groups (LBO) and 128 B along d (SBO).
+    # Checked on the H200 against numpy (S and O within 1e-6, D = 64 and 128).
+    QK_LBO, QK_SBO, V_LBO, V_SBO = 8, D, D, 8
+    wg_ab = {"float16": "f16", "bfloat16": "bf16"}[dt]
+    WG_S = f"wgmma.mma_async.sync.aligned.m64n{BC}k16.f32.{wg_ab}.{wg_ab}"
+    WG_O = f"wgmma.mma_async.sync.aligned.m64n{D}k16.f32.{wg_ab}.{wg_ab}"
+    PAIR = {"float16": "float16x2", "bfloat16": "bfloat16x2"}[dt]
     scale = T.float32(spec.scale * LOG2E)
     neg_init = T.float32(NEG_INIT)
     neg_inf = T.min_value("float32")
@@ -120,7 +148,18 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     def tile_row(w, lane, r):  # tile-local row of the thread's row slot r = mt * 2 + half
         return (w * MT + r // 2) * 16 + lane // 4 + 8 * (r % 2)
 
-    def kv_stage(base, st, u):  # offset of row u of stage st of the K or V ring
+    def tile_elem(base, u, c):  # element (row u, column c) of a [*, D] tile at ``base``
+        if wgmma:  # 8x8 core matrices, 128 contiguous bytes each, row-major over (u // 8, c // 8)
+            return base + ((u // 8) * (D // 8) + c // 8) * 64 + (u % 8) * 8 + c % 8
+        return base + u * DP + c
+
+    def kv_elem(base, st, u, c):  # element (u, c) of stage st of the K or V ring
+        return tile_elem(base + st * BC * DP, u, c)
+
+    def p_elem(row, c):  # element (row, c) of P staged for the exact P V path
+        return (P_OFF + row * PW + c) if wgmma else (row * DP + c)
+
+    def kv_stage(base, st, u):  # offset of row u of stage st of the K or V ring (mma layout)
         return base + (st * BC + u) * DP
 
     def ldmatrix_x4(frag, offset, smem, smem_offset, trans=False):  # 4 8x8 tiles of shared -> registers
@@ -143,11 +182,11 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
             if it * NTHR + tid < BR * CH:
                 if stages == 1:
                     for e in T.vectorized(8):
-                        smem[chunk_row(it, tid) * DP + chunk_col(it, tid) + e] = T.if_then_else(
+                        smem[tile_elem(0, chunk_row(it, tid), chunk_col(it, tid)) + e] = T.if_then_else(
                             chunk_row(it, tid) < nrows,
                             q[b, h, row0 + rstr * chunk_row(it, tid), chunk_col(it, tid) + e], zero)
                 else:
-                    copy16(T.address_of(smem[chunk_row(it, tid) * DP + chunk_col(it, tid)]),
+                    copy16(T.address_of(smem[tile_elem(0, chunk_row(it, tid), chunk_col(it, tid))]),
                            q.access_ptr("r", offset=((b * H + h) * N + T.if_then_else(
                                chunk_row(it, tid) < nrows, row0 + rstr * chunk_row(it, tid), 0)) * D
                                + chunk_col(it, tid)),
@@ -156,7 +195,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     @T.macro
     def copy_rows_async(smem, base, src, col0, sig, b, hk, tid, st, it):
         # one 16-byte chunk of the rows col0 + sig * u of ``src`` (K or V) -> stage st at ``base``
-        copy16(T.address_of(smem[kv_stage(base, st, chunk_row(it, tid)) + chunk_col(it, tid)]),
+        copy16(T.address_of(smem[kv_elem(base, st, chunk_row(it, tid), chunk_col(it, tid))]),
                src.access_ptr("r", offset=((b * KVH + hk) * N + T.min(
                    col0 + sig * chunk_row(it, tid), N - 1)) * D + chunk_col(it, tid)),
                col0 + sig * chunk_row(it, tid) < N)
@@ -165,7 +204,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     def copy_rows(smem, base, src, col0, sig, b, hk, tid, it):
         # the same chunk with a plain 16-byte load (out-of-range rows are zero) -> stage 0
         for e in T.vectorized(8):
-            smem[kv_stage(base, 0, chunk_row(it, tid)) + chunk_col(it, tid) + e] = T.if_then_else(
+            smem[kv_elem(base, 0, chunk_row(it, tid), chunk_col(it, tid)) + e] = T.if_then_else(
                 col0 + sig * chunk_row(it, tid) < N,
                 src[b, hk, col0 + sig * chunk_row(it, tid), chunk_col(it, tid) + e], zero)
 
@@ -196,7 +235,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         for it in T.serial(KV_IT):
             if it * NTHR + tid < BC * CH:
                 T.ptx.ld.shared.v4.b32(words[0], words[1], words[2], words[3], T.address_of(
-                    smem[kv_stage(V_OFF, st, chunk_row(it, tid)) + chunk_col(it, tid)]))
+                    smem[kv_elem(V_OFF, st, chunk_row(it, tid), chunk_col(it, tid))]))
                 for i in T.unroll(4):
                     nonfinite[0] = nonfinite[0] | (((words[i] & EXP_BITS) + EXP_CARRY) & SIGN_BITS)
         if nonfinite[0] != T.uint32(0):
@@ -291,6 +330,34 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                         T.evaluate(mma_16x8x16(pf, (mt * KC + kc) * 8, bf, hn * 4, oacc, (mt * DT + dp * 2 + hn) * 4))
 
     @T.macro
+    def qk_wgmma(sacc, desc, smem, stg, w):
+        # S = Q K^T: one warpgroup MMA per 16-deep k-step, both operands from shared memory
+        # (this warpgroup's 64 Q rows); the first step overwrites the accumulators
+        T.ptx.wgmma.fence.sync.aligned()
+        for kk in T.unroll(KD):
+            T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[0]), T.address_of(
+                smem[(w // 4) * 64 * D + kk * 128]), QK_LBO, QK_SBO, 0)
+            T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(
+                smem[kv_elem(K_OFF, stg, 0, 0) + kk * 128]), QK_LBO, QK_SBO, 0)
+            T.ptx[WG_S](*[sacc[i] for i in range(NTL * 4)], desc[0], desc[1], kk > 0, 1, 1, 0, 0)
+        T.ptx.wgmma.commit_group.sync.aligned()
+        T.ptx.wgmma.wait_group.sync.aligned(0)
+
+    @T.macro
+    def pv_wgmma(oacc, pf, desc, smem, stg):
+        # O += P V: P from registers (the accumulator layout of S is wgmma's A fragment), V from
+        # shared memory read transposed
+        T.ptx.wgmma.fence.sync.aligned()
+        for kc in T.unroll(KC):
+            T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(
+                smem[kv_elem(V_OFF, stg, kc * 16, 0)]), V_LBO, V_SBO, 0)
+            T.ptx[WG_O](*[oacc[i] for i in range(DT * 4)],
+                        *[T.reinterpret("uint32", pf.vload([kc * 8 + 2 * i], PAIR)) for i in range(4)],
+                        desc[1], True, 1, 1, 1)
+        T.ptx.wgmma.commit_group.sync.aligned()
+        T.ptx.wgmma.wait_group.sync.aligned(0)
+
+    @T.macro
     def pv_exact(oacc, pf, smem, stg, w, lane):
         # O += P V on CUDA cores, skipping zero probabilities (a block with a non-finite V).
         # Each warp stages its own rows of P in its own rows of the Q region (dead once the Q
@@ -304,16 +371,16 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                     for hn in T.unroll(2):
                         if chunk * PW <= kc * 16 + hn * 8 and kc * 16 + hn * 8 < chunk * PW + PW:
                             for i in T.unroll(4):
-                                smem[tile_row(w, lane, mt * 2 + i // 2) * DP + kc * 16 + hn * 8 + lane % 4 * 2 + i % 2 - chunk * PW] = pf[(mt * KC + kc) * 8 + hn * 4 + i]
+                                smem[p_elem(tile_row(w, lane, mt * 2 + i // 2), kc * 16 + hn * 8 + lane % 4 * 2 + i % 2 - chunk * PW)] = pf[(mt * KC + kc) * 8 + hn * 4 + i]
             T.tvm_storage_sync("shared.dyn")
             for c in T.serial(PW):
                 for r in T.unroll(RS):
                     for dtl in T.unroll(DT):
                         for e in T.unroll(2):
                             oacc[((r // 2) * DT + dtl) * 4 + (r % 2) * 2 + e] = oacc[((r // 2) * DT + dtl) * 4 + (r % 2) * 2 + e] + T.if_then_else(
-                                smem[tile_row(w, lane, r) * DP + c] == zero, T.float32(0),
-                                T.Cast("float32", smem[tile_row(w, lane, r) * DP + c]) * T.Cast(
-                                    "float32", smem[kv_stage(V_OFF, stg, chunk * PW + c) + dtl * 8 + lane % 4 * 2 + e]))
+                                smem[p_elem(tile_row(w, lane, r), c)] == zero, T.float32(0),
+                                T.Cast("float32", smem[p_elem(tile_row(w, lane, r), c)]) * T.Cast(
+                                    "float32", smem[kv_elem(V_OFF, stg, chunk * PW + c, dtl * 8 + lane % 4 * 2 + e)]))
             T.tvm_storage_sync("shared.dyn")
 
     @T.macro
@@ -397,6 +464,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                             mb = T.sblock_alloc_buffer((RS,), "float32", scope="local")
                             al = T.sblock_alloc_buffer((RS,), "float32", scope="local")
                             sg = T.sblock_alloc_buffer((RS * S * 3,), "int32", scope="local")
+                            desc = T.sblock_alloc_buffer((2,), "uint64", scope="local")
                             b: T.let[T.int32] = vbh // H
                             h: T.let[T.int32] = vbh % H
                             hk: T.let[T.int32] = h // G
@@ -424,8 +492,11 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                 T.evaluate(T.ptx.cp.async_.commit_group())
                                 T.evaluate(T.ptx["cp.async.wait_group"](0))
                             cache_row_segments(sg, rows, seg_start, seg_count, seg_sigma, hm, w, lane, nrows)
+                            if wgmma:  # make this thread's shared writes visible to the async proxy
+                                T.ptx["fence.proxy.async.shared::cta"]()
                             T.tvm_storage_sync("shared.dyn")
-                            load_q_fragments(qf, smem, w, lane)
+                            if not wgmma:
+                                load_q_fragments(qf, smem, w, lane)
                             for j in T.serial(blk_hi - blk_lo):
                                 col0: T.let[T.int32] = blocks[hm, blk_lo + j, 0]
                                 sig: T.let[T.int32] = blocks[hm, blk_lo + j, 1]
@@ -440,18 +511,25 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                     T.evaluate(T.ptx["cp.async.wait_group"](0))
                                 if full == 0:  # FULL blocks: every row attends every column
                                     flag_nonfinite_v(smem, vbad, words, nonfinite, stg, j, tid)
+                                if wgmma:
+                                    T.ptx["fence.proxy.async.shared::cta"]()
                                 T.tvm_storage_sync("shared.dyn")
                                 if stages == 2:
                                     if j + 1 < blk_hi - blk_lo:
                                         issue_kv_block(smem, k, v, blocks[hm, blk_lo + j + 1, 0],
                                                        blocks[hm, blk_lo + j + 1, 1], b, hk, tid, (j + 1) % stages)
                                     T.evaluate(T.ptx.cp.async_.commit_group())
-                                qk_tile(sacc, qf, bf, smem, stg, lane)
+                                if wgmma:
+                                    qk_wgmma(sacc, desc, smem, stg, w)
+                                else:
+                                    qk_tile(sacc, qf, bf, smem, stg, lane)
                                 mask_scores(sacc, sg, full, col0, sig, lane)
                                 online_softmax(sacc, pf, oacc, ms, ls, mb, al)
                                 T.ptx.ld.shared.b32(vflag[0], T.address_of(vbad[stg]))
                                 if vflag[0] == j + 1:
                                     pv_exact(oacc, pf, smem, stg, w, lane)
+                                elif wgmma:
+                                    pv_wgmma(oacc, pf, desc, smem, stg)
                                 else:
                                     pv_tile(oacc, pf, bf, smem, stg, lane)
                             if not split:

@@ -51,3 +51,20 @@ def target_name(target: tvm.target.Target) -> str:
 
 def max_threads(target: tvm.target.Target) -> int:
     return int(target.attrs.get("max_num_threads", 1024)) if is_gpu(target) else 1
+
+
+def supports_wgmma(target: tvm.target.Target) -> bool:
+    """Whether ``target`` is a Hopper GPU (``sm_90``/``sm_90a``), which has ``wgmma``."""
+    return is_gpu(target) and str(target.attrs.get("arch", "")) in ("sm_90", "sm_90a")
+
+
+def arch_specific(target: tvm.target.Target) -> tvm.target.Target:
+    """``target`` with its architecture-specific features on (``sm_90`` -> ``sm_90a``, which
+    ``wgmma`` needs; ``Target.from_device`` says ``sm_90``). Code built for it runs only on that
+    architecture, which is where the kernel was planned to run."""
+    arch = str(target.attrs.get("arch", "")) if is_gpu(target) else ""
+    if arch != "sm_90":
+        return target
+    config = {k: v for k, v in target.export().items() if k not in ("tag", "keys", "host")}
+    config["arch"] = "sm_90a"
+    return tvm.target.Target(config)

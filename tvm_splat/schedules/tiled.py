@@ -33,9 +33,9 @@ from ..formats.tile_plan import PlanShape
 from ..kernels.spec import AttentionSpec
 from ..kernels.tiled import TILE_BLOCK, fallback_func, merge_func, split_merge_func, tiled_func
 from ..kernels.tiled_mma import MMA_TYPES, tiled_mma_func
-from .targets import as_target, is_gpu
+from .targets import as_target, is_gpu, supports_wgmma, target_key
 
-__all__ = ["TiledKnobs", "default_tiled_knobs", "TWO_STAGE_MIN_TILES", "tiled_funcs", "uses_mma",
+__all__ = ["TiledKnobs", "default_tiled_knobs", "TWO_STAGE_MIN_TILES", "WGMMA_MIN_HEAD_DIM", "tiled_funcs", "uses_mma",
            "schedule_tiled", "apply_tiled_schedule"]
 
 
@@ -54,6 +54,9 @@ class TiledKnobs:
     * ``row_pad``: extra float32 per shared score row (bank-conflict padding, CUDA cores).
     * ``split_blocks``: split-KV chunk length in column blocks (-1: the tile plan's rule,
       :func:`~tvm_splat.formats.tile_plan.split_length`; 0: never split).
+    * ``wgmma``: the Hopper form of the ``mma`` kernel (sm_90a): both GEMMs as warpgroup MMAs
+      (``wgmma.mma_async``), one warpgroup per 64 rows; needs ``warps`` a multiple of 4 and
+      ``m_tiles == 1``.
     """
 
     br: int = 64
@@ -65,14 +68,20 @@ class TiledKnobs:
     m_tiles: int = 1
     stages: int = 2
     split_blocks: int = -1
+    wgmma: bool = False
 
     def __post_init__(self):
         for name in ("br", "bc", "warps", "vector_bytes", "m_tiles", "stages", "row_pad", "split_blocks"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an int, got {value!r}")
-        if not isinstance(self.use_tensor_cores, bool):
-            raise ValueError(f"use_tensor_cores must be a bool, got {self.use_tensor_cores!r}")
+        for name in ("use_tensor_cores", "wgmma"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.wgmma and (not self.use_tensor_cores or self.warps % 4 or self.m_tiles != 1
+                           or self.br != 16 * self.warps):
+            raise ValueError(f"wgmma needs use_tensor_cores, warps a multiple of 4, m_tiles=1 and "
+                             f"br == 16 * warps (64 rows per warpgroup), got {self}")
         if self.stages not in (1, 2):
             raise ValueError(f"stages must be 1 or 2, got {self.stages}")
         for name in ("br", "bc", "warps", "vector_bytes", "m_tiles"):
@@ -105,11 +114,24 @@ class TiledKnobs:
 TWO_STAGE_MIN_TILES = 2048
 
 
+#: head dims from which the Hopper default is the wgmma form with two warpgroups (128-row
+#: tiles). H200, fp16, 50 back-to-back calls (benchmarks/results/h200_wgmma_ab.json): at d=128
+#: it beat the mma form (64-row tiles, the best mma form) by 9% (window:1024, n=32k: 2.37 vs
+#: 2.60 ms) and 11% (causal window 4095, n=16k, GQA: 3.83 vs 4.29 ms); at d=64 it lost on all
+#: four cases (6-27%), one warpgroup (64 rows) lost everywhere (11-42%), and bc=128 lost too.
+WGMMA_MIN_HEAD_DIM = 128
+
+
 def default_tiled_knobs(spec: AttentionSpec, target) -> TiledKnobs:
-    """The knobs when nothing is tuned: the ``mma`` kernel for float16/bfloat16 on the GPU, and
-    the number of K/V stages by grid size (``TWO_STAGE_MIN_TILES``)."""
-    knobs = TiledKnobs(use_tensor_cores=is_gpu(as_target(target)) and spec.dtype in MMA_TYPES)
-    tiles = spec.batch * spec.heads * -(-spec.seq_len // knobs.br)
+    """The knobs when nothing is tuned: the ``mma`` kernel for float16/bfloat16 on the GPU — on
+    an ``sm_90a`` target with ``head_dim >= WGMMA_MIN_HEAD_DIM`` its wgmma form with two
+    warpgroups — and the number of K/V stages by grid size (``TWO_STAGE_MIN_TILES``)."""
+    target = as_target(target)
+    knobs = TiledKnobs(use_tensor_cores=is_gpu(target) and spec.dtype in MMA_TYPES)
+    if (knobs.use_tensor_cores and str(target.attrs.get("arch", "")) == "sm_90a"
+            and spec.head_dim >= WGMMA_MIN_HEAD_DIM and spec.head_dim <= 256):
+        knobs = dataclasses.replace(knobs, br=128, warps=8, wgmma=True)
+    tiles = spec.batch * spec.heads * -(-spec.seq_len // 64)  # the rule was measured with 64-row tiles
     return dataclasses.replace(knobs, stages=2 if tiles >= TWO_STAGE_MIN_TILES else 1)
 
 
@@ -128,7 +150,10 @@ def tiled_funcs(spec: AttentionSpec, plan_shape: PlanShape, knobs: TiledKnobs = 
         raise ValueError(f"plan tiles {plan_shape.br}x{plan_shape.bc} do not match knobs "
                          f"{knobs.br}x{knobs.bc}")
     if uses_mma(spec, knobs, target):
-        funcs = {"tiled": tiled_mma_func(spec, plan_shape, knobs.warps, knobs.m_tiles, knobs.stages)}
+        if knobs.wgmma and not supports_wgmma(as_target(target)):
+            raise ValueError(f"wgmma needs a Hopper target (sm_90 / sm_90a), got {target_key(as_target(target))}")
+        funcs = {"tiled": tiled_mma_func(spec, plan_shape, knobs.warps, knobs.m_tiles, knobs.stages,
+                                         wgmma=knobs.wgmma)}
     else:
         funcs = {"tiled": tiled_func(spec, plan_shape)}
     if plan_shape.num_slots > 0:

@@ -37,6 +37,8 @@ PLAN_CHOICES = ((64, 64), (64, 128), (128, 64), (32, 64))
 #: and 64x128 are left out by default: on the H100 they ran 1.5-2x slower than the best plan
 #: (window:256, n=4096, ``tuning_logs/cuda-sm_90``); ask for them with ``plans=``.
 MMA_PLAN_CHOICES = ((64, 64), (64, 32), (32, 64), (32, 32))
+#: extra plans on Hopper: two warpgroups of the wgmma form (128 rows; see WGMMA_MIN_HEAD_DIM)
+WGMMA_PLAN_CHOICES = ((128, 64),)
 KNOB_ANNOTATION = "tvm_splat.knobs"
 
 
@@ -85,12 +87,18 @@ def program_choices(base, spec, target, stages=(1, 2), m_tiles=(1,)):
         if 16 * warps * mt != base.br:
             continue
         groups.append([dataclasses.replace(base, warps=warps, m_tiles=mt, stages=st)])
+    if _has_wgmma(target) and base.br % 64 == 0 and spec.head_dim <= 256:  # Hopper: the wgmma form too
+        groups += [[dataclasses.replace(base, warps=base.br // 16, m_tiles=1, stages=st, wgmma=True)] for st in stages]
     return groups
+
+
+def _has_wgmma(target) -> bool:
+    return str(target.attrs.get("arch", "")) == "sm_90a"
 
 
 def _program_name(kn, mma) -> str:
     name = f"tiled_{kn.br}x{kn.bc}"
-    return name + (f"_w{kn.warps}_m{kn.m_tiles}_s{kn.stages}" if mma else "")
+    return name + (f"_w{kn.warps}_m{kn.m_tiles}_s{kn.stages}{'_wg' if kn.wgmma else ''}" if mma else "")
 
 
 def _args_signature(args_info):
@@ -150,7 +158,7 @@ def tune_tiled(workload: AttentionPlan, *, plans=None, root=None, console=None, 
     tc = default_tiled_knobs(spec, target).use_tensor_cores
     mma = uses_mma(spec, TiledKnobs(use_tensor_cores=tc), target)
     if plans is None:
-        plans = MMA_PLAN_CHOICES if mma else PLAN_CHOICES
+        plans = MMA_PLAN_CHOICES + (WGMMA_PLAN_CHOICES if _has_wgmma(target) else ()) if mma else PLAN_CHOICES
     tasks = {}
     for br, bc in plans:
         try:
