@@ -51,6 +51,8 @@ TC_FORMS = {
     "wgmma_one_stage": dict(wgmma=True, stages=1),
     "wgmma_two_warpgroups_bc128": dict(br=128, warps=8, bc=128, wgmma=True),
     "wgmma_bc16_split_kv": dict(bc=16, wgmma=True, split_blocks=1),
+    "wgmma_pipelined": dict(wgmma=True, stages=4),
+    "wgmma_pipelined_two_warpgroups_bc16_split": dict(br=128, warps=8, bc=16, wgmma=True, stages=4, split_blocks=3),
 }
 
 
@@ -189,7 +191,8 @@ def test_cuda_split_kv_forms(pattern, n, kv_heads, variant, rng):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("kv_heads", [1, 2])
 @pytest.mark.parametrize("pattern,n,d,stages", [("causal_window:40", 333, 128, 2), ("global:5+dilated:6:3", 250, 64, 1),
-                                                ("global:3+window:64", 2049, 128, 1)])
+                                                ("global:3+window:64", 2049, 128, 1), ("causal_window:300", 1001, 128, 4),
+                                                ("global:2+strided:32", 700, 64, 4)])
 def test_cuda_wgmma_gqa_and_head_dims(pattern, n, d, stages, kv_heads, dtype, rng):
     """The Hopper (wgmma) form: GQA/MQA, d = 64 and 128, odd n, one and two stages, split-KV."""
     from tvm_splat import parse_pattern, sparse_attention
@@ -204,7 +207,7 @@ def test_cuda_wgmma_gqa_and_head_dims(pattern, n, d, stages, kv_heads, dtype, rn
     np.testing.assert_allclose(out.double().cpu().numpy(), ref, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("stages", [1, 2])
+@pytest.mark.parametrize("stages", [1, 2, 4])
 def test_cuda_wgmma_nan_in_masked_keys_and_values_does_not_leak(stages, rng):
     """The NaN test of the other forms, on the wgmma form (its exact P V path stages P in a
     region of its own: wgmma reads Q from shared memory for the whole tile)."""

@@ -129,7 +129,8 @@ def test_tensor_cores_big_tiles_and_in_place_api():
     (TiledKnobs(use_tensor_cores=True, br=128, warps=8, wgmma=True), 128, "float16", None),     # the Hopper default at d=128
     (TiledKnobs(use_tensor_cores=True, wgmma=True, stages=1), 64, "bfloat16", 2),              # one warpgroup, bf16, GQA
     (TiledKnobs(use_tensor_cores=True, wgmma=True, bc=128, split_blocks=1), 64, "float16", 1),  # bc=128, split-KV, MQA
-], ids=["two_warpgroups_d128", "bf16_gqa_one_stage", "bc128_split_mqa"])
+    (TiledKnobs(use_tensor_cores=True, br=128, warps=8, wgmma=True, stages=4), 128, "bfloat16", 2),  # pipelined
+], ids=["two_warpgroups_d128", "bf16_gqa_one_stage", "bc128_split_mqa", "pipelined_two_warpgroups"])
 def test_tensor_cores_wgmma_compiles(knobs, d, dtype, kv_heads):
     """The Hopper form: S = Q K^T as wgmma.mma_async with both operands in shared memory (8x8
     core-matrix layout, descriptors), O += P V with P from registers and V read transposed;
@@ -156,6 +157,12 @@ def test_wgmma_knobs_and_targets():
         TiledKnobs(use_tensor_cores=True, wgmma=True, warps=2, br=32)
     with pytest.raises(ValueError, match="wgmma needs"):
         TiledKnobs(wgmma=True)  # tensor cores off
+    with pytest.raises(ValueError, match="stages"):
+        TiledKnobs(use_tensor_cores=True, stages=4)  # the pipelined form is wgmma's
+    big = AttentionSpec.from_acsr(ACSR.from_pattern(Window(4), 256), 1, 2, 256, "float16")
+    knobs = TiledKnobs(use_tensor_cores=True, br=128, warps=8, bc=128, wgmma=True, stages=4)
+    with pytest.raises(ValueError, match="shared memory"):
+        tiled_funcs(big, plan_tiles(ACSR.from_pattern(Window(4), 256), knobs).shape, knobs, H100)
     acsr = ACSR.from_pattern(Window(4), 256)
     spec128 = AttentionSpec.from_acsr(acsr, 1, 2, 128, "float16")
     spec64 = AttentionSpec.from_acsr(acsr, 1, 2, 64, "float16")

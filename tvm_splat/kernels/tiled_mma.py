@@ -45,6 +45,9 @@ from .tiled import partial_shapes, split_shapes
 #: extra elements per shared-memory row (16 bytes): row strides of 144/272 bytes put the 8
 #: rows one ``ldmatrix`` phase reads in 8 different 4-bank groups
 ROW_PAD = 8
+#: dynamic shared memory a thread block may use on sm_80-sm_90 (227 KB on sm_90, 163 KB on
+#: sm_80; the larger bound, so that nothing Hopper can run is refused here)
+SHARED_BYTES_MAX = 227 * 1024
 #: ``mma.sync`` operand type names of the input dtypes
 MMA_TYPES = {"float16": "fp16", "bfloat16": "bf16"}
 
@@ -87,10 +90,21 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
 
     ``stages=2``: K/V blocks are double-buffered and fetched with ``cp.async`` one block ahead
     (one barrier per block); ``stages=1``: plain 16-byte loads, two barriers per block.
-    ``wgmma=True`` (Hopper, sm_90a): the two GEMMs are warpgroup MMAs (see :func:`check_wgmma_shape`).
+    ``wgmma=True`` (Hopper, sm_90a): the two GEMMs are warpgroup MMAs (see :func:`check_wgmma_shape`);
+    with ``stages=4`` they are also *pipelined*: ``S`` of block ``j + 1`` is issued (into a
+    second accumulator set) before the softmax of block ``j`` and ``P V`` of block ``j`` is
+    left running into the next block, so the tensor cores work while the CUDA cores do the
+    softmax; K/V are fetched two blocks ahead (four stages: the stage a load overwrites was
+    last read two blocks before, which one barrier per block proves finished). Correct (GPU
+    tests) but slower than ``stages=2`` on every case measured on the H200 (window:1024 n=32k
+    d=128: 3.20 vs 2.38 ms with two warpgroups; 1.3-1.9x slower at d=64;
+    ``benchmarks/results/h200_wgmma_pipelined_ab.json``): its 176 KB of shared memory leave one
+    thread block per SM where the two-stage form runs two, whose softmax and MMAs already
+    overlap each other. Kept as an opt-in knob, outside the tuning space, as the base for a
+    warp-specialized form with fewer stages.
     """
-    if stages not in (1, 2):
-        raise ValueError(f"stages must be 1 or 2, got {stages}")
+    if stages not in (1, 2, 4) or (stages == 4 and not wgmma):
+        raise ValueError(f"stages must be 1 or 2 (or 4 for the pipelined wgmma form), got {stages}")
     if wgmma:
         check_wgmma_shape(spec, plan_shape.br, plan_shape.bc, warps, m_tiles)
     B, H, KVH, G, N, D = spec.batch, spec.heads, spec.kv_heads, spec.group, spec.seq_len, spec.head_dim
@@ -118,6 +132,9 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     V_OFF = K_OFF + stages * BC * DP
     P_OFF = V_OFF + stages * BC * DP
     SMEM = P_OFF + (BR * PW if wgmma else 0)
+    if SMEM * 2 > SHARED_BYTES_MAX:
+        raise ValueError(f"this form needs {SMEM * 2 // 1024} KB of shared memory per block, more than the "
+                         f"{SHARED_BYTES_MAX // 1024} KB a block may have (fewer stages, smaller bc or br)")
     # wgmma descriptors (no swizzle; fields in 16-byte units): K-major Q and K tiles step 128 B
     # between core matrices along K and D / 8 * 128 B between 8-row groups; V, read transposed
     # (MN-major), steps D / 8 * 128 B between 8-key groups (LBO) and 128 B along d (SBO).
@@ -358,6 +375,30 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         T.ptx.wgmma.wait_group.sync.aligned(0)
 
     @T.macro
+    def qk_wgmma_issue(sacc, desc, smem, stg, w):
+        # the pipelined form's S = Q K^T: issued and committed, not waited for
+        T.ptx.wgmma.fence.sync.aligned()
+        for kk in T.unroll(KD):
+            T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[0]), T.address_of(
+                smem[(w // 4) * 64 * D + kk * 128]), QK_LBO, QK_SBO, 0)
+            T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(
+                smem[kv_elem(K_OFF, stg, 0, 0) + kk * 128]), QK_LBO, QK_SBO, 0)
+            T.ptx[WG_S](*[sacc[i] for i in range(NTL * 4)], desc[0], desc[1], kk > 0, 1, 1, 0, 0)
+        T.ptx.wgmma.commit_group.sync.aligned()
+
+    @T.macro
+    def pv_wgmma_issue(oacc, pf, desc, smem, stg):
+        # the pipelined form's O += P V: issued and committed, waited for by the next block
+        T.ptx.wgmma.fence.sync.aligned()
+        for kc in T.unroll(KC):
+            T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(
+                smem[kv_elem(V_OFF, stg, kc * 16, 0)]), V_LBO, V_SBO, 0)
+            T.ptx[WG_O](*[oacc[i] for i in range(DT * 4)],
+                        *[T.reinterpret("uint32", pf.vload([kc * 8 + 2 * i], PAIR)) for i in range(4)],
+                        desc[1], True, 1, 1, 1)
+        T.ptx.wgmma.commit_group.sync.aligned()
+
+    @T.macro
     def pv_exact(oacc, pf, smem, stg, w, lane):
         # O += P V on CUDA cores, skipping zero probabilities (a block with a non-finite V).
         # Each warp stages its own rows of P in its own rows of the Q region (dead once the Q
@@ -382,6 +423,38 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                 T.Cast("float32", smem[p_elem(tile_row(w, lane, r), c)]) * T.Cast(
                                     "float32", smem[kv_elem(V_OFF, stg, chunk * PW + c, dtl * 8 + lane % 4 * 2 + e)]))
             T.tvm_storage_sync("shared.dyn")
+
+    @T.macro
+    def pipelined_block(j, nblk, s_cur, s_next, smem, k, v, blocks, hm, blk_lo, b, hk, tid, w, lane, sg,
+                        pf, oacc, ms, ls, mb, al, desc, vbad, vflag, words, nonfinite):
+        # block j of the pipelined form: S_j is in flight in s_cur (issued one block before)
+        if j + 1 < nblk:  # block j + 1 has landed (own copies), its V checked, then the barrier
+            T.evaluate(T.ptx["cp.async.wait_group"](0))
+            if blocks[hm, blk_lo + j + 1, 2] == 0:
+                flag_nonfinite_v(smem, vbad, words, nonfinite, (j + 1) % stages, j + 1, tid)
+            T.ptx["fence.proxy.async.shared::cta"]()
+        # every thread is past block j - 1's waits: block j - 2's stage is free for block j + 2
+        T.tvm_storage_sync("shared.dyn")
+        if j + 2 < nblk:
+            issue_kv_block(smem, k, v, blocks[hm, blk_lo + j + 2, 0], blocks[hm, blk_lo + j + 2, 1], b, hk,
+                           tid, (j + 2) % stages)
+        T.evaluate(T.ptx.cp.async_.commit_group())
+        if j + 1 < nblk:
+            qk_wgmma_issue(s_next, desc, smem, (j + 1) % stages, w)
+            T.ptx.wgmma.wait_group.sync.aligned(1)  # S_j and P V of block j - 1 are done
+        else:
+            T.ptx.wgmma.wait_group.sync.aligned(0)
+        col0: T.let[T.int32] = blocks[hm, blk_lo + j, 0]
+        sig: T.let[T.int32] = blocks[hm, blk_lo + j, 1]
+        full: T.let[T.int32] = blocks[hm, blk_lo + j, 2]
+        mask_scores(s_cur, sg, full, col0, sig, lane)
+        online_softmax(s_cur, pf, oacc, ms, ls, mb, al)
+        T.ptx.ld.shared.b32(vflag[0], T.address_of(vbad[j % stages]))
+        if vflag[0] == j + 1:
+            T.ptx.wgmma.wait_group.sync.aligned(0)  # nothing of ours in flight across the exact path
+            pv_exact(oacc, pf, smem, j % stages, w, lane)
+        else:
+            pv_wgmma_issue(oacc, pf, desc, smem, j % stages)
 
     @T.macro
     def store_rows(out, o_part, ml_part, oacc, ms, ls, rows, b, h, vbh, comp, w, lane, nrows):
@@ -452,6 +525,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                             bf = T.sblock_alloc_buffer((8,), dt, scope="local")
                             pf = T.sblock_alloc_buffer((MT * KC * 8,), dt, scope="local")
                             sacc = T.sblock_alloc_buffer((MT * NTL * 4,), "float32", scope="local")
+                            sacc2 = T.sblock_alloc_buffer((MT * NTL * 4,), "float32", scope="local")
                             oacc = T.sblock_alloc_buffer((MT * DT * 4,), "float32", scope="local")
                             nonfinite = T.sblock_alloc_buffer((1,), "uint32", scope="local")
                             words = T.sblock_alloc_buffer((4,), "uint32", scope="local")
@@ -486,6 +560,19 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                             if tid < stages:
                                 T.ptx.st.shared.b32(T.address_of(vbad[tid]), 0)
                             load_q_tile(smem, q, b, h, row0, rstr, nrows, tid)
+                            if stages == 4:
+                                # blocks 0 and 1 in flight; block 0 (and Q) landed and checked;
+                                # S_0 issued
+                                if blk_hi > blk_lo:
+                                    issue_kv_block(smem, k, v, blocks[hm, blk_lo, 0], blocks[hm, blk_lo, 1], b, hk, tid, 0)
+                                T.evaluate(T.ptx.cp.async_.commit_group())
+                                if blk_hi - blk_lo > 1:
+                                    issue_kv_block(smem, k, v, blocks[hm, blk_lo + 1, 0], blocks[hm, blk_lo + 1, 1], b, hk, tid, 1)
+                                T.evaluate(T.ptx.cp.async_.commit_group())
+                                T.evaluate(T.ptx["cp.async.wait_group"](1))
+                                if blk_hi > blk_lo:
+                                    if blocks[hm, blk_lo, 2] == 0:
+                                        flag_nonfinite_v(smem, vbad, words, nonfinite, 0, 0, tid)
                             if stages == 2:
                                 if blk_hi > blk_lo:
                                     issue_kv_block(smem, k, v, blocks[hm, blk_lo, 0], blocks[hm, blk_lo, 1], b, hk, tid, 0)
@@ -497,41 +584,56 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                             T.tvm_storage_sync("shared.dyn")
                             if not wgmma:
                                 load_q_fragments(qf, smem, w, lane)
-                            for j in T.serial(blk_hi - blk_lo):
-                                col0: T.let[T.int32] = blocks[hm, blk_lo + j, 0]
-                                sig: T.let[T.int32] = blocks[hm, blk_lo + j, 1]
-                                full: T.let[T.int32] = blocks[hm, blk_lo + j, 2]
-                                stg: T.let[T.int32] = j % stages
-                                if stages == 1:
+                            if stages == 4:
+                                if blk_hi > blk_lo:
+                                    qk_wgmma_issue(sacc, desc, smem, 0, w)
+                                # two blocks per iteration, so that S_j and S_j+1 live in two
+                                # register sets named statically
+                                for jj in T.serial((blk_hi - blk_lo + 1) // 2):
+                                    pipelined_block(2 * jj, blk_hi - blk_lo, sacc, sacc2, smem, k, v, blocks, hm, blk_lo,
+                                                    b, hk, tid, w, lane, sg, pf, oacc, ms, ls, mb, al, desc, vbad,
+                                                    vflag, words, nonfinite)
+                                    if 2 * jj + 1 < blk_hi - blk_lo:
+                                        pipelined_block(2 * jj + 1, blk_hi - blk_lo, sacc2, sacc, smem, k, v, blocks, hm,
+                                                        blk_lo, b, hk, tid, w, lane, sg, pf, oacc, ms, ls, mb, al, desc,
+                                                        vbad, vflag, words, nonfinite)
+                                T.ptx.wgmma.wait_group.sync.aligned(0)
+                            if stages != 4:
+                                for j in T.serial(blk_hi - blk_lo):
+                                    col0: T.let[T.int32] = blocks[hm, blk_lo + j, 0]
+                                    sig: T.let[T.int32] = blocks[hm, blk_lo + j, 1]
+                                    full: T.let[T.int32] = blocks[hm, blk_lo + j, 2]
+                                    stg: T.let[T.int32] = j % stages
+                                    if stages == 1:
+                                        T.tvm_storage_sync("shared.dyn")
+                                        load_kv_block(smem, k, v, col0, sig, b, hk, tid)
+                                    else:
+                                        # block j has landed (this thread's copies: wait; everyone's:
+                                        # the barrier, which also frees the other stage for block j + 1)
+                                        T.evaluate(T.ptx["cp.async.wait_group"](0))
+                                    if full == 0:  # FULL blocks: every row attends every column
+                                        flag_nonfinite_v(smem, vbad, words, nonfinite, stg, j, tid)
+                                    if wgmma:
+                                        T.ptx["fence.proxy.async.shared::cta"]()
                                     T.tvm_storage_sync("shared.dyn")
-                                    load_kv_block(smem, k, v, col0, sig, b, hk, tid)
-                                else:
-                                    # block j has landed (this thread's copies: wait; everyone's:
-                                    # the barrier, which also frees the other stage for block j + 1)
-                                    T.evaluate(T.ptx["cp.async.wait_group"](0))
-                                if full == 0:  # FULL blocks: every row attends every column
-                                    flag_nonfinite_v(smem, vbad, words, nonfinite, stg, j, tid)
-                                if wgmma:
-                                    T.ptx["fence.proxy.async.shared::cta"]()
-                                T.tvm_storage_sync("shared.dyn")
-                                if stages == 2:
-                                    if j + 1 < blk_hi - blk_lo:
-                                        issue_kv_block(smem, k, v, blocks[hm, blk_lo + j + 1, 0],
-                                                       blocks[hm, blk_lo + j + 1, 1], b, hk, tid, (j + 1) % stages)
-                                    T.evaluate(T.ptx.cp.async_.commit_group())
-                                if wgmma:
-                                    qk_wgmma(sacc, desc, smem, stg, w)
-                                else:
-                                    qk_tile(sacc, qf, bf, smem, stg, lane)
-                                mask_scores(sacc, sg, full, col0, sig, lane)
-                                online_softmax(sacc, pf, oacc, ms, ls, mb, al)
-                                T.ptx.ld.shared.b32(vflag[0], T.address_of(vbad[stg]))
-                                if vflag[0] == j + 1:
-                                    pv_exact(oacc, pf, smem, stg, w, lane)
-                                elif wgmma:
-                                    pv_wgmma(oacc, pf, desc, smem, stg)
-                                else:
-                                    pv_tile(oacc, pf, bf, smem, stg, lane)
+                                    if stages == 2:
+                                        if j + 1 < blk_hi - blk_lo:
+                                            issue_kv_block(smem, k, v, blocks[hm, blk_lo + j + 1, 0],
+                                                           blocks[hm, blk_lo + j + 1, 1], b, hk, tid, (j + 1) % stages)
+                                        T.evaluate(T.ptx.cp.async_.commit_group())
+                                    if wgmma:
+                                        qk_wgmma(sacc, desc, smem, stg, w)
+                                    else:
+                                        qk_tile(sacc, qf, bf, smem, stg, lane)
+                                    mask_scores(sacc, sg, full, col0, sig, lane)
+                                    online_softmax(sacc, pf, oacc, ms, ls, mb, al)
+                                    T.ptx.ld.shared.b32(vflag[0], T.address_of(vbad[stg]))
+                                    if vflag[0] == j + 1:
+                                        pv_exact(oacc, pf, smem, stg, w, lane)
+                                    elif wgmma:
+                                        pv_wgmma(oacc, pf, desc, smem, stg)
+                                    else:
+                                        pv_tile(oacc, pf, bf, smem, stg, lane)
                             if not split:
                                 store_rows(out, o_part, ml_part, oacc, ms, ls, rows, b, h, vbh, comp, w, lane, nrows)
                             elif slot >= 0:

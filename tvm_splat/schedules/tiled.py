@@ -50,7 +50,8 @@ class TiledKnobs:
     * ``use_tensor_cores``: the warp-level ``mma.sync`` kernel (float16/bfloat16 inputs, CUDA
       only; ignored elsewhere); needs ``br == 16 * warps * m_tiles``.
     * ``m_tiles``: 16-row m-tiles per warp in the ``mma`` kernel.
-    * ``stages``: K/V shared-memory stages of the ``mma`` kernel (2: ``cp.async`` one block ahead).
+    * ``stages``: K/V shared-memory stages of the ``mma`` kernel (2: ``cp.async`` one block ahead;
+      4, wgmma only: the pipelined form, two blocks ahead, GEMMs overlapping the softmax).
     * ``row_pad``: extra float32 per shared score row (bank-conflict padding, CUDA cores).
     * ``split_blocks``: split-KV chunk length in column blocks (-1: the tile plan's rule,
       :func:`~tvm_splat.formats.tile_plan.split_length`; 0: never split).
@@ -82,8 +83,8 @@ class TiledKnobs:
                            or self.br != 16 * self.warps):
             raise ValueError(f"wgmma needs use_tensor_cores, warps a multiple of 4, m_tiles=1 and "
                              f"br == 16 * warps (64 rows per warpgroup), got {self}")
-        if self.stages not in (1, 2):
-            raise ValueError(f"stages must be 1 or 2, got {self.stages}")
+        if self.stages not in (1, 2, 4) or (self.stages == 4 and not self.wgmma):
+            raise ValueError(f"stages must be 1 or 2 (4: the pipelined wgmma form), got {self.stages}")
         for name in ("br", "bc", "warps", "vector_bytes", "m_tiles"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
