@@ -3,7 +3,7 @@ reference, NaN in every padded key and value (run on the GPU machine; skipped wi
 import numpy as np
 import pytest
 
-from tvm_splat.testing import dense_mask, mask_cases, qkv
+from tvm_splat.testing import dense_mask, mask_cases
 
 torch = pytest.importorskip("torch")
 pytestmark = [
