@@ -19,13 +19,19 @@ synchronisation, median) and in throughput (calls back to back between two CUDA 
   that fell back to eager FlexAttention is refused (:class:`tvm_splat.bench.flex.FallbackWatch`);
 * ``tvm_splat``: ``torch.export`` -> ``from_exported_program`` -> ``SparsifyAttention(pattern)``
   -> ``tvm.compile``: every layer's attention becomes our kernels. The exported graph holds
-  SDPA without a mask over K/V repeated to the query heads (HuggingFace's ``repeat_kv``; the
-  pass sees equal head counts) and the pass is given the pattern, so no n x n mask is ever
-  built or evaluated;
-* ``tvm_dense``: the exported graph with the boolean mask as an input, compiled by TVM as it is
+  HuggingFace's ``eager`` attention (bf16 ``q kᵀ``, float32 softmax, bf16 ``P V``) without a
+  mask over K/V repeated to the query heads (``repeat_kv``; the pass sees equal head counts),
+  and the pass is given the pattern, so no n x n mask is ever built or evaluated;
+* ``tvm_dense``: the same graph with the boolean mask (an input) applied by ``where``, compiled
+  by TVM as it is
   (dense masked attention, dlight's default GPU schedules); skipped when its float32 scores
   would pass ``--dense-max-gb``.
 
+TVM 0.27's PyTorch importer gives every ``matmul``/``linear`` a float32 output whatever its
+inputs, so in both TVM graphs the activations between the 16-bit weights are float32 (the
+models' attention is cast back to the model's dtype, :func:`_eager_attention`, so the sites run
+16-bit kernels); the dense layers of the TVM rows are therefore not the torch rows' bf16 GEMMs,
+and the ``tvm_splat`` / ``tvm_dense`` pair is the like-for-like comparison of the attention.
 Weights are inputs of the compiled module (``keep_params_as_input``), uploaded once. Results go
 to ``--out`` as JSON after every case (``--resume`` keeps the finished cases), so a long run
 fits in several device calls. ``--tiny`` runs both models at toy sizes in float32 on the CPU
@@ -118,10 +124,12 @@ class Attention(nn.Module):
         super().__init__()
         c = config
         self.heads, self.kv_heads, self.head_dim = c.heads, c.kv_heads, c.head_dim
-        self.q = nn.Linear(c.dim, c.heads * c.head_dim, bias=not rope)
-        self.k = nn.Linear(c.dim, c.kv_heads * c.head_dim, bias=not rope)
-        self.v = nn.Linear(c.dim, c.kv_heads * c.head_dim, bias=not rope)
-        self.o = nn.Linear(c.heads * c.head_dim, c.dim, bias=not rope)
+        # no biases anywhere: TVM's importer types a 16-bit addmm's product float32 and then
+        # refuses the bias add (TypeError in from_exported_program, seen on bf16 Linear layers)
+        self.q = nn.Linear(c.dim, c.heads * c.head_dim, bias=False)
+        self.k = nn.Linear(c.dim, c.kv_heads * c.head_dim, bias=False)
+        self.v = nn.Linear(c.dim, c.kv_heads * c.head_dim, bias=False)
+        self.o = nn.Linear(c.heads * c.head_dim, c.dim, bias=False)
         self.rope = rope
         self.mode = "sdpa"
         self.block_mask = None
@@ -141,9 +149,25 @@ class Attention(nn.Module):
             out = self.flex(q, k, v, block_mask=self.block_mask, enable_gqa=gqa)
         else:
             k, v = _repeat_kv(k, self.heads // self.kv_heads), _repeat_kv(v, self.heads // self.kv_heads)
-            dense = self.mode == "export_dense"
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask if dense else None)
+            out = _eager_attention(q, k, v, mask if self.mode == "export_dense" else None)
         return self.o(out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
+
+
+def _eager_attention(q, k, v, mask):
+    """HuggingFace's ``eager`` attention: scores in the input dtype, softmax in float32 and back.
+
+    (``F.scaled_dot_product_attention`` exports as its math decomposition, which upcasts 16-bit
+    q, k, v to float32.) TVM 0.27's importer gives every ``matmul``/``linear`` a float32 output
+    whatever its inputs, so in the imported graph q, k and v arrive as float32; the round trip
+    ``.float().to(dtype)`` (a no-op in torch) puts the attention back in the model's dtype, as
+    in torch, so the site runs 16-bit kernels (tensor cores) in both TVM graphs."""
+    dtype = q.dtype
+    q, k, v = (x.float().to(dtype) for x in (q, k, v))
+    scores = torch.matmul(q, k.transpose(2, 3)) * (q.shape[-1] ** -0.5)
+    if mask is not None:  # masked in float32 (the softmax's dtype; the importer's -inf fill takes it)
+        scores = scores.float().masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+    return torch.matmul(probs, v)
 
 
 def _rotate(x, cos, sin):
@@ -172,6 +196,16 @@ class RMSNorm(nn.Module):
         return self.weight * scaled.to(x.dtype)
 
 
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` computed in float32 (as HuggingFace's 16-bit models do): TVM 0.27's
+    importer hands ``layer_norm`` a float32 input (see :func:`_eager_attention`) with the
+    16-bit weight and refuses the mix."""
+
+    def forward(self, x):
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                            self.eps).to(x.dtype)
+
+
 class Block(nn.Module):
     """Pre-norm block: Mistral's (RMSNorm, RoPE, SwiGLU) or Longformer's (LayerNorm, GELU)."""
 
@@ -179,7 +213,7 @@ class Block(nn.Module):
         super().__init__()
         hidden = int(config.dim * config.mlp_ratio)
         self.mistral = config.kind == "mistral"
-        norm = RMSNorm if self.mistral else nn.LayerNorm
+        norm = RMSNorm if self.mistral else LayerNorm
         self.norm1, self.norm2 = norm(config.dim), norm(config.dim)
         self.attn = Attention(config, rope=self.mistral)
         if self.mistral:
@@ -187,8 +221,8 @@ class Block(nn.Module):
             self.up = nn.Linear(config.dim, hidden, bias=False)
             self.down = nn.Linear(hidden, config.dim, bias=False)
         else:
-            self.up = nn.Linear(config.dim, hidden)
-            self.down = nn.Linear(hidden, config.dim)
+            self.up = nn.Linear(config.dim, hidden, bias=False)
+            self.down = nn.Linear(hidden, config.dim, bias=False)
 
     def forward(self, x, mask, cos, sin):
         x = x + self.attn(self.norm1(x), mask, cos, sin)
