@@ -160,11 +160,11 @@ def plan_training(mask, q_shape, kv_shape=None, dtype="float32", device="cpu", *
         raise ValueError(f"unsupported dtype {dtype}; expected one of {TRAINING_DTYPES}")
     dev = as_device(device)
     target = as_target(default_target(dev) if target is None else target)
-    if is_gpu(target) != is_gpu_device(dev):
-        raise ValueError(f"target {target.kind.name} does not match the device {dev}")
     if dtype == "float64" and is_gpu(target):
         raise ValueError("float64 training kernels are for the CPU (gradcheck); use float32, "
                          "float16 or bfloat16 on the GPU")
+    if is_gpu(target) != is_gpu_device(dev):
+        raise ValueError(f"target {target.kind.name} does not match the device {dev}")
     acsr = as_acsr(mask, n, max_segments)
     transposed = _transposed(mask, acsr, max_segments)
     spec = BackwardSpec.from_acsrs(acsr, transposed, batch, heads, head_dim, dtype, check_scale(scale),
