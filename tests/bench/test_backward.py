@@ -44,3 +44,19 @@ def test_no_reference_past_the_memory_budget(monkeypatch):
     inputs = BW._leaves(make_inputs(BenchCase("window:4", 64, 2, 8, 1, "float32"), "cpu"))
     monkeypatch.setattr(BW, "REFERENCE_BYTES", 4 * 8 * 2 * 64 * 64 - 1)
     assert BW.reference_grads(inputs, torch.zeros(inputs.q.shape)) is None
+
+
+def test_speedups_skip_a_direction_a_baseline_could_not_time():
+    timed = lambda ms: {"throughput_ms": ms}  # noqa: E731
+    row = {"results": {
+        "splat_train": {d: timed(1.0) for d in BW.DIRECTIONS} | {"correct": True},
+        "flex": {"forward": timed(2.0), "forward_backward": timed(6.0), "backward": {"error": "retain_graph"},
+                 "correct": True},
+        "sdpa_dense": {"forward": timed(0.5), "forward_backward": timed(1.5), "backward": timed(1.0)},
+    }}
+    BW.add_speedups(row)
+    speedup = row["results"]["splat_train"]["speedup"]
+    assert speedup["forward"] == {"sdpa_dense": 0.5, "flex": 2.0}
+    assert speedup["backward"] == {"sdpa_dense": 1.0}
+    summary = BW.summarise([row])
+    assert summary["forward_backward"]["flex"] == {"geomean": 6.0, "min": 6.0, "cases": 1}
