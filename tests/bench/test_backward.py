@@ -28,6 +28,10 @@ def test_tiny_suite_on_the_cpu(tmp_path):
             case["results"]["sdpa_dense"][direction]["throughput_ms"] / ours[direction]["throughput_ms"])
     assert data["summary"]["forward_backward"]["sdpa_dense"]["cases"] == 1
     assert (tmp_path / "cpu_tiny_backward.png").stat().st_size > 0
+    main(["bench", "--backward", "--suite", "tiny", "--device", "cpu", "--out", str(tmp_path), "--prefix", "cpu",
+          "--resume"])  # every case done: nothing runs, the earlier results stay
+    again = json.loads((tmp_path / "cpu_tiny_backward.json").read_text())
+    assert again["cases"] == data["cases"] and again["meta"]["resumed_from"] == data["meta"]["date"]
 
 
 def test_reference_gradients_agree_with_the_numpy_reference():

@@ -214,6 +214,11 @@ def run_backward_bench(args):
             "ours": "tvm_splat.autograd.sparse_attention: row-parallel CUDA-core training kernels "
                     "(fwd_lse, bwd_dq, bwd_dkdv), not the tensor-core forward"}
     rows, start = [], time.time()
+    if args.resume and json_path.exists():  # keep every earlier case, run the missing ones
+        previous = json.loads(json_path.read_text())
+        rows, meta["resumed_from"] = previous["cases"], previous["meta"].get("date")
+    done = {r["name"] for r in rows}
+    cases = [c for c in cases if c.name not in done]
     for i, case in enumerate(cases):
         if time.time() - start > args.time_budget:
             meta["cases_not_run"] = [c.name for c in cases[i:]]
