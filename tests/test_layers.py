@@ -19,8 +19,8 @@ LAYERS = (
     ("records", "devices"),                # reading tuning records; devices and targets
     ("compile",),                          # build + cache
     ("planner",),                          # plan -> run
-    ("attention",),                        # sparse_attention: a cache of plans
-    ("relay_passes", "tuning", "pruning"),
+    ("attention", "training"),             # sparse_attention: a cache of plans; training plans
+    ("relay_passes", "tuning", "pruning", "autograd"),
     ("baselines",),
     ("bench", "demo"),
     ("cli",),

@@ -13,6 +13,11 @@ def _demo(args):
 
 
 def _bench(args):
+    if getattr(args, "backward", False):
+        from .bench.backward import run_backward_bench
+
+        run_backward_bench(args)
+        return
     from .bench.run import run_bench
 
     run_bench(args)

@@ -26,6 +26,7 @@ import tvm
 from ._version import __version__
 from .formats.tile_plan import PlanShape
 from .kernels import ROW_KERNEL_NAMES, row_variant_funcs
+from .kernels.backward import BackwardSpec, backward_funcs
 from .kernels.spec import AttentionSpec
 from .records import apply_best, record_mark, workload_dir
 from .schedules.row import RowKnobs, row_schedule
@@ -76,6 +77,21 @@ def tiled_module(spec: AttentionSpec, plan_shape: PlanShape, target, knobs: Tile
     funcs = tiled_funcs(spec, plan_shape, knobs, target)
     return tvm.IRModule({name: schedule_tiled(name, f, target, knobs, spec).with_attr("global_symbol", name)
                          for name, f in funcs.items()})
+
+
+def backward_module(spec: BackwardSpec, target, knobs: RowKnobs | None = None) -> tvm.IRModule:
+    """The scheduled training kernels (``fwd_lse``, ``bwd_dq``, ``bwd_dkdv``,
+    :mod:`tvm_splat.kernels.backward`) under the row schedule: one query row or key per thread
+    on the GPU (CUDA cores), rows as parallel tasks on the CPU."""
+    target = as_target(target)
+    return tvm.IRModule({name: row_schedule(f, target, knobs or RowKnobs()).with_attr("global_symbol", name)
+                         for name, f in backward_funcs(spec).items()})
+
+
+def compile_backward(spec: BackwardSpec, target, knobs: RowKnobs | None = None, use_disk_cache=True):
+    """Compiled training kernels of ``spec`` (cached like every other module)."""
+    return compile_module(f"backward|{spec.key}|{knobs!r}", lambda: backward_module(spec, target, knobs),
+                          target, use_disk_cache)
 
 
 def row_tuning_mark(spec: AttentionSpec, target, variant: str) -> str:

@@ -48,3 +48,30 @@ def masked_scores(q, k, mask, scale=None):
         mask = mask[None]
     scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
     return np.where(mask[None], np.einsum("bhid,bhjd->bhij", q, k) * scale, -np.inf)
+
+
+def masked_attention_grads(q, k, v, mask, dout, scale=None):
+    """Gradients of :func:`masked_attention` in float64, for finite inputs: ``(dq, dk, dv)``
+    for the output gradient ``dout`` ``[batch, heads, n, d]``. dq is ``[batch, heads, n, d]``; dk
+    and dv ``[batch, kv_heads, n, d]``, summed over the query heads of each KV head's group.
+    Dense: ``dV = Pᵀ dO``, ``dP = dO Vᵀ``, ``dS = P ∘ (dP − rowsum(dO ∘ O))``,
+    ``dQ = scale · dS K``, ``dK = scale · dSᵀ Q``; empty rows have P = 0 and give nothing."""
+    q, k, v, dout = (np.asarray(x, dtype=np.float64) for x in (q, k, v, dout))
+    batch, heads, n, d = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    kr, vr = (np.repeat(x, group, axis=1) for x in (k, v))
+    mask = np.asarray(mask, dtype=bool)
+    scale = 1.0 / np.sqrt(d) if scale is None else scale
+    scores = np.where(mask if mask.ndim == 3 else mask[None], np.einsum("bhid,bhjd->bhij", q, kr) * scale, -np.inf)
+    row_max = scores.max(-1, keepdims=True)
+    p = np.exp(scores - np.where(np.isneginf(row_max), 0.0, row_max))
+    total = p.sum(-1, keepdims=True)
+    p = p / np.where(total == 0, 1.0, total)
+    out = p @ vr
+    dp = dout @ np.swapaxes(vr, -1, -2)
+    ds = p * (dp - (dout * out).sum(-1, keepdims=True))
+    dq = ds @ kr * scale
+    dk = np.swapaxes(ds, -1, -2) @ q * scale
+    dv = np.swapaxes(p, -1, -2) @ dout
+    return dq, dk.reshape(batch, kv_heads, group, n, d).sum(2), dv.reshape(batch, kv_heads, group, n, d).sum(2)

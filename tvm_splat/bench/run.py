@@ -38,6 +38,8 @@ IMPLEMENTATIONS = {
     "splat_fused_untuned": B.tvm_splat_fused_untuned,  # default knobs, tuning logs ignored
     "splat_fused": B.tvm_splat_variant("auto"),  # the default: tiled, tensor cores for fp16, tuned knobs if logged
 }
+# Our differentiable op, timed forward + backward by `tvm-splat bench --backward` only (bench/backward.py).
+TRAINING_IMPL = "splat_train"
 # What a plain `tvm-splat bench` runs; the other entries are extras chosen with --impl.
 DEFAULT_IMPLS = ("sdpa_dense", "sdpa_masked", "flex", "tvm_dense", "tvm_dense_tuned",
                  "splat_fused_untuned", "splat_fused")
@@ -81,7 +83,7 @@ def add_bench_args(p):
     p.add_argument("--suite", default="quick", choices=SUITES)
     p.add_argument("--pattern", action="append", default=None,
                    help="only cases whose pattern is one of these (repeatable)")
-    p.add_argument("--impl", action="append", default=None, choices=sorted(IMPLEMENTATIONS),
+    p.add_argument("--impl", action="append", default=None, choices=sorted([*IMPLEMENTATIONS, TRAINING_IMPL]),
                    help=f"only these implementations (repeatable; default: {', '.join(DEFAULT_IMPLS)})")
     p.add_argument("--out", default="benchmarks/results", help="folder for JSON and PNG")
     p.add_argument("--prefix", default="h100", help="file name prefix (h100_suite.json, ...)")
@@ -95,6 +97,9 @@ def add_bench_args(p):
     p.add_argument("--bandwidth-tbs", type=float, default=H100_BANDWIDTH_TBS)
     p.add_argument("--time-budget", type=float, default=float("inf"),
                    help="stop starting new cases after this many seconds (results so far are kept)")
+    p.add_argument("--backward", action="store_true",
+                   help="time forward + backward of the differentiable op against Flex and dense SDPA "
+                        "(bench/backward.py; writes <prefix>_<suite>_backward.json)")
     p.add_argument("--resume", action="store_true",
                    help="keep the cases already in the output JSON and run only the missing ones "
                         "(long suites in several calls)")
@@ -336,6 +341,8 @@ def run_bench(args):
                              "--device cpu checks the harness on the CPU")
     cases = [c for c in suite(args.suite) if not args.pattern or c.pattern in args.pattern]
     impls = args.impl or list(DEFAULT_IMPLS)
+    if TRAINING_IMPL in impls:
+        raise ValueError(f"{TRAINING_IMPL} is timed forward + backward: run tvm-splat bench --backward")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = _meta(args, opts, impls)

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 #: input dtypes of every kernel (accumulation is float32 for all of them)
 SUPPORTED_DTYPES = ("float16", "bfloat16", "float32")
+#: dtypes a spec may hold: float64 too, for the training kernels on the CPU (gradcheck needs
+#: float64 throughout; those kernels accumulate in float64 then, see ``accum_dtype``)
+SPEC_DTYPES = SUPPORTED_DTYPES + ("float64",)
 
 
 @dataclass(frozen=True)
@@ -52,8 +55,8 @@ class AttentionSpec:
         for name in ("batch", "heads", "kv_heads", "seq_len", "head_dim", "max_segments", "index_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"unsupported dtype {self.dtype!r}; expected one of {SUPPORTED_DTYPES}")
+        if self.dtype not in SPEC_DTYPES:
+            raise ValueError(f"unsupported dtype {self.dtype!r}; expected one of {SPEC_DTYPES}")
         if self.heads % self.kv_heads:
             raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
         if self.mask_heads not in (1, self.heads):
@@ -88,6 +91,11 @@ class AttentionSpec:
             kv_heads=int(heads if kv_heads is None else kv_heads),
             has_kv_len=bool(has_kv_len),
         )
+
+    @property
+    def accum_dtype(self) -> str:
+        """float64 for float64 inputs, else float32."""
+        return "float64" if self.dtype == "float64" else "float32"
 
     @property
     def group(self) -> int:

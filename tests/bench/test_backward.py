@@ -1,0 +1,66 @@
+"""``tvm-splat bench --backward`` on the CPU (the harness itself; the figures come from the GPU)."""
+import json
+
+import numpy as np
+import pytest
+
+from tvm_splat.bench import backward as BW
+from tvm_splat.bench.inputs import make_inputs
+from tvm_splat.bench.suite import BenchCase
+from tvm_splat.reference import masked_attention_grads
+
+torch = pytest.importorskip("torch")
+
+
+def test_tiny_suite_on_the_cpu(tmp_path):
+    from tvm_splat.cli import main
+
+    main(["bench", "--backward", "--suite", "tiny", "--device", "cpu", "--out", str(tmp_path), "--prefix", "cpu",
+          "--impl", "sdpa_dense", "--impl", "splat_train", "--impl-seconds", "0.2"])
+    data = json.loads((tmp_path / "cpu_tiny_backward.json").read_text())
+    (case,) = data["cases"]
+    ours = case["results"]["splat_train"]
+    assert case["reference"] and ours["correct"] is True
+    assert max(ours["grad_rel_err"].values()) < 1e-5  # float32 against float64
+    for direction in BW.DIRECTIONS:
+        assert ours[direction]["throughput_ms"] > 0
+        assert ours["speedup"][direction]["sdpa_dense"] == pytest.approx(
+            case["results"]["sdpa_dense"][direction]["throughput_ms"] / ours[direction]["throughput_ms"])
+    assert data["summary"]["forward_backward"]["sdpa_dense"]["cases"] == 1
+    assert (tmp_path / "cpu_tiny_backward.png").stat().st_size > 0
+    main(["bench", "--backward", "--suite", "tiny", "--device", "cpu", "--out", str(tmp_path), "--prefix", "cpu",
+          "--resume"])  # every case done: nothing runs, the earlier results stay
+    again = json.loads((tmp_path / "cpu_tiny_backward.json").read_text())
+    assert again["cases"] == data["cases"] and again["meta"]["resumed_from"] == data["meta"]["date"]
+
+
+def test_reference_gradients_agree_with_the_numpy_reference():
+    inputs = BW._leaves(make_inputs(BenchCase("global:2+causal_window:5", 40, 4, 8, 2, "float32", kv_heads=2), "cpu"))
+    dout = torch.randn(inputs.q.shape)
+    got = BW.reference_grads(inputs, dout)
+    want = masked_attention_grads(*(x.detach().numpy() for x in (inputs.q, inputs.k, inputs.v)),
+                                  inputs.mask.numpy(), dout.numpy())
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a.numpy(), b, rtol=1e-10, atol=1e-12)
+
+
+def test_no_reference_past_the_memory_budget(monkeypatch):
+    inputs = BW._leaves(make_inputs(BenchCase("window:4", 64, 2, 8, 1, "float32"), "cpu"))
+    monkeypatch.setattr(BW, "REFERENCE_BYTES", 4 * 8 * 2 * 64 * 64 - 1)
+    assert BW.reference_grads(inputs, torch.zeros(inputs.q.shape)) is None
+
+
+def test_speedups_skip_a_direction_a_baseline_could_not_time():
+    timed = lambda ms: {"throughput_ms": ms}  # noqa: E731
+    row = {"results": {
+        "splat_train": {d: timed(1.0) for d in BW.DIRECTIONS} | {"correct": True},
+        "flex": {"forward": timed(2.0), "forward_backward": timed(6.0), "backward": {"error": "retain_graph"},
+                 "correct": True},
+        "sdpa_dense": {"forward": timed(0.5), "forward_backward": timed(1.5), "backward": timed(1.0)},
+    }}
+    BW.add_speedups(row)
+    speedup = row["results"]["splat_train"]["speedup"]
+    assert speedup["forward"] == {"sdpa_dense": 0.5, "flex": 2.0}
+    assert speedup["backward"] == {"sdpa_dense": 1.0}
+    summary = BW.summarise([row])
+    assert summary["forward_backward"]["flex"] == {"geomean": 6.0, "min": 6.0, "cases": 1}

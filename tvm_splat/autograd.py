@@ -1,0 +1,148 @@
+"""Differentiable sparse attention as torch custom ops, so ``torch.compile`` and ``torch.export``
+see one op (no graph break) and ``torch.autograd`` (and ``gradcheck``) can differentiate it.
+
+* ``torch.ops.tvm_splat.sparse_attention(q, k, v, mask, scale) -> (out, lse)``: the forward
+  kernels of a :class:`~tvm_splat.training.TrainingPlan` (out ``[batch, heads, n, head_dim]`` in
+  the input dtype; lse ``[batch, heads, n]`` float32, float64 for float64 inputs, natural log,
+  ``-inf`` on rows that attend to nothing);
+* ``torch.ops.tvm_splat.sparse_attention_backward(q, k, v, out, lse, dout, dlse, mask, scale)
+  -> (dq, dk, dv)``: the backward kernels, the op the first one's autograd formula calls (so a
+  compiled backward graph holds one op too).
+
+Both have fake (meta) implementations. The autograd formula saves q, k, v, out and lse. The mask
+travels as a string: a pattern string (``"causal_window:128"``, ``"global:4+window:32"``) or a
+handle from :func:`register_mask` for an ACSR or a pattern object that has no text form
+(``PerHead``, a boolean mask's ACSR). :func:`sparse_attention` is the convenient front end.
+
+Plans are made once per (mask, shapes, dtype, device, scale) and kept in a small cache.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+
+from .devices import device_of
+from .formats import ACSR, Pattern
+from .training import TrainingPlan, plan_training
+
+__all__ = ["sparse_attention", "register_mask", "training_plan_for"]
+
+#: masks registered by handle (kept alive: a handle must stay valid while a graph uses it)
+_MASKS: dict = {}
+_HANDLES: dict = {}  # id(mask) -> handle
+HANDLE_PREFIX = "@mask"
+#: training plans by (mask, q shape, k shape, dtype, device, scale), least recently used first
+_PLANS: "OrderedDict[tuple, TrainingPlan]" = OrderedDict()
+MAX_PLANS = 64
+
+
+def register_mask(mask) -> str:
+    """A handle string (``"@mask3"``) for an :class:`ACSR` or a pattern, to pass as the ops'
+    ``mask`` argument. The same object always gets the same handle; the registry keeps it
+    alive. Register outside a compiled region (the string is what the graph holds)."""
+    if not isinstance(mask, (ACSR, Pattern)):
+        raise ValueError(f"register_mask takes an ACSR or a Pattern, got {type(mask).__name__}")
+    handle = _HANDLES.get(id(mask))
+    if handle is None or _MASKS[handle] is not mask:
+        handle = f"{HANDLE_PREFIX}{len(_MASKS)}"
+        _MASKS[handle] = mask
+        _HANDLES[id(mask)] = handle
+    return handle
+
+
+def _resolve_mask(mask: str):
+    if not isinstance(mask, str):
+        raise ValueError(f"the mask must be a pattern string or a register_mask handle, got {type(mask).__name__}")
+    if mask.startswith(HANDLE_PREFIX):
+        if mask not in _MASKS:
+            raise ValueError(f"unknown mask handle {mask!r}: get one from tvm_splat.autograd.register_mask")
+        return _MASKS[mask]
+    return mask
+
+
+def training_plan_for(q, k, mask: str, scale: Optional[float]) -> TrainingPlan:
+    """The training plan the ops run for these inputs (made on first use, then looked up)."""
+    key = (mask, tuple(q.shape), tuple(k.shape), q.dtype, q.device, scale)
+    found = _PLANS.get(key)
+    if found is not None:
+        _PLANS.move_to_end(key)
+        return found
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q and k must be [batch, heads, seq_len, head_dim], got shapes {tuple(q.shape)} "
+                         f"and {tuple(k.shape)}")
+    made = plan_training(_resolve_mask(mask), q.shape, k.shape, str(q.dtype), device_of(q), scale=scale)
+    _PLANS[key] = made
+    if len(_PLANS) > MAX_PLANS:
+        _PLANS.popitem(last=False)
+    return made
+
+
+def _stats_dtype(q):
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _check_like(q, k, v):
+    """Shape and dtype checks the fake implementation can make (the plan checks the rest)."""
+    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
+        raise ValueError(f"q must be [batch, heads, n, head_dim] and k, v [batch, kv_heads, n, head_dim] of one "
+                         f"shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k and v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+@torch.library.custom_op("tvm_splat::sparse_attention", mutates_args=())
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: str,
+             scale: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_like(q, k, v)
+    return training_plan_for(q, k, mask, scale).forward(q, k, v)
+
+
+@_forward.register_fake
+def _forward_fake(q, k, v, mask, scale=None):
+    _check_like(q, k, v)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_stats_dtype(q))
+
+
+@torch.library.custom_op("tvm_splat::sparse_attention_backward", mutates_args=())
+def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+              dout: torch.Tensor, dlse: Optional[torch.Tensor], mask: str,
+              scale: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return training_plan_for(q, k, mask, scale).backward(q, k, v, out, lse, dout, dlse)
+
+
+@_backward.register_fake
+def _backward_fake(q, k, v, out, lse, dout, dlse, mask, scale=None):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.mask, ctx.scale = mask, scale
+
+
+def _grads(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, ctx.mask, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_forward.register_autograd(_grads, setup_context=_setup_context)
+
+
+def sparse_attention(q, k, v, mask, scale: Optional[float] = None) -> torch.Tensor:
+    """Differentiable ``softmax(scale · q kᵀ ⊙ mask) v`` over the nonzeros of ``mask``.
+
+    q ``[batch, heads, n, head_dim]``, k and v ``[batch, kv_heads, n, head_dim]`` (``heads %
+    kv_heads == 0``, nothing repeated in memory): torch tensors of one dtype and device —
+    float16, bfloat16, float32 (CPU or CUDA), or float64 on the CPU. ``mask``: a pattern string,
+    a :func:`register_mask` handle, or an ACSR / pattern object (registered here; inside
+    ``torch.compile`` pass a string). Rows with no nonzero give zeros and zero gradients;
+    masked-out entries contribute nothing to any gradient. Returns ``out`` like q.
+    """
+    if not isinstance(mask, str):
+        mask = register_mask(mask)
+    return torch.ops.tvm_splat.sparse_attention(q, k, v, mask, scale)[0]

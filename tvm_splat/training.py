@@ -1,0 +1,172 @@
+"""Training plans: sparse attention forward (with the row log-sum-exp) and backward, planned once
+per workload and run many times on torch tensors.
+
+A :class:`TrainingPlan` holds everything that does not depend on the tensors' values: the ACSR of
+the mask, the ACSR of its transpose (:mod:`tvm_splat.formats.transpose`, closed form for
+patterns), the :class:`~tvm_splat.kernels.backward.BackwardSpec`, the int32 tables on the device
+and the compiled kernels (``fwd_lse``, ``bwd_dq``, ``bwd_dkdv``; compiled once, cached in
+memory and on disk like the forward kernels). :meth:`TrainingPlan.forward` returns ``(out,
+lse)``, :meth:`TrainingPlan.backward` ``(dq, dk, dv)``; the autograd op
+(:mod:`tvm_splat.autograd`) calls them.
+
+Tensors are torch (CPU or CUDA): q, out, dout ``[batch, heads, n, head_dim]``, k, v ``[batch,
+kv_heads, n, head_dim]`` of one dtype — float16, bfloat16, float32, or float64 on the CPU (for
+``gradcheck``; those kernels accumulate in float64). ``lse`` is float32 (float64 for float64
+inputs) ``[batch, heads, n]``, natural log, ``-inf`` on rows that attend to nothing.
+"""
+from __future__ import annotations
+
+import tvm
+
+from .compile import compile_backward
+from .devices import as_device, default_target, device_of, dtype_name, is_gpu_device
+from .formats import ACSR, parse_pattern
+from .formats.transpose import transpose_acsr, transposed_acsr
+from .kernels.backward import BackwardSpec
+from .kernels.spec import SPEC_DTYPES
+from .planner import SEGMENTS, as_acsr
+from .schedules.targets import as_target, is_gpu, target_key
+from .tensors import check_scale, is_aligned, is_torch, to_tvm
+
+__all__ = ["TrainingPlan", "plan_training", "TRAINING_DTYPES"]
+
+#: input dtypes of the training kernels (float64: CPU only, for gradcheck)
+TRAINING_DTYPES = SPEC_DTYPES
+_TRANSPOSED = tuple(f"t{name}" for name in (*SEGMENTS, "indices"))
+
+
+class TrainingPlan:
+    """One planned training workload; build with :func:`plan_training`.
+
+    Attributes: ``mask`` (as given), ``acsr``, ``transposed`` (ACSR of the transposed mask),
+    ``spec`` (:class:`BackwardSpec`), ``target``, ``device``, ``q_shape``, ``kv_shape``.
+    """
+
+    def __init__(self, mask, acsr: ACSR, transposed: ACSR, spec: BackwardSpec, target, device):
+        self.mask, self.acsr, self.transposed, self.spec = mask, acsr, transposed, spec
+        self.target, self.device = target, device
+        rows = spec.rows
+        self.q_shape = (rows.batch, rows.heads, rows.seq_len, rows.head_dim)
+        self.kv_shape = (rows.batch, rows.kv_heads, rows.seq_len, rows.head_dim)
+        self.stats_shape = self.q_shape[:3]  # lse, dlse, delta
+        self._lib = None
+        self._tables = None
+
+    def __repr__(self):
+        return f"TrainingPlan({self.spec.key}, target={target_key(self.target)}, device={self.device})"
+
+    # ------------------------------------------------------------------ kernels
+    def compiled(self) -> tvm.runtime.Module:
+        """The compiled training kernels (from the in-memory or disk cache when built before)."""
+        return compile_backward(self.spec, self.target)
+
+    def _kernels(self):
+        """(library, tables on the device): compiled and uploaded once, on first use."""
+        if self._lib is None:
+            dev = self.device
+            tables = {name: tvm.runtime.tensor(getattr(self.acsr, name), dev) for name in (*SEGMENTS, "indices")}
+            tables.update({t: tvm.runtime.tensor(getattr(self.transposed, t[1:]), dev) for t in _TRANSPOSED})
+            self._lib, self._tables = self.compiled(), tables
+        return self._lib, self._tables
+
+    # ------------------------------------------------------------------ running
+    def _check(self, **tensors):
+        for name, x in tensors.items():
+            shape = self.kv_shape if name in ("k", "v") else \
+                self.stats_shape if name in ("lse", "dlse") else self.q_shape
+            dtype = self.spec.rows.accum_dtype if name in ("lse", "dlse") else self.spec.rows.dtype
+            if not is_torch(x):
+                raise TypeError(f"{name} must be a torch tensor, got {type(x).__name__}")
+            if tuple(x.shape) != shape:
+                raise ValueError(f"{name} has shape {tuple(x.shape)}, this plan expects {shape}")
+            if dtype_name(x) != dtype:
+                raise ValueError(f"{name} has dtype {dtype_name(x)}, this plan expects {dtype}")
+            if str(device_of(x)) != str(self.device):
+                raise ValueError(f"{name} is on {x.device}, this plan runs on {self.device}")
+
+    def _empty(self, like, shape, dtype):
+        import torch
+
+        x = torch.empty(shape, dtype=getattr(torch, dtype), device=like.device)
+        if not is_aligned(x):  # torch's allocators align to 64 bytes (CPU) and more (CUDA)
+            raise RuntimeError(f"torch allocated a {shape} buffer that is not 64-byte aligned")
+        return x
+
+    def _launch(self, name, *args):
+        lib, tables = self._kernels()
+        args = [tables[a] if isinstance(a, str) else to_tvm(a, self.device) for a in args]
+        if is_gpu_device(self.device):
+            import torch
+            import tvm_ffi
+
+            with tvm_ffi.use_raw_stream(self.device, torch.cuda.current_stream().cuda_stream):
+                lib[name](*args)
+        else:
+            lib[name](*args)
+
+    def forward(self, q, k, v):
+        """``(out, lse)``: sparse attention and its row log-sum-exp (see the module docstring)."""
+        self._check(q=q, k=k, v=v)
+        rows = self.spec.rows
+        out = self._empty(q, self.q_shape, rows.dtype)
+        lse = self._empty(q, self.stats_shape, rows.accum_dtype)
+        self._launch("fwd_lse", q, k, v, *SEGMENTS, "indices", out, lse)
+        return out, lse
+
+    def backward(self, q, k, v, out, lse, dout, dlse=None):
+        """``(dq, dk, dv)`` for the output gradient ``dout`` (and ``dlse``, the gradient of the
+        ``lse`` output; None: zeros), from the ``out`` and ``lse`` of :meth:`forward`."""
+        import torch
+
+        rows = self.spec.rows
+        if dlse is None:
+            dlse = torch.zeros(self.stats_shape, dtype=getattr(torch, rows.accum_dtype), device=q.device)
+        self._check(q=q, k=k, v=v, out=out, lse=lse, dout=dout, dlse=dlse)
+        dq = self._empty(q, self.q_shape, rows.dtype)
+        dk = self._empty(q, self.kv_shape, rows.dtype)
+        dv = self._empty(q, self.kv_shape, rows.dtype)
+        delta = self._empty(q, self.stats_shape, rows.accum_dtype)
+        self._launch("bwd_dq", q, k, v, out, dout, lse, dlse, *SEGMENTS, "indices", dq, delta)
+        self._launch("bwd_dkdv", q, k, v, dout, lse, delta, *_TRANSPOSED, dk, dv)
+        return dq, dk, dv
+
+
+def _transposed(mask, acsr: ACSR, max_segments: int) -> ACSR:
+    """The transposed ACSR: closed form from a pattern (or pattern string), else from ``acsr``."""
+    if isinstance(mask, str):
+        mask = parse_pattern(mask)
+    if isinstance(mask, ACSR):
+        return transpose_acsr(acsr, max_segments)
+    return transposed_acsr(mask, acsr.n, max_segments)
+
+
+def plan_training(mask, q_shape, kv_shape=None, dtype="float32", device="cpu", *, target=None, scale=None,
+                  max_segments: int = 4) -> TrainingPlan:
+    """Plan the training kernels for q ``q_shape = [batch, heads, n, head_dim]`` and k, v
+    ``kv_shape`` (default ``q_shape``) in ``dtype``. ``mask``: an ACSR, a pattern or a pattern
+    string (head count 1 or ``heads``). ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a
+    torch/TVM device; ``target`` defaults to the device's own; ``scale`` to ``1/sqrt(head_dim)``."""
+    q_shape = tuple(int(s) for s in q_shape)
+    kv_shape = q_shape if kv_shape is None else tuple(int(s) for s in kv_shape)
+    if len(q_shape) != 4 or len(kv_shape) != 4 or min(q_shape + kv_shape) < 1:
+        raise ValueError(f"q and k/v shapes must be 4 positive ints [batch, heads, n, head_dim], "
+                         f"got {q_shape} and {kv_shape}")
+    batch, heads, n, head_dim = q_shape
+    if (kv_shape[0], kv_shape[2], kv_shape[3]) != (batch, n, head_dim) or heads % kv_shape[1]:
+        raise ValueError(f"k and v must be [batch, kv_heads, n, head_dim] with q's batch, n and head_dim "
+                         f"and heads % kv_heads == 0: q {q_shape}, k/v {kv_shape}")
+    dtype = str(dtype).replace("torch.", "")
+    if dtype not in TRAINING_DTYPES:
+        raise ValueError(f"unsupported dtype {dtype}; expected one of {TRAINING_DTYPES}")
+    dev = as_device(device)
+    target = as_target(default_target(dev) if target is None else target)
+    if dtype == "float64" and is_gpu(target):
+        raise ValueError("float64 training kernels are for the CPU (gradcheck); use float32, "
+                         "float16 or bfloat16 on the GPU")
+    if is_gpu(target) != is_gpu_device(dev):
+        raise ValueError(f"target {target.kind.name} does not match the device {dev}")
+    acsr = as_acsr(mask, n, max_segments)
+    transposed = _transposed(mask, acsr, max_segments)
+    spec = BackwardSpec.from_acsrs(acsr, transposed, batch, heads, head_dim, dtype, check_scale(scale),
+                                   kv_heads=kv_shape[1])
+    return TrainingPlan(mask, acsr, transposed, spec, target, dev)
