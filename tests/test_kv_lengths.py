@@ -171,6 +171,10 @@ def test_lengths_and_plans_must_agree(rng):
         without.run(q, k, v, kv_lengths=[30, 30])
     with pytest.raises(ValueError, match="pass the lengths themselves to run"):
         plan("window:4", (2, 2, 30, 8), None, "float32", "cpu", kv_lengths=np.array([30, 30]))
+    from tvm_splat.attention import plan_for
+
+    with pytest.raises(ValueError, match="pass the lengths themselves to run"):
+        plan_for(q, k, v, "window:4", kv_lengths=np.array([30, 30]))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
