@@ -61,7 +61,7 @@ import tvm  # noqa: E402
 from tvm import relax  # noqa: E402
 from tvm.relax.frontend.torch import from_exported_program  # noqa: E402
 
-from tvm_splat.formats import GlobalTokens, Window  # noqa: E402
+from tvm_splat.formats import ACSR, GlobalTokens, Window  # noqa: E402
 from tvm_splat.relay_passes import SparsifyAttention  # noqa: E402
 from tvm_splat.tensors import to_tvm  # noqa: E402
 from tvm_splat.timing import cuda_median_ms, median_ms, throughput_ms  # noqa: E402
@@ -346,7 +346,7 @@ def run_case(config: ModelConfig, n: int, batch: int, dtype, device: str, target
     inputs = (x, mask, cos, sin)
     case = {"model": config.kind, "config": asdict(config), "seq_len": n, "batch": batch,
             "dtype": str(dtype).replace("torch.", ""), "pattern": repr(pattern),
-            "density": float(pattern.dense_mask(n).mean()), "tokens": batch * n, "impls": {}}
+            "density": float(ACSR.from_pattern(pattern, n).density), "tokens": batch * n, "impls": {}}
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def eager(mode):

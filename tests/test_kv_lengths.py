@@ -87,6 +87,19 @@ def test_tiled_full_blocks_crossing_the_length_and_merged_components(rng):
     assert {tuple(b) for b in blocks} >= {(0, 1, 1), (16, 1, 1)}  # columns 0..15, 16..31: FULL (length 20 cuts the second)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_heavy_global_rows_with_lengths(variant, rng):
+    """Two global rows walk every column block (19 of 16 columns at n=300) while the window rows
+    walk three: the tile plan's split-KV case (chunks of the global tile merged afterwards).
+    Lengths cut through the chunks."""
+    n, pattern = 300, parse_pattern("global:2+window:4")
+    lengths = np.array([300, 123, 2])
+    q, k, v = qkv(rng, 3, 2, n, 8, "float32")
+    _poison_padding(k, v, lengths)
+    out = sparse_attention(q, k, v, pattern, variant=variant, knobs=_knobs(variant), kv_lengths=lengths)
+    np.testing.assert_allclose(out, padded_reference(q, k, v, pattern.dense_mask(n), lengths), atol=1e-4)
+
+
 def test_rows_without_keys_match_pytorch_sdpa(rng):
     """Query rows are not dropped: a causal window's rows past the length still attend the valid
     keys inside their window, and the rows whose window holds none give zeros, as PyTorch's SDPA
@@ -158,6 +171,10 @@ def test_lengths_and_plans_must_agree(rng):
         without.run(q, k, v, kv_lengths=[30, 30])
     with pytest.raises(ValueError, match="pass the lengths themselves to run"):
         plan("window:4", (2, 2, 30, 8), None, "float32", "cpu", kv_lengths=np.array([30, 30]))
+    from tvm_splat.attention import plan_for
+
+    with pytest.raises(ValueError, match="pass the lengths themselves to run"):
+        plan_for(q, k, v, "window:4", kv_lengths=np.array([30, 30]))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -38,7 +38,7 @@ def plan_for(q, k, v, mask, *, target=None, variant="auto", scale=None, knobs=No
     workload, then looked up); ``kv_lengths``: whether its kernels take key lengths."""
     try:  # torch's own dtype and device objects are cheap to hash; numpy arrays live on the CPU
         key = (_mask_key(mask), q.shape, k.shape, q.dtype, getattr(q, "device", "cpu"),
-               None if target is None else str(target), variant, scale, knobs, bool(kv_lengths))
+               None if target is None else str(target), variant, scale, knobs, kv_lengths)
         hash(key)
     except (TypeError, AttributeError):  # unhashable mask/knobs, or not arrays: the checks below say
         key = None
@@ -58,7 +58,7 @@ def plan_for(q, k, v, mask, *, target=None, variant="auto", scale=None, knobs=No
     if len(dtypes) != 1:
         raise ValueError(f"q, k and v must have the same dtype, got {sorted(dtypes)}")
     made = plan(mask, q.shape, k.shape, dtype_name(q), device_of(q), target=target, scale=scale, variant=variant,
-                knobs=knobs, kv_lengths=bool(kv_lengths))
+                knobs=knobs, kv_lengths=kv_lengths)
     if key is not None:
         _PLANS[key] = made
         if len(_PLANS) > MAX_PLANS:

@@ -86,6 +86,21 @@ def test_cuda_tensor_core_forms_full_blocks_cross_lengths(pattern, form, dtype, 
     np.testing.assert_allclose(got, ref, atol=TOL[dtype], rtol=TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_cuda_heavy_global_rows_with_lengths(dtype, rng):
+    """Global rows walk all of n = 4100 while window rows walk a few blocks (split-KV tiles in
+    the tile plan); lengths cut through their chunks; Longformer-base's head shape, batch 3."""
+    from tvm_splat import parse_pattern, sparse_attention
+
+    n, pattern, lengths = 4100, "global:4+window:256", np.array([4100, 1999, 64])
+    (tq, tk, tv), (q, k, v) = _cuda_inputs(rng, 3, 12, 12, n, 64, dtype, lengths)
+    out = sparse_attention(tq, tk, tv, pattern, kv_lengths=torch.from_numpy(lengths).cuda())
+    ref = _padded_reference(q, k, v, parse_pattern(pattern).dense_mask(n), lengths)
+    got = out.double().cpu().numpy()
+    assert not np.isnan(got).any()
+    np.testing.assert_allclose(got, ref, atol=TOL[dtype], rtol=TOL[dtype])
+
+
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_cuda_lengths_match_sdpa_with_the_same_boolean_mask(head_dim, rng):
     """Sliding window + padding on bf16, against PyTorch's SDPA with the boolean mask (rows
