@@ -443,7 +443,7 @@ def check_kv_lengths(kv_lengths, batch: int, n: int, device):
             if bool(bad.any()):
                 b = int(bad.nonzero()[0, 0])
                 raise ValueError(f"kv_lengths[{b}] = {int(x[b])} is outside [0, n={n}]")
-            where = f"cuda:{device.device_id}" if is_gpu_device(device) else "cpu"
+            where = f"cuda:{device.index}" if is_gpu_device(device) else "cpu"
             return to_tvm(x.to(device=where, dtype=torch.int32).contiguous(), device)
     else:
         try:
