@@ -29,7 +29,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ._constant_eval import Bindings, depends_only_on_constants, evaluate_constant
+from ._constant_eval import ConstantEvalError, ConstantValues
 
 FORMS = ("softmax", "nn.attention")
 
@@ -40,16 +40,18 @@ class MaskTerm:
 
     ``kind``: ``"additive"`` (``scores + expr``), ``"keep"`` (``where(expr, scores, fill)``)
     or ``"drop"`` (``where(expr, fill, scores)``). ``score_shape``: shape of the scores
-    where the term applies (``expr`` broadcasts to it). ``post_scale``: product of the
-    positive scales applied to the scores after this term (a masked ``fill`` value ends up
-    multiplied by it). ``fill``: the scalar fill value of a where-mask.
+    where the term applies (``expr`` broadcasts to it). ``fill``: the scalar fill value of a
+    where-mask. ``value_dtype``: the
+    float dtype the masking values (an additive mask, a where's fill) were made in — their
+    own, or the narrowest one before float-to-float casts (HuggingFace builds an fp16 mask
+    filled with -65504 and casts it to float32 for a float32 softmax).
     """
 
     kind: str
     expr: relax.Expr
     score_shape: Tuple[int, ...]
-    post_scale: float = 1.0
     fill: Optional[float] = None
+    value_dtype: str = "float32"
 
 
 @dataclass
@@ -116,11 +118,26 @@ def _is_float(expr) -> bool:
     return _dtype(expr).startswith(("float", "bfloat"))
 
 
-class _Graph:
-    """Read access to one function's bindings."""
+def _value_dtype(graph: "_Graph", expr) -> str:
+    """The float dtype whose range ``expr``'s values were made in: the narrowest dtype on its
+    chain of float-to-float casts (``expr``'s own when there is none)."""
+    dtypes = [_dtype(expr)]
+    while True:
+        name, call = graph.call(expr)
+        if name != "relax.astype" or not _is_float(call.args[0]):
+            break
+        expr = call.args[0]
+        dtypes.append(_dtype(expr))
+    narrow = [d for d in dtypes if d in ("float16", "bfloat16")]
+    return "float16" if "float16" in narrow else narrow[0] if narrow else dtypes[0]
 
-    def __init__(self, bindings: Bindings):
-        self.bindings = bindings
+
+class _Graph:
+    """Read access to one function's bindings and constant values."""
+
+    def __init__(self, constants: ConstantValues):
+        self.constants = constants
+        self.bindings = constants.bindings
 
     def value(self, expr):
         """The bound value of a variable (or the expression itself)."""
@@ -133,7 +150,7 @@ class _Graph:
         return _op_name(value), (value if isinstance(value, relax.Call) else None)
 
     def is_const(self, expr) -> bool:
-        return depends_only_on_constants(expr, self.bindings)
+        return self.constants.is_constant(expr)
 
     def scalar(self, expr) -> Optional[float]:
         """Value of a constant with a single element (any shape), else None."""
@@ -142,7 +159,10 @@ class _Graph:
         shape = _static_shape(expr)
         if shape is None or int(np.prod(shape, dtype=np.int64)) != 1:
             return None
-        return float(evaluate_constant(expr, self.bindings).reshape(()))
+        try:
+            return float(self.constants.value(expr).reshape(()))
+        except ConstantEvalError:
+            return None
 
 
 def _is_tensor(expr) -> bool:
@@ -253,7 +273,7 @@ def _is_zero(graph: _Graph, expr) -> bool:
     if name == "relax.zeros":
         return True
     if graph.is_const(expr) and _is_tensor(expr):
-        return not np.any(evaluate_constant(expr, graph.bindings))
+        return not np.any(graph.constants.value(expr))
     return False
 
 
@@ -343,7 +363,7 @@ def _walk_scores(graph: _Graph, expr) -> Optional[_Scores]:
                 score, mask = b, a
             else:
                 return None
-            masks.append(MaskTerm("additive", mask, shape, post_scale=scale))
+            masks.append(MaskTerm("additive", mask, shape, value_dtype=_value_dtype(graph, mask)))
             expr = score
         elif name == "relax.where":
             cond, x, y = call.args
@@ -356,7 +376,8 @@ def _walk_scores(graph: _Graph, expr) -> Optional[_Scores]:
             fill_value = graph.scalar(fill)
             if fill_value is None:
                 problem = problem or "a where() on the scores fills with a non-constant tensor"
-            masks.append(MaskTerm(kind, cond, shape, post_scale=scale, fill=fill_value))
+            masks.append(MaskTerm(kind, cond, shape, fill=fill_value,
+                                  value_dtype=_value_dtype(graph, fill)))
             expr = score
         else:
             return None
@@ -449,13 +470,15 @@ def _match_nn_attention(graph: _Graph, out_var, call: relax.Call, index) -> Atte
     # n_q == n_k here, so TopLeft and BottomRight are the same lower triangle
     site.causal = causal is not None
     if len(call.args) > 3:
-        site.masks.append(MaskTerm("additive", call.args[3], (b, h, n, n)))
+        site.masks.append(MaskTerm("additive", call.args[3], (b, h, n, n),
+                                   value_dtype=_value_dtype(graph, call.args[3])))
     return site
 
 
-def find_attention(func: relax.Function, bindings: Bindings) -> List[AttentionMatch]:
-    """Every attention site of ``func`` in binding order (see the module docstring)."""
-    graph = _Graph(bindings)
+def find_attention(func: relax.Function, constants: ConstantValues) -> List[AttentionMatch]:
+    """Every attention site of ``func`` in binding order (see the module docstring);
+    ``constants``: the function's :class:`ConstantValues`."""
+    graph = _Graph(constants)
     softmax_index = {}
     sites = []
     order = [b for block in func.body.blocks for b in block.bindings

@@ -7,7 +7,10 @@ from ``torch.export`` + ``relax.frontend.torch.from_exported_program``), usable 
 
 Per attention site (see :mod:`._attention_match` for the forms recognised) the pass
 
-1. reads the site's constant mask, if any, into a boolean keep-mask (:mod:`._site_mask`),
+0. legalises arithmetic over bool tensors (:mod:`.legalize_bool`: the importer's bool
+   ``cumsum`` that every transformers 5.x mask contains and LLVM cannot compile),
+1. reads the site's constant mask, if any, into a boolean keep-mask (:mod:`._site_mask`;
+   each constant binding is computed once per function, however many sites share it),
 2. picks the sparsity from the user pattern and/or that mask (:mod:`._pattern_choice`),
 3. plans the site (:func:`tvm_splat.planner.plan`, the same plan ``sparse_attention`` runs:
    kernel family, tuned or default knobs, tile plan, launch steps) and replaces the ``P @ V``
@@ -35,9 +38,10 @@ from ..planner import AttentionPlan, choose_variant, plan
 from ..schedules.targets import as_target, target_name
 from ..tensors import check_acsr_tables
 from ._attention_match import AttentionMatch, find_attention
-from ._constant_eval import function_bindings
+from ._constant_eval import ConstantValues, function_bindings
 from ._pattern_choice import PatternChoice, SiteInfo, choose_acsr, describe
 from ._site_mask import analyse_site_mask
+from .legalize_bool import legalize_bool_arithmetic
 from .sparsify_report import SiteReport, SparsifyReport
 
 logger = logging.getLogger("tvm_splat.relay_passes")
@@ -145,17 +149,23 @@ class SparsifyAttention:
         if not isinstance(mod, tvm.IRModule):
             raise TypeError(f"SparsifyAttention transforms a tvm.IRModule, got {type(mod).__name__}")
         target = self._resolve_target()
+        # the importer's bool-typed cumsum (every transformers 5.x mask) would crash both the
+        # mask evaluation and tvm.compile of whatever is left dense
+        mod, widened = legalize_bool_arithmetic(mod)
+        if widened:
+            logger.info("SparsifyAttention: %d arithmetic op(s) over bool now compute in int64",
+                        widened)
         reports: List[SiteReport] = []
         plans: Dict[str, List[_Site]] = {}
         all_names = []
         for gv, func in mod.functions.items():
             if not isinstance(func, relax.Function):
                 continue
-            bindings = function_bindings(func)
-            sites = find_attention(func, bindings)
+            constants = ConstantValues(function_bindings(func))
+            sites = find_attention(func, constants)
             all_names += [self._site_name(s) for s in sites]
             for site in sites:
-                plan, report = self._decide(gv.name_hint, site, bindings, target)
+                plan, report = self._decide(gv.name_hint, site, constants, target)
                 reports.append(report)
                 if plan is not None:
                     plans.setdefault(gv.name_hint, []).append(plan)
@@ -184,7 +194,7 @@ class SparsifyAttention:
         return f"attn{site.softmax_index}"
 
     # ------------------------------------------------------------------ decisions
-    def _decide(self, function: str, site: AttentionMatch, bindings, target):
+    def _decide(self, function: str, site: AttentionMatch, constants: ConstantValues, target):
         name = self._site_name(site)
 
         def report(rewritten, reason="", mask="?", pattern=None, density=None, kernels=""):
@@ -196,7 +206,7 @@ class SparsifyAttention:
             return None, report(False, site.problem)
         if site.dtype not in SUPPORTED_DTYPES:
             return None, report(False, f"dtype {site.dtype} (kernels support {SUPPORTED_DTYPES})")
-        mask = analyse_site_mask(site, bindings)
+        mask = analyse_site_mask(site, constants)
         if mask.problem:
             return None, report(False, mask.problem, mask.description)
         info = SiteInfo(name, site.softmax_index, function, site.batch, site.heads,
