@@ -237,3 +237,16 @@ def test_transformer_encoder_layer_with_a_window_mask(norm_first):
     new = sparsify(mod)
     check_sites(sparsify.report, [~blocked.numpy()])
     np.testing.assert_allclose(run(new, (x,)), reference(model, x), atol=1e-5, rtol=1e-5)
+
+
+def test_dynamic_sequence_length_sites_are_reported():
+    """Exported with a symbolic n, each layer's site is listed with the reason (not "0 of 0
+    attention sites"), and the module is left as it was."""
+    model, _ = build("llama", "sdpa", "float32")
+    n = torch.export.Dim("n", min=2, max=4 * N)
+    ep = torch.export.export(model, (token_ids(),), dynamic_shapes={"input_ids": {1: n}})
+    sparsify = SparsifyAttention(Window(4))
+    sparsify(from_exported_program(ep))
+    assert len(sparsify.report.sites) == LAYERS
+    assert all(not s.rewritten and "dynamic (symbolic) shape" in s.reason
+               for s in sparsify.report.sites)

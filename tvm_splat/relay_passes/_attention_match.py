@@ -110,6 +110,19 @@ def _static_shape(expr) -> Optional[Tuple[int, ...]]:
     return tuple(dims)
 
 
+def _ndim(expr) -> int:
+    """Rank of a tensor expression (known even when its dims are symbolic), else 0."""
+    return int(expr.ty.ndim) if isinstance(expr.ty, relax.TensorType) and expr.ty.ndim >= 0 else 0
+
+
+def _shape_text(expr) -> str:
+    sinfo = expr.ty
+    if isinstance(sinfo, relax.TensorType) and isinstance(sinfo.shape, relax.ShapeExpr):
+        return "[" + ", ".join(str(d.value) if isinstance(getattr(d, "value", None), int)
+                               else str(d) for d in sinfo.shape.values) + "]"
+    return "[?]"
+
+
 def _dtype(expr) -> str:
     return str(expr.ty.dtype)
 
@@ -248,7 +261,7 @@ def _find_softmax(graph: _Graph, expr) -> Tuple[Optional[relax.Call], bool, Opti
     while True:
         name, call = graph.call(expr)
         if name == "relax.nn.softmax":
-            ndim = len(_static_shape(call) or ())
+            ndim = _ndim(call)
             if ndim < 2 or not _last_axis(call.attrs.axis, ndim):
                 return None, guard, None
             return call, guard, None
@@ -291,7 +304,7 @@ def _is_empty_row_guard(graph: _Graph, cond, scores) -> bool:
             steps.append("not")
             expr = call.args[0]
         elif name == "relax.max":
-            ndim = len(_static_shape(call.args[0]) or ())
+            ndim = _ndim(call.args[0])
             axes = call.attrs.axis
             if axes is None or len(axes) != 1 or not _last_axis(axes[0], ndim) \
                     or not call.attrs.keepdims:
@@ -502,4 +515,28 @@ def find_attention(func: relax.Function, constants: ConstantValues) -> List[Atte
             site = None
         if site is not None:
             sites.append(site)
-    return sites
+    # every softmax is reported, attention or not, with the reason it was not matched
+    seen = {site.softmax_index for site in sites}
+    for binding in order:
+        index = softmax_index.get(binding.value)
+        if index is not None and index not in seen:
+            site = AttentionMatch("softmax", binding.var, index, dtype=_dtype(binding.var))
+            site.problem = _why_unmatched(graph, binding.value)
+            sites.append(site)
+    return sorted(sites, key=lambda site: site.softmax_index)
+
+
+def _why_unmatched(graph: _Graph, softmax: relax.Call) -> str:
+    """Why a softmax is not the softmax of an attention site the rewrite understands."""
+    ndim = _ndim(softmax)
+    if _static_shape(softmax) is None:
+        return (f"dynamic (symbolic) shape {_shape_text(softmax)}: ACSR and the kernels are "
+                f"built for one sequence length at compile time; export with a static "
+                f"sequence length (one module per length)")
+    if ndim < 2 or not _last_axis(softmax.attrs.axis, ndim):
+        return f"softmax over axis {int(softmax.attrs.axis)} of a rank-{ndim} tensor, not over keys"
+    if _walk_scores(graph, softmax.args[0]) is None:
+        return ("its input is not matmul(Q, Kᵀ) reached through scalar scales, additive or "
+                "where() masks, casts and batch reshapes")
+    return ("its output does not reach matmul(P, V) (only casts, batch reshapes and the "
+            "empty-row guard are followed)")

@@ -207,11 +207,11 @@ class SparsifyAttention:
         if site.dtype not in SUPPORTED_DTYPES:
             return None, report(False, f"dtype {site.dtype} (kernels support {SUPPORTED_DTYPES})")
         mask = analyse_site_mask(site, constants)
-        if mask.problem:
-            return None, report(False, mask.problem, mask.description)
         info = SiteInfo(name, site.softmax_index, function, site.batch, site.heads,
                         site.seq_len, site.head_dim, site.dtype, mask.description)
-        pattern = self._choice.for_site(info)
+        pattern = self._choice.for_site(info)  # looked up first: a skip still shows it
+        if mask.problem:
+            return None, report(False, mask.problem, mask.description, pattern)
         if isinstance(pattern, ACSR):  # a hand-built one must not send the kernels out of bounds
             check_acsr_tables(pattern)
         acsr, reason = choose_acsr(mask.keep, pattern, site.seq_len, site.heads,
