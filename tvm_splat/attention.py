@@ -32,12 +32,13 @@ def _mask_key(mask):
     return ("acsr", id(mask)) if isinstance(mask, ACSR) else mask
 
 
-def plan_for(q, k, v, mask, *, target=None, variant="auto", scale=None, knobs=None) -> AttentionPlan:
+def plan_for(q, k, v, mask, *, target=None, variant="auto", scale=None, knobs=None,
+             kv_lengths: bool = False) -> AttentionPlan:
     """The plan :func:`sparse_attention` runs for these inputs (made on the first call of a
-    workload, then looked up)."""
+    workload, then looked up); ``kv_lengths``: whether its kernels take key lengths."""
     try:  # torch's own dtype and device objects are cheap to hash; numpy arrays live on the CPU
         key = (_mask_key(mask), q.shape, k.shape, q.dtype, getattr(q, "device", "cpu"),
-               None if target is None else str(target), variant, scale, knobs)
+               None if target is None else str(target), variant, scale, knobs, bool(kv_lengths))
         hash(key)
     except (TypeError, AttributeError):  # unhashable mask/knobs, or not arrays: the checks below say
         key = None
@@ -57,7 +58,7 @@ def plan_for(q, k, v, mask, *, target=None, variant="auto", scale=None, knobs=No
     if len(dtypes) != 1:
         raise ValueError(f"q, k and v must have the same dtype, got {sorted(dtypes)}")
     made = plan(mask, q.shape, k.shape, dtype_name(q), device_of(q), target=target, scale=scale, variant=variant,
-                knobs=knobs)
+                knobs=knobs, kv_lengths=bool(kv_lengths))
     if key is not None:
         _PLANS[key] = made
         if len(_PLANS) > MAX_PLANS:
@@ -65,7 +66,8 @@ def plan_for(q, k, v, mask, *, target=None, variant="auto", scale=None, knobs=No
     return made
 
 
-def sparse_attention(q, k, v, mask, *, target=None, variant="auto", scale=None, knobs=None, out=None):
+def sparse_attention(q, k, v, mask, *, target=None, variant="auto", scale=None, knobs=None, out=None,
+                     kv_lengths=None):
     """Sparse attention ``softmax(scale * q kᵀ ⊙ mask) v`` over the nonzeros of ``mask``.
 
     q: ``[batch, heads, seq_len, head_dim]``; k, v: ``[batch, kv_heads, seq_len, head_dim]``
@@ -74,6 +76,16 @@ def sparse_attention(q, k, v, mask, *, target=None, variant="auto", scale=None, 
     mask: an :class:`ACSR`, a pattern (``Window(256)``) or a pattern string (``"window:256"``);
     its head count must be 1 or ``heads``. Rows with no nonzero give zeros; masked-out keys and
     values contribute exactly nothing (a NaN there does not leak).
+
+    ``kv_lengths``: per-batch key lengths, ``[batch]`` integers in ``[0, seq_len]`` (numpy, a
+    sequence, or a torch tensor on any device; a CUDA tensor's values are checked, which waits
+    for it), a padding mask on top of ``mask``: key ``j`` of batch ``b`` exists only when
+    ``j < kv_lengths[b]``. Query rows are not dropped: each row attends the valid keys the mask
+    gives it, and a row with none gives zeros. This is dense attention with the boolean mask
+    ``mask & (j < kv_lengths[b])`` (PyTorch's SDPA with that mask gives the same, zeros
+    included; HuggingFace's eager path, whose padding fill is a finite minimum, gives a row
+    without keys the mean of all values instead). Keys and values past a length are never read
+    into a result: they may hold anything, NaN included.
 
     ``variant``: ``"auto"`` (default: the tiled kernel on the GPU, tensor cores for 16-bit
     inputs; the fastest measured kernel on the CPU), ``"tiled"``, ``"row"`` or ``"separate"``
@@ -86,4 +98,6 @@ def sparse_attention(q, k, v, mask, *, target=None, variant="auto", scale=None, 
     calls look the plan up and launch. For repeated calls outside this cache, hold the plan:
     ``tvm_splat.plan(...)`` then ``plan.run(q, k, v)``.
     """
-    return plan_for(q, k, v, mask, target=target, variant=variant, scale=scale, knobs=knobs).run(q, k, v, out)
+    made = plan_for(q, k, v, mask, target=target, variant=variant, scale=scale, knobs=knobs,
+                    kv_lengths=kv_lengths is not None)
+    return made.run(q, k, v, out, kv_lengths)

@@ -15,12 +15,25 @@ an :class:`AttentionPlan`:
 
 :meth:`AttentionPlan.run` checks what depends on the tensors (shapes, dtypes, device) and
 launches the compiled kernels (compiled once per plan, on first use; cached on disk).
+
+Key lengths (padding masks): ``plan(..., kv_lengths=True)`` plans kernels that take a runtime
+``kv_len [batch]`` int32 buffer (the steps name it ``"kv_len"``, right before each kernel's
+first output); ``run(q, k, v, kv_lengths=...)`` passes it. Key ``j`` of batch ``b`` then exists
+only when ``j < kv_lengths[b]``, on top of the mask. Query rows are not dropped: every row
+attends the valid keys the mask gives it, and a row left with none gives zeros. That is dense
+attention with the boolean mask ``mask[h, i, j] & (j < kv_lengths[b])``: PyTorch's SDPA with
+that mask gives the same, zeros in rows without a key included (torch 2.13); an additive mask
+with a finite fill (HuggingFace's eager path, ``finfo.min``) instead gives such a row the mean
+of all values. Plans without lengths generate exactly the code they did before lengths existed.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import weakref
 from dataclasses import dataclass
+
+import numpy as np
 
 import tvm
 
@@ -29,6 +42,7 @@ from .devices import as_device, default_target, device_of, dtype_name, is_gpu_de
 from .formats import ACSR
 from .formats.tile_plan import TilePlan, kernel_arrays, plan_tiles
 from .kernels import VARIANTS
+from .kernels.common import KV_LEN
 from .kernels.spec import SUPPORTED_DTYPES, AttentionSpec
 from .kernels.tiled import partial_shapes
 from .records import tuned_tiled_knobs
@@ -119,7 +133,8 @@ def choose_knobs(spec: AttentionSpec, target, variant: str, knobs=None):
         return knobs, "given"
     if variant != "tiled":
         return None, "records"
-    tuned = tuned_tiled_knobs(spec, target)
+    # key lengths change a few comparisons, not the work: the record of the same shapes serves
+    tuned = tuned_tiled_knobs(dataclasses.replace(spec, has_kv_len=False), target)
     if tuned is not None:
         return tuned, "tuned"
     return default_tiled_knobs(spec, target), "default"
@@ -142,8 +157,21 @@ class Step:
 
 
 SEGMENTS = ("seg_start", "seg_step", "seg_count")
-#: the buffers a call brings, by their position in ``launch(q, k, v, out)``
-_CALL_ARGS = {"q": 0, "k": 1, "v": 2, "out": 3}
+#: the buffers a call brings, by their position in ``launch(q, k, v, out[, kv_len])``
+_CALL_ARGS = {"q": 0, "k": 1, "v": 2, "out": 3, KV_LEN: 4}
+#: kernels that read keys, which take ``kv_len`` in a plan with key lengths
+KV_LEN_KERNELS = ("tiled", "fallback", "row", "sddmm", "spmm")
+
+
+def with_kv_len(steps: tuple) -> tuple:
+    """The steps of a plan with key lengths: ``kv_len`` goes into the arguments of every kernel
+    in ``KV_LEN_KERNELS``, right before its first output (where the kernels declare it)."""
+    def add(step):
+        if step.kernel not in KV_LEN_KERNELS:
+            return step
+        at = step.args.index(step.outputs[0])
+        return dataclasses.replace(step, args=step.args[:at] + (KV_LEN,) + step.args[at:])
+    return tuple(add(step) for step in steps)
 
 
 def _tiled_steps(plan: TilePlan) -> tuple:
@@ -191,6 +219,8 @@ class AttentionPlan:
             nnz = (spec.batch, spec.heads, spec.max_nnz)
             self.scratch = {"scores": (nnz, "float32"), "probs": (nnz, "float32")} if variant == "separate" else {}
             self.steps = ROW_STEPS[variant]
+        if spec.has_kv_len:
+            self.steps = with_kv_len(self.steps)
         arrays = kernel_arrays(acsr, self.tile_plan)
         used = {a for step in self.steps for a in step.args}
         self.tables = {name: arrays[name] for name in arrays if name in used}
@@ -219,7 +249,7 @@ class AttentionPlan:
 
     # ------------------------------------------------------------------ running
     def _launcher(self):
-        """``launch(q, k, v, out)`` on ``self.device``: tables uploaded and scratch allocated
+        """``launch(q, k, v, out[, kv_len])`` on ``self.device``: tables uploaded and scratch allocated
         once, functions looked up once, so a call costs only the kernel launches."""
         if self._launch is None:
             dev = self.device
@@ -230,7 +260,7 @@ class AttentionPlan:
             calls = [(lib[step.kernel], tuple(fixed.get(a, _CALL_ARGS.get(a)) for a in step.args))
                      for step in self.steps]
 
-            def launch(*io):  # q, k, v, out
+            def launch(*io):  # q, k, v, out[, kv_len]
                 for func, args in calls:
                     func(*(io[a] if isinstance(a, int) else a for a in args))
 
@@ -250,16 +280,23 @@ class AttentionPlan:
         if devs != {str(self.device)}:
             raise ValueError(f"q, k and v must be on this plan's device {self.device}, got {sorted(devs)}")
 
-    def run(self, q, k, v, out=None):
+    def run(self, q, k, v, out=None, kv_lengths=None):
         """``softmax(scale · q kᵀ ⊙ mask) v`` for this plan's workload.
 
         q ``[batch, heads, n, head_dim]``, k and v ``[batch, kv_heads, n, head_dim]``: numpy arrays
         (CPU; returns numpy) or torch tensors on the plan's device (returns a torch tensor,
         written into ``out`` when given). Rows without nonzeros give zeros.
+
+        ``kv_lengths`` (plans made with ``kv_lengths=True``, required there and refused
+        elsewhere): ``[batch]`` integers in ``[0, n]``, a numpy array, a sequence or a torch tensor
+        (any integer dtype, any device: converted to int32 on the plan's device; its values are
+        checked, which waits for a CUDA tensor). Key ``j`` of batch ``b`` exists only when
+        ``j < kv_lengths[b]`` (see the module docstring for what rows past a length get).
         """
+        lengths = self._kv_len(kv_lengths)
         if self._torch_kind is not None and out is None and self._ready(q, self.q_shape) \
                 and self._ready(k, self.kv_shape) and self._ready(v, self.kv_shape):
-            return self._run_torch(q, k, v, None)  # the checks below, as attribute comparisons
+            return self._run_torch(q, k, v, None, lengths)  # the checks below, as attribute comparisons
         if self.device is None:
             raise ValueError("this plan was made without a device (compile only); "
                              "plan again with device='cpu' or 'cuda'")
@@ -268,14 +305,29 @@ class AttentionPlan:
         if not is_torch(q):
             dev = self.device
             out_t = tvm.runtime.empty(self.q_shape, self.spec.dtype, dev)
-            launch(*(to_tvm(x, dev) for x in (q, k, v)), out_t)
+            launch(*(to_tvm(x, dev) for x in (q, k, v)), out_t, *lengths)
             return out_t.numpy()
         if out is not None and (tuple(out.shape) != self.q_shape or out.dtype != q.dtype or out.device != q.device):
             raise ValueError(f"out must be a {self.q_shape} {q.dtype} tensor on {q.device}, got "
                              f"{tuple(out.shape)} {out.dtype} on {out.device}")
         self._torch_kind = (q.dtype, q.device)
         return self._run_torch(*(x if self._ready(x, tuple(x.shape)) else to_tvm(x, self.device) for x in (q, k, v)),
-                               out)
+                               out, lengths)
+
+    def _kv_len(self, kv_lengths) -> tuple:
+        """``()`` for a plan without key lengths, else ``(kv_len,)``: ``kv_lengths`` checked and
+        as an int32 TVM tensor on the plan's device."""
+        if not self.spec.has_kv_len:
+            if kv_lengths is not None:
+                raise ValueError("kv_lengths were given to a plan made without them; "
+                                 "plan with kv_lengths=True")
+            return ()
+        if kv_lengths is None:
+            raise ValueError("this plan was made with kv_lengths=True: pass kv_lengths ([batch] ints in [0, n])")
+        if self.device is None:
+            raise ValueError("this plan was made without a device (compile only); "
+                             "plan again with device='cpu' or 'cuda'")
+        return (check_kv_lengths(kv_lengths, self.spec.batch, self.spec.seq_len, self.device),)
 
     def _ready(self, x, shape) -> bool:
         """Whether torch tensor ``x`` can go to the kernels as it is: the plan's shape, dtype and
@@ -283,8 +335,9 @@ class AttentionPlan:
         return (is_torch(x) and x.shape == shape and (x.dtype, x.device) == self._torch_kind
                 and x.is_contiguous() and is_aligned(x))
 
-    def _run_torch(self, q, k, v, out):
-        """Launch on torch's current stream; ``q, k, v`` are ready tensors (torch or TVM)."""
+    def _run_torch(self, q, k, v, out, lengths=()):
+        """Launch on torch's current stream; ``q, k, v`` are ready tensors (torch or TVM),
+        ``lengths`` ``()`` or ``(kv_len,)``."""
         import torch
 
         dtype, device = self._torch_kind
@@ -297,16 +350,16 @@ class AttentionPlan:
             import tvm_ffi
 
             with tvm_ffi.use_raw_stream(self.device, torch.cuda.current_stream(device).cuda_stream):
-                launch(q, k, v, target)
+                launch(q, k, v, target, *lengths)
         else:
-            launch(q, k, v, target)
+            launch(q, k, v, target, *lengths)
         if target is not out:
             out.copy_(target)
         return out
 
 
 def plan(mask, q_shape, kv_shape=None, dtype="float32", device="cpu", *, target=None, scale=None,
-         variant="auto", knobs=None, max_segments: int = 4) -> AttentionPlan:
+         variant="auto", knobs=None, max_segments: int = 4, kv_lengths: bool = False) -> AttentionPlan:
     """Plan sparse attention for q of ``q_shape = [batch, heads, n, head_dim]`` and k, v of
     ``kv_shape = [batch, kv_heads, n, head_dim]`` (default: ``q_shape``) in ``dtype``.
 
@@ -317,7 +370,12 @@ def plan(mask, q_shape, kv_shape=None, dtype="float32", device="cpu", *, target=
     (tiled on the GPU, the fastest measured on the CPU), ``"tiled"``, ``"row"`` or
     ``"separate"``. ``knobs``: :class:`TiledKnobs` / :class:`RowKnobs` to force; default, the
     workload's tuning record, else the defaults. ``scale`` defaults to ``1/sqrt(head_dim)``.
+    ``kv_lengths=True``: the kernels take per-batch key lengths at run time (a padding mask on
+    top of ``mask``; see the module docstring), passed to :meth:`AttentionPlan.run`.
     """
+    if not isinstance(kv_lengths, (bool, np.bool_)):
+        raise ValueError(f"plan's kv_lengths says whether the kernels take key lengths (True/False), "
+                         f"got {type(kv_lengths).__name__}; pass the lengths themselves to run()")
     q_shape = _check_shape("q_shape", q_shape)
     kv_shape = q_shape if kv_shape is None else _check_shape("kv_shape", kv_shape)
     batch, heads, n, head_dim = q_shape
@@ -341,7 +399,8 @@ def plan(mask, q_shape, kv_shape=None, dtype="float32", device="cpu", *, target=
         raise ValueError(f"target {target.kind.name} does not match the device {dev}")
     choose_variant(variant, target)  # a bad name fails before the ACSR is built
     acsr = as_acsr(mask, n, max_segments)
-    spec = AttentionSpec.from_acsr(acsr, batch, heads, head_dim, dtype, scale, kv_heads=kv_shape[1])
+    spec = AttentionSpec.from_acsr(acsr, batch, heads, head_dim, dtype, scale, kv_heads=kv_shape[1],
+                                   has_kv_len=bool(kv_lengths))
     variant = choose_variant(variant, target, spec)
     knobs, source = choose_knobs(spec, target, variant, knobs)
     return AttentionPlan(mask, acsr, spec, variant, knobs, source, target, dev)
@@ -357,3 +416,39 @@ def _check_shape(name, shape) -> tuple:
     if min(shape) < 1:
         raise ValueError(f"{name} has an empty dimension: {shape}")
     return shape
+
+
+def check_kv_lengths(kv_lengths, batch: int, n: int, device):
+    """``kv_lengths`` as an int32 ``[batch]`` TVM tensor on ``device``, or ``ValueError`` naming
+    what is wrong: not ``[batch]``, not integers (bools and floats are refused: a float length
+    is a mistake, not a rounding), or a value outside ``[0, n]``. A torch tensor is checked with
+    torch on its own device (on CUDA that waits for it) and moved to ``device``."""
+    if is_torch(kv_lengths):
+        import torch
+
+        x = kv_lengths.detach()
+        if x.dtype == torch.bool or x.is_floating_point() or x.is_complex():
+            raise ValueError(f"kv_lengths must be integers, got a {x.dtype} tensor")
+        shape = tuple(x.shape)
+        if shape == (batch,):
+            bad = (x < 0) | (x > n)
+            if bool(bad.any()):
+                b = int(bad.nonzero()[0, 0])
+                raise ValueError(f"kv_lengths[{b}] = {int(x[b])} is outside [0, n={n}]")
+            where = f"cuda:{device.device_id}" if is_gpu_device(device) else "cpu"
+            return to_tvm(x.to(device=where, dtype=torch.int32).contiguous(), device)
+    else:
+        try:
+            x = np.asarray(kv_lengths)
+        except (TypeError, ValueError):
+            raise ValueError(f"kv_lengths must be [batch] integers, got {type(kv_lengths).__name__}") from None
+        if x.dtype.kind not in "iu":
+            raise ValueError(f"kv_lengths must be integers, got dtype {x.dtype}")
+        shape = x.shape
+        if shape == (batch,):
+            bad = (x < 0) | (x > n)
+            if bad.any():
+                b = int(np.argmax(bad))
+                raise ValueError(f"kv_lengths[{b}] = {int(x[b])} is outside [0, n={n}]")
+            return tvm.runtime.tensor(x.astype(np.int32), device)
+    raise ValueError(f"kv_lengths must have shape [batch] = ({batch},), got {shape}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import tvm
 from tvm.script import tirx as T
 
 NEG_INIT = -1.0e30  # running-max start: finite, so exp2(m_old - m_new) never sees inf - inf
@@ -34,3 +35,38 @@ def any_of(conds):
     for c in conds[1:]:
         out = T.Or(out, c)
     return out
+
+
+# ---------------------------------------------------------------------------- key lengths
+#: name of the per-batch key-length buffer (``[batch]`` int32) of kernels with ``has_kv_len``
+KV_LEN = "kv_len"
+
+
+def key_length(spec, kv_len, b):
+    """Keys of batch ``b`` that exist: ``min(kv_len[b], seq_len)`` for a spec with key lengths
+    (the clamp keeps every load inside k and v whatever the buffer holds; values are checked
+    against [0, n] where they enter, :func:`tvm_splat.planner.AttentionPlan.run`), else the
+    Python int ``seq_len``, so a kernel without lengths compares against the same constant it
+    always did."""
+    if not spec.has_kv_len:
+        return spec.seq_len
+    return T.min(kv_len[b], spec.seq_len)
+
+
+def clipped_count(start, step, count, length):
+    """How many columns ``start + step * k`` (``k < count``, ``step > 0``) lie below ``length``:
+    an affine segment clipped to the valid keys (0 when it starts past them)."""
+    return T.max(0, T.min(count, T.floordiv(length - start + step - 1, T.max(step, 1))))
+
+
+def without_unused_kv_len(spec, func):
+    """``func`` itself when ``spec.has_kv_len``; otherwise ``func`` without its ``kv_len``
+    parameter, which its body then never reads (:func:`key_length` gave the constant
+    ``seq_len``). Kernels are written once with the parameter; this keeps the signature and the
+    generated code of kernels without lengths exactly what they were."""
+    if spec.has_kv_len:
+        return func
+    params = [p for p in func.params if p.name != KV_LEN]
+    if len(params) != len(func.params) - 1:
+        raise ValueError(f"kernel {func.attrs['global_symbol']} has no {KV_LEN} parameter")
+    return tvm.tirx.PrimFunc(params, func.body, func.ret_type, func.attrs)

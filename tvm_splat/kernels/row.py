@@ -10,12 +10,19 @@ Buffer shapes and dtypes are documented on :class:`~tvm_splat.kernels.spec.Atten
 (k and v have ``kv_heads`` heads; query head ``h`` reads KV head ``h // group``).
 Accumulation is float32 for every input dtype. Only the nonzeros of a row are ever visited,
 so masked-out keys and values contribute exactly nothing (a NaN there cannot leak).
+
+Key lengths (``spec.has_kv_len``, buffer ``kv_len [batch]`` int32 right before the first
+output): key ``j`` of batch ``b`` exists only when ``j < kv_len[b]``. ``row`` and ``spmm`` clip
+each affine segment's count to the valid keys (:func:`~.common.clipped_count`: keys past the
+length are never visited) and test the columns of indexed (CSR) segments one by one; ``sddmm``
+writes ``-FLT_MAX`` for a nonzero past the length (``softmax`` then gives it probability 0, and
+``spmm``, which skips it, never reads it). A row left with no valid key gives zeros.
 """
 from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from .common import LOG2E, NEG_INIT, normalised
+from .common import LOG2E, NEG_INIT, clipped_count, key_length, normalised, without_unused_kv_len
 from .spec import AttentionSpec
 
 ROW_BLOCK = "row"
@@ -32,11 +39,40 @@ def _column(spec, seg_start, seg_step, indices, hm, i, s, k):
     )
 
 
+def _extent(spec, seg_start, seg_step, seg_count, kv_len, hm, b, i, s):
+    """Nonzeros of segment s of row i to visit: all of them, or with key lengths the affine
+    segment clipped to ``kv_len[b]`` (an indexed segment is visited whole and tested per column,
+    :func:`_tests_columns`)."""
+    count = seg_count[hm, i, s]
+    if not spec.has_kv_len:
+        return count
+    clipped = clipped_count(seg_start[hm, i, s], seg_step[hm, i, s], count, key_length(spec, kv_len, b))
+    if not spec.has_indexed:
+        return clipped
+    return T.if_then_else(seg_step[hm, i, s] > 0, clipped, count)
+
+
+def _tests_columns(spec) -> bool:
+    """Whether the visited nonzeros still need a ``col < kv_len[b]`` test: only with key lengths
+    and indexed (CSR) segments, whose columns no count clipping can bound."""
+    return spec.has_kv_len and spec.has_indexed
+
+
 def sddmm_func(spec: AttentionSpec):
     """R-SDDMM: ``scores[b, h, row_ptr[i] + j] = scale * q[b, h, i] . k[b, h, col(i, j)]``."""
     B, H, KVH, G, N, D = spec.batch, spec.heads, spec.kv_heads, spec.group, spec.seq_len, spec.head_dim
     HM, S, NNZ, L, dt = spec.mask_heads, spec.max_segments, spec.max_nnz, spec.index_len, spec.dtype
     scale = T.float32(spec.scale)
+
+    @T.macro
+    def score(q, k, seg_start, seg_step, indices, scores, acc, pos, vb, vh, hm, vi, s, j):
+        acc[0] = T.float32(0)
+        for d in T.serial(D):
+            acc[0] = acc[0] + T.Cast("float32", q[vb, vh, vi, d]) * T.Cast(
+                "float32",
+                k[vb, vh // G, _column(spec, seg_start, seg_step, indices, hm, vi, s, j), d],
+            )
+        scores[vb, vh, pos[0] + j] = acc[0] * scale
 
     @T.prim_func(s_tir=True)
     def sddmm(
@@ -47,6 +83,7 @@ def sddmm_func(spec: AttentionSpec):
         seg_count: T.Buffer((HM, N, S), "int32"),
         row_ptr: T.Buffer((HM, N + 1), "int32"),
         indices: T.Buffer((HM, L), "int32"),
+        kv_len: T.Buffer((B,), "int32"),
         scores: T.Buffer((B, H, NNZ), "float32"),
     ):
         T.func_attr({"global_symbol": "sddmm", "tirx.noalias": True})
@@ -63,16 +100,16 @@ def sddmm_func(spec: AttentionSpec):
                 pos[0] = row_ptr[hm, vi]
                 for s in T.serial(S):
                     for j in T.serial(seg_count[hm, vi, s]):
-                        acc[0] = T.float32(0)
-                        for d in T.serial(D):
-                            acc[0] = acc[0] + T.Cast("float32", q[vb, vh, vi, d]) * T.Cast(
-                                "float32",
-                                k[vb, vh // G, _column(spec, seg_start, seg_step, indices, hm, vi, s, j), d],
-                            )
-                        scores[vb, vh, pos[0] + j] = acc[0] * scale
+                        if spec.has_kv_len:
+                            if _column(spec, seg_start, seg_step, indices, hm, vi, s, j) < key_length(spec, kv_len, vb):
+                                score(q, k, seg_start, seg_step, indices, scores, acc, pos, vb, vh, hm, vi, s, j)
+                            else:
+                                scores[vb, vh, pos[0] + j] = T.min_value("float32")
+                        else:
+                            score(q, k, seg_start, seg_step, indices, scores, acc, pos, vb, vh, hm, vi, s, j)
                     pos[0] = pos[0] + seg_count[hm, vi, s]
 
-    return sddmm
+    return without_unused_kv_len(spec, sddmm)
 
 
 def softmax_func(spec: AttentionSpec):
@@ -118,6 +155,14 @@ def spmm_func(spec: AttentionSpec):
     B, H, KVH, G, N, D = spec.batch, spec.heads, spec.kv_heads, spec.group, spec.seq_len, spec.head_dim
     HM, S, NNZ, L, dt = spec.mask_heads, spec.max_segments, spec.max_nnz, spec.index_len, spec.dtype
 
+    @T.macro
+    def accumulate(probs, v, seg_start, seg_step, indices, acc, pos, vb, vh, hm, vi, s, j):
+        for d in T.serial(D):
+            acc[d] = acc[d] + probs[vb, vh, pos[0] + j] * T.Cast(
+                "float32",
+                v[vb, vh // G, _column(spec, seg_start, seg_step, indices, hm, vi, s, j), d],
+            )
+
     @T.prim_func(s_tir=True)
     def spmm(
         probs: T.Buffer((B, H, NNZ), "float32"),
@@ -127,6 +172,7 @@ def spmm_func(spec: AttentionSpec):
         seg_count: T.Buffer((HM, N, S), "int32"),
         row_ptr: T.Buffer((HM, N + 1), "int32"),
         indices: T.Buffer((HM, L), "int32"),
+        kv_len: T.Buffer((B,), "int32"),
         out: T.Buffer((B, H, N, D), dt),
     ):
         T.func_attr({"global_symbol": "spmm", "tirx.noalias": True})
@@ -144,17 +190,17 @@ def spmm_func(spec: AttentionSpec):
                     acc[d] = T.float32(0)
                 pos[0] = row_ptr[hm, vi]
                 for s in T.serial(S):
-                    for j in T.serial(seg_count[hm, vi, s]):
-                        for d in T.serial(D):
-                            acc[d] = acc[d] + probs[vb, vh, pos[0] + j] * T.Cast(
-                                "float32",
-                                v[vb, vh // G, _column(spec, seg_start, seg_step, indices, hm, vi, s, j), d],
-                            )
+                    for j in T.serial(_extent(spec, seg_start, seg_step, seg_count, kv_len, hm, vb, vi, s)):
+                        if _tests_columns(spec):
+                            if _column(spec, seg_start, seg_step, indices, hm, vi, s, j) < key_length(spec, kv_len, vb):
+                                accumulate(probs, v, seg_start, seg_step, indices, acc, pos, vb, vh, hm, vi, s, j)
+                        else:
+                            accumulate(probs, v, seg_start, seg_step, indices, acc, pos, vb, vh, hm, vi, s, j)
                     pos[0] = pos[0] + seg_count[hm, vi, s]
                 for d in T.serial(D):
                     out[vb, vh, vi, d] = T.Cast(dt, acc[d])
 
-    return spmm
+    return without_unused_kv_len(spec, spmm)
 
 
 def online_softmax_row(spec: AttentionSpec):
@@ -162,7 +208,7 @@ def online_softmax_row(spec: AttentionSpec):
     and the tiled kernel's CSR-row fallback.
 
     ``out[b, h, vi] = softmax_j(scale * q[b,h,vi] . k[b,h,col(vi,j)]) @ v[b,h,col(vi,·)]``, zeros
-    for an empty row; ``acc [D]`` and ``st [5]`` are float32 scratch buffers (``st``: running max,
+    for an empty row (or one whose keys all lie past ``kv_len[b]``); ``acc [D]`` and ``st [5]`` are float32 scratch buffers (``st``: running max,
     running sum, rescale factor, new max, current probability). Exponentials are base 2 with
     the scale folded into ``log2(e)``.
     """
@@ -170,26 +216,34 @@ def online_softmax_row(spec: AttentionSpec):
     scale = T.float32(spec.scale * LOG2E)
 
     @T.macro
-    def row(q, k, v, seg_start, seg_step, seg_count, indices, out, acc, st, b, h, hm, vi):
+    def visit(q, k, v, seg_start, seg_step, indices, acc, st, b, h, hm, vi, s, j):
+        st[4] = T.float32(0)
+        for d in T.serial(D):
+            st[4] = st[4] + T.Cast("float32", q[b, h, vi, d]) * T.Cast(
+                "float32", k[b, h // G, _column(spec, seg_start, seg_step, indices, hm, vi, s, j), d])
+        st[4] = st[4] * scale
+        st[3] = T.max(st[0], st[4])
+        st[2] = T.exp2(st[0] - st[3])
+        st[4] = T.exp2(st[4] - st[3])
+        st[1] = st[1] * st[2] + st[4]
+        for d in T.serial(D):
+            acc[d] = acc[d] * st[2] + st[4] * T.Cast(
+                "float32", v[b, h // G, _column(spec, seg_start, seg_step, indices, hm, vi, s, j), d])
+        st[0] = st[3]
+
+    @T.macro
+    def row(q, k, v, seg_start, seg_step, seg_count, indices, kv_len, out, acc, st, b, h, hm, vi):
         for d in T.serial(D):
             acc[d] = T.float32(0)
         st[0] = T.float32(NEG_INIT)
         st[1] = T.float32(0)
         for s in T.serial(S):
-            for j in T.serial(seg_count[hm, vi, s]):
-                st[4] = T.float32(0)
-                for d in T.serial(D):
-                    st[4] = st[4] + T.Cast("float32", q[b, h, vi, d]) * T.Cast(
-                        "float32", k[b, h // G, _column(spec, seg_start, seg_step, indices, hm, vi, s, j), d])
-                st[4] = st[4] * scale
-                st[3] = T.max(st[0], st[4])
-                st[2] = T.exp2(st[0] - st[3])
-                st[4] = T.exp2(st[4] - st[3])
-                st[1] = st[1] * st[2] + st[4]
-                for d in T.serial(D):
-                    acc[d] = acc[d] * st[2] + st[4] * T.Cast(
-                        "float32", v[b, h // G, _column(spec, seg_start, seg_step, indices, hm, vi, s, j), d])
-                st[0] = st[3]
+            for j in T.serial(_extent(spec, seg_start, seg_step, seg_count, kv_len, hm, b, vi, s)):
+                if _tests_columns(spec):
+                    if _column(spec, seg_start, seg_step, indices, hm, vi, s, j) < key_length(spec, kv_len, b):
+                        visit(q, k, v, seg_start, seg_step, indices, acc, st, b, h, hm, vi, s, j)
+                else:
+                    visit(q, k, v, seg_start, seg_step, indices, acc, st, b, h, hm, vi, s, j)
         for d in T.serial(D):
             out[b, h, vi, d] = T.Cast(dt, normalised(acc[d], st[1]))
 
@@ -216,6 +270,7 @@ def row_func(spec: AttentionSpec):
         seg_step: T.Buffer((HM, N, S), "int32"),
         seg_count: T.Buffer((HM, N, S), "int32"),
         indices: T.Buffer((HM, L), "int32"),
+        kv_len: T.Buffer((B,), "int32"),
         out: T.Buffer((B, H, N, D), dt),
     ):
         T.func_attr({"global_symbol": "row", "tirx.noalias": True})
@@ -228,7 +283,7 @@ def row_func(spec: AttentionSpec):
                 T.writes(out[vb, vh, vi, 0:D])
                 acc = T.alloc_buffer((D,), "float32", scope="local")
                 st = T.alloc_buffer((5,), "float32", scope="local")
-                row(q, k, v, seg_start, seg_step, seg_count, indices, out, acc, st,
+                row(q, k, v, seg_start, seg_step, seg_count, indices, kv_len, out, acc, st,
                     vb, vh, T.floormod(vh, HM), vi)
 
-    return row_kernel
+    return without_unused_kv_len(spec, row_kernel)

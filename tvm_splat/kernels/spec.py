@@ -25,6 +25,11 @@ class AttentionSpec:
     max_segments]``, ``row_ptr [mask_heads, seq_len + 1]``, ``indices [mask_heads, index_len]``;
     scores and probabilities are float32 ``[batch, heads, max_nnz]`` in ACSR value order. Mask
     head ``h % mask_heads`` serves query head ``h``.
+
+    ``has_kv_len``: the kernels take ``kv_len [batch]`` int32 (a runtime input, placed right
+    before their first output buffer): key ``j`` of batch ``b`` exists only when
+    ``j < kv_len[b]``, on top of the mask. Without it the generated code is that of a kernel
+    that never heard of lengths.
     """
 
     batch: int
@@ -39,6 +44,7 @@ class AttentionSpec:
     has_indexed: bool
     scale: float
     kv_heads: int = 0  # 0: the same as ``heads`` (normalised on creation)
+    has_kv_len: bool = False
 
     def __post_init__(self):
         if self.kv_heads == 0:
@@ -58,11 +64,14 @@ class AttentionSpec:
             raise ValueError(f"max_nnz must be >= 0, got {self.max_nnz}")
         if not math.isfinite(self.scale):
             raise ValueError(f"scale must be finite, got {self.scale}")
+        if not isinstance(self.has_kv_len, bool):
+            raise ValueError(f"has_kv_len must be a bool, got {self.has_kv_len!r}")
 
     @classmethod
-    def from_acsr(cls, acsr, batch, heads, head_dim, dtype, scale=None, kv_heads=None):
+    def from_acsr(cls, acsr, batch, heads, head_dim, dtype, scale=None, kv_heads=None, has_kv_len=False):
         """Spec for running ``acsr`` on q ``[batch, heads, acsr.n, head_dim]`` and k, v with
-        ``kv_heads`` heads (default ``heads``) of ``dtype``."""
+        ``kv_heads`` heads (default ``heads``) of ``dtype``; ``has_kv_len``: with per-batch key
+        lengths."""
         acsr.check_heads(heads)
         return cls(
             batch=int(batch),
@@ -77,6 +86,7 @@ class AttentionSpec:
             has_indexed=acsr.has_indexed,
             scale=float(1.0 / math.sqrt(head_dim) if scale is None else scale),
             kv_heads=int(heads if kv_heads is None else kv_heads),
+            has_kv_len=bool(has_kv_len),
         )
 
     @property
@@ -87,10 +97,12 @@ class AttentionSpec:
     @property
     def key(self) -> str:
         """A short, filesystem-safe identity for caches and tuning logs (unchanged for
-        ``kv_heads == heads``, so records made before GQA existed still match)."""
+        ``kv_heads == heads``, so records made before GQA existed still match; ``_kvlen`` marks
+        kernels that take key lengths)."""
         gqa = "" if self.kv_heads == self.heads else f"_kv{self.kv_heads}"
+        lengths = "_kvlen" if self.has_kv_len else ""
         return (
             f"b{self.batch}_h{self.heads}{gqa}_n{self.seq_len}_d{self.head_dim}_{self.dtype}"
             f"_mh{self.mask_heads}_s{self.max_segments}_z{self.max_nnz}_l{self.index_len}"
-            f"_{'idx' if self.has_indexed else 'aff'}_sc{self.scale:.6g}"
+            f"_{'idx' if self.has_indexed else 'aff'}_sc{self.scale:.6g}{lengths}"
         )

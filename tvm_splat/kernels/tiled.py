@@ -18,6 +18,12 @@ One program per (batch x head, tile) of a :class:`~tvm_splat.formats.tile_plan.T
    as dense attention); with several: write the partial state ``(O, m, l)`` of the tile's
    component, merged by :func:`merge_func`.
 
+Key lengths (``spec.has_kv_len``; ``kv_len [B]`` int32 before ``out``): key ``j`` of batch
+``b`` exists only when ``j < kv_len[b]``. K and V rows past the length load as zeros (so a NaN
+stored there never enters a product), and their scores are masked in every block, FULL ones
+included (a FULL block may cross the length). The fallback rows clip their segments the same
+way; ``merge`` needs nothing (a component left without keys has ``l = 0``).
+
 Softmax runs in base 2 (``scale * log2(e)`` folded into the scores). Scores, running max/sum
 and the accumulator are float32; ``P`` is stored in the input dtype (fp16 for tensor cores).
 Intermediate buffers are allocated in the block ``"tile"`` in the default scope; schedules
@@ -30,6 +36,7 @@ Buffers of :func:`tiled_func` (``BH = batch * heads``, ``C`` components, plan ta
     seg_start        [Hm, N, S] int32     seg_count [Hm, N, S] int32
     seg_sigma        [Hm, N, S] int32     (plan.seg_sigma)
     tiles            [Hm, T, 6] int32     blocks [Hm, NB, 3] int32
+    kv_len           [B] int32            (only with ``spec.has_kv_len``)
     out              [B, H, N, D] dtype   (written when C == 1)
     o_part           [BH, C, N, D] f32    ml_part [BH, C, N, 2] f32   (C > 1; else [1,1,1,*])
 """
@@ -38,7 +45,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from .common import LOG2E, NEG_INIT, any_of, normalised, segment_member
+from .common import LOG2E, NEG_INIT, any_of, key_length, normalised, segment_member, without_unused_kv_len
 from .row import online_softmax_row
 from .spec import AttentionSpec
 
@@ -53,6 +60,14 @@ def _member(seg_start, seg_count, seg_sigma, hm, row, col, sigma, S):
     return any_of([segment_member(seg_start[hm, row, s],
                                   seg_start[hm, row, s] + sigma * (seg_count[hm, row, s] - 1),
                                   sigma, seg_sigma[hm, row, s], col) for s in range(S)])
+
+
+def full_block(spec, full, col, length):
+    """Whether score column ``col`` of a block needs no mask test: the block is FULL and, with
+    key lengths, ``col`` is a valid key (a FULL block may cross ``kv_len[b]``)."""
+    if not spec.has_kv_len:
+        return full == 1
+    return T.And(full == 1, col < length)
 
 
 def partial_shapes(spec: AttentionSpec, num_components: int):
@@ -88,6 +103,7 @@ def tiled_func(spec: AttentionSpec, plan_shape):
         seg_sigma: T.Buffer((HM, N, S), "int32"),
         tiles: T.Buffer((HM, NT, 6), "int32"),
         blocks: T.Buffer((HM, NB, 3), "int32"),
+        kv_len: T.Buffer((B,), "int32"),
         out: T.Buffer((B, H, N, D), dt),
         o_part: T.Buffer(o_shape, "float32"),
         ml_part: T.Buffer(ml_shape, "float32"),
@@ -141,11 +157,11 @@ def tiled_func(spec: AttentionSpec, plan_shape):
                     for u, d in T.grid(BC, D):
                         with T.sblock("K_load"):
                             vu, vd = T.axis.remap("SS", [u, d])
-                            Ks[vu, vd] = T.if_then_else(col0 + sig * vu < N, k[b, hk, col0 + sig * vu, vd], zero)
+                            Ks[vu, vd] = T.if_then_else(col0 + sig * vu < key_length(spec, kv_len, b), k[b, hk, col0 + sig * vu, vd], zero)
                     for u, d in T.grid(BC, D):
                         with T.sblock("V_load"):
                             vu, vd = T.axis.remap("SS", [u, d])
-                            Vs[vu, vd] = T.if_then_else(col0 + sig * vu < N, v[b, hk, col0 + sig * vu, vd], zero)
+                            Vs[vu, vd] = T.if_then_else(col0 + sig * vu < key_length(spec, kv_len, b), v[b, hk, col0 + sig * vu, vd], zero)
                     with T.sblock("S_stage"):
                         Ss = T.sblock_alloc_buffer((BR, BC), "float32")
                         for r, u, d in T.grid(BR, BC, D):
@@ -158,10 +174,10 @@ def tiled_func(spec: AttentionSpec, plan_shape):
                             with T.sblock("S_mask"):
                                 vr, vu = T.axis.remap("SS", [r, u])
                                 Sm[vr, vu] = T.if_then_else(
-                                    full == 1,
+                                    full_block(spec, full, col0 + sig * vu, key_length(spec, kv_len, b)),
                                     Ss[vr, vu] * scale,
                                     T.if_then_else(
-                                        T.And(vr < nrows, col0 + sig * vu < N),
+                                        T.And(vr < nrows, col0 + sig * vu < key_length(spec, kv_len, b)),
                                         T.if_then_else(
                                             _member(seg_start, seg_count, seg_sigma, hm, row0 + rstr * vr,
                                                     col0 + sig * vu, sig, S),
@@ -228,7 +244,7 @@ def tiled_func(spec: AttentionSpec, plan_shape):
                                 ml_part[vbh, comp, row0 + rstr * vr, 0] = ms[vr]
                                 ml_part[vbh, comp, row0 + rstr * vr, 1] = ls[vr]
 
-    return tiled
+    return without_unused_kv_len(spec, tiled)
 
 
 def merge_func(spec: AttentionSpec, num_components: int):
@@ -292,6 +308,7 @@ def fallback_func(spec: AttentionSpec, num_fallback: int):
         seg_count: T.Buffer((HM, N, S), "int32"),
         indices: T.Buffer((HM, L), "int32"),
         fallback_rows: T.Buffer((HM, F), "int32"),
+        kv_len: T.Buffer((B,), "int32"),
         out: T.Buffer((B, H, N, D), dt),
     ):
         T.func_attr({"global_symbol": "fallback", "tirx.noalias": True})
@@ -307,7 +324,7 @@ def fallback_func(spec: AttentionSpec, num_fallback: int):
                 hm: T.let[T.int32] = (vbh % H) % HM
                 vi: T.let[T.int32] = fallback_rows[hm, vj]
                 if vi >= 0:
-                    row(q, k, v, seg_start, seg_step, seg_count, indices, out, acc, st,
+                    row(q, k, v, seg_start, seg_step, seg_count, indices, kv_len, out, acc, st,
                         vbh // H, vbh % H, hm, vi)
 
-    return fallback
+    return without_unused_kv_len(spec, fallback)

@@ -31,6 +31,11 @@ publishes the result); a block that holds a non-finite value takes an exact path
 CUDA cores that skips zero probabilities (a uniform branch, never taken for finite inputs).
 FULL blocks need no check: every row of the tile attends every one of their columns.
 
+Key lengths (``spec.has_kv_len``): K and V rows at or past ``kv_len[b]`` are zero-filled by
+their loads (``cp.async`` with source size 0), so a NaN stored there never reaches shared
+memory, and their scores are selected to -inf in every block, FULL blocks included (a FULL
+block may cross the length).
+
 GQA: query head ``h`` reads KV head ``h // group`` (nothing is repeated in memory).
 Buffers and dtypes are those of :func:`~tvm_splat.kernels.tiled.tiled_func`.
 """
@@ -38,9 +43,9 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from .common import LOG2E, NEG_INIT, any_of, normalised, segment_member
+from .common import LOG2E, NEG_INIT, any_of, key_length, normalised, segment_member, without_unused_kv_len
 from .spec import AttentionSpec
-from .tiled import partial_shapes
+from .tiled import full_block, partial_shapes
 
 #: extra elements per shared-memory row (16 bytes): row strides of 144/272 bytes put the 8
 #: rows one ``ldmatrix`` phase reads in 8 different 4-bank groups
@@ -152,36 +157,37 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                            chunk_row(it, tid) < nrows)
 
     @T.macro
-    def copy_rows_async(smem, base, src, col0, sig, b, hk, tid, st, it):
+    def copy_rows_async(smem, base, src, col0, sig, b, hk, tid, st, it, klen):
         # one 16-byte chunk of the rows col0 + sig * u of ``src`` (K or V) -> stage st at ``base``
+        # (rows at or past the key length ``klen`` are zero-filled)
         copy16(T.address_of(smem[kv_stage(base, st, chunk_row(it, tid)) + chunk_col(it, tid)]),
                src.access_ptr("r", offset=((b * KVH + hk) * N + T.min(
                    col0 + sig * chunk_row(it, tid), N - 1)) * D + chunk_col(it, tid)),
-               col0 + sig * chunk_row(it, tid) < N)
+               col0 + sig * chunk_row(it, tid) < klen)
 
     @T.macro
-    def copy_rows(smem, base, src, col0, sig, b, hk, tid, it):
+    def copy_rows(smem, base, src, col0, sig, b, hk, tid, it, klen):
         # the same chunk with a plain 16-byte load (out-of-range rows are zero) -> stage 0
         for e in T.vectorized(8):
             smem[kv_stage(base, 0, chunk_row(it, tid)) + chunk_col(it, tid) + e] = T.if_then_else(
-                col0 + sig * chunk_row(it, tid) < N,
+                col0 + sig * chunk_row(it, tid) < klen,
                 src[b, hk, col0 + sig * chunk_row(it, tid), chunk_col(it, tid) + e], zero)
 
     @T.macro
-    def issue_kv_block(smem, k, v, col0, sig, b, hk, tid, st):
+    def issue_kv_block(smem, k, v, col0, sig, b, hk, tid, st, klen):
         # cp.async of the K and V rows of a column block -> stage st
         for it in T.serial(KV_IT):
             if it * NTHR + tid < BC * CH:
-                copy_rows_async(smem, K_OFF, k, col0, sig, b, hk, tid, st, it)
-                copy_rows_async(smem, V_OFF, v, col0, sig, b, hk, tid, st, it)
+                copy_rows_async(smem, K_OFF, k, col0, sig, b, hk, tid, st, it, klen)
+                copy_rows_async(smem, V_OFF, v, col0, sig, b, hk, tid, st, it, klen)
 
     @T.macro
-    def load_kv_block(smem, k, v, col0, sig, b, hk, tid):
+    def load_kv_block(smem, k, v, col0, sig, b, hk, tid, klen):
         # plain loads of a column block's K and V rows -> stage 0 (stages == 1)
         for it in T.serial(KV_IT):
             if it * NTHR + tid < BC * CH:
-                copy_rows(smem, K_OFF, k, col0, sig, b, hk, tid, it)
-                copy_rows(smem, V_OFF, v, col0, sig, b, hk, tid, it)
+                copy_rows(smem, K_OFF, k, col0, sig, b, hk, tid, it, klen)
+                copy_rows(smem, V_OFF, v, col0, sig, b, hk, tid, it, klen)
 
     @T.macro
     def flag_nonfinite_v(smem, vbad, words, nonfinite, st, j, tid):
@@ -234,16 +240,17 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                         T.evaluate(mma_16x8x16(qf, (mt * KD + kk) * 8, bf, hn * 4, sacc, (mt * NTL + np * 2 + hn) * 4))
 
     @T.macro
-    def mask_scores(sacc, sg, full, col0, sig, lane):
-        # scale; PARTIAL blocks select masked-out scores to -inf (range + residue test)
+    def mask_scores(sacc, sg, full, col0, sig, lane, klen):
+        # scale; PARTIAL blocks select masked-out scores to -inf (range + residue test), and
+        # with key lengths every block the scores of keys past the length
         for mt in T.unroll(MT):
             for nt in T.unroll(NTL):
                 for i in T.unroll(4):
                     sacc[(mt * NTL + nt) * 4 + i] = T.if_then_else(
-                        full == 1,
+                        full_block(spec, full, col0 + sig * (nt * 8 + lane % 4 * 2 + i % 2), klen),
                         sacc[(mt * NTL + nt) * 4 + i] * scale,
                         T.if_then_else(
-                            col0 + sig * (nt * 8 + lane % 4 * 2 + i % 2) < N
+                            col0 + sig * (nt * 8 + lane % 4 * 2 + i % 2) < klen
                             and _member(sg, mt * 2 + i // 2, col0 + sig * (nt * 8 + lane % 4 * 2 + i % 2), sig, S),
                             sacc[(mt * NTL + nt) * 4 + i] * scale,
                             neg_inf))
@@ -345,6 +352,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         seg_sigma: T.Buffer((HM, N, S), "int32"),
         tiles: T.Buffer((HM, NT, 6), "int32"),
         blocks: T.Buffer((HM, NB, 3), "int32"),
+        kv_len: T.Buffer((B,), "int32"),
         out: T.Buffer((B, H, N, D), dt),
         o_part: T.Buffer(o_shape, "float32"),
         ml_part: T.Buffer(ml_shape, "float32"),
@@ -400,7 +408,8 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                             load_q_tile(smem, q, b, h, row0, rstr, nrows, tid)
                             if stages == 2:
                                 if blk_hi > blk_lo:
-                                    issue_kv_block(smem, k, v, blocks[hm, blk_lo, 0], blocks[hm, blk_lo, 1], b, hk, tid, 0)
+                                    issue_kv_block(smem, k, v, blocks[hm, blk_lo, 0], blocks[hm, blk_lo, 1], b, hk, tid, 0,
+                                                   key_length(spec, kv_len, b))
                                 T.evaluate(T.ptx.cp.async_.commit_group())
                                 T.evaluate(T.ptx["cp.async.wait_group"](0))
                             cache_row_segments(sg, rows, seg_start, seg_count, seg_sigma, hm, w, lane, nrows)
@@ -413,7 +422,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                 stg: T.let[T.int32] = j % stages
                                 if stages == 1:
                                     T.tvm_storage_sync("shared.dyn")
-                                    load_kv_block(smem, k, v, col0, sig, b, hk, tid)
+                                    load_kv_block(smem, k, v, col0, sig, b, hk, tid, key_length(spec, kv_len, b))
                                 else:
                                     # block j has landed (this thread's copies: wait; everyone's:
                                     # the barrier, which also frees the other stage for block j + 1)
@@ -424,10 +433,11 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                 if stages == 2:
                                     if j + 1 < blk_hi - blk_lo:
                                         issue_kv_block(smem, k, v, blocks[hm, blk_lo + j + 1, 0],
-                                                       blocks[hm, blk_lo + j + 1, 1], b, hk, tid, (j + 1) % stages)
+                                                       blocks[hm, blk_lo + j + 1, 1], b, hk, tid, (j + 1) % stages,
+                                                       key_length(spec, kv_len, b))
                                     T.evaluate(T.ptx.cp.async_.commit_group())
                                 qk_tile(sacc, qf, bf, smem, stg, lane)
-                                mask_scores(sacc, sg, full, col0, sig, lane)
+                                mask_scores(sacc, sg, full, col0, sig, lane, key_length(spec, kv_len, b))
                                 online_softmax(sacc, pf, oacc, ms, ls, mb, al)
                                 T.ptx.ld.shared.b32(vflag[0], T.address_of(vbad[stg]))
                                 if vflag[0] == j + 1:
@@ -436,7 +446,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                     pv_tile(oacc, pf, bf, smem, stg, lane)
                             store_rows(out, o_part, ml_part, oacc, ms, ls, rows, b, h, vbh, comp, w, lane, nrows)
 
-    return tiled
+    return without_unused_kv_len(spec, tiled)
 
 
 def _member(sg, row_slot, col, sig, S):
