@@ -250,3 +250,69 @@ def test_dynamic_sequence_length_sites_are_reported():
     assert len(sparsify.report.sites) == LAYERS
     assert all(not s.rewritten and "dynamic (symbolic) shape" in s.reason
                for s in sparsify.report.sites)
+
+
+# ----------------------------------------------------------------------------- padding masks
+def padding_mask(lengths) -> torch.Tensor:
+    """A right-padded ``attention_mask`` [batch, N] (int64, 1 = token) with these lengths."""
+    return (torch.arange(N)[None, :] < torch.tensor(lengths)[:, None]).long()
+
+
+LENGTHS = [N, 40, 5]  # full, mid-way (not a multiple of the window), shorter than the window
+
+
+def check_padded(model, masks, attention_mask, pattern=None, want=None, all_rows=True, dtype="float32"):
+    ids = token_ids(batch=len(attention_mask))
+    mod = import_model(model, (ids, attention_mask))
+    sparsify = SparsifyAttention(pattern)
+    new = sparsify(mod)
+    check_sites(sparsify.report, masks)
+    assert all(s.mask == "padding" for s in sparsify.report.sites), str(sparsify.report)
+    out = run(new, (ids, attention_mask))
+    want = reference(model, ids, attention_mask) if want is None else want
+    rows = np.ones(attention_mask.shape, bool) if all_rows else attention_mask.numpy().astype(bool)
+    tol = TOLERANCE[dtype]
+    np.testing.assert_allclose(out[rows], want[rows], atol=tol, rtol=tol)
+    return new
+
+
+@pytest.mark.parametrize("family, impl", [("mistral", "sdpa"), ("mistral", "eager"), ("qwen2", "sdpa"),
+                                          ("llama", "eager"), ("gpt2", "eager")])
+def test_padded_batch_matches_pytorch(family, impl):
+    """The padding mask becomes per-batch key lengths on top of the model's own structure.
+    Real tokens match PyTorch exactly. Padding positions (their outputs feed nothing real)
+    match too with sdpa; with eager's finite fill, a padding row left with no key (past a
+    sliding window's reach) gives zeros where PyTorch averages the values, so eager compares
+    the real tokens."""
+    model, masks = build(family, impl, "float32")
+    check_padded(model, masks, padding_mask(LENGTHS), all_rows=impl == "sdpa")
+
+
+@pytest.mark.slow
+def test_padded_batch_float16_eager():
+    model, masks = build("mistral", "eager", "float16")
+    check_padded(model, masks, padding_mask(LENGTHS), all_rows=False, dtype="float16")
+
+
+def test_bert_padding_with_a_pattern():
+    """An encoder with padding (every key of the first 40 / 5 tokens) and a user pattern:
+    torch gets pattern AND padding as its 4-D mask."""
+    model, _ = build("bert", "sdpa", "float32")
+    pattern = GlobalTokens(1) | Window(4)
+    attention_mask = padding_mask(LENGTHS)
+    keep = pattern.dense_mask(N)[None] & attention_mask.numpy().astype(bool)[:, None, :]
+    ids = token_ids(batch=len(LENGTHS))
+    want = reference(model, ids, attention_mask=torch.stack([additive(k)[0] for k in keep]))
+    check_padded(model, [keep[0]] * LAYERS, attention_mask, pattern=pattern, want=want,
+                 all_rows=False)
+
+
+def test_left_padding_is_a_clear_error():
+    """The kernels take key lengths: a mask that is not ones-then-zeros is refused at run
+    time, naming the row, instead of giving a plausible wrong answer."""
+    model, masks = build("llama", "sdpa", "float32")
+    new = check_padded(model, masks, padding_mask(LENGTHS))
+    left = padding_mask(LENGTHS).flip(-1)
+    ex = tvm.compile(new, "llvm")
+    with pytest.raises(ValueError, match=r"attention_mask row 1 is not right-padded"):
+        relax.VirtualMachine(ex, tvm.cpu())["main"](*[tvm.runtime.tensor(a.numpy()) for a in (token_ids(3), left)])

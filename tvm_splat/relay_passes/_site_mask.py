@@ -14,7 +14,13 @@ number of heads. The rules keep the rewrite exact:
   for any score below ~65000) unless a whole row is masked: torch then averages the row,
   our kernels give zeros, so such masks are refused;
 * a mask that differs across the batch is refused (ACSR masks are per head, not per batch);
-* a mask that depends on runtime inputs (a padding mask argument) is refused.
+* a mask that depends on runtime inputs is refused, except HuggingFace's padding mask: a
+  conjunction of constant factors and ``attention_mask[b, j]`` (:mod:`._padding_mask`)
+  becomes the constant keep-mask plus ``kv_padding``, the ``[batch, n]`` runtime tensor the
+  kernels' key lengths are computed from. With a finite fill, every row ``i`` must keep a
+  key ``j <= i`` (so no query row before its sequence's length is left empty); query rows
+  past a length may be empty, and give zeros where a finite-fill softmax gives the mean of
+  the values (padding positions, which no real token attends).
 
 Rows with no kept column give zeros in our kernels. torch's SDPA decomposition gives zeros
 as well; a hand-written ``softmax`` over an all ``-inf`` row gives NaN there.
@@ -28,6 +34,7 @@ import numpy as np
 
 from ._attention_match import AttentionMatch, MaskTerm
 from ._constant_eval import ConstantEvalError, ConstantValues
+from ._padding_mask import split_key_padding
 
 # The lowest finite number of each float dtype: HuggingFace's "masked" fill. bfloat16 has
 # float32's exponent range and 8 significand bits: -(2 - 2**-7) * 2**127.
@@ -48,11 +55,14 @@ def effectively_minus_inf(values: np.ndarray, dtype: str) -> np.ndarray:
 @dataclass
 class SiteMask:
     """Result of the analysis: ``keep`` bool [Hm, n, n] or None (no mask: dense attention);
-    ``description`` for the report; ``problem`` when the site must be skipped."""
+    ``description`` for the report; ``problem`` when the site must be skipped;
+    ``kv_padding``: the ``[batch, n]`` runtime padding mask (a function parameter) the keys
+    are further limited by, or None."""
 
     keep: Optional[np.ndarray]
     description: str
     problem: Optional[str] = None
+    kv_padding: Optional[object] = None
 
 
 def _to_batch_heads(value: np.ndarray, score_shape: Tuple[int, ...], batch: int, heads: int,
@@ -103,15 +113,29 @@ def _term_keep(term: MaskTerm, value: np.ndarray) -> Tuple[Optional[np.ndarray],
 def analyse_site_mask(site: AttentionMatch, constants: ConstantValues) -> SiteMask:
     """Combine the masks of ``site`` (and its causal flag) into one keep-mask; ``constants``:
     the function's :class:`ConstantValues` (a mask shared by several sites is computed once)."""
-    n, parts, keep, finite_fill = site.seq_len, [], None, False
+    n, parts, keep, finite_fill, padding = site.seq_len, [], None, False, None
     if site.causal:
         keep = np.tril(np.ones((n, n), dtype=bool))[None, None]
         parts.append("causal")
     for term in site.masks:
         if not constants.is_constant(term.expr):
-            return SiteMask(None, "runtime", "the mask depends on runtime inputs (e.g. a "
-                                             "padding mask argument); only constant masks "
-                                             "can become ACSR")
+            split = split_key_padding(term, constants, site.batch, n, effectively_minus_inf)
+            if split is None:
+                return SiteMask(None, "runtime", "the mask depends on runtime inputs other than "
+                                                 "a recognised padding mask (attention_mask[b, j] "
+                                                 "and-ed with constant factors); only constant "
+                                                 "masks can become ACSR")
+            if padding is not None and not split.mask.same_as(padding):
+                return SiteMask(None, "padding", "two different runtime padding masks")
+            padding = split.mask
+            canon, problem = _to_batch_heads(np.broadcast_to(split.keep, term.score_shape),
+                                             term.score_shape, site.batch, site.heads, n)
+            if problem:
+                return SiteMask(None, "padding", problem)
+            finite_fill |= split.finite_fill
+            keep = canon if keep is None else keep & canon
+            parts.append("padding")
+            continue
         try:
             value = constants.value(term.expr)
         except ConstantEvalError as err:
@@ -140,4 +164,9 @@ def analyse_site_mask(site: AttentionMatch, constants: ConstantValues) -> SiteMa
     if finite_fill and not keep.any(axis=-1).all():
         return SiteMask(None, description, "a row is entirely masked by a finite fill value: "
                                            "torch averages such rows, the kernels give zeros")
-    return SiteMask(keep, description)
+    if finite_fill and padding is not None and not np.tril(keep).any(axis=-1).all():
+        return SiteMask(None, description, "with a padding mask and a finite fill, a query row "
+                                           "with no kept key at or before it would be empty for "
+                                           "some lengths: torch averages such rows, the kernels "
+                                           "give zeros")
+    return SiteMask(keep, description, kv_padding=padding)

@@ -10,7 +10,9 @@ Per attention site (see :mod:`._attention_match` for the forms recognised) the p
 0. legalises arithmetic over bool tensors (:mod:`.legalize_bool`: the importer's bool
    ``cumsum`` that every transformers 5.x mask contains and LLVM cannot compile),
 1. reads the site's constant mask, if any, into a boolean keep-mask (:mod:`._site_mask`;
-   each constant binding is computed once per function, however many sites share it),
+   each constant binding is computed once per function, however many sites share it); a
+   HuggingFace padding ``attention_mask`` and-ed into it (a runtime input) becomes per-batch
+   key lengths instead (:mod:`._padding_mask`: right padding only, checked at run time),
 2. picks the sparsity from the user pattern and/or that mask (:mod:`._pattern_choice`),
 3. plans the site (:func:`tvm_splat.planner.plan`, the same plan ``sparse_attention`` runs:
    kernel family, tuned or default knobs, tile plan, launch steps) and replaces the ``P @ V``
@@ -33,6 +35,7 @@ from tvm import relax
 
 from ..formats import ACSR
 from ..kernels import VARIANTS
+from ..kernels.common import KV_LEN
 from ..kernels.spec import SUPPORTED_DTYPES
 from ..planner import AttentionPlan, choose_variant, plan
 from ..schedules.targets import as_target, target_name
@@ -40,6 +43,7 @@ from ..tensors import check_acsr_tables
 from ._attention_match import AttentionMatch, find_attention
 from ._constant_eval import ConstantValues, function_bindings
 from ._pattern_choice import PatternChoice, SiteInfo, choose_acsr, describe
+from ._padding_mask import KV_LENGTHS_FUNC
 from ._site_mask import analyse_site_mask
 from .legalize_bool import legalize_bool_arithmetic
 from .sparsify_report import SiteReport, SparsifyReport
@@ -50,10 +54,11 @@ __all__ = ["SparsifyAttention"]
 
 
 class _Site:
-    """A site that will be rewritten, with its plan."""
+    """A site that will be rewritten, with its plan; ``kv_padding``: the ``[batch, n]``
+    padding mask parameter its key lengths come from (plans with ``kv_lengths``), or None."""
 
-    def __init__(self, site: AttentionMatch, plan: AttentionPlan, site_name: str):
-        self.site, self.plan, self.site_name = site, plan, site_name
+    def __init__(self, site: AttentionMatch, plan: AttentionPlan, site_name: str, kv_padding=None):
+        self.site, self.plan, self.site_name, self.kv_padding = site, plan, site_name, kv_padding
 
 
 def _check_names(names) -> Optional[Dict[int, str]]:
@@ -121,6 +126,12 @@ class SparsifyAttention:
         :func:`~tvm_splat.relay_passes.attention_layer_names`).
     max_segments : int
         ACSR segment slots per row before a row falls back to CSR.
+
+    Padding: a model called with ``attention_mask`` (transformers builds ``structure AND
+    attention_mask[b, j]``) is rewritten too: the structure becomes the ACSR, the mask
+    per-batch key lengths computed at run time; the mask must be right-padded (a
+    ``ValueError`` names the first row that is not). Real tokens match PyTorch; padding
+    positions give zeros where a finite-fill (eager) softmax over no key averages the values.
 
     Shapes: q, k, v of a site are ``[batch, heads, seq_len, head_dim]`` float16/bfloat16/float32
     (any batch reshape around them is accepted); the output keeps the replaced binding's
@@ -220,9 +231,10 @@ class SparsifyAttention:
             return None, report(False, reason, mask.description, pattern)
         shape = (site.batch, site.heads, site.seq_len, site.head_dim)
         planned = plan(acsr, shape, shape, site.dtype, None, target=target, scale=site.scale,
-                       variant=self._variant)
+                       variant=self._variant, kv_lengths=mask.kv_padding is not None)
         kernels = f"{planned.variant}: " + ", ".join(step.kernel for step in planned.steps)
-        return _Site(site, planned, name), report(True, "", mask.description, pattern, float(acsr.density), kernels)
+        return (_Site(site, planned, name, mask.kv_padding),
+                report(True, "", mask.description, pattern, float(acsr.density), kernels))
 
 
 # ---------------------------------------------------------------------- rewriting
@@ -238,6 +250,7 @@ class _Rewriter(relax.PyExprMutator):
         super().__init__(mod)
         self.sites: Dict[relax.Var, _Site] = {}
         self.kernel_cache: dict = {}  # plan identity -> {kernel name: GlobalVar}
+        self.kv_lengths: dict = {}  # padding mask parameter -> its key lengths (per function)
 
     def emit(self, expr, name=""):
         return self.builder_.emit(expr, name)
@@ -254,6 +267,16 @@ class _Rewriter(relax.PyExprMutator):
                     f"splat_{gv.name_hint}_{suffix}")
                 for gv, func in plan.module().functions.items()}
         return self.kernel_cache[key]
+
+    def _kv_lengths(self, padding_mask, batch: int):
+        """``int32 [batch]`` key lengths of the padding mask parameter, computed once per
+        function (every layer shares them) by :func:`~._padding_mask.kv_lengths_from_padding_mask`
+        at run time."""
+        if padding_mask not in self.kv_lengths:
+            call = relax.call_pure_packed(KV_LENGTHS_FUNC, self.visit_expr(padding_mask),
+                                          ty_args=relax.TensorType((batch,), "int32"))
+            self.kv_lengths[padding_mask] = self.emit(call, "kv_len")
+        return self.kv_lengths[padding_mask]
 
     def _bhnd(self, expr, site: AttentionMatch, transpose_last: bool = False):
         """An operand as [batch, heads, n, d]."""
@@ -277,6 +300,8 @@ class _Rewriter(relax.PyExprMutator):
                "k": self._bhnd(site.k, site, transpose_last=site.k_transposed),
                "v": self._bhnd(site.v, site)}
         env.update({name: _const(a) for name, a in plan.tables.items()})
+        if planned.kv_padding is not None:
+            env[KV_LEN] = self._kv_lengths(planned.kv_padding, site.batch)
         types = {"out": relax.TensorType(plan.q_shape, plan.spec.dtype)}
         types.update({name: relax.TensorType(shape, dtype) for name, (shape, dtype) in plan.scratch.items()})
         for step in plan.steps:
@@ -322,6 +347,7 @@ class _Rewriter(relax.PyExprMutator):
             if gv.name_hint not in plans:
                 continue
             self.sites = {p.site.out_var: p for p in plans[gv.name_hint]}
+            self.kv_lengths = {}
             new_func = self.visit_expr(func)
             new_func = relax.analysis.remove_all_unused(new_func)
             self.builder_.update_func(gv, new_func)
