@@ -156,7 +156,7 @@ def split_key_padding(term: MaskTerm, constants: ConstantValues, batch: int, n: 
     return KeyPadding(keep, source, finite_fill)
 
 
-@tvm_ffi.register_global_func(KV_LENGTHS_FUNC)
+@tvm_ffi.register_global_func(KV_LENGTHS_FUNC, override=True)  # a re-import replaces it
 def kv_lengths_from_padding_mask(mask):
     """``int32 [batch]`` key lengths of a right-padded ``[batch, n]`` padding mask (nonzero =
     the key exists), on the mask's device; ``ValueError`` naming the first row that is not
