@@ -316,3 +316,16 @@ def test_left_padding_is_a_clear_error():
     ex = tvm.compile(new, "llvm")
     with pytest.raises(ValueError, match=r"attention_mask row 1 is not right-padded"):
         relax.VirtualMachine(ex, tvm.cpu())["main"](*[tvm.runtime.tensor(a.numpy()) for a in (token_ids(3), left)])
+
+
+@pytest.mark.slow
+def test_padded_bfloat16_mistral_builds_for_cuda():
+    """The whole padded model, rewritten for an H100-class target, compiles (TIR of the
+    key-length kernels, dlight for the rest, CUDA source built); tests/gpu runs it."""
+    model, masks = build("mistral", "sdpa", "bfloat16")
+    mod = import_model(model, (token_ids(batch=len(LENGTHS)), padding_mask(LENGTHS)))
+    target = tvm.target.Target("nvidia/nvidia-h100")
+    sparsify = SparsifyAttention(target=target)
+    new = sparsify(mod)
+    check_sites(sparsify.report, masks)
+    assert tvm.compile(new, target) is not None
