@@ -376,11 +376,50 @@ def test_builds_for_cuda():
 
 
 # ----------------------------------------------------------------------------- skipped sites
-def test_no_attention_module_is_unchanged():
+def test_no_attention_module_is_unchanged_and_its_softmax_reported():
     model = nn.Sequential(nn.Linear(E, E), nn.GELU(), nn.Linear(E, 4), nn.Softmax(-1))
     mod, _ = import_model(model, (torch.randn(2, E),))
     new, report = sparsify(mod, Window(2))
-    assert report.sites == ()
+    (site,) = report.sites
+    assert not site.rewritten and "does not reach matmul(P, V)" in site.reason
+    assert "0 of 1 attention site(s) rewritten" in str(report)
+    tvm.ir.assert_structural_equal(new, mod)
+
+
+def test_every_softmax_is_reported_with_its_reason():
+    """Attention, a softmax over the query axis, attention whose probabilities are re-scaled
+    before ``@ v`` and one over ``tanh`` of the scores: four softmaxes, four report lines,
+    in graph order."""
+
+    class Mixed(nn.Module):
+        def forward(self, q, k, v):
+            scores = q @ k.transpose(-2, -1)
+            a = torch.softmax(scores, dim=-1) @ v
+            b = torch.softmax(scores, dim=-2) @ v
+            c = (torch.softmax(scores, dim=-1) * 0.5) @ v
+            d = torch.softmax(scores.tanh(), dim=-1) @ v
+            return a + b + c + d
+
+    mod, _ = import_model(Mixed(), qkv(18))
+    _, report = sparsify(mod, Window(2))
+    assert [s.name for s in report.sites] == ["attn0", "attn1", "attn2", "attn3"]
+    assert report.sites[0].rewritten
+    assert "softmax over axis" in report.sites[1].reason
+    assert "does not reach matmul(P, V)" in report.sites[2].reason
+    assert "is not matmul(Q, Kᵀ)" in report.sites[3].reason
+    assert str(report).count("skipped") == 3
+
+
+def test_dynamic_sequence_length_is_reported_not_dropped():
+    args = qkv(19)
+    n = torch.export.Dim("n", min=2, max=64)
+    ep = torch.export.export(SDPA(is_causal=True).eval(), args,
+                             dynamic_shapes=tuple({2: n} for _ in range(3)))
+    mod = from_exported_program(ep)
+    new, report = sparsify(mod, Window(2))
+    (site,) = report.sites
+    assert not site.rewritten and "dynamic (symbolic) shape" in site.reason
+    assert "0 of 1 attention site(s) rewritten" in str(report)
     tvm.ir.assert_structural_equal(new, mod)
 
 

@@ -2,15 +2,19 @@
 
 - :class:`SparsifyAttention`: rewrite attention sites into ACSR sparse-attention kernels.
 - :class:`CompactPrunedChannels`: turn zeroed channel groups of pruned models into smaller ops.
+- :class:`LegalizeBoolArithmetic`: the importer's bool-typed ``cumsum`` computes in int64
+  (transformers 5.x masks; ``SparsifyAttention`` applies it itself).
 """
 from ..channel_rules import OP_RULES
 from ._pattern_choice import SiteInfo
 from .attention_names import attention_layer_names
 from .compact_channels import CompactionReport, CompactPrunedChannels, compact_pruned_channels
+from .legalize_bool import LegalizeBoolArithmetic
 from .sparsify_attention import SparsifyAttention
 from .sparsify_report import SiteReport, SparsifyReport
 
 __all__ = [
-    "CompactPrunedChannels", "CompactionReport", "OP_RULES", "SiteInfo", "SiteReport",
+    "CompactPrunedChannels", "CompactionReport", "LegalizeBoolArithmetic", "OP_RULES", "SiteInfo",
+    "SiteReport",
     "SparsifyAttention", "SparsifyReport", "attention_layer_names", "compact_pruned_channels",
 ]

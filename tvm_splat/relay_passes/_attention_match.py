@@ -29,7 +29,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ._constant_eval import Bindings, depends_only_on_constants, evaluate_constant
+from ._constant_eval import ConstantEvalError, ConstantValues
 
 FORMS = ("softmax", "nn.attention")
 
@@ -40,16 +40,18 @@ class MaskTerm:
 
     ``kind``: ``"additive"`` (``scores + expr``), ``"keep"`` (``where(expr, scores, fill)``)
     or ``"drop"`` (``where(expr, fill, scores)``). ``score_shape``: shape of the scores
-    where the term applies (``expr`` broadcasts to it). ``post_scale``: product of the
-    positive scales applied to the scores after this term (a masked ``fill`` value ends up
-    multiplied by it). ``fill``: the scalar fill value of a where-mask.
+    where the term applies (``expr`` broadcasts to it). ``fill``: the scalar fill value of a
+    where-mask. ``value_dtype``: the
+    float dtype the masking values (an additive mask, a where's fill) were made in — their
+    own, or the narrowest one before float-to-float casts (HuggingFace builds an fp16 mask
+    filled with -65504 and casts it to float32 for a float32 softmax).
     """
 
     kind: str
     expr: relax.Expr
     score_shape: Tuple[int, ...]
-    post_scale: float = 1.0
     fill: Optional[float] = None
+    value_dtype: str = "float32"
 
 
 @dataclass
@@ -108,6 +110,19 @@ def _static_shape(expr) -> Optional[Tuple[int, ...]]:
     return tuple(dims)
 
 
+def _ndim(expr) -> int:
+    """Rank of a tensor expression (known even when its dims are symbolic), else 0."""
+    return int(expr.ty.ndim) if isinstance(expr.ty, relax.TensorType) and expr.ty.ndim >= 0 else 0
+
+
+def _shape_text(expr) -> str:
+    sinfo = expr.ty
+    if isinstance(sinfo, relax.TensorType) and isinstance(sinfo.shape, relax.ShapeExpr):
+        return "[" + ", ".join(str(d.value) if isinstance(getattr(d, "value", None), int)
+                               else str(d) for d in sinfo.shape.values) + "]"
+    return "[?]"
+
+
 def _dtype(expr) -> str:
     return str(expr.ty.dtype)
 
@@ -116,11 +131,26 @@ def _is_float(expr) -> bool:
     return _dtype(expr).startswith(("float", "bfloat"))
 
 
-class _Graph:
-    """Read access to one function's bindings."""
+def _value_dtype(graph: "_Graph", expr) -> str:
+    """The float dtype whose range ``expr``'s values were made in: the narrowest dtype on its
+    chain of float-to-float casts (``expr``'s own when there is none)."""
+    dtypes = [_dtype(expr)]
+    while True:
+        name, call = graph.call(expr)
+        if name != "relax.astype" or not _is_float(call.args[0]):
+            break
+        expr = call.args[0]
+        dtypes.append(_dtype(expr))
+    narrow = [d for d in dtypes if d in ("float16", "bfloat16")]
+    return "float16" if "float16" in narrow else narrow[0] if narrow else dtypes[0]
 
-    def __init__(self, bindings: Bindings):
-        self.bindings = bindings
+
+class _Graph:
+    """Read access to one function's bindings and constant values."""
+
+    def __init__(self, constants: ConstantValues):
+        self.constants = constants
+        self.bindings = constants.bindings
 
     def value(self, expr):
         """The bound value of a variable (or the expression itself)."""
@@ -133,7 +163,7 @@ class _Graph:
         return _op_name(value), (value if isinstance(value, relax.Call) else None)
 
     def is_const(self, expr) -> bool:
-        return depends_only_on_constants(expr, self.bindings)
+        return self.constants.is_constant(expr)
 
     def scalar(self, expr) -> Optional[float]:
         """Value of a constant with a single element (any shape), else None."""
@@ -142,7 +172,10 @@ class _Graph:
         shape = _static_shape(expr)
         if shape is None or int(np.prod(shape, dtype=np.int64)) != 1:
             return None
-        return float(evaluate_constant(expr, self.bindings).reshape(()))
+        try:
+            return float(self.constants.value(expr).reshape(()))
+        except ConstantEvalError:
+            return None
 
 
 def _is_tensor(expr) -> bool:
@@ -228,7 +261,7 @@ def _find_softmax(graph: _Graph, expr) -> Tuple[Optional[relax.Call], bool, Opti
     while True:
         name, call = graph.call(expr)
         if name == "relax.nn.softmax":
-            ndim = len(_static_shape(call) or ())
+            ndim = _ndim(call)
             if ndim < 2 or not _last_axis(call.attrs.axis, ndim):
                 return None, guard, None
             return call, guard, None
@@ -253,7 +286,7 @@ def _is_zero(graph: _Graph, expr) -> bool:
     if name == "relax.zeros":
         return True
     if graph.is_const(expr) and _is_tensor(expr):
-        return not np.any(evaluate_constant(expr, graph.bindings))
+        return not np.any(graph.constants.value(expr))
     return False
 
 
@@ -271,7 +304,7 @@ def _is_empty_row_guard(graph: _Graph, cond, scores) -> bool:
             steps.append("not")
             expr = call.args[0]
         elif name == "relax.max":
-            ndim = len(_static_shape(call.args[0]) or ())
+            ndim = _ndim(call.args[0])
             axes = call.attrs.axis
             if axes is None or len(axes) != 1 or not _last_axis(axes[0], ndim) \
                     or not call.attrs.keepdims:
@@ -343,7 +376,7 @@ def _walk_scores(graph: _Graph, expr) -> Optional[_Scores]:
                 score, mask = b, a
             else:
                 return None
-            masks.append(MaskTerm("additive", mask, shape, post_scale=scale))
+            masks.append(MaskTerm("additive", mask, shape, value_dtype=_value_dtype(graph, mask)))
             expr = score
         elif name == "relax.where":
             cond, x, y = call.args
@@ -356,7 +389,8 @@ def _walk_scores(graph: _Graph, expr) -> Optional[_Scores]:
             fill_value = graph.scalar(fill)
             if fill_value is None:
                 problem = problem or "a where() on the scores fills with a non-constant tensor"
-            masks.append(MaskTerm(kind, cond, shape, post_scale=scale, fill=fill_value))
+            masks.append(MaskTerm(kind, cond, shape, fill=fill_value,
+                                  value_dtype=_value_dtype(graph, fill)))
             expr = score
         else:
             return None
@@ -449,13 +483,15 @@ def _match_nn_attention(graph: _Graph, out_var, call: relax.Call, index) -> Atte
     # n_q == n_k here, so TopLeft and BottomRight are the same lower triangle
     site.causal = causal is not None
     if len(call.args) > 3:
-        site.masks.append(MaskTerm("additive", call.args[3], (b, h, n, n)))
+        site.masks.append(MaskTerm("additive", call.args[3], (b, h, n, n),
+                                   value_dtype=_value_dtype(graph, call.args[3])))
     return site
 
 
-def find_attention(func: relax.Function, bindings: Bindings) -> List[AttentionMatch]:
-    """Every attention site of ``func`` in binding order (see the module docstring)."""
-    graph = _Graph(bindings)
+def find_attention(func: relax.Function, constants: ConstantValues) -> List[AttentionMatch]:
+    """Every attention site of ``func`` in binding order (see the module docstring);
+    ``constants``: the function's :class:`ConstantValues`."""
+    graph = _Graph(constants)
     softmax_index = {}
     sites = []
     order = [b for block in func.body.blocks for b in block.bindings
@@ -479,4 +515,28 @@ def find_attention(func: relax.Function, bindings: Bindings) -> List[AttentionMa
             site = None
         if site is not None:
             sites.append(site)
-    return sites
+    # every softmax is reported, attention or not, with the reason it was not matched
+    seen = {site.softmax_index for site in sites}
+    for binding in order:
+        index = softmax_index.get(binding.value)
+        if index is not None and index not in seen:
+            site = AttentionMatch("softmax", binding.var, index, dtype=_dtype(binding.var))
+            site.problem = _why_unmatched(graph, binding.value)
+            sites.append(site)
+    return sorted(sites, key=lambda site: site.softmax_index)
+
+
+def _why_unmatched(graph: _Graph, softmax: relax.Call) -> str:
+    """Why a softmax is not the softmax of an attention site the rewrite understands."""
+    ndim = _ndim(softmax)
+    if _static_shape(softmax) is None:
+        return (f"dynamic (symbolic) shape {_shape_text(softmax)}: ACSR and the kernels are "
+                f"built for one sequence length at compile time; export with a static "
+                f"sequence length (one module per length)")
+    if ndim < 2 or not _last_axis(softmax.attrs.axis, ndim):
+        return f"softmax over axis {int(softmax.attrs.axis)} of a rank-{ndim} tensor, not over keys"
+    if _walk_scores(graph, softmax.args[0]) is None:
+        return ("its input is not matmul(Q, Kᵀ) reached through scalar scales, additive or "
+                "where() masks, casts and batch reshapes")
+    return ("its output does not reach matmul(P, V) (only casts, batch reshapes and the "
+            "empty-row guard are followed)")

@@ -2,16 +2,22 @@
 
 Masks reach the attention in many shapes: a stored bool buffer (``metadata[...]``), an
 additive float tensor, or a little graph built from ``arange``/``full``/comparisons (what
-``is_causal=True`` decomposes to). Whatever the shape, if an expression depends on
-constants only, its value is a fixed array that :mod:`._site_mask` can analyse.
+``is_causal=True`` decomposes to; transformers 5.x adds ``strided_slice``, ``concat``,
+``cumsum`` and ``index_tensor`` over the position ids). Whatever the shape, if an
+expression depends on constants only, its value is a fixed array that :mod:`._site_mask`
+can analyse.
 
-:func:`depends_only_on_constants` decides that; :func:`evaluate_constant` computes the value,
-with numpy for the handful of ops masks are built from, and otherwise by compiling the
-sub-graph alone for ``llvm`` and running it (slower, but exact for every Relax op).
+:class:`ConstantValues` answers both questions for one function, each binding once (every
+layer of a model shares one mask: it is computed for the first site and read for the
+others). A binding is computed with numpy when its op is in the table below, otherwise by
+compiling that one op alone for ``llvm``, its arguments as constants (exact for every Relax
+op, ~0.1 s per op). Arithmetic over bool must have been legalised first
+(:mod:`.legalize_bool`); a binding that still cannot be computed raises
+:class:`ConstantEvalError` naming it, its op and the error.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict
 
 import numpy as np
 import tvm
@@ -38,29 +44,6 @@ def _children(expr: relax.Expr):
     if isinstance(expr, relax.TupleGetItem):
         return [expr.tuple_value]
     return []
-
-
-def depends_only_on_constants(expr: relax.Expr, bindings: Bindings,
-                              _memo: Optional[dict] = None) -> bool:
-    """True when ``expr`` reads no function parameter and calls only operators (no
-    functions, no ``call_tir``), so its value is known at compile time."""
-    memo = {} if _memo is None else _memo
-    if isinstance(expr, relax.Var):
-        if expr in memo:
-            return memo[expr]
-        memo[expr] = False  # guards against (impossible) cycles
-        value = bindings.get(expr)
-        memo[expr] = value is not None and depends_only_on_constants(value, bindings, memo)
-        return memo[expr]
-    if isinstance(expr, (tvm.ir.Constant, relax.ShapeExpr, tvm.tirx.IntImm, tvm.tirx.FloatImm)):
-        return True
-    if isinstance(expr, relax.Call):
-        if not isinstance(expr.op, tvm.ir.Op) or expr.op.name.startswith("relax.call_"):
-            return False
-        return all(depends_only_on_constants(a, bindings, memo) for a in expr.args)
-    if isinstance(expr, (relax.Tuple, relax.TupleGetItem)):
-        return all(depends_only_on_constants(c, bindings, memo) for c in _children(expr))
-    return False
 
 
 def _static_shape(expr) -> tuple:
@@ -121,7 +104,34 @@ def _np_ops() -> Dict[str, Callable]:
                                                   _prim(call.args[2])).astype(_dtype(call)),
         "relax.tril": lambda call, a: np.tril(a[0], int(_prim(call.args[1]))),
         "relax.triu": lambda call, a: np.triu(a[0], int(_prim(call.args[1]))),
+        "relax.strided_slice": _strided_slice,
+        "relax.concat": lambda call, a: np.concatenate(a[0], axis=int(call.attrs.axis)),
+        "relax.cumsum": lambda call, a: _scan(np.cumsum, call, a[0]),
+        "relax.cumprod": lambda call, a: _scan(np.cumprod, call, a[0]),
+        "relax.index_tensor": lambda call, a: a[0][tuple(a[1])],
+        "relax.take": lambda call, a: np.take(a[0], a[1], axis=int(call.attrs.axis)),
     }
+
+
+def _ints(tuple_expr) -> list:
+    return [int(_prim(f)) for f in tuple_expr.fields]
+
+
+def _strided_slice(call, a):
+    index = [slice(None)] * a[0].ndim
+    axes, begin, end, strides = (_ints(t) for t in call.args[1:5])
+    for axis, lo, hi, step in zip(axes, begin, end, strides):
+        index[axis] = slice(lo, hi, step)
+    return a[0][tuple(index)]
+
+
+def _scan(fn, call, x):
+    if call.attrs.exclusive:
+        raise NotImplementedError("exclusive scans are left to the VM")
+    if _dtype(call) == "bool":  # the importer's typing, not torch's int64: see legalize_bool
+        raise NotImplementedError("a scan typed bool is left to the VM")
+    return fn(x, axis=int(call.attrs.axis), dtype=_dtype(call))
+
 
 
 _NP_OPS = _np_ops()
@@ -131,70 +141,104 @@ def _is_tensor(expr) -> bool:
     return isinstance(expr.ty, relax.TensorType)
 
 
-def _try_numpy(expr, bindings, memo) -> Optional[np.ndarray]:
-    """Value of ``expr`` with numpy only, or None when some op has no numpy version here."""
-    if isinstance(expr, relax.Var):
-        if expr not in memo:
-            memo[expr] = _try_numpy(bindings[expr], bindings, memo)
-        return memo[expr]
-    if isinstance(expr, tvm.ir.Constant):
-        return expr.value.numpy() if hasattr(expr.value, "numpy") else None
-    if not isinstance(expr, relax.Call) or not isinstance(expr.op, tvm.ir.Op):
-        return None
-    fn = _NP_OPS.get(expr.op.name)
-    if fn is None or not _is_tensor(expr):
-        return None
-    args = []
-    for arg in expr.args:
-        if _is_tensor(arg):
-            value = _try_numpy(arg, bindings, memo)
-            if value is None:
-                return None
-            args.append(value)
-        else:
-            args.append(arg)
-    # scalar fill values of full/full_like arrive as 0-d tensors: use them as numbers
-    try:
-        return np.asarray(fn(expr, args))
-    except Exception:  # an attribute form this table does not know: let the VM do it
-        return None
+class ConstantEvalError(Exception):
+    """A constant binding that neither numpy nor a compiled op could compute."""
 
 
-def _needed_bindings(expr, bindings) -> list:
-    """Bindings ``expr`` depends on, in dependency order."""
-    order, seen = [], set()
+class ConstantValues:
+    """Which expressions of one function are constant, and their values, each computed once.
 
-    def visit(e):
-        if isinstance(e, relax.Var):
-            if e in seen or e not in bindings:
-                return
-            seen.add(e)
-            visit(bindings[e])
-            order.append(relax.VarBinding(e, bindings[e]))
-            return
-        for child in _children(e):
-            visit(child)
+    ``bindings``: the function's :func:`function_bindings`. Values are numpy arrays of the
+    expression's dtype (bfloat16 as ``ml_dtypes.bfloat16``, as TVM returns it).
+    """
 
-    visit(expr)
-    return order
+    def __init__(self, bindings: Bindings):
+        self.bindings = bindings
+        self._constant: Dict[relax.Var, bool] = {}
+        self._values: Dict[relax.Var, np.ndarray] = {}
+
+    def is_constant(self, expr: relax.Expr) -> bool:
+        """True when ``expr`` reads no function parameter and calls only operators (no
+        functions, no ``call_tir``), so its value is known at compile time."""
+        if isinstance(expr, relax.Var):
+            if expr not in self._constant:
+                self._constant[expr] = False  # guards against (impossible) cycles
+                value = self.bindings.get(expr)
+                self._constant[expr] = value is not None and self.is_constant(value)
+            return self._constant[expr]
+        if isinstance(expr, (tvm.ir.Constant, relax.ShapeExpr, tvm.tirx.IntImm, tvm.tirx.FloatImm)):
+            return True
+        if isinstance(expr, relax.Call):
+            if not isinstance(expr.op, tvm.ir.Op) or expr.op.name.startswith("relax.call_"):
+                return False
+            return all(self.is_constant(a) for a in expr.args)
+        if isinstance(expr, (relax.Tuple, relax.TupleGetItem)):
+            return all(self.is_constant(c) for c in _children(expr))
+        return False
+
+    def value(self, expr: relax.Expr) -> np.ndarray:
+        """The value of a tensor expression that :meth:`is_constant`; raises
+        :class:`ConstantEvalError` naming the binding that failed."""
+        if isinstance(expr, tvm.ir.Constant):
+            return expr.value.numpy()
+        if isinstance(expr, relax.Call):
+            return self._compute(expr)
+        if not isinstance(expr, relax.Var) or expr not in self.bindings:
+            raise ConstantEvalError(f"{expr} is not a constant expression of the function")
+        if expr not in self._values:
+            bound = self.bindings[expr]
+            try:
+                self._values[expr] = self.value(bound)
+            except ConstantEvalError:
+                raise
+            except Exception as err:  # noqa: BLE001 - any TVM/numpy failure, named
+                last = (str(err).strip().splitlines() or [""])[-1]
+                raise ConstantEvalError(f"{expr.name} = {_op_name(bound)}(...) could not "
+                                        f"be evaluated: {type(err).__name__}: {last}") from err
+        return self._values[expr]
+
+    def _argument(self, arg):
+        if isinstance(arg, relax.Tuple):
+            return [self._argument(f) for f in arg.fields]
+        if isinstance(arg, relax.Expr) and _is_tensor(arg):
+            return self.value(arg)
+        return arg
+
+    def _compute(self, call) -> np.ndarray:
+        if not (isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op)
+                and _is_tensor(call)):
+            raise ConstantEvalError(f"not a tensor-valued operator call: {call}")
+        args = [self._argument(a) for a in call.args]
+        fn = _NP_OPS.get(call.op.name)
+        if fn is not None:
+            try:
+                return np.asarray(fn(call, args))
+            except (NotImplementedError, TypeError, ValueError, AttributeError, IndexError):
+                pass  # an attribute form the table does not know: compile the op instead
+        return _evaluate_op_with_vm(call, args)
 
 
-def _evaluate_with_vm(expr, bindings) -> np.ndarray:
-    """Compile the constant sub-graph of ``expr`` alone for llvm and run it."""
-    block = _needed_bindings(expr, bindings)
-    out = relax.Var("out", expr.ty)
-    block.append(relax.VarBinding(out, expr))
-    body = relax.SeqExpr([relax.DataflowBlock(block)], out)
-    func = relax.Function([], body, ret_ty=expr.ty).with_attr(
-        "global_symbol", "main")
-    ex = tvm.compile(tvm.IRModule({"main": func}), target="llvm")
-    vm = relax.VirtualMachine(ex, tvm.cpu())
-    return vm["main"]().numpy()
+def _op_name(expr) -> str:
+    return expr.op.name if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) \
+        else type(expr).__name__
 
 
-def evaluate_constant(expr: relax.Expr, bindings: Bindings) -> np.ndarray:
-    """The value of a tensor expression that :func:`depends_only_on_constants`."""
-    value = _try_numpy(expr, bindings, {})
-    if value is None:
-        value = _evaluate_with_vm(expr, bindings)
-    return value
+def _as_constant(arg, value):
+    if isinstance(arg, relax.Tuple):
+        return relax.Tuple([_as_constant(f, v) for f, v in zip(arg.fields, value)])
+    if isinstance(arg, relax.Expr) and _is_tensor(arg):
+        return relax.const(value, str(arg.ty.dtype))
+    return arg
+
+
+def _evaluate_op_with_vm(call, args) -> np.ndarray:
+    """Compile ``call`` alone for llvm, its tensor arguments replaced by their values."""
+    new_call = relax.Call(call.op, [_as_constant(a, v) for a, v in zip(call.args, args)],
+                          call.attrs, call.ty_args)
+    builder = relax.BlockBuilder()
+    with builder.function("main", []):
+        with builder.dataflow():
+            out = builder.emit_output(new_call)
+        builder.emit_func_output(out)
+    ex = tvm.compile(builder.get(), target="llvm")
+    return relax.VirtualMachine(ex, tvm.cpu())["main"]().numpy()

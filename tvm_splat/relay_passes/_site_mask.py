@@ -4,14 +4,23 @@ A site's masks (:class:`~._attention_match.MaskTerm`) are evaluated to numpy and
 (logical AND) into ``keep``: bool ``[Hm, n, n]``, ``Hm`` = 1 (shared by all heads) or the
 number of heads. The rules keep the rewrite exact:
 
-* an additive mask may only hold ``0`` (attend) and ``-inf`` or a huge negative number
-  (masked); any other finite value changes the softmax weights, which a sparsity pattern
-  cannot express, so the site is refused;
-* a huge *finite* negative fill (HuggingFace uses ``finfo(dtype).min``) masks exactly like
-  ``-inf`` unless a whole row is masked: torch then averages the row, our kernels give
-  zeros, so such masks are refused;
+* an additive mask may only hold ``0`` (attend) and an "effectively -inf" value (masked):
+  ``-inf`` or the lowest finite number of the dtype the mask was made in (HuggingFace
+  fills with ``finfo(dtype).min``: -65504 in float16, about -3.39e38 in bfloat16, -3.40e38
+  in float32; a float16 mask cast to float32 still holds -65504, so the dtype is the one
+  before the casts, :attr:`MaskTerm.value_dtype`). Any other finite value changes the
+  softmax weights, which a sparsity pattern cannot express, so the site is refused;
+* such a *finite* fill masks exactly like ``-inf`` (``exp(fill + s - max)`` is 0 in float32
+  for any score below ~65000) unless a whole row is masked: torch then averages the row,
+  our kernels give zeros, so such masks are refused;
 * a mask that differs across the batch is refused (ACSR masks are per head, not per batch);
-* a mask that depends on runtime inputs (a padding mask argument) is refused.
+* a mask that depends on runtime inputs is refused, except HuggingFace's padding mask: a
+  conjunction of constant factors and ``attention_mask[b, j]`` (:mod:`._padding_mask`)
+  becomes the constant keep-mask plus ``kv_padding``, the ``[batch, n]`` runtime tensor the
+  kernels' key lengths are computed from. With a finite fill, every row ``i`` must keep a
+  key ``j <= i`` (so no query row before its sequence's length is left empty); query rows
+  past a length may be empty, and give zeros where a finite-fill softmax gives the mean of
+  the values (padding positions, which no real token attends).
 
 Rows with no kept column give zeros in our kernels. torch's SDPA decomposition gives zeros
 as well; a hand-written ``softmax`` over an all ``-inf`` row gives NaN there.
@@ -24,21 +33,36 @@ from typing import Optional, Tuple
 import numpy as np
 
 from ._attention_match import AttentionMatch, MaskTerm
-from ._constant_eval import Bindings, depends_only_on_constants, evaluate_constant
+from ._constant_eval import ConstantEvalError, ConstantValues
+from ._padding_mask import split_key_padding
 
-# A masked score s + fill must underflow exp() to exactly 0 for any realistic s - max.
-# exp(x) is 0 in float32 below about -104, in float16 below about -17.
-_HUGE_NEGATIVE = {"float16": -4096.0, "bfloat16": -1e30, "float32": -1e30, "float64": -1e30}
+# The lowest finite number of each float dtype: HuggingFace's "masked" fill. bfloat16 has
+# float32's exponent range and 8 significand bits: -(2 - 2**-7) * 2**127.
+LOWEST_FINITE = {"float16": float(np.finfo(np.float16).min),
+                 "bfloat16": -(2 - 2 ** -7) * 2.0 ** 127,
+                 "float32": float(np.finfo(np.float32).min),
+                 "float64": float(np.finfo(np.float64).min)}
+
+
+def effectively_minus_inf(values: np.ndarray, dtype: str) -> np.ndarray:
+    """Which ``values`` (made in ``dtype``, maybe cast wider since) mask like ``-inf``:
+    ``-inf`` itself or anything at or below ``dtype``'s lowest finite number (sums of two
+    such fills in a wider dtype included)."""
+    lowest = LOWEST_FINITE.get(dtype, LOWEST_FINITE["float32"])
+    return (values == -np.inf) | (np.isfinite(values) & (values <= lowest))
 
 
 @dataclass
 class SiteMask:
     """Result of the analysis: ``keep`` bool [Hm, n, n] or None (no mask: dense attention);
-    ``description`` for the report; ``problem`` when the site must be skipped."""
+    ``description`` for the report; ``problem`` when the site must be skipped;
+    ``kv_padding``: the ``[batch, n]`` runtime padding mask (a function parameter) the keys
+    are further limited by, or None."""
 
     keep: Optional[np.ndarray]
     description: str
     problem: Optional[str] = None
+    kv_padding: Optional[object] = None
 
 
 def _to_batch_heads(value: np.ndarray, score_shape: Tuple[int, ...], batch: int, heads: int,
@@ -61,44 +85,66 @@ def _to_batch_heads(value: np.ndarray, score_shape: Tuple[int, ...], batch: int,
     return full.reshape(batch, heads, n, n), None
 
 
-def _term_keep(term: MaskTerm, value: np.ndarray,
-               score_dtype: str) -> Tuple[Optional[np.ndarray], bool, Optional[str]]:
-    """(keep, uses_finite_fill, problem) for one evaluated term."""
-    huge = _HUGE_NEGATIVE.get(score_dtype, -1e30)
+def _term_keep(term: MaskTerm, value: np.ndarray) -> Tuple[Optional[np.ndarray], bool, Optional[str]]:
+    """(keep, uses_finite_fill, problem) for one evaluated term. The masking values are
+    judged before the scale that follows them (a positive scale of a fill that low leaves
+    ``exp`` at 0)."""
+    lowest = LOWEST_FINITE.get(term.value_dtype, LOWEST_FINITE["float32"])
     if term.kind == "additive":
-        v = value.astype(np.float64) * term.post_scale
+        v = value.astype(np.float64)
         keep = v == 0
-        masked = (v == -np.inf) | (np.isfinite(v) & (v <= huge))
+        masked = effectively_minus_inf(v, term.value_dtype)
         if not np.all(keep | masked):
             bad = v[~(keep | masked)].flat[0]
-            return None, False, (f"the additive mask holds the value {bad:g}, not only 0 and "
-                                 f"-inf: it re-weights scores, no sparsity pattern expresses it")
+            return None, False, (f"the additive mask holds the value {bad:g}, neither 0 nor "
+                                 f"effectively -inf (-inf or <= {lowest:g}, the lowest "
+                                 f"{term.value_dtype}): it re-weights scores, no sparsity "
+                                 f"pattern expresses it")
         return keep, bool(np.any(masked & np.isfinite(v))), None
     if term.fill is None:
         return None, False, "a where() on the scores fills with a non-constant value"
-    fill = term.fill * term.post_scale
-    if not (fill == -np.inf or (np.isfinite(fill) and fill <= huge)):
-        return None, False, f"a where() sets masked scores to {term.fill:g}, not -inf"
+    if not effectively_minus_inf(np.float64(term.fill), term.value_dtype):
+        return None, False, (f"a where() sets masked scores to {term.fill:g}, not effectively "
+                             f"-inf (-inf or <= {lowest:g}, the lowest {term.value_dtype})")
     cond = value.astype(bool)
-    return (cond if term.kind == "keep" else ~cond), bool(np.isfinite(fill)), None
+    return (cond if term.kind == "keep" else ~cond), bool(np.isfinite(term.fill)), None
 
 
-def analyse_site_mask(site: AttentionMatch, bindings: Bindings) -> SiteMask:
-    """Combine the masks of ``site`` (and its causal flag) into one keep-mask."""
-    n, parts, keep, finite_fill = site.seq_len, [], None, False
+def analyse_site_mask(site: AttentionMatch, constants: ConstantValues) -> SiteMask:
+    """Combine the masks of ``site`` (and its causal flag) into one keep-mask; ``constants``:
+    the function's :class:`ConstantValues` (a mask shared by several sites is computed once)."""
+    n, parts, keep, finite_fill, padding = site.seq_len, [], None, False, None
     if site.causal:
         keep = np.tril(np.ones((n, n), dtype=bool))[None, None]
         parts.append("causal")
     for term in site.masks:
-        if not depends_only_on_constants(term.expr, bindings):
-            return SiteMask(None, "runtime", "the mask depends on runtime inputs (e.g. a "
-                                             "padding mask argument); only constant masks "
-                                             "can become ACSR")
-        value = evaluate_constant(term.expr, bindings)
+        if not constants.is_constant(term.expr):
+            split = split_key_padding(term, constants, site.batch, n, effectively_minus_inf)
+            if split is None:
+                return SiteMask(None, "runtime", "the mask depends on runtime inputs other than "
+                                                 "a recognised padding mask (attention_mask[b, j] "
+                                                 "and-ed with constant factors); only constant "
+                                                 "masks can become ACSR")
+            if padding is not None and not split.mask.same_as(padding):
+                return SiteMask(None, "padding", "two different runtime padding masks")
+            padding = split.mask
+            canon, problem = _to_batch_heads(np.broadcast_to(split.keep, term.score_shape),
+                                             term.score_shape, site.batch, site.heads, n)
+            if problem:
+                return SiteMask(None, "padding", problem)
+            finite_fill |= split.finite_fill
+            keep = canon if keep is None else keep & canon
+            parts.append("padding")
+            continue
+        try:
+            value = constants.value(term.expr)
+        except ConstantEvalError as err:
+            return SiteMask(None, term.kind, f"the constant mask could not be evaluated at "
+                                             f"compile time: {err}")
         canon, problem = _to_batch_heads(value, term.score_shape, site.batch, site.heads, n)
         if problem:
             return SiteMask(None, term.kind, problem)
-        term_keep, finite, problem = _term_keep(term, canon, site.dtype)
+        term_keep, finite, problem = _term_keep(term, canon)
         if problem:
             return SiteMask(None, term.kind, problem)
         finite_fill |= finite
@@ -118,4 +164,9 @@ def analyse_site_mask(site: AttentionMatch, bindings: Bindings) -> SiteMask:
     if finite_fill and not keep.any(axis=-1).all():
         return SiteMask(None, description, "a row is entirely masked by a finite fill value: "
                                            "torch averages such rows, the kernels give zeros")
-    return SiteMask(keep, description)
+    if finite_fill and padding is not None and not np.tril(keep).any(axis=-1).all():
+        return SiteMask(None, description, "with a padding mask and a finite fill, a query row "
+                                           "with no kept key at or before it would be empty for "
+                                           "some lengths: torch averages such rows, the kernels "
+                                           "give zeros")
+    return SiteMask(keep, description, kv_padding=padding)

@@ -7,7 +7,12 @@ from ``torch.export`` + ``relax.frontend.torch.from_exported_program``), usable 
 
 Per attention site (see :mod:`._attention_match` for the forms recognised) the pass
 
-1. reads the site's constant mask, if any, into a boolean keep-mask (:mod:`._site_mask`),
+0. legalises arithmetic over bool tensors (:mod:`.legalize_bool`: the importer's bool
+   ``cumsum`` that every transformers 5.x mask contains and LLVM cannot compile),
+1. reads the site's constant mask, if any, into a boolean keep-mask (:mod:`._site_mask`;
+   each constant binding is computed once per function, however many sites share it); a
+   HuggingFace padding ``attention_mask`` and-ed into it (a runtime input) becomes per-batch
+   key lengths instead (:mod:`._padding_mask`: right padding only, checked at run time),
 2. picks the sparsity from the user pattern and/or that mask (:mod:`._pattern_choice`),
 3. plans the site (:func:`tvm_splat.planner.plan`, the same plan ``sparse_attention`` runs:
    kernel family, tuned or default knobs, tile plan, launch steps) and replaces the ``P @ V``
@@ -30,14 +35,17 @@ from tvm import relax
 
 from ..formats import ACSR
 from ..kernels import VARIANTS
+from ..kernels.common import KV_LEN
 from ..kernels.spec import SUPPORTED_DTYPES
 from ..planner import AttentionPlan, choose_variant, plan
 from ..schedules.targets import as_target, target_name
 from ..tensors import check_acsr_tables
 from ._attention_match import AttentionMatch, find_attention
-from ._constant_eval import function_bindings
+from ._constant_eval import ConstantValues, function_bindings
 from ._pattern_choice import PatternChoice, SiteInfo, choose_acsr, describe
+from ._padding_mask import KV_LENGTHS_FUNC
 from ._site_mask import analyse_site_mask
+from .legalize_bool import legalize_bool_arithmetic
 from .sparsify_report import SiteReport, SparsifyReport
 
 logger = logging.getLogger("tvm_splat.relay_passes")
@@ -46,10 +54,11 @@ __all__ = ["SparsifyAttention"]
 
 
 class _Site:
-    """A site that will be rewritten, with its plan."""
+    """A site that will be rewritten, with its plan; ``kv_padding``: the ``[batch, n]``
+    padding mask parameter its key lengths come from (plans with ``kv_lengths``), or None."""
 
-    def __init__(self, site: AttentionMatch, plan: AttentionPlan, site_name: str):
-        self.site, self.plan, self.site_name = site, plan, site_name
+    def __init__(self, site: AttentionMatch, plan: AttentionPlan, site_name: str, kv_padding=None):
+        self.site, self.plan, self.site_name, self.kv_padding = site, plan, site_name, kv_padding
 
 
 def _check_names(names) -> Optional[Dict[int, str]]:
@@ -118,6 +127,12 @@ class SparsifyAttention:
     max_segments : int
         ACSR segment slots per row before a row falls back to CSR.
 
+    Padding: a model called with ``attention_mask`` (transformers builds ``structure AND
+    attention_mask[b, j]``) is rewritten too: the structure becomes the ACSR, the mask
+    per-batch key lengths computed at run time; the mask must be right-padded (a
+    ``ValueError`` names the first row that is not). Real tokens match PyTorch; padding
+    positions give zeros where a finite-fill (eager) softmax over no key averages the values.
+
     Shapes: q, k, v of a site are ``[batch, heads, seq_len, head_dim]`` float16/bfloat16/float32
     (any batch reshape around them is accepted); the output keeps the replaced binding's
     shape and dtype. A row whose mask is empty gives zeros (torch: zeros for SDPA, NaN for a
@@ -145,17 +160,23 @@ class SparsifyAttention:
         if not isinstance(mod, tvm.IRModule):
             raise TypeError(f"SparsifyAttention transforms a tvm.IRModule, got {type(mod).__name__}")
         target = self._resolve_target()
+        # the importer's bool-typed cumsum (every transformers 5.x mask) would crash both the
+        # mask evaluation and tvm.compile of whatever is left dense
+        mod, widened = legalize_bool_arithmetic(mod)
+        if widened:
+            logger.info("SparsifyAttention: %d arithmetic op(s) over bool now compute in int64",
+                        widened)
         reports: List[SiteReport] = []
         plans: Dict[str, List[_Site]] = {}
         all_names = []
         for gv, func in mod.functions.items():
             if not isinstance(func, relax.Function):
                 continue
-            bindings = function_bindings(func)
-            sites = find_attention(func, bindings)
+            constants = ConstantValues(function_bindings(func))
+            sites = find_attention(func, constants)
             all_names += [self._site_name(s) for s in sites]
             for site in sites:
-                plan, report = self._decide(gv.name_hint, site, bindings, target)
+                plan, report = self._decide(gv.name_hint, site, constants, target)
                 reports.append(report)
                 if plan is not None:
                     plans.setdefault(gv.name_hint, []).append(plan)
@@ -184,7 +205,7 @@ class SparsifyAttention:
         return f"attn{site.softmax_index}"
 
     # ------------------------------------------------------------------ decisions
-    def _decide(self, function: str, site: AttentionMatch, bindings, target):
+    def _decide(self, function: str, site: AttentionMatch, constants: ConstantValues, target):
         name = self._site_name(site)
 
         def report(rewritten, reason="", mask="?", pattern=None, density=None, kernels=""):
@@ -196,12 +217,12 @@ class SparsifyAttention:
             return None, report(False, site.problem)
         if site.dtype not in SUPPORTED_DTYPES:
             return None, report(False, f"dtype {site.dtype} (kernels support {SUPPORTED_DTYPES})")
-        mask = analyse_site_mask(site, bindings)
-        if mask.problem:
-            return None, report(False, mask.problem, mask.description)
+        mask = analyse_site_mask(site, constants)
         info = SiteInfo(name, site.softmax_index, function, site.batch, site.heads,
                         site.seq_len, site.head_dim, site.dtype, mask.description)
-        pattern = self._choice.for_site(info)
+        pattern = self._choice.for_site(info)  # looked up first: a skip still shows it
+        if mask.problem:
+            return None, report(False, mask.problem, mask.description, pattern)
         if isinstance(pattern, ACSR):  # a hand-built one must not send the kernels out of bounds
             check_acsr_tables(pattern)
         acsr, reason = choose_acsr(mask.keep, pattern, site.seq_len, site.heads,
@@ -210,9 +231,10 @@ class SparsifyAttention:
             return None, report(False, reason, mask.description, pattern)
         shape = (site.batch, site.heads, site.seq_len, site.head_dim)
         planned = plan(acsr, shape, shape, site.dtype, None, target=target, scale=site.scale,
-                       variant=self._variant)
+                       variant=self._variant, kv_lengths=mask.kv_padding is not None)
         kernels = f"{planned.variant}: " + ", ".join(step.kernel for step in planned.steps)
-        return _Site(site, planned, name), report(True, "", mask.description, pattern, float(acsr.density), kernels)
+        return (_Site(site, planned, name, mask.kv_padding),
+                report(True, "", mask.description, pattern, float(acsr.density), kernels))
 
 
 # ---------------------------------------------------------------------- rewriting
@@ -228,6 +250,7 @@ class _Rewriter(relax.PyExprMutator):
         super().__init__(mod)
         self.sites: Dict[relax.Var, _Site] = {}
         self.kernel_cache: dict = {}  # plan identity -> {kernel name: GlobalVar}
+        self.kv_lengths: dict = {}  # padding mask parameter -> its key lengths (per function)
 
     def emit(self, expr, name=""):
         return self.builder_.emit(expr, name)
@@ -244,6 +267,16 @@ class _Rewriter(relax.PyExprMutator):
                     f"splat_{gv.name_hint}_{suffix}")
                 for gv, func in plan.module().functions.items()}
         return self.kernel_cache[key]
+
+    def _kv_lengths(self, padding_mask, batch: int):
+        """``int32 [batch]`` key lengths of the padding mask parameter, computed once per
+        function (every layer shares them) by :func:`~._padding_mask.kv_lengths_from_padding_mask`
+        at run time."""
+        if padding_mask not in self.kv_lengths:
+            call = relax.call_pure_packed(KV_LENGTHS_FUNC, self.visit_expr(padding_mask),
+                                          ty_args=relax.TensorType((batch,), "int32"))
+            self.kv_lengths[padding_mask] = self.emit(call, "kv_len")
+        return self.kv_lengths[padding_mask]
 
     def _bhnd(self, expr, site: AttentionMatch, transpose_last: bool = False):
         """An operand as [batch, heads, n, d]."""
@@ -267,6 +300,8 @@ class _Rewriter(relax.PyExprMutator):
                "k": self._bhnd(site.k, site, transpose_last=site.k_transposed),
                "v": self._bhnd(site.v, site)}
         env.update({name: _const(a) for name, a in plan.tables.items()})
+        if planned.kv_padding is not None:
+            env[KV_LEN] = self._kv_lengths(planned.kv_padding, site.batch)
         types = {"out": relax.TensorType(plan.q_shape, plan.spec.dtype)}
         types.update({name: relax.TensorType(shape, dtype) for name, (shape, dtype) in plan.scratch.items()})
         for step in plan.steps:
@@ -312,6 +347,7 @@ class _Rewriter(relax.PyExprMutator):
             if gv.name_hint not in plans:
                 continue
             self.sites = {p.site.out_var: p for p in plans[gv.name_hint]}
+            self.kv_lengths = {}
             new_func = self.visit_expr(func)
             new_func = relax.analysis.remove_all_unused(new_func)
             self.builder_.update_func(gv, new_func)

@@ -11,7 +11,9 @@ class SiteReport:
 
     ``name``: ``attn<i>`` (i = index of its softmax among the function's softmax/attention
     ops) or the name given through ``names``; ``form``: ``"softmax"`` or ``"nn.attention"``;
-    shapes are those of q/k/v ``[batch, heads, seq_len, head_dim]``; ``mask``: what the graph
+    shapes are those of q/k/v ``[batch, heads, seq_len, head_dim]`` (0 where unknown: a
+    softmax that is not a recognised attention site, which is reported with its reason
+    all the same); ``mask``: what the graph
     applied (``"none"``, ``"causal"``, ``"boolean"``, ``"additive"``, joined by ``+``);
     ``pattern``: the user pattern for this site (text), or None when the mask alone decided;
     ``density``: fraction of (query, key) pairs kept (over mask heads), when known;
@@ -41,7 +43,8 @@ class SiteReport:
         return len(self.kernels.split(":", 1)[1].split(",")) if self.kernels else 0
 
     def line(self) -> str:
-        shape = f"[{self.batch},{self.heads},{self.seq_len},{self.head_dim}] {self.dtype}"
+        dims = (self.batch, self.heads, self.seq_len, self.head_dim)
+        shape = "[" + ",".join(str(d) if d else "?" for d in dims) + f"] {self.dtype}"
         density = "-" if self.density is None else f"{self.density:.3f}"
         what = f"rewritten ({self.kernels})" if self.rewritten else f"skipped: {self.reason}"
         return (f"{self.function}/{self.name} ({self.form}, {shape}, mask={self.mask}, "
