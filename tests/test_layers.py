@@ -20,7 +20,7 @@ LAYERS = (
     ("compile",),                          # build + cache
     ("planner",),                          # plan -> run
     ("attention",),                        # sparse_attention: a cache of plans
-    ("relay_passes", "tuning", "pruning"),
+    ("relay_passes", "tuning", "pruning", "distributed"),
     ("baselines",),
     ("bench", "demo"),
     ("cli",),
