@@ -1,7 +1,8 @@
 """Gloo process groups for the distributed tests (a helper module, not a test file).
 
 ``run_ranks(fn, world, *args)`` spawns ``world`` processes with ``torch.multiprocessing``; each
-joins a gloo group on a free localhost port and calls ``fn(rank, world, *args)``. An exception
+joins a gloo group (``backend="nccl"``: NCCL, rank r on GPU r) on a free localhost port and calls
+``fn(rank, world, *args)``. An exception
 in any rank fails the caller with that rank's traceback; a run that passes ``timeout`` seconds
 (a hang) is killed and fails. The rank functions below live here, in a module the spawned
 children import by name (the test modules are imported by pytest under generated names).
@@ -26,18 +27,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, world, port, fn, args):
+def _entry(rank, world, port, backend, fn, args):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
     finally:
         dist.destroy_process_group()
 
 
-def run_ranks(fn, world, *args, timeout=TIMEOUT_S):
-    ctx = mp.start_processes(_entry, args=(world, free_port(), fn, args), nprocs=world, join=False,
+def run_ranks(fn, world, *args, timeout=TIMEOUT_S, backend="gloo"):
+    ctx = mp.start_processes(_entry, args=(world, free_port(), backend, fn, args), nprocs=world, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
@@ -59,13 +62,15 @@ def inputs(case, world):
             torch.randn(1, kv_heads, n, dim, generator=gen).to(dtype))
 
 
-def sharded_outputs(rank, world, cases, out_dir):
-    """Each case's sharded output of this rank, saved as ``<out_dir>/<case>_<rank>.pt``."""
+def sharded_outputs(rank, world, cases, out_dir, device="cpu"):
+    """Each case's sharded output of this rank, saved (on the CPU) as ``<out_dir>/<case>_<rank>.pt``;
+    ``device="cuda"``: rank r computes on GPU r."""
     from tvm_splat import distributed as tsd
 
+    where = f"cuda:{rank}" if device == "cuda" else "cpu"
     for i, case in enumerate(cases):
-        q, k, v = (tsd.shard(x) for x in inputs(case, world))
-        torch.save(tsd.sparse_attention(q, k, v, case[0]), os.path.join(out_dir, f"{i}_{rank}.pt"))
+        q, k, v = (tsd.shard(x.to(where)) for x in inputs(case, world))
+        torch.save(tsd.sparse_attention(q, k, v, case[0]).cpu(), os.path.join(out_dir, f"{i}_{rank}.pt"))
 
 
 def refused(rank, world, out_dir):
