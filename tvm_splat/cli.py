@@ -164,7 +164,7 @@ def _rpc(args):
     if args.rpc_tracker is None or args.rpc_key is None:
         raise SystemExit("--rpc-tracker and --rpc-key go together")
     try:
-        return RPCTracker.parse(args.rpc_tracker, args.rpc_key, args.rpc_workers)
+        return RPCTracker.parse(args.rpc_tracker, args.rpc_key, args.rpc_workers, args.rpc_timeout)
     except ValueError as why:
         raise SystemExit(str(why)) from None
 
@@ -245,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--rpc-key", default=None, help="the key the RPC servers registered with")
     tune.add_argument("--rpc-workers", type=_positive_int, default=None,
                       help="candidates measured at once over RPC (default: the servers the tracker lists under the key)")
+    tune.add_argument("--rpc-timeout", type=_positive_int, default=120,
+                      help="seconds one RPC session (upload, link, measure one candidate) may take")
     tune.set_defaults(func=_autotune)
 
     bench = sub.add_parser("bench", help="benchmark suite against SDPA, FlexAttention and TVM dense (needs a CUDA GPU)")

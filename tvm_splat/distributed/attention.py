@@ -118,7 +118,9 @@ def sparse_attention(q, k, v, pattern, group=None, *, scale=None, variant="auto"
     them, whose reach fits in the neighbouring shards (``ValueError`` otherwise, and for an ACSR or
     boolean mask). Returns this rank's output rows ``[batch, heads, L, head_dim]``, equal to rows
     ``[r·L, (r+1)·L)`` of :func:`tvm_splat.sparse_attention` on the full tensors. Every rank of
-    the group must call it together. ``scale``, ``variant``, ``knobs``: as
+    the group must call it together. Each call starts with one small all-reduce that checks the
+    ranks agree (its result is read on the host: one device synchronisation per call), so a
+    mismatch raises the same ``ValueError`` on every rank instead of hanging the exchanges. ``scale``, ``variant``, ``knobs``: as
     :func:`tvm_splat.sparse_attention`. Forward only.
     """
     world, rank = _group_size_rank(group)
@@ -142,7 +144,8 @@ def sparse_attention(q, k, v, pattern, group=None, *, scale=None, variant="auto"
     k_local, v_local = (torch.cat(x, dim=2) if len(x) > 1 else x[0] for x in (keys, values))
     q_local = q.new_zeros(local_plan.q_shape)
     q_local[:, :, me.query_offset:me.query_offset + me.shard] = q
-    out = local_plan.run(q_local, k_local, v_local)[:, :, me.query_offset:me.query_offset + me.shard]
+    # contiguous like the single-device output (one copy of the shard's rows)
+    out = local_plan.run(q_local, k_local, v_local)[:, :, me.query_offset:me.query_offset + me.shard].contiguous()
     if tokens is not None:
         rows = global_rows(tokens[0], k, v, local_plan.spec.scale, group)
         mine = me.tokens.searchsorted(me.own_tokens)

@@ -183,10 +183,13 @@ class RPCTracker:
         CUDA_VISIBLE_DEVICES=0 python -m tvm.exec.rpc_server --tracker HOST:9190 --key h200 --no-fork &
         CUDA_VISIBLE_DEVICES=1 python -m tvm.exec.rpc_server --tracker HOST:9190 --key h200 --no-fork &
 
-    ``--no-fork``: a spawned process per session; on the CPU a forked one hung on the first
-    candidate until its session timed out (3 runs of 3). ``workers``: candidates measured at
-    once (default: the servers the tracker lists under ``key``). ``session_timeout_s``: seconds
-    one candidate's session may take (upload, link, measure)."""
+    ``--no-fork``: a spawned process per session (the safer choice with CUDA). ``workers``:
+    candidates measured at once (default: the servers the tracker lists under ``key``).
+    ``session_timeout_s``: seconds one candidate's session may take (upload, link, measure).
+    Known issue, cause not found: on the shared 2-core CPU host the *first* session of a tuning
+    run hung after loading the module until its timeout in 7 runs of 9 (forked and ``--no-fork``
+    servers alike, ``TVM_NUM_THREADS=1`` or not), and was recorded as a failed candidate; every
+    later session measured in 2-11 s. Not tried on GPU servers."""
 
     host: str
     port: int
@@ -195,14 +198,14 @@ class RPCTracker:
     session_timeout_s: int = 120
 
     @classmethod
-    def parse(cls, address: str, key: str, workers: int | None = None) -> "RPCTracker":
+    def parse(cls, address: str, key: str, workers: int | None = None, session_timeout_s: int = 120) -> "RPCTracker":
         """From ``"HOST:PORT"`` and a key; ``ValueError`` naming what is wrong."""
         host, _, port = str(address).rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"the RPC tracker must be HOST:PORT, got {address!r}")
         if not key:
             raise ValueError("an RPC tracker needs the key its servers registered with (--rpc-key)")
-        return cls(host, int(port), key, workers)
+        return cls(host, int(port), key, workers, session_timeout_s)
 
     def servers(self) -> int:
         """How many servers the tracker lists under ``key`` (asks the tracker)."""
