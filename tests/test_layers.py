@@ -20,7 +20,7 @@ LAYERS = (
     ("compile",),                          # build + cache
     ("planner",),                          # plan -> run
     ("attention", "training"),             # sparse_attention: a cache of plans; training plans
-    ("relay_passes", "tuning", "pruning", "autograd"),
+    ("relay_passes", "tuning", "pruning", "autograd", "distributed"),
     ("baselines",),
     ("bench", "demo"),
     ("cli",),

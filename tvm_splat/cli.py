@@ -73,6 +73,8 @@ def _autotune(args):
     from .tuning import tune_attention, tune_tiled
 
     console = Console()
+    if _rpc(args) is not None and args.dense:  # checks the RPC flags before any work
+        raise SystemExit("--rpc-tracker measures our kernels; --dense tunes TVM's dense attention here only")
     if args.suite:
         _autotune_suite(args, console)
         return
@@ -88,13 +90,15 @@ def _autotune(args):
     variants = ("tiled", "row", "separate") if args.variant == "all" else (args.variant,)
     for variant in variants:
         if variant == "tiled":
-            res = tune_tiled(workload, plans=args.plans, stages=args.stages, root=args.log_dir, console=console)
+            res = tune_tiled(workload, plans=args.plans, stages=args.stages, root=args.log_dir, console=console,
+                             rpc=_rpc(args))
             for name, us in res.best_us.items():
                 console.print(f"tiled/{name}: best {us:.1f} us -> {res.dirs[name]}")
             if "best" in res.dirs:
                 console.print(f"best knobs -> {res.dirs['best']}")
         else:
-            res = tune_attention(workload, trials=args.trials, variant=variant, root=args.log_dir, console=console)
+            res = tune_attention(workload, trials=args.trials, variant=variant, root=args.log_dir, console=console,
+                                 rpc=_rpc(args))
             for name, us in res.best_us.items():
                 console.print(f"{variant}/{name}: best {us:.1f} us -> {res.dirs[name]}")
         if args.log_dir is None:  # records where plan() looks: show that it picks them up
@@ -148,11 +152,26 @@ def _autotune_suite(args, console):
             console.print(f"{case.name}: already tuned, skipped")
             continue
         console.print(f"[bold]{case.name}[/]")
-        res = tune_tiled(workload, plans=args.plans, stages=args.stages, root=args.log_dir, console=console)
+        res = tune_tiled(workload, plans=args.plans, stages=args.stages, root=args.log_dir, console=console,
+                         rpc=_rpc(args))
         if res.best_us:
             name, us = min(res.best_us.items(), key=lambda kv: kv[1])
             table.add_row(case.name, name, f"{us:.1f}", str(len(res.best_us)))
     console.print(table)
+
+
+def _rpc(args):
+    """The RPC tracker of ``--rpc-tracker`` / ``--rpc-key``, or None (measure here)."""
+    if args.rpc_tracker is None and args.rpc_key is None:
+        return None
+    from .tuning.tune import RPCTracker
+
+    if args.rpc_tracker is None or args.rpc_key is None:
+        raise SystemExit("--rpc-tracker and --rpc-key go together")
+    try:
+        return RPCTracker.parse(args.rpc_tracker, args.rpc_key, args.rpc_workers, args.rpc_timeout)
+    except ValueError as why:
+        raise SystemExit(str(why)) from None
 
 
 def _plans(text):
@@ -226,6 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
                            "instead of one workload; cases already tuned are skipped")
     tune.add_argument("--time-budget", type=float, default=float("inf"),
                       help="with --suite: start no new case after this many seconds")
+    tune.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT",
+                      help="measure on the RPC servers of TVM's tracker (python -m tvm.exec.rpc_tracker) instead of here")
+    tune.add_argument("--rpc-key", default=None, help="the key the RPC servers registered with")
+    tune.add_argument("--rpc-workers", type=_positive_int, default=None,
+                      help="candidates measured at once over RPC (default: the servers the tracker lists under the key)")
+    tune.add_argument("--rpc-timeout", type=_positive_int, default=120,
+                      help="seconds one RPC session (upload, link, measure one candidate) may take")
     tune.set_defaults(func=_autotune)
 
     bench = sub.add_parser("bench", help="benchmark suite against SDPA, FlexAttention and TVM dense (needs a CUDA GPU)")

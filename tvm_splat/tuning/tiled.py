@@ -28,8 +28,8 @@ from ..records import best_knobs_path, open_database, workload_dir
 from ..schedules.targets import is_gpu
 from ..schedules.tiled import (TILE_BLOCK, TiledKnobs, apply_tiled_schedule, default_tiled_knobs, tiled_funcs,
                                uses_mma)
-from .tune import (TuneResult, _metadata_args, _progress_callback, alloc_arguments, local_builder, prune_database, run_us, tuning_progress, tuning_target,
-                   unnamed_log_handlers_detached)
+from .tune import (RPCTracker, TuneResult, _metadata_args, _progress_callback, alloc_arguments, local_builder,
+                   measure_runner, prune_database, run_us, tuning_progress, tuning_target, unnamed_log_handlers_detached)
 
 logger = logging.getLogger("tvm_splat.tuning")
 PLAN_CHOICES = ((64, 64), (64, 128), (128, 64), (32, 64))
@@ -145,12 +145,13 @@ def _same(a, b):
     return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
 
 
-def tune_tiled(workload: AttentionPlan, *, plans=None, root=None, console=None, stages=(1, 2)) -> TuneResult:
+def tune_tiled(workload: AttentionPlan, *, plans=None, root=None, console=None, stages=(1, 2),
+               rpc: RPCTracker | None = None) -> TuneResult:
     """Measure every plan, program and schedule variation of the tiled kernel for the workload
     of ``workload`` (a plan of any variant: its ACSR, shapes, dtype, scale and target); keep the
     best record of each task in ``<root>/<target>/tiled_<spec.key>/`` and the best knobs in its
     ``best.json``. Re-running resumes from the database (measured candidates are not measured
-    again)."""
+    again). ``rpc``: measure on the servers of TVM's RPC tracker instead of here."""
     from tvm.s_tir import meta_schedule as ms
 
     spec, acsr = workload.spec, workload.acsr
@@ -196,7 +197,7 @@ def tune_tiled(workload: AttentionPlan, *, plans=None, root=None, console=None, 
                     task_scheduler="round-robin", cost_model="xgb",
                     database=open_database(path, create=True),
                     builder=local_builder(300),
-                    runner=ms.runner.LocalRunner(timeout_sec=60, f_alloc_argument=_alloc_by_signature(run["tables"])),
+                    runner=measure_runner(_alloc_by_signature(run["tables"]), rpc),
                     measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
                                        _progress_callback(progress, bar)],
                     num_tuning_cores=1,

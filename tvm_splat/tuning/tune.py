@@ -174,6 +174,70 @@ def local_builder(timeout_sec, max_workers=None):
     return ms.builder.LocalBuilder(timeout_sec=timeout_sec, max_workers=max_workers, f_build=build_kernel)
 
 
+@dataclass(frozen=True)
+class RPCTracker:
+    """Where MetaSchedule measures candidates instead of this machine: TVM's RPC tracker at
+    ``host:port`` and the servers registered under ``key`` (one per GPU), started with::
+
+        python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port 9190     # needs tornado
+        CUDA_VISIBLE_DEVICES=0 python -m tvm.exec.rpc_server --tracker HOST:9190 --key h200 --no-fork &
+        CUDA_VISIBLE_DEVICES=1 python -m tvm.exec.rpc_server --tracker HOST:9190 --key h200 --no-fork &
+
+    ``--no-fork``: a spawned process per session (the safer choice with CUDA). ``workers``:
+    candidates measured at once (default: the servers the tracker lists under ``key``).
+    ``session_timeout_s``: seconds one candidate's session may take (upload, link, measure).
+    Known issue, cause not found: on the shared 2-core CPU host the *first* session of a tuning
+    run hung after loading the module until its timeout in 7 runs of 9 (forked and ``--no-fork``
+    servers alike, ``TVM_NUM_THREADS=1`` or not), and was recorded as a failed candidate; every
+    later session measured in 2-11 s. Not tried on GPU servers."""
+
+    host: str
+    port: int
+    key: str
+    workers: int | None = None
+    session_timeout_s: int = 120
+
+    @classmethod
+    def parse(cls, address: str, key: str, workers: int | None = None, session_timeout_s: int = 120) -> "RPCTracker":
+        """From ``"HOST:PORT"`` and a key; ``ValueError`` naming what is wrong."""
+        host, _, port = str(address).rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"the RPC tracker must be HOST:PORT, got {address!r}")
+        if not key:
+            raise ValueError("an RPC tracker needs the key its servers registered with (--rpc-key)")
+        return cls(host, int(port), key, workers, session_timeout_s)
+
+    def servers(self) -> int:
+        """How many servers the tracker lists under ``key`` (asks the tracker)."""
+        from tvm import rpc
+
+        info = rpc.connect_tracker(self.host, self.port).summary()
+        return sum(1 for s in info["server_info"] if s["key"].split(":", 1)[-1] == self.key)
+
+
+def measure_runner(f_alloc_argument, rpc: RPCTracker | None = None, timeout_sec=60):
+    """MetaSchedule's runner: ``LocalRunner`` (the default), or with ``rpc`` its ``RPCRunner``
+    against TVM's tracker, one session per measured candidate. ``f_alloc_argument(device,
+    args_info, alloc_repeat)`` makes the inputs (the plan's tables); for RPC it runs against
+    the remote device, with the argument cache cleared first (remote tensors die with their
+    session)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    if rpc is None:
+        return ms.runner.LocalRunner(timeout_sec=timeout_sec, f_alloc_argument=f_alloc_argument)
+    workers = rpc.workers or rpc.servers()
+    if workers < 1:
+        raise ValueError(f"the RPC tracker {rpc.host}:{rpc.port} lists no server under key {rpc.key!r}")
+
+    def alloc_remote(session, device, args_info, alloc_repeat):
+        _LAST_ARGS.clear()
+        return f_alloc_argument(device, args_info, alloc_repeat)
+
+    config = ms.runner.RPCConfig(tracker_host=rpc.host, tracker_port=rpc.port, tracker_key=rpc.key,
+                                 session_timeout_sec=rpc.session_timeout_s)
+    return ms.runner.RPCRunner(config, f_alloc_argument=alloc_remote, max_workers=workers)
+
+
 def tuning_progress(console=None):
     """The rich progress display of a tuning run: one bar per task with its best latency."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -216,11 +280,12 @@ def prune_database(path, keep=1):
 
 
 def tune_attention(workload: AttentionPlan, *, trials=64, variant="row", root=None, keep=1,
-                   console=None) -> TuneResult:
+                   console=None, rpc: RPCTracker | None = None) -> TuneResult:
     """Tune every kernel of the row-parallel ``variant`` (``row`` / ``separate``) for the
     workload of ``workload`` (a plan: its ACSR, shapes, dtype, scale and target); resumes from
     an existing database. Writes ``<root>/<target>/<kernel>_<spec.key>/database_*.json`` and
-    keeps the ``keep`` best records, which :func:`tvm_splat.records.apply_best` applies."""
+    keeps the ``keep`` best records, which :func:`tvm_splat.records.apply_best` applies.
+    ``rpc``: measure on the servers of TVM's RPC tracker (:class:`RPCTracker`) instead of here."""
     from tvm.s_tir import meta_schedule as ms
 
     spec = workload.spec
@@ -243,8 +308,7 @@ def tune_attention(workload: AttentionPlan, *, trials=64, variant="row", root=No
                     num_trials_per_iter=min(32, trials), space=space, cost_model="xgb",
                     database=database,
                     builder=local_builder(120, max_workers=1),
-                    runner=ms.runner.LocalRunner(
-                        timeout_sec=60, f_alloc_argument=_alloc_with_metadata(_metadata_args(func, tables))),
+                    runner=measure_runner(_alloc_with_metadata(_metadata_args(func, tables)), rpc),
                     measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
                                        _progress_callback(progress, task)],
                     num_tuning_cores=1,

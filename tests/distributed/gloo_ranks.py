@@ -1,0 +1,99 @@
+"""Gloo process groups for the distributed tests (a helper module, not a test file).
+
+``run_ranks(fn, world, *args)`` spawns ``world`` processes with ``torch.multiprocessing``; each
+joins a gloo group (``backend="nccl"``: NCCL, rank r on GPU r) on a free localhost port and calls
+``fn(rank, world, *args)``. An exception
+in any rank fails the caller with that rank's traceback; a run that passes ``timeout`` seconds
+(a hang) is killed and fails. The rank functions below live here, in a module the spawned
+children import by name (the test modules are imported by pytest under generated names).
+"""
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+#: per run of ranks: spawning costs ~10 s here (each child imports torch and TVM), compiling
+#: the local kernels ~1 s per case and rank on the 2-core machine
+TIMEOUT_S = 180.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, backend, fn, args):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn, world, *args, timeout=TIMEOUT_S, backend="gloo"):
+    ctx = mp.start_processes(_entry, args=(world, free_port(), backend, fn, args), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            raise TimeoutError(f"{world} ranks did not finish in {timeout} s (a hang?)")
+
+
+def inputs(case, world):
+    """Full-sequence q, k, v of a case ``(pattern, shard, heads, kv_heads, head_dim, dtype)``,
+    the same on every rank and in the parent (seeded)."""
+    _, shard, heads, kv_heads, dim, dtype = case
+    gen = torch.Generator().manual_seed(shard * 131 + heads * 7 + world)
+    n = shard * world
+    return (torch.randn(1, heads, n, dim, generator=gen).to(dtype),
+            torch.randn(1, kv_heads, n, dim, generator=gen).to(dtype),
+            torch.randn(1, kv_heads, n, dim, generator=gen).to(dtype))
+
+
+def sharded_outputs(rank, world, cases, out_dir, device="cpu"):
+    """Each case's sharded output of this rank, saved (on the CPU) as ``<out_dir>/<case>_<rank>.pt``;
+    ``device="cuda"``: rank r computes on GPU r."""
+    from tvm_splat import distributed as tsd
+
+    where = f"cuda:{rank}" if device == "cuda" else "cpu"
+    for i, case in enumerate(cases):
+        q, k, v = (tsd.shard(x.to(where)) for x in inputs(case, world))
+        torch.save(tsd.sparse_attention(q, k, v, case[0]).cpu(), os.path.join(out_dir, f"{i}_{rank}.pt"))
+
+
+def refused(rank, world, out_dir):
+    """Bad input on every rank gets the same clear error on every rank, and no hang."""
+    from tvm_splat import ACSR, Window
+    from tvm_splat import distributed as tsd
+
+    shard = 16
+    q = k = v = torch.randn(1, 2, shard, 8)
+    messages = []
+    with pytest.raises(ValueError, match="too wide") as err:  # rank 0 reaches 20 rows right, past rank 1
+        tsd.sparse_attention(q, k, v, "window:20")
+    messages.append(str(err.value))
+    with pytest.raises(ValueError, match="closed-form pattern"):
+        tsd.sparse_attention(q, k, v, ACSR.from_pattern(Window(2), shard * world))
+    with pytest.raises(ValueError, match="closed-form pattern"):
+        tsd.sparse_attention(q, k, v, Window(2).dense_mask(shard * world))
+    with pytest.raises(ValueError, match="not divisible"):
+        tsd.shard(torch.randn(1, 2, shard * world + 1, 8))
+    with pytest.raises(ValueError, match="disagree on shard length"):  # rank 0 holds one row more
+        tsd.sparse_attention(*(torch.randn(1, 2, shard + (rank == 0), 8) for _ in range(3)), "window:2")
+    # the group still works after every refusal: nothing was left half-sent
+    out = tsd.sparse_attention(q, k, v, "window:2")
+    assert out.shape == q.shape and torch.isfinite(out).all()
+    with open(os.path.join(out_dir, f"refused_{rank}.txt"), "w") as f:
+        f.write("\n".join(messages))
