@@ -354,36 +354,10 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                         T.evaluate(mma_16x8x16(pf, (mt * KC + kc) * 8, bf, hn * 4, oacc, (mt * DT + dp * 2 + hn) * 4))
 
     @T.macro
-    def qk_wgmma(sacc, desc, smem, stg, w):
-        # S = Q K^T: one warpgroup MMA per 16-deep k-step, both operands from shared memory
-        # (this warpgroup's 64 Q rows); the first step overwrites the accumulators
-        T.ptx.wgmma.fence.sync.aligned()
-        for kk in T.unroll(KD):
-            T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[0]), T.address_of(
-                smem[(w // 4) * 64 * D + kk * 128]), QK_LBO, QK_SBO, 0)
-            T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(
-                smem[kv_elem(K_OFF, stg, 0, 0) + kk * 128]), QK_LBO, QK_SBO, 0)
-            T.ptx[WG_S](*[sacc[i] for i in range(NTL * 4)], desc[0], desc[1], kk > 0, 1, 1, 0, 0)
-        T.ptx.wgmma.commit_group.sync.aligned()
-        T.ptx.wgmma.wait_group.sync.aligned(0)
-
-    @T.macro
-    def pv_wgmma(oacc, pf, desc, smem, stg):
-        # O += P V: P from registers (the accumulator layout of S is wgmma's A fragment), V from
-        # shared memory read transposed
-        T.ptx.wgmma.fence.sync.aligned()
-        for kc in T.unroll(KC):
-            T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(
-                smem[kv_elem(V_OFF, stg, kc * 16, 0)]), V_LBO, V_SBO, 0)
-            T.ptx[WG_O](*[oacc[i] for i in range(DT * 4)],
-                        *[T.reinterpret("uint32", pf.vload([kc * 8 + 2 * i], PAIR)) for i in range(4)],
-                        desc[1], True, 1, 1, 1)
-        T.ptx.wgmma.commit_group.sync.aligned()
-        T.ptx.wgmma.wait_group.sync.aligned(0)
-
-    @T.macro
     def qk_wgmma_issue(sacc, desc, smem, stg, w):
-        # the pipelined form's S = Q K^T: issued and committed, not waited for
+        # S = Q K^T: one warpgroup MMA per 16-deep k-step, both operands from shared memory
+        # (this warpgroup's 64 Q rows); the first step overwrites the accumulators. Issued and
+        # committed; the caller waits
         T.ptx.wgmma.fence.sync.aligned()
         for kk in T.unroll(KD):
             T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[0]), T.address_of(
@@ -395,7 +369,8 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
 
     @T.macro
     def pv_wgmma_issue(oacc, pf, desc, smem, stg):
-        # the pipelined form's O += P V: issued and committed, waited for by the next block
+        # O += P V: P from registers (the accumulator layout of S is wgmma's A fragment), V from
+        # shared memory read transposed. Issued and committed; the caller waits
         T.ptx.wgmma.fence.sync.aligned()
         for kc in T.unroll(KC):
             T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(
@@ -404,6 +379,18 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                         *[T.reinterpret("uint32", pf.vload([kc * 8 + 2 * i], PAIR)) for i in range(4)],
                         desc[1], True, 1, 1, 1)
         T.ptx.wgmma.commit_group.sync.aligned()
+
+    @T.macro
+    def qk_wgmma(sacc, desc, smem, stg, w):
+        # S = Q K^T, waited for
+        qk_wgmma_issue(sacc, desc, smem, stg, w)
+        T.ptx.wgmma.wait_group.sync.aligned(0)
+
+    @T.macro
+    def pv_wgmma(oacc, pf, desc, smem, stg):
+        # O += P V, waited for
+        pv_wgmma_issue(oacc, pf, desc, smem, stg)
+        T.ptx.wgmma.wait_group.sync.aligned(0)
 
     @T.macro
     def pv_exact(oacc, pf, smem, stg, w, lane):
