@@ -451,12 +451,16 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
             pv_wgmma_issue(oacc, pf, desc, smem, j % stages)
 
     @T.macro
-    def store_rows(out, o_part, ml_part, oacc, ms, ls, rows, b, h, vbh, comp, w, lane, nrows):
-        # full row sums (the 4 lanes of a row hold disjoint columns), then O / l or the
-        # component's partial state
+    def full_row_sums(ls):
+        # the 4 lanes of a row hold the sums of disjoint columns
         for i in T.unroll(RS):
             ls[i] = ls[i] + T.tvm_warp_shuffle_xor(full_mask, ls[i], 1, 32, 32)
             ls[i] = ls[i] + T.tvm_warp_shuffle_xor(full_mask, ls[i], 2, 32, 32)
+
+    @T.macro
+    def store_rows(out, o_part, ml_part, oacc, ms, ls, rows, b, h, vbh, comp, w, lane, nrows):
+        # full row sums, then O / l or the component's partial state
+        full_row_sums(ls)
         for r in T.unroll(RS):
             if tile_row(w, lane, r) < nrows:
                 for dtl in T.unroll(DT):
@@ -474,9 +478,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     @T.macro
     def store_slot(split_o, split_ml, oacc, ms, ls, vbh, slot, w, lane, nrows):
         # a chunk of a split tile: its partial state (O, m, l) by tile row, for split_merge
-        for i in T.unroll(RS):
-            ls[i] = ls[i] + T.tvm_warp_shuffle_xor(full_mask, ls[i], 1, 32, 32)
-            ls[i] = ls[i] + T.tvm_warp_shuffle_xor(full_mask, ls[i], 2, 32, 32)
+        full_row_sums(ls)
         for r in T.unroll(RS):
             if tile_row(w, lane, r) < nrows:
                 for dtl in T.unroll(DT):
