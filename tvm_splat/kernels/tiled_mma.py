@@ -569,6 +569,8 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                                    key_length(spec, kv_len, b))
                                 T.evaluate(T.ptx.cp.async_.commit_group())
                                 T.evaluate(T.ptx["cp.async.wait_group"](1))
+                                # the flags' initial zeros are written before anyone tags block 0
+                                T.tvm_storage_sync("shared.dyn")
                                 if blk_hi > blk_lo:
                                     if blocks[hm, blk_lo, 2] == 0:
                                         flag_nonfinite_v(smem, vbad, words, nonfinite, 0, 0, tid)
