@@ -28,16 +28,16 @@ Vocabulary
 
 Each nonzero therefore lies in exactly one (component, tile, block). With one component the
 kernel writes the output directly; with several it writes per-component partial softmax states
-that a merge kernel combines (FlashDecoding-style).
+that a merge kernel combines (FlashDecoding-style). Rows with an INDEXED (CSR) segment are left
+out of the tiled path entirely (``seg_sigma = 0``) and listed in ``fallback_rows`` for a row
+kernel that computes them whole.
 
 **Split-KV.** A tile whose block list is far longer than the typical tile's (the rows of a
 global token walk all ``n / BC`` blocks while a window's rows walk ~10) would be the last program
 to finish, alone on the GPU. Such a tile is split into *chunks* of consecutive blocks, each its
 own program; every chunk writes its partial softmax state ``(O, m, l)`` into its own *slot* and
 a split-merge kernel combines the slots of each split *group* (the original tile) into the
-tile's output, or into its component's partial state when there are several components. Rows with an INDEXED (CSR) segment are left
-out of the tiled path entirely (``seg_sigma = 0``) and listed in ``fallback_rows`` for a row
-kernel that computes them whole.
+tile's output, or into its component's partial state when there are several components.
 """
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ class TilePlan:
 
     @property
     def shape(self) -> PlanShape:
-        groups = int((self.splits[..., 2] > 0).sum(axis=1).max()) if self.num_slots else 0
+        groups = int(self.splits.shape[1]) if self.num_slots else 0  # padded to the most of a head
         return PlanShape(int(self.tiles.shape[1]), int(self.blocks.shape[1]),
                          int(self.comp_rstride.shape[1]), int(self.num_fallback),
                          self.br, self.bc, int(self.num_slots), groups)

@@ -80,6 +80,12 @@ def partial_shapes(spec: AttentionSpec, num_components: int):
     return (BH, num_components, spec.seq_len, spec.head_dim), (BH, num_components, spec.seq_len, 2)
 
 
+def split_chunk(plan_shape, slot):
+    """Whether the program with tile field ``slot`` is a chunk of a split tile: ``slot >= 0`` in a
+    plan with split-KV, the constant False otherwise (the test then vanishes from the code)."""
+    return slot >= 0 if plan_shape.num_slots > 0 else False
+
+
 def split_shapes(spec: AttentionSpec, plan_shape):
     """Shapes of ``split_o`` and ``split_ml``: one ``BR``-row partial state per (batch x head,
     slot) of split-KV (dummies of one element when nothing is split)."""
@@ -241,42 +247,24 @@ def tiled_func(spec: AttentionSpec, plan_shape):
                             Os[vr, vd] = Os[vr, vd] + T.if_then_else(
                                 Ps[vr, vu] == zero, T.float32(0),
                                 T.Cast("float32", Ps[vr, vu]) * T.Cast("float32", Vs[vu, vd]))
-                if not split:
-                    if direct:
-                        for r, d in T.grid(BR, D):
-                            with T.sblock("O_store"):
-                                vr, vd = T.axis.remap("SS", [r, d])
-                                if vr < nrows:
-                                    out[b, h, row0 + rstr * vr, vd] = T.Cast(dt, normalised(Os[vr, vd], ls[vr]))
-                    else:
-                        for r, d in T.grid(BR, D):
-                            with T.sblock("O_store"):
-                                vr, vd = T.axis.remap("SS", [r, d])
-                                if vr < nrows:
-                                    o_part[vbh, comp, row0 + rstr * vr, vd] = Os[vr, vd]
-                        for r in T.serial(BR):
-                            with T.sblock("ML_store"):
-                                vr = T.axis.spatial(BR, r)
-                                if vr < nrows:
-                                    ml_part[vbh, comp, row0 + rstr * vr, 0] = ms[vr]
-                                    ml_part[vbh, comp, row0 + rstr * vr, 1] = ls[vr]
-                else:
-                    # a chunk of a split tile (slot >= 0) leaves its state in its slot
-                    for r, d in T.grid(BR, D):
-                        with T.sblock("O_store"):
-                            vr, vd = T.axis.remap("SS", [r, d])
-                            if vr < nrows:
-                                if slot >= 0:
-                                    split_o[vbh, slot, vr, vd] = Os[vr, vd]
-                                elif direct:
-                                    out[b, h, row0 + rstr * vr, vd] = T.Cast(dt, normalised(Os[vr, vd], ls[vr]))
-                                else:
-                                    o_part[vbh, comp, row0 + rstr * vr, vd] = Os[vr, vd]
+                # a chunk of a split tile (slot >= 0) leaves its state in its slot; a whole tile
+                # writes O / l (one component) or its component's state
+                for r, d in T.grid(BR, D):
+                    with T.sblock("O_store"):
+                        vr, vd = T.axis.remap("SS", [r, d])
+                        if vr < nrows:
+                            if split_chunk(plan_shape, slot):
+                                split_o[vbh, slot, vr, vd] = Os[vr, vd]
+                            elif direct:
+                                out[b, h, row0 + rstr * vr, vd] = T.Cast(dt, normalised(Os[vr, vd], ls[vr]))
+                            else:
+                                o_part[vbh, comp, row0 + rstr * vr, vd] = Os[vr, vd]
+                if split or not direct:
                     for r in T.serial(BR):
                         with T.sblock("ML_store"):
                             vr = T.axis.spatial(BR, r)
                             if vr < nrows:
-                                if slot >= 0:
+                                if split_chunk(plan_shape, slot):
                                     split_ml[vbh, slot, vr, 0] = ms[vr]
                                     split_ml[vbh, slot, vr, 1] = ls[vr]
                                 elif not direct:
@@ -284,6 +272,29 @@ def tiled_func(spec: AttentionSpec, plan_shape):
                                     ml_part[vbh, comp, row0 + rstr * vr, 1] = ls[vr]
 
     return without_unused_kv_len(spec, tiled)
+
+
+def _merge_states(D):
+    """``merge_states(st, acc, ml, o, vbh, base, count, row)``: the merge of ``count`` partial
+    states ``ml[vbh, base + i, row, :] = (m, l)`` and ``o[vbh, base + i, row, :D]`` into
+    ``st[0] = M``, ``st[1] = sum_i 2^(m_i - M) l_i`` and ``acc = sum_i 2^(m_i - M) O_i`` (``st[2]``
+    is scratch): components for :func:`merge_func`, split-KV slots for :func:`split_merge_func`."""
+
+    @T.macro
+    def merge_states(st, acc, ml, o, vbh, base, count, row):
+        st[0] = T.float32(NEG_INIT)
+        st[1] = T.float32(0)
+        for c in T.serial(count):
+            st[0] = T.max(st[0], ml[vbh, base + c, row, 0])
+        for d in T.serial(D):
+            acc[d] = T.float32(0)
+        for c in T.serial(count):
+            st[2] = T.exp2(ml[vbh, base + c, row, 0] - st[0])
+            st[1] = st[1] + st[2] * ml[vbh, base + c, row, 1]
+            for d in T.serial(D):
+                acc[d] = acc[d] + st[2] * o[vbh, base + c, row, d]
+
+    return merge_states
 
 
 def split_merge_func(spec: AttentionSpec, plan_shape):
@@ -297,6 +308,7 @@ def split_merge_func(spec: AttentionSpec, plan_shape):
     direct = C <= 1
     o_shape, ml_shape = partial_shapes(spec, C)
     so_shape, sml_shape = split_shapes(spec, plan_shape)
+    merge_states = _merge_states(D)
 
     @T.prim_func(s_tir=True)
     def split_merge(
@@ -320,17 +332,7 @@ def split_merge_func(spec: AttentionSpec, plan_shape):
                 slot_lo: T.let[T.int32] = splits[hm, vg, 4]
                 slot_hi: T.let[T.int32] = splits[hm, vg, 5]
                 if vr < splits[hm, vg, 2]:
-                    st[0] = T.float32(NEG_INIT)
-                    st[1] = T.float32(0)
-                    for s in T.serial(slot_hi - slot_lo):
-                        st[0] = T.max(st[0], split_ml[vbh, slot_lo + s, vr, 0])
-                    for d in T.serial(D):
-                        acc[d] = T.float32(0)
-                    for s in T.serial(slot_hi - slot_lo):
-                        st[2] = T.exp2(split_ml[vbh, slot_lo + s, vr, 0] - st[0])
-                        st[1] = st[1] + st[2] * split_ml[vbh, slot_lo + s, vr, 1]
-                        for d in T.serial(D):
-                            acc[d] = acc[d] + st[2] * split_o[vbh, slot_lo + s, vr, d]
+                    merge_states(st, acc, split_ml, split_o, vbh, slot_lo, slot_hi - slot_lo, vr)
                     if direct:
                         for d in T.serial(D):
                             out[vbh // H, vbh % H, row, d] = T.Cast(dt, normalised(acc[d], st[1]))
@@ -351,6 +353,7 @@ def merge_func(spec: AttentionSpec, num_components: int):
     B, H, N, D, HM, dt = spec.batch, spec.heads, spec.seq_len, spec.head_dim, spec.mask_heads, spec.dtype
     C = num_components
     o_shape, ml_shape = partial_shapes(spec, C)
+    merge_states = _merge_states(D)
 
     @T.prim_func(s_tir=True)
     def merge(
@@ -368,17 +371,7 @@ def merge_func(spec: AttentionSpec, num_components: int):
                 st = T.sblock_alloc_buffer((3,), "float32", scope="local")
                 acc = T.sblock_alloc_buffer((D,), "float32", scope="local")
                 hm: T.let[T.int32] = (vbh % H) % HM
-                st[0] = T.float32(NEG_INIT)
-                st[1] = T.float32(0)
-                for c in T.serial(num_comp[hm]):
-                    st[0] = T.max(st[0], ml_part[vbh, c, vi, 0])
-                for d in T.serial(D):
-                    acc[d] = T.float32(0)
-                for c in T.serial(num_comp[hm]):
-                    st[2] = T.exp2(ml_part[vbh, c, vi, 0] - st[0])
-                    st[1] = st[1] + st[2] * ml_part[vbh, c, vi, 1]
-                    for d in T.serial(D):
-                        acc[d] = acc[d] + st[2] * o_part[vbh, c, vi, d]
+                merge_states(st, acc, ml_part, o_part, vbh, 0, num_comp[hm], vi)
                 for d in T.serial(D):
                     out[vbh // H, vbh % H, vi, d] = T.Cast(dt, normalised(acc[d], st[1]))
 

@@ -45,7 +45,7 @@ from tvm.script import tirx as T
 
 from .common import LOG2E, NEG_INIT, any_of, key_length, normalised, segment_member, without_unused_kv_len
 from .spec import AttentionSpec
-from .tiled import full_block, partial_shapes, split_shapes
+from .tiled import full_block, partial_shapes, split_chunk, split_shapes
 
 #: extra elements per shared-memory row (16 bytes): row strides of 144/272 bytes put the 8
 #: rows one ``ldmatrix`` phase reads in 8 different 4-bank groups
@@ -119,7 +119,6 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     check_mma_shape(spec, BR, BC, W, MT)
     ab = MMA_TYPES[dt]
     direct = C <= 1
-    split = plan_shape.num_slots > 0
     o_shape, ml_shape = partial_shapes(spec, C)
     so_shape, sml_shape = split_shapes(spec, plan_shape)
     DP = D if wgmma else D + ROW_PAD  # elements per shared row (wgmma: 8x8 core matrices, unpadded)
@@ -637,9 +636,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                         pv_wgmma(oacc, pf, desc, smem, stg)
                                     else:
                                         pv_tile(oacc, pf, bf, smem, stg, lane)
-                            if not split:
-                                store_rows(out, o_part, ml_part, oacc, ms, ls, rows, b, h, vbh, comp, w, lane, nrows)
-                            elif slot >= 0:
+                            if split_chunk(plan_shape, slot):
                                 store_slot(split_o, split_ml, oacc, ms, ls, vbh, slot, w, lane, nrows)
                             else:
                                 store_rows(out, o_part, ml_part, oacc, ms, ls, rows, b, h, vbh, comp, w, lane, nrows)
