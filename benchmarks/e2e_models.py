@@ -32,7 +32,11 @@ inputs, so in both TVM graphs the activations between the 16-bit weights are flo
 models' attention is cast back to the model's dtype, :func:`_eager_attention`, so the sites run
 16-bit kernels); the dense layers of the TVM rows are therefore not the torch rows' bf16 GEMMs,
 and the ``tvm_splat`` / ``tvm_dense`` pair is the like-for-like comparison of the attention.
-Weights are inputs of the compiled module (``keep_params_as_input``), uploaded once. Results go
+Both TVM graphs get :class:`~tvm_splat.relay_passes.LegalizeIntegerPower` (``SparsifyAttention``
+applies it itself): TVM compiles CUDA with fast math, where RMSNorm's ``pow(2)`` is NaN for
+negative inputs (the first H200 run gave all-NaN Mistral outputs, dense and sparse). On the GPU
+each row also has its CUPTI kernel times (:func:`kernel_times`): which kernels the time goes to,
+and how much of it is our attention. Weights are inputs of the compiled module (``keep_params_as_input``), uploaded once. Results go
 to ``--out`` as JSON after every case (``--resume`` keeps the finished cases), so a long run
 fits in several device calls. ``--tiny`` runs both models at toy sizes in float32 on the CPU
 (``llvm``): the harness, checked in the tests, not a speed figure.
@@ -61,8 +65,9 @@ import tvm  # noqa: E402
 from tvm import relax  # noqa: E402
 from tvm.relax.frontend.torch import from_exported_program  # noqa: E402
 
+from tvm_splat.devices import default_target  # noqa: E402
 from tvm_splat.formats import ACSR, GlobalTokens, Window  # noqa: E402
-from tvm_splat.relay_passes import SparsifyAttention  # noqa: E402
+from tvm_splat.relay_passes import LegalizeIntegerPower, SparsifyAttention  # noqa: E402
 from tvm_splat.tensors import to_tvm  # noqa: E402
 from tvm_splat.timing import cuda_median_ms, median_ms, throughput_ms  # noqa: E402
 
@@ -280,7 +285,9 @@ def compile_tvm(model: Model, inputs, config: ModelConfig, target, dense: bool):
     mod = from_exported_program(exported, keep_params_as_input=True)
     mod, params = relax.frontend.detach_params(mod)
     info = {"export_s": time.perf_counter() - t0}
-    if not dense:
+    if dense:  # RMSNorm's pow(2) is NaN for negative x under TVM's fast-math CUDA powf;
+        mod = LegalizeIntegerPower()(mod)  # SparsifyAttention does the same to its graph
+    else:
         sparsify = SparsifyAttention(config.pattern(), target=target)
         mod = sparsify(mod)
         info["sites"] = sparsify.report.as_dicts()
@@ -325,6 +332,23 @@ def measure(fn, device: str) -> dict:
     throughput = throughput_ms(fn, calls=calls, windows=windows, warmup=0 if slow else 1, device=device)
     return {"latency_ms": latency, "throughput_ms": throughput, "latency_samples": repeats,
             "throughput_calls": calls, "throughput_windows": windows}
+
+
+def kernel_times(fn, top: int = 8) -> dict:
+    """GPU kernel time of one call of ``fn`` by CUPTI (``torch.profiler``; TVM's launches are
+    seen too): ``kernels_ms`` in all, ``splat_kernels_ms`` in our attention kernels (names
+    ``splat_*``), and the ``top`` kernels by time as ``[name, ms, launches]``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / 1e3, e.count) for e in prof.key_averages() if e.device_time_total > 0]
+    rows.sort(key=lambda r: -r[1])
+    return {"kernels_ms": sum(r[1] for r in rows),
+            "splat_kernels_ms": sum(r[1] for r in rows if r[0].startswith("splat_")),
+            "top_kernels": [[name[:80], round(ms, 4), count] for name, ms, count in rows[:top]]}
 
 
 def errors(out: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -387,6 +411,8 @@ def run_case(config: ModelConfig, n: int, batch: int, dtype, device: str, target
                 result.update(errors(out, reference))
             with torch.no_grad():
                 result.update(measure(fn, device))
+                if device == "cuda":
+                    result.update(kernel_times(fn))
             if impl == "torch_flex":
                 refused = watch.reason(fn)
                 if refused:
@@ -456,7 +482,7 @@ def main(argv=None):
     elif tiny:
         target = tvm.target.Target("llvm")
     else:
-        target = tvm.target.Target.from_device(tvm.cuda(0))
+        target = default_target(tvm.cuda(0))  # sm_90a on Hopper: the wgmma kernels
     impls = ["torch_sdpa"] + [i for i in (args.impl or IMPLS) if i != "torch_sdpa"]
     models, cases = (TINY_MODELS, TINY_CASES) if tiny else (MODELS, GPU_CASES)
 

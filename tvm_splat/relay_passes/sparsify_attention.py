@@ -8,7 +8,9 @@ from ``torch.export`` + ``relax.frontend.torch.from_exported_program``), usable 
 Per attention site (see :mod:`._attention_match` for the forms recognised) the pass
 
 0. legalises arithmetic over bool tensors (:mod:`.legalize_bool`: the importer's bool
-   ``cumsum`` that every transformers 5.x mask contains and LLVM cannot compile),
+   ``cumsum`` that every transformers 5.x mask contains and LLVM cannot compile) and
+   rewrites small integer powers into products (:mod:`.legalize_power`: RMSNorm's
+   ``pow(2)`` is NaN for negative inputs under TVM's fast-math CUDA ``powf``),
 1. reads the site's constant mask, if any, into a boolean keep-mask (:mod:`._site_mask`;
    each constant binding is computed once per function, however many sites share it); a
    HuggingFace padding ``attention_mask`` and-ed into it (a runtime input) becomes per-batch
@@ -46,6 +48,7 @@ from ._pattern_choice import PatternChoice, SiteInfo, choose_acsr, describe
 from ._padding_mask import KV_LENGTHS_FUNC
 from ._site_mask import analyse_site_mask
 from .legalize_bool import legalize_bool_arithmetic
+from .legalize_power import legalize_integer_power
 from .sparsify_report import SiteReport, SparsifyReport
 
 logger = logging.getLogger("tvm_splat.relay_passes")
@@ -166,6 +169,10 @@ class SparsifyAttention:
         if widened:
             logger.info("SparsifyAttention: %d arithmetic op(s) over bool now compute in int64",
                         widened)
+        # RMSNorm's pow(2): fast-math CUDA powf is NaN for negative x (see legalize_power)
+        mod, powers = legalize_integer_power(mod)
+        if powers:
+            logger.info("SparsifyAttention: %d integer power(s) now computed as products", powers)
         reports: List[SiteReport] = []
         plans: Dict[str, List[_Site]] = {}
         all_names = []
