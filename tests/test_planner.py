@@ -1,4 +1,5 @@
 """plan → run: what a plan decides once, how it runs, and that every entry point goes through it."""
+import dataclasses
 import numpy as np
 import pytest
 
@@ -109,3 +110,24 @@ def test_cache_key_follows_the_generated_code(tmp_path, monkeypatch):
     monkeypatch.setattr(c, "_LIBRARIES", {})
     made.compiled()
     assert len(list(tmp_path.glob("*.so"))) == 2
+
+
+def test_hopper_default_keeps_mma_for_multi_component_plans(tmp_path, monkeypatch):
+    """The wgmma form is the d=128 default on sm_90a only where the tile plan has one component;
+    a union merged after the tiles (causal strided) keeps the 64-row mma tiles."""
+    monkeypatch.setenv("TVM_SPLAT_TUNING_LOGS", str(tmp_path))
+    from tvm_splat.formats import Strided
+    from tvm_splat.formats.tile_plan import plan_tiles
+    from tvm_splat.planner import default_knobs
+
+    h100 = "nvidia/nvidia-h100"
+    shape = (1, 2, 512, 128)
+    window = plan(Window(64), shape, None, "float16", None, target=h100)
+    assert window.knobs_source == "default" and window.knobs.wgmma and window.knobs.br == 128
+    strided = Strided(32, causal=True)
+    union = plan(strided, shape, None, "float16", None, target=h100)
+    wgmma_plan = plan_tiles(union.acsr, dataclasses.replace(union.knobs, br=128, warps=8, wgmma=True))
+    assert wgmma_plan.shape.num_components > 1                  # what the rule reads
+    assert union.knobs_source == "default" and not union.knobs.wgmma and union.knobs.br == 64
+    assert default_knobs(union.spec, union.target, union.acsr) == union.knobs
+    assert default_knobs(union.spec, union.target) != union.knobs  # without the ACSR: spec alone

@@ -51,7 +51,7 @@ from .schedules.targets import arch_specific, as_target, is_gpu, target_key
 from .schedules.tiled import TiledKnobs, default_tiled_knobs
 from .tensors import check_acsr_tables, check_scale, is_aligned, is_torch, to_tvm
 
-__all__ = ["AttentionPlan", "Step", "plan", "choose_knobs", "choose_variant", "as_acsr"]
+__all__ = ["AttentionPlan", "Step", "plan", "choose_knobs", "default_knobs", "choose_variant", "as_acsr"]
 
 
 # ------------------------------------------------------------------------------ masks
@@ -121,11 +121,24 @@ CPU_VARIANT = "separate"
 CPU_SCRATCH_BYTES = 1 << 30
 
 
-def choose_knobs(spec: AttentionSpec, target, variant: str, knobs=None):
+def default_knobs(spec: AttentionSpec, target, acsr: ACSR | None = None) -> TiledKnobs:
+    """The untuned tiled knobs of a workload: :func:`default_tiled_knobs`, told how many
+    components the tile plan of its wgmma form has (when that form is the default and the
+    ACSR is known), so multi-component plans keep the mma form."""
+    knobs = default_tiled_knobs(spec, target)
+    if knobs.wgmma and acsr is not None:
+        components = tile_plan_of(acsr, knobs).shape.num_components
+        if components > 1:
+            knobs = default_tiled_knobs(spec, target, components)
+    return knobs
+
+
+def choose_knobs(spec: AttentionSpec, target, variant: str, knobs=None, acsr: ACSR | None = None):
     """``(knobs, source)`` of a workload, the one place this is decided: the ``knobs`` given
     (``source="given"``), else the tuning record of the workload (``"tuned"``), else the
-    defaults (``"default"``). Tiled: :class:`TiledKnobs`; row variants: :class:`RowKnobs`, or
-    None when the compiler applies a MetaSchedule record or the default schedule itself."""
+    defaults (``"default"``, :func:`default_knobs` of ``acsr``). Tiled: :class:`TiledKnobs`;
+    row variants: :class:`RowKnobs`, or None when the compiler applies a MetaSchedule record or
+    the default schedule itself."""
     expected = TiledKnobs if variant == "tiled" else RowKnobs
     if knobs is not None:
         if not isinstance(knobs, expected):
@@ -138,7 +151,7 @@ def choose_knobs(spec: AttentionSpec, target, variant: str, knobs=None):
     tuned = tuned_tiled_knobs(dataclasses.replace(spec, has_kv_len=False), target)
     if tuned is not None:
         return tuned, "tuned"
-    return default_tiled_knobs(spec, target), "default"
+    return default_knobs(spec, target, acsr), "default"
 
 
 # ------------------------------------------------------------------------------ steps
@@ -410,7 +423,7 @@ def plan(mask, q_shape, kv_shape=None, dtype="float32", device="cpu", *, target=
     spec = AttentionSpec.from_acsr(acsr, batch, heads, head_dim, dtype, scale, kv_heads=kv_shape[1],
                                    has_kv_len=bool(kv_lengths))
     variant = choose_variant(variant, target, spec)
-    knobs, source = choose_knobs(spec, target, variant, knobs)
+    knobs, source = choose_knobs(spec, target, variant, knobs, acsr)
     return AttentionPlan(mask, acsr, spec, variant, knobs, source, target, dev)
 
 

@@ -110,12 +110,11 @@ def tvm_splat_variant(variant):
 def tvm_splat_fused_untuned(inputs):
     """The default path with its default knobs, whatever the tuning logs hold."""
     from ..attention import sparse_attention
-    from ..planner import plan
-    from ..schedules.tiled import default_tiled_knobs
+    from ..planner import default_knobs, plan
 
     q, k, v, acsr = inputs.q, inputs.k, inputs.v, inputs.fresh_acsr()
     workload = plan(acsr, q.shape, k.shape, inputs.dtype, None, target=target_of(q))
-    knobs = default_tiled_knobs(workload.spec, workload.target)
+    knobs = default_knobs(workload.spec, workload.target, acsr)
     return lambda: sparse_attention(q, k, v, acsr, variant="tiled", knobs=knobs)
 
 

@@ -123,13 +123,18 @@ TWO_STAGE_MIN_TILES = 2048
 WGMMA_MIN_HEAD_DIM = 128
 
 
-def default_tiled_knobs(spec: AttentionSpec, target) -> TiledKnobs:
+def default_tiled_knobs(spec: AttentionSpec, target, num_components: int = 1) -> TiledKnobs:
     """The knobs when nothing is tuned: the ``mma`` kernel for float16/bfloat16 on the GPU — on
-    an ``sm_90a`` target with ``head_dim >= WGMMA_MIN_HEAD_DIM`` its wgmma form with two
-    warpgroups — and the number of K/V stages by grid size (``TWO_STAGE_MIN_TILES``)."""
+    an ``sm_90a`` target with ``head_dim >= WGMMA_MIN_HEAD_DIM`` and a tile plan of one
+    component its wgmma form with two warpgroups — and the number of K/V stages by grid size
+    (``TWO_STAGE_MIN_TILES``). ``num_components``: of the tile plan the wgmma knobs give
+    (:func:`tvm_splat.planner.default_knobs` passes it): with two or more (unions such as
+    causal strided, merged after the tiles) the 128-row wgmma tiles lost to 64-row mma tiles
+    on the H200 (causal strided, d=128: 0.844 vs 0.699 ms, ``h200_models.json`` before and
+    after the wgmma default), so those keep the mma form."""
     target = as_target(target)
     knobs = TiledKnobs(use_tensor_cores=is_gpu(target) and spec.dtype in MMA_TYPES)
-    if (knobs.use_tensor_cores and str(target.attrs.get("arch", "")) == "sm_90a"
+    if (knobs.use_tensor_cores and str(target.attrs.get("arch", "")) == "sm_90a" and num_components <= 1
             and spec.head_dim >= WGMMA_MIN_HEAD_DIM and spec.head_dim <= 256):
         knobs = dataclasses.replace(knobs, br=128, warps=8, wgmma=True)
     tiles = spec.batch * spec.heads * -(-spec.seq_len // 64)  # the rule was measured with 64-row tiles
