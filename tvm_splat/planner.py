@@ -48,7 +48,7 @@ from .kernels.tiled import partial_shapes, split_shapes
 from .records import tuned_tiled_knobs
 from .schedules.row import RowKnobs
 from .schedules.targets import arch_specific, as_target, is_gpu, target_key
-from .schedules.tiled import TiledKnobs, default_tiled_knobs
+from .schedules.tiled import TiledKnobs, default_tiled_knobs, uses_mma
 from .tensors import check_acsr_tables, check_scale, is_aligned, is_torch, to_tvm
 
 __all__ = ["AttentionPlan", "Step", "plan", "choose_knobs", "default_knobs", "choose_variant", "as_acsr"]
@@ -229,6 +229,9 @@ class AttentionPlan:
         self.target, self.device = target, device
         if variant == "tiled":
             self.tile_plan = tile_plan_of(acsr, knobs)
+            if knobs.tma and uses_mma(spec, knobs, target) and (self.tile_plan.blocks[..., 1] > 1).any():
+                raise ValueError("the TMA form loads column blocks of step 1 only; this mask has blocks of step "
+                                 f"{int(self.tile_plan.blocks[..., 1].max())} (dilated or strided): use tma=False")
             o_shape, ml_shape = partial_shapes(spec, self.tile_plan.shape.num_components)
             so_shape, sml_shape = split_shapes(spec, self.tile_plan.shape)
             self.scratch = {"o_part": (o_shape, "float32"), "ml_part": (ml_shape, "float32"),

@@ -117,3 +117,21 @@ def test_cuda_lengths_match_sdpa_with_the_same_boolean_mask(head_dim, rng):
         sdpa = torch.where(keep.any(-1, keepdim=True), sdpa, torch.zeros_like(sdpa))  # whatever the backend does
         ours = made.run(q, k, v, kv_lengths=lengths)
         torch.testing.assert_close(ours.float(), sdpa, atol=4e-2, rtol=4e-2)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("br,warps", [(64, 4), (128, 8)])
+@pytest.mark.parametrize("pattern", ["block:64", "global:3+causal_window:100"])
+def test_cuda_tma_form_blocks_cross_lengths(pattern, br, warps, dtype, rng):
+    """The TMA form does not zero rows past a length: their scores are selected away and every
+    block crossing a length checks its V (NaN there); GQA, n = 301, d = 128."""
+    from tvm_splat import parse_pattern, sparse_attention
+
+    n, lengths = 301, np.array([70, 301, 250, 0])
+    (tq, tk, tv), (q, k, v) = _cuda_inputs(rng, 4, 4, 2, n, 128, dtype, lengths)
+    kind, knobs = _knobs("tiled", br=br, warps=warps, wgmma=True, tma=True)
+    out = sparse_attention(tq, tk, tv, pattern, variant=kind, knobs=knobs, kv_lengths=lengths)
+    ref = _padded_reference(q, k, v, parse_pattern(pattern).dense_mask(n), lengths)
+    got = out.double().cpu().numpy()
+    assert not np.isnan(got).any()
+    np.testing.assert_allclose(got, ref, atol=TOL[dtype], rtol=TOL[dtype])

@@ -175,3 +175,40 @@ def test_wgmma_knobs_and_targets():
     knobs = TiledKnobs(use_tensor_cores=True, wgmma=True)
     with pytest.raises(ValueError, match="Hopper"):
         tiled_funcs(spec64, plan_tiles(acsr, knobs).shape, knobs, sm80)
+
+
+@pytest.mark.parametrize("d,dtype,kv_len", [(128, "float16", False), (64, "bfloat16", True)])
+def test_tma_form_compiles_with_tensor_maps(d, dtype, kv_len):
+    """The TMA form: K/V tensor maps encoded on the host and passed as __grid_constant__
+    CUtensorMap parameters, cp.async.bulk.tensor copies completing on mbarriers, 128-byte
+    swizzled wgmma descriptors; nvcc compiles it for sm_90a."""
+    from tvm_splat.compile import cuda_source, nvcc_compile
+
+    acsr = ACSR.from_pattern(Window(40), 300)
+    spec = AttentionSpec.from_acsr(acsr, 1, 4, d, dtype, kv_heads=2, has_kv_len=kv_len)
+    knobs = TiledKnobs(use_tensor_cores=True, br=128, warps=8, wgmma=True, tma=True)
+    func = tiled_funcs(spec, plan_tiles(acsr, knobs).shape, knobs, H100)["tiled"]
+    lib = tvm.compile(tvm.IRModule({"tiled": func}), target=tvm.target.Target(H100))
+    src = cuda_source(lib.mod)
+    assert "const __grid_constant__ CUtensorMap kmap" in src and "const __grid_constant__ CUtensorMap vmap" in src
+    assert "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes" in src
+    assert "mbarrier.arrive.expect_tx" in src and "mbarrier.try_wait.parity" in src
+    assert "wgmma.mma_async" in src
+    assert nvcc_compile(src, H100)
+
+
+def test_tma_knobs_and_masks_it_refuses():
+    with pytest.raises(ValueError, match="two-stage wgmma"):
+        TiledKnobs(use_tensor_cores=True, tma=True)
+    with pytest.raises(ValueError, match="two-stage wgmma"):
+        TiledKnobs(use_tensor_cores=True, wgmma=True, stages=1, tma=True)
+    from tvm_splat import plan
+    from tvm_splat.formats import DilatedWindow
+
+    knobs = TiledKnobs(use_tensor_cores=True, wgmma=True, tma=True)
+    plan(Window(8), (1, 2, 128, 64), None, "float16", None, target=H100, knobs=knobs)  # step 1: taken
+    with pytest.raises(ValueError, match="step 1 only"):
+        plan(DilatedWindow(8, 2), (1, 2, 128, 64), None, "float16", None, target=H100, knobs=knobs)
+    acsr = ACSR.from_pattern(Window(8), 128)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        tiled_funcs(AttentionSpec.from_acsr(acsr, 1, 2, 32, "float16"), plan_tiles(acsr, knobs).shape, knobs, H100)

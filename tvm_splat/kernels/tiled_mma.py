@@ -87,8 +87,17 @@ def check_wgmma_shape(spec: AttentionSpec, br: int, bc: int, warps: int, m_tiles
         raise ValueError(f"the wgmma kernel needs bc and head_dim <= 256, got bc={bc}, head_dim={spec.head_dim}")
 
 
+def check_tma_shape(spec: AttentionSpec, wgmma: bool, stages: int) -> None:
+    """Raise ``ValueError`` when the TMA form cannot run: it is a form of the two-stage wgmma
+    kernel, and its K/V tensor maps cut head_dim into 64-element (128-byte) swizzle rows."""
+    if not wgmma or stages != 2:
+        raise ValueError(f"the TMA form is a form of the two-stage wgmma kernel, got wgmma={wgmma}, stages={stages}")
+    if spec.head_dim % 64:
+        raise ValueError(f"the TMA form needs head_dim a multiple of 64, got {spec.head_dim}")
+
+
 def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int = 1, stages: int = 2,
-                   wgmma: bool = False):
+                   wgmma: bool = False, tma: bool = False):
     """The warp-level tiled kernel for ``spec`` and a plan of shape ``plan_shape``
     (``plan_shape.br == 16 * warps * m_tiles``); signature of
     :func:`~tvm_splat.kernels.tiled.tiled_func`.
@@ -107,11 +116,22 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     thread block per SM where the two-stage form runs two, whose softmax and MMAs already
     overlap each other. Kept as an opt-in knob, outside the tuning space, as the base for a
     warp-specialized form with fewer stages.
+
+    ``tma=True`` (with ``wgmma`` and two stages): K and V blocks arrive by TMA
+    (``cp.async.bulk.tensor``), one thread issuing both copies of a block against an mbarrier
+    of its stage that every thread then waits on, instead of 128-256 threads each issuing
+    ``cp.async`` chunks; the blocks land 128-byte swizzled (:func:`check_tma_shape`), which the
+    wgmma descriptors and every shared read of K/V follow. For unit-step column blocks only
+    (the tensor map steps rows by one); key rows past a length are not zero-filled (their
+    scores are selected away and every block crossing the length checks its V, as PARTIAL
+    blocks do).
     """
     if stages not in (1, 2, 4) or (stages == 4 and not wgmma):
         raise ValueError(f"stages must be 1 or 2 (or 4 for the pipelined wgmma form), got {stages}")
     if wgmma:
         check_wgmma_shape(spec, plan_shape.br, plan_shape.bc, warps, m_tiles)
+    if tma:
+        check_tma_shape(spec, wgmma, stages)
     B, H, KVH, G, N, D = spec.batch, spec.heads, spec.kv_heads, spec.group, spec.seq_len, spec.head_dim
     HM, S, dt = spec.mask_heads, spec.max_segments, spec.dtype
     NT, NB, C = plan_shape.num_tiles, plan_shape.num_blocks, plan_shape.num_components
@@ -139,6 +159,13 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     if SMEM * 2 > SHARED_BYTES_MAX:
         raise ValueError(f"this form needs {SMEM * 2 // 1024} KB of shared memory per block, more than the "
                          f"{SHARED_BYTES_MAX // 1024} KB a block may have (fewer stages, smaller bc or br)")
+    # TMA form: K/V rows of 64 elements (128 bytes) per swizzle row, the d-halves one after the
+    # other; K (K-major) steps 1024 B between 8-row groups (SBO), V (read MN-major) 1024 B
+    # between 8-key groups (SBO) and BC * 128 B between 64-wide d-halves (LBO)
+    KV_TMA_SBO, V_TMA_LBO = 64, BC * 8
+    KV_BYTES = BC * D * 2  # one K or V block
+    # the swizzle is a function of the shared address: its 1024-byte atoms must start the stages
+    SMEM_ALIGN = 1024 if tma else 64
     # wgmma descriptors (no swizzle; fields in 16-byte units): K-major Q and K tiles step 128 B
     # between core matrices along K and D / 8 * 128 B between 8-row groups; V, read transposed
     # (MN-major), steps D / 8 * 128 B between 8-key groups (LBO) and 128 B along d (SBO).
@@ -175,6 +202,9 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         return base + u * DP + c
 
     def kv_elem(base, st, u, c):  # element (u, c) of stage st of the K or V ring
+        if tma:  # 128-byte swizzle: 16-byte chunk (c % 64) // 8 of row u sits at chunk ^ (u % 8)
+            return (base + st * BC * D + (c // 64) * (BC * 64) + u * 64
+                    + T.bitwise_xor((c % 64) // 8, u % 8) * 8 + c % 8)
         return tile_elem(base + st * BC * DP, u, c)
 
     def p_elem(row, c):  # element (row, c) of P staged for the exact P V path
@@ -182,6 +212,13 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
 
     def kv_stage(base, st, u):  # offset of row u of stage st of the K or V ring (mma layout)
         return base + (st * BC + u) * DP
+
+    def tma_copy(smem, offset, tmap, col0, bhk, ready, st):  # rows col0.. of K or V head bhk -> smem[offset]
+        return T.ptx.cp(T.cuda.cvta_generic_to_shared(T.address_of(smem[offset])),
+                        T.reinterpret(T.handle().ty, T.address_of(tmap)), 0, col0, 0, bhk,
+                        T.cuda.cvta_generic_to_shared(T.address_of(ready[st])),
+                        "async", "bulk", "tensor", "4d", "shared::cluster", "global", "",
+                        "mbarrier::complete_tx::bytes", "", "", "", "")
 
     def ldmatrix_x4(frag, offset, smem, smem_offset, trans=False):  # 4 8x8 tiles of shared -> registers
         return T.ptx_legacy.ldmatrix(trans, 4, ".b16", frag.data, offset, smem.access_ptr("r"), smem_offset, dtype=dt)
@@ -245,6 +282,24 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
             if it * NTHR + tid < BC * CH:
                 copy_rows(smem, K_OFF, k, col0, sig, b, hk, tid, it, klen)
                 copy_rows(smem, V_OFF, v, col0, sig, b, hk, tid, it, klen)
+
+    @T.macro
+    def init_kv_barriers(ready, tid):
+        # one mbarrier per stage, one arrival (the issuing thread's) per use
+        if tid == 0:
+            for st in T.unroll(stages):
+                T.ptx.mbarrier.init.shared.b64(T.cuda.cvta_generic_to_shared(T.address_of(ready[st])), T.uint32(1))
+            T.ptx.fence("mbarrier_init", "release", "cluster", "")
+
+    @T.macro
+    def issue_kv_tma(smem, ready, kmap, vmap, col0, bhk, st):
+        # one thread: stage st expects both blocks' bytes, then the two tensor copies land there
+        # (rows past n are zero-filled by the copy)
+        T.ptx["fence.proxy.async.shared::cta"]()
+        T.ptx.mbarrier(T.cuda.cvta_generic_to_shared(T.address_of(ready[st])), T.uint32(2 * KV_BYTES),
+                       "arrive", "expect_tx", "", "", "shared", "b64", "")
+        T.evaluate(tma_copy(smem, K_OFF + st * BC * D, kmap, col0, bhk, ready, st))
+        T.evaluate(tma_copy(smem, V_OFF + st * BC * D, vmap, col0, bhk, ready, st))
 
     @T.macro
     def flag_nonfinite_v(smem, vbad, words, nonfinite, st, j, tid):
@@ -361,8 +416,12 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         for kk in T.unroll(KD):
             T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[0]), T.address_of(
                 smem[(w // 4) * 64 * D + kk * 128]), QK_LBO, QK_SBO, 0)
-            T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(
-                smem[kv_elem(K_OFF, stg, 0, 0) + kk * 128]), QK_LBO, QK_SBO, 0)
+            if tma:  # k-step kk: 32 bytes along the swizzled row, a new d-half every 4 steps
+                T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(
+                    smem[K_OFF + stg * BC * D + (kk // 4) * BC * 64 + (kk % 4) * 16]), 1, KV_TMA_SBO, 3)
+            else:
+                T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(
+                    smem[kv_elem(K_OFF, stg, 0, 0) + kk * 128]), QK_LBO, QK_SBO, 0)
             T.ptx[WG_S](*[sacc[i] for i in range(NTL * 4)], desc[0], desc[1], kk > 0, 1, 1, 0, 0)
         T.ptx.wgmma.commit_group.sync.aligned()
 
@@ -372,8 +431,12 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         # shared memory read transposed. Issued and committed; the caller waits
         T.ptx.wgmma.fence.sync.aligned()
         for kc in T.unroll(KC):
-            T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(
-                smem[kv_elem(V_OFF, stg, kc * 16, 0)]), V_LBO, V_SBO, 0)
+            if tma:  # 16 keys = 16 swizzled rows of 128 bytes
+                T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(
+                    smem[V_OFF + stg * BC * D + kc * 16 * 64]), V_TMA_LBO, KV_TMA_SBO, 3)
+            else:
+                T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(
+                    smem[kv_elem(V_OFF, stg, kc * 16, 0)]), V_LBO, V_SBO, 0)
             T.ptx[WG_O](*[oacc[i] for i in range(DT * 4)],
                         *[T.reinterpret("uint32", pf.vload([kc * 8 + 2 * i], PAIR)) for i in range(4)],
                         desc[1], True, 1, 1, 1)
@@ -505,6 +568,14 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         split_ml: T.Buffer(sml_shape, "float32"),
     ):
         T.func_attr({"global_symbol": "tiled", "tirx.noalias": True})
+        if tma:  # host side: the K and V tensor maps (dims innermost first: 64 elements of a
+            # row, rows, d-halves, batch x KV head), boxes of BC rows, 128-byte swizzle
+            kmap: T.let[T.TensorMap()] = T.tvm_stack_alloca("tensormap", 1)
+            vmap: T.let[T.TensorMap()] = T.tvm_stack_alloca("tensormap", 1)
+            T.tensormap_encode_tiled(kmap, k.data, 64, N, D // 64, B * KVH, D * 2, 128, N * D * 2,
+                                     64, BC, D // 64, 1, 1, 1, 1, 1, descriptor_dtype=dt, rank=4, swizzle=3)
+            T.tensormap_encode_tiled(vmap, v.data, 64, N, D // 64, B * KVH, D * 2, 128, N * D * 2,
+                                     64, BC, D // 64, 1, 1, 1, 1, 1, descriptor_dtype=dt, rank=4, swizzle=3)
         for vt in T.thread_binding(NT, thread="blockIdx.x"):
             for vbh in T.thread_binding(B * H, thread="blockIdx.y"):
                 for w in T.thread_binding(W, thread="threadIdx.y"):
@@ -514,7 +585,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                             T.writes()
                             # one allocation (Q | K stages | V stages): cp.async writes are invisible
                             # to TVM's shared-memory planner, which would otherwise overlap K with Q
-                            smem = T.sblock_alloc_buffer((SMEM,), dt, scope="shared.dyn")
+                            smem = T.sblock_alloc_buffer((SMEM,), dt, scope="shared.dyn", align=SMEM_ALIGN)
                             # per stage: 1 + the block index whose V holds a non-finite value
                             vbad = T.sblock_alloc_buffer((stages,), "int32", scope="shared")
                             qf = T.sblock_alloc_buffer((MT * KD * 8,), dt, scope="local")
@@ -535,6 +606,8 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                             al = T.sblock_alloc_buffer((RS,), "float32", scope="local")
                             sg = T.sblock_alloc_buffer((RS * S * 3,), "int32", scope="local")
                             desc = T.sblock_alloc_buffer((2,), "uint64", scope="local")
+                            if tma:  # per stage: the mbarrier its TMA copies complete on
+                                kv_ready = T.sblock_alloc_buffer((stages,), "uint64", scope="shared", align=8)
                             b: T.let[T.int32] = vbh // H
                             h: T.let[T.int32] = vbh % H
                             hk: T.let[T.int32] = h // G
@@ -573,7 +646,13 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                 if blk_hi > blk_lo:
                                     if blocks[hm, blk_lo, 2] == 0:
                                         flag_nonfinite_v(smem, vbad, words, nonfinite, 0, 0, tid)
-                            if stages == 2:
+                            if tma:
+                                init_kv_barriers(kv_ready, tid)
+                                if tid == 0 and blk_hi > blk_lo:
+                                    issue_kv_tma(smem, kv_ready, kmap, vmap, blocks[hm, blk_lo, 0], b * KVH + hk, 0)
+                                T.evaluate(T.ptx.cp.async_.commit_group())  # Q
+                                T.evaluate(T.ptx["cp.async.wait_group"](0))
+                            elif stages == 2:
                                 if blk_hi > blk_lo:
                                     issue_kv_block(smem, k, v, blocks[hm, blk_lo, 0], blocks[hm, blk_lo, 1], b, hk, tid, 0,
                                                    key_length(spec, kv_len, b))
@@ -608,16 +687,26 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                     if stages == 1:
                                         T.tvm_storage_sync("shared.dyn")
                                         load_kv_block(smem, k, v, col0, sig, b, hk, tid, key_length(spec, kv_len, b))
+                                    elif tma:  # block j's bytes have landed (its stage's (j // 2)-th phase)
+                                        T.cuda.mbarrier_wait(T.address_of(kv_ready[stg]), (j // stages) % 2)
                                     else:
                                         # block j has landed (this thread's copies: wait; everyone's:
                                         # the barrier, which also frees the other stage for block j + 1)
                                         T.evaluate(T.ptx["cp.async.wait_group"](0))
-                                    if full == 0:  # FULL blocks: every row attends every column
+                                    if tma and spec.has_kv_len:  # a block crossing the length holds
+                                        # rows past it that no load zeroed
+                                        if full == 0 or col0 + BC > key_length(spec, kv_len, b):
+                                            flag_nonfinite_v(smem, vbad, words, nonfinite, stg, j, tid)
+                                    elif full == 0:  # FULL blocks: every row attends every column
                                         flag_nonfinite_v(smem, vbad, words, nonfinite, stg, j, tid)
                                     if wgmma:
                                         T.ptx["fence.proxy.async.shared::cta"]()
                                     T.tvm_storage_sync("shared.dyn")
-                                    if stages == 2:
+                                    if tma:
+                                        if tid == 0 and j + 1 < blk_hi - blk_lo:
+                                            issue_kv_tma(smem, kv_ready, kmap, vmap, blocks[hm, blk_lo + j + 1, 0],
+                                                         b * KVH + hk, (j + 1) % stages)
+                                    elif stages == 2:
                                         if j + 1 < blk_hi - blk_lo:
                                             issue_kv_block(smem, k, v, blocks[hm, blk_lo + j + 1, 0],
                                                            blocks[hm, blk_lo + j + 1, 1], b, hk, tid, (j + 1) % stages,

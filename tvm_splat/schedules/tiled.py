@@ -58,6 +58,8 @@ class TiledKnobs:
     * ``wgmma``: the Hopper form of the ``mma`` kernel (sm_90a): both GEMMs as warpgroup MMAs
       (``wgmma.mma_async``), one warpgroup per 64 rows; needs ``warps`` a multiple of 4 and
       ``m_tiles == 1``.
+    * ``tma``: K/V blocks by TMA into 128-byte-swizzled stages (the two-stage wgmma form;
+      head_dim a multiple of 64; tile plans whose column blocks all have step 1).
     """
 
     br: int = 64
@@ -70,19 +72,22 @@ class TiledKnobs:
     stages: int = 2
     split_blocks: int = -1
     wgmma: bool = False
+    tma: bool = False
 
     def __post_init__(self):
         for name in ("br", "bc", "warps", "vector_bytes", "m_tiles", "stages", "row_pad", "split_blocks"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an int, got {value!r}")
-        for name in ("use_tensor_cores", "wgmma"):
+        for name in ("use_tensor_cores", "wgmma", "tma"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.wgmma and (not self.use_tensor_cores or self.warps % 4 or self.m_tiles != 1
                            or self.br != 16 * self.warps):
             raise ValueError(f"wgmma needs use_tensor_cores, warps a multiple of 4, m_tiles=1 and "
                              f"br == 16 * warps (64 rows per warpgroup), got {self}")
+        if self.tma and (not self.wgmma or self.stages != 2):
+            raise ValueError(f"tma is a form of the two-stage wgmma kernel (wgmma=True, stages=2), got {self}")
         if self.stages not in (1, 2, 4) or (self.stages == 4 and not self.wgmma):
             raise ValueError(f"stages must be 1 or 2 (4: the pipelined wgmma form), got {self.stages}")
         for name in ("br", "bc", "warps", "vector_bytes", "m_tiles"):
@@ -159,7 +164,7 @@ def tiled_funcs(spec: AttentionSpec, plan_shape: PlanShape, knobs: TiledKnobs = 
         if knobs.wgmma and not supports_wgmma(as_target(target)):
             raise ValueError(f"wgmma needs a Hopper target (sm_90 / sm_90a), got {target_key(as_target(target))}")
         funcs = {"tiled": tiled_mma_func(spec, plan_shape, knobs.warps, knobs.m_tiles, knobs.stages,
-                                         wgmma=knobs.wgmma)}
+                                         wgmma=knobs.wgmma, tma=knobs.tma)}
     else:
         funcs = {"tiled": tiled_func(spec, plan_shape)}
     if plan_shape.num_slots > 0:
