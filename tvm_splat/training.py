@@ -12,9 +12,11 @@ Two kernel families (``TrainingPlan.kernels``):
 * ``"tensor-cores"`` — float16 / bfloat16 on a CUDA target: the warp-level ``mma.sync``
   kernels (:mod:`tvm_splat.kernels.backward_mma`) over three tile plans: the forward's (with its
   ``lse`` output), the mask's for ``dq`` and the transposed mask's for ``dk``/``dv``
-  (``tile_plans``). Workloads that kernel family cannot take (plans with several components or
-  CSR fallback rows, per-head masks with grouped KV heads, head dims not a multiple of 16) run
-  the CUDA-core kernels instead, the reason in ``fallback_reason`` and the plan's repr;
+  (``tile_plans``; direct plans: no split-KV, and one contiguous-row component per head, so
+  dilated and strided steps, and unions with them, get per-residue blocks instead of the
+  forward's merged row-aligned components). Workloads that kernel family cannot take (CSR
+  fallback rows, per-head masks with grouped KV heads, head dims not a multiple of 16) run the
+  CUDA-core kernels instead, the reason in ``fallback_reason`` and the plan's repr;
 * ``"rows"`` — everything else (float32, float64, the CPU): one query row or key per thread or
   task (:mod:`tvm_splat.kernels.backward`). :meth:`TrainingPlan.forward` returns ``(out,
 lse)``, :meth:`TrainingPlan.backward` ``(dq, dk, dv)``; the autograd op
@@ -73,9 +75,10 @@ class TrainingPlan:
         self.kernels, self.fallback_reason, self.mma_knobs, self.tile_plans = "rows", None, None, None
         if is_gpu(target) and spec.rows.dtype in MMA_TYPES:
             knobs = default_backward_mma_knobs(spec, target)
-            plans = (plan_tiles(acsr, knobs.forward, split_blocks=0),
-                     plan_tiles(acsr, br=knobs.br, bc=knobs.dq_bc, split_blocks=0),
-                     plan_tiles(transposed, br=knobs.br, bc=knobs.dkdv_bc, split_blocks=0))
+            direct = dict(split_blocks=0, aligned_components=False)  # one program per row: lse, delta
+            plans = (plan_tiles(acsr, knobs.forward, **direct),
+                     plan_tiles(acsr, br=knobs.br, bc=knobs.dq_bc, **direct),
+                     plan_tiles(transposed, br=knobs.br, bc=knobs.dkdv_bc, **direct))
             self.fallback_reason = tensor_core_training_refusal(spec, target, knobs, plans)
             if self.fallback_reason is None:
                 self.kernels, self.mma_knobs, self.tile_plans = "tensor-cores", knobs, plans
