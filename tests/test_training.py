@@ -73,3 +73,18 @@ def test_half_precision_on_a_cuda_target_takes_the_tensor_core_kernels():
     assert csr.kernels == "rows" and "CSR fallback rows" in repr(csr)
     odd_dim = plan_training("window:4", (1, 2, 40, 40), dtype="float16", device="cuda", target="nvidia/nvidia-h100")
     assert odd_dim.kernels == "rows" and "head_dim a multiple of 16" in repr(odd_dim)
+
+
+def test_a_pure_dilated_mask_keeps_its_row_aligned_tiles_on_tensor_cores():
+    """One aligned component per head is already direct: its tiles group rows by residue (dense
+    blocks); a band plus a strided part is not, and gets one contiguous component."""
+    from tvm_splat.formats import DilatedWindow, Strided
+
+    dilated = plan_training(DilatedWindow(6, 2), (1, 2, 200, 64), dtype="float16", device="cuda",
+                            target="nvidia/nvidia-h100")
+    strided = plan_training(Strided(16), (1, 2, 200, 64), dtype="float16", device="cuda", target="nvidia/nvidia-h100")
+    for plan, rstrides in ((dilated, {2}), (strided, {1})):
+        assert plan.kernels == "tensor-cores"
+        for p in plan.tile_plans:
+            assert set(p.tiles[0, p.tiles[0, :, 2] > 0, 1].tolist()) == rstrides
+        assert (plan.tile_plans[2].covered(0) == plan.acsr.to_dense()[0].T).all()
