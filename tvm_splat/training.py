@@ -51,7 +51,7 @@ __all__ = ["TrainingPlan", "plan_training", "TRAINING_DTYPES"]
 TRAINING_DTYPES = SPEC_DTYPES
 _TRANSPOSED = tuple(f"t{name}" for name in (*SEGMENTS, "indices"))
 #: the tensor-core kernels' plan tables: forward plan, the mask's plan (dq), the transposed one
-_FWD_PLAN = ("seg_start", "seg_count", "seg_sigma", "fwd_tiles", "fwd_blocks")
+_FWD_PLAN = ("seg_start", "seg_count", "fwd_seg_sigma", "fwd_tiles", "fwd_blocks")
 _DQ_PLAN = ("seg_start", "seg_count", "seg_sigma", "tiles", "blocks")
 _DKDV_PLAN = ("tseg_start", "tseg_count", "tseg_sigma", "ttiles", "tblocks")
 #: the forward kernel's partial-state buffers, one-element dummies for the direct plans it runs
@@ -106,8 +106,9 @@ class TrainingPlan:
         tables.update({t: getattr(self.transposed, t[1:]) for t in _TRANSPOSED})
         if self.kernels == "tensor-cores":
             fwd, dq, dkdv = self.tile_plans
-            tables.update(seg_sigma=dq.seg_sigma, fwd_tiles=fwd.tiles, fwd_blocks=fwd.blocks, tiles=dq.tiles,
-                          blocks=dq.blocks, tseg_sigma=dkdv.seg_sigma, ttiles=dkdv.tiles, tblocks=dkdv.blocks)
+            tables.update(fwd_seg_sigma=fwd.seg_sigma, fwd_tiles=fwd.tiles, fwd_blocks=fwd.blocks,
+                          seg_sigma=dq.seg_sigma, tiles=dq.tiles, blocks=dq.blocks,
+                          tseg_sigma=dkdv.seg_sigma, ttiles=dkdv.tiles, tblocks=dkdv.blocks)
         return {name: np.ascontiguousarray(a, dtype=np.int32) for name, a in tables.items()}
 
     def _kernels(self):

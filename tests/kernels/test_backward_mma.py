@@ -54,6 +54,22 @@ def test_direct_plans_cover_the_mask_and_its_transpose_once(name, acsr, heads, b
         assert (rows == 1).all()
 
 
+@pytest.mark.parametrize("name,acsr,heads", AFFINE_CASES, ids=[c[0] for c in AFFINE_CASES])
+def test_full_blocks_need_no_mask_test(name, acsr, heads):
+    """A FULL block of the dq or dk/dv plan (where the kernels skip the membership test) lies
+    inside the sequence and every valid row of its tile attends all of its columns."""
+    dense = acsr.to_dense()
+    for ac, want in ((acsr, dense), (transpose_acsr(acsr), dense.transpose(0, 2, 1))):
+        plan = _direct_plan(ac, 16, 16)
+        for h in range(ac.num_heads):
+            for row0, rstride, nrows, _comp, lo, hi, _slot in plan.tiles[h]:
+                rows = row0 + rstride * np.arange(nrows)
+                for col0, sigma, full in plan.blocks[h, lo:hi]:
+                    if full:
+                        cols = col0 + sigma * np.arange(plan.bc)
+                        assert cols[-1] < ac.n and want[h][np.ix_(rows, cols)].all()
+
+
 def test_csr_rows_and_components_are_refused():
     _, irregular, _ = next(c for c in mask_cases() if c[0] == "irregular -> CSR fallback")
     plan = _direct_plan(irregular)
