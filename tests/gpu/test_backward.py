@@ -102,10 +102,19 @@ TC_CASES = [
 ]
 
 
-def _tensor_core_plan(mask, heads, kv_heads, n, d, dtype):
+def _tensor_core_plan(mask, heads, kv_heads, n, d, dtype, stages=None):
+    """The training plan (tensor cores asserted); ``stages``: the backward kernels' K/V stages
+    (None: the default)."""
+    import dataclasses
+
+    from tvm_splat.schedules.backward_mma import default_backward_mma_knobs
     from tvm_splat.training import plan_training
 
-    plan = plan_training(mask, (2, heads, n, d), (2, kv_heads, n, d), str(dtype), "cuda")
+    shapes = ((2, heads, n, d), (2, kv_heads, n, d), str(dtype).replace("torch.", ""), "cuda")
+    plan = plan_training(mask, *shapes)
+    if stages is not None and stages != plan.mma_knobs.stages:
+        knobs = dataclasses.replace(default_backward_mma_knobs(plan.spec, plan.target), stages=stages)
+        plan = plan_training(mask, *shapes, mma_knobs=knobs)
     assert plan.kernels == "tensor-cores", repr(plan)
     return plan
 
@@ -126,14 +135,19 @@ def _sdpa_errors(q, k, v, dout, mask):
         q, k, v, attn_mask=bool_mask, enable_gqa=q.shape[1] != k.shape[1]), q, k, v, dout), refs)
 
 
+def _one_stage(cases):
+    return [pytest.param(*c, 1, id=f"{c[0]} one stage") for c in cases]
+
+
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("name,mask,heads,kv_heads,n", TC_CASES, ids=[c[0] for c in TC_CASES])
-def test_tensor_core_training_matches_float64_at_dense_sdpa_error(name, mask, heads, kv_heads, n, dtype, d):
+@pytest.mark.parametrize("name,mask,heads,kv_heads,n,stages",
+                         [pytest.param(*c, None, id=c[0]) for c in TC_CASES] + _one_stage(TC_CASES[1:3] + TC_CASES[6:7]))
+def test_tensor_core_training_matches_float64_at_dense_sdpa_error(name, mask, heads, kv_heads, n, stages, dtype, d):
     """out, lse, dq, dk, dv of the tensor-core path against the float64 dense reference, within
     SDPA_FACTOR times dense SDPA's own error on the same inputs (``test_gradients_at_dense_sdpa_error``'s
-    rule); empty rows: out 0, lse -inf, dq 0."""
-    plan = _tensor_core_plan(mask, heads, kv_heads, n, d, dtype)
+    rule); empty rows: out 0, lse -inf, dq 0. Default knobs, and the one-stage form on three cases."""
+    plan = _tensor_core_plan(mask, heads, kv_heads, n, d, dtype, stages)
     q, k, v, dout = _inputs(2, heads, kv_heads, n, d, dtype, seed=n)
     dense = plan.acsr.to_dense()
     dense = dense[0] if dense.shape[0] == 1 else dense
@@ -154,9 +168,10 @@ def test_tensor_core_training_matches_float64_at_dense_sdpa_error(name, mask, he
     assert (dq.cpu()[:, torch.from_numpy(empty)] == 0).all()
 
 
+@pytest.mark.parametrize("stages", [2, 1])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_tensor_core_nan_in_masked_out_rows_does_not_leak(dtype, d):
+def test_tensor_core_nan_in_masked_out_rows_does_not_leak(dtype, d, stages):
     """NaN / inf in keys and values nobody sees and in the q and dO rows of empty queries leave
     every output and gradient finite and equal to the clean run's up to rounding (the blocks that
     hold such rows take the exact CUDA-core path, whose float32 sums run in another order than
@@ -164,7 +179,7 @@ def test_tensor_core_nan_in_masked_out_rows_does_not_leak(dtype, d):
     queries exactly zero."""
     n, heads, kv_heads = 150, 4, 2
     acsr = _affine_with_empty_rows(n)
-    plan = _tensor_core_plan(acsr, heads, kv_heads, n, d, dtype)
+    plan = _tensor_core_plan(acsr, heads, kv_heads, n, d, dtype, stages)
     q, k, v, dout = _inputs(2, heads, kv_heads, n, d, dtype, seed=7)
     out, lse = plan.forward(q, k, v)
     clean = plan.backward(q, k, v, out, lse, dout)

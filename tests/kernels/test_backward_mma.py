@@ -113,21 +113,31 @@ def test_the_forward_lse_output_is_off_by_default():
                        with_lse=True)
 
 
-BUILD_CASES = [  # (name, mask, heads, kv_heads, n, head_dim, dtype)
-    ("gqa causal window d64 fp16", Window(16, causal=True), 4, 2, 200, 64, "float16"),
-    ("global+causal window d128 bf16", GlobalTokens(2) | Window(8, causal=True), 4, 4, 300, 128, "bfloat16"),
-    ("window+dilated d128 fp16 gqa", Window(3) | DilatedWindow(2, 4), 4, 1, 130, 128, "float16"),
-    ("strided d64 bf16", Strided(8), 2, 2, 97, 64, "bfloat16"),
+BUILD_CASES = [  # (name, mask, heads, kv_heads, n, head_dim, dtype, stages)
+    ("gqa causal window d64 fp16", Window(16, causal=True), 4, 2, 200, 64, "float16", 2),
+    ("global+causal window d128 bf16", GlobalTokens(2) | Window(8, causal=True), 4, 4, 300, 128, "bfloat16", 2),
+    ("window+dilated d128 fp16 gqa", Window(3) | DilatedWindow(2, 4), 4, 1, 130, 128, "float16", 2),
+    ("strided d64 bf16", Strided(8), 2, 2, 97, 64, "bfloat16", 2),
+    ("dilated d64 fp16 one stage", DilatedWindow(6, 2), 4, 2, 150, 64, "float16", 1),
 ]
 
 
-@pytest.mark.parametrize("name,mask,heads,kv_heads,n,d,dtype", BUILD_CASES, ids=[c[0] for c in BUILD_CASES])
-def test_training_plans_pick_and_build_the_tensor_core_kernels_for_sm90a(name, mask, heads, kv_heads, n, d, dtype):
+@pytest.mark.parametrize("name,mask,heads,kv_heads,n,d,dtype,stages", BUILD_CASES, ids=[c[0] for c in BUILD_CASES])
+def test_training_plans_pick_and_build_the_tensor_core_kernels_for_sm90a(name, mask, heads, kv_heads, n, d, dtype,
+                                                                        stages):
     """fp16/bf16 on a CUDA target: the plan takes the tensor-core kernels, whose CUDA source
-    (mma.sync, ldmatrix; the forward with its lse) compiles with nvcc for sm_90a."""
+    (mma.sync, ldmatrix, cp.async with two stages; the forward with its lse) compiles with nvcc
+    for sm_90a."""
+    import dataclasses
+
+    from tvm_splat.schedules.backward_mma import default_backward_mma_knobs
     from tvm_splat.training import plan_training
 
     plan = plan_training(mask, (2, heads, n, d), (2, kv_heads, n, d), dtype, "cuda", target=H100)
+    if stages != plan.mma_knobs.stages:
+        knobs = dataclasses.replace(default_backward_mma_knobs(plan.spec, plan.target), stages=stages)
+        plan = plan_training(mask, (2, heads, n, d), (2, kv_heads, n, d), dtype, "cuda", target=H100,
+                             mma_knobs=knobs)
     assert plan.kernels == "tensor-cores" and plan.fallback_reason is None
     assert "kernels=tensor-cores" in repr(plan)
     lib = compile_backward_mma(plan.spec, plan.target, plan.mma_knobs, [p.shape for p in plan.tile_plans],
@@ -136,4 +146,6 @@ def test_training_plans_pick_and_build_the_tensor_core_kernels_for_sm90a(name, m
     for kernel in ("fwd_lse", *BACKWARD_MMA_KERNEL_NAMES):
         assert f"{kernel}_kernel(" in src
     assert "mma.sync.aligned.m16n8k16.row.col.f32" in src and "ldmatrix.sync.aligned" in src
+    dq_body = src[src.rindex("bwd_dq_kernel("):].split('extern "C"')[0]  # the definition
+    assert ("cp_async_wait_group" in dq_body) == (stages == 2)
     assert len(nvcc_compile(src, H100)) > 1000

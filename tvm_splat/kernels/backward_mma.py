@@ -21,9 +21,11 @@ Layout: ``W`` warps, 16 rows each (``BR = 16 W``); lane ``l`` of warp ``w`` hold
 A operands (Q and dO, or K and V) and the block's two B operands (K and V, or Q and dO) sit in
 dynamic shared memory, rows padded by ``ROW_PAD`` elements against bank conflicts, and are read
 into fragments by ``ldmatrix`` at each use (persistent fragments for both tile operands and
-both accumulators of ``bwd_dkdv`` would exceed 255 registers at ``head_dim`` 128). One K/V
-stage, plain 16-byte loads, two barriers per block; accumulation in float32; P and dS are
-rounded to the input dtype as the A operands of the second products (as FlashAttention-2 does).
+both accumulators of ``bwd_dkdv`` would exceed 255 registers at ``head_dim`` 128). Block
+operands double-buffered and fetched with ``cp.async`` one block ahead (``stages=2``, one
+barrier per block, the forward's two-stage scheme) or plain 16-byte loads (``stages=1``, two
+barriers); accumulation in float32; P and dS are rounded to the input dtype as the A operands
+of the second products (as FlashAttention-2 does).
 
 Masked-out entries contribute exactly nothing: a PARTIAL block tests membership per score
 (range + residue against the row's cached segments, as the forward does) and *selects* P and
@@ -59,7 +61,7 @@ __all__ = ["BACKWARD_MMA_KERNEL_NAMES", "check_backward_mma_shape", "check_backw
 BACKWARD_MMA_KERNEL_NAMES = ("bwd_dq", "bwd_dkdv")
 
 
-def check_backward_mma_shape(spec: AttentionSpec, br: int, bc: int, warps: int) -> None:
+def check_backward_mma_shape(spec: AttentionSpec, br: int, bc: int, warps: int, stages: int = 2) -> None:
     """Raise ``ValueError`` when the tensor-core backward cannot take this spec and tile shape."""
     if spec.dtype not in MMA_TYPES:
         raise ValueError(f"the tensor-core backward needs float16 or bfloat16 inputs, got {spec.dtype}")
@@ -69,8 +71,10 @@ def check_backward_mma_shape(spec: AttentionSpec, br: int, bc: int, warps: int) 
         raise ValueError(f"the tensor-core backward needs bc a multiple of 16, got {bc}")
     if br != 16 * warps:
         raise ValueError(f"the tensor-core backward needs br == 16 * warps ({16 * warps}), got br={br}")
-    if _shared_elems(br, bc, spec.head_dim) * 2 > SHARED_BYTES_MAX:
-        raise ValueError(f"br={br}, bc={bc}, head_dim={spec.head_dim} need more than the "
+    if stages not in (1, 2):
+        raise ValueError(f"stages must be 1 or 2, got {stages}")
+    if _shared_elems(br, bc, spec.head_dim, stages) * 2 > SHARED_BYTES_MAX:
+        raise ValueError(f"br={br}, bc={bc}, head_dim={spec.head_dim}, stages={stages} need more than the "
                          f"{SHARED_BYTES_MAX // 1024} KB of shared memory a block may have")
 
 
@@ -83,16 +87,17 @@ def check_backward_mma_plan(plan_shape, num_comp) -> None:
                          f"no split-KV, no CSR fallback rows), got {plan_shape.key}")
 
 
-def _shared_elems(br, bc, d):
-    """Elements of the shared buffer: two tile operands, two block operands, P and dS staging."""
+def _shared_elems(br, bc, d, stages):
+    """Elements of the shared buffer: two tile operands, two block operands per stage, P and dS
+    staging."""
     dp = d + ROW_PAD
-    return 2 * br * dp + 2 * bc * dp + 2 * br * (bc + ROW_PAD)
+    return 2 * br * dp + 2 * stages * bc * dp + 2 * br * (bc + ROW_PAD)
 
 
-def _steps(spec: AttentionSpec, plan_shape, warps: int):
+def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int):
     """The steps both kernels are made of, as a namespace of TIR helpers and ``T.macro``\\ s."""
     BR, BC, W = plan_shape.br, plan_shape.bc, warps
-    check_backward_mma_shape(spec, BR, BC, W)
+    check_backward_mma_shape(spec, BR, BC, W, stages)
     D, N, S, dt = spec.head_dim, spec.seq_len, spec.max_segments, spec.dtype
     ab = MMA_TYPES[dt]
     DP = D + ROW_PAD  # elements per shared row
@@ -101,9 +106,11 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int):
     NTHR = 32 * W
     CH = D // 8  # 16-byte chunks per row
     X_OFF, Y_OFF = 0, BR * DP  # tile operands (Q, dO | K, V)
-    U_OFF, W_OFF = 2 * BR * DP, 2 * BR * DP + BC * DP  # block operands (K, V | Q, dO)
-    P_OFF, DS_OFF = 2 * (BR + BC) * DP, 2 * (BR + BC) * DP + BR * PP  # staging of the exact path
-    SMEM = _shared_elems(BR, BC, D)
+    U_OFF = 2 * BR * DP  # block operands (K, V | Q, dO), ``stages`` of each
+    W_OFF = U_OFF + stages * BC * DP
+    P_OFF = W_OFF + stages * BC * DP  # staging of the exact path: P, then dS
+    DS_OFF = P_OFF + BR * PP
+    SMEM = _shared_elems(BR, BC, D, stages)
     zero = T.Cast(dt, T.float32(0))
     # same exponent-bit test as the forward: a 16-bit element is NaN or inf exactly when adding
     # one to its exponent carries into its sign bit
@@ -146,10 +153,35 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int):
                         src[b, h, T.min(first + stride * chunk_row(it, tid), N - 1), chunk_col(it, tid) + e], zero)
 
     @T.macro
-    def flag_nonfinite(smem, base, bad, words, nonfinite, tag, nrows_max, tid):
-        # this thread's own chunks of the rows at base: if one holds a NaN or inf, tag ``bad``
-        # with ``tag`` (read through PTX, untracked by TVM's barrier planner, as in the forward;
-        # the barrier that follows publishes the tag)
+    def issue_rows(smem, base, src, b, h, first, stride, count, tid):
+        # cp.async of the BC rows first + stride * u of src[b, h] -> shared at base; rows
+        # u >= count are zero-filled (source size 0; the address is clamped into the tensor)
+        for it in T.serial((BC * CH + NTHR - 1) // NTHR):
+            if it * NTHR + tid < BC * CH:
+                T.evaluate(T.ptx["cp.async.cg.shared.global"](
+                    T.address_of(smem[base + chunk_row(it, tid) * DP + chunk_col(it, tid)]),
+                    src.access_ptr("r", offset=((b * src.shape[1] + h) * N + T.min(
+                        first + stride * chunk_row(it, tid), N - 1)) * D + chunk_col(it, tid)),
+                    16, T.Cast("uint32", T.if_then_else(chunk_row(it, tid) < count, 16, 0))))
+
+    @T.macro
+    def fetch_block(smem, u_src, w_src, b, h, col0, sig, st, tid):
+        # a column block's two operands -> stage st: plain loads (stages == 1, the caller's
+        # barriers order them) or cp.async (stages == 2, committed as one group)
+        if stages == 1:
+            load_rows(smem, U_OFF, u_src, b, h, col0, sig, T.min(BC, (N - 1 - col0) // sig + 1), BC, tid)
+            load_rows(smem, W_OFF, w_src, b, h, col0, sig, T.min(BC, (N - 1 - col0) // sig + 1), BC, tid)
+        else:
+            issue_rows(smem, U_OFF + st * BC * DP, u_src, b, h, col0, sig, T.min(BC, (N - 1 - col0) // sig + 1), tid)
+            issue_rows(smem, W_OFF + st * BC * DP, w_src, b, h, col0, sig, T.min(BC, (N - 1 - col0) // sig + 1), tid)
+            T.evaluate(T.ptx.cp.async_.commit_group())
+
+    @T.macro
+    def flag_nonfinite(smem, base, bad, slot, words, nonfinite, tag, nrows_max, tid):
+        # this thread's own chunks of the rows at base (its stores or cp.async copies): if one
+        # holds a NaN or inf, tag ``bad[slot]`` (one slot per stage) with ``tag`` (through PTX,
+        # untracked by TVM's barrier planner, as in the forward; the barrier that follows
+        # publishes the tag)
         nonfinite[0] = T.uint32(0)
         for it in T.serial((nrows_max * CH + NTHR - 1) // NTHR):
             if it * NTHR + tid < nrows_max * CH:
@@ -158,7 +190,7 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int):
                 for i in T.unroll(4):
                     nonfinite[0] = nonfinite[0] | (((words[i] & EXP_BITS) + EXP_CARRY) & SIGN_BITS)
         if nonfinite[0] != T.uint32(0):
-            T.ptx.st.shared.b32(T.address_of(bad[0]), tag)
+            T.ptx.st.shared.b32(T.address_of(bad[slot]), tag)
 
     @T.macro
     def cache_row_segments(sg, rows, seg_start, seg_count, seg_sigma, hm, w, lane, nrows):
@@ -242,26 +274,30 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int):
                         dst[b, h, rows[r], dtl * 8 + lane % 4 * 2 + e] = T.Cast(dt, acc[dtl * 4 + r * 2 + e] * factor)
 
     return SimpleNamespace(
-        BR=BR, BC=BC, W=W, D=D, DT=DT, NTL=NTL, SMEM=SMEM, X_OFF=X_OFF, Y_OFF=Y_OFF, U_OFF=U_OFF, W_OFF=W_OFF,
+        BR=BR, BC=BC, W=W, D=D, DP=DP, DT=DT, NTL=NTL, SMEM=SMEM, X_OFF=X_OFF, Y_OFF=Y_OFF, U_OFF=U_OFF, W_OFF=W_OFF,
         P_OFF=P_OFF, DS_OFF=DS_OFF, tile_row=tile_row, acc_col=acc_col, member=member, load_rows=load_rows,
+        fetch_block=fetch_block,
         flag_nonfinite=flag_nonfinite, cache_row_segments=cache_row_segments, tile_by_block=tile_by_block,
         as_operand=as_operand, accumulate_tc=accumulate_tc, stage_operand=stage_operand,
         accumulate_exact=accumulate_exact, full_row_sum=full_row_sum, store_tile=store_tile)
 
 
-def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4):
+def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages: int = 2):
     """``bwd_dq`` on tensor cores for ``spec`` and the mask's direct tile plan of shape
-    ``plan_shape`` (``br == 16 * warps``): ``delta`` and ``dq`` (see the module docstring)."""
-    st = _steps(spec, plan_shape, warps)
+    ``plan_shape`` (``br == 16 * warps``): ``delta`` and ``dq`` (see the module docstring).
+    ``stages=2``: K/V blocks double-buffered, fetched with ``cp.async`` one block ahead (one
+    barrier per block, as the forward's two-stage form); ``stages=1``: plain loads, two."""
+    st = _steps(spec, plan_shape, warps, stages)
     tile_row, member, acc_col = st.tile_row, st.member, st.acc_col
-    load_rows, flag_nonfinite, cache_row_segments = st.load_rows, st.flag_nonfinite, st.cache_row_segments
+    load_rows, fetch_block = st.load_rows, st.fetch_block
+    flag_nonfinite, cache_row_segments = st.flag_nonfinite, st.cache_row_segments
     tile_by_block, as_operand, accumulate_tc = st.tile_by_block, st.as_operand, st.accumulate_tc
     stage_operand, accumulate_exact, full_row_sum, store_tile = (st.stage_operand, st.accumulate_exact,
                                                                  st.full_row_sum, st.store_tile)
     B, H, KVH, G, N, D = spec.batch, spec.heads, spec.kv_heads, spec.group, spec.seq_len, spec.head_dim
     HM, S, dt = spec.mask_heads, spec.max_segments, spec.dtype
     NT, NB = plan_shape.num_tiles, plan_shape.num_blocks
-    BR, BC, W, DT, NTL, SMEM = st.BR, st.BC, st.W, st.DT, st.NTL, st.SMEM
+    BR, BC, W, DP, DT, NTL, SMEM = st.BR, st.BC, st.W, st.DP, st.DT, st.NTL, st.SMEM
     X_OFF, Y_OFF, U_OFF, W_OFF, DS_OFF = st.X_OFF, st.Y_OFF, st.U_OFF, st.W_OFF, st.DS_OFF
     c2, log2e, scale = T.float32(spec.scale * LOG2E), T.float32(LOG2E), T.float32(spec.scale)
 
@@ -323,7 +359,8 @@ def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4):
                             T.reads()
                             T.writes()
                             smem = T.sblock_alloc_buffer((SMEM,), dt, scope="shared.dyn")
-                            bad = T.sblock_alloc_buffer((1,), "int32", scope="shared")  # 1 + block with a non-finite K
+                            # per stage: 1 + the block index whose K holds a non-finite value
+                            bad = T.sblock_alloc_buffer((stages,), "int32", scope="shared")
                             af = T.sblock_alloc_buffer((8,), dt, scope="local")
                             bf = T.sblock_alloc_buffer((8,), dt, scope="local")
                             dsf = T.sblock_alloc_buffer((BC // 2,), dt, scope="local")
@@ -351,45 +388,60 @@ def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4):
                                 rows[r] = row0 + rstr * tile_row(w, lane, r)
                             for i in T.unroll(DT * 4):
                                 acc[i] = T.float32(0)
-                            if tid == 0:
-                                T.ptx.st.shared.b32(T.address_of(bad[0]), 0)
+                            if tid < stages:
+                                T.ptx.st.shared.b32(T.address_of(bad[tid]), 0)
                             load_rows(smem, X_OFF, q, b, h, row0, rstr, nrows, BR, tid)
                             load_rows(smem, Y_OFF, dout, b, h, row0, rstr, nrows, BR, tid)
+                            if stages == 2:
+                                if blk_hi > blk_lo:
+                                    fetch_block(smem, k, v, b, hk, blocks[hm, blk_lo, 0], blocks[hm, blk_lo, 1], 0, tid)
                             cache_row_segments(sg, rows, seg_start, seg_count, seg_sigma, hm, w, lane, nrows)
                             row_stats(lrow, drow, dout, out, lse, dlse, delta, rows, b, h, w, lane, nrows)
+                            T.tvm_storage_sync("shared.dyn")  # the flags' zeros come before any tag
                             for j in T.serial(blk_hi - blk_lo):
                                 col0: T.let[T.int32] = blocks[hm, blk_lo + j, 0]
                                 sig: T.let[T.int32] = blocks[hm, blk_lo + j, 1]
                                 full: T.let[T.int32] = blocks[hm, blk_lo + j, 2]
-                                T.tvm_storage_sync("shared.dyn")  # the previous block is consumed
-                                load_rows(smem, U_OFF, k, b, hk, col0, sig, T.min(BC, (N - 1 - col0) // sig + 1), BC, tid)
-                                load_rows(smem, W_OFF, v, b, hk, col0, sig, T.min(BC, (N - 1 - col0) // sig + 1), BC, tid)
+                                stg: T.let[T.int32] = j % stages
+                                if stages == 1:
+                                    T.tvm_storage_sync("shared.dyn")  # the previous block is consumed
+                                    fetch_block(smem, k, v, b, hk, col0, sig, 0, tid)
+                                else:
+                                    T.evaluate(T.ptx["cp.async.wait_group"](0))  # block j landed (own copies)
                                 if full == 0:
-                                    flag_nonfinite(smem, U_OFF, bad, words, nonfinite, j + 1, BC, tid)
+                                    flag_nonfinite(smem, U_OFF + stg * BC * DP, bad, stg, words, nonfinite, j + 1, BC, tid)
+                                # everyone's copies of block j are in; stages == 2: block j - 1's
+                                # stage is free for block j + 1
                                 T.tvm_storage_sync("shared.dyn")
-                                tile_by_block(sacc, af, bf, smem, X_OFF, U_OFF, w, lane)   # S = Q K^T
-                                tile_by_block(dpacc, af, bf, smem, Y_OFF, W_OFF, w, lane)  # dP = dO V^T
+                                if stages == 2:
+                                    if j + 1 < blk_hi - blk_lo:
+                                        fetch_block(smem, k, v, b, hk, blocks[hm, blk_lo + j + 1, 0],
+                                                    blocks[hm, blk_lo + j + 1, 1], (j + 1) % stages, tid)
+                                tile_by_block(sacc, af, bf, smem, X_OFF, U_OFF + stg * BC * DP, w, lane)   # S = Q K^T
+                                tile_by_block(dpacc, af, bf, smem, Y_OFF, W_OFF + stg * BC * DP, w, lane)  # dP = dO V^T
                                 probabilities(sacc, dpacc, sg, lrow, drow, full, col0, sig, lane)
                                 as_operand(dsf, dpacc)
-                                T.ptx.ld.shared.b32(flag[0], T.address_of(bad[0]))
+                                T.ptx.ld.shared.b32(flag[0], T.address_of(bad[stg]))
                                 if flag[0] == j + 1:  # a masked-out K row may be non-finite: exact dS K
                                     stage_operand(smem, DS_OFF, dsf, w, lane)
                                     T.tvm_storage_sync("shared.dyn")
-                                    accumulate_exact(acc, smem, DS_OFF, U_OFF, w, lane)
+                                    accumulate_exact(acc, smem, DS_OFF, U_OFF + stg * BC * DP, w, lane)
                                 else:
-                                    accumulate_tc(acc, dsf, bf, smem, U_OFF, lane)  # dQ += dS K
+                                    accumulate_tc(acc, dsf, bf, smem, U_OFF + stg * BC * DP, lane)  # dQ += dS K
                             store_tile(dq, b, h, acc, scale, rows, w, lane, nrows)
 
     return bwd_dq
 
 
-def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4):
+def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages: int = 2):
     """``bwd_dkdv`` on tensor cores for ``spec`` (the *transposed* mask's spec) and the
     transposed mask's direct tile plan of shape ``plan_shape``: ``dk`` and ``dv`` per key tile,
-    summed over the query heads of the KV head's group (see the module docstring)."""
-    st = _steps(spec, plan_shape, warps)
+    summed over the query heads of the KV head's group (see the module docstring). The program
+    walks (group head, block) pairs as one sequence, so ``stages=2`` prefetches across heads."""
+    st = _steps(spec, plan_shape, warps, stages)
     tile_row, member, acc_col = st.tile_row, st.member, st.acc_col
-    load_rows, flag_nonfinite, cache_row_segments = st.load_rows, st.flag_nonfinite, st.cache_row_segments
+    load_rows, fetch_block = st.load_rows, st.fetch_block
+    flag_nonfinite, cache_row_segments = st.flag_nonfinite, st.cache_row_segments
     tile_by_block, as_operand, accumulate_tc = st.tile_by_block, st.as_operand, st.accumulate_tc
     stage_operand, accumulate_exact, store_tile = st.stage_operand, st.accumulate_exact, st.store_tile
     B, H, KVH, G, N, D = spec.batch, spec.heads, spec.kv_heads, spec.group, spec.seq_len, spec.head_dim
@@ -398,7 +450,7 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4):
         raise ValueError(f"the tensor-core dK/dV kernel needs the query heads of a group to share one mask head "
                          f"({HM} mask heads, groups of {G})")
     NT, NB = plan_shape.num_tiles, plan_shape.num_blocks
-    BR, BC, W, DT, NTL, SMEM = st.BR, st.BC, st.W, st.DT, st.NTL, st.SMEM
+    BR, BC, W, DP, DT, NTL, SMEM = st.BR, st.BC, st.W, st.DP, st.DT, st.NTL, st.SMEM
     X_OFF, Y_OFF, U_OFF, W_OFF, P_OFF, DS_OFF = st.X_OFF, st.Y_OFF, st.U_OFF, st.W_OFF, st.P_OFF, st.DS_OFF
     c2, log2e, scale = T.float32(spec.scale * LOG2E), T.float32(LOG2E), T.float32(spec.scale)
 
@@ -442,7 +494,8 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4):
                             T.reads()
                             T.writes()
                             smem = T.sblock_alloc_buffer((SMEM,), dt, scope="shared.dyn")
-                            bad = T.sblock_alloc_buffer((1,), "int32", scope="shared")  # 1 + block with a non-finite Q or dO
+                            # per stage: 1 + the step whose Q or dO block holds a non-finite value
+                            bad = T.sblock_alloc_buffer((stages,), "int32", scope="shared")
                             af = T.sblock_alloc_buffer((8,), dt, scope="local")
                             bf = T.sblock_alloc_buffer((8,), dt, scope="local")
                             pf = T.sblock_alloc_buffer((BC // 2,), dt, scope="local")
@@ -464,46 +517,60 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4):
                             nrows: T.let[T.int32] = ttiles[hm, vt, 2]
                             blk_lo: T.let[T.int32] = ttiles[hm, vt, 4]
                             blk_hi: T.let[T.int32] = ttiles[hm, vt, 5]
+                            nblk: T.let[T.int32] = blk_hi - blk_lo
                             tid: T.let[T.int32] = w * 32 + lane
                             for r in T.unroll(2):
                                 rows[r] = row0 + rstr * tile_row(w, lane, r)
                             for i in T.unroll(DT * 4):
                                 acc_k[i] = T.float32(0)
                                 acc_v[i] = T.float32(0)
-                            if tid == 0:
-                                T.ptx.st.shared.b32(T.address_of(bad[0]), 0)
+                            if tid < stages:
+                                T.ptx.st.shared.b32(T.address_of(bad[tid]), 0)
                             load_rows(smem, X_OFF, k, b, hk, row0, rstr, nrows, BR, tid)
                             load_rows(smem, Y_OFF, v, b, hk, row0, rstr, nrows, BR, tid)
+                            if stages == 2:
+                                if nblk > 0:
+                                    fetch_block(smem, q, dout, b, hk * G, tblocks[hm, blk_lo, 0], tblocks[hm, blk_lo, 1], 0, tid)
                             cache_row_segments(sg, rows, tseg_start, tseg_count, tseg_sigma, hm, w, lane, nrows)
-                            for g in T.serial(G):
-                                for j in T.serial(blk_hi - blk_lo):
-                                    col0: T.let[T.int32] = tblocks[hm, blk_lo + j, 0]
-                                    sig: T.let[T.int32] = tblocks[hm, blk_lo + j, 1]
-                                    full: T.let[T.int32] = tblocks[hm, blk_lo + j, 2]
+                            T.tvm_storage_sync("shared.dyn")  # the flags' zeros come before any tag
+                            # step t: query head hk * G + t // nblk of the group, block t % nblk
+                            for t in T.serial(G * nblk):
+                                h: T.let[T.int32] = hk * G + t // nblk
+                                col0: T.let[T.int32] = tblocks[hm, blk_lo + t % nblk, 0]
+                                sig: T.let[T.int32] = tblocks[hm, blk_lo + t % nblk, 1]
+                                full: T.let[T.int32] = tblocks[hm, blk_lo + t % nblk, 2]
+                                stg: T.let[T.int32] = t % stages
+                                if stages == 1:
                                     T.tvm_storage_sync("shared.dyn")  # the previous block is consumed
-                                    load_rows(smem, U_OFF, q, b, hk * G + g, col0, sig, T.min(BC, (N - 1 - col0) // sig + 1),
-                                              BC, tid)
-                                    load_rows(smem, W_OFF, dout, b, hk * G + g, col0, sig,
-                                              T.min(BC, (N - 1 - col0) // sig + 1), BC, tid)
-                                    if full == 0:
-                                        flag_nonfinite(smem, U_OFF, bad, words, nonfinite, g * (blk_hi - blk_lo) + j + 1, BC, tid)
-                                        flag_nonfinite(smem, W_OFF, bad, words, nonfinite, g * (blk_hi - blk_lo) + j + 1, BC, tid)
+                                    fetch_block(smem, q, dout, b, h, col0, sig, 0, tid)
+                                else:
+                                    T.evaluate(T.ptx["cp.async.wait_group"](0))  # step t landed (own copies)
+                                if full == 0:
+                                    flag_nonfinite(smem, U_OFF + stg * BC * DP, bad, stg, words, nonfinite, t + 1, BC, tid)
+                                    flag_nonfinite(smem, W_OFF + stg * BC * DP, bad, stg, words, nonfinite, t + 1, BC, tid)
+                                # everyone's copies of step t are in; stages == 2: step t - 1's
+                                # stage is free for step t + 1
+                                T.tvm_storage_sync("shared.dyn")
+                                if stages == 2:
+                                    if t + 1 < G * nblk:
+                                        fetch_block(smem, q, dout, b, hk * G + (t + 1) // nblk,
+                                                    tblocks[hm, blk_lo + (t + 1) % nblk, 0],
+                                                    tblocks[hm, blk_lo + (t + 1) % nblk, 1], (t + 1) % stages, tid)
+                                tile_by_block(sacc, af, bf, smem, X_OFF, U_OFF + stg * BC * DP, w, lane)   # S^T = K Q^T
+                                tile_by_block(dpacc, af, bf, smem, Y_OFF, W_OFF + stg * BC * DP, w, lane)  # dP^T = V dO^T
+                                probabilities_t(sacc, dpacc, sg, lse, delta, b, h, full, col0, sig, lane)
+                                as_operand(pf, sacc)
+                                as_operand(dsf, dpacc)
+                                T.ptx.ld.shared.b32(flag[0], T.address_of(bad[stg]))
+                                if flag[0] == t + 1:  # exact products (a masked-out Q or dO row is non-finite)
+                                    stage_operand(smem, P_OFF, pf, w, lane)
+                                    stage_operand(smem, DS_OFF, dsf, w, lane)
                                     T.tvm_storage_sync("shared.dyn")
-                                    tile_by_block(sacc, af, bf, smem, X_OFF, U_OFF, w, lane)   # S^T = K Q^T
-                                    tile_by_block(dpacc, af, bf, smem, Y_OFF, W_OFF, w, lane)  # dP^T = V dO^T
-                                    probabilities_t(sacc, dpacc, sg, lse, delta, b, hk * G + g, full, col0, sig, lane)
-                                    as_operand(pf, sacc)
-                                    as_operand(dsf, dpacc)
-                                    T.ptx.ld.shared.b32(flag[0], T.address_of(bad[0]))
-                                    if flag[0] == g * (blk_hi - blk_lo) + j + 1:  # exact products (a masked-out row is non-finite)
-                                        stage_operand(smem, P_OFF, pf, w, lane)
-                                        stage_operand(smem, DS_OFF, dsf, w, lane)
-                                        T.tvm_storage_sync("shared.dyn")
-                                        accumulate_exact(acc_v, smem, P_OFF, W_OFF, w, lane)
-                                        accumulate_exact(acc_k, smem, DS_OFF, U_OFF, w, lane)
-                                    else:
-                                        accumulate_tc(acc_v, pf, bf, smem, W_OFF, lane)   # dV += P^T dO
-                                        accumulate_tc(acc_k, dsf, bf, smem, U_OFF, lane)  # dK += dS^T Q
+                                    accumulate_exact(acc_v, smem, P_OFF, W_OFF + stg * BC * DP, w, lane)
+                                    accumulate_exact(acc_k, smem, DS_OFF, U_OFF + stg * BC * DP, w, lane)
+                                else:
+                                    accumulate_tc(acc_v, pf, bf, smem, W_OFF + stg * BC * DP, lane)   # dV += P^T dO
+                                    accumulate_tc(acc_k, dsf, bf, smem, U_OFF + stg * BC * DP, lane)  # dK += dS^T Q
                             store_tile(dk, b, hk, acc_k, scale, rows, w, lane, nrows)
                             store_tile(dv, b, hk, acc_v, T.float32(1), rows, w, lane, nrows)
 
