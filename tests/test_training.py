@@ -73,6 +73,9 @@ def test_half_precision_on_a_cuda_target_takes_the_tensor_core_kernels():
     assert csr.kernels == "rows" and "CSR fallback rows" in repr(csr)
     odd_dim = plan_training("window:4", (1, 2, 40, 40), dtype="float16", device="cuda", target="nvidia/nvidia-h100")
     assert odd_dim.kernels == "rows" and "head_dim a multiple of 16" in repr(odd_dim)
+    off = plan_training("window:4", (1, 2, 40, 64), dtype="float16", device="cuda", target="nvidia/nvidia-h100",
+                        tensor_cores=False)
+    assert off.kernels == "rows" and "tensor_cores=False" in repr(off)
 
 
 def test_a_pure_dilated_mask_keeps_its_row_aligned_tiles_on_tensor_cores():

@@ -69,11 +69,14 @@ class TrainingPlan:
     dq, dkdv; tensor cores only).
     """
 
-    def __init__(self, mask, acsr: ACSR, transposed: ACSR, spec: BackwardSpec, target, device, mma_knobs=None):
+    def __init__(self, mask, acsr: ACSR, transposed: ACSR, spec: BackwardSpec, target, device, mma_knobs=None,
+                 tensor_cores: bool = True):
         self.mask, self.acsr, self.transposed, self.spec = mask, acsr, transposed, spec
         self.target, self.device = target, device
         self.kernels, self.fallback_reason, self.mma_knobs, self.tile_plans = "rows", None, None, None
-        if is_gpu(target) and spec.rows.dtype in MMA_TYPES:
+        if is_gpu(target) and spec.rows.dtype in MMA_TYPES and not tensor_cores:
+            self.fallback_reason = "tensor_cores=False"
+        elif is_gpu(target) and spec.rows.dtype in MMA_TYPES:
             knobs = mma_knobs or default_backward_mma_knobs(spec, target)
             plans = (_direct_tile_plan(acsr, br=knobs.forward.br, bc=knobs.forward.bc),
                      _direct_tile_plan(acsr, br=knobs.br, bc=knobs.dq_bc),
@@ -214,13 +217,14 @@ def _transposed(mask, acsr: ACSR, max_segments: int) -> ACSR:
 
 
 def plan_training(mask, q_shape, kv_shape=None, dtype="float32", device="cpu", *, target=None, scale=None,
-                  max_segments: int = 4, mma_knobs=None) -> TrainingPlan:
+                  max_segments: int = 4, mma_knobs=None, tensor_cores: bool = True) -> TrainingPlan:
     """Plan the training kernels for q ``q_shape = [batch, heads, n, head_dim]`` and k, v
     ``kv_shape`` (default ``q_shape``) in ``dtype``. ``mask``: an ACSR, a pattern or a pattern
     string (head count 1 or ``heads``). ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a
     torch/TVM device; ``target`` defaults to the device's own; ``scale`` to ``1/sqrt(head_dim)``;
     ``mma_knobs`` (a :class:`~tvm_splat.schedules.backward_mma.BackwardMmaKnobs`) replaces the
-    tensor-core kernels' default knobs (float16/bfloat16 on a GPU only)."""
+    tensor-core kernels' default knobs (float16/bfloat16 on a GPU only); ``tensor_cores=False``
+    runs the row kernels there instead (A/B comparisons, triage)."""
     q_shape = tuple(int(s) for s in q_shape)
     kv_shape = q_shape if kv_shape is None else tuple(int(s) for s in kv_shape)
     if len(q_shape) != 4 or len(kv_shape) != 4 or min(q_shape + kv_shape) < 1:
@@ -244,4 +248,4 @@ def plan_training(mask, q_shape, kv_shape=None, dtype="float32", device="cpu", *
     transposed = _transposed(mask, acsr, max_segments)
     spec = BackwardSpec.from_acsrs(acsr, transposed, batch, heads, head_dim, dtype, check_scale(scale),
                                    kv_heads=kv_shape[1])
-    return TrainingPlan(mask, acsr, transposed, spec, target, dev, mma_knobs)
+    return TrainingPlan(mask, acsr, transposed, spec, target, dev, mma_knobs, tensor_cores)

@@ -169,6 +169,31 @@ def test_tensor_core_training_matches_float64_at_dense_sdpa_error(name, mask, he
 
 
 @pytest.mark.parametrize("stages", [2, 1])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name,mask,heads,kv_heads,n", [TC_CASES[2], TC_CASES[4]], ids=[TC_CASES[2][0], TC_CASES[4][0]])
+def test_tensor_core_kernels_one_by_one_against_the_row_kernels(name, mask, heads, kv_heads, n, dtype, stages):
+    """Triage: each tensor-core kernel against the row kernels on the same inputs (the forward;
+    then the backward fed the row kernels' own out and lse), so a failure names its kernel. The
+    row kernels accumulate in float32 per row; tolerance: 4 half-ulps of the dtype relative to
+    the largest magnitude, 8 for the gradients (P and dS are rounded to the dtype on tensor cores)."""
+    from tvm_splat.training import plan_training
+
+    d = 64
+    tc = _tensor_core_plan(mask, heads, kv_heads, n, d, dtype, stages)
+    rows = plan_training(mask, (2, heads, n, d), (2, kv_heads, n, d), str(dtype).replace("torch.", ""), "cuda",
+                         tensor_cores=False)
+    q, k, v, dout = _inputs(2, heads, kv_heads, n, d, dtype, seed=3)
+    out_r, lse_r = rows.forward(q, k, v)
+    out_t, lse_t = tc.forward(q, k, v)
+    rel = lambda a, b: float((a.double() - b.double()).abs().max() / b.double().abs().max())  # noqa: E731
+    assert rel(out_t, out_r) <= 4 * EPS[dtype], "fwd_lse: out"
+    assert float((lse_t - lse_r).abs().max()) <= 1e-2, "fwd_lse: lse"
+    for which, a, b in zip(("bwd_dq: dq", "bwd_dkdv: dk", "bwd_dkdv: dv"),
+                           tc.backward(q, k, v, out_r, lse_r, dout), rows.backward(q, k, v, out_r, lse_r, dout)):
+        assert rel(a, b) <= 8 * EPS[dtype], f"{which}: {rel(a, b):.3g}"
+
+
+@pytest.mark.parametrize("stages", [2, 1])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_tensor_core_nan_in_masked_out_rows_does_not_leak(dtype, d, stages):
