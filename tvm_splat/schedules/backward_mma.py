@@ -8,9 +8,10 @@ runs on, and whether the workload can take the tensor-core path at all.
   (:func:`~tvm_splat.kernels.tiled_mma.tiled_mma_func`, ``with_lse=True``), under the forward's
   default knobs (:func:`~tvm_splat.schedules.tiled.default_tiled_knobs`) with split-KV off (the
   lse is written by the tile's one program).
-* ``bwd_dq``: query tiles of ``BACKWARD_BR`` rows over column blocks of ``BACKWARD_BC`` of the
-  mask's plan; ``bwd_dkdv``: key tiles of ``BACKWARD_BR`` over blocks of the transposed mask's
-  plan, ``bc`` by head dim (:func:`default_backward_mma_knobs`).
+* ``bwd_dq``: query tiles of ``BACKWARD_BR`` rows over column blocks of the mask's plan;
+  ``bwd_dkdv``: key tiles of ``BACKWARD_BR`` over blocks of the transposed mask's plan; blocks
+  of ``BACKWARD_BC`` columns, ``BACKWARD_BC_WIDE_HEADS`` above head_dim 64
+  (:func:`default_backward_mma_knobs`).
 
 Public API: :class:`BackwardMmaKnobs`, :func:`default_backward_mma_knobs`,
 :func:`tensor_core_training_refusal`, :func:`backward_mma_funcs`.
@@ -32,12 +33,14 @@ __all__ = ["BackwardMmaKnobs", "default_backward_mma_knobs", "tensor_core_traini
 
 #: rows per tile of both backward kernels (4 warps x 16 rows)
 BACKWARD_BR = 64
-#: columns per block of both backward kernels, except ``bwd_dkdv`` at head_dim > 64, whose two
-#: float32 accumulators (dK and dV) and two score tiles then need 255 registers and spill with
-#: 64-column blocks (ptxas for sm_90a: 255 registers and 8 bytes of spills at d=128, bc=64; 244
-#: and none at bc=32; d=64, bc=64: 240 and none). Untuned: no GPU measurement yet.
+#: columns per block of both backward kernels up to head_dim 64, and ``BACKWARD_BC_WIDE_HEADS``
+#: above. At head_dim 128 with 64-column blocks ``bwd_dkdv`` (two float32 accumulators, dK and
+#: dV, beside two score tiles) needs 255 registers and spills (ptxas for sm_90a: 8 bytes; 243 and
+#: none at bc=32; d=64, bc=64: 239 and none), and ``bwd_dq`` with two K/V stages needs 120 KB of
+#: shared memory, one thread block per SM on the H200's 228 KB (78 KB at bc=32: two; registers,
+#: 168 per thread, allow three). Untuned: no GPU measurement yet.
 BACKWARD_BC = 64
-DKDV_BC_WIDE_HEADS = 32
+BACKWARD_BC_WIDE_HEADS = 32
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,8 @@ class BackwardMmaKnobs:
 def default_backward_mma_knobs(spec: BackwardSpec, target) -> BackwardMmaKnobs:
     """The knobs when nothing is tuned (see the module docstring)."""
     forward = dataclasses.replace(default_tiled_knobs(spec.rows, target), split_blocks=0)
-    dkdv_bc = BACKWARD_BC if spec.rows.head_dim <= 64 else DKDV_BC_WIDE_HEADS
-    return BackwardMmaKnobs(forward, dkdv_bc=dkdv_bc)
+    bc = BACKWARD_BC if spec.rows.head_dim <= 64 else BACKWARD_BC_WIDE_HEADS
+    return BackwardMmaKnobs(forward, dq_bc=bc, dkdv_bc=bc)
 
 
 def tensor_core_training_refusal(spec: BackwardSpec, target, knobs: BackwardMmaKnobs, plans) -> str | None:
