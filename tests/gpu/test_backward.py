@@ -65,6 +65,9 @@ def test_gradients_at_dense_sdpa_error(name, acsr, heads, gqa, dtype):
 
 
 def test_nan_in_padded_keys_does_not_leak_on_the_gpu():
+    """NaN / inf in padded keys and values: the gradients stay finite and equal the clean run's
+    up to rounding (bf16 runs the tensor-core kernels, where a block holding a non-finite
+    masked-out row takes the exact CUDA-core path, whose sums run in another order)."""
     from tvm_splat.autograd import register_mask, sparse_attention
 
     n = 200
@@ -77,7 +80,7 @@ def test_nan_in_padded_keys_does_not_leak_on_the_gpu():
     dirty = _grads(lambda q, k, v: sparse_attention(q, k, v, handle), q, k, v, dout)
     for a, b in zip(clean, dirty):
         assert torch.isfinite(b).all()
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert float((b.float() - a.float()).abs().max()) <= 4 * EPS[torch.bfloat16] * float(a.float().abs().max())
 
 
 # ---------------------------------------------------------------------------- tensor cores
