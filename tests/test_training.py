@@ -1,4 +1,5 @@
 """Training plans (tvm_splat/training.py): made once, checked inputs, closed-form transposes."""
+import numpy as np
 import pytest
 
 from tvm_splat.formats import ACSR, Window
@@ -39,3 +40,54 @@ def test_bad_plans_are_named():
         plan_training("window:2", (1, 2, 9, 4), dtype="float64", target="nvidia/nvidia-h100")
     with pytest.raises(ValueError, match="4 positive ints"):
         plan_training("window:2", (1, 2, 9))
+
+
+def test_half_precision_on_a_cuda_target_takes_the_tensor_core_kernels():
+    """fp16/bf16 on CUDA: the tensor-core kernels on three direct tile plans (forward, dq over
+    the mask, dk/dv over its transpose) whose tables the plan uploads under the kernels'
+    parameter names; float32 and the CPU keep the row kernels."""
+    from tvm_splat.formats import PerHead
+    from tvm_splat.kernels.backward_mma import check_backward_mma_plan
+
+    plan = plan_training("global:2+causal_window:8", (1, 4, 100, 64), (1, 2, 100, 64), "bfloat16", "cuda",
+                         target="nvidia/nvidia-h100")
+    assert plan.kernels == "tensor-cores" and plan.fallback_reason is None
+    fwd, dq, dkdv = plan.tile_plans
+    for p in plan.tile_plans:
+        check_backward_mma_plan(p.shape, p.num_comp)
+    assert (dkdv.covered(0) == plan.acsr.to_dense()[0].T).all() and (dq.covered(0) == plan.acsr.to_dense()[0]).all()
+    tables = plan.tables()
+    assert (tables["ttiles"] == dkdv.tiles).all() and (tables["tblocks"] == dkdv.blocks).all()
+    assert (tables["fwd_tiles"] == fwd.tiles).all() and (tables["tiles"] == dq.tiles).all()
+    assert (tables["tseg_start"] == plan.transposed.seg_start).all()
+    for dtype, device, target in (("float32", "cuda", "nvidia/nvidia-h100"), ("float16", "cpu", None)):
+        rows = plan_training("window:4", (1, 2, 40, 64), dtype=dtype, device=device, target=target)
+        assert rows.kernels == "rows" and rows.fallback_reason is None and rows.tile_plans is None
+    # what the tensor-core kernels cannot take runs the row kernels, and the repr says why
+    gqa_per_head = plan_training(PerHead((Window(2), Window(3), Window(4), Window(5))), (1, 4, 64, 64),
+                                 (1, 2, 64, 64), "float16", "cuda", target="nvidia/nvidia-h100")
+    assert gqa_per_head.kernels == "rows" and "share one mask head" in repr(gqa_per_head)
+    rng = np.random.default_rng(0)
+    csr = plan_training(ACSR.from_mask(rng.random((40, 40)) < 0.3, max_segments=2), (1, 2, 40, 64),
+                        dtype="float16", device="cuda", target="nvidia/nvidia-h100")
+    assert csr.kernels == "rows" and "CSR fallback rows" in repr(csr)
+    odd_dim = plan_training("window:4", (1, 2, 40, 40), dtype="float16", device="cuda", target="nvidia/nvidia-h100")
+    assert odd_dim.kernels == "rows" and "head_dim a multiple of 16" in repr(odd_dim)
+    off = plan_training("window:4", (1, 2, 40, 64), dtype="float16", device="cuda", target="nvidia/nvidia-h100",
+                        tensor_cores=False)
+    assert off.kernels == "rows" and "tensor_cores=False" in repr(off)
+
+
+def test_a_pure_dilated_mask_keeps_its_row_aligned_tiles_on_tensor_cores():
+    """One aligned component per head is already direct: its tiles group rows by residue (dense
+    blocks); a band plus a strided part is not, and gets one contiguous component."""
+    from tvm_splat.formats import DilatedWindow, Strided
+
+    dilated = plan_training(DilatedWindow(6, 2), (1, 2, 200, 64), dtype="float16", device="cuda",
+                            target="nvidia/nvidia-h100")
+    strided = plan_training(Strided(16), (1, 2, 200, 64), dtype="float16", device="cuda", target="nvidia/nvidia-h100")
+    for plan, rstrides in ((dilated, {2}), (strided, {1})):
+        assert plan.kernels == "tensor-cores"
+        for p in plan.tile_plans:
+            assert set(p.tiles[0, p.tiles[0, :, 2] > 0, 1].tolist()) == rstrides
+        assert (plan.tile_plans[2].covered(0) == plan.acsr.to_dense()[0].T).all()

@@ -30,7 +30,8 @@ from .kernels.backward import BackwardSpec, backward_funcs
 from .kernels.spec import AttentionSpec
 from .records import apply_best, record_mark, workload_dir
 from .schedules.row import RowKnobs, row_schedule
-from .schedules.targets import as_target, target_key
+from .schedules.backward_mma import backward_mma_funcs
+from .schedules.targets import arch_specific, as_target, target_key
 from .schedules.tiled import TiledKnobs, schedule_tiled, tiled_funcs
 
 #: compiled libraries of this process, by identity (see :func:`load_or_build`)
@@ -92,6 +93,22 @@ def compile_backward(spec: BackwardSpec, target, knobs: RowKnobs | None = None, 
     """Compiled training kernels of ``spec`` (cached like every other module)."""
     return compile_module(f"backward|{spec.key}|{knobs!r}", lambda: backward_module(spec, target, knobs),
                           target, use_disk_cache)
+
+
+def backward_mma_module(spec: BackwardSpec, knobs, plan_shapes) -> tvm.IRModule:
+    """The tensor-core training kernels (``fwd_lse``, ``bwd_dq``, ``bwd_dkdv``,
+    :mod:`tvm_splat.kernels.backward_mma`) for the tile plan shapes ``(forward, dq, dkdv)``;
+    written bound to threads, so nothing is scheduled."""
+    return tvm.IRModule({name: f.with_attr("global_symbol", name)
+                         for name, f in backward_mma_funcs(spec, knobs, plan_shapes).items()})
+
+
+def compile_backward_mma(spec: BackwardSpec, target, knobs, plan_shapes, use_disk_cache=True):
+    """Compiled tensor-core training kernels (cached like every other module; the wgmma forward
+    builds for the architecture-specific target, ``sm_90a``)."""
+    target = arch_specific(as_target(target)) if knobs.forward.wgmma else as_target(target)
+    ident = f"backward_mma|{spec.key}|{knobs!r}|{'|'.join(s.key for s in plan_shapes)}"
+    return compile_module(ident, lambda: backward_mma_module(spec, knobs, plan_shapes), target, use_disk_cache)
 
 
 def row_tuning_mark(spec: AttentionSpec, target, variant: str) -> str:

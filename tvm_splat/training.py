@@ -5,7 +5,20 @@ A :class:`TrainingPlan` holds everything that does not depend on the tensors' va
 the mask, the ACSR of its transpose (:mod:`tvm_splat.formats.transpose`, closed form for
 patterns), the :class:`~tvm_splat.kernels.backward.BackwardSpec`, the int32 tables on the device
 and the compiled kernels (``fwd_lse``, ``bwd_dq``, ``bwd_dkdv``; compiled once, cached in
-memory and on disk like the forward kernels). :meth:`TrainingPlan.forward` returns ``(out,
+memory and on disk like the forward kernels).
+
+Two kernel families (``TrainingPlan.kernels``):
+
+* ``"tensor-cores"`` — float16 / bfloat16 on a CUDA target: the warp-level ``mma.sync``
+  kernels (:mod:`tvm_splat.kernels.backward_mma`) over three tile plans: the forward's (with its
+  ``lse`` output), the mask's for ``dq`` and the transposed mask's for ``dk``/``dv``
+  (``tile_plans``; direct plans, :func:`_direct_tile_plan`: no split-KV, one component per
+  head, so unions of a band with dilated or strided steps get per-residue blocks instead of the
+  forward's merged row-aligned components). Workloads that kernel family cannot take (CSR
+  fallback rows, per-head masks with grouped KV heads, head dims not a multiple of 16) run the
+  CUDA-core kernels instead, the reason in ``fallback_reason`` and the plan's repr;
+* ``"rows"`` — everything else (float32, float64, the CPU): one query row or key per thread or
+  task (:mod:`tvm_splat.kernels.backward`). :meth:`TrainingPlan.forward` returns ``(out,
 lse)``, :meth:`TrainingPlan.backward` ``(dq, dk, dv)``; the autograd op
 (:mod:`tvm_splat.autograd`) calls them.
 
@@ -16,15 +29,19 @@ inputs) ``[batch, heads, n]``, natural log, ``-inf`` on rows that attend to noth
 """
 from __future__ import annotations
 
+import numpy as np
 import tvm
 
-from .compile import compile_backward
+from .compile import compile_backward, compile_backward_mma
 from .devices import as_device, default_target, device_of, dtype_name, is_gpu_device
 from .formats import ACSR, parse_pattern
+from .formats.tile_plan import plan_tiles
 from .formats.transpose import transpose_acsr, transposed_acsr
 from .kernels.backward import BackwardSpec
 from .kernels.spec import SPEC_DTYPES
+from .kernels.tiled_mma import MMA_TYPES
 from .planner import SEGMENTS, as_acsr
+from .schedules.backward_mma import default_backward_mma_knobs, tensor_core_training_refusal
 from .schedules.targets import as_target, is_gpu, target_key
 from .tensors import check_scale, is_aligned, is_torch, to_tvm
 
@@ -33,18 +50,40 @@ __all__ = ["TrainingPlan", "plan_training", "TRAINING_DTYPES"]
 #: input dtypes of the training kernels (float64: CPU only, for gradcheck)
 TRAINING_DTYPES = SPEC_DTYPES
 _TRANSPOSED = tuple(f"t{name}" for name in (*SEGMENTS, "indices"))
+#: the tensor-core kernels' plan tables: forward plan, the mask's plan (dq), the transposed one
+_FWD_PLAN = ("seg_start", "seg_count", "fwd_seg_sigma", "fwd_tiles", "fwd_blocks")
+_DQ_PLAN = ("seg_start", "seg_count", "seg_sigma", "tiles", "blocks")
+_DKDV_PLAN = ("tseg_start", "tseg_count", "tseg_sigma", "ttiles", "tblocks")
+#: the forward kernel's partial-state buffers, one-element dummies for the direct plans it runs
+_FWD_SCRATCH = (("o_part", (1, 1, 1, 1)), ("ml_part", (1, 1, 1, 2)), ("split_o", (1, 1, 1, 1)),
+                ("split_ml", (1, 1, 1, 2)))
 
 
 class TrainingPlan:
     """One planned training workload; build with :func:`plan_training`.
 
     Attributes: ``mask`` (as given), ``acsr``, ``transposed`` (ACSR of the transposed mask),
-    ``spec`` (:class:`BackwardSpec`), ``target``, ``device``, ``q_shape``, ``kv_shape``.
+    ``spec`` (:class:`BackwardSpec`), ``target``, ``device``, ``q_shape``, ``kv_shape``,
+    ``kernels`` (``"tensor-cores"`` or ``"rows"``), ``fallback_reason`` (why a float16/bfloat16
+    GPU workload runs the row kernels; else None), ``mma_knobs`` and ``tile_plans`` (forward,
+    dq, dkdv; tensor cores only).
     """
 
-    def __init__(self, mask, acsr: ACSR, transposed: ACSR, spec: BackwardSpec, target, device):
+    def __init__(self, mask, acsr: ACSR, transposed: ACSR, spec: BackwardSpec, target, device, mma_knobs=None,
+                 tensor_cores: bool = True):
         self.mask, self.acsr, self.transposed, self.spec = mask, acsr, transposed, spec
         self.target, self.device = target, device
+        self.kernels, self.fallback_reason, self.mma_knobs, self.tile_plans = "rows", None, None, None
+        if is_gpu(target) and spec.rows.dtype in MMA_TYPES and not tensor_cores:
+            self.fallback_reason = "tensor_cores=False"
+        elif is_gpu(target) and spec.rows.dtype in MMA_TYPES:
+            knobs = mma_knobs or default_backward_mma_knobs(spec, target)
+            plans = (_direct_tile_plan(acsr, br=knobs.forward.br, bc=knobs.forward.bc),
+                     _direct_tile_plan(acsr, br=knobs.br, bc=knobs.dq_bc),
+                     _direct_tile_plan(transposed, br=knobs.br, bc=knobs.dkdv_bc))
+            self.fallback_reason = tensor_core_training_refusal(spec, target, knobs, plans)
+            if self.fallback_reason is None:
+                self.kernels, self.mma_knobs, self.tile_plans = "tensor-cores", knobs, plans
         rows = spec.rows
         self.q_shape = (rows.batch, rows.heads, rows.seq_len, rows.head_dim)
         self.kv_shape = (rows.batch, rows.kv_heads, rows.seq_len, rows.head_dim)
@@ -53,19 +92,35 @@ class TrainingPlan:
         self._tables = None
 
     def __repr__(self):
-        return f"TrainingPlan({self.spec.key}, target={target_key(self.target)}, device={self.device})"
+        kernels = self.kernels if self.fallback_reason is None else f"rows, not tensor cores: {self.fallback_reason}"
+        return (f"TrainingPlan({self.spec.key}, kernels={kernels}, target={target_key(self.target)}, "
+                f"device={self.device})")
 
     # ------------------------------------------------------------------ kernels
     def compiled(self) -> tvm.runtime.Module:
         """The compiled training kernels (from the in-memory or disk cache when built before)."""
+        if self.kernels == "tensor-cores":
+            return compile_backward_mma(self.spec, self.target, self.mma_knobs, [p.shape for p in self.tile_plans])
         return compile_backward(self.spec, self.target)
+
+    def tables(self) -> dict:
+        """The int32 tables the kernels read, by parameter name (numpy)."""
+        tables = {name: getattr(self.acsr, name) for name in (*SEGMENTS, "indices")}
+        tables.update({t: getattr(self.transposed, t[1:]) for t in _TRANSPOSED})
+        if self.kernels == "tensor-cores":
+            fwd, dq, dkdv = self.tile_plans
+            tables.update(fwd_seg_sigma=fwd.seg_sigma, fwd_tiles=fwd.tiles, fwd_blocks=fwd.blocks,
+                          seg_sigma=dq.seg_sigma, tiles=dq.tiles, blocks=dq.blocks,
+                          tseg_sigma=dkdv.seg_sigma, ttiles=dkdv.tiles, tblocks=dkdv.blocks)
+        return {name: np.ascontiguousarray(a, dtype=np.int32) for name, a in tables.items()}
 
     def _kernels(self):
         """(library, tables on the device): compiled and uploaded once, on first use."""
         if self._lib is None:
             dev = self.device
-            tables = {name: tvm.runtime.tensor(getattr(self.acsr, name), dev) for name in (*SEGMENTS, "indices")}
-            tables.update({t: tvm.runtime.tensor(getattr(self.transposed, t[1:]), dev) for t in _TRANSPOSED})
+            tables = {name: tvm.runtime.tensor(a, dev) for name, a in self.tables().items()}
+            if self.kernels == "tensor-cores":
+                tables.update({name: tvm.runtime.empty(shape, "float32", dev) for name, shape in _FWD_SCRATCH})
             self._lib, self._tables = self.compiled(), tables
         return self._lib, self._tables
 
@@ -110,7 +165,10 @@ class TrainingPlan:
         rows = self.spec.rows
         out = self._empty(q, self.q_shape, rows.dtype)
         lse = self._empty(q, self.stats_shape, rows.accum_dtype)
-        self._launch("fwd_lse", q, k, v, *SEGMENTS, "indices", out, lse)
+        if self.kernels == "tensor-cores":
+            self._launch("fwd_lse", q, k, v, *_FWD_PLAN, out, *(name for name, _ in _FWD_SCRATCH), lse)
+        else:
+            self._launch("fwd_lse", q, k, v, *SEGMENTS, "indices", out, lse)
         return out, lse
 
     def backward(self, q, k, v, out, lse, dout, dlse=None):
@@ -126,9 +184,27 @@ class TrainingPlan:
         dk = self._empty(q, self.kv_shape, rows.dtype)
         dv = self._empty(q, self.kv_shape, rows.dtype)
         delta = self._empty(q, self.stats_shape, rows.accum_dtype)
-        self._launch("bwd_dq", q, k, v, out, dout, lse, dlse, *SEGMENTS, "indices", dq, delta)
-        self._launch("bwd_dkdv", q, k, v, dout, lse, delta, *_TRANSPOSED, dk, dv)
+        if self.kernels == "tensor-cores":
+            self._launch("bwd_dq", q, k, v, out, dout, lse, dlse, *_DQ_PLAN, dq, delta)
+            self._launch("bwd_dkdv", q, k, v, dout, lse, delta, *_DKDV_PLAN, dk, dv)
+        else:
+            self._launch("bwd_dq", q, k, v, out, dout, lse, dlse, *SEGMENTS, "indices", dq, delta)
+            self._launch("bwd_dkdv", q, k, v, dout, lse, delta, *_TRANSPOSED, dk, dv)
         return dq, dk, dv
+
+
+def _direct_tile_plan(acsr: ACSR, br: int, bc: int):
+    """A tile plan whose programs each own whole rows (the lse and delta of a row are written by
+    one program, dq/dk/dv rows by one program): no split-KV, and the plan's row-aligned
+    components when each head has just one (a pure dilated window), else one contiguous-row
+    component per head, its aligned steps in per-residue blocks. The latter computes many more
+    scores for masks that mix a band with a strided part (strided:64, n=4096, 64x64 tiles: 22.7
+    scores per nonzero against 1.34 with the forward's components), the price of not merging
+    components in training yet."""
+    plan = plan_tiles(acsr, br=br, bc=bc, split_blocks=0)
+    if (plan.num_comp == 1).all():
+        return plan
+    return plan_tiles(acsr, br=br, bc=bc, split_blocks=0, aligned_components=False)
 
 
 def _transposed(mask, acsr: ACSR, max_segments: int) -> ACSR:
@@ -141,11 +217,14 @@ def _transposed(mask, acsr: ACSR, max_segments: int) -> ACSR:
 
 
 def plan_training(mask, q_shape, kv_shape=None, dtype="float32", device="cpu", *, target=None, scale=None,
-                  max_segments: int = 4) -> TrainingPlan:
+                  max_segments: int = 4, mma_knobs=None, tensor_cores: bool = True) -> TrainingPlan:
     """Plan the training kernels for q ``q_shape = [batch, heads, n, head_dim]`` and k, v
     ``kv_shape`` (default ``q_shape``) in ``dtype``. ``mask``: an ACSR, a pattern or a pattern
     string (head count 1 or ``heads``). ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a
-    torch/TVM device; ``target`` defaults to the device's own; ``scale`` to ``1/sqrt(head_dim)``."""
+    torch/TVM device; ``target`` defaults to the device's own; ``scale`` to ``1/sqrt(head_dim)``;
+    ``mma_knobs`` (a :class:`~tvm_splat.schedules.backward_mma.BackwardMmaKnobs`) replaces the
+    tensor-core kernels' default knobs (float16/bfloat16 on a GPU only); ``tensor_cores=False``
+    runs the row kernels there instead (A/B comparisons, triage)."""
     q_shape = tuple(int(s) for s in q_shape)
     kv_shape = q_shape if kv_shape is None else tuple(int(s) for s in kv_shape)
     if len(q_shape) != 4 or len(kv_shape) != 4 or min(q_shape + kv_shape) < 1:
@@ -169,4 +248,4 @@ def plan_training(mask, q_shape, kv_shape=None, dtype="float32", device="cpu", *
     transposed = _transposed(mask, acsr, max_segments)
     spec = BackwardSpec.from_acsrs(acsr, transposed, batch, heads, head_dim, dtype, check_scale(scale),
                                    kv_heads=kv_shape[1])
-    return TrainingPlan(mask, acsr, transposed, spec, target, dev)
+    return TrainingPlan(mask, acsr, transposed, spec, target, dev, mma_knobs, tensor_cores)

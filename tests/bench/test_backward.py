@@ -22,6 +22,7 @@ def test_tiny_suite_on_the_cpu(tmp_path):
     ours = case["results"]["splat_train"]
     assert case["reference"] and ours["correct"] is True
     assert max(ours["grad_rel_err"].values()) < 1e-5  # float32 against float64
+    assert ours["plan"].startswith("TrainingPlan(") and "kernels=rows" in ours["plan"]  # which kernels ran
     for direction in BW.DIRECTIONS:
         assert ours[direction]["throughput_ms"] > 0
         assert ours["speedup"][direction]["sdpa_dense"] == pytest.approx(

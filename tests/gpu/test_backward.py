@@ -5,8 +5,8 @@ times the error dense SDPA's own backward gets against the same reference on the
 import numpy as np
 import pytest
 
-from tvm_splat.formats import ACSR, GlobalTokens, Window
-from tvm_splat.reference import masked_attention_grads
+from tvm_splat.formats import ACSR, DilatedWindow, GlobalTokens, PerHead, Strided, Window
+from tvm_splat.reference import masked_attention, masked_attention_grads
 from tvm_splat.testing import dense_mask, mask_cases
 
 torch = pytest.importorskip("torch")
@@ -65,6 +65,9 @@ def test_gradients_at_dense_sdpa_error(name, acsr, heads, gqa, dtype):
 
 
 def test_nan_in_padded_keys_does_not_leak_on_the_gpu():
+    """NaN / inf in padded keys and values: the gradients stay finite and equal the clean run's
+    up to rounding (bf16 runs the tensor-core kernels, where a block holding a non-finite
+    masked-out row takes the exact CUDA-core path, whose sums run in another order)."""
     from tvm_splat.autograd import register_mask, sparse_attention
 
     n = 200
@@ -77,4 +80,144 @@ def test_nan_in_padded_keys_does_not_leak_on_the_gpu():
     dirty = _grads(lambda q, k, v: sparse_attention(q, k, v, handle), q, k, v, dout)
     for a, b in zip(clean, dirty):
         assert torch.isfinite(b).all()
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert float((b.float() - a.float()).abs().max()) <= 4 * EPS[torch.bfloat16] * float(a.float().abs().max())
+
+
+# ---------------------------------------------------------------------------- tensor cores
+def _affine_with_empty_rows(n):
+    mask = Window(9).dense_mask(n)
+    mask[20:37] = False  # empty query rows (more than a 16-row m-tile)
+    mask[:, 70:75] = False  # keys nobody sees
+    return ACSR.from_mask(mask)
+
+
+#: (name, mask, heads, kv_heads, n): odd lengths, GQA, causal, unions, dilated and strided steps
+#: (per-residue blocks in contiguous tiles), empty rows, per-head masks
+TC_CASES = [
+    ("window n=197", Window(16), 4, 4, 197),
+    ("causal window gqa n=333", Window(40, causal=True), 4, 2, 333),
+    ("global+window gqa n=300", GlobalTokens(3) | Window(24), 8, 2, 300),
+    ("dilated n=257", DilatedWindow(8, 3), 2, 2, 257),
+    ("window+dilated mqa n=222", Window(5) | DilatedWindow(4, 6), 2, 1, 222),
+    ("causal strided n=181", Strided(16, causal=True), 2, 2, 181),
+    ("empty rows n=150", _affine_with_empty_rows(150), 2, 2, 150),
+    ("per-head n=129", PerHead((Window(3), DilatedWindow(4, 2), GlobalTokens(2) | Window(7, causal=True))), 3, 3, 129),
+]
+
+
+def _tensor_core_plan(mask, heads, kv_heads, n, d, dtype, stages=None):
+    """The training plan (tensor cores asserted); ``stages``: the backward kernels' K/V stages
+    (None: the default)."""
+    import dataclasses
+
+    from tvm_splat.schedules.backward_mma import default_backward_mma_knobs
+    from tvm_splat.training import plan_training
+
+    shapes = ((2, heads, n, d), (2, kv_heads, n, d), str(dtype).replace("torch.", ""), "cuda")
+    plan = plan_training(mask, *shapes)
+    if stages is not None and stages != plan.mma_knobs.stages:
+        knobs = dataclasses.replace(default_backward_mma_knobs(plan.spec, plan.target), stages=stages)
+        plan = plan_training(mask, *shapes, mma_knobs=knobs)
+    assert plan.kernels == "tensor-cores", repr(plan)
+    return plan
+
+
+def _yardstick_mask(mask):
+    """The mask with its empty rows attending everything: dense SDPA (the yardstick) gives NaN
+    on empty rows, so its error is measured on this mask instead."""
+    full = mask.copy()
+    empty = ~full.any(-1)
+    full[empty] = True
+    return full
+
+
+def _sdpa_errors(q, k, v, dout, mask):
+    bool_mask = torch.from_numpy(mask).cuda()
+    refs = masked_attention_grads(*(x.double().cpu().numpy() for x in (q, k, v)), mask, dout.double().cpu().numpy())
+    return _relative_errors(_grads(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=bool_mask, enable_gqa=q.shape[1] != k.shape[1]), q, k, v, dout), refs)
+
+
+def _one_stage(cases):
+    return [pytest.param(*c, 1, id=f"{c[0]} one stage") for c in cases]
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name,mask,heads,kv_heads,n,stages",
+                         [pytest.param(*c, None, id=c[0]) for c in TC_CASES] + _one_stage(TC_CASES[1:3] + TC_CASES[6:7]))
+def test_tensor_core_training_matches_float64_at_dense_sdpa_error(name, mask, heads, kv_heads, n, stages, dtype, d):
+    """out, lse, dq, dk, dv of the tensor-core path against the float64 dense reference, within
+    SDPA_FACTOR times dense SDPA's own error on the same inputs (``test_gradients_at_dense_sdpa_error``'s
+    rule); empty rows: out 0, lse -inf, dq 0. Default knobs, and the one-stage form on three cases."""
+    plan = _tensor_core_plan(mask, heads, kv_heads, n, d, dtype, stages)
+    q, k, v, dout = _inputs(2, heads, kv_heads, n, d, dtype, seed=n)
+    dense = plan.acsr.to_dense()
+    dense = dense[0] if dense.shape[0] == 1 else dense
+    out, lse = plan.forward(q, k, v)
+    dq, dk, dv = plan.backward(q, k, v, out, lse, dout)
+    q64, k64, v64, do64 = (x.double().cpu().numpy() for x in (q, k, v, dout))
+    ref_out = masked_attention(q64, k64, v64, dense)
+    refs = masked_attention_grads(q64, k64, v64, dense, do64)
+    sdpa = _sdpa_errors(q, k, v, dout, _yardstick_mask(dense))
+    tolerance = max(SDPA_FACTOR * max(sdpa), 4 * EPS[dtype])
+    out_err = float(np.abs(out.double().cpu().numpy() - ref_out).max() / np.abs(ref_out).max())
+    assert out_err <= tolerance, f"out: {out_err:.3g} (tolerance {tolerance:.3g})"
+    empty = ~np.broadcast_to(dense, (heads, n, n)).any(-1)
+    lse_cpu = lse.cpu().numpy()
+    assert np.isneginf(lse_cpu[:, empty]).all() and np.isfinite(lse_cpu[:, ~empty]).all()
+    for which, a, b in zip(("dq", "dk", "dv"), _relative_errors((dq, dk, dv), refs), sdpa):
+        assert a <= tolerance, f"{which}: ours {a:.3g}, dense SDPA {b:.3g} (tolerance {tolerance:.3g})"
+    assert (dq.cpu()[:, torch.from_numpy(empty)] == 0).all()
+
+
+@pytest.mark.parametrize("stages", [2, 1])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name,mask,heads,kv_heads,n", [TC_CASES[2], TC_CASES[4]], ids=[TC_CASES[2][0], TC_CASES[4][0]])
+def test_tensor_core_kernels_one_by_one_against_the_row_kernels(name, mask, heads, kv_heads, n, dtype, stages):
+    """Triage: each tensor-core kernel against the row kernels on the same inputs (the forward;
+    then the backward fed the row kernels' own out and lse), so a failure names its kernel. The
+    row kernels accumulate in float32 per row; tolerance: 4 half-ulps of the dtype relative to
+    the largest magnitude, 8 for the gradients (P and dS are rounded to the dtype on tensor cores)."""
+    from tvm_splat.training import plan_training
+
+    d = 64
+    tc = _tensor_core_plan(mask, heads, kv_heads, n, d, dtype, stages)
+    rows = plan_training(mask, (2, heads, n, d), (2, kv_heads, n, d), str(dtype).replace("torch.", ""), "cuda",
+                         tensor_cores=False)
+    q, k, v, dout = _inputs(2, heads, kv_heads, n, d, dtype, seed=3)
+    out_r, lse_r = rows.forward(q, k, v)
+    out_t, lse_t = tc.forward(q, k, v)
+    rel = lambda a, b: float((a.double() - b.double()).abs().max() / b.double().abs().max())  # noqa: E731
+    assert rel(out_t, out_r) <= 4 * EPS[dtype], "fwd_lse: out"
+    assert float((lse_t - lse_r).abs().max()) <= 1e-2, "fwd_lse: lse"
+    for which, a, b in zip(("bwd_dq: dq", "bwd_dkdv: dk", "bwd_dkdv: dv"),
+                           tc.backward(q, k, v, out_r, lse_r, dout), rows.backward(q, k, v, out_r, lse_r, dout)):
+        assert rel(a, b) <= 8 * EPS[dtype], f"{which}: {rel(a, b):.3g}"
+
+
+@pytest.mark.parametrize("stages", [2, 1])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_tensor_core_nan_in_masked_out_rows_does_not_leak(dtype, d, stages):
+    """NaN / inf in keys and values nobody sees and in the q and dO rows of empty queries leave
+    every output and gradient finite and equal to the clean run's up to rounding (the blocks that
+    hold such rows take the exact CUDA-core path, whose float32 sums run in another order than
+    the tensor cores'), the lse bit for bit, and the gradients of the unseen keys and empty
+    queries exactly zero."""
+    n, heads, kv_heads = 150, 4, 2
+    acsr = _affine_with_empty_rows(n)
+    plan = _tensor_core_plan(acsr, heads, kv_heads, n, d, dtype, stages)
+    q, k, v, dout = _inputs(2, heads, kv_heads, n, d, dtype, seed=7)
+    out, lse = plan.forward(q, k, v)
+    clean = plan.backward(q, k, v, out, lse, dout)
+    q2, k2, v2, dout2 = (x.clone() for x in (q, k, v, dout))
+    k2[:, :, 70:75], v2[:, :, 70:75] = float("nan"), float("inf")
+    q2[:, :, 20:37], dout2[:, :, 20:37] = float("nan"), float("-inf")
+    out2, lse2 = plan.forward(q2, k2, v2)
+    torch.testing.assert_close(lse2, lse, rtol=0, atol=0)
+    dirty = plan.backward(q2, k2, v2, out2, lse2, dout2)
+    for which, a, b in zip(("out", "dq", "dk", "dv"), (out, *clean), (out2, *dirty)):
+        assert torch.isfinite(b).all(), which
+        assert float((b.float() - a.float()).abs().max()) <= 4 * EPS[dtype] * float(a.float().abs().max()), which
+    assert (dirty[0][:, :, 20:37] == 0).all() and (dirty[1][:, :, 70:75] == 0).all() and (dirty[2][:, :, 70:75] == 0).all()

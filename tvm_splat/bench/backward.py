@@ -39,11 +39,16 @@ OURS = TRAINING_IMPL
 
 def _splat_train(inputs):
     """Our differentiable op (training kernels: fwd_lse, bwd_dq, bwd_dkdv) on the inputs."""
-    from ..autograd import register_mask, sparse_attention
+    from ..autograd import register_mask, sparse_attention, training_plan_for
 
     handle = register_mask(inputs.fresh_acsr())
     q, k, v = inputs.q, inputs.k, inputs.v
-    return lambda: sparse_attention(q, k, v, handle)
+
+    def forward():
+        return sparse_attention(q, k, v, handle)
+
+    forward.training_plan = lambda: repr(training_plan_for(q, k, handle, None))  # which kernels ran
+    return forward
 
 
 #: name -> factory(inputs whose q, k, v require grad) -> forward() -> out
@@ -85,6 +90,8 @@ def run_impl(name, inputs, dout, refs, opts: RunOptions) -> dict:
     try:
         forward = IMPLEMENTATIONS[name](inputs)
         out = forward()
+        if hasattr(forward, "training_plan"):
+            res["plan"] = forward.training_plan()
         _, res["forward"] = measure(forward, opts)
         grads, res["forward_backward"] = measure(lambda: torch.autograd.grad(forward(), leaves, dout), opts)
         try:  # a retained graph may be refused (compiled graphs); the other timings stand
@@ -211,8 +218,9 @@ def run_backward_bench(args):
     json_path = out_dir / f"{args.prefix}_{args.suite}_backward.json"
     meta = {**_meta(args, opts, impls), "reference": "float64 dense masked attention, torch autograd",
             "grad_tolerance_relative": GRAD_TOLERANCE,
-            "ours": "tvm_splat.autograd.sparse_attention: row-parallel CUDA-core training kernels "
-                    "(fwd_lse, bwd_dq, bwd_dkdv), not the tensor-core forward"}
+            "ours": "tvm_splat.autograd.sparse_attention: the training plan's kernels (fwd_lse, bwd_dq, "
+                    "bwd_dkdv): tensor cores (mma.sync) for float16/bfloat16 where the plan takes them, else "
+                    "row-parallel CUDA-core kernels; each case's plan repr (results.splat_train.plan) says which"}
     rows, start = [], time.time()
     if args.resume and json_path.exists():  # keep every earlier case, run the missing ones
         previous = json.loads(json_path.read_text())

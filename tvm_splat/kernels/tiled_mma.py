@@ -41,6 +41,9 @@ Buffers and dtypes are those of :func:`~tvm_splat.kernels.tiled.tiled_func`.
 """
 from __future__ import annotations
 
+import math
+
+import tvm
 from tvm.script import tirx as T
 
 from .common import LOG2E, NEG_INIT, any_of, key_length, normalised, segment_member, without_unused_kv_len
@@ -97,7 +100,7 @@ def check_tma_shape(spec: AttentionSpec, wgmma: bool, stages: int) -> None:
 
 
 def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int = 1, stages: int = 2,
-                   wgmma: bool = False, tma: bool = False):
+                   wgmma: bool = False, tma: bool = False, with_lse: bool = False):
     """The warp-level tiled kernel for ``spec`` and a plan of shape ``plan_shape``
     (``plan_shape.br == 16 * warps * m_tiles``); signature of
     :func:`~tvm_splat.kernels.tiled.tiled_func`.
@@ -125,7 +128,13 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     (the tensor map steps rows by one); key rows past a length are not zero-filled (their
     scores are selected away and every block crossing the length checks its V, as PARTIAL
     blocks do).
+
+    ``with_lse=True`` (training, :mod:`tvm_splat.kernels.backward_mma`; direct plans only: one
+    component, nothing split): a last parameter ``lse [B, H, N]`` float32 receives each row's
+    natural-log log-sum-exp (``-inf`` for a row that attends to nothing).
     """
+    if with_lse and (plan_shape.num_components > 1 or plan_shape.num_slots):
+        raise ValueError("with_lse needs a direct plan (one component, no split-KV)")
     if stages not in (1, 2, 4) or (stages == 4 and not wgmma):
         raise ValueError(f"stages must be 1 or 2 (or 4 for the pipelined wgmma form), got {stages}")
     if wgmma:
@@ -520,11 +529,15 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
             ls[i] = ls[i] + T.tvm_warp_shuffle_xor(full_mask, ls[i], 2, 32, 32)
 
     @T.macro
-    def store_rows(out, o_part, ml_part, oacc, ms, ls, rows, b, h, vbh, comp, w, lane, nrows):
-        # full row sums, then O / l or the component's partial state
+    def store_rows(out, o_part, ml_part, lse, oacc, ms, ls, rows, b, h, vbh, comp, w, lane, nrows):
+        # full row sums, then O / l or the component's partial state (and the row's lse)
         full_row_sums(ls)
         for r in T.unroll(RS):
             if tile_row(w, lane, r) < nrows:
+                if with_lse:
+                    if lane % 4 == 0:
+                        lse[b, h, rows[r]] = T.if_then_else(ls[r] == T.float32(0), T.float32(-math.inf),
+                                                            (ms[r] + T.log2(ls[r])) * T.float32(math.log(2.0)))
                 for dtl in T.unroll(DT):
                     for e in T.vectorized(2):
                         if direct:
@@ -566,6 +579,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         ml_part: T.Buffer(ml_shape, "float32"),
         split_o: T.Buffer(so_shape, "float32"),
         split_ml: T.Buffer(sml_shape, "float32"),
+        lse: T.Buffer((B, H, N) if with_lse else (1,), "float32"),
     ):
         T.func_attr({"global_symbol": "tiled", "tirx.noalias": True})
         if tma:  # host side: the K and V tensor maps (dims innermost first: 64 elements of a
@@ -728,9 +742,12 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                             if split_chunk(plan_shape, slot):
                                 store_slot(split_o, split_ml, oacc, ms, ls, vbh, slot, w, lane, nrows)
                             else:
-                                store_rows(out, o_part, ml_part, oacc, ms, ls, rows, b, h, vbh, comp, w, lane, nrows)
+                                store_rows(out, o_part, ml_part, lse, oacc, ms, ls, rows, b, h, vbh, comp, w, lane, nrows)
 
-    return without_unused_kv_len(spec, tiled)
+    tiled = without_unused_kv_len(spec, tiled)
+    if with_lse:
+        return tiled
+    return tvm.tirx.PrimFunc([p for p in tiled.params if p.name != "lse"], tiled.body, tiled.ret_type, tiled.attrs)
 
 
 def _member(sg, row_slot, col, sig, S):

@@ -1,0 +1,577 @@
+"""Warp-level tensor-core backward of sparse attention (CUDA, fp16/bf16, ``mma.sync m16n8k16``),
+FlashAttention-2 style, driven by tile plans (:mod:`tvm_splat.formats.tile_plan`).
+
+Two PrimFuncs (``BACKWARD_MMA_KERNEL_NAMES``), one program per (batch x head, tile), both the
+same sequence of named steps over a tile's column blocks, with the roles of the operands
+swapped:
+
+* ``bwd_dq`` — a tile of query rows over the column blocks of the *mask's* tile plan:
+  ``delta = rowsum(dO * O) - dlse`` once per row (written out for ``bwd_dkdv``); per block
+  ``S = Q K^T`` and ``dP = dO V^T`` (``mma``), ``P = 2^(S scale log2(e) - lse log2(e))``,
+  ``dS = P (dP - delta)``, ``dQ += dS K`` (``ldmatrix.trans`` for K); ``dq = scale dQ``.
+* ``bwd_dkdv`` — a tile of keys over the column blocks (query rows) of the *transposed* mask's
+  tile plan: ``S^T = K Q^T``, ``dP^T = V dO^T``, ``P^T``, ``dS^T`` with the lse and delta of
+  each block column (query row), ``dV += P^T dO``, ``dK += dS^T Q``; ``dk = scale dK``. GQA:
+  the program loops over the query heads of its KV head's group and sums inside (nothing
+  repeated, no atomics); all heads of a group must share one mask head (one mask head, or no
+  grouping).
+
+Layout: ``W`` warps, 16 rows each (``BR = 16 W``); lane ``l`` of warp ``w`` holds tile rows
+``16 w + l / 4`` and ``16 w + l / 4 + 8`` (the ``m16n8k16`` accumulator layout). The tile's two
+A operands (Q and dO, or K and V) and the block's two B operands (K and V, or Q and dO) sit in
+dynamic shared memory, rows padded by ``ROW_PAD`` elements against bank conflicts, and are read
+into fragments by ``ldmatrix`` at each use (persistent fragments for both tile operands and
+both accumulators of ``bwd_dkdv`` would exceed 255 registers at ``head_dim`` 128). Block
+operands double-buffered and fetched with ``cp.async`` one block ahead (``stages=2``, one
+barrier per block, the forward's two-stage scheme) or plain 16-byte loads (``stages=1``, two
+barriers); accumulation in float32; P and dS are rounded to the input dtype as the A operands
+of the second products (as FlashAttention-2 does).
+
+Masked-out entries contribute exactly nothing: a PARTIAL block tests membership per score
+(range + residue against the row's cached segments, as the forward does) and *selects* P and
+dS to exactly 0, so a NaN or inf in a masked-out row of K, V, Q, dO, lse or delta never enters
+them. The products by the block operand (``dS K``; ``P^T dO`` and ``dS^T Q``) would still
+multiply a zero by a non-finite masked-out row, so, as in the forward
+(:mod:`tvm_splat.kernels.tiled_mma`), every PARTIAL block checks whether those block rows are
+all finite (integer tests on the exponent bits of the chunks each thread loaded) and takes an
+exact path on CUDA cores that skips zero entries when one is not (uniform branch, never taken
+for finite inputs). FULL blocks need no check: every row of the tile attends each of their
+columns, so a non-finite value there is a real input of the result.
+
+Buffers: q, out, dout, dq ``[B, H, N, D]``; k, v, dk, dv ``[B, KVH, N, D]``; lse, dlse, delta
+``[B, H, N]`` float32; ``seg_start``, ``seg_count``, ``seg_sigma`` ``[HM, N, S]``, ``tiles [HM,
+NT, 7]``, ``blocks [HM, NB, 3]`` int32 of the mask's plan (``bwd_dq``) or the transposed mask's
+plan (``bwd_dkdv``, parameters prefixed ``t``). Plans must be direct: one component, no
+split-KV, no CSR fallback rows (:func:`check_backward_mma_plan`), so each row (key) lies in
+exactly one tile and is written by one program.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from tvm.script import tirx as T
+
+from .common import LOG2E, any_of, segment_member
+from .spec import AttentionSpec
+from .tiled_mma import MMA_TYPES, ROW_PAD, SHARED_BYTES_MAX
+
+__all__ = ["BACKWARD_MMA_KERNEL_NAMES", "check_backward_mma_shape", "check_backward_mma_plan",
+           "backward_dq_mma_func", "backward_dkdv_mma_func"]
+
+BACKWARD_MMA_KERNEL_NAMES = ("bwd_dq", "bwd_dkdv")
+
+
+def check_backward_mma_shape(spec: AttentionSpec, br: int, bc: int, warps: int, stages: int = 2) -> None:
+    """Raise ``ValueError`` when the tensor-core backward cannot take this spec and tile shape."""
+    if spec.dtype not in MMA_TYPES:
+        raise ValueError(f"the tensor-core backward needs float16 or bfloat16 inputs, got {spec.dtype}")
+    if spec.head_dim % 16:
+        raise ValueError(f"the tensor-core backward needs head_dim a multiple of 16, got {spec.head_dim}")
+    if bc % 16 or bc < 16:
+        raise ValueError(f"the tensor-core backward needs bc a multiple of 16, got {bc}")
+    if br != 16 * warps:
+        raise ValueError(f"the tensor-core backward needs br == 16 * warps ({16 * warps}), got br={br}")
+    if stages not in (1, 2):
+        raise ValueError(f"stages must be 1 or 2, got {stages}")
+    if _shared_elems(br, bc, spec.head_dim, stages) * 2 > SHARED_BYTES_MAX:
+        raise ValueError(f"br={br}, bc={bc}, head_dim={spec.head_dim}, stages={stages} need more than the "
+                         f"{SHARED_BYTES_MAX // 1024} KB of shared memory a block may have")
+
+
+def check_backward_mma_plan(plan_shape, num_comp) -> None:
+    """Raise ``ValueError`` unless a tile plan (its shape and per-head ``num_comp``) is direct:
+    every head exactly one component, no split-KV chunks, no CSR fallback rows."""
+    if plan_shape.num_slots or plan_shape.num_fallback or min(int(c) for c in num_comp) != 1 \
+            or max(int(c) for c in num_comp) != 1:
+        raise ValueError(f"the tensor-core backward needs a direct tile plan (one component per head, "
+                         f"no split-KV, no CSR fallback rows), got {plan_shape.key}")
+
+
+def _shared_elems(br, bc, d, stages):
+    """Elements of the shared buffer: two tile operands, two block operands per stage, P and dS
+    staging."""
+    dp = d + ROW_PAD
+    return 2 * br * dp + 2 * stages * bc * dp + 2 * br * (bc + ROW_PAD)
+
+
+def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int):
+    """The steps both kernels are made of, as a namespace of TIR helpers and ``T.macro``\\ s."""
+    BR, BC, W = plan_shape.br, plan_shape.bc, warps
+    check_backward_mma_shape(spec, BR, BC, W, stages)
+    D, N, S, dt = spec.head_dim, spec.seq_len, spec.max_segments, spec.dtype
+    ab = MMA_TYPES[dt]
+    DP = D + ROW_PAD  # elements per shared row
+    PP = BC + ROW_PAD  # elements per staged P / dS row
+    KD, NTL, KC, DT = D // 16, BC // 8, BC // 16, D // 8  # k-steps of S, n-tiles of S, k-steps, n-tiles of dQ
+    NTHR = 32 * W
+    CH = D // 8  # 16-byte chunks per row
+    X_OFF, Y_OFF = 0, BR * DP  # tile operands (Q, dO | K, V)
+    U_OFF = 2 * BR * DP  # block operands (K, V | Q, dO), ``stages`` of each
+    W_OFF = U_OFF + stages * BC * DP
+    P_OFF = W_OFF + stages * BC * DP  # staging of the exact path: P, then dS
+    DS_OFF = P_OFF + BR * PP
+    SMEM = _shared_elems(BR, BC, D, stages)
+    zero = T.Cast(dt, T.float32(0))
+    # same exponent-bit test as the forward: a 16-bit element is NaN or inf exactly when adding
+    # one to its exponent carries into its sign bit
+    EXP_BITS, EXP_CARRY = {"float16": (T.uint32(0x7C007C00), T.uint32(0x04000400)),
+                           "bfloat16": (T.uint32(0x7F807F80), T.uint32(0x00800080))}[dt]
+    SIGN_BITS = T.uint32(0x80008000)
+    full_mask = T.uint32(0xFFFFFFFF)
+
+    def tile_row(w, lane, r):  # tile-local row of the thread's row slot r (0: row g, 1: row g + 8)
+        return w * 16 + lane // 4 + 8 * r
+
+    def acc_col(nt, lane, i):  # column within an 8-column accumulator tile of element i
+        return nt * 8 + lane % 4 * 2 + i % 2
+
+    def chunk_row(it, tid):
+        return (it * NTHR + tid) // CH
+
+    def chunk_col(it, tid):
+        return (it * NTHR + tid) % CH * 8
+
+    def ldmatrix_x4(frag, offset, smem, smem_offset, trans=False):
+        return T.ptx_legacy.ldmatrix(trans, 4, ".b16", frag.data, offset, smem.access_ptr("r"), smem_offset, dtype=dt)
+
+    def mma_16x8x16(a, a_offset, b, b_offset, c, c_offset):
+        return T.ptx_legacy.mma("m16n8k16", "row", "col", ab, ab, "fp32", a.data, a_offset, b.data, b_offset,
+                                c.data, c_offset, False, dtype="float32")
+
+    def member(sg, r, col, sig):  # col lies on a cached segment of the thread's row slot r
+        return any_of([segment_member(sg[(r * S + s) * 3], sg[(r * S + s) * 3 + 1], sig, sg[(r * S + s) * 3 + 2], col)
+                       for s in range(S)])
+
+    @T.macro
+    def load_rows(smem, base, src, b, h, first, stride, count, nrows_max, tid):
+        # rows first + stride * u (u < count, else zeros) of src[b, h] -> shared at base
+        for it in T.serial((nrows_max * CH + NTHR - 1) // NTHR):
+            if it * NTHR + tid < nrows_max * CH:
+                for e in T.vectorized(8):
+                    smem[base + chunk_row(it, tid) * DP + chunk_col(it, tid) + e] = T.if_then_else(
+                        chunk_row(it, tid) < count,
+                        src[b, h, T.min(first + stride * chunk_row(it, tid), N - 1), chunk_col(it, tid) + e], zero)
+
+    @T.macro
+    def issue_rows(smem, base, src, b, h, first, stride, count, tid):
+        # cp.async of the BC rows first + stride * u of src[b, h] -> shared at base; rows
+        # u >= count are zero-filled (source size 0; the address is clamped into the tensor)
+        for it in T.serial((BC * CH + NTHR - 1) // NTHR):
+            if it * NTHR + tid < BC * CH:
+                T.evaluate(T.ptx["cp.async.cg.shared.global"](
+                    T.address_of(smem[base + chunk_row(it, tid) * DP + chunk_col(it, tid)]),
+                    src.access_ptr("r", offset=((b * src.shape[1] + h) * N + T.min(
+                        first + stride * chunk_row(it, tid), N - 1)) * D + chunk_col(it, tid)),
+                    16, T.Cast("uint32", T.if_then_else(chunk_row(it, tid) < count, 16, 0))))
+
+    @T.macro
+    def fetch_block(smem, u_src, w_src, b, h, col0, sig, st, tid):
+        # a column block's two operands -> stage st: plain loads (stages == 1, the caller's
+        # barriers order them) or cp.async (stages == 2, committed as one group)
+        if stages == 1:
+            load_rows(smem, U_OFF, u_src, b, h, col0, sig, T.min(BC, (N - 1 - col0) // sig + 1), BC, tid)
+            load_rows(smem, W_OFF, w_src, b, h, col0, sig, T.min(BC, (N - 1 - col0) // sig + 1), BC, tid)
+        else:
+            issue_rows(smem, U_OFF + st * BC * DP, u_src, b, h, col0, sig, T.min(BC, (N - 1 - col0) // sig + 1), tid)
+            issue_rows(smem, W_OFF + st * BC * DP, w_src, b, h, col0, sig, T.min(BC, (N - 1 - col0) // sig + 1), tid)
+            T.evaluate(T.ptx.cp.async_.commit_group())
+
+    @T.macro
+    def flag_nonfinite(smem, base, bad, slot, words, nonfinite, tag, nrows_max, tid):
+        # this thread's own chunks of the rows at base (its stores or cp.async copies): if one
+        # holds a NaN or inf, tag ``bad[slot]`` (one slot per stage) with ``tag`` (through PTX,
+        # untracked by TVM's barrier planner, as in the forward; the barrier that follows
+        # publishes the tag)
+        nonfinite[0] = T.uint32(0)
+        for it in T.serial((nrows_max * CH + NTHR - 1) // NTHR):
+            if it * NTHR + tid < nrows_max * CH:
+                T.ptx.ld.shared.v4.b32(words[0], words[1], words[2], words[3], T.address_of(
+                    smem[base + chunk_row(it, tid) * DP + chunk_col(it, tid)]))
+                for i in T.unroll(4):
+                    nonfinite[0] = nonfinite[0] | (((words[i] & EXP_BITS) + EXP_CARRY) & SIGN_BITS)
+        if nonfinite[0] != T.uint32(0):
+            T.ptx.st.shared.b32(T.address_of(bad[slot]), tag)
+
+    @T.macro
+    def cache_row_segments(sg, rows, seg_start, seg_count, seg_sigma, hm, w, lane, nrows):
+        # per thread row: (start, last, sigma) of every segment (sigma 0: none)
+        for r in T.unroll(2):
+            for s in T.unroll(S):
+                if tile_row(w, lane, r) < nrows:
+                    sg[(r * S + s) * 3] = seg_start[hm, rows[r], s]
+                    sg[(r * S + s) * 3 + 1] = seg_start[hm, rows[r], s] + seg_sigma[hm, rows[r], s] * (seg_count[hm, rows[r], s] - 1)
+                    sg[(r * S + s) * 3 + 2] = T.if_then_else(seg_count[hm, rows[r], s] > 0, seg_sigma[hm, rows[r], s], 0)
+                else:
+                    sg[(r * S + s) * 3 + 2] = 0
+
+    @T.macro
+    def tile_by_block(acc, af, bf, smem, a_base, b_base, w, lane):
+        # acc = A B^T in registers: A the warp's 16 rows of the tile operand at a_base, B the
+        # block operand at b_base (both [*, D] in shared)
+        for i in T.unroll(NTL * 4):
+            acc[i] = T.float32(0)
+        for kk in T.unroll(KD):
+            T.evaluate(ldmatrix_x4(af, 0, smem, a_base + (w * 16 + lane % 16) * DP + kk * 16 + 8 * (lane // 16)))
+            for np in T.unroll(KC):
+                T.evaluate(ldmatrix_x4(bf, 0, smem, b_base + (np * 16 + lane % 8 + 8 * (lane // 16)) * DP
+                                       + kk * 16 + 8 * (lane // 8 % 2)))
+                for hn in T.unroll(2):
+                    T.evaluate(mma_16x8x16(af, 0, bf, hn * 4, acc, (np * 2 + hn) * 4))
+
+    @T.macro
+    def as_operand(frag, acc):
+        # float32 accumulators of a [16, BC] product -> the A operand (input dtype) of a product
+        # over the block (two 8-column accumulator tiles = one 16-deep k-step)
+        for kc in T.unroll(KC):
+            for hn in T.unroll(2):
+                for i in T.unroll(4):
+                    frag[kc * 8 + hn * 4 + i] = T.Cast(dt, acc[(kc * 2 + hn) * 4 + i])
+
+    @T.macro
+    def accumulate_tc(acc, frag, bf, smem, b_base, lane):
+        # acc += frag B on tensor cores: B the block operand at b_base ([BC, D], ldmatrix.trans)
+        for kc in T.unroll(KC):
+            for dp in T.unroll(D // 16):
+                T.evaluate(ldmatrix_x4(bf, 0, smem, b_base + (kc * 16 + lane % 8 + 8 * (lane // 8 % 2)) * DP
+                                       + dp * 16 + 8 * (lane // 16), trans=True))
+                for hn in T.unroll(2):
+                    T.evaluate(mma_16x8x16(frag, kc * 8, bf, hn * 4, acc, (dp * 2 + hn) * 4))
+
+    @T.macro
+    def stage_operand(smem, s_base, frag, w, lane):
+        # the warp's rows of an A operand -> shared at s_base ([BR, PP]) for the exact path
+        for kc in T.unroll(KC):
+            for hn in T.unroll(2):
+                for i in T.unroll(4):
+                    smem[s_base + tile_row(w, lane, i // 2) * PP + kc * 16 + hn * 8 + lane % 4 * 2 + i % 2] = \
+                        frag[kc * 8 + hn * 4 + i]
+
+    @T.macro
+    def accumulate_exact(acc, smem, s_base, b_base, w, lane):
+        # acc += A B on CUDA cores, skipping zero entries of A (staged at s_base), B at b_base
+        for c in T.serial(BC):
+            for r in T.unroll(2):
+                for dtl in T.unroll(DT):
+                    for e in T.unroll(2):
+                        acc[dtl * 4 + r * 2 + e] = acc[dtl * 4 + r * 2 + e] + T.if_then_else(
+                            smem[s_base + tile_row(w, lane, r) * PP + c] == zero, T.float32(0),
+                            T.Cast("float32", smem[s_base + tile_row(w, lane, r) * PP + c]) * T.Cast(
+                                "float32", smem[b_base + c * DP + dtl * 8 + lane % 4 * 2 + e]))
+
+    @T.macro
+    def full_row_sum(x, i):
+        # the 4 lanes of a row hold disjoint parts of the sum x[i]
+        x[i] = x[i] + T.tvm_warp_shuffle_xor(full_mask, x[i], 1, 32, 32)
+        x[i] = x[i] + T.tvm_warp_shuffle_xor(full_mask, x[i], 2, 32, 32)
+
+    @T.macro
+    def store_tile(dst, b, h, acc, factor, rows, w, lane, nrows):
+        # factor * acc -> the thread's valid rows of dst[b, h]
+        for r in T.unroll(2):
+            if tile_row(w, lane, r) < nrows:
+                for dtl in T.unroll(DT):
+                    for e in T.vectorized(2):
+                        dst[b, h, rows[r], dtl * 8 + lane % 4 * 2 + e] = T.Cast(dt, acc[dtl * 4 + r * 2 + e] * factor)
+
+    return SimpleNamespace(
+        BR=BR, BC=BC, W=W, D=D, DP=DP, DT=DT, NTL=NTL, SMEM=SMEM, X_OFF=X_OFF, Y_OFF=Y_OFF, U_OFF=U_OFF, W_OFF=W_OFF,
+        P_OFF=P_OFF, DS_OFF=DS_OFF, tile_row=tile_row, acc_col=acc_col, member=member, load_rows=load_rows,
+        fetch_block=fetch_block,
+        flag_nonfinite=flag_nonfinite, cache_row_segments=cache_row_segments, tile_by_block=tile_by_block,
+        as_operand=as_operand, accumulate_tc=accumulate_tc, stage_operand=stage_operand,
+        accumulate_exact=accumulate_exact, full_row_sum=full_row_sum, store_tile=store_tile)
+
+
+def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages: int = 2):
+    """``bwd_dq`` on tensor cores for ``spec`` and the mask's direct tile plan of shape
+    ``plan_shape`` (``br == 16 * warps``): ``delta`` and ``dq`` (see the module docstring).
+    ``stages=2``: K/V blocks double-buffered, fetched with ``cp.async`` one block ahead (one
+    barrier per block, as the forward's two-stage form); ``stages=1``: plain loads, two."""
+    st = _steps(spec, plan_shape, warps, stages)
+    tile_row, member, acc_col = st.tile_row, st.member, st.acc_col
+    load_rows, fetch_block = st.load_rows, st.fetch_block
+    flag_nonfinite, cache_row_segments = st.flag_nonfinite, st.cache_row_segments
+    tile_by_block, as_operand, accumulate_tc = st.tile_by_block, st.as_operand, st.accumulate_tc
+    stage_operand, accumulate_exact, full_row_sum, store_tile = (st.stage_operand, st.accumulate_exact,
+                                                                 st.full_row_sum, st.store_tile)
+    B, H, KVH, G, N, D = spec.batch, spec.heads, spec.kv_heads, spec.group, spec.seq_len, spec.head_dim
+    HM, S, dt = spec.mask_heads, spec.max_segments, spec.dtype
+    NT, NB = plan_shape.num_tiles, plan_shape.num_blocks
+    BR, BC, W, DP, DT, NTL, SMEM = st.BR, st.BC, st.W, st.DP, st.DT, st.NTL, st.SMEM
+    X_OFF, Y_OFF, U_OFF, W_OFF, DS_OFF = st.X_OFF, st.Y_OFF, st.U_OFF, st.W_OFF, st.DS_OFF
+    c2, log2e, scale = T.float32(spec.scale * LOG2E), T.float32(LOG2E), T.float32(spec.scale)
+
+    @T.macro
+    def row_stats(lrow, drow, dout, out, lse, dlse, delta, rows, b, h, w, lane, nrows):
+        # per thread row: lse in base 2 and delta = rowsum(dO * O) - dlse (the 4 lanes of a row
+        # sum D / 4 columns each, then 2 shuffles); one lane per row writes delta for bwd_dkdv
+        for r in T.unroll(2):
+            drow[r] = T.float32(0)
+            if tile_row(w, lane, r) < nrows:
+                for dtl in T.unroll(DT):
+                    for e in T.unroll(2):
+                        drow[r] = drow[r] + T.Cast("float32", dout[b, h, rows[r], dtl * 8 + lane % 4 * 2 + e]) * T.Cast(
+                            "float32", out[b, h, rows[r], dtl * 8 + lane % 4 * 2 + e])
+            full_row_sum(drow, r)
+            lrow[r] = T.float32(0)
+            if tile_row(w, lane, r) < nrows:
+                drow[r] = drow[r] - dlse[b, h, rows[r]]
+                lrow[r] = lse[b, h, rows[r]] * log2e
+                if lane % 4 == 0:
+                    delta[b, h, rows[r]] = drow[r]
+
+    @T.macro
+    def probabilities(sacc, dpacc, sg, lrow, drow, full, col0, sig, lane):
+        # P = 2^(S scale log2e - lse log2e) and dS = P (dP - delta), both selected to exactly 0
+        # where the mask is off (PARTIAL blocks: range + residue test against the row's segments)
+        for nt in T.unroll(NTL):
+            for i in T.unroll(4):
+                sacc[nt * 4 + i] = T.if_then_else(
+                    T.Or(full == 1, member(sg, i // 2, col0 + sig * acc_col(nt, lane, i), sig)),
+                    T.exp2(sacc[nt * 4 + i] * c2 - lrow[i // 2]), T.float32(0))
+                dpacc[nt * 4 + i] = T.if_then_else(
+                    T.Or(full == 1, member(sg, i // 2, col0 + sig * acc_col(nt, lane, i), sig)),
+                    sacc[nt * 4 + i] * (dpacc[nt * 4 + i] - drow[i // 2]), T.float32(0))
+
+    @T.prim_func(s_tir=True)
+    def bwd_dq(
+        q: T.Buffer((B, H, N, D), dt),
+        k: T.Buffer((B, KVH, N, D), dt),
+        v: T.Buffer((B, KVH, N, D), dt),
+        out: T.Buffer((B, H, N, D), dt),
+        dout: T.Buffer((B, H, N, D), dt),
+        lse: T.Buffer((B, H, N), "float32"),
+        dlse: T.Buffer((B, H, N), "float32"),
+        seg_start: T.Buffer((HM, N, S), "int32"),
+        seg_count: T.Buffer((HM, N, S), "int32"),
+        seg_sigma: T.Buffer((HM, N, S), "int32"),
+        tiles: T.Buffer((HM, NT, 7), "int32"),
+        blocks: T.Buffer((HM, NB, 3), "int32"),
+        dq: T.Buffer((B, H, N, D), dt),
+        delta: T.Buffer((B, H, N), "float32"),
+    ):
+        T.func_attr({"global_symbol": "bwd_dq", "tirx.noalias": True})
+        for vt in T.thread_binding(NT, thread="blockIdx.x"):
+            for vbh in T.thread_binding(B * H, thread="blockIdx.y"):
+                for w in T.thread_binding(W, thread="threadIdx.y"):
+                    for lane in T.thread_binding(32, thread="threadIdx.x"):
+                        with T.sblock("tile"):
+                            T.reads()
+                            T.writes()
+                            smem = T.sblock_alloc_buffer((SMEM,), dt, scope="shared.dyn")
+                            # per stage: 1 + the block index whose K holds a non-finite value
+                            bad = T.sblock_alloc_buffer((stages,), "int32", scope="shared")
+                            af = T.sblock_alloc_buffer((8,), dt, scope="local")
+                            bf = T.sblock_alloc_buffer((8,), dt, scope="local")
+                            dsf = T.sblock_alloc_buffer((BC // 2,), dt, scope="local")
+                            sacc = T.sblock_alloc_buffer((NTL * 4,), "float32", scope="local")
+                            dpacc = T.sblock_alloc_buffer((NTL * 4,), "float32", scope="local")
+                            acc = T.sblock_alloc_buffer((DT * 4,), "float32", scope="local")
+                            rows = T.sblock_alloc_buffer((2,), "int32", scope="local")
+                            lrow = T.sblock_alloc_buffer((2,), "float32", scope="local")
+                            drow = T.sblock_alloc_buffer((2,), "float32", scope="local")
+                            sg = T.sblock_alloc_buffer((2 * S * 3,), "int32", scope="local")
+                            nonfinite = T.sblock_alloc_buffer((1,), "uint32", scope="local")
+                            words = T.sblock_alloc_buffer((4,), "uint32", scope="local")
+                            flag = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                            b: T.let[T.int32] = vbh // H
+                            h: T.let[T.int32] = vbh % H
+                            hk: T.let[T.int32] = h // G
+                            hm: T.let[T.int32] = h % HM
+                            row0: T.let[T.int32] = tiles[hm, vt, 0]
+                            rstr: T.let[T.int32] = tiles[hm, vt, 1]
+                            nrows: T.let[T.int32] = tiles[hm, vt, 2]
+                            blk_lo: T.let[T.int32] = tiles[hm, vt, 4]
+                            blk_hi: T.let[T.int32] = tiles[hm, vt, 5]
+                            tid: T.let[T.int32] = w * 32 + lane
+                            for r in T.unroll(2):
+                                rows[r] = row0 + rstr * tile_row(w, lane, r)
+                            for i in T.unroll(DT * 4):
+                                acc[i] = T.float32(0)
+                            if tid < stages:
+                                T.ptx.st.shared.b32(T.address_of(bad[tid]), 0)
+                            load_rows(smem, X_OFF, q, b, h, row0, rstr, nrows, BR, tid)
+                            load_rows(smem, Y_OFF, dout, b, h, row0, rstr, nrows, BR, tid)
+                            if stages == 2:
+                                if blk_hi > blk_lo:
+                                    fetch_block(smem, k, v, b, hk, blocks[hm, blk_lo, 0], blocks[hm, blk_lo, 1], 0, tid)
+                            cache_row_segments(sg, rows, seg_start, seg_count, seg_sigma, hm, w, lane, nrows)
+                            row_stats(lrow, drow, dout, out, lse, dlse, delta, rows, b, h, w, lane, nrows)
+                            T.tvm_storage_sync("shared.dyn")  # the flags' zeros come before any tag
+                            for j in T.serial(blk_hi - blk_lo):
+                                col0: T.let[T.int32] = blocks[hm, blk_lo + j, 0]
+                                sig: T.let[T.int32] = blocks[hm, blk_lo + j, 1]
+                                full: T.let[T.int32] = blocks[hm, blk_lo + j, 2]
+                                stg: T.let[T.int32] = j % stages
+                                if stages == 1:
+                                    T.tvm_storage_sync("shared.dyn")  # the previous block is consumed
+                                    fetch_block(smem, k, v, b, hk, col0, sig, 0, tid)
+                                else:
+                                    T.evaluate(T.ptx["cp.async.wait_group"](0))  # block j landed (own copies)
+                                if full == 0:
+                                    flag_nonfinite(smem, U_OFF + stg * BC * DP, bad, stg, words, nonfinite, j + 1, BC, tid)
+                                # everyone's copies of block j are in; stages == 2: block j - 1's
+                                # stage is free for block j + 1
+                                T.tvm_storage_sync("shared.dyn")
+                                if stages == 2:
+                                    if j + 1 < blk_hi - blk_lo:
+                                        fetch_block(smem, k, v, b, hk, blocks[hm, blk_lo + j + 1, 0],
+                                                    blocks[hm, blk_lo + j + 1, 1], (j + 1) % stages, tid)
+                                tile_by_block(sacc, af, bf, smem, X_OFF, U_OFF + stg * BC * DP, w, lane)   # S = Q K^T
+                                tile_by_block(dpacc, af, bf, smem, Y_OFF, W_OFF + stg * BC * DP, w, lane)  # dP = dO V^T
+                                probabilities(sacc, dpacc, sg, lrow, drow, full, col0, sig, lane)
+                                as_operand(dsf, dpacc)
+                                T.ptx.ld.shared.b32(flag[0], T.address_of(bad[stg]))
+                                if flag[0] == j + 1:  # a masked-out K row may be non-finite: exact dS K
+                                    stage_operand(smem, DS_OFF, dsf, w, lane)
+                                    T.tvm_storage_sync("shared.dyn")
+                                    accumulate_exact(acc, smem, DS_OFF, U_OFF + stg * BC * DP, w, lane)
+                                else:
+                                    accumulate_tc(acc, dsf, bf, smem, U_OFF + stg * BC * DP, lane)  # dQ += dS K
+                            store_tile(dq, b, h, acc, scale, rows, w, lane, nrows)
+
+    return bwd_dq
+
+
+def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages: int = 2):
+    """``bwd_dkdv`` on tensor cores for ``spec`` (the *transposed* mask's spec) and the
+    transposed mask's direct tile plan of shape ``plan_shape``: ``dk`` and ``dv`` per key tile,
+    summed over the query heads of the KV head's group (see the module docstring). The program
+    walks (group head, block) pairs as one sequence, so ``stages=2`` prefetches across heads."""
+    st = _steps(spec, plan_shape, warps, stages)
+    tile_row, member, acc_col = st.tile_row, st.member, st.acc_col
+    load_rows, fetch_block = st.load_rows, st.fetch_block
+    flag_nonfinite, cache_row_segments = st.flag_nonfinite, st.cache_row_segments
+    tile_by_block, as_operand, accumulate_tc = st.tile_by_block, st.as_operand, st.accumulate_tc
+    stage_operand, accumulate_exact, store_tile = st.stage_operand, st.accumulate_exact, st.store_tile
+    B, H, KVH, G, N, D = spec.batch, spec.heads, spec.kv_heads, spec.group, spec.seq_len, spec.head_dim
+    HM, S, dt = spec.mask_heads, spec.max_segments, spec.dtype
+    if HM > 1 and G > 1:
+        raise ValueError(f"the tensor-core dK/dV kernel needs the query heads of a group to share one mask head "
+                         f"({HM} mask heads, groups of {G})")
+    NT, NB = plan_shape.num_tiles, plan_shape.num_blocks
+    BR, BC, W, DP, DT, NTL, SMEM = st.BR, st.BC, st.W, st.DP, st.DT, st.NTL, st.SMEM
+    X_OFF, Y_OFF, U_OFF, W_OFF, P_OFF, DS_OFF = st.X_OFF, st.Y_OFF, st.U_OFF, st.W_OFF, st.P_OFF, st.DS_OFF
+    c2, log2e, scale = T.float32(spec.scale * LOG2E), T.float32(LOG2E), T.float32(spec.scale)
+
+    @T.macro
+    def probabilities_t(sacc, dpacc, sg, lse, delta, b, h, full, col0, sig, lane):
+        # P^T and dS^T with the lse and delta of each block column (query row), selected to
+        # exactly 0 where the mask is off
+        for nt in T.unroll(NTL):
+            for i in T.unroll(4):
+                sacc[nt * 4 + i] = T.if_then_else(
+                    T.Or(full == 1, member(sg, i // 2, col0 + sig * acc_col(nt, lane, i), sig)),
+                    T.exp2(sacc[nt * 4 + i] * c2 - lse[b, h, T.min(col0 + sig * acc_col(nt, lane, i), N - 1)] * log2e),
+                    T.float32(0))
+                dpacc[nt * 4 + i] = T.if_then_else(
+                    T.Or(full == 1, member(sg, i // 2, col0 + sig * acc_col(nt, lane, i), sig)),
+                    sacc[nt * 4 + i] * (dpacc[nt * 4 + i] - delta[b, h, T.min(col0 + sig * acc_col(nt, lane, i), N - 1)]),
+                    T.float32(0))
+
+    @T.prim_func(s_tir=True)
+    def bwd_dkdv(
+        q: T.Buffer((B, H, N, D), dt),
+        k: T.Buffer((B, KVH, N, D), dt),
+        v: T.Buffer((B, KVH, N, D), dt),
+        dout: T.Buffer((B, H, N, D), dt),
+        lse: T.Buffer((B, H, N), "float32"),
+        delta: T.Buffer((B, H, N), "float32"),
+        tseg_start: T.Buffer((HM, N, S), "int32"),
+        tseg_count: T.Buffer((HM, N, S), "int32"),
+        tseg_sigma: T.Buffer((HM, N, S), "int32"),
+        ttiles: T.Buffer((HM, NT, 7), "int32"),
+        tblocks: T.Buffer((HM, NB, 3), "int32"),
+        dk: T.Buffer((B, KVH, N, D), dt),
+        dv: T.Buffer((B, KVH, N, D), dt),
+    ):
+        T.func_attr({"global_symbol": "bwd_dkdv", "tirx.noalias": True})
+        for vt in T.thread_binding(NT, thread="blockIdx.x"):
+            for vbk in T.thread_binding(B * KVH, thread="blockIdx.y"):
+                for w in T.thread_binding(W, thread="threadIdx.y"):
+                    for lane in T.thread_binding(32, thread="threadIdx.x"):
+                        with T.sblock("tile"):
+                            T.reads()
+                            T.writes()
+                            smem = T.sblock_alloc_buffer((SMEM,), dt, scope="shared.dyn")
+                            # per stage: 1 + the step whose Q or dO block holds a non-finite value
+                            bad = T.sblock_alloc_buffer((stages,), "int32", scope="shared")
+                            af = T.sblock_alloc_buffer((8,), dt, scope="local")
+                            bf = T.sblock_alloc_buffer((8,), dt, scope="local")
+                            pf = T.sblock_alloc_buffer((BC // 2,), dt, scope="local")
+                            dsf = T.sblock_alloc_buffer((BC // 2,), dt, scope="local")
+                            sacc = T.sblock_alloc_buffer((NTL * 4,), "float32", scope="local")
+                            dpacc = T.sblock_alloc_buffer((NTL * 4,), "float32", scope="local")
+                            acc_k = T.sblock_alloc_buffer((DT * 4,), "float32", scope="local")
+                            acc_v = T.sblock_alloc_buffer((DT * 4,), "float32", scope="local")
+                            rows = T.sblock_alloc_buffer((2,), "int32", scope="local")
+                            sg = T.sblock_alloc_buffer((2 * S * 3,), "int32", scope="local")
+                            nonfinite = T.sblock_alloc_buffer((1,), "uint32", scope="local")
+                            words = T.sblock_alloc_buffer((4,), "uint32", scope="local")
+                            flag = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                            b: T.let[T.int32] = vbk // KVH
+                            hk: T.let[T.int32] = vbk % KVH
+                            hm: T.let[T.int32] = hk * G % HM  # the group's one mask head
+                            row0: T.let[T.int32] = ttiles[hm, vt, 0]
+                            rstr: T.let[T.int32] = ttiles[hm, vt, 1]
+                            nrows: T.let[T.int32] = ttiles[hm, vt, 2]
+                            blk_lo: T.let[T.int32] = ttiles[hm, vt, 4]
+                            blk_hi: T.let[T.int32] = ttiles[hm, vt, 5]
+                            nblk: T.let[T.int32] = blk_hi - blk_lo
+                            tid: T.let[T.int32] = w * 32 + lane
+                            for r in T.unroll(2):
+                                rows[r] = row0 + rstr * tile_row(w, lane, r)
+                            for i in T.unroll(DT * 4):
+                                acc_k[i] = T.float32(0)
+                                acc_v[i] = T.float32(0)
+                            if tid < stages:
+                                T.ptx.st.shared.b32(T.address_of(bad[tid]), 0)
+                            load_rows(smem, X_OFF, k, b, hk, row0, rstr, nrows, BR, tid)
+                            load_rows(smem, Y_OFF, v, b, hk, row0, rstr, nrows, BR, tid)
+                            if stages == 2:
+                                if nblk > 0:
+                                    fetch_block(smem, q, dout, b, hk * G, tblocks[hm, blk_lo, 0], tblocks[hm, blk_lo, 1], 0, tid)
+                            cache_row_segments(sg, rows, tseg_start, tseg_count, tseg_sigma, hm, w, lane, nrows)
+                            T.tvm_storage_sync("shared.dyn")  # the flags' zeros come before any tag
+                            # step t: query head hk * G + t // nblk of the group, block t % nblk
+                            for t in T.serial(G * nblk):
+                                h: T.let[T.int32] = hk * G + t // nblk
+                                col0: T.let[T.int32] = tblocks[hm, blk_lo + t % nblk, 0]
+                                sig: T.let[T.int32] = tblocks[hm, blk_lo + t % nblk, 1]
+                                full: T.let[T.int32] = tblocks[hm, blk_lo + t % nblk, 2]
+                                stg: T.let[T.int32] = t % stages
+                                if stages == 1:
+                                    T.tvm_storage_sync("shared.dyn")  # the previous block is consumed
+                                    fetch_block(smem, q, dout, b, h, col0, sig, 0, tid)
+                                else:
+                                    T.evaluate(T.ptx["cp.async.wait_group"](0))  # step t landed (own copies)
+                                if full == 0:
+                                    flag_nonfinite(smem, U_OFF + stg * BC * DP, bad, stg, words, nonfinite, t + 1, BC, tid)
+                                    flag_nonfinite(smem, W_OFF + stg * BC * DP, bad, stg, words, nonfinite, t + 1, BC, tid)
+                                # everyone's copies of step t are in; stages == 2: step t - 1's
+                                # stage is free for step t + 1
+                                T.tvm_storage_sync("shared.dyn")
+                                if stages == 2:
+                                    if t + 1 < G * nblk:
+                                        fetch_block(smem, q, dout, b, hk * G + (t + 1) // nblk,
+                                                    tblocks[hm, blk_lo + (t + 1) % nblk, 0],
+                                                    tblocks[hm, blk_lo + (t + 1) % nblk, 1], (t + 1) % stages, tid)
+                                tile_by_block(sacc, af, bf, smem, X_OFF, U_OFF + stg * BC * DP, w, lane)   # S^T = K Q^T
+                                tile_by_block(dpacc, af, bf, smem, Y_OFF, W_OFF + stg * BC * DP, w, lane)  # dP^T = V dO^T
+                                probabilities_t(sacc, dpacc, sg, lse, delta, b, h, full, col0, sig, lane)
+                                as_operand(pf, sacc)
+                                as_operand(dsf, dpacc)
+                                T.ptx.ld.shared.b32(flag[0], T.address_of(bad[stg]))
+                                if flag[0] == t + 1:  # exact products (a masked-out Q or dO row is non-finite)
+                                    stage_operand(smem, P_OFF, pf, w, lane)
+                                    stage_operand(smem, DS_OFF, dsf, w, lane)
+                                    T.tvm_storage_sync("shared.dyn")
+                                    accumulate_exact(acc_v, smem, P_OFF, W_OFF + stg * BC * DP, w, lane)
+                                    accumulate_exact(acc_k, smem, DS_OFF, U_OFF + stg * BC * DP, w, lane)
+                                else:
+                                    accumulate_tc(acc_v, pf, bf, smem, W_OFF + stg * BC * DP, lane)   # dV += P^T dO
+                                    accumulate_tc(acc_k, dsf, bf, smem, U_OFF + stg * BC * DP, lane)  # dK += dS^T Q
+                            store_tile(dk, b, hk, acc_k, scale, rows, w, lane, nrows)
+                            store_tile(dv, b, hk, acc_v, T.float32(1), rows, w, lane, nrows)
+
+    return bwd_dkdv

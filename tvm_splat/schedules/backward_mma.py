@@ -1,0 +1,100 @@
+"""Knobs and kernel choice of the tensor-core training path (:mod:`tvm_splat.kernels.backward_mma`).
+
+The warp-level kernels are written bound to threads (as the forward's ``mma`` form is), so what
+is "scheduled" here is their shape: the tile sizes of the three tile plans a training workload
+runs on, and whether the workload can take the tensor-core path at all.
+
+* ``fwd_lse``: the forward's own warp-level kernel with its ``lse`` output
+  (:func:`~tvm_splat.kernels.tiled_mma.tiled_mma_func`, ``with_lse=True``), under the forward's
+  default knobs (:func:`~tvm_splat.schedules.tiled.default_tiled_knobs`) with split-KV off (the
+  lse is written by the tile's one program).
+* ``bwd_dq``: query tiles of ``BACKWARD_BR`` rows over column blocks of the mask's plan;
+  ``bwd_dkdv``: key tiles of ``BACKWARD_BR`` over blocks of the transposed mask's plan; blocks
+  of ``BACKWARD_BC`` columns, ``BACKWARD_BC_WIDE_HEADS`` above head_dim 64
+  (:func:`default_backward_mma_knobs`).
+
+Public API: :class:`BackwardMmaKnobs`, :func:`default_backward_mma_knobs`,
+:func:`tensor_core_training_refusal`, :func:`backward_mma_funcs`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..kernels.backward import BackwardSpec
+from ..kernels.backward_mma import (backward_dkdv_mma_func, backward_dq_mma_func, check_backward_mma_plan,
+                                    check_backward_mma_shape)
+from ..kernels.tiled_mma import MMA_TYPES, check_mma_shape, tiled_mma_func
+from .targets import as_target, is_gpu
+from .tiled import TiledKnobs, default_tiled_knobs
+
+__all__ = ["BackwardMmaKnobs", "default_backward_mma_knobs", "tensor_core_training_refusal", "backward_mma_funcs",
+           "BACKWARD_BR", "BACKWARD_BC"]
+
+#: rows per tile of both backward kernels (4 warps x 16 rows)
+BACKWARD_BR = 64
+#: columns per block of both backward kernels up to head_dim 64, and ``BACKWARD_BC_WIDE_HEADS``
+#: above. At head_dim 128 with 64-column blocks ``bwd_dkdv`` (two float32 accumulators, dK and
+#: dV, beside two score tiles) needs 255 registers and spills (ptxas for sm_90a: 8 bytes; 243 and
+#: none at bc=32; d=64, bc=64: 239 and none), and ``bwd_dq`` with two K/V stages needs 120 KB of
+#: shared memory, one thread block per SM on the H200's 228 KB (78 KB at bc=32: two; registers,
+#: 168 per thread, allow three). Untuned: no GPU measurement yet.
+BACKWARD_BC = 64
+BACKWARD_BC_WIDE_HEADS = 32
+
+
+@dataclass(frozen=True)
+class BackwardMmaKnobs:
+    """Tile shapes of the training kernels: ``forward`` (the forward's knobs, split-KV off),
+    ``dq_bc`` and ``dkdv_bc`` (column blocks of the two backward kernels), ``br`` and ``warps``
+    (rows per tile of both backward kernels, ``br == 16 * warps``), ``stages`` (block operands
+    of the backward kernels: 2 = double-buffered, ``cp.async`` one block ahead, as the forward's
+    two-stage form; 1 = plain loads, one more barrier per block). ``stages=2`` is the default
+    by analogy with the forward (17-18% faster there on large grids, H100), not measured here."""
+
+    forward: TiledKnobs
+    br: int = BACKWARD_BR
+    dq_bc: int = BACKWARD_BC
+    dkdv_bc: int = BACKWARD_BC
+    warps: int = BACKWARD_BR // 16
+    stages: int = 2
+
+
+def default_backward_mma_knobs(spec: BackwardSpec, target) -> BackwardMmaKnobs:
+    """The knobs when nothing is tuned (see the module docstring)."""
+    forward = dataclasses.replace(default_tiled_knobs(spec.rows, target), split_blocks=0)
+    bc = BACKWARD_BC if spec.rows.head_dim <= 64 else BACKWARD_BC_WIDE_HEADS
+    return BackwardMmaKnobs(forward, dq_bc=bc, dkdv_bc=bc)
+
+
+def tensor_core_training_refusal(spec: BackwardSpec, target, knobs: BackwardMmaKnobs, plans) -> str | None:
+    """Why this workload cannot take the tensor-core training path (``None``: it can).
+    ``plans``: the tile plans ``(forward, dq, dkdv)`` (the last of the transposed mask).
+    float32 and float64, and CPU targets, are not refused here: they never ask (they have the
+    CUDA-core and CPU kernels by design)."""
+    rows = spec.rows
+    if not is_gpu(as_target(target)) or rows.dtype not in MMA_TYPES:
+        return f"{rows.dtype} on {as_target(target).kind.name} has no tensor-core path"
+    if rows.mask_heads > 1 and rows.group > 1:
+        return (f"per-head masks ({rows.mask_heads} mask heads) with grouped KV heads (groups of "
+                f"{rows.group}): a dK/dV program sums over a group that must share one mask head")
+    try:
+        f = knobs.forward
+        check_mma_shape(rows, f.br, f.bc, f.warps, f.m_tiles)
+        check_backward_mma_shape(rows, knobs.br, knobs.dq_bc, knobs.warps, knobs.stages)
+        check_backward_mma_shape(spec.columns, knobs.br, knobs.dkdv_bc, knobs.warps, knobs.stages)
+        for plan in plans:
+            check_backward_mma_plan(plan.shape, plan.num_comp)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def backward_mma_funcs(spec: BackwardSpec, knobs: BackwardMmaKnobs, plan_shapes) -> dict:
+    """The three training PrimFuncs by name (``fwd_lse``, ``bwd_dq``, ``bwd_dkdv``) for the tile
+    plan shapes ``(forward, dq, dkdv)``; all already bound to threads."""
+    fwd, dq, dkdv = plan_shapes
+    f = knobs.forward
+    return {"fwd_lse": tiled_mma_func(spec.rows, fwd, f.warps, f.m_tiles, f.stages, wgmma=f.wgmma, with_lse=True),
+            "bwd_dq": backward_dq_mma_func(spec.rows, dq, knobs.warps, knobs.stages),
+            "bwd_dkdv": backward_dkdv_mma_func(spec.columns, dkdv, knobs.warps, knobs.stages)}
