@@ -15,6 +15,8 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
+from ._rewrite import rewrite_functions
+
 __all__ = ["LegalizeBoolArithmetic"]
 
 # The scans the importer leaves bool-typed; torch returns int64 for them over bool.
@@ -42,18 +44,10 @@ class _BoolArithmetic(relax.PyExprMutator):
         widened = self.builder_.emit(relax.op.astype(data, "int64"))
         return _SCANS[call.op.name](widened, call.attrs.axis, "int64", call.attrs.exclusive)
 
-    def run(self, mod: tvm.IRModule) -> tvm.IRModule:
-        for gv, func in list(mod.functions.items()):
-            if isinstance(func, relax.Function):
-                self.builder_.update_func(gv, self.visit_expr(func))
-        return self.builder_.get()
-
 
 def legalize_bool_arithmetic(mod: tvm.IRModule):
     """``(module, how many ops were widened)``; the module is unchanged when none were."""
-    mutator = _BoolArithmetic(mod)
-    new = mutator.run(mod)
-    return (new, mutator.count) if mutator.count else (mod, 0)
+    return rewrite_functions(_BoolArithmetic(mod), mod)
 
 
 @tvm.ir.transform.module_pass(opt_level=0, name="LegalizeBoolArithmetic")

@@ -15,6 +15,8 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
+from ._rewrite import rewrite_functions
+
 __all__ = ["LegalizeIntegerPower", "legalize_integer_power"]
 
 #: the exponents rewritten; higher ones are rare in models and would chain more roundings
@@ -51,18 +53,10 @@ class _IntegerPower(relax.PyExprMutator):
             return square
         return relax.op.multiply(square, base if k == 3 else square)
 
-    def run(self, mod: tvm.IRModule) -> tvm.IRModule:
-        for gv, func in list(mod.functions.items()):
-            if isinstance(func, relax.Function):
-                self.builder_.update_func(gv, self.visit_expr(func))
-        return self.builder_.get()
-
 
 def legalize_integer_power(mod: tvm.IRModule):
     """``(module, how many powers were rewritten)``; the module is unchanged when none were."""
-    mutator = _IntegerPower(mod)
-    new = mutator.run(mod)
-    return (new, mutator.count) if mutator.count else (mod, 0)
+    return rewrite_functions(_IntegerPower(mod), mod)
 
 
 @tvm.ir.transform.module_pass(opt_level=0, name="LegalizeIntegerPower")
