@@ -131,3 +131,27 @@ def test_hopper_default_keeps_mma_for_multi_component_plans(tmp_path, monkeypatc
     assert union.knobs_source == "default" and not union.knobs.wgmma and union.knobs.br == 64
     assert default_knobs(union.spec, union.target, union.acsr) == union.knobs
     assert default_knobs(union.spec, union.target) != union.knobs  # without the ACSR: spec alone
+
+
+@pytest.mark.parametrize("pattern,d,expected", [
+    (Window(64), 128, dict(wgmma=True, tma=True, br=128, warps=8, stages=2)),    # the A/B's window
+    (Window(64), 64, dict(wgmma=True, tma=True, br=64, warps=4, stages=2)),      # one warpgroup at d=64
+    ("global:4+window:32", 64, dict(wgmma=True, tma=True, br=64)),              # global tokens: step 1 too
+    ("dilated:32:2", 128, dict(wgmma=True, tma=False, br=128)),                 # steps > 1: no TMA
+    ("dilated:32:2", 64, dict(wgmma=False, tma=False, br=64)),                  # ... and at d=64 mma
+    ("window:32", 96, dict(wgmma=False, tma=False, br=64)),                     # d not a multiple of 64
+])
+def test_hopper_default_takes_tma_where_the_plan_allows(pattern, d, expected, tmp_path, monkeypatch):
+    """On sm_90a the untuned default is the TMA form exactly where it runs: one component, every
+    column block of step 1 (read off the tile plan), head_dim a multiple of 64; else the wgmma
+    form from d=128, else mma. Without the ACSR the rule never guesses TMA."""
+    monkeypatch.setenv("TVM_SPLAT_TUNING_LOGS", str(tmp_path))
+    from tvm_splat.planner import default_knobs
+
+    made = plan(pattern, (1, 2, 384, d), None, "bfloat16", None, target=H100)
+    assert made.knobs_source == "default"
+    assert {k: getattr(made.knobs, k) for k in expected} == expected
+    assert (made.tile_plan.blocks[..., 1] <= 1).all() or not made.knobs.tma
+    assert not default_knobs(made.spec, made.target).tma
+    sm80 = plan(pattern, (1, 2, 384, d), None, "bfloat16", None, target="nvidia/nvidia-a100")
+    assert not sm80.knobs.wgmma and not sm80.knobs.tma

@@ -118,8 +118,17 @@ def row_tuning_mark(spec: AttentionSpec, target, variant: str) -> str:
 
 
 def cuda_source(lib) -> str:
-    """CUDA C source of a module built for a CUDA target (empty string if it has none)."""
-    return "".join(m.inspect_source("cuda") for m in lib.imports if m.kind == "cuda")
+    """CUDA C source of a module built for a CUDA target (empty string if it has none): of
+    the CUDA modules among its imports, at any depth (a Relax VM executable holds its kernels
+    one library further down)."""
+    found, todo = [], list(lib.imports)
+    while todo:
+        m = todo.pop(0)
+        if m.kind == "cuda":
+            found.append(m.inspect_source("cuda"))
+        else:
+            todo.extend(m.imports)
+    return "".join(found)
 
 
 def nvcc_compile(source: str, target="nvidia/nvidia-h100") -> bytes:

@@ -122,15 +122,20 @@ CPU_SCRATCH_BYTES = 1 << 30
 
 
 def default_knobs(spec: AttentionSpec, target, acsr: ACSR | None = None) -> TiledKnobs:
-    """The untuned tiled knobs of a workload: :func:`default_tiled_knobs`, told how many
-    components the tile plan of its wgmma form has (when that form is the default and the
-    ACSR is known), so multi-component plans keep the mma form."""
+    """The untuned tiled knobs of a workload: :func:`default_tiled_knobs`, told what the tile
+    plan of its Hopper form looks like (when the ACSR is known): how many components it has
+    (multi-component plans keep the mma form) and whether all its column blocks have step 1
+    (the TMA form's condition). Without the ACSR: the spec alone, never TMA."""
     knobs = default_tiled_knobs(spec, target)
-    if knobs.wgmma and acsr is not None:
-        components = tile_plan_of(acsr, knobs).shape.num_components
-        if components > 1:
-            knobs = default_tiled_knobs(spec, target, components)
-    return knobs
+    if acsr is None:
+        return knobs
+    hopper = default_tiled_knobs(spec, target, unit_steps=True)
+    if not hopper.wgmma:
+        return knobs
+    tile_plan = tile_plan_of(acsr, hopper)
+    components = tile_plan.shape.num_components
+    unit_steps = bool((tile_plan.blocks[..., 1] <= 1).all())
+    return default_tiled_knobs(spec, target, components, unit_steps)
 
 
 def choose_knobs(spec: AttentionSpec, target, variant: str, knobs=None, acsr: ACSR | None = None):

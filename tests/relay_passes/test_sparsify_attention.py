@@ -375,6 +375,35 @@ def test_builds_for_cuda():
     assert ex is not None
 
 
+def test_builds_the_hopper_tma_form_for_a_half_precision_window():
+    """A float16 window site on sm_90a takes the default TMA form inside the Relax module too:
+    the host encodes the K/V tensor maps in the same PrimFunc the graph calls."""
+    from tvm_splat.compile import cuda_source, nvcc_compile
+
+    class HalfEager(nn.Module):  # 16-bit scores, the softmax in float32 (as HF's eager attention)
+        def __init__(self, keep):
+            super().__init__()
+            self.register_buffer("keep", keep)
+
+        def forward(self, q, k, v):
+            scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5
+            probs = torch.softmax(scores.masked_fill(~self.keep, float("-inf")), dim=-1)
+            return probs.to(q.dtype) @ v
+
+    args = tuple(a.half() for a in qkv(12, n=200, d=64))
+    mod, _ = import_model(HalfEager(window(200, 24)), args)
+    target = tvm.target.Target("nvidia/nvidia-h100")
+    rewrite = SparsifyAttention(Window(24), target=target)
+    new = rewrite(mod)
+    assert_rewritten(new, rewrite.report)
+    (_, site_plan), = rewrite.workloads
+    knobs = site_plan.knobs
+    assert knobs.wgmma and knobs.tma
+    src = cuda_source(tvm.compile(new, target).mod)
+    assert "cp.async.bulk.tensor" in src and "CUtensorMap" in src
+    assert nvcc_compile(src, target)
+
+
 # ----------------------------------------------------------------------------- skipped sites
 def test_no_attention_module_is_unchanged_and_its_softmax_reported():
     model = nn.Sequential(nn.Linear(E, E), nn.GELU(), nn.Linear(E, 4), nn.Softmax(-1))

@@ -35,7 +35,7 @@ from ..kernels.tiled import TILE_BLOCK, fallback_func, merge_func, split_merge_f
 from ..kernels.tiled_mma import MMA_TYPES, tiled_mma_func
 from .targets import as_target, is_gpu, supports_wgmma, target_key
 
-__all__ = ["TiledKnobs", "default_tiled_knobs", "TWO_STAGE_MIN_TILES", "WGMMA_MIN_HEAD_DIM", "tiled_funcs", "uses_mma",
+__all__ = ["TiledKnobs", "default_tiled_knobs", "TWO_STAGE_MIN_TILES", "WGMMA_MIN_HEAD_DIM", "TMA_HEAD_DIM_MULTIPLE", "tiled_funcs", "uses_mma",
            "schedule_tiled", "apply_tiled_schedule"]
 
 
@@ -128,22 +128,45 @@ TWO_STAGE_MIN_TILES = 2048
 WGMMA_MIN_HEAD_DIM = 128
 
 
-def default_tiled_knobs(spec: AttentionSpec, target, num_components: int = 1) -> TiledKnobs:
-    """The knobs when nothing is tuned: the ``mma`` kernel for float16/bfloat16 on the GPU — on
-    an ``sm_90a`` target with ``head_dim >= WGMMA_MIN_HEAD_DIM`` and a tile plan of one
-    component its wgmma form with two warpgroups — and the number of K/V stages by grid size
-    (``TWO_STAGE_MIN_TILES``). ``num_components``: of the tile plan the wgmma knobs give
-    (:func:`tvm_splat.planner.default_knobs` passes it): with two or more (unions such as
-    causal strided, merged after the tiles) the 128-row wgmma tiles lost to 64-row mma tiles
-    on the H200 (causal strided, d=128: 0.844 vs 0.699 ms, ``h200_models.json`` before and
-    after the wgmma default), so those keep the mma form."""
+#: head dims the TMA form takes by default (its tensor maps cut rows into 64-element swizzle
+#: rows): a multiple of this. H200, fp16, 50 back-to-back calls
+#: (benchmarks/results/h200_tma_ab.json, outputs identical): window:1024, n=32k, d=128 2.40 ->
+#: 1.45 ms; causal window 4095, GQA, n=16k, d=128 3.86 -> 2.28 ms; ±256 + 4 global, d=64,
+#: batch 8: 0.79 ms with one warpgroup (64-row tiles) against 0.87 ms for the mma default and
+#: 1.03 ms for two warpgroups, so at d=64 the TMA default is the 64-row wgmma form.
+TMA_HEAD_DIM_MULTIPLE = 64
+
+
+def default_tiled_knobs(spec: AttentionSpec, target, num_components: int = 1, unit_steps: bool = False) -> TiledKnobs:
+    """The knobs when nothing is tuned: the ``mma`` kernel for float16/bfloat16 on the GPU, and
+    the number of K/V stages by grid size (``TWO_STAGE_MIN_TILES``). On an ``sm_90a`` target,
+    for a tile plan of one component:
+
+    * ``unit_steps`` (every column block of the plan has step 1; the caller read it off the
+      plan, :func:`tvm_splat.planner.default_knobs`) and ``head_dim`` a multiple of
+      ``TMA_HEAD_DIM_MULTIPLE``: the TMA form (two stages), with two warpgroups (128-row tiles)
+      from ``WGMMA_MIN_HEAD_DIM``, one below;
+    * else, from ``WGMMA_MIN_HEAD_DIM``: the wgmma form with two warpgroups.
+
+    ``num_components``: of the tile plan the wgmma knobs give (:func:`tvm_splat.planner.
+    default_knobs` passes it): with two or more (unions such as causal strided, merged after
+    the tiles) the 128-row wgmma tiles lost to 64-row mma tiles on the H200 (causal strided,
+    d=128: 0.844 vs 0.699 ms, ``h200_models.json`` before and after the wgmma default), so
+    those keep the mma form."""
     target = as_target(target)
     knobs = TiledKnobs(use_tensor_cores=is_gpu(target) and spec.dtype in MMA_TYPES)
-    if (knobs.use_tensor_cores and str(target.attrs.get("arch", "")) == "sm_90a" and num_components <= 1
-            and spec.head_dim >= WGMMA_MIN_HEAD_DIM and spec.head_dim <= 256):
-        knobs = dataclasses.replace(knobs, br=128, warps=8, wgmma=True)
     tiles = spec.batch * spec.heads * -(-spec.seq_len // 64)  # the rule was measured with 64-row tiles
-    return dataclasses.replace(knobs, stages=2 if tiles >= TWO_STAGE_MIN_TILES else 1)
+    knobs = dataclasses.replace(knobs, stages=2 if tiles >= TWO_STAGE_MIN_TILES else 1)
+    if not (knobs.use_tensor_cores and str(target.attrs.get("arch", "")) == "sm_90a" and num_components <= 1
+            and spec.head_dim <= 256):
+        return knobs
+    two_warpgroups = spec.head_dim >= WGMMA_MIN_HEAD_DIM
+    if unit_steps and spec.head_dim % TMA_HEAD_DIM_MULTIPLE == 0:
+        rows = 128 if two_warpgroups else 64
+        return dataclasses.replace(knobs, br=rows, warps=rows // 16, wgmma=True, tma=True, stages=2)
+    if two_warpgroups:
+        return dataclasses.replace(knobs, br=128, warps=8, wgmma=True)
+    return knobs
 
 
 def uses_mma(spec: AttentionSpec, knobs: TiledKnobs, target) -> bool:

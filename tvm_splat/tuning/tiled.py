@@ -26,8 +26,8 @@ import tvm
 from ..planner import AttentionPlan, plan
 from ..records import best_knobs_path, open_database, workload_dir
 from ..schedules.targets import is_gpu
-from ..schedules.tiled import (TILE_BLOCK, TiledKnobs, apply_tiled_schedule, default_tiled_knobs, tiled_funcs,
-                               uses_mma)
+from ..schedules.tiled import (TILE_BLOCK, TMA_HEAD_DIM_MULTIPLE, TiledKnobs, apply_tiled_schedule,
+                               default_tiled_knobs, tiled_funcs, uses_mma)
 from .tune import (RPCTracker, TuneResult, _metadata_args, _progress_callback, alloc_arguments, local_builder,
                    measure_runner, prune_database, run_us, tuning_progress, tuning_target, unnamed_log_handlers_detached)
 
@@ -75,11 +75,13 @@ def _design_spaces(name, target, spec, choices):
     return space
 
 
-def program_choices(base, spec, target, stages=(1, 2), m_tiles=(1,)):
+def program_choices(base, spec, target, stages=(1, 2), m_tiles=(1,), unit_steps=False):
     """Groups of knobs for one plan, each group one program (one MetaSchedule task) whose
     members differ only in their schedule. ``m_tiles=(1,)`` by default: two m-tiles per warp
     ran slower for every case of ``benchmarks/tc_variants.py`` on the H100 (register spills at
-    d=128), so they are searched only when asked for."""
+    d=128), so they are searched only when asked for. On Hopper the wgmma form joins, and its
+    TMA form where the plan's column blocks all have step 1 (``unit_steps``, read off the plan)
+    and ``head_dim`` is a multiple of ``TMA_HEAD_DIM_MULTIPLE``."""
     if not uses_mma(spec, base, target):
         return [schedule_choices(base, target)]
     groups = []
@@ -89,6 +91,8 @@ def program_choices(base, spec, target, stages=(1, 2), m_tiles=(1,)):
         groups.append([dataclasses.replace(base, warps=warps, m_tiles=mt, stages=st)])
     if _has_wgmma(target) and base.br % 64 == 0 and spec.head_dim <= 256:  # Hopper: the wgmma form too
         groups += [[dataclasses.replace(base, warps=base.br // 16, m_tiles=1, stages=st, wgmma=True)] for st in stages]
+        if 2 in stages and unit_steps and spec.head_dim % TMA_HEAD_DIM_MULTIPLE == 0:
+            groups.append([dataclasses.replace(base, warps=base.br // 16, m_tiles=1, stages=2, wgmma=True, tma=True)])
     return groups
 
 
@@ -98,7 +102,8 @@ def _has_wgmma(target) -> bool:
 
 def _program_name(kn, mma) -> str:
     name = f"tiled_{kn.br}x{kn.bc}"
-    return name + (f"_w{kn.warps}_m{kn.m_tiles}_s{kn.stages}{'_wg' if kn.wgmma else ''}" if mma else "")
+    form = "_wg_tma" if kn.tma else "_wg" if kn.wgmma else ""
+    return name + (f"_w{kn.warps}_m{kn.m_tiles}_s{kn.stages}{form}" if mma else "")
 
 
 def _args_signature(args_info):
@@ -168,7 +173,8 @@ def tune_tiled(workload: AttentionPlan, *, plans=None, root=None, console=None, 
             continue
         candidate = plan(acsr, workload.q_shape, workload.kv_shape, spec.dtype, None, target=target,
                          scale=spec.scale, variant="tiled", knobs=base)
-        for choices in program_choices(base, spec, target, stages):
+        unit_steps = bool((candidate.tile_plan.blocks[..., 1] <= 1).all())
+        for choices in program_choices(base, spec, target, stages, unit_steps=unit_steps):
             name = _program_name(choices[0], mma)
             try:
                 func = tiled_funcs(spec, candidate.tile_plan.shape, choices[0], target)["tiled"]
