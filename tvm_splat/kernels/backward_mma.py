@@ -52,10 +52,12 @@ global row lse, so there is no softmax state to merge: a component's share of a 
 key's dk, dv over the transposed plan) is simply additive. Each program then writes its
 *scaled* float32 result (``scale dQ``; ``scale dK``, ``dV``) into slot ``comp`` (tile field 3)
 of a partial buffer ``dq_part [C, B, H, N, D]`` (``dk_part``, ``dv_part [C, B, KVH, N, D]``;
-extra last parameters), and :func:`sum_components_func` adds the ``num_comp[hm]`` slots a head
-writes and casts to the input dtype (slots past ``num_comp[hm]`` are never read). ``delta`` is
-written by the tiles of component 0 only, which cover every row. With ``C == 1`` the kernels
-write dq, dk, dv directly and have no partial parameter (the code is that of the direct form).
+extra last parameters; ``dq``, ``dk``, ``dv`` stay in the signature, unwritten), and
+:func:`sum_components_func` adds the ``num_comp[hm]`` slots a head writes and casts to the
+input dtype (slots past ``num_comp[hm]`` are never read). Scaled in the tile, so one sum kernel
+serves dq, dk and dv. ``delta`` is written by the tiles of component 0 only, which cover every
+row. With ``C == 1`` the kernels write dq, dk, dv directly and have no partial parameter (the
+generated code is that of the one-component form, unchanged).
 """
 from __future__ import annotations
 
