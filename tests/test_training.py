@@ -43,9 +43,9 @@ def test_bad_plans_are_named():
 
 
 def test_half_precision_on_a_cuda_target_takes_the_tensor_core_kernels():
-    """fp16/bf16 on CUDA: the tensor-core kernels on three direct tile plans (forward, dq over
-    the mask, dk/dv over its transpose) whose tables the plan uploads under the kernels'
-    parameter names; float32 and the CPU keep the row kernels."""
+    """fp16/bf16 on CUDA: the tensor-core kernels on three tile plans (forward, dq over the mask,
+    dk/dv over its transpose) whose tables the plan uploads under the kernels' parameter names;
+    float32 and the CPU keep the row kernels."""
     from tvm_splat.formats import PerHead
     from tvm_splat.kernels.backward_mma import check_backward_mma_plan
 
@@ -78,16 +78,55 @@ def test_half_precision_on_a_cuda_target_takes_the_tensor_core_kernels():
     assert off.kernels == "rows" and "tensor_cores=False" in repr(off)
 
 
-def test_a_pure_dilated_mask_keeps_its_row_aligned_tiles_on_tensor_cores():
-    """One aligned component per head is already direct: its tiles group rows by residue (dense
-    blocks); a band plus a strided part is not, and gets one contiguous component."""
+def test_strided_and_dilated_masks_keep_their_row_aligned_components_on_tensor_cores():
+    """The training plans are the forward's: a pure dilated window is one aligned component
+    (rows grouped by residue, dense blocks); a band plus a strided part two (contiguous rows for
+    the band, rows by residue for the strided steps), in all three plans."""
     from tvm_splat.formats import DilatedWindow, Strided
 
     dilated = plan_training(DilatedWindow(6, 2), (1, 2, 200, 64), dtype="float16", device="cuda",
                             target="nvidia/nvidia-h100")
     strided = plan_training(Strided(16), (1, 2, 200, 64), dtype="float16", device="cuda", target="nvidia/nvidia-h100")
-    for plan, rstrides in ((dilated, {2}), (strided, {1})):
+    for plan, rstrides in ((dilated, {2}), (strided, {1, 16})):
         assert plan.kernels == "tensor-cores"
         for p in plan.tile_plans:
             assert set(p.tiles[0, p.tiles[0, :, 2] > 0, 1].tolist()) == rstrides
+            assert p.shape.num_components == len(rstrides) and not p.shape.num_slots
         assert (plan.tile_plans[2].covered(0) == plan.acsr.to_dense()[0].T).all()
+
+
+@pytest.mark.parametrize("mask,heads,kv_heads,n,d,dtype", [
+    ("strided:64", 4, 2, 1000, 64, "bfloat16"),
+    ("causal_strided:32", 2, 2, 1500, 128, "float16"),
+    ("global:2+strided:16", 4, 1, 333, 64, "float16"),
+])
+def test_multi_component_masks_take_the_tensor_cores(mask, heads, kv_heads, n, d, dtype):
+    """Masks that mix a band with a strided part (issue #17) plan the tensor-core kernels on a
+    CUDA target (planning only, nothing runs): plans of two components, whose combining kernels
+    (``fwd_merge``, ``bwd_dq_sum``, ``bwd_dkdv_sum``) read the plans' ``num_comp`` tables; the
+    forward keeps the mma form (several components: no wgmma default on Hopper, as the forward
+    planner decides)."""
+    plan = plan_training(mask, (2, heads, n, d), (2, kv_heads, n, d), dtype, "cuda", target="nvidia/nvidia-h100")
+    assert plan.kernels == "tensor-cores" and plan.fallback_reason is None, repr(plan)
+    assert [p.shape.num_components for p in plan.tile_plans] == [2, 2, 2]
+    assert not plan.mma_knobs.forward.wgmma and plan.mma_knobs.forward.split_blocks == 0
+    tables = plan.tables()
+    for name, p in zip(("fwd_num_comp", "num_comp", "tnum_comp"), plan.tile_plans):
+        assert (tables[name] == p.num_comp).all() and tables[name].dtype == np.int32
+    dense = plan.acsr.to_dense()[0]
+    fwd, dq, dkdv = plan.tile_plans
+    if n <= 400:  # covered() is brute force
+        assert (dq.covered(0) == dense).all() and (dkdv.covered(0) == dense.T).all()
+
+
+def test_the_float64_cpu_path_of_multi_component_masks_is_the_row_kernels():
+    """float64 on the CPU (what gradcheck runs) never asks for tensor cores: a strided mask
+    plans the row kernels there exactly as before, no tile plans."""
+    plan = plan_training("strided:4", (1, 2, 17, 8), dtype="float64")
+    assert plan.kernels == "rows" and plan.tile_plans is None and plan.fallback_reason is None
+    q, k, v = (torch.randn(1, 2, 17, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+               for i in range(3))
+    out, lse = plan.forward(q, k, v)
+    mask = torch.from_numpy(plan.acsr.to_dense()[0])
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=8 ** -0.5)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)

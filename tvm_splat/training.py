@@ -12,11 +12,18 @@ Two kernel families (``TrainingPlan.kernels``):
 * ``"tensor-cores"`` — float16 / bfloat16 on a CUDA target: the warp-level ``mma.sync``
   kernels (:mod:`tvm_splat.kernels.backward_mma`) over three tile plans: the forward's (with its
   ``lse`` output), the mask's for ``dq`` and the transposed mask's for ``dk``/``dv``
-  (``tile_plans``; direct plans, :func:`_direct_tile_plan`: no split-KV, one component per
-  head, so unions of a band with dilated or strided steps get per-residue blocks instead of the
-  forward's merged row-aligned components). Workloads that kernel family cannot take (CSR
-  fallback rows, per-head masks with grouped KV heads, head dims not a multiple of 16) run the
-  CUDA-core kernels instead, the reason in ``fallback_reason`` and the plan's repr;
+  (``tile_plans``, :func:`_training_tile_plan`: the forward's row-aligned components, no
+  split-KV). A plan of several components (a band with a dilated or strided part) adds a
+  combining kernel after each of the three: the forward's merge, which also writes the lse,
+  and a sum of the per-component partial gradients (``fwd_merge``, ``bwd_dq_sum``,
+  ``bwd_dkdv_sum``). Their float32 partial buffers — forward ``o_part [B*H, C, n, head_dim]``
+  and ``ml_part [B*H, C, n, 2]``, ``dq_part [C, B, H, n, head_dim]``, ``dk_part`` and ``dv_part
+  [C, B, KVH, n, head_dim]`` (``C`` the components of that plan, 2 for strided masks) — are
+  allocated per call with ``torch.empty`` on the tensors' device (the caching allocator reuses
+  them) and freed when the call returns; one-component plans need none. Workloads that kernel
+  family cannot take (CSR fallback rows, per-head masks with grouped KV heads, head dims not a
+  multiple of 16) run the CUDA-core kernels instead, the reason in ``fallback_reason`` and the
+  plan's repr;
 * ``"rows"`` — everything else (float32, float64, the CPU): one query row or key per thread or
   task (:mod:`tvm_splat.kernels.backward`). :meth:`TrainingPlan.forward` returns ``(out,
 lse)``, :meth:`TrainingPlan.backward` ``(dq, dk, dv)``; the autograd op
@@ -38,7 +45,9 @@ from .formats import ACSR, parse_pattern
 from .formats.tile_plan import plan_tiles
 from .formats.transpose import transpose_acsr, transposed_acsr
 from .kernels.backward import BackwardSpec
+from .kernels.backward_mma import part_shape
 from .kernels.spec import SPEC_DTYPES
+from .kernels.tiled import partial_shapes
 from .kernels.tiled_mma import MMA_TYPES
 from .planner import SEGMENTS, as_acsr
 from .schedules.backward_mma import default_backward_mma_knobs, tensor_core_training_refusal
@@ -54,7 +63,9 @@ _TRANSPOSED = tuple(f"t{name}" for name in (*SEGMENTS, "indices"))
 _FWD_PLAN = ("seg_start", "seg_count", "fwd_seg_sigma", "fwd_tiles", "fwd_blocks")
 _DQ_PLAN = ("seg_start", "seg_count", "seg_sigma", "tiles", "blocks")
 _DKDV_PLAN = ("tseg_start", "tseg_count", "tseg_sigma", "ttiles", "tblocks")
-#: the forward kernel's partial-state buffers, one-element dummies for the direct plans it runs
+#: the forward kernel's partial-state buffers, one-element dummies: split-KV is never on, and
+#: the per-component states (``o_part``, ``ml_part``) are real buffers only on plans of several
+#: components (allocated per call then, :meth:`TrainingPlan.forward`)
 _FWD_SCRATCH = (("o_part", (1, 1, 1, 1)), ("ml_part", (1, 1, 1, 2)), ("split_o", (1, 1, 1, 1)),
                 ("split_ml", (1, 1, 1, 2)))
 
@@ -78,9 +89,13 @@ class TrainingPlan:
             self.fallback_reason = "tensor_cores=False"
         elif is_gpu(target) and spec.rows.dtype in MMA_TYPES:
             knobs = mma_knobs or default_backward_mma_knobs(spec, target)
-            plans = (_direct_tile_plan(acsr, br=knobs.forward.br, bc=knobs.forward.bc),
-                     _direct_tile_plan(acsr, br=knobs.br, bc=knobs.dq_bc),
-                     _direct_tile_plan(transposed, br=knobs.br, bc=knobs.dkdv_bc))
+            fwd = _training_tile_plan(acsr, br=knobs.forward.br, bc=knobs.forward.bc)
+            if mma_knobs is None and knobs.forward.wgmma and fwd.shape.num_components > 1:
+                # as the forward planner does: several components keep the mma form
+                knobs = default_backward_mma_knobs(spec, target, fwd.shape.num_components)
+                fwd = _training_tile_plan(acsr, br=knobs.forward.br, bc=knobs.forward.bc)
+            plans = (fwd, _training_tile_plan(acsr, br=knobs.br, bc=knobs.dq_bc),
+                     _training_tile_plan(transposed, br=knobs.br, bc=knobs.dkdv_bc))
             self.fallback_reason = tensor_core_training_refusal(spec, target, knobs, plans)
             if self.fallback_reason is None:
                 self.kernels, self.mma_knobs, self.tile_plans = "tensor-cores", knobs, plans
@@ -110,8 +125,9 @@ class TrainingPlan:
         if self.kernels == "tensor-cores":
             fwd, dq, dkdv = self.tile_plans
             tables.update(fwd_seg_sigma=fwd.seg_sigma, fwd_tiles=fwd.tiles, fwd_blocks=fwd.blocks,
-                          seg_sigma=dq.seg_sigma, tiles=dq.tiles, blocks=dq.blocks,
-                          tseg_sigma=dkdv.seg_sigma, ttiles=dkdv.tiles, tblocks=dkdv.blocks)
+                          fwd_num_comp=fwd.num_comp, seg_sigma=dq.seg_sigma, tiles=dq.tiles, blocks=dq.blocks,
+                          num_comp=dq.num_comp, tseg_sigma=dkdv.seg_sigma, ttiles=dkdv.tiles, tblocks=dkdv.blocks,
+                          tnum_comp=dkdv.num_comp)
         return {name: np.ascontiguousarray(a, dtype=np.int32) for name, a in tables.items()}
 
     def _kernels(self):
@@ -165,7 +181,12 @@ class TrainingPlan:
         rows = self.spec.rows
         out = self._empty(q, self.q_shape, rows.dtype)
         lse = self._empty(q, self.stats_shape, rows.accum_dtype)
-        if self.kernels == "tensor-cores":
+        if self.kernels == "tensor-cores" and self.tile_plans[0].shape.num_components > 1:
+            o_shape, ml_shape = partial_shapes(rows, self.tile_plans[0].shape.num_components)
+            o_part, ml_part = self._empty(q, o_shape, "float32"), self._empty(q, ml_shape, "float32")
+            self._launch("fwd_lse", q, k, v, *_FWD_PLAN, out, o_part, ml_part, "split_o", "split_ml")
+            self._launch("fwd_merge", o_part, ml_part, "fwd_num_comp", out, lse)
+        elif self.kernels == "tensor-cores":
             self._launch("fwd_lse", q, k, v, *_FWD_PLAN, out, *(name for name, _ in _FWD_SCRATCH), lse)
         else:
             self._launch("fwd_lse", q, k, v, *SEGMENTS, "indices", out, lse)
@@ -185,26 +206,43 @@ class TrainingPlan:
         dv = self._empty(q, self.kv_shape, rows.dtype)
         delta = self._empty(q, self.stats_shape, rows.accum_dtype)
         if self.kernels == "tensor-cores":
-            self._launch("bwd_dq", q, k, v, out, dout, lse, dlse, *_DQ_PLAN, dq, delta)
-            self._launch("bwd_dkdv", q, k, v, dout, lse, delta, *_DKDV_PLAN, dk, dv)
+            self._backward_mma(q, k, v, out, lse, dout, dlse, dq, dk, dv, delta)
         else:
             self._launch("bwd_dq", q, k, v, out, dout, lse, dlse, *SEGMENTS, "indices", dq, delta)
             self._launch("bwd_dkdv", q, k, v, dout, lse, delta, *_TRANSPOSED, dk, dv)
         return dq, dk, dv
 
+    def _backward_mma(self, q, k, v, out, lse, dout, dlse, dq, dk, dv, delta):
+        """The tensor-core backward: each kernel writes its gradient directly on a plan of one
+        component, else per-component float32 partials that its sum kernel adds (the module
+        docstring)."""
+        rows = self.spec.rows
+        c_dq, c_dkdv = (p.shape.num_components for p in self.tile_plans[1:])
+        if c_dq > 1:
+            dq_part = self._empty(q, part_shape(rows, c_dq, rows.heads), "float32")
+            self._launch("bwd_dq", q, k, v, out, dout, lse, dlse, *_DQ_PLAN, dq, delta, dq_part)
+            self._launch("bwd_dq_sum", dq_part, "num_comp", dq)
+        else:
+            self._launch("bwd_dq", q, k, v, out, dout, lse, dlse, *_DQ_PLAN, dq, delta)
+        if c_dkdv > 1:
+            dk_part, dv_part = (self._empty(q, part_shape(rows, c_dkdv, rows.kv_heads), "float32") for _ in range(2))
+            self._launch("bwd_dkdv", q, k, v, dout, lse, delta, *_DKDV_PLAN, dk, dv, dk_part, dv_part)
+            self._launch("bwd_dkdv_sum", dk_part, "tnum_comp", dk)
+            self._launch("bwd_dkdv_sum", dv_part, "tnum_comp", dv)
+        else:
+            self._launch("bwd_dkdv", q, k, v, dout, lse, delta, *_DKDV_PLAN, dk, dv)
 
-def _direct_tile_plan(acsr: ACSR, br: int, bc: int):
-    """A tile plan whose programs each own whole rows (the lse and delta of a row are written by
-    one program, dq/dk/dv rows by one program): no split-KV, and the plan's row-aligned
-    components when each head has just one (a pure dilated window), else one contiguous-row
-    component per head, its aligned steps in per-residue blocks. The latter computes many more
-    scores for masks that mix a band with a strided part (strided:64, n=4096, 64x64 tiles: 22.7
-    scores per nonzero against 1.34 with the forward's components), the price of not merging
-    components in training yet."""
-    plan = plan_tiles(acsr, br=br, bc=bc, split_blocks=0)
-    if (plan.num_comp == 1).all():
-        return plan
-    return plan_tiles(acsr, br=br, bc=bc, split_blocks=0, aligned_components=False)
+
+def _training_tile_plan(acsr: ACSR, br: int, bc: int):
+    """The tile plan of the training kernels: the forward's (row-aligned components, so a
+    band with a strided or dilated part gets dense blocks of rows sharing a residue) with
+    split-KV off (a row's lse, delta and gradient come from whole tiles; several components are
+    merged or summed after, see the module docstring). Scores computed per nonzero (``nrows x
+    BC`` per block over the mask's nonzeros, 64-row tiles): strided:64 at n=4096 1.34 with 64-
+    or 32-column blocks (one contiguous component per head, as these kernels used before they
+    took several: 22.7), causal_strided:64 2.01 (43.8 at 64 columns, 33.0 at 32); the transposed
+    masks' plans the same."""
+    return plan_tiles(acsr, br=br, bc=bc, split_blocks=0)
 
 
 def _transposed(mask, acsr: ACSR, max_segments: int) -> ACSR:

@@ -91,8 +91,11 @@ def _affine_with_empty_rows(n):
     return ACSR.from_mask(mask)
 
 
-#: (name, mask, heads, kv_heads, n): odd lengths, GQA, causal, unions, dilated and strided steps
-#: (per-residue blocks in contiguous tiles), empty rows, per-head masks
+#: (name, mask, heads, kv_heads, n): odd lengths, GQA, causal, unions, dilated and strided steps,
+#: empty rows, per-head masks. A band with a dilated or strided part runs on tile plans of two
+#: components (row-aligned tiles for the aligned steps; partial states merged in the forward,
+#: partial gradients summed in the backward): "window+dilated", "causal strided" and the
+#: MULTI_COMPONENT_CASES appended below
 TC_CASES = [
     ("window n=197", Window(16), 4, 4, 197),
     ("causal window gqa n=333", Window(40, causal=True), 4, 2, 333),
@@ -103,6 +106,13 @@ TC_CASES = [
     ("empty rows n=150", _affine_with_empty_rows(150), 2, 2, 150),
     ("per-head n=129", PerHead((Window(3), DilatedWindow(4, 2), GlobalTokens(2) | Window(7, causal=True))), 3, 3, 129),
 ]
+#: masks of issue #17 (a band with an aligned strided part; two components in all three plans)
+MULTI_COMPONENT_CASES = [
+    ("strided gqa n=1000", Strided(64), 4, 2, 1000),
+    ("causal strided gqa n=1500", Strided(32, causal=True), 4, 2, 1500),
+    ("global+strided mqa n=333", GlobalTokens(2) | Strided(16), 4, 1, 333),
+]
+TC_CASES += MULTI_COMPONENT_CASES
 
 
 def _tensor_core_plan(mask, heads, kv_heads, n, d, dtype, stages=None):
@@ -151,6 +161,8 @@ def test_tensor_core_training_matches_float64_at_dense_sdpa_error(name, mask, he
     SDPA_FACTOR times dense SDPA's own error on the same inputs (``test_gradients_at_dense_sdpa_error``'s
     rule); empty rows: out 0, lse -inf, dq 0. Default knobs, and the one-stage form on three cases."""
     plan = _tensor_core_plan(mask, heads, kv_heads, n, d, dtype, stages)
+    if name in {c[0] for c in MULTI_COMPONENT_CASES}:
+        assert [p.shape.num_components for p in plan.tile_plans] == [2, 2, 2]
     q, k, v, dout = _inputs(2, heads, kv_heads, n, d, dtype, seed=n)
     dense = plan.acsr.to_dense()
     dense = dense[0] if dense.shape[0] == 1 else dense
@@ -221,3 +233,34 @@ def test_tensor_core_nan_in_masked_out_rows_does_not_leak(dtype, d, stages):
         assert torch.isfinite(b).all(), which
         assert float((b.float() - a.float()).abs().max()) <= 4 * EPS[dtype] * float(a.float().abs().max()), which
     assert (dirty[0][:, :, 20:37] == 0).all() and (dirty[1][:, :, 70:75] == 0).all() and (dirty[2][:, :, 70:75] == 0).all()
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_tensor_core_nan_in_masked_out_rows_does_not_leak_multi_component(dtype, d):
+    """The NaN test above on a mask of several components (strided:16 with keys nobody sees and
+    empty query rows; forward and dq plans of 2 components, the dk/dv plan of 3): NaN / inf in
+    the masked-out K, V, Q and dO rows leave out, dq, dk, dv finite and equal to the clean
+    run's up to rounding, the lse bit for bit, and the gradients of unseen keys and empty
+    queries exactly zero (every component's partial is zero there, and so is their sum)."""
+    n, heads, kv_heads = 300, 4, 2
+    dense = Strided(16).dense_mask(n)
+    dense[:, 280:] = False  # keys nobody sees
+    dense[40:60] = False  # empty query rows
+    plan = _tensor_core_plan(ACSR.from_mask(dense), heads, kv_heads, n, d, dtype)
+    assert [p.shape.num_components for p in plan.tile_plans] == [2, 2, 3]
+    q, k, v, dout = _inputs(2, heads, kv_heads, n, d, dtype, seed=11)
+    out, lse = plan.forward(q, k, v)
+    clean = plan.backward(q, k, v, out, lse, dout)
+    q2, k2, v2, dout2 = (x.clone() for x in (q, k, v, dout))
+    k2[:, :, 280:], v2[:, :, 280:] = float("nan"), float("inf")
+    q2[:, :, 40:60], dout2[:, :, 40:60] = float("nan"), float("-inf")
+    out2, lse2 = plan.forward(q2, k2, v2)
+    torch.testing.assert_close(lse2, lse, rtol=0, atol=0)
+    assert np.isneginf(lse2[:, :, 40:60].cpu().numpy()).all() and torch.isfinite(lse2[:, :, :40]).all()
+    dirty = plan.backward(q2, k2, v2, out2, lse2, dout2)
+    for which, a, b in zip(("out", "dq", "dk", "dv"), (out, *clean), (out2, *dirty)):
+        assert torch.isfinite(b).all(), which
+        assert float((b.float() - a.float()).abs().max()) <= 4 * EPS[dtype] * float(a.float().abs().max()), which
+    assert (out2[:, :, 40:60] == 0).all() and (dirty[0][:, :, 40:60] == 0).all()
+    assert (dirty[1][:, :, 280:] == 0).all() and (dirty[2][:, :, 280:] == 0).all()

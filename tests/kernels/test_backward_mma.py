@@ -1,25 +1,32 @@
 """The tensor-core training kernels (kernels/backward_mma.py) on a CPU-only machine: the plans
-they run on cover the mask and its transpose exactly once, they build and nvcc-compile for
-sm_90a in fp16/bf16 at head_dim 64 and 128 (GQA, unions, causal, dilated, strided), and they
-refuse what they cannot run. Their numbers are checked on the GPU (tests/gpu/test_backward.py)."""
+they run on cover the mask and its transpose exactly once (over all components, every component
+covering every row once), they build and nvcc-compile for sm_90a (and sm_80) in fp16/bf16 at
+head_dim 64 and 128 (GQA, unions, causal, dilated, strided; plans of one and of several
+components), the combining kernels of multi-component plans (the merge with its lse, the sum of
+partial gradients) compute the right numbers on the CPU, and they refuse what they cannot run.
+The tensor-core kernels' numbers are checked on the GPU (tests/gpu/test_backward.py)."""
 import numpy as np
 import pytest
 
 from tvm_splat.compile import compile_backward_mma, cuda_source, nvcc_compile
-from tvm_splat.formats import ACSR, DilatedWindow, GlobalTokens, PerHead, Strided, Window
+from tvm_splat.formats import ACSR, DilatedWindow, GlobalTokens, PerHead, Strided, Window, parse_pattern
 from tvm_splat.formats.tile_plan import plan_tiles
-from tvm_splat.formats.transpose import transpose_acsr
-from tvm_splat.kernels.backward_mma import (BACKWARD_MMA_KERNEL_NAMES, backward_dkdv_mma_func, check_backward_mma_plan,
-                                            check_backward_mma_shape)
+from tvm_splat.formats.transpose import transpose_acsr, transposed_acsr
+from tvm_splat.kernels.backward_mma import (BACKWARD_MMA_KERNEL_NAMES, backward_dkdv_mma_func, backward_dq_mma_func,
+                                            check_backward_mma_plan, check_backward_mma_shape, sum_components_func)
 from tvm_splat.kernels.spec import AttentionSpec
+from tvm_splat.kernels.tiled import merge_func
 from tvm_splat.kernels.tiled_mma import tiled_mma_func
 from tvm_splat.testing import mask_cases
 
 H100 = "nvidia/nvidia-h100"  # arch sm_90a
+A100 = "nvidia/nvidia-a100"  # arch sm_80
 
 
-def _direct_plan(acsr, br=64, bc=64):
-    return plan_tiles(acsr, br=br, bc=bc, split_blocks=0, aligned_components=False)
+def _training_plan(acsr, br=64, bc=64):
+    """The plan the training kernels run on (training._training_tile_plan): the forward's
+    row-aligned components, no split-KV."""
+    return plan_tiles(acsr, br=br, bc=bc, split_blocks=0)
 
 
 def _affine_with_empty_rows(n=70):
@@ -32,26 +39,49 @@ def _affine_with_empty_rows(n=70):
 AFFINE_CASES = [c for c in mask_cases() if not (c[1].seg_step == 0).any()] + [
     ("window + dilated", ACSR.from_pattern(Window(3) | DilatedWindow(2, 4), 60), 1),
     ("causal strided", ACSR.from_pattern(Strided(5, causal=True), 61), 1),
+    ("strided + global", ACSR.from_pattern(Strided(6) | GlobalTokens(2), 75), 1),
     ("empty rows, affine", _affine_with_empty_rows(), 1),
 ]
 
 
 @pytest.mark.parametrize("br,bc", [(16, 16), (64, 32)])
 @pytest.mark.parametrize("name,acsr,heads", AFFINE_CASES, ids=[c[0] for c in AFFINE_CASES])
-def test_direct_plans_cover_the_mask_and_its_transpose_once(name, acsr, heads, br, bc):
+def test_training_plans_cover_the_mask_and_its_transpose_once(name, acsr, heads, br, bc):
     """The dq plan computes every nonzero of the mask, the dk/dv plan every nonzero of the
-    transposed mask, each exactly once and nothing else; both are direct (what the kernels need)."""
+    transposed mask, each exactly once over all components and nothing else; the tiles of each
+    component ``c < num_comp`` hold every row exactly once (so every partial slot a head uses
+    is written in full, and component 0's tiles, which write ``delta``, reach every row), and
+    no tile names a component past its head's ``num_comp``."""
     dense = acsr.to_dense()
     for ac, want in ((acsr, dense), (transpose_acsr(acsr), dense.transpose(0, 2, 1))):
-        plan = _direct_plan(ac, br, bc)
+        plan = _training_plan(ac, br, bc)
         check_backward_mma_plan(plan.shape, plan.num_comp)
         for h in range(ac.num_heads):
             np.testing.assert_array_equal(plan.covered(h), want[h].astype(np.int64))
-        rows = np.zeros((ac.num_heads, ac.n), dtype=np.int64)  # every row in exactly one tile
-        for h in range(ac.num_heads):
-            for row0, rstride, nrows, *_ in plan.tiles[h]:
-                rows[h, row0 + rstride * np.arange(nrows)] += 1
-        assert (rows == 1).all()
+            rows = np.zeros((int(plan.num_comp[h]), ac.n), dtype=np.int64)
+            for row0, rstride, nrows, comp, *_ in plan.tiles[h]:
+                if nrows:
+                    assert 0 <= comp < plan.num_comp[h]
+                    rows[comp, row0 + rstride * np.arange(nrows)] += 1
+            assert (rows == 1).all()
+
+
+def test_strided_masks_get_several_components_and_few_scores_per_nonzero():
+    """The reason for multi-component training plans (issue #17): on strided:64 at n=4096 with
+    the backward's 64-row tiles, the plans of the mask and of its transpose compute at most 2
+    scores per nonzero (``nrows x BC`` per block; 22.7 with one contiguous component per head,
+    the aligned steps in per-residue blocks of one valid row each); causal strided at most 2.1."""
+    n = 4096
+    for pattern, bound in (("strided:64", 2.0), ("causal_strided:64", 2.1)):
+        acsr = ACSR.from_pattern(parse_pattern(pattern), n)
+        nnz = int(np.diff(acsr.row_ptr, axis=1).sum())
+        for ac in (acsr, transposed_acsr(parse_pattern(pattern), n, 4)):
+            for bc in (64, 32):
+                plan = _training_plan(ac, 64, bc)
+                assert plan.shape.num_components == 2 and not plan.shape.num_slots
+                nrows, lo, hi = plan.tiles[..., 2], plan.tiles[..., 4], plan.tiles[..., 5]
+                scores = int((nrows.astype(np.int64) * (hi - lo)).sum()) * bc
+                assert scores / nnz <= bound, (pattern, bc, scores / nnz)
 
 
 @pytest.mark.parametrize("name,acsr,heads", AFFINE_CASES, ids=[c[0] for c in AFFINE_CASES])
@@ -60,7 +90,7 @@ def test_full_blocks_need_no_mask_test(name, acsr, heads):
     inside the sequence and every valid row of its tile attends all of its columns."""
     dense = acsr.to_dense()
     for ac, want in ((acsr, dense), (transpose_acsr(acsr), dense.transpose(0, 2, 1))):
-        plan = _direct_plan(ac, 16, 16)
+        plan = _training_plan(ac, 16, 16)
         for h in range(ac.num_heads):
             for row0, rstride, nrows, _comp, lo, hi, _slot in plan.tiles[h]:
                 rows = row0 + rstride * np.arange(nrows)
@@ -70,15 +100,18 @@ def test_full_blocks_need_no_mask_test(name, acsr, heads):
                         assert cols[-1] < ac.n and want[h][np.ix_(rows, cols)].all()
 
 
-def test_csr_rows_and_components_are_refused():
+def test_csr_rows_and_split_kv_are_refused_components_are_not():
     _, irregular, _ = next(c for c in mask_cases() if c[0] == "irregular -> CSR fallback")
-    plan = _direct_plan(irregular)
-    with pytest.raises(ValueError, match="direct tile plan"):
+    plan = _training_plan(irregular)
+    with pytest.raises(ValueError, match="without CSR fallback rows"):
         check_backward_mma_plan(plan.shape, plan.num_comp)
-    components = plan_tiles(ACSR.from_pattern(Strided(8), 50), br=16, bc=16, split_blocks=0)
+    split = plan_tiles(ACSR.from_pattern(GlobalTokens(1) | Window(4), 400), br=16, bc=16, split_blocks=4)
+    assert split.shape.num_slots > 0
+    with pytest.raises(ValueError, match="without split-KV"):
+        check_backward_mma_plan(split.shape, split.num_comp)
+    components = _training_plan(ACSR.from_pattern(Strided(8), 50), br=16, bc=16)
     assert components.shape.num_components == 2
-    with pytest.raises(ValueError, match="one component per head"):
-        check_backward_mma_plan(components.shape, components.num_comp)
+    check_backward_mma_plan(components.shape, components.num_comp)  # accepted
 
 
 def test_shapes_it_cannot_take_are_named():
@@ -95,57 +128,166 @@ def test_shapes_it_cannot_take_are_named():
     per_head = ACSR.from_pattern(PerHead((Window(2), Window(3), Window(4), Window(5))), 64)
     gqa = AttentionSpec.from_acsr(per_head, 1, 4, 64, "float16", kv_heads=2)
     with pytest.raises(ValueError, match="share one mask head"):
-        backward_dkdv_mma_func(gqa, _direct_plan(per_head).shape)
+        backward_dkdv_mma_func(gqa, _training_plan(per_head).shape)
 
 
 def test_the_forward_lse_output_is_off_by_default():
-    """``with_lse`` adds one last parameter and nothing else changes in the signature; plans with
-    several components or split-KV are refused (their rows are finished by a merge kernel)."""
+    """``with_lse`` adds one last parameter and nothing else changes in the signature on a plan of
+    one component; on a plan of several the kernel is the plain one (the merge writes the lse);
+    split-KV is refused."""
     acsr = ACSR.from_pattern(GlobalTokens(2) | Window(8, causal=True), 200)
     spec = AttentionSpec.from_acsr(acsr, 2, 4, 64, "float16", kv_heads=2)
-    shape = _direct_plan(acsr).shape
+    shape = _training_plan(acsr).shape
     plain = [p.name for p in tiled_mma_func(spec, shape).params]
     with_lse = [p.name for p in tiled_mma_func(spec, shape, with_lse=True).params]
     assert "lse" not in plain and with_lse == plain + ["lse"]
-    merged = plan_tiles(ACSR.from_pattern(Strided(8), 64), br=64, bc=64, split_blocks=0).shape
-    with pytest.raises(ValueError, match="direct plan"):
-        tiled_mma_func(AttentionSpec.from_acsr(ACSR.from_pattern(Strided(8), 64), 1, 2, 64, "float16"), merged,
-                       with_lse=True)
+    strided = ACSR.from_pattern(Strided(8), 64)
+    strided_spec = AttentionSpec.from_acsr(strided, 1, 2, 64, "float16")
+    merged = _training_plan(strided).shape
+    assert merged.num_components == 2
+    assert [p.name for p in tiled_mma_func(strided_spec, merged, with_lse=True).params] == \
+        [p.name for p in tiled_mma_func(strided_spec, merged).params]
+    split = plan_tiles(strided, br=64, bc=16, split_blocks=1).shape
+    assert split.num_slots > 0
+    with pytest.raises(ValueError, match="without split-KV"):
+        tiled_mma_func(strided_spec, split, with_lse=True)
 
 
-BUILD_CASES = [  # (name, mask, heads, kv_heads, n, head_dim, dtype, stages)
-    ("gqa causal window d64 fp16", Window(16, causal=True), 4, 2, 200, 64, "float16", 2),
-    ("global+causal window d128 bf16", GlobalTokens(2) | Window(8, causal=True), 4, 4, 300, 128, "bfloat16", 2),
-    ("window+dilated d128 fp16 gqa", Window(3) | DilatedWindow(2, 4), 4, 1, 130, 128, "float16", 2),
-    ("strided d64 bf16", Strided(8), 2, 2, 97, 64, "bfloat16", 2),
-    ("dilated d64 fp16 one stage", DilatedWindow(6, 2), 4, 2, 150, 64, "float16", 1),
+def test_partial_gradient_parameters_only_with_several_components():
+    """One component: bwd_dq and bwd_dkdv keep the direct signature (dq, delta; dk, dv); several:
+    a last float32 partial parameter per gradient, ``[C, B, heads, N, D]``."""
+    for pattern, several in (("causal_window:8", False), ("strided:8", True)):
+        acsr = ACSR.from_pattern(parse_pattern(pattern), 100)
+        spec = AttentionSpec.from_acsr(acsr, 2, 4, 64, "float16", kv_heads=2)
+        shape = _training_plan(acsr).shape
+        assert (shape.num_components > 1) == several
+        dq, dkdv = backward_dq_mma_func(spec, shape), backward_dkdv_mma_func(spec, shape)
+        assert [p.name for p in dq.params][-2:] == (["delta", "dq_part"] if several else ["dq", "delta"])
+        assert [p.name for p in dkdv.params][-2:] == (["dk_part", "dv_part"] if several else ["dk", "dv"])
+        if several:
+            assert tuple(dq.params[-1].shape) == (2, 2, 4, 100, 64)
+            assert tuple(dkdv.params[-1].shape) == (2, 2, 2, 100, 64)
+
+
+def _build_cpu(func):
+    import tvm
+
+    return tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target="llvm")
+
+
+def test_merge_with_lse_combines_components_and_writes_the_lse():
+    """``merge_func(with_lse=True)`` (the forward's combining step on multi-component training
+    plans), built for the CPU on random partial states: out as in the forward's merge, lse the
+    natural-log log-sum-exp over the components a head writes, -inf for a row with no key; the
+    slots past ``num_comp`` hold NaN and must not be read."""
+    import tvm
+
+    acsr = ACSR.from_pattern(PerHead((Strided(4), Window(3))), 12)  # head 0: 2 components, head 1: 1
+    spec = AttentionSpec.from_acsr(acsr, 1, 2, 16, "float32")
+    C, N, D = 2, 12, 16
+    num_comp = np.array([2, 1], dtype=np.int32)
+    rng = np.random.default_rng(0)
+    o = rng.standard_normal((2, C, N, D)).astype(np.float32)
+    ml = np.stack([rng.uniform(-3, 3, (2, C, N)), rng.uniform(0.5, 4, (2, C, N))], -1).astype(np.float32)
+    ml[0, :, 5] = (-1.0e30, 0.0)  # head 0, row 5: empty in both components
+    o[0, :, 5] = 0
+    o[1, 1], ml[1, 1] = np.nan, np.nan  # head 1 writes one slot
+    lib = _build_cpu(merge_func(spec, C, with_lse=True))
+    out, lse = np.zeros((1, 2, N, D), np.float32), np.zeros((1, 2, N), np.float32)
+    args = [tvm.runtime.tensor(a) for a in (o, ml, num_comp, out, lse)]
+    lib["main"](*args)
+    out, lse = args[3].numpy(), args[4].numpy()
+    for h in range(2):
+        c = int(num_comp[h])
+        m, l = ml[h, :c, :, 0].astype(np.float64), ml[h, :c, :, 1].astype(np.float64)
+        big = m.max(0)
+        w = np.exp2(m - big)
+        total = (w * l).sum(0)
+        want_out = np.where(total[:, None] > 0, (w[..., None] * o[h, :c]).sum(0) / np.where(total, total, 1)[:, None], 0)
+        with np.errstate(divide="ignore"):
+            want_lse = np.where(total > 0, (big + np.log2(total)) * np.log(2.0), -np.inf)
+        np.testing.assert_allclose(out[0, h], want_out, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(lse[0, h], want_lse, rtol=1e-5, atol=1e-6)
+    assert np.isneginf(lse[0, 0, 5]) and (out[0, 0, 5] == 0).all() and np.isfinite(lse[0, 1]).all()
+
+
+@pytest.mark.parametrize("kv", [False, True], ids=["dq", "dkdv"])
+def test_sum_components_adds_only_the_slots_a_head_writes(kv):
+    """``sum_components`` built for the CPU: the float32 sum of the first ``num_comp[hm]`` slots
+    cast to the input dtype; slots past it hold NaN and never reach the result. dq: query head
+    h reads mask head h % HM; dk/dv (GQA, one mask head): every KV head mask head 0."""
+    import tvm
+
+    if kv:  # 4 query heads over 2 KV heads, one mask head of 3 components
+        acsr = ACSR.from_pattern(Window(2), 10)
+        spec = AttentionSpec.from_acsr(acsr, 2, 4, 16, "float32", kv_heads=2)
+        heads, num_comp, C = 2, np.array([3], np.int32), 3
+    else:  # per-head masks: head 0 two components, head 1 one, head 2 three
+        acsr = ACSR.from_pattern(PerHead((Window(2), Window(3), Window(4))), 10)
+        spec = AttentionSpec.from_acsr(acsr, 2, 3, 16, "float32")
+        heads, num_comp, C = 3, np.array([2, 1, 3], np.int32), 3
+    rng = np.random.default_rng(1)
+    part = rng.standard_normal((C, 2, heads, 10, 16)).astype(np.float32)
+    hm = (np.arange(heads) * (spec.group if kv else 1)) % spec.mask_heads
+    used = np.arange(C)[:, None] < num_comp[hm][None, :]  # [C, heads]
+    part[~np.broadcast_to(used[:, None, :], (C, 2, heads))] = np.nan
+    lib = _build_cpu(sum_components_func(spec, C, kv=kv))
+    dst = tvm.runtime.tensor(np.zeros((2, heads, 10, 16), np.float32))
+    lib["main"](tvm.runtime.tensor(part), tvm.runtime.tensor(num_comp), dst)
+    want = np.where(used[:, None, :, None, None], part, 0).sum(0)
+    np.testing.assert_allclose(dst.numpy(), want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="two or more components"):
+        sum_components_func(spec, 1)
+
+
+#: the combining kernels of plans of several components (forward, dq, dk/dv)
+COMBINING = ("fwd_merge", "bwd_dq_sum", "bwd_dkdv_sum")
+
+BUILD_CASES = [  # (name, mask, heads, kv_heads, n, head_dim, dtype, stages, target, several components)
+    ("gqa causal window d64 fp16", Window(16, causal=True), 4, 2, 200, 64, "float16", 2, H100, False),
+    ("global+causal window d128 bf16", GlobalTokens(2) | Window(8, causal=True), 4, 4, 300, 128, "bfloat16", 2, H100,
+     False),
+    ("window+dilated d128 fp16 gqa", Window(3) | DilatedWindow(2, 4), 4, 1, 130, 128, "float16", 2, H100, True),
+    ("causal strided d128 fp16 gqa", Strided(16, causal=True), 4, 2, 181, 128, "float16", 2, H100, True),
+    ("strided d64 bf16 gqa sm80", Strided(8), 4, 2, 97, 64, "bfloat16", 2, A100, True),
+    ("dilated d64 fp16 one stage", DilatedWindow(6, 2), 4, 2, 150, 64, "float16", 1, H100, False),
 ]
 
 
-@pytest.mark.parametrize("name,mask,heads,kv_heads,n,d,dtype,stages", BUILD_CASES, ids=[c[0] for c in BUILD_CASES])
-def test_training_plans_pick_and_build_the_tensor_core_kernels_for_sm90a(name, mask, heads, kv_heads, n, d, dtype,
-                                                                        stages):
+@pytest.mark.parametrize("name,mask,heads,kv_heads,n,d,dtype,stages,target,several", BUILD_CASES,
+                         ids=[c[0] for c in BUILD_CASES])
+def test_training_plans_pick_and_build_the_tensor_core_kernels(name, mask, heads, kv_heads, n, d, dtype, stages,
+                                                               target, several):
     """fp16/bf16 on a CUDA target: the plan takes the tensor-core kernels, whose CUDA source
     (mma.sync, ldmatrix, cp.async with two stages; the forward with its lse) compiles with nvcc
-    for sm_90a."""
+    for sm_90a (sm_80 for one case). Plans of several components add the forward's merge and
+    the two sums, and their backward kernels write float32 partials instead of dq, dk, dv;
+    plans of one have none of that."""
     import dataclasses
 
     from tvm_splat.schedules.backward_mma import default_backward_mma_knobs
     from tvm_splat.training import plan_training
 
-    plan = plan_training(mask, (2, heads, n, d), (2, kv_heads, n, d), dtype, "cuda", target=H100)
+    plan = plan_training(mask, (2, heads, n, d), (2, kv_heads, n, d), dtype, "cuda", target=target)
     if stages != plan.mma_knobs.stages:
         knobs = dataclasses.replace(default_backward_mma_knobs(plan.spec, plan.target), stages=stages)
-        plan = plan_training(mask, (2, heads, n, d), (2, kv_heads, n, d), dtype, "cuda", target=H100,
+        plan = plan_training(mask, (2, heads, n, d), (2, kv_heads, n, d), dtype, "cuda", target=target,
                              mma_knobs=knobs)
     assert plan.kernels == "tensor-cores" and plan.fallback_reason is None
     assert "kernels=tensor-cores" in repr(plan)
+    assert all((p.shape.num_components > 1) == several for p in plan.tile_plans)
     lib = compile_backward_mma(plan.spec, plan.target, plan.mma_knobs, [p.shape for p in plan.tile_plans],
                                use_disk_cache=False)
     src = cuda_source(lib)
     for kernel in ("fwd_lse", *BACKWARD_MMA_KERNEL_NAMES):
         assert f"{kernel}_kernel(" in src
+    for kernel in COMBINING:
+        assert (f"{kernel}_kernel(" in src) == several
     assert "mma.sync.aligned.m16n8k16.row.col.f32" in src and "ldmatrix.sync.aligned" in src
     dq_body = src[src.rindex("bwd_dq_kernel("):].split('extern "C"')[0]  # the definition
+    dkdv_body = src[src.rindex("bwd_dkdv_kernel("):].split('extern "C"')[0]
     assert ("cp_async_wait_group" in dq_body) == (stages == 2)
-    assert len(nvcc_compile(src, H100)) > 1000
+    assert ("dq_part_ptr" in dq_body, "dq_ptr" in dq_body) == (several, not several)
+    assert ("dk_part_ptr" in dkdv_body, "dk_ptr" in dkdv_body, "dv_ptr" in dkdv_body) == (several, not several,
+                                                                                           not several)
+    assert len(nvcc_compile(src, target)) > 1000

@@ -198,7 +198,7 @@ def _cover(lo, hi, bc):
     return starts
 
 
-def _head_plan(n, br, bc, start, step, count, aligned_components=True):
+def _head_plan(n, br, bc, start, step, count):
     """Tiles and blocks of one head: (tiles list, blocks list, seg_sigma [n, S], rstrides,
     fallback rows)."""
     S = start.shape[1]
@@ -209,8 +209,6 @@ def _head_plan(n, br, bc, start, step, count, aligned_components=True):
     rr, ss = np.nonzero(take)
     st, sp, ct = start[rr, ss].astype(np.int64), step[rr, ss].astype(np.int64), count[rr, ss].astype(np.int64)
     sig, aligned = _effective_sigma(rr, st, sp, ct)
-    if not aligned_components:  # every row in the contiguous component; blocks still by residue
-        aligned = {}
     seg_sigma = np.zeros((n, S), dtype=np.int32)
     seg_sigma[rr, ss] = sig
 
@@ -312,22 +310,18 @@ def _chunks(nb: int, length: int) -> list:
 
 
 def plan_tiles(acsr, knobs=None, *, br: int | None = None, bc: int | None = None,
-               split_blocks: "int | str | None" = None, aligned_components: bool = True) -> TilePlan:
+               split_blocks: "int | str | None" = None) -> TilePlan:
     """Build the :class:`TilePlan` of ``acsr`` for row tiles of ``br`` and column blocks of
     ``bc`` (from ``knobs.br``/``knobs.bc`` when given). ``split_blocks``: chunk length of
     split-KV in blocks (``"auto"`` or -1: :func:`split_length` over all heads' tiles; 0: no
-    split; default: ``knobs.split_blocks``, else auto). ``aligned_components=False``: no
-    row-aligned components, one contiguous component per head (for kernels that need direct
-    plans, the tensor-core training kernels; aligned steps then get per-residue blocks in
-    contiguous tiles, more blocks for the same nonzeros).
+    split; default: ``knobs.split_blocks``, else auto).
     Not cached here: the runtime layer (:mod:`tvm_splat.planner`) keeps the plans it made."""
     br = int(br if br is not None else knobs.br)
     bc = int(bc if bc is not None else knobs.bc)
     if br < 1 or bc < 1:
         raise ValueError(f"tile sizes must be >= 1, got br={br}, bc={bc}")
     n, hm, S = acsr.n, acsr.num_heads, acsr.max_segments
-    heads = [_head_plan(n, br, bc, acsr.seg_start[h], acsr.seg_step[h], acsr.seg_count[h], aligned_components)
-             for h in range(hm)]
+    heads = [_head_plan(n, br, bc, acsr.seg_start[h], acsr.seg_step[h], acsr.seg_count[h]) for h in range(hm)]
     if split_blocks is None:
         split_blocks = getattr(knobs, "split_blocks", "auto")
     if split_blocks == "auto" or (isinstance(split_blocks, int) and split_blocks == -1):

@@ -41,24 +41,41 @@ columns, so a non-finite value there is a real input of the result.
 Buffers: q, out, dout, dq ``[B, H, N, D]``; k, v, dk, dv ``[B, KVH, N, D]``; lse, dlse, delta
 ``[B, H, N]`` float32; ``seg_start``, ``seg_count``, ``seg_sigma`` ``[HM, N, S]``, ``tiles [HM,
 NT, 7]``, ``blocks [HM, NB, 3]`` int32 of the mask's plan (``bwd_dq``) or the transposed mask's
-plan (``bwd_dkdv``, parameters prefixed ``t``). Plans must be direct: one component, no
-split-KV, no CSR fallback rows (:func:`check_backward_mma_plan`), so each row (key) lies in
-exactly one tile and is written by one program.
+plan (``bwd_dkdv``, parameters prefixed ``t``). Plans have no split-KV and no CSR fallback rows
+(:func:`check_backward_mma_plan`), so within one component each row (key) lies in exactly one
+tile and is written by one program.
+
+Several components (``C > 1``: a band with an aligned dilated or strided part, the forward's
+row-aligned components, :mod:`tvm_splat.formats.tile_plan`): the components partition the
+nonzeros and the tiles of each component partition all rows of a head. P is recomputed from the
+global row lse, so there is no softmax state to merge: a component's share of a row's dq (of a
+key's dk, dv over the transposed plan) is simply additive. Each program then writes its
+*scaled* float32 result (``scale dQ``; ``scale dK``, ``dV``) into slot ``comp`` (tile field 3)
+of a partial buffer ``dq_part [C, B, H, N, D]`` (``dk_part``, ``dv_part [C, B, KVH, N, D]``;
+extra last parameters; ``dq``, ``dk``, ``dv`` stay in the signature, unwritten), and
+:func:`sum_components_func` adds the ``num_comp[hm]`` slots a head writes and casts to the
+input dtype (slots past ``num_comp[hm]`` are never read). Scaled in the tile, so one sum kernel
+serves dq, dk and dv. ``delta`` is written by the tiles of component 0 only, which cover every
+row. With ``C == 1`` the kernels write dq, dk, dv directly and have no partial parameter (the
+generated code is that of the one-component form, unchanged).
 """
 from __future__ import annotations
 
 from types import SimpleNamespace
 
+import tvm
 from tvm.script import tirx as T
 
 from .common import LOG2E, any_of, segment_member
 from .spec import AttentionSpec
 from .tiled_mma import MMA_TYPES, ROW_PAD, SHARED_BYTES_MAX
 
-__all__ = ["BACKWARD_MMA_KERNEL_NAMES", "check_backward_mma_shape", "check_backward_mma_plan",
-           "backward_dq_mma_func", "backward_dkdv_mma_func"]
+__all__ = ["BACKWARD_MMA_KERNEL_NAMES", "check_backward_mma_shape", "check_backward_mma_plan", "part_shape",
+           "backward_dq_mma_func", "backward_dkdv_mma_func", "sum_components_func"]
 
 BACKWARD_MMA_KERNEL_NAMES = ("bwd_dq", "bwd_dkdv")
+#: the block of :func:`sum_components_func` (what its GPU schedule binds)
+SUM_BLOCK = "sum"
 
 
 def check_backward_mma_shape(spec: AttentionSpec, br: int, bc: int, warps: int, stages: int = 2) -> None:
@@ -79,12 +96,26 @@ def check_backward_mma_shape(spec: AttentionSpec, br: int, bc: int, warps: int, 
 
 
 def check_backward_mma_plan(plan_shape, num_comp) -> None:
-    """Raise ``ValueError`` unless a tile plan (its shape and per-head ``num_comp``) is direct:
-    every head exactly one component, no split-KV chunks, no CSR fallback rows."""
-    if plan_shape.num_slots or plan_shape.num_fallback or min(int(c) for c in num_comp) != 1 \
-            or max(int(c) for c in num_comp) != 1:
-        raise ValueError(f"the tensor-core backward needs a direct tile plan (one component per head, "
-                         f"no split-KV, no CSR fallback rows), got {plan_shape.key}")
+    """Raise ``ValueError`` unless the training kernels can run a tile plan (its shape and
+    per-head ``num_comp``): no split-KV chunks (a row's lse and its gradient come from whole
+    tiles), no CSR fallback rows, at least one component per head (any number: they are
+    summed, see the module docstring)."""
+    if plan_shape.num_slots or plan_shape.num_fallback or min(int(c) for c in num_comp) < 1:
+        raise ValueError(f"the tensor-core training kernels need a tile plan without split-KV and without CSR "
+                         f"fallback rows, got {plan_shape.key}")
+
+
+def part_shape(spec: AttentionSpec, num_components: int, heads: int):
+    """Shape of a float32 partial buffer of ``heads`` heads: ``[C, B, heads, N, D]``, or a
+    one-element dummy when ``C == 1`` (the kernels then take no such parameter)."""
+    if num_components <= 1:
+        return (1, 1, 1, 1, 1)
+    return (num_components, spec.batch, heads, spec.seq_len, spec.head_dim)
+
+
+def _without(func, names):
+    """``func`` without the parameters ``names`` (dummies its body never touches)."""
+    return tvm.tirx.PrimFunc([p for p in func.params if p.name not in names], func.body, func.ret_type, func.attrs)
 
 
 def _shared_elems(br, bc, d, stages):
@@ -273,20 +304,30 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int):
                     for e in T.vectorized(2):
                         dst[b, h, rows[r], dtl * 8 + lane % 4 * 2 + e] = T.Cast(dt, acc[dtl * 4 + r * 2 + e] * factor)
 
+    @T.macro
+    def store_part(dst, comp, b, h, acc, factor, rows, w, lane, nrows):
+        # factor * acc -> the thread's valid rows of slot comp of a float32 partial buffer
+        for r in T.unroll(2):
+            if tile_row(w, lane, r) < nrows:
+                for dtl in T.unroll(DT):
+                    for e in T.vectorized(2):
+                        dst[comp, b, h, rows[r], dtl * 8 + lane % 4 * 2 + e] = acc[dtl * 4 + r * 2 + e] * factor
+
     return SimpleNamespace(
         BR=BR, BC=BC, W=W, D=D, DP=DP, DT=DT, NTL=NTL, SMEM=SMEM, X_OFF=X_OFF, Y_OFF=Y_OFF, U_OFF=U_OFF, W_OFF=W_OFF,
         P_OFF=P_OFF, DS_OFF=DS_OFF, tile_row=tile_row, acc_col=acc_col, member=member, load_rows=load_rows,
         fetch_block=fetch_block,
         flag_nonfinite=flag_nonfinite, cache_row_segments=cache_row_segments, tile_by_block=tile_by_block,
         as_operand=as_operand, accumulate_tc=accumulate_tc, stage_operand=stage_operand,
-        accumulate_exact=accumulate_exact, full_row_sum=full_row_sum, store_tile=store_tile)
+        accumulate_exact=accumulate_exact, full_row_sum=full_row_sum, store_tile=store_tile, store_part=store_part)
 
 
 def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages: int = 2):
-    """``bwd_dq`` on tensor cores for ``spec`` and the mask's direct tile plan of shape
-    ``plan_shape`` (``br == 16 * warps``): ``delta`` and ``dq`` (see the module docstring).
-    ``stages=2``: K/V blocks double-buffered, fetched with ``cp.async`` one block ahead (one
-    barrier per block, as the forward's two-stage form); ``stages=1``: plain loads, two."""
+    """``bwd_dq`` on tensor cores for ``spec`` and the mask's tile plan of shape ``plan_shape``
+    (``br == 16 * warps``): ``delta`` and ``dq``, or with ``C > 1`` components ``delta`` and the
+    last parameter ``dq_part`` (see the module docstring). ``stages=2``: K/V blocks
+    double-buffered, fetched with ``cp.async`` one block ahead (one barrier per block, as the
+    forward's two-stage form); ``stages=1``: plain loads, two."""
     st = _steps(spec, plan_shape, warps, stages)
     tile_row, member, acc_col = st.tile_row, st.member, st.acc_col
     load_rows, fetch_block = st.load_rows, st.fetch_block
@@ -294,17 +335,20 @@ def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages
     tile_by_block, as_operand, accumulate_tc = st.tile_by_block, st.as_operand, st.accumulate_tc
     stage_operand, accumulate_exact, full_row_sum, store_tile = (st.stage_operand, st.accumulate_exact,
                                                                  st.full_row_sum, st.store_tile)
+    store_part = st.store_part
     B, H, KVH, G, N, D = spec.batch, spec.heads, spec.kv_heads, spec.group, spec.seq_len, spec.head_dim
     HM, S, dt = spec.mask_heads, spec.max_segments, spec.dtype
-    NT, NB = plan_shape.num_tiles, plan_shape.num_blocks
+    NT, NB, C = plan_shape.num_tiles, plan_shape.num_blocks, plan_shape.num_components
+    direct = C <= 1
     BR, BC, W, DP, DT, NTL, SMEM = st.BR, st.BC, st.W, st.DP, st.DT, st.NTL, st.SMEM
     X_OFF, Y_OFF, U_OFF, W_OFF, DS_OFF = st.X_OFF, st.Y_OFF, st.U_OFF, st.W_OFF, st.DS_OFF
     c2, log2e, scale = T.float32(spec.scale * LOG2E), T.float32(LOG2E), T.float32(spec.scale)
 
     @T.macro
-    def row_stats(lrow, drow, dout, out, lse, dlse, delta, rows, b, h, w, lane, nrows):
+    def row_stats(lrow, drow, dout, out, lse, dlse, delta, rows, b, h, w, lane, nrows, owner):
         # per thread row: lse in base 2 and delta = rowsum(dO * O) - dlse (the 4 lanes of a row
-        # sum D / 4 columns each, then 2 shuffles); one lane per row writes delta for bwd_dkdv
+        # sum D / 4 columns each, then 2 shuffles); one lane per row writes delta for bwd_dkdv,
+        # in the tiles that own the row (``owner``: True, or component 0's with several)
         for r in T.unroll(2):
             drow[r] = T.float32(0)
             if tile_row(w, lane, r) < nrows:
@@ -318,7 +362,8 @@ def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages
                 drow[r] = drow[r] - dlse[b, h, rows[r]]
                 lrow[r] = lse[b, h, rows[r]] * log2e
                 if lane % 4 == 0:
-                    delta[b, h, rows[r]] = drow[r]
+                    if owner:
+                        delta[b, h, rows[r]] = drow[r]
 
     @T.macro
     def probabilities(sacc, dpacc, sg, lrow, drow, full, col0, sig, lane):
@@ -349,6 +394,7 @@ def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages
         blocks: T.Buffer((HM, NB, 3), "int32"),
         dq: T.Buffer((B, H, N, D), dt),
         delta: T.Buffer((B, H, N), "float32"),
+        dq_part: T.Buffer(part_shape(spec, C, H), "float32"),
     ):
         T.func_attr({"global_symbol": "bwd_dq", "tirx.noalias": True})
         for vt in T.thread_binding(NT, thread="blockIdx.x"):
@@ -396,7 +442,8 @@ def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages
                                 if blk_hi > blk_lo:
                                     fetch_block(smem, k, v, b, hk, blocks[hm, blk_lo, 0], blocks[hm, blk_lo, 1], 0, tid)
                             cache_row_segments(sg, rows, seg_start, seg_count, seg_sigma, hm, w, lane, nrows)
-                            row_stats(lrow, drow, dout, out, lse, dlse, delta, rows, b, h, w, lane, nrows)
+                            row_stats(lrow, drow, dout, out, lse, dlse, delta, rows, b, h, w, lane, nrows,
+                                      True if direct else tiles[hm, vt, 3] == 0)
                             T.tvm_storage_sync("shared.dyn")  # the flags' zeros come before any tag
                             for j in T.serial(blk_hi - blk_lo):
                                 col0: T.let[T.int32] = blocks[hm, blk_lo + j, 0]
@@ -428,28 +475,34 @@ def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages
                                     accumulate_exact(acc, smem, DS_OFF, U_OFF + stg * BC * DP, w, lane)
                                 else:
                                     accumulate_tc(acc, dsf, bf, smem, U_OFF + stg * BC * DP, lane)  # dQ += dS K
-                            store_tile(dq, b, h, acc, scale, rows, w, lane, nrows)
+                            if direct:
+                                store_tile(dq, b, h, acc, scale, rows, w, lane, nrows)
+                            else:
+                                store_part(dq_part, tiles[hm, vt, 3], b, h, acc, scale, rows, w, lane, nrows)
 
-    return bwd_dq
+    return _without(bwd_dq, ("dq_part",)) if direct else bwd_dq
 
 
 def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages: int = 2):
     """``bwd_dkdv`` on tensor cores for ``spec`` (the *transposed* mask's spec) and the
-    transposed mask's direct tile plan of shape ``plan_shape``: ``dk`` and ``dv`` per key tile,
-    summed over the query heads of the KV head's group (see the module docstring). The program
-    walks (group head, block) pairs as one sequence, so ``stages=2`` prefetches across heads."""
+    transposed mask's tile plan of shape ``plan_shape``: ``dk`` and ``dv`` per key tile, summed
+    over the query heads of the KV head's group, or with ``C > 1`` components the last
+    parameters ``dk_part`` and ``dv_part`` (see the module docstring). The program walks (group
+    head, block) pairs as one sequence, so ``stages=2`` prefetches across heads."""
     st = _steps(spec, plan_shape, warps, stages)
     tile_row, member, acc_col = st.tile_row, st.member, st.acc_col
     load_rows, fetch_block = st.load_rows, st.fetch_block
     flag_nonfinite, cache_row_segments = st.flag_nonfinite, st.cache_row_segments
     tile_by_block, as_operand, accumulate_tc = st.tile_by_block, st.as_operand, st.accumulate_tc
-    stage_operand, accumulate_exact, store_tile = st.stage_operand, st.accumulate_exact, st.store_tile
+    stage_operand, accumulate_exact, store_tile, store_part = (st.stage_operand, st.accumulate_exact, st.store_tile,
+                                                               st.store_part)
     B, H, KVH, G, N, D = spec.batch, spec.heads, spec.kv_heads, spec.group, spec.seq_len, spec.head_dim
     HM, S, dt = spec.mask_heads, spec.max_segments, spec.dtype
     if HM > 1 and G > 1:
         raise ValueError(f"the tensor-core dK/dV kernel needs the query heads of a group to share one mask head "
                          f"({HM} mask heads, groups of {G})")
-    NT, NB = plan_shape.num_tiles, plan_shape.num_blocks
+    NT, NB, C = plan_shape.num_tiles, plan_shape.num_blocks, plan_shape.num_components
+    direct = C <= 1
     BR, BC, W, DP, DT, NTL, SMEM = st.BR, st.BC, st.W, st.DP, st.DT, st.NTL, st.SMEM
     X_OFF, Y_OFF, U_OFF, W_OFF, P_OFF, DS_OFF = st.X_OFF, st.Y_OFF, st.U_OFF, st.W_OFF, st.P_OFF, st.DS_OFF
     c2, log2e, scale = T.float32(spec.scale * LOG2E), T.float32(LOG2E), T.float32(spec.scale)
@@ -484,6 +537,8 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
         tblocks: T.Buffer((HM, NB, 3), "int32"),
         dk: T.Buffer((B, KVH, N, D), dt),
         dv: T.Buffer((B, KVH, N, D), dt),
+        dk_part: T.Buffer(part_shape(spec, C, KVH), "float32"),
+        dv_part: T.Buffer(part_shape(spec, C, KVH), "float32"),
     ):
         T.func_attr({"global_symbol": "bwd_dkdv", "tirx.noalias": True})
         for vt in T.thread_binding(NT, thread="blockIdx.x"):
@@ -571,7 +626,47 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
                                 else:
                                     accumulate_tc(acc_v, pf, bf, smem, W_OFF + stg * BC * DP, lane)   # dV += P^T dO
                                     accumulate_tc(acc_k, dsf, bf, smem, U_OFF + stg * BC * DP, lane)  # dK += dS^T Q
-                            store_tile(dk, b, hk, acc_k, scale, rows, w, lane, nrows)
-                            store_tile(dv, b, hk, acc_v, T.float32(1), rows, w, lane, nrows)
+                            if direct:
+                                store_tile(dk, b, hk, acc_k, scale, rows, w, lane, nrows)
+                                store_tile(dv, b, hk, acc_v, T.float32(1), rows, w, lane, nrows)
+                            else:
+                                store_part(dk_part, ttiles[hm, vt, 3], b, hk, acc_k, scale, rows, w, lane, nrows)
+                                store_part(dv_part, ttiles[hm, vt, 3], b, hk, acc_v, T.float32(1), rows, w, lane, nrows)
 
-    return bwd_dkdv
+    return _without(bwd_dkdv, ("dk_part", "dv_part")) if direct else bwd_dkdv
+
+
+def sum_components_func(spec: AttentionSpec, num_components: int, kv: bool = False):
+    """``sum_components``: ``dst[b, x, i, :] = sum_{c < num_comp[hm]} part[c, b, x, i, :]``, cast
+    to the input dtype, for a gradient written per component (see the module docstring):
+    ``dq`` (``kv=False``: ``x`` a query head, mask head ``x % HM``) or ``dk`` / ``dv``
+    (``kv=True``: ``x`` a KV head, mask head ``x * group % HM``, the group's one mask head, as
+    ``bwd_dkdv`` reads it). ``part [C, B, X, N, D]`` float32, ``num_comp [HM]`` int32 of the
+    plan the gradient was computed over, ``dst [B, X, N, D]``. One element per loop iteration
+    (the GPU schedule gives each its thread, consecutive ``d`` on consecutive lanes), the slots
+    added in order ``c = 0, 1, ..``; slots a head does not write are never read."""
+    B, N, D, HM, dt = spec.batch, spec.seq_len, spec.head_dim, spec.mask_heads, spec.dtype
+    X, GX = (spec.kv_heads, spec.group) if kv else (spec.heads, 1)
+    C = num_components
+    if C < 2:
+        raise ValueError(f"sum_components is for plans of two or more components, got {C}")
+
+    @T.prim_func(s_tir=True)
+    def sum_components(
+        part: T.Buffer((C, B, X, N, D), "float32"),
+        num_comp: T.Buffer((HM,), "int32"),
+        dst: T.Buffer((B, X, N, D), dt),
+    ):
+        T.func_attr({"global_symbol": "sum_components", "tirx.noalias": True})
+        for b, x, i, d in T.grid(B, X, N, D):
+            with T.sblock(SUM_BLOCK):
+                vb, vx, vi, vd = T.axis.remap("SSSS", [b, x, i, d])
+                T.reads(part[0:C, vb, vx, vi, vd], num_comp[0:HM])
+                T.writes(dst[vb, vx, vi, vd])
+                acc = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                acc[0] = T.float32(0)
+                for c in T.serial(num_comp[vx * GX % HM]):
+                    acc[0] = acc[0] + part[c, vb, vx, vi, vd]
+                dst[vb, vx, vi, vd] = T.Cast(dt, acc[0])
+
+    return sum_components

@@ -44,7 +44,9 @@ Buffers of :func:`tiled_func` (``BH = batch * heads``, ``C`` components, plan ta
 """
 from __future__ import annotations
 
+import math
 
+import tvm
 from tvm.script import tirx as T
 
 from .common import LOG2E, NEG_INIT, any_of, key_length, normalised, segment_member, without_unused_kv_len
@@ -345,10 +347,14 @@ def split_merge_func(spec: AttentionSpec, plan_shape):
     return split_merge
 
 
-def merge_func(spec: AttentionSpec, num_components: int):
+def merge_func(spec: AttentionSpec, num_components: int, with_lse: bool = False):
     """Combine per-component partial states: ``out = sum_c 2^(m_c - M) O_c / sum_c 2^(m_c - M) l_c``.
 
     ``num_comp [Hm]`` (``plan.num_comp``) says how many slots of each head are written.
+    ``with_lse=True`` (training, :mod:`tvm_splat.training`): a last parameter ``lse [B, H, N]``
+    float32 receives each row's natural-log log-sum-exp ``(M + log2 L) ln 2`` (``-inf`` for a
+    row that attends to nothing, ``L == 0``; NaN when a score was not finite), the value the
+    warp-level forward writes itself on a one-component plan.
     """
     B, H, N, D, HM, dt = spec.batch, spec.heads, spec.seq_len, spec.head_dim, spec.mask_heads, spec.dtype
     C = num_components
@@ -361,6 +367,7 @@ def merge_func(spec: AttentionSpec, num_components: int):
         ml_part: T.Buffer(ml_shape, "float32"),
         num_comp: T.Buffer((HM,), "int32"),
         out: T.Buffer((B, H, N, D), dt),
+        lse: T.Buffer((B, H, N) if with_lse else (1,), "float32"),
     ):
         T.func_attr({"global_symbol": "merge", "tirx.noalias": True})
         for bh, i in T.grid(B * H, N):
@@ -374,8 +381,13 @@ def merge_func(spec: AttentionSpec, num_components: int):
                 merge_states(st, acc, ml_part, o_part, vbh, 0, num_comp[hm], vi)
                 for d in T.serial(D):
                     out[vbh // H, vbh % H, vi, d] = T.Cast(dt, normalised(acc[d], st[1]))
+                if with_lse:
+                    lse[vbh // H, vbh % H, vi] = T.if_then_else(
+                        st[1] == T.float32(0), T.float32(-math.inf), (st[0] + T.log2(st[1])) * T.float32(math.log(2.0)))
 
-    return merge
+    if with_lse:
+        return merge
+    return tvm.tirx.PrimFunc([p for p in merge.params if p.name != "lse"], merge.body, merge.ret_type, merge.attrs)
 
 
 def fallback_func(spec: AttentionSpec, num_fallback: int):

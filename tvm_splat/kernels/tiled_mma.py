@@ -129,12 +129,15 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     scores are selected away and every block crossing the length checks its V, as PARTIAL
     blocks do).
 
-    ``with_lse=True`` (training, :mod:`tvm_splat.kernels.backward_mma`; direct plans only: one
-    component, nothing split): a last parameter ``lse [B, H, N]`` float32 receives each row's
-    natural-log log-sum-exp (``-inf`` for a row that attends to nothing).
+    ``with_lse=True`` (training, :mod:`tvm_splat.kernels.backward_mma`; no split-KV): on a plan of
+    one component, a last parameter ``lse [B, H, N]`` float32 receives each row's natural-log
+    log-sum-exp (``-inf`` for a row that attends to nothing); on a plan of several the kernel is
+    the one without ``with_lse`` (it writes per-component partial states, and the merge,
+    :func:`~tvm_splat.kernels.tiled.merge_func` with ``with_lse=True``, writes the lse).
     """
-    if with_lse and (plan_shape.num_components > 1 or plan_shape.num_slots):
-        raise ValueError("with_lse needs a direct plan (one component, no split-KV)")
+    if with_lse and plan_shape.num_slots:
+        raise ValueError("with_lse needs a plan without split-KV (a row's lse is written by one program "
+                         "or by the merge of its components)")
     if stages not in (1, 2, 4) or (stages == 4 and not wgmma):
         raise ValueError(f"stages must be 1 or 2 (or 4 for the pipelined wgmma form), got {stages}")
     if wgmma:
@@ -534,7 +537,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         full_row_sums(ls)
         for r in T.unroll(RS):
             if tile_row(w, lane, r) < nrows:
-                if with_lse:
+                if with_lse and direct:
                     if lane % 4 == 0:
                         lse[b, h, rows[r]] = T.if_then_else(ls[r] == T.float32(0), T.float32(-math.inf),
                                                             (ms[r] + T.log2(ls[r])) * T.float32(math.log(2.0)))
@@ -745,7 +748,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                 store_rows(out, o_part, ml_part, lse, oacc, ms, ls, rows, b, h, vbh, comp, w, lane, nrows)
 
     tiled = without_unused_kv_len(spec, tiled)
-    if with_lse:
+    if with_lse and direct:
         return tiled
     return tvm.tirx.PrimFunc([p for p in tiled.params if p.name != "lse"], tiled.body, tiled.ret_type, tiled.attrs)
 

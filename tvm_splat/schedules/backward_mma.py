@@ -6,12 +6,17 @@ runs on, and whether the workload can take the tensor-core path at all.
 
 * ``fwd_lse``: the forward's own warp-level kernel with its ``lse`` output
   (:func:`~tvm_splat.kernels.tiled_mma.tiled_mma_func`, ``with_lse=True``), under the forward's
-  default knobs (:func:`~tvm_splat.schedules.tiled.default_tiled_knobs`) with split-KV off (the
-  lse is written by the tile's one program).
+  default knobs (:func:`~tvm_splat.schedules.tiled.default_tiled_knobs`, told the plan's
+  component count, as the forward planner does) with split-KV off (the lse is written by the
+  tile's one program, or by the merge of its components).
 * ``bwd_dq``: query tiles of ``BACKWARD_BR`` rows over column blocks of the mask's plan;
   ``bwd_dkdv``: key tiles of ``BACKWARD_BR`` over blocks of the transposed mask's plan; blocks
   of ``BACKWARD_BC`` columns, ``BACKWARD_BC_WIDE_HEADS`` above head_dim 64
   (:func:`default_backward_mma_knobs`).
+* plans of several components add ``fwd_merge`` (:func:`~tvm_splat.kernels.tiled.merge_func`
+  with the lse), ``bwd_dq_sum`` and ``bwd_dkdv_sum``
+  (:func:`~tvm_splat.kernels.backward_mma.sum_components_func`, the latter run once for dk and
+  once for dv), scheduled one thread per row or element (:func:`~tvm_splat.schedules.tiled.bind_flat_gpu`).
 
 Public API: :class:`BackwardMmaKnobs`, :func:`default_backward_mma_knobs`,
 :func:`tensor_core_training_refusal`, :func:`backward_mma_funcs`.
@@ -21,12 +26,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from tvm import s_tir
+
 from ..kernels.backward import BackwardSpec
-from ..kernels.backward_mma import (backward_dkdv_mma_func, backward_dq_mma_func, check_backward_mma_plan,
-                                    check_backward_mma_shape)
+from ..kernels.backward_mma import (SUM_BLOCK, backward_dkdv_mma_func, backward_dq_mma_func, check_backward_mma_plan,
+                                    check_backward_mma_shape, sum_components_func)
+from ..kernels.tiled import merge_func
 from ..kernels.tiled_mma import MMA_TYPES, check_mma_shape, tiled_mma_func
 from .targets import as_target, is_gpu
-from .tiled import TiledKnobs, default_tiled_knobs
+from .tiled import TiledKnobs, bind_flat_gpu, default_tiled_knobs
 
 __all__ = ["BackwardMmaKnobs", "default_backward_mma_knobs", "tensor_core_training_refusal", "backward_mma_funcs",
            "BACKWARD_BR", "BACKWARD_BC"]
@@ -60,9 +68,11 @@ class BackwardMmaKnobs:
     stages: int = 2
 
 
-def default_backward_mma_knobs(spec: BackwardSpec, target) -> BackwardMmaKnobs:
-    """The knobs when nothing is tuned (see the module docstring)."""
-    forward = dataclasses.replace(default_tiled_knobs(spec.rows, target), split_blocks=0)
+def default_backward_mma_knobs(spec: BackwardSpec, target, num_components: int = 1) -> BackwardMmaKnobs:
+    """The knobs when nothing is tuned (see the module docstring); ``num_components``: of the
+    forward's tile plan (two or more keep the forward's mma form on Hopper, as
+    :func:`~tvm_splat.schedules.tiled.default_tiled_knobs` says why)."""
+    forward = dataclasses.replace(default_tiled_knobs(spec.rows, target, num_components), split_blocks=0)
     bc = BACKWARD_BC if spec.rows.head_dim <= 64 else BACKWARD_BC_WIDE_HEADS
     return BackwardMmaKnobs(forward, dq_bc=bc, dkdv_bc=bc)
 
@@ -90,11 +100,26 @@ def tensor_core_training_refusal(spec: BackwardSpec, target, knobs: BackwardMmaK
     return None
 
 
+def _flat(func, block):
+    sch = s_tir.Schedule(func)
+    bind_flat_gpu(sch, block)
+    return sch.mod["main"]
+
+
 def backward_mma_funcs(spec: BackwardSpec, knobs: BackwardMmaKnobs, plan_shapes) -> dict:
-    """The three training PrimFuncs by name (``fwd_lse``, ``bwd_dq``, ``bwd_dkdv``) for the tile
-    plan shapes ``(forward, dq, dkdv)``; all already bound to threads."""
+    """The training PrimFuncs by name for the tile plan shapes ``(forward, dq, dkdv)``, all
+    bound to threads: ``fwd_lse``, ``bwd_dq``, ``bwd_dkdv``, and for each plan of several
+    components its combining kernel: ``fwd_merge`` (forward), ``bwd_dq_sum`` (dq),
+    ``bwd_dkdv_sum`` (dk and dv)."""
     fwd, dq, dkdv = plan_shapes
     f = knobs.forward
-    return {"fwd_lse": tiled_mma_func(spec.rows, fwd, f.warps, f.m_tiles, f.stages, wgmma=f.wgmma, with_lse=True),
-            "bwd_dq": backward_dq_mma_func(spec.rows, dq, knobs.warps, knobs.stages),
-            "bwd_dkdv": backward_dkdv_mma_func(spec.columns, dkdv, knobs.warps, knobs.stages)}
+    funcs = {"fwd_lse": tiled_mma_func(spec.rows, fwd, f.warps, f.m_tiles, f.stages, wgmma=f.wgmma, with_lse=True),
+             "bwd_dq": backward_dq_mma_func(spec.rows, dq, knobs.warps, knobs.stages),
+             "bwd_dkdv": backward_dkdv_mma_func(spec.columns, dkdv, knobs.warps, knobs.stages)}
+    if fwd.num_components > 1:
+        funcs["fwd_merge"] = _flat(merge_func(spec.rows, fwd.num_components, with_lse=True), "merge_row")
+    if dq.num_components > 1:
+        funcs["bwd_dq_sum"] = _flat(sum_components_func(spec.rows, dq.num_components), SUM_BLOCK)
+    if dkdv.num_components > 1:
+        funcs["bwd_dkdv_sum"] = _flat(sum_components_func(spec.columns, dkdv.num_components, kv=True), SUM_BLOCK)
+    return funcs

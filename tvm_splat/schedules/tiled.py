@@ -18,7 +18,7 @@ beside the rule:
   ``stages``, ``bc``) shape the program itself.
 
 Public API: :class:`TiledKnobs`, :func:`default_tiled_knobs`, :func:`tiled_funcs`,
-:func:`apply_tiled_schedule`, :func:`schedule_tiled`.
+:func:`apply_tiled_schedule`, :func:`schedule_tiled`, :func:`bind_flat_gpu`.
 """
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ from ..kernels.tiled import TILE_BLOCK, fallback_func, merge_func, split_merge_f
 from ..kernels.tiled_mma import MMA_TYPES, tiled_mma_func
 from .targets import as_target, is_gpu, supports_wgmma, target_key
 
-__all__ = ["TiledKnobs", "default_tiled_knobs", "TWO_STAGE_MIN_TILES", "WGMMA_MIN_HEAD_DIM", "TMA_HEAD_DIM_MULTIPLE", "tiled_funcs", "uses_mma",
-           "schedule_tiled", "apply_tiled_schedule"]
+__all__ = ["TiledKnobs", "default_tiled_knobs", "TWO_STAGE_MIN_TILES", "WGMMA_MIN_HEAD_DIM", "TMA_HEAD_DIM_MULTIPLE",
+           "tiled_funcs", "uses_mma", "schedule_tiled", "apply_tiled_schedule", "bind_flat_gpu"]
 
 
 @dataclass(frozen=True)
@@ -388,16 +388,26 @@ def _apply_tiled_gpu(sch, knobs, spec):
         _bind_rows(sch, sch.get_sblock("ML_store"), knobs)
 
 
+#: threads per block of the one-thread-per-iteration kernels (merge, fallback, sums)
+FLAT_THREADS = 128
+
+
+def bind_flat_gpu(sch, block_name: str, threads: int = FLAT_THREADS) -> None:
+    """GPU schedule of a kernel whose block ``block_name`` does one independent piece of work
+    per iteration of its loops (a row of ``merge`` or ``fallback``, an element of a sum): the
+    loops fused, ``threads`` iterations per thread block, one per thread."""
+    fused = sch.fuse(*sch.get_loops(sch.get_sblock(block_name)))
+    bx, tx = sch.split(fused, [None, threads])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+
+
 def _apply_gpu(sch, name, knobs, spec, target):
     if name == "tiled":
         if not uses_mma(spec, knobs, target):  # the mma kernel is written bound to threads
             _apply_tiled_gpu(sch, knobs, spec)
         return
-    block = sch.get_sblock("row" if name == "fallback" else "merge_row")
-    fused = sch.fuse(*sch.get_loops(block))
-    bx, tx = sch.split(fused, [None, 128])
-    sch.bind(bx, "blockIdx.x")
-    sch.bind(tx, "threadIdx.x")
+    bind_flat_gpu(sch, "row" if name == "fallback" else "merge_row")
 
 
 def apply_tiled_schedule(sch: s_tir.Schedule, name: str, target, knobs: TiledKnobs = TiledKnobs(),
