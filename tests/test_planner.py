@@ -155,3 +155,33 @@ def test_hopper_default_takes_tma_where_the_plan_allows(pattern, d, expected, tm
     assert not default_knobs(made.spec, made.target).tma
     sm80 = plan(pattern, (1, 2, 384, d), None, "bfloat16", None, target="nvidia/nvidia-a100")
     assert not sm80.knobs.wgmma and not sm80.knobs.tma
+
+
+def test_a_record_that_never_measured_the_default_program_is_stale(tmp_path, monkeypatch):
+    """A tuning record is used only when its search measured a program of the form the workload
+    runs untuned: one tuned before the TMA form existed never compared its winner with it."""
+    monkeypatch.setenv("TVM_SPLAT_TUNING_LOGS", str(tmp_path))
+    import json
+
+    from tvm_splat.records import best_knobs_path
+    from tvm_splat.schedules.tiled import program_form, tiled_form, tiled_program_name
+
+    shape = (1, 2, 384, 64)
+    untuned = plan(Window(40), shape, None, "float16", None, target=H100)
+    assert untuned.knobs_source == "default" and untuned.knobs.tma
+    default_name = tiled_program_name(untuned.knobs, True)
+    assert default_name == "tiled_64x64_w4_m1_s2_wg_tma"
+    assert program_form(default_name) == tiled_form(untuned.knobs) == "wg_tma"
+    path = best_knobs_path(untuned.spec, untuned.target)
+    path.parent.mkdir(parents=True)
+    knobs = {"br": 32, "bc": 32, "warps": 2, "use_tensor_cores": True, "stages": 1}
+    path.write_text(json.dumps({"knobs": knobs, "us": 9.0, "programs_us": {"tiled_32x32_w2_m1_s1": 9.0}}))
+    stale = plan(Window(40), shape, None, "float16", None, target=H100)
+    assert stale.knobs_source == "default" and stale.knobs == untuned.knobs
+    other_tma = "tiled_128x64_w8_m1_s2_wg_tma"  # the form was searched (in another plan): the record stands
+    path.write_text(json.dumps({"knobs": knobs, "us": 9.0,
+                                "programs_us": {"tiled_32x32_w2_m1_s1": 9.0, other_tma: 11.0}}))
+    tuned = plan(Window(40), shape, None, "float16", None, target=H100)
+    assert tuned.knobs_source == "tuned" and (tuned.knobs.br, tuned.knobs.bc, tuned.knobs.tma) == (32, 32, False)
+    path.write_text(json.dumps({"knobs": knobs, "us": 9.0}))  # no programs listed: cannot tell, kept
+    assert plan(Window(40), shape, None, "float16", None, target=H100).knobs_source == "tuned"

@@ -48,7 +48,7 @@ from .kernels.tiled import partial_shapes, split_shapes
 from .records import tuned_tiled_knobs
 from .schedules.row import RowKnobs
 from .schedules.targets import arch_specific, as_target, is_gpu, target_key
-from .schedules.tiled import TiledKnobs, default_tiled_knobs, uses_mma
+from .schedules.tiled import TiledKnobs, default_tiled_knobs, tiled_form, uses_mma
 from .tensors import check_acsr_tables, check_scale, is_aligned, is_torch, to_tvm
 
 __all__ = ["AttentionPlan", "Step", "plan", "choose_knobs", "default_knobs", "choose_variant", "as_acsr"]
@@ -152,11 +152,13 @@ def choose_knobs(spec: AttentionSpec, target, variant: str, knobs=None, acsr: AC
         return knobs, "given"
     if variant != "tiled":
         return None, "records"
-    # key lengths change a few comparisons, not the work: the record of the same shapes serves
-    tuned = tuned_tiled_knobs(dataclasses.replace(spec, has_kv_len=False), target)
+    # key lengths change a few comparisons, not the work: the record of the same shapes serves;
+    # a record whose search measured no program of the default's form is stale (records.py)
+    default = default_knobs(spec, target, acsr)
+    tuned = tuned_tiled_knobs(dataclasses.replace(spec, has_kv_len=False), target, default_form=tiled_form(default))
     if tuned is not None:
         return tuned, "tuned"
-    return default_knobs(spec, target, acsr), "default"
+    return default, "default"
 
 
 # ------------------------------------------------------------------------------ steps

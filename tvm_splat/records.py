@@ -20,7 +20,7 @@ from pathlib import Path
 import tvm
 
 from .schedules.targets import as_target, target_name
-from .schedules.tiled import TiledKnobs
+from .schedules.tiled import TiledKnobs, program_form
 
 logger = logging.getLogger("tvm_splat.tuning")
 _ANNOUNCED: set = set()  # (path, hit/miss) already logged once
@@ -80,13 +80,30 @@ def best_knobs_path(spec, target, root=None) -> Path:
     return workload_dir("tiled", spec, target, root) / "best.json"
 
 
-def tuned_tiled_knobs(spec, target, root=None):
-    """Knobs of the best tuning record of the tiled kernel for this workload, or None."""
+def tuned_tiled_knobs(spec, target, root=None, default_form: str | None = None):
+    """Knobs of the best tuning record of the tiled kernel for this workload, or None.
+
+    ``default_form``: the kernel form (:func:`~tvm_splat.schedules.tiled.tiled_form`) the
+    workload would run untuned. A record whose search measured no program of that form (its
+    ``programs_us``: tuned before the form existed) never compared its winner with the
+    default, so it is stale and None is returned (a search narrowed to some plans still
+    counts, as long as the form was in it). H200, quick suite
+    (``benchmarks/results/h200_quick.json``, both rows in one process): of the 9 cases whose
+    default is now the TMA form, the records tuned on the H100 before the wgmma/TMA forms
+    existed were 1.14-1.49x slower than it on 7 and faster on 2 (window:128 and window:256 at
+    batch 1, 0.78x and 0.94x); the dilated and strided records cover their defaults and stay."""
     path = best_knobs_path(spec, as_target(target), root)
     if not path.exists():
         return None
+    record = json.loads(path.read_text())
+    measured = record.get("programs_us")
+    if default_form is not None and measured is not None \
+            and not any(program_form(name) == default_form for name in measured):
+        logger.info("ignoring the tiled knobs of %s: its search measured no program of the default's "
+                    "form %r (re-tune to compare them)", path.parent, default_form)
+        return None
     _announce(path.parent, True, "tiled knobs")
-    return TiledKnobs.from_dict(json.loads(path.read_text())["knobs"])
+    return TiledKnobs.from_dict(record["knobs"])
 
 
 def record_mark(paths) -> str:

@@ -36,7 +36,7 @@ from ..kernels.tiled_mma import MMA_TYPES, tiled_mma_func
 from .targets import as_target, is_gpu, supports_wgmma, target_key
 
 __all__ = ["TiledKnobs", "default_tiled_knobs", "TWO_STAGE_MIN_TILES", "WGMMA_MIN_HEAD_DIM", "TMA_HEAD_DIM_MULTIPLE",
-           "tiled_funcs", "uses_mma", "schedule_tiled", "apply_tiled_schedule", "bind_flat_gpu"]
+           "tiled_funcs", "tiled_program_name", "tiled_form", "program_form", "uses_mma", "schedule_tiled", "apply_tiled_schedule", "bind_flat_gpu"]
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,26 @@ class TiledKnobs:
         when a ``tc_kernel`` field chose between ``mma`` and a removed WMMA form)."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in fields.items() if k in names})
+
+
+def tiled_program_name(knobs: TiledKnobs, mma: bool) -> str:
+    """The name of the program ``knobs`` make (one MetaSchedule task of a tuning run, a key
+    of a record's ``programs_us``): the plan's tiles, and for the warp-level kernel its warps,
+    m-tiles, stages and Hopper form (``_wg``, ``_wg_tma``)."""
+    name = f"tiled_{knobs.br}x{knobs.bc}"
+    form = f"_{tiled_form(knobs)}" if knobs.wgmma else ""
+    return name + (f"_w{knobs.warps}_m{knobs.m_tiles}_s{knobs.stages}{form}" if mma else "")
+
+
+def tiled_form(knobs: TiledKnobs) -> str:
+    """The Hopper form of the knobs' kernel: ``"wg_tma"``, ``"wg"`` or ``""`` (any other),
+    the last part of its :func:`tiled_program_name`."""
+    return "wg_tma" if knobs.tma else "wg" if knobs.wgmma else ""
+
+
+def program_form(name: str) -> str:
+    """:func:`tiled_form` read back from a program name."""
+    return next((form for form in ("wg_tma", "wg") if name.endswith("_" + form)), "")
 
 
 # Grids of at least this many row tiles get two K/V stages (cp.async one block ahead); smaller

@@ -27,7 +27,7 @@ from ..planner import AttentionPlan, plan
 from ..records import best_knobs_path, open_database, workload_dir
 from ..schedules.targets import is_gpu
 from ..schedules.tiled import (TILE_BLOCK, TMA_HEAD_DIM_MULTIPLE, TiledKnobs, apply_tiled_schedule,
-                               default_tiled_knobs, tiled_funcs, uses_mma)
+                               default_tiled_knobs, tiled_funcs, tiled_program_name, uses_mma)
 from .tune import (RPCTracker, TuneResult, _metadata_args, _progress_callback, alloc_arguments, local_builder,
                    measure_runner, prune_database, run_us, tuning_progress, tuning_target, unnamed_log_handlers_detached)
 
@@ -101,9 +101,7 @@ def _has_wgmma(target) -> bool:
 
 
 def _program_name(kn, mma) -> str:
-    name = f"tiled_{kn.br}x{kn.bc}"
-    form = "_wg_tma" if kn.tma else "_wg" if kn.wgmma else ""
-    return name + (f"_w{kn.warps}_m{kn.m_tiles}_s{kn.stages}{form}" if mma else "")
+    return tiled_program_name(kn, mma)
 
 
 def _args_signature(args_info):
