@@ -65,3 +65,28 @@ def test_speedups_skip_a_direction_a_baseline_could_not_time():
     assert speedup["backward"] == {"sdpa_dense": 1.0}
     summary = BW.summarise([row])
     assert summary["forward_backward"]["flex"] == {"geomean": 6.0, "min": 6.0, "cases": 1}
+
+
+def test_a_refused_backward_is_derived_from_the_same_rows_timings():
+    """Compiled Flex refuses a retained graph: its backward is forward_backward - forward (marked
+    derived), so the backward direction still compares against it; old files are rederived."""
+    import copy
+
+    timed = lambda ms: {"throughput_ms": ms, "ms": ms + 0.5}  # noqa: E731
+    flex = {"forward": timed(2.0), "forward_backward": timed(6.0)}
+    derived = BW.derive_backward(flex, "RuntimeError: donated buffers")
+    assert derived["throughput_ms"] == 4.0 and derived["ms"] == 4.0 and "kernel_ms" not in derived
+    assert derived["derived"] == "forward_backward - forward" and "donated" in derived["direct_refused"]
+    row = {"name": "c", "results": {
+        "splat_train": {d: timed(1.0) for d in BW.DIRECTIONS} | {"correct": True},
+        "flex": {**flex, "backward": {"error": "RuntimeError: donated buffers"}, "correct": True},
+        "sdpa_dense": {d: timed(0.5) for d in BW.DIRECTIONS},
+    }}
+    BW.add_speedups(row)
+    old = {"meta": {}, "summary": BW.summarise([row]), "cases": [row]}
+    assert "flex" not in old["summary"]["backward"]
+    new = BW.rederive(copy.deepcopy(old))
+    assert new["meta"]["backward_derived"] == ["flex"]
+    assert new["summary"]["backward"]["flex"] == {"geomean": 4.0, "min": 4.0, "cases": 1}
+    assert new["cases"][0]["results"]["splat_train"]["speedup"]["backward"]["flex"] == 4.0
+    assert new["summary"]["forward_backward"] == old["summary"]["forward_backward"]  # measured: untouched

@@ -6,7 +6,10 @@ Per implementation and case, three directions are timed with :func:`~tvm_splat.b
 (per-call ms, back-to-back ``throughput_ms``, CUPTI ``kernel_ms``):
 
 * ``forward``: the forward with autograd recording (what a training step runs);
-* ``backward``: ``torch.autograd.grad`` of one retained forward graph;
+* ``backward``: ``torch.autograd.grad`` of one retained forward graph; where the
+  implementation refuses a retained graph (compiled FlexAttention donates its saved buffers to
+  the backward), ``forward_backward - forward`` per timing, marked ``"derived"``
+  (:func:`derive_backward`);
 * ``forward_backward``: both, as a training step runs them.
 
 Gradients are checked against float64 dense masked attention (torch autograd in float64) where
@@ -94,10 +97,10 @@ def run_impl(name, inputs, dout, refs, opts: RunOptions) -> dict:
             res["plan"] = forward.training_plan()
         _, res["forward"] = measure(forward, opts)
         grads, res["forward_backward"] = measure(lambda: torch.autograd.grad(forward(), leaves, dout), opts)
-        try:  # a retained graph may be refused (compiled graphs); the other timings stand
+        try:  # a retained graph may be refused (compiled graphs): derived from the other two
             _, res["backward"] = measure(lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True), opts)
         except RuntimeError as err:
-            res["backward"] = {"error": f"{type(err).__name__}: {err}"[:300]}
+            res["backward"] = derive_backward(res, f"{type(err).__name__}: {err}"[:300])
         if refs is not None:
             res["grad_rel_err"] = dict(zip(("dq", "dk", "dv"), _relative_errors(grads, refs)))
             if name != "sdpa_dense":  # dense SDPA computes a different function: recorded, not judged
@@ -115,6 +118,34 @@ def run_impl(name, inputs, dout, refs, opts: RunOptions) -> dict:
         if opts.device == "cuda":
             torch.cuda.empty_cache()
     return res
+
+
+def derive_backward(res: dict, why: str) -> dict:
+    """The backward timings of an implementation that refuses a retained graph: per timing,
+    its ``forward_backward`` minus its ``forward`` (both measured the same way), marked
+    ``derived`` with ``why`` the direct measurement was refused."""
+    both, fwd = res["forward_backward"], res["forward"]
+    out = {field: both[field] - fwd[field] for field in TIMINGS.values() if field in both and field in fwd}
+    return {**out, "derived": "forward_backward - forward", "direct_refused": why}
+
+
+def rederive(data: dict) -> dict:
+    """A results file (``{"meta", "summary", "cases"}``) written before :func:`derive_backward`
+    existed, with each refused backward derived from the same row's measurements and the
+    speedups and summary recomputed; nothing is re-measured (``meta.backward_derived`` says
+    which implementations' backward columns are derived)."""
+    derived = set()
+    for row in data["cases"]:
+        for name, res in row["results"].items():
+            back = res.get("backward")
+            if isinstance(back, dict) and "error" in back and "forward" in res and "forward_backward" in res:
+                res["backward"] = derive_backward(res, back["error"])
+                derived.add(name)
+        row["results"].get(OURS, {}).pop("speedup", None)
+        add_speedups(row)
+    data["meta"]["backward_derived"] = sorted(derived)
+    data["summary"] = summarise(data["cases"])
+    return data
 
 
 def add_speedups(row):
