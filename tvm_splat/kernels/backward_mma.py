@@ -66,7 +66,7 @@ from types import SimpleNamespace
 import tvm
 from tvm.script import tirx as T
 
-from .common import LOG2E, any_of, segment_member
+from .common import LOG2E, cached_member, nonfinite_halves, row_segment_cache
 from .spec import AttentionSpec
 from .tiled_mma import MMA_TYPES, ROW_PAD, SHARED_BYTES_MAX
 
@@ -144,11 +144,6 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int):
     SMEM = _shared_elems(BR, BC, D, stages)
     direct = plan_shape.num_components <= 1  # one component: dq, dk, dv written directly
     zero = T.Cast(dt, T.float32(0))
-    # same exponent-bit test as the forward: a 16-bit element is NaN or inf exactly when adding
-    # one to its exponent carries into its sign bit
-    EXP_BITS, EXP_CARRY = {"float16": (T.uint32(0x7C007C00), T.uint32(0x04000400)),
-                           "bfloat16": (T.uint32(0x7F807F80), T.uint32(0x00800080))}[dt]
-    SIGN_BITS = T.uint32(0x80008000)
     full_mask = T.uint32(0xFFFFFFFF)
 
     def tile_row(w, lane, r):  # tile-local row of the thread's row slot r (0: row g, 1: row g + 8)
@@ -171,8 +166,7 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int):
                                 c.data, c_offset, False, dtype="float32")
 
     def member(sg, r, col, sig):  # col lies on a cached segment of the thread's row slot r
-        return any_of([segment_member(sg[(r * S + s) * 3], sg[(r * S + s) * 3 + 1], sig, sg[(r * S + s) * 3 + 2], col)
-                       for s in range(S)])
+        return cached_member(sg, r, col, sig, S)
 
     @T.macro
     def load_rows(smem, base, src, b, h, first, stride, count, nrows_max, tid):
@@ -220,21 +214,12 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int):
                 T.ptx.ld.shared.v4.b32(words[0], words[1], words[2], words[3], T.address_of(
                     smem[base + chunk_row(it, tid) * DP + chunk_col(it, tid)]))
                 for i in T.unroll(4):
-                    nonfinite[0] = nonfinite[0] | (((words[i] & EXP_BITS) + EXP_CARRY) & SIGN_BITS)
+                    nonfinite[0] = nonfinite[0] | nonfinite_halves(words[i], dt)
         if nonfinite[0] != T.uint32(0):
             T.ptx.st.shared.b32(T.address_of(bad[slot]), tag)
 
-    @T.macro
-    def cache_row_segments(sg, rows, seg_start, seg_count, seg_sigma, hm, w, lane, nrows):
-        # per thread row: (start, last, sigma) of every segment (sigma 0: none)
-        for r in T.unroll(2):
-            for s in T.unroll(S):
-                if tile_row(w, lane, r) < nrows:
-                    sg[(r * S + s) * 3] = seg_start[hm, rows[r], s]
-                    sg[(r * S + s) * 3 + 1] = seg_start[hm, rows[r], s] + seg_sigma[hm, rows[r], s] * (seg_count[hm, rows[r], s] - 1)
-                    sg[(r * S + s) * 3 + 2] = T.if_then_else(seg_count[hm, rows[r], s] > 0, seg_sigma[hm, rows[r], s], 0)
-                else:
-                    sg[(r * S + s) * 3 + 2] = 0
+    # per thread row: (start, last, sigma) of every segment (sigma 0: none)
+    cache_row_segments = row_segment_cache(2, S, tile_row)
 
     @T.macro
     def tile_by_block(acc, af, bf, smem, a_base, b_base, w, lane):
@@ -519,8 +504,8 @@ def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages
                             blk_hi: T.let[T.int32] = tiles[hm, vt, 5]
                             tid: T.let[T.int32] = w * 32 + lane
                             start_tile(rows, acc, None, False, bad, row0, rstr, w, lane, tid)
-                            load_tile(smem, q, dout, b, h, row0, rstr, nrows, blk_hi > blk_lo, k, v, hk, blocks[hm, blk_lo, 0],
-                                      blocks[hm, blk_lo, 1], tid)
+                            load_tile(smem, q, dout, b, h, row0, rstr, nrows, blk_hi > blk_lo, k, v, hk,
+                                      blocks[hm, blk_lo, 0], blocks[hm, blk_lo, 1], tid)
                             cache_row_segments(sg, rows, seg_start, seg_count, seg_sigma, hm, w, lane, nrows)
                             row_stats(lrow, drow, dout, out, lse, dlse, delta, rows, b, h, w, lane, nrows,
                                       True if direct else tiles[hm, vt, 3] == 0)
@@ -537,7 +522,8 @@ def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages
                                 block_products(sacc, dpacc, af, bf, smem, stg, w, lane)  # S = Q K^T, dP = dO V^T
                                 probabilities(sacc, dpacc, sg, lrow, drow, full, col0, sig, lane)
                                 as_operand(dsf, dpacc)
-                                accumulate_block(acc, dsf, None, None, False, smem, bf, bad, flag, stg, j + 1, w, lane)  # dQ += dS K
+                                # dQ += dS K
+                                accumulate_block(acc, dsf, None, None, False, smem, bf, bad, flag, stg, j + 1, w, lane)
                             store_result(dq, dq_part, tiles[hm, vt, 3], b, h, acc, scale, rows, w, lane, nrows)
 
     return _without(bwd_dq, ("dq_part",)) if direct else bwd_dq
@@ -634,8 +620,8 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
                             nblk: T.let[T.int32] = blk_hi - blk_lo
                             tid: T.let[T.int32] = w * 32 + lane
                             start_tile(rows, acc_k, acc_v, True, bad, row0, rstr, w, lane, tid)
-                            load_tile(smem, k, v, b, hk, row0, rstr, nrows, nblk > 0, q, dout, hk * G, tblocks[hm, blk_lo, 0],
-                                      tblocks[hm, blk_lo, 1], tid)
+                            load_tile(smem, k, v, b, hk, row0, rstr, nrows, nblk > 0, q, dout, hk * G,
+                                      tblocks[hm, blk_lo, 0], tblocks[hm, blk_lo, 1], tid)
                             cache_row_segments(sg, rows, tseg_start, tseg_count, tseg_sigma, hm, w, lane, nrows)
                             T.tvm_storage_sync("shared.dyn")  # the flags' zeros come before any tag
                             # step t: query head hk * G + t // nblk of the group, block t % nblk
@@ -646,10 +632,10 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
                                 full: T.let[T.int32] = tblocks[hm, blk_lo + t % nblk, 2]
                                 stg: T.let[T.int32] = t % stages
                                 await_block(smem, q, dout, b, h, col0, sig, tid)
-                                flag_block(smem, bad, stg, words, nonfinite, t + 1, full, True, tid)  # Q's and dO's block rows
+                                flag_block(smem, bad, stg, words, nonfinite, t + 1, full, True, tid)  # Q's and dO's rows
                                 publish_block(smem, q, dout, b, t + 1 < G * nblk, hk * G + (t + 1) // nblk,
-                                              tblocks[hm, blk_lo + (t + 1) % nblk, 0], tblocks[hm, blk_lo + (t + 1) % nblk, 1],
-                                              (t + 1) % stages, tid)
+                                              tblocks[hm, blk_lo + (t + 1) % nblk, 0],
+                                              tblocks[hm, blk_lo + (t + 1) % nblk, 1], (t + 1) % stages, tid)
                                 block_products(sacc, dpacc, af, bf, smem, stg, w, lane)  # S^T = K Q^T, dP^T = V dO^T
                                 probabilities_t(sacc, dpacc, sg, lse, delta, b, h, full, col0, sig, lane)
                                 as_operand(pf, sacc)
@@ -657,7 +643,8 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
                                 accumulate_block(acc_k, dsf, acc_v, pf, True, smem, bf, bad, flag, stg, t + 1, w,
                                                  lane)  # dK += dS^T Q, dV += P^T dO
                             store_result(dk, dk_part, ttiles[hm, vt, 3], b, hk, acc_k, scale, rows, w, lane, nrows)
-                            store_result(dv, dv_part, ttiles[hm, vt, 3], b, hk, acc_v, T.float32(1), rows, w, lane, nrows)
+                            store_result(dv, dv_part, ttiles[hm, vt, 3], b, hk, acc_v, T.float32(1), rows, w, lane,
+                                         nrows)
 
     return _without(bwd_dkdv, ("dk_part", "dv_part")) if direct else bwd_dkdv
 
