@@ -66,7 +66,7 @@ from types import SimpleNamespace
 import tvm
 from tvm.script import tirx as T
 
-from .common import LOG2E, any_of, segment_member
+from .common import LOG2E, cached_member, nonfinite_halves, row_segment_cache
 from .spec import AttentionSpec
 from .tiled_mma import MMA_TYPES, ROW_PAD, SHARED_BYTES_MAX
 
@@ -142,12 +142,8 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int):
     P_OFF = W_OFF + stages * BC * DP  # staging of the exact path: P, then dS
     DS_OFF = P_OFF + BR * PP
     SMEM = _shared_elems(BR, BC, D, stages)
+    direct = plan_shape.num_components <= 1  # one component: dq, dk, dv written directly
     zero = T.Cast(dt, T.float32(0))
-    # same exponent-bit test as the forward: a 16-bit element is NaN or inf exactly when adding
-    # one to its exponent carries into its sign bit
-    EXP_BITS, EXP_CARRY = {"float16": (T.uint32(0x7C007C00), T.uint32(0x04000400)),
-                           "bfloat16": (T.uint32(0x7F807F80), T.uint32(0x00800080))}[dt]
-    SIGN_BITS = T.uint32(0x80008000)
     full_mask = T.uint32(0xFFFFFFFF)
 
     def tile_row(w, lane, r):  # tile-local row of the thread's row slot r (0: row g, 1: row g + 8)
@@ -170,8 +166,7 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int):
                                 c.data, c_offset, False, dtype="float32")
 
     def member(sg, r, col, sig):  # col lies on a cached segment of the thread's row slot r
-        return any_of([segment_member(sg[(r * S + s) * 3], sg[(r * S + s) * 3 + 1], sig, sg[(r * S + s) * 3 + 2], col)
-                       for s in range(S)])
+        return cached_member(sg, r, col, sig, S)
 
     @T.macro
     def load_rows(smem, base, src, b, h, first, stride, count, nrows_max, tid):
@@ -219,21 +214,12 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int):
                 T.ptx.ld.shared.v4.b32(words[0], words[1], words[2], words[3], T.address_of(
                     smem[base + chunk_row(it, tid) * DP + chunk_col(it, tid)]))
                 for i in T.unroll(4):
-                    nonfinite[0] = nonfinite[0] | (((words[i] & EXP_BITS) + EXP_CARRY) & SIGN_BITS)
+                    nonfinite[0] = nonfinite[0] | nonfinite_halves(words[i], dt)
         if nonfinite[0] != T.uint32(0):
             T.ptx.st.shared.b32(T.address_of(bad[slot]), tag)
 
-    @T.macro
-    def cache_row_segments(sg, rows, seg_start, seg_count, seg_sigma, hm, w, lane, nrows):
-        # per thread row: (start, last, sigma) of every segment (sigma 0: none)
-        for r in T.unroll(2):
-            for s in T.unroll(S):
-                if tile_row(w, lane, r) < nrows:
-                    sg[(r * S + s) * 3] = seg_start[hm, rows[r], s]
-                    sg[(r * S + s) * 3 + 1] = seg_start[hm, rows[r], s] + seg_sigma[hm, rows[r], s] * (seg_count[hm, rows[r], s] - 1)
-                    sg[(r * S + s) * 3 + 2] = T.if_then_else(seg_count[hm, rows[r], s] > 0, seg_sigma[hm, rows[r], s], 0)
-                else:
-                    sg[(r * S + s) * 3 + 2] = 0
+    # per thread row: (start, last, sigma) of every segment (sigma 0: none)
+    cache_row_segments = row_segment_cache(2, S, tile_row)
 
     @T.macro
     def tile_by_block(acc, af, bf, smem, a_base, b_base, w, lane):
@@ -313,13 +299,102 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int):
                     for e in T.vectorized(2):
                         dst[comp, b, h, rows[r], dtl * 8 + lane % 4 * 2 + e] = acc[dtl * 4 + r * 2 + e] * factor
 
+    # ---- the steps of a tile program, in the order both kernels take them. ``pair``: the
+    # second accumulator (dV of bwd_dkdv, whose block operands both take part in a product and
+    # are both flagged) takes part; bwd_dq has one (dQ, over K only).
+    @T.macro
+    def start_tile(rows, acc, acc2, pair, bad, row0, rstr, w, lane, tid):
+        # the global rows of the thread's two row slots, zeroed accumulators, no block flagged
+        # yet (one flag per stage; the barrier before the block loop publishes the zeros)
+        for r in T.unroll(2):
+            rows[r] = row0 + rstr * tile_row(w, lane, r)
+        for i in T.unroll(DT * 4):
+            acc[i] = T.float32(0)
+            if pair:
+                acc2[i] = T.float32(0)
+        if tid < stages:
+            T.ptx.st.shared.b32(T.address_of(bad[tid]), 0)
+
+    @T.macro
+    def load_tile(smem, x_src, y_src, b, h, row0, rstr, nrows, any_block, u_src, w_src, hb, col0, sig, tid):
+        # the tile's two operands -> shared (plain loads); stages == 2: the first block's
+        # cp.async goes out at once (``any_block``: the tile has one; head hb, at col0, sig)
+        load_rows(smem, X_OFF, x_src, b, h, row0, rstr, nrows, BR, tid)
+        load_rows(smem, Y_OFF, y_src, b, h, row0, rstr, nrows, BR, tid)
+        if stages == 2:
+            if any_block:
+                fetch_block(smem, u_src, w_src, b, hb, col0, sig, 0, tid)
+
+    @T.macro
+    def await_block(smem, u_src, w_src, b, h, col0, sig, tid):
+        # this thread's copies of the block are in: stages == 1 loads it now (after a barrier:
+        # the previous block is consumed), stages == 2 waits for its cp.async group
+        if stages == 1:
+            T.tvm_storage_sync("shared.dyn")
+            fetch_block(smem, u_src, w_src, b, h, col0, sig, 0, tid)
+        else:
+            T.evaluate(T.ptx["cp.async.wait_group"](0))
+
+    @T.macro
+    def flag_block(smem, bad, stg, words, nonfinite, tag, full, pair, tid):
+        # PARTIAL blocks: tag stage stg when a block operand the products multiply holds a NaN
+        # or inf (U always; W too with ``pair``)
+        if full == 0:
+            flag_nonfinite(smem, U_OFF + stg * BC * DP, bad, stg, words, nonfinite, tag, BC, tid)
+            if pair:
+                flag_nonfinite(smem, W_OFF + stg * BC * DP, bad, stg, words, nonfinite, tag, BC, tid)
+
+    @T.macro
+    def publish_block(smem, u_src, w_src, b, has_next, h_next, col0_next, sig_next, stg_next, tid):
+        # everyone's copies (and flags) of the block are in; stages == 2: the previous block's
+        # stage is free, the next block's cp.async goes out into it
+        T.tvm_storage_sync("shared.dyn")
+        if stages == 2:
+            if has_next:
+                fetch_block(smem, u_src, w_src, b, h_next, col0_next, sig_next, stg_next, tid)
+
+    @T.macro
+    def block_products(sacc, dpacc, af, bf, smem, stg, w, lane):
+        # S = X U^T and dP = Y W^T of the block in stage stg
+        tile_by_block(sacc, af, bf, smem, X_OFF, U_OFF + stg * BC * DP, w, lane)
+        tile_by_block(dpacc, af, bf, smem, Y_OFF, W_OFF + stg * BC * DP, w, lane)
+
+    @T.macro
+    def accumulate_block(acc, dsf, acc2, pf, pair, smem, bf, bad, flag, stg, tag, w, lane):
+        # acc += dS U (and acc2 += P W with ``pair``): on tensor cores, or exactly on CUDA cores
+        # when flag_block tagged this block (a masked-out block row may be non-finite)
+        T.ptx.ld.shared.b32(flag[0], T.address_of(bad[stg]))
+        if flag[0] == tag:
+            if pair:
+                stage_operand(smem, P_OFF, pf, w, lane)
+            stage_operand(smem, DS_OFF, dsf, w, lane)
+            T.tvm_storage_sync("shared.dyn")
+            if pair:
+                accumulate_exact(acc2, smem, P_OFF, W_OFF + stg * BC * DP, w, lane)
+            accumulate_exact(acc, smem, DS_OFF, U_OFF + stg * BC * DP, w, lane)
+        else:
+            if pair:
+                accumulate_tc(acc2, pf, bf, smem, W_OFF + stg * BC * DP, lane)
+            accumulate_tc(acc, dsf, bf, smem, U_OFF + stg * BC * DP, lane)
+
+    @T.macro
+    def store_result(dst, part, comp, b, h, acc, factor, rows, w, lane, nrows):
+        # factor * acc -> dst (one component) or slot comp of the partial buffer part
+        if direct:
+            store_tile(dst, b, h, acc, factor, rows, w, lane, nrows)
+        else:
+            store_part(part, comp, b, h, acc, factor, rows, w, lane, nrows)
+
     return SimpleNamespace(
         BR=BR, BC=BC, W=W, D=D, DP=DP, DT=DT, NTL=NTL, SMEM=SMEM, X_OFF=X_OFF, Y_OFF=Y_OFF, U_OFF=U_OFF, W_OFF=W_OFF,
         P_OFF=P_OFF, DS_OFF=DS_OFF, tile_row=tile_row, acc_col=acc_col, member=member, load_rows=load_rows,
         fetch_block=fetch_block,
         flag_nonfinite=flag_nonfinite, cache_row_segments=cache_row_segments, tile_by_block=tile_by_block,
         as_operand=as_operand, accumulate_tc=accumulate_tc, stage_operand=stage_operand,
-        accumulate_exact=accumulate_exact, full_row_sum=full_row_sum, store_tile=store_tile, store_part=store_part)
+        accumulate_exact=accumulate_exact, full_row_sum=full_row_sum, store_tile=store_tile, store_part=store_part,
+        start_tile=start_tile, load_tile=load_tile, await_block=await_block, flag_block=flag_block,
+        publish_block=publish_block, block_products=block_products, accumulate_block=accumulate_block,
+        store_result=store_result)
 
 
 def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages: int = 2):
@@ -329,19 +404,17 @@ def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages
     double-buffered, fetched with ``cp.async`` one block ahead (one barrier per block, as the
     forward's two-stage form); ``stages=1``: plain loads, two."""
     st = _steps(spec, plan_shape, warps, stages)
-    tile_row, member, acc_col = st.tile_row, st.member, st.acc_col
-    load_rows, fetch_block = st.load_rows, st.fetch_block
-    flag_nonfinite, cache_row_segments = st.flag_nonfinite, st.cache_row_segments
-    tile_by_block, as_operand, accumulate_tc = st.tile_by_block, st.as_operand, st.accumulate_tc
-    stage_operand, accumulate_exact, full_row_sum, store_tile = (st.stage_operand, st.accumulate_exact,
-                                                                 st.full_row_sum, st.store_tile)
-    store_part = st.store_part
+    tile_row, member, acc_col, full_row_sum = st.tile_row, st.member, st.acc_col, st.full_row_sum
+    start_tile, load_tile, cache_row_segments, await_block = (st.start_tile, st.load_tile, st.cache_row_segments,
+                                                              st.await_block)
+    flag_block, publish_block, block_products, as_operand = (st.flag_block, st.publish_block, st.block_products,
+                                                             st.as_operand)
+    accumulate_block, store_result = st.accumulate_block, st.store_result
     B, H, KVH, G, N, D = spec.batch, spec.heads, spec.kv_heads, spec.group, spec.seq_len, spec.head_dim
     HM, S, dt = spec.mask_heads, spec.max_segments, spec.dtype
     NT, NB, C = plan_shape.num_tiles, plan_shape.num_blocks, plan_shape.num_components
     direct = C <= 1
-    BR, BC, W, DP, DT, NTL, SMEM = st.BR, st.BC, st.W, st.DP, st.DT, st.NTL, st.SMEM
-    X_OFF, Y_OFF, U_OFF, W_OFF, DS_OFF = st.X_OFF, st.Y_OFF, st.U_OFF, st.W_OFF, st.DS_OFF
+    BC, W, DT, NTL, SMEM = st.BC, st.W, st.DT, st.NTL, st.SMEM
     c2, log2e, scale = T.float32(spec.scale * LOG2E), T.float32(LOG2E), T.float32(spec.scale)
 
     @T.macro
@@ -430,17 +503,9 @@ def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages
                             blk_lo: T.let[T.int32] = tiles[hm, vt, 4]
                             blk_hi: T.let[T.int32] = tiles[hm, vt, 5]
                             tid: T.let[T.int32] = w * 32 + lane
-                            for r in T.unroll(2):
-                                rows[r] = row0 + rstr * tile_row(w, lane, r)
-                            for i in T.unroll(DT * 4):
-                                acc[i] = T.float32(0)
-                            if tid < stages:
-                                T.ptx.st.shared.b32(T.address_of(bad[tid]), 0)
-                            load_rows(smem, X_OFF, q, b, h, row0, rstr, nrows, BR, tid)
-                            load_rows(smem, Y_OFF, dout, b, h, row0, rstr, nrows, BR, tid)
-                            if stages == 2:
-                                if blk_hi > blk_lo:
-                                    fetch_block(smem, k, v, b, hk, blocks[hm, blk_lo, 0], blocks[hm, blk_lo, 1], 0, tid)
+                            start_tile(rows, acc, None, False, bad, row0, rstr, w, lane, tid)
+                            load_tile(smem, q, dout, b, h, row0, rstr, nrows, blk_hi > blk_lo, k, v, hk,
+                                      blocks[hm, blk_lo, 0], blocks[hm, blk_lo, 1], tid)
                             cache_row_segments(sg, rows, seg_start, seg_count, seg_sigma, hm, w, lane, nrows)
                             row_stats(lrow, drow, dout, out, lse, dlse, delta, rows, b, h, w, lane, nrows,
                                       True if direct else tiles[hm, vt, 3] == 0)
@@ -450,35 +515,16 @@ def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages
                                 sig: T.let[T.int32] = blocks[hm, blk_lo + j, 1]
                                 full: T.let[T.int32] = blocks[hm, blk_lo + j, 2]
                                 stg: T.let[T.int32] = j % stages
-                                if stages == 1:
-                                    T.tvm_storage_sync("shared.dyn")  # the previous block is consumed
-                                    fetch_block(smem, k, v, b, hk, col0, sig, 0, tid)
-                                else:
-                                    T.evaluate(T.ptx["cp.async.wait_group"](0))  # block j landed (own copies)
-                                if full == 0:
-                                    flag_nonfinite(smem, U_OFF + stg * BC * DP, bad, stg, words, nonfinite, j + 1, BC, tid)
-                                # everyone's copies of block j are in; stages == 2: block j - 1's
-                                # stage is free for block j + 1
-                                T.tvm_storage_sync("shared.dyn")
-                                if stages == 2:
-                                    if j + 1 < blk_hi - blk_lo:
-                                        fetch_block(smem, k, v, b, hk, blocks[hm, blk_lo + j + 1, 0],
-                                                    blocks[hm, blk_lo + j + 1, 1], (j + 1) % stages, tid)
-                                tile_by_block(sacc, af, bf, smem, X_OFF, U_OFF + stg * BC * DP, w, lane)   # S = Q K^T
-                                tile_by_block(dpacc, af, bf, smem, Y_OFF, W_OFF + stg * BC * DP, w, lane)  # dP = dO V^T
+                                await_block(smem, k, v, b, hk, col0, sig, tid)
+                                flag_block(smem, bad, stg, words, nonfinite, j + 1, full, False, tid)  # K's block rows
+                                publish_block(smem, k, v, b, j + 1 < blk_hi - blk_lo, hk, blocks[hm, blk_lo + j + 1, 0],
+                                              blocks[hm, blk_lo + j + 1, 1], (j + 1) % stages, tid)
+                                block_products(sacc, dpacc, af, bf, smem, stg, w, lane)  # S = Q K^T, dP = dO V^T
                                 probabilities(sacc, dpacc, sg, lrow, drow, full, col0, sig, lane)
                                 as_operand(dsf, dpacc)
-                                T.ptx.ld.shared.b32(flag[0], T.address_of(bad[stg]))
-                                if flag[0] == j + 1:  # a masked-out K row may be non-finite: exact dS K
-                                    stage_operand(smem, DS_OFF, dsf, w, lane)
-                                    T.tvm_storage_sync("shared.dyn")
-                                    accumulate_exact(acc, smem, DS_OFF, U_OFF + stg * BC * DP, w, lane)
-                                else:
-                                    accumulate_tc(acc, dsf, bf, smem, U_OFF + stg * BC * DP, lane)  # dQ += dS K
-                            if direct:
-                                store_tile(dq, b, h, acc, scale, rows, w, lane, nrows)
-                            else:
-                                store_part(dq_part, tiles[hm, vt, 3], b, h, acc, scale, rows, w, lane, nrows)
+                                # dQ += dS K
+                                accumulate_block(acc, dsf, None, None, False, smem, bf, bad, flag, stg, j + 1, w, lane)
+                            store_result(dq, dq_part, tiles[hm, vt, 3], b, h, acc, scale, rows, w, lane, nrows)
 
     return _without(bwd_dq, ("dq_part",)) if direct else bwd_dq
 
@@ -490,12 +536,12 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
     parameters ``dk_part`` and ``dv_part`` (see the module docstring). The program walks (group
     head, block) pairs as one sequence, so ``stages=2`` prefetches across heads."""
     st = _steps(spec, plan_shape, warps, stages)
-    tile_row, member, acc_col = st.tile_row, st.member, st.acc_col
-    load_rows, fetch_block = st.load_rows, st.fetch_block
-    flag_nonfinite, cache_row_segments = st.flag_nonfinite, st.cache_row_segments
-    tile_by_block, as_operand, accumulate_tc = st.tile_by_block, st.as_operand, st.accumulate_tc
-    stage_operand, accumulate_exact, store_tile, store_part = (st.stage_operand, st.accumulate_exact, st.store_tile,
-                                                               st.store_part)
+    member, acc_col = st.member, st.acc_col
+    start_tile, load_tile, cache_row_segments, await_block = (st.start_tile, st.load_tile, st.cache_row_segments,
+                                                              st.await_block)
+    flag_block, publish_block, block_products, as_operand = (st.flag_block, st.publish_block, st.block_products,
+                                                             st.as_operand)
+    accumulate_block, store_result = st.accumulate_block, st.store_result
     B, H, KVH, G, N, D = spec.batch, spec.heads, spec.kv_heads, spec.group, spec.seq_len, spec.head_dim
     HM, S, dt = spec.mask_heads, spec.max_segments, spec.dtype
     if HM > 1 and G > 1:
@@ -503,8 +549,7 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
                          f"({HM} mask heads, groups of {G})")
     NT, NB, C = plan_shape.num_tiles, plan_shape.num_blocks, plan_shape.num_components
     direct = C <= 1
-    BR, BC, W, DP, DT, NTL, SMEM = st.BR, st.BC, st.W, st.DP, st.DT, st.NTL, st.SMEM
-    X_OFF, Y_OFF, U_OFF, W_OFF, P_OFF, DS_OFF = st.X_OFF, st.Y_OFF, st.U_OFF, st.W_OFF, st.P_OFF, st.DS_OFF
+    BC, W, DT, NTL, SMEM = st.BC, st.W, st.DT, st.NTL, st.SMEM
     c2, log2e, scale = T.float32(spec.scale * LOG2E), T.float32(LOG2E), T.float32(spec.scale)
 
     @T.macro
@@ -574,18 +619,9 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
                             blk_hi: T.let[T.int32] = ttiles[hm, vt, 5]
                             nblk: T.let[T.int32] = blk_hi - blk_lo
                             tid: T.let[T.int32] = w * 32 + lane
-                            for r in T.unroll(2):
-                                rows[r] = row0 + rstr * tile_row(w, lane, r)
-                            for i in T.unroll(DT * 4):
-                                acc_k[i] = T.float32(0)
-                                acc_v[i] = T.float32(0)
-                            if tid < stages:
-                                T.ptx.st.shared.b32(T.address_of(bad[tid]), 0)
-                            load_rows(smem, X_OFF, k, b, hk, row0, rstr, nrows, BR, tid)
-                            load_rows(smem, Y_OFF, v, b, hk, row0, rstr, nrows, BR, tid)
-                            if stages == 2:
-                                if nblk > 0:
-                                    fetch_block(smem, q, dout, b, hk * G, tblocks[hm, blk_lo, 0], tblocks[hm, blk_lo, 1], 0, tid)
+                            start_tile(rows, acc_k, acc_v, True, bad, row0, rstr, w, lane, tid)
+                            load_tile(smem, k, v, b, hk, row0, rstr, nrows, nblk > 0, q, dout, hk * G,
+                                      tblocks[hm, blk_lo, 0], tblocks[hm, blk_lo, 1], tid)
                             cache_row_segments(sg, rows, tseg_start, tseg_count, tseg_sigma, hm, w, lane, nrows)
                             T.tvm_storage_sync("shared.dyn")  # the flags' zeros come before any tag
                             # step t: query head hk * G + t // nblk of the group, block t % nblk
@@ -595,43 +631,20 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
                                 sig: T.let[T.int32] = tblocks[hm, blk_lo + t % nblk, 1]
                                 full: T.let[T.int32] = tblocks[hm, blk_lo + t % nblk, 2]
                                 stg: T.let[T.int32] = t % stages
-                                if stages == 1:
-                                    T.tvm_storage_sync("shared.dyn")  # the previous block is consumed
-                                    fetch_block(smem, q, dout, b, h, col0, sig, 0, tid)
-                                else:
-                                    T.evaluate(T.ptx["cp.async.wait_group"](0))  # step t landed (own copies)
-                                if full == 0:
-                                    flag_nonfinite(smem, U_OFF + stg * BC * DP, bad, stg, words, nonfinite, t + 1, BC, tid)
-                                    flag_nonfinite(smem, W_OFF + stg * BC * DP, bad, stg, words, nonfinite, t + 1, BC, tid)
-                                # everyone's copies of step t are in; stages == 2: step t - 1's
-                                # stage is free for step t + 1
-                                T.tvm_storage_sync("shared.dyn")
-                                if stages == 2:
-                                    if t + 1 < G * nblk:
-                                        fetch_block(smem, q, dout, b, hk * G + (t + 1) // nblk,
-                                                    tblocks[hm, blk_lo + (t + 1) % nblk, 0],
-                                                    tblocks[hm, blk_lo + (t + 1) % nblk, 1], (t + 1) % stages, tid)
-                                tile_by_block(sacc, af, bf, smem, X_OFF, U_OFF + stg * BC * DP, w, lane)   # S^T = K Q^T
-                                tile_by_block(dpacc, af, bf, smem, Y_OFF, W_OFF + stg * BC * DP, w, lane)  # dP^T = V dO^T
+                                await_block(smem, q, dout, b, h, col0, sig, tid)
+                                flag_block(smem, bad, stg, words, nonfinite, t + 1, full, True, tid)  # Q's and dO's rows
+                                publish_block(smem, q, dout, b, t + 1 < G * nblk, hk * G + (t + 1) // nblk,
+                                              tblocks[hm, blk_lo + (t + 1) % nblk, 0],
+                                              tblocks[hm, blk_lo + (t + 1) % nblk, 1], (t + 1) % stages, tid)
+                                block_products(sacc, dpacc, af, bf, smem, stg, w, lane)  # S^T = K Q^T, dP^T = V dO^T
                                 probabilities_t(sacc, dpacc, sg, lse, delta, b, h, full, col0, sig, lane)
                                 as_operand(pf, sacc)
                                 as_operand(dsf, dpacc)
-                                T.ptx.ld.shared.b32(flag[0], T.address_of(bad[stg]))
-                                if flag[0] == t + 1:  # exact products (a masked-out Q or dO row is non-finite)
-                                    stage_operand(smem, P_OFF, pf, w, lane)
-                                    stage_operand(smem, DS_OFF, dsf, w, lane)
-                                    T.tvm_storage_sync("shared.dyn")
-                                    accumulate_exact(acc_v, smem, P_OFF, W_OFF + stg * BC * DP, w, lane)
-                                    accumulate_exact(acc_k, smem, DS_OFF, U_OFF + stg * BC * DP, w, lane)
-                                else:
-                                    accumulate_tc(acc_v, pf, bf, smem, W_OFF + stg * BC * DP, lane)   # dV += P^T dO
-                                    accumulate_tc(acc_k, dsf, bf, smem, U_OFF + stg * BC * DP, lane)  # dK += dS^T Q
-                            if direct:
-                                store_tile(dk, b, hk, acc_k, scale, rows, w, lane, nrows)
-                                store_tile(dv, b, hk, acc_v, T.float32(1), rows, w, lane, nrows)
-                            else:
-                                store_part(dk_part, ttiles[hm, vt, 3], b, hk, acc_k, scale, rows, w, lane, nrows)
-                                store_part(dv_part, ttiles[hm, vt, 3], b, hk, acc_v, T.float32(1), rows, w, lane, nrows)
+                                accumulate_block(acc_k, dsf, acc_v, pf, True, smem, bf, bad, flag, stg, t + 1, w,
+                                                 lane)  # dK += dS^T Q, dV += P^T dO
+                            store_result(dk, dk_part, ttiles[hm, vt, 3], b, hk, acc_k, scale, rows, w, lane, nrows)
+                            store_result(dv, dv_part, ttiles[hm, vt, 3], b, hk, acc_v, T.float32(1), rows, w, lane,
+                                         nrows)
 
     return _without(bwd_dkdv, ("dk_part", "dv_part")) if direct else bwd_dkdv
 

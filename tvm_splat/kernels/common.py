@@ -1,7 +1,9 @@
-"""Pieces every attention kernel shares: constants and TIR expression builders.
+"""Pieces the attention kernels share: constants, TIR expression builders and steps.
 
-They are Python functions returning TIR expressions (called from inside TVMScript, like
-``T.if_then_else``), so a kernel body names a step instead of spelling out its arithmetic.
+The builders are Python functions returning TIR expressions (called from inside TVMScript,
+like ``T.if_then_else``), so a kernel body names a step instead of spelling out its
+arithmetic; the steps shared by the warp-level tensor-core kernels (forward and training) are
+``T.macro``\\ s made by a factory for the kernel's constants (:func:`row_segment_cache`).
 """
 from __future__ import annotations
 
@@ -70,3 +72,49 @@ def without_unused_kv_len(spec, func):
     if len(params) != len(func.params) - 1:
         raise ValueError(f"kernel {func.attrs['global_symbol']} has no {KV_LEN} parameter")
     return tvm.tirx.PrimFunc(params, func.body, func.ret_type, func.attrs)
+
+
+# ---------------------------------------------------------------------------- tensor-core tiles
+# Pieces of the warp-level kernels (kernels/tiled_mma.py, kernels/backward_mma.py), in which a
+# thread owns a few rows of a tile ("row slots") and caches their segments in registers.
+
+def nonfinite_halves(word, dtype):
+    """Non-zero exactly when one of the two 16-bit ``dtype`` (float16 / bfloat16) elements
+    packed in the uint32 ``word`` is NaN or inf: its exponent bits are all ones exactly when
+    adding one to its exponent carries into its sign bit (the result is those sign bits)."""
+    exp_bits, exp_carry = {"float16": (0x7C007C00, 0x04000400), "bfloat16": (0x7F807F80, 0x00800080)}[dtype]
+    return ((word & T.uint32(exp_bits)) + T.uint32(exp_carry)) & T.uint32(0x80008000)
+
+
+def cached_member(sg, row_slot, col, sig, max_segments):
+    """Whether ``col`` lies in one of the segments of the thread's row slot ``row_slot`` cached
+    in ``sg`` (by :func:`row_segment_cache`) whose step is the column block's ``sig``."""
+    S = max_segments
+    return any_of([segment_member(sg[(row_slot * S + s) * 3], sg[(row_slot * S + s) * 3 + 1], sig,
+                                  sg[(row_slot * S + s) * 3 + 2], col) for s in range(S)])
+
+
+def row_segment_cache(rows_per_thread, max_segments, tile_row):
+    """The step ``cache_row_segments(sg, rows, seg_start, seg_count, seg_sigma, hm, w, lane,
+    nrows)`` (a ``T.macro``) of a kernel whose threads own ``rows_per_thread`` row slots
+    (slot ``r``: tile row ``tile_row(w, lane, r)``, global row ``rows[r]``): for every slot and
+    segment ``s < max_segments`` of mask head ``hm``, ``sg[(r S + s) 3 + (0, 1, 2)]`` = (first
+    column, last column, step), step 0 for an empty segment or a slot past the tile's
+    ``nrows`` rows (int32 registers, ``3 rows_per_thread max_segments`` of them)."""
+    RS, S = rows_per_thread, max_segments
+
+    @T.macro
+    def cache_row_segments(sg, rows, seg_start, seg_count, seg_sigma, hm, w, lane, nrows):
+        # per thread row: (start, last, sigma) of every segment (sigma 0: none)
+        for r in T.unroll(RS):
+            for s in T.unroll(S):
+                if tile_row(w, lane, r) < nrows:
+                    sg[(r * S + s) * 3] = seg_start[hm, rows[r], s]
+                    sg[(r * S + s) * 3 + 1] = (seg_start[hm, rows[r], s]
+                                               + seg_sigma[hm, rows[r], s] * (seg_count[hm, rows[r], s] - 1))
+                    sg[(r * S + s) * 3 + 2] = T.if_then_else(seg_count[hm, rows[r], s] > 0, seg_sigma[hm, rows[r], s],
+                                                             0)
+                else:
+                    sg[(r * S + s) * 3 + 2] = 0
+
+    return cache_row_segments

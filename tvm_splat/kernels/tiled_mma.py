@@ -46,7 +46,8 @@ import math
 import tvm
 from tvm.script import tirx as T
 
-from .common import LOG2E, NEG_INIT, any_of, key_length, normalised, segment_member, without_unused_kv_len
+from .common import (LOG2E, NEG_INIT, cached_member, key_length, nonfinite_halves, normalised, row_segment_cache,
+                     without_unused_kv_len)
 from .spec import AttentionSpec
 from .tiled import full_block, partial_shapes, split_chunk, split_shapes
 
@@ -192,11 +193,6 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     neg_inf = T.min_value("float32")
     zero = T.Cast(dt, T.float32(0))
     full_mask = T.uint32(0xFFFFFFFF)
-    # two 16-bit elements per 32-bit word: an element is NaN or inf exactly when its exponent
-    # bits are all ones, i.e. when adding one to the exponent carries into its sign bit
-    EXP_BITS, EXP_CARRY = {"float16": (T.uint32(0x7C007C00), T.uint32(0x04000400)),
-                           "bfloat16": (T.uint32(0x7F807F80), T.uint32(0x00800080))}[dt]
-    SIGN_BITS = T.uint32(0x80008000)
 
     # -- index helpers (TIR expressions) --------------------------------------------------
     def chunk_row(it, tid):  # row of the it-th 16-byte chunk this thread copies
@@ -326,21 +322,12 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                 T.ptx.ld.shared.v4.b32(words[0], words[1], words[2], words[3], T.address_of(
                     smem[kv_elem(V_OFF, st, chunk_row(it, tid), chunk_col(it, tid))]))
                 for i in T.unroll(4):
-                    nonfinite[0] = nonfinite[0] | (((words[i] & EXP_BITS) + EXP_CARRY) & SIGN_BITS)
+                    nonfinite[0] = nonfinite[0] | nonfinite_halves(words[i], dt)
         if nonfinite[0] != T.uint32(0):
             T.ptx.st.shared.b32(T.address_of(vbad[st]), j + 1)
 
-    @T.macro
-    def cache_row_segments(sg, rows, seg_start, seg_count, seg_sigma, hm, w, lane, nrows):
-        # per thread row: (start, last, sigma) of every segment (sigma 0: none)
-        for r in T.unroll(RS):
-            for s in T.unroll(S):
-                if tile_row(w, lane, r) < nrows:
-                    sg[(r * S + s) * 3] = seg_start[hm, rows[r], s]
-                    sg[(r * S + s) * 3 + 1] = seg_start[hm, rows[r], s] + seg_sigma[hm, rows[r], s] * (seg_count[hm, rows[r], s] - 1)
-                    sg[(r * S + s) * 3 + 2] = T.if_then_else(seg_count[hm, rows[r], s] > 0, seg_sigma[hm, rows[r], s], 0)
-                else:
-                    sg[(r * S + s) * 3 + 2] = 0
+    # per thread row: (start, last, sigma) of every segment (sigma 0: none)
+    cache_row_segments = row_segment_cache(RS, S, tile_row)
 
     @T.macro
     def load_q_fragments(qf, smem, w, lane):
@@ -375,7 +362,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                         sacc[(mt * NTL + nt) * 4 + i] * scale,
                         T.if_then_else(
                             col0 + sig * (nt * 8 + lane % 4 * 2 + i % 2) < klen
-                            and _member(sg, mt * 2 + i // 2, col0 + sig * (nt * 8 + lane % 4 * 2 + i % 2), sig, S),
+                            and cached_member(sg, mt * 2 + i // 2, col0 + sig * (nt * 8 + lane % 4 * 2 + i % 2), sig, S),
                             sacc[(mt * NTL + nt) * 4 + i] * scale,
                             neg_inf))
 
@@ -751,10 +738,3 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     if with_lse and direct:
         return tiled
     return tvm.tirx.PrimFunc([p for p in tiled.params if p.name != "lse"], tiled.body, tiled.ret_type, tiled.attrs)
-
-
-def _member(sg, row_slot, col, sig, S):
-    """Whether ``col`` lies in one of the cached segments (``sg``) of the thread's row
-    ``row_slot`` whose step is the block's ``sig``."""
-    return any_of([segment_member(sg[(row_slot * S + s) * 3], sg[(row_slot * S + s) * 3 + 1], sig,
-                                  sg[(row_slot * S + s) * 3 + 2], col) for s in range(S)])
