@@ -104,14 +104,15 @@ def test_the_tuners_builder_builds_the_tma_program():
     from tvm_splat.compile import cuda_source, nvcc_compile
     from tvm_splat.planner import plan
     from tvm_splat.schedules.tiled import TiledKnobs, tiled_funcs
-    from tvm_splat.tuning.tiled import _program_name, program_choices
+    from tvm_splat.schedules.tiled import tiled_program_name
+    from tvm_splat.tuning.tiled import program_choices
     from tvm_splat.tuning.tune import build_kernel
 
     h100 = tvm.target.Target("nvidia/nvidia-h100")
     made = plan(Window(24), (1, 2, 200, 64), None, "float16", None, target=h100,
                 knobs=TiledKnobs(br=64, bc=64, use_tensor_cores=True))
     (tma,) = [g[0] for g in program_choices(made.knobs, made.spec, h100, unit_steps=True) if g[0].tma]
-    name = _program_name(tma, True)
+    name = tiled_program_name(tma, True)
     assert name.endswith("_s2_wg_tma")
     func = tiled_funcs(made.spec, made.tile_plan.shape, tma, h100)["tiled"].with_attr("global_symbol", name)
     src = cuda_source(build_kernel(tvm.IRModule({name: func}), h100))

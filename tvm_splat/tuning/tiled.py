@@ -100,10 +100,6 @@ def _has_wgmma(target) -> bool:
     return str(target.attrs.get("arch", "")) == "sm_90a"
 
 
-def _program_name(kn, mma) -> str:
-    return tiled_program_name(kn, mma)
-
-
 def _args_signature(args_info):
     """``(dtype, shape)`` of each argument, from MetaSchedule's ``(kind, dtype, shape)`` infos."""
     return tuple((str(dtype), tuple(int(x) for x in shape)) for _, dtype, shape in args_info)
@@ -173,7 +169,7 @@ def tune_tiled(workload: AttentionPlan, *, plans=None, root=None, console=None, 
                          scale=spec.scale, variant="tiled", knobs=base)
         unit_steps = bool((candidate.tile_plan.blocks[..., 1] <= 1).all())
         for choices in program_choices(base, spec, target, stages, unit_steps=unit_steps):
-            name = _program_name(choices[0], mma)
+            name = tiled_program_name(choices[0], mma)
             try:
                 func = tiled_funcs(spec, candidate.tile_plan.shape, choices[0], target)["tiled"]
             except ValueError as why:  # a program this spec cannot run (e.g. head_dim)
@@ -214,7 +210,7 @@ def tune_tiled(workload: AttentionPlan, *, plans=None, root=None, console=None, 
             continue
         us = run_us(rec.run_secs)
         kn = TiledKnobs.from_dict(knobs)
-        name = _program_name(kn, uses_mma(spec, kn, target))
+        name = tiled_program_name(kn, uses_mma(spec, kn, target))
         if name in tasks and us < records.get(name, (float("inf"),))[0]:
             records[name] = (us, knobs)
     for name, (us, _) in sorted(records.items()):
