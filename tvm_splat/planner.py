@@ -121,20 +121,21 @@ CPU_VARIANT = "separate"
 CPU_SCRATCH_BYTES = 1 << 30
 
 
-def default_knobs(spec: AttentionSpec, target, acsr: ACSR | None = None) -> TiledKnobs:
+def default_knobs(spec: AttentionSpec, target, acsr: ACSR | None = None, tma: bool = True) -> TiledKnobs:
     """The untuned tiled knobs of a workload: :func:`default_tiled_knobs`, told what the tile
     plan of its Hopper form looks like (when the ACSR is known): how many components it has
     (multi-component plans keep the mma form) and whether all its column blocks have step 1
-    (the TMA form's condition). Without the ACSR: the spec alone, never TMA."""
+    (the TMA form's condition; ``tma=False`` never takes that form). Without the ACSR: the spec
+    alone, never TMA."""
     knobs = default_tiled_knobs(spec, target)
     if acsr is None:
         return knobs
-    hopper = default_tiled_knobs(spec, target, unit_steps=True)
+    hopper = default_tiled_knobs(spec, target, unit_steps=tma)
     if not hopper.wgmma:
         return knobs
     tile_plan = tile_plan_of(acsr, hopper)
     components = tile_plan.shape.num_components
-    unit_steps = bool((tile_plan.blocks[..., 1] <= 1).all())
+    unit_steps = tma and bool((tile_plan.blocks[..., 1] <= 1).all())
     return default_tiled_knobs(spec, target, components, unit_steps)
 
 

@@ -49,7 +49,7 @@ from .kernels.backward_mma import part_shape
 from .kernels.spec import SPEC_DTYPES
 from .kernels.tiled import partial_shapes
 from .kernels.tiled_mma import MMA_TYPES
-from .planner import SEGMENTS, as_acsr
+from .planner import SEGMENTS, as_acsr, default_knobs
 from .schedules.backward_mma import default_backward_mma_knobs, tensor_core_training_refusal
 from .schedules.targets import as_target, is_gpu, target_key
 from .tensors import check_scale, is_aligned, is_torch, to_tvm
@@ -88,13 +88,12 @@ class TrainingPlan:
         if is_gpu(target) and spec.rows.dtype in MMA_TYPES and not tensor_cores:
             self.fallback_reason = "tensor_cores=False"
         elif is_gpu(target) and spec.rows.dtype in MMA_TYPES:
-            knobs = mma_knobs or default_backward_mma_knobs(spec, target)
-            fwd = _training_tile_plan(acsr, br=knobs.forward.br, bc=knobs.forward.bc)
-            if mma_knobs is None and knobs.forward.wgmma and fwd.shape.num_components > 1:
-                # as the forward planner does: several components keep the mma form
-                knobs = default_backward_mma_knobs(spec, target, fwd.shape.num_components)
-                fwd = _training_tile_plan(acsr, br=knobs.forward.br, bc=knobs.forward.bc)
-            plans = (fwd, _training_tile_plan(acsr, br=knobs.br, bc=knobs.dq_bc),
+            # the forward planner's rule (several components keep the mma form), without the
+            # TMA form: its lse output has not run on a GPU
+            knobs = mma_knobs or default_backward_mma_knobs(spec, target, default_knobs(spec.rows, target, acsr,
+                                                                                         tma=False))
+            plans = (_training_tile_plan(acsr, br=knobs.forward.br, bc=knobs.forward.bc),
+                     _training_tile_plan(acsr, br=knobs.br, bc=knobs.dq_bc),
                      _training_tile_plan(transposed, br=knobs.br, bc=knobs.dkdv_bc))
             self.fallback_reason = tensor_core_training_refusal(spec, target, knobs, plans)
             if self.fallback_reason is None:

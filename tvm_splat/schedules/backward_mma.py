@@ -68,11 +68,12 @@ class BackwardMmaKnobs:
     stages: int = 2
 
 
-def default_backward_mma_knobs(spec: BackwardSpec, target, num_components: int = 1) -> BackwardMmaKnobs:
-    """The knobs when nothing is tuned (see the module docstring); ``num_components``: of the
-    forward's tile plan (two or more keep the forward's mma form on Hopper, as
-    :func:`~tvm_splat.schedules.tiled.default_tiled_knobs` says why)."""
-    forward = dataclasses.replace(default_tiled_knobs(spec.rows, target, num_components), split_blocks=0)
+def default_backward_mma_knobs(spec: BackwardSpec, target, forward: TiledKnobs | None = None) -> BackwardMmaKnobs:
+    """The knobs when nothing is tuned (see the module docstring); ``forward``: the forward's
+    untuned knobs as the planner chose them from the tile plan
+    (:func:`tvm_splat.planner.default_knobs`, which :mod:`tvm_splat.training` passes; default:
+    :func:`~tvm_splat.schedules.tiled.default_tiled_knobs` of the spec alone), split-KV off."""
+    forward = dataclasses.replace(forward or default_tiled_knobs(spec.rows, target), split_blocks=0)
     bc = BACKWARD_BC if spec.rows.head_dim <= 64 else BACKWARD_BC_WIDE_HEADS
     return BackwardMmaKnobs(forward, dq_bc=bc, dkdv_bc=bc)
 
