@@ -114,6 +114,25 @@ def test_csr_rows_and_split_kv_are_refused_components_are_not():
     check_backward_mma_plan(components.shape, components.num_comp)  # accepted
 
 
+def test_training_refuses_the_tma_forward_and_says_why():
+    """The TMA form's lse output stopped on the H200 with 'misaligned address' (2026-12-01):
+    knobs that ask for it fall back to the CUDA-core kernels with the reason named, and the
+    default knobs never ask for it (the planner's rule, told tma=False)."""
+    import dataclasses
+
+    from tvm_splat.planner import default_knobs
+    from tvm_splat.training import plan_training
+
+    shape = (1, 4, 512, 128)
+    plan = plan_training(Window(64), shape, shape, "float16", "cuda", target=H100)
+    assert plan.kernels == "tensor-cores" and not plan.mma_knobs.forward.tma
+    assert default_knobs(plan.spec.rows, plan.target, plan.acsr).tma  # inference takes TMA here
+    tma = dataclasses.replace(plan.mma_knobs, forward=dataclasses.replace(
+        default_knobs(plan.spec.rows, plan.target, plan.acsr), split_blocks=0))
+    refused = plan_training(Window(64), shape, shape, "float16", "cuda", target=H100, mma_knobs=tma)
+    assert refused.kernels == "rows" and "misaligned address" in refused.fallback_reason
+
+
 def test_shapes_it_cannot_take_are_named():
     acsr = ACSR.from_pattern(Window(4), 64)
     spec = AttentionSpec.from_acsr(acsr, 1, 2, 64, "float16")
@@ -290,4 +309,10 @@ def test_training_plans_pick_and_build_the_tensor_core_kernels(name, mask, heads
     assert ("dq_part_ptr" in dq_body, "dq_ptr" in dq_body) == (several, not several)
     assert ("dk_part_ptr" in dkdv_body, "dk_ptr" in dkdv_body, "dv_ptr" in dkdv_body) == (several, not several,
                                                                                            not several)
+    # the mask test is per block (block ranges), not per score: no score's P reads the lse
+    # from global memory (bwd_dkdv brings each block's lse and delta into shared memory, by
+    # 4-byte cp.async in the block's group with two stages) and no exp2f sits in a branch
+    assert not any("lse_ptr" in line for line in dkdv_body.splitlines() if "exp2f" in line)
+    assert ("cp_async_ca" in dkdv_body) == (stages == 2) and "cp_async_ca" not in dq_body
+    assert "condval" not in "".join(line for line in dq_body.splitlines() if "exp2f" in line)
     assert len(nvcc_compile(src, target)) > 1000

@@ -11,7 +11,8 @@ swapped:
   ``dS = P (dP - delta)``, ``dQ += dS K`` (``ldmatrix.trans`` for K); ``dq = scale dQ``.
 * ``bwd_dkdv`` — a tile of keys over the column blocks (query rows) of the *transposed* mask's
   tile plan: ``S^T = K Q^T``, ``dP^T = V dO^T``, ``P^T``, ``dS^T`` with the lse and delta of
-  each block column (query row), ``dV += P^T dO``, ``dK += dS^T Q``; ``dk = scale dK``. GQA:
+  each block column (query row; brought into shared memory with the block, in its ``cp.async``
+  group), ``dV += P^T dO``, ``dK += dS^T Q``; ``dk = scale dK``. GQA:
   the program loops over the query heads of its KV head's group and sums inside (nothing
   repeated, no atomics); all heads of a group must share one mask head (one mask head, or no
   grouping).
@@ -27,10 +28,21 @@ barrier per block, the forward's two-stage scheme) or plain 16-byte loads (``sta
 barriers); accumulation in float32; P and dS are rounded to the input dtype as the A operands
 of the second products (as FlashAttention-2 does).
 
-Masked-out entries contribute exactly nothing: a PARTIAL block tests membership per score
-(range + residue against the row's cached segments, as the forward does) and *selects* P and
-dS to exactly 0, so a NaN or inf in a masked-out row of K, V, Q, dO, lse or delta never enters
-them. The products by the block operand (``dS K``; ``P^T dO`` and ``dS^T Q``) would still
+Masked-out entries contribute exactly nothing: once per block, each row slot turns its cached
+segments into ranges of block columns (:func:`_steps` ``block_ranges``: a segment of the
+block's step and residue holds the columns ``c`` between two exact quotients; a FULL block
+holds all), and every score's P and dS are computed, then *selected* to exactly 0 outside the
+ranges (``2 S`` integer compares per score, no branch), so a NaN or inf in a masked-out row of
+K, V, Q, dO, lse or delta never enters them.
+
+Measured reason (H200, fp16, ``benchmarks/results/h200_backward_knobs.json``): the first form
+tested membership per score against the segments (a residue ``%`` by the runtime step, in a
+branch per score) and read the lse and delta of ``bwd_dkdv`` from global memory per score.
+Issue slots were 11-23% busy, the instruction fetch stalled on the loop's code size, and the
+integer pipe was the busiest. With block ranges, staged statistics and ``bwd_dq``'s smaller
+shared memory (:func:`_shared_elems`) the backward of Longformer-base (window +-256, 4 global
+tokens, n=4096, 12 heads, d=64, batch 4) fell from 6.70 to 1.28 ms, and Mistral's (causal
+window 4096, n=8192, 32/8 heads, d=128) from 13.98 to 6.23 ms. The products by the block operand (``dS K``; ``P^T dO`` and ``dS^T Q``) would still
 multiply a zero by a non-finite masked-out row, so, as in the forward
 (:mod:`tvm_splat.kernels.tiled_mma`), every PARTIAL block checks whether those block rows are
 all finite (integer tests on the exponent bits of the chunks each thread loaded) and takes an
@@ -66,7 +78,7 @@ from types import SimpleNamespace
 import tvm
 from tvm.script import tirx as T
 
-from .common import LOG2E, cached_member, nonfinite_halves, row_segment_cache
+from .common import LOG2E, any_of, nonfinite_halves, row_segment_cache
 from .spec import AttentionSpec
 from .tiled_mma import MMA_TYPES, ROW_PAD, SHARED_BYTES_MAX
 
@@ -118,15 +130,19 @@ def _without(func, names):
     return tvm.tirx.PrimFunc([p for p in func.params if p.name not in names], func.body, func.ret_type, func.attrs)
 
 
-def _shared_elems(br, bc, d, stages):
-    """Elements of the shared buffer: two tile operands, two block operands per stage, P and dS
-    staging."""
+def _shared_elems(br, bc, d, stages, pair=True):
+    """Elements of the shared buffer: two tile operands, two block operands per stage, and the
+    exact path's staging of its A operands (``pair``, bwd_dkdv: P and dS; bwd_dq: dS alone).
+    bwd_dq at head_dim 128, bc=32, two stages: 73 KB, three thread blocks per SM on the H200's
+    228 KB (with P staged too it would be 78 KB, two)."""
     dp = d + ROW_PAD
-    return 2 * br * dp + 2 * stages * bc * dp + 2 * br * (bc + ROW_PAD)
+    return 2 * br * dp + 2 * stages * bc * dp + (2 if pair else 1) * br * (bc + ROW_PAD)
 
 
-def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int):
-    """The steps both kernels are made of, as a namespace of TIR helpers and ``T.macro``\\ s."""
+def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool = False):
+    """The steps both kernels are made of, as a namespace of TIR helpers and ``T.macro``\\ s;
+    ``dkdv`` (bwd_dkdv): a block brings its query rows' lse and delta into shared memory, and the
+    exact path stages P beside dS."""
     BR, BC, W = plan_shape.br, plan_shape.bc, warps
     check_backward_mma_shape(spec, BR, BC, W, stages)
     D, N, S, dt = spec.head_dim, spec.seq_len, spec.max_segments, spec.dtype
@@ -139,9 +155,9 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int):
     X_OFF, Y_OFF = 0, BR * DP  # tile operands (Q, dO | K, V)
     U_OFF = 2 * BR * DP  # block operands (K, V | Q, dO), ``stages`` of each
     W_OFF = U_OFF + stages * BC * DP
-    P_OFF = W_OFF + stages * BC * DP  # staging of the exact path: P, then dS
-    DS_OFF = P_OFF + BR * PP
-    SMEM = _shared_elems(BR, BC, D, stages)
+    P_OFF = W_OFF + stages * BC * DP  # staging of the exact path: P (dkdv only), then dS
+    DS_OFF = P_OFF + BR * PP if dkdv else P_OFF
+    SMEM = _shared_elems(BR, BC, D, stages, pair=dkdv)
     direct = plan_shape.num_components <= 1  # one component: dq, dk, dv written directly
     zero = T.Cast(dt, T.float32(0))
     full_mask = T.uint32(0xFFFFFFFF)
@@ -165,8 +181,27 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int):
         return T.ptx_legacy.mma("m16n8k16", "row", "col", ab, ab, "fp32", a.data, a_offset, b.data, b_offset,
                                 c.data, c_offset, False, dtype="float32")
 
-    def member(sg, r, col, sig):  # col lies on a cached segment of the thread's row slot r
-        return cached_member(sg, r, col, sig, S)
+    def in_block(rng, r, c):  # block column c lies in a range of the thread's row slot r
+        return any_of([T.And(c >= rng[(r * S + s) * 2], c <= rng[(r * S + s) * 2 + 1]) for s in range(S)])
+
+    @T.macro
+    def block_ranges(rng, sg, full, col0, sig):
+        # per row slot r and cached segment s: the block columns c (column col0 + sig c) the
+        # segment holds, [rng[2 (r S + s)], rng[2 (r S + s) + 1]] (empty: [1, 0]); on the block's
+        # step with its residue, both ends are exact quotients. A FULL block: all of [0, BC).
+        # Once per block, so a score's mask test is 2 S integer compares.
+        for r in T.unroll(2):
+            for s in T.unroll(S):
+                if full == 1:
+                    rng[(r * S + s) * 2] = T.if_then_else(s == 0, 0, 1)
+                    rng[(r * S + s) * 2 + 1] = T.if_then_else(s == 0, BC - 1, 0)
+                else:
+                    if T.And(sg[(r * S + s) * 3 + 2] == sig, T.truncmod(col0 - sg[(r * S + s) * 3], sig) == 0):
+                        rng[(r * S + s) * 2] = T.truncdiv(sg[(r * S + s) * 3] - col0, sig)
+                        rng[(r * S + s) * 2 + 1] = T.truncdiv(sg[(r * S + s) * 3 + 1] - col0, sig)
+                    else:
+                        rng[(r * S + s) * 2] = 1
+                        rng[(r * S + s) * 2 + 1] = 0
 
     @T.macro
     def load_rows(smem, base, src, b, h, first, stride, count, nrows_max, tid):
@@ -191,15 +226,48 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int):
                     16, T.Cast("uint32", T.if_then_else(chunk_row(it, tid) < count, 16, 0))))
 
     @T.macro
-    def fetch_block(smem, u_src, w_src, b, h, col0, sig, st, tid):
-        # a column block's two operands -> stage st: plain loads (stages == 1, the caller's
-        # barriers order them) or cp.async (stages == 2, committed as one group)
+    def fetch_stats(stats, lse, delta, b, h, col0, sig, st, tid):
+        # bwd_dkdv: the lse and delta of the block's BC query rows -> stage st of ``stats``
+        # (float32 [stages, 2, BC]; rows past the count zero), cp.async (4 bytes, in the block's
+        # group) with stages == 2, plain loads with stages == 1
+        for it in T.serial((BC + NTHR - 1) // NTHR):
+            if it * NTHR + tid < BC:
+                if stages == 1:
+                    stats[it * NTHR + tid] = T.if_then_else(
+                        it * NTHR + tid < T.min(BC, (N - 1 - col0) // sig + 1),
+                        lse[b, h, T.min(col0 + sig * (it * NTHR + tid), N - 1)], T.float32(0))
+                    stats[BC + it * NTHR + tid] = T.if_then_else(
+                        it * NTHR + tid < T.min(BC, (N - 1 - col0) // sig + 1),
+                        delta[b, h, T.min(col0 + sig * (it * NTHR + tid), N - 1)], T.float32(0))
+                else:
+                    T.evaluate(T.ptx["cp.async.ca.shared.global"](
+                        T.address_of(stats[st * 2 * BC + it * NTHR + tid]),
+                        lse.access_ptr("r", offset=(b * lse.shape[1] + h) * N + T.min(
+                            col0 + sig * (it * NTHR + tid), N - 1)),
+                        4, T.Cast("uint32", T.if_then_else(
+                            it * NTHR + tid < T.min(BC, (N - 1 - col0) // sig + 1), 4, 0))))
+                    T.evaluate(T.ptx["cp.async.ca.shared.global"](
+                        T.address_of(stats[st * 2 * BC + BC + it * NTHR + tid]),
+                        delta.access_ptr("r", offset=(b * delta.shape[1] + h) * N + T.min(
+                            col0 + sig * (it * NTHR + tid), N - 1)),
+                        4, T.Cast("uint32", T.if_then_else(
+                            it * NTHR + tid < T.min(BC, (N - 1 - col0) // sig + 1), 4, 0))))
+
+    @T.macro
+    def fetch_block(smem, u_src, w_src, b, h, col0, sig, st, tid, stats, lse, delta):
+        # a column block's two operands (and with dkdv: its rows' lse and delta) -> stage st:
+        # plain loads (stages == 1, the caller's barriers order them) or cp.async (stages == 2,
+        # committed as one group)
         if stages == 1:
             load_rows(smem, U_OFF, u_src, b, h, col0, sig, T.min(BC, (N - 1 - col0) // sig + 1), BC, tid)
             load_rows(smem, W_OFF, w_src, b, h, col0, sig, T.min(BC, (N - 1 - col0) // sig + 1), BC, tid)
+            if dkdv:
+                fetch_stats(stats, lse, delta, b, h, col0, sig, st, tid)
         else:
             issue_rows(smem, U_OFF + st * BC * DP, u_src, b, h, col0, sig, T.min(BC, (N - 1 - col0) // sig + 1), tid)
             issue_rows(smem, W_OFF + st * BC * DP, w_src, b, h, col0, sig, T.min(BC, (N - 1 - col0) // sig + 1), tid)
+            if dkdv:
+                fetch_stats(stats, lse, delta, b, h, col0, sig, st, tid)
             T.evaluate(T.ptx.cp.async_.commit_group())
 
     @T.macro
@@ -316,22 +384,23 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int):
             T.ptx.st.shared.b32(T.address_of(bad[tid]), 0)
 
     @T.macro
-    def load_tile(smem, x_src, y_src, b, h, row0, rstr, nrows, any_block, u_src, w_src, hb, col0, sig, tid):
+    def load_tile(smem, x_src, y_src, b, h, row0, rstr, nrows, any_block, u_src, w_src, hb, col0, sig, tid, stats,
+                  lse, delta):
         # the tile's two operands -> shared (plain loads); stages == 2: the first block's
         # cp.async goes out at once (``any_block``: the tile has one; head hb, at col0, sig)
         load_rows(smem, X_OFF, x_src, b, h, row0, rstr, nrows, BR, tid)
         load_rows(smem, Y_OFF, y_src, b, h, row0, rstr, nrows, BR, tid)
         if stages == 2:
             if any_block:
-                fetch_block(smem, u_src, w_src, b, hb, col0, sig, 0, tid)
+                fetch_block(smem, u_src, w_src, b, hb, col0, sig, 0, tid, stats, lse, delta)
 
     @T.macro
-    def await_block(smem, u_src, w_src, b, h, col0, sig, tid):
+    def await_block(smem, u_src, w_src, b, h, col0, sig, tid, stats, lse, delta):
         # this thread's copies of the block are in: stages == 1 loads it now (after a barrier:
         # the previous block is consumed), stages == 2 waits for its cp.async group
         if stages == 1:
             T.tvm_storage_sync("shared.dyn")
-            fetch_block(smem, u_src, w_src, b, h, col0, sig, 0, tid)
+            fetch_block(smem, u_src, w_src, b, h, col0, sig, 0, tid, stats, lse, delta)
         else:
             T.evaluate(T.ptx["cp.async.wait_group"](0))
 
@@ -345,17 +414,20 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int):
                 flag_nonfinite(smem, W_OFF + stg * BC * DP, bad, stg, words, nonfinite, tag, BC, tid)
 
     @T.macro
-    def publish_block(smem, u_src, w_src, b, has_next, h_next, col0_next, sig_next, stg_next, tid):
+    def publish_block(smem, u_src, w_src, b, has_next, h_next, col0_next, sig_next, stg_next, tid, stats, lse,
+                      delta):
         # everyone's copies (and flags) of the block are in; stages == 2: the previous block's
         # stage is free, the next block's cp.async goes out into it
         T.tvm_storage_sync("shared.dyn")
         if stages == 2:
             if has_next:
-                fetch_block(smem, u_src, w_src, b, h_next, col0_next, sig_next, stg_next, tid)
+                fetch_block(smem, u_src, w_src, b, h_next, col0_next, sig_next, stg_next, tid, stats, lse, delta)
 
     @T.macro
     def block_products(sacc, dpacc, af, bf, smem, stg, w, lane):
-        # S = X U^T and dP = Y W^T of the block in stage stg
+        # S = X U^T and dP = Y W^T of the block in stage stg (one product after the other: both
+        # interleaved by k-step, twice the independent accumulator tiles, was no faster on the
+        # H200, 2.55 vs 2.45 ms for bwd_dq on the Mistral shape)
         tile_by_block(sacc, af, bf, smem, X_OFF, U_OFF + stg * BC * DP, w, lane)
         tile_by_block(dpacc, af, bf, smem, Y_OFF, W_OFF + stg * BC * DP, w, lane)
 
@@ -387,7 +459,8 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int):
 
     return SimpleNamespace(
         BR=BR, BC=BC, W=W, D=D, DP=DP, DT=DT, NTL=NTL, SMEM=SMEM, X_OFF=X_OFF, Y_OFF=Y_OFF, U_OFF=U_OFF, W_OFF=W_OFF,
-        P_OFF=P_OFF, DS_OFF=DS_OFF, tile_row=tile_row, acc_col=acc_col, member=member, load_rows=load_rows,
+        P_OFF=P_OFF, DS_OFF=DS_OFF, tile_row=tile_row, acc_col=acc_col, in_block=in_block,
+        block_ranges=block_ranges, load_rows=load_rows,
         fetch_block=fetch_block,
         flag_nonfinite=flag_nonfinite, cache_row_segments=cache_row_segments, tile_by_block=tile_by_block,
         as_operand=as_operand, accumulate_tc=accumulate_tc, stage_operand=stage_operand,
@@ -404,7 +477,8 @@ def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages
     double-buffered, fetched with ``cp.async`` one block ahead (one barrier per block, as the
     forward's two-stage form); ``stages=1``: plain loads, two."""
     st = _steps(spec, plan_shape, warps, stages)
-    tile_row, member, acc_col, full_row_sum = st.tile_row, st.member, st.acc_col, st.full_row_sum
+    tile_row, in_block, acc_col, full_row_sum = st.tile_row, st.in_block, st.acc_col, st.full_row_sum
+    block_ranges = st.block_ranges
     start_tile, load_tile, cache_row_segments, await_block = (st.start_tile, st.load_tile, st.cache_row_segments,
                                                               st.await_block)
     flag_block, publish_block, block_products, as_operand = (st.flag_block, st.publish_block, st.block_products,
@@ -439,17 +513,18 @@ def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages
                         delta[b, h, rows[r]] = drow[r]
 
     @T.macro
-    def probabilities(sacc, dpacc, sg, lrow, drow, full, col0, sig, lane):
-        # P = 2^(S scale log2e - lse log2e) and dS = P (dP - delta), both selected to exactly 0
-        # where the mask is off (PARTIAL blocks: range + residue test against the row's segments)
+    def probabilities(sacc, dpacc, rng, lrow, drow, lane):
+        # P = 2^(S scale log2e - lse log2e) and dS = P (dP - delta), then both selected to
+        # exactly 0 where the mask is off (the block's ranges, block_ranges): computed for every
+        # score and selected after, so the code has no branch per score
         for nt in T.unroll(NTL):
             for i in T.unroll(4):
-                sacc[nt * 4 + i] = T.if_then_else(
-                    T.Or(full == 1, member(sg, i // 2, col0 + sig * acc_col(nt, lane, i), sig)),
-                    T.exp2(sacc[nt * 4 + i] * c2 - lrow[i // 2]), T.float32(0))
-                dpacc[nt * 4 + i] = T.if_then_else(
-                    T.Or(full == 1, member(sg, i // 2, col0 + sig * acc_col(nt, lane, i), sig)),
-                    sacc[nt * 4 + i] * (dpacc[nt * 4 + i] - drow[i // 2]), T.float32(0))
+                sacc[nt * 4 + i] = T.exp2(sacc[nt * 4 + i] * c2 - lrow[i // 2])
+                dpacc[nt * 4 + i] = sacc[nt * 4 + i] * (dpacc[nt * 4 + i] - drow[i // 2])
+                sacc[nt * 4 + i] = T.Select(in_block(rng, i // 2, acc_col(nt, lane, i)), sacc[nt * 4 + i],
+                                            T.float32(0))
+                dpacc[nt * 4 + i] = T.Select(in_block(rng, i // 2, acc_col(nt, lane, i)), dpacc[nt * 4 + i],
+                                             T.float32(0))
 
     @T.prim_func(s_tir=True)
     def bwd_dq(
@@ -490,6 +565,7 @@ def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages
                             lrow = T.sblock_alloc_buffer((2,), "float32", scope="local")
                             drow = T.sblock_alloc_buffer((2,), "float32", scope="local")
                             sg = T.sblock_alloc_buffer((2 * S * 3,), "int32", scope="local")
+                            rng = T.sblock_alloc_buffer((2 * S * 2,), "int32", scope="local")
                             nonfinite = T.sblock_alloc_buffer((1,), "uint32", scope="local")
                             words = T.sblock_alloc_buffer((4,), "uint32", scope="local")
                             flag = T.sblock_alloc_buffer((1,), "int32", scope="local")
@@ -505,7 +581,7 @@ def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages
                             tid: T.let[T.int32] = w * 32 + lane
                             start_tile(rows, acc, None, False, bad, row0, rstr, w, lane, tid)
                             load_tile(smem, q, dout, b, h, row0, rstr, nrows, blk_hi > blk_lo, k, v, hk,
-                                      blocks[hm, blk_lo, 0], blocks[hm, blk_lo, 1], tid)
+                                      blocks[hm, blk_lo, 0], blocks[hm, blk_lo, 1], tid, None, None, None)
                             cache_row_segments(sg, rows, seg_start, seg_count, seg_sigma, hm, w, lane, nrows)
                             row_stats(lrow, drow, dout, out, lse, dlse, delta, rows, b, h, w, lane, nrows,
                                       True if direct else tiles[hm, vt, 3] == 0)
@@ -515,12 +591,13 @@ def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages
                                 sig: T.let[T.int32] = blocks[hm, blk_lo + j, 1]
                                 full: T.let[T.int32] = blocks[hm, blk_lo + j, 2]
                                 stg: T.let[T.int32] = j % stages
-                                await_block(smem, k, v, b, hk, col0, sig, tid)
+                                await_block(smem, k, v, b, hk, col0, sig, tid, None, None, None)
                                 flag_block(smem, bad, stg, words, nonfinite, j + 1, full, False, tid)  # K's block rows
                                 publish_block(smem, k, v, b, j + 1 < blk_hi - blk_lo, hk, blocks[hm, blk_lo + j + 1, 0],
-                                              blocks[hm, blk_lo + j + 1, 1], (j + 1) % stages, tid)
+                                              blocks[hm, blk_lo + j + 1, 1], (j + 1) % stages, tid, None, None, None)
+                                block_ranges(rng, sg, full, col0, sig)
                                 block_products(sacc, dpacc, af, bf, smem, stg, w, lane)  # S = Q K^T, dP = dO V^T
-                                probabilities(sacc, dpacc, sg, lrow, drow, full, col0, sig, lane)
+                                probabilities(sacc, dpacc, rng, lrow, drow, lane)
                                 as_operand(dsf, dpacc)
                                 # dQ += dS K
                                 accumulate_block(acc, dsf, None, None, False, smem, bf, bad, flag, stg, j + 1, w, lane)
@@ -535,8 +612,8 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
     over the query heads of the KV head's group, or with ``C > 1`` components the last
     parameters ``dk_part`` and ``dv_part`` (see the module docstring). The program walks (group
     head, block) pairs as one sequence, so ``stages=2`` prefetches across heads."""
-    st = _steps(spec, plan_shape, warps, stages)
-    member, acc_col = st.member, st.acc_col
+    st = _steps(spec, plan_shape, warps, stages, dkdv=True)
+    in_block, block_ranges, acc_col = st.in_block, st.block_ranges, st.acc_col
     start_tile, load_tile, cache_row_segments, await_block = (st.start_tile, st.load_tile, st.cache_row_segments,
                                                               st.await_block)
     flag_block, publish_block, block_products, as_operand = (st.flag_block, st.publish_block, st.block_products,
@@ -553,19 +630,18 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
     c2, log2e, scale = T.float32(spec.scale * LOG2E), T.float32(LOG2E), T.float32(spec.scale)
 
     @T.macro
-    def probabilities_t(sacc, dpacc, sg, lse, delta, b, h, full, col0, sig, lane):
-        # P^T and dS^T with the lse and delta of each block column (query row), selected to
-        # exactly 0 where the mask is off
+    def probabilities_t(sacc, dpacc, rng, stats, stg, lane):
+        # P^T and dS^T with the lse and delta of each block column (query row, staged in stage
+        # stg of ``stats``), then selected to exactly 0 where the mask is off (as bwd_dq does)
         for nt in T.unroll(NTL):
             for i in T.unroll(4):
-                sacc[nt * 4 + i] = T.if_then_else(
-                    T.Or(full == 1, member(sg, i // 2, col0 + sig * acc_col(nt, lane, i), sig)),
-                    T.exp2(sacc[nt * 4 + i] * c2 - lse[b, h, T.min(col0 + sig * acc_col(nt, lane, i), N - 1)] * log2e),
-                    T.float32(0))
-                dpacc[nt * 4 + i] = T.if_then_else(
-                    T.Or(full == 1, member(sg, i // 2, col0 + sig * acc_col(nt, lane, i), sig)),
-                    sacc[nt * 4 + i] * (dpacc[nt * 4 + i] - delta[b, h, T.min(col0 + sig * acc_col(nt, lane, i), N - 1)]),
-                    T.float32(0))
+                sacc[nt * 4 + i] = T.exp2(sacc[nt * 4 + i] * c2 - stats[stg * 2 * BC + acc_col(nt, lane, i)] * log2e)
+                dpacc[nt * 4 + i] = sacc[nt * 4 + i] * (dpacc[nt * 4 + i]
+                                                        - stats[stg * 2 * BC + BC + acc_col(nt, lane, i)])
+                sacc[nt * 4 + i] = T.Select(in_block(rng, i // 2, acc_col(nt, lane, i)), sacc[nt * 4 + i],
+                                            T.float32(0))
+                dpacc[nt * 4 + i] = T.Select(in_block(rng, i // 2, acc_col(nt, lane, i)), dpacc[nt * 4 + i],
+                                             T.float32(0))
 
     @T.prim_func(s_tir=True)
     def bwd_dkdv(
@@ -606,6 +682,9 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
                             acc_v = T.sblock_alloc_buffer((DT * 4,), "float32", scope="local")
                             rows = T.sblock_alloc_buffer((2,), "int32", scope="local")
                             sg = T.sblock_alloc_buffer((2 * S * 3,), "int32", scope="local")
+                            rng = T.sblock_alloc_buffer((2 * S * 2,), "int32", scope="local")
+                            # per stage: the lse, then the delta, of the block's query rows
+                            stats = T.sblock_alloc_buffer((stages * 2 * BC,), "float32", scope="shared")
                             nonfinite = T.sblock_alloc_buffer((1,), "uint32", scope="local")
                             words = T.sblock_alloc_buffer((4,), "uint32", scope="local")
                             flag = T.sblock_alloc_buffer((1,), "int32", scope="local")
@@ -621,7 +700,7 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
                             tid: T.let[T.int32] = w * 32 + lane
                             start_tile(rows, acc_k, acc_v, True, bad, row0, rstr, w, lane, tid)
                             load_tile(smem, k, v, b, hk, row0, rstr, nrows, nblk > 0, q, dout, hk * G,
-                                      tblocks[hm, blk_lo, 0], tblocks[hm, blk_lo, 1], tid)
+                                      tblocks[hm, blk_lo, 0], tblocks[hm, blk_lo, 1], tid, stats, lse, delta)
                             cache_row_segments(sg, rows, tseg_start, tseg_count, tseg_sigma, hm, w, lane, nrows)
                             T.tvm_storage_sync("shared.dyn")  # the flags' zeros come before any tag
                             # step t: query head hk * G + t // nblk of the group, block t % nblk
@@ -631,13 +710,15 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
                                 sig: T.let[T.int32] = tblocks[hm, blk_lo + t % nblk, 1]
                                 full: T.let[T.int32] = tblocks[hm, blk_lo + t % nblk, 2]
                                 stg: T.let[T.int32] = t % stages
-                                await_block(smem, q, dout, b, h, col0, sig, tid)
+                                await_block(smem, q, dout, b, h, col0, sig, tid, stats, lse, delta)
                                 flag_block(smem, bad, stg, words, nonfinite, t + 1, full, True, tid)  # Q's and dO's rows
                                 publish_block(smem, q, dout, b, t + 1 < G * nblk, hk * G + (t + 1) // nblk,
                                               tblocks[hm, blk_lo + (t + 1) % nblk, 0],
-                                              tblocks[hm, blk_lo + (t + 1) % nblk, 1], (t + 1) % stages, tid)
+                                              tblocks[hm, blk_lo + (t + 1) % nblk, 1], (t + 1) % stages, tid, stats,
+                                              lse, delta)
+                                block_ranges(rng, sg, full, col0, sig)
                                 block_products(sacc, dpacc, af, bf, smem, stg, w, lane)  # S^T = K Q^T, dP^T = V dO^T
-                                probabilities_t(sacc, dpacc, sg, lse, delta, b, h, full, col0, sig, lane)
+                                probabilities_t(sacc, dpacc, rng, stats, stg, lane)
                                 as_operand(pf, sacc)
                                 as_operand(dsf, dpacc)
                                 accumulate_block(acc_k, dsf, acc_v, pf, True, smem, bf, bad, flag, stg, t + 1, w,

@@ -39,14 +39,21 @@ from .tiled import TiledKnobs, bind_flat_gpu, default_tiled_knobs
 __all__ = ["BackwardMmaKnobs", "default_backward_mma_knobs", "tensor_core_training_refusal", "backward_mma_funcs",
            "BACKWARD_BR", "BACKWARD_BC"]
 
-#: rows per tile of both backward kernels (4 warps x 16 rows)
+#: rows per tile of both backward kernels (4 warps x 16 rows). Measured on the H200 (fp16,
+#: ``benchmarks/results/h200_backward_knobs.json``, the per-score membership form of the kernels):
+#: 8 warps (128 rows) were 1.2-1.5x slower (Mistral backward 16.4 vs 14.0 ms, Longformer 9.9 vs
+#: 6.7), 2 warps 1.3x slower (Longformer).
 BACKWARD_BR = 64
 #: columns per block of both backward kernels up to head_dim 64, and ``BACKWARD_BC_WIDE_HEADS``
 #: above. At head_dim 128 with 64-column blocks ``bwd_dkdv`` (two float32 accumulators, dK and
-#: dV, beside two score tiles) needs 255 registers and spills (ptxas for sm_90a: 8 bytes; 243 and
-#: none at bc=32; d=64, bc=64: 239 and none), and ``bwd_dq`` with two K/V stages needs 120 KB of
-#: shared memory, one thread block per SM on the H200's 228 KB (78 KB at bc=32: two; registers,
-#: 168 per thread, allow three). Untuned: no GPU measurement yet.
+#: dV, beside two score tiles) needs 255 registers and spills (ptxas for sm_90a: 8 bytes; 244 and
+#: none at bc=32; d=64, bc=64: 241 and none), and ``bwd_dq`` with two K/V stages needs 111 KB of
+#: shared memory, one thread block per SM on the H200's 228 KB (73 KB at bc=32: three;
+#: registers, 165 per thread, allow three). Measured (H200, fp16, block-range forms): d=64,
+#: bc=32 was 1-6% faster than 64 (Longformer backward 1.26 vs 1.28 ms, causal strided 0.34 vs
+#: 0.37; kept at 64 until bc=32 at d=64 is checked against float64 on the GPU);
+#: d=128, bc=16 1.3x slower than 32 (Mistral 8.29 vs 6.58 ms; bc=64 for bwd_dq alone, in the
+#: earlier form: 2.3x slower, 8.70 vs 3.81 ms).
 BACKWARD_BC = 64
 BACKWARD_BC_WIDE_HEADS = 32
 
@@ -57,8 +64,9 @@ class BackwardMmaKnobs:
     ``dq_bc`` and ``dkdv_bc`` (column blocks of the two backward kernels), ``br`` and ``warps``
     (rows per tile of both backward kernels, ``br == 16 * warps``), ``stages`` (block operands
     of the backward kernels: 2 = double-buffered, ``cp.async`` one block ahead, as the forward's
-    two-stage form; 1 = plain loads, one more barrier per block). ``stages=2`` is the default
-    by analogy with the forward (17-18% faster there on large grids, H100), not measured here."""
+    two-stage form; 1 = plain loads, one more barrier per block). ``stages=2`` is the default:
+    one stage was 1.06x (Longformer-base, batch 4) and 1.15x (Mistral, n=8192) slower on the
+    H200 (``benchmarks/results/h200_backward_knobs.json``)."""
 
     forward: TiledKnobs
     br: int = BACKWARD_BR
@@ -89,6 +97,9 @@ def tensor_core_training_refusal(spec: BackwardSpec, target, knobs: BackwardMmaK
     if rows.mask_heads > 1 and rows.group > 1:
         return (f"per-head masks ({rows.mask_heads} mask heads) with grouped KV heads (groups of "
                 f"{rows.group}): a dK/dV program sums over a group that must share one mask head")
+    if knobs.forward.tma:
+        return ("the TMA forward with its lse output stops on the H200 with 'misaligned address' "
+                "(tests/gpu/test_backward.py, 2026-12-01); training takes tma=False")
     try:
         f = knobs.forward
         check_mma_shape(rows, f.br, f.bc, f.warps, f.m_tiles)
