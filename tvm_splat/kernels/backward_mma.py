@@ -29,11 +29,11 @@ barriers); accumulation in float32; P and dS are rounded to the input dtype as t
 of the second products (as FlashAttention-2 does).
 
 Masked-out entries contribute exactly nothing: once per block, each row slot turns its cached
-segments into ranges of block columns (:func:`_steps` ``block_ranges``: a segment of the
-block's step and residue holds the columns ``c`` between two exact quotients; a FULL block
-holds all), and every score's P and dS are computed, then *selected* to exactly 0 outside the
-ranges (``2 S`` integer compares per score, no branch), so a NaN or inf in a masked-out row of
-K, V, Q, dO, lse or delta never enters them.
+segments into ranges of block columns (:func:`~tvm_splat.kernels.common.block_range_cache`: a
+segment of the block's step and residue holds the columns ``c`` between two exact quotients; a
+FULL block holds all), and every score's P and dS are computed, then *selected* to exactly 0
+outside the ranges (``2 S`` integer compares per score, no branch), so a NaN or inf in a
+masked-out row of K, V, Q, dO, lse or delta never enters them.
 
 Measured reason (H200, fp16, ``benchmarks/results/h200_backward_knobs.json``): the first form
 tested membership per score against the segments (a residue ``%`` by the runtime step, in a
@@ -78,7 +78,7 @@ from types import SimpleNamespace
 import tvm
 from tvm.script import tirx as T
 
-from .common import LOG2E, any_of, nonfinite_halves, row_segment_cache
+from .common import LOG2E, block_range_cache, nonfinite_halves, row_segment_cache
 from .spec import AttentionSpec
 from .tiled_mma import MMA_TYPES, ROW_PAD, SHARED_BYTES_MAX
 
@@ -181,27 +181,8 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
         return T.ptx_legacy.mma("m16n8k16", "row", "col", ab, ab, "fp32", a.data, a_offset, b.data, b_offset,
                                 c.data, c_offset, False, dtype="float32")
 
-    def in_block(rng, r, c):  # block column c lies in a range of the thread's row slot r
-        return any_of([T.And(c >= rng[(r * S + s) * 2], c <= rng[(r * S + s) * 2 + 1]) for s in range(S)])
-
-    @T.macro
-    def block_ranges(rng, sg, full, col0, sig):
-        # per row slot r and cached segment s: the block columns c (column col0 + sig c) the
-        # segment holds, [rng[2 (r S + s)], rng[2 (r S + s) + 1]] (empty: [1, 0]); on the block's
-        # step with its residue, both ends are exact quotients. A FULL block: all of [0, BC).
-        # Once per block, so a score's mask test is 2 S integer compares.
-        for r in T.unroll(2):
-            for s in T.unroll(S):
-                if full == 1:
-                    rng[(r * S + s) * 2] = T.if_then_else(s == 0, 0, 1)
-                    rng[(r * S + s) * 2 + 1] = T.if_then_else(s == 0, BC - 1, 0)
-                else:
-                    if T.And(sg[(r * S + s) * 3 + 2] == sig, T.truncmod(col0 - sg[(r * S + s) * 3], sig) == 0):
-                        rng[(r * S + s) * 2] = T.truncdiv(sg[(r * S + s) * 3] - col0, sig)
-                        rng[(r * S + s) * 2 + 1] = T.truncdiv(sg[(r * S + s) * 3 + 1] - col0, sig)
-                    else:
-                        rng[(r * S + s) * 2] = 1
-                        rng[(r * S + s) * 2 + 1] = 0
+    # per block, per row slot and segment: the block columns it holds (the mask test of a score)
+    block_ranges, in_block = block_range_cache(2, S, BC)
 
     @T.macro
     def load_rows(smem, base, src, b, h, first, stride, count, nrows_max, tid):
@@ -595,7 +576,7 @@ def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages
                                 flag_block(smem, bad, stg, words, nonfinite, j + 1, full, False, tid)  # K's block rows
                                 publish_block(smem, k, v, b, j + 1 < blk_hi - blk_lo, hk, blocks[hm, blk_lo + j + 1, 0],
                                               blocks[hm, blk_lo + j + 1, 1], (j + 1) % stages, tid, None, None, None)
-                                block_ranges(rng, sg, full, col0, sig)
+                                block_ranges(rng, sg, full, col0, sig, None)
                                 block_products(sacc, dpacc, af, bf, smem, stg, w, lane)  # S = Q K^T, dP = dO V^T
                                 probabilities(sacc, dpacc, rng, lrow, drow, lane)
                                 as_operand(dsf, dpacc)
@@ -716,7 +697,7 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
                                               tblocks[hm, blk_lo + (t + 1) % nblk, 0],
                                               tblocks[hm, blk_lo + (t + 1) % nblk, 1], (t + 1) % stages, tid, stats,
                                               lse, delta)
-                                block_ranges(rng, sg, full, col0, sig)
+                                block_ranges(rng, sg, full, col0, sig, None)
                                 block_products(sacc, dpacc, af, bf, smem, stg, w, lane)  # S^T = K Q^T, dP^T = V dO^T
                                 probabilities_t(sacc, dpacc, rng, stats, stg, lane)
                                 as_operand(pf, sacc)

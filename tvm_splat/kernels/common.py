@@ -118,3 +118,45 @@ def row_segment_cache(rows_per_thread, max_segments, tile_row):
                     sg[(r * S + s) * 3 + 2] = 0
 
     return cache_row_segments
+
+
+def block_range_cache(rows_per_thread, max_segments, bc):
+    """``(block_ranges, in_block)`` of a kernel whose threads own ``rows_per_thread`` row slots
+    with segments cached by :func:`row_segment_cache`, over column blocks of ``bc`` columns
+    ``col0 + sig c`` (``0 <= c < bc``):
+
+    * ``block_ranges(rng, sg, full, col0, sig, c_last)`` (a ``T.macro``, once per block): for
+      every slot ``r`` and segment ``s``, the block columns the segment holds, ``rng[2 (r S + s)]
+      .. rng[2 (r S + s) + 1]`` (int32 registers, ``2 rows_per_thread max_segments`` of them;
+      empty: ``1 .. 0``). A segment of the block's step and residue holds the columns between two
+      exact quotients; a FULL block (``full == 1``) holds all of them, in the first range.
+      ``c_last``: None, or the last block column that may be attended (key lengths), which then
+      caps every range.
+    * ``in_block(rng, r, c)``: whether block column ``c`` lies in a range of slot ``r``: ``2 S``
+      integer compares, where a test against the segments themselves needs a residue by the
+      runtime step per score (measured in the training kernels,
+      :mod:`tvm_splat.kernels.backward_mma`)."""
+    RS, S, BC = rows_per_thread, max_segments, bc
+
+    def in_block(rng, r, c):
+        return any_of([T.And(c >= rng[(r * S + s) * 2], c <= rng[(r * S + s) * 2 + 1]) for s in range(S)])
+
+    def capped(hi, c_last):
+        return hi if c_last is None else T.min(hi, c_last)
+
+    @T.macro
+    def block_ranges(rng, sg, full, col0, sig, c_last):
+        for r in T.unroll(RS):
+            for s in T.unroll(S):
+                if full == 1:
+                    rng[(r * S + s) * 2] = T.if_then_else(s == 0, 0, 1)
+                    rng[(r * S + s) * 2 + 1] = T.if_then_else(s == 0, capped(BC - 1, c_last), 0)
+                else:
+                    if T.And(sg[(r * S + s) * 3 + 2] == sig, T.truncmod(col0 - sg[(r * S + s) * 3], sig) == 0):
+                        rng[(r * S + s) * 2] = T.truncdiv(sg[(r * S + s) * 3] - col0, sig)
+                        rng[(r * S + s) * 2 + 1] = capped(T.truncdiv(sg[(r * S + s) * 3 + 1] - col0, sig), c_last)
+                    else:
+                        rng[(r * S + s) * 2] = 1
+                        rng[(r * S + s) * 2 + 1] = 0
+
+    return block_ranges, in_block
