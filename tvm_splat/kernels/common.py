@@ -86,14 +86,6 @@ def nonfinite_halves(word, dtype):
     return ((word & T.uint32(exp_bits)) + T.uint32(exp_carry)) & T.uint32(0x80008000)
 
 
-def cached_member(sg, row_slot, col, sig, max_segments):
-    """Whether ``col`` lies in one of the segments of the thread's row slot ``row_slot`` cached
-    in ``sg`` (by :func:`row_segment_cache`) whose step is the column block's ``sig``."""
-    S = max_segments
-    return any_of([segment_member(sg[(row_slot * S + s) * 3], sg[(row_slot * S + s) * 3 + 1], sig,
-                                  sg[(row_slot * S + s) * 3 + 2], col) for s in range(S)])
-
-
 def row_segment_cache(rows_per_thread, max_segments, tile_row):
     """The step ``cache_row_segments(sg, rows, seg_start, seg_count, seg_sigma, hm, w, lane,
     nrows)`` (a ``T.macro``) of a kernel whose threads own ``rows_per_thread`` row slots

@@ -46,10 +46,10 @@ import math
 import tvm
 from tvm.script import tirx as T
 
-from .common import (LOG2E, NEG_INIT, cached_member, key_length, nonfinite_halves, normalised, row_segment_cache,
-                     without_unused_kv_len)
+from .common import (LOG2E, NEG_INIT, block_range_cache, key_length, nonfinite_halves, normalised,
+                     row_segment_cache, without_unused_kv_len)
 from .spec import AttentionSpec
-from .tiled import full_block, partial_shapes, split_chunk, split_shapes
+from .tiled import partial_shapes, split_chunk, split_shapes
 
 #: extra elements per shared-memory row (16 bytes): row strides of 144/272 bytes put the 8
 #: rows one ``ldmatrix`` phase reads in 8 different 4-bank groups
@@ -328,6 +328,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
 
     # per thread row: (start, last, sigma) of every segment (sigma 0: none)
     cache_row_segments = row_segment_cache(RS, S, tile_row)
+    block_ranges, in_block = block_range_cache(RS, S, BC)
 
     @T.macro
     def load_q_fragments(qf, smem, w, lane):
@@ -351,20 +352,18 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                         T.evaluate(mma_16x8x16(qf, (mt * KD + kk) * 8, bf, hn * 4, sacc, (mt * NTL + np * 2 + hn) * 4))
 
     @T.macro
-    def mask_scores(sacc, sg, full, col0, sig, lane, klen):
-        # scale; PARTIAL blocks select masked-out scores to -inf (range + residue test), and
-        # with key lengths every block the scores of keys past the length
+    def mask_scores(sacc, sg, rng, full, col0, sig, lane, klen):
+        # scale, then select to -inf the scores outside the block's ranges (block_ranges: once
+        # per block; capped at the key length with key lengths, so a FULL block crossing the
+        # length is masked past it): 2 S integer compares per score, no branch
+        block_ranges(rng, sg, full, col0, sig,
+                     T.floordiv(klen - 1 - col0, sig) if spec.has_kv_len else None)
         for mt in T.unroll(MT):
             for nt in T.unroll(NTL):
                 for i in T.unroll(4):
-                    sacc[(mt * NTL + nt) * 4 + i] = T.if_then_else(
-                        full_block(spec, full, col0 + sig * (nt * 8 + lane % 4 * 2 + i % 2), klen),
-                        sacc[(mt * NTL + nt) * 4 + i] * scale,
-                        T.if_then_else(
-                            col0 + sig * (nt * 8 + lane % 4 * 2 + i % 2) < klen
-                            and cached_member(sg, mt * 2 + i // 2, col0 + sig * (nt * 8 + lane % 4 * 2 + i % 2), sig, S),
-                            sacc[(mt * NTL + nt) * 4 + i] * scale,
-                            neg_inf))
+                    sacc[(mt * NTL + nt) * 4 + i] = T.Select(
+                        in_block(rng, mt * 2 + i // 2, nt * 8 + lane % 4 * 2 + i % 2),
+                        sacc[(mt * NTL + nt) * 4 + i] * scale, neg_inf)
 
     @T.macro
     def online_softmax(sacc, pf, oacc, ms, ls, mb, al):
@@ -480,7 +479,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
             T.tvm_storage_sync("shared.dyn")
 
     @T.macro
-    def pipelined_block(j, nblk, s_cur, s_next, smem, k, v, blocks, hm, blk_lo, b, hk, tid, w, lane, sg,
+    def pipelined_block(j, nblk, s_cur, s_next, smem, k, v, blocks, hm, blk_lo, b, hk, tid, w, lane, sg, rng,
                         pf, oacc, ms, ls, mb, al, desc, vbad, vflag, words, nonfinite, klen):
         # block j of the pipelined form: S_j is in flight in s_cur (issued one block before)
         if j + 1 < nblk:  # block j + 1 has landed (own copies), its V checked, then the barrier
@@ -502,7 +501,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         col0: T.let[T.int32] = blocks[hm, blk_lo + j, 0]
         sig: T.let[T.int32] = blocks[hm, blk_lo + j, 1]
         full: T.let[T.int32] = blocks[hm, blk_lo + j, 2]
-        mask_scores(s_cur, sg, full, col0, sig, lane, klen)
+        mask_scores(s_cur, sg, rng, full, col0, sig, lane, klen)
         online_softmax(s_cur, pf, oacc, ms, ls, mb, al)
         T.ptx.ld.shared.b32(vflag[0], T.address_of(vbad[j % stages]))
         if vflag[0] == j + 1:
@@ -609,6 +608,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                             mb = T.sblock_alloc_buffer((RS,), "float32", scope="local")
                             al = T.sblock_alloc_buffer((RS,), "float32", scope="local")
                             sg = T.sblock_alloc_buffer((RS * S * 3,), "int32", scope="local")
+                            rng = T.sblock_alloc_buffer((RS * S * 2,), "int32", scope="local")
                             desc = T.sblock_alloc_buffer((2,), "uint64", scope="local")
                             if tma:  # per stage: the mbarrier its TMA copies complete on
                                 kv_ready = T.sblock_alloc_buffer((stages,), "uint64", scope="shared", align=8)
@@ -675,12 +675,12 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                 # register sets named statically
                                 for jj in T.serial((blk_hi - blk_lo + 1) // 2):
                                     pipelined_block(2 * jj, blk_hi - blk_lo, sacc, sacc2, smem, k, v, blocks, hm, blk_lo,
-                                                    b, hk, tid, w, lane, sg, pf, oacc, ms, ls, mb, al, desc, vbad,
+                                                    b, hk, tid, w, lane, sg, rng, pf, oacc, ms, ls, mb, al, desc, vbad,
                                                     vflag, words, nonfinite, key_length(spec, kv_len, b))
                                     if 2 * jj + 1 < blk_hi - blk_lo:
                                         pipelined_block(2 * jj + 1, blk_hi - blk_lo, sacc2, sacc, smem, k, v, blocks, hm,
-                                                        blk_lo, b, hk, tid, w, lane, sg, pf, oacc, ms, ls, mb, al, desc,
-                                                        vbad, vflag, words, nonfinite, key_length(spec, kv_len, b))
+                                                        blk_lo, b, hk, tid, w, lane, sg, rng, pf, oacc, ms, ls, mb, al,
+                                                        desc, vbad, vflag, words, nonfinite, key_length(spec, kv_len, b))
                                 T.ptx.wgmma.wait_group.sync.aligned(0)
                             if stages != 4:
                                 for j in T.serial(blk_hi - blk_lo):
@@ -720,7 +720,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                         qk_wgmma(sacc, desc, smem, stg, w)
                                     else:
                                         qk_tile(sacc, qf, bf, smem, stg, lane)
-                                    mask_scores(sacc, sg, full, col0, sig, lane, key_length(spec, kv_len, b))
+                                    mask_scores(sacc, sg, rng, full, col0, sig, lane, key_length(spec, kv_len, b))
                                     online_softmax(sacc, pf, oacc, ms, ls, mb, al)
                                     T.ptx.ld.shared.b32(vflag[0], T.address_of(vbad[stg]))
                                     if vflag[0] == j + 1:
