@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from tvm_splat.bench import backward as BW
-from tvm_splat.bench.inputs import make_inputs
+from tvm_splat.bench.inputs import CaseInputs, make_inputs
 from tvm_splat.bench.suite import BenchCase
+from tvm_splat.formats import ACSR
 from tvm_splat.reference import masked_attention_grads
 
 torch = pytest.importorskip("torch")
@@ -20,7 +21,7 @@ def test_tiny_suite_on_the_cpu(tmp_path):
     data = json.loads((tmp_path / "cpu_tiny_backward.json").read_text())
     (case,) = data["cases"]
     ours = case["results"]["splat_train"]
-    assert case["reference"] and ours["correct"] is True
+    assert case["reference"] and case["reference_scope"] == "all" and ours["correct"] is True
     assert max(ours["grad_rel_err"].values()) < 1e-5  # float32 against float64
     assert ours["plan"].startswith("TrainingPlan(") and "kernels=rows" in ours["plan"]  # which kernels ran
     for direction in BW.DIRECTIONS:
@@ -39,16 +40,54 @@ def test_reference_gradients_agree_with_the_numpy_reference():
     inputs = BW._leaves(make_inputs(BenchCase("global:2+causal_window:5", 40, 4, 8, 2, "float32", kv_heads=2), "cpu"))
     dout = torch.randn(inputs.q.shape)
     got = BW.reference_grads(inputs, dout)
+    assert got.scope == "all" and got.select("anything") == "anything"
     want = masked_attention_grads(*(x.detach().numpy() for x in (inputs.q, inputs.k, inputs.v)),
                                   inputs.mask.numpy(), dout.numpy())
-    for a, b in zip(got, want):
+    for a, b in zip(got.grads, want):
         np.testing.assert_allclose(a.numpy(), b, rtol=1e-10, atol=1e-12)
 
 
-def test_no_reference_past_the_memory_budget(monkeypatch):
-    inputs = BW._leaves(make_inputs(BenchCase("window:4", 64, 2, 8, 1, "float32"), "cpu"))
-    monkeypatch.setattr(BW, "REFERENCE_BYTES", 4 * 8 * 2 * 64 * 64 - 1)
-    assert BW.reference_grads(inputs, torch.zeros(inputs.q.shape)) is None
+@pytest.mark.parametrize("pattern,heads,kv_heads", [
+    ("global:2+causal_window:5", 4, 2),  # global columns gathered beside each chunk's window; GQA
+    ("dilated:6:3", 3, 1),  # MQA: dK, dV of the one KV head sum over every query head
+    ("window:0", 2, 2),  # one key per row
+])
+def test_past_the_memory_budget_a_sample_is_checked_exactly(monkeypatch, pattern, heads, kv_heads):
+    """Where the whole float64 reference would not fit, batch 0 and KV head 0 with its query
+    heads are computed in row chunks over the keys each chunk attends: the same numbers as
+    the whole reference on that part (chunks of 7 rows, the last one short, n=45)."""
+    inputs = BW._leaves(make_inputs(BenchCase(pattern, 45, heads, 8, 2, "float32", kv_heads=kv_heads), "cpu"))
+    dout = torch.randn(inputs.q.shape)
+    whole = BW.reference_grads(inputs, dout)
+    monkeypatch.setattr(BW, "REFERENCE_BYTES", 4 * 8 * 2 * heads * 45 * 45 - 1)
+    monkeypatch.setattr(BW, "SAMPLE_ROWS", 7)
+    sample = BW.reference_grads(inputs, dout)
+    group = heads // kv_heads
+    assert sample.kv_head == 0 and sample.group == group
+    assert sample.scope == f"batch 0, KV head 0 and its query heads 0..{group - 1}"
+    assert [tuple(g.shape) for g in sample.grads] == [(group, 45, 8), (45, 8), (45, 8)]
+    for a, b in zip(sample.grads, sample.select(whole.grads)):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-12)
+    # an implementation's gradients are cut the same way before they are compared
+    errors = BW._relative_errors(sample.select([g.float() for g in whole.grads]), sample.grads)
+    assert max(errors) < 1e-6
+
+
+def test_a_sample_of_a_per_head_mask_uses_its_heads_masks(monkeypatch):
+    from tvm_splat.formats import PerHead, Window
+
+    case = BenchCase("window:1", 30, 2, 8, 1, "float32")
+    inputs = BW._leaves(make_inputs(case, "cpu"))
+    acsr = ACSR.from_pattern(PerHead((Window(1), Window(4, causal=True))), 30)
+    inputs = CaseInputs(inputs.q, inputs.k, inputs.v, acsr, None)
+    dout = torch.randn(inputs.q.shape)
+    whole = BW.reference_grads(inputs, dout)
+    monkeypatch.setattr(BW, "REFERENCE_BYTES", 0)
+    monkeypatch.setattr(BW, "SAMPLE_ROWS", 4)
+    sample = BW.sampled_reference_grads(inputs, dout, kv_head=1)
+    assert sample.scope == "batch 0, KV head 1 and its query heads 1..1"
+    for a, b in zip(sample.grads, sample.select(whole.grads)):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-12)
 
 
 def test_speedups_skip_a_direction_a_baseline_could_not_time():
