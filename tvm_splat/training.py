@@ -12,8 +12,9 @@ Two kernel families (``TrainingPlan.kernels``):
 * ``"tensor-cores"`` — float16 / bfloat16 on a CUDA target: the warp-level ``mma.sync``
   kernels (:mod:`tvm_splat.kernels.backward_mma`) over three tile plans: the forward's (with its
   ``lse`` output), the mask's for ``dq`` and the transposed mask's for ``dk``/``dv``
-  (``tile_plans``, :func:`_training_tile_plan`: the forward's row-aligned components, no
-  split-KV). A plan of several components (a band with a dilated or strided part) adds a
+  (``tile_plans``, :func:`_training_tile_plan`: the forward's row-aligned components; split-KV
+  of long tiles in the two backward plans, their chunks' partial gradients added by
+  ``bwd_dq_split_sum`` and ``bwd_dkdv_split_sum``). A plan of several components (a band with a dilated or strided part) adds a
   combining kernel after each of the three: the forward's merge, which also writes the lse,
   and a sum of the per-component partial gradients (``fwd_merge``, ``bwd_dq_sum``,
   ``bwd_dkdv_sum``). Their float32 partial buffers — forward ``o_part [B*H, C, n, head_dim]``
@@ -45,7 +46,7 @@ from .formats import ACSR, parse_pattern
 from .formats.tile_plan import plan_tiles
 from .formats.transpose import transpose_acsr, transposed_acsr
 from .kernels.backward import BackwardSpec
-from .kernels.backward_mma import part_shape
+from .kernels.backward_mma import part_shape, split_part_shape
 from .kernels.spec import SPEC_DTYPES
 from .kernels.tiled import partial_shapes
 from .kernels.tiled_mma import MMA_TYPES
@@ -94,8 +95,8 @@ class TrainingPlan:
             knobs = mma_knobs or default_backward_mma_knobs(spec, target, default_knobs(spec.rows, target, acsr,
                                                                                          tma=False))
             plans = (_training_tile_plan(acsr, br=knobs.forward.br, bc=knobs.forward.bc),
-                     _training_tile_plan(acsr, br=knobs.br, bc=knobs.dq_bc),
-                     _training_tile_plan(transposed, br=knobs.br, bc=knobs.dkdv_bc))
+                     _training_tile_plan(acsr, br=knobs.br, bc=knobs.dq_bc, split_blocks=knobs.split_blocks),
+                     _training_tile_plan(transposed, br=knobs.br, bc=knobs.dkdv_bc, split_blocks=knobs.split_blocks))
             self.fallback_reason = tensor_core_training_refusal(spec, target, knobs, plans)
             if self.fallback_reason is None:
                 self.kernels, self.mma_knobs, self.tile_plans = "tensor-cores", knobs, plans
@@ -126,8 +127,8 @@ class TrainingPlan:
             fwd, dq, dkdv = self.tile_plans
             tables.update(fwd_seg_sigma=fwd.seg_sigma, fwd_tiles=fwd.tiles, fwd_blocks=fwd.blocks,
                           fwd_num_comp=fwd.num_comp, seg_sigma=dq.seg_sigma, tiles=dq.tiles, blocks=dq.blocks,
-                          num_comp=dq.num_comp, tseg_sigma=dkdv.seg_sigma, ttiles=dkdv.tiles, tblocks=dkdv.blocks,
-                          tnum_comp=dkdv.num_comp)
+                          num_comp=dq.num_comp, splits=dq.splits, tseg_sigma=dkdv.seg_sigma, ttiles=dkdv.tiles,
+                          tblocks=dkdv.blocks, tnum_comp=dkdv.num_comp, tsplits=dkdv.splits)
         return {name: np.ascontiguousarray(a, dtype=np.int32) for name, a in tables.items()}
 
     def _kernels(self):
@@ -215,34 +216,49 @@ class TrainingPlan:
     def _backward_mma(self, q, k, v, out, lse, dout, dlse, dq, dk, dv, delta):
         """The tensor-core backward: each kernel writes its gradient directly on a plan of one
         component, else per-component float32 partials that its sum kernel adds (the module
-        docstring)."""
+        docstring); on a plan with split-KV the chunks of long tiles write float32 slots first,
+        which ``split_sum`` adds into the gradient (or its component's partial)."""
         rows = self.spec.rows
-        c_dq, c_dkdv = (p.shape.num_components for p in self.tile_plans[1:])
-        if c_dq > 1:
-            dq_part = self._empty(q, part_shape(rows, c_dq, rows.heads), "float32")
-            self._launch("bwd_dq", q, k, v, out, dout, lse, dlse, *_DQ_PLAN, dq, delta, dq_part)
+        dq_plan, dkdv_plan = (p.shape for p in self.tile_plans[1:])
+        dq_part = self._empty(q, part_shape(rows, dq_plan.num_components, rows.heads), "float32")
+        dq_split = self._empty(q, split_part_shape(rows, dq_plan, rows.heads), "float32")
+        self._launch("bwd_dq", q, k, v, out, dout, lse, dlse, *_DQ_PLAN, dq, delta,
+                     *_present((dq_part, dq_plan.num_components > 1), (dq_split, dq_plan.num_slots)))
+        if dq_plan.num_slots:
+            self._launch("bwd_dq_split_sum", dq_split, "splits", dq, dq_part)
+        if dq_plan.num_components > 1:
             self._launch("bwd_dq_sum", dq_part, "num_comp", dq)
-        else:
-            self._launch("bwd_dq", q, k, v, out, dout, lse, dlse, *_DQ_PLAN, dq, delta)
-        if c_dkdv > 1:
-            dk_part, dv_part = (self._empty(q, part_shape(rows, c_dkdv, rows.kv_heads), "float32") for _ in range(2))
-            self._launch("bwd_dkdv", q, k, v, dout, lse, delta, *_DKDV_PLAN, dk, dv, dk_part, dv_part)
-            self._launch("bwd_dkdv_sum", dk_part, "tnum_comp", dk)
-            self._launch("bwd_dkdv_sum", dv_part, "tnum_comp", dv)
-        else:
-            self._launch("bwd_dkdv", q, k, v, dout, lse, delta, *_DKDV_PLAN, dk, dv)
+        several, split = dkdv_plan.num_components > 1, dkdv_plan.num_slots
+        dk_part, dv_part = (self._empty(q, part_shape(rows, dkdv_plan.num_components, rows.kv_heads), "float32")
+                            for _ in range(2))
+        dk_split, dv_split = (self._empty(q, split_part_shape(rows, dkdv_plan, rows.kv_heads), "float32")
+                              for _ in range(2))
+        self._launch("bwd_dkdv", q, k, v, dout, lse, delta, *_DKDV_PLAN, dk, dv,
+                     *_present((dk_part, several), (dv_part, several), (dk_split, split), (dv_split, split)))
+        for grad, part, chunks in ((dk, dk_part, dk_split), (dv, dv_part, dv_split)):
+            if split:
+                self._launch("bwd_dkdv_split_sum", chunks, "tsplits", grad, part)
+            if several:
+                self._launch("bwd_dkdv_sum", part, "tnum_comp", grad)
 
 
-def _training_tile_plan(acsr: ACSR, br: int, bc: int):
+def _present(*buffers):
+    """The buffers whose condition holds (the optional last parameters of a kernel)."""
+    return [buf for buf, wanted in buffers if wanted]
+
+
+def _training_tile_plan(acsr: ACSR, br: int, bc: int, split_blocks: int = 0):
     """The tile plan of the training kernels: the forward's (row-aligned components, so a
-    band with a strided or dilated part gets dense blocks of rows sharing a residue) with
-    split-KV off (a row's lse, delta and gradient come from whole tiles; several components are
-    merged or summed after, see the module docstring). Scores computed per nonzero (``nrows x
-    BC`` per block over the mask's nonzeros, 64-row tiles): strided:64 at n=4096 1.34 with 64-
-    or 32-column blocks (one contiguous component per head, as these kernels used before they
-    took several: 22.7), causal_strided:64 2.01 (43.8 at 64 columns, 33.0 at 32); the transposed
-    masks' plans the same."""
-    return plan_tiles(acsr, br=br, bc=bc, split_blocks=0)
+    band with a strided or dilated part gets dense blocks of rows sharing a residue). The
+    forward's has split-KV off (a row's lse comes from a whole tile; several components are
+    merged after, see the module docstring); the backward's take ``split_blocks`` (-1: the
+    forward's rule, :func:`~tvm_splat.formats.tile_plan.split_length`): a chunk's gradient is
+    a partial sum, added by ``split_sum``. Scores computed per nonzero (``nrows x BC`` per block
+    over the mask's nonzeros, 64-row tiles): strided:64 at n=4096 1.34 with 64- or 32-column
+    blocks (one contiguous component per head, as these kernels used before they took several:
+    22.7), causal_strided:64 2.01 (43.8 at 64 columns, 33.0 at 32); the transposed masks'
+    plans the same."""
+    return plan_tiles(acsr, br=br, bc=bc, split_blocks="auto" if split_blocks == -1 else split_blocks)
 
 
 def _transposed(mask, acsr: ACSR, max_segments: int) -> ACSR:

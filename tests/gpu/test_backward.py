@@ -183,6 +183,39 @@ def test_tensor_core_training_matches_float64_at_dense_sdpa_error(name, mask, he
     assert (dq.cpu()[:, torch.from_numpy(empty)] == 0).all()
 
 
+#: split-KV of the backward plans, forced small (chunks of 2 blocks) so these shapes split:
+#: global rows and columns (GQA), with two components (MQA), per-head masks
+SPLIT_CASES = [TC_CASES[2], MULTI_COMPONENT_CASES[2],
+               ("per-head global n=400", PerHead((GlobalTokens(2) | Window(9), Window(30, causal=True))), 2, 2, 400)]
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name,mask,heads,kv_heads,n", SPLIT_CASES, ids=[c[0] for c in SPLIT_CASES])
+def test_split_backward_matches_float64_at_dense_sdpa_error(name, mask, heads, kv_heads, n, dtype, d):
+    """The backward with long tiles split into chunks (each writes a float32 slot, split_sum
+    adds them, before the component sum where there are several) against the float64 dense
+    reference, at the tolerance of the default-knob test."""
+    import dataclasses
+
+    from tvm_splat.training import plan_training
+
+    base = _tensor_core_plan(mask, heads, kv_heads, n, d, dtype)
+    plan = plan_training(mask, (2, heads, n, d), (2, kv_heads, n, d), str(dtype).replace("torch.", ""), "cuda",
+                         mma_knobs=dataclasses.replace(base.mma_knobs, split_blocks=2))
+    assert plan.kernels == "tensor-cores" and all(p.shape.num_slots for p in plan.tile_plans[1:]), repr(plan)
+    q, k, v, dout = _inputs(2, heads, kv_heads, n, d, dtype, seed=n + 1)
+    dense = plan.acsr.to_dense()
+    dense = dense[0] if dense.shape[0] == 1 else dense
+    out, lse = plan.forward(q, k, v)
+    grads = plan.backward(q, k, v, out, lse, dout)
+    refs = masked_attention_grads(*(x.double().cpu().numpy() for x in (q, k, v)), dense, dout.double().cpu().numpy())
+    sdpa = _sdpa_errors(q, k, v, dout, _yardstick_mask(dense))
+    tolerance = max(SDPA_FACTOR * max(sdpa), 4 * EPS[dtype])
+    for which, a, b in zip(("dq", "dk", "dv"), _relative_errors(grads, refs), sdpa):
+        assert a <= tolerance, f"{which}: ours {a:.3g}, dense SDPA {b:.3g} (tolerance {tolerance:.3g})"
+
+
 @pytest.mark.parametrize("stages", [2, 1])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name,mask,heads,kv_heads,n", [TC_CASES[2], TC_CASES[4]], ids=[TC_CASES[2][0], TC_CASES[4][0]])

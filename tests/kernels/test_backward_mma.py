@@ -44,26 +44,37 @@ AFFINE_CASES = [c for c in mask_cases() if not (c[1].seg_step == 0).any()] + [
 ]
 
 
-@pytest.mark.parametrize("br,bc", [(16, 16), (64, 32)])
+@pytest.mark.parametrize("br,bc,split", [(16, 16, 0), (64, 32, 0), (16, 16, 2)])
 @pytest.mark.parametrize("name,acsr,heads", AFFINE_CASES, ids=[c[0] for c in AFFINE_CASES])
-def test_training_plans_cover_the_mask_and_its_transpose_once(name, acsr, heads, br, bc):
+def test_training_plans_cover_the_mask_and_its_transpose_once(name, acsr, heads, br, bc, split):
     """The dq plan computes every nonzero of the mask, the dk/dv plan every nonzero of the
     transposed mask, each exactly once over all components and nothing else; the tiles of each
     component ``c < num_comp`` hold every row exactly once (so every partial slot a head uses
     is written in full, and component 0's tiles, which write ``delta``, reach every row), and
-    no tile names a component past its head's ``num_comp``."""
+    no tile names a component past its head's ``num_comp``. With split-KV (chunks of 2 blocks)
+    a split tile's rows are held by its group instead (``split_sum`` writes them once), each
+    chunk naming a slot of that group."""
     dense = acsr.to_dense()
     for ac, want in ((acsr, dense), (transpose_acsr(acsr), dense.transpose(0, 2, 1))):
-        plan = _training_plan(ac, br, bc)
-        check_backward_mma_plan(plan.shape, plan.num_comp)
+        plan = plan_tiles(ac, br=br, bc=bc, split_blocks=split)
+        check_backward_mma_plan(plan.shape, plan.num_comp, allow_split=True)
         for h in range(ac.num_heads):
             np.testing.assert_array_equal(plan.covered(h), want[h].astype(np.int64))
             rows = np.zeros((int(plan.num_comp[h]), ac.n), dtype=np.int64)
-            for row0, rstride, nrows, comp, *_ in plan.tiles[h]:
-                if nrows:
+            for row0, rstride, nrows, comp, _lo, _hi, slot in plan.tiles[h]:
+                if nrows and slot < 0:
                     assert 0 <= comp < plan.num_comp[h]
                     rows[comp, row0 + rstride * np.arange(nrows)] += 1
+            groups = plan.splits[h] if plan.shape.num_slots else np.zeros((0, 6), np.int32)
+            for row0, rstride, nrows, comp, slot_lo, slot_hi in groups:
+                if nrows:
+                    rows[comp, row0 + rstride * np.arange(nrows)] += 1
+                    chunks = [t for t in plan.tiles[h] if slot_lo <= t[6] < slot_hi]
+                    assert len(chunks) == slot_hi - slot_lo and all(tuple(t[:4]) == (row0, rstride, nrows, comp)
+                                                                    for t in chunks)
             assert (rows == 1).all()
+        if split and name == "strided + global":
+            assert plan.shape.num_slots  # global rows / columns: long tiles, split
 
 
 def test_strided_masks_get_several_components_and_few_scores_per_nonzero():
@@ -104,11 +115,12 @@ def test_csr_rows_and_split_kv_are_refused_components_are_not():
     _, irregular, _ = next(c for c in mask_cases() if c[0] == "irregular -> CSR fallback")
     plan = _training_plan(irregular)
     with pytest.raises(ValueError, match="without CSR fallback rows"):
-        check_backward_mma_plan(plan.shape, plan.num_comp)
+        check_backward_mma_plan(plan.shape, plan.num_comp, allow_split=True)
     split = plan_tiles(ACSR.from_pattern(GlobalTokens(1) | Window(4), 400), br=16, bc=16, split_blocks=4)
     assert split.shape.num_slots > 0
-    with pytest.raises(ValueError, match="without split-KV"):
+    with pytest.raises(ValueError, match="without split-KV"):  # the forward's plan: whole tiles
         check_backward_mma_plan(split.shape, split.num_comp)
+    check_backward_mma_plan(split.shape, split.num_comp, allow_split=True)  # the backward's: summed
     components = _training_plan(ACSR.from_pattern(Strided(8), 50), br=16, bc=16)
     assert components.shape.num_components == 2
     check_backward_mma_plan(components.shape, components.num_comp)  # accepted
@@ -259,6 +271,53 @@ def test_sum_components_adds_only_the_slots_a_head_writes(kv):
         sum_components_func(spec, 1)
 
 
+@pytest.mark.parametrize("kv,components", [(False, 1), (True, 1), (False, 2)], ids=["dq", "dkdv", "dq-components"])
+def test_split_sum_adds_each_split_tiles_chunks_into_its_rows(kv, components):
+    """``split_sum`` built for the CPU on a real split plan (global rows / columns beside a
+    window, chunks of 2 blocks): each row of a split tile gets the float32 sum of its chunks'
+    slots (tile-local rows), cast into the gradient, or with several components written to
+    its component's partial slot; rows of whole tiles are left alone, and slots beyond a
+    group's are never read (NaN there)."""
+    import tvm
+
+    from tvm_splat.kernels.backward_mma import part_shape, split_part_shape, split_sum_func
+
+    pattern = (GlobalTokens(2) | Window(3)) if components == 1 else (GlobalTokens(1) | Strided(6))
+    acsr = ACSR.from_pattern(pattern, 90)
+    plan = plan_tiles(acsr if not kv else transpose_acsr(acsr), br=16, bc=16, split_blocks=2)
+    assert plan.shape.num_slots and plan.shape.num_components == components
+    heads, kv_heads = (4, 2) if kv else (2, 2)
+    spec = AttentionSpec.from_acsr(acsr, 2, heads, 16, "float32", kv_heads=kv_heads)
+    X = kv_heads if kv else heads
+    rng = np.random.default_rng(3)
+    split = rng.standard_normal(split_part_shape(spec, plan.shape, X)).astype(np.float32)
+    groups = plan.splits[0]
+    used = np.zeros(split.shape[1], bool)
+    for _, _, nrows, _, lo, hi in groups:
+        if nrows:
+            used[lo:hi] = True
+    split[:, ~used] = np.nan
+    dst0 = rng.standard_normal((2, X, 90, 16)).astype(np.float32)
+    part0 = rng.standard_normal(part_shape(spec, components, X)).astype(np.float32)
+    dst, part = tvm.runtime.tensor(dst0.copy()), tvm.runtime.tensor(part0.copy())
+    lib = _build_cpu(split_sum_func(spec, plan.shape, kv=kv))
+    lib["main"](tvm.runtime.tensor(split), tvm.runtime.tensor(np.ascontiguousarray(plan.splits, np.int32)), dst, part)
+    want_dst, want_part = dst0.copy(), part0.copy()
+    for bx in range(2 * X):
+        b, x = divmod(bx, X)
+        for row0, rstride, nrows, comp, lo, hi in groups:
+            for r in range(nrows):
+                total = split[bx, lo:hi, r].sum(0)
+                if components == 1:
+                    want_dst[b, x, row0 + rstride * r] = total
+                else:
+                    want_part[comp, b, x, row0 + rstride * r] = total
+    np.testing.assert_allclose(dst.numpy(), want_dst, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(part.numpy(), want_part, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="split-KV chunks"):
+        split_sum_func(spec, _training_plan(acsr).shape)
+
+
 #: the combining kernels of plans of several components (forward, dq, dk/dv)
 COMBINING = ("fwd_merge", "bwd_dq_sum", "bwd_dkdv_sum")
 
@@ -270,6 +329,8 @@ BUILD_CASES = [  # (name, mask, heads, kv_heads, n, head_dim, dtype, stages, tar
     ("causal strided d128 fp16 gqa", Strided(16, causal=True), 4, 2, 181, 128, "float16", 2, H100, True),
     ("strided d64 bf16 gqa sm80", Strided(8), 4, 2, 97, 64, "bfloat16", 2, A100, True),
     ("dilated d64 fp16 one stage", DilatedWindow(6, 2), 4, 2, 150, 64, "float16", 1, H100, False),
+    ("global+window n=2000 d64 fp16 gqa split", GlobalTokens(4) | Window(64), 4, 2, 2000, 64, "float16", 2, H100,
+     False),
 ]
 
 
@@ -315,4 +376,12 @@ def test_training_plans_pick_and_build_the_tensor_core_kernels(name, mask, heads
     assert not any("lse_ptr" in line for line in dkdv_body.splitlines() if "exp2f" in line)
     assert ("cp_async_ca" in dkdv_body) == (stages == 2) and "cp_async_ca" not in dq_body
     assert "condval" not in "".join(line for line in dq_body.splitlines() if "exp2f" in line)
+    # long tiles (the rows of global tokens; over the transpose, their columns) are split: each
+    # backward plan with chunks adds its split_sum, and its kernel its chunk-result parameter(s)
+    for kernel, plan_ in (("bwd_dq", plan.tile_plans[1]), ("bwd_dkdv", plan.tile_plans[2])):
+        assert (f"{kernel}_split_sum_kernel(" in src) == bool(plan_.shape.num_slots)
+    assert ("dq_split_ptr" in dq_body) == bool(plan.tile_plans[1].shape.num_slots)
+    assert ("dk_split_ptr" in dkdv_body) == bool(plan.tile_plans[2].shape.num_slots)
+    assert bool(plan.tile_plans[1].shape.num_slots) == ("global+window n=2000" in name)
+    assert not plan.tile_plans[0].shape.num_slots  # the forward's lse comes from whole tiles
     assert len(nvcc_compile(src, target)) > 1000

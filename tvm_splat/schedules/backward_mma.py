@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from tvm import s_tir
 
 from ..kernels.backward import BackwardSpec
-from ..kernels.backward_mma import (SUM_BLOCK, backward_dkdv_mma_func, backward_dq_mma_func, check_backward_mma_plan,
-                                    check_backward_mma_shape, sum_components_func)
+from ..kernels.backward_mma import (SPLIT_SUM_BLOCK, SUM_BLOCK, backward_dkdv_mma_func, backward_dq_mma_func,
+                                    check_backward_mma_plan, check_backward_mma_shape, split_sum_func,
+                                    sum_components_func)
 from ..kernels.tiled import merge_func
 from ..kernels.tiled_mma import MMA_TYPES, check_mma_shape, tiled_mma_func
 from .targets import as_target, is_gpu
@@ -64,7 +65,9 @@ class BackwardMmaKnobs:
     ``dq_bc`` and ``dkdv_bc`` (column blocks of the two backward kernels), ``br`` and ``warps``
     (rows per tile of both backward kernels, ``br == 16 * warps``), ``stages`` (block operands
     of the backward kernels: 2 = double-buffered, ``cp.async`` one block ahead, as the forward's
-    two-stage form; 1 = plain loads, one more barrier per block). ``stages=2`` is the default:
+    two-stage form; 1 = plain loads, one more barrier per block), ``split_blocks`` (split-KV of the
+    backward plans' long tiles, chunk length in blocks: -1 the forward's rule,
+    :func:`~tvm_splat.formats.tile_plan.split_length`; 0 off). ``stages=2`` is the default:
     one stage was 1.06x (Longformer-base, batch 4) and 1.15x (Mistral, n=8192) slower on the
     H200 (``benchmarks/results/h200_backward_knobs.json``)."""
 
@@ -74,6 +77,7 @@ class BackwardMmaKnobs:
     dkdv_bc: int = BACKWARD_BC
     warps: int = BACKWARD_BR // 16
     stages: int = 2
+    split_blocks: int = -1
 
 
 def default_backward_mma_knobs(spec: BackwardSpec, target, forward: TiledKnobs | None = None) -> BackwardMmaKnobs:
@@ -105,8 +109,8 @@ def tensor_core_training_refusal(spec: BackwardSpec, target, knobs: BackwardMmaK
         check_mma_shape(rows, f.br, f.bc, f.warps, f.m_tiles)
         check_backward_mma_shape(rows, knobs.br, knobs.dq_bc, knobs.warps, knobs.stages)
         check_backward_mma_shape(spec.columns, knobs.br, knobs.dkdv_bc, knobs.warps, knobs.stages)
-        for plan in plans:
-            check_backward_mma_plan(plan.shape, plan.num_comp)
+        for i, plan in enumerate(plans):  # the forward's plan (0) has no split: its lse is whole
+            check_backward_mma_plan(plan.shape, plan.num_comp, allow_split=i > 0)
     except ValueError as err:
         return str(err)
     return None
@@ -120,14 +124,19 @@ def _flat(func, block):
 
 def backward_mma_funcs(spec: BackwardSpec, knobs: BackwardMmaKnobs, plan_shapes) -> dict:
     """The training PrimFuncs by name for the tile plan shapes ``(forward, dq, dkdv)``, all
-    bound to threads: ``fwd_lse``, ``bwd_dq``, ``bwd_dkdv``, and for each plan of several
-    components its combining kernel: ``fwd_merge`` (forward), ``bwd_dq_sum`` (dq),
-    ``bwd_dkdv_sum`` (dk and dv)."""
+    bound to threads: ``fwd_lse``, ``bwd_dq``, ``bwd_dkdv``; for each backward plan with split-KV
+    the sum of its chunks: ``bwd_dq_split_sum`` (dq), ``bwd_dkdv_split_sum`` (dk and dv); for each
+    plan of several components its combining kernel: ``fwd_merge`` (forward), ``bwd_dq_sum``
+    (dq), ``bwd_dkdv_sum`` (dk and dv)."""
     fwd, dq, dkdv = plan_shapes
     f = knobs.forward
     funcs = {"fwd_lse": tiled_mma_func(spec.rows, fwd, f.warps, f.m_tiles, f.stages, wgmma=f.wgmma, with_lse=True),
              "bwd_dq": backward_dq_mma_func(spec.rows, dq, knobs.warps, knobs.stages),
              "bwd_dkdv": backward_dkdv_mma_func(spec.columns, dkdv, knobs.warps, knobs.stages)}
+    if dq.num_slots:
+        funcs["bwd_dq_split_sum"] = _flat(split_sum_func(spec.rows, dq), SPLIT_SUM_BLOCK)
+    if dkdv.num_slots:
+        funcs["bwd_dkdv_split_sum"] = _flat(split_sum_func(spec.columns, dkdv, kv=True), SPLIT_SUM_BLOCK)
     if fwd.num_components > 1:
         funcs["fwd_merge"] = _flat(merge_func(spec.rows, fwd.num_components, with_lse=True), "merge_row")
     if dq.num_components > 1:
