@@ -33,22 +33,23 @@ segments into ranges of block columns (:func:`~tvm_splat.kernels.common.block_ra
 segment of the block's step and residue holds the columns ``c`` between two exact quotients; a
 FULL block holds all), and every score's P and dS are computed, then *selected* to exactly 0
 outside the ranges (``2 S`` integer compares per score, no branch), so a NaN or inf in a
-masked-out row of K, V, Q, dO, lse or delta never enters them.
+masked-out row of K, V, Q, dO, lse or delta never enters them. The products by the block
+operand (``dS K``; ``P^T dO`` and ``dS^T Q``) would still multiply a zero by a non-finite
+masked-out row, so, as in the forward (:mod:`tvm_splat.kernels.tiled_mma`), every PARTIAL block
+checks whether those block rows are all finite (integer tests on the exponent bits of the
+chunks each thread loaded) and takes an exact path on CUDA cores that skips zero entries when
+one is not (uniform branch, never taken for finite inputs). FULL blocks need no check: every
+row of the tile attends each of their columns, so a non-finite value there is a real input of
+the result.
 
-Measured reason (H200, fp16, ``benchmarks/results/h200_backward_knobs.json``): the first form
-tested membership per score against the segments (a residue ``%`` by the runtime step, in a
-branch per score) and read the lse and delta of ``bwd_dkdv`` from global memory per score.
-Issue slots were 11-23% busy, the instruction fetch stalled on the loop's code size, and the
-integer pipe was the busiest. With block ranges, staged statistics and ``bwd_dq``'s smaller
-shared memory (:func:`_shared_elems`) the backward of Longformer-base (window +-256, 4 global
-tokens, n=4096, 12 heads, d=64, batch 4) fell from 6.70 to 1.28 ms, and Mistral's (causal
-window 4096, n=8192, 32/8 heads, d=128) from 13.98 to 6.23 ms. The products by the block operand (``dS K``; ``P^T dO`` and ``dS^T Q``) would still
-multiply a zero by a non-finite masked-out row, so, as in the forward
-(:mod:`tvm_splat.kernels.tiled_mma`), every PARTIAL block checks whether those block rows are
-all finite (integer tests on the exponent bits of the chunks each thread loaded) and takes an
-exact path on CUDA cores that skips zero entries when one is not (uniform branch, never taken
-for finite inputs). FULL blocks need no check: every row of the tile attends each of their
-columns, so a non-finite value there is a real input of the result.
+Measured reason for the block ranges (H200, fp16, ``benchmarks/results/h200_backward_knobs.json``):
+the first form tested membership per score against the segments (a residue ``%`` by the
+runtime step, in a branch per score) and read the lse and delta of ``bwd_dkdv`` from global
+memory per score. Issue slots were 11-23% busy, the instruction fetch stalled on the loop's
+code size, and the integer pipe was the busiest. With block ranges, staged statistics and
+``bwd_dq``'s smaller shared memory (:func:`_shared_elems`) the backward of Longformer-base
+(window +-256, 4 global tokens, n=4096, 12 heads, d=64, batch 4) fell from 6.70 to 1.28 ms, and
+Mistral's (causal window 4096, n=8192, 32/8 heads, d=128) from 13.98 to 6.23 ms.
 
 Buffers: q, out, dout, dq ``[B, H, N, D]``; k, v, dk, dv ``[B, KVH, N, D]``; lse, dlse, delta
 ``[B, H, N]`` float32; ``seg_start``, ``seg_count``, ``seg_sigma`` ``[HM, N, S]``, ``tiles [HM,
