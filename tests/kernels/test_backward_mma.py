@@ -57,7 +57,7 @@ def test_training_plans_cover_the_mask_and_its_transpose_once(name, acsr, heads,
     dense = acsr.to_dense()
     for ac, want in ((acsr, dense), (transpose_acsr(acsr), dense.transpose(0, 2, 1))):
         plan = plan_tiles(ac, br=br, bc=bc, split_blocks=split)
-        check_backward_mma_plan(plan.shape, plan.num_comp, allow_split=True)
+        check_backward_mma_plan(plan.shape, plan.num_comp)
         for h in range(ac.num_heads):
             np.testing.assert_array_equal(plan.covered(h), want[h].astype(np.int64))
             rows = np.zeros((int(plan.num_comp[h]), ac.n), dtype=np.int64)
@@ -111,16 +111,14 @@ def test_full_blocks_need_no_mask_test(name, acsr, heads):
                         assert cols[-1] < ac.n and want[h][np.ix_(rows, cols)].all()
 
 
-def test_csr_rows_and_split_kv_are_refused_components_are_not():
+def test_csr_rows_are_refused_split_kv_and_components_are_not():
     _, irregular, _ = next(c for c in mask_cases() if c[0] == "irregular -> CSR fallback")
     plan = _training_plan(irregular)
     with pytest.raises(ValueError, match="without CSR fallback rows"):
-        check_backward_mma_plan(plan.shape, plan.num_comp, allow_split=True)
+        check_backward_mma_plan(plan.shape, plan.num_comp)
     split = plan_tiles(ACSR.from_pattern(GlobalTokens(1) | Window(4), 400), br=16, bc=16, split_blocks=4)
     assert split.shape.num_slots > 0
-    with pytest.raises(ValueError, match="without split-KV"):  # the forward's plan: whole tiles
-        check_backward_mma_plan(split.shape, split.num_comp)
-    check_backward_mma_plan(split.shape, split.num_comp, allow_split=True)  # the backward's: summed
+    check_backward_mma_plan(split.shape, split.num_comp)  # accepted: chunks merged (forward) or summed
     components = _training_plan(ACSR.from_pattern(Strided(8), 50), br=16, bc=16)
     assert components.shape.num_components == 2
     check_backward_mma_plan(components.shape, components.num_comp)  # accepted
@@ -164,8 +162,8 @@ def test_shapes_it_cannot_take_are_named():
 
 def test_the_forward_lse_output_is_off_by_default():
     """``with_lse`` adds one last parameter and nothing else changes in the signature on a plan of
-    one component; on a plan of several the kernel is the plain one (the merge writes the lse);
-    split-KV is refused."""
+    one component; on a plan of several the kernel is the plain one (the merge writes the lse),
+    with split-KV too (the chunks' merge writes it)."""
     acsr = ACSR.from_pattern(GlobalTokens(2) | Window(8, causal=True), 200)
     spec = AttentionSpec.from_acsr(acsr, 2, 4, 64, "float16", kv_heads=2)
     shape = _training_plan(acsr).shape
@@ -179,9 +177,9 @@ def test_the_forward_lse_output_is_off_by_default():
     assert [p.name for p in tiled_mma_func(strided_spec, merged, with_lse=True).params] == \
         [p.name for p in tiled_mma_func(strided_spec, merged).params]
     split = plan_tiles(strided, br=64, bc=16, split_blocks=1).shape
-    assert split.num_slots > 0
-    with pytest.raises(ValueError, match="without split-KV"):
-        tiled_mma_func(strided_spec, split, with_lse=True)
+    assert split.num_slots > 0  # split chunks write their states, not the lse (split_merge does)
+    assert [p.name for p in tiled_mma_func(strided_spec, split, with_lse=True).params] == \
+        [p.name for p in tiled_mma_func(strided_spec, split).params]
 
 
 def test_partial_gradient_parameters_only_with_several_components():
@@ -240,6 +238,60 @@ def test_merge_with_lse_combines_components_and_writes_the_lse():
         np.testing.assert_allclose(out[0, h], want_out, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(lse[0, h], want_lse, rtol=1e-5, atol=1e-6)
     assert np.isneginf(lse[0, 0, 5]) and (out[0, 0, 5] == 0).all() and np.isfinite(lse[0, 1]).all()
+
+
+def test_split_merge_with_lse_writes_the_split_rows_lse():
+    """``split_merge_func(with_lse=True)`` (the forward's chunk merge on split training plans of
+    one component), built for the CPU on random chunk states of a real split plan (global rows
+    beside a window, chunks of 2 blocks): out and lse of each split tile's rows from the merge
+    of its slots (an empty chunk row, m = -1e30 and l = 0, counts for nothing; a row empty in
+    every chunk gets lse -inf and out 0); rows of whole tiles are left alone; slots beyond the
+    groups' hold NaN. With several components it writes the component state, and no lse."""
+    import tvm
+
+    from tvm_splat.kernels.tiled import split_merge_func, split_shapes
+
+    acsr = ACSR.from_pattern(GlobalTokens(2) | Window(3), 90)
+    plan = plan_tiles(acsr, br=16, bc=16, split_blocks=2)
+    spec = AttentionSpec.from_acsr(acsr, 1, 2, 16, "float32")
+    so_shape, sml_shape = split_shapes(spec, plan.shape)
+    rng = np.random.default_rng(4)
+    so = rng.standard_normal(so_shape).astype(np.float32)
+    sml = np.stack([rng.uniform(-3, 3, sml_shape[:-1]), rng.uniform(0.5, 4, sml_shape[:-1])], -1).astype(np.float32)
+    groups = [g for g in plan.splits[0] if g[2]]
+    row0, rstride, _, _, lo, hi = groups[0]
+    sml[:, lo, 1] = (-1.0e30, 0.0)  # row 1 of the first split tile: empty in its first chunk
+    so[:, lo, 1] = 0
+    sml[:, lo:hi, 2] = (-1.0e30, 0.0)  # row 2: empty in every chunk
+    so[:, lo:hi, 2] = 0
+    last = max(int(g[5]) for g in groups)
+    so[:, last:], sml[:, last:] = np.nan, np.nan
+    out0 = rng.standard_normal((1, 2, 90, 16)).astype(np.float32)
+    lse0 = rng.standard_normal((1, 2, 90)).astype(np.float32)
+    dummy_o, dummy_ml = np.zeros((1, 1, 1, 1), np.float32), np.zeros((1, 1, 1, 2), np.float32)
+    lib = _build_cpu(split_merge_func(spec, plan.shape, with_lse=True))
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in (so, sml, plan.splits, out0, dummy_o, dummy_ml,
+                                                                   lse0)]
+    lib["main"](*args)
+    out, lse = args[3].numpy(), args[6].numpy()
+    want_out, want_lse = out0.copy(), lse0.copy()
+    for h in range(2):
+        for g0, gstride, nrows, _comp, glo, ghi in groups:
+            m, l = sml[h, glo:ghi, :nrows, 0].astype(np.float64), sml[h, glo:ghi, :nrows, 1].astype(np.float64)
+            w = np.exp2(m - m.max(0))
+            total = (w * l).sum(0)
+            rows = g0 + gstride * np.arange(nrows)
+            want_out[0, h, rows] = np.where(total[:, None] > 0, (w[..., None] * so[h, glo:ghi, :nrows]).sum(0)
+                                            / np.where(total, total, 1)[:, None], 0)
+            with np.errstate(divide="ignore"):
+                want_lse[0, h, rows] = np.where(total > 0, (m.max(0) + np.log2(total)) * np.log(2.0), -np.inf)
+    np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-6)
+    assert np.isneginf(lse[0, :, row0 + 2 * rstride]).all()
+    several = plan_tiles(ACSR.from_pattern(GlobalTokens(1) | Strided(6), 90), br=16, bc=16, split_blocks=2)
+    assert several.shape.num_components == 2 and several.shape.num_slots
+    merged = split_merge_func(spec, several.shape, with_lse=True)
+    assert "lse" not in [p.name for p in merged.params]  # the components' merge writes it
 
 
 @pytest.mark.parametrize("kv", [False, True], ids=["dq", "dkdv"])
@@ -383,5 +435,6 @@ def test_training_plans_pick_and_build_the_tensor_core_kernels(name, mask, heads
     assert ("dq_split_ptr" in dq_body) == bool(plan.tile_plans[1].shape.num_slots)
     assert ("dk_split_ptr" in dkdv_body) == bool(plan.tile_plans[2].shape.num_slots)
     assert bool(plan.tile_plans[1].shape.num_slots) == ("global+window n=2000" in name)
-    assert not plan.tile_plans[0].shape.num_slots  # the forward's lse comes from whole tiles
+    # the forward's chunks are merged with their lse
+    assert ("fwd_split_merge_kernel(" in src) == bool(plan.tile_plans[0].shape.num_slots)
     assert len(nvcc_compile(src, target)) > 1000

@@ -121,15 +121,14 @@ def check_backward_mma_shape(spec: AttentionSpec, br: int, bc: int, warps: int, 
                          f"{SHARED_BYTES_MAX // 1024} KB of shared memory a block may have")
 
 
-def check_backward_mma_plan(plan_shape, num_comp, allow_split: bool = False) -> None:
+def check_backward_mma_plan(plan_shape, num_comp) -> None:
     """Raise ``ValueError`` unless the training kernels can run a tile plan (its shape and
     per-head ``num_comp``): no CSR fallback rows, at least one component per head (any number:
-    they are summed, see the module docstring), and split-KV chunks only with ``allow_split``
-    (the backward plans: a chunk's gradient is a partial sum, :func:`split_sum_func`; the
-    forward's lse comes from whole tiles)."""
-    if (plan_shape.num_slots and not allow_split) or plan_shape.num_fallback or min(int(c) for c in num_comp) < 1:
-        what = "without CSR fallback rows" if allow_split else "without split-KV and without CSR fallback rows"
-        raise ValueError(f"the tensor-core training kernels need a tile plan {what}, got {plan_shape.key}")
+    they are summed, see the module docstring). Split-KV chunks are taken: the forward's are
+    merged with their lse, the backward's gradients summed (:func:`split_sum_func`)."""
+    if plan_shape.num_fallback or min(int(c) for c in num_comp) < 1:
+        raise ValueError(f"the tensor-core training kernels need a tile plan without CSR fallback rows, "
+                         f"got {plan_shape.key}")
 
 
 def split_part_shape(spec: AttentionSpec, plan_shape, heads: int):

@@ -32,7 +32,7 @@ from ..kernels.backward import BackwardSpec
 from ..kernels.backward_mma import (SPLIT_SUM_BLOCK, SUM_BLOCK, backward_dkdv_mma_func, backward_dq_mma_func,
                                     check_backward_mma_plan, check_backward_mma_shape, split_sum_func,
                                     sum_components_func)
-from ..kernels.tiled import merge_func
+from ..kernels.tiled import merge_func, split_merge_func
 from ..kernels.tiled_mma import MMA_TYPES, check_mma_shape, tiled_mma_func
 from .targets import as_target, is_gpu
 from .tiled import TiledKnobs, bind_flat_gpu, default_tiled_knobs
@@ -84,8 +84,9 @@ def default_backward_mma_knobs(spec: BackwardSpec, target, forward: TiledKnobs |
     """The knobs when nothing is tuned (see the module docstring); ``forward``: the forward's
     untuned knobs as the planner chose them from the tile plan
     (:func:`tvm_splat.planner.default_knobs`, which :mod:`tvm_splat.training` passes; default:
-    :func:`~tvm_splat.schedules.tiled.default_tiled_knobs` of the spec alone), split-KV off."""
-    forward = dataclasses.replace(forward or default_tiled_knobs(spec.rows, target), split_blocks=0)
+    :func:`~tvm_splat.schedules.tiled.default_tiled_knobs` of the spec alone), their split-KV
+    rule included (the lse of split rows comes from ``fwd_split_merge``)."""
+    forward = forward or default_tiled_knobs(spec.rows, target)
     bc = BACKWARD_BC if spec.rows.head_dim <= 64 else BACKWARD_BC_WIDE_HEADS
     return BackwardMmaKnobs(forward, dq_bc=bc, dkdv_bc=bc)
 
@@ -109,8 +110,8 @@ def tensor_core_training_refusal(spec: BackwardSpec, target, knobs: BackwardMmaK
         check_mma_shape(rows, f.br, f.bc, f.warps, f.m_tiles)
         check_backward_mma_shape(rows, knobs.br, knobs.dq_bc, knobs.warps, knobs.stages)
         check_backward_mma_shape(spec.columns, knobs.br, knobs.dkdv_bc, knobs.warps, knobs.stages)
-        for i, plan in enumerate(plans):  # the forward's plan (0) has no split: its lse is whole
-            check_backward_mma_plan(plan.shape, plan.num_comp, allow_split=i > 0)
+        for plan in plans:
+            check_backward_mma_plan(plan.shape, plan.num_comp)
     except ValueError as err:
         return str(err)
     return None
@@ -124,8 +125,9 @@ def _flat(func, block):
 
 def backward_mma_funcs(spec: BackwardSpec, knobs: BackwardMmaKnobs, plan_shapes) -> dict:
     """The training PrimFuncs by name for the tile plan shapes ``(forward, dq, dkdv)``, all
-    bound to threads: ``fwd_lse``, ``bwd_dq``, ``bwd_dkdv``; for each backward plan with split-KV
-    the sum of its chunks: ``bwd_dq_split_sum`` (dq), ``bwd_dkdv_split_sum`` (dk and dv); for each
+    bound to threads: ``fwd_lse``, ``bwd_dq``, ``bwd_dkdv``; for each plan with split-KV the
+    combination of its chunks: ``fwd_split_merge`` (forward, with the lse), ``bwd_dq_split_sum``
+    (dq), ``bwd_dkdv_split_sum`` (dk and dv); for each
     plan of several components its combining kernel: ``fwd_merge`` (forward), ``bwd_dq_sum``
     (dq), ``bwd_dkdv_sum`` (dk and dv)."""
     fwd, dq, dkdv = plan_shapes
@@ -133,6 +135,8 @@ def backward_mma_funcs(spec: BackwardSpec, knobs: BackwardMmaKnobs, plan_shapes)
     funcs = {"fwd_lse": tiled_mma_func(spec.rows, fwd, f.warps, f.m_tiles, f.stages, wgmma=f.wgmma, with_lse=True),
              "bwd_dq": backward_dq_mma_func(spec.rows, dq, knobs.warps, knobs.stages),
              "bwd_dkdv": backward_dkdv_mma_func(spec.columns, dkdv, knobs.warps, knobs.stages)}
+    if fwd.num_slots:
+        funcs["fwd_split_merge"] = _flat(split_merge_func(spec.rows, fwd, with_lse=True), "merge_row")
     if dq.num_slots:
         funcs["bwd_dq_split_sum"] = _flat(split_sum_func(spec.rows, dq), SPLIT_SUM_BLOCK)
     if dkdv.num_slots:
