@@ -30,7 +30,7 @@ from pathlib import Path
 
 from . import baselines as B
 from .flex import FallbackWatch, configure_dynamo
-from .inputs import CaseInputs, make_inputs
+from .inputs import CaseInputs, make_inputs, masked_attention_rows
 from .run import TIMINGS, TRAINING_IMPL, RunOptions, _meta, measure
 from .suite import suite
 
@@ -104,14 +104,12 @@ def reference_grads(inputs: CaseInputs, dout) -> GradReference:
     :func:`sampled_reference_grads`."""
     import torch
 
-    b, h, n, d = inputs.q.shape
+    b, h, n, _ = inputs.q.shape
     if 4 * 8 * b * h * n * n > REFERENCE_BYTES:
         return sampled_reference_grads(inputs, dout)
     group = h // inputs.k.shape[1]
     q, k, v = (x.detach().double().requires_grad_() for x in (inputs.q, inputs.k, inputs.v))
-    scores = q @ k.repeat_interleave(group, 1).transpose(-1, -2) / d ** 0.5
-    probs = torch.softmax(scores.masked_fill(~inputs.mask, float("-inf")), -1).nan_to_num(0.0)
-    out = probs @ v.repeat_interleave(group, 1)
+    out = masked_attention_rows(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), inputs.mask)
     return GradReference(torch.autograd.grad(out, (q, k, v), dout.double()))
 
 
@@ -121,7 +119,7 @@ def sampled_reference_grads(inputs: CaseInputs, dout, kv_head: int = 0, rows: in
     not n): exact, because each row's softmax is its own and dK, dV are sums over rows."""
     import torch
 
-    _, h, n, d = inputs.q.shape
+    _, h, n, _ = inputs.q.shape
     group = h // inputs.k.shape[1]
     heads = slice(kv_head * group, (kv_head + 1) * group)
     q, do = (x.detach()[0, heads].double() for x in (inputs.q, dout))
@@ -135,9 +133,8 @@ def sampled_reference_grads(inputs: CaseInputs, dout, kv_head: int = 0, rows: in
         if cols.numel() == 0:  # rows without a key: zero gradients
             continue
         qc, kc, vc = q[:, lo:hi].requires_grad_(), k[cols].requires_grad_(), v[cols].requires_grad_()
-        scores = qc @ kc.transpose(-1, -2) / d ** 0.5
-        probs = torch.softmax(scores.masked_fill(~chunk[..., cols], float("-inf")), -1).nan_to_num(0.0)
-        gq, gk, gv = torch.autograd.grad(probs @ vc, (qc, kc, vc), do[:, lo:hi])
+        gq, gk, gv = torch.autograd.grad(masked_attention_rows(qc, kc, vc, chunk[..., cols]), (qc, kc, vc),
+                                         do[:, lo:hi])
         dq[:, lo:hi] = gq
         dk.index_add_(0, cols, gk)
         dv.index_add_(0, cols, gv)

@@ -139,7 +139,7 @@ def reference_output(inputs: CaseInputs):
     import torch
 
     q, mask = inputs.q, inputs.mask
-    b, h, n, d = q.shape
+    b, h, n, _ = q.shape
     group = h // inputs.k.shape[1]
     k = inputs.k.to(torch.float64).repeat_interleave(group, dim=1)
     v = inputs.v.to(torch.float64).repeat_interleave(group, dim=1)
@@ -152,8 +152,17 @@ def reference_output(inputs: CaseInputs):
         if used.numel() == 0:
             continue  # no key for any of these rows: zeros
         c0, c1 = int(used[0]), int(used[-1]) + 1
-        scores = q[:, :, lo:hi].to(torch.float64) @ k[:, :, c0:c1].transpose(-1, -2) / d**0.5
-        scores = scores.masked_fill(~block[..., c0:c1], float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row of -inf only gives NaN
-        out[:, :, lo:hi] = probs @ v[:, :, c0:c1]
+        out[:, :, lo:hi] = masked_attention_rows(q[:, :, lo:hi].to(torch.float64), k[..., c0:c1, :], v[..., c0:c1, :],
+                                                 block[..., c0:c1])
     return out
+
+
+def masked_attention_rows(q, k, v, mask):
+    """``softmax(q k^T / sqrt(d))`` over the keys ``mask`` allows, times ``v`` (torch, any
+    leading dims that broadcast; ``q [.., R, d]``, ``k``, ``v [.., C, d]``, ``mask [.., R, C]``
+    bool): rows without a key give zeros (a row of -inf alone gives NaN, replaced by 0). The
+    float64 references of the forward and backward benches, differentiable by torch autograd."""
+    import torch
+
+    scores = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0) @ v

@@ -230,33 +230,31 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
                         first + stride * chunk_row(it, tid), N - 1)) * D + chunk_col(it, tid)),
                     16, T.Cast("uint32", T.if_then_else(chunk_row(it, tid) < count, 16, 0))))
 
+    def block_rows(col0, sig):  # rows of the column block at col0, sig inside the sequence
+        return T.min(BC, (N - 1 - col0) // sig + 1)
+
+    @T.macro
+    def copy_stat(stats, slot, src, b, h, col0, sig, u):
+        # src[b, h, col0 + sig u] (0 past the block's rows) -> stats[slot]: a plain load
+        # (stages == 1, the caller's barriers order it) or a 4-byte cp.async (stages == 2)
+        if stages == 1:
+            stats[slot] = T.if_then_else(u < block_rows(col0, sig), src[b, h, T.min(col0 + sig * u, N - 1)],
+                                         T.float32(0))
+        else:
+            T.evaluate(T.ptx["cp.async.ca.shared.global"](
+                T.address_of(stats[slot]),
+                src.access_ptr("r", offset=(b * src.shape[1] + h) * N + T.min(col0 + sig * u, N - 1)),
+                4, T.Cast("uint32", T.if_then_else(u < block_rows(col0, sig), 4, 0))))
+
     @T.macro
     def fetch_stats(stats, lse, delta, b, h, col0, sig, st, tid):
         # bwd_dkdv: the lse and delta of the block's BC query rows -> stage st of ``stats``
-        # (float32 [stages, 2, BC]; rows past the count zero), cp.async (4 bytes, in the block's
-        # group) with stages == 2, plain loads with stages == 1
+        # (float32 [stages, 2, BC]; rows past the count zero), in the block's cp.async group
+        # with stages == 2
         for it in T.serial((BC + NTHR - 1) // NTHR):
             if it * NTHR + tid < BC:
-                if stages == 1:
-                    stats[it * NTHR + tid] = T.if_then_else(
-                        it * NTHR + tid < T.min(BC, (N - 1 - col0) // sig + 1),
-                        lse[b, h, T.min(col0 + sig * (it * NTHR + tid), N - 1)], T.float32(0))
-                    stats[BC + it * NTHR + tid] = T.if_then_else(
-                        it * NTHR + tid < T.min(BC, (N - 1 - col0) // sig + 1),
-                        delta[b, h, T.min(col0 + sig * (it * NTHR + tid), N - 1)], T.float32(0))
-                else:
-                    T.evaluate(T.ptx["cp.async.ca.shared.global"](
-                        T.address_of(stats[st * 2 * BC + it * NTHR + tid]),
-                        lse.access_ptr("r", offset=(b * lse.shape[1] + h) * N + T.min(
-                            col0 + sig * (it * NTHR + tid), N - 1)),
-                        4, T.Cast("uint32", T.if_then_else(
-                            it * NTHR + tid < T.min(BC, (N - 1 - col0) // sig + 1), 4, 0))))
-                    T.evaluate(T.ptx["cp.async.ca.shared.global"](
-                        T.address_of(stats[st * 2 * BC + BC + it * NTHR + tid]),
-                        delta.access_ptr("r", offset=(b * delta.shape[1] + h) * N + T.min(
-                            col0 + sig * (it * NTHR + tid), N - 1)),
-                        4, T.Cast("uint32", T.if_then_else(
-                            it * NTHR + tid < T.min(BC, (N - 1 - col0) // sig + 1), 4, 0))))
+                copy_stat(stats, st * 2 * BC + it * NTHR + tid, lse, b, h, col0, sig, it * NTHR + tid)
+                copy_stat(stats, st * 2 * BC + BC + it * NTHR + tid, delta, b, h, col0, sig, it * NTHR + tid)
 
     @T.macro
     def fetch_block(smem, u_src, w_src, b, h, col0, sig, st, tid, stats, lse, delta):
@@ -264,15 +262,14 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
         # plain loads (stages == 1, the caller's barriers order them) or cp.async (stages == 2,
         # committed as one group)
         if stages == 1:
-            load_rows(smem, U_OFF, u_src, b, h, col0, sig, T.min(BC, (N - 1 - col0) // sig + 1), BC, tid)
-            load_rows(smem, W_OFF, w_src, b, h, col0, sig, T.min(BC, (N - 1 - col0) // sig + 1), BC, tid)
-            if dkdv:
-                fetch_stats(stats, lse, delta, b, h, col0, sig, st, tid)
+            load_rows(smem, U_OFF, u_src, b, h, col0, sig, block_rows(col0, sig), BC, tid)
+            load_rows(smem, W_OFF, w_src, b, h, col0, sig, block_rows(col0, sig), BC, tid)
         else:
-            issue_rows(smem, U_OFF + st * BC * DP, u_src, b, h, col0, sig, T.min(BC, (N - 1 - col0) // sig + 1), tid)
-            issue_rows(smem, W_OFF + st * BC * DP, w_src, b, h, col0, sig, T.min(BC, (N - 1 - col0) // sig + 1), tid)
-            if dkdv:
-                fetch_stats(stats, lse, delta, b, h, col0, sig, st, tid)
+            issue_rows(smem, U_OFF + st * BC * DP, u_src, b, h, col0, sig, block_rows(col0, sig), tid)
+            issue_rows(smem, W_OFF + st * BC * DP, w_src, b, h, col0, sig, block_rows(col0, sig), tid)
+        if dkdv:
+            fetch_stats(stats, lse, delta, b, h, col0, sig, st, tid)
+        if stages == 2:
             T.evaluate(T.ptx.cp.async_.commit_group())
 
     @T.macro
