@@ -105,11 +105,12 @@ def test_multi_component_masks_take_the_tensor_cores(mask, heads, kv_heads, n, d
     CUDA target (planning only, nothing runs): plans of two components, whose combining kernels
     (``fwd_merge``, ``bwd_dq_sum``, ``bwd_dkdv_sum``) read the plans' ``num_comp`` tables; the
     forward keeps the mma form (several components: no wgmma default on Hopper, as the forward
-    planner decides)."""
+    planner decides) and its split-KV rule, which splits nothing here."""
     plan = plan_training(mask, (2, heads, n, d), (2, kv_heads, n, d), dtype, "cuda", target="nvidia/nvidia-h100")
     assert plan.kernels == "tensor-cores" and plan.fallback_reason is None, repr(plan)
     assert [p.shape.num_components for p in plan.tile_plans] == [2, 2, 2]
-    assert not plan.mma_knobs.forward.wgmma and plan.mma_knobs.forward.split_blocks == 0
+    assert not plan.mma_knobs.forward.wgmma and plan.mma_knobs.forward.split_blocks == -1  # the forward's rule:
+    assert not any(p.shape.num_slots for p in plan.tile_plans)  # strided rows are all alike, nothing split
     tables = plan.tables()
     for name, p in zip(("fwd_num_comp", "num_comp", "tnum_comp"), plan.tile_plans):
         assert (tables[name] == p.num_comp).all() and tables[name].dtype == np.int32

@@ -12,8 +12,10 @@ Two kernel families (``TrainingPlan.kernels``):
 * ``"tensor-cores"`` — float16 / bfloat16 on a CUDA target: the warp-level ``mma.sync``
   kernels (:mod:`tvm_splat.kernels.backward_mma`) over three tile plans: the forward's (with its
   ``lse`` output), the mask's for ``dq`` and the transposed mask's for ``dk``/``dv``
-  (``tile_plans``, :func:`_training_tile_plan`: the forward's row-aligned components, no
-  split-KV). A plan of several components (a band with a dilated or strided part) adds a
+  (``tile_plans``, :func:`_training_tile_plan`: the forward's row-aligned components and its
+  split-KV of long tiles, whose chunks' states ``fwd_split_merge`` combines with their lse, and
+  whose chunks' partial gradients ``bwd_dq_split_sum`` and ``bwd_dkdv_split_sum`` add). A plan
+  of several components (a band with a dilated or strided part) adds a
   combining kernel after each of the three: the forward's merge, which also writes the lse,
   and a sum of the per-component partial gradients (``fwd_merge``, ``bwd_dq_sum``,
   ``bwd_dkdv_sum``). Their float32 partial buffers — forward ``o_part [B*H, C, n, head_dim]``
@@ -45,9 +47,9 @@ from .formats import ACSR, parse_pattern
 from .formats.tile_plan import plan_tiles
 from .formats.transpose import transpose_acsr, transposed_acsr
 from .kernels.backward import BackwardSpec
-from .kernels.backward_mma import part_shape
+from .kernels.backward_mma import part_shape, split_part_shape
 from .kernels.spec import SPEC_DTYPES
-from .kernels.tiled import partial_shapes
+from .kernels.tiled import partial_shapes, split_shapes
 from .kernels.tiled_mma import MMA_TYPES
 from .planner import SEGMENTS, as_acsr, default_knobs
 from .schedules.backward_mma import default_backward_mma_knobs, tensor_core_training_refusal
@@ -63,9 +65,10 @@ _TRANSPOSED = tuple(f"t{name}" for name in (*SEGMENTS, "indices"))
 _FWD_PLAN = ("seg_start", "seg_count", "fwd_seg_sigma", "fwd_tiles", "fwd_blocks")
 _DQ_PLAN = ("seg_start", "seg_count", "seg_sigma", "tiles", "blocks")
 _DKDV_PLAN = ("tseg_start", "tseg_count", "tseg_sigma", "ttiles", "tblocks")
-#: the forward kernel's partial-state buffers, one-element dummies: split-KV is never on, and
-#: the per-component states (``o_part``, ``ml_part``) are real buffers only on plans of several
-#: components (allocated per call then, :meth:`TrainingPlan.forward`)
+#: the forward kernel's partial-state buffers, one-element dummies: the per-component states
+#: (``o_part``, ``ml_part``) and the chunk states (``split_o``, ``split_ml``) are real buffers
+#: only on plans of several components or with split-KV (allocated per call then,
+#: :meth:`TrainingPlan._forward_mma`)
 _FWD_SCRATCH = (("o_part", (1, 1, 1, 1)), ("ml_part", (1, 1, 1, 2)), ("split_o", (1, 1, 1, 1)),
                 ("split_ml", (1, 1, 1, 2)))
 
@@ -93,9 +96,10 @@ class TrainingPlan:
             # (tests/gpu/test_backward.py, 2026-12-01), see tensor_core_training_refusal
             knobs = mma_knobs or default_backward_mma_knobs(spec, target, default_knobs(spec.rows, target, acsr,
                                                                                          tma=False))
-            plans = (_training_tile_plan(acsr, br=knobs.forward.br, bc=knobs.forward.bc),
-                     _training_tile_plan(acsr, br=knobs.br, bc=knobs.dq_bc),
-                     _training_tile_plan(transposed, br=knobs.br, bc=knobs.dkdv_bc))
+            plans = (_training_tile_plan(acsr, br=knobs.forward.br, bc=knobs.forward.bc,
+                                         split_blocks=knobs.forward.split_blocks),
+                     _training_tile_plan(acsr, br=knobs.br, bc=knobs.dq_bc, split_blocks=knobs.split_blocks),
+                     _training_tile_plan(transposed, br=knobs.br, bc=knobs.dkdv_bc, split_blocks=knobs.split_blocks))
             self.fallback_reason = tensor_core_training_refusal(spec, target, knobs, plans)
             if self.fallback_reason is None:
                 self.kernels, self.mma_knobs, self.tile_plans = "tensor-cores", knobs, plans
@@ -125,9 +129,9 @@ class TrainingPlan:
         if self.kernels == "tensor-cores":
             fwd, dq, dkdv = self.tile_plans
             tables.update(fwd_seg_sigma=fwd.seg_sigma, fwd_tiles=fwd.tiles, fwd_blocks=fwd.blocks,
-                          fwd_num_comp=fwd.num_comp, seg_sigma=dq.seg_sigma, tiles=dq.tiles, blocks=dq.blocks,
-                          num_comp=dq.num_comp, tseg_sigma=dkdv.seg_sigma, ttiles=dkdv.tiles, tblocks=dkdv.blocks,
-                          tnum_comp=dkdv.num_comp)
+                          fwd_num_comp=fwd.num_comp, fwd_splits=fwd.splits, seg_sigma=dq.seg_sigma, tiles=dq.tiles, blocks=dq.blocks,
+                          num_comp=dq.num_comp, splits=dq.splits, tseg_sigma=dkdv.seg_sigma, ttiles=dkdv.tiles,
+                          tblocks=dkdv.blocks, tnum_comp=dkdv.num_comp, tsplits=dkdv.splits)
         return {name: np.ascontiguousarray(a, dtype=np.int32) for name, a in tables.items()}
 
     def _kernels(self):
@@ -181,16 +185,29 @@ class TrainingPlan:
         rows = self.spec.rows
         out = self._empty(q, self.q_shape, rows.dtype)
         lse = self._empty(q, self.stats_shape, rows.accum_dtype)
-        if self.kernels == "tensor-cores" and self.tile_plans[0].shape.num_components > 1:
-            o_shape, ml_shape = partial_shapes(rows, self.tile_plans[0].shape.num_components)
-            o_part, ml_part = self._empty(q, o_shape, "float32"), self._empty(q, ml_shape, "float32")
-            self._launch("fwd_lse", q, k, v, *_FWD_PLAN, out, o_part, ml_part, "split_o", "split_ml")
-            self._launch("fwd_merge", o_part, ml_part, "fwd_num_comp", out, lse)
-        elif self.kernels == "tensor-cores":
-            self._launch("fwd_lse", q, k, v, *_FWD_PLAN, out, *(name for name, _ in _FWD_SCRATCH), lse)
+        if self.kernels == "tensor-cores":
+            self._forward_mma(q, k, v, out, lse)
         else:
             self._launch("fwd_lse", q, k, v, *SEGMENTS, "indices", out, lse)
         return out, lse
+
+    def _forward_mma(self, q, k, v, out, lse):
+        """The tensor-core forward: whole tiles write out and lse directly on a plan of one
+        component, else per-component partial states that ``fwd_merge`` combines (writing the
+        lse); with split-KV the chunks of long tiles write their states to slots first, which
+        ``fwd_split_merge`` combines (into out and lse, or the component's state)."""
+        rows, plan = self.spec.rows, self.tile_plans[0].shape
+        several = plan.num_components > 1
+        o_part, ml_part = ((self._empty(q, shape, "float32") for shape in partial_shapes(rows, plan.num_components))
+                           if several else ("o_part", "ml_part"))
+        split_o, split_ml = ((self._empty(q, shape, "float32") for shape in split_shapes(rows, plan))
+                             if plan.num_slots else ("split_o", "split_ml"))
+        direct_lse = [] if several else [lse]
+        self._launch("fwd_lse", q, k, v, *_FWD_PLAN, out, o_part, ml_part, split_o, split_ml, *direct_lse)
+        if plan.num_slots:
+            self._launch("fwd_split_merge", split_o, split_ml, "fwd_splits", out, o_part, ml_part, *direct_lse)
+        if several:
+            self._launch("fwd_merge", o_part, ml_part, "fwd_num_comp", out, lse)
 
     def backward(self, q, k, v, out, lse, dout, dlse=None):
         """``(dq, dk, dv)`` for the output gradient ``dout`` (and ``dlse``, the gradient of the
@@ -215,34 +232,48 @@ class TrainingPlan:
     def _backward_mma(self, q, k, v, out, lse, dout, dlse, dq, dk, dv, delta):
         """The tensor-core backward: each kernel writes its gradient directly on a plan of one
         component, else per-component float32 partials that its sum kernel adds (the module
-        docstring)."""
+        docstring); on a plan with split-KV the chunks of long tiles write float32 slots first,
+        which ``split_sum`` adds into the gradient (or its component's partial)."""
         rows = self.spec.rows
-        c_dq, c_dkdv = (p.shape.num_components for p in self.tile_plans[1:])
-        if c_dq > 1:
-            dq_part = self._empty(q, part_shape(rows, c_dq, rows.heads), "float32")
-            self._launch("bwd_dq", q, k, v, out, dout, lse, dlse, *_DQ_PLAN, dq, delta, dq_part)
+        dq_plan, dkdv_plan = (p.shape for p in self.tile_plans[1:])
+        dq_part = self._empty(q, part_shape(rows, dq_plan.num_components, rows.heads), "float32")
+        dq_split = self._empty(q, split_part_shape(rows, dq_plan, rows.heads), "float32")
+        self._launch("bwd_dq", q, k, v, out, dout, lse, dlse, *_DQ_PLAN, dq, delta,
+                     *_present((dq_part, dq_plan.num_components > 1), (dq_split, dq_plan.num_slots)))
+        if dq_plan.num_slots:
+            self._launch("bwd_dq_split_sum", dq_split, "splits", dq, dq_part)
+        if dq_plan.num_components > 1:
             self._launch("bwd_dq_sum", dq_part, "num_comp", dq)
-        else:
-            self._launch("bwd_dq", q, k, v, out, dout, lse, dlse, *_DQ_PLAN, dq, delta)
-        if c_dkdv > 1:
-            dk_part, dv_part = (self._empty(q, part_shape(rows, c_dkdv, rows.kv_heads), "float32") for _ in range(2))
-            self._launch("bwd_dkdv", q, k, v, dout, lse, delta, *_DKDV_PLAN, dk, dv, dk_part, dv_part)
-            self._launch("bwd_dkdv_sum", dk_part, "tnum_comp", dk)
-            self._launch("bwd_dkdv_sum", dv_part, "tnum_comp", dv)
-        else:
-            self._launch("bwd_dkdv", q, k, v, dout, lse, delta, *_DKDV_PLAN, dk, dv)
+        several, split = dkdv_plan.num_components > 1, dkdv_plan.num_slots
+        dk_part, dv_part = (self._empty(q, part_shape(rows, dkdv_plan.num_components, rows.kv_heads), "float32")
+                            for _ in range(2))
+        dk_split, dv_split = (self._empty(q, split_part_shape(rows, dkdv_plan, rows.kv_heads), "float32")
+                              for _ in range(2))
+        self._launch("bwd_dkdv", q, k, v, dout, lse, delta, *_DKDV_PLAN, dk, dv,
+                     *_present((dk_part, several), (dv_part, several), (dk_split, split), (dv_split, split)))
+        for grad, part, chunks in ((dk, dk_part, dk_split), (dv, dv_part, dv_split)):
+            if split:
+                self._launch("bwd_dkdv_split_sum", chunks, "tsplits", grad, part)
+            if several:
+                self._launch("bwd_dkdv_sum", part, "tnum_comp", grad)
 
 
-def _training_tile_plan(acsr: ACSR, br: int, bc: int):
+def _present(*buffers):
+    """The buffers whose condition holds (the optional last parameters of a kernel)."""
+    return [buf for buf, wanted in buffers if wanted]
+
+
+def _training_tile_plan(acsr: ACSR, br: int, bc: int, split_blocks: int = 0):
     """The tile plan of the training kernels: the forward's (row-aligned components, so a
-    band with a strided or dilated part gets dense blocks of rows sharing a residue) with
-    split-KV off (a row's lse, delta and gradient come from whole tiles; several components are
-    merged or summed after, see the module docstring). Scores computed per nonzero (``nrows x
-    BC`` per block over the mask's nonzeros, 64-row tiles): strided:64 at n=4096 1.34 with 64-
-    or 32-column blocks (one contiguous component per head, as these kernels used before they
-    took several: 22.7), causal_strided:64 2.01 (43.8 at 64 columns, 33.0 at 32); the transposed
-    masks' plans the same."""
-    return plan_tiles(acsr, br=br, bc=bc, split_blocks=0)
+    band with a strided or dilated part gets dense blocks of rows sharing a residue), with
+    split-KV chunks of ``split_blocks`` blocks (-1: the forward's rule,
+    :func:`~tvm_splat.formats.tile_plan.split_length`; 0: none): the forward merges a split
+    tile's chunks with their lse, the backward sums their partial gradients. Scores computed
+    per nonzero (``nrows x BC`` per block over the mask's nonzeros, 64-row tiles): strided:64 at
+    n=4096 1.34 with 64- or 32-column blocks (one contiguous component per head, as these
+    kernels used before they took several: 22.7), causal_strided:64 2.01 (43.8 at 64 columns,
+    33.0 at 32); the transposed masks' plans the same."""
+    return plan_tiles(acsr, br=br, bc=bc, split_blocks="auto" if split_blocks == -1 else split_blocks)
 
 
 def _transposed(mask, acsr: ACSR, max_segments: int) -> ACSR:

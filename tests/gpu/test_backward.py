@@ -183,6 +183,50 @@ def test_tensor_core_training_matches_float64_at_dense_sdpa_error(name, mask, he
     assert (dq.cpu()[:, torch.from_numpy(empty)] == 0).all()
 
 
+#: split-KV of the backward plans, forced small (chunks of 2 blocks) so these shapes split:
+#: global rows and columns (GQA), with two components (MQA), per-head masks
+SPLIT_CASES = [TC_CASES[2], MULTI_COMPONENT_CASES[2],
+               ("per-head global n=400", PerHead((GlobalTokens(2) | Window(9), Window(30, causal=True))), 2, 2, 400)]
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name,mask,heads,kv_heads,n", SPLIT_CASES, ids=[c[0] for c in SPLIT_CASES])
+def test_split_training_matches_float64_at_dense_sdpa_error(name, mask, heads, kv_heads, n, dtype, d):
+    """Forward and backward with long tiles split into chunks in all three plans (the forward's
+    chunk states merged with their lse by fwd_split_merge; each backward chunk writes a float32
+    slot that split_sum adds, before the component sum where there are several) against the
+    float64 dense reference, at the tolerance of the default-knob test."""
+    import dataclasses
+
+    from tvm_splat.training import plan_training
+
+    base = _tensor_core_plan(mask, heads, kv_heads, n, d, dtype)
+    knobs = dataclasses.replace(base.mma_knobs, split_blocks=2,
+                                forward=dataclasses.replace(base.mma_knobs.forward, split_blocks=2))
+    plan = plan_training(mask, (2, heads, n, d), (2, kv_heads, n, d), str(dtype).replace("torch.", ""), "cuda",
+                         mma_knobs=knobs)
+    assert plan.kernels == "tensor-cores" and all(p.shape.num_slots for p in plan.tile_plans), repr(plan)
+    q, k, v, dout = _inputs(2, heads, kv_heads, n, d, dtype, seed=n + 1)
+    dense = plan.acsr.to_dense()
+    dense = dense[0] if dense.shape[0] == 1 else dense
+    out, lse = plan.forward(q, k, v)
+    grads = plan.backward(q, k, v, out, lse, dout)
+    q64, k64, v64, do64 = (x.double().cpu().numpy() for x in (q, k, v, dout))
+    ref_out = masked_attention(q64, k64, v64, dense)
+    refs = masked_attention_grads(q64, k64, v64, dense, do64)
+    sdpa = _sdpa_errors(q, k, v, dout, _yardstick_mask(dense))
+    tolerance = max(SDPA_FACTOR * max(sdpa), 4 * EPS[dtype])
+    out_err = float(np.abs(out.double().cpu().numpy() - ref_out).max() / np.abs(ref_out).max())
+    assert out_err <= tolerance, f"out: {out_err:.3g} (tolerance {tolerance:.3g})"
+    scores = q64 @ np.repeat(k64, heads // kv_heads, 1).swapaxes(-1, -2) / d ** 0.5
+    ref_lse = np.log(np.where(dense, np.exp(scores - scores.max(-1, keepdims=True)), 0).sum(-1)) \
+        + scores.max(-1)
+    np.testing.assert_allclose(lse.double().cpu().numpy(), ref_lse, rtol=1e-3, atol=1e-3)
+    for which, a, b in zip(("dq", "dk", "dv"), _relative_errors(grads, refs), sdpa):
+        assert a <= tolerance, f"{which}: ours {a:.3g}, dense SDPA {b:.3g} (tolerance {tolerance:.3g})"
+
+
 @pytest.mark.parametrize("stages", [2, 1])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name,mask,heads,kv_heads,n", [TC_CASES[2], TC_CASES[4]], ids=[TC_CASES[2][0], TC_CASES[4][0]])

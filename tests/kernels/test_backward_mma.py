@@ -44,26 +44,37 @@ AFFINE_CASES = [c for c in mask_cases() if not (c[1].seg_step == 0).any()] + [
 ]
 
 
-@pytest.mark.parametrize("br,bc", [(16, 16), (64, 32)])
+@pytest.mark.parametrize("br,bc,split", [(16, 16, 0), (64, 32, 0), (16, 16, 2)])
 @pytest.mark.parametrize("name,acsr,heads", AFFINE_CASES, ids=[c[0] for c in AFFINE_CASES])
-def test_training_plans_cover_the_mask_and_its_transpose_once(name, acsr, heads, br, bc):
+def test_training_plans_cover_the_mask_and_its_transpose_once(name, acsr, heads, br, bc, split):
     """The dq plan computes every nonzero of the mask, the dk/dv plan every nonzero of the
     transposed mask, each exactly once over all components and nothing else; the tiles of each
     component ``c < num_comp`` hold every row exactly once (so every partial slot a head uses
     is written in full, and component 0's tiles, which write ``delta``, reach every row), and
-    no tile names a component past its head's ``num_comp``."""
+    no tile names a component past its head's ``num_comp``. With split-KV (chunks of 2 blocks)
+    a split tile's rows are held by its group instead (``split_sum`` writes them once), each
+    chunk naming a slot of that group."""
     dense = acsr.to_dense()
     for ac, want in ((acsr, dense), (transpose_acsr(acsr), dense.transpose(0, 2, 1))):
-        plan = _training_plan(ac, br, bc)
+        plan = plan_tiles(ac, br=br, bc=bc, split_blocks=split)
         check_backward_mma_plan(plan.shape, plan.num_comp)
         for h in range(ac.num_heads):
             np.testing.assert_array_equal(plan.covered(h), want[h].astype(np.int64))
             rows = np.zeros((int(plan.num_comp[h]), ac.n), dtype=np.int64)
-            for row0, rstride, nrows, comp, *_ in plan.tiles[h]:
-                if nrows:
+            for row0, rstride, nrows, comp, _lo, _hi, slot in plan.tiles[h]:
+                if nrows and slot < 0:
                     assert 0 <= comp < plan.num_comp[h]
                     rows[comp, row0 + rstride * np.arange(nrows)] += 1
+            groups = plan.splits[h] if plan.shape.num_slots else np.zeros((0, 6), np.int32)
+            for row0, rstride, nrows, comp, slot_lo, slot_hi in groups:
+                if nrows:
+                    rows[comp, row0 + rstride * np.arange(nrows)] += 1
+                    chunks = [t for t in plan.tiles[h] if slot_lo <= t[6] < slot_hi]
+                    assert len(chunks) == slot_hi - slot_lo and all(tuple(t[:4]) == (row0, rstride, nrows, comp)
+                                                                    for t in chunks)
             assert (rows == 1).all()
+        if split and name == "strided + global":
+            assert plan.shape.num_slots  # global rows / columns: long tiles, split
 
 
 def test_strided_masks_get_several_components_and_few_scores_per_nonzero():
@@ -100,15 +111,14 @@ def test_full_blocks_need_no_mask_test(name, acsr, heads):
                         assert cols[-1] < ac.n and want[h][np.ix_(rows, cols)].all()
 
 
-def test_csr_rows_and_split_kv_are_refused_components_are_not():
+def test_csr_rows_are_refused_split_kv_and_components_are_not():
     _, irregular, _ = next(c for c in mask_cases() if c[0] == "irregular -> CSR fallback")
     plan = _training_plan(irregular)
     with pytest.raises(ValueError, match="without CSR fallback rows"):
         check_backward_mma_plan(plan.shape, plan.num_comp)
     split = plan_tiles(ACSR.from_pattern(GlobalTokens(1) | Window(4), 400), br=16, bc=16, split_blocks=4)
     assert split.shape.num_slots > 0
-    with pytest.raises(ValueError, match="without split-KV"):
-        check_backward_mma_plan(split.shape, split.num_comp)
+    check_backward_mma_plan(split.shape, split.num_comp)  # accepted: chunks merged (forward) or summed
     components = _training_plan(ACSR.from_pattern(Strided(8), 50), br=16, bc=16)
     assert components.shape.num_components == 2
     check_backward_mma_plan(components.shape, components.num_comp)  # accepted
@@ -152,8 +162,8 @@ def test_shapes_it_cannot_take_are_named():
 
 def test_the_forward_lse_output_is_off_by_default():
     """``with_lse`` adds one last parameter and nothing else changes in the signature on a plan of
-    one component; on a plan of several the kernel is the plain one (the merge writes the lse);
-    split-KV is refused."""
+    one component; on a plan of several the kernel is the plain one (the merge writes the lse),
+    with split-KV too (the chunks' merge writes it)."""
     acsr = ACSR.from_pattern(GlobalTokens(2) | Window(8, causal=True), 200)
     spec = AttentionSpec.from_acsr(acsr, 2, 4, 64, "float16", kv_heads=2)
     shape = _training_plan(acsr).shape
@@ -167,9 +177,9 @@ def test_the_forward_lse_output_is_off_by_default():
     assert [p.name for p in tiled_mma_func(strided_spec, merged, with_lse=True).params] == \
         [p.name for p in tiled_mma_func(strided_spec, merged).params]
     split = plan_tiles(strided, br=64, bc=16, split_blocks=1).shape
-    assert split.num_slots > 0
-    with pytest.raises(ValueError, match="without split-KV"):
-        tiled_mma_func(strided_spec, split, with_lse=True)
+    assert split.num_slots > 0  # split chunks write their states, not the lse (split_merge does)
+    assert [p.name for p in tiled_mma_func(strided_spec, split, with_lse=True).params] == \
+        [p.name for p in tiled_mma_func(strided_spec, split).params]
 
 
 def test_partial_gradient_parameters_only_with_several_components():
@@ -230,6 +240,60 @@ def test_merge_with_lse_combines_components_and_writes_the_lse():
     assert np.isneginf(lse[0, 0, 5]) and (out[0, 0, 5] == 0).all() and np.isfinite(lse[0, 1]).all()
 
 
+def test_split_merge_with_lse_writes_the_split_rows_lse():
+    """``split_merge_func(with_lse=True)`` (the forward's chunk merge on split training plans of
+    one component), built for the CPU on random chunk states of a real split plan (global rows
+    beside a window, chunks of 2 blocks): out and lse of each split tile's rows from the merge
+    of its slots (an empty chunk row, m = -1e30 and l = 0, counts for nothing; a row empty in
+    every chunk gets lse -inf and out 0); rows of whole tiles are left alone; slots beyond the
+    groups' hold NaN. With several components it writes the component state, and no lse."""
+    import tvm
+
+    from tvm_splat.kernels.tiled import split_merge_func, split_shapes
+
+    acsr = ACSR.from_pattern(GlobalTokens(2) | Window(3), 90)
+    plan = plan_tiles(acsr, br=16, bc=16, split_blocks=2)
+    spec = AttentionSpec.from_acsr(acsr, 1, 2, 16, "float32")
+    so_shape, sml_shape = split_shapes(spec, plan.shape)
+    rng = np.random.default_rng(4)
+    so = rng.standard_normal(so_shape).astype(np.float32)
+    sml = np.stack([rng.uniform(-3, 3, sml_shape[:-1]), rng.uniform(0.5, 4, sml_shape[:-1])], -1).astype(np.float32)
+    groups = [g for g in plan.splits[0] if g[2]]
+    row0, rstride, _, _, lo, hi = groups[0]
+    sml[:, lo, 1] = (-1.0e30, 0.0)  # row 1 of the first split tile: empty in its first chunk
+    so[:, lo, 1] = 0
+    sml[:, lo:hi, 2] = (-1.0e30, 0.0)  # row 2: empty in every chunk
+    so[:, lo:hi, 2] = 0
+    last = max(int(g[5]) for g in groups)
+    so[:, last:], sml[:, last:] = np.nan, np.nan
+    out0 = rng.standard_normal((1, 2, 90, 16)).astype(np.float32)
+    lse0 = rng.standard_normal((1, 2, 90)).astype(np.float32)
+    dummy_o, dummy_ml = np.zeros((1, 1, 1, 1), np.float32), np.zeros((1, 1, 1, 2), np.float32)
+    lib = _build_cpu(split_merge_func(spec, plan.shape, with_lse=True))
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in (so, sml, plan.splits, out0, dummy_o, dummy_ml,
+                                                                   lse0)]
+    lib["main"](*args)
+    out, lse = args[3].numpy(), args[6].numpy()
+    want_out, want_lse = out0.copy(), lse0.copy()
+    for h in range(2):
+        for g0, gstride, nrows, _comp, glo, ghi in groups:
+            m, l = sml[h, glo:ghi, :nrows, 0].astype(np.float64), sml[h, glo:ghi, :nrows, 1].astype(np.float64)
+            w = np.exp2(m - m.max(0))
+            total = (w * l).sum(0)
+            rows = g0 + gstride * np.arange(nrows)
+            want_out[0, h, rows] = np.where(total[:, None] > 0, (w[..., None] * so[h, glo:ghi, :nrows]).sum(0)
+                                            / np.where(total, total, 1)[:, None], 0)
+            with np.errstate(divide="ignore"):
+                want_lse[0, h, rows] = np.where(total > 0, (m.max(0) + np.log2(total)) * np.log(2.0), -np.inf)
+    np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-6)
+    assert np.isneginf(lse[0, :, row0 + 2 * rstride]).all()
+    several = plan_tiles(ACSR.from_pattern(GlobalTokens(1) | Strided(6), 90), br=16, bc=16, split_blocks=2)
+    assert several.shape.num_components == 2 and several.shape.num_slots
+    merged = split_merge_func(spec, several.shape, with_lse=True)
+    assert "lse" not in [p.name for p in merged.params]  # the components' merge writes it
+
+
 @pytest.mark.parametrize("kv", [False, True], ids=["dq", "dkdv"])
 def test_sum_components_adds_only_the_slots_a_head_writes(kv):
     """``sum_components`` built for the CPU: the float32 sum of the first ``num_comp[hm]`` slots
@@ -259,6 +323,53 @@ def test_sum_components_adds_only_the_slots_a_head_writes(kv):
         sum_components_func(spec, 1)
 
 
+@pytest.mark.parametrize("kv,components", [(False, 1), (True, 1), (False, 2)], ids=["dq", "dkdv", "dq-components"])
+def test_split_sum_adds_each_split_tiles_chunks_into_its_rows(kv, components):
+    """``split_sum`` built for the CPU on a real split plan (global rows / columns beside a
+    window, chunks of 2 blocks): each row of a split tile gets the float32 sum of its chunks'
+    slots (tile-local rows), cast into the gradient, or with several components written to
+    its component's partial slot; rows of whole tiles are left alone, and slots beyond a
+    group's are never read (NaN there)."""
+    import tvm
+
+    from tvm_splat.kernels.backward_mma import part_shape, split_part_shape, split_sum_func
+
+    pattern = (GlobalTokens(2) | Window(3)) if components == 1 else (GlobalTokens(1) | Strided(6))
+    acsr = ACSR.from_pattern(pattern, 90)
+    plan = plan_tiles(acsr if not kv else transpose_acsr(acsr), br=16, bc=16, split_blocks=2)
+    assert plan.shape.num_slots and plan.shape.num_components == components
+    heads, kv_heads = (4, 2) if kv else (2, 2)
+    spec = AttentionSpec.from_acsr(acsr, 2, heads, 16, "float32", kv_heads=kv_heads)
+    X = kv_heads if kv else heads
+    rng = np.random.default_rng(3)
+    split = rng.standard_normal(split_part_shape(spec, plan.shape, X)).astype(np.float32)
+    groups = plan.splits[0]
+    used = np.zeros(split.shape[1], bool)
+    for _, _, nrows, _, lo, hi in groups:
+        if nrows:
+            used[lo:hi] = True
+    split[:, ~used] = np.nan
+    dst0 = rng.standard_normal((2, X, 90, 16)).astype(np.float32)
+    part0 = rng.standard_normal(part_shape(spec, components, X)).astype(np.float32)
+    dst, part = tvm.runtime.tensor(dst0.copy()), tvm.runtime.tensor(part0.copy())
+    lib = _build_cpu(split_sum_func(spec, plan.shape, kv=kv))
+    lib["main"](tvm.runtime.tensor(split), tvm.runtime.tensor(np.ascontiguousarray(plan.splits, np.int32)), dst, part)
+    want_dst, want_part = dst0.copy(), part0.copy()
+    for bx in range(2 * X):
+        b, x = divmod(bx, X)
+        for row0, rstride, nrows, comp, lo, hi in groups:
+            for r in range(nrows):
+                total = split[bx, lo:hi, r].sum(0)
+                if components == 1:
+                    want_dst[b, x, row0 + rstride * r] = total
+                else:
+                    want_part[comp, b, x, row0 + rstride * r] = total
+    np.testing.assert_allclose(dst.numpy(), want_dst, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(part.numpy(), want_part, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="split-KV chunks"):
+        split_sum_func(spec, _training_plan(acsr).shape)
+
+
 #: the combining kernels of plans of several components (forward, dq, dk/dv)
 COMBINING = ("fwd_merge", "bwd_dq_sum", "bwd_dkdv_sum")
 
@@ -270,6 +381,8 @@ BUILD_CASES = [  # (name, mask, heads, kv_heads, n, head_dim, dtype, stages, tar
     ("causal strided d128 fp16 gqa", Strided(16, causal=True), 4, 2, 181, 128, "float16", 2, H100, True),
     ("strided d64 bf16 gqa sm80", Strided(8), 4, 2, 97, 64, "bfloat16", 2, A100, True),
     ("dilated d64 fp16 one stage", DilatedWindow(6, 2), 4, 2, 150, 64, "float16", 1, H100, False),
+    ("global+window n=2000 d64 fp16 gqa split", GlobalTokens(4) | Window(64), 4, 2, 2000, 64, "float16", 2, H100,
+     False),
 ]
 
 
@@ -315,4 +428,13 @@ def test_training_plans_pick_and_build_the_tensor_core_kernels(name, mask, heads
     assert not any("lse_ptr" in line for line in dkdv_body.splitlines() if "exp2f" in line)
     assert ("cp_async_ca" in dkdv_body) == (stages == 2) and "cp_async_ca" not in dq_body
     assert "condval" not in "".join(line for line in dq_body.splitlines() if "exp2f" in line)
+    # long tiles (the rows of global tokens; over the transpose, their columns) are split: each
+    # backward plan with chunks adds its split_sum, and its kernel its chunk-result parameter(s)
+    for kernel, plan_ in (("bwd_dq", plan.tile_plans[1]), ("bwd_dkdv", plan.tile_plans[2])):
+        assert (f"{kernel}_split_sum_kernel(" in src) == bool(plan_.shape.num_slots)
+    assert ("dq_split_ptr" in dq_body) == bool(plan.tile_plans[1].shape.num_slots)
+    assert ("dk_split_ptr" in dkdv_body) == bool(plan.tile_plans[2].shape.num_slots)
+    assert bool(plan.tile_plans[1].shape.num_slots) == ("global+window n=2000" in name)
+    # the forward's chunks are merged with their lse
+    assert ("fwd_split_merge_kernel(" in src) == bool(plan.tile_plans[0].shape.num_slots)
     assert len(nvcc_compile(src, target)) > 1000

@@ -54,9 +54,20 @@ Mistral's (causal window 4096, n=8192, 32/8 heads, d=128) from 13.98 to 6.23 ms.
 Buffers: q, out, dout, dq ``[B, H, N, D]``; k, v, dk, dv ``[B, KVH, N, D]``; lse, dlse, delta
 ``[B, H, N]`` float32; ``seg_start``, ``seg_count``, ``seg_sigma`` ``[HM, N, S]``, ``tiles [HM,
 NT, 7]``, ``blocks [HM, NB, 3]`` int32 of the mask's plan (``bwd_dq``) or the transposed mask's
-plan (``bwd_dkdv``, parameters prefixed ``t``). Plans have no split-KV and no CSR fallback rows
+plan (``bwd_dkdv``, parameters prefixed ``t``). Plans have no CSR fallback rows
 (:func:`check_backward_mma_plan`), so within one component each row (key) lies in exactly one
-tile and is written by one program.
+tile.
+
+Split-KV (plans with slots, ``NS > 0``): a tile whose block list is much longer than the
+typical one (the rows of global tokens in ``bwd_dq``; over the transpose, their columns in
+``bwd_dkdv``) is split into chunks of consecutive blocks, each its own program (tile field 6:
+its slot). P is recomputed from the global lse, so a chunk's share of a row's gradient is a
+plain partial sum: the chunk writes its scaled float32 result, tile-local rows, into slot
+``slot`` of ``dq_split [B H, NS, BR, D]`` (``dk_split``, ``dv_split [B KVH, NS, BR, D]``; last
+parameters), and :func:`split_sum_func` adds each group's slots in slot order into the gradient
+(or its component's partial slot). Every chunk of a tile computes ``delta`` for the tile's
+rows in the same order and writes the same value. Without slots the kernels have no such
+parameter and their code is that of the form without split-KV.
 
 Several components (``C > 1``: a band with an aligned dilated or strided part, the forward's
 row-aligned components, :mod:`tvm_splat.formats.tile_plan`): the components partition the
@@ -84,11 +95,13 @@ from .spec import AttentionSpec
 from .tiled_mma import MMA_TYPES, ROW_PAD, SHARED_BYTES_MAX
 
 __all__ = ["BACKWARD_MMA_KERNEL_NAMES", "check_backward_mma_shape", "check_backward_mma_plan", "part_shape",
-           "backward_dq_mma_func", "backward_dkdv_mma_func", "sum_components_func"]
+           "split_part_shape", "backward_dq_mma_func", "backward_dkdv_mma_func", "sum_components_func",
+           "split_sum_func"]
 
 BACKWARD_MMA_KERNEL_NAMES = ("bwd_dq", "bwd_dkdv")
-#: the block of :func:`sum_components_func` (what its GPU schedule binds)
+#: the blocks of :func:`sum_components_func` and :func:`split_sum_func` (what their GPU schedule binds)
 SUM_BLOCK = "sum"
+SPLIT_SUM_BLOCK = "split_sum"
 
 
 def check_backward_mma_shape(spec: AttentionSpec, br: int, bc: int, warps: int, stages: int = 2) -> None:
@@ -110,12 +123,21 @@ def check_backward_mma_shape(spec: AttentionSpec, br: int, bc: int, warps: int, 
 
 def check_backward_mma_plan(plan_shape, num_comp) -> None:
     """Raise ``ValueError`` unless the training kernels can run a tile plan (its shape and
-    per-head ``num_comp``): no split-KV chunks (a row's lse and its gradient come from whole
-    tiles), no CSR fallback rows, at least one component per head (any number: they are
-    summed, see the module docstring)."""
-    if plan_shape.num_slots or plan_shape.num_fallback or min(int(c) for c in num_comp) < 1:
-        raise ValueError(f"the tensor-core training kernels need a tile plan without split-KV and without CSR "
-                         f"fallback rows, got {plan_shape.key}")
+    per-head ``num_comp``): no CSR fallback rows, at least one component per head (any number:
+    they are summed, see the module docstring). Split-KV chunks are taken: the forward's are
+    merged with their lse, the backward's gradients summed (:func:`split_sum_func`)."""
+    if plan_shape.num_fallback or min(int(c) for c in num_comp) < 1:
+        raise ValueError(f"the tensor-core training kernels need a tile plan without CSR fallback rows, "
+                         f"got {plan_shape.key}")
+
+
+def split_part_shape(spec: AttentionSpec, plan_shape, heads: int):
+    """Shape of the float32 chunk results of a split plan, ``[B x heads, NS, BR, D]`` (one
+    slot per chunk, tile-local rows), or a one-element dummy without split-KV (the kernels then
+    take no such parameter)."""
+    if not plan_shape.num_slots:
+        return (1, 1, 1, 1)
+    return (spec.batch * heads, plan_shape.num_slots, plan_shape.br, spec.head_dim)
 
 
 def part_shape(spec: AttentionSpec, num_components: int, heads: int):
@@ -160,6 +182,7 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
     DS_OFF = P_OFF + BR * PP if dkdv else P_OFF
     SMEM = _shared_elems(BR, BC, D, stages, pair=dkdv)
     direct = plan_shape.num_components <= 1  # one component: dq, dk, dv written directly
+    has_split = plan_shape.num_slots > 0  # split-KV: chunks of long tiles write slots (split_sum)
     zero = T.Cast(dt, T.float32(0))
     full_mask = T.uint32(0xFFFFFFFF)
 
@@ -429,12 +452,33 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
             accumulate_tc(acc, dsf, bf, smem, U_OFF + stg * BC * DP, lane)
 
     @T.macro
-    def store_result(dst, part, comp, b, h, acc, factor, rows, w, lane, nrows):
+    def store_whole(dst, part, comp, b, h, acc, factor, rows, w, lane, nrows):
         # factor * acc -> dst (one component) or slot comp of the partial buffer part
         if direct:
             store_tile(dst, b, h, acc, factor, rows, w, lane, nrows)
         else:
             store_part(part, comp, b, h, acc, factor, rows, w, lane, nrows)
+
+    @T.macro
+    def store_chunk(split, vbx, slot, acc, factor, w, lane, nrows):
+        # factor * acc -> slot ``slot`` of the chunk results (tile-local rows; split_sum adds them)
+        for r in T.unroll(2):
+            if tile_row(w, lane, r) < nrows:
+                for dtl in T.unroll(DT):
+                    for e in T.vectorized(2):
+                        split[vbx, slot, tile_row(w, lane, r), dtl * 8 + lane % 4 * 2 + e] = \
+                            acc[dtl * 4 + r * 2 + e] * factor
+
+    @T.macro
+    def store_result(dst, part, split, comp, slot, b, h, vbx, acc, factor, rows, w, lane, nrows):
+        # a chunk of a split tile (slot >= 0) -> its slot; a whole tile -> store_whole
+        if has_split:
+            if slot >= 0:
+                store_chunk(split, vbx, slot, acc, factor, w, lane, nrows)
+            else:
+                store_whole(dst, part, comp, b, h, acc, factor, rows, w, lane, nrows)
+        else:
+            store_whole(dst, part, comp, b, h, acc, factor, rows, w, lane, nrows)
 
     return SimpleNamespace(
         BR=BR, BC=BC, W=W, D=D, DP=DP, DT=DT, NTL=NTL, SMEM=SMEM, X_OFF=X_OFF, Y_OFF=Y_OFF, U_OFF=U_OFF, W_OFF=W_OFF,
@@ -522,6 +566,7 @@ def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages
         dq: T.Buffer((B, H, N, D), dt),
         delta: T.Buffer((B, H, N), "float32"),
         dq_part: T.Buffer(part_shape(spec, C, H), "float32"),
+        dq_split: T.Buffer(split_part_shape(spec, plan_shape, H), "float32"),
     ):
         T.func_attr({"global_symbol": "bwd_dq", "tirx.noalias": True})
         for vt in T.thread_binding(NT, thread="blockIdx.x"):
@@ -580,9 +625,10 @@ def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages
                                 as_operand(dsf, dpacc)
                                 # dQ += dS K
                                 accumulate_block(acc, dsf, None, None, False, smem, bf, bad, flag, stg, j + 1, w, lane)
-                            store_result(dq, dq_part, tiles[hm, vt, 3], b, h, acc, scale, rows, w, lane, nrows)
+                            store_result(dq, dq_part, dq_split, tiles[hm, vt, 3], tiles[hm, vt, 6], b, h, vbh, acc,
+                                         scale, rows, w, lane, nrows)
 
-    return _without(bwd_dq, ("dq_part",)) if direct else bwd_dq
+    return _without(bwd_dq, ("dq_part",) * direct + ("dq_split",) * (not plan_shape.num_slots))
 
 
 def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages: int = 2):
@@ -639,6 +685,8 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
         dv: T.Buffer((B, KVH, N, D), dt),
         dk_part: T.Buffer(part_shape(spec, C, KVH), "float32"),
         dv_part: T.Buffer(part_shape(spec, C, KVH), "float32"),
+        dk_split: T.Buffer(split_part_shape(spec, plan_shape, KVH), "float32"),
+        dv_split: T.Buffer(split_part_shape(spec, plan_shape, KVH), "float32"),
     ):
         T.func_attr({"global_symbol": "bwd_dkdv", "tirx.noalias": True})
         for vt in T.thread_binding(NT, thread="blockIdx.x"):
@@ -702,11 +750,12 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
                                 as_operand(dsf, dpacc)
                                 accumulate_block(acc_k, dsf, acc_v, pf, True, smem, bf, bad, flag, stg, t + 1, w,
                                                  lane)  # dK += dS^T Q, dV += P^T dO
-                            store_result(dk, dk_part, ttiles[hm, vt, 3], b, hk, acc_k, scale, rows, w, lane, nrows)
-                            store_result(dv, dv_part, ttiles[hm, vt, 3], b, hk, acc_v, T.float32(1), rows, w, lane,
-                                         nrows)
+                            store_result(dk, dk_part, dk_split, ttiles[hm, vt, 3], ttiles[hm, vt, 6], b, hk, vbk,
+                                         acc_k, scale, rows, w, lane, nrows)
+                            store_result(dv, dv_part, dv_split, ttiles[hm, vt, 3], ttiles[hm, vt, 6], b, hk, vbk,
+                                         acc_v, T.float32(1), rows, w, lane, nrows)
 
-    return _without(bwd_dkdv, ("dk_part", "dv_part")) if direct else bwd_dkdv
+    return _without(bwd_dkdv, ("dk_part", "dv_part") * direct + ("dk_split", "dv_split") * (not plan_shape.num_slots))
 
 
 def sum_components_func(spec: AttentionSpec, num_components: int, kv: bool = False):
@@ -743,3 +792,49 @@ def sum_components_func(spec: AttentionSpec, num_components: int, kv: bool = Fal
                 dst[vb, vx, vi, vd] = T.Cast(dt, acc[0])
 
     return sum_components
+
+
+def split_sum_func(spec: AttentionSpec, plan_shape, kv: bool = False):
+    """``split_sum``: for every split tile (group ``g`` of ``splits [HM, NG, 6]``: ``row0,
+    rstride, nrows, comp, slot_lo, slot_hi``) and each of its rows, the sum of its chunks'
+    float32 results ``split[b x + x, slot_lo .. slot_hi - 1, r, :]`` (already scaled), written
+    as the gradient of the row: cast into ``dst [B, X, N, D]`` on a plan of one component, else
+    into slot ``comp`` of the component partial buffer ``part [C, B, X, N, D]``
+    (:func:`sum_components_func` runs next). Both are parameters either way; the one not
+    written is a dummy (``part``: :func:`part_shape`'s one element with one component).
+    ``X``: query heads (``kv=False``, dq; mask head ``x % HM``) or KV heads (``kv=True``, dk
+    and dv; mask head ``x * group % HM``). Chunks are added in slot order, so the result does
+    not depend on which chunk finished first."""
+    B, N, D, HM, dt = spec.batch, spec.seq_len, spec.head_dim, spec.mask_heads, spec.dtype
+    X, GX = (spec.kv_heads, spec.group) if kv else (spec.heads, 1)
+    NS, NG, BR, C = plan_shape.num_slots, max(plan_shape.num_groups, 1), plan_shape.br, plan_shape.num_components
+    if not NS:
+        raise ValueError(f"split_sum is for plans with split-KV chunks, got {plan_shape.key}")
+    direct = C <= 1
+
+    @T.prim_func(s_tir=True)
+    def split_sum(
+        split: T.Buffer((B * X, NS, BR, D), "float32"),
+        splits: T.Buffer((HM, NG, 6), "int32"),
+        dst: T.Buffer((B, X, N, D), dt),
+        part: T.Buffer(part_shape(spec, C, X), "float32"),
+    ):
+        T.func_attr({"global_symbol": "split_sum", "tirx.noalias": True})
+        for bx, g, r, d in T.grid(B * X, NG, BR, D):
+            with T.sblock(SPLIT_SUM_BLOCK):
+                vbx, vg, vr, vd = T.axis.remap("SSSS", [bx, g, r, d])
+                T.reads(split[vbx, 0:NS, vr, vd], splits[0:HM, vg, 0:6])
+                T.writes(dst[vbx // X, vbx % X, 0:N, vd], part[0:C, vbx // X, vbx % X, 0:N, vd])
+                acc = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                hm: T.let[T.int32] = (vbx % X) * GX % HM
+                if vr < splits[hm, vg, 2]:
+                    acc[0] = T.float32(0)
+                    for s in T.serial(splits[hm, vg, 5] - splits[hm, vg, 4]):
+                        acc[0] = acc[0] + split[vbx, splits[hm, vg, 4] + s, vr, vd]
+                    if direct:
+                        dst[vbx // X, vbx % X, splits[hm, vg, 0] + splits[hm, vg, 1] * vr, vd] = T.Cast(dt, acc[0])
+                    else:
+                        part[splits[hm, vg, 3], vbx // X, vbx % X, splits[hm, vg, 0] + splits[hm, vg, 1] * vr,
+                             vd] = acc[0]
+
+    return split_sum

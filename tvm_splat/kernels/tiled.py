@@ -299,11 +299,14 @@ def _merge_states(D):
     return merge_states
 
 
-def split_merge_func(spec: AttentionSpec, plan_shape):
+def split_merge_func(spec: AttentionSpec, plan_shape, with_lse: bool = False):
     """Combine the chunks of every split tile (split-KV): for each row of group ``g`` of
     ``splits [Hm, NG, 6]`` (``row0, rstride, nrows, comp, slot_lo, slot_hi``), merge the partial
     states of its slots like :func:`merge_func` merges components, then write ``O / l`` (one
-    component) or the tile's component state (several; :func:`merge_func` runs next)."""
+    component) or the tile's component state (several; :func:`merge_func` runs next).
+    ``with_lse=True`` (training) on a plan of one component: a last parameter ``lse [B, H, N]``
+    float32 receives the split rows' log-sum-exp, as :func:`merge_func` writes it (on a plan of
+    several, the merge of the components writes it)."""
     B, H, N, D, HM, dt = spec.batch, spec.heads, spec.seq_len, spec.head_dim, spec.mask_heads, spec.dtype
     NG, BR, C = max(plan_shape.num_groups, 1), plan_shape.br, plan_shape.num_components
     NS = plan_shape.num_slots
@@ -320,6 +323,7 @@ def split_merge_func(spec: AttentionSpec, plan_shape):
         out: T.Buffer((B, H, N, D), dt),
         o_part: T.Buffer(o_shape, "float32"),
         ml_part: T.Buffer(ml_shape, "float32"),
+        lse: T.Buffer((B, H, N) if with_lse and direct else (1,), "float32"),
     ):
         T.func_attr({"global_symbol": "split_merge", "tirx.noalias": True})
         for bh, g, r in T.grid(B * H, NG, BR):
@@ -338,13 +342,20 @@ def split_merge_func(spec: AttentionSpec, plan_shape):
                     if direct:
                         for d in T.serial(D):
                             out[vbh // H, vbh % H, row, d] = T.Cast(dt, normalised(acc[d], st[1]))
+                        if with_lse:
+                            lse[vbh // H, vbh % H, row] = T.if_then_else(
+                                st[1] == T.float32(0), T.float32(-math.inf),
+                                (st[0] + T.log2(st[1])) * T.float32(math.log(2.0)))
                     else:
                         for d in T.serial(D):
                             o_part[vbh, splits[hm, vg, 3], row, d] = acc[d]
                         ml_part[vbh, splits[hm, vg, 3], row, 0] = st[0]
                         ml_part[vbh, splits[hm, vg, 3], row, 1] = st[1]
 
-    return split_merge
+    if with_lse and direct:
+        return split_merge
+    return tvm.tirx.PrimFunc([p for p in split_merge.params if p.name != "lse"], split_merge.body,
+                             split_merge.ret_type, split_merge.attrs)
 
 
 def merge_func(spec: AttentionSpec, num_components: int, with_lse: bool = False):

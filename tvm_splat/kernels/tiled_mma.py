@@ -130,15 +130,14 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     scores are selected away and every block crossing the length checks its V, as PARTIAL
     blocks do).
 
-    ``with_lse=True`` (training, :mod:`tvm_splat.kernels.backward_mma`; no split-KV): on a plan of
-    one component, a last parameter ``lse [B, H, N]`` float32 receives each row's natural-log
-    log-sum-exp (``-inf`` for a row that attends to nothing); on a plan of several the kernel is
-    the one without ``with_lse`` (it writes per-component partial states, and the merge,
+    ``with_lse=True`` (training, :mod:`tvm_splat.kernels.backward_mma`): on a plan of one
+    component, a last parameter ``lse [B, H, N]`` float32 receives the natural-log log-sum-exp
+    of each row of a whole tile (``-inf`` for a row that attends to nothing); the rows of split
+    tiles get theirs from :func:`~tvm_splat.kernels.tiled.split_merge_func` (``with_lse=True``),
+    which merges the chunks' states; on a plan of several components the kernel is the one
+    without ``with_lse`` (it writes per-component partial states, and the merge,
     :func:`~tvm_splat.kernels.tiled.merge_func` with ``with_lse=True``, writes the lse).
     """
-    if with_lse and plan_shape.num_slots:
-        raise ValueError("with_lse needs a plan without split-KV (a row's lse is written by one program "
-                         "or by the merge of its components)")
     if stages not in (1, 2, 4) or (stages == 4 and not wgmma):
         raise ValueError(f"stages must be 1 or 2 (or 4 for the pipelined wgmma form), got {stages}")
     if wgmma:

@@ -29,9 +29,10 @@ from dataclasses import dataclass
 from tvm import s_tir
 
 from ..kernels.backward import BackwardSpec
-from ..kernels.backward_mma import (SUM_BLOCK, backward_dkdv_mma_func, backward_dq_mma_func, check_backward_mma_plan,
-                                    check_backward_mma_shape, sum_components_func)
-from ..kernels.tiled import merge_func
+from ..kernels.backward_mma import (SPLIT_SUM_BLOCK, SUM_BLOCK, backward_dkdv_mma_func, backward_dq_mma_func,
+                                    check_backward_mma_plan, check_backward_mma_shape, split_sum_func,
+                                    sum_components_func)
+from ..kernels.tiled import merge_func, split_merge_func
 from ..kernels.tiled_mma import MMA_TYPES, check_mma_shape, tiled_mma_func
 from .targets import as_target, is_gpu
 from .tiled import TiledKnobs, bind_flat_gpu, default_tiled_knobs
@@ -64,7 +65,9 @@ class BackwardMmaKnobs:
     ``dq_bc`` and ``dkdv_bc`` (column blocks of the two backward kernels), ``br`` and ``warps``
     (rows per tile of both backward kernels, ``br == 16 * warps``), ``stages`` (block operands
     of the backward kernels: 2 = double-buffered, ``cp.async`` one block ahead, as the forward's
-    two-stage form; 1 = plain loads, one more barrier per block). ``stages=2`` is the default:
+    two-stage form; 1 = plain loads, one more barrier per block), ``split_blocks`` (split-KV of the
+    backward plans' long tiles, chunk length in blocks: -1 the forward's rule,
+    :func:`~tvm_splat.formats.tile_plan.split_length`; 0 off). ``stages=2`` is the default:
     one stage was 1.06x (Longformer-base, batch 4) and 1.15x (Mistral, n=8192) slower on the
     H200 (``benchmarks/results/h200_backward_knobs.json``)."""
 
@@ -74,14 +77,16 @@ class BackwardMmaKnobs:
     dkdv_bc: int = BACKWARD_BC
     warps: int = BACKWARD_BR // 16
     stages: int = 2
+    split_blocks: int = -1
 
 
 def default_backward_mma_knobs(spec: BackwardSpec, target, forward: TiledKnobs | None = None) -> BackwardMmaKnobs:
     """The knobs when nothing is tuned (see the module docstring); ``forward``: the forward's
     untuned knobs as the planner chose them from the tile plan
     (:func:`tvm_splat.planner.default_knobs`, which :mod:`tvm_splat.training` passes; default:
-    :func:`~tvm_splat.schedules.tiled.default_tiled_knobs` of the spec alone), split-KV off."""
-    forward = dataclasses.replace(forward or default_tiled_knobs(spec.rows, target), split_blocks=0)
+    :func:`~tvm_splat.schedules.tiled.default_tiled_knobs` of the spec alone), their split-KV
+    rule included (the lse of split rows comes from ``fwd_split_merge``)."""
+    forward = forward or default_tiled_knobs(spec.rows, target)
     bc = BACKWARD_BC if spec.rows.head_dim <= 64 else BACKWARD_BC_WIDE_HEADS
     return BackwardMmaKnobs(forward, dq_bc=bc, dkdv_bc=bc)
 
@@ -120,14 +125,22 @@ def _flat(func, block):
 
 def backward_mma_funcs(spec: BackwardSpec, knobs: BackwardMmaKnobs, plan_shapes) -> dict:
     """The training PrimFuncs by name for the tile plan shapes ``(forward, dq, dkdv)``, all
-    bound to threads: ``fwd_lse``, ``bwd_dq``, ``bwd_dkdv``, and for each plan of several
-    components its combining kernel: ``fwd_merge`` (forward), ``bwd_dq_sum`` (dq),
-    ``bwd_dkdv_sum`` (dk and dv)."""
+    bound to threads: ``fwd_lse``, ``bwd_dq``, ``bwd_dkdv``; for each plan with split-KV the
+    combination of its chunks: ``fwd_split_merge`` (forward, with the lse), ``bwd_dq_split_sum``
+    (dq), ``bwd_dkdv_split_sum`` (dk and dv); for each
+    plan of several components its combining kernel: ``fwd_merge`` (forward), ``bwd_dq_sum``
+    (dq), ``bwd_dkdv_sum`` (dk and dv)."""
     fwd, dq, dkdv = plan_shapes
     f = knobs.forward
     funcs = {"fwd_lse": tiled_mma_func(spec.rows, fwd, f.warps, f.m_tiles, f.stages, wgmma=f.wgmma, with_lse=True),
              "bwd_dq": backward_dq_mma_func(spec.rows, dq, knobs.warps, knobs.stages),
              "bwd_dkdv": backward_dkdv_mma_func(spec.columns, dkdv, knobs.warps, knobs.stages)}
+    if fwd.num_slots:
+        funcs["fwd_split_merge"] = _flat(split_merge_func(spec.rows, fwd, with_lse=True), "merge_row")
+    if dq.num_slots:
+        funcs["bwd_dq_split_sum"] = _flat(split_sum_func(spec.rows, dq), SPLIT_SUM_BLOCK)
+    if dkdv.num_slots:
+        funcs["bwd_dkdv_split_sum"] = _flat(split_sum_func(spec.columns, dkdv, kv=True), SPLIT_SUM_BLOCK)
     if fwd.num_components > 1:
         funcs["fwd_merge"] = _flat(merge_func(spec.rows, fwd.num_components, with_lse=True), "merge_row")
     if dq.num_components > 1:
