@@ -26,6 +26,7 @@ from tvm_splat.training import plan_training
 #: name -> (pattern, batch, heads, kv_heads, n, head_dim): shapes of the models suite
 CASES = {
     "lf": ("global:4+window:256", 4, 12, 12, 4096, 64),  # Longformer-base, batch 4
+    "lf1": ("global:4+window:256", 1, 12, 12, 4096, 64),  # Longformer-base, batch 1: global tiles set the length
     "mis": ("causal_window:4095", 1, 32, 8, 8192, 128),  # Mistral-7B, n=8192
     "win": ("window:1024", 1, 16, 16, 32768, 128),  # long-context window
     "str": ("causal_strided:128", 1, 12, 12, 8192, 64),  # Sparse Transformer (two components)
