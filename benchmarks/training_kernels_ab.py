@@ -67,9 +67,10 @@ def run_case(name, variants):
                 reference = grads
             row["max_diff"] = max((g.float() - r.float()).abs().max().item() for g, r in zip(grads, reference))
             row["components"] = [p.shape.num_components for p in plan.tile_plans]
+            row["split_slots"] = [p.shape.num_slots for p in plan.tile_plans]
             row["fwd_ms"] = _time(lambda: plan.forward(q, k, v))
             row["bwd_ms"] = _time(lambda: plan.backward(q, k, v, out, lse, dout, dlse))
-            if row["components"][1:] == [1, 1]:
+            if row["components"][1:] == [1, 1] and row["split_slots"][1:] == [0, 0]:  # one kernel each
                 dq, dk, dv = (torch.empty_like(g) for g in grads)
                 delta = torch.empty_like(lse)
                 row["dq_ms"] = _time(lambda: plan._launch("bwd_dq", q, k, v, out, dout, lse, dlse, *_DQ_PLAN, dq,

@@ -7,6 +7,7 @@ arithmetic; the steps shared by the warp-level tensor-core kernels (forward and 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import tvm
@@ -110,6 +111,16 @@ def row_segment_cache(rows_per_thread, max_segments, tile_row):
                     sg[(r * S + s) * 3 + 2] = 0
 
     return cache_row_segments
+
+
+def launch_bounds(min_blocks_per_sm: int):
+    """The scope (``with launch_bounds(n):`` inside the block bindings, around the thread
+    bindings) that asks the CUDA compiler to fit ``n`` thread blocks per SM
+    (``__launch_bounds__(threads, n)``: registers a thread at most ``65536 / (n threads)``);
+    ``n == 0``: no such request, the compiler's choice."""
+    if min_blocks_per_sm:
+        return T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", min_blocks_per_sm)
+    return contextlib.nullcontext()
 
 
 def block_range_cache(rows_per_thread, max_segments, bc):

@@ -46,7 +46,7 @@ import math
 import tvm
 from tvm.script import tirx as T
 
-from .common import (LOG2E, NEG_INIT, block_range_cache, key_length, nonfinite_halves, normalised,
+from .common import (LOG2E, NEG_INIT, block_range_cache, key_length, launch_bounds, nonfinite_halves, normalised,
                      row_segment_cache, without_unused_kv_len)
 from .spec import AttentionSpec
 from .tiled import partial_shapes, split_chunk, split_shapes
@@ -161,6 +161,16 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     PW = BC if wgmma or BC <= D + ROW_PAD else 16 * ((D + ROW_PAD) // 16)
     P_CHUNKS = BC // PW
     NTHR = 32 * W
+    #: CTAs per SM the registers must allow: at most 128 registers a thread (65536 / (128 NTHR)).
+    # the TMA form's registers are capped at 128 a thread (launch bounds: 65536 / (128 NTHR)
+    # thread blocks per SM), so that two blocks of 8 warps (d=128) or four of 4 warps (d=64)
+    # fit an SM, as their shared memory allows: uncapped, the block-range mask took 129-152
+    # registers and one (three) blocks per SM ran; capped, on the H200, window +-1024 n=32k
+    # d=128 ran 1.55 -> 1.41 ms and Longformer-base batch 8 0.79 -> 0.48 ms
+    # (``benchmarks/results/h200_forward_ab.json``). Only where ptxas meets the cap without
+    # spilling, S D <= 128 (one segment at d=128, two at d=64); two segments at d=128 spilled
+    # 184 bytes, and the two-component causal_strided form (not TMA) 24 bytes.
+    MIN_BLOCKS = 512 // NTHR if tma and S * D <= 128 else 0
     CH = D // 8  # 16-byte chunks per row
     Q_IT = (BR * CH + NTHR - 1) // NTHR
     KV_IT = (BC * CH + NTHR - 1) // NTHR
@@ -329,6 +339,12 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     cache_row_segments = row_segment_cache(RS, S, tile_row)
     block_ranges, in_block = block_range_cache(RS, S, BC)
 
+    def whole_block(full, col0, sig, klen):
+        # a FULL block whose every column is a key (it may cross kv_len[b])
+        if not spec.has_kv_len:
+            return full == 1
+        return T.And(full == 1, col0 + sig * (BC - 1) < klen)
+
     @T.macro
     def load_q_fragments(qf, smem, w, lane):
         # Q fragments (A operand) for the whole tile
@@ -352,17 +368,23 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
 
     @T.macro
     def mask_scores(sacc, sg, rng, full, col0, sig, lane, klen):
-        # scale, then select to -inf the scores outside the block's ranges (block_ranges: once
-        # per block; capped at the key length with key lengths, so a FULL block crossing the
-        # length is masked past it): 2 S integer compares per score, no branch
-        block_ranges(rng, sg, full, col0, sig,
-                     T.floordiv(klen - 1 - col0, sig) if spec.has_kv_len else None)
-        for mt in T.unroll(MT):
-            for nt in T.unroll(NTL):
-                for i in T.unroll(4):
-                    sacc[(mt * NTL + nt) * 4 + i] = T.Select(
-                        in_block(rng, mt * 2 + i // 2, nt * 8 + lane % 4 * 2 + i % 2),
-                        sacc[(mt * NTL + nt) * 4 + i] * scale, neg_inf)
+        # scale; then, unless the block is FULL inside the key length (a branch uniform over the
+        # block), select to -inf the scores outside the block's ranges (block_ranges, once per
+        # block; capped at the key length, so a FULL block crossing it is masked past it): 2 S
+        # integer compares per score, no branch per score. Testing FULL blocks too cost the
+        # FULL-heavy masks 14% at d=128 (H200, window +-1024 n=32k: 1.55 -> 1.79 ms).
+        if whole_block(full, col0, sig, klen):
+            for i in T.unroll(MT * NTL * 4):
+                sacc[i] = sacc[i] * scale
+        else:
+            block_ranges(rng, sg, full, col0, sig,
+                         T.floordiv(klen - 1 - col0, sig) if spec.has_kv_len else None)
+            for mt in T.unroll(MT):
+                for nt in T.unroll(NTL):
+                    for i in T.unroll(4):
+                        sacc[(mt * NTL + nt) * 4 + i] = T.Select(
+                            in_block(rng, mt * 2 + i // 2, nt * 8 + lane % 4 * 2 + i % 2),
+                            sacc[(mt * NTL + nt) * 4 + i] * scale, neg_inf)
 
     @T.macro
     def online_softmax(sacc, pf, oacc, ms, ls, mb, al):
@@ -580,158 +602,159 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                      64, BC, D // 64, 1, 1, 1, 1, 1, descriptor_dtype=dt, rank=4, swizzle=3)
         for vt in T.thread_binding(NT, thread="blockIdx.x"):
             for vbh in T.thread_binding(B * H, thread="blockIdx.y"):
-                for w in T.thread_binding(W, thread="threadIdx.y"):
-                    for lane in T.thread_binding(32, thread="threadIdx.x"):
-                        with T.sblock("tile"):
-                            T.reads()
-                            T.writes()
-                            # one allocation (Q | K stages | V stages): cp.async writes are invisible
-                            # to TVM's shared-memory planner, which would otherwise overlap K with Q
-                            smem = T.sblock_alloc_buffer((SMEM,), dt, scope="shared.dyn", align=SMEM_ALIGN)
-                            # per stage: 1 + the block index whose V holds a non-finite value
-                            vbad = T.sblock_alloc_buffer((stages,), "int32", scope="shared")
-                            qf = T.sblock_alloc_buffer((MT * KD * 8,), dt, scope="local")
-                            bf = T.sblock_alloc_buffer((8,), dt, scope="local")
-                            pf = T.sblock_alloc_buffer((MT * KC * 8,), dt, scope="local")
-                            sacc = T.sblock_alloc_buffer((MT * NTL * 4,), "float32", scope="local")
-                            sacc2 = T.sblock_alloc_buffer((MT * NTL * 4,), "float32", scope="local")
-                            oacc = T.sblock_alloc_buffer((MT * DT * 4,), "float32", scope="local")
-                            nonfinite = T.sblock_alloc_buffer((1,), "uint32", scope="local")
-                            words = T.sblock_alloc_buffer((4,), "uint32", scope="local")
-                            vflag = T.sblock_alloc_buffer((1,), "int32", scope="local")
-                            # per thread row: sequence row, running max, running (per-thread) sum,
-                            # block max / new max, rescale factor, cached segments
-                            rows = T.sblock_alloc_buffer((RS,), "int32", scope="local")
-                            ms = T.sblock_alloc_buffer((RS,), "float32", scope="local")
-                            ls = T.sblock_alloc_buffer((RS,), "float32", scope="local")
-                            mb = T.sblock_alloc_buffer((RS,), "float32", scope="local")
-                            al = T.sblock_alloc_buffer((RS,), "float32", scope="local")
-                            sg = T.sblock_alloc_buffer((RS * S * 3,), "int32", scope="local")
-                            rng = T.sblock_alloc_buffer((RS * S * 2,), "int32", scope="local")
-                            desc = T.sblock_alloc_buffer((2,), "uint64", scope="local")
-                            if tma:  # per stage: the mbarrier its TMA copies complete on
-                                kv_ready = T.sblock_alloc_buffer((stages,), "uint64", scope="shared", align=8)
-                            b: T.let[T.int32] = vbh // H
-                            h: T.let[T.int32] = vbh % H
-                            hk: T.let[T.int32] = h // G
-                            hm: T.let[T.int32] = h % HM
-                            row0: T.let[T.int32] = tiles[hm, vt, 0]
-                            rstr: T.let[T.int32] = tiles[hm, vt, 1]
-                            nrows: T.let[T.int32] = tiles[hm, vt, 2]
-                            comp: T.let[T.int32] = tiles[hm, vt, 3]
-                            blk_lo: T.let[T.int32] = tiles[hm, vt, 4]
-                            blk_hi: T.let[T.int32] = tiles[hm, vt, 5]
-                            slot: T.let[T.int32] = tiles[hm, vt, 6]
-                            tid: T.let[T.int32] = w * 32 + lane
-                            for r in T.unroll(RS):
-                                rows[r] = row0 + rstr * tile_row(w, lane, r)
-                                ms[r] = neg_init
-                                ls[r] = T.float32(0)
-                            for i in T.unroll(MT * DT * 4):
-                                oacc[i] = T.float32(0)
-                            if tid < stages:
-                                T.ptx.st.shared.b32(T.address_of(vbad[tid]), 0)
-                            load_q_tile(smem, q, b, h, row0, rstr, nrows, tid)
-                            if stages == 4:
-                                # blocks 0 and 1 in flight; block 0 (and Q) landed and checked;
-                                # S_0 issued
-                                if blk_hi > blk_lo:
-                                    issue_kv_block(smem, k, v, blocks[hm, blk_lo, 0], blocks[hm, blk_lo, 1], b, hk, tid, 0,
-                                                   key_length(spec, kv_len, b))
-                                T.evaluate(T.ptx.cp.async_.commit_group())
-                                if blk_hi - blk_lo > 1:
-                                    issue_kv_block(smem, k, v, blocks[hm, blk_lo + 1, 0], blocks[hm, blk_lo + 1, 1], b, hk, tid, 1,
-                                                   key_length(spec, kv_len, b))
-                                T.evaluate(T.ptx.cp.async_.commit_group())
-                                T.evaluate(T.ptx["cp.async.wait_group"](1))
-                                # the flags' initial zeros are written before anyone tags block 0
-                                T.tvm_storage_sync("shared.dyn")
-                                if blk_hi > blk_lo:
-                                    if blocks[hm, blk_lo, 2] == 0:
-                                        flag_nonfinite_v(smem, vbad, words, nonfinite, 0, 0, tid)
-                            if tma:
-                                init_kv_barriers(kv_ready, tid)
-                                if tid == 0 and blk_hi > blk_lo:
-                                    issue_kv_tma(smem, kv_ready, kmap, vmap, blocks[hm, blk_lo, 0], b * KVH + hk, 0)
-                                T.evaluate(T.ptx.cp.async_.commit_group())  # Q
-                                T.evaluate(T.ptx["cp.async.wait_group"](0))
-                            elif stages == 2:
-                                if blk_hi > blk_lo:
-                                    issue_kv_block(smem, k, v, blocks[hm, blk_lo, 0], blocks[hm, blk_lo, 1], b, hk, tid, 0,
-                                                   key_length(spec, kv_len, b))
-                                T.evaluate(T.ptx.cp.async_.commit_group())
-                                T.evaluate(T.ptx["cp.async.wait_group"](0))
-                            cache_row_segments(sg, rows, seg_start, seg_count, seg_sigma, hm, w, lane, nrows)
-                            if wgmma:  # make this thread's shared writes visible to the async proxy
-                                T.ptx["fence.proxy.async.shared::cta"]()
-                            T.tvm_storage_sync("shared.dyn")
-                            if not wgmma:
-                                load_q_fragments(qf, smem, w, lane)
-                            if stages == 4:
-                                if blk_hi > blk_lo:
-                                    qk_wgmma_issue(sacc, desc, smem, 0, w)
-                                # two blocks per iteration, so that S_j and S_j+1 live in two
-                                # register sets named statically
-                                for jj in T.serial((blk_hi - blk_lo + 1) // 2):
-                                    pipelined_block(2 * jj, blk_hi - blk_lo, sacc, sacc2, smem, k, v, blocks, hm, blk_lo,
-                                                    b, hk, tid, w, lane, sg, rng, pf, oacc, ms, ls, mb, al, desc, vbad,
-                                                    vflag, words, nonfinite, key_length(spec, kv_len, b))
-                                    if 2 * jj + 1 < blk_hi - blk_lo:
-                                        pipelined_block(2 * jj + 1, blk_hi - blk_lo, sacc2, sacc, smem, k, v, blocks, hm,
-                                                        blk_lo, b, hk, tid, w, lane, sg, rng, pf, oacc, ms, ls, mb, al,
-                                                        desc, vbad, vflag, words, nonfinite, key_length(spec, kv_len, b))
-                                T.ptx.wgmma.wait_group.sync.aligned(0)
-                            if stages != 4:
-                                for j in T.serial(blk_hi - blk_lo):
-                                    col0: T.let[T.int32] = blocks[hm, blk_lo + j, 0]
-                                    sig: T.let[T.int32] = blocks[hm, blk_lo + j, 1]
-                                    full: T.let[T.int32] = blocks[hm, blk_lo + j, 2]
-                                    stg: T.let[T.int32] = j % stages
-                                    if stages == 1:
-                                        T.tvm_storage_sync("shared.dyn")
-                                        load_kv_block(smem, k, v, col0, sig, b, hk, tid, key_length(spec, kv_len, b))
-                                    elif tma:  # block j's bytes have landed (its stage's (j // 2)-th phase)
-                                        T.cuda.mbarrier_wait(T.address_of(kv_ready[stg]), (j // stages) % 2)
-                                    else:
-                                        # block j has landed (this thread's copies: wait; everyone's:
-                                        # the barrier, which also frees the other stage for block j + 1)
-                                        T.evaluate(T.ptx["cp.async.wait_group"](0))
-                                    if tma and spec.has_kv_len:  # a block crossing the length holds
-                                        # rows past it that no load zeroed
-                                        if full == 0 or col0 + BC > key_length(spec, kv_len, b):
-                                            flag_nonfinite_v(smem, vbad, words, nonfinite, stg, j, tid)
-                                    elif full == 0:  # FULL blocks: every row attends every column
-                                        flag_nonfinite_v(smem, vbad, words, nonfinite, stg, j, tid)
-                                    if wgmma:
-                                        T.ptx["fence.proxy.async.shared::cta"]()
+                with launch_bounds(MIN_BLOCKS):
+                    for w in T.thread_binding(W, thread="threadIdx.y"):
+                        for lane in T.thread_binding(32, thread="threadIdx.x"):
+                            with T.sblock("tile"):
+                                T.reads()
+                                T.writes()
+                                # one allocation (Q | K stages | V stages): cp.async writes are invisible
+                                # to TVM's shared-memory planner, which would otherwise overlap K with Q
+                                smem = T.sblock_alloc_buffer((SMEM,), dt, scope="shared.dyn", align=SMEM_ALIGN)
+                                # per stage: 1 + the block index whose V holds a non-finite value
+                                vbad = T.sblock_alloc_buffer((stages,), "int32", scope="shared")
+                                qf = T.sblock_alloc_buffer((MT * KD * 8,), dt, scope="local")
+                                bf = T.sblock_alloc_buffer((8,), dt, scope="local")
+                                pf = T.sblock_alloc_buffer((MT * KC * 8,), dt, scope="local")
+                                sacc = T.sblock_alloc_buffer((MT * NTL * 4,), "float32", scope="local")
+                                sacc2 = T.sblock_alloc_buffer((MT * NTL * 4,), "float32", scope="local")
+                                oacc = T.sblock_alloc_buffer((MT * DT * 4,), "float32", scope="local")
+                                nonfinite = T.sblock_alloc_buffer((1,), "uint32", scope="local")
+                                words = T.sblock_alloc_buffer((4,), "uint32", scope="local")
+                                vflag = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                                # per thread row: sequence row, running max, running (per-thread) sum,
+                                # block max / new max, rescale factor, cached segments
+                                rows = T.sblock_alloc_buffer((RS,), "int32", scope="local")
+                                ms = T.sblock_alloc_buffer((RS,), "float32", scope="local")
+                                ls = T.sblock_alloc_buffer((RS,), "float32", scope="local")
+                                mb = T.sblock_alloc_buffer((RS,), "float32", scope="local")
+                                al = T.sblock_alloc_buffer((RS,), "float32", scope="local")
+                                sg = T.sblock_alloc_buffer((RS * S * 3,), "int32", scope="local")
+                                rng = T.sblock_alloc_buffer((RS * S * 2,), "int32", scope="local")
+                                desc = T.sblock_alloc_buffer((2,), "uint64", scope="local")
+                                if tma:  # per stage: the mbarrier its TMA copies complete on
+                                    kv_ready = T.sblock_alloc_buffer((stages,), "uint64", scope="shared", align=8)
+                                b: T.let[T.int32] = vbh // H
+                                h: T.let[T.int32] = vbh % H
+                                hk: T.let[T.int32] = h // G
+                                hm: T.let[T.int32] = h % HM
+                                row0: T.let[T.int32] = tiles[hm, vt, 0]
+                                rstr: T.let[T.int32] = tiles[hm, vt, 1]
+                                nrows: T.let[T.int32] = tiles[hm, vt, 2]
+                                comp: T.let[T.int32] = tiles[hm, vt, 3]
+                                blk_lo: T.let[T.int32] = tiles[hm, vt, 4]
+                                blk_hi: T.let[T.int32] = tiles[hm, vt, 5]
+                                slot: T.let[T.int32] = tiles[hm, vt, 6]
+                                tid: T.let[T.int32] = w * 32 + lane
+                                for r in T.unroll(RS):
+                                    rows[r] = row0 + rstr * tile_row(w, lane, r)
+                                    ms[r] = neg_init
+                                    ls[r] = T.float32(0)
+                                for i in T.unroll(MT * DT * 4):
+                                    oacc[i] = T.float32(0)
+                                if tid < stages:
+                                    T.ptx.st.shared.b32(T.address_of(vbad[tid]), 0)
+                                load_q_tile(smem, q, b, h, row0, rstr, nrows, tid)
+                                if stages == 4:
+                                    # blocks 0 and 1 in flight; block 0 (and Q) landed and checked;
+                                    # S_0 issued
+                                    if blk_hi > blk_lo:
+                                        issue_kv_block(smem, k, v, blocks[hm, blk_lo, 0], blocks[hm, blk_lo, 1], b, hk, tid, 0,
+                                                       key_length(spec, kv_len, b))
+                                    T.evaluate(T.ptx.cp.async_.commit_group())
+                                    if blk_hi - blk_lo > 1:
+                                        issue_kv_block(smem, k, v, blocks[hm, blk_lo + 1, 0], blocks[hm, blk_lo + 1, 1], b, hk, tid, 1,
+                                                       key_length(spec, kv_len, b))
+                                    T.evaluate(T.ptx.cp.async_.commit_group())
+                                    T.evaluate(T.ptx["cp.async.wait_group"](1))
+                                    # the flags' initial zeros are written before anyone tags block 0
                                     T.tvm_storage_sync("shared.dyn")
-                                    if tma:
-                                        if tid == 0 and j + 1 < blk_hi - blk_lo:
-                                            issue_kv_tma(smem, kv_ready, kmap, vmap, blocks[hm, blk_lo + j + 1, 0],
-                                                         b * KVH + hk, (j + 1) % stages)
-                                    elif stages == 2:
-                                        if j + 1 < blk_hi - blk_lo:
-                                            issue_kv_block(smem, k, v, blocks[hm, blk_lo + j + 1, 0],
-                                                           blocks[hm, blk_lo + j + 1, 1], b, hk, tid, (j + 1) % stages,
-                                                           key_length(spec, kv_len, b))
-                                        T.evaluate(T.ptx.cp.async_.commit_group())
-                                    if wgmma:
-                                        qk_wgmma(sacc, desc, smem, stg, w)
-                                    else:
-                                        qk_tile(sacc, qf, bf, smem, stg, lane)
-                                    mask_scores(sacc, sg, rng, full, col0, sig, lane, key_length(spec, kv_len, b))
-                                    online_softmax(sacc, pf, oacc, ms, ls, mb, al)
-                                    T.ptx.ld.shared.b32(vflag[0], T.address_of(vbad[stg]))
-                                    if vflag[0] == j + 1:
-                                        pv_exact(oacc, pf, smem, stg, w, lane)
-                                    elif wgmma:
-                                        pv_wgmma(oacc, pf, desc, smem, stg)
-                                    else:
-                                        pv_tile(oacc, pf, bf, smem, stg, lane)
-                            if split_chunk(plan_shape, slot):
-                                store_slot(split_o, split_ml, oacc, ms, ls, vbh, slot, w, lane, nrows)
-                            else:
-                                store_rows(out, o_part, ml_part, lse, oacc, ms, ls, rows, b, h, vbh, comp, w, lane, nrows)
+                                    if blk_hi > blk_lo:
+                                        if blocks[hm, blk_lo, 2] == 0:
+                                            flag_nonfinite_v(smem, vbad, words, nonfinite, 0, 0, tid)
+                                if tma:
+                                    init_kv_barriers(kv_ready, tid)
+                                    if tid == 0 and blk_hi > blk_lo:
+                                        issue_kv_tma(smem, kv_ready, kmap, vmap, blocks[hm, blk_lo, 0], b * KVH + hk, 0)
+                                    T.evaluate(T.ptx.cp.async_.commit_group())  # Q
+                                    T.evaluate(T.ptx["cp.async.wait_group"](0))
+                                elif stages == 2:
+                                    if blk_hi > blk_lo:
+                                        issue_kv_block(smem, k, v, blocks[hm, blk_lo, 0], blocks[hm, blk_lo, 1], b, hk, tid, 0,
+                                                       key_length(spec, kv_len, b))
+                                    T.evaluate(T.ptx.cp.async_.commit_group())
+                                    T.evaluate(T.ptx["cp.async.wait_group"](0))
+                                cache_row_segments(sg, rows, seg_start, seg_count, seg_sigma, hm, w, lane, nrows)
+                                if wgmma:  # make this thread's shared writes visible to the async proxy
+                                    T.ptx["fence.proxy.async.shared::cta"]()
+                                T.tvm_storage_sync("shared.dyn")
+                                if not wgmma:
+                                    load_q_fragments(qf, smem, w, lane)
+                                if stages == 4:
+                                    if blk_hi > blk_lo:
+                                        qk_wgmma_issue(sacc, desc, smem, 0, w)
+                                    # two blocks per iteration, so that S_j and S_j+1 live in two
+                                    # register sets named statically
+                                    for jj in T.serial((blk_hi - blk_lo + 1) // 2):
+                                        pipelined_block(2 * jj, blk_hi - blk_lo, sacc, sacc2, smem, k, v, blocks, hm, blk_lo,
+                                                        b, hk, tid, w, lane, sg, rng, pf, oacc, ms, ls, mb, al, desc, vbad,
+                                                        vflag, words, nonfinite, key_length(spec, kv_len, b))
+                                        if 2 * jj + 1 < blk_hi - blk_lo:
+                                            pipelined_block(2 * jj + 1, blk_hi - blk_lo, sacc2, sacc, smem, k, v, blocks, hm,
+                                                            blk_lo, b, hk, tid, w, lane, sg, rng, pf, oacc, ms, ls, mb, al,
+                                                            desc, vbad, vflag, words, nonfinite, key_length(spec, kv_len, b))
+                                    T.ptx.wgmma.wait_group.sync.aligned(0)
+                                if stages != 4:
+                                    for j in T.serial(blk_hi - blk_lo):
+                                        col0: T.let[T.int32] = blocks[hm, blk_lo + j, 0]
+                                        sig: T.let[T.int32] = blocks[hm, blk_lo + j, 1]
+                                        full: T.let[T.int32] = blocks[hm, blk_lo + j, 2]
+                                        stg: T.let[T.int32] = j % stages
+                                        if stages == 1:
+                                            T.tvm_storage_sync("shared.dyn")
+                                            load_kv_block(smem, k, v, col0, sig, b, hk, tid, key_length(spec, kv_len, b))
+                                        elif tma:  # block j's bytes have landed (its stage's (j // 2)-th phase)
+                                            T.cuda.mbarrier_wait(T.address_of(kv_ready[stg]), (j // stages) % 2)
+                                        else:
+                                            # block j has landed (this thread's copies: wait; everyone's:
+                                            # the barrier, which also frees the other stage for block j + 1)
+                                            T.evaluate(T.ptx["cp.async.wait_group"](0))
+                                        if tma and spec.has_kv_len:  # a block crossing the length holds
+                                            # rows past it that no load zeroed
+                                            if full == 0 or col0 + BC > key_length(spec, kv_len, b):
+                                                flag_nonfinite_v(smem, vbad, words, nonfinite, stg, j, tid)
+                                        elif full == 0:  # FULL blocks: every row attends every column
+                                            flag_nonfinite_v(smem, vbad, words, nonfinite, stg, j, tid)
+                                        if wgmma:
+                                            T.ptx["fence.proxy.async.shared::cta"]()
+                                        T.tvm_storage_sync("shared.dyn")
+                                        if tma:
+                                            if tid == 0 and j + 1 < blk_hi - blk_lo:
+                                                issue_kv_tma(smem, kv_ready, kmap, vmap, blocks[hm, blk_lo + j + 1, 0],
+                                                             b * KVH + hk, (j + 1) % stages)
+                                        elif stages == 2:
+                                            if j + 1 < blk_hi - blk_lo:
+                                                issue_kv_block(smem, k, v, blocks[hm, blk_lo + j + 1, 0],
+                                                               blocks[hm, blk_lo + j + 1, 1], b, hk, tid, (j + 1) % stages,
+                                                               key_length(spec, kv_len, b))
+                                            T.evaluate(T.ptx.cp.async_.commit_group())
+                                        if wgmma:
+                                            qk_wgmma(sacc, desc, smem, stg, w)
+                                        else:
+                                            qk_tile(sacc, qf, bf, smem, stg, lane)
+                                        mask_scores(sacc, sg, rng, full, col0, sig, lane, key_length(spec, kv_len, b))
+                                        online_softmax(sacc, pf, oacc, ms, ls, mb, al)
+                                        T.ptx.ld.shared.b32(vflag[0], T.address_of(vbad[stg]))
+                                        if vflag[0] == j + 1:
+                                            pv_exact(oacc, pf, smem, stg, w, lane)
+                                        elif wgmma:
+                                            pv_wgmma(oacc, pf, desc, smem, stg)
+                                        else:
+                                            pv_tile(oacc, pf, bf, smem, stg, lane)
+                                if split_chunk(plan_shape, slot):
+                                    store_slot(split_o, split_ml, oacc, ms, ls, vbh, slot, w, lane, nrows)
+                                else:
+                                    store_rows(out, o_part, ml_part, lse, oacc, ms, ls, rows, b, h, vbh, comp, w, lane, nrows)
 
     tiled = without_unused_kv_len(spec, tiled)
     if with_lse and direct:
