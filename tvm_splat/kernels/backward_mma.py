@@ -480,9 +480,22 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
         else:
             store_whole(dst, part, comp, b, h, acc, factor, rows, w, lane, nrows)
 
+    @T.macro
+    def select_in_ranges(sacc, dpacc, rng, lane):
+        # P and dS selected to exactly 0 outside the block's ranges (block_ranges): 2 S integer
+        # compares per score, no branch per score; FULL blocks skip this step (measured: the
+        # forward's FULL-heavy masks were 6-9% slower with it, H200, h200_forward_ab.json)
+        for nt in T.unroll(NTL):
+            for i in T.unroll(4):
+                sacc[nt * 4 + i] = T.Select(in_block(rng, i // 2, acc_col(nt, lane, i)), sacc[nt * 4 + i],
+                                            T.float32(0))
+                dpacc[nt * 4 + i] = T.Select(in_block(rng, i // 2, acc_col(nt, lane, i)), dpacc[nt * 4 + i],
+                                             T.float32(0))
+
     return SimpleNamespace(
         BR=BR, BC=BC, W=W, D=D, DP=DP, DT=DT, NTL=NTL, SMEM=SMEM, X_OFF=X_OFF, Y_OFF=Y_OFF, U_OFF=U_OFF, W_OFF=W_OFF,
         P_OFF=P_OFF, DS_OFF=DS_OFF, tile_row=tile_row, acc_col=acc_col, in_block=in_block,
+        select_in_ranges=select_in_ranges,
         block_ranges=block_ranges, load_rows=load_rows,
         fetch_block=fetch_block,
         flag_nonfinite=flag_nonfinite, cache_row_segments=cache_row_segments, tile_by_block=tile_by_block,
@@ -500,7 +513,7 @@ def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages
     double-buffered, fetched with ``cp.async`` one block ahead (one barrier per block, as the
     forward's two-stage form); ``stages=1``: plain loads, two."""
     st = _steps(spec, plan_shape, warps, stages)
-    tile_row, in_block, acc_col, full_row_sum = st.tile_row, st.in_block, st.acc_col, st.full_row_sum
+    tile_row, acc_col, full_row_sum, select_in_ranges = st.tile_row, st.acc_col, st.full_row_sum, st.select_in_ranges
     block_ranges = st.block_ranges
     start_tile, load_tile, cache_row_segments, await_block = (st.start_tile, st.load_tile, st.cache_row_segments,
                                                               st.await_block)
@@ -536,18 +549,17 @@ def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages
                         delta[b, h, rows[r]] = drow[r]
 
     @T.macro
-    def probabilities(sacc, dpacc, rng, lrow, drow, lane):
-        # P = 2^(S scale log2e - lse log2e) and dS = P (dP - delta), then both selected to
-        # exactly 0 where the mask is off (the block's ranges, block_ranges): computed for every
-        # score and selected after, so the code has no branch per score
+    def probabilities(sacc, dpacc, rng, full, lrow, drow, lane):
+        # P = 2^(S scale log2e - lse log2e) and dS = P (dP - delta), then, unless the block is
+        # FULL (a branch uniform over the block), both selected to exactly 0 where the mask is
+        # off (the block's ranges, block_ranges): computed for every score and selected after,
+        # so the code has no branch per score
         for nt in T.unroll(NTL):
             for i in T.unroll(4):
                 sacc[nt * 4 + i] = T.exp2(sacc[nt * 4 + i] * c2 - lrow[i // 2])
                 dpacc[nt * 4 + i] = sacc[nt * 4 + i] * (dpacc[nt * 4 + i] - drow[i // 2])
-                sacc[nt * 4 + i] = T.Select(in_block(rng, i // 2, acc_col(nt, lane, i)), sacc[nt * 4 + i],
-                                            T.float32(0))
-                dpacc[nt * 4 + i] = T.Select(in_block(rng, i // 2, acc_col(nt, lane, i)), dpacc[nt * 4 + i],
-                                             T.float32(0))
+        if full != 1:
+            select_in_ranges(sacc, dpacc, rng, lane)
 
     @T.prim_func(s_tir=True)
     def bwd_dq(
@@ -621,7 +633,7 @@ def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages
                                               blocks[hm, blk_lo + j + 1, 1], (j + 1) % stages, tid, None, None, None)
                                 block_ranges(rng, sg, full, col0, sig, None)
                                 block_products(sacc, dpacc, af, bf, smem, stg, w, lane)  # S = Q K^T, dP = dO V^T
-                                probabilities(sacc, dpacc, rng, lrow, drow, lane)
+                                probabilities(sacc, dpacc, rng, full, lrow, drow, lane)
                                 as_operand(dsf, dpacc)
                                 # dQ += dS K
                                 accumulate_block(acc, dsf, None, None, False, smem, bf, bad, flag, stg, j + 1, w, lane)
@@ -638,7 +650,7 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
     parameters ``dk_part`` and ``dv_part`` (see the module docstring). The program walks (group
     head, block) pairs as one sequence, so ``stages=2`` prefetches across heads."""
     st = _steps(spec, plan_shape, warps, stages, dkdv=True)
-    in_block, block_ranges, acc_col = st.in_block, st.block_ranges, st.acc_col
+    block_ranges, acc_col, select_in_ranges = st.block_ranges, st.acc_col, st.select_in_ranges
     start_tile, load_tile, cache_row_segments, await_block = (st.start_tile, st.load_tile, st.cache_row_segments,
                                                               st.await_block)
     flag_block, publish_block, block_products, as_operand = (st.flag_block, st.publish_block, st.block_products,
@@ -655,7 +667,7 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
     c2, log2e, scale = T.float32(spec.scale * LOG2E), T.float32(LOG2E), T.float32(spec.scale)
 
     @T.macro
-    def probabilities_t(sacc, dpacc, rng, stats, stg, lane):
+    def probabilities_t(sacc, dpacc, rng, full, stats, stg, lane):
         # P^T and dS^T with the lse and delta of each block column (query row, staged in stage
         # stg of ``stats``), then selected to exactly 0 where the mask is off (as bwd_dq does)
         for nt in T.unroll(NTL):
@@ -663,10 +675,8 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
                 sacc[nt * 4 + i] = T.exp2(sacc[nt * 4 + i] * c2 - stats[stg * 2 * BC + acc_col(nt, lane, i)] * log2e)
                 dpacc[nt * 4 + i] = sacc[nt * 4 + i] * (dpacc[nt * 4 + i]
                                                         - stats[stg * 2 * BC + BC + acc_col(nt, lane, i)])
-                sacc[nt * 4 + i] = T.Select(in_block(rng, i // 2, acc_col(nt, lane, i)), sacc[nt * 4 + i],
-                                            T.float32(0))
-                dpacc[nt * 4 + i] = T.Select(in_block(rng, i // 2, acc_col(nt, lane, i)), dpacc[nt * 4 + i],
-                                             T.float32(0))
+        if full != 1:
+            select_in_ranges(sacc, dpacc, rng, lane)
 
     @T.prim_func(s_tir=True)
     def bwd_dkdv(
@@ -745,7 +755,7 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
                                               lse, delta)
                                 block_ranges(rng, sg, full, col0, sig, None)
                                 block_products(sacc, dpacc, af, bf, smem, stg, w, lane)  # S^T = K Q^T, dP^T = V dO^T
-                                probabilities_t(sacc, dpacc, rng, stats, stg, lane)
+                                probabilities_t(sacc, dpacc, rng, full, stats, stg, lane)
                                 as_operand(pf, sacc)
                                 as_operand(dsf, dpacc)
                                 accumulate_block(acc_k, dsf, acc_v, pf, True, smem, bf, bad, flag, stg, t + 1, w,
