@@ -148,6 +148,26 @@ def _sdpa_errors(q, k, v, dout, mask):
         q, k, v, attn_mask=bool_mask, enable_gqa=q.shape[1] != k.shape[1]), q, k, v, dout), refs)
 
 
+def _check_against_float64(plan, q, k, v, dout, dtype):
+    """Runs ``plan`` forward and backward and checks out, dq, dk and dv against the float64
+    dense reference, within SDPA_FACTOR times dense SDPA's own error on the same inputs (at
+    least 4 ulps of ``dtype``); returns ``(dense mask, lse, (dq, dk, dv))``."""
+    dense = plan.acsr.to_dense()
+    dense = dense[0] if dense.shape[0] == 1 else dense
+    out, lse = plan.forward(q, k, v)
+    grads = plan.backward(q, k, v, out, lse, dout)
+    q64, k64, v64, do64 = (x.double().cpu().numpy() for x in (q, k, v, dout))
+    ref_out = masked_attention(q64, k64, v64, dense)
+    refs = masked_attention_grads(q64, k64, v64, dense, do64)
+    sdpa = _sdpa_errors(q, k, v, dout, _yardstick_mask(dense))
+    tolerance = max(SDPA_FACTOR * max(sdpa), 4 * EPS[dtype])
+    out_err = float(np.abs(out.double().cpu().numpy() - ref_out).max() / np.abs(ref_out).max())
+    assert out_err <= tolerance, f"out: {out_err:.3g} (tolerance {tolerance:.3g})"
+    for which, a, b in zip(("dq", "dk", "dv"), _relative_errors(grads, refs), sdpa):
+        assert a <= tolerance, f"{which}: ours {a:.3g}, dense SDPA {b:.3g} (tolerance {tolerance:.3g})"
+    return dense, lse, grads
+
+
 def _one_stage(cases):
     return [pytest.param(*c, 1, id=f"{c[0]} one stage") for c in cases]
 
@@ -164,22 +184,10 @@ def test_tensor_core_training_matches_float64_at_dense_sdpa_error(name, mask, he
     if name in {c[0] for c in MULTI_COMPONENT_CASES}:
         assert [p.shape.num_components for p in plan.tile_plans] == [2, 2, 2]
     q, k, v, dout = _inputs(2, heads, kv_heads, n, d, dtype, seed=n)
-    dense = plan.acsr.to_dense()
-    dense = dense[0] if dense.shape[0] == 1 else dense
-    out, lse = plan.forward(q, k, v)
-    dq, dk, dv = plan.backward(q, k, v, out, lse, dout)
-    q64, k64, v64, do64 = (x.double().cpu().numpy() for x in (q, k, v, dout))
-    ref_out = masked_attention(q64, k64, v64, dense)
-    refs = masked_attention_grads(q64, k64, v64, dense, do64)
-    sdpa = _sdpa_errors(q, k, v, dout, _yardstick_mask(dense))
-    tolerance = max(SDPA_FACTOR * max(sdpa), 4 * EPS[dtype])
-    out_err = float(np.abs(out.double().cpu().numpy() - ref_out).max() / np.abs(ref_out).max())
-    assert out_err <= tolerance, f"out: {out_err:.3g} (tolerance {tolerance:.3g})"
+    dense, lse, (dq, dk, dv) = _check_against_float64(plan, q, k, v, dout, dtype)
     empty = ~np.broadcast_to(dense, (heads, n, n)).any(-1)
     lse_cpu = lse.cpu().numpy()
     assert np.isneginf(lse_cpu[:, empty]).all() and np.isfinite(lse_cpu[:, ~empty]).all()
-    for which, a, b in zip(("dq", "dk", "dv"), _relative_errors((dq, dk, dv), refs), sdpa):
-        assert a <= tolerance, f"{which}: ours {a:.3g}, dense SDPA {b:.3g} (tolerance {tolerance:.3g})"
     assert (dq.cpu()[:, torch.from_numpy(empty)] == 0).all()
 
 
@@ -208,23 +216,12 @@ def test_split_training_matches_float64_at_dense_sdpa_error(name, mask, heads, k
                          mma_knobs=knobs)
     assert plan.kernels == "tensor-cores" and all(p.shape.num_slots for p in plan.tile_plans), repr(plan)
     q, k, v, dout = _inputs(2, heads, kv_heads, n, d, dtype, seed=n + 1)
-    dense = plan.acsr.to_dense()
-    dense = dense[0] if dense.shape[0] == 1 else dense
-    out, lse = plan.forward(q, k, v)
-    grads = plan.backward(q, k, v, out, lse, dout)
-    q64, k64, v64, do64 = (x.double().cpu().numpy() for x in (q, k, v, dout))
-    ref_out = masked_attention(q64, k64, v64, dense)
-    refs = masked_attention_grads(q64, k64, v64, dense, do64)
-    sdpa = _sdpa_errors(q, k, v, dout, _yardstick_mask(dense))
-    tolerance = max(SDPA_FACTOR * max(sdpa), 4 * EPS[dtype])
-    out_err = float(np.abs(out.double().cpu().numpy() - ref_out).max() / np.abs(ref_out).max())
-    assert out_err <= tolerance, f"out: {out_err:.3g} (tolerance {tolerance:.3g})"
+    dense, lse, _ = _check_against_float64(plan, q, k, v, dout, dtype)
+    q64, k64 = (x.double().cpu().numpy() for x in (q, k))
     scores = q64 @ np.repeat(k64, heads // kv_heads, 1).swapaxes(-1, -2) / d ** 0.5
     ref_lse = np.log(np.where(dense, np.exp(scores - scores.max(-1, keepdims=True)), 0).sum(-1)) \
         + scores.max(-1)
     np.testing.assert_allclose(lse.double().cpu().numpy(), ref_lse, rtol=1e-3, atol=1e-3)
-    for which, a, b in zip(("dq", "dk", "dv"), _relative_errors(grads, refs), sdpa):
-        assert a <= tolerance, f"{which}: ours {a:.3g}, dense SDPA {b:.3g} (tolerance {tolerance:.3g})"
 
 
 @pytest.mark.parametrize("stages", [2, 1])
