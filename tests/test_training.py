@@ -31,6 +31,25 @@ def test_inputs_are_checked_against_the_plan():
         plan.backward(q, k, k, out, lse.double(), out)
 
 
+def test_views_and_tensors_that_require_grad_give_what_contiguous_copies_give():
+    """The kernels read aligned contiguous tensors in place and copy the rest: packed-qkv
+    views not on 64 bytes, transposed views, tensors that require grad (DLPack refuses those)."""
+    b, h, n, d = 1, 1, 5, 4  # 80 bytes a slice: k and v of the packed tensor are misaligned
+    plan = plan_training("global:1+window:1", (b, h, n, d), dtype="float32")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, b, h, n, d, generator=g).unbind(0)
+    assert k.data_ptr() % 64 and v.data_ptr() % 64
+    dout = torch.randn(b, h, d, n, generator=g).transpose(-1, -2)  # not contiguous
+    q.requires_grad_()
+    out, lse = plan.forward(q, k, v)
+    grads = plan.backward(q, k, v, out, lse, dout)
+    copies = [x.detach().clone().contiguous() for x in (q, k, v, dout)]
+    out_c, lse_c = plan.forward(*copies[:3])
+    grads_c = plan.backward(*copies[:3], out_c, lse_c, copies[3])
+    for ours, theirs in zip((out, lse, *grads), (out_c, lse_c, *grads_c)):
+        assert torch.equal(ours, theirs)
+
+
 def test_bad_plans_are_named():
     with pytest.raises(ValueError, match="heads % kv_heads"):
         plan_training("window:2", (1, 3, 9, 4), (1, 2, 9, 4))
