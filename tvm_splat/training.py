@@ -65,12 +65,14 @@ _TRANSPOSED = tuple(f"t{name}" for name in (*SEGMENTS, "indices"))
 _FWD_PLAN = ("seg_start", "seg_count", "fwd_seg_sigma", "fwd_tiles", "fwd_blocks")
 _DQ_PLAN = ("seg_start", "seg_count", "seg_sigma", "tiles", "blocks")
 _DKDV_PLAN = ("tseg_start", "tseg_count", "tseg_sigma", "ttiles", "tblocks")
-#: the forward kernel's partial-state buffers, one-element dummies: the per-component states
-#: (``o_part``, ``ml_part``) and the chunk states (``split_o``, ``split_ml``) are real buffers
-#: only on plans of several components or with split-KV (allocated per call then,
-#: :meth:`TrainingPlan._forward_mma`)
-_FWD_SCRATCH = (("o_part", (1, 1, 1, 1)), ("ml_part", (1, 1, 1, 2)), ("split_o", (1, 1, 1, 1)),
-                ("split_ml", (1, 1, 1, 2)))
+#: one-element dummies, uploaded once, for the partial buffers a plan does not use: the
+#: forward kernel's per-component states (``o_part``, ``ml_part``) and chunk states
+#: (``split_o``, ``split_ml``), and the component partial ``split_sum`` takes on a plan of one
+#: component (``part``, :func:`~tvm_splat.kernels.backward_mma.part_shape`'s dummy); real
+#: buffers only on plans of several components or with split-KV (allocated per call then,
+#: :meth:`TrainingPlan._forward_mma`, :meth:`TrainingPlan._backward_mma`)
+_SCRATCH = (("o_part", (1, 1, 1, 1)), ("ml_part", (1, 1, 1, 2)), ("split_o", (1, 1, 1, 1)),
+            ("split_ml", (1, 1, 1, 2)), ("part", (1, 1, 1, 1, 1)))
 
 
 class TrainingPlan:
@@ -140,7 +142,7 @@ class TrainingPlan:
             dev = self.device
             tables = {name: tvm.runtime.tensor(a, dev) for name, a in self.tables().items()}
             if self.kernels == "tensor-cores":
-                tables.update({name: tvm.runtime.empty(shape, "float32", dev) for name, shape in _FWD_SCRATCH})
+                tables.update({name: tvm.runtime.empty(shape, "float32", dev) for name, shape in _SCRATCH})
             self._lib, self._tables = self.compiled(), tables
         return self._lib, self._tables
 
@@ -183,10 +185,10 @@ class TrainingPlan:
         Functions are looked up once. Host time on the CPU (tiny shapes, 2 cores): forward
         120 -> 86 us, backward 310 -> 210 us against converting every tensor and the string
         device checks."""
+        lib, tables = self._kernels()
         func = self._functions.get(name)
         if func is None:
-            func = self._functions[name] = self._kernels()[0][name]
-        tables = self._kernels()[1]
+            func = self._functions[name] = lib[name]
         args = [tables[a] if isinstance(a, str) else a if _in_place(a) else to_tvm(a, self.device) for a in args]
         if is_gpu_device(self.device):
             import torch
@@ -254,19 +256,20 @@ class TrainingPlan:
         which ``split_sum`` adds into the gradient (or its component's partial)."""
         rows = self.spec.rows
         dq_plan, dkdv_plan = (p.shape for p in self.tile_plans[1:])
-        dq_part = self._empty(q, part_shape(rows, dq_plan.num_components, rows.heads), "float32")
-        dq_split = self._empty(q, split_part_shape(rows, dq_plan, rows.heads), "float32")
+        several, split = dq_plan.num_components > 1, dq_plan.num_slots
+        dq_part = self._empty(q, part_shape(rows, dq_plan.num_components, rows.heads), "float32") if several else "part"
+        dq_split = self._empty(q, split_part_shape(rows, dq_plan, rows.heads), "float32") if split else None
         self._launch("bwd_dq", q, k, v, out, dout, lse, dlse, *_DQ_PLAN, dq, delta,
-                     *_present((dq_part, dq_plan.num_components > 1), (dq_split, dq_plan.num_slots)))
-        if dq_plan.num_slots:
+                     *_present((dq_part, several), (dq_split, split)))
+        if split:
             self._launch("bwd_dq_split_sum", dq_split, "splits", dq, dq_part)
-        if dq_plan.num_components > 1:
+        if several:
             self._launch("bwd_dq_sum", dq_part, "num_comp", dq)
         several, split = dkdv_plan.num_components > 1, dkdv_plan.num_slots
-        dk_part, dv_part = (self._empty(q, part_shape(rows, dkdv_plan.num_components, rows.kv_heads), "float32")
-                            for _ in range(2))
-        dk_split, dv_split = (self._empty(q, split_part_shape(rows, dkdv_plan, rows.kv_heads), "float32")
-                              for _ in range(2))
+        dk_part, dv_part = ((self._empty(q, part_shape(rows, dkdv_plan.num_components, rows.kv_heads), "float32")
+                             for _ in range(2)) if several else ("part", "part"))
+        dk_split, dv_split = ((self._empty(q, split_part_shape(rows, dkdv_plan, rows.kv_heads), "float32")
+                               for _ in range(2)) if split else (None, None))
         self._launch("bwd_dkdv", q, k, v, dout, lse, delta, *_DKDV_PLAN, dk, dv,
                      *_present((dk_part, several), (dv_part, several), (dk_split, split), (dv_split, split)))
         for grad, part, chunks in ((dk, dk_part, dk_split), (dv, dv_part, dv_split)):
@@ -274,7 +277,6 @@ class TrainingPlan:
                 self._launch("bwd_dkdv_split_sum", chunks, "tsplits", grad, part)
             if several:
                 self._launch("bwd_dkdv_sum", part, "tnum_comp", grad)
-
 
 def _present(*buffers):
     """The buffers whose condition holds (the optional last parameters of a kernel)."""

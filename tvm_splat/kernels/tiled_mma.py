@@ -161,7 +161,6 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     PW = BC if wgmma or BC <= D + ROW_PAD else 16 * ((D + ROW_PAD) // 16)
     P_CHUNKS = BC // PW
     NTHR = 32 * W
-    #: CTAs per SM the registers must allow: at most 128 registers a thread (65536 / (128 NTHR)).
     # the TMA form's registers are capped at 128 a thread (launch bounds: 65536 / (128 NTHR)
     # thread blocks per SM), so that two blocks of 8 warps (d=128) or four of 4 warps (d=64)
     # fit an SM, as their shared memory allows: uncapped, the block-range mask took 129-152
