@@ -156,6 +156,39 @@ def test_nan_in_masked_out_keys_and_values_does_not_leak_into_any_gradient():
     assert (grads[1][1][:, :, padding] == 0).all() and (grads[1][2][:, :, padding] == 0).all()
 
 
+@pytest.mark.parametrize("mask", ["global:2+window:1", "causal_strided:4"])
+def test_eager_calls_skip_the_dispatcher_and_match_the_op(mask):
+    """Eager calls on plain tensors run the plan without the custom op and give what the op
+    gives, bit for bit (out and all gradients, a non-contiguous dout included); under a torch
+    dispatch mode, which must see the op, the call goes through it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpLog(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    results = []
+    for through_op in (False, True):
+        q, k, v = _qkv(11, 4, 2, d=5, batch=2, dtype=torch.float32)
+        dout = torch.randn(2, 11, 4, 5, generator=torch.Generator().manual_seed(3)).transpose(1, 2)
+        if through_op:
+            with OpLog() as log:
+                out = sparse_attention(q, k, v, mask)
+            assert any("tvm_splat.sparse_attention" in op for op in log.ops)
+        else:
+            out = sparse_attention(q, k, v, mask)
+            assert out.grad_fn is not None and "EagerSparseAttention" in type(out.grad_fn).__name__
+        out.backward(dout)
+        results.append((out.detach(), q.grad, k.grad, v.grad))
+    for eager, op in zip(*results):
+        torch.testing.assert_close(eager, op, rtol=0, atol=0)
+
+
 def test_plans_are_made_once_per_workload():
     q, k, v = _qkv(9, 2, 2)
     first = training_plan_for(q, k, "window:2", None)

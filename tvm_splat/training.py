@@ -38,6 +38,8 @@ inputs) ``[batch, heads, n]``, natural log, ``-inf`` on rows that attend to noth
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import tvm
 
@@ -179,7 +181,7 @@ class TrainingPlan:
         return x
 
     def _launch(self, name, *args):
-        """Run kernel ``name`` on ``args``: table names, or tensors, which go to the kernel as
+        """Run kernel ``name`` (inside :meth:`_on_stream`) on ``args``: table names, or tensors, which go to the kernel as
         they are when it can read them in place (contiguous, 64-byte aligned, not requiring grad:
         tvm_ffi takes torch tensors through DLPack), else through :func:`to_tvm` (a copy).
         Functions are looked up once. Host time on the CPU (tiny shapes, 2 cores): forward
@@ -189,15 +191,18 @@ class TrainingPlan:
         func = self._functions.get(name)
         if func is None:
             func = self._functions[name] = lib[name]
-        args = [tables[a] if isinstance(a, str) else a if _in_place(a) else to_tvm(a, self.device) for a in args]
-        if is_gpu_device(self.device):
-            import torch
-            import tvm_ffi
+        func(*(tables[a] if isinstance(a, str) else a if _in_place(a) else to_tvm(a, self.device) for a in args))
 
-            with tvm_ffi.use_raw_stream(self.device, torch.cuda.current_stream().cuda_stream):
-                func(*args)
-        else:
-            func(*args)
+    def _on_stream(self):
+        """The context the kernels of one forward or backward launch in: torch's current stream
+        of the plan's device, looked up once for all of them (on the GPU machine a lookup cost
+        more host time than a launch's arguments); nothing to set on the CPU."""
+        if not is_gpu_device(self.device):
+            return contextlib.nullcontext()
+        import torch
+        import tvm_ffi
+
+        return tvm_ffi.use_raw_stream(self.device, torch.cuda.current_stream(self._torch_device()).cuda_stream)
 
     def forward(self, q, k, v):
         """``(out, lse)``: sparse attention and its row log-sum-exp (see the module docstring)."""
@@ -205,10 +210,11 @@ class TrainingPlan:
         rows = self.spec.rows
         out = self._empty(q, self.q_shape, rows.dtype)
         lse = self._empty(q, self.stats_shape, rows.accum_dtype)
-        if self.kernels == "tensor-cores":
-            self._forward_mma(q, k, v, out, lse)
-        else:
-            self._launch("fwd_lse", q, k, v, *SEGMENTS, "indices", out, lse)
+        with self._on_stream():
+            if self.kernels == "tensor-cores":
+                self._forward_mma(q, k, v, out, lse)
+            else:
+                self._launch("fwd_lse", q, k, v, *SEGMENTS, "indices", out, lse)
         return out, lse
 
     def _forward_mma(self, q, k, v, out, lse):
@@ -242,11 +248,12 @@ class TrainingPlan:
         dk = self._empty(q, self.kv_shape, rows.dtype)
         dv = self._empty(q, self.kv_shape, rows.dtype)
         delta = self._empty(q, self.stats_shape, rows.accum_dtype)
-        if self.kernels == "tensor-cores":
-            self._backward_mma(q, k, v, out, lse, dout, dlse, dq, dk, dv, delta)
-        else:
-            self._launch("bwd_dq", q, k, v, out, dout, lse, dlse, *SEGMENTS, "indices", dq, delta)
-            self._launch("bwd_dkdv", q, k, v, dout, lse, delta, *_TRANSPOSED, dk, dv)
+        with self._on_stream():
+            if self.kernels == "tensor-cores":
+                self._backward_mma(q, k, v, out, lse, dout, dlse, dq, dk, dv, delta)
+            else:
+                self._launch("bwd_dq", q, k, v, out, dout, lse, dlse, *SEGMENTS, "indices", dq, delta)
+                self._launch("bwd_dkdv", q, k, v, dout, lse, delta, *_TRANSPOSED, dk, dv)
         return dq, dk, dv
 
     def _backward_mma(self, q, k, v, out, lse, dout, dlse, dq, dk, dv, delta):
