@@ -19,6 +19,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
+import subprocess
+import tempfile
 from pathlib import Path
 
 import tvm
@@ -104,9 +107,9 @@ def backward_mma_module(spec: BackwardSpec, knobs, plan_shapes) -> tvm.IRModule:
 
 
 def compile_backward_mma(spec: BackwardSpec, target, knobs, plan_shapes, use_disk_cache=True):
-    """Compiled tensor-core training kernels (cached like every other module; the wgmma forward
-    builds for the architecture-specific target, ``sm_90a``)."""
-    target = arch_specific(as_target(target)) if knobs.forward.wgmma else as_target(target)
+    """Compiled tensor-core training kernels (cached like every other module; the wgmma forms
+    build for the architecture-specific target, ``sm_90a``)."""
+    target = arch_specific(as_target(target)) if knobs.forward.wgmma or knobs.wgmma else as_target(target)
     ident = f"backward_mma|{spec.key}|{knobs!r}|{'|'.join(s.key for s in plan_shapes)}"
     return compile_module(ident, lambda: backward_mma_module(spec, knobs, plan_shapes), target, use_disk_cache)
 
@@ -144,6 +147,20 @@ def nvcc_compile(source: str, target="nvidia/nvidia-h100") -> bytes:
     gencode = ["-gencode", f"arch=compute_{code},code=sm_{code}"]
     with target:  # TVM's nvcc driver reads the compute version off the current target
         return bytes(compile_cuda(source, target_format="fatbin", arch=gencode, compiler="nvcc"))
+
+
+def ptxas_usage(source: str, kernel: str, target="nvidia/nvidia-h100") -> tuple[int, int]:
+    """``(registers, spill bytes)`` that ptxas reports for ``kernel`` (its entry function's
+    name, ``tiled_kernel``) in CUDA ``source`` compiled with the local ``nvcc`` for the target's
+    architecture: what decides how many thread blocks share an SM, read on a CPU-only machine."""
+    arch = str(as_target(target).attrs["arch"])
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "k.cu").write_text(source)
+        run = subprocess.run(["nvcc", f"-arch={arch}", "-cubin", "-Xptxas", "-v", "-o", str(Path(tmp, "k.cubin")),
+                              str(Path(tmp, "k.cu"))], capture_output=True, text=True, check=True)
+    report = run.stderr.split(f"Compiling entry function '{kernel}'")[1].split("Compiling entry function")[0]
+    registers = int(re.search(r"Used (\d+) registers", report).group(1))
+    return registers, sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
 
 
 def load_or_build(ident: str, build, use_disk_cache=True):

@@ -115,9 +115,9 @@ MULTI_COMPONENT_CASES = [
 TC_CASES += MULTI_COMPONENT_CASES
 
 
-def _tensor_core_plan(mask, heads, kv_heads, n, d, dtype, stages=None):
+def _tensor_core_plan(mask, heads, kv_heads, n, d, dtype, stages=None, **knobs):
     """The training plan (tensor cores asserted); ``stages``: the backward kernels' K/V stages
-    (None: the default)."""
+    (None: the default); ``knobs``: other :class:`BackwardMmaKnobs` overrides (``wgmma=True``)."""
     import dataclasses
 
     from tvm_splat.schedules.backward_mma import default_backward_mma_knobs
@@ -126,8 +126,9 @@ def _tensor_core_plan(mask, heads, kv_heads, n, d, dtype, stages=None):
     shapes = ((2, heads, n, d), (2, kv_heads, n, d), str(dtype).replace("torch.", ""), "cuda")
     plan = plan_training(mask, *shapes)
     if stages is not None and stages != plan.mma_knobs.stages:
-        knobs = dataclasses.replace(default_backward_mma_knobs(plan.spec, plan.target), stages=stages)
-        plan = plan_training(mask, *shapes, mma_knobs=knobs)
+        knobs["stages"] = stages
+    if knobs:
+        plan = plan_training(mask, *shapes, mma_knobs=dataclasses.replace(plan.mma_knobs, **knobs))
     assert plan.kernels == "tensor-cores", repr(plan)
     return plan
 
@@ -191,6 +192,28 @@ def test_tensor_core_training_matches_float64_at_dense_sdpa_error(name, mask, he
     assert (dq.cpu()[:, torch.from_numpy(empty)] == 0).all()
 
 
+def _hopper():
+    return torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name,mask,heads,kv_heads,n", TC_CASES, ids=[c[0] for c in TC_CASES])
+def test_wgmma_training_matches_float64_at_dense_sdpa_error(name, mask, heads, kv_heads, n, dtype, d):
+    """The backward kernels' Hopper form (``BackwardMmaKnobs.wgmma``: S, dP by warpgroup MMAs
+    from shared memory, dQ / dK / dV from registers) against the float64 dense reference at the
+    default-knob test's tolerance, on its cases (GQA, unions, strided and dilated components,
+    empty rows, per-head masks)."""
+    if not _hopper():
+        pytest.skip("wgmma needs an sm_90 GPU")
+    plan = _tensor_core_plan(mask, heads, kv_heads, n, d, dtype, wgmma=True)
+    assert plan.mma_knobs.wgmma
+    q, k, v, dout = _inputs(2, heads, kv_heads, n, d, dtype, seed=n)
+    dense, lse, (dq, _, _) = _check_against_float64(plan, q, k, v, dout, dtype)
+    empty = ~np.broadcast_to(dense, (heads, n, n)).any(-1)
+    assert (dq.cpu()[:, torch.from_numpy(empty)] == 0).all()
+
+
 #: split-KV of the backward plans, forced small (chunks of 2 blocks) so these shapes split:
 #: global rows and columns (GQA), with two components (MQA), per-head masks
 SPLIT_CASES = [TC_CASES[2], MULTI_COMPONENT_CASES[2],
@@ -200,17 +223,21 @@ SPLIT_CASES = [TC_CASES[2], MULTI_COMPONENT_CASES[2],
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name,mask,heads,kv_heads,n", SPLIT_CASES, ids=[c[0] for c in SPLIT_CASES])
-def test_split_training_matches_float64_at_dense_sdpa_error(name, mask, heads, kv_heads, n, dtype, d):
+@pytest.mark.parametrize("wgmma", [False, True], ids=["mma", "wgmma"])
+def test_split_training_matches_float64_at_dense_sdpa_error(name, mask, heads, kv_heads, n, dtype, d, wgmma):
     """Forward and backward with long tiles split into chunks in all three plans (the forward's
     chunk states merged with their lse by fwd_split_merge; each backward chunk writes a float32
     slot that split_sum adds, before the component sum where there are several) against the
-    float64 dense reference, at the tolerance of the default-knob test."""
+    float64 dense reference, at the tolerance of the default-knob test; with the backward
+    kernels in their mma and wgmma forms."""
     import dataclasses
 
     from tvm_splat.training import plan_training
 
+    if wgmma and not _hopper():
+        pytest.skip("wgmma needs an sm_90 GPU")
     base = _tensor_core_plan(mask, heads, kv_heads, n, d, dtype)
-    knobs = dataclasses.replace(base.mma_knobs, split_blocks=2,
+    knobs = dataclasses.replace(base.mma_knobs, split_blocks=2, wgmma=wgmma,
                                 forward=dataclasses.replace(base.mma_knobs.forward, split_blocks=2))
     plan = plan_training(mask, (2, heads, n, d), (2, kv_heads, n, d), str(dtype).replace("torch.", ""), "cuda",
                          mma_knobs=knobs)
@@ -249,18 +276,22 @@ def test_tensor_core_kernels_one_by_one_against_the_row_kernels(name, mask, head
         assert rel(a, b) <= 8 * EPS[dtype], f"{which}: {rel(a, b):.3g}"
 
 
-@pytest.mark.parametrize("stages", [2, 1])
+@pytest.mark.parametrize("stages,wgmma", [(2, False), (1, False), (2, True), (1, True)],
+                         ids=["2 stages", "1 stage", "2 stages wgmma", "1 stage wgmma"])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_tensor_core_nan_in_masked_out_rows_does_not_leak(dtype, d, stages):
+def test_tensor_core_nan_in_masked_out_rows_does_not_leak(dtype, d, stages, wgmma):
     """NaN / inf in keys and values nobody sees and in the q and dO rows of empty queries leave
     every output and gradient finite and equal to the clean run's up to rounding (the blocks that
     hold such rows take the exact CUDA-core path, whose float32 sums run in another order than
     the tensor cores'), the lse bit for bit, and the gradients of the unseen keys and empty
-    queries exactly zero."""
+    queries exactly zero. ``wgmma``: the backward kernels' Hopper form (their exact path is the
+    same CUDA-core code over its core-matrix layout)."""
+    if wgmma and not _hopper():
+        pytest.skip("wgmma needs an sm_90 GPU")
     n, heads, kv_heads = 150, 4, 2
     acsr = _affine_with_empty_rows(n)
-    plan = _tensor_core_plan(acsr, heads, kv_heads, n, d, dtype, stages)
+    plan = _tensor_core_plan(acsr, heads, kv_heads, n, d, dtype, stages, **({"wgmma": True} if wgmma else {}))
     q, k, v, dout = _inputs(2, heads, kv_heads, n, d, dtype, seed=7)
     out, lse = plan.forward(q, k, v)
     clean = plan.backward(q, k, v, out, lse, dout)

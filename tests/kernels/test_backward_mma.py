@@ -8,7 +8,7 @@ The tensor-core kernels' numbers are checked on the GPU (tests/gpu/test_backward
 import numpy as np
 import pytest
 
-from tvm_splat.compile import compile_backward_mma, cuda_source, nvcc_compile
+from tvm_splat.compile import compile_backward_mma, cuda_source, nvcc_compile, ptxas_usage
 from tvm_splat.formats import ACSR, DilatedWindow, GlobalTokens, PerHead, Strided, Window, parse_pattern
 from tvm_splat.formats.tile_plan import plan_tiles
 from tvm_splat.formats.transpose import transpose_acsr, transposed_acsr
@@ -438,3 +438,58 @@ def test_training_plans_pick_and_build_the_tensor_core_kernels(name, mask, heads
     # the forward's chunks are merged with their lse
     assert ("fwd_split_merge_kernel(" in src) == bool(plan.tile_plans[0].shape.num_slots)
     assert len(nvcc_compile(src, target)) > 1000
+
+
+WGMMA_BUILD_CASES = [  # (name, mask, heads, kv_heads, n, head_dim, dtype)
+    ("global+causal window d64 fp16 gqa", GlobalTokens(2) | Window(8, causal=True), 4, 2, 300, 64, "float16"),
+    ("window d128 bf16", Window(16), 4, 4, 200, 128, "bfloat16"),
+    ("causal strided d64 bf16 (components)", Strided(16, causal=True), 2, 2, 181, 64, "bfloat16"),
+    ("global+window n=2000 d128 fp16 split", GlobalTokens(4) | Window(64), 4, 2, 2000, 128, "float16"),
+]
+
+
+@pytest.mark.parametrize("name,mask,heads,kv_heads,n,d,dtype", WGMMA_BUILD_CASES, ids=[c[0] for c in WGMMA_BUILD_CASES])
+def test_wgmma_backward_builds_for_sm90a(name, mask, heads, kv_heads, n, d, dtype):
+    """The backward kernels' Hopper form (``BackwardMmaKnobs.wgmma``): S and dP (S^T and dP^T)
+    as ss warpgroup MMAs of m64 n=bc, KD = head_dim / 16 k-steps each; dQ (dK and dV) as rs
+    warpgroup MMAs of m64 n=head_dim from the registers of dS (and P), bc / 16 k-steps each;
+    no ldmatrix left; the proxy fence before the barriers that publish shared writes to wgmma.
+    The CUDA source compiles with nvcc for sm_90a without spilling (bwd_dkdv at d=128 holds
+    dK and dV, 2 x 64 float32 a thread, beside the two score tiles)."""
+    import dataclasses
+
+    from tvm_splat.training import plan_training
+
+    shapes = ((2, heads, n, d), (2, kv_heads, n, d), dtype, "cuda")
+    base = plan_training(mask, *shapes, target=H100)
+    plan = plan_training(mask, *shapes, target=H100, mma_knobs=dataclasses.replace(base.mma_knobs, wgmma=True))
+    assert plan.kernels == "tensor-cores" and plan.mma_knobs.wgmma, repr(plan)
+    lib = compile_backward_mma(plan.spec, plan.target, plan.mma_knobs, [p.shape for p in plan.tile_plans],
+                               use_disk_cache=False)
+    src = cuda_source(lib)
+    ab = {"float16": "f16", "bfloat16": "bf16"}[dtype]
+    for kernel, bc, products in (("bwd_dq", plan.mma_knobs.dq_bc, 1), ("bwd_dkdv", plan.mma_knobs.dkdv_bc, 2)):
+        body = src[src.rindex(f"{kernel}_kernel("):].split('extern "C"')[0]
+        assert body.count(f"{ab}_ss_mma_async_sync_aligned_m64n{bc}k16") == 2 * (d // 16), kernel
+        assert body.count(f"{ab}_rs_mma_async_sync_aligned_m64n{d}k16") == products * (bc // 16), kernel
+        assert "ldmatrix" not in body and "fence_proxy" in body, kernel
+        registers, spills = ptxas_usage(src, f"{kernel}_kernel", H100)
+        assert spills == 0 and registers <= 255, (kernel, registers, spills)
+    assert "fence.proxy.async.shared::cta" in src and len(nvcc_compile(src, H100)) > 1000
+
+
+def test_wgmma_backward_is_refused_where_it_cannot_run():
+    """The wgmma form asks for a Hopper target and whole warpgroups; elsewhere the plan says why
+    (and runs the row kernels)."""
+    import dataclasses
+
+    from tvm_splat.training import plan_training
+
+    shapes = ((1, 2, 100, 64), (1, 2, 100, 64), "float16", "cuda")
+    base = plan_training(Window(8), *shapes, target=A100)
+    plan = plan_training(Window(8), *shapes, target=A100, mma_knobs=dataclasses.replace(base.mma_knobs, wgmma=True))
+    assert plan.kernels != "tensor-cores" and "needs a Hopper target" in plan.fallback_reason
+    base = plan_training(Window(8), *shapes, target=H100)
+    narrow = dataclasses.replace(base.mma_knobs, wgmma=True, br=32, warps=2)
+    plan = plan_training(Window(8), *shapes, target=H100, mma_knobs=narrow)
+    assert "whole warpgroups" in plan.fallback_reason

@@ -1,11 +1,10 @@
 """GPU schedules of the tiled kernel: the CUDA code generates and compiles for the H100
 (numerics are checked on CPU in tests/kernels/test_tiled.py; GPU runs happen elsewhere)."""
-import re
-import subprocess
 
 import pytest
 import tvm
 
+from tvm_splat.compile import ptxas_usage
 from tvm_splat.compile import tiled_module as build_module
 from tvm_splat.formats import ACSR, GlobalTokens, Strided, Window
 from tvm_splat.formats.tile_plan import plan_tiles
@@ -200,20 +199,9 @@ def test_tma_form_compiles_with_tensor_maps(d, dtype, kv_len):
     assert nvcc_compile(src, H100)
 
 
-def _ptxas_registers_and_spills(src, tmp_path):
-    """(registers, spill bytes) ptxas reports for the tiled kernel of ``src`` (sm_90a)."""
-    (tmp_path / "k.cu").write_text(src)
-    run = subprocess.run(["nvcc", "-arch=sm_90a", "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"),
-                          str(tmp_path / "k.cu")], capture_output=True, text=True, check=True)
-    report = run.stderr.split("Compiling entry function 'tiled_kernel'")[1].split("Compiling entry function")[0]
-    registers = int(re.search(r"Used (\d+) registers", report).group(1))
-    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
-    return registers, spills
-
-
 @pytest.mark.parametrize("pattern,d,warps,blocks", [(Window(256), 128, 8, 2), (GlobalTokens(4) | Window(256), 64, 4, 4),
                                                      (GlobalTokens(4) | Window(256), 128, 8, 0)])
-def test_tma_form_fits_its_blocks_per_sm_without_spills(pattern, d, warps, blocks, tmp_path):
+def test_tma_form_fits_its_blocks_per_sm_without_spills(pattern, d, warps, blocks):
     """The TMA form asks for ``blocks`` thread blocks per SM (at most 128 registers a thread,
     ``__launch_bounds__``), as many as its shared memory allows, where ptxas meets that without
     spilling (segments x head_dim <= 128; uncapped, the block-range mask took 129-152
@@ -223,7 +211,7 @@ def test_tma_form_fits_its_blocks_per_sm_without_spills(pattern, d, warps, block
     src, plan = _cuda_source(pattern, 1024, knobs, heads=4, d=d)
     bounds = f"{32 * warps}, {blocks}" if blocks else f"{32 * warps}"
     assert f"__launch_bounds__({bounds}) tiled_kernel" in src
-    registers, spills = _ptxas_registers_and_spills(src, tmp_path)
+    registers, spills = ptxas_usage(src, "tiled_kernel", H100)
     assert spills == 0 and (registers <= 128 or not blocks), (registers, spills)
 
 

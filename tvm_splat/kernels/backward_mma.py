@@ -28,6 +28,21 @@ barrier per block, the forward's two-stage scheme) or plain 16-byte loads (``sta
 barriers); accumulation in float32; P and dS are rounded to the input dtype as the A operands
 of the second products (as FlashAttention-2 does).
 
+Hopper form (``wgmma=True``, sm_90a, :class:`~tvm_splat.schedules.backward_mma.BackwardMmaKnobs`
+``.wgmma``): the four operands sit unpadded in 8x8 core matrices (the forward's wgmma layout,
+:mod:`tvm_splat.kernels.tiled_mma`); ``S = X U^T`` and ``dP = Y W^T`` are warpgroup MMAs
+(``wgmma.mma_async``, m64 n=BC) with both operands read K-major from shared memory through
+matrix descriptors, issued as one group and waited for; ``dQ += dS K`` (``dK += dS^T Q``,
+``dV += P^T dO``) are warpgroup MMAs (m64 n=head_dim) with dS (P) from registers — the
+accumulator layout of a warp's 16 rows is ``mma.sync``'s, and so is the A fragment
+``as_operand`` builds — and the block operand read MN-major, as the forward reads V. A
+warpgroup is 4 warps = 64 tile rows, so the selection, probability and store steps are the
+``mma.sync`` form's. Shared writes (plain stores and ``cp.async``) reach the async proxy through
+``fence.proxy.async`` before the barriers that publish them. Registers (ptxas, sm_90a, fp16):
+``bwd_dq`` 145 at head_dim 64 and 165 at 128, ``bwd_dkdv`` 229 and 239, no spills. Built and
+compiled on the CPU; its GPU tests (``tests/gpu/test_backward.py``, ``wgmma``) have not run yet,
+so it is off by default.
+
 Masked-out entries contribute exactly nothing: once per block, each row slot turns its cached
 segments into ranges of block columns (:func:`~tvm_splat.kernels.common.block_range_cache`: a
 segment of the block's step and residue holds the columns ``c`` between two exact quotients; a
@@ -104,8 +119,10 @@ SUM_BLOCK = "sum"
 SPLIT_SUM_BLOCK = "split_sum"
 
 
-def check_backward_mma_shape(spec: AttentionSpec, br: int, bc: int, warps: int, stages: int = 2) -> None:
-    """Raise ``ValueError`` when the tensor-core backward cannot take this spec and tile shape."""
+def check_backward_mma_shape(spec: AttentionSpec, br: int, bc: int, warps: int, stages: int = 2,
+                             wgmma: bool = False) -> None:
+    """Raise ``ValueError`` when the tensor-core backward cannot take this spec and tile shape
+    (``wgmma``: in its Hopper form, which needs whole warpgroups and bc, head_dim <= 256)."""
     if spec.dtype not in MMA_TYPES:
         raise ValueError(f"the tensor-core backward needs float16 or bfloat16 inputs, got {spec.dtype}")
     if spec.head_dim % 16:
@@ -116,7 +133,10 @@ def check_backward_mma_shape(spec: AttentionSpec, br: int, bc: int, warps: int, 
         raise ValueError(f"the tensor-core backward needs br == 16 * warps ({16 * warps}), got br={br}")
     if stages not in (1, 2):
         raise ValueError(f"stages must be 1 or 2, got {stages}")
-    if _shared_elems(br, bc, spec.head_dim, stages) * 2 > SHARED_BYTES_MAX:
+    if wgmma and (warps % 4 or bc > 256 or spec.head_dim > 256):
+        raise ValueError(f"the wgmma backward needs whole warpgroups (warps a multiple of 4) and bc, head_dim "
+                         f"<= 256, got warps={warps}, bc={bc}, head_dim={spec.head_dim}")
+    if _shared_elems(br, bc, spec.head_dim, stages, wgmma=wgmma) * 2 > SHARED_BYTES_MAX:
         raise ValueError(f"br={br}, bc={bc}, head_dim={spec.head_dim}, stages={stages} need more than the "
                          f"{SHARED_BYTES_MAX // 1024} KB of shared memory a block may have")
 
@@ -153,24 +173,26 @@ def _without(func, names):
     return tvm.tirx.PrimFunc([p for p in func.params if p.name not in names], func.body, func.ret_type, func.attrs)
 
 
-def _shared_elems(br, bc, d, stages, pair=True):
+def _shared_elems(br, bc, d, stages, pair=True, wgmma=False):
     """Elements of the shared buffer: two tile operands, two block operands per stage, and the
     exact path's staging of its A operands (``pair``, bwd_dkdv: P and dS; bwd_dq: dS alone).
     bwd_dq at head_dim 128, bc=32, two stages: 73 KB, three thread blocks per SM on the H200's
-    228 KB (with P staged too it would be 78 KB, two)."""
-    dp = d + ROW_PAD
+    228 KB (with P staged too it would be 78 KB, two). ``wgmma``: operand rows unpadded (8x8
+    core matrices)."""
+    dp = d if wgmma else d + ROW_PAD
     return 2 * br * dp + 2 * stages * bc * dp + (2 if pair else 1) * br * (bc + ROW_PAD)
 
 
-def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool = False):
+def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool = False, wgmma: bool = False):
     """The steps both kernels are made of, as a namespace of TIR helpers and ``T.macro``\\ s;
     ``dkdv`` (bwd_dkdv): a block brings its query rows' lse and delta into shared memory, and the
-    exact path stages P beside dS."""
+    exact path stages P beside dS. ``wgmma`` (Hopper, sm_90a): the products are warpgroup MMAs
+    (see the module docstring)."""
     BR, BC, W = plan_shape.br, plan_shape.bc, warps
-    check_backward_mma_shape(spec, BR, BC, W, stages)
+    check_backward_mma_shape(spec, BR, BC, W, stages, wgmma)
     D, N, S, dt = spec.head_dim, spec.seq_len, spec.max_segments, spec.dtype
     ab = MMA_TYPES[dt]
-    DP = D + ROW_PAD  # elements per shared row
+    DP = D if wgmma else D + ROW_PAD  # elements per shared row (wgmma: 8x8 core matrices, unpadded)
     PP = BC + ROW_PAD  # elements per staged P / dS row
     KD, NTL, KC, DT = D // 16, BC // 8, BC // 16, D // 8  # k-steps of S, n-tiles of S, k-steps, n-tiles of dQ
     NTHR = 32 * W
@@ -180,11 +202,26 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
     W_OFF = U_OFF + stages * BC * DP
     P_OFF = W_OFF + stages * BC * DP  # staging of the exact path: P (dkdv only), then dS
     DS_OFF = P_OFF + BR * PP if dkdv else P_OFF
-    SMEM = _shared_elems(BR, BC, D, stages, pair=dkdv)
+    SMEM = _shared_elems(BR, BC, D, stages, pair=dkdv, wgmma=wgmma)
     direct = plan_shape.num_components <= 1  # one component: dq, dk, dv written directly
     has_split = plan_shape.num_slots > 0  # split-KV: chunks of long tiles write slots (split_sum)
     zero = T.Cast(dt, T.float32(0))
     full_mask = T.uint32(0xFFFFFFFF)
+    # wgmma descriptors (no swizzle; fields in 16-byte units), the forward's
+    # (:mod:`~tvm_splat.kernels.tiled_mma`): an operand read K-major (the rows of X and U along
+    # D) steps 128 B between core matrices along D and D / 8 * 128 B between 8-row groups; a
+    # block operand read MN-major (U or W as the B of dS U, P W: along its rows) steps
+    # D / 8 * 128 B between 8-row groups (LBO) and 128 B along D (SBO)
+    KM_LBO, KM_SBO, MN_LBO, MN_SBO = 8, D, D, 8
+    wg_ab = {"float16": "f16", "bfloat16": "bf16"}[dt]
+    WG_S = f"wgmma.mma_async.sync.aligned.m64n{BC}k16.f32.{wg_ab}.{wg_ab}"
+    WG_D = f"wgmma.mma_async.sync.aligned.m64n{D}k16.f32.{wg_ab}.{wg_ab}"
+    PAIR = {"float16": "float16x2", "bfloat16": "bfloat16x2"}[dt]
+
+    def elem(base, u, c):  # element (row u, column c) of a [*, D] operand at ``base``
+        if wgmma:  # 8x8 core matrices, 128 contiguous bytes each, row-major over (u // 8, c // 8)
+            return base + ((u // 8) * (D // 8) + c // 8) * 64 + (u % 8) * 8 + c % 8
+        return base + u * DP + c
 
     def tile_row(w, lane, r):  # tile-local row of the thread's row slot r (0: row g, 1: row g + 8)
         return w * 16 + lane // 4 + 8 * r
@@ -214,7 +251,7 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
         for it in T.serial((nrows_max * CH + NTHR - 1) // NTHR):
             if it * NTHR + tid < nrows_max * CH:
                 for e in T.vectorized(8):
-                    smem[base + chunk_row(it, tid) * DP + chunk_col(it, tid) + e] = T.if_then_else(
+                    smem[elem(base, chunk_row(it, tid), chunk_col(it, tid)) + e] = T.if_then_else(
                         chunk_row(it, tid) < count,
                         src[b, h, T.min(first + stride * chunk_row(it, tid), N - 1), chunk_col(it, tid) + e], zero)
 
@@ -225,7 +262,7 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
         for it in T.serial((BC * CH + NTHR - 1) // NTHR):
             if it * NTHR + tid < BC * CH:
                 T.evaluate(T.ptx["cp.async.cg.shared.global"](
-                    T.address_of(smem[base + chunk_row(it, tid) * DP + chunk_col(it, tid)]),
+                    T.address_of(smem[elem(base, chunk_row(it, tid), chunk_col(it, tid))]),
                     src.access_ptr("r", offset=((b * src.shape[1] + h) * N + T.min(
                         first + stride * chunk_row(it, tid), N - 1)) * D + chunk_col(it, tid)),
                     16, T.Cast("uint32", T.if_then_else(chunk_row(it, tid) < count, 16, 0))))
@@ -282,7 +319,7 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
         for it in T.serial((nrows_max * CH + NTHR - 1) // NTHR):
             if it * NTHR + tid < nrows_max * CH:
                 T.ptx.ld.shared.v4.b32(words[0], words[1], words[2], words[3], T.address_of(
-                    smem[base + chunk_row(it, tid) * DP + chunk_col(it, tid)]))
+                    smem[elem(base, chunk_row(it, tid), chunk_col(it, tid))]))
                 for i in T.unroll(4):
                     nonfinite[0] = nonfinite[0] | nonfinite_halves(words[i], dt)
         if nonfinite[0] != T.uint32(0):
@@ -304,6 +341,30 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
                                        + kk * 16 + 8 * (lane // 8 % 2)))
                 for hn in T.unroll(2):
                     T.evaluate(mma_16x8x16(af, 0, bf, hn * 4, acc, (np * 2 + hn) * 4))
+
+    @T.macro
+    def tile_by_block_wgmma(acc, desc, smem, a_base, b_base, w):
+        # acc = A B^T by warpgroup MMAs: A this warpgroup's 64 rows of the tile operand at
+        # a_base, B the block operand at b_base, both read K-major from shared; the first
+        # k-step overwrites acc. Issued; the caller fences, commits and waits
+        for kk in T.unroll(KD):
+            T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[0]), T.address_of(
+                smem[a_base + (w // 4) * 64 * D + kk * 128]), KM_LBO, KM_SBO, 0)
+            T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(smem[b_base + kk * 128]),
+                                                  KM_LBO, KM_SBO, 0)
+            T.ptx[WG_S](*[acc[i] for i in range(NTL * 4)], desc[0], desc[1], kk > 0, 1, 1, 0, 0)
+
+    @T.macro
+    def accumulate_wgmma(acc, frag, desc, smem, b_base):
+        # acc += frag B by warpgroup MMAs: frag the A operand in registers (as_operand's layout
+        # is wgmma's A fragment), B the block operand at b_base read MN-major from shared.
+        # Issued; the caller fences, commits and waits
+        for kc in T.unroll(KC):
+            T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(smem[elem(b_base, kc * 16, 0)]),
+                                                  MN_LBO, MN_SBO, 0)
+            T.ptx[WG_D](*[acc[i] for i in range(DT * 4)],
+                        *[T.reinterpret("uint32", frag.vload([kc * 8 + 2 * i], PAIR)) for i in range(4)],
+                        desc[1], True, 1, 1, 1)
 
     @T.macro
     def as_operand(frag, acc):
@@ -343,7 +404,7 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
                         acc[dtl * 4 + r * 2 + e] = acc[dtl * 4 + r * 2 + e] + T.if_then_else(
                             smem[s_base + tile_row(w, lane, r) * PP + c] == zero, T.float32(0),
                             T.Cast("float32", smem[s_base + tile_row(w, lane, r) * PP + c]) * T.Cast(
-                                "float32", smem[b_base + c * DP + dtl * 8 + lane % 4 * 2 + e]))
+                                "float32", smem[elem(b_base, c, dtl * 8 + lane % 4 * 2 + e)]))
 
     @T.macro
     def full_row_sum(x, i):
@@ -392,6 +453,8 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
         # cp.async goes out at once (``any_block``: the tile has one; head hb, at col0, sig)
         load_rows(smem, X_OFF, x_src, b, h, row0, rstr, nrows, BR, tid)
         load_rows(smem, Y_OFF, y_src, b, h, row0, rstr, nrows, BR, tid)
+        if wgmma:  # this thread's stores, visible to the async proxy after the caller's barrier
+            T.ptx["fence.proxy.async.shared::cta"]()
         if stages == 2:
             if any_block:
                 fetch_block(smem, u_src, w_src, b, hb, col0, sig, 0, tid, stats, lse, delta)
@@ -418,23 +481,34 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
     @T.macro
     def publish_block(smem, u_src, w_src, b, has_next, h_next, col0_next, sig_next, stg_next, tid, stats, lse,
                       delta):
-        # everyone's copies (and flags) of the block are in; stages == 2: the previous block's
-        # stage is free, the next block's cp.async goes out into it
+        # everyone's copies (and flags) of the block are in (wgmma: this thread's copies made
+        # visible to the async proxy first); stages == 2: the previous block's stage is free, the
+        # next block's cp.async goes out into it
+        if wgmma:
+            T.ptx["fence.proxy.async.shared::cta"]()
         T.tvm_storage_sync("shared.dyn")
         if stages == 2:
             if has_next:
                 fetch_block(smem, u_src, w_src, b, h_next, col0_next, sig_next, stg_next, tid, stats, lse, delta)
 
     @T.macro
-    def block_products(sacc, dpacc, af, bf, smem, stg, w, lane):
+    def block_products(sacc, dpacc, af, bf, desc, smem, stg, w, lane):
         # S = X U^T and dP = Y W^T of the block in stage stg (one product after the other: both
         # interleaved by k-step, twice the independent accumulator tiles, was no faster on the
-        # H200, 2.55 vs 2.45 ms for bwd_dq on the Mistral shape)
-        tile_by_block(sacc, af, bf, smem, X_OFF, U_OFF + stg * BC * DP, w, lane)
-        tile_by_block(dpacc, af, bf, smem, Y_OFF, W_OFF + stg * BC * DP, w, lane)
+        # H200, 2.55 vs 2.45 ms for bwd_dq on the Mistral shape); wgmma: both issued as one
+        # group, then waited for
+        if wgmma:
+            T.ptx.wgmma.fence.sync.aligned()
+            tile_by_block_wgmma(sacc, desc, smem, X_OFF, U_OFF + stg * BC * DP, w)
+            tile_by_block_wgmma(dpacc, desc, smem, Y_OFF, W_OFF + stg * BC * DP, w)
+            T.ptx.wgmma.commit_group.sync.aligned()
+            T.ptx.wgmma.wait_group.sync.aligned(0)
+        else:
+            tile_by_block(sacc, af, bf, smem, X_OFF, U_OFF + stg * BC * DP, w, lane)
+            tile_by_block(dpacc, af, bf, smem, Y_OFF, W_OFF + stg * BC * DP, w, lane)
 
     @T.macro
-    def accumulate_block(acc, dsf, acc2, pf, pair, smem, bf, bad, flag, stg, tag, w, lane):
+    def accumulate_block(acc, dsf, acc2, pf, pair, smem, bf, desc, bad, flag, stg, tag, w, lane):
         # acc += dS U (and acc2 += P W with ``pair``): on tensor cores, or exactly on CUDA cores
         # when flag_block tagged this block (a masked-out block row may be non-finite)
         T.ptx.ld.shared.b32(flag[0], T.address_of(bad[stg]))
@@ -446,6 +520,13 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
             if pair:
                 accumulate_exact(acc2, smem, P_OFF, W_OFF + stg * BC * DP, w, lane)
             accumulate_exact(acc, smem, DS_OFF, U_OFF + stg * BC * DP, w, lane)
+        elif wgmma:
+            T.ptx.wgmma.fence.sync.aligned()
+            if pair:
+                accumulate_wgmma(acc2, pf, desc, smem, W_OFF + stg * BC * DP)
+            accumulate_wgmma(acc, dsf, desc, smem, U_OFF + stg * BC * DP)
+            T.ptx.wgmma.commit_group.sync.aligned()
+            T.ptx.wgmma.wait_group.sync.aligned(0)
         else:
             if pair:
                 accumulate_tc(acc2, pf, bf, smem, W_OFF + stg * BC * DP, lane)
@@ -506,13 +587,14 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
         store_result=store_result)
 
 
-def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages: int = 2):
+def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages: int = 2, wgmma: bool = False):
     """``bwd_dq`` on tensor cores for ``spec`` and the mask's tile plan of shape ``plan_shape``
     (``br == 16 * warps``): ``delta`` and ``dq``, or with ``C > 1`` components ``delta`` and the
     last parameter ``dq_part`` (see the module docstring). ``stages=2``: K/V blocks
     double-buffered, fetched with ``cp.async`` one block ahead (one barrier per block, as the
-    forward's two-stage form); ``stages=1``: plain loads, two."""
-    st = _steps(spec, plan_shape, warps, stages)
+    forward's two-stage form); ``stages=1``: plain loads, two. ``wgmma``: the Hopper form (the
+    module docstring)."""
+    st = _steps(spec, plan_shape, warps, stages, wgmma=wgmma)
     tile_row, acc_col, full_row_sum, select_in_ranges = st.tile_row, st.acc_col, st.full_row_sum, st.select_in_ranges
     block_ranges = st.block_ranges
     start_tile, load_tile, cache_row_segments, await_block = (st.start_tile, st.load_tile, st.cache_row_segments,
@@ -593,6 +675,7 @@ def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages
                             bad = T.sblock_alloc_buffer((stages,), "int32", scope="shared")
                             af = T.sblock_alloc_buffer((8,), dt, scope="local")
                             bf = T.sblock_alloc_buffer((8,), dt, scope="local")
+                            desc = T.sblock_alloc_buffer((2,), "uint64", scope="local")  # wgmma's
                             dsf = T.sblock_alloc_buffer((BC // 2,), dt, scope="local")
                             sacc = T.sblock_alloc_buffer((NTL * 4,), "float32", scope="local")
                             dpacc = T.sblock_alloc_buffer((NTL * 4,), "float32", scope="local")
@@ -632,24 +715,25 @@ def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages
                                 publish_block(smem, k, v, b, j + 1 < blk_hi - blk_lo, hk, blocks[hm, blk_lo + j + 1, 0],
                                               blocks[hm, blk_lo + j + 1, 1], (j + 1) % stages, tid, None, None, None)
                                 block_ranges(rng, sg, full, col0, sig, None)
-                                block_products(sacc, dpacc, af, bf, smem, stg, w, lane)  # S = Q K^T, dP = dO V^T
+                                block_products(sacc, dpacc, af, bf, desc, smem, stg, w, lane)  # S = Q K^T, dP = dO V^T
                                 probabilities(sacc, dpacc, rng, full, lrow, drow, lane)
                                 as_operand(dsf, dpacc)
                                 # dQ += dS K
-                                accumulate_block(acc, dsf, None, None, False, smem, bf, bad, flag, stg, j + 1, w, lane)
+                                accumulate_block(acc, dsf, None, None, False, smem, bf, desc, bad, flag, stg, j + 1, w, lane)
                             store_result(dq, dq_part, dq_split, tiles[hm, vt, 3], tiles[hm, vt, 6], b, h, vbh, acc,
                                          scale, rows, w, lane, nrows)
 
     return _without(bwd_dq, ("dq_part",) * direct + ("dq_split",) * (not plan_shape.num_slots))
 
 
-def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages: int = 2):
+def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages: int = 2, wgmma: bool = False):
     """``bwd_dkdv`` on tensor cores for ``spec`` (the *transposed* mask's spec) and the
     transposed mask's tile plan of shape ``plan_shape``: ``dk`` and ``dv`` per key tile, summed
     over the query heads of the KV head's group, or with ``C > 1`` components the last
     parameters ``dk_part`` and ``dv_part`` (see the module docstring). The program walks (group
-    head, block) pairs as one sequence, so ``stages=2`` prefetches across heads."""
-    st = _steps(spec, plan_shape, warps, stages, dkdv=True)
+    head, block) pairs as one sequence, so ``stages=2`` prefetches across heads. ``wgmma``: the
+    Hopper form (the module docstring)."""
+    st = _steps(spec, plan_shape, warps, stages, dkdv=True, wgmma=wgmma)
     block_ranges, acc_col, select_in_ranges = st.block_ranges, st.acc_col, st.select_in_ranges
     start_tile, load_tile, cache_row_segments, await_block = (st.start_tile, st.load_tile, st.cache_row_segments,
                                                               st.await_block)
@@ -711,6 +795,7 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
                             bad = T.sblock_alloc_buffer((stages,), "int32", scope="shared")
                             af = T.sblock_alloc_buffer((8,), dt, scope="local")
                             bf = T.sblock_alloc_buffer((8,), dt, scope="local")
+                            desc = T.sblock_alloc_buffer((2,), "uint64", scope="local")  # wgmma's
                             pf = T.sblock_alloc_buffer((BC // 2,), dt, scope="local")
                             dsf = T.sblock_alloc_buffer((BC // 2,), dt, scope="local")
                             sacc = T.sblock_alloc_buffer((NTL * 4,), "float32", scope="local")
@@ -754,11 +839,11 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
                                               tblocks[hm, blk_lo + (t + 1) % nblk, 1], (t + 1) % stages, tid, stats,
                                               lse, delta)
                                 block_ranges(rng, sg, full, col0, sig, None)
-                                block_products(sacc, dpacc, af, bf, smem, stg, w, lane)  # S^T = K Q^T, dP^T = V dO^T
+                                block_products(sacc, dpacc, af, bf, desc, smem, stg, w, lane)  # S^T = K Q^T, dP^T = V dO^T
                                 probabilities_t(sacc, dpacc, rng, full, stats, stg, lane)
                                 as_operand(pf, sacc)
                                 as_operand(dsf, dpacc)
-                                accumulate_block(acc_k, dsf, acc_v, pf, True, smem, bf, bad, flag, stg, t + 1, w,
+                                accumulate_block(acc_k, dsf, acc_v, pf, True, smem, bf, desc, bad, flag, stg, t + 1, w,
                                                  lane)  # dK += dS^T Q, dV += P^T dO
                             store_result(dk, dk_part, dk_split, ttiles[hm, vt, 3], ttiles[hm, vt, 6], b, hk, vbk,
                                          acc_k, scale, rows, w, lane, nrows)

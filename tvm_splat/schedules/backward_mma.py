@@ -34,7 +34,7 @@ from ..kernels.backward_mma import (SPLIT_SUM_BLOCK, SUM_BLOCK, backward_dkdv_mm
                                     sum_components_func)
 from ..kernels.tiled import merge_func, split_merge_func
 from ..kernels.tiled_mma import MMA_TYPES, check_mma_shape, tiled_mma_func
-from .targets import as_target, is_gpu
+from .targets import as_target, is_gpu, supports_wgmma
 from .tiled import TiledKnobs, bind_flat_gpu, default_tiled_knobs
 
 __all__ = ["BackwardMmaKnobs", "default_backward_mma_knobs", "tensor_core_training_refusal", "backward_mma_funcs",
@@ -67,7 +67,9 @@ class BackwardMmaKnobs:
     of the backward kernels: 2 = double-buffered, ``cp.async`` one block ahead, as the forward's
     two-stage form; 1 = plain loads, one more barrier per block), ``split_blocks`` (split-KV of the
     backward plans' long tiles, chunk length in blocks: -1 the forward's rule,
-    :func:`~tvm_splat.formats.tile_plan.split_length`; 0 off). ``stages=2`` is the default:
+    :func:`~tvm_splat.formats.tile_plan.split_length`; 0 off), ``wgmma`` (the backward kernels'
+    Hopper form, sm_90a: their four products as warpgroup MMAs; off until checked on the GPU).
+    ``stages=2`` is the default:
     one stage was 1.06x (Longformer-base, batch 4) and 1.15x (Mistral, n=8192) slower on the
     H200 (``benchmarks/results/h200_backward_knobs.json``)."""
 
@@ -78,6 +80,7 @@ class BackwardMmaKnobs:
     warps: int = BACKWARD_BR // 16
     stages: int = 2
     split_blocks: int = -1
+    wgmma: bool = False
 
 
 def default_backward_mma_knobs(spec: BackwardSpec, target, forward: TiledKnobs | None = None) -> BackwardMmaKnobs:
@@ -111,8 +114,10 @@ def tensor_core_training_refusal(spec: BackwardSpec, target, knobs: BackwardMmaK
     try:
         f = knobs.forward
         check_mma_shape(rows, f.br, f.bc, f.warps, f.m_tiles)
-        check_backward_mma_shape(rows, knobs.br, knobs.dq_bc, knobs.warps, knobs.stages)
-        check_backward_mma_shape(spec.columns, knobs.br, knobs.dkdv_bc, knobs.warps, knobs.stages)
+        if knobs.wgmma and not supports_wgmma(as_target(target)):
+            raise ValueError(f"the wgmma backward needs a Hopper target (sm_90), got {as_target(target)}")
+        check_backward_mma_shape(rows, knobs.br, knobs.dq_bc, knobs.warps, knobs.stages, knobs.wgmma)
+        check_backward_mma_shape(spec.columns, knobs.br, knobs.dkdv_bc, knobs.warps, knobs.stages, knobs.wgmma)
         for plan in plans:
             check_backward_mma_plan(plan.shape, plan.num_comp)
     except ValueError as err:
@@ -136,8 +141,8 @@ def backward_mma_funcs(spec: BackwardSpec, knobs: BackwardMmaKnobs, plan_shapes)
     fwd, dq, dkdv = plan_shapes
     f = knobs.forward
     funcs = {"fwd_lse": tiled_mma_func(spec.rows, fwd, f.warps, f.m_tiles, f.stages, wgmma=f.wgmma, with_lse=True),
-             "bwd_dq": backward_dq_mma_func(spec.rows, dq, knobs.warps, knobs.stages),
-             "bwd_dkdv": backward_dkdv_mma_func(spec.columns, dkdv, knobs.warps, knobs.stages)}
+             "bwd_dq": backward_dq_mma_func(spec.rows, dq, knobs.warps, knobs.stages, knobs.wgmma),
+             "bwd_dkdv": backward_dkdv_mma_func(spec.columns, dkdv, knobs.warps, knobs.stages, knobs.wgmma)}
     if fwd.num_slots:
         funcs["fwd_split_merge"] = _flat(split_merge_func(spec.rows, fwd, with_lse=True), "merge_row")
     if dq.num_slots:
