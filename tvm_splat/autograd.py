@@ -139,7 +139,8 @@ class _EagerSparseAttention(torch.autograd.Function):
     fp16, kernels 115 us forward and 243 us backward): through the custom op the forward took
     329 us of host time a call and forward + backward 1647 us, against 139 and 377 us for the
     plan's own forward and backward, so the op's machinery, not the kernels, set a training
-    step's pace at this size."""
+    step's pace at this size; through this class, 142 and 884 us
+    (``benchmarks/results/h200_training_host_time.json``)."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask, scale):
