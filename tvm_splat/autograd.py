@@ -22,6 +22,7 @@ from collections import OrderedDict
 from typing import Optional
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .devices import device_of
 from .formats import ACSR, Pattern
@@ -164,8 +165,6 @@ def _eager(*tensors) -> bool:
     """Whether a call may skip the custom op (:class:`_EagerSparseAttention`): plain tensors,
     outside ``torch.compile`` / ``torch.export`` tracing, torch dispatch modes and functorch
     transforms, all of which must see the op itself."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
     return (all(type(x) is torch.Tensor for x in tensors) and not torch.compiler.is_compiling()
             and _get_current_dispatch_mode() is None and not torch._C._are_functorch_transforms_active())
 

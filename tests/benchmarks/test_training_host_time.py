@@ -1,0 +1,24 @@
+"""benchmarks/training_host_time.py on the CPU at a tiny shape: every row (the plan's own
+forward and backward, the op eager and compiled) is timed and written, with no kernel column."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "training_host_time.py"
+
+
+def test_tiny_cpu_run_writes_every_row(tmp_path):
+    spec = importlib.util.spec_from_file_location("training_host_time", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "host.json"
+    script.main(str(out), "global:2+window:4", (1, 2, 32, 16), "cpu")
+    result = json.loads(out.read_text())
+    assert result["device"] == "cpu" and "float32" in result["case"] and "TrainingPlan" in result["plan"]
+    assert [r["call"] for r in result["runs"]] == ["plan.forward", "plan.backward", "op forward", "op backward",
+                                                   "op forward+backward", "compiled op forward+backward"]
+    for row in result["runs"]:
+        assert row["host_us"] > 0 and row["throughput_us"] > 0 and row["kernel_us"] is None, row
