@@ -493,3 +493,26 @@ def test_wgmma_backward_is_refused_where_it_cannot_run():
     narrow = dataclasses.replace(base.mma_knobs, wgmma=True, br=32, warps=2)
     plan = plan_training(Window(8), *shapes, target=H100, mma_knobs=narrow)
     assert "whole warpgroups" in plan.fallback_reason
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_chunk_order_fills_core_matrices_without_bank_conflicts(d):
+    """Every 16-byte chunk of a [rows, d] operand is copied exactly once in either order; in the
+    wgmma layout (8x8 core matrices of 128 contiguous bytes) the core-rows-first order gives each
+    8-thread phase of a 16-byte shared store one whole core matrix, all 32 banks, where the
+    along-the-row order puts the phase's 8 chunks 128 B apart, in the same 4 banks."""
+    from tvm_splat.kernels.backward_mma import chunk_position
+
+    rows, ch = 64, d // 8
+
+    def core_matrix_byte(row, col):  # the wgmma layout's byte offset of element (row, col)
+        return 2 * (((row // 8) * ch + col // 8) * 64 + (row % 8) * 8 + col % 8)
+
+    for core_rows_first in (False, True):
+        cells = [chunk_position(i, ch, core_rows_first) for i in range(rows * ch)]
+        assert sorted(cells) == [(r, c) for r in range(rows) for c in range(0, d, 8)]
+    for core_rows_first, banks_per_phase in ((True, 32), (False, 4)):
+        for phase in range(rows * ch // 8):
+            starts = [core_matrix_byte(*chunk_position(8 * phase + t, ch, core_rows_first)) for t in range(8)]
+            banks = {(start // 4 + word) % 32 for start in starts for word in range(4)}
+            assert len(banks) == banks_per_phase, (core_rows_first, phase, sorted(starts))

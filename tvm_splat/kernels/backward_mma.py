@@ -38,10 +38,15 @@ accumulator layout of a warp's 16 rows is ``mma.sync``'s, and so is the A fragme
 ``as_operand`` builds — and the block operand read MN-major, as the forward reads V. A
 warpgroup is 4 warps = 64 tile rows, so the selection, probability and store steps are the
 ``mma.sync`` form's. Shared writes (plain stores and ``cp.async``) reach the async proxy through
-``fence.proxy.async`` before the barriers that publish them. Registers (ptxas, sm_90a, fp16):
-``bwd_dq`` 145 at head_dim 64 and 165 at 128, ``bwd_dkdv`` 229 and 239, no spills. Built and
-compiled on the CPU; its GPU tests (``tests/gpu/test_backward.py``, ``wgmma``) have not run yet,
-so it is off by default.
+``fence.proxy.async`` before the barriers that publish them, and 16-byte chunks are copied down
+the 8 rows of a core matrix first (8 threads of a shared-memory phase fill one 128-byte core
+matrix; along a row they would hit the same 4 banks: Longformer-base backward 0.815 against
+0.864 ms). Registers (ptxas, sm_90a, fp16): ``bwd_dq`` 144 at head_dim 64 and 133 at 128,
+``bwd_dkdv`` 225 and 228, no spills. It passes its GPU tests (``tests/gpu/test_backward.py``,
+``wgmma``, 64/64 on the H200) but is off by default: at the default tiles it ran 4-8% slower
+than ``mma.sync``; at head_dim 128 with 128-row tiles (two warpgroups) and ``dq_bc=64`` it ran
+8% faster (Mistral n=8192 backward 5.49 vs 5.98 ms, window +-1024 n=32k 7.01 vs 7.62), tiles
+that have not run the GPU tests (``benchmarks/results/h200_backward_knobs.json``).
 
 Masked-out entries contribute exactly nothing: once per block, each row slot turns its cached
 segments into ranges of block columns (:func:`~tvm_splat.kernels.common.block_range_cache`: a
@@ -111,7 +116,7 @@ from .tiled_mma import MMA_TYPES, ROW_PAD, SHARED_BYTES_MAX
 
 __all__ = ["BACKWARD_MMA_KERNEL_NAMES", "check_backward_mma_shape", "check_backward_mma_plan", "part_shape",
            "split_part_shape", "backward_dq_mma_func", "backward_dkdv_mma_func", "sum_components_func",
-           "split_sum_func"]
+           "split_sum_func", "chunk_position"]
 
 BACKWARD_MMA_KERNEL_NAMES = ("bwd_dq", "bwd_dkdv")
 #: the blocks of :func:`sum_components_func` and :func:`split_sum_func` (what their GPU schedule binds)
@@ -173,6 +178,19 @@ def _without(func, names):
     return tvm.tirx.PrimFunc([p for p in func.params if p.name not in names], func.body, func.ret_type, func.attrs)
 
 
+def chunk_position(i, chunks_per_row: int, core_rows_first: bool):
+    """``(row, first column)`` of the ``i``-th 16-byte chunk (8 elements) of a ``[rows, 8 *
+    chunks_per_row]`` operand copied into shared memory (``i``: an int or a TIR expression).
+    Along the row by default (chunk ``i`` of a padded row-major layout). ``core_rows_first``
+    (the wgmma layout of 8x8 core matrices, 128 contiguous bytes each): down the 8 rows of a
+    core matrix first, so that the 8 threads of one shared-memory phase fill one core matrix;
+    along a row their chunks would sit 128 B apart, in the same 4 banks (an 8-way conflict).
+    ``rows`` must be a multiple of 8 there."""
+    if core_rows_first:
+        return i // (8 * chunks_per_row) * 8 + i % 8, i // 8 % chunks_per_row * 8
+    return i // chunks_per_row, i % chunks_per_row * 8
+
+
 def _shared_elems(br, bc, d, stages, pair=True, wgmma=False):
     """Elements of the shared buffer: two tile operands, two block operands per stage, and the
     exact path's staging of its A operands (``pair``, bwd_dkdv: P and dS; bwd_dq: dS alone).
@@ -229,11 +247,11 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
     def acc_col(nt, lane, i):  # column within an 8-column accumulator tile of element i
         return nt * 8 + lane % 4 * 2 + i % 2
 
-    def chunk_row(it, tid):
-        return (it * NTHR + tid) // CH
+    def chunk_row(it, tid):  # row of the it-th 16-byte chunk this thread copies
+        return chunk_position(it * NTHR + tid, CH, wgmma)[0]
 
-    def chunk_col(it, tid):
-        return (it * NTHR + tid) % CH * 8
+    def chunk_col(it, tid):  # its first element within the row
+        return chunk_position(it * NTHR + tid, CH, wgmma)[1]
 
     def ldmatrix_x4(frag, offset, smem, smem_offset, trans=False):
         return T.ptx_legacy.ldmatrix(trans, 4, ".b16", frag.data, offset, smem.access_ptr("r"), smem_offset, dtype=dt)

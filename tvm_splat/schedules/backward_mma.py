@@ -68,7 +68,11 @@ class BackwardMmaKnobs:
     two-stage form; 1 = plain loads, one more barrier per block), ``split_blocks`` (split-KV of the
     backward plans' long tiles, chunk length in blocks: -1 the forward's rule,
     :func:`~tvm_splat.formats.tile_plan.split_length`; 0 off), ``wgmma`` (the backward kernels'
-    Hopper form, sm_90a: their four products as warpgroup MMAs; off until checked on the GPU).
+    Hopper form, sm_90a: their products as warpgroup MMAs). ``wgmma`` is off by default: it
+    passes the GPU gradient tests but ran 4-8% slower than the ``mma.sync`` form on the H200
+    (fp16, backward of both kernels, ``h200_backward_knobs.json`` form ``wgmma_core_rows``:
+    Longformer-base batch 4 0.815 vs 0.760 ms, Mistral n=8192 6.42 vs 5.99 ms, causal strided
+    0.374 vs 0.356; each product waits for its MMA before the next step, so nothing overlaps).
     ``stages=2`` is the default:
     one stage was 1.06x (Longformer-base, batch 4) and 1.15x (Mistral, n=8192) slower on the
     H200 (``benchmarks/results/h200_backward_knobs.json``)."""
@@ -107,7 +111,8 @@ def tensor_core_training_refusal(spec: BackwardSpec, target, knobs: BackwardMmaK
                 f"{rows.group}): a dK/dV program sums over a group that must share one mask head")
     if knobs.forward.tma:
         return ("the TMA forward with its lse output is not taken in training: it ran slower than the "
-                "form training takes (Longformer-base forward 0.36 vs 0.30 ms at batch 4, H200); it passes "
+                "form training takes (Longformer-base forward 0.357 vs 0.264 ms at batch 4, Mistral n=8192 "
+                "1.717 vs 1.702 ms, H200, 2026-12-02, after its 128-register cap); it passes "
                 "tests/gpu/test_backward.py with the committed kernels (149/149, 2026-12-01; the 'misaligned "
                 "address' run that first refused it also carried an experimental backward, since dropped); "
                 "training takes tma=False")
