@@ -263,7 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command as given, for the records it writes (bench meta)
     try:
         args.func(args)
     except ValueError as err:

@@ -29,6 +29,9 @@ def test_tiny_suite_on_the_cpu(tmp_path):
         assert ours["speedup"][direction]["sdpa_dense"] == pytest.approx(
             case["results"]["sdpa_dense"][direction]["throughput_ms"] / ours[direction]["throughput_ms"])
     assert data["summary"]["forward_backward"]["sdpa_dense"]["cases"] == 1
+    # the record says how it was made, also when main() is called with its arguments
+    assert data["meta"]["command"] == (f"tvm-splat bench --backward --suite tiny --device cpu --out {tmp_path} --prefix cpu "
+                                       "--impl sdpa_dense --impl splat_train --impl-seconds 0.2")
     assert (tmp_path / "cpu_tiny_backward.png").stat().st_size > 0
     main(["bench", "--backward", "--suite", "tiny", "--device", "cpu", "--out", str(tmp_path), "--prefix", "cpu",
           "--resume"])  # every case done: nothing runs, the earlier results stay

@@ -271,7 +271,7 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 0.35 * len(rows) + 1.5), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.35 * len(rows) + 1.5), sharey=True)
     y = np.arange(len(rows))[::-1]
     for ax, base in zip(axes, ("flex", "sdpa_dense")):
         for yi, r in zip(y, rows):
@@ -283,6 +283,8 @@ def plot(rows, path):
             ax.text(np.log10(ratio), yi, f" {ratio:.2f}x ", va="center", ha="left" if ratio >= 1 else "right",
                     fontsize=7)
         ax.axvline(0, color="black", lw=0.8)
+        low, high = ax.get_xlim()
+        ax.set_xlim(low - 0.15, high + 0.15)  # room for the ratio labels beside the bars
         ax.set_title(f"forward+backward, ours / {base} (log10, right = faster)", fontsize=9)
     axes[0].set_yticks(y, [r["name"] for r in rows], fontsize=7)
     fig.tight_layout()
@@ -311,6 +313,9 @@ def run_backward_bench(args):
     meta = {**_meta(args, opts, impls), "reference": "float64 dense masked attention, torch autograd (each case's "
                                                      "reference_scope: all, or a sample past REFERENCE_BYTES)",
             "grad_tolerance_relative": GRAD_TOLERANCE,
+            "sdpa_dense": "dense attention over every key (is_causal for causal masks): what the sparsity saves; its "
+                          "grad_rel_err is against the masked reference, so it says how far the dense function is "
+                          "from the masked one, not an error, and is not judged",
             "ours": "tvm_splat.autograd.sparse_attention: the training plan's kernels (fwd_lse, bwd_dq, "
                     "bwd_dkdv): tensor cores (mma.sync) for float16/bfloat16 where the plan takes them, else "
                     "row-parallel CUDA-core kernels; each case's plan repr (results.splat_train.plan) says which"}

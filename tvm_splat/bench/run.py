@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -310,7 +311,7 @@ def _meta(args, opts, impls):
     import tvm
 
     meta = {
-        "command": "tvm-splat " + " ".join(sys.argv[1:]),
+        "command": shlex.join(["tvm-splat", *getattr(args, "argv", sys.argv[1:])]),
         "device": torch.cuda.get_device_name() if opts.device == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "tvm": tvm.__version__, "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "max_repeats": opts.max_repeats,
