@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -40,11 +39,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import tvm_splat
 from tvm_splat import distributed as tsd
+from tvm_splat.distributed.launch import run_ranks
 from tvm_splat.distributed.layout import ELEMENT_BYTES, ShardLayout, local_acsr, split_pattern
 
 #: the issue's cases: n = 128k-512k, causal window 4096 and window ±1024, Mistral-like heads
@@ -202,13 +201,13 @@ def _case(n, pattern, cfg, rank, world, device, repeats):
     return row
 
 
-def _worker(rank, world, port, args):
-    cuda = torch.cuda.is_available() and not args.tiny
-    if port is not None:
-        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world)
-    else:  # torchrun
-        dist.init_process_group("nccl" if cuda else "gloo")
+def _uses_cuda(args) -> bool:
+    return torch.cuda.is_available() and not args.tiny
+
+
+def _worker(rank, world, args):
+    """One rank's cases, in a process group already joined (``run_ranks`` or torchrun)."""
+    cuda = _uses_cuda(args)
     local = int(os.environ.get("LOCAL_RANK", rank))
     device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
     if cuda:
@@ -240,7 +239,6 @@ def _worker(rank, world, port, args):
         path.write_text(json.dumps({"meta": meta, "cases": rows}, indent=1))
         _plot(rows, path.with_suffix(".png"), meta)
         print(f"wrote {path} and {path.with_suffix('.png')}", flush=True)
-    dist.destroy_process_group()
 
 
 def _plot(rows, path, meta):
@@ -268,12 +266,6 @@ def _plot(rows, path, meta):
     plt.close(fig)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="folder for <gpu>x<N>_sequence_parallel.json and .png")
@@ -285,12 +277,16 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5, help="measured windows per implementation")
     args = parser.parse_args(argv)
     if "RANK" in os.environ:  # under torchrun
-        _worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), None, args)
+        dist.init_process_group("nccl" if _uses_cuda(args) else "gloo")
+        try:
+            _worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args)
+        finally:
+            dist.destroy_process_group()
         return
-    world = args.world or (torch.cuda.device_count() if torch.cuda.is_available() and not args.tiny else 2)
+    world = args.world or (torch.cuda.device_count() if _uses_cuda(args) else 2)
     if world < 1:
         parser.error("--world must be at least 1")
-    mp.start_processes(_worker, args=(world, _free_port(), args), nprocs=world, start_method="spawn")
+    run_ranks(_worker, world, args, backend="nccl" if _uses_cuda(args) else "gloo")
 
 
 if __name__ == "__main__":

@@ -1,54 +1,26 @@
-"""Gloo process groups for the distributed tests (a helper module, not a test file).
+"""Rank functions of the distributed tests (a helper module, not a test file).
 
-``run_ranks(fn, world, *args)`` spawns ``world`` processes with ``torch.multiprocessing``; each
-joins a gloo group (``backend="nccl"``: NCCL, rank r on GPU r) on a free localhost port and calls
-``fn(rank, world, *args)``. An exception
-in any rank fails the caller with that rank's traceback; a run that passes ``timeout`` seconds
-(a hang) is killed and fails. The rank functions below live here, in a module the spawned
-children import by name (the test modules are imported by pytest under generated names).
+``run_ranks(fn, world, *args)`` is the package's :func:`tvm_splat.distributed.launch.run_ranks`
+with a hang timeout: ``world`` spawned processes in a gloo group (``backend="nccl"``: NCCL, rank
+r on GPU r) each call ``fn(rank, world, *args)``. The rank functions below live here, in a
+module the spawned children import by name (the test modules are imported by pytest under
+generated names, which the children could not import).
 """
 import os
-import socket
-import time
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from tvm_splat.distributed.launch import run_ranks as _run_ranks
 
 #: per run of ranks: spawning costs ~10 s here (each child imports torch and TVM), compiling
 #: the local kernels ~1 s per case and rank on the 2-core machine
 TIMEOUT_S = 180.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank, world, port, backend, fn, args):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    if backend == "nccl":
-        torch.cuda.set_device(rank)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
-
-
 def run_ranks(fn, world, *args, timeout=TIMEOUT_S, backend="gloo"):
-    ctx = mp.start_processes(_entry, args=(world, free_port(), backend, fn, args), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-        if time.monotonic() >= deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            raise TimeoutError(f"{world} ranks did not finish in {timeout} s (a hang?)")
+    """:func:`tvm_splat.distributed.launch.run_ranks` with the tests' hang timeout."""
+    _run_ranks(fn, world, *args, backend=backend, timeout=timeout)
 
 
 def inputs(case, world):
@@ -97,3 +69,17 @@ def refused(rank, world, out_dir):
     assert out.shape == q.shape and torch.isfinite(out).all()
     with open(os.path.join(out_dir, f"refused_{rank}.txt"), "w") as f:
         f.write("\n".join(messages))
+
+
+def fail_on_rank_one(rank, world):
+    """Rank 1 raises (the launcher's error path)."""
+    if rank == 1:
+        raise RuntimeError(f"rank {rank} of {world} failed on purpose")
+
+
+def hang_on_rank_one(rank, world):
+    """Rank 1 never finishes in time (the launcher's timeout)."""
+    import time
+
+    if rank == 1:
+        time.sleep(600)
