@@ -415,9 +415,16 @@ def test_training_plans_pick_and_build_the_tensor_core_kernels(name, mask, heads
         assert f"{kernel}_kernel(" in src
     for kernel in COMBINING:
         assert (f"{kernel}_kernel(" in src) == several
-    assert "mma.sync.aligned.m16n8k16.row.col.f32" in src and "ldmatrix.sync.aligned" in src
     dq_body = src[src.rindex("bwd_dq_kernel("):].split('extern "C"')[0]  # the definition
     dkdv_body = src[src.rindex("bwd_dkdv_kernel("):].split('extern "C"')[0]
+    # the backward's form: wgmma from head_dim 128 on sm_90a (WGMMA_BACKWARD_WIDE_HEADS), else mma.sync
+    assert plan.mma_knobs.wgmma == (d >= 128 and target == H100)
+    for body in (dq_body, dkdv_body):
+        if plan.mma_knobs.wgmma:
+            assert "_ss_mma_async_sync_aligned_m64n" in body and "ldmatrix" not in body
+        else:
+            assert "mma.sync.aligned.m16n8k16.row.col.f32" in body
+            assert "ldmatrix" in body
     assert ("cp_async_wait_group" in dq_body) == (stages == 2)
     assert ("dq_part_ptr" in dq_body, "dq_ptr" in dq_body) == (several, not several)
     assert ("dk_part_ptr" in dkdv_body, "dk_ptr" in dkdv_body, "dv_ptr" in dkdv_body) == (several, not several,
@@ -516,3 +523,24 @@ def test_chunk_order_fills_core_matrices_without_bank_conflicts(d):
             starts = [core_matrix_byte(*chunk_position(8 * phase + t, ch, core_rows_first)) for t in range(8)]
             banks = {(start // 4 + word) % 32 for start in starts for word in range(4)}
             assert len(banks) == banks_per_phase, (core_rows_first, phase, sorted(starts))
+
+
+@pytest.mark.parametrize("target,d,expected", [
+    (H100, 128, "wgmma"),  # measured 8% faster at head_dim 128 (WGMMA_BACKWARD_WIDE_HEADS)
+    (H100, 64, "mma"),  # every wgmma tiling tried was slower at 64
+    (A100, 128, "mma"),  # no wgmma before sm_90
+    (H100, 256, "mma"),  # the wgmma tiles do not fit a block's shared memory: the mma form
+])
+def test_default_backward_knobs_take_wgmma_where_measured_faster(target, d, expected):
+    from tvm_splat.schedules.backward_mma import (BACKWARD_BR, WGMMA_BACKWARD_WIDE_HEADS, default_backward_mma_knobs,
+                                                  tensor_core_training_refusal)
+    from tvm_splat.training import plan_training
+
+    plan = plan_training(Window(8), (1, 2, 300, d), (1, 2, 300, d), "float16", "cuda", target=target)
+    knobs = default_backward_mma_knobs(plan.spec, plan.target)
+    if expected == "wgmma":
+        assert {k: getattr(knobs, k) for k in WGMMA_BACKWARD_WIDE_HEADS} == WGMMA_BACKWARD_WIDE_HEADS
+    else:
+        assert not knobs.wgmma and knobs.br == BACKWARD_BR
+    assert plan.mma_knobs == knobs and plan.kernels == "tensor-cores"
+    assert tensor_core_training_refusal(plan.spec, plan.target, knobs, plan.tile_plans) is None

@@ -38,7 +38,7 @@ from .targets import as_target, is_gpu, supports_wgmma
 from .tiled import TiledKnobs, bind_flat_gpu, default_tiled_knobs
 
 __all__ = ["BackwardMmaKnobs", "default_backward_mma_knobs", "tensor_core_training_refusal", "backward_mma_funcs",
-           "BACKWARD_BR", "BACKWARD_BC"]
+           "BACKWARD_BR", "BACKWARD_BC", "WGMMA_BACKWARD_MIN_HEAD_DIM", "WGMMA_BACKWARD_WIDE_HEADS"]
 
 #: rows per tile of both backward kernels (4 warps x 16 rows). Measured on the H200 (fp16,
 #: ``benchmarks/results/h200_backward_knobs.json``, the per-score membership form of the kernels):
@@ -57,6 +57,15 @@ BACKWARD_BR = 64
 #: earlier form: 2.3x slower, 8.70 vs 3.81 ms).
 BACKWARD_BC = 64
 BACKWARD_BC_WIDE_HEADS = 32
+#: from this head_dim on, on sm_90a, the backward kernels take their wgmma form with 128-row
+#: tiles (two warpgroups) and 64-column blocks in ``bwd_dq``: measured at head_dim 128 (H200,
+#: fp16, ``h200_backward_knobs.json`` form ``wgmma_core_rows_tiles``), 8% faster than the
+#: ``mma.sync`` form's 64 x 32 tiles: Mistral n=8192 backward 5.49 vs 5.98 ms (bwd_dq 2.04 vs
+#: 2.46, bwd_dkdv 3.42 vs 3.60), window +-1024 n=32k 7.01 vs 7.62; gradients bit-identical.
+#: Below, at head_dim 64, every wgmma tiling tried was slower (Longformer-base b=4: 0.815 ms at
+#: 64-row tiles, 1.08 at 128, 0.925 with dq_bc 128, against 0.760-0.772).
+WGMMA_BACKWARD_MIN_HEAD_DIM = 128
+WGMMA_BACKWARD_WIDE_HEADS = {"wgmma": True, "br": 128, "warps": 8, "dq_bc": 64, "dkdv_bc": 32}
 
 
 @dataclass(frozen=True)
@@ -68,11 +77,12 @@ class BackwardMmaKnobs:
     two-stage form; 1 = plain loads, one more barrier per block), ``split_blocks`` (split-KV of the
     backward plans' long tiles, chunk length in blocks: -1 the forward's rule,
     :func:`~tvm_splat.formats.tile_plan.split_length`; 0 off), ``wgmma`` (the backward kernels'
-    Hopper form, sm_90a: their products as warpgroup MMAs). ``wgmma`` is off by default: it
-    passes the GPU gradient tests but ran 4-8% slower than the ``mma.sync`` form on the H200
-    (fp16, backward of both kernels, ``h200_backward_knobs.json`` form ``wgmma_core_rows``:
-    Longformer-base batch 4 0.815 vs 0.760 ms, Mistral n=8192 6.42 vs 5.99 ms, causal strided
-    0.374 vs 0.356; each product waits for its MMA before the next step, so nothing overlaps).
+    Hopper form, sm_90a: their products as warpgroup MMAs). The default takes it from head_dim
+    128 on sm_90a, with 128-row tiles (:data:`WGMMA_BACKWARD_WIDE_HEADS`); below, ``mma.sync``:
+    at the default 64-row tiles the wgmma form ran 4-8% slower on the H200 (fp16, backward of
+    both kernels, ``h200_backward_knobs.json`` form ``wgmma_core_rows``: Longformer-base batch
+    4 0.815 vs 0.760 ms, Mistral n=8192 6.42 vs 5.99 ms, causal strided 0.374 vs 0.356; each
+    product waits for its MMA before the next step, so nothing overlaps).
     ``stages=2`` is the default:
     one stage was 1.06x (Longformer-base, batch 4) and 1.15x (Mistral, n=8192) slower on the
     H200 (``benchmarks/results/h200_backward_knobs.json``)."""
@@ -95,7 +105,16 @@ def default_backward_mma_knobs(spec: BackwardSpec, target, forward: TiledKnobs |
     rule included (the lse of split rows comes from ``fwd_split_merge``)."""
     forward = forward or default_tiled_knobs(spec.rows, target)
     bc = BACKWARD_BC if spec.rows.head_dim <= 64 else BACKWARD_BC_WIDE_HEADS
-    return BackwardMmaKnobs(forward, dq_bc=bc, dkdv_bc=bc)
+    mma = BackwardMmaKnobs(forward, dq_bc=bc, dkdv_bc=bc)
+    if spec.rows.head_dim < WGMMA_BACKWARD_MIN_HEAD_DIM or not supports_wgmma(as_target(target)):
+        return mma
+    hopper = dataclasses.replace(mma, **WGMMA_BACKWARD_WIDE_HEADS)
+    try:
+        check_backward_mma_shape(spec.rows, hopper.br, hopper.dq_bc, hopper.warps, hopper.stages, True)
+        check_backward_mma_shape(spec.columns, hopper.br, hopper.dkdv_bc, hopper.warps, hopper.stages, True)
+    except ValueError:  # e.g. past the shared memory of a block at head_dim 256: the mma form
+        return mma
+    return hopper
 
 
 def tensor_core_training_refusal(spec: BackwardSpec, target, knobs: BackwardMmaKnobs, plans) -> str | None:
