@@ -124,23 +124,37 @@ def test_csr_rows_are_refused_split_kv_and_components_are_not():
     check_backward_mma_plan(components.shape, components.num_comp)  # accepted
 
 
-def test_training_refuses_the_tma_forward_and_says_why():
-    """Training does not take the TMA forward (slower with its lse output on the H200): knobs
-    that ask for it fall back to the CUDA-core kernels with the reason named, and the default
-    knobs never ask for it (the planner's rule, told tma=False)."""
+@pytest.mark.parametrize("d", [64, 128])
+def test_training_forward_takes_the_tma_form_where_inference_does(d):
+    """The training forward follows the forward planner's rule, TMA included (one component of
+    unit-step blocks, head_dim a multiple of 64, sm_90a), and fwd_lse is then really built in
+    the TMA form: K/V by cp.async.bulk.tensor against mbarriers, its registers capped at 128
+    without spilling (ptxas), as the inference kernel. Dilated blocks keep the cp.async form,
+    and TMA knobs asked for them are refused with the reason named."""
     import dataclasses
 
     from tvm_splat.planner import default_knobs
     from tvm_splat.training import plan_training
 
-    shape = (1, 4, 512, 128)
+    shape = (1, 4, 512, d)
     plan = plan_training(Window(64), shape, shape, "float16", "cuda", target=H100)
-    assert plan.kernels == "tensor-cores" and not plan.mma_knobs.forward.tma
-    assert default_knobs(plan.spec.rows, plan.target, plan.acsr).tma  # inference takes TMA here
-    tma = dataclasses.replace(plan.mma_knobs, forward=dataclasses.replace(
-        default_knobs(plan.spec.rows, plan.target, plan.acsr), split_blocks=0))
-    refused = plan_training(Window(64), shape, shape, "float16", "cuda", target=H100, mma_knobs=tma)
-    assert refused.kernels == "rows" and "TMA forward" in refused.fallback_reason
+    assert plan.kernels == "tensor-cores" and plan.mma_knobs.forward.tma
+    assert plan.mma_knobs.forward == default_knobs(plan.spec.rows, plan.target, plan.acsr)  # inference's knobs
+    src = cuda_source(compile_backward_mma(plan.spec, plan.target, plan.mma_knobs, [p.shape for p in plan.tile_plans],
+                                           use_disk_cache=False))
+    forward = src[src.rindex("fwd_lse_kernel("):].split('extern "C"')[0]
+    assert "const __grid_constant__ CUtensorMap kmap" in forward and "lse_ptr" in forward
+    assert "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes" in src
+    assert "mbarrier.try_wait.parity" in src and len(nvcc_compile(src, H100)) > 1000
+    registers, spills = ptxas_usage(src, "fwd_lse_kernel", H100)
+    assert registers <= 128 and spills == 0, (registers, spills)
+
+    dilated = plan_training(DilatedWindow(16, 2), shape, shape, "float16", "cuda", target=H100)
+    assert dilated.kernels == "tensor-cores" and not dilated.mma_knobs.forward.tma
+    tma = dataclasses.replace(dilated.mma_knobs, forward=dataclasses.replace(plan.mma_knobs.forward,
+                                                                             split_blocks=0))
+    refused = plan_training(DilatedWindow(16, 2), shape, shape, "float16", "cuda", target=H100, mma_knobs=tma)
+    assert refused.kernels == "rows" and "step 1 only" in refused.fallback_reason
 
 
 def test_shapes_it_cannot_take_are_named():

@@ -5,10 +5,11 @@ is "scheduled" here is their shape: the tile sizes of the three tile plans a tra
 runs on, and whether the workload can take the tensor-core path at all.
 
 * ``fwd_lse``: the forward's own warp-level kernel with its ``lse`` output
-  (:func:`~tvm_splat.kernels.tiled_mma.tiled_mma_func`, ``with_lse=True``), under the forward's
-  default knobs (:func:`~tvm_splat.schedules.tiled.default_tiled_knobs`, told the plan's
-  component count, as the forward planner does) with split-KV off (the lse is written by the
-  tile's one program, or by the merge of its components).
+  (:func:`~tvm_splat.kernels.tiled_mma.tiled_mma_func`, ``with_lse=True``), under the forward
+  planner's default knobs (:func:`tvm_splat.planner.default_knobs`: the plan's component count
+  and block steps decide, so one component of unit-step blocks at a head_dim multiple of 64
+  takes the TMA form on sm_90a, as inference does), split-KV included (the lse is written by
+  the tile's one program, by the chunks' merge, or by the merge of its components).
 * ``bwd_dq``: query tiles of ``BACKWARD_BR`` rows over column blocks of the mask's plan;
   ``bwd_dkdv``: key tiles of ``BACKWARD_BR`` over blocks of the transposed mask's plan; blocks
   of ``BACKWARD_BC`` columns, ``BACKWARD_BC_WIDE_HEADS`` above head_dim 64
@@ -33,7 +34,7 @@ from ..kernels.backward_mma import (SPLIT_SUM_BLOCK, SUM_BLOCK, backward_dkdv_mm
                                     check_backward_mma_plan, check_backward_mma_shape, split_sum_func,
                                     sum_components_func)
 from ..kernels.tiled import merge_func, split_merge_func
-from ..kernels.tiled_mma import MMA_TYPES, check_mma_shape, tiled_mma_func
+from ..kernels.tiled_mma import MMA_TYPES, check_mma_shape, check_tma_shape, tiled_mma_func
 from .targets import as_target, is_gpu, supports_wgmma
 from .tiled import TiledKnobs, bind_flat_gpu, default_tiled_knobs
 
@@ -128,16 +129,15 @@ def tensor_core_training_refusal(spec: BackwardSpec, target, knobs: BackwardMmaK
     if rows.mask_heads > 1 and rows.group > 1:
         return (f"per-head masks ({rows.mask_heads} mask heads) with grouped KV heads (groups of "
                 f"{rows.group}): a dK/dV program sums over a group that must share one mask head")
-    if knobs.forward.tma:
-        return ("the TMA forward with its lse output is not taken in training: it ran slower than the "
-                "form training takes (Longformer-base forward 0.357 vs 0.264 ms at batch 4, Mistral n=8192 "
-                "1.717 vs 1.702 ms, H200, 2026-12-02, after its 128-register cap); it passes "
-                "tests/gpu/test_backward.py with the committed kernels (149/149, 2026-12-01; the 'misaligned "
-                "address' run that first refused it also carried an experimental backward, since dropped); "
-                "training takes tma=False")
     try:
         f = knobs.forward
         check_mma_shape(rows, f.br, f.bc, f.warps, f.m_tiles)
+        if f.tma:
+            check_tma_shape(rows, f.wgmma, f.stages)
+            if (plans[0].blocks[..., 1] > 1).any():
+                raise ValueError("the TMA form loads column blocks of step 1 only; this mask's forward plan has "
+                                 f"blocks of step {int(plans[0].blocks[..., 1].max())} (dilated or strided): use "
+                                 "tma=False")
         if knobs.wgmma and not supports_wgmma(as_target(target)):
             raise ValueError(f"the wgmma backward needs a Hopper target (sm_90), got {as_target(target)}")
         check_backward_mma_shape(rows, knobs.br, knobs.dq_bc, knobs.warps, knobs.stages, knobs.wgmma)
@@ -164,7 +164,8 @@ def backward_mma_funcs(spec: BackwardSpec, knobs: BackwardMmaKnobs, plan_shapes)
     (dq), ``bwd_dkdv_sum`` (dk and dv)."""
     fwd, dq, dkdv = plan_shapes
     f = knobs.forward
-    funcs = {"fwd_lse": tiled_mma_func(spec.rows, fwd, f.warps, f.m_tiles, f.stages, wgmma=f.wgmma, with_lse=True),
+    funcs = {"fwd_lse": tiled_mma_func(spec.rows, fwd, f.warps, f.m_tiles, f.stages, wgmma=f.wgmma, tma=f.tma,
+                                       with_lse=True),
              "bwd_dq": backward_dq_mma_func(spec.rows, dq, knobs.warps, knobs.stages, knobs.wgmma),
              "bwd_dkdv": backward_dkdv_mma_func(spec.columns, dkdv, knobs.warps, knobs.stages, knobs.wgmma)}
     if fwd.num_slots:
