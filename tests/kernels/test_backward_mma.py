@@ -125,9 +125,9 @@ def test_csr_rows_are_refused_split_kv_and_components_are_not():
 
 
 def test_training_refuses_the_tma_forward_and_says_why():
-    """Training does not take the TMA forward (slower with its lse output on the H200): knobs
-    that ask for it fall back to the CUDA-core kernels with the reason named, and the default
-    knobs never ask for it (the planner's rule, told tma=False)."""
+    """Training does not take the TMA forward (not wired: its builder would make the cp.async
+    form): knobs that ask for it fall back to the CUDA-core kernels with the reason named, and
+    the default knobs never ask for it (the planner's rule, told tma=False)."""
     import dataclasses
 
     from tvm_splat.planner import default_knobs
@@ -140,7 +140,7 @@ def test_training_refuses_the_tma_forward_and_says_why():
     tma = dataclasses.replace(plan.mma_knobs, forward=dataclasses.replace(
         default_knobs(plan.spec.rows, plan.target, plan.acsr), split_blocks=0))
     refused = plan_training(Window(64), shape, shape, "float16", "cuda", target=H100, mma_knobs=tma)
-    assert refused.kernels == "rows" and "TMA forward" in refused.fallback_reason
+    assert refused.kernels == "rows" and "TMA forward is not wired" in refused.fallback_reason
 
 
 def test_shapes_it_cannot_take_are_named():

@@ -110,12 +110,9 @@ def tensor_core_training_refusal(spec: BackwardSpec, target, knobs: BackwardMmaK
         return (f"per-head masks ({rows.mask_heads} mask heads) with grouped KV heads (groups of "
                 f"{rows.group}): a dK/dV program sums over a group that must share one mask head")
     if knobs.forward.tma:
-        return ("the TMA forward with its lse output is not taken in training: it ran slower than the "
-                "form training takes (Longformer-base forward 0.357 vs 0.264 ms at batch 4, Mistral n=8192 "
-                "1.717 vs 1.702 ms, H200, 2026-12-02, after its 128-register cap); it passes "
-                "tests/gpu/test_backward.py with the committed kernels (149/149, 2026-12-01; the 'misaligned "
-                "address' run that first refused it also carried an experimental backward, since dropped); "
-                "training takes tma=False")
+        return ("the TMA forward is not wired into training: backward_mma_funcs builds fwd_lse without the "
+                "TMA form, so these knobs would run the cp.async wgmma kernel at the TMA rule's tiles; training "
+                "takes tma=False (branch h26 wires it)")
     try:
         f = knobs.forward
         check_mma_shape(rows, f.br, f.bc, f.warps, f.m_tiles)
