@@ -1,7 +1,7 @@
 """Host time of the differentiable op against its kernels: where a training step's time goes
 when the kernels are short.
 
-    python benchmarks/training_host_time.py OUT.json [--pattern P] [--shape B H N D] [--device cpu] [--profile]
+    python benchmarks/training_host_time.py OUT.json [--pattern P] [--shape B H N D] [--device cpu] [--profile [CALL]]
 
 Default: Longformer-base at batch 1 (``global:4+window:256``, 12 heads, n=4096, d=64, fp16 on
 CUDA; float32 on the CPU), whose GPU kernels take about 0.36 ms for forward + backward. For
@@ -16,8 +16,9 @@ retained graph), both (a fresh forward, then its gradients), and both through
 * ``kernel_us``: GPU time of the kernels (:func:`tvm_splat.timing.cuda_kernel_ms`, CUPTI;
   None on the CPU, where the kernels run inside the host time).
 
-Where ``host_us`` exceeds ``kernel_us`` the host sets the pace. ``--profile`` prints a cProfile
-of the op's forward + backward as well.
+Where ``host_us`` exceeds ``kernel_us`` the host sets the pace. ``--profile [CALL]`` prints where
+one row's host time goes as well (:func:`profile_call`; default: the op's forward + backward;
+``'compiled op forward+backward'`` for the compiled graph).
 """
 import argparse
 import cProfile
@@ -46,7 +47,29 @@ def host_us(fn, device, calls=CALLS):
     return (stop - start) / calls * 1e6
 
 
-def main(out_path, pattern="global:4+window:256", shape=(1, 12, 4096, 64), device="cuda", profile=False):
+def profile_call(fn, device, calls=CALLS) -> str:
+    """Where ``fn``'s host time goes, as text: a cProfile of ``calls`` calls (Python frames;
+    time inside C++ lands in the calling frame's own time), then torch.profiler's CPU-side
+    table of the same calls (ATen ops, the dispatcher's custom-op calls and autograd nodes, by
+    self CPU time: what cProfile cannot see)."""
+    fn()
+    synchronize(device)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    synchronize(device)
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+    return text.getvalue() + "\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+
+
+def main(out_path, pattern="global:4+window:256", shape=(1, 12, 4096, 64), device="cuda", profile=None):
     b, h, n, d = shape
     dtype = torch.float16 if device == "cuda" else torch.float32
     gen = torch.Generator(device=device).manual_seed(0)
@@ -75,15 +98,9 @@ def main(out_path, pattern="global:4+window:256", shape=(1, 12, 4096, 64), devic
         print(json.dumps(row), flush=True)
         rows.append(row)
     if profile:
-        profiler = cProfile.Profile()
-        profiler.enable()
-        for _ in range(CALLS):
-            calls["op forward+backward"]()
-        profiler.disable()
-        synchronize(device)
-        text = io.StringIO()
-        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
-        print(text.getvalue())
+        if profile not in calls:
+            raise SystemExit(f"--profile takes one of {', '.join(calls)}, got {profile!r}")
+        print(profile_call(calls[profile], device))
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     case = f"{pattern} b={b} h={h} n={n} d={d} {str(dtype).removeprefix('torch.')}"
     with open(out_path, "w") as f:
@@ -96,6 +113,8 @@ if __name__ == "__main__":
     parser.add_argument("--pattern", default="global:4+window:256")
     parser.add_argument("--shape", type=int, nargs=4, default=(1, 12, 4096, 64), metavar=("B", "H", "N", "D"))
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    parser.add_argument("--profile", action="store_true", help="print a cProfile of the op's forward + backward")
+    parser.add_argument("--profile", nargs="?", const="op forward+backward", default=None, metavar="CALL",
+                        help="print where one call's host time goes (cProfile and torch.profiler's CPU table); "
+                             "CALL: a row name, default 'op forward+backward'")
     args = parser.parse_args()
     main(args.out, args.pattern, tuple(args.shape), args.device, args.profile)

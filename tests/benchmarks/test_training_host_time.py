@@ -22,3 +22,23 @@ def test_tiny_cpu_run_writes_every_row(tmp_path):
                                                    "op forward+backward", "compiled op forward+backward"]
     for row in result["runs"]:
         assert row["host_us"] > 0 and row["throughput_us"] > 0 and row["kernel_us"] is None, row
+
+
+def test_profile_of_the_compiled_row_names_the_custom_ops():
+    """``--profile CALL`` on the compiled row: cProfile's table and torch.profiler's, in which
+    the compiled graph's calls of the two custom ops appear by name."""
+    spec = importlib.util.spec_from_file_location("training_host_time", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    import torch
+
+    from tvm_splat.autograd import register_mask, sparse_attention
+    from tvm_splat.formats import parse_pattern
+
+    handle = register_mask(parse_pattern("window:4"))
+    q, k, v = (torch.randn(1, 2, 32, 16, requires_grad=True) for _ in range(3))
+    compiled = torch.compile(lambda q, k, v: sparse_attention(q, k, v, handle), fullgraph=True)
+    text = script.profile_call(lambda: torch.autograd.grad(compiled(q, k, v), (q, k, v), torch.ones(1, 2, 32, 16)),
+                               "cpu", calls=3)
+    assert "function calls" in text and "Self CPU" in text
+    assert "tvm_splat::sparse_attention" in text and "tvm_splat::sparse_attention_backward" in text
