@@ -551,7 +551,7 @@ def test_default_backward_knobs_take_wgmma_where_measured_faster(target, d, expe
     from tvm_splat.training import plan_training
 
     plan = plan_training(Window(8), (1, 2, 300, d), (1, 2, 300, d), "float16", "cuda", target=target)
-    knobs = default_backward_mma_knobs(plan.spec, plan.target)
+    knobs = default_backward_mma_knobs(plan.spec, plan.target, plan.mma_knobs.forward)
     if expected == "wgmma":
         assert {k: getattr(knobs, k) for k in WGMMA_BACKWARD_WIDE_HEADS} == WGMMA_BACKWARD_WIDE_HEADS
     else:
