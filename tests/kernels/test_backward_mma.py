@@ -522,12 +522,12 @@ def test_chunk_order_fills_core_matrices_without_bank_conflicts(d):
     wgmma layout (8x8 core matrices of 128 contiguous bytes) the core-rows-first order gives each
     8-thread phase of a 16-byte shared store one whole core matrix, all 32 banks, where the
     along-the-row order puts the phase's 8 chunks 128 B apart, in the same 4 banks."""
-    from tvm_splat.kernels.backward_mma import chunk_position
+    from tvm_splat.kernels.tiled_mma import chunk_position, core_matrix_elem
 
     rows, ch = 64, d // 8
 
-    def core_matrix_byte(row, col):  # the wgmma layout's byte offset of element (row, col)
-        return 2 * (((row // 8) * ch + col // 8) * 64 + (row % 8) * 8 + col % 8)
+    def core_matrix_byte(row, col):  # the wgmma layout's byte offset of element (row, col), 2-byte elements
+        return 2 * core_matrix_elem(0, row, col, d)
 
     for core_rows_first in (False, True):
         cells = [chunk_position(i, ch, core_rows_first) for i in range(rows * ch)]

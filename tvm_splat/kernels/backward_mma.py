@@ -113,11 +113,12 @@ from tvm.script import tirx as T
 
 from .common import LOG2E, block_range_cache, nonfinite_halves, row_segment_cache
 from .spec import AttentionSpec
-from .tiled_mma import MMA_TYPES, ROW_PAD, SHARED_BYTES_MAX
+from .tiled_mma import (MMA_TYPES, ROW_PAD, SHARED_BYTES_MAX, WGMMA_PAIR_TYPES, chunk_position, core_matrix_elem,
+                        wgmma_op)
 
 __all__ = ["BACKWARD_MMA_KERNEL_NAMES", "check_backward_mma_shape", "check_backward_mma_plan", "part_shape",
            "split_part_shape", "backward_dq_mma_func", "backward_dkdv_mma_func", "sum_components_func",
-           "split_sum_func", "chunk_position"]
+           "split_sum_func"]
 
 BACKWARD_MMA_KERNEL_NAMES = ("bwd_dq", "bwd_dkdv")
 #: the blocks of :func:`sum_components_func` and :func:`split_sum_func` (what their GPU schedule binds)
@@ -179,19 +180,6 @@ def _without(func, names):
     return tvm.tirx.PrimFunc([p for p in func.params if p.name not in names], func.body, func.ret_type, func.attrs)
 
 
-def chunk_position(i, chunks_per_row: int, core_rows_first: bool):
-    """``(row, first column)`` of the ``i``-th 16-byte chunk (8 elements) of a ``[rows, 8 *
-    chunks_per_row]`` operand copied into shared memory (``i``: an int or a TIR expression).
-    Along the row by default (chunk ``i`` of a padded row-major layout). ``core_rows_first``
-    (the wgmma layout of 8x8 core matrices, 128 contiguous bytes each): down the 8 rows of a
-    core matrix first, so that the 8 threads of one shared-memory phase fill one core matrix;
-    along a row their chunks would sit 128 B apart, in the same 4 banks (an 8-way conflict).
-    ``rows`` must be a multiple of 8 there."""
-    if core_rows_first:
-        return i // (8 * chunks_per_row) * 8 + i % 8, i // 8 % chunks_per_row * 8
-    return i // chunks_per_row, i % chunks_per_row * 8
-
-
 def _shared_elems(br, bc, d, stages, pair=True, wgmma=False):
     """Elements of the shared buffer: two tile operands, two block operands per stage, and the
     exact path's staging of its A operands (``pair``, bwd_dkdv: P and dS; bwd_dq: dS alone).
@@ -232,15 +220,10 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
     # block operand read MN-major (U or W as the B of dS U, P W: along its rows) steps
     # D / 8 * 128 B between 8-row groups (LBO) and 128 B along D (SBO)
     KM_LBO, KM_SBO, MN_LBO, MN_SBO = 8, D, D, 8
-    wg_ab = {"float16": "f16", "bfloat16": "bf16"}[dt]
-    WG_S = f"wgmma.mma_async.sync.aligned.m64n{BC}k16.f32.{wg_ab}.{wg_ab}"
-    WG_D = f"wgmma.mma_async.sync.aligned.m64n{D}k16.f32.{wg_ab}.{wg_ab}"
-    PAIR = {"float16": "float16x2", "bfloat16": "bfloat16x2"}[dt]
+    WG_S, WG_D, PAIR = wgmma_op(BC, dt), wgmma_op(D, dt), WGMMA_PAIR_TYPES[dt]
 
     def elem(base, u, c):  # element (row u, column c) of a [*, D] operand at ``base``
-        if wgmma:  # 8x8 core matrices, 128 contiguous bytes each, row-major over (u // 8, c // 8)
-            return base + ((u // 8) * (D // 8) + c // 8) * 64 + (u % 8) * 8 + c % 8
-        return base + u * DP + c
+        return core_matrix_elem(base, u, c, D) if wgmma else base + u * DP + c
 
     def tile_row(w, lane, r):  # tile-local row of the thread's row slot r (0: row g, 1: row g + 8)
         return w * 16 + lane // 4 + 8 * r

@@ -59,6 +59,37 @@ ROW_PAD = 8
 SHARED_BYTES_MAX = 227 * 1024
 #: ``mma.sync`` operand type names of the input dtypes
 MMA_TYPES = {"float16": "fp16", "bfloat16": "bf16"}
+#: ``wgmma.mma_async`` operand type names, and the 2-lane vector type an A fragment's 32-bit
+#: register holds, of the input dtypes
+WGMMA_TYPES = {"float16": "f16", "bfloat16": "bf16"}
+WGMMA_PAIR_TYPES = {"float16": "float16x2", "bfloat16": "bfloat16x2"}
+
+
+def wgmma_op(n: int, dtype: str) -> str:
+    """The PTX name of a warpgroup MMA of 64 x ``n`` x 16 with float32 accumulators on
+    ``dtype`` operands (``T.ptx[...]``; ss or rs by its arguments)."""
+    ab = WGMMA_TYPES[dtype]
+    return f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ab}.{ab}"
+
+
+def core_matrix_elem(base, u, c, d: int):
+    """Element (row ``u``, column ``c``) of a ``[*, d]`` operand at ``base`` in the wgmma layout
+    without swizzle: 8x8 core matrices of 128 contiguous bytes, row-major over ``(u // 8, c //
+    8)`` (ints or TIR expressions)."""
+    return base + ((u // 8) * (d // 8) + c // 8) * 64 + (u % 8) * 8 + c % 8
+
+
+def chunk_position(i, chunks_per_row: int, core_rows_first: bool):
+    """``(row, first column)`` of the ``i``-th 16-byte chunk (8 elements) of a ``[rows, 8 *
+    chunks_per_row]`` operand copied into shared memory (``i``: an int or a TIR expression).
+    Along the row by default (chunk ``i`` of a padded row-major layout). ``core_rows_first``
+    (the layout of :func:`core_matrix_elem`): down the 8 rows of a core matrix first, so that
+    the 8 threads of one shared-memory phase fill one core matrix; along a row their chunks
+    would sit 128 B apart, in the same 4 banks (an 8-way conflict). ``rows`` must be a multiple
+    of 8 there."""
+    if core_rows_first:
+        return i // (8 * chunks_per_row) * 8 + i % 8, i // 8 % chunks_per_row * 8
+    return i // chunks_per_row, i % chunks_per_row * 8
 
 
 def mma_tile_rows(warps: int, m_tiles: int) -> int:
@@ -192,10 +223,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     # (MN-major), steps D / 8 * 128 B between 8-key groups (LBO) and 128 B along d (SBO).
     # Checked on the H200 against numpy (S and O within 1e-6, D = 64 and 128).
     QK_LBO, QK_SBO, V_LBO, V_SBO = 8, D, D, 8
-    wg_ab = {"float16": "f16", "bfloat16": "bf16"}[dt]
-    WG_S = f"wgmma.mma_async.sync.aligned.m64n{BC}k16.f32.{wg_ab}.{wg_ab}"
-    WG_O = f"wgmma.mma_async.sync.aligned.m64n{D}k16.f32.{wg_ab}.{wg_ab}"
-    PAIR = {"float16": "float16x2", "bfloat16": "bfloat16x2"}[dt]
+    WG_S, WG_O, PAIR = wgmma_op(BC, dt), wgmma_op(D, dt), WGMMA_PAIR_TYPES[dt]
     scale = T.float32(spec.scale * LOG2E)
     neg_init = T.float32(NEG_INIT)
     neg_inf = T.min_value("float32")
@@ -204,18 +232,16 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
 
     # -- index helpers (TIR expressions) --------------------------------------------------
     def chunk_row(it, tid):  # row of the it-th 16-byte chunk this thread copies
-        return (it * NTHR + tid) // CH
+        return chunk_position(it * NTHR + tid, CH, False)[0]
 
     def chunk_col(it, tid):  # first element of that chunk within its row
-        return (it * NTHR + tid) % CH * 8
+        return chunk_position(it * NTHR + tid, CH, False)[1]
 
     def tile_row(w, lane, r):  # tile-local row of the thread's row slot r = mt * 2 + half
         return (w * MT + r // 2) * 16 + lane // 4 + 8 * (r % 2)
 
     def tile_elem(base, u, c):  # element (row u, column c) of a [*, D] tile at ``base``
-        if wgmma:  # 8x8 core matrices, 128 contiguous bytes each, row-major over (u // 8, c // 8)
-            return base + ((u // 8) * (D // 8) + c // 8) * 64 + (u % 8) * 8 + c % 8
-        return base + u * DP + c
+        return core_matrix_elem(base, u, c, D) if wgmma else base + u * DP + c
 
     def kv_elem(base, st, u, c):  # element (u, c) of stage st of the K or V ring
         if tma:  # 128-byte swizzle: 16-byte chunk (c % 64) // 8 of row u sits at chunk ^ (u % 8)
