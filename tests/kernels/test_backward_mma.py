@@ -8,7 +8,7 @@ The tensor-core kernels' numbers are checked on the GPU (tests/gpu/test_backward
 import numpy as np
 import pytest
 
-from tvm_splat.compile import compile_backward_mma, cuda_source, nvcc_compile, ptxas_usage
+from tvm_splat.compile import check_shared_declarations, compile_backward_mma, cuda_source, nvcc_compile, ptxas_usage
 from tvm_splat.formats import ACSR, DilatedWindow, GlobalTokens, PerHead, Strided, Window, parse_pattern
 from tvm_splat.formats.tile_plan import plan_tiles
 from tvm_splat.formats.transpose import transpose_acsr, transposed_acsr
@@ -146,6 +146,10 @@ def test_training_forward_takes_the_tma_form_where_inference_does(d):
     assert "const __grid_constant__ CUtensorMap kmap" in forward and "lse_ptr" in forward
     assert "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes" in src
     assert "mbarrier.try_wait.parity" in src and len(nvcc_compile(src, H100)) > 1000
+    # its 1024-byte-aligned stages are a dynamic shared array of their own: the backward kernels'
+    # 64-byte "smem" in the same source once made it misaligned on the H200
+    assert "extern __shared__ __align__(1024) half qkv_smem_ptr[]" in forward
+    check_shared_declarations(src)
     registers, spills = ptxas_usage(src, "fwd_lse_kernel", H100)
     assert registers <= 128 and spills == 0, (registers, spills)
 
@@ -539,18 +543,20 @@ def test_chunk_order_fills_core_matrices_without_bank_conflicts(d):
             assert len(banks) == banks_per_phase, (core_rows_first, phase, sorted(starts))
 
 
-@pytest.mark.parametrize("target,d,expected", [
-    (H100, 128, "wgmma"),  # measured 8% faster at head_dim 128 (WGMMA_BACKWARD_WIDE_HEADS)
-    (H100, 64, "mma"),  # every wgmma tiling tried was slower at 64
-    (A100, 128, "mma"),  # no wgmma before sm_90
-    (H100, 256, "mma"),  # the wgmma tiles do not fit a block's shared memory: the mma form
-])
-def test_default_backward_knobs_take_wgmma_where_measured_faster(target, d, expected):
+@pytest.mark.parametrize("target,d,mask,expected", [
+    (H100, 128, "window:8", "wgmma"),  # measured 8% faster at head_dim 128 (WGMMA_BACKWARD_WIDE_HEADS)
+    (H100, 64, "window:8", "mma"),  # every wgmma tiling tried was slower at 64
+    (A100, 128, "window:8", "mma"),  # no wgmma before sm_90
+    (H100, 256, "window:8", "mma"),  # the wgmma tiles do not fit a block's shared memory: the mma form
+    (H100, 128, "causal_strided:16", "mma"),  # two components (as the forward): 38% slower
+], ids=["h100-d128", "h100-d64", "a100-d128", "h100-d256", "h100-d128-causal-strided"])
+def test_default_backward_knobs_take_wgmma_where_measured_faster(target, d, mask, expected):
     from tvm_splat.schedules.backward_mma import (BACKWARD_BR, WGMMA_BACKWARD_WIDE_HEADS, default_backward_mma_knobs,
                                                   tensor_core_training_refusal)
     from tvm_splat.training import plan_training
 
-    plan = plan_training(Window(8), (1, 2, 300, d), (1, 2, 300, d), "float16", "cuda", target=target)
+    plan = plan_training(parse_pattern(mask), (1, 2, 300, d), (1, 2, 300, d), "float16", "cuda", target=target)
+    assert (plan.tile_plans[0].shape.num_components > 1) == mask.startswith("causal_strided")
     knobs = default_backward_mma_knobs(plan.spec, plan.target, plan.mma_knobs.forward)
     if expected == "wgmma":
         assert {k: getattr(knobs, k) for k in WGMMA_BACKWARD_WIDE_HEADS} == WGMMA_BACKWARD_WIDE_HEADS

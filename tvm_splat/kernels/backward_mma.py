@@ -46,8 +46,9 @@ matrix; along a row they would hit the same 4 banks: Longformer-base backward 0.
 ``wgmma``, 64/64 on the H200). At 64-row tiles it ran 4-8% slower than ``mma.sync``; at
 head_dim 128 with 128-row tiles (two warpgroups) and ``dq_bc=64`` 8% faster (Mistral n=8192
 backward 5.49 vs 5.98 ms, window +-1024 n=32k 7.01 vs 7.62;
-``benchmarks/results/h200_backward_knobs.json``), the sm_90a default from head_dim 128
-(:func:`~tvm_splat.schedules.backward_mma.default_backward_mma_knobs`).
+``benchmarks/results/h200_backward_knobs.json``), the sm_90a default from head_dim 128 on plans
+of one component (:func:`~tvm_splat.schedules.backward_mma.default_backward_mma_knobs`; on causal
+strided, two components, these tiles were 38% slower).
 
 Masked-out entries contribute exactly nothing: once per block, each row slot turns its cached
 segments into ranges of block columns (:func:`~tvm_splat.kernels.common.block_range_cache`: a

@@ -64,7 +64,11 @@ BACKWARD_BC_WIDE_HEADS = 32
 #: ``mma.sync`` form's 64 x 32 tiles: Mistral n=8192 backward 5.49 vs 5.98 ms (bwd_dq 2.04 vs
 #: 2.46, bwd_dkdv 3.42 vs 3.60), window +-1024 n=32k 7.01 vs 7.62; gradients bit-identical.
 #: Below, at head_dim 64, every wgmma tiling tried was slower (Longformer-base b=4: 0.815 ms at
-#: 64-row tiles, 1.08 at 128, 0.925 with dq_bc 128, against 0.760-0.772).
+#: 64-row tiles, 1.08 at 128, 0.925 with dq_bc 128, against 0.760-0.772). Only where the forward
+#: takes its wgmma form too (one component in the tile plan): on causal strided (two components)
+#: at head_dim 128 these tiles were 38% slower than mma.sync in the models suite (backward
+#: kernels 1.08 vs 0.78 ms, n=8192, 16 heads; ``h200_models_backward.json`` of 2026-12-02 against
+#: the one before), as the forward's 128-row tiles were on unions.
 WGMMA_BACKWARD_MIN_HEAD_DIM = 128
 WGMMA_BACKWARD_WIDE_HEADS = {"wgmma": True, "br": 128, "warps": 8, "dq_bc": 64, "dkdv_bc": 32}
 
@@ -103,11 +107,14 @@ def default_backward_mma_knobs(spec: BackwardSpec, target, forward: TiledKnobs |
     untuned knobs as the planner chose them from the tile plan
     (:func:`tvm_splat.planner.default_knobs`, which :mod:`tvm_splat.training` passes; default:
     :func:`~tvm_splat.schedules.tiled.default_tiled_knobs` of the spec alone), their split-KV
-    rule included (the lse of split rows comes from ``fwd_split_merge``)."""
+    rule included (the lse of split rows comes from ``fwd_split_merge``). The backward takes its
+    wgmma form (:data:`WGMMA_BACKWARD_WIDE_HEADS`) from :data:`WGMMA_BACKWARD_MIN_HEAD_DIM` where
+    the forward took its own: on sm_90a, for a plan of one component."""
     forward = forward or default_tiled_knobs(spec.rows, target)
     bc = BACKWARD_BC if spec.rows.head_dim <= 64 else BACKWARD_BC_WIDE_HEADS
     mma = BackwardMmaKnobs(forward, dq_bc=bc, dkdv_bc=bc)
-    if spec.rows.head_dim < WGMMA_BACKWARD_MIN_HEAD_DIM or not supports_wgmma(as_target(target)):
+    if (spec.rows.head_dim < WGMMA_BACKWARD_MIN_HEAD_DIM or not forward.wgmma
+            or not supports_wgmma(as_target(target))):
         return mma
     hopper = dataclasses.replace(mma, **WGMMA_BACKWARD_WIDE_HEADS)
     try:
