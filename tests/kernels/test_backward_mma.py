@@ -435,8 +435,9 @@ def test_training_plans_pick_and_build_the_tensor_core_kernels(name, mask, heads
         assert (f"{kernel}_kernel(" in src) == several
     dq_body = src[src.rindex("bwd_dq_kernel("):].split('extern "C"')[0]  # the definition
     dkdv_body = src[src.rindex("bwd_dkdv_kernel("):].split('extern "C"')[0]
-    # the backward's form: wgmma from head_dim 128 on sm_90a (WGMMA_BACKWARD_WIDE_HEADS), else mma.sync
-    assert plan.mma_knobs.wgmma == (d >= 128 and target == H100)
+    # the backward's form: wgmma from head_dim 128 on sm_90a for plans of one component
+    # (WGMMA_BACKWARD_WIDE_HEADS), else mma.sync
+    assert plan.mma_knobs.wgmma == (d >= 128 and target == H100 and not several)
     for body in (dq_body, dkdv_body):
         if plan.mma_knobs.wgmma:
             assert "_ss_mma_async_sync_aligned_m64n" in body and "ldmatrix" not in body
