@@ -2,7 +2,7 @@
 import pytest
 import tvm
 
-from tvm_splat.compile import compile_attention, cuda_source, nvcc_compile, row_module
+from tvm_splat.compile import check_shared_declarations, compile_attention, cuda_source, nvcc_compile, row_module
 from tvm_splat.formats import ACSR, GlobalTokens, Window
 from tvm_splat.kernels import AttentionSpec
 
@@ -53,3 +53,14 @@ def test_unsupported_target_is_rejected():
         compile_attention(spec, "opencl")
     with pytest.raises(ValueError, match="invalid target"):
         compile_attention(spec, "not-a-target")
+
+
+def test_one_dynamic_shared_array_with_two_alignments_is_refused():
+    """Function-scope ``extern __shared__`` arrays of one name are one symbol of the module, with
+    one alignment (nvcc keeps the first): a kernel asking for more than another kernel's
+    declaration of the same name would get less. Distinct names are accepted."""
+    kernel = 'extern "C" __global__ void {0}_kernel() {{ extern __shared__ __align__({1}) half {2}[]; }}\n'
+    check_shared_declarations(kernel.format("a", 1024, "qkv_smem_ptr") + kernel.format("b", 64, "smem_ptr"))
+    check_shared_declarations(kernel.format("a", 64, "smem_ptr") + kernel.format("b", 64, "smem_ptr"))
+    with pytest.raises(ValueError, match="'smem_ptr' is declared with alignments 1024 and 64"):
+        check_shared_declarations(kernel.format("a", 1024, "smem_ptr") + kernel.format("b", 64, "smem_ptr"))

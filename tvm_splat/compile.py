@@ -185,12 +185,35 @@ def load_or_build(ident: str, build, use_disk_cache=True):
     return lib
 
 
+def check_shared_declarations(source: str) -> None:
+    """Raise ValueError if two kernels of one CUDA source declare the same dynamic shared array
+    with different alignments.
+
+    The kernels of a module share one translation unit, where a function-scope
+    ``extern __shared__`` array is a single symbol: nvcc keeps the first declaration's alignment
+    (warning #1886) and the GPU machine's runtime compile gave the TMA forward's 1024-byte
+    (128-byte swizzle) stages a smaller one, so every training forward in its TMA form faulted
+    with a misaligned address on the H200 (``fwd_lse`` beside the backward kernels' 64-byte
+    ``smem``). Kernels that need a stricter alignment name their buffer apart."""
+    seen: dict[str, str] = {}
+    for align, name in re.findall(r"extern __shared__ __align__\((\d+)\) \w+ (\w+)\[\]", source):
+        if seen.setdefault(name, align) != align:
+            raise ValueError(f"dynamic shared array {name!r} is declared with alignments {seen[name]} and {align} "
+                             "in one CUDA module: one symbol has one alignment; give the buffers distinct names")
+
+
 def compile_module(ident: str, module_fn, target, use_disk_cache=True):
     """``tvm.tirx.build(module_fn(), target)``, cached under ``ident`` (which must name the
-    workload, variant, knobs and records the module depends on)."""
+    workload, variant, knobs and records the module depends on); a CUDA build is checked by
+    :func:`check_shared_declarations`."""
     target = as_target(target)
-    return load_or_build(f"{ident}|{target_key(target)}",
-                         lambda: tvm.tirx.build(module_fn(), target=target), use_disk_cache)
+
+    def build():
+        lib = tvm.tirx.build(module_fn(), target=target)
+        check_shared_declarations(cuda_source(lib))
+        return lib
+
+    return load_or_build(f"{ident}|{target_key(target)}", build, use_disk_cache)
 
 
 def compile_attention(spec: AttentionSpec, target, variant="row", knobs=None, use_disk_cache=True,

@@ -95,10 +95,9 @@ class TrainingPlan:
         if is_gpu(target) and spec.rows.dtype in MMA_TYPES and not tensor_cores:
             self.fallback_reason = "tensor_cores=False"
         elif is_gpu(target) and spec.rows.dtype in MMA_TYPES:
-            # the forward planner's rule (several components keep the mma form), without the
-            # TMA form, slower here (see tensor_core_training_refusal)
-            knobs = mma_knobs or default_backward_mma_knobs(spec, target, default_knobs(spec.rows, target, acsr,
-                                                                                         tma=False))
+            # the forward planner's rule: several components keep the mma form; one component of
+            # unit-step blocks at a head_dim multiple of 64 on sm_90a takes the TMA form
+            knobs = mma_knobs or default_backward_mma_knobs(spec, target, default_knobs(spec.rows, target, acsr))
             plans = (_training_tile_plan(acsr, br=knobs.forward.br, bc=knobs.forward.bc,
                                          split_blocks=knobs.forward.split_blocks),
                      _training_tile_plan(acsr, br=knobs.br, bc=knobs.dq_bc, split_blocks=knobs.split_blocks),

@@ -8,7 +8,7 @@ The tensor-core kernels' numbers are checked on the GPU (tests/gpu/test_backward
 import numpy as np
 import pytest
 
-from tvm_splat.compile import compile_backward_mma, cuda_source, nvcc_compile, ptxas_usage
+from tvm_splat.compile import check_shared_declarations, compile_backward_mma, cuda_source, nvcc_compile, ptxas_usage
 from tvm_splat.formats import ACSR, DilatedWindow, GlobalTokens, PerHead, Strided, Window, parse_pattern
 from tvm_splat.formats.tile_plan import plan_tiles
 from tvm_splat.formats.transpose import transpose_acsr, transposed_acsr
@@ -124,23 +124,41 @@ def test_csr_rows_are_refused_split_kv_and_components_are_not():
     check_backward_mma_plan(components.shape, components.num_comp)  # accepted
 
 
-def test_training_refuses_the_tma_forward_and_says_why():
-    """Training does not take the TMA forward (not wired: its builder would make the cp.async
-    form): knobs that ask for it fall back to the CUDA-core kernels with the reason named, and
-    the default knobs never ask for it (the planner's rule, told tma=False)."""
+@pytest.mark.parametrize("d", [64, 128])
+def test_training_forward_takes_the_tma_form_where_inference_does(d):
+    """The training forward follows the forward planner's rule, TMA included (one component of
+    unit-step blocks, head_dim a multiple of 64, sm_90a), and fwd_lse is then really built in
+    the TMA form: K/V by cp.async.bulk.tensor against mbarriers, its registers capped at 128
+    without spilling (ptxas), as the inference kernel. Dilated blocks keep the cp.async form,
+    and TMA knobs asked for them are refused with the reason named."""
     import dataclasses
 
     from tvm_splat.planner import default_knobs
     from tvm_splat.training import plan_training
 
-    shape = (1, 4, 512, 128)
+    shape = (1, 4, 512, d)
     plan = plan_training(Window(64), shape, shape, "float16", "cuda", target=H100)
-    assert plan.kernels == "tensor-cores" and not plan.mma_knobs.forward.tma
-    assert default_knobs(plan.spec.rows, plan.target, plan.acsr).tma  # inference takes TMA here
-    tma = dataclasses.replace(plan.mma_knobs, forward=dataclasses.replace(
-        default_knobs(plan.spec.rows, plan.target, plan.acsr), split_blocks=0))
-    refused = plan_training(Window(64), shape, shape, "float16", "cuda", target=H100, mma_knobs=tma)
-    assert refused.kernels == "rows" and "TMA forward is not wired" in refused.fallback_reason
+    assert plan.kernels == "tensor-cores" and plan.mma_knobs.forward.tma
+    assert plan.mma_knobs.forward == default_knobs(plan.spec.rows, plan.target, plan.acsr)  # inference's knobs
+    src = cuda_source(compile_backward_mma(plan.spec, plan.target, plan.mma_knobs, [p.shape for p in plan.tile_plans],
+                                           use_disk_cache=False))
+    forward = src[src.rindex("fwd_lse_kernel("):].split('extern "C"')[0]
+    assert "const __grid_constant__ CUtensorMap kmap" in forward and "lse_ptr" in forward
+    assert "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes" in src
+    assert "mbarrier.try_wait.parity" in src and len(nvcc_compile(src, H100)) > 1000
+    # its 1024-byte-aligned stages are a dynamic shared array of their own: the backward kernels'
+    # 64-byte "smem" in the same source once made it misaligned on the H200
+    assert "extern __shared__ __align__(1024) half qkv_smem_ptr[]" in forward
+    check_shared_declarations(src)
+    registers, spills = ptxas_usage(src, "fwd_lse_kernel", H100)
+    assert registers <= 128 and spills == 0, (registers, spills)
+
+    dilated = plan_training(DilatedWindow(16, 2), shape, shape, "float16", "cuda", target=H100)
+    assert dilated.kernels == "tensor-cores" and not dilated.mma_knobs.forward.tma
+    tma = dataclasses.replace(dilated.mma_knobs, forward=dataclasses.replace(plan.mma_knobs.forward,
+                                                                             split_blocks=0))
+    refused = plan_training(DilatedWindow(16, 2), shape, shape, "float16", "cuda", target=H100, mma_knobs=tma)
+    assert refused.kernels == "rows" and "step 1 only" in refused.fallback_reason
 
 
 def test_shapes_it_cannot_take_are_named():
@@ -415,9 +433,17 @@ def test_training_plans_pick_and_build_the_tensor_core_kernels(name, mask, heads
         assert f"{kernel}_kernel(" in src
     for kernel in COMBINING:
         assert (f"{kernel}_kernel(" in src) == several
-    assert "mma.sync.aligned.m16n8k16.row.col.f32" in src and "ldmatrix.sync.aligned" in src
     dq_body = src[src.rindex("bwd_dq_kernel("):].split('extern "C"')[0]  # the definition
     dkdv_body = src[src.rindex("bwd_dkdv_kernel("):].split('extern "C"')[0]
+    # the backward's form: wgmma from head_dim 128 on sm_90a for plans of one component
+    # (WGMMA_BACKWARD_WIDE_HEADS), else mma.sync
+    assert plan.mma_knobs.wgmma == (d >= 128 and target == H100 and not several)
+    for body in (dq_body, dkdv_body):
+        if plan.mma_knobs.wgmma:
+            assert "_ss_mma_async_sync_aligned_m64n" in body and "ldmatrix" not in body
+        else:
+            assert "mma.sync.aligned.m16n8k16.row.col.f32" in body
+            assert "ldmatrix" in body
     assert ("cp_async_wait_group" in dq_body) == (stages == 2)
     assert ("dq_part_ptr" in dq_body, "dq_ptr" in dq_body) == (several, not several)
     assert ("dk_part_ptr" in dkdv_body, "dk_ptr" in dkdv_body, "dv_ptr" in dkdv_body) == (several, not several,
@@ -516,3 +542,26 @@ def test_chunk_order_fills_core_matrices_without_bank_conflicts(d):
             starts = [core_matrix_byte(*chunk_position(8 * phase + t, ch, core_rows_first)) for t in range(8)]
             banks = {(start // 4 + word) % 32 for start in starts for word in range(4)}
             assert len(banks) == banks_per_phase, (core_rows_first, phase, sorted(starts))
+
+
+@pytest.mark.parametrize("target,d,mask,expected", [
+    (H100, 128, "window:8", "wgmma"),  # measured 8% faster at head_dim 128 (WGMMA_BACKWARD_WIDE_HEADS)
+    (H100, 64, "window:8", "mma"),  # every wgmma tiling tried was slower at 64
+    (A100, 128, "window:8", "mma"),  # no wgmma before sm_90
+    (H100, 256, "window:8", "mma"),  # the wgmma tiles do not fit a block's shared memory: the mma form
+    (H100, 128, "causal_strided:16", "mma"),  # two components (as the forward): 38% slower
+], ids=["h100-d128", "h100-d64", "a100-d128", "h100-d256", "h100-d128-causal-strided"])
+def test_default_backward_knobs_take_wgmma_where_measured_faster(target, d, mask, expected):
+    from tvm_splat.schedules.backward_mma import (BACKWARD_BR, WGMMA_BACKWARD_WIDE_HEADS, default_backward_mma_knobs,
+                                                  tensor_core_training_refusal)
+    from tvm_splat.training import plan_training
+
+    plan = plan_training(parse_pattern(mask), (1, 2, 300, d), (1, 2, 300, d), "float16", "cuda", target=target)
+    assert (plan.tile_plans[0].shape.num_components > 1) == mask.startswith("causal_strided")
+    knobs = default_backward_mma_knobs(plan.spec, plan.target, plan.mma_knobs.forward)
+    if expected == "wgmma":
+        assert {k: getattr(knobs, k) for k in WGMMA_BACKWARD_WIDE_HEADS} == WGMMA_BACKWARD_WIDE_HEADS
+    else:
+        assert not knobs.wgmma and knobs.br == BACKWARD_BR
+    assert plan.mma_knobs == knobs and plan.kernels == "tensor-cores"
+    assert tensor_core_training_refusal(plan.spec, plan.target, knobs, plan.tile_plans) is None

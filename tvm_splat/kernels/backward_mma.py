@@ -43,10 +43,12 @@ the 8 rows of a core matrix first (8 threads of a shared-memory phase fill one 1
 matrix; along a row they would hit the same 4 banks: Longformer-base backward 0.815 against
 0.864 ms). Registers (ptxas, sm_90a, fp16): ``bwd_dq`` 144 at head_dim 64 and 133 at 128,
 ``bwd_dkdv`` 225 and 228, no spills. It passes its GPU tests (``tests/gpu/test_backward.py``,
-``wgmma``, 64/64 on the H200) but is off by default: at the default tiles it ran 4-8% slower
-than ``mma.sync``; at head_dim 128 with 128-row tiles (two warpgroups) and ``dq_bc=64`` it ran
-8% faster (Mistral n=8192 backward 5.49 vs 5.98 ms, window +-1024 n=32k 7.01 vs 7.62), tiles
-that have not run the GPU tests (``benchmarks/results/h200_backward_knobs.json``).
+``wgmma``, 64/64 on the H200). At 64-row tiles it ran 4-8% slower than ``mma.sync``; at
+head_dim 128 with 128-row tiles (two warpgroups) and ``dq_bc=64`` 8% faster (Mistral n=8192
+backward 5.49 vs 5.98 ms, window +-1024 n=32k 7.01 vs 7.62;
+``benchmarks/results/h200_backward_knobs.json``), the sm_90a default from head_dim 128 on plans
+of one component (:func:`~tvm_splat.schedules.backward_mma.default_backward_mma_knobs`; on causal
+strided, two components, these tiles were 38% slower).
 
 Masked-out entries contribute exactly nothing: once per block, each row slot turns its cached
 segments into ranges of block columns (:func:`~tvm_splat.kernels.common.block_range_cache`: a

@@ -634,8 +634,11 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                 T.reads()
                                 T.writes()
                                 # one allocation (Q | K stages | V stages): cp.async writes are invisible
-                                # to TVM's shared-memory planner, which would otherwise overlap K with Q
-                                smem = T.sblock_alloc_buffer((SMEM,), dt, scope="shared.dyn", align=SMEM_ALIGN)
+                                # to TVM's shared-memory planner, which would otherwise overlap K with Q.
+                                # Named apart from the backward kernels' "smem": in one CUDA module an
+                                # extern shared array is one symbol with one alignment, and the TMA
+                                # stages need 1024 bytes (compile.check_shared_declarations)
+                                qkv_smem = T.sblock_alloc_buffer((SMEM,), dt, scope="shared.dyn", align=SMEM_ALIGN)
                                 # per stage: 1 + the block index whose V holds a non-finite value
                                 vbad = T.sblock_alloc_buffer((stages,), "int32", scope="shared")
                                 qf = T.sblock_alloc_buffer((MT * KD * 8,), dt, scope="local")
@@ -679,16 +682,16 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                     oacc[i] = T.float32(0)
                                 if tid < stages:
                                     T.ptx.st.shared.b32(T.address_of(vbad[tid]), 0)
-                                load_q_tile(smem, q, b, h, row0, rstr, nrows, tid)
+                                load_q_tile(qkv_smem, q, b, h, row0, rstr, nrows, tid)
                                 if stages == 4:
                                     # blocks 0 and 1 in flight; block 0 (and Q) landed and checked;
                                     # S_0 issued
                                     if blk_hi > blk_lo:
-                                        issue_kv_block(smem, k, v, blocks[hm, blk_lo, 0], blocks[hm, blk_lo, 1], b, hk, tid, 0,
+                                        issue_kv_block(qkv_smem, k, v, blocks[hm, blk_lo, 0], blocks[hm, blk_lo, 1], b, hk, tid, 0,
                                                        key_length(spec, kv_len, b))
                                     T.evaluate(T.ptx.cp.async_.commit_group())
                                     if blk_hi - blk_lo > 1:
-                                        issue_kv_block(smem, k, v, blocks[hm, blk_lo + 1, 0], blocks[hm, blk_lo + 1, 1], b, hk, tid, 1,
+                                        issue_kv_block(qkv_smem, k, v, blocks[hm, blk_lo + 1, 0], blocks[hm, blk_lo + 1, 1], b, hk, tid, 1,
                                                        key_length(spec, kv_len, b))
                                     T.evaluate(T.ptx.cp.async_.commit_group())
                                     T.evaluate(T.ptx["cp.async.wait_group"](1))
@@ -696,16 +699,16 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                     T.tvm_storage_sync("shared.dyn")
                                     if blk_hi > blk_lo:
                                         if blocks[hm, blk_lo, 2] == 0:
-                                            flag_nonfinite_v(smem, vbad, words, nonfinite, 0, 0, tid)
+                                            flag_nonfinite_v(qkv_smem, vbad, words, nonfinite, 0, 0, tid)
                                 if tma:
                                     init_kv_barriers(kv_ready, tid)
                                     if tid == 0 and blk_hi > blk_lo:
-                                        issue_kv_tma(smem, kv_ready, kmap, vmap, blocks[hm, blk_lo, 0], b * KVH + hk, 0)
+                                        issue_kv_tma(qkv_smem, kv_ready, kmap, vmap, blocks[hm, blk_lo, 0], b * KVH + hk, 0)
                                     T.evaluate(T.ptx.cp.async_.commit_group())  # Q
                                     T.evaluate(T.ptx["cp.async.wait_group"](0))
                                 elif stages == 2:
                                     if blk_hi > blk_lo:
-                                        issue_kv_block(smem, k, v, blocks[hm, blk_lo, 0], blocks[hm, blk_lo, 1], b, hk, tid, 0,
+                                        issue_kv_block(qkv_smem, k, v, blocks[hm, blk_lo, 0], blocks[hm, blk_lo, 1], b, hk, tid, 0,
                                                        key_length(spec, kv_len, b))
                                     T.evaluate(T.ptx.cp.async_.commit_group())
                                     T.evaluate(T.ptx["cp.async.wait_group"](0))
@@ -714,18 +717,18 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                     T.ptx["fence.proxy.async.shared::cta"]()
                                 T.tvm_storage_sync("shared.dyn")
                                 if not wgmma:
-                                    load_q_fragments(qf, smem, w, lane)
+                                    load_q_fragments(qf, qkv_smem, w, lane)
                                 if stages == 4:
                                     if blk_hi > blk_lo:
-                                        qk_wgmma_issue(sacc, desc, smem, 0, w)
+                                        qk_wgmma_issue(sacc, desc, qkv_smem, 0, w)
                                     # two blocks per iteration, so that S_j and S_j+1 live in two
                                     # register sets named statically
                                     for jj in T.serial((blk_hi - blk_lo + 1) // 2):
-                                        pipelined_block(2 * jj, blk_hi - blk_lo, sacc, sacc2, smem, k, v, blocks, hm, blk_lo,
+                                        pipelined_block(2 * jj, blk_hi - blk_lo, sacc, sacc2, qkv_smem, k, v, blocks, hm, blk_lo,
                                                         b, hk, tid, w, lane, sg, rng, pf, oacc, ms, ls, mb, al, desc, vbad,
                                                         vflag, words, nonfinite, key_length(spec, kv_len, b))
                                         if 2 * jj + 1 < blk_hi - blk_lo:
-                                            pipelined_block(2 * jj + 1, blk_hi - blk_lo, sacc2, sacc, smem, k, v, blocks, hm,
+                                            pipelined_block(2 * jj + 1, blk_hi - blk_lo, sacc2, sacc, qkv_smem, k, v, blocks, hm,
                                                             blk_lo, b, hk, tid, w, lane, sg, rng, pf, oacc, ms, ls, mb, al,
                                                             desc, vbad, vflag, words, nonfinite, key_length(spec, kv_len, b))
                                     T.ptx.wgmma.wait_group.sync.aligned(0)
@@ -737,7 +740,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                         stg: T.let[T.int32] = j % stages
                                         if stages == 1:
                                             T.tvm_storage_sync("shared.dyn")
-                                            load_kv_block(smem, k, v, col0, sig, b, hk, tid, key_length(spec, kv_len, b))
+                                            load_kv_block(qkv_smem, k, v, col0, sig, b, hk, tid, key_length(spec, kv_len, b))
                                         elif tma:  # block j's bytes have landed (its stage's (j // 2)-th phase)
                                             T.cuda.mbarrier_wait(T.address_of(kv_ready[stg]), (j // stages) % 2)
                                         else:
@@ -747,35 +750,35 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                         if tma and spec.has_kv_len:  # a block crossing the length holds
                                             # rows past it that no load zeroed
                                             if full == 0 or col0 + BC > key_length(spec, kv_len, b):
-                                                flag_nonfinite_v(smem, vbad, words, nonfinite, stg, j, tid)
+                                                flag_nonfinite_v(qkv_smem, vbad, words, nonfinite, stg, j, tid)
                                         elif full == 0:  # FULL blocks: every row attends every column
-                                            flag_nonfinite_v(smem, vbad, words, nonfinite, stg, j, tid)
+                                            flag_nonfinite_v(qkv_smem, vbad, words, nonfinite, stg, j, tid)
                                         if wgmma:
                                             T.ptx["fence.proxy.async.shared::cta"]()
                                         T.tvm_storage_sync("shared.dyn")
                                         if tma:
                                             if tid == 0 and j + 1 < blk_hi - blk_lo:
-                                                issue_kv_tma(smem, kv_ready, kmap, vmap, blocks[hm, blk_lo + j + 1, 0],
+                                                issue_kv_tma(qkv_smem, kv_ready, kmap, vmap, blocks[hm, blk_lo + j + 1, 0],
                                                              b * KVH + hk, (j + 1) % stages)
                                         elif stages == 2:
                                             if j + 1 < blk_hi - blk_lo:
-                                                issue_kv_block(smem, k, v, blocks[hm, blk_lo + j + 1, 0],
+                                                issue_kv_block(qkv_smem, k, v, blocks[hm, blk_lo + j + 1, 0],
                                                                blocks[hm, blk_lo + j + 1, 1], b, hk, tid, (j + 1) % stages,
                                                                key_length(spec, kv_len, b))
                                             T.evaluate(T.ptx.cp.async_.commit_group())
                                         if wgmma:
-                                            qk_wgmma(sacc, desc, smem, stg, w)
+                                            qk_wgmma(sacc, desc, qkv_smem, stg, w)
                                         else:
-                                            qk_tile(sacc, qf, bf, smem, stg, lane)
+                                            qk_tile(sacc, qf, bf, qkv_smem, stg, lane)
                                         mask_scores(sacc, sg, rng, full, col0, sig, lane, key_length(spec, kv_len, b))
                                         online_softmax(sacc, pf, oacc, ms, ls, mb, al)
                                         T.ptx.ld.shared.b32(vflag[0], T.address_of(vbad[stg]))
                                         if vflag[0] == j + 1:
-                                            pv_exact(oacc, pf, smem, stg, w, lane)
+                                            pv_exact(oacc, pf, qkv_smem, stg, w, lane)
                                         elif wgmma:
-                                            pv_wgmma(oacc, pf, desc, smem, stg)
+                                            pv_wgmma(oacc, pf, desc, qkv_smem, stg)
                                         else:
-                                            pv_tile(oacc, pf, bf, smem, stg, lane)
+                                            pv_tile(oacc, pf, bf, qkv_smem, stg, lane)
                                 if split_chunk(plan_shape, slot):
                                     store_slot(split_o, split_ml, oacc, ms, ls, vbh, slot, w, lane, nrows)
                                 else:

@@ -5,10 +5,11 @@ is "scheduled" here is their shape: the tile sizes of the three tile plans a tra
 runs on, and whether the workload can take the tensor-core path at all.
 
 * ``fwd_lse``: the forward's own warp-level kernel with its ``lse`` output
-  (:func:`~tvm_splat.kernels.tiled_mma.tiled_mma_func`, ``with_lse=True``), under the forward's
-  default knobs (:func:`~tvm_splat.schedules.tiled.default_tiled_knobs`, told the plan's
-  component count, as the forward planner does) with split-KV off (the lse is written by the
-  tile's one program, or by the merge of its components).
+  (:func:`~tvm_splat.kernels.tiled_mma.tiled_mma_func`, ``with_lse=True``), under the forward
+  planner's default knobs (:func:`tvm_splat.planner.default_knobs`: the plan's component count
+  and block steps decide, so one component of unit-step blocks at a head_dim multiple of 64
+  takes the TMA form on sm_90a, as inference does), split-KV included (the lse is written by
+  the tile's one program, by the chunks' merge, or by the merge of its components).
 * ``bwd_dq``: query tiles of ``BACKWARD_BR`` rows over column blocks of the mask's plan;
   ``bwd_dkdv``: key tiles of ``BACKWARD_BR`` over blocks of the transposed mask's plan; blocks
   of ``BACKWARD_BC`` columns, ``BACKWARD_BC_WIDE_HEADS`` above head_dim 64
@@ -33,12 +34,12 @@ from ..kernels.backward_mma import (SPLIT_SUM_BLOCK, SUM_BLOCK, backward_dkdv_mm
                                     check_backward_mma_plan, check_backward_mma_shape, split_sum_func,
                                     sum_components_func)
 from ..kernels.tiled import merge_func, split_merge_func
-from ..kernels.tiled_mma import MMA_TYPES, check_mma_shape, tiled_mma_func
+from ..kernels.tiled_mma import MMA_TYPES, check_mma_shape, check_tma_shape, tiled_mma_func
 from .targets import as_target, is_gpu, supports_wgmma
 from .tiled import TiledKnobs, bind_flat_gpu, default_tiled_knobs
 
 __all__ = ["BackwardMmaKnobs", "default_backward_mma_knobs", "tensor_core_training_refusal", "backward_mma_funcs",
-           "BACKWARD_BR", "BACKWARD_BC"]
+           "BACKWARD_BR", "BACKWARD_BC", "WGMMA_BACKWARD_MIN_HEAD_DIM", "WGMMA_BACKWARD_WIDE_HEADS"]
 
 #: rows per tile of both backward kernels (4 warps x 16 rows). Measured on the H200 (fp16,
 #: ``benchmarks/results/h200_backward_knobs.json``, the per-score membership form of the kernels):
@@ -57,6 +58,19 @@ BACKWARD_BR = 64
 #: earlier form: 2.3x slower, 8.70 vs 3.81 ms).
 BACKWARD_BC = 64
 BACKWARD_BC_WIDE_HEADS = 32
+#: from this head_dim on, on sm_90a, the backward kernels take their wgmma form with 128-row
+#: tiles (two warpgroups) and 64-column blocks in ``bwd_dq``: measured at head_dim 128 (H200,
+#: fp16, ``h200_backward_knobs.json`` form ``wgmma_core_rows_tiles``), 8% faster than the
+#: ``mma.sync`` form's 64 x 32 tiles: Mistral n=8192 backward 5.49 vs 5.98 ms (bwd_dq 2.04 vs
+#: 2.46, bwd_dkdv 3.42 vs 3.60), window +-1024 n=32k 7.01 vs 7.62; gradients bit-identical.
+#: Below, at head_dim 64, every wgmma tiling tried was slower (Longformer-base b=4: 0.815 ms at
+#: 64-row tiles, 1.08 at 128, 0.925 with dq_bc 128, against 0.760-0.772). Only where the forward
+#: takes its wgmma form too (one component in the tile plan): on causal strided (two components)
+#: at head_dim 128 these tiles were 38% slower than mma.sync in the models suite (backward
+#: kernels 1.08 vs 0.78 ms, n=8192, 16 heads; ``h200_models_backward.json`` of 2026-12-02 against
+#: the one before), as the forward's 128-row tiles were on unions.
+WGMMA_BACKWARD_MIN_HEAD_DIM = 128
+WGMMA_BACKWARD_WIDE_HEADS = {"wgmma": True, "br": 128, "warps": 8, "dq_bc": 64, "dkdv_bc": 32}
 
 
 @dataclass(frozen=True)
@@ -68,11 +82,12 @@ class BackwardMmaKnobs:
     two-stage form; 1 = plain loads, one more barrier per block), ``split_blocks`` (split-KV of the
     backward plans' long tiles, chunk length in blocks: -1 the forward's rule,
     :func:`~tvm_splat.formats.tile_plan.split_length`; 0 off), ``wgmma`` (the backward kernels'
-    Hopper form, sm_90a: their products as warpgroup MMAs). ``wgmma`` is off by default: it
-    passes the GPU gradient tests but ran 4-8% slower than the ``mma.sync`` form on the H200
-    (fp16, backward of both kernels, ``h200_backward_knobs.json`` form ``wgmma_core_rows``:
-    Longformer-base batch 4 0.815 vs 0.760 ms, Mistral n=8192 6.42 vs 5.99 ms, causal strided
-    0.374 vs 0.356; each product waits for its MMA before the next step, so nothing overlaps).
+    Hopper form, sm_90a: their products as warpgroup MMAs). The default takes it from head_dim
+    128 on sm_90a, with 128-row tiles (:data:`WGMMA_BACKWARD_WIDE_HEADS`); below, ``mma.sync``:
+    at the default 64-row tiles the wgmma form ran 4-8% slower on the H200 (fp16, backward of
+    both kernels, ``h200_backward_knobs.json`` form ``wgmma_core_rows``: Longformer-base batch
+    4 0.815 vs 0.760 ms, Mistral n=8192 6.42 vs 5.99 ms, causal strided 0.374 vs 0.356; each
+    product waits for its MMA before the next step, so nothing overlaps).
     ``stages=2`` is the default:
     one stage was 1.06x (Longformer-base, batch 4) and 1.15x (Mistral, n=8192) slower on the
     H200 (``benchmarks/results/h200_backward_knobs.json``)."""
@@ -92,10 +107,22 @@ def default_backward_mma_knobs(spec: BackwardSpec, target, forward: TiledKnobs |
     untuned knobs as the planner chose them from the tile plan
     (:func:`tvm_splat.planner.default_knobs`, which :mod:`tvm_splat.training` passes; default:
     :func:`~tvm_splat.schedules.tiled.default_tiled_knobs` of the spec alone), their split-KV
-    rule included (the lse of split rows comes from ``fwd_split_merge``)."""
+    rule included (the lse of split rows comes from ``fwd_split_merge``). The backward takes its
+    wgmma form (:data:`WGMMA_BACKWARD_WIDE_HEADS`) from :data:`WGMMA_BACKWARD_MIN_HEAD_DIM` where
+    the forward took its own: on sm_90a, for a plan of one component."""
     forward = forward or default_tiled_knobs(spec.rows, target)
     bc = BACKWARD_BC if spec.rows.head_dim <= 64 else BACKWARD_BC_WIDE_HEADS
-    return BackwardMmaKnobs(forward, dq_bc=bc, dkdv_bc=bc)
+    mma = BackwardMmaKnobs(forward, dq_bc=bc, dkdv_bc=bc)
+    if (spec.rows.head_dim < WGMMA_BACKWARD_MIN_HEAD_DIM or not forward.wgmma
+            or not supports_wgmma(as_target(target))):
+        return mma
+    hopper = dataclasses.replace(mma, **WGMMA_BACKWARD_WIDE_HEADS)
+    try:
+        check_backward_mma_shape(spec.rows, hopper.br, hopper.dq_bc, hopper.warps, hopper.stages, True)
+        check_backward_mma_shape(spec.columns, hopper.br, hopper.dkdv_bc, hopper.warps, hopper.stages, True)
+    except ValueError:  # e.g. past the shared memory of a block at head_dim 256: the mma form
+        return mma
+    return hopper
 
 
 def tensor_core_training_refusal(spec: BackwardSpec, target, knobs: BackwardMmaKnobs, plans) -> str | None:
@@ -109,13 +136,15 @@ def tensor_core_training_refusal(spec: BackwardSpec, target, knobs: BackwardMmaK
     if rows.mask_heads > 1 and rows.group > 1:
         return (f"per-head masks ({rows.mask_heads} mask heads) with grouped KV heads (groups of "
                 f"{rows.group}): a dK/dV program sums over a group that must share one mask head")
-    if knobs.forward.tma:
-        return ("the TMA forward is not wired into training: backward_mma_funcs builds fwd_lse without the "
-                "TMA form, so these knobs would run the cp.async wgmma kernel at the TMA rule's tiles; training "
-                "takes tma=False (branch h26 wires it)")
     try:
         f = knobs.forward
         check_mma_shape(rows, f.br, f.bc, f.warps, f.m_tiles)
+        if f.tma:
+            check_tma_shape(rows, f.wgmma, f.stages)
+            if (plans[0].blocks[..., 1] > 1).any():
+                raise ValueError("the TMA form loads column blocks of step 1 only; this mask's forward plan has "
+                                 f"blocks of step {int(plans[0].blocks[..., 1].max())} (dilated or strided): use "
+                                 "tma=False")
         if knobs.wgmma and not supports_wgmma(as_target(target)):
             raise ValueError(f"the wgmma backward needs a Hopper target (sm_90), got {as_target(target)}")
         check_backward_mma_shape(rows, knobs.br, knobs.dq_bc, knobs.warps, knobs.stages, knobs.wgmma)
@@ -142,7 +171,8 @@ def backward_mma_funcs(spec: BackwardSpec, knobs: BackwardMmaKnobs, plan_shapes)
     (dq), ``bwd_dkdv_sum`` (dk and dv)."""
     fwd, dq, dkdv = plan_shapes
     f = knobs.forward
-    funcs = {"fwd_lse": tiled_mma_func(spec.rows, fwd, f.warps, f.m_tiles, f.stages, wgmma=f.wgmma, with_lse=True),
+    funcs = {"fwd_lse": tiled_mma_func(spec.rows, fwd, f.warps, f.m_tiles, f.stages, wgmma=f.wgmma, tma=f.tma,
+                                       with_lse=True),
              "bwd_dq": backward_dq_mma_func(spec.rows, dq, knobs.warps, knobs.stages, knobs.wgmma),
              "bwd_dkdv": backward_dkdv_mma_func(spec.columns, dkdv, knobs.warps, knobs.stages, knobs.wgmma)}
     if fwd.num_slots:
