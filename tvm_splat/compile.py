@@ -149,18 +149,32 @@ def nvcc_compile(source: str, target="nvidia/nvidia-h100") -> bytes:
         return bytes(compile_cuda(source, target_format="fatbin", arch=gencode, compiler="nvcc"))
 
 
-def ptxas_usage(source: str, kernel: str, target="nvidia/nvidia-h100") -> tuple[int, int]:
-    """``(registers, spill bytes)`` that ptxas reports for ``kernel`` (its entry function's
-    name, ``tiled_kernel``) in CUDA ``source`` compiled with the local ``nvcc`` for the target's
-    architecture: what decides how many thread blocks share an SM, read on a CPU-only machine."""
+def ptxas_report(source: str, target="nvidia/nvidia-h100") -> str:
+    """What ptxas says (``-v``) compiling CUDA ``source`` with the local ``nvcc`` for the target's
+    architecture: per entry function its registers and spills, and its remarks (e.g. C7515,
+    wgmma instructions serialized)."""
     arch = str(as_target(target).attrs["arch"])
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "k.cu").write_text(source)
         run = subprocess.run(["nvcc", f"-arch={arch}", "-cubin", "-Xptxas", "-v", "-o", str(Path(tmp, "k.cubin")),
                               str(Path(tmp, "k.cu"))], capture_output=True, text=True, check=True)
-    report = run.stderr.split(f"Compiling entry function '{kernel}'")[1].split("Compiling entry function")[0]
+    return run.stderr
+
+
+def ptxas_usage(source: str, kernel: str, target="nvidia/nvidia-h100") -> tuple[int, int]:
+    """``(registers, spill bytes)`` that ptxas reports for ``kernel`` (its entry function's
+    name, ``tiled_kernel``) in CUDA ``source`` compiled with the local ``nvcc`` for the target's
+    architecture: what decides how many thread blocks share an SM, read on a CPU-only machine."""
+    report = ptxas_report(source, target).split(f"Compiling entry function '{kernel}'")[1]
+    report = report.split("Compiling entry function")[0]
     registers = int(re.search(r"Used (\d+) registers", report).group(1))
     return registers, sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
+
+
+def wgmma_serialized(source: str, target="nvidia/nvidia-h100") -> list[str]:
+    """The kernels of ``source`` whose ``wgmma.mma_async`` ptxas serializes (remark C7515: it
+    waits for each one, so nothing overlaps them), by entry function name."""
+    return sorted(set(re.findall(r"C7515\).*?in the function '(\w+)'", ptxas_report(source, target))))
 
 
 def load_or_build(ident: str, build, use_disk_cache=True):

@@ -196,18 +196,20 @@ def _hopper():
     return torch.cuda.get_device_capability() == (9, 0)
 
 
+@pytest.mark.parametrize("stages", [2, 3], ids=["two stages", "overlapped"])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name,mask,heads,kv_heads,n", TC_CASES, ids=[c[0] for c in TC_CASES])
-def test_wgmma_training_matches_float64_at_dense_sdpa_error(name, mask, heads, kv_heads, n, dtype, d):
+def test_wgmma_training_matches_float64_at_dense_sdpa_error(name, mask, heads, kv_heads, n, dtype, d, stages):
     """The backward kernels' Hopper form (``BackwardMmaKnobs.wgmma``: S, dP by warpgroup MMAs
     from shared memory, dQ / dK / dV from registers) against the float64 dense reference at the
     default-knob test's tolerance, on its cases (GQA, unions, strided and dilated components,
-    empty rows, per-head masks)."""
+    empty rows, per-head masks); ``stages=3``: its overlapped form (each block's dQ / dK, dV
+    products issued behind the next block's S and dP)."""
     if not _hopper():
         pytest.skip("wgmma needs an sm_90 GPU")
-    plan = _tensor_core_plan(mask, heads, kv_heads, n, d, dtype, wgmma=True)
-    assert plan.mma_knobs.wgmma
+    plan = _tensor_core_plan(mask, heads, kv_heads, n, d, dtype, stages, wgmma=True)
+    assert plan.mma_knobs.wgmma and plan.mma_knobs.stages == stages
     q, k, v, dout = _inputs(2, heads, kv_heads, n, d, dtype, seed=n)
     dense, lse, (dq, _, _) = _check_against_float64(plan, q, k, v, dout, dtype)
     empty = ~np.broadcast_to(dense, (heads, n, n)).any(-1)
@@ -223,8 +225,8 @@ SPLIT_CASES = [TC_CASES[2], MULTI_COMPONENT_CASES[2],
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name,mask,heads,kv_heads,n", SPLIT_CASES, ids=[c[0] for c in SPLIT_CASES])
-@pytest.mark.parametrize("wgmma", [False, True], ids=["mma", "wgmma"])
-def test_split_training_matches_float64_at_dense_sdpa_error(name, mask, heads, kv_heads, n, dtype, d, wgmma):
+@pytest.mark.parametrize("wgmma,stages", [(False, 2), (True, 2), (True, 3)], ids=["mma", "wgmma", "wgmma overlapped"])
+def test_split_training_matches_float64_at_dense_sdpa_error(name, mask, heads, kv_heads, n, dtype, d, wgmma, stages):
     """Forward and backward with long tiles split into chunks in all three plans (the forward's
     chunk states merged with their lse by fwd_split_merge; each backward chunk writes a float32
     slot that split_sum adds, before the component sum where there are several) against the
@@ -237,7 +239,7 @@ def test_split_training_matches_float64_at_dense_sdpa_error(name, mask, heads, k
     if wgmma and not _hopper():
         pytest.skip("wgmma needs an sm_90 GPU")
     base = _tensor_core_plan(mask, heads, kv_heads, n, d, dtype)
-    knobs = dataclasses.replace(base.mma_knobs, split_blocks=2, wgmma=wgmma,
+    knobs = dataclasses.replace(base.mma_knobs, split_blocks=2, wgmma=wgmma, stages=stages,
                                 forward=dataclasses.replace(base.mma_knobs.forward, split_blocks=2))
     plan = plan_training(mask, (2, heads, n, d), (2, kv_heads, n, d), str(dtype).replace("torch.", ""), "cuda",
                          mma_knobs=knobs)
@@ -276,8 +278,8 @@ def test_tensor_core_kernels_one_by_one_against_the_row_kernels(name, mask, head
         assert rel(a, b) <= 8 * EPS[dtype], f"{which}: {rel(a, b):.3g}"
 
 
-@pytest.mark.parametrize("stages,wgmma", [(2, False), (1, False), (2, True), (1, True)],
-                         ids=["2 stages", "1 stage", "2 stages wgmma", "1 stage wgmma"])
+@pytest.mark.parametrize("stages,wgmma", [(2, False), (1, False), (2, True), (1, True), (3, True)],
+                         ids=["2 stages", "1 stage", "2 stages wgmma", "1 stage wgmma", "3 stages wgmma overlapped"])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_tensor_core_nan_in_masked_out_rows_does_not_leak(dtype, d, stages, wgmma):

@@ -474,33 +474,42 @@ WGMMA_BUILD_CASES = [  # (name, mask, heads, kv_heads, n, head_dim, dtype)
 ]
 
 
+@pytest.mark.parametrize("stages", [2, 3], ids=["two stages", "overlapped"])
 @pytest.mark.parametrize("name,mask,heads,kv_heads,n,d,dtype", WGMMA_BUILD_CASES, ids=[c[0] for c in WGMMA_BUILD_CASES])
-def test_wgmma_backward_builds_for_sm90a(name, mask, heads, kv_heads, n, d, dtype):
+def test_wgmma_backward_builds_for_sm90a(name, mask, heads, kv_heads, n, d, dtype, stages):
     """The backward kernels' Hopper form (``BackwardMmaKnobs.wgmma``): S and dP (S^T and dP^T)
     as ss warpgroup MMAs of m64 n=bc, KD = head_dim / 16 k-steps each; dQ (dK and dV) as rs
     warpgroup MMAs of m64 n=head_dim from the registers of dS (and P), bc / 16 k-steps each;
     no ldmatrix left; the proxy fence before the barriers that publish shared writes to wgmma.
     The CUDA source compiles with nvcc for sm_90a without spilling (bwd_dkdv at d=128 holds
-    dK and dV, 2 x 64 float32 a thread, beside the two score tiles)."""
+    dK and dV, 2 x 64 float32 a thread, beside the two score tiles), and ptxas keeps the
+    warpgroup MMAs asynchronous (no C7515). ``stages=3``, the overlapped form: the accumulating
+    products are issued twice in the code (behind the next block's S and dP, and for the last
+    block after the loop), and S and dP are retired by ``wait_group 1`` while they run."""
     import dataclasses
 
+    from tvm_splat.compile import wgmma_serialized
     from tvm_splat.training import plan_training
 
     shapes = ((2, heads, n, d), (2, kv_heads, n, d), dtype, "cuda")
     base = plan_training(mask, *shapes, target=H100)
-    plan = plan_training(mask, *shapes, target=H100, mma_knobs=dataclasses.replace(base.mma_knobs, wgmma=True))
+    knobs = dataclasses.replace(base.mma_knobs, wgmma=True, stages=stages)
+    plan = plan_training(mask, *shapes, target=H100, mma_knobs=knobs)
     assert plan.kernels == "tensor-cores" and plan.mma_knobs.wgmma, repr(plan)
     lib = compile_backward_mma(plan.spec, plan.target, plan.mma_knobs, [p.shape for p in plan.tile_plans],
                                use_disk_cache=False)
     src = cuda_source(lib)
     ab = {"float16": "f16", "bfloat16": "bf16"}[dtype]
+    issued = 2 if stages == 3 else 1
     for kernel, bc, products in (("bwd_dq", plan.mma_knobs.dq_bc, 1), ("bwd_dkdv", plan.mma_knobs.dkdv_bc, 2)):
         body = src[src.rindex(f"{kernel}_kernel("):].split('extern "C"')[0]
         assert body.count(f"{ab}_ss_mma_async_sync_aligned_m64n{bc}k16") == 2 * (d // 16), kernel
-        assert body.count(f"{ab}_rs_mma_async_sync_aligned_m64n{d}k16") == products * (bc // 16), kernel
+        assert body.count(f"{ab}_rs_mma_async_sync_aligned_m64n{d}k16") == issued * products * (bc // 16), kernel
         assert "ldmatrix" not in body and "fence_proxy" in body, kernel
+        assert ("wgmma_wait_group_wait_group_sync_aligned_1(" in body) == (stages == 3), kernel
         registers, spills = ptxas_usage(src, f"{kernel}_kernel", H100)
         assert spills == 0 and registers <= 255, (kernel, registers, spills)
+    assert wgmma_serialized(src, H100) == []
     assert "fence.proxy.async.shared::cta" in src and len(nvcc_compile(src, H100)) > 1000
 
 
@@ -519,6 +528,12 @@ def test_wgmma_backward_is_refused_where_it_cannot_run():
     narrow = dataclasses.replace(base.mma_knobs, wgmma=True, br=32, warps=2)
     plan = plan_training(Window(8), *shapes, target=H100, mma_knobs=narrow)
     assert "whole warpgroups" in plan.fallback_reason
+    # three stages are the overlapped wgmma form only
+    plan = plan_training(Window(8), *shapes, target=H100, mma_knobs=dataclasses.replace(base.mma_knobs, stages=3))
+    assert "stages=3 is the wgmma backward's overlapped form" in plan.fallback_reason
+    plan = plan_training(Window(8), *shapes, target=H100,
+                         mma_knobs=dataclasses.replace(base.mma_knobs, wgmma=True, stages=4))
+    assert "stages must be 1, 2 or 3" in plan.fallback_reason
 
 
 @pytest.mark.parametrize("d", [64, 128])

@@ -50,6 +50,19 @@ backward 5.49 vs 5.98 ms, window +-1024 n=32k 7.01 vs 7.62;
 of one component (:func:`~tvm_splat.schedules.backward_mma.default_backward_mma_knobs`; on causal
 strided, two components, these tiles were 38% slower).
 
+Overlapped Hopper form (``wgmma=True, stages=3``): three stages of block operands, and each
+block's accumulating products (``dS K``; ``dS^T Q`` and ``P^T dO``) issued after the next
+block's ``S`` and ``dP``, so that they run on the tensor cores while the CUDA cores compute that
+block's P and dS. Per block ``j``: the barrier that publishes block ``j`` (every warpgroup has
+waited for its products of block ``j - 2``, so stage ``(j + 1) % 3`` is free for the next
+block's copies); ``S_j``, ``dP_j`` issued as group A; block ``j - 1``'s accumulation issued as
+group B from its P/dS fragments and stage ``(j - 1) % 3``; ``wait_group 1`` (A done); P and dS
+of block ``j`` in float32; ``wait_group 0`` (B done: the fragments are free); the fragments of
+block ``j``. After the loop the last block's accumulation. The exact path of a flagged block
+runs where its accumulation would be issued and commits an empty group, so the waits count the
+same. A step toward FlashAttention-3's backward, which also issues ``S_{j+1}`` before ``dS_j``
+(that needs the score accumulators twice).
+
 Masked-out entries contribute exactly nothing: once per block, each row slot turns its cached
 segments into ranges of block columns (:func:`~tvm_splat.kernels.common.block_range_cache`: a
 segment of the block's step and residue holds the columns ``c`` between two exact quotients; a
@@ -139,8 +152,10 @@ def check_backward_mma_shape(spec: AttentionSpec, br: int, bc: int, warps: int, 
         raise ValueError(f"the tensor-core backward needs bc a multiple of 16, got {bc}")
     if br != 16 * warps:
         raise ValueError(f"the tensor-core backward needs br == 16 * warps ({16 * warps}), got br={br}")
-    if stages not in (1, 2):
-        raise ValueError(f"stages must be 1 or 2, got {stages}")
+    if stages not in (1, 2, 3):
+        raise ValueError(f"stages must be 1, 2 or 3, got {stages}")
+    if stages == 3 and not wgmma:
+        raise ValueError("stages=3 is the wgmma backward's overlapped form (wgmma=True), not mma.sync's")
     if wgmma and (warps % 4 or bc > 256 or spec.head_dim > 256):
         raise ValueError(f"the wgmma backward needs whole warpgroups (warps a multiple of 4) and bc, head_dim "
                          f"<= 256, got warps={warps}, bc={bc}, head_dim={spec.head_dim}")
@@ -211,6 +226,7 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
     P_OFF = W_OFF + stages * BC * DP  # staging of the exact path: P (dkdv only), then dS
     DS_OFF = P_OFF + BR * PP if dkdv else P_OFF
     SMEM = _shared_elems(BR, BC, D, stages, pair=dkdv, wgmma=wgmma)
+    OVERLAP = stages == 3  # the overlapped Hopper form (module docstring)
     direct = plan_shape.num_components <= 1  # one component: dq, dk, dv written directly
     has_split = plan_shape.num_slots > 0  # split-KV: chunks of long tiles write slots (split_sum)
     zero = T.Cast(dt, T.float32(0))
@@ -309,7 +325,7 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
             issue_rows(smem, W_OFF + st * BC * DP, w_src, b, h, col0, sig, block_rows(col0, sig), tid)
         if dkdv:
             fetch_stats(stats, lse, delta, b, h, col0, sig, st, tid)
-        if stages == 2:
+        if stages >= 2:
             T.evaluate(T.ptx.cp.async_.commit_group())
 
     @T.macro
@@ -458,7 +474,7 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
         load_rows(smem, Y_OFF, y_src, b, h, row0, rstr, nrows, BR, tid)
         if wgmma:  # this thread's stores, visible to the async proxy after the caller's barrier
             T.ptx["fence.proxy.async.shared::cta"]()
-        if stages == 2:
+        if stages >= 2:
             if any_block:
                 fetch_block(smem, u_src, w_src, b, hb, col0, sig, 0, tid, stats, lse, delta)
 
@@ -486,11 +502,12 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
                       delta):
         # everyone's copies (and flags) of the block are in (wgmma: this thread's copies made
         # visible to the async proxy first); stages == 2: the previous block's stage is free, the
-        # next block's cp.async goes out into it
+        # next block's cp.async goes out into it; stages == 3: the stage of the block before the
+        # previous one (its accumulation was waited for before this barrier)
         if wgmma:
             T.ptx["fence.proxy.async.shared::cta"]()
         T.tvm_storage_sync("shared.dyn")
-        if stages == 2:
+        if stages >= 2:
             if has_next:
                 fetch_block(smem, u_src, w_src, b, h_next, col0_next, sig_next, stg_next, tid, stats, lse, delta)
 
@@ -499,16 +516,38 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
         # S = X U^T and dP = Y W^T of the block in stage stg (one product after the other: both
         # interleaved by k-step, twice the independent accumulator tiles, was no faster on the
         # H200, 2.55 vs 2.45 ms for bwd_dq on the Mistral shape); wgmma: both issued as one
-        # group, then waited for
+        # group, then waited for (overlapped form: the caller waits, see overlapped_accumulation)
         if wgmma:
             T.ptx.wgmma.fence.sync.aligned()
             tile_by_block_wgmma(sacc, desc, smem, X_OFF, U_OFF + stg * BC * DP, w)
             tile_by_block_wgmma(dpacc, desc, smem, Y_OFF, W_OFF + stg * BC * DP, w)
             T.ptx.wgmma.commit_group.sync.aligned()
-            T.ptx.wgmma.wait_group.sync.aligned(0)
+            if not OVERLAP:
+                T.ptx.wgmma.wait_group.sync.aligned(0)
         else:
             tile_by_block(sacc, af, bf, smem, X_OFF, U_OFF + stg * BC * DP, w, lane)
             tile_by_block(dpacc, af, bf, smem, Y_OFF, W_OFF + stg * BC * DP, w, lane)
+
+    @T.macro
+    def exact_accumulation(acc, dsf, acc2, pf, pair, smem, stg, w, lane):
+        # acc += dS U (acc2 += P W with ``pair``) exactly on CUDA cores, for a block flag_block
+        # tagged (a masked-out block row may be non-finite): the fragments staged, then summed
+        # skipping zero entries
+        if pair:
+            stage_operand(smem, P_OFF, pf, w, lane)
+        stage_operand(smem, DS_OFF, dsf, w, lane)
+        T.tvm_storage_sync("shared.dyn")
+        if pair:
+            accumulate_exact(acc2, smem, P_OFF, W_OFF + stg * BC * DP, w, lane)
+        accumulate_exact(acc, smem, DS_OFF, U_OFF + stg * BC * DP, w, lane)
+
+    @T.macro
+    def issue_accumulation(acc, dsf, acc2, pf, pair, smem, desc, stg):
+        # wgmma: acc += dS U (acc2 += P W with ``pair``), issued, not committed
+        T.ptx.wgmma.fence.sync.aligned()
+        if pair:
+            accumulate_wgmma(acc2, pf, desc, smem, W_OFF + stg * BC * DP)
+        accumulate_wgmma(acc, dsf, desc, smem, U_OFF + stg * BC * DP)
 
     @T.macro
     def accumulate_block(acc, dsf, acc2, pf, pair, smem, bf, desc, bad, flag, stg, tag, w, lane):
@@ -516,24 +555,51 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
         # when flag_block tagged this block (a masked-out block row may be non-finite)
         T.ptx.ld.shared.b32(flag[0], T.address_of(bad[stg]))
         if flag[0] == tag:
-            if pair:
-                stage_operand(smem, P_OFF, pf, w, lane)
-            stage_operand(smem, DS_OFF, dsf, w, lane)
-            T.tvm_storage_sync("shared.dyn")
-            if pair:
-                accumulate_exact(acc2, smem, P_OFF, W_OFF + stg * BC * DP, w, lane)
-            accumulate_exact(acc, smem, DS_OFF, U_OFF + stg * BC * DP, w, lane)
+            exact_accumulation(acc, dsf, acc2, pf, pair, smem, stg, w, lane)
         elif wgmma:
-            T.ptx.wgmma.fence.sync.aligned()
-            if pair:
-                accumulate_wgmma(acc2, pf, desc, smem, W_OFF + stg * BC * DP)
-            accumulate_wgmma(acc, dsf, desc, smem, U_OFF + stg * BC * DP)
+            issue_accumulation(acc, dsf, acc2, pf, pair, smem, desc, stg)
             T.ptx.wgmma.commit_group.sync.aligned()
             T.ptx.wgmma.wait_group.sync.aligned(0)
         else:
             if pair:
                 accumulate_tc(acc2, pf, bf, smem, W_OFF + stg * BC * DP, lane)
             accumulate_tc(acc, dsf, bf, smem, U_OFF + stg * BC * DP, lane)
+
+    @T.macro
+    def previous_exact(acc, dsf, acc2, pf, pair, smem, bad, flag, j, w, lane):
+        # overlapped form, before block j's S and dP: block j - 1's accumulation by the exact
+        # path when that block was tagged (with nothing in flight: ptxas serializes every wgmma
+        # of a kernel where other instructions write a wgmma accumulator while one is pending)
+        if j > 0:
+            T.ptx.ld.shared.b32(flag[0], T.address_of(bad[(j - 1) % stages]))
+            if flag[0] == j:
+                T.ptx.wgmma.wait_group.sync.aligned(0)  # nothing is pending; ptxas needs to see it
+                exact_accumulation(acc, dsf, acc2, pf, pair, smem, (j - 1) % stages, w, lane)
+
+    @T.macro
+    def previous_products(acc, dsf, acc2, pf, pair, smem, desc, flag, j):
+        # overlapped form, after block j's S and dP were issued (group A): block j - 1's
+        # accumulation on tensor cores (group B: stage (j - 1) % 3, the fragments still hold its
+        # P / dS), one group in every case (empty for the first block and a tagged one), then
+        # the wait that retires exactly group A; the caller computes block j's P and dS while B
+        # runs and waits for it (wait_fragments) before it overwrites the fragments
+        if j > 0:
+            if flag[0] != j:
+                issue_accumulation(acc, dsf, acc2, pf, pair, smem, desc, (j - 1) % stages)
+        T.ptx.wgmma.commit_group.sync.aligned()
+        T.ptx.wgmma.wait_group.sync.aligned(1)
+
+    @T.macro
+    def wait_fragments():
+        # overlapped form: the previous block's accumulation is done, its fragments are free
+        T.ptx.wgmma.wait_group.sync.aligned(0)
+
+    @T.macro
+    def last_accumulation(acc, dsf, acc2, pf, pair, smem, bf, desc, bad, flag, nblk, w, lane):
+        # overlapped form, after the block loop (nothing in flight): the last block's accumulation
+        if nblk > 0:
+            accumulate_block(acc, dsf, acc2, pf, pair, smem, bf, desc, bad, flag, (nblk - 1) % stages, nblk, w,
+                             lane)
 
     @T.macro
     def store_whole(dst, part, comp, b, h, acc, factor, rows, w, lane, nrows):
@@ -584,7 +650,8 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
         fetch_block=fetch_block,
         flag_nonfinite=flag_nonfinite, cache_row_segments=cache_row_segments, tile_by_block=tile_by_block,
         as_operand=as_operand, accumulate_tc=accumulate_tc, stage_operand=stage_operand,
-        accumulate_exact=accumulate_exact, full_row_sum=full_row_sum, store_tile=store_tile, store_part=store_part,
+        accumulate_exact=accumulate_exact, full_row_sum=full_row_sum, previous_exact=previous_exact,
+        previous_products=previous_products, wait_fragments=wait_fragments, last_accumulation=last_accumulation, store_tile=store_tile, store_part=store_part,
         start_tile=start_tile, load_tile=load_tile, await_block=await_block, flag_block=flag_block,
         publish_block=publish_block, block_products=block_products, accumulate_block=accumulate_block,
         store_result=store_result)
@@ -605,6 +672,9 @@ def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages
     flag_block, publish_block, block_products, as_operand = (st.flag_block, st.publish_block, st.block_products,
                                                              st.as_operand)
     accumulate_block, store_result = st.accumulate_block, st.store_result
+    previous_exact, previous_products = st.previous_exact, st.previous_products
+    wait_fragments, last_accumulation = st.wait_fragments, st.last_accumulation
+    overlap = stages == 3
     B, H, KVH, G, N, D = spec.batch, spec.heads, spec.kv_heads, spec.group, spec.seq_len, spec.head_dim
     HM, S, dt = spec.mask_heads, spec.max_segments, spec.dtype
     NT, NB, C = plan_shape.num_tiles, plan_shape.num_blocks, plan_shape.num_components
@@ -718,11 +788,21 @@ def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages
                                 publish_block(smem, k, v, b, j + 1 < blk_hi - blk_lo, hk, blocks[hm, blk_lo + j + 1, 0],
                                               blocks[hm, blk_lo + j + 1, 1], (j + 1) % stages, tid, None, None, None)
                                 block_ranges(rng, sg, full, col0, sig, None)
+                                if overlap:  # a tagged previous block: dQ += dS K exactly, now
+                                    previous_exact(acc, dsf, None, None, False, smem, bad, flag, j, w, lane)
                                 block_products(sacc, dpacc, af, bf, desc, smem, stg, w, lane)  # S = Q K^T, dP = dO V^T
+                                if overlap:  # dQ += dS K of the previous block, behind S and dP
+                                    previous_products(acc, dsf, None, None, False, smem, desc, flag, j)
                                 probabilities(sacc, dpacc, rng, full, lrow, drow, lane)
+                                if overlap:
+                                    wait_fragments()
                                 as_operand(dsf, dpacc)
-                                # dQ += dS K
-                                accumulate_block(acc, dsf, None, None, False, smem, bf, desc, bad, flag, stg, j + 1, w, lane)
+                                if not overlap:  # dQ += dS K
+                                    accumulate_block(acc, dsf, None, None, False, smem, bf, desc, bad, flag, stg, j + 1,
+                                                     w, lane)
+                            if overlap:
+                                last_accumulation(acc, dsf, None, None, False, smem, bf, desc, bad, flag,
+                                                  blk_hi - blk_lo, w, lane)
                             store_result(dq, dq_part, dq_split, tiles[hm, vt, 3], tiles[hm, vt, 6], b, h, vbh, acc,
                                          scale, rows, w, lane, nrows)
 
@@ -743,6 +823,9 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
     flag_block, publish_block, block_products, as_operand = (st.flag_block, st.publish_block, st.block_products,
                                                              st.as_operand)
     accumulate_block, store_result = st.accumulate_block, st.store_result
+    previous_exact, previous_products = st.previous_exact, st.previous_products
+    wait_fragments, last_accumulation = st.wait_fragments, st.last_accumulation
+    overlap = stages == 3
     B, H, KVH, G, N, D = spec.batch, spec.heads, spec.kv_heads, spec.group, spec.seq_len, spec.head_dim
     HM, S, dt = spec.mask_heads, spec.max_segments, spec.dtype
     if HM > 1 and G > 1:
@@ -842,12 +925,22 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
                                               tblocks[hm, blk_lo + (t + 1) % nblk, 1], (t + 1) % stages, tid, stats,
                                               lse, delta)
                                 block_ranges(rng, sg, full, col0, sig, None)
+                                if overlap:  # a tagged previous step: dK, dV exactly, now
+                                    previous_exact(acc_k, dsf, acc_v, pf, True, smem, bad, flag, t, w, lane)
                                 block_products(sacc, dpacc, af, bf, desc, smem, stg, w, lane)  # S^T = K Q^T, dP^T = V dO^T
+                                if overlap:  # dK += dS^T Q, dV += P^T dO of the previous step, behind S and dP
+                                    previous_products(acc_k, dsf, acc_v, pf, True, smem, desc, flag, t)
                                 probabilities_t(sacc, dpacc, rng, full, stats, stg, lane)
+                                if overlap:
+                                    wait_fragments()
                                 as_operand(pf, sacc)
                                 as_operand(dsf, dpacc)
-                                accumulate_block(acc_k, dsf, acc_v, pf, True, smem, bf, desc, bad, flag, stg, t + 1, w,
-                                                 lane)  # dK += dS^T Q, dV += P^T dO
+                                if not overlap:
+                                    accumulate_block(acc_k, dsf, acc_v, pf, True, smem, bf, desc, bad, flag, stg, t + 1,
+                                                     w, lane)  # dK += dS^T Q, dV += P^T dO
+                            if overlap:
+                                last_accumulation(acc_k, dsf, acc_v, pf, True, smem, bf, desc, bad, flag, G * nblk, w,
+                                                  lane)
                             store_result(dk, dk_part, dk_split, ttiles[hm, vt, 3], ttiles[hm, vt, 6], b, hk, vbk,
                                          acc_k, scale, rows, w, lane, nrows)
                             store_result(dv, dv_part, dv_split, ttiles[hm, vt, 3], ttiles[hm, vt, 6], b, hk, vbk,

@@ -88,7 +88,10 @@ class BackwardMmaKnobs:
     both kernels, ``h200_backward_knobs.json`` form ``wgmma_core_rows``: Longformer-base batch
     4 0.815 vs 0.760 ms, Mistral n=8192 6.42 vs 5.99 ms, causal strided 0.374 vs 0.356; each
     product waits for its MMA before the next step, so nothing overlaps).
-    ``stages=2`` is the default:
+    ``stages=3`` (wgmma only) is the overlapped Hopper form: three block stages, each block's
+    accumulating products issued behind the next block's S and dP so that they run while the
+    CUDA cores compute that block's P and dS (:mod:`tvm_splat.kernels.backward_mma`); not yet
+    measured on a GPU, so not a default. ``stages=2`` is the default:
     one stage was 1.06x (Longformer-base, batch 4) and 1.15x (Mistral, n=8192) slower on the
     H200 (``benchmarks/results/h200_backward_knobs.json``)."""
 
