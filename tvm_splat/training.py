@@ -9,8 +9,10 @@ memory and on disk like the forward kernels).
 
 Two kernel families (``TrainingPlan.kernels``):
 
-* ``"tensor-cores"`` — float16 / bfloat16 on a CUDA target: the warp-level ``mma.sync``
-  kernels (:mod:`tvm_splat.kernels.backward_mma`) over three tile plans: the forward's (with its
+* ``"tensor-cores"`` — float16 / bfloat16 on a CUDA target: the tensor-core kernels
+  (:mod:`tvm_splat.kernels.backward_mma`: warp-level ``mma.sync``; on sm_90a the forward takes
+  the forward planner's wgmma / TMA forms and, from head_dim 128 on one-component plans, the
+  backward its warpgroup-MMA form) over three tile plans: the forward's (with its
   ``lse`` output), the mask's for ``dq`` and the transposed mask's for ``dk``/``dv``
   (``tile_plans``, :func:`_training_tile_plan`: the forward's row-aligned components and its
   split-KV of long tiles, whose chunks' states ``fwd_split_merge`` combines with their lse, and

@@ -317,8 +317,10 @@ def run_backward_bench(args):
                           "grad_rel_err is against the masked reference, so it says how far the dense function is "
                           "from the masked one, not an error, and is not judged",
             "ours": "tvm_splat.autograd.sparse_attention: the training plan's kernels (fwd_lse, bwd_dq, "
-                    "bwd_dkdv): tensor cores (mma.sync) for float16/bfloat16 where the plan takes them, else "
-                    "row-parallel CUDA-core kernels; each case's plan repr (results.splat_train.plan) says which"}
+                    "bwd_dkdv): tensor cores for float16/bfloat16 where the plan takes them (mma.sync; on sm_90a "
+                    "the forward planner's wgmma/TMA forms and, from head_dim 128 on one-component plans, the "
+                    "wgmma backward), else row-parallel CUDA-core kernels; each case's plan repr "
+                    "(results.splat_train.plan) says which"}
     rows, start = [], time.time()
     if args.resume and json_path.exists():  # keep every earlier case, run the missing ones
         previous = json.loads(json_path.read_text())
