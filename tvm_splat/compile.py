@@ -205,10 +205,11 @@ def check_shared_declarations(source: str) -> None:
 
     The kernels of a module share one translation unit, where a function-scope
     ``extern __shared__`` array is a single symbol: nvcc keeps the first declaration's alignment
-    (warning #1886) and the GPU machine's runtime compile gave the TMA forward's 1024-byte
-    (128-byte swizzle) stages a smaller one, so every training forward in its TMA form faulted
-    with a misaligned address on the H200 (``fwd_lse`` beside the backward kernels' 64-byte
-    ``smem``). Kernels that need a stricter alignment name their buffer apart."""
+    (warning #1886). With the TMA forward's 1024-byte (128-byte swizzle) stages declared beside
+    the backward kernels' 64-byte ``smem``, every training forward in its TMA form faulted with a
+    misaligned address on the H200, and with the buffers named apart none did (which alignment
+    the GPU machine's runtime compile, NVRTC, chose was not read directly). Kernels that need a
+    stricter alignment name their buffer apart."""
     seen: dict[str, str] = {}
     for align, name in re.findall(r"extern __shared__ __align__\((\d+)\) \w+ (\w+)\[\]", source):
         if seen.setdefault(name, align) != align:
