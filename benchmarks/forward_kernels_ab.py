@@ -24,7 +24,8 @@ CASES = [("global:4+window:256", 1, 12, 12, 4096, 64), ("global:4+window:256", 4
          ("global:4+window:256", 8, 16, 16, 4096, 64), ("global:64+block:64+window:32", 4, 12, 12, 4096, 64),
          ("global:4+window:128", 32, 12, 12, 1024, 64), ("window:256", 16, 16, 16, 2048, 64),
          ("causal_window:4095", 1, 32, 8, 8192, 128), ("window:1024", 1, 16, 16, 32768, 128),
-         ("dilated:256:2", 1, 12, 12, 8192, 64), ("causal_strided:128", 1, 12, 12, 8192, 64)]
+         ("dilated:256:2", 1, 12, 12, 8192, 64), ("causal_strided:128", 1, 12, 12, 8192, 64),
+         ("dilated:512:4", 1, 8, 8, 8192, 128)]  # the cp.async wgmma form (non-unit steps at d=128)
 
 
 def run_case(pattern, b, h, kvh, n, d, label):
