@@ -561,21 +561,27 @@ def test_chunk_order_fills_core_matrices_without_bank_conflicts(d):
 
 @pytest.mark.parametrize("target,d,mask,expected", [
     (H100, 128, "window:8", "wgmma"),  # measured 8% faster at head_dim 128 (WGMMA_BACKWARD_WIDE_HEADS)
+    (H100, 128, "global:2+window:8", "wgmma"),  # two segments per key row: bwd_dkdv keeps 32-column blocks
     (H100, 64, "window:8", "mma"),  # every wgmma tiling tried was slower at 64
     (A100, 128, "window:8", "mma"),  # no wgmma before sm_90
     (H100, 256, "window:8", "mma"),  # the wgmma tiles do not fit a block's shared memory: the mma form
     (H100, 128, "causal_strided:16", "mma"),  # two components (as the forward): 38% slower
-], ids=["h100-d128", "h100-d64", "a100-d128", "h100-d256", "h100-d128-causal-strided"])
+], ids=["h100-d128", "h100-d128-global", "h100-d64", "a100-d128", "h100-d256", "h100-d128-causal-strided"])
 def test_default_backward_knobs_take_wgmma_where_measured_faster(target, d, mask, expected):
-    from tvm_splat.schedules.backward_mma import (BACKWARD_BR, WGMMA_BACKWARD_WIDE_HEADS, default_backward_mma_knobs,
-                                                  tensor_core_training_refusal)
+    from tvm_splat.schedules.backward_mma import (BACKWARD_BR, WGMMA_BACKWARD_WIDE_HEADS, WGMMA_DKDV_BC_ONE_SEGMENT,
+                                                  default_backward_mma_knobs, tensor_core_training_refusal)
     from tvm_splat.training import plan_training
 
     plan = plan_training(parse_pattern(mask), (1, 2, 300, d), (1, 2, 300, d), "float16", "cuda", target=target)
     assert (plan.tile_plans[0].shape.num_components > 1) == mask.startswith("causal_strided")
     knobs = default_backward_mma_knobs(plan.spec, plan.target, plan.mma_knobs.forward)
     if expected == "wgmma":
-        assert {k: getattr(knobs, k) for k in WGMMA_BACKWARD_WIDE_HEADS} == WGMMA_BACKWARD_WIDE_HEADS
+        # bwd_dkdv's blocks: 64 columns where each key row is one segment (22% faster, no spill),
+        # else the 32 of WGMMA_BACKWARD_WIDE_HEADS (64 spills there)
+        one_segment = plan.spec.columns.max_segments == 1
+        assert one_segment == (mask == "window:8")
+        assert {k: getattr(knobs, k) for k in WGMMA_BACKWARD_WIDE_HEADS} == {
+            **WGMMA_BACKWARD_WIDE_HEADS, **({"dkdv_bc": WGMMA_DKDV_BC_ONE_SEGMENT} if one_segment else {})}
     else:
         assert not knobs.wgmma and knobs.br == BACKWARD_BR
     assert plan.mma_knobs == knobs and plan.kernels == "tensor-cores"

@@ -61,7 +61,12 @@ of block ``j`` in float32; ``wait_group 0`` (B done: the fragments are free); th
 block ``j``. After the loop the last block's accumulation. The exact path of a flagged block
 runs where its accumulation would be issued and commits an empty group, so the waits count the
 same. A step toward FlashAttention-3's backward, which also issues ``S_{j+1}`` before ``dS_j``
-(that needs the score accumulators twice).
+(that needs the score accumulators twice). It passes its GPU tests (60/60 on the H200, both
+dtypes, d=64/128, split-KV, NaN) but ran **slower** than the two-stage form on every case
+measured (H200, fp16, ``h200_backward_knobs.json`` form ``h27``): Mistral n=8192
+backward 5.91 against 5.52 ms (bwd_dq 2.15 vs 2.01, bwd_dkdv 3.65 vs 3.41), window +-1024
+n=32k 7.56 vs 7.07, Longformer-base batch 4 (64-row tiles) 0.832 vs 0.811, causal strided 0.382
+vs 0.375; so it is no default. Not profiled; ptxas reports neither spills nor serialization.
 
 Masked-out entries contribute exactly nothing: once per block, each row slot turns its cached
 segments into ranges of block columns (:func:`~tvm_splat.kernels.common.block_range_cache`: a

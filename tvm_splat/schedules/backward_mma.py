@@ -39,7 +39,8 @@ from .targets import as_target, is_gpu, supports_wgmma
 from .tiled import TiledKnobs, bind_flat_gpu, default_tiled_knobs
 
 __all__ = ["BackwardMmaKnobs", "default_backward_mma_knobs", "tensor_core_training_refusal", "backward_mma_funcs",
-           "BACKWARD_BR", "BACKWARD_BC", "WGMMA_BACKWARD_MIN_HEAD_DIM", "WGMMA_BACKWARD_WIDE_HEADS"]
+           "BACKWARD_BR", "BACKWARD_BC", "WGMMA_BACKWARD_MIN_HEAD_DIM", "WGMMA_BACKWARD_WIDE_HEADS",
+           "WGMMA_DKDV_BC_ONE_SEGMENT"]
 
 #: rows per tile of both backward kernels (4 warps x 16 rows). Measured on the H200 (fp16,
 #: ``benchmarks/results/h200_backward_knobs.json``, the per-score membership form of the kernels):
@@ -71,6 +72,15 @@ BACKWARD_BC_WIDE_HEADS = 32
 #: the one before), as the forward's 128-row tiles were on unions.
 WGMMA_BACKWARD_MIN_HEAD_DIM = 128
 WGMMA_BACKWARD_WIDE_HEADS = {"wgmma": True, "br": 128, "warps": 8, "dq_bc": 64, "dkdv_bc": 32}
+#: ``bwd_dkdv``'s column blocks in the wgmma form where every key row of the transposed mask is
+#: one segment (``spec.columns.max_segments == 1``: windows, causal windows, dilated): measured at
+#: head_dim 128 (H200, fp16, ``h200_backward_knobs.json`` form ``h27``), bwd_dkdv 22% and
+#: 16% faster than at 32: Mistral n=8192 3.41 -> 2.65 ms (backward 5.52 -> 4.75), window +-1024
+#: n=32k 4.12 -> 3.48 (backward 7.07 -> 6.42); gradients bit-identical. ptxas (sm_90a, bf16,
+#: d=128) gives that kernel 248-254 registers and no spill there; with two or more segments per
+#: key row (each thread caches every segment of its two rows) it takes 255 and spills 12-372
+#: bytes (global+window, per-head, strided unions), so those keep 32.
+WGMMA_DKDV_BC_ONE_SEGMENT = 64
 
 
 @dataclass(frozen=True)
@@ -90,8 +100,9 @@ class BackwardMmaKnobs:
     product waits for its MMA before the next step, so nothing overlaps).
     ``stages=3`` (wgmma only) is the overlapped Hopper form: three block stages, each block's
     accumulating products issued behind the next block's S and dP so that they run while the
-    CUDA cores compute that block's P and dS (:mod:`tvm_splat.kernels.backward_mma`); not yet
-    measured on a GPU, so not a default. ``stages=2`` is the default:
+    CUDA cores compute that block's P and dS (:mod:`tvm_splat.kernels.backward_mma`); measured
+    5-7% slower than ``stages=2`` on the H200 (Mistral n=8192 backward 5.91 vs 5.52 ms, window
+    +-1024 n=32k 7.56 vs 7.07), so not a default. ``stages=2`` is the default:
     one stage was 1.06x (Longformer-base, batch 4) and 1.15x (Mistral, n=8192) slower on the
     H200 (``benchmarks/results/h200_backward_knobs.json``)."""
 
@@ -112,7 +123,8 @@ def default_backward_mma_knobs(spec: BackwardSpec, target, forward: TiledKnobs |
     :func:`~tvm_splat.schedules.tiled.default_tiled_knobs` of the spec alone), their split-KV
     rule included (the lse of split rows comes from ``fwd_split_merge``). The backward takes its
     wgmma form (:data:`WGMMA_BACKWARD_WIDE_HEADS`) from :data:`WGMMA_BACKWARD_MIN_HEAD_DIM` where
-    the forward took its own: on sm_90a, for a plan of one component."""
+    the forward took its own: on sm_90a, for a plan of one component; ``bwd_dkdv``'s blocks are
+    :data:`WGMMA_DKDV_BC_ONE_SEGMENT` wide there when every key row is one segment."""
     forward = forward or default_tiled_knobs(spec.rows, target)
     bc = BACKWARD_BC if spec.rows.head_dim <= 64 else BACKWARD_BC_WIDE_HEADS
     mma = BackwardMmaKnobs(forward, dq_bc=bc, dkdv_bc=bc)
@@ -120,6 +132,8 @@ def default_backward_mma_knobs(spec: BackwardSpec, target, forward: TiledKnobs |
             or not supports_wgmma(as_target(target))):
         return mma
     hopper = dataclasses.replace(mma, **WGMMA_BACKWARD_WIDE_HEADS)
+    if spec.columns.max_segments == 1:
+        hopper = dataclasses.replace(hopper, dkdv_bc=WGMMA_DKDV_BC_ONE_SEGMENT)
     try:
         check_backward_mma_shape(spec.rows, hopper.br, hopper.dq_bc, hopper.warps, hopper.stages, True)
         check_backward_mma_shape(spec.columns, hopper.br, hopper.dkdv_bc, hopper.warps, hopper.stages, True)
