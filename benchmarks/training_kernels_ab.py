@@ -30,6 +30,7 @@ CASES = {
     "mis": ("causal_window:4095", 1, 32, 8, 8192, 128),  # Mistral-7B, n=8192
     "win": ("window:1024", 1, 16, 16, 32768, 128),  # long-context window
     "str": ("causal_strided:128", 1, 12, 12, 8192, 64),  # Sparse Transformer (two components)
+    "dil": ("dilated:256:2", 1, 12, 12, 8192, 128),  # dilated at d=128: one component, column blocks of step 2
 }
 #: head_dim -> knob overrides tried by default
 VARIANTS = {

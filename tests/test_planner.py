@@ -137,14 +137,16 @@ def test_hopper_default_keeps_mma_for_multi_component_plans(tmp_path, monkeypatc
     (Window(64), 128, dict(wgmma=True, tma=True, br=128, warps=8, stages=2)),    # the A/B's window
     (Window(64), 64, dict(wgmma=True, tma=True, br=64, warps=4, stages=2)),      # one warpgroup at d=64
     ("global:4+window:32", 64, dict(wgmma=True, tma=True, br=64)),              # global tokens: step 1 too
-    ("dilated:32:2", 128, dict(wgmma=True, tma=False, br=128)),                 # steps > 1: no TMA
-    ("dilated:32:2", 64, dict(wgmma=False, tma=False, br=64)),                  # ... and at d=64 mma
+    ("dilated:32:2", 128, dict(wgmma=False, tma=False, br=64)),                 # steps > 1: mma (8-29% faster)
+    ("dilated:32:2", 64, dict(wgmma=False, tma=False, br=64)),                  # ... as at d=64
+    ("window:32", 160, dict(wgmma=True, tma=False, br=128)),                    # step 1, no TMA (d % 64): wgmma
     ("window:32", 96, dict(wgmma=False, tma=False, br=64)),                     # d not a multiple of 64
 ])
 def test_hopper_default_takes_tma_where_the_plan_allows(pattern, d, expected, tmp_path, monkeypatch):
     """On sm_90a the untuned default is the TMA form exactly where it runs: one component, every
-    column block of step 1 (read off the tile plan), head_dim a multiple of 64; else the wgmma
-    form from d=128, else mma. Without the ACSR the rule never guesses TMA."""
+    column block of step 1 (read off the tile plan), head_dim a multiple of 64; else, with
+    blocks of step 1, the wgmma form from d=128; else mma. Without the ACSR the rule never
+    guesses TMA."""
     monkeypatch.setenv("TVM_SPLAT_TUNING_LOGS", str(tmp_path))
     from tvm_splat.planner import default_knobs
 

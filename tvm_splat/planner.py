@@ -124,8 +124,9 @@ CPU_SCRATCH_BYTES = 1 << 30
 def default_knobs(spec: AttentionSpec, target, acsr: ACSR | None = None, tma: bool = True) -> TiledKnobs:
     """The untuned tiled knobs of a workload: :func:`default_tiled_knobs`, told what the tile
     plan of its Hopper form looks like (when the ACSR is known): how many components it has
-    (multi-component plans keep the mma form) and whether all its column blocks have step 1
-    (the TMA form's condition; ``tma=False`` never takes that form). Without the ACSR: the spec
+    (multi-component plans keep the mma form) and the largest step of its column blocks (step
+    1 everywhere is the TMA form's condition, ``tma=False`` never takes that form; above 1 the
+    mma form). Without the ACSR: the spec
     alone, never TMA."""
     knobs = default_tiled_knobs(spec, target)
     if acsr is None:
@@ -135,8 +136,8 @@ def default_knobs(spec: AttentionSpec, target, acsr: ACSR | None = None, tma: bo
         return knobs
     tile_plan = tile_plan_of(acsr, hopper)
     components = tile_plan.shape.num_components
-    unit_steps = tma and bool((tile_plan.blocks[..., 1] <= 1).all())
-    return default_tiled_knobs(spec, target, components, unit_steps)
+    max_step = int(tile_plan.blocks[..., 1].max(initial=1))
+    return default_tiled_knobs(spec, target, components, tma and max_step <= 1, max_step)
 
 
 def choose_knobs(spec: AttentionSpec, target, variant: str, knobs=None, acsr: ACSR | None = None):

@@ -103,9 +103,10 @@ def test_cuda_fast_path_follows_the_torch_stream(rng):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("kv_heads", [1, 2])
 @pytest.mark.parametrize("pattern,n,d", [("causal_window:40", 333, 128), ("global:5+dilated:6:3", 250, 64),
-                                         ("strided:16", 257, 64)])
+                                         ("strided:16", 257, 64), ("dilated:24:3", 301, 128)])
 def test_cuda_grouped_query_attention(pattern, n, d, kv_heads, dtype, rng):
-    """GQA / MQA on tensor cores: k, v with 1 or 2 heads for 4 query heads, odd n."""
+    """GQA / MQA on tensor cores: k, v with 1 or 2 heads for 4 query heads, odd n; with the
+    default knobs (dilated at d=128: the mma form, one component of blocks of step 3)."""
     from tvm_splat import parse_pattern, sparse_attention
 
     (tq,), (q,) = _cuda([rng.standard_normal((2, 4, n, d))], dtype)

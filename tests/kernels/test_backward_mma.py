@@ -566,7 +566,9 @@ def test_chunk_order_fills_core_matrices_without_bank_conflicts(d):
     (A100, 128, "window:8", "mma"),  # no wgmma before sm_90
     (H100, 256, "window:8", "mma"),  # the wgmma tiles do not fit a block's shared memory: the mma form
     (H100, 128, "causal_strided:16", "mma"),  # two components (as the forward): 38% slower
-], ids=["h100-d128", "h100-d128-global", "h100-d64", "a100-d128", "h100-d256", "h100-d128-causal-strided"])
+    (H100, 128, "dilated:16:2", "mma"),  # the forward's mma form on blocks of step 2; the backward measured the same
+], ids=["h100-d128", "h100-d128-global", "h100-d64", "a100-d128", "h100-d256", "h100-d128-causal-strided",
+        "h100-d128-dilated"])
 def test_default_backward_knobs_take_wgmma_where_measured_faster(target, d, mask, expected):
     from tvm_splat.schedules.backward_mma import (BACKWARD_BR, WGMMA_BACKWARD_WIDE_HEADS, WGMMA_DKDV_BC_ONE_SEGMENT,
                                                   default_backward_mma_knobs, tensor_core_training_refusal)

@@ -69,7 +69,10 @@ BACKWARD_BC_WIDE_HEADS = 32
 #: takes its wgmma form too (one component in the tile plan): on causal strided (two components)
 #: at head_dim 128 these tiles were 38% slower than mma.sync in the models suite (backward
 #: kernels 1.08 vs 0.78 ms, n=8192, 16 heads; ``h200_models_backward.json`` of 2026-12-02 against
-#: the one before), as the forward's 128-row tiles were on unions.
+#: the one before), as the forward's 128-row tiles were on unions. Where the forward keeps its
+#: mma form on column blocks of a step above 1 (dilated), the backward follows: there the two
+#: forms measured the same (dilated +-256 step 2, n=8192, 12 heads, d=128: backward 0.494 ms
+#: either way; form ``h27_dilated``).
 WGMMA_BACKWARD_MIN_HEAD_DIM = 128
 WGMMA_BACKWARD_WIDE_HEADS = {"wgmma": True, "br": 128, "warps": 8, "dq_bc": 64, "dkdv_bc": 32}
 #: ``bwd_dkdv``'s column blocks in the wgmma form where every key row of the transposed mask is

@@ -157,7 +157,8 @@ WGMMA_MIN_HEAD_DIM = 128
 TMA_HEAD_DIM_MULTIPLE = 64
 
 
-def default_tiled_knobs(spec: AttentionSpec, target, num_components: int = 1, unit_steps: bool = False) -> TiledKnobs:
+def default_tiled_knobs(spec: AttentionSpec, target, num_components: int = 1, unit_steps: bool = False,
+                        max_step: int = 1) -> TiledKnobs:
     """The knobs when nothing is tuned: the ``mma`` kernel for float16/bfloat16 on the GPU, and
     the number of K/V stages by grid size (``TWO_STAGE_MIN_TILES``). On an ``sm_90a`` target,
     for a tile plan of one component:
@@ -168,17 +169,23 @@ def default_tiled_knobs(spec: AttentionSpec, target, num_components: int = 1, un
       from ``WGMMA_MIN_HEAD_DIM``, one below;
     * else, from ``WGMMA_MIN_HEAD_DIM``: the wgmma form with two warpgroups.
 
-    ``num_components``: of the tile plan the wgmma knobs give (:func:`tvm_splat.planner.
-    default_knobs` passes it): with two or more (unions such as causal strided, merged after
-    the tiles) the 128-row wgmma tiles lost to 64-row mma tiles on the H200 (causal strided,
-    d=128: 0.844 vs 0.699 ms, ``h200_models.json`` before and after the wgmma default), so
-    those keep the mma form."""
+    ``num_components`` and ``max_step`` (the largest step of a column block) of the tile plan
+    the wgmma knobs give (:func:`tvm_splat.planner.default_knobs` passes them; the defaults
+    stand for a plan not known): with two or more components (unions such as causal strided,
+    merged after the tiles) the 128-row wgmma tiles lost to 64-row mma tiles on the H200
+    (causal strided, d=128: 0.844 vs 0.699 ms, ``h200_models.json`` before and after the wgmma
+    default), and with column blocks of a step above 1 (dilated, strided: no TMA form) the
+    cp.async wgmma form lost to them on every shape measured at d=128, by 8-29% (H200, fp16, 50
+    back-to-back calls, ``benchmarks/results/h200_forward_ab.json`` run ``dilated d=128
+    forms``, outputs identical): dilated +-512 step 4, n=8192, 8 heads 0.223 -> 0.174 ms, n=32k
+    0.778 -> 0.672; +-256 step 2, 12 heads 0.223 -> 0.160; +-128 step 8, n=16k, batch 2 0.672
+    -> 0.476; +-1024 step 2, 32 heads 1.211 -> 1.115. So both keep the mma form."""
     target = as_target(target)
     knobs = TiledKnobs(use_tensor_cores=is_gpu(target) and spec.dtype in MMA_TYPES)
     tiles = spec.batch * spec.heads * -(-spec.seq_len // 64)  # the rule was measured with 64-row tiles
     knobs = dataclasses.replace(knobs, stages=2 if tiles >= TWO_STAGE_MIN_TILES else 1)
     if not (knobs.use_tensor_cores and str(target.attrs.get("arch", "")) == "sm_90a" and num_components <= 1
-            and spec.head_dim <= 256):
+            and spec.head_dim <= 256 and max_step <= 1):
         return knobs
     two_warpgroups = spec.head_dim >= WGMMA_MIN_HEAD_DIM
     if unit_steps and spec.head_dim % TMA_HEAD_DIM_MULTIPLE == 0:
