@@ -73,11 +73,13 @@ def run_case(name, variants):
             row["bwd_ms"] = _time(lambda: plan.backward(q, k, v, out, lse, dout, dlse))
             if row["components"][1:] == [1, 1] and row["split_slots"][1:] == [0, 0]:  # one kernel each
                 dq, dk, dv = (torch.empty_like(g) for g in grads)
-                delta = torch.empty_like(lse)
-                row["dq_ms"] = _time(lambda: plan._launch("bwd_dq", q, k, v, out, dout, lse, dlse, *_DQ_PLAN, dq,
-                                                          delta))
+                delta = torch.zeros_like(lse)
+                fused = [torch.zeros(q.shape, dtype=torch.float32, device="cuda")] if plan.mma_knobs.fused_dq else []
+                if not fused:  # the fused-dQ form has no bwd_dq: its dQ is in bwd_dkdv's time
+                    row["dq_ms"] = _time(lambda: plan._launch("bwd_dq", q, k, v, out, dout, lse, dlse, *_DQ_PLAN,
+                                                              dq, delta))
                 row["dkdv_ms"] = _time(lambda: plan._launch("bwd_dkdv", q, k, v, dout, lse, delta, *_DKDV_PLAN,
-                                                            dk, dv))
+                                                            dk, dv, *fused))
         except Exception as err:  # noqa: BLE001 - a refused or failing variant is a result
             row["error"] = f"{type(err).__name__}: {err}"[:300]
         print(json.dumps(row), flush=True)

@@ -262,9 +262,18 @@ class TrainingPlan:
         """The tensor-core backward: each kernel writes its gradient directly on a plan of one
         component, else per-component float32 partials that its sum kernel adds (the module
         docstring); on a plan with split-KV the chunks of long tiles write float32 slots first,
-        which ``split_sum`` adds into the gradient (or its component's partial)."""
+        which ``split_sum`` adds into the gradient (or its component's partial). With
+        ``fused_dq`` (the knobs' docstring): ``bwd_delta``, ``bwd_dkdv`` with dQ, ``bwd_dq_cast``."""
         rows = self.spec.rows
         dq_plan, dkdv_plan = (p.shape for p in self.tile_plans[1:])
+        if self.mma_knobs.fused_dq:  # bwd_dkdv adds dQ by atomics into a zeroed float32 buffer
+            import torch
+
+            self._launch("bwd_delta", out, dout, dlse, delta)
+            dq_accum = torch.zeros(self.q_shape, dtype=torch.float32, device=q.device)
+            self._backward_dkdv(q, k, v, dout, lse, delta, dk, dv, dkdv_plan, [dq_accum])
+            self._launch("bwd_dq_cast", dq_accum, dq)
+            return
         several, split = dq_plan.num_components > 1, dq_plan.num_slots
         dq_part = self._empty(q, part_shape(rows, dq_plan.num_components, rows.heads), "float32") if several else "part"
         dq_split = self._empty(q, split_part_shape(rows, dq_plan, rows.heads), "float32") if split else None
@@ -274,18 +283,25 @@ class TrainingPlan:
             self._launch("bwd_dq_split_sum", dq_split, "splits", dq, dq_part)
         if several:
             self._launch("bwd_dq_sum", dq_part, "num_comp", dq)
+        self._backward_dkdv(q, k, v, dout, lse, delta, dk, dv, dkdv_plan, [])
+
+    def _backward_dkdv(self, q, k, v, dout, lse, delta, dk, dv, dkdv_plan, dq_accum):
+        """``bwd_dkdv`` (``dq_accum``: its last parameter in the fused-dQ form, else empty), then
+        the split-KV and component sums of dk and dv."""
+        rows = self.spec.rows
         several, split = dkdv_plan.num_components > 1, dkdv_plan.num_slots
         dk_part, dv_part = ((self._empty(q, part_shape(rows, dkdv_plan.num_components, rows.kv_heads), "float32")
                              for _ in range(2)) if several else ("part", "part"))
         dk_split, dv_split = ((self._empty(q, split_part_shape(rows, dkdv_plan, rows.kv_heads), "float32")
                                for _ in range(2)) if split else (None, None))
         self._launch("bwd_dkdv", q, k, v, dout, lse, delta, *_DKDV_PLAN, dk, dv,
-                     *_present((dk_part, several), (dv_part, several), (dk_split, split), (dv_split, split)))
+                     *_present((dk_part, several), (dv_part, several), (dk_split, split), (dv_split, split)), *dq_accum)
         for grad, part, chunks in ((dk, dk_part, dk_split), (dv, dv_part, dv_split)):
             if split:
                 self._launch("bwd_dkdv_split_sum", chunks, "tsplits", grad, part)
             if several:
                 self._launch("bwd_dkdv_sum", part, "tnum_comp", grad)
+
 
 def _present(*buffers):
     """The buffers whose condition holds (the optional last parameters of a kernel)."""

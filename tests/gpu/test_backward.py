@@ -216,6 +216,31 @@ def test_wgmma_training_matches_float64_at_dense_sdpa_error(name, mask, heads, k
     assert (dq.cpu()[:, torch.from_numpy(empty)] == 0).all()
 
 
+def _fused_dq_knobs(d):
+    """The fused-dQ form's knobs at head_dim ``d`` (on the default two stages): wgmma, 64 head-dim columns of dQ
+    per warpgroup (64-row tiles at d=64, 128 at d=128)."""
+    return {"wgmma": True, "fused_dq": True, "br": d, "warps": d // 16}
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name,mask,heads,kv_heads,n", TC_CASES, ids=[c[0] for c in TC_CASES])
+def test_fused_dq_training_matches_float64_at_dense_sdpa_error(name, mask, heads, kv_heads, n, dtype, d):
+    """The fused-dQ backward (``BackwardMmaKnobs.fused_dq``: bwd_dkdv computes dQ^T = K^T dS^T per
+    step by warpgroup MMAs and adds it into a float32 buffer by atomics; bwd_delta before it,
+    bwd_dq_cast after) against the float64 dense reference at the default-knob test's tolerance,
+    on its cases (GQA: every query head of a group adds its own dQ; unions of several
+    components and strided blocks: each component's share added; empty rows: dq exactly 0)."""
+    if not _hopper():
+        pytest.skip("wgmma needs an sm_90 GPU")
+    plan = _tensor_core_plan(mask, heads, kv_heads, n, d, dtype, **_fused_dq_knobs(d))
+    assert plan.mma_knobs.fused_dq
+    q, k, v, dout = _inputs(2, heads, kv_heads, n, d, dtype, seed=n)
+    dense, lse, (dq, _, _) = _check_against_float64(plan, q, k, v, dout, dtype)
+    empty = ~np.broadcast_to(dense, (heads, n, n)).any(-1)
+    assert (dq.cpu()[:, torch.from_numpy(empty)] == 0).all()
+
+
 #: split-KV of the backward plans, forced small (chunks of 2 blocks) so these shapes split:
 #: global rows and columns (GQA), with two components (MQA), per-head masks
 SPLIT_CASES = [TC_CASES[2], MULTI_COMPONENT_CASES[2],
@@ -225,13 +250,16 @@ SPLIT_CASES = [TC_CASES[2], MULTI_COMPONENT_CASES[2],
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name,mask,heads,kv_heads,n", SPLIT_CASES, ids=[c[0] for c in SPLIT_CASES])
-@pytest.mark.parametrize("wgmma,stages", [(False, 2), (True, 2), (True, 3)], ids=["mma", "wgmma", "wgmma overlapped"])
-def test_split_training_matches_float64_at_dense_sdpa_error(name, mask, heads, kv_heads, n, dtype, d, wgmma, stages):
+@pytest.mark.parametrize("wgmma,stages,fused", [(False, 2, False), (True, 2, False), (True, 3, False), (True, 2, True)],
+                         ids=["mma", "wgmma", "wgmma overlapped", "wgmma fused dq"])
+def test_split_training_matches_float64_at_dense_sdpa_error(name, mask, heads, kv_heads, n, dtype, d, wgmma, stages,
+                                                           fused):
     """Forward and backward with long tiles split into chunks in all three plans (the forward's
     chunk states merged with their lse by fwd_split_merge; each backward chunk writes a float32
     slot that split_sum adds, before the component sum where there are several) against the
     float64 dense reference, at the tolerance of the default-knob test; with the backward
-    kernels in their mma and wgmma forms."""
+    kernels in their mma and wgmma forms (``fused``: the fused-dQ form, whose chunks add their
+    dQ by atomics like whole tiles)."""
     import dataclasses
 
     from tvm_splat.training import plan_training
@@ -240,7 +268,8 @@ def test_split_training_matches_float64_at_dense_sdpa_error(name, mask, heads, k
         pytest.skip("wgmma needs an sm_90 GPU")
     base = _tensor_core_plan(mask, heads, kv_heads, n, d, dtype)
     knobs = dataclasses.replace(base.mma_knobs, split_blocks=2, wgmma=wgmma, stages=stages,
-                                forward=dataclasses.replace(base.mma_knobs.forward, split_blocks=2))
+                                forward=dataclasses.replace(base.mma_knobs.forward, split_blocks=2),
+                                **(_fused_dq_knobs(d) if fused else {}))
     plan = plan_training(mask, (2, heads, n, d), (2, kv_heads, n, d), str(dtype).replace("torch.", ""), "cuda",
                          mma_knobs=knobs)
     assert plan.kernels == "tensor-cores" and all(p.shape.num_slots for p in plan.tile_plans), repr(plan)
@@ -278,8 +307,9 @@ def test_tensor_core_kernels_one_by_one_against_the_row_kernels(name, mask, head
         assert rel(a, b) <= 8 * EPS[dtype], f"{which}: {rel(a, b):.3g}"
 
 
-@pytest.mark.parametrize("stages,wgmma", [(2, False), (1, False), (2, True), (1, True), (3, True)],
-                         ids=["2 stages", "1 stage", "2 stages wgmma", "1 stage wgmma", "3 stages wgmma overlapped"])
+@pytest.mark.parametrize("stages,wgmma", [(2, False), (1, False), (2, True), (1, True), (3, True), (2, "fused")],
+                         ids=["2 stages", "1 stage", "2 stages wgmma", "1 stage wgmma", "3 stages wgmma overlapped",
+                              "wgmma fused dq"])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_tensor_core_nan_in_masked_out_rows_does_not_leak(dtype, d, stages, wgmma):
@@ -288,12 +318,14 @@ def test_tensor_core_nan_in_masked_out_rows_does_not_leak(dtype, d, stages, wgmm
     hold such rows take the exact CUDA-core path, whose float32 sums run in another order than
     the tensor cores'), the lse bit for bit, and the gradients of the unseen keys and empty
     queries exactly zero. ``wgmma``: the backward kernels' Hopper form (their exact path is the
-    same CUDA-core code over its core-matrix layout)."""
+    same CUDA-core code over its core-matrix layout); ``"fused"``: the fused-dQ form, whose key
+    tiles holding the NaN keys take its exact dQ path (CUDA cores, zero entries of dS skipped)."""
     if wgmma and not _hopper():
         pytest.skip("wgmma needs an sm_90 GPU")
     n, heads, kv_heads = 150, 4, 2
     acsr = _affine_with_empty_rows(n)
-    plan = _tensor_core_plan(acsr, heads, kv_heads, n, d, dtype, stages, **({"wgmma": True} if wgmma else {}))
+    knobs = _fused_dq_knobs(d) if wgmma == "fused" else {"wgmma": True} if wgmma else {}
+    plan = _tensor_core_plan(acsr, heads, kv_heads, n, d, dtype, stages, **knobs)
     q, k, v, dout = _inputs(2, heads, kv_heads, n, d, dtype, seed=7)
     out, lse = plan.forward(q, k, v)
     clean = plan.backward(q, k, v, out, lse, dout)

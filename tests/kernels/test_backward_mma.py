@@ -534,6 +534,43 @@ def test_wgmma_backward_is_refused_where_it_cannot_run():
     plan = plan_training(Window(8), *shapes, target=H100,
                          mma_knobs=dataclasses.replace(base.mma_knobs, wgmma=True, stages=4))
     assert "stages must be 1, 2 or 3" in plan.fallback_reason
+    # the fused dQ: the two-stage wgmma form, 64 head-dim columns of dQ per warpgroup
+    for knobs in (dict(fused_dq=True), dict(fused_dq=True, wgmma=True, stages=3),
+                  dict(fused_dq=True, wgmma=True, br=128, warps=8)):
+        plan = plan_training(Window(8), *shapes, target=H100, mma_knobs=dataclasses.replace(base.mma_knobs, **knobs))
+        assert "the fused dQ (bwd_dkdv adding dQ by atomics)" in plan.fallback_reason, knobs
+
+
+@pytest.mark.parametrize("name,mask,heads,kv_heads,n,d,dtype", WGMMA_BUILD_CASES, ids=[c[0] for c in WGMMA_BUILD_CASES])
+def test_fused_dq_backward_builds_for_sm90a(name, mask, heads, kv_heads, n, d, dtype):
+    """The fused-dQ form (``BackwardMmaKnobs.fused_dq``): no ``bwd_dq`` kernel; ``bwd_dkdv``
+    issues, besides its S^T, dP^T, dK and dV products, dQ^T = K^T dS^T as ss warpgroup MMAs of
+    m64 n=bc with both operands transposed (MN-major: K^T from the tile operand, dS^T from its
+    staging), br / 16 k-steps, and adds the result by ``red.global.add.f32``; ``bwd_delta`` and
+    ``bwd_dq_cast`` around it. It compiles for sm_90a without spilling, and ptxas keeps its
+    warpgroup MMAs asynchronous (no C7515: the exact dQ path of a tile whose K holds a NaN
+    waits for every group before it writes the accumulators)."""
+    import dataclasses
+
+    from tvm_splat.compile import wgmma_serialized
+    from tvm_splat.training import plan_training
+
+    shapes = ((2, heads, n, d), (2, kv_heads, n, d), dtype, "cuda")
+    base = plan_training(mask, *shapes, target=H100)
+    knobs = dataclasses.replace(base.mma_knobs, wgmma=True, fused_dq=True, stages=2, br=d, warps=d // 16)
+    plan = plan_training(mask, *shapes, target=H100, mma_knobs=knobs)
+    assert plan.kernels == "tensor-cores" and plan.mma_knobs.fused_dq, repr(plan)
+    src = cuda_source(compile_backward_mma(plan.spec, plan.target, plan.mma_knobs, [p.shape for p in plan.tile_plans],
+                                           use_disk_cache=False))
+    assert "bwd_dq_kernel(" not in src and "bwd_delta_kernel(" in src and "bwd_dq_cast_kernel(" in src
+    body = src[src.rindex("bwd_dkdv_kernel("):].split('extern "C"')[0]
+    ab, bc = {"float16": "f16", "bfloat16": "bf16"}[dtype], plan.mma_knobs.dkdv_bc
+    ss = f"{ab}_ss_mma_async_sync_aligned_m64n{bc}k16"
+    assert body.count(ss) == 2 * (d // 16) + d // 16, "S^T, dP^T: head_dim / 16 k-steps each; dQ^T: br / 16"
+    assert body.count("red_global_add_f32((") == bc // 2  # the thread's dQ^T accumulators
+    registers, spills = ptxas_usage(src, "bwd_dkdv_kernel", H100)
+    assert spills == 0 and registers <= 255, (registers, spills)
+    assert wgmma_serialized(src, H100) == []
 
 
 @pytest.mark.parametrize("d", [64, 128])

@@ -137,7 +137,7 @@ from .tiled_mma import (MMA_TYPES, ROW_PAD, SHARED_BYTES_MAX, WGMMA_PAIR_TYPES, 
 
 __all__ = ["BACKWARD_MMA_KERNEL_NAMES", "check_backward_mma_shape", "check_backward_mma_plan", "part_shape",
            "split_part_shape", "backward_dq_mma_func", "backward_dkdv_mma_func", "sum_components_func",
-           "split_sum_func"]
+           "split_sum_func", "delta_func", "dq_cast_func"]
 
 BACKWARD_MMA_KERNEL_NAMES = ("bwd_dq", "bwd_dkdv")
 #: the blocks of :func:`sum_components_func` and :func:`split_sum_func` (what their GPU schedule binds)
@@ -146,9 +146,11 @@ SPLIT_SUM_BLOCK = "split_sum"
 
 
 def check_backward_mma_shape(spec: AttentionSpec, br: int, bc: int, warps: int, stages: int = 2,
-                             wgmma: bool = False) -> None:
+                             wgmma: bool = False, fused_dq: bool = False) -> None:
     """Raise ``ValueError`` when the tensor-core backward cannot take this spec and tile shape
-    (``wgmma``: in its Hopper form, which needs whole warpgroups and bc, head_dim <= 256)."""
+    (``wgmma``: in its Hopper form, which needs whole warpgroups and bc, head_dim <= 256;
+    ``fused_dq``: bwd_dkdv adding dQ by atomics, wgmma with two stages and head_dim 64 per
+    warpgroup)."""
     if spec.dtype not in MMA_TYPES:
         raise ValueError(f"the tensor-core backward needs float16 or bfloat16 inputs, got {spec.dtype}")
     if spec.head_dim % 16:
@@ -164,7 +166,11 @@ def check_backward_mma_shape(spec: AttentionSpec, br: int, bc: int, warps: int, 
     if wgmma and (warps % 4 or bc > 256 or spec.head_dim > 256):
         raise ValueError(f"the wgmma backward needs whole warpgroups (warps a multiple of 4) and bc, head_dim "
                          f"<= 256, got warps={warps}, bc={bc}, head_dim={spec.head_dim}")
-    if _shared_elems(br, bc, spec.head_dim, stages, wgmma=wgmma) * 2 > SHARED_BYTES_MAX:
+    if fused_dq and (not wgmma or stages != 2 or spec.head_dim != 16 * warps):
+        raise ValueError(f"the fused dQ (bwd_dkdv adding dQ by atomics) is a form of the two-stage wgmma backward "
+                         f"with head_dim = 64 x warpgroups (each warpgroup computes 64 columns of dQ), got "
+                         f"wgmma={wgmma}, stages={stages}, warps={warps}, head_dim={spec.head_dim}")
+    if _shared_elems(br, bc, spec.head_dim, stages, wgmma=wgmma, fused_dq=fused_dq) * 2 > SHARED_BYTES_MAX:
         raise ValueError(f"br={br}, bc={bc}, head_dim={spec.head_dim}, stages={stages} need more than the "
                          f"{SHARED_BYTES_MAX // 1024} KB of shared memory a block may have")
 
@@ -201,23 +207,25 @@ def _without(func, names):
     return tvm.tirx.PrimFunc([p for p in func.params if p.name not in names], func.body, func.ret_type, func.attrs)
 
 
-def _shared_elems(br, bc, d, stages, pair=True, wgmma=False):
+def _shared_elems(br, bc, d, stages, pair=True, wgmma=False, fused_dq=False):
     """Elements of the shared buffer: two tile operands, two block operands per stage, and the
     exact path's staging of its A operands (``pair``, bwd_dkdv: P and dS; bwd_dq: dS alone).
     bwd_dq at head_dim 128, bc=32, two stages: 73 KB, three thread blocks per SM on the H200's
     228 KB (with P staged too it would be 78 KB, two). ``wgmma``: operand rows unpadded (8x8
-    core matrices)."""
+    core matrices). ``fused_dq``: dS^T staged once more, [br, bc] in core matrices, the B of
+    the dQ product."""
     dp = d if wgmma else d + ROW_PAD
-    return 2 * br * dp + 2 * stages * bc * dp + (2 if pair else 1) * br * (bc + ROW_PAD)
+    return 2 * br * dp + 2 * stages * bc * dp + (2 if pair else 1) * br * (bc + ROW_PAD) + br * bc * fused_dq
 
 
-def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool = False, wgmma: bool = False):
+def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool = False, wgmma: bool = False,
+           fused_dq: bool = False):
     """The steps both kernels are made of, as a namespace of TIR helpers and ``T.macro``\\ s;
     ``dkdv`` (bwd_dkdv): a block brings its query rows' lse and delta into shared memory, and the
     exact path stages P beside dS. ``wgmma`` (Hopper, sm_90a): the products are warpgroup MMAs
     (see the module docstring)."""
     BR, BC, W = plan_shape.br, plan_shape.bc, warps
-    check_backward_mma_shape(spec, BR, BC, W, stages, wgmma)
+    check_backward_mma_shape(spec, BR, BC, W, stages, wgmma, fused_dq)
     D, N, S, dt = spec.head_dim, spec.seq_len, spec.max_segments, spec.dtype
     ab = MMA_TYPES[dt]
     DP = D if wgmma else D + ROW_PAD  # elements per shared row (wgmma: 8x8 core matrices, unpadded)
@@ -230,7 +238,8 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
     W_OFF = U_OFF + stages * BC * DP
     P_OFF = W_OFF + stages * BC * DP  # staging of the exact path: P (dkdv only), then dS
     DS_OFF = P_OFF + BR * PP if dkdv else P_OFF
-    SMEM = _shared_elems(BR, BC, D, stages, pair=dkdv, wgmma=wgmma)
+    DQ_OFF = DS_OFF + BR * PP  # fused_dq: dS^T in core matrices ([BR, BC]), the B of dQ^T = K^T dS^T
+    SMEM = _shared_elems(BR, BC, D, stages, pair=dkdv, wgmma=wgmma, fused_dq=fused_dq)
     OVERLAP = stages == 3  # the overlapped Hopper form (module docstring)
     direct = plan_shape.num_components <= 1  # one component: dq, dk, dv written directly
     has_split = plan_shape.num_slots > 0  # split-KV: chunks of long tiles write slots (split_sum)
@@ -647,6 +656,84 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
                 dpacc[nt * 4 + i] = T.Select(in_block(rng, i // 2, acc_col(nt, lane, i)), dpacc[nt * 4 + i],
                                              T.float32(0))
 
+    # ---- fused dQ (bwd_dkdv with ``fused_dq``): per step, dQ^T [D, BC] = K^T dS^T over the
+    # tile's BR keys, as ss warpgroup MMAs (warpgroup g: head-dim rows 64 g .. 64 g + 63, both
+    # operands read MN-major: K^T from the tile operand X, dS^T from its staging at DQ_OFF),
+    # then added into the float32 ``dq_accum [B, H, N, D]`` by ``red.global.add`` (the
+    # accumulators' layout: element i of a thread is head-dim row dq_row(w, lane, i), block
+    # column acc_col(i // 4, lane, i))
+    DQ_LBO = BC  # dS^T read MN-major: 8-key groups BC / 8 x 128 B apart, core matrices along BC 128 B
+
+    def dq_row(w, lane, i):  # head-dim row of element i of a thread's dQ^T accumulators
+        return (w // 4) * 64 + (w % 4) * 16 + lane // 4 + 8 * (i % 4 // 2)
+
+    @T.macro
+    def stage_ds_t(smem, dsf, w, lane):
+        # the thread's dS^T fragment (its rows: keys; columns: block query rows) -> DQ_OFF in
+        # core matrices (each warp's 4-byte pairs fill whole 128-byte core matrices: no bank
+        # conflict)
+        for nt in T.unroll(NTL):
+            for i in T.unroll(4):
+                smem[core_matrix_elem(DQ_OFF, tile_row(w, lane, i // 2), acc_col(nt, lane, i), BC)] = dsf[nt * 4 + i]
+
+    @T.macro
+    def flag_tile(smem, kbad, words, nonfinite, tid):
+        # the tile operand K (X) holds a NaN or inf in this thread's chunks: tag kbad[0] (zeroed
+        # by start_tile, published by the barrier before the block loop; the tag by the first
+        # block's barrier)
+        flag_nonfinite(smem, X_OFF, kbad, 0, words, nonfinite, 1, BR, tid)
+
+    @T.macro
+    def dq_products(dqacc, desc, smem, w):
+        # dQ^T = K^T dS^T by warpgroup MMAs over the tile's BR keys (BR / 16 k-steps); issued and
+        # committed, the caller waits
+        T.ptx.wgmma.fence.sync.aligned()
+        for ks in T.unroll(BR // 16):
+            T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[0]), T.address_of(
+                smem[core_matrix_elem(X_OFF, ks * 16, (w // 4) * 64, D)]), MN_LBO, MN_SBO, 0)
+            T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(
+                smem[core_matrix_elem(DQ_OFF, ks * 16, 0, BC)]), DQ_LBO, 8, 0)
+            T.ptx[WG_S](*[dqacc[i] for i in range(NTL * 4)], desc[0], desc[1], ks > 0, 1, 1, 1, 1)
+        T.ptx.wgmma.commit_group.sync.aligned()
+
+    @T.macro
+    def dq_exact(dqacc, smem, w, lane):
+        # dQ^T = K^T dS^T on CUDA cores, skipping zero entries of dS^T: for a tile whose K holds
+        # a NaN or inf (a masked-out key's 0 x NaN must not reach dQ); never for finite inputs.
+        # Nothing is pending here; ptxas needs to see the wait (else it serializes every wgmma)
+        T.ptx.wgmma.wait_group.sync.aligned(0)
+        for i in T.unroll(NTL * 4):
+            dqacc[i] = T.float32(0)
+        for key in T.serial(BR):
+            for i in T.unroll(NTL * 4):
+                dqacc[i] = dqacc[i] + T.if_then_else(
+                    smem[core_matrix_elem(DQ_OFF, key, acc_col(i // 4, lane, i), BC)] == zero, T.float32(0),
+                    T.Cast("float32", smem[core_matrix_elem(DQ_OFF, key, acc_col(i // 4, lane, i), BC)]) * T.Cast(
+                        "float32", smem[core_matrix_elem(X_OFF, key, dq_row(w, lane, i), D)]))
+
+    @T.macro
+    def dq_atomics(dq_accum, dqacc, b, h, col0, sig, w, lane):
+        # dq_accum[b, h, col0 + sig c, d] += dQ^T[d, c] for the block's query rows inside the
+        # sequence (the float32 sum of every key tile's share; scaled and cast after the kernel)
+        for i in T.unroll(NTL * 4):
+            if acc_col(i // 4, lane, i) < block_rows(col0, sig):
+                T.ptx["red.global.add.f32"](T.address_of(
+                    dq_accum[b, h, col0 + sig * acc_col(i // 4, lane, i), dq_row(w, lane, i)]), dqacc[i])
+
+    @T.macro
+    def accumulate_block_after_dq(acc, dsf, acc2, pf, smem, desc, bad, flag, stg, tag, w, lane):
+        # accumulate_block of the wgmma form with the dQ group in flight: the exact path waits
+        # for it first (ptxas serializes every wgmma of a kernel whose accumulators other
+        # instructions write while a group is pending)
+        T.ptx.ld.shared.b32(flag[0], T.address_of(bad[stg]))
+        if flag[0] == tag:
+            T.ptx.wgmma.wait_group.sync.aligned(0)
+            exact_accumulation(acc, dsf, acc2, pf, True, smem, stg, w, lane)
+        else:
+            issue_accumulation(acc, dsf, acc2, pf, True, smem, desc, stg)
+            T.ptx.wgmma.commit_group.sync.aligned()
+            T.ptx.wgmma.wait_group.sync.aligned(0)
+
     return SimpleNamespace(
         BR=BR, BC=BC, W=W, D=D, DP=DP, DT=DT, NTL=NTL, SMEM=SMEM, X_OFF=X_OFF, Y_OFF=Y_OFF, U_OFF=U_OFF, W_OFF=W_OFF,
         P_OFF=P_OFF, DS_OFF=DS_OFF, tile_row=tile_row, acc_col=acc_col, in_block=in_block,
@@ -659,7 +746,8 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
         previous_products=previous_products, wait_fragments=wait_fragments, last_accumulation=last_accumulation, store_tile=store_tile, store_part=store_part,
         start_tile=start_tile, load_tile=load_tile, await_block=await_block, flag_block=flag_block,
         publish_block=publish_block, block_products=block_products, accumulate_block=accumulate_block,
-        store_result=store_result)
+        store_result=store_result, stage_ds_t=stage_ds_t, flag_tile=flag_tile, dq_products=dq_products,
+        dq_exact=dq_exact, dq_atomics=dq_atomics, accumulate_block_after_dq=accumulate_block_after_dq)
 
 
 def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages: int = 2, wgmma: bool = False):
@@ -814,14 +902,20 @@ def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages
     return _without(bwd_dq, ("dq_part",) * direct + ("dq_split",) * (not plan_shape.num_slots))
 
 
-def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages: int = 2, wgmma: bool = False):
+def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages: int = 2, wgmma: bool = False,
+                           fused_dq: bool = False):
     """``bwd_dkdv`` on tensor cores for ``spec`` (the *transposed* mask's spec) and the
     transposed mask's tile plan of shape ``plan_shape``: ``dk`` and ``dv`` per key tile, summed
     over the query heads of the KV head's group, or with ``C > 1`` components the last
     parameters ``dk_part`` and ``dv_part`` (see the module docstring). The program walks (group
     head, block) pairs as one sequence, so ``stages=2`` prefetches across heads. ``wgmma``: the
-    Hopper form (the module docstring)."""
-    st = _steps(spec, plan_shape, warps, stages, dkdv=True, wgmma=wgmma)
+    Hopper form (the module docstring). ``fused_dq``: it computes dQ too, adding each step's
+    share into the float32 parameter ``dq_accum [B, H, N, D]`` by atomics (zeroed before;
+    ``bwd_dq`` does not run, see the module docstring)."""
+    st = _steps(spec, plan_shape, warps, stages, dkdv=True, wgmma=wgmma, fused_dq=fused_dq)
+    stage_ds_t, flag_tile, dq_products, dq_exact, dq_atomics = (st.stage_ds_t, st.flag_tile, st.dq_products,
+                                                                st.dq_exact, st.dq_atomics)
+    accumulate_block_after_dq = st.accumulate_block_after_dq
     block_ranges, acc_col, select_in_ranges = st.block_ranges, st.acc_col, st.select_in_ranges
     start_tile, load_tile, cache_row_segments, await_block = (st.start_tile, st.load_tile, st.cache_row_segments,
                                                               st.await_block)
@@ -872,6 +966,7 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
         dv_part: T.Buffer(part_shape(spec, C, KVH), "float32"),
         dk_split: T.Buffer(split_part_shape(spec, plan_shape, KVH), "float32"),
         dv_split: T.Buffer(split_part_shape(spec, plan_shape, KVH), "float32"),
+        dq_accum: T.Buffer((B, H, N, D) if fused_dq else (1,), "float32"),
     ):
         T.func_attr({"global_symbol": "bwd_dkdv", "tirx.noalias": True})
         for vt in T.thread_binding(NT, thread="blockIdx.x"):
@@ -901,6 +996,9 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
                             nonfinite = T.sblock_alloc_buffer((1,), "uint32", scope="local")
                             words = T.sblock_alloc_buffer((4,), "uint32", scope="local")
                             flag = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                            # fused_dq: 1 when the tile's K holds a NaN or inf; dQ^T accumulators
+                            kbad = T.sblock_alloc_buffer((1,), "int32", scope="shared")
+                            dqacc = T.sblock_alloc_buffer((NTL * 4,), "float32", scope="local")
                             b: T.let[T.int32] = vbk // KVH
                             hk: T.let[T.int32] = vbk % KVH
                             hm: T.let[T.int32] = hk * G % HM  # the group's one mask head
@@ -912,10 +1010,15 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
                             nblk: T.let[T.int32] = blk_hi - blk_lo
                             tid: T.let[T.int32] = w * 32 + lane
                             start_tile(rows, acc_k, acc_v, True, bad, row0, rstr, w, lane, tid)
+                            if fused_dq:
+                                if tid == 0:
+                                    T.ptx.st.shared.b32(T.address_of(kbad[0]), 0)
                             load_tile(smem, k, v, b, hk, row0, rstr, nrows, nblk > 0, q, dout, hk * G,
                                       tblocks[hm, blk_lo, 0], tblocks[hm, blk_lo, 1], tid, stats, lse, delta)
                             cache_row_segments(sg, rows, tseg_start, tseg_count, tseg_sigma, hm, w, lane, nrows)
                             T.tvm_storage_sync("shared.dyn")  # the flags' zeros come before any tag
+                            if fused_dq:
+                                flag_tile(smem, kbad, words, nonfinite, tid)
                             # step t: query head hk * G + t // nblk of the group, block t % nblk
                             for t in T.serial(G * nblk):
                                 h: T.let[T.int32] = hk * G + t // nblk
@@ -940,7 +1043,19 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
                                     wait_fragments()
                                 as_operand(pf, sacc)
                                 as_operand(dsf, dpacc)
-                                if not overlap:
+                                if fused_dq:  # dQ^T = K^T dS^T (issued), dK, dV accumulated, dQ added by atomics
+                                    stage_ds_t(smem, dsf, w, lane)
+                                    T.ptx["fence.proxy.async.shared::cta"]()
+                                    T.tvm_storage_sync("shared.dyn")
+                                    T.ptx.ld.shared.b32(flag[0], T.address_of(kbad[0]))
+                                    if flag[0] == 1:
+                                        dq_exact(dqacc, smem, w, lane)
+                                    else:
+                                        dq_products(dqacc, desc, smem, w)
+                                    accumulate_block_after_dq(acc_k, dsf, acc_v, pf, smem, desc, bad, flag, stg, t + 1,
+                                                              w, lane)
+                                    dq_atomics(dq_accum, dqacc, b, h, col0, sig, w, lane)
+                                elif not overlap:
                                     accumulate_block(acc_k, dsf, acc_v, pf, True, smem, bf, desc, bad, flag, stg, t + 1,
                                                      w, lane)  # dK += dS^T Q, dV += P^T dO
                             if overlap:
@@ -951,7 +1066,70 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
                             store_result(dv, dv_part, dv_split, ttiles[hm, vt, 3], ttiles[hm, vt, 6], b, hk, vbk,
                                          acc_v, T.float32(1), rows, w, lane, nrows)
 
-    return _without(bwd_dkdv, ("dk_part", "dv_part") * direct + ("dk_split", "dv_split") * (not plan_shape.num_slots))
+    return _without(bwd_dkdv, ("dk_part", "dv_part") * direct + ("dk_split", "dv_split") * (not plan_shape.num_slots)
+                    + ("dq_accum",) * (not fused_dq))
+
+
+def delta_func(spec: AttentionSpec):
+    """``bwd_delta`` (the fused-dQ backward's first kernel; ``bwd_dq`` computes it otherwise):
+    ``delta[b, h, i] = sum_d dout[b, h, i, d] out[b, h, i, d] - dlse[b, h, i]`` in float32. One
+    warp per row (consecutive lanes read consecutive columns), 8 rows per thread block, the
+    lanes' partial sums added by 5 shuffles."""
+    B, H, N, D, dt = spec.batch, spec.heads, spec.seq_len, spec.head_dim, spec.dtype
+    ROWS = 8
+    full_mask = T.uint32(0xFFFFFFFF)
+
+    @T.prim_func(s_tir=True)
+    def bwd_delta(
+        out: T.Buffer((B, H, N, D), dt),
+        dout: T.Buffer((B, H, N, D), dt),
+        dlse: T.Buffer((B, H, N), "float32"),
+        delta: T.Buffer((B, H, N), "float32"),
+    ):
+        T.func_attr({"global_symbol": "bwd_delta", "tirx.noalias": True})
+        for vr in T.thread_binding((B * H * N + ROWS - 1) // ROWS, thread="blockIdx.x"):
+            for w in T.thread_binding(ROWS, thread="threadIdx.y"):
+                for lane in T.thread_binding(32, thread="threadIdx.x"):
+                    with T.sblock("row"):
+                        T.reads()
+                        T.writes()
+                        acc = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                        r: T.let[T.int32] = vr * ROWS + w
+                        acc[0] = T.float32(0)
+                        if r < B * H * N:
+                            for j in T.serial((D + 31) // 32):
+                                if j * 32 + lane < D:
+                                    acc[0] = acc[0] + T.Cast("float32", dout[r // (H * N), r // N % H, r % N,
+                                                                               j * 32 + lane]) * T.Cast(
+                                        "float32", out[r // (H * N), r // N % H, r % N, j * 32 + lane])
+                        for sh in T.unroll(5):
+                            acc[0] = acc[0] + T.tvm_warp_shuffle_xor(full_mask, acc[0], 16 >> sh, 32, 32)
+                        if r < B * H * N:
+                            if lane == 0:
+                                delta[r // (H * N), r // N % H, r % N] = acc[0] - dlse[r // (H * N), r // N % H, r % N]
+
+    return bwd_delta
+
+
+def dq_cast_func(spec: AttentionSpec):
+    """``bwd_dq_cast`` (the fused-dQ backward's last kernel): ``dq = scale * dq_accum`` cast to
+    the input dtype, ``dq_accum [B, H, N, D]`` float32 (the sum the key tiles added by
+    atomics). One element per loop iteration (the GPU schedule gives each its thread)."""
+    B, H, N, D, dt = spec.batch, spec.heads, spec.seq_len, spec.head_dim, spec.dtype
+    scale = T.float32(spec.scale)
+
+    @T.prim_func(s_tir=True)
+    def bwd_dq_cast(
+        dq_accum: T.Buffer((B, H, N, D), "float32"),
+        dq: T.Buffer((B, H, N, D), dt),
+    ):
+        T.func_attr({"global_symbol": "bwd_dq_cast", "tirx.noalias": True})
+        for b, h, i, d in T.grid(B, H, N, D):
+            with T.sblock(SUM_BLOCK):
+                vb, vh, vi, vd = T.axis.remap("SSSS", [b, h, i, d])
+                dq[vb, vh, vi, vd] = T.Cast(dt, dq_accum[vb, vh, vi, vd] * scale)
+
+    return bwd_dq_cast
 
 
 def sum_components_func(spec: AttentionSpec, num_components: int, kv: bool = False):

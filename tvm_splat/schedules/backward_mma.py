@@ -31,8 +31,8 @@ from tvm import s_tir
 
 from ..kernels.backward import BackwardSpec
 from ..kernels.backward_mma import (SPLIT_SUM_BLOCK, SUM_BLOCK, backward_dkdv_mma_func, backward_dq_mma_func,
-                                    check_backward_mma_plan, check_backward_mma_shape, split_sum_func,
-                                    sum_components_func)
+                                    check_backward_mma_plan, check_backward_mma_shape, delta_func, dq_cast_func,
+                                    split_sum_func, sum_components_func)
 from ..kernels.tiled import merge_func, split_merge_func
 from ..kernels.tiled_mma import MMA_TYPES, check_mma_shape, check_tma_shape, tiled_mma_func
 from .targets import as_target, is_gpu, supports_wgmma
@@ -107,7 +107,12 @@ class BackwardMmaKnobs:
     5-7% slower than ``stages=2`` on the H200 (Mistral n=8192 backward 5.91 vs 5.52 ms, window
     +-1024 n=32k 7.56 vs 7.07), so not a default. ``stages=2`` is the default:
     one stage was 1.06x (Longformer-base, batch 4) and 1.15x (Mistral, n=8192) slower on the
-    H200 (``benchmarks/results/h200_backward_knobs.json``)."""
+    H200 (``benchmarks/results/h200_backward_knobs.json``).
+    ``fused_dq`` (wgmma, two stages, ``head_dim == 16 * warps``: 64 head-dim columns per
+    warpgroup): ``bwd_dkdv`` computes dQ as well, ``K^T dS^T`` per step by warpgroup MMAs, added
+    into a float32 buffer by atomics, so S and dP are computed once instead of twice and
+    ``bwd_dq`` does not run (``bwd_delta`` computes delta before, ``bwd_dq_cast`` scales and
+    casts after), as FlashAttention-2 and -3 do; not yet measured on a GPU."""
 
     forward: TiledKnobs
     br: int = BACKWARD_BR
@@ -117,6 +122,7 @@ class BackwardMmaKnobs:
     stages: int = 2
     split_blocks: int = -1
     wgmma: bool = False
+    fused_dq: bool = False
 
 
 def default_backward_mma_knobs(spec: BackwardSpec, target, forward: TiledKnobs | None = None) -> BackwardMmaKnobs:
@@ -168,7 +174,8 @@ def tensor_core_training_refusal(spec: BackwardSpec, target, knobs: BackwardMmaK
         if knobs.wgmma and not supports_wgmma(as_target(target)):
             raise ValueError(f"the wgmma backward needs a Hopper target (sm_90), got {as_target(target)}")
         check_backward_mma_shape(rows, knobs.br, knobs.dq_bc, knobs.warps, knobs.stages, knobs.wgmma)
-        check_backward_mma_shape(spec.columns, knobs.br, knobs.dkdv_bc, knobs.warps, knobs.stages, knobs.wgmma)
+        check_backward_mma_shape(spec.columns, knobs.br, knobs.dkdv_bc, knobs.warps, knobs.stages, knobs.wgmma,
+                                 knobs.fused_dq)
         for plan in plans:
             check_backward_mma_plan(plan.shape, plan.num_comp)
     except ValueError as err:
@@ -193,17 +200,22 @@ def backward_mma_funcs(spec: BackwardSpec, knobs: BackwardMmaKnobs, plan_shapes)
     f = knobs.forward
     funcs = {"fwd_lse": tiled_mma_func(spec.rows, fwd, f.warps, f.m_tiles, f.stages, wgmma=f.wgmma, tma=f.tma,
                                        with_lse=True),
-             "bwd_dq": backward_dq_mma_func(spec.rows, dq, knobs.warps, knobs.stages, knobs.wgmma),
-             "bwd_dkdv": backward_dkdv_mma_func(spec.columns, dkdv, knobs.warps, knobs.stages, knobs.wgmma)}
+             "bwd_dkdv": backward_dkdv_mma_func(spec.columns, dkdv, knobs.warps, knobs.stages, knobs.wgmma,
+                                                knobs.fused_dq)}
+    if knobs.fused_dq:  # dQ by bwd_dkdv: delta before it, the cast after
+        funcs["bwd_delta"] = delta_func(spec.rows)
+        funcs["bwd_dq_cast"] = _flat(dq_cast_func(spec.rows), SUM_BLOCK)
+    else:
+        funcs["bwd_dq"] = backward_dq_mma_func(spec.rows, dq, knobs.warps, knobs.stages, knobs.wgmma)
     if fwd.num_slots:
         funcs["fwd_split_merge"] = _flat(split_merge_func(spec.rows, fwd, with_lse=True), "merge_row")
-    if dq.num_slots:
+    if dq.num_slots and not knobs.fused_dq:
         funcs["bwd_dq_split_sum"] = _flat(split_sum_func(spec.rows, dq), SPLIT_SUM_BLOCK)
     if dkdv.num_slots:
         funcs["bwd_dkdv_split_sum"] = _flat(split_sum_func(spec.columns, dkdv, kv=True), SPLIT_SUM_BLOCK)
     if fwd.num_components > 1:
         funcs["fwd_merge"] = _flat(merge_func(spec.rows, fwd.num_components, with_lse=True), "merge_row")
-    if dq.num_components > 1:
+    if dq.num_components > 1 and not knobs.fused_dq:
         funcs["bwd_dq_sum"] = _flat(sum_components_func(spec.rows, dq.num_components), SUM_BLOCK)
     if dkdv.num_components > 1:
         funcs["bwd_dkdv_sum"] = _flat(sum_components_func(spec.columns, dkdv.num_components, kv=True), SUM_BLOCK)
