@@ -24,7 +24,10 @@ Two kernel families (``TrainingPlan.kernels``):
   and ``ml_part [B*H, C, n, 2]``, ``dq_part [C, B, H, n, head_dim]``, ``dk_part`` and ``dv_part
   [C, B, KVH, n, head_dim]`` (``C`` the components of that plan, 2 for strided masks) — are
   allocated per call with ``torch.empty`` on the tensors' device (the caching allocator reuses
-  them) and freed when the call returns; one-component plans need none. Workloads that kernel
+  them) and freed when the call returns; one-component plans need none. With
+  ``BackwardMmaKnobs.fused_dq`` (an explicit knob) ``bwd_dkdv`` computes dq as well, into a
+  zeroed float32 ``dq_accum [B, H, n, head_dim]`` by atomics, between ``bwd_delta`` and
+  ``bwd_dq_cast``, and ``bwd_dq`` does not run. Workloads that kernel
   family cannot take (CSR fallback rows, per-head masks with grouped KV heads, head dims not a
   multiple of 16) run the CUDA-core kernels instead, the reason in ``fallback_reason`` and the
   plan's repr;

@@ -68,6 +68,18 @@ backward 5.91 against 5.52 ms (bwd_dq 2.15 vs 2.01, bwd_dkdv 3.65 vs 3.41), wind
 n=32k 7.56 vs 7.07, Longformer-base batch 4 (64-row tiles) 0.832 vs 0.811, causal strided 0.382
 vs 0.375; so it is no default. Not profiled; ptxas reports neither spills nor serialization.
 
+Fused-dQ form (``bwd_dkdv`` with ``fused_dq``, wgmma, two stages, ``head_dim == 16 * warps``):
+per step, after dK and dV's operands P^T and dS^T are in registers, dS^T is staged in core
+matrices and ``dQ^T [D, BC] = K^T dS^T`` runs over the tile's BR keys as ss warpgroup MMAs with
+both operands read MN-major (warpgroup ``g`` computes head-dim rows ``64 g`` to ``64 g + 63``),
+issued before dK and dV's products; its float32 result is added into ``dq_accum [B, H, N, D]``
+by ``red.global.add.f32``, one per element. ``bwd_delta`` (:func:`delta_func`) computes delta
+before it and ``bwd_dq_cast`` (:func:`dq_cast_func`) scales and casts after; ``bwd_dq`` does
+not run, so S and dP are computed once, not twice. A key tile whose K holds a NaN or inf takes
+an exact dQ path on CUDA cores (zero entries of dS^T skipped), behind a wait for every wgmma
+group (ptxas serializes every wgmma of the kernel otherwise). Measured slower than the two
+kernels except on a long window (``BackwardMmaKnobs``), so it is no default.
+
 Masked-out entries contribute exactly nothing: once per block, each row slot turns its cached
 segments into ranges of block columns (:func:`~tvm_splat.kernels.common.block_range_cache`: a
 segment of the block's step and residue holds the columns ``c`` between two exact quotients; a
