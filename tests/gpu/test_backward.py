@@ -268,8 +268,8 @@ def test_split_training_matches_float64_at_dense_sdpa_error(name, mask, heads, k
         pytest.skip("wgmma needs an sm_90 GPU")
     base = _tensor_core_plan(mask, heads, kv_heads, n, d, dtype)
     forward = dataclasses.replace(base.mma_knobs.forward, split_blocks=2)
-    knobs = dataclasses.replace(base.mma_knobs, **{"split_blocks": 2, "wgmma": wgmma, "stages": stages, "forward": forward,
-                                                   **(_fused_dq_knobs(d) if fused else {})})
+    knobs = dataclasses.replace(base.mma_knobs, **{"split_blocks": 2, "wgmma": wgmma, "stages": stages,
+                                                   "forward": forward, **(_fused_dq_knobs(d) if fused else {})})
     plan = plan_training(mask, (2, heads, n, d), (2, kv_heads, n, d), str(dtype).replace("torch.", ""), "cuda",
                          mma_knobs=knobs)
     assert plan.kernels == "tensor-cores" and all(p.shape.num_slots for p in plan.tile_plans), repr(plan)
