@@ -542,7 +542,7 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
         # S = X U^T and dP = Y W^T of the block in stage stg (one product after the other: both
         # interleaved by k-step, twice the independent accumulator tiles, was no faster on the
         # H200, 2.55 vs 2.45 ms for bwd_dq on the Mistral shape); wgmma: both issued as one
-        # group, then waited for (overlapped form: the caller waits, see overlapped_accumulation)
+        # group, then waited for (overlapped form: the caller waits, see previous_products)
         if wgmma:
             T.ptx.wgmma.fence.sync.aligned()
             tile_by_block_wgmma(sacc, desc, smem, X_OFF, U_OFF + stg * BC * DP, w)
@@ -578,9 +578,14 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
     @T.macro
     def accumulate_block(acc, dsf, acc2, pf, pair, smem, bf, desc, bad, flag, stg, tag, w, lane):
         # acc += dS U (and acc2 += P W with ``pair``): on tensor cores, or exactly on CUDA cores
-        # when flag_block tagged this block (a masked-out block row may be non-finite)
+        # when flag_block tagged this block (a masked-out block row may be non-finite); wgmma:
+        # the exact path waits for every group first (the fused dQ's is in flight here; ptxas
+        # serializes every wgmma of a kernel whose accumulators other instructions write while
+        # a group is pending, and needs to see the wait even where nothing is)
         T.ptx.ld.shared.b32(flag[0], T.address_of(bad[stg]))
         if flag[0] == tag:
+            if wgmma:
+                T.ptx.wgmma.wait_group.sync.aligned(0)
             exact_accumulation(acc, dsf, acc2, pf, pair, smem, stg, w, lane)
         elif wgmma:
             issue_accumulation(acc, dsf, acc2, pf, pair, smem, desc, stg)
@@ -732,20 +737,6 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
                 T.ptx["red.global.add.f32"](T.address_of(
                     dq_accum[b, h, col0 + sig * acc_col(i // 4, lane, i), dq_row(w, lane, i)]), dqacc[i])
 
-    @T.macro
-    def accumulate_block_after_dq(acc, dsf, acc2, pf, smem, desc, bad, flag, stg, tag, w, lane):
-        # accumulate_block of the wgmma form with the dQ group in flight: the exact path waits
-        # for it first (ptxas serializes every wgmma of a kernel whose accumulators other
-        # instructions write while a group is pending)
-        T.ptx.ld.shared.b32(flag[0], T.address_of(bad[stg]))
-        if flag[0] == tag:
-            T.ptx.wgmma.wait_group.sync.aligned(0)
-            exact_accumulation(acc, dsf, acc2, pf, True, smem, stg, w, lane)
-        else:
-            issue_accumulation(acc, dsf, acc2, pf, True, smem, desc, stg)
-            T.ptx.wgmma.commit_group.sync.aligned()
-            T.ptx.wgmma.wait_group.sync.aligned(0)
-
     return SimpleNamespace(
         BR=BR, BC=BC, W=W, D=D, DP=DP, DT=DT, NTL=NTL, SMEM=SMEM, X_OFF=X_OFF, Y_OFF=Y_OFF, U_OFF=U_OFF, W_OFF=W_OFF,
         P_OFF=P_OFF, DS_OFF=DS_OFF, tile_row=tile_row, acc_col=acc_col, in_block=in_block,
@@ -755,11 +746,12 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
         flag_nonfinite=flag_nonfinite, cache_row_segments=cache_row_segments, tile_by_block=tile_by_block,
         as_operand=as_operand, accumulate_tc=accumulate_tc, stage_operand=stage_operand,
         accumulate_exact=accumulate_exact, full_row_sum=full_row_sum, previous_exact=previous_exact,
-        previous_products=previous_products, wait_fragments=wait_fragments, last_accumulation=last_accumulation, store_tile=store_tile, store_part=store_part,
+        previous_products=previous_products, wait_fragments=wait_fragments, last_accumulation=last_accumulation,
+        store_tile=store_tile, store_part=store_part,
         start_tile=start_tile, load_tile=load_tile, await_block=await_block, flag_block=flag_block,
         publish_block=publish_block, block_products=block_products, accumulate_block=accumulate_block,
         store_result=store_result, stage_ds_t=stage_ds_t, flag_tile=flag_tile, dq_products=dq_products,
-        dq_exact=dq_exact, dq_atomics=dq_atomics, accumulate_block_after_dq=accumulate_block_after_dq)
+        dq_exact=dq_exact, dq_atomics=dq_atomics)
 
 
 def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages: int = 2, wgmma: bool = False):
@@ -927,7 +919,6 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
     st = _steps(spec, plan_shape, warps, stages, dkdv=True, wgmma=wgmma, fused_dq=fused_dq)
     stage_ds_t, flag_tile, dq_products, dq_exact, dq_atomics = (st.stage_ds_t, st.flag_tile, st.dq_products,
                                                                 st.dq_exact, st.dq_atomics)
-    accumulate_block_after_dq = st.accumulate_block_after_dq
     block_ranges, acc_col, select_in_ranges = st.block_ranges, st.acc_col, st.select_in_ranges
     start_tile, load_tile, cache_row_segments, await_block = (st.start_tile, st.load_tile, st.cache_row_segments,
                                                               st.await_block)
@@ -1055,7 +1046,7 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
                                     wait_fragments()
                                 as_operand(pf, sacc)
                                 as_operand(dsf, dpacc)
-                                if fused_dq:  # dQ^T = K^T dS^T (issued), dK, dV accumulated, dQ added by atomics
+                                if fused_dq:  # dQ^T = K^T dS^T, issued before dK and dV's products
                                     stage_ds_t(smem, dsf, w, lane)
                                     T.ptx["fence.proxy.async.shared::cta"]()
                                     T.tvm_storage_sync("shared.dyn")
@@ -1064,12 +1055,11 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
                                         dq_exact(dqacc, smem, w, lane)
                                     else:
                                         dq_products(dqacc, desc, smem, w)
-                                    accumulate_block_after_dq(acc_k, dsf, acc_v, pf, smem, desc, bad, flag, stg, t + 1,
-                                                              w, lane)
-                                    dq_atomics(dq_accum, dqacc, b, h, col0, sig, w, lane)
-                                elif not overlap:
+                                if not overlap:
                                     accumulate_block(acc_k, dsf, acc_v, pf, True, smem, bf, desc, bad, flag, stg, t + 1,
                                                      w, lane)  # dK += dS^T Q, dV += P^T dO
+                                if fused_dq:  # dQ added by atomics (accumulate_block waited for its group)
+                                    dq_atomics(dq_accum, dqacc, b, h, col0, sig, w, lane)
                             if overlap:
                                 last_accumulation(acc_k, dsf, acc_v, pf, True, smem, bf, desc, bad, flag, G * nblk, w,
                                                   lane)

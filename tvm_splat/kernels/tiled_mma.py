@@ -235,9 +235,8 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     # a row, a shared-memory phase's 8 chunks sit 128 B apart in the same 4 banks; the backward's
     # wgmma form measured 0.864 -> 0.815 ms for the same change; this form 0.226 -> 0.220 ms,
     # dilated +-512 step 4, n=8192, 8 heads, d=128, H200, benchmarks/results/h200_forward_ab.json
-    # form h27_core_rows_first). The mma form's padded rows and
-    # the TMA form (K/V by TMA; its Q load and flag checks as before, under the 128-register cap)
-    # keep the along-the-row order
+    # form h27_core_rows_first). The mma form's padded rows and the TMA form (K/V by TMA; its Q
+    # load and flag checks as before, under the 128-register cap) keep the along-the-row order
     core_rows_first = wgmma and not tma
 
     def chunk_row(it, tid):  # row of the it-th 16-byte chunk this thread copies
