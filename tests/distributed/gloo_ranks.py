@@ -77,6 +77,20 @@ def fail_on_rank_one(rank, world):
         raise RuntimeError(f"rank {rank} of {world} failed on purpose")
 
 
+def fail_on_rank_one_exit_late(rank, world):
+    """Rank 1 raises first but its process ends late (a non-daemon thread keeps it 5 s); rank 0
+    raises 1 s later and ends at once, so its process is the first the join finds dead: the
+    race of a peer's consequent error, made certain."""
+    import threading
+    import time
+
+    if rank == 1:
+        threading.Thread(target=time.sleep, args=(5,)).start()
+        raise RuntimeError(f"rank {rank} of {world} failed on purpose")
+    time.sleep(1)
+    raise RuntimeError(f"rank {rank} of {world} failed after rank 1")
+
+
 def hang_on_rank_one(rank, world):
     """Rank 1 never finishes in time (the launcher's timeout)."""
     import time

@@ -17,6 +17,14 @@ def test_a_rank_error_reaches_the_caller():
         run_ranks(gloo_ranks.fail_on_rank_one, 2, timeout=120)
 
 
+def test_the_rank_that_failed_first_is_reported_not_the_first_process_to_end():
+    with pytest.raises(mp.ProcessRaisedException, match="rank 1 of 2 failed on purpose") as err:
+        run_ranks(gloo_ranks.fail_on_rank_one_exit_late, 2, timeout=120)
+    assert err.value.error_index == 1
+    assert "Process 1 failed first (then rank 0)" in str(err.value)
+    assert "failed after rank 1" not in str(err.value)
+
+
 def test_a_hang_is_killed_at_the_timeout():
     with pytest.raises(TimeoutError, match="2 ranks did not finish in 20 s"):
         run_ranks(gloo_ranks.hang_on_rank_one, 2, timeout=20)
