@@ -20,6 +20,7 @@ import sys
 import torch
 
 from tvm_splat.formats import parse_pattern
+from tvm_splat.schedules.backward_mma import per_query_head_sums
 from tvm_splat.timing import throughput_ms
 from tvm_splat.training import plan_training
 
@@ -75,6 +76,8 @@ def run_case(name, variants):
                 dq, dk, dv = (torch.empty_like(g) for g in grads)
                 delta = torch.zeros_like(lse)
                 fused = [torch.zeros(q.shape, dtype=torch.float32, device="cuda")] if plan.mma_knobs.fused_dq else []
+                if per_query_head_sums(plan.spec, plan.mma_knobs):  # its programs add dK, dV into float32 sums
+                    fused += [torch.zeros(k.shape, dtype=torch.float32, device="cuda") for _ in range(2)]
                 if not fused:  # the fused-dQ form has no bwd_dq: its dQ is in bwd_dkdv's time
                     row["dq_ms"] = _time(lambda: plan._launch("bwd_dq", q, k, v, out, dout, lse, dlse, *_DQ_PLAN,
                                                               dq, delta))

@@ -26,8 +26,10 @@ Two kernel families (``TrainingPlan.kernels``):
   allocated per call with ``torch.empty`` on the tensors' device (the caching allocator reuses
   them) and freed when the call returns; one-component plans need none. With
   ``BackwardMmaKnobs.fused_dq`` (an explicit knob) ``bwd_dkdv`` computes dq as well, into a
-  zeroed float32 ``dq_accum [B, H, n, head_dim]`` by atomics, between ``bwd_delta`` and
-  ``bwd_dq_cast``, and ``bwd_dq`` does not run. Workloads that kernel
+  zeroed float32 ``dq_accum [B, H, n, head_dim]`` by atomics (or bulk reductions,
+  ``fused_dq="bulk"``), between ``bwd_delta`` and ``bwd_dq_cast``, and ``bwd_dq`` does not run;
+  with ``per_query_head`` too and grouped KV heads, ``bwd_dkdv`` runs a program per query head
+  and adds dk, dv into zeroed float32 sums that ``bwd_kv_cast`` casts. Workloads that kernel
   family cannot take (CSR fallback rows, per-head masks with grouped KV heads, head dims not a
   multiple of 16) run the CUDA-core kernels instead, the reason in ``fallback_reason`` and the
   plan's repr;
@@ -59,7 +61,7 @@ from .kernels.spec import SPEC_DTYPES
 from .kernels.tiled import partial_shapes, split_shapes
 from .kernels.tiled_mma import MMA_TYPES
 from .planner import SEGMENTS, as_acsr, default_knobs
-from .schedules.backward_mma import default_backward_mma_knobs, tensor_core_training_refusal
+from .schedules.backward_mma import default_backward_mma_knobs, per_query_head_sums, tensor_core_training_refusal
 from .schedules.targets import as_target, is_gpu, target_key
 from .tensors import check_scale, is_aligned, is_torch, to_tvm
 
@@ -290,7 +292,15 @@ class TrainingPlan:
 
     def _backward_dkdv(self, q, k, v, dout, lse, delta, dk, dv, dkdv_plan, dq_accum):
         """``bwd_dkdv`` (``dq_accum``: its last parameter in the fused-dQ form, else empty), then
-        the split-KV and component sums of dk and dv."""
+        the split-KV and component sums of dk and dv; with ``per_query_head`` (grouped KV heads)
+        its programs add dk and dv into zeroed float32 sums, which ``bwd_kv_cast`` casts."""
+        if per_query_head_sums(self.spec, self.mma_knobs):
+            import torch
+
+            dk_accum, dv_accum = (torch.zeros(dk.shape, dtype=torch.float32, device=dk.device) for _ in range(2))
+            self._launch("bwd_dkdv", q, k, v, dout, lse, delta, *_DKDV_PLAN, dk, dv, *dq_accum, dk_accum, dv_accum)
+            self._launch("bwd_kv_cast", dk_accum, dv_accum, dk, dv)
+            return
         rows = self.spec.rows
         several, split = dkdv_plan.num_components > 1, dkdv_plan.num_slots
         dk_part, dv_part = ((self._empty(q, part_shape(rows, dkdv_plan.num_components, rows.kv_heads), "float32")

@@ -216,25 +216,37 @@ def test_wgmma_training_matches_float64_at_dense_sdpa_error(name, mask, heads, k
     assert (dq.cpu()[:, torch.from_numpy(empty)] == 0).all()
 
 
-def _fused_dq_knobs(d):
+def _fused_dq_knobs(d, form=True, per_head=False):
     """The fused-dQ form's knobs at head_dim ``d`` (on the default two stages): wgmma, 64 head-dim columns of dQ
-    per warpgroup (64-row tiles at d=64, 128 at d=128)."""
-    return {"wgmma": True, "fused_dq": True, "br": d, "warps": d // 16}
+    per warpgroup (64-row tiles at d=64, 128 at d=128); ``form``: ``True`` (atomics) or ``"bulk"``;
+    ``per_head``: one dK/dV program per query head."""
+    return {"wgmma": True, "fused_dq": form, "br": d, "warps": d // 16, "per_query_head": per_head}
+
+
+#: (id, fused_dq, per_query_head) of the fused-dQ forms
+FUSED_FORMS = [("atomics", True, False), ("bulk", "bulk", False), ("atomics per head", True, True),
+               ("bulk per head", "bulk", True)]
+#: every case in both reductions; one program per query head where KV heads are grouped
+FUSED_PARAMS = [pytest.param(*case, form, per_head, id=f"{case[0]}-{form_id}") for case in TC_CASES
+                for form_id, form, per_head in FUSED_FORMS if not per_head or case[3] < case[2]]
 
 
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("name,mask,heads,kv_heads,n", TC_CASES, ids=[c[0] for c in TC_CASES])
-def test_fused_dq_training_matches_float64_at_dense_sdpa_error(name, mask, heads, kv_heads, n, dtype, d):
+@pytest.mark.parametrize("name,mask,heads,kv_heads,n,form,per_head", FUSED_PARAMS)
+def test_fused_dq_training_matches_float64_at_dense_sdpa_error(name, mask, heads, kv_heads, n, form, per_head, dtype,
+                                                               d):
     """The fused-dQ backward (``BackwardMmaKnobs.fused_dq``: bwd_dkdv computes dQ^T = K^T dS^T per
-    step by warpgroup MMAs and adds it into a float32 buffer by atomics; bwd_delta before it,
-    bwd_dq_cast after) against the float64 dense reference at the default-knob test's tolerance,
-    on its cases (GQA: every query head of a group adds its own dQ; unions of several
-    components and strided blocks: each component's share added; empty rows: dq exactly 0)."""
+    step by warpgroup MMAs and adds it into a float32 buffer by atomics, or by one bulk
+    reduction per staged row; bwd_delta before it, bwd_dq_cast after) against the float64 dense
+    reference at the default-knob test's tolerance, on its cases (GQA: every query head of a
+    group adds its own dQ; unions of several components and strided blocks: each component's
+    share added; empty rows: dq exactly 0). ``per_head``: one bwd_dkdv program per query head,
+    dK and dV added into float32 sums by atomics (every head, component and chunk alike)."""
     if not _hopper():
         pytest.skip("wgmma needs an sm_90 GPU")
-    plan = _tensor_core_plan(mask, heads, kv_heads, n, d, dtype, **_fused_dq_knobs(d))
-    assert plan.mma_knobs.fused_dq
+    plan = _tensor_core_plan(mask, heads, kv_heads, n, d, dtype, **_fused_dq_knobs(d, form, per_head))
+    assert plan.mma_knobs.fused_dq == form and plan.mma_knobs.per_query_head == per_head
     q, k, v, dout = _inputs(2, heads, kv_heads, n, d, dtype, seed=n)
     dense, lse, (dq, _, _) = _check_against_float64(plan, q, k, v, dout, dtype)
     empty = ~np.broadcast_to(dense, (heads, n, n)).any(-1)
@@ -250,8 +262,10 @@ SPLIT_CASES = [TC_CASES[2], MULTI_COMPONENT_CASES[2],
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name,mask,heads,kv_heads,n", SPLIT_CASES, ids=[c[0] for c in SPLIT_CASES])
-@pytest.mark.parametrize("wgmma,stages,fused", [(False, 2, False), (True, 2, False), (True, 3, False), (True, 2, True)],
-                         ids=["mma", "wgmma", "wgmma overlapped", "wgmma fused dq"])
+@pytest.mark.parametrize("wgmma,stages,fused", [(False, 2, False), (True, 2, False), (True, 3, False), (True, 2, True),
+                                                (True, 2, "bulk"), (True, 2, "bulk per head")],
+                         ids=["mma", "wgmma", "wgmma overlapped", "wgmma fused dq", "wgmma fused dq bulk",
+                              "wgmma fused dq bulk per head"])
 def test_split_training_matches_float64_at_dense_sdpa_error(name, mask, heads, kv_heads, n, dtype, d, wgmma, stages,
                                                            fused):
     """Forward and backward with long tiles split into chunks in all three plans (the forward's
@@ -259,7 +273,7 @@ def test_split_training_matches_float64_at_dense_sdpa_error(name, mask, heads, k
     slot that split_sum adds, before the component sum where there are several) against the
     float64 dense reference, at the tolerance of the default-knob test; with the backward
     kernels in their mma and wgmma forms (``fused``: the fused-dQ form, whose chunks add their
-    dQ by atomics like whole tiles)."""
+    dQ by atomics or bulk reductions like whole tiles; per head: their dK and dV too)."""
     import dataclasses
 
     from tvm_splat.training import plan_training
@@ -269,7 +283,9 @@ def test_split_training_matches_float64_at_dense_sdpa_error(name, mask, heads, k
     base = _tensor_core_plan(mask, heads, kv_heads, n, d, dtype)
     forward = dataclasses.replace(base.mma_knobs.forward, split_blocks=2)
     knobs = dataclasses.replace(base.mma_knobs, **{"split_blocks": 2, "wgmma": wgmma, "stages": stages,
-                                                   "forward": forward, **(_fused_dq_knobs(d) if fused else {})})
+                                                   "forward": forward, **(_fused_dq_knobs(
+                                                       d, "bulk" if fused in ("bulk", "bulk per head") else True,
+                                                       fused == "bulk per head") if fused else {})})
     plan = plan_training(mask, (2, heads, n, d), (2, kv_heads, n, d), str(dtype).replace("torch.", ""), "cuda",
                          mma_knobs=knobs)
     assert plan.kernels == "tensor-cores" and all(p.shape.num_slots for p in plan.tile_plans), repr(plan)
@@ -307,9 +323,10 @@ def test_tensor_core_kernels_one_by_one_against_the_row_kernels(name, mask, head
         assert rel(a, b) <= 8 * EPS[dtype], f"{which}: {rel(a, b):.3g}"
 
 
-@pytest.mark.parametrize("stages,wgmma", [(2, False), (1, False), (2, True), (1, True), (3, True), (2, "fused")],
+@pytest.mark.parametrize("stages,wgmma", [(2, False), (1, False), (2, True), (1, True), (3, True), (2, "fused"),
+                                          (2, "fused bulk"), (2, "fused bulk per head")],
                          ids=["2 stages", "1 stage", "2 stages wgmma", "1 stage wgmma", "3 stages wgmma overlapped",
-                              "wgmma fused dq"])
+                              "wgmma fused dq", "wgmma fused dq bulk", "wgmma fused dq bulk per head"])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_tensor_core_nan_in_masked_out_rows_does_not_leak(dtype, d, stages, wgmma):
@@ -324,7 +341,8 @@ def test_tensor_core_nan_in_masked_out_rows_does_not_leak(dtype, d, stages, wgmm
         pytest.skip("wgmma needs an sm_90 GPU")
     n, heads, kv_heads = 150, 4, 2
     acsr = _affine_with_empty_rows(n)
-    knobs = _fused_dq_knobs(d) if wgmma == "fused" else {"wgmma": True} if wgmma else {}
+    fused = {"fused": (True, False), "fused bulk": ("bulk", False), "fused bulk per head": ("bulk", True)}
+    knobs = _fused_dq_knobs(d, *fused[wgmma]) if wgmma in fused else {"wgmma": True} if wgmma else {}
     plan = _tensor_core_plan(acsr, heads, kv_heads, n, d, dtype, stages, **knobs)
     q, k, v, dout = _inputs(2, heads, kv_heads, n, d, dtype, seed=7)
     out, lse = plan.forward(q, k, v)

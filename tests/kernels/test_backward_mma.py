@@ -539,17 +539,39 @@ def test_wgmma_backward_is_refused_where_it_cannot_run():
                   dict(fused_dq=True, wgmma=True, br=128, warps=8)):
         plan = plan_training(Window(8), *shapes, target=H100, mma_knobs=dataclasses.replace(base.mma_knobs, **knobs))
         assert "the fused dQ (bwd_dkdv adding dQ by atomics)" in plan.fallback_reason, knobs
+    plan = plan_training(Window(8), *shapes, target=H100,
+                         mma_knobs=dataclasses.replace(base.mma_knobs, wgmma=True, fused_dq="tma"))
+    assert "fused_dq must be False, True (\"atomics\") or \"bulk\", got 'tma'" in plan.fallback_reason
+    plan = plan_training(Window(8), *shapes, target=H100,
+                         mma_knobs=dataclasses.replace(base.mma_knobs, wgmma=True, per_query_head=True))
+    assert "per_query_head is a form of the fused dQ backward" in plan.fallback_reason
 
 
-@pytest.mark.parametrize("name,mask,heads,kv_heads,n,d,dtype", WGMMA_BUILD_CASES, ids=[c[0] for c in WGMMA_BUILD_CASES])
-def test_fused_dq_backward_builds_for_sm90a(name, mask, heads, kv_heads, n, d, dtype):
+#: the fused-dQ forms built: (fused_dq, per_query_head) per case; one program per query head
+#: only where KV heads are grouped (elsewhere the knob changes nothing)
+FUSED_DQ_BUILDS = [(case, form, per_head) for case in WGMMA_BUILD_CASES
+                   for form, per_head in ((True, False), ("bulk", False), ("bulk", True), (True, True))
+                   if not per_head or case[3] < case[2]]
+
+
+@pytest.mark.parametrize("name,mask,heads,kv_heads,n,d,dtype,form,per_head",
+                         [(*case, form, per_head) for case, form, per_head in FUSED_DQ_BUILDS],
+                         ids=[f"{case[0]}-{'bulk' if form == 'bulk' else 'atomics'}{'-per head' * per_head}"
+                              for case, form, per_head in FUSED_DQ_BUILDS])
+def test_fused_dq_backward_builds_for_sm90a(name, mask, heads, kv_heads, n, d, dtype, form, per_head):
     """The fused-dQ form (``BackwardMmaKnobs.fused_dq``): no ``bwd_dq`` kernel; ``bwd_dkdv``
     issues, besides its S^T, dP^T, dK and dV products, dQ^T = K^T dS^T as ss warpgroup MMAs of
     m64 n=bc with both operands transposed (MN-major: K^T from the tile operand, dS^T from its
-    staging), br / 16 k-steps, and adds the result by ``red.global.add.f32``; ``bwd_delta`` and
-    ``bwd_dq_cast`` around it. It compiles for sm_90a without spilling, and ptxas keeps its
-    warpgroup MMAs asynchronous (no C7515: the exact dQ path of a tile whose K holds a NaN
-    waits for every group before it writes the accumulators)."""
+    staging), br / 16 k-steps, and adds the result by ``red.global.add.f32`` per element
+    (``True``) or, staged as float32 rows in shared memory, by one ``cp.reduce.async.bulk``
+    .add.f32 of head_dim x 4 bytes per row (``"bulk"``: thread c issues row c, waits for the
+    read before the next staging and for completion at the end); ``bwd_delta`` and
+    ``bwd_dq_cast`` around it. ``per_query_head`` (grouped KV heads): ``bwd_dkdv`` takes float32
+    ``dk_accum``, ``dv_accum`` and adds each dK, dV element by ``red.global.add.f32``;
+    ``bwd_kv_cast`` casts them, and no split or component sum of dk/dv runs. It compiles for
+    sm_90a without spilling, and ptxas keeps its warpgroup MMAs asynchronous (no C7515: the
+    exact dQ path of a tile whose K holds a NaN waits for every group before it writes the
+    accumulators)."""
     import dataclasses
 
     from tvm_splat.compile import wgmma_serialized
@@ -557,9 +579,10 @@ def test_fused_dq_backward_builds_for_sm90a(name, mask, heads, kv_heads, n, d, d
 
     shapes = ((2, heads, n, d), (2, kv_heads, n, d), dtype, "cuda")
     base = plan_training(mask, *shapes, target=H100)
-    knobs = dataclasses.replace(base.mma_knobs, wgmma=True, fused_dq=True, stages=2, br=d, warps=d // 16)
+    knobs = dataclasses.replace(base.mma_knobs, wgmma=True, fused_dq=form, stages=2, br=d, warps=d // 16,
+                                per_query_head=per_head)
     plan = plan_training(mask, *shapes, target=H100, mma_knobs=knobs)
-    assert plan.kernels == "tensor-cores" and plan.mma_knobs.fused_dq, repr(plan)
+    assert plan.kernels == "tensor-cores" and plan.mma_knobs.fused_dq == form, repr(plan)
     src = cuda_source(compile_backward_mma(plan.spec, plan.target, plan.mma_knobs, [p.shape for p in plan.tile_plans],
                                            use_disk_cache=False))
     assert "bwd_dq_kernel(" not in src and "bwd_delta_kernel(" in src and "bwd_dq_cast_kernel(" in src
@@ -567,7 +590,22 @@ def test_fused_dq_backward_builds_for_sm90a(name, mask, heads, kv_heads, n, d, d
     ab, bc = {"float16": "f16", "bfloat16": "bf16"}[dtype], plan.mma_knobs.dkdv_bc
     ss = f"{ab}_ss_mma_async_sync_aligned_m64n{bc}k16"
     assert body.count(ss) == 2 * (d // 16) + d // 16, "S^T, dP^T: head_dim / 16 k-steps each; dQ^T: br / 16"
-    assert body.count("red_global_add_f32((") == bc // 2  # the thread's dQ^T accumulators
+    bulk_add = "cp_reduce_async_bulk_s2g_reduce_async_bulk_global_shared__cta_bulk_group_add_f32("
+    dkdv_adds = body.count("red_global_add_f32((&(dk_accum_ptr[") + body.count("red_global_add_f32((&(dv_accum_ptr[")
+    signature = body[:body.index(")")]
+    if per_head:
+        assert "dk_accum_ptr" in signature and "dk_part" not in signature and "dk_split" not in signature
+        assert dkdv_adds == 2 * 2 * d // 4  # dK and dV: 2 row slots x head_dim / 4 elements each per thread
+        assert "bwd_kv_cast_kernel(" in src and "bwd_dkdv_split_sum_kernel(" not in src
+    else:
+        assert "dk_accum" not in signature and dkdv_adds == 0 and "bwd_kv_cast_kernel(" not in src
+    if form == "bulk":
+        assert body.count("red_global_add_f32((") == dkdv_adds and body.count(bulk_add) == 1
+        assert f"float dqstage_ptr[{bc * (d + 4)}]" in body  # rows padded by 4 words
+        assert body.count("async_bulk_wait_group_read_0()") == 1 and body.count("async_bulk_wait_group_0()") == 1
+    else:
+        assert body.count("red_global_add_f32((") == bc // 2 + dkdv_adds  # the thread's dQ^T accumulators
+        assert bulk_add not in body and "dqstage" not in body
     registers, spills = ptxas_usage(src, "bwd_dkdv_kernel", H100)
     assert spills == 0 and registers <= 255, (registers, spills)
     assert wgmma_serialized(src, H100) == []

@@ -109,7 +109,8 @@ def run_ranks(fn, world: int, *args, backend: str = "gloo", timeout: float | Non
                         if p.is_alive():
                             p.kill()
                     raise TimeoutError(f"{world} ranks did not finish in {timeout} s (a hang?)")
-        except (mp.ProcessRaisedException, mp.ProcessExitedException) as joined:  # every rank has ended (torch terminated the rest)
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as joined:
+            # every rank has ended here (the join terminated the rest)
             first = _first_failure(failure_dir, world)
             if first is None:  # no rank raised: one was killed or exited (a signal, os._exit)
                 raise

@@ -80,6 +80,26 @@ an exact dQ path on CUDA cores (zero entries of dS^T skipped), behind a wait for
 group (ptxas serializes every wgmma of the kernel otherwise). Measured slower than the two
 kernels except on a long window (``BackwardMmaKnobs``), so it is no default.
 
+Its two variants, aimed at the two losses of that measurement (compiled and CPU-tested, **not
+yet run on a GPU**):
+
+* ``fused_dq="bulk"``: instead of one atomic per element, each step's dQ^T accumulators are
+  staged as dQ rows, float32 ``[BC, D + 4]`` in static shared memory (the padding puts a warp's
+  32 stores in 32 banks), published by ``fence.proxy.async`` and a barrier, and thread ``c``
+  adds row ``c`` into ``dq_accum`` with one ``cp.reduce.async.bulk.global.shared::cta
+  .bulk_group.add.f32`` of ``D x 4`` bytes (FlashAttention-3's TMA reduce-add): BC
+  asynchronous reductions per step instead of BC x D atomics, at one more barrier per step.
+  Before the barrier that precedes the next staging each thread waits until its reductions
+  have read their rows (``cp.async.bulk.wait_group.read 0``), and before the program ends
+  until they have completed. ptxas (sm_90a, fp16, no spill): 255 registers at d=128 with
+  64-column blocks (window), 227 at d=64.
+* ``per_query_head`` (grouped KV heads): one program per (batch x query head, tile) instead of
+  per KV head, so the programs running at once add dQ into the rows of fewer heads (Mistral's
+  grid: 2 query heads instead of 8, about 8 MB of float32 instead of 34, against an L2 of 50
+  MB); each adds its scaled dK and dV into float32 ``dk_accum``, ``dv_accum`` by
+  ``red.global.add`` and ``bwd_kv_cast`` (:func:`kv_cast_func`) casts them, so no split or
+  component sums of dk/dv run. 255 registers at d=128 in either dQ form, no spill.
+
 Masked-out entries contribute exactly nothing: once per block, each row slot turns its cached
 segments into ranges of block columns (:func:`~tvm_splat.kernels.common.block_range_cache`: a
 segment of the block's step and residue holds the columns ``c`` between two exact quotients; a
@@ -149,7 +169,7 @@ from .tiled_mma import (MMA_TYPES, ROW_PAD, SHARED_BYTES_MAX, WGMMA_PAIR_TYPES, 
 
 __all__ = ["BACKWARD_MMA_KERNEL_NAMES", "check_backward_mma_shape", "check_backward_mma_plan", "part_shape",
            "split_part_shape", "backward_dq_mma_func", "backward_dkdv_mma_func", "sum_components_func",
-           "split_sum_func", "delta_func", "dq_cast_func"]
+           "split_sum_func", "delta_func", "dq_cast_func", "kv_cast_func", "fused_dq_form", "dq_stage_bytes"]
 
 BACKWARD_MMA_KERNEL_NAMES = ("bwd_dq", "bwd_dkdv")
 #: the blocks of :func:`sum_components_func` and :func:`split_sum_func` (what their GPU schedule binds)
@@ -157,12 +177,37 @@ SUM_BLOCK = "sum"
 SPLIT_SUM_BLOCK = "split_sum"
 
 
+def fused_dq_form(fused_dq) -> str | None:
+    """The form of ``BackwardMmaKnobs.fused_dq``: None (off: ``False``), ``"atomics"`` (``True``
+    or ``"atomics"``: one ``red.global.add.f32`` per element) or ``"bulk"`` (one bulk reduction
+    per staged dQ row); anything else raises ``ValueError``."""
+    if fused_dq is False or fused_dq is None:
+        return None
+    if fused_dq is True or fused_dq == "atomics":
+        return "atomics"
+    if fused_dq == "bulk":
+        return "bulk"
+    raise ValueError(f"fused_dq must be False, True (\"atomics\") or \"bulk\", got {fused_dq!r}")
+
+
+def dq_stage_bytes(bc: int, d: int, fused_dq) -> int:
+    """Bytes of the bulk fused-dQ form's float32 staging of a step's dQ rows, ``[bc, d + 4]``
+    (0 in the other forms): the 4 words of padding put the 32 stores of a warp (4 block columns
+    x 8 head-dim rows of the accumulator layout) in 32 different banks."""
+    return 4 * bc * (d + DQ_STAGE_PAD) if fused_dq_form(fused_dq) == "bulk" else 0
+
+
+#: float32 words of padding per staged dQ row (:func:`dq_stage_bytes`)
+DQ_STAGE_PAD = 4
+
+
 def check_backward_mma_shape(spec: AttentionSpec, br: int, bc: int, warps: int, stages: int = 2,
-                             wgmma: bool = False, fused_dq: bool = False) -> None:
+                             wgmma: bool = False, fused_dq=False) -> None:
     """Raise ``ValueError`` when the tensor-core backward cannot take this spec and tile shape
     (``wgmma``: in its Hopper form, which needs whole warpgroups and bc, head_dim <= 256;
-    ``fused_dq``: bwd_dkdv adding dQ by atomics, wgmma with two stages and head_dim 64 per
-    warpgroup)."""
+    ``fused_dq``: bwd_dkdv adding dQ by atomics or bulk reductions (:func:`fused_dq_form`),
+    wgmma with two stages and head_dim 64 per warpgroup)."""
+    form = fused_dq_form(fused_dq)
     if spec.dtype not in MMA_TYPES:
         raise ValueError(f"the tensor-core backward needs float16 or bfloat16 inputs, got {spec.dtype}")
     if spec.head_dim % 16:
@@ -178,11 +223,12 @@ def check_backward_mma_shape(spec: AttentionSpec, br: int, bc: int, warps: int, 
     if wgmma and (warps % 4 or bc > 256 or spec.head_dim > 256):
         raise ValueError(f"the wgmma backward needs whole warpgroups (warps a multiple of 4) and bc, head_dim "
                          f"<= 256, got warps={warps}, bc={bc}, head_dim={spec.head_dim}")
-    if fused_dq and (not wgmma or stages != 2 or spec.head_dim != 16 * warps):
+    if form and (not wgmma or stages != 2 or spec.head_dim != 16 * warps):
         raise ValueError(f"the fused dQ (bwd_dkdv adding dQ by atomics) is a form of the two-stage wgmma backward "
                          f"with head_dim = 64 x warpgroups (each warpgroup computes 64 columns of dQ), got "
                          f"wgmma={wgmma}, stages={stages}, warps={warps}, head_dim={spec.head_dim}")
-    if _shared_elems(br, bc, spec.head_dim, stages, wgmma=wgmma, fused_dq=fused_dq) * 2 > SHARED_BYTES_MAX:
+    if (_shared_elems(br, bc, spec.head_dim, stages, wgmma=wgmma, fused_dq=bool(form)) * 2
+            + dq_stage_bytes(bc, spec.head_dim, form) > SHARED_BYTES_MAX):
         raise ValueError(f"br={br}, bc={bc}, head_dim={spec.head_dim}, stages={stages} need more than the "
                          f"{SHARED_BYTES_MAX // 1024} KB of shared memory a block may have")
 
@@ -227,11 +273,11 @@ def _shared_elems(br, bc, d, stages, pair=True, wgmma=False, fused_dq=False):
     core matrices). ``fused_dq``: dS^T staged once more, [br, bc] in core matrices, the B of
     the dQ product."""
     dp = d if wgmma else d + ROW_PAD
-    return 2 * br * dp + 2 * stages * bc * dp + (2 if pair else 1) * br * (bc + ROW_PAD) + br * bc * fused_dq
+    return 2 * br * dp + 2 * stages * bc * dp + (2 if pair else 1) * br * (bc + ROW_PAD) + br * bc * bool(fused_dq)
 
 
 def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool = False, wgmma: bool = False,
-           fused_dq: bool = False):
+           fused_dq=False):
     """The steps both kernels are made of, as a namespace of TIR helpers and ``T.macro``\\ s;
     ``dkdv`` (bwd_dkdv): a block brings its query rows' lse and delta into shared memory, and the
     exact path stages P beside dS. ``wgmma`` (Hopper, sm_90a): the products are warpgroup MMAs
@@ -251,7 +297,7 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
     P_OFF = W_OFF + stages * BC * DP  # staging of the exact path: P (dkdv only), then dS
     DS_OFF = P_OFF + BR * PP if dkdv else P_OFF
     DQ_OFF = DS_OFF + BR * PP  # fused_dq: dS^T in core matrices ([BR, BC]), the B of dQ^T = K^T dS^T
-    SMEM = _shared_elems(BR, BC, D, stages, pair=dkdv, wgmma=wgmma, fused_dq=fused_dq)
+    SMEM = _shared_elems(BR, BC, D, stages, pair=dkdv, wgmma=wgmma, fused_dq=bool(fused_dq))
     OVERLAP = stages == 3  # the overlapped Hopper form (module docstring)
     direct = plan_shape.num_components <= 1  # one component: dq, dk, dv written directly
     has_split = plan_shape.num_slots > 0  # split-KV: chunks of long tiles write slots (split_sum)
@@ -474,6 +520,18 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
                 for dtl in T.unroll(DT):
                     for e in T.vectorized(2):
                         dst[comp, b, h, rows[r], dtl * 8 + lane % 4 * 2 + e] = acc[dtl * 4 + r * 2 + e] * factor
+
+    @T.macro
+    def add_tile(dst, b, h, acc, factor, rows, w, lane, nrows):
+        # factor * acc added into the thread's valid rows of the float32 dst[b, h] by
+        # ``red.global.add`` (the per-query-head dK/dV programs: every query head of a group,
+        # component and chunk adds its share)
+        for r in T.unroll(2):
+            if tile_row(w, lane, r) < nrows:
+                for dtl in T.unroll(DT):
+                    for e in T.unroll(2):
+                        T.ptx["red.global.add.f32"](T.address_of(dst[b, h, rows[r], dtl * 8 + lane % 4 * 2 + e]),
+                                                    acc[dtl * 4 + r * 2 + e] * factor)
 
     # ---- the steps of a tile program, in the order both kernels take them. ``pair``: the
     # second accumulator (dV of bwd_dkdv, whose block operands both take part in a product and
@@ -737,6 +795,41 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
                 T.ptx["red.global.add.f32"](T.address_of(
                     dq_accum[b, h, col0 + sig * acc_col(i // 4, lane, i), dq_row(w, lane, i)]), dqacc[i])
 
+    # ``fused_dq="bulk"``: the step's dQ^T accumulators staged as dQ rows (float32 [BC, DQS] in
+    # static shared memory), then one bulk reduction per row, issued by thread c for block
+    # column c: ``cp.reduce.async.bulk .add.f32`` of D x 4 bytes into ``dq_accum`` (BC
+    # asynchronous reductions per step instead of BC x D atomics)
+    DQS = D + DQ_STAGE_PAD
+
+    @T.macro
+    def stage_dq_rows(dqstage, dqacc, w, lane):
+        # dQ^T[d, c] -> row c, column d of the staging; the writes reach the async proxy (the
+        # bulk reductions read them) through the fence, the caller's barrier publishes them
+        for i in T.unroll(NTL * 4):
+            dqstage[acc_col(i // 4, lane, i) * DQS + dq_row(w, lane, i)] = dqacc[i]
+        T.ptx["fence.proxy.async.shared::cta"]()
+
+    @T.macro
+    def dq_bulk_add(dq_accum, dqstage, b, h, col0, sig, tid):
+        # thread c < the block's rows: dq_accum[b, h, col0 + sig c, :] += staged row c, one bulk
+        # reduction in its own bulk group
+        if tid < block_rows(col0, sig):
+            T.ptx["cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32"](
+                T.address_of(dq_accum[b, h, col0 + sig * tid, 0]), T.address_of(dqstage[tid * DQS]),
+                T.uint32(D * 4))
+            T.ptx["cp.async.bulk.commit_group"]()
+
+    @T.macro
+    def dq_staging_free():
+        # this thread's bulk reductions have read their staged rows (before the barrier that
+        # precedes the next staging; nothing pending: no wait)
+        T.ptx["cp.async.bulk.wait_group.read"](0)
+
+    @T.macro
+    def dq_bulk_done():
+        # every bulk reduction of this thread has completed (before the program ends)
+        T.ptx["cp.async.bulk.wait_group"](0)
+
     return SimpleNamespace(
         BR=BR, BC=BC, W=W, D=D, DP=DP, DT=DT, NTL=NTL, SMEM=SMEM, X_OFF=X_OFF, Y_OFF=Y_OFF, U_OFF=U_OFF, W_OFF=W_OFF,
         P_OFF=P_OFF, DS_OFF=DS_OFF, tile_row=tile_row, acc_col=acc_col, in_block=in_block,
@@ -747,11 +840,12 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
         as_operand=as_operand, accumulate_tc=accumulate_tc, stage_operand=stage_operand,
         accumulate_exact=accumulate_exact, full_row_sum=full_row_sum, previous_exact=previous_exact,
         previous_products=previous_products, wait_fragments=wait_fragments, last_accumulation=last_accumulation,
-        store_tile=store_tile, store_part=store_part,
+        store_tile=store_tile, store_part=store_part, add_tile=add_tile,
         start_tile=start_tile, load_tile=load_tile, await_block=await_block, flag_block=flag_block,
         publish_block=publish_block, block_products=block_products, accumulate_block=accumulate_block,
         store_result=store_result, stage_ds_t=stage_ds_t, flag_tile=flag_tile, dq_products=dq_products,
-        dq_exact=dq_exact, dq_atomics=dq_atomics)
+        dq_exact=dq_exact, dq_atomics=dq_atomics, stage_dq_rows=stage_dq_rows, dq_bulk_add=dq_bulk_add,
+        dq_staging_free=dq_staging_free, dq_bulk_done=dq_bulk_done, DQS=DQS)
 
 
 def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages: int = 2, wgmma: bool = False):
@@ -907,16 +1001,32 @@ def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages
 
 
 def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages: int = 2, wgmma: bool = False,
-                           fused_dq: bool = False):
+                           fused_dq=False, per_query_head: bool = False):
     """``bwd_dkdv`` on tensor cores for ``spec`` (the *transposed* mask's spec) and the
     transposed mask's tile plan of shape ``plan_shape``: ``dk`` and ``dv`` per key tile, summed
     over the query heads of the KV head's group, or with ``C > 1`` components the last
     parameters ``dk_part`` and ``dv_part`` (see the module docstring). The program walks (group
     head, block) pairs as one sequence, so ``stages=2`` prefetches across heads. ``wgmma``: the
     Hopper form (the module docstring). ``fused_dq``: it computes dQ too, adding each step's
-    share into the float32 parameter ``dq_accum [B, H, N, D]`` by atomics (zeroed before;
-    ``bwd_dq`` does not run, see the module docstring)."""
+    share into the float32 parameter ``dq_accum [B, H, N, D]`` (zeroed before; ``bwd_dq`` does
+    not run, see the module docstring) by atomics (``True`` or ``"atomics"``) or by one bulk
+    reduction per staged dQ row (``"bulk"``).
+
+    ``per_query_head`` (fused dQ with grouped KV heads only, else it changes nothing): one
+    program per (batch x query head, tile) instead of per KV head, FlashAttention-3's grid, so
+    the programs running at once add dQ into the rows of fewer heads; each adds its scaled dK
+    and dV into the float32 parameters ``dk_accum``, ``dv_accum [B, KVH, N, D]`` by
+    ``red.global.add`` (zeroed before, cast by :func:`kv_cast_func` after). Every query head's,
+    component's and chunk's share is added alike, so this form has no dk/dv partial or split
+    parameters; ``dk`` and ``dv`` stay in the signature, unwritten."""
+    form = fused_dq_form(fused_dq)
+    fused_dq, bulk = form is not None, form == "bulk"
+    if per_query_head and not fused_dq:
+        raise ValueError("per_query_head is a form of the fused dQ backward (fused_dq): without it a program per "
+                         "query head would need the group's dK/dV summed across programs")
     st = _steps(spec, plan_shape, warps, stages, dkdv=True, wgmma=wgmma, fused_dq=fused_dq)
+    stage_dq_rows, dq_bulk_add, dq_staging_free, dq_bulk_done = (st.stage_dq_rows, st.dq_bulk_add,
+                                                                 st.dq_staging_free, st.dq_bulk_done)
     stage_ds_t, flag_tile, dq_products, dq_exact, dq_atomics = (st.stage_ds_t, st.flag_tile, st.dq_products,
                                                                 st.dq_exact, st.dq_atomics)
     block_ranges, acc_col, select_in_ranges = st.block_ranges, st.acc_col, st.select_in_ranges
@@ -937,6 +1047,28 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
     direct = C <= 1
     BC, W, DT, NTL, SMEM = st.BC, st.W, st.DT, st.NTL, st.SMEM
     c2, log2e, scale = T.float32(spec.scale * LOG2E), T.float32(LOG2E), T.float32(spec.scale)
+    per_head = per_query_head and G > 1
+    PH = H if per_head else KVH  # programs per batch entry (and tile)
+    GS = 1 if per_head else G  # query heads a program walks
+    add_tile = st.add_tile
+
+    def kv_head_of(vbk):  # the KV head of program vbk (of the B x PH)
+        return vbk % H // G if per_head else vbk % KVH
+
+    def first_head(vbk, hk):  # the first query head a program walks
+        return vbk % H if per_head else hk * G
+
+    @T.macro
+    def store_gradients(dk, dv, dk_part, dv_part, dk_split, dv_split, dk_accum, dv_accum, comp, slot, b, hk, vbk,
+                        acc_k, acc_v, rows, w, lane, nrows):
+        # dK (scaled) and dV: added into the float32 sums (per query head), else written
+        # (store_result: directly, per component or per chunk)
+        if per_head:
+            add_tile(dk_accum, b, hk, acc_k, scale, rows, w, lane, nrows)
+            add_tile(dv_accum, b, hk, acc_v, T.float32(1), rows, w, lane, nrows)
+        else:
+            store_result(dk, dk_part, dk_split, comp, slot, b, hk, vbk, acc_k, scale, rows, w, lane, nrows)
+            store_result(dv, dv_part, dv_split, comp, slot, b, hk, vbk, acc_v, T.float32(1), rows, w, lane, nrows)
 
     @T.macro
     def probabilities_t(sacc, dpacc, rng, full, stats, stg, lane):
@@ -970,10 +1102,12 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
         dk_split: T.Buffer(split_part_shape(spec, plan_shape, KVH), "float32"),
         dv_split: T.Buffer(split_part_shape(spec, plan_shape, KVH), "float32"),
         dq_accum: T.Buffer((B, H, N, D) if fused_dq else (1,), "float32"),
+        dk_accum: T.Buffer((B, KVH, N, D) if per_head else (1,), "float32"),
+        dv_accum: T.Buffer((B, KVH, N, D) if per_head else (1,), "float32"),
     ):
         T.func_attr({"global_symbol": "bwd_dkdv", "tirx.noalias": True})
         for vt in T.thread_binding(NT, thread="blockIdx.x"):
-            for vbk in T.thread_binding(B * KVH, thread="blockIdx.y"):
+            for vbk in T.thread_binding(B * PH, thread="blockIdx.y"):
                 for w in T.thread_binding(W, thread="threadIdx.y"):
                     for lane in T.thread_binding(32, thread="threadIdx.x"):
                         with T.sblock("tile"):
@@ -1002,8 +1136,11 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
                             # fused_dq: 1 when the tile's K holds a NaN or inf; dQ^T accumulators
                             kbad = T.sblock_alloc_buffer((1,), "int32", scope="shared")
                             dqacc = T.sblock_alloc_buffer((NTL * 4,), "float32", scope="local")
-                            b: T.let[T.int32] = vbk // KVH
-                            hk: T.let[T.int32] = vbk % KVH
+                            # fused_dq="bulk": the step's dQ rows, staged for their bulk reductions
+                            dqstage = T.sblock_alloc_buffer((BC * st.DQS if bulk else 1,), "float32", scope="shared",
+                                                            align=16)
+                            b: T.let[T.int32] = vbk // PH
+                            hk: T.let[T.int32] = kv_head_of(vbk)
                             hm: T.let[T.int32] = hk * G % HM  # the group's one mask head
                             row0: T.let[T.int32] = ttiles[hm, vt, 0]
                             rstr: T.let[T.int32] = ttiles[hm, vt, 1]
@@ -1016,22 +1153,25 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
                             if fused_dq:
                                 if tid == 0:
                                     T.ptx.st.shared.b32(T.address_of(kbad[0]), 0)
-                            load_tile(smem, k, v, b, hk, row0, rstr, nrows, nblk > 0, q, dout, hk * G,
+                            load_tile(smem, k, v, b, hk, row0, rstr, nrows, nblk > 0, q, dout, first_head(vbk, hk),
                                       tblocks[hm, blk_lo, 0], tblocks[hm, blk_lo, 1], tid, stats, lse, delta)
                             cache_row_segments(sg, rows, tseg_start, tseg_count, tseg_sigma, hm, w, lane, nrows)
                             T.tvm_storage_sync("shared.dyn")  # the flags' zeros come before any tag
                             if fused_dq:
                                 flag_tile(smem, kbad, words, nonfinite, tid)
-                            # step t: query head hk * G + t // nblk of the group, block t % nblk
-                            for t in T.serial(G * nblk):
-                                h: T.let[T.int32] = hk * G + t // nblk
+                            # step t: query head first_head + t // nblk of the program's GS, block t % nblk
+                            for t in T.serial(GS * nblk):
+                                h: T.let[T.int32] = first_head(vbk, hk) + t // nblk
                                 col0: T.let[T.int32] = tblocks[hm, blk_lo + t % nblk, 0]
                                 sig: T.let[T.int32] = tblocks[hm, blk_lo + t % nblk, 1]
                                 full: T.let[T.int32] = tblocks[hm, blk_lo + t % nblk, 2]
                                 stg: T.let[T.int32] = t % stages
                                 await_block(smem, q, dout, b, h, col0, sig, tid, stats, lse, delta)
                                 flag_block(smem, bad, stg, words, nonfinite, t + 1, full, True, tid)  # Q's and dO's rows
-                                publish_block(smem, q, dout, b, t + 1 < G * nblk, hk * G + (t + 1) // nblk,
+                                if bulk:  # the previous step's staged dQ rows are read, before the barrier
+                                    dq_staging_free()
+                                publish_block(smem, q, dout, b, t + 1 < GS * nblk,
+                                              first_head(vbk, hk) + (t + 1) // nblk,
                                               tblocks[hm, blk_lo + (t + 1) % nblk, 0],
                                               tblocks[hm, blk_lo + (t + 1) % nblk, 1], (t + 1) % stages, tid, stats,
                                               lse, delta)
@@ -1058,18 +1198,24 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
                                 if not overlap:
                                     accumulate_block(acc_k, dsf, acc_v, pf, True, smem, bf, desc, bad, flag, stg, t + 1,
                                                      w, lane)  # dK += dS^T Q, dV += P^T dO
-                                if fused_dq:  # dQ added by atomics (accumulate_block waited for its group)
+                                if bulk:  # dQ rows staged, then one bulk reduction each
+                                    stage_dq_rows(dqstage, dqacc, w, lane)
+                                    T.tvm_storage_sync("shared")
+                                    dq_bulk_add(dq_accum, dqstage, b, h, col0, sig, tid)
+                                elif fused_dq:  # dQ added by atomics (accumulate_block waited for its group)
                                     dq_atomics(dq_accum, dqacc, b, h, col0, sig, w, lane)
+                            if bulk:
+                                dq_bulk_done()
                             if overlap:
-                                last_accumulation(acc_k, dsf, acc_v, pf, True, smem, bf, desc, bad, flag, G * nblk, w,
+                                last_accumulation(acc_k, dsf, acc_v, pf, True, smem, bf, desc, bad, flag, GS * nblk, w,
                                                   lane)
-                            store_result(dk, dk_part, dk_split, ttiles[hm, vt, 3], ttiles[hm, vt, 6], b, hk, vbk,
-                                         acc_k, scale, rows, w, lane, nrows)
-                            store_result(dv, dv_part, dv_split, ttiles[hm, vt, 3], ttiles[hm, vt, 6], b, hk, vbk,
-                                         acc_v, T.float32(1), rows, w, lane, nrows)
+                            store_gradients(dk, dv, dk_part, dv_part, dk_split, dv_split, dk_accum, dv_accum,
+                                            ttiles[hm, vt, 3], ttiles[hm, vt, 6], b, hk, vbk, acc_k, acc_v, rows, w,
+                                            lane, nrows)
 
-    return _without(bwd_dkdv, ("dk_part", "dv_part") * direct + ("dk_split", "dv_split") * (not plan_shape.num_slots)
-                    + ("dq_accum",) * (not fused_dq))
+    return _without(bwd_dkdv, ("dk_part", "dv_part") * (direct or per_head)
+                    + ("dk_split", "dv_split") * (not plan_shape.num_slots or per_head)
+                    + ("dq_accum",) * (not fused_dq) + ("dk_accum", "dv_accum") * (not per_head))
 
 
 def delta_func(spec: AttentionSpec):
@@ -1132,6 +1278,29 @@ def dq_cast_func(spec: AttentionSpec):
                 dq[vb, vh, vi, vd] = T.Cast(dt, dq_accum[vb, vh, vi, vd] * scale)
 
     return bwd_dq_cast
+
+
+def kv_cast_func(spec: AttentionSpec):
+    """``bwd_kv_cast`` (after the per-query-head ``bwd_dkdv``): ``dk = dk_accum``, ``dv =
+    dv_accum`` cast to the input dtype, the float32 sums ``[B, KVH, N, D]`` the programs added
+    (dK already scaled). One element per loop iteration (the GPU schedule gives each its thread)."""
+    B, KVH, N, D, dt = spec.batch, spec.kv_heads, spec.seq_len, spec.head_dim, spec.dtype
+
+    @T.prim_func(s_tir=True)
+    def bwd_kv_cast(
+        dk_accum: T.Buffer((B, KVH, N, D), "float32"),
+        dv_accum: T.Buffer((B, KVH, N, D), "float32"),
+        dk: T.Buffer((B, KVH, N, D), dt),
+        dv: T.Buffer((B, KVH, N, D), dt),
+    ):
+        T.func_attr({"global_symbol": "bwd_kv_cast", "tirx.noalias": True})
+        for b, h, i, d in T.grid(B, KVH, N, D):
+            with T.sblock(SUM_BLOCK):
+                vb, vh, vi, vd = T.axis.remap("SSSS", [b, h, i, d])
+                dk[vb, vh, vi, vd] = T.Cast(dt, dk_accum[vb, vh, vi, vd])
+                dv[vb, vh, vi, vd] = T.Cast(dt, dv_accum[vb, vh, vi, vd])
+
+    return bwd_kv_cast
 
 
 def sum_components_func(spec: AttentionSpec, num_components: int, kv: bool = False):

@@ -32,7 +32,7 @@ from tvm import s_tir
 from ..kernels.backward import BackwardSpec
 from ..kernels.backward_mma import (SPLIT_SUM_BLOCK, SUM_BLOCK, backward_dkdv_mma_func, backward_dq_mma_func,
                                     check_backward_mma_plan, check_backward_mma_shape, delta_func, dq_cast_func,
-                                    split_sum_func, sum_components_func)
+                                    fused_dq_form, kv_cast_func, split_sum_func, sum_components_func)
 from ..kernels.tiled import merge_func, split_merge_func
 from ..kernels.tiled_mma import MMA_TYPES, check_mma_shape, check_tma_shape, tiled_mma_func
 from .targets import as_target, is_gpu, supports_wgmma
@@ -120,7 +120,15 @@ class BackwardMmaKnobs:
     float32 atomic per score (about 1e9 for either d=128 case); where the CTAs running at once
     touch more dQ rows than the L2 holds (Mistral: 8 query heads, 34 MB of float32 dQ, against
     9.7 MB for the window) they run at half the rate (an inference from the figures, not
-    profiled)."""
+    profiled). ``fused_dq="bulk"``: the same dQ products, each step's dQ rows staged as float32
+    in shared memory and added by one ``cp.reduce.async.bulk`` per row (FlashAttention-3's
+    TMA reduce-add, 64 asynchronous reductions per step in place of 8192 atomics); compiled and
+    CPU-tested, **not yet run on a GPU**. ``per_query_head`` (fused dQ with grouped KV heads):
+    one ``bwd_dkdv`` program per query head instead of per KV head (FlashAttention-3's grid),
+    so the programs running at once add dQ into the rows of 2 query heads instead of 8 on
+    Mistral's grid (about 8 MB of float32 instead of 34); dK and dV are added by atomics into
+    float32 buffers (about 67 M on Mistral against 1e9 for dQ) and cast by ``bwd_kv_cast``;
+    aimed at the Mistral figure above, **not yet run on a GPU**."""
 
     forward: TiledKnobs
     br: int = BACKWARD_BR
@@ -130,7 +138,8 @@ class BackwardMmaKnobs:
     stages: int = 2
     split_blocks: int = -1
     wgmma: bool = False
-    fused_dq: bool = False
+    fused_dq: bool | str = False
+    per_query_head: bool = False
 
 
 def default_backward_mma_knobs(spec: BackwardSpec, target, forward: TiledKnobs | None = None) -> BackwardMmaKnobs:
@@ -184,6 +193,9 @@ def tensor_core_training_refusal(spec: BackwardSpec, target, knobs: BackwardMmaK
         check_backward_mma_shape(rows, knobs.br, knobs.dq_bc, knobs.warps, knobs.stages, knobs.wgmma)
         check_backward_mma_shape(spec.columns, knobs.br, knobs.dkdv_bc, knobs.warps, knobs.stages, knobs.wgmma,
                                  knobs.fused_dq)
+        if knobs.per_query_head and not fused_dq_form(knobs.fused_dq):
+            raise ValueError("per_query_head is a form of the fused dQ backward (fused_dq): without it a program per "
+                             "query head would need the group's dK/dV summed across programs")
         for plan in plans:
             check_backward_mma_plan(plan.shape, plan.num_comp)
     except ValueError as err:
@@ -195,6 +207,13 @@ def _flat(func, block):
     sch = s_tir.Schedule(func)
     bind_flat_gpu(sch, block)
     return sch.mod["main"]
+
+
+def per_query_head_sums(spec: BackwardSpec, knobs: BackwardMmaKnobs) -> bool:
+    """Whether ``bwd_dkdv`` runs one program per query head and adds dK, dV into float32 sums
+    (``per_query_head`` with the fused dQ and grouped KV heads; with one query head per KV head
+    the knob changes nothing)."""
+    return bool(knobs.per_query_head and fused_dq_form(knobs.fused_dq) and spec.rows.group > 1)
 
 
 def backward_mma_funcs(spec: BackwardSpec, knobs: BackwardMmaKnobs, plan_shapes) -> dict:
@@ -209,7 +228,10 @@ def backward_mma_funcs(spec: BackwardSpec, knobs: BackwardMmaKnobs, plan_shapes)
     funcs = {"fwd_lse": tiled_mma_func(spec.rows, fwd, f.warps, f.m_tiles, f.stages, wgmma=f.wgmma, tma=f.tma,
                                        with_lse=True),
              "bwd_dkdv": backward_dkdv_mma_func(spec.columns, dkdv, knobs.warps, knobs.stages, knobs.wgmma,
-                                                knobs.fused_dq)}
+                                                knobs.fused_dq, knobs.per_query_head)}
+    kv_sums = per_query_head_sums(spec, knobs)
+    if kv_sums:  # dK, dV added into float32 sums by the per-query-head programs: the cast after
+        funcs["bwd_kv_cast"] = _flat(kv_cast_func(spec.columns), SUM_BLOCK)
     if knobs.fused_dq:  # dQ by bwd_dkdv: delta before it, the cast after
         funcs["bwd_delta"] = delta_func(spec.rows)
         funcs["bwd_dq_cast"] = _flat(dq_cast_func(spec.rows), SUM_BLOCK)
@@ -219,12 +241,12 @@ def backward_mma_funcs(spec: BackwardSpec, knobs: BackwardMmaKnobs, plan_shapes)
         funcs["fwd_split_merge"] = _flat(split_merge_func(spec.rows, fwd, with_lse=True), "merge_row")
     if dq.num_slots and not knobs.fused_dq:
         funcs["bwd_dq_split_sum"] = _flat(split_sum_func(spec.rows, dq), SPLIT_SUM_BLOCK)
-    if dkdv.num_slots:
+    if dkdv.num_slots and not kv_sums:
         funcs["bwd_dkdv_split_sum"] = _flat(split_sum_func(spec.columns, dkdv, kv=True), SPLIT_SUM_BLOCK)
     if fwd.num_components > 1:
         funcs["fwd_merge"] = _flat(merge_func(spec.rows, fwd.num_components, with_lse=True), "merge_row")
     if dq.num_components > 1 and not knobs.fused_dq:
         funcs["bwd_dq_sum"] = _flat(sum_components_func(spec.rows, dq.num_components), SUM_BLOCK)
-    if dkdv.num_components > 1:
+    if dkdv.num_components > 1 and not kv_sums:
         funcs["bwd_dkdv_sum"] = _flat(sum_components_func(spec.columns, dkdv.num_components, kv=True), SUM_BLOCK)
     return funcs
