@@ -1,27 +1,16 @@
 """benchmarks/e2e_models.py at its --tiny size on the CPU: both models go through torch.export,
 SparsifyAttention and tvm.compile, and every implementation's output matches PyTorch eager."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("torch")
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "e2e_models.py"
+SCRIPT = "benchmarks/e2e_models.py"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("e2e_models", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_tiny_run_matches_pytorch_and_writes_json(tmp_path):
+def test_tiny_run_matches_pytorch_and_writes_json(tmp_path, repo_script):
     out = tmp_path / "e2e.json"
-    script = _load_script()
+    script = repo_script(SCRIPT)
     script.main(["--tiny", "--out", str(out)])
     result = json.loads(out.read_text())
     assert result["meta"]["tiny"] and {c["model"] for c in result["cases"]} == {"mistral", "longformer"}
@@ -41,8 +30,8 @@ def test_tiny_run_matches_pytorch_and_writes_json(tmp_path):
     assert again["cases"] == result["cases"]
 
 
-def test_mistral_window_is_the_last_4096_keys():
-    config = _load_script().MODELS["mistral"]
+def test_mistral_window_is_the_last_4096_keys(repo_script):
+    config = repo_script(SCRIPT).MODELS["mistral"]
     mask = config.pattern().dense_mask(5000)
     assert mask[4999].sum() == 4096 and mask[4999, 4999] and not mask[4999, 903] and mask[4999, 904]
     assert not mask[10, 11]  # causal

@@ -1,17 +1,7 @@
 """benchmarks/run_gpu_tests.py on a throwaway test file: ids collected or read from a file, split
 over shards, each shard's JUnit totals summed, a failure or a shard past the limit reported in the
 exit code."""
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "run_gpu_tests.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("run_gpu_tests", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+SCRIPT = "benchmarks/run_gpu_tests.py"
 
 
 def _test_file(tmp_path, body):
@@ -21,7 +11,7 @@ def _test_file(tmp_path, body):
     return path
 
 
-def test_shards_run_every_collected_id_and_a_failure_sets_the_exit_code(tmp_path, capsys, monkeypatch):
+def test_shards_run_every_collected_id_and_a_failure_sets_the_exit_code(tmp_path, capsys, monkeypatch, repo_script):
     cases = _test_file(tmp_path, "import pytest\n\n"
                                  "@pytest.mark.parametrize('i', range(5))\n"
                                  "def test_ok(i):\n    assert i >= 0\n\n"
@@ -29,21 +19,22 @@ def test_shards_run_every_collected_id_and_a_failure_sets_the_exit_code(tmp_path
                                  "def test_bad():\n    assert 1 == 2\n")
     out = tmp_path / "out"
     monkeypatch.chdir(tmp_path)  # ids are relative to the working directory (the repository root in use)
-    assert _script().main([str(out), "3", str(cases.relative_to(tmp_path))]) == 1
+    assert repo_script(SCRIPT).main([str(out), "3", str(cases.relative_to(tmp_path))]) == 1
     printed = capsys.readouterr().out
     assert "7 ids, 3 shards" in printed and "7 ran, 1 failed, 1 skipped" in printed
     ids = sorted(line for s in range(3) for line in (out / f"shard{s}.ids").read_text().splitlines())
     assert len(ids) == 7 and len(set(ids)) == 7 and all((out / f"shard{s}.xml").exists() for s in range(3))
 
 
-def test_ids_from_a_file_and_a_shard_past_the_limit_is_killed(tmp_path, capsys, monkeypatch):
+def test_ids_from_a_file_and_a_shard_past_the_limit_is_killed(tmp_path, capsys, monkeypatch, repo_script):
     cases = _test_file(tmp_path, "import time\n\n"
                                  "def test_quick():\n    pass\n\n"
                                  "def test_slow():\n    time.sleep(60)\n")
     ids = tmp_path / "ids.txt"
     monkeypatch.chdir(tmp_path)
-    ids.write_text("cases/test_cases.py::test_quick\ncases/test_cases.py::test_slow\n")
-    assert _script().main([str(tmp_path / "out"), "2", "--ids", str(ids), "--limit", "15"]) == 1
+    relative = cases.relative_to(tmp_path)
+    ids.write_text(f"{relative}::test_quick\n{relative}::test_slow\n")
+    assert repo_script(SCRIPT).main([str(tmp_path / "out"), "2", "--ids", str(ids), "--limit", "15"]) == 1
     printed = capsys.readouterr().out
     assert "shard 1: killed at the limit" in printed and "shards killed: [1]" in printed
     assert "shard 0: (1, 0, 0)" in printed

@@ -1,19 +1,15 @@
 """benchmarks/training_host_time.py on the CPU at a tiny shape: every row (the plan's own
 forward and backward, the op eager and compiled) is timed and written, with no kernel column."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("torch")
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "training_host_time.py"
+SCRIPT = "benchmarks/training_host_time.py"
 
 
-def test_tiny_cpu_run_writes_every_row(tmp_path):
-    spec = importlib.util.spec_from_file_location("training_host_time", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+def test_tiny_cpu_run_writes_every_row(tmp_path, repo_script):
+    script = repo_script(SCRIPT)
     out = tmp_path / "host.json"
     script.main(str(out), "global:2+window:4", (1, 2, 32, 16), "cpu")
     result = json.loads(out.read_text())
@@ -24,12 +20,10 @@ def test_tiny_cpu_run_writes_every_row(tmp_path):
         assert row["host_us"] > 0 and row["throughput_us"] > 0 and row["kernel_us"] is None, row
 
 
-def test_profile_of_the_compiled_row_names_the_custom_ops():
+def test_profile_of_the_compiled_row_names_the_custom_ops(repo_script):
     """``--profile CALL`` on the compiled row: cProfile's table and torch.profiler's, in which
     the compiled graph's calls of the two custom ops appear by name."""
-    spec = importlib.util.spec_from_file_location("training_host_time", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = repo_script(SCRIPT)
     import torch
 
     from tvm_splat.autograd import register_mask, sparse_attention

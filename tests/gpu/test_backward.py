@@ -120,7 +120,6 @@ def _tensor_core_plan(mask, heads, kv_heads, n, d, dtype, stages=None, **knobs):
     (None: the default); ``knobs``: other :class:`BackwardMmaKnobs` overrides (``wgmma=True``)."""
     import dataclasses
 
-    from tvm_splat.schedules.backward_mma import default_backward_mma_knobs
     from tvm_splat.training import plan_training
 
     shapes = ((2, heads, n, d), (2, kv_heads, n, d), str(dtype).replace("torch.", ""), "cuda")

@@ -856,7 +856,7 @@ def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages
     forward's two-stage form); ``stages=1``: plain loads, two. ``wgmma``: the Hopper form (the
     module docstring)."""
     st = _steps(spec, plan_shape, warps, stages, wgmma=wgmma)
-    tile_row, acc_col, full_row_sum, select_in_ranges = st.tile_row, st.acc_col, st.full_row_sum, st.select_in_ranges
+    tile_row, full_row_sum, select_in_ranges = st.tile_row, st.full_row_sum, st.select_in_ranges
     block_ranges = st.block_ranges
     start_tile, load_tile, cache_row_segments, await_block = (st.start_tile, st.load_tile, st.cache_row_segments,
                                                               st.await_block)
