@@ -252,6 +252,19 @@ def test_fused_dq_training_matches_float64_at_dense_sdpa_error(name, mask, heads
     assert (dq.cpu()[:, torch.from_numpy(empty)] == 0).all()
 
 
+def test_fused_dq_bulk_with_more_block_columns_than_threads():
+    """``fused_dq="bulk"`` at head_dim 64 (4 warps, 128 threads) with 144-column dK/dV blocks:
+    the staged dQ rows past the thread count are added by the threads' second turn (a window
+    wide enough that every block is full of columns), against the float64 reference."""
+    if not _hopper():
+        pytest.skip("wgmma needs an sm_90 GPU")
+    mask, heads, kv_heads, n, d, dtype = Window(100), 4, 2, 700, 64, torch.float16
+    plan = _tensor_core_plan(mask, heads, kv_heads, n, d, dtype, **_fused_dq_knobs(d, "bulk"), dkdv_bc=144)
+    assert plan.mma_knobs.dkdv_bc == 144 > 32 * plan.mma_knobs.warps
+    q, k, v, dout = _inputs(2, heads, kv_heads, n, d, dtype, seed=5)
+    _check_against_float64(plan, q, k, v, dout, dtype)
+
+
 #: split-KV of the backward plans, forced small (chunks of 2 blocks) so these shapes split:
 #: global rows and columns (GQA), with two components (MQA), per-head masks
 SPLIT_CASES = [TC_CASES[2], MULTI_COMPONENT_CASES[2],

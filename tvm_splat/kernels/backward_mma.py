@@ -87,7 +87,8 @@ yet run on a GPU**):
   staged as dQ rows, float32 ``[BC, D + 4]`` in static shared memory (the padding puts a warp's
   32 stores in 32 banks), published by ``fence.proxy.async`` and a barrier, and thread ``c``
   adds row ``c`` into ``dq_accum`` with one ``cp.reduce.async.bulk.global.shared::cta
-  .bulk_group.add.f32`` of ``D x 4`` bytes (FlashAttention-3's TMA reduce-add): BC
+  .bulk_group.add.f32`` of ``D x 4`` bytes (rows past the thread count by thread ``c mod``
+  the thread count; FlashAttention-3's TMA reduce-add): BC
   asynchronous reductions per step instead of BC x D atomics, at one more barrier per step.
   Before the barrier that precedes the next staging each thread waits until its reductions
   have read their rows (``cp.async.bulk.wait_group.read 0``), and before the program ends
@@ -811,13 +812,14 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
 
     @T.macro
     def dq_bulk_add(dq_accum, dqstage, b, h, col0, sig, tid):
-        # thread c < the block's rows: dq_accum[b, h, col0 + sig c, :] += staged row c, one bulk
-        # reduction in its own bulk group
-        if tid < block_rows(col0, sig):
-            T.ptx["cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32"](
-                T.address_of(dq_accum[b, h, col0 + sig * tid, 0]), T.address_of(dqstage[tid * DQS]),
-                T.uint32(D * 4))
-            T.ptx["cp.async.bulk.commit_group"]()
+        # row c < the block's rows, by thread c % NTHR: dq_accum[b, h, col0 + sig c, :] +=
+        # staged row c, one bulk reduction each, committed as one bulk group
+        for it in T.serial((BC + NTHR - 1) // NTHR):
+            if it * NTHR + tid < block_rows(col0, sig):
+                T.ptx["cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32"](
+                    T.address_of(dq_accum[b, h, col0 + sig * (it * NTHR + tid), 0]),
+                    T.address_of(dqstage[(it * NTHR + tid) * DQS]), T.uint32(D * 4))
+        T.ptx["cp.async.bulk.commit_group"]()
 
     @T.macro
     def dq_staging_free():
