@@ -5,10 +5,9 @@ form's output, per case; JSON to $OUT/ab_wgmma.json. Forms by name on the comman
 
     AB_CASES=0,1,2 python benchmarks/tensor_core_forms_ab.py wg_128_s2 wg_128_s2_tma wg_64_s2 wg_64_s2_tma
 """
-import json, sys, os, time
+import json, sys, os
 import torch
 from tvm_splat import sparse_attention
-from tvm_splat.attention import plan_for
 from tvm_splat.schedules.tiled import TiledKnobs
 
 CASES = [("window:1024", 1, 16, 16, 32768, 128), ("causal_window:4095", 1, 32, 8, 16384, 128),

@@ -1,6 +1,5 @@
 """LegalizeIntegerPower: x ** k (k = 1..4) as products; no fast-math powf left for CUDA."""
 import numpy as np
-import pytest
 import torch
 import tvm
 from tvm import relax
