@@ -228,6 +228,8 @@ FUSED_FORMS = [("atomics", True, False), ("bulk", "bulk", False), ("atomics per 
 #: every case in both reductions; one program per query head where KV heads are grouped
 FUSED_PARAMS = [pytest.param(*case, form, per_head, id=f"{case[0]}-{form_id}") for case in TC_CASES
                 for form_id, form, per_head in FUSED_FORMS if not per_head or case[3] < case[2]]
+#: form id -> (fused_dq, per_query_head), for the tests that name a form
+FUSED_FORM = {form_id: (form, per_head) for form_id, form, per_head in FUSED_FORMS}
 
 
 @pytest.mark.parametrize("d", [64, 128])
@@ -274,8 +276,8 @@ SPLIT_CASES = [TC_CASES[2], MULTI_COMPONENT_CASES[2],
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name,mask,heads,kv_heads,n", SPLIT_CASES, ids=[c[0] for c in SPLIT_CASES])
-@pytest.mark.parametrize("wgmma,stages,fused", [(False, 2, False), (True, 2, False), (True, 3, False), (True, 2, True),
-                                                (True, 2, "bulk"), (True, 2, "bulk per head")],
+@pytest.mark.parametrize("wgmma,stages,fused", [(False, 2, None), (True, 2, None), (True, 3, None),
+                                                (True, 2, "atomics"), (True, 2, "bulk"), (True, 2, "bulk per head")],
                          ids=["mma", "wgmma", "wgmma overlapped", "wgmma fused dq", "wgmma fused dq bulk",
                               "wgmma fused dq bulk per head"])
 def test_split_training_matches_float64_at_dense_sdpa_error(name, mask, heads, kv_heads, n, dtype, d, wgmma, stages,
@@ -284,8 +286,9 @@ def test_split_training_matches_float64_at_dense_sdpa_error(name, mask, heads, k
     chunk states merged with their lse by fwd_split_merge; each backward chunk writes a float32
     slot that split_sum adds, before the component sum where there are several) against the
     float64 dense reference, at the tolerance of the default-knob test; with the backward
-    kernels in their mma and wgmma forms (``fused``: the fused-dQ form, whose chunks add their
-    dQ by atomics or bulk reductions like whole tiles; per head: their dK and dV too)."""
+    kernels in their mma and wgmma forms (``fused``: a fused-dQ form of ``FUSED_FORM``, whose
+    chunks add their dQ by atomics or bulk reductions like whole tiles; per head: their dK and dV
+    too)."""
     import dataclasses
 
     from tvm_splat.training import plan_training
@@ -295,9 +298,8 @@ def test_split_training_matches_float64_at_dense_sdpa_error(name, mask, heads, k
     base = _tensor_core_plan(mask, heads, kv_heads, n, d, dtype)
     forward = dataclasses.replace(base.mma_knobs.forward, split_blocks=2)
     knobs = dataclasses.replace(base.mma_knobs, **{"split_blocks": 2, "wgmma": wgmma, "stages": stages,
-                                                   "forward": forward, **(_fused_dq_knobs(
-                                                       d, "bulk" if fused in ("bulk", "bulk per head") else True,
-                                                       fused == "bulk per head") if fused else {})})
+                                                   "forward": forward,
+                                                   **(_fused_dq_knobs(d, *FUSED_FORM[fused]) if fused else {})})
     plan = plan_training(mask, (2, heads, n, d), (2, kv_heads, n, d), str(dtype).replace("torch.", ""), "cuda",
                          mma_knobs=knobs)
     assert plan.kernels == "tensor-cores" and all(p.shape.num_slots for p in plan.tile_plans), repr(plan)
@@ -335,8 +337,8 @@ def test_tensor_core_kernels_one_by_one_against_the_row_kernels(name, mask, head
         assert rel(a, b) <= 8 * EPS[dtype], f"{which}: {rel(a, b):.3g}"
 
 
-@pytest.mark.parametrize("stages,wgmma", [(2, False), (1, False), (2, True), (1, True), (3, True), (2, "fused"),
-                                          (2, "fused bulk"), (2, "fused bulk per head")],
+@pytest.mark.parametrize("stages,wgmma", [(2, False), (1, False), (2, True), (1, True), (3, True), (2, "atomics"),
+                                          (2, "bulk"), (2, "bulk per head")],
                          ids=["2 stages", "1 stage", "2 stages wgmma", "1 stage wgmma", "3 stages wgmma overlapped",
                               "wgmma fused dq", "wgmma fused dq bulk", "wgmma fused dq bulk per head"])
 @pytest.mark.parametrize("d", [64, 128])
@@ -347,14 +349,14 @@ def test_tensor_core_nan_in_masked_out_rows_does_not_leak(dtype, d, stages, wgmm
     hold such rows take the exact CUDA-core path, whose float32 sums run in another order than
     the tensor cores'), the lse bit for bit, and the gradients of the unseen keys and empty
     queries exactly zero. ``wgmma``: the backward kernels' Hopper form (their exact path is the
-    same CUDA-core code over its core-matrix layout); ``"fused"``: the fused-dQ form, whose key
-    tiles holding the NaN keys take its exact dQ path (CUDA cores, zero entries of dS skipped)."""
+    same CUDA-core code over its core-matrix layout); a form name of ``FUSED_FORM``: that fused-dQ
+    form, whose key tiles holding the NaN keys take its exact dQ path (CUDA cores, zero entries
+    of dS skipped)."""
     if wgmma and not _hopper():
         pytest.skip("wgmma needs an sm_90 GPU")
     n, heads, kv_heads = 150, 4, 2
     acsr = _affine_with_empty_rows(n)
-    fused = {"fused": (True, False), "fused bulk": ("bulk", False), "fused bulk per head": ("bulk", True)}
-    knobs = _fused_dq_knobs(d, *fused[wgmma]) if wgmma in fused else {"wgmma": True} if wgmma else {}
+    knobs = _fused_dq_knobs(d, *FUSED_FORM[wgmma]) if isinstance(wgmma, str) else {"wgmma": True} if wgmma else {}
     plan = _tensor_core_plan(acsr, heads, kv_heads, n, d, dtype, stages, **knobs)
     q, k, v, dout = _inputs(2, heads, kv_heads, n, d, dtype, seed=7)
     out, lse = plan.forward(q, k, v)

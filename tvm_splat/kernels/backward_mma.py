@@ -170,7 +170,8 @@ from .tiled_mma import (MMA_TYPES, ROW_PAD, SHARED_BYTES_MAX, WGMMA_PAIR_TYPES, 
 
 __all__ = ["BACKWARD_MMA_KERNEL_NAMES", "check_backward_mma_shape", "check_backward_mma_plan", "part_shape",
            "split_part_shape", "backward_dq_mma_func", "backward_dkdv_mma_func", "sum_components_func",
-           "split_sum_func", "delta_func", "dq_cast_func", "kv_cast_func", "fused_dq_form", "dq_stage_bytes"]
+           "split_sum_func", "delta_func", "dq_cast_func", "kv_cast_func", "fused_dq_form", "dq_stage_bytes",
+           "per_query_head_programs"]
 
 BACKWARD_MMA_KERNEL_NAMES = ("bwd_dq", "bwd_dkdv")
 #: the blocks of :func:`sum_components_func` and :func:`split_sum_func` (what their GPU schedule binds)
@@ -191,15 +192,22 @@ def fused_dq_form(fused_dq) -> str | None:
     raise ValueError(f"fused_dq must be False, True (\"atomics\") or \"bulk\", got {fused_dq!r}")
 
 
+#: float32 words of padding per staged dQ row (:func:`dq_stage_bytes`)
+DQ_STAGE_PAD = 4
+
+
+def per_query_head_programs(spec: AttentionSpec, fused_dq, per_query_head: bool) -> bool:
+    """Whether ``bwd_dkdv`` runs one program per query head, adding dK and dV into float32 sums:
+    ``per_query_head`` with a fused dQ form and grouped KV heads (with one query head per KV
+    head the knob changes nothing)."""
+    return bool(per_query_head and fused_dq_form(fused_dq) and spec.group > 1)
+
+
 def dq_stage_bytes(bc: int, d: int, fused_dq) -> int:
     """Bytes of the bulk fused-dQ form's float32 staging of a step's dQ rows, ``[bc, d + 4]``
     (0 in the other forms): the 4 words of padding put the 32 stores of a warp (4 block columns
     x 8 head-dim rows of the accumulator layout) in 32 different banks."""
     return 4 * bc * (d + DQ_STAGE_PAD) if fused_dq_form(fused_dq) == "bulk" else 0
-
-
-#: float32 words of padding per staged dQ row (:func:`dq_stage_bytes`)
-DQ_STAGE_PAD = 4
 
 
 def check_backward_mma_shape(spec: AttentionSpec, br: int, bc: int, warps: int, stages: int = 2,
@@ -1049,7 +1057,7 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
     direct = C <= 1
     BC, W, DT, NTL, SMEM = st.BC, st.W, st.DT, st.NTL, st.SMEM
     c2, log2e, scale = T.float32(spec.scale * LOG2E), T.float32(LOG2E), T.float32(spec.scale)
-    per_head = per_query_head and G > 1
+    per_head = per_query_head_programs(spec, fused_dq, per_query_head)
     PH = H if per_head else KVH  # programs per batch entry (and tile)
     GS = 1 if per_head else G  # query heads a program walks
     add_tile = st.add_tile

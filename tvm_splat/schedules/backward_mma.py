@@ -32,7 +32,8 @@ from tvm import s_tir
 from ..kernels.backward import BackwardSpec
 from ..kernels.backward_mma import (SPLIT_SUM_BLOCK, SUM_BLOCK, backward_dkdv_mma_func, backward_dq_mma_func,
                                     check_backward_mma_plan, check_backward_mma_shape, delta_func, dq_cast_func,
-                                    fused_dq_form, kv_cast_func, split_sum_func, sum_components_func)
+                                    fused_dq_form, kv_cast_func, per_query_head_programs, split_sum_func,
+                                    sum_components_func)
 from ..kernels.tiled import merge_func, split_merge_func
 from ..kernels.tiled_mma import MMA_TYPES, check_mma_shape, check_tma_shape, tiled_mma_func
 from .targets import as_target, is_gpu, supports_wgmma
@@ -213,7 +214,7 @@ def per_query_head_sums(spec: BackwardSpec, knobs: BackwardMmaKnobs) -> bool:
     """Whether ``bwd_dkdv`` runs one program per query head and adds dK, dV into float32 sums
     (``per_query_head`` with the fused dQ and grouped KV heads; with one query head per KV head
     the knob changes nothing)."""
-    return bool(knobs.per_query_head and fused_dq_form(knobs.fused_dq) and spec.rows.group > 1)
+    return per_query_head_programs(spec.columns, knobs.fused_dq, knobs.per_query_head)
 
 
 def backward_mma_funcs(spec: BackwardSpec, knobs: BackwardMmaKnobs, plan_shapes) -> dict:
