@@ -11,7 +11,9 @@ as ``pytest --collect-only -q`` prints them) or from collecting ``PYTEST_ARGS`` 
 shards' ``--rootdir``); shard ``s`` takes every ``SHARDS``-th id from ``s`` on. Each shard writes
 ``OUT_DIR/shard<s>.log`` and a JUnit ``OUT_DIR/shard<s>.xml``; a shard still running after
 ``--limit`` seconds (default 540: one device call may run 600) is killed and reported. Prints one
-line per shard and the totals; exits 1 if any test failed or any shard was killed.
+line per shard, the id and first message line of every failed test (what a device call's
+output brings back when its files do not all come back) and the totals; exits 1 if any test
+failed or any shard was killed.
 """
 import argparse
 import os
@@ -36,6 +38,16 @@ def shard_totals(xml_path):
     suites = [root] if root.tag == "testsuite" else list(root)
     total = lambda key: sum(int(s.get(key, 0)) for s in suites)  # noqa: E731
     return total("tests"), total("failures") + total("errors"), total("skipped")
+
+
+def shard_failures(xml_path):
+    """``[(test name, first line of its message)]`` of the failed and erroring tests of one
+    shard's JUnit report (empty without one)."""
+    if not os.path.exists(xml_path):
+        return []
+    return [(case.get("name"), ((child.get("message") or "").strip().splitlines() or [""])[0][:240])
+            for case in ET.parse(xml_path).getroot().iter("testcase")
+            for child in case if child.tag in ("failure", "error")]
 
 
 def main(argv=None):
@@ -77,6 +89,8 @@ def main(argv=None):
         if totals:
             tests, failed, skipped = tests + totals[0], failed + totals[1], skipped + totals[2]
         print(f"shard {s}: {'killed at the limit' if s in killed else totals}", flush=True)
+        for name, message in shard_failures(os.path.join(args.out_dir, f"shard{s}.xml")):
+            print(f"  FAILED {name}: {message}", flush=True)
     print(f"{len(ids)} ids, {len(procs)} shards, {time.monotonic() - start:.0f} s: {tests} ran, "
           f"{failed} failed, {skipped} skipped" + (f", shards killed: {killed}" if killed else ""))
     return 1 if failed or killed else 0

@@ -25,7 +25,8 @@ Two kernel families (``TrainingPlan.kernels``):
   [C, B, KVH, n, head_dim]`` (``C`` the components of that plan, 2 for strided masks) — are
   allocated per call with ``torch.empty`` on the tensors' device (the caching allocator reuses
   them) and freed when the call returns; one-component plans need none. With
-  ``BackwardMmaKnobs.fused_dq`` (an explicit knob) ``bwd_dkdv`` computes dq as well, into a
+  ``BackwardMmaKnobs.fused_dq`` (the default in the wgmma form at head_dim 128 where each
+  key row of the transposed mask is one segment: windows, causal windows) ``bwd_dkdv`` computes dq as well, into a
   zeroed float32 ``dq_accum [B, H, n, head_dim]`` by atomics (or bulk reductions,
   ``fused_dq="bulk"``), between ``bwd_delta`` and ``bwd_dq_cast``, and ``bwd_dq`` does not run;
   with ``per_query_head`` too and grouped KV heads, ``bwd_dkdv`` runs a program per query head

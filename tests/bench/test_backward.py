@@ -24,6 +24,7 @@ def test_tiny_suite_on_the_cpu(tmp_path):
     assert case["reference"] and case["reference_scope"] == "all" and ours["correct"] is True
     assert max(ours["grad_rel_err"].values()) < 1e-5  # float32 against float64
     assert ours["plan"].startswith("TrainingPlan(") and "kernels=rows" in ours["plan"]  # which kernels ran
+    assert ours["backward_knobs"] == {}  # the row kernels have no tile knobs
     for direction in BW.DIRECTIONS:
         assert ours[direction]["throughput_ms"] > 0
         assert ours["speedup"][direction]["sdpa_dense"] == pytest.approx(

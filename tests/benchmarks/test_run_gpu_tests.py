@@ -22,6 +22,7 @@ def test_shards_run_every_collected_id_and_a_failure_sets_the_exit_code(tmp_path
     assert repo_script(SCRIPT).main([str(out), "3", str(cases.relative_to(tmp_path))]) == 1
     printed = capsys.readouterr().out
     assert "7 ids, 3 shards" in printed and "7 ran, 1 failed, 1 skipped" in printed
+    assert printed.count("FAILED ") == 1 and "FAILED test_bad: assert 1 == 2" in printed  # named in the output
     ids = sorted(line for s in range(3) for line in (out / f"shard{s}.ids").read_text().splitlines())
     assert len(ids) == 7 and len(set(ids)) == 7 and all((out / f"shard{s}.xml").exists() for s in range(3))
 

@@ -117,7 +117,9 @@ TC_CASES += MULTI_COMPONENT_CASES
 
 def _tensor_core_plan(mask, heads, kv_heads, n, d, dtype, stages=None, **knobs):
     """The training plan (tensor cores asserted); ``stages``: the backward kernels' K/V stages
-    (None: the default); ``knobs``: other :class:`BackwardMmaKnobs` overrides (``wgmma=True``)."""
+    (None: the default); ``knobs``: other :class:`BackwardMmaKnobs` overrides (``wgmma=True``).
+    A plan with overrides that name no fused-dQ form runs the two kernels (``bwd_dq`` and
+    ``bwd_dkdv``), not the default's fused dQ (head_dim 128, one segment per key row)."""
     import dataclasses
 
     from tvm_splat.training import plan_training
@@ -126,6 +128,8 @@ def _tensor_core_plan(mask, heads, kv_heads, n, d, dtype, stages=None, **knobs):
     plan = plan_training(mask, *shapes)
     if stages is not None and stages != plan.mma_knobs.stages:
         knobs["stages"] = stages
+    if knobs and "fused_dq" not in knobs:
+        knobs.update(fused_dq=False, per_query_head=False)
     if knobs:
         plan = plan_training(mask, *shapes, mma_knobs=dataclasses.replace(plan.mma_knobs, **knobs))
     assert plan.kernels == "tensor-cores", repr(plan)
@@ -299,7 +303,8 @@ def test_split_training_matches_float64_at_dense_sdpa_error(name, mask, heads, k
     forward = dataclasses.replace(base.mma_knobs.forward, split_blocks=2)
     knobs = dataclasses.replace(base.mma_knobs, **{"split_blocks": 2, "wgmma": wgmma, "stages": stages,
                                                    "forward": forward,
-                                                   **(_fused_dq_knobs(d, *FUSED_FORM[fused]) if fused else {})})
+                                                   **(_fused_dq_knobs(d, *FUSED_FORM[fused]) if fused
+                                                      else {"fused_dq": False, "per_query_head": False})})
     plan = plan_training(mask, (2, heads, n, d), (2, kv_heads, n, d), str(dtype).replace("torch.", ""), "cuda",
                          mma_knobs=knobs)
     assert plan.kernels == "tensor-cores" and all(p.shape.num_slots for p in plan.tile_plans), repr(plan)

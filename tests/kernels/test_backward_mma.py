@@ -493,7 +493,8 @@ def test_wgmma_backward_builds_for_sm90a(name, mask, heads, kv_heads, n, d, dtyp
 
     shapes = ((2, heads, n, d), (2, kv_heads, n, d), dtype, "cuda")
     base = plan_training(mask, *shapes, target=H100)
-    knobs = dataclasses.replace(base.mma_knobs, wgmma=True, stages=stages)
+    # the two kernels (at d=128 on one segment per key row the default fuses dQ into bwd_dkdv)
+    knobs = dataclasses.replace(base.mma_knobs, wgmma=True, stages=stages, fused_dq=False, per_query_head=False)
     plan = plan_training(mask, *shapes, target=H100, mma_knobs=knobs)
     assert plan.kernels == "tensor-cores" and plan.mma_knobs.wgmma, repr(plan)
     lib = compile_backward_mma(plan.spec, plan.target, plan.mma_knobs, [p.shape for p in plan.tile_plans],
@@ -646,7 +647,8 @@ def test_chunk_order_fills_core_matrices_without_bank_conflicts(d):
         "h100-d128-dilated"])
 def test_default_backward_knobs_take_wgmma_where_measured_faster(target, d, mask, expected):
     from tvm_splat.schedules.backward_mma import (BACKWARD_BR, WGMMA_BACKWARD_WIDE_HEADS, WGMMA_DKDV_BC_ONE_SEGMENT,
-                                                  default_backward_mma_knobs, tensor_core_training_refusal)
+                                                  WGMMA_FUSED_DQ_ONE_SEGMENT, default_backward_mma_knobs,
+                                                  tensor_core_training_refusal)
     from tvm_splat.training import plan_training
 
     plan = plan_training(parse_pattern(mask), (1, 2, 300, d), (1, 2, 300, d), "float16", "cuda", target=target)
@@ -659,7 +661,11 @@ def test_default_backward_knobs_take_wgmma_where_measured_faster(target, d, mask
         assert one_segment == (mask == "window:8")
         assert {k: getattr(knobs, k) for k in WGMMA_BACKWARD_WIDE_HEADS} == {
             **WGMMA_BACKWARD_WIDE_HEADS, **({"dkdv_bc": WGMMA_DKDV_BC_ONE_SEGMENT} if one_segment else {})}
+        # and there bwd_dkdv computes dQ too, by bulk reductions (8-9% faster at head_dim 128);
+        # with two segments per key row (32-column blocks) the two kernels
+        assert {k: getattr(knobs, k) for k in WGMMA_FUSED_DQ_ONE_SEGMENT} == (
+            WGMMA_FUSED_DQ_ONE_SEGMENT if one_segment else {"fused_dq": False, "per_query_head": False})
     else:
-        assert not knobs.wgmma and knobs.br == BACKWARD_BR
+        assert not knobs.wgmma and knobs.br == BACKWARD_BR and not knobs.fused_dq
     assert plan.mma_knobs == knobs and plan.kernels == "tensor-cores"
     assert tensor_core_training_refusal(plan.spec, plan.target, knobs, plan.tile_plans) is None

@@ -59,7 +59,12 @@ def _splat_train(inputs):
     def forward():
         return sparse_attention(q, k, v, handle)
 
-    forward.training_plan = lambda: repr(training_plan_for(q, k, handle, None))  # which kernels ran
+    def training_plan():  # which kernels ran, and with which tile knobs
+        plan = training_plan_for(q, k, handle, None)
+        knobs = {} if plan.mma_knobs is None else {k_: v_ for k_, v_ in vars(plan.mma_knobs).items() if k_ != "forward"}
+        return repr(plan), knobs
+
+    forward.training_plan = training_plan
     return forward
 
 
@@ -156,7 +161,7 @@ def run_impl(name, inputs, dout, refs, opts: RunOptions) -> dict:
         forward = IMPLEMENTATIONS[name](inputs)
         out = forward()
         if hasattr(forward, "training_plan"):
-            res["plan"] = forward.training_plan()
+            res["plan"], res["backward_knobs"] = forward.training_plan()
         _, res["forward"] = measure(forward, opts)
         grads, res["forward_backward"] = measure(lambda: torch.autograd.grad(forward(), leaves, dout), opts)
         try:  # a retained graph may be refused (compiled graphs): derived from the other two
@@ -319,7 +324,8 @@ def run_backward_bench(args):
             "ours": "tvm_splat.autograd.sparse_attention: the training plan's kernels (fwd_lse, bwd_dq, "
                     "bwd_dkdv): tensor cores for float16/bfloat16 where the plan takes them (mma.sync; on sm_90a "
                     "the forward planner's wgmma/TMA forms and, from head_dim 128 on one-component plans, the "
-                    "wgmma backward), else row-parallel CUDA-core kernels; each case's plan repr "
+                    "wgmma backward, whose bwd_dkdv computes dQ too at head_dim 128 where each key row of the transposed "
+                    "mask is one segment), else row-parallel CUDA-core kernels; each case's plan repr "
                     "(results.splat_train.plan) says which"}
     rows, start = [], time.time()
     if args.resume and json_path.exists():  # keep every earlier case, run the missing ones

@@ -41,7 +41,7 @@ from .tiled import TiledKnobs, bind_flat_gpu, default_tiled_knobs
 
 __all__ = ["BackwardMmaKnobs", "default_backward_mma_knobs", "tensor_core_training_refusal", "backward_mma_funcs",
            "BACKWARD_BR", "BACKWARD_BC", "WGMMA_BACKWARD_MIN_HEAD_DIM", "WGMMA_BACKWARD_WIDE_HEADS",
-           "WGMMA_DKDV_BC_ONE_SEGMENT"]
+           "WGMMA_DKDV_BC_ONE_SEGMENT", "WGMMA_FUSED_DQ_ONE_SEGMENT"]
 
 #: rows per tile of both backward kernels (4 warps x 16 rows). Measured on the H200 (fp16,
 #: ``benchmarks/results/h200_backward_knobs.json``, the per-score membership form of the kernels):
@@ -85,6 +85,18 @@ WGMMA_BACKWARD_WIDE_HEADS = {"wgmma": True, "br": 128, "warps": 8, "dq_bc": 64, 
 #: key row (each thread caches every segment of its two rows) it takes 255 and spills 12-372
 #: bytes (global+window, per-head, strided unions), so those keep 32.
 WGMMA_DKDV_BC_ONE_SEGMENT = 64
+#: the fused dQ form taken by default where ``bwd_dkdv`` has those 64-column blocks (wgmma form,
+#: one segment per key row, head_dim 128: 64 dQ columns per warpgroup), with one program per
+#: query head where KV heads are grouped. Measured on the H200 (fp16, ``h200_backward_knobs.json``
+#: form ``h29_fused_dq_bulk``, ninth session's code run in the tenth), backward against the two
+#: kernels: Mistral n=8192 (GQA 32/8) 4.31 vs 4.74 ms (9% faster; bulk without a program per
+#: query head 4.63, atomics per query head 4.42, atomics per KV head 6.90), window +-1024 n=32k
+#: 5.86 vs 6.36 (8% faster; atomics 5.96). ``ncu``: bwd_dq 2.65 ms and bwd_dkdv 3.48 ms on
+#: Mistral, both at 12.5% occupancy (one 256-thread block per SM: 166 and 252 registers, 150
+#: and 170 KB of shared memory), issue slots 27-28% busy. At head_dim 64 (Longformer-base b=4)
+#: the fused forms were 3-4% slower than the two kernels (0.789-0.796 vs 0.766 ms) and they need
+#: head_dim = 64 per warpgroup, so the default keeps them to head_dim 128.
+WGMMA_FUSED_DQ_ONE_SEGMENT = {"fused_dq": "bulk", "per_query_head": True}
 
 
 @dataclass(frozen=True)
@@ -117,19 +129,20 @@ class BackwardMmaKnobs:
     ``h200_backward_knobs.json`` form ``h28_fused_dq``), backward against each default: window
     +-1024 n=32k d=128 5.97 vs 6.39 ms (7% faster), Mistral n=8192 (GQA 32/8) 6.97 vs 4.72 (48%
     slower: bwd_dkdv with dQ 6.60 ms against 2.64 + 2.01 for the two kernels), Longformer-base
-    b=4 d=64 0.798 vs 0.768; so it is no default. Its ``red.global.add`` per element adds one
+    b=4 d=64 0.798 vs 0.768; so the atomics are no default. Its ``red.global.add`` per element adds one
     float32 atomic per score (about 1e9 for either d=128 case); where the CTAs running at once
     touch more dQ rows than the L2 holds (Mistral: 8 query heads, 34 MB of float32 dQ, against
     9.7 MB for the window) they run at half the rate (an inference from the figures, not
     profiled). ``fused_dq="bulk"``: the same dQ products, each step's dQ rows staged as float32
     in shared memory and added by one ``cp.reduce.async.bulk`` per row (FlashAttention-3's
-    TMA reduce-add, 64 asynchronous reductions per step in place of 8192 atomics); compiled and
-    CPU-tested, **not yet run on a GPU**. ``per_query_head`` (fused dQ with grouped KV heads):
+    TMA reduce-add, 64 asynchronous reductions per step in place of 8192 atomics): window
+    +-1024 5.86 ms, Mistral 4.63 (4.31 with ``per_query_head``), the default at head_dim 128
+    where ``bwd_dkdv``'s blocks are 64 wide (:data:`WGMMA_FUSED_DQ_ONE_SEGMENT`). ``per_query_head`` (fused dQ with grouped KV heads):
     one ``bwd_dkdv`` program per query head instead of per KV head (FlashAttention-3's grid),
     so the programs running at once add dQ into the rows of 2 query heads instead of 8 on
     Mistral's grid (about 8 MB of float32 instead of 34); dK and dV are added by atomics into
-    float32 buffers (about 67 M on Mistral against 1e9 for dQ) and cast by ``bwd_kv_cast``;
-    aimed at the Mistral figure above, **not yet run on a GPU**."""
+    float32 buffers (about 67 M on Mistral against 1e9 for dQ) and cast by ``bwd_kv_cast``:
+    Mistral's backward 4.42 ms with the atomics (from 6.97), 4.31 with the bulk form."""
 
     forward: TiledKnobs
     br: int = BACKWARD_BR
@@ -151,7 +164,8 @@ def default_backward_mma_knobs(spec: BackwardSpec, target, forward: TiledKnobs |
     rule included (the lse of split rows comes from ``fwd_split_merge``). The backward takes its
     wgmma form (:data:`WGMMA_BACKWARD_WIDE_HEADS`) from :data:`WGMMA_BACKWARD_MIN_HEAD_DIM` where
     the forward took its own: on sm_90a, for a plan of one component; ``bwd_dkdv``'s blocks are
-    :data:`WGMMA_DKDV_BC_ONE_SEGMENT` wide there when every key row is one segment."""
+    :data:`WGMMA_DKDV_BC_ONE_SEGMENT` wide there when every key row is one segment, and there,
+    at head_dim 128, ``bwd_dkdv`` computes dQ too (:data:`WGMMA_FUSED_DQ_ONE_SEGMENT`)."""
     forward = forward or default_tiled_knobs(spec.rows, target)
     bc = BACKWARD_BC if spec.rows.head_dim <= 64 else BACKWARD_BC_WIDE_HEADS
     mma = BackwardMmaKnobs(forward, dq_bc=bc, dkdv_bc=bc)
@@ -166,6 +180,14 @@ def default_backward_mma_knobs(spec: BackwardSpec, target, forward: TiledKnobs |
         check_backward_mma_shape(spec.columns, hopper.br, hopper.dkdv_bc, hopper.warps, hopper.stages, True)
     except ValueError:  # e.g. past the shared memory of a block at head_dim 256: the mma form
         return mma
+    if spec.columns.max_segments == 1 and spec.rows.head_dim == 16 * hopper.warps:
+        fused = dataclasses.replace(hopper, **WGMMA_FUSED_DQ_ONE_SEGMENT)
+        try:
+            check_backward_mma_shape(spec.columns, fused.br, fused.dkdv_bc, fused.warps, fused.stages, True,
+                                     fused.fused_dq)
+            return fused
+        except ValueError:  # its staging of dQ rows past the shared memory: the two kernels
+            pass
     return hopper
 
 
