@@ -539,7 +539,18 @@ def test_wgmma_backward_is_refused_where_it_cannot_run():
     for knobs in (dict(fused_dq=True), dict(fused_dq=True, wgmma=True, stages=3),
                   dict(fused_dq=True, wgmma=True, br=128, warps=8)):
         plan = plan_training(Window(8), *shapes, target=H100, mma_knobs=dataclasses.replace(base.mma_knobs, **knobs))
-        assert "the fused dQ (bwd_dkdv adding dQ by atomics)" in plan.fallback_reason, knobs
+        assert "the fused dQ (fused_dq=True: bwd_dkdv adding dQ by atomics)" in plan.fallback_reason, knobs
+    # at head_dim 128 the default fuses dQ (bulk): changing its stages alone is refused, the
+    # reason naming the knob that turns the fused form off
+    wide = ((1, 2, 100, 128), (1, 2, 100, 128), "float16", "cuda")
+    default = plan_training(Window(8), *wide, target=H100).mma_knobs
+    assert default.fused_dq == "bulk"
+    plan = plan_training(Window(8), *wide, target=H100, mma_knobs=dataclasses.replace(default, stages=3))
+    assert "fused_dq='bulk': bwd_dkdv adding dQ by bulk" in plan.fallback_reason
+    assert "fused_dq=False (with per_query_head=False) runs the two kernels" in plan.fallback_reason
+    plan = plan_training(Window(8), *wide, target=H100,
+                         mma_knobs=dataclasses.replace(default, stages=3, fused_dq=False, per_query_head=False))
+    assert plan.kernels == "tensor-cores", plan.fallback_reason
     plan = plan_training(Window(8), *shapes, target=H100,
                          mma_knobs=dataclasses.replace(base.mma_knobs, wgmma=True, fused_dq="tma"))
     assert "fused_dq must be False, True (\"atomics\") or \"bulk\", got 'tma'" in plan.fallback_reason

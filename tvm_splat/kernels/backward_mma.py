@@ -233,9 +233,10 @@ def check_backward_mma_shape(spec: AttentionSpec, br: int, bc: int, warps: int, 
         raise ValueError(f"the wgmma backward needs whole warpgroups (warps a multiple of 4) and bc, head_dim "
                          f"<= 256, got warps={warps}, bc={bc}, head_dim={spec.head_dim}")
     if form and (not wgmma or stages != 2 or spec.head_dim != 16 * warps):
-        raise ValueError(f"the fused dQ (bwd_dkdv adding dQ by atomics) is a form of the two-stage wgmma backward "
-                         f"with head_dim = 64 x warpgroups (each warpgroup computes 64 columns of dQ), got "
-                         f"wgmma={wgmma}, stages={stages}, warps={warps}, head_dim={spec.head_dim}")
+        raise ValueError(f"the fused dQ (fused_dq={fused_dq!r}: bwd_dkdv adding dQ by {form}) is a form of the "
+                         f"two-stage wgmma backward with head_dim = 64 x warpgroups (each warpgroup computes 64 "
+                         f"columns of dQ), got wgmma={wgmma}, stages={stages}, warps={warps}, head_dim={spec.head_dim}; "
+                         f"fused_dq=False (with per_query_head=False) runs the two kernels, bwd_dq and bwd_dkdv")
     if (_shared_elems(br, bc, spec.head_dim, stages, wgmma=wgmma, fused_dq=bool(form)) * 2
             + dq_stage_bytes(bc, spec.head_dim, form) > SHARED_BYTES_MAX):
         raise ValueError(f"br={br}, bc={bc}, head_dim={spec.head_dim}, stages={stages} need more than the "
