@@ -1,17 +1,23 @@
 """Forward kernel throughput of the default plan, for A/B runs of two versions of the code (CUDA GPU).
 
-    python benchmarks/forward_kernels_ab.py LABEL OUT.json
+    python benchmarks/forward_kernels_ab.py LABEL OUT.json [--cases I,J..] [--variants JSON]
 
-Runs :data:`CASES` (fp16, seeded random inputs) with the planner's default knobs and times
+Runs :data:`CASES` (fp16, seeded random inputs; ``--cases``: their indices) with the planner's
+default knobs and times
 ``AttentionPlan.run`` by CUDA events over 50 back-to-back calls, the median of 7 windows
 (:func:`tvm_splat.timing.throughput_ms`); each row also holds the output's absolute sum, which
 must agree between the versions compared. For an A/B, run it once per version of the package
 in one GPU lease (``PYTHONPATH=<other checkout> python ...``), alternating, and compare the
 rows by case. One warm-up case runs first, untimed, so that no timed case meets the GPU's idle
-clock. ``benchmarks/results/h200_forward_ab.json`` holds such runs.
+clock. ``benchmarks/results/h200_forward_ab.json`` holds such runs. ``--variants``: a JSON list
+of :class:`~tvm_splat.schedules.tiled.TiledKnobs` overrides of each case's default knobs (``{}``
+the default), e.g. ``'[{}, {"br": 128, "warps": 8}, {"split_blocks": 0}]'``: one row per
+variant (``variant``, its knobs, and ``max_diff``, the largest difference of its output from
+the first variant's); a variant the planner refuses is a row with its ``error``.
 """
+import argparse
+import dataclasses
 import json
-import sys
 
 import torch
 
@@ -28,30 +34,63 @@ CASES = [("global:4+window:256", 1, 12, 12, 4096, 64), ("global:4+window:256", 4
          ("dilated:512:4", 1, 8, 8, 8192, 128)]  # the cp.async wgmma form (non-unit steps at d=128)
 
 
-def run_case(pattern, b, h, kvh, n, d, label):
+def run_case(pattern, b, h, kvh, n, d, label, variants=({},)):
+    """One row per knob variant of the case (the first variant's output is the yardstick)."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(b, h, n, d, device="cuda", dtype=torch.float16, generator=gen)
     k, v = (torch.randn(b, kvh, n, d, device="cuda", dtype=torch.float16, generator=gen) for _ in range(2))
-    p = plan(parse_pattern(pattern), q.shape, k.shape, "float16", "cuda")
-    out = p.run(q, k, v)
-    ms = throughput_ms(lambda: p.run(q, k, v), calls=50, windows=7, warmup=5)
-    return {"tree": label, "case": f"{pattern} b={b} n={n} d={d}", "ms": ms, "sum": float(out.float().abs().sum()),
-            "knobs": repr(p.knobs)}
+    mask = parse_pattern(pattern)
+    default = plan(mask, q.shape, k.shape, "float16", "cuda")
+    rows, first = [], None
+    for variant in variants:
+        row = {"tree": label, "case": f"{pattern} b={b} n={n} d={d}", **({"variant": variant} if variant else {})}
+        try:
+            p = plan(mask, q.shape, k.shape, "float16", "cuda",
+                     knobs=dataclasses.replace(default.knobs, **variant)) if variant else default
+            out = p.run(q, k, v)
+            first = out if first is None else first
+            row.update(ms=throughput_ms(lambda: p.run(q, k, v), calls=50, windows=7, warmup=5),
+                       sum=float(out.float().abs().sum()), max_diff=float((out.float() - first.float()).abs().max()),
+                       knobs=repr(p.knobs))
+        except Exception as err:  # noqa: BLE001 - a refused or failing variant is a result
+            row["error"] = f"{type(err).__name__}: {err}"[:300]
+        rows.append(row)
+    return rows
 
 
-def main(label, out_path):
+def main(label, out_path, cases=None, variants=({},)):
     if not torch.cuda.is_available():
         raise SystemExit("forward_kernels_ab.py needs a CUDA GPU")
-    run_case(*CASES[0], label)  # warm-up: the GPU leaves its idle clock
+    chosen = [CASES[i] for i in (range(len(CASES)) if cases is None else cases)]
+    run_case(*chosen[0], label)  # warm-up: the GPU leaves its idle clock
     rows = []
-    for case in CASES:
-        rows.append(run_case(*case, label))
-        print(json.dumps(rows[-1]), flush=True)
+    for case in chosen:
+        for row in run_case(*case, label, variants):
+            print(json.dumps(row), flush=True)
+            rows.append(row)
         with open(out_path, "w") as f:
             json.dump(rows, f, indent=1)
 
 
+def _indices(text):
+    indices = [int(i) for i in text.split(",")]
+    if any(not 0 <= i < len(CASES) for i in indices):
+        raise argparse.ArgumentTypeError(f"case indices run from 0 to {len(CASES) - 1}, got {text}")
+    return indices
+
+
+def _variants(text):
+    variants = json.loads(text)
+    if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants) or not variants:
+        raise argparse.ArgumentTypeError(f"--variants takes a JSON list of knob overrides, got {text}")
+    return variants
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        raise SystemExit(__doc__)
-    main(*sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("label")
+    parser.add_argument("out")
+    parser.add_argument("--cases", type=_indices, default=None, help="indices of CASES, comma-separated")
+    parser.add_argument("--variants", type=_variants, default=[{}], help="JSON list of TiledKnobs overrides")
+    args = parser.parse_args()
+    main(args.label, args.out, args.cases, args.variants)

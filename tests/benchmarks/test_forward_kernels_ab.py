@@ -1,0 +1,31 @@
+"""benchmarks/forward_kernels_ab.py's command line (the timing itself needs a CUDA GPU): case
+indices and knob variants are checked before anything runs, and without a GPU it says so."""
+import argparse
+
+import pytest
+
+SCRIPT = "benchmarks/forward_kernels_ab.py"
+
+
+def test_case_indices_and_variants_are_checked(repo_script):
+    ab = repo_script(SCRIPT)
+    assert ab._indices("0,4") == [0, 4]
+    with pytest.raises(argparse.ArgumentTypeError, match=f"from 0 to {len(ab.CASES) - 1}"):
+        ab._indices(str(len(ab.CASES)))
+    assert ab._variants('[{}, {"br": 128, "warps": 8}]') == [{}, {"br": 128, "warps": 8}]
+    for bad in ('{"br": 128}', "[]", '[{}, 3]'):
+        with pytest.raises(argparse.ArgumentTypeError, match="JSON list of knob overrides"):
+            ab._variants(bad)
+    # every variant key is a knob of the forward's tile knobs (what dataclasses.replace takes)
+    from tvm_splat.schedules.tiled import TiledKnobs
+
+    assert {"br", "warps", "split_blocks", "stages", "m_tiles", "wgmma", "tma"} <= set(TiledKnobs.__dataclass_fields__)
+
+
+def test_without_a_gpu_it_refuses(repo_script, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        repo_script(SCRIPT).main("label", str(tmp_path / "ab.json"), [0], [{}])
