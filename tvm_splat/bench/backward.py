@@ -61,7 +61,8 @@ def _splat_train(inputs):
 
     def training_plan():  # which kernels ran, and with which tile knobs
         plan = training_plan_for(q, k, handle, None)
-        knobs = {} if plan.mma_knobs is None else {k_: v_ for k_, v_ in vars(plan.mma_knobs).items() if k_ != "forward"}
+        knobs = {} if plan.mma_knobs is None else {
+            name: value for name, value in vars(plan.mma_knobs).items() if name != "forward"}
         return repr(plan), knobs
 
     forward.training_plan = training_plan
@@ -324,9 +325,9 @@ def run_backward_bench(args):
             "ours": "tvm_splat.autograd.sparse_attention: the training plan's kernels (fwd_lse, bwd_dq, "
                     "bwd_dkdv): tensor cores for float16/bfloat16 where the plan takes them (mma.sync; on sm_90a "
                     "the forward planner's wgmma/TMA forms and, from head_dim 128 on one-component plans, the "
-                    "wgmma backward, whose bwd_dkdv computes dQ too at head_dim 128 where each key row of the transposed "
-                    "mask is one segment), else row-parallel CUDA-core kernels; each case's plan repr "
-                    "(results.splat_train.plan) says which"}
+                    "wgmma backward, whose bwd_dkdv computes dQ too at head_dim 128 where each key row of the "
+                    "transposed mask is one segment), else row-parallel CUDA-core kernels; each case's plan repr "
+                    "(results.splat_train.plan) and backward_knobs say which"}
     rows, start = [], time.time()
     if args.resume and json_path.exists():  # keep every earlier case, run the missing ones
         previous = json.loads(json_path.read_text())

@@ -95,7 +95,9 @@ WGMMA_DKDV_BC_ONE_SEGMENT = 64
 #: Mistral, both at 12.5% occupancy (one 256-thread block per SM: 166 and 252 registers, 150
 #: and 170 KB of shared memory), issue slots 27-28% busy. At head_dim 64 (Longformer-base b=4)
 #: the fused forms were 3-4% slower than the two kernels (0.789-0.796 vs 0.766 ms) and they need
-#: head_dim = 64 per warpgroup, so the default keeps them to head_dim 128.
+#: head_dim = 64 per warpgroup, so the default keeps them to head_dim 128. In the backward models
+#: suite (fp16 and bf16 alike) the eight d=128 cases' backward went from 5.32-22.9 ms to
+#: 4.74-21.0 (``h200_models_backward.json``).
 WGMMA_FUSED_DQ_ONE_SEGMENT = {"fused_dq": "bulk", "per_query_head": True}
 
 
@@ -129,20 +131,21 @@ class BackwardMmaKnobs:
     ``h200_backward_knobs.json`` form ``h28_fused_dq``), backward against each default: window
     +-1024 n=32k d=128 5.97 vs 6.39 ms (7% faster), Mistral n=8192 (GQA 32/8) 6.97 vs 4.72 (48%
     slower: bwd_dkdv with dQ 6.60 ms against 2.64 + 2.01 for the two kernels), Longformer-base
-    b=4 d=64 0.798 vs 0.768; so the atomics are no default. Its ``red.global.add`` per element adds one
-    float32 atomic per score (about 1e9 for either d=128 case); where the CTAs running at once
+    b=4 d=64 0.798 vs 0.768; so the atomics are no default. Its ``red.global.add`` per element
+    adds one float32 atomic per score (about 1e9 for either d=128 case); where the CTAs running at once
     touch more dQ rows than the L2 holds (Mistral: 8 query heads, 34 MB of float32 dQ, against
     9.7 MB for the window) they run at half the rate (an inference from the figures, not
     profiled). ``fused_dq="bulk"``: the same dQ products, each step's dQ rows staged as float32
     in shared memory and added by one ``cp.reduce.async.bulk`` per row (FlashAttention-3's
     TMA reduce-add, 64 asynchronous reductions per step in place of 8192 atomics): window
     +-1024 5.86 ms, Mistral 4.63 (4.31 with ``per_query_head``), the default at head_dim 128
-    where ``bwd_dkdv``'s blocks are 64 wide (:data:`WGMMA_FUSED_DQ_ONE_SEGMENT`). ``per_query_head`` (fused dQ with grouped KV heads):
-    one ``bwd_dkdv`` program per query head instead of per KV head (FlashAttention-3's grid),
-    so the programs running at once add dQ into the rows of 2 query heads instead of 8 on
-    Mistral's grid (about 8 MB of float32 instead of 34); dK and dV are added by atomics into
-    float32 buffers (about 67 M on Mistral against 1e9 for dQ) and cast by ``bwd_kv_cast``:
-    Mistral's backward 4.42 ms with the atomics (from 6.97), 4.31 with the bulk form."""
+    where ``bwd_dkdv``'s blocks are 64 wide (:data:`WGMMA_FUSED_DQ_ONE_SEGMENT`).
+    ``per_query_head`` (fused dQ with grouped KV heads): one ``bwd_dkdv`` program per query head
+    instead of per KV head (FlashAttention-3's grid), so the programs running at once add dQ
+    into the rows of 2 query heads instead of 8 on Mistral's grid (about 8 MB of float32
+    instead of 34); dK and dV are added by atomics into float32 buffers (about 67 M on Mistral
+    against 1e9 for dQ) and cast by ``bwd_kv_cast``: Mistral's backward 4.42 ms with the
+    atomics (from 6.97), 4.31 with the bulk form."""
 
     forward: TiledKnobs
     br: int = BACKWARD_BR
