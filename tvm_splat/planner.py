@@ -82,13 +82,14 @@ def as_acsr(mask, n: int, max_segments: int = 4) -> ACSR:
 _TILE_PLANS: "weakref.WeakKeyDictionary[ACSR, dict]" = weakref.WeakKeyDictionary()
 
 
-def tile_plan_of(acsr: ACSR, knobs: TiledKnobs) -> TilePlan:
+def tile_plan_of(acsr: ACSR, knobs: TiledKnobs, grid_heads: int | None = None) -> TilePlan:
     """The tile plan of ``acsr`` for the knobs' ``br x bc`` tiles and split-KV rule, made once
-    per ACSR."""
+    per ACSR; ``grid_heads`` (``batch x heads``) tells the automatic split rule how much work
+    runs beside the longest tiles (:data:`~tvm_splat.formats.tile_plan.SPLIT_NEEDLESS_WORK`)."""
     plans = _TILE_PLANS.setdefault(acsr, {})
-    key = (knobs.br, knobs.bc, knobs.split_blocks)
+    key = (knobs.br, knobs.bc, knobs.split_blocks, grid_heads if knobs.split_blocks == -1 else None)
     if key not in plans:
-        plans[key] = plan_tiles(acsr, knobs)
+        plans[key] = plan_tiles(acsr, knobs, grid_heads=grid_heads)
     return plans[key]
 
 
@@ -134,7 +135,7 @@ def default_knobs(spec: AttentionSpec, target, acsr: ACSR | None = None, tma: bo
     hopper = default_tiled_knobs(spec, target, unit_steps=tma)
     if not hopper.wgmma:
         return knobs
-    tile_plan = tile_plan_of(acsr, hopper)
+    tile_plan = tile_plan_of(acsr, hopper, spec.batch * spec.heads)
     components = tile_plan.shape.num_components
     max_step = int(tile_plan.blocks[..., 1].max(initial=1))
     return default_tiled_knobs(spec, target, components, tma and max_step <= 1, max_step)
@@ -237,7 +238,7 @@ class AttentionPlan:
         self.variant, self.knobs, self.knobs_source = variant, knobs, knobs_source
         self.target, self.device = target, device
         if variant == "tiled":
-            self.tile_plan = tile_plan_of(acsr, knobs)
+            self.tile_plan = tile_plan_of(acsr, knobs, spec.batch * spec.heads)
             if knobs.tma and uses_mma(spec, knobs, target) and (self.tile_plan.blocks[..., 1] > 1).any():
                 raise ValueError("the TMA form loads column blocks of step 1 only; this mask has blocks of step "
                                  f"{int(self.tile_plan.blocks[..., 1].max())} (dilated or strided): use tma=False")

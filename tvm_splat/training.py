@@ -107,7 +107,8 @@ class TrainingPlan:
             # unit-step blocks at a head_dim multiple of 64 on sm_90a takes the TMA form
             knobs = mma_knobs or default_backward_mma_knobs(spec, target, default_knobs(spec.rows, target, acsr))
             plans = (_training_tile_plan(acsr, br=knobs.forward.br, bc=knobs.forward.bc,
-                                         split_blocks=knobs.forward.split_blocks),
+                                         split_blocks=knobs.forward.split_blocks,
+                                         grid_heads=spec.rows.batch * spec.rows.heads),
                      _training_tile_plan(acsr, br=knobs.br, bc=knobs.dq_bc, split_blocks=knobs.split_blocks),
                      _training_tile_plan(transposed, br=knobs.br, bc=knobs.dkdv_bc, split_blocks=knobs.split_blocks))
             self.fallback_reason = tensor_core_training_refusal(spec, target, knobs, plans)
@@ -327,7 +328,7 @@ def _in_place(x) -> bool:
     return is_torch(x) and not x.requires_grad and x.is_contiguous() and is_aligned(x)
 
 
-def _training_tile_plan(acsr: ACSR, br: int, bc: int, split_blocks: int = 0):
+def _training_tile_plan(acsr: ACSR, br: int, bc: int, split_blocks: int = 0, grid_heads: int | None = None):
     """The tile plan of the training kernels: the forward's (row-aligned components, so a
     band with a strided or dilated part gets dense blocks of rows sharing a residue), with
     split-KV chunks of ``split_blocks`` blocks (-1: the forward's rule,
@@ -336,8 +337,11 @@ def _training_tile_plan(acsr: ACSR, br: int, bc: int, split_blocks: int = 0):
     per nonzero (``nrows x BC`` per block over the mask's nonzeros, 64-row tiles): strided:64 at
     n=4096 1.34 with 64- or 32-column blocks (one contiguous component per head, as these
     kernels used before they took several: 22.7), causal_strided:64 2.01 (43.8 at 64 columns,
-    33.0 at 32); the transposed masks' plans the same."""
-    return plan_tiles(acsr, br=br, bc=bc, split_blocks="auto" if split_blocks == -1 else split_blocks)
+    33.0 at 32); the transposed masks' plans the same. ``grid_heads`` (``batch x heads``, the
+    forward's plan only): the split rule's view of the grid, as the forward planner's; the
+    backward kernels' plans keep the rule without it (not measured on their grids)."""
+    return plan_tiles(acsr, br=br, bc=bc, split_blocks="auto" if split_blocks == -1 else split_blocks,
+                      grid_heads=grid_heads)
 
 
 def _transposed(mask, acsr: ACSR, max_segments: int) -> ACSR:

@@ -4,7 +4,7 @@ import pytest
 
 from tvm_splat.formats import (ACSR, BlockLocal, DilatedWindow, GlobalTokens, PerHead, Strided,
                                Window)
-from tvm_splat.formats.tile_plan import plan_tiles
+from tvm_splat.formats.tile_plan import SPLIT_NEEDLESS_WORK, plan_tiles, split_length
 
 PATTERNS = [
     (Window(5), 37),
@@ -82,6 +82,26 @@ def test_split_kv_only_for_outlier_tiles():
         assert plan_tiles(ACSR.from_pattern(pattern, n), br=64, bc=64).num_slots == 0, pattern
     with pytest.raises(ValueError, match="split_blocks"):
         plan_tiles(acsr, br=64, bc=64, split_blocks=-2)
+
+
+def test_split_kv_left_out_when_the_grid_holds_enough_work():
+    """With ``batch x heads`` given, the auto rule splits only where the longest tile is a
+    large share of the grid's work: Longformer's global row tile at n=4096 (64 of the head's
+    672 blocks) is split for 12 grid heads and left whole for 128, where the grid holds
+    ``SPLIT_NEEDLESS_WORK`` times its length; the plan with grid heads equal to the mask's is
+    the rule without them."""
+    acsr = ACSR.from_pattern(Window(256) | GlobalTokens(4), 4096)
+    free = plan_tiles(acsr, br=64, bc=64)
+    blocks, longest = free.stats()["blocks"], free.stats()["max_tile_blocks"]
+    needed = -(-SPLIT_NEEDLESS_WORK * 64 // blocks)  # the fewest grid heads that leave it whole
+    assert plan_tiles(acsr, br=64, bc=64, grid_heads=needed - 1).split_blocks == free.split_blocks > 0
+    whole = plan_tiles(acsr, br=64, bc=64, grid_heads=needed)
+    assert whole.split_blocks == 0 and whole.num_slots == 0
+    assert whole.stats()["max_tile_blocks"] == 64 and longest < 64
+    _check_plan(acsr, 64, 64)  # and the split plan still covers every nonzero once
+    assert split_length([64] + [10] * 63, grid_heads=1) == 10
+    assert split_length([64] + [10] * 63, grid_heads=10_000) == 0
+    assert split_length([64] + [10] * 63) == 10
 
 
 def test_plan_from_mask_matches(rng):

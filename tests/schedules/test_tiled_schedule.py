@@ -22,6 +22,13 @@ def _cuda_source(pattern, n, knobs, dtype="float16", heads=12, d=64, kv_heads=No
     return lib.imports[0].inspect_source(), plan
 
 
+def _definition(src, kernel):
+    """The body of ``kernel``'s definition in CUDA ``src`` (its last mention: declarations come
+    first)."""
+    body = src[src.rindex(f" {kernel}("):]
+    return body[:body.index("\n}\n")]
+
+
 def test_cuda_core_default_compiles():
     src, plan = _cuda_source(Window(64) | GlobalTokens(16), 512, TiledKnobs())
     assert plan.shape.num_components == 1
@@ -230,3 +237,24 @@ def test_tma_knobs_and_masks_it_refuses():
     acsr = ACSR.from_pattern(Window(8), 128)
     with pytest.raises(ValueError, match="multiple of 64"):
         tiled_funcs(AttentionSpec.from_acsr(acsr, 1, 2, 32, "float16"), plan_tiles(acsr, knobs).shape, knobs, H100)
+
+
+def test_tensor_core_grid_runs_heads_first_and_its_merges_one_element_a_thread():
+    """The tensor-core forward's grid is (batch x heads, tiles): ``blockIdx.x``, dispatched
+    first, picks the head, ``blockIdx.y`` the tile, so every head's longest tile (the plan's
+    first) starts in the first wave. Its split-KV merge reads the partial outputs one element
+    a thread (``d`` the fastest index: consecutive threads, consecutive floats). A plan with
+    more tiles per head than CUDA's ``gridDim.y`` limit is refused by name."""
+    from tvm_splat.kernels.common import GRID_Y_MAX, tile_grid_rows
+
+    knobs = TiledKnobs(use_tensor_cores=True, wgmma=True, split_blocks=2)
+    src, plan = _cuda_source(Window(64) | GlobalTokens(16), 512, knobs, heads=3)
+    assert plan.num_slots > 0
+    body, merge = _definition(src, "tiled_kernel"), _definition(src, "split_merge_kernel")
+    assert "tiles_ptr[(((int)blockIdx.y) * 7)]" in body  # row0 of tile blockIdx.y
+    assert "(((int)blockIdx.x) * 32768)" in body  # out's (batch x head) offset, n * d = 512 * 64
+    assert "for (int d" not in merge  # no loop over d in a thread: d is the thread's own
+    assert "(((int)threadIdx.x) & 63))] = ((half)" in merge  # out[..., d], d = threadIdx.x % 64
+    assert tile_grid_rows(GRID_Y_MAX, "tiled") == GRID_Y_MAX
+    with pytest.raises(ValueError, match=r"tiled: 65536 row tiles per head exceed CUDA's grid limit"):
+        tile_grid_rows(GRID_Y_MAX + 1, "tiled")

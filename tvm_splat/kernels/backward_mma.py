@@ -163,7 +163,7 @@ from types import SimpleNamespace
 import tvm
 from tvm.script import tirx as T
 
-from .common import LOG2E, block_range_cache, nonfinite_halves, row_segment_cache
+from .common import LOG2E, block_range_cache, nonfinite_halves, row_segment_cache, tile_grid_rows
 from .spec import AttentionSpec
 from .tiled_mma import (MMA_TYPES, ROW_PAD, SHARED_BYTES_MAX, WGMMA_PAIR_TYPES, chunk_position, core_matrix_elem,
                         wgmma_op)
@@ -938,8 +938,8 @@ def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages
         dq_split: T.Buffer(split_part_shape(spec, plan_shape, H), "float32"),
     ):
         T.func_attr({"global_symbol": "bwd_dq", "tirx.noalias": True})
-        for vt in T.thread_binding(NT, thread="blockIdx.x"):
-            for vbh in T.thread_binding(B * H, thread="blockIdx.y"):
+        for vbh in T.thread_binding(B * H, thread="blockIdx.x"):
+            for vt in T.thread_binding(tile_grid_rows(NT, "bwd_dq"), thread="blockIdx.y"):
                 for w in T.thread_binding(W, thread="threadIdx.y"):
                     for lane in T.thread_binding(32, thread="threadIdx.x"):
                         with T.sblock("tile"):
@@ -1117,8 +1117,8 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
         dv_accum: T.Buffer((B, KVH, N, D) if per_head else (1,), "float32"),
     ):
         T.func_attr({"global_symbol": "bwd_dkdv", "tirx.noalias": True})
-        for vt in T.thread_binding(NT, thread="blockIdx.x"):
-            for vbk in T.thread_binding(B * PH, thread="blockIdx.y"):
+        for vbk in T.thread_binding(B * PH, thread="blockIdx.x"):
+            for vt in T.thread_binding(tile_grid_rows(NT, "bwd_dkdv"), thread="blockIdx.y"):
                 for w in T.thread_binding(W, thread="threadIdx.y"):
                     for lane in T.thread_binding(32, thread="threadIdx.x"):
                         with T.sblock("tile"):

@@ -113,6 +113,25 @@ def row_segment_cache(rows_per_thread, max_segments, tile_row):
     return cache_row_segments
 
 
+#: CUDA's limit on ``gridDim.y`` (``gridDim.x`` goes to 2**31 - 1)
+GRID_Y_MAX = 65535
+
+
+def tile_grid_rows(num_tiles: int, kernel: str) -> int:
+    """``num_tiles``, the ``blockIdx.y`` extent of a tiled kernel's grid, checked against
+    :data:`GRID_Y_MAX` (``ValueError`` naming the kernel otherwise).
+
+    The tiled kernels launch ``(batch x heads, tiles)``: ``blockIdx.x``, which the GPU
+    dispatches first, runs over the heads, so every head's program ``t`` starts before any
+    head's program ``t + 1``. The tile plan puts each head's longest programs first, so the
+    heaviest tiles of *all* heads start in the first wave (longest-first over the whole grid)
+    instead of one head's at a time, whose last heavy tile then ends the kernel alone."""
+    if num_tiles > GRID_Y_MAX:
+        raise ValueError(f"{kernel}: {num_tiles} row tiles per head exceed CUDA's grid limit of {GRID_Y_MAX}; "
+                         f"use larger row tiles (br) or a shorter sequence")
+    return num_tiles
+
+
 def launch_bounds(min_blocks_per_sm: int):
     """The scope (``with launch_bounds(n):`` inside the block bindings, around the thread
     bindings) that asks the CUDA compiler to fit ``n`` thread blocks per SM

@@ -47,7 +47,7 @@ import tvm
 from tvm.script import tirx as T
 
 from .common import (LOG2E, NEG_INIT, block_range_cache, key_length, launch_bounds, nonfinite_halves, normalised,
-                     row_segment_cache, without_unused_kv_len)
+                     row_segment_cache, tile_grid_rows, without_unused_kv_len)
 from .spec import AttentionSpec
 from .tiled import partial_shapes, split_chunk, split_shapes
 
@@ -633,8 +633,8 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                      64, BC, D // 64, 1, 1, 1, 1, 1, descriptor_dtype=dt, rank=4, swizzle=3)
             T.tensormap_encode_tiled(vmap, v.data, 64, N, D // 64, B * KVH, D * 2, 128, N * D * 2,
                                      64, BC, D // 64, 1, 1, 1, 1, 1, descriptor_dtype=dt, rank=4, swizzle=3)
-        for vt in T.thread_binding(NT, thread="blockIdx.x"):
-            for vbh in T.thread_binding(B * H, thread="blockIdx.y"):
+        for vbh in T.thread_binding(B * H, thread="blockIdx.x"):
+            for vt in T.thread_binding(tile_grid_rows(NT, "tiled"), thread="blockIdx.y"):
                 with launch_bounds(MIN_BLOCKS):
                     for w in T.thread_binding(W, thread="threadIdx.y"):
                         for lane in T.thread_binding(32, thread="threadIdx.x"):

@@ -34,7 +34,7 @@ from ..kernels.backward_mma import (SPLIT_SUM_BLOCK, SUM_BLOCK, backward_dkdv_mm
                                     check_backward_mma_plan, check_backward_mma_shape, delta_func, dq_cast_func,
                                     fused_dq_form, kv_cast_func, per_query_head_programs, split_sum_func,
                                     sum_components_func)
-from ..kernels.tiled import merge_func, split_merge_func
+from ..kernels.tiled import MERGE_BLOCK, merge_func, split_merge_func
 from ..kernels.tiled_mma import MMA_TYPES, check_mma_shape, check_tma_shape, tiled_mma_func
 from .targets import as_target, is_gpu, supports_wgmma
 from .tiled import TiledKnobs, bind_flat_gpu, default_tiled_knobs
@@ -264,13 +264,13 @@ def backward_mma_funcs(spec: BackwardSpec, knobs: BackwardMmaKnobs, plan_shapes)
     else:
         funcs["bwd_dq"] = backward_dq_mma_func(spec.rows, dq, knobs.warps, knobs.stages, knobs.wgmma)
     if fwd.num_slots:
-        funcs["fwd_split_merge"] = _flat(split_merge_func(spec.rows, fwd, with_lse=True), "merge_row")
+        funcs["fwd_split_merge"] = _flat(split_merge_func(spec.rows, fwd, with_lse=True), MERGE_BLOCK)
     if dq.num_slots and not knobs.fused_dq:
         funcs["bwd_dq_split_sum"] = _flat(split_sum_func(spec.rows, dq), SPLIT_SUM_BLOCK)
     if dkdv.num_slots and not kv_sums:
         funcs["bwd_dkdv_split_sum"] = _flat(split_sum_func(spec.columns, dkdv, kv=True), SPLIT_SUM_BLOCK)
     if fwd.num_components > 1:
-        funcs["fwd_merge"] = _flat(merge_func(spec.rows, fwd.num_components, with_lse=True), "merge_row")
+        funcs["fwd_merge"] = _flat(merge_func(spec.rows, fwd.num_components, with_lse=True), MERGE_BLOCK)
     if dq.num_components > 1 and not knobs.fused_dq:
         funcs["bwd_dq_sum"] = _flat(sum_components_func(spec.rows, dq.num_components), SUM_BLOCK)
     if dkdv.num_components > 1 and not kv_sums:

@@ -31,7 +31,7 @@ import dataclasses
 
 from ..formats.tile_plan import PlanShape
 from ..kernels.spec import AttentionSpec
-from ..kernels.tiled import TILE_BLOCK, fallback_func, merge_func, split_merge_func, tiled_func
+from ..kernels.tiled import MERGE_BLOCK, TILE_BLOCK, fallback_func, merge_func, split_merge_func, tiled_func
 from ..kernels.tiled_mma import MMA_TYPES, tiled_mma_func
 from .targets import as_target, is_gpu, supports_wgmma, target_key
 
@@ -228,7 +228,7 @@ def tiled_funcs(spec: AttentionSpec, plan_shape: PlanShape, knobs: TiledKnobs = 
 
 # ----------------------------------------------------------------------------- CPU
 def _apply_cpu(sch, name, knobs):
-    block = sch.get_sblock(TILE_BLOCK if name == "tiled" else ("row" if name == "fallback" else "merge_row"))
+    block = sch.get_sblock(TILE_BLOCK if name == "tiled" else ("row" if name == "fallback" else MERGE_BLOCK))
     loops = sch.get_loops(block)
     sch.parallel(sch.fuse(*loops))
 
@@ -434,7 +434,7 @@ def _apply_gpu(sch, name, knobs, spec, target):
         if not uses_mma(spec, knobs, target):  # the mma kernel is written bound to threads
             _apply_tiled_gpu(sch, knobs, spec)
         return
-    bind_flat_gpu(sch, "row" if name == "fallback" else "merge_row")
+    bind_flat_gpu(sch, "row" if name == "fallback" else MERGE_BLOCK)
 
 
 def apply_tiled_schedule(sch: s_tir.Schedule, name: str, target, knobs: TiledKnobs = TiledKnobs(),
