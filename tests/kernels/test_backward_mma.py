@@ -603,20 +603,24 @@ def test_fused_dq_backward_builds_for_sm90a(name, mask, heads, kv_heads, n, d, d
     ss = f"{ab}_ss_mma_async_sync_aligned_m64n{bc}k16"
     assert body.count(ss) == 2 * (d // 16) + d // 16, "S^T, dP^T: head_dim / 16 k-steps each; dQ^T: br / 16"
     bulk_add = "cp_reduce_async_bulk_s2g_reduce_async_bulk_global_shared__cta_bulk_group_add_f32("
-    dkdv_adds = body.count("red_global_add_f32((&(dk_accum_ptr[") + body.count("red_global_add_f32((&(dv_accum_ptr[")
+    dkdv_adds = (body.count("red_vec_f32_global_add_v2_f32((&(dk_accum_ptr[")
+                 + body.count("red_vec_f32_global_add_v2_f32((&(dv_accum_ptr["))
     signature = body[:body.index(")")]
     if per_head:
         assert "dk_accum_ptr" in signature and "dk_part" not in signature and "dk_split" not in signature
-        assert dkdv_adds == 2 * 2 * d // 4  # dK and dV: 2 row slots x head_dim / 4 elements each per thread
+        # dK and dV: 2 row slots x head_dim / 8 pairs of adjacent columns each per thread, one
+        # vector reduction per pair (red.global.add.v2.f32), no scalar reduction into them
+        assert dkdv_adds == 2 * 2 * d // 8
+        assert "red_global_add_f32((&(dk_accum_ptr[" not in body and "red_global_add_f32((&(dv_accum_ptr[" not in body
         assert "bwd_kv_cast_kernel(" in src and "bwd_dkdv_split_sum_kernel(" not in src
     else:
         assert "dk_accum" not in signature and dkdv_adds == 0 and "bwd_kv_cast_kernel(" not in src
     if form == "bulk":
-        assert body.count("red_global_add_f32((") == dkdv_adds and body.count(bulk_add) == 1
+        assert body.count("red_global_add_f32((") == 0 and body.count(bulk_add) == 1
         assert f"float dqstage_ptr[{bc * (d + 4)}]" in body  # rows padded by 4 words
         assert body.count("async_bulk_wait_group_read_0()") == 1 and body.count("async_bulk_wait_group_0()") == 1
     else:
-        assert body.count("red_global_add_f32((") == bc // 2 + dkdv_adds  # the thread's dQ^T accumulators
+        assert body.count("red_global_add_f32((") == bc // 2  # the thread's dQ^T accumulators
         assert bulk_add not in body and "dqstage" not in body
     registers, spills = ptxas_usage(src, "bwd_dkdv_kernel", H100)
     assert spills == 0 and registers <= 255, (registers, spills)

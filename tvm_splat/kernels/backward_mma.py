@@ -98,7 +98,7 @@ yet run on a GPU**):
   per KV head, so the programs running at once add dQ into the rows of fewer heads (Mistral's
   grid: 2 query heads instead of 8, about 8 MB of float32 instead of 34, against an L2 of 50
   MB); each adds its scaled dK and dV into float32 ``dk_accum``, ``dv_accum`` by
-  ``red.global.add`` and ``bwd_kv_cast`` (:func:`kv_cast_func`) casts them, so no split or
+  ``red.global.add.v2.f32`` (two adjacent columns per reduction) and ``bwd_kv_cast`` (:func:`kv_cast_func`) casts them, so no split or
   component sums of dk/dv run. 255 registers at d=128 in either dQ form, no spill.
 
 Masked-out entries contribute exactly nothing: once per block, each row slot turns its cached
@@ -534,14 +534,16 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
     @T.macro
     def add_tile(dst, b, h, acc, factor, rows, w, lane, nrows):
         # factor * acc added into the thread's valid rows of the float32 dst[b, h] by
-        # ``red.global.add`` (the per-query-head dK/dV programs: every query head of a group,
-        # component and chunk adds its share)
+        # ``red.global.add.v2.f32`` (the per-query-head dK/dV programs: every query head of a
+        # group, component and chunk adds its share): a thread's two accumulators of a row are
+        # adjacent columns (an even one first, so the address is 8-byte aligned), added by one
+        # vector reduction: half the reduction instructions of one ``red.global.add.f32`` each,
+        # whose four lanes per row filled half of every 32-byte sector they touched
         for r in T.unroll(2):
             if tile_row(w, lane, r) < nrows:
                 for dtl in T.unroll(DT):
-                    for e in T.unroll(2):
-                        T.ptx["red.global.add.f32"](T.address_of(dst[b, h, rows[r], dtl * 8 + lane % 4 * 2 + e]),
-                                                    acc[dtl * 4 + r * 2 + e] * factor)
+                    T.ptx["red.global.add.v2.f32"](T.address_of(dst[b, h, rows[r], dtl * 8 + lane % 4 * 2]),
+                                                   acc[dtl * 4 + r * 2] * factor, acc[dtl * 4 + r * 2 + 1] * factor)
 
     # ---- the steps of a tile program, in the order both kernels take them. ``pair``: the
     # second accumulator (dV of bwd_dkdv, whose block operands both take part in a product and
@@ -1027,7 +1029,7 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
     program per (batch x query head, tile) instead of per KV head, FlashAttention-3's grid, so
     the programs running at once add dQ into the rows of fewer heads; each adds its scaled dK
     and dV into the float32 parameters ``dk_accum``, ``dv_accum [B, KVH, N, D]`` by
-    ``red.global.add`` (zeroed before, cast by :func:`kv_cast_func` after). Every query head's,
+    ``red.global.add.v2.f32`` (zeroed before, cast by :func:`kv_cast_func` after). Every query head's,
     component's and chunk's share is added alike, so this form has no dk/dv partial or split
     parameters; ``dk`` and ``dv`` stay in the signature, unwritten."""
     form = fused_dq_form(fused_dq)
