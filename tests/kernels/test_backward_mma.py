@@ -579,7 +579,7 @@ def test_fused_dq_backward_builds_for_sm90a(name, mask, heads, kv_heads, n, d, d
     .add.f32 of head_dim x 4 bytes per row (``"bulk"``: thread c issues row c, waits for the
     read before the next staging and for completion at the end); ``bwd_delta`` and
     ``bwd_dq_cast`` around it. ``per_query_head`` (grouped KV heads): ``bwd_dkdv`` takes float32
-    ``dk_accum``, ``dv_accum`` and adds each dK, dV element by ``red.global.add.f32``;
+    ``dk_accum``, ``dv_accum`` and adds each pair of adjacent dK, dV columns by ``red.global.add.v2.f32``;
     ``bwd_kv_cast`` casts them, and no split or component sum of dk/dv runs. It compiles for
     sm_90a without spilling, and ptxas keeps its warpgroup MMAs asynchronous (no C7515: the
     exact dQ path of a tile whose K holds a NaN waits for every group before it writes the
