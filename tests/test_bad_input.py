@@ -456,3 +456,23 @@ def test_reference_matches_torch_and_ignores_masked_out_garbage():
         *(torch.from_numpy(x).double() for x in (q2, k, v)), attn_mask=torch_mask).numpy()
     np.testing.assert_array_equal(np.isnan(masked_attention(q2, k, v, mask))[:, :, rows], np.isnan(sdpa)[:, :, rows])
     assert np.isnan(sdpa[0, 0, 7]).all() and np.isnan(sdpa[1, 1, 9]).all()
+
+
+def test_buffers_past_int32_indexing_are_refused_by_name():
+    """The kernels index every buffer with int32 arithmetic: a q of 2**31 elements, or a
+    multi-component plan's float32 partial outputs (components x q's size) past 2**31 - 1, would
+    be read and written at wrapped offsets. Both are refused when planned, naming the buffer;
+    one element fewer plans."""
+    from tvm_splat.kernels.spec import MAX_BUFFER_ELEMENTS
+    from tvm_splat.planner import plan
+
+    h100 = "nvidia/nvidia-h100"
+    with pytest.raises(ValueError, match=r"q \(and the output\) \[1, 256, 65536, 128\] would hold 2,147,483,648 "
+                                         r"elements, more than the kernels' int32 indexing reaches"):
+        plan("window:4", (1, 256, 65536, 128), None, "float16", None, target=h100)
+    # causal strided: two components, so o_part is [batch x heads, 2, n, head_dim] float32
+    planned = plan("causal_strided:128", (1, 64, 65536, 128), None, "float16", None, target=h100)
+    assert planned.tile_plan.shape.num_components == 2  # o_part: 2**30 elements, within reach
+    with pytest.raises(ValueError, match=r"the scratch buffer o_part \[128, 2, 65536, 128\]"):
+        plan("causal_strided:128", (1, 128, 65536, 128), None, "float16", None, target=h100)
+    assert 1 * 128 * 65536 * 128 <= MAX_BUFFER_ELEMENTS  # q itself was within reach there

@@ -43,7 +43,7 @@ from .formats import ACSR
 from .formats.tile_plan import TilePlan, kernel_arrays, plan_tiles
 from .kernels import VARIANTS
 from .kernels.common import KV_LEN
-from .kernels.spec import SUPPORTED_DTYPES, AttentionSpec
+from .kernels.spec import SUPPORTED_DTYPES, AttentionSpec, check_buffer_sizes
 from .kernels.tiled import partial_shapes, split_shapes
 from .records import tuned_tiled_knobs
 from .schedules.row import RowKnobs
@@ -252,6 +252,7 @@ class AttentionPlan:
             nnz = (spec.batch, spec.heads, spec.max_nnz)
             self.scratch = {"scores": (nnz, "float32"), "probs": (nnz, "float32")} if variant == "separate" else {}
             self.steps = ROW_STEPS[variant]
+        check_buffer_sizes({f"the scratch buffer {name}": shape for name, (shape, _) in self.scratch.items()})
         if spec.has_kv_len:
             self.steps = with_kv_len(self.steps)
         arrays = kernel_arrays(acsr, self.tile_plan)

@@ -58,7 +58,7 @@ from .formats.tile_plan import plan_tiles
 from .formats.transpose import transpose_acsr, transposed_acsr
 from .kernels.backward import BackwardSpec
 from .kernels.backward_mma import part_shape, split_part_shape
-from .kernels.spec import SPEC_DTYPES
+from .kernels.spec import SPEC_DTYPES, check_buffer_sizes
 from .kernels.tiled import partial_shapes, split_shapes
 from .kernels.tiled_mma import MMA_TYPES
 from .planner import SEGMENTS, as_acsr, default_knobs
@@ -183,6 +183,7 @@ class TrainingPlan:
     def _empty(self, like, shape, dtype):
         import torch
 
+        check_buffer_sizes({"a training scratch buffer": shape})
         x = torch.empty(shape, dtype=getattr(torch, dtype), device=like.device)
         if not is_aligned(x):  # torch's allocators align to 64 bytes (CPU) and more (CUDA)
             raise RuntimeError(f"torch allocated a {shape} buffer that is not 64-byte aligned")

@@ -17,6 +17,21 @@ SUPPORTED_DTYPES = ("float16", "bfloat16", "float32")
 SPEC_DTYPES = SUPPORTED_DTYPES + ("float64",)
 
 
+#: the most elements a buffer of the kernels may hold: the generated code indexes every buffer
+#: with int32 arithmetic, so a larger one would be read and written at wrapped-around offsets
+MAX_BUFFER_ELEMENTS = 2**31 - 1
+
+
+def check_buffer_sizes(buffers: dict) -> None:
+    """``ValueError`` naming the first buffer of ``buffers`` (name -> shape) with more than
+    :data:`MAX_BUFFER_ELEMENTS` elements (a wrong answer, not an error, if it ran)."""
+    for name, shape in buffers.items():
+        count = math.prod(int(s) for s in shape)
+        if count > MAX_BUFFER_ELEMENTS:
+            raise ValueError(f"{name} {list(shape)} would hold {count:,} elements, more than the kernels' int32 "
+                             f"indexing reaches ({MAX_BUFFER_ELEMENTS:,}): run the batch or the heads in smaller calls")
+
+
 @dataclass(frozen=True)
 class AttentionSpec:
     """Shapes and static facts of one sparse attention problem.
@@ -69,6 +84,8 @@ class AttentionSpec:
             raise ValueError(f"scale must be finite, got {self.scale}")
         if not isinstance(self.has_kv_len, bool):
             raise ValueError(f"has_kv_len must be a bool, got {self.has_kv_len!r}")
+        # k and v (kv_heads <= heads) are no larger
+        check_buffer_sizes({"q (and the output)": (self.batch, self.heads, self.seq_len, self.head_dim)})
 
     @classmethod
     def from_acsr(cls, acsr, batch, heads, head_dim, dtype, scale=None, kv_heads=None, has_kv_len=False):
