@@ -222,13 +222,14 @@ def test_wgmma_training_matches_float64_at_dense_sdpa_error(name, mask, heads, k
 def _fused_dq_knobs(d, form=True, per_head=False):
     """The fused-dQ form's knobs at head_dim ``d`` (on the default two stages): wgmma, 64 head-dim columns of dQ
     per warpgroup (64-row tiles at d=64, 128 at d=128); ``form``: ``True`` (atomics) or ``"bulk"``;
-    ``per_head``: one dK/dV program per query head."""
+    ``per_head``: one dK/dV program per query head (``True``: dK, dV added by vector atomics;
+    ``"bulk"``: by bulk reductions of staged rows)."""
     return {"wgmma": True, "fused_dq": form, "br": d, "warps": d // 16, "per_query_head": per_head}
 
 
 #: (id, fused_dq, per_query_head) of the fused-dQ forms
 FUSED_FORMS = [("atomics", True, False), ("bulk", "bulk", False), ("atomics per head", True, True),
-               ("bulk per head", "bulk", True)]
+               ("bulk per head", "bulk", True), ("bulk per head bulk", "bulk", "bulk")]
 #: every case in both reductions; one program per query head where KV heads are grouped
 FUSED_PARAMS = [pytest.param(*case, form, per_head, id=f"{case[0]}-{form_id}") for case in TC_CASES
                 for form_id, form, per_head in FUSED_FORMS if not per_head or case[3] < case[2]]

@@ -562,13 +562,14 @@ def test_wgmma_backward_is_refused_where_it_cannot_run():
 #: the fused-dQ forms built: (fused_dq, per_query_head) per case; one program per query head
 #: only where KV heads are grouped (elsewhere the knob changes nothing)
 FUSED_DQ_BUILDS = [(case, form, per_head) for case in WGMMA_BUILD_CASES
-                   for form, per_head in ((True, False), ("bulk", False), ("bulk", True), (True, True))
+                   for form, per_head in ((True, False), ("bulk", False), ("bulk", True), (True, True), ("bulk", "bulk"))
                    if not per_head or case[3] < case[2]]
 
 
 @pytest.mark.parametrize("name,mask,heads,kv_heads,n,d,dtype,form,per_head",
                          [(*case, form, per_head) for case, form, per_head in FUSED_DQ_BUILDS],
-                         ids=[f"{case[0]}-{'bulk' if form == 'bulk' else 'atomics'}{'-per head' * per_head}"
+                         ids=[f"{case[0]}-{'bulk' if form == 'bulk' else 'atomics'}"
+                              f"{'-per head bulk' if per_head == 'bulk' else '-per head' * bool(per_head)}"
                               for case, form, per_head in FUSED_DQ_BUILDS])
 def test_fused_dq_backward_builds_for_sm90a(name, mask, heads, kv_heads, n, d, dtype, form, per_head):
     """The fused-dQ form (``BackwardMmaKnobs.fused_dq``): no ``bwd_dq`` kernel; ``bwd_dkdv``
@@ -606,19 +607,25 @@ def test_fused_dq_backward_builds_for_sm90a(name, mask, heads, kv_heads, n, d, d
     dkdv_adds = (body.count("red_vec_f32_global_add_v2_f32((&(dk_accum_ptr[")
                  + body.count("red_vec_f32_global_add_v2_f32((&(dv_accum_ptr["))
     signature = body[:body.index(")")]
+    rounds = -(-plan.mma_knobs.br // bc)  # per_query_head="bulk": BC staged rows a round
+    kv_bulk_adds = 2 * rounds if per_head == "bulk" else 0
     if per_head:
         assert "dk_accum_ptr" in signature and "dk_part" not in signature and "dk_split" not in signature
-        # dK and dV: 2 row slots x head_dim / 8 pairs of adjacent columns each per thread, one
-        # vector reduction per pair (red.global.add.v2.f32), no scalar reduction into them
-        assert dkdv_adds == 2 * 2 * d // 8
+        # atomics: dK and dV, 2 row slots x head_dim / 8 pairs of adjacent columns each per
+        # thread, one vector reduction per pair (red.global.add.v2.f32), no scalar reduction
+        # into them; bulk: none, one bulk reduction per staged row instead
+        assert dkdv_adds == (0 if per_head == "bulk" else 2 * 2 * d // 8)
         assert "red_global_add_f32((&(dk_accum_ptr[" not in body and "red_global_add_f32((&(dv_accum_ptr[" not in body
         assert "bwd_kv_cast_kernel(" in src and "bwd_dkdv_split_sum_kernel(" not in src
     else:
         assert "dk_accum" not in signature and dkdv_adds == 0 and "bwd_kv_cast_kernel(" not in src
     if form == "bulk":
-        assert body.count("red_global_add_f32((") == 0 and body.count(bulk_add) == 1
+        assert body.count("red_global_add_f32((") == 0 and body.count(bulk_add) == 1 + kv_bulk_adds
         assert f"float dqstage_ptr[{bc * (d + 4)}]" in body  # rows padded by 4 words
-        assert body.count("async_bulk_wait_group_read_0()") == 1 and body.count("async_bulk_wait_group_0()") == 1
+        # dQ: a read wait per step, a completion wait at the end; dK/dV staged: one read wait a
+        # round, one completion wait after them
+        assert body.count("async_bulk_wait_group_read_0()") == 1 + kv_bulk_adds
+        assert body.count("async_bulk_wait_group_0()") == 1 + (per_head == "bulk")
     else:
         assert body.count("red_global_add_f32((") == bc // 2  # the thread's dQ^T accumulators
         assert bulk_add not in body and "dqstage" not in body

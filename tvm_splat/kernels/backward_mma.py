@@ -171,7 +171,7 @@ from .tiled_mma import (MMA_TYPES, ROW_PAD, SHARED_BYTES_MAX, WGMMA_PAIR_TYPES, 
 __all__ = ["BACKWARD_MMA_KERNEL_NAMES", "check_backward_mma_shape", "check_backward_mma_plan", "part_shape",
            "split_part_shape", "backward_dq_mma_func", "backward_dkdv_mma_func", "sum_components_func",
            "split_sum_func", "delta_func", "dq_cast_func", "kv_cast_func", "fused_dq_form", "dq_stage_bytes",
-           "per_query_head_programs"]
+           "per_query_head_programs", "kv_sums_form", "check_kv_sums"]
 
 BACKWARD_MMA_KERNEL_NAMES = ("bwd_dq", "bwd_dkdv")
 #: the blocks of :func:`sum_components_func` and :func:`split_sum_func` (what their GPU schedule binds)
@@ -196,11 +196,40 @@ def fused_dq_form(fused_dq) -> str | None:
 DQ_STAGE_PAD = 4
 
 
-def per_query_head_programs(spec: AttentionSpec, fused_dq, per_query_head: bool) -> bool:
+def kv_sums_form(per_query_head) -> str | None:
+    """The form of ``BackwardMmaKnobs.per_query_head``, how a program per query head adds its dK
+    and dV into the float32 sums: None (off: ``False``), ``"atomics"`` (``True`` or
+    ``"atomics"``: one ``red.global.add.v2.f32`` per pair of adjacent columns) or ``"bulk"``
+    (BC rows at a time staged in the bulk fused dQ's staging, then one
+    ``cp.reduce.async.bulk`` per row: FlashAttention-3's epilogue for grouped heads); anything
+    else raises ``ValueError``."""
+    if per_query_head is False or per_query_head is None:
+        return None
+    if per_query_head is True or per_query_head == "atomics":
+        return "atomics"
+    if per_query_head == "bulk":
+        return "bulk"
+    raise ValueError(f"per_query_head must be False, True (\"atomics\") or \"bulk\", got {per_query_head!r}")
+
+
+def check_kv_sums(fused_dq, per_query_head) -> None:
+    """``ValueError`` where ``per_query_head`` cannot go with ``fused_dq``: any per-query-head
+    form needs a fused dQ (without it a program per query head would need the group's dK/dV
+    summed across programs), the bulk one the bulk dQ (it stages in that staging)."""
+    form = kv_sums_form(per_query_head)
+    if form and not fused_dq_form(fused_dq):
+        raise ValueError("per_query_head is a form of the fused dQ backward (fused_dq): without it a program per "
+                         "query head would need the group's dK/dV summed across programs")
+    if form == "bulk" and fused_dq_form(fused_dq) != "bulk":
+        raise ValueError(f"per_query_head=\"bulk\" stages dK and dV rows where fused_dq=\"bulk\" stages dQ rows; "
+                         f"got fused_dq={fused_dq!r}")
+
+
+def per_query_head_programs(spec: AttentionSpec, fused_dq, per_query_head) -> bool:
     """Whether ``bwd_dkdv`` runs one program per query head, adding dK and dV into float32 sums:
-    ``per_query_head`` with a fused dQ form and grouped KV heads (with one query head per KV
-    head the knob changes nothing)."""
-    return bool(per_query_head and fused_dq_form(fused_dq) and spec.group > 1)
+    ``per_query_head`` (either form of :func:`kv_sums_form`) with a fused dQ form and grouped KV
+    heads (with one query head per KV head the knob changes nothing)."""
+    return bool(kv_sums_form(per_query_head) and fused_dq_form(fused_dq) and spec.group > 1)
 
 
 def dq_stage_bytes(bc: int, d: int, fused_dq) -> int:
@@ -843,6 +872,33 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
         # every bulk reduction of this thread has completed (before the program ends)
         T.ptx["cp.async.bulk.wait_group"](0)
 
+    @T.macro
+    def add_tile_bulk(dst, dqstage, b, h, acc, factor, row0, rstr, nrows, w, lane, tid):
+        # per_query_head="bulk": factor * acc added into the tile's valid rows of the float32
+        # dst[b, h], BC tile rows a round through the dQ staging: the warps holding rows
+        # [j BC, (j + 1) BC) (a warp's 16 rows lie in one round) write them as staged rows, a
+        # proxy fence and a barrier publish them, thread c adds row j BC + c by one bulk
+        # reduction of D x 4 bytes, and every thread waits for its reductions to have read
+        # the staging before the barrier that precedes the next round. The caller has waited
+        # for the dQ reductions and passed a barrier since.
+        for j in T.unroll((BR + BC - 1) // BC):
+            if w * 16 // BC == j:
+                for r in T.unroll(2):
+                    for dtl in T.unroll(DT):
+                        for e in T.vectorized(2):
+                            dqstage[(tile_row(w, lane, r) - j * BC) * DQS + dtl * 8 + lane % 4 * 2 + e] = (
+                                acc[dtl * 4 + r * 2 + e] * factor)
+            T.ptx["fence.proxy.async.shared::cta"]()
+            T.tvm_storage_sync("shared")
+            if tid < BC:
+                if j * BC + tid < nrows:
+                    T.ptx["cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32"](
+                        T.address_of(dst[b, h, row0 + rstr * (j * BC + tid), 0]),
+                        T.address_of(dqstage[tid * DQS]), T.uint32(D * 4))
+            T.ptx["cp.async.bulk.commit_group"]()
+            T.ptx["cp.async.bulk.wait_group.read"](0)
+            T.tvm_storage_sync("shared")
+
     return SimpleNamespace(
         BR=BR, BC=BC, W=W, D=D, DP=DP, DT=DT, NTL=NTL, SMEM=SMEM, X_OFF=X_OFF, Y_OFF=Y_OFF, U_OFF=U_OFF, W_OFF=W_OFF,
         P_OFF=P_OFF, DS_OFF=DS_OFF, tile_row=tile_row, acc_col=acc_col, in_block=in_block,
@@ -858,7 +914,7 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
         publish_block=publish_block, block_products=block_products, accumulate_block=accumulate_block,
         store_result=store_result, stage_ds_t=stage_ds_t, flag_tile=flag_tile, dq_products=dq_products,
         dq_exact=dq_exact, dq_atomics=dq_atomics, stage_dq_rows=stage_dq_rows, dq_bulk_add=dq_bulk_add,
-        dq_staging_free=dq_staging_free, dq_bulk_done=dq_bulk_done, DQS=DQS)
+        dq_staging_free=dq_staging_free, dq_bulk_done=dq_bulk_done, add_tile_bulk=add_tile_bulk, DQS=DQS)
 
 
 def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages: int = 2, wgmma: bool = False):
@@ -1014,7 +1070,7 @@ def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages
 
 
 def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages: int = 2, wgmma: bool = False,
-                           fused_dq=False, per_query_head: bool = False):
+                           fused_dq=False, per_query_head=False):
     """``bwd_dkdv`` on tensor cores for ``spec`` (the *transposed* mask's spec) and the
     transposed mask's tile plan of shape ``plan_shape``: ``dk`` and ``dv`` per key tile, summed
     over the query heads of the KV head's group, or with ``C > 1`` components the last
@@ -1029,14 +1085,14 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
     program per (batch x query head, tile) instead of per KV head, FlashAttention-3's grid, so
     the programs running at once add dQ into the rows of fewer heads; each adds its scaled dK
     and dV into the float32 parameters ``dk_accum``, ``dv_accum [B, KVH, N, D]`` by
-    ``red.global.add.v2.f32`` (zeroed before, cast by :func:`kv_cast_func` after). Every query head's,
-    component's and chunk's share is added alike, so this form has no dk/dv partial or split
-    parameters; ``dk`` and ``dv`` stay in the signature, unwritten."""
+    ``red.global.add.v2.f32`` (zeroed before, cast by :func:`kv_cast_func` after), or with
+    ``per_query_head="bulk"`` (and ``fused_dq="bulk"``) by one bulk reduction per row staged in
+    the dQ staging (:func:`kv_sums_form`). Every query head's, component's and chunk's share is
+    added alike, so this form has no dk/dv partial or split parameters; ``dk`` and ``dv`` stay
+    in the signature, unwritten."""
+    check_kv_sums(fused_dq, per_query_head)
     form = fused_dq_form(fused_dq)
     fused_dq, bulk = form is not None, form == "bulk"
-    if per_query_head and not fused_dq:
-        raise ValueError("per_query_head is a form of the fused dQ backward (fused_dq): without it a program per "
-                         "query head would need the group's dK/dV summed across programs")
     st = _steps(spec, plan_shape, warps, stages, dkdv=True, wgmma=wgmma, fused_dq=fused_dq)
     stage_dq_rows, dq_bulk_add, dq_staging_free, dq_bulk_done = (st.stage_dq_rows, st.dq_bulk_add,
                                                                  st.dq_staging_free, st.dq_bulk_done)
@@ -1061,9 +1117,10 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
     BC, W, DT, NTL, SMEM = st.BC, st.W, st.DT, st.NTL, st.SMEM
     c2, log2e, scale = T.float32(spec.scale * LOG2E), T.float32(LOG2E), T.float32(spec.scale)
     per_head = per_query_head_programs(spec, fused_dq, per_query_head)
+    kv_bulk = per_head and kv_sums_form(per_query_head) == "bulk"
     PH = H if per_head else KVH  # programs per batch entry (and tile)
     GS = 1 if per_head else G  # query heads a program walks
-    add_tile = st.add_tile
+    add_tile, add_tile_bulk = st.add_tile, st.add_tile_bulk
 
     def kv_head_of(vbk):  # the KV head of program vbk (of the B x PH)
         return vbk % H // G if per_head else vbk % KVH
@@ -1073,10 +1130,16 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
 
     @T.macro
     def store_gradients(dk, dv, dk_part, dv_part, dk_split, dv_split, dk_accum, dv_accum, comp, slot, b, hk, vbk,
-                        acc_k, acc_v, rows, w, lane, nrows):
-        # dK (scaled) and dV: added into the float32 sums (per query head), else written
-        # (store_result: directly, per component or per chunk)
-        if per_head:
+                        acc_k, acc_v, rows, w, lane, nrows, dqstage, row0, rstr, tid):
+        # dK (scaled) and dV: added into the float32 sums (per query head: by vector atomics,
+        # or staged rows and bulk reductions), else written (store_result: directly, per
+        # component or per chunk)
+        if kv_bulk:
+            T.tvm_storage_sync("shared")  # every thread's dQ reductions are done with the staging
+            add_tile_bulk(dk_accum, dqstage, b, hk, acc_k, scale, row0, rstr, nrows, w, lane, tid)
+            add_tile_bulk(dv_accum, dqstage, b, hk, acc_v, T.float32(1), row0, rstr, nrows, w, lane, tid)
+            T.ptx["cp.async.bulk.wait_group"](0)  # complete before the program ends
+        elif per_head:
             add_tile(dk_accum, b, hk, acc_k, scale, rows, w, lane, nrows)
             add_tile(dv_accum, b, hk, acc_v, T.float32(1), rows, w, lane, nrows)
         else:
@@ -1224,7 +1287,7 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
                                                   lane)
                             store_gradients(dk, dv, dk_part, dv_part, dk_split, dv_split, dk_accum, dv_accum,
                                             ttiles[hm, vt, 3], ttiles[hm, vt, 6], b, hk, vbk, acc_k, acc_v, rows, w,
-                                            lane, nrows)
+                                            lane, nrows, dqstage, row0, rstr, tid)
 
     return _without(bwd_dkdv, ("dk_part", "dv_part") * (direct or per_head)
                     + ("dk_split", "dv_split") * (not plan_shape.num_slots or per_head)

@@ -31,8 +31,8 @@ from tvm import s_tir
 
 from ..kernels.backward import BackwardSpec
 from ..kernels.backward_mma import (SPLIT_SUM_BLOCK, SUM_BLOCK, backward_dkdv_mma_func, backward_dq_mma_func,
-                                    check_backward_mma_plan, check_backward_mma_shape, delta_func, dq_cast_func,
-                                    fused_dq_form, kv_cast_func, per_query_head_programs, split_sum_func,
+                                    check_backward_mma_plan, check_backward_mma_shape, check_kv_sums, delta_func,
+                                    dq_cast_func, kv_cast_func, per_query_head_programs, split_sum_func,
                                     sum_components_func)
 from ..kernels.tiled import MERGE_BLOCK, merge_func, split_merge_func
 from ..kernels.tiled_mma import MMA_TYPES, check_mma_shape, check_tma_shape, tiled_mma_func
@@ -145,7 +145,10 @@ class BackwardMmaKnobs:
     into the rows of 2 query heads instead of 8 on Mistral's grid (about 8 MB of float32
     instead of 34); dK and dV are added by atomics into float32 buffers (about 67 M on Mistral
     against 1e9 for dQ) and cast by ``bwd_kv_cast``: Mistral's backward 4.42 ms with the
-    atomics (from 6.97), 4.31 with the bulk form."""
+    atomics (from 6.97), 4.31 with the bulk form. ``per_query_head="bulk"`` (with
+    ``fused_dq="bulk"``): dK and dV added by one bulk reduction per staged row instead, as
+    FlashAttention-3's epilogue for grouped heads does; built and checked by ptxas, not yet
+    measured, so no default."""
 
     forward: TiledKnobs
     br: int = BACKWARD_BR
@@ -156,7 +159,7 @@ class BackwardMmaKnobs:
     split_blocks: int = -1
     wgmma: bool = False
     fused_dq: bool | str = False
-    per_query_head: bool = False
+    per_query_head: bool | str = False
 
 
 def default_backward_mma_knobs(spec: BackwardSpec, target, forward: TiledKnobs | None = None) -> BackwardMmaKnobs:
@@ -219,9 +222,7 @@ def tensor_core_training_refusal(spec: BackwardSpec, target, knobs: BackwardMmaK
         check_backward_mma_shape(rows, knobs.br, knobs.dq_bc, knobs.warps, knobs.stages, knobs.wgmma)
         check_backward_mma_shape(spec.columns, knobs.br, knobs.dkdv_bc, knobs.warps, knobs.stages, knobs.wgmma,
                                  knobs.fused_dq)
-        if knobs.per_query_head and not fused_dq_form(knobs.fused_dq):
-            raise ValueError("per_query_head is a form of the fused dQ backward (fused_dq): without it a program per "
-                             "query head would need the group's dK/dV summed across programs")
+        check_kv_sums(knobs.fused_dq, knobs.per_query_head)
         for plan in plans:
             check_backward_mma_plan(plan.shape, plan.num_comp)
     except ValueError as err:
