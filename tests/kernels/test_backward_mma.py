@@ -557,6 +557,18 @@ def test_wgmma_backward_is_refused_where_it_cannot_run():
     plan = plan_training(Window(8), *shapes, target=H100,
                          mma_knobs=dataclasses.replace(base.mma_knobs, wgmma=True, per_query_head=True))
     assert "per_query_head is a form of the fused dQ backward" in plan.fallback_reason
+    # the bulk dK/dV sums stage in the bulk dQ's staging: with the atomics dQ they are refused
+    gqa = ((1, 4, 100, 128), (1, 2, 100, 128), "float16", "cuda")
+    fused = plan_training(Window(8), *gqa, target=H100).mma_knobs
+    assert fused.fused_dq == "bulk" and fused.per_query_head is True
+    plan = plan_training(Window(8), *gqa, target=H100,
+                         mma_knobs=dataclasses.replace(fused, fused_dq=True, per_query_head="bulk"))
+    assert "per_query_head=\"bulk\" stages dK and dV rows where fused_dq=\"bulk\" stages dQ rows; got fused_dq=True" \
+        in plan.fallback_reason
+    plan = plan_training(Window(8), *gqa, target=H100, mma_knobs=dataclasses.replace(fused, per_query_head="tma"))
+    assert "per_query_head must be False, True (\"atomics\") or \"bulk\", got 'tma'" in plan.fallback_reason
+    plan = plan_training(Window(8), *gqa, target=H100, mma_knobs=dataclasses.replace(fused, per_query_head="bulk"))
+    assert plan.kernels == "tensor-cores", plan.fallback_reason
 
 
 #: the fused-dQ forms built: (fused_dq, per_query_head) per case; one program per query head
