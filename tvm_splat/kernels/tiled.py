@@ -291,8 +291,9 @@ def merge_states(st, ml, o, vbh, base, count, row, d):
     ``count`` pairs (one broadcast load per warp), so that a warp reads 32 consecutive floats of
     every partial ``O`` row. Measured on the H200 (forward, fp16, ``h200_forward_ab.json``): the
     split plan of BigBird-like 64 global + block 64 + ±32, n=4096, batch 4, 12 heads (its
-    global tiles in 16 chunks) ran 0.180 ms with the former one-thread-per-row merge (a serial
-    loop over ``d``, a warp's loads 4·D bytes apart) and 0.105 ms with this one."""
+    global tiles in 16 chunks, the heads-first grid) ran 0.185 ms with the former
+    one-thread-per-row merge (a serial loop over ``d``, a warp's loads 4·D bytes apart) and
+    0.105 ms with this one."""
     st[0] = T.float32(NEG_INIT)
     st[1] = T.float32(0)
     st[3] = T.float32(0)
