@@ -33,6 +33,8 @@ CASES = {
     "win": ("window:1024", 1, 16, 16, 32768, 128),  # long-context window
     "str": ("causal_strided:128", 1, 12, 12, 8192, 64),  # Sparse Transformer (two components)
     "dil": ("dilated:256:2", 1, 12, 12, 8192, 128),  # dilated at d=128: one component, column blocks of step 2
+    "lf8": ("global:4+window:256", 8, 16, 16, 4096, 64),  # Longformer-large, batch 8: a grid of 128 heads
+    "g1k": ("global:4+window:128", 32, 12, 12, 1024, 64),  # n=1024, batch 32: 384 heads of 16 short tiles
 }
 #: head_dim -> knob overrides tried by default
 VARIANTS = {
