@@ -179,17 +179,23 @@ SUM_BLOCK = "sum"
 SPLIT_SUM_BLOCK = "split_sum"
 
 
+def _adding_form(value, knob: str) -> str | None:
+    """How knob ``knob`` = ``value`` adds float32 sums: None (``False``: it does not),
+    ``"atomics"`` (``True`` or ``"atomics"``) or ``"bulk"``; anything else raises ``ValueError``."""
+    if value is False or value is None:
+        return None
+    if value is True or value == "atomics":
+        return "atomics"
+    if value == "bulk":
+        return "bulk"
+    raise ValueError(f"{knob} must be False, True (\"atomics\") or \"bulk\", got {value!r}")
+
+
 def fused_dq_form(fused_dq) -> str | None:
     """The form of ``BackwardMmaKnobs.fused_dq``: None (off: ``False``), ``"atomics"`` (``True``
     or ``"atomics"``: one ``red.global.add.f32`` per element) or ``"bulk"`` (one bulk reduction
     per staged dQ row); anything else raises ``ValueError``."""
-    if fused_dq is False or fused_dq is None:
-        return None
-    if fused_dq is True or fused_dq == "atomics":
-        return "atomics"
-    if fused_dq == "bulk":
-        return "bulk"
-    raise ValueError(f"fused_dq must be False, True (\"atomics\") or \"bulk\", got {fused_dq!r}")
+    return _adding_form(fused_dq, "fused_dq")
 
 
 #: float32 words of padding per staged dQ row (:func:`dq_stage_bytes`)
@@ -203,13 +209,7 @@ def kv_sums_form(per_query_head) -> str | None:
     (BC rows at a time staged in the bulk fused dQ's staging, then one
     ``cp.reduce.async.bulk`` per row: FlashAttention-3's epilogue for grouped heads); anything
     else raises ``ValueError``."""
-    if per_query_head is False or per_query_head is None:
-        return None
-    if per_query_head is True or per_query_head == "atomics":
-        return "atomics"
-    if per_query_head == "bulk":
-        return "bulk"
-    raise ValueError(f"per_query_head must be False, True (\"atomics\") or \"bulk\", got {per_query_head!r}")
+    return _adding_form(per_query_head, "per_query_head")
 
 
 def check_kv_sums(fused_dq, per_query_head) -> None:
