@@ -98,8 +98,9 @@ yet run on a GPU**):
   per KV head, so the programs running at once add dQ into the rows of fewer heads (Mistral's
   grid: 2 query heads instead of 8, about 8 MB of float32 instead of 34, against an L2 of 50
   MB); each adds its scaled dK and dV into float32 ``dk_accum``, ``dv_accum`` by
-  ``red.global.add.v2.f32`` (two adjacent columns per reduction) and ``bwd_kv_cast`` (:func:`kv_cast_func`) casts them, so no split or
-  component sums of dk/dv run. 255 registers at d=128 in either dQ form, no spill.
+  ``red.global.add.v2.f32`` (two adjacent columns per reduction) and ``bwd_kv_cast``
+  (:func:`kv_cast_func`) casts them, so no split or component sums of dk/dv run. 255 registers
+  at d=128 in either dQ form, no spill.
 
 Masked-out entries contribute exactly nothing: once per block, each row slot turns its cached
 segments into ranges of block columns (:func:`~tvm_splat.kernels.common.block_range_cache`: a
@@ -1138,7 +1139,7 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
             T.tvm_storage_sync("shared")  # every thread's dQ reductions are done with the staging
             add_tile_bulk(dk_accum, dqstage, b, hk, acc_k, scale, row0, rstr, nrows, w, lane, tid)
             add_tile_bulk(dv_accum, dqstage, b, hk, acc_v, T.float32(1), row0, rstr, nrows, w, lane, tid)
-            T.ptx["cp.async.bulk.wait_group"](0)  # complete before the program ends
+            dq_bulk_done()  # this thread's reductions complete before the program ends
         elif per_head:
             add_tile(dk_accum, b, hk, acc_k, scale, rows, w, lane, nrows)
             add_tile(dv_accum, b, hk, acc_v, T.float32(1), rows, w, lane, nrows)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..formats._checks import INT32_MAX
+
 #: input dtypes of every kernel (accumulation is float32 for all of them)
 SUPPORTED_DTYPES = ("float16", "bfloat16", "float32")
 #: dtypes a spec may hold: float64 too, for the training kernels on the CPU (gradcheck needs
@@ -19,7 +21,7 @@ SPEC_DTYPES = SUPPORTED_DTYPES + ("float64",)
 
 #: the most elements a buffer of the kernels may hold: the generated code indexes every buffer
 #: with int32 arithmetic, so a larger one would be read and written at wrapped-around offsets
-MAX_BUFFER_ELEMENTS = 2**31 - 1
+MAX_BUFFER_ELEMENTS = INT32_MAX
 
 
 def check_buffer_sizes(buffers: dict) -> None:
