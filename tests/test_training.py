@@ -97,6 +97,33 @@ def test_half_precision_on_a_cuda_target_takes_the_tensor_core_kernels():
     assert off.kernels == "rows" and "tensor_cores=False" in repr(off)
 
 
+def test_each_tensor_core_plan_splits_long_tiles_by_its_own_kernels_grid():
+    """Split-KV pays where a global token's tile would end a small grid alone, and costs its
+    partial sums where the grid holds enough other work (``SPLIT_NEEDLESS_WORK``): the forward
+    and ``bwd_dq`` plans see ``batch x heads`` programs per tile, ``bwd_dkdv`` without
+    per-query-head sums ``batch x kv_heads``, so with 2 query heads per KV head its plan stays
+    split at a batch where the other two are whole."""
+    from tvm_splat.formats.tile_plan import SPLIT_NEEDLESS_WORK, plan_tiles, split_length
+
+    def slots(batch):
+        plan = plan_training("global:2+window:64", (batch, 4, 2048, 64), (batch, 2, 2048, 64), "float16", "cuda",
+                             target="nvidia/nvidia-h100")
+        assert plan.kernels == "tensor-cores" and not plan.mma_knobs.per_query_head
+        return plan, [p.shape.num_slots for p in plan.tile_plans]
+
+    plan, one = slots(1)
+    assert min(one) > 0  # a grid of 4 programs per tile: every plan splits the global tiles
+    # the smallest batch whose query-head grid leaves the dq plan whole, by the rule itself
+    whole = plan_tiles(plan.acsr, br=plan.mma_knobs.br, bc=plan.mma_knobs.dq_bc, split_blocks=0)
+    counts = [int(hi - lo) for lo, hi in whole.tiles[0, :, 4:6] if hi > lo]
+    whole_at = next(b for b in range(1, 1 << 12) if split_length(counts, b * 4) == 0)
+    assert 4 * whole_at * sum(counts) >= SPLIT_NEEDLESS_WORK * max(counts)
+    assert slots(whole_at - 1)[1][1] > 0
+    _, at = slots(whole_at)
+    assert at[0] == at[1] == 0 and at[2] > 0  # bwd_dkdv runs half as many programs per tile
+    assert slots(2 * whole_at)[1] == [0, 0, 0]
+
+
 def test_strided_and_dilated_masks_keep_their_row_aligned_components_on_tensor_cores():
     """The training plans are the forward's: a pure dilated window is one aligned component
     (rows grouped by residue, dense blocks); a band plus a strided part two (contiguous rows for
