@@ -109,7 +109,10 @@ class TrainingPlan:
             # the split rule sees each kernel's grid: the forward and bwd_dq run a program per
             # query head, bwd_dkdv one per KV head unless it sums per query head
             batch, heads = spec.rows.batch, spec.rows.heads
-            dkdv_heads = heads if per_query_head_sums(spec, knobs) else spec.rows.kv_heads
+            try:
+                dkdv_heads = heads if per_query_head_sums(spec, knobs) else spec.rows.kv_heads
+            except ValueError:  # a knob out of range: tensor_core_training_refusal names it below
+                dkdv_heads = spec.rows.kv_heads
             plans = (_training_tile_plan(acsr, br=knobs.forward.br, bc=knobs.forward.bc,
                                          split_blocks=knobs.forward.split_blocks, grid_heads=batch * heads),
                      _training_tile_plan(acsr, br=knobs.br, bc=knobs.dq_bc, split_blocks=knobs.split_blocks,
