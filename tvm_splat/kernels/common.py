@@ -24,6 +24,14 @@ def normalised(acc, row_sum):
     return T.if_then_else(row_sum == T.float32(0), T.float32(0), acc / row_sum)
 
 
+def natural_lse(row_max, row_sum):
+    """The natural-log log-sum-exp ``(M + log2 L) ln 2`` of a finished softmax row kept in
+    base 2 (``row_max`` M of the ``log2(e)``-scaled scores, ``row_sum`` L), ``-inf`` for a row
+    that attended to nothing (``L == 0``); a NaN L (a non-finite score) gives NaN."""
+    return T.if_then_else(row_sum == T.float32(0), T.float32(-math.inf),
+                          (row_max + T.log2(row_sum)) * T.float32(math.log(2.0)))
+
+
 def segment_member(start, last, sigma, seg_sigma, col):
     """Whether ``col`` lies on the segment ``start, start + sigma, .., last`` of a row, where
     the segment's effective step is ``seg_sigma`` and the column block's step is ``sigma``

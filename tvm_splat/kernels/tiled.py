@@ -44,12 +44,11 @@ Buffers of :func:`tiled_func` (``BH = batch * heads``, ``C`` components, plan ta
 """
 from __future__ import annotations
 
-import math
-
 import tvm
 from tvm.script import tirx as T
 
-from .common import LOG2E, NEG_INIT, any_of, key_length, normalised, segment_member, without_unused_kv_len
+from .common import (LOG2E, NEG_INIT, any_of, key_length, natural_lse, normalised, segment_member,
+                     without_unused_kv_len)
 from .row import online_softmax_row
 from .spec import AttentionSpec
 
@@ -348,9 +347,7 @@ def split_merge_func(spec: AttentionSpec, plan_shape, with_lse: bool = False):
                         out[vbh // H, vbh % H, row, vd] = T.Cast(dt, normalised(st[3], st[1]))
                         if with_lse:
                             if vd == 0:
-                                lse[vbh // H, vbh % H, row] = T.if_then_else(
-                                    st[1] == T.float32(0), T.float32(-math.inf),
-                                    (st[0] + T.log2(st[1])) * T.float32(math.log(2.0)))
+                                lse[vbh // H, vbh % H, row] = natural_lse(st[0], st[1])
                     else:
                         o_part[vbh, splits[hm, vg, 3], row, vd] = st[3]
                         if vd == 0:
@@ -397,8 +394,7 @@ def merge_func(spec: AttentionSpec, num_components: int, with_lse: bool = False)
                 out[vbh // H, vbh % H, vi, vd] = T.Cast(dt, normalised(st[3], st[1]))
                 if with_lse:
                     if vd == 0:
-                        lse[vbh // H, vbh % H, vi] = T.if_then_else(
-                            st[1] == T.float32(0), T.float32(-math.inf), (st[0] + T.log2(st[1])) * T.float32(math.log(2.0)))
+                        lse[vbh // H, vbh % H, vi] = natural_lse(st[0], st[1])
 
     if with_lse:
         return merge

@@ -41,13 +41,11 @@ Buffers and dtypes are those of :func:`~tvm_splat.kernels.tiled.tiled_func`.
 """
 from __future__ import annotations
 
-import math
-
 import tvm
 from tvm.script import tirx as T
 
-from .common import (LOG2E, NEG_INIT, block_range_cache, key_length, launch_bounds, nonfinite_halves, normalised,
-                     row_segment_cache, tile_grid_rows, without_unused_kv_len)
+from .common import (LOG2E, NEG_INIT, block_range_cache, key_length, launch_bounds, natural_lse, nonfinite_halves,
+                     normalised, row_segment_cache, tile_grid_rows, without_unused_kv_len)
 from .spec import AttentionSpec
 from .tiled import partial_shapes, split_chunk, split_shapes
 
@@ -579,8 +577,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
             if tile_row(w, lane, r) < nrows:
                 if with_lse and direct:
                     if lane % 4 == 0:
-                        lse[b, h, rows[r]] = T.if_then_else(ls[r] == T.float32(0), T.float32(-math.inf),
-                                                            (ms[r] + T.log2(ls[r])) * T.float32(math.log(2.0)))
+                        lse[b, h, rows[r]] = natural_lse(ms[r], ls[r])
                 for dtl in T.unroll(DT):
                     for e in T.vectorized(2):
                         if direct:
