@@ -8,8 +8,8 @@ import torch
 import tvm_splat
 from tvm_splat import distributed as tsd
 
-sys.path.insert(0, str(Path(__file__).parent))
-import gloo_ranks  # noqa: E402  (the spawned ranks import it by this name)
+sys.path.insert(0, str(Path(__file__).parents[2]))  # the repository root
+from tests.distributed import gloo_ranks  # noqa: E402  (the spawned ranks import it by this name)
 
 # (pattern, shard length, heads, kv heads, head_dim, dtype): every windowed family, unions with
 # global tokens, shards that do not align with blocks or dilations, grouped heads, 16-bit inputs

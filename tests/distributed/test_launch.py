@@ -8,8 +8,8 @@ import torch.multiprocessing as mp
 
 from tvm_splat.distributed.launch import free_port, run_ranks
 
-sys.path.insert(0, str(Path(__file__).parent))
-import gloo_ranks  # noqa: E402  (the spawned ranks import it by this name)
+sys.path.insert(0, str(Path(__file__).parents[2]))  # the repository root
+from tests.distributed import gloo_ranks  # noqa: E402  (the spawned ranks import it by this name)
 
 
 def test_a_rank_error_reaches_the_caller():

@@ -11,8 +11,8 @@ pytestmark = [
     pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"),
 ]
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
-import gloo_ranks  # noqa: E402  (the spawned ranks import it by this name)
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
+from tests.distributed import gloo_ranks  # noqa: E402  (the spawned ranks import it by this name)
 
 import tvm_splat  # noqa: E402
 
