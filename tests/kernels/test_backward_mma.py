@@ -5,6 +5,8 @@ head_dim 64 and 128 (GQA, unions, causal, dilated, strided; plans of one and of 
 components), the combining kernels of multi-component plans (the merge with its lse, the sum of
 partial gradients) compute the right numbers on the CPU, and they refuse what they cannot run.
 The tensor-core kernels' numbers are checked on the GPU (tests/gpu/test_backward.py)."""
+import re
+
 import numpy as np
 import pytest
 
@@ -589,7 +591,7 @@ def test_fused_dq_backward_builds_for_sm90a(name, mask, heads, kv_heads, n, d, d
     m64 n=bc with both operands transposed (MN-major: K^T from the tile operand, dS^T from its
     staging), br / 16 k-steps, and adds the result by ``red.global.add.f32`` per element
     (``True``) or, staged as float32 rows in shared memory, by one ``cp.reduce.async.bulk``
-    .add.f32 of head_dim x 4 bytes per row (``"bulk"``: thread c issues row c, waits for the
+    .add.f32 of head_dim x 4 bytes per row (``"bulk"``: the threads of every warp issue the rows, wait for the
     read before the next staging and for completion at the end); ``bwd_delta`` and
     ``bwd_dq_cast`` around it. ``per_query_head`` (grouped KV heads): ``bwd_dkdv`` takes float32
     ``dk_accum``, ``dv_accum`` and adds each pair of adjacent dK, dV columns by ``red.global.add.v2.f32``;
@@ -633,7 +635,16 @@ def test_fused_dq_backward_builds_for_sm90a(name, mask, heads, kv_heads, n, d, d
         assert "dk_accum" not in signature and dkdv_adds == 0 and "bwd_kv_cast_kernel(" not in src
     if form == "bulk":
         assert body.count("red_global_add_f32((") == 0 and body.count(bulk_add) == 1 + kv_bulk_adds
-        assert f"float dqstage_ptr[{bc * (d + 4)}]" in body  # rows padded by 4 words
+        # rows padded by 4 words: the staging holds bc rows of d + 4 floats (TVM may drop the
+        # last row's unused padding)
+        staged = int(re.search(r"float dqstage_ptr\[(\d+)\]", body).group(1))
+        assert (bc - 1) * (d + 4) + d <= staged <= bc * (d + 4)
+        # every warp issues an equal share of the rows: row 32 / spread w + lane / spread by the
+        # lanes that are a multiple of spread (a warp issues bulk copies one lane at a time)
+        spread = 32 * plan.mma_knobs.warps // bc
+        if spread > 1:
+            assert (f"(((int)threadIdx.y) * {32 // spread}) + (((int)threadIdx.x) >> {spread.bit_length() - 1}))"
+                    in body)
         # dQ: a read wait per step, a completion wait at the end; dK/dV staged: one read wait a
         # round, one completion wait after them
         assert body.count("async_bulk_wait_group_read_0()") == 1 + kv_bulk_adds

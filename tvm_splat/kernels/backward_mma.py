@@ -85,10 +85,10 @@ yet run on a GPU**):
 
 * ``fused_dq="bulk"``: instead of one atomic per element, each step's dQ^T accumulators are
   staged as dQ rows, float32 ``[BC, D + 4]`` in static shared memory (the padding puts a warp's
-  32 stores in 32 banks), published by ``fence.proxy.async`` and a barrier, and thread ``c``
-  adds row ``c`` into ``dq_accum`` with one ``cp.reduce.async.bulk.global.shared::cta
-  .bulk_group.add.f32`` of ``D x 4`` bytes (rows past the thread count by thread ``c mod``
-  the thread count; FlashAttention-3's TMA reduce-add): BC
+  32 stores in 32 banks), published by ``fence.proxy.async`` and a barrier, and thread
+  ``c NTHR / BC`` (every warp a share; thread ``c mod NTHR`` when BC exceeds the thread
+  count) adds row ``c`` into ``dq_accum`` with one ``cp.reduce.async.bulk.global.shared::cta
+  .bulk_group.add.f32`` of ``D x 4`` bytes (FlashAttention-3's TMA reduce-add): BC
   asynchronous reductions per step instead of BC x D atomics, at one more barrier per step.
   Before the barrier that precedes the next staging each thread waits until its reductions
   have read their rows (``cp.async.bulk.wait_group.read 0``), and before the program ends
@@ -399,6 +399,12 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
                     16, T.Cast("uint32", T.if_then_else(chunk_row(it, tid) < count, 16, 0))))
 
     def block_rows(col0, sig):  # rows of the column block at col0, sig inside the sequence
+        # bwd_dkdv: unit steps (every block of windows and causal windows) without the integer
+        # division that all threads ran at each block's issue (``ncu``, Mistral bwd_dkdv); in
+        # bwd_dq the extra branch cost more than it saved (Longformer-large batch 8 bwd_dq 0.717
+        # -> 0.739 ms, bwd_dkdv 1.110 -> 1.094; ``h200_backward_knobs.json``)
+        if dkdv:
+            return T.if_then_else(sig == 1, T.min(BC, N - col0), T.min(BC, (N - 1 - col0) // sig + 1))
         return T.min(BC, (N - 1 - col0) // sig + 1)
 
     @T.macro
@@ -838,8 +844,8 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
                     dq_accum[b, h, col0 + sig * acc_col(i // 4, lane, i), dq_row(w, lane, i)]), dqacc[i])
 
     # ``fused_dq="bulk"``: the step's dQ^T accumulators staged as dQ rows (float32 [BC, DQS] in
-    # static shared memory), then one bulk reduction per row, issued by thread c for block
-    # column c: ``cp.reduce.async.bulk .add.f32`` of D x 4 bytes into ``dq_accum`` (BC
+    # static shared memory), then one bulk reduction per row (block column), issued as
+    # ``dq_bulk_add`` says: ``cp.reduce.async.bulk .add.f32`` of D x 4 bytes into ``dq_accum`` (BC
     # asynchronous reductions per step instead of BC x D atomics)
     DQS = D + DQ_STAGE_PAD
 
@@ -851,15 +857,24 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
             dqstage[acc_col(i // 4, lane, i) * DQS + dq_row(w, lane, i)] = dqacc[i]
         T.ptx["fence.proxy.async.shared::cta"]()
 
+    # issuers of the bulk reductions: every DQ_SPREAD-th thread, so that each warp issues an
+    # equal share. A bulk copy takes its operands from uniform registers, so a warp issues its
+    # lanes' copies one lane at a time; thread c for row c left that serial loop to the first
+    # BC / 32 warps while the others waited at the next barrier (``ncu``, Mistral n=8192
+    # bwd_dkdv: 5% of the warps' stall samples in that loop and 16% at the barrier after it)
+    DQ_SPREAD = max(1, NTHR // BC)
+    DQ_ISSUERS = NTHR // DQ_SPREAD
+
     @T.macro
     def dq_bulk_add(dq_accum, dqstage, b, h, col0, sig, tid):
-        # row c < the block's rows, by thread c % NTHR: dq_accum[b, h, col0 + sig c, :] +=
-        # staged row c, one bulk reduction each, committed as one bulk group
-        for it in T.serial((BC + NTHR - 1) // NTHR):
-            if it * NTHR + tid < block_rows(col0, sig):
-                T.ptx["cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32"](
-                    T.address_of(dq_accum[b, h, col0 + sig * (it * NTHR + tid), 0]),
-                    T.address_of(dqstage[(it * NTHR + tid) * DQS]), T.uint32(D * 4))
+        # row c < the block's rows, by thread DQ_SPREAD c (mod NTHR): dq_accum[b, h, col0 + sig
+        # c, :] += staged row c, one bulk reduction each, committed as one bulk group
+        for it in T.serial((BC + DQ_ISSUERS - 1) // DQ_ISSUERS):
+            if tid % DQ_SPREAD == 0:
+                if it * DQ_ISSUERS + tid // DQ_SPREAD < block_rows(col0, sig):
+                    T.ptx["cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32"](
+                        T.address_of(dq_accum[b, h, col0 + sig * (it * DQ_ISSUERS + tid // DQ_SPREAD), 0]),
+                        T.address_of(dqstage[(it * DQ_ISSUERS + tid // DQ_SPREAD) * DQS]), T.uint32(D * 4))
         T.ptx["cp.async.bulk.commit_group"]()
 
     @T.macro
@@ -1129,6 +1144,15 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
     def first_head(vbk, hk):  # the first query head a program walks
         return vbk % H if per_head else hk * G
 
+    # step t of a program: query head first_head + t // nblk, block t % nblk; with one head a
+    # program (no grouping, or a program per query head) without the two divisions by the
+    # runtime nblk, which every thread ran at each step (``ncu``, Mistral bwd_dkdv)
+    def step_head(vbk, hk, t, nblk):
+        return first_head(vbk, hk) if GS == 1 else first_head(vbk, hk) + t // nblk
+
+    def step_block(t, nblk):
+        return t if GS == 1 else t % nblk
+
     @T.macro
     def store_gradients(dk, dv, dk_part, dv_part, dk_split, dv_split, dk_accum, dv_accum, comp, slot, b, hk, vbk,
                         acc_k, acc_v, rows, w, lane, nrows, dqstage, row0, rstr, tid):
@@ -1238,20 +1262,20 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
                                 flag_tile(smem, kbad, words, nonfinite, tid)
                             # step t: query head first_head + t // nblk of the program's GS, block t % nblk
                             for t in T.serial(GS * nblk):
-                                h: T.let[T.int32] = first_head(vbk, hk) + t // nblk
-                                col0: T.let[T.int32] = tblocks[hm, blk_lo + t % nblk, 0]
-                                sig: T.let[T.int32] = tblocks[hm, blk_lo + t % nblk, 1]
-                                full: T.let[T.int32] = tblocks[hm, blk_lo + t % nblk, 2]
+                                h: T.let[T.int32] = step_head(vbk, hk, t, nblk)
+                                col0: T.let[T.int32] = tblocks[hm, blk_lo + step_block(t, nblk), 0]
+                                sig: T.let[T.int32] = tblocks[hm, blk_lo + step_block(t, nblk), 1]
+                                full: T.let[T.int32] = tblocks[hm, blk_lo + step_block(t, nblk), 2]
                                 stg: T.let[T.int32] = t % stages
                                 await_block(smem, q, dout, b, h, col0, sig, tid, stats, lse, delta)
                                 flag_block(smem, bad, stg, words, nonfinite, t + 1, full, True, tid)  # Q's and dO's rows
                                 if bulk:  # the previous step's staged dQ rows are read, before the barrier
                                     dq_staging_free()
-                                publish_block(smem, q, dout, b, t + 1 < GS * nblk,
-                                              first_head(vbk, hk) + (t + 1) // nblk,
-                                              tblocks[hm, blk_lo + (t + 1) % nblk, 0],
-                                              tblocks[hm, blk_lo + (t + 1) % nblk, 1], (t + 1) % stages, tid, stats,
-                                              lse, delta)
+                                nxt: T.let[T.int32] = T.min(t + 1, GS * nblk - 1)  # the next step, if any
+                                publish_block(smem, q, dout, b, t + 1 < GS * nblk, step_head(vbk, hk, nxt, nblk),
+                                              tblocks[hm, blk_lo + step_block(nxt, nblk), 0],
+                                              tblocks[hm, blk_lo + step_block(nxt, nblk), 1], (t + 1) % stages,
+                                              tid, stats, lse, delta)
                                 block_ranges(rng, sg, full, col0, sig, None)
                                 if overlap:  # a tagged previous step: dK, dV exactly, now
                                     previous_exact(acc_k, dsf, acc_v, pf, True, smem, bad, flag, t, w, lane)
