@@ -591,8 +591,8 @@ def test_fused_dq_backward_builds_for_sm90a(name, mask, heads, kv_heads, n, d, d
     m64 n=bc with both operands transposed (MN-major: K^T from the tile operand, dS^T from its
     staging), br / 16 k-steps, and adds the result by ``red.global.add.f32`` per element
     (``True``) or, staged as float32 rows in shared memory, by one ``cp.reduce.async.bulk``
-    .add.f32 of head_dim x 4 bytes per row (``"bulk"``: the threads of every warp issue the rows, wait for the
-    read before the next staging and for completion at the end); ``bwd_delta`` and
+    .add.f32 of head_dim x 4 bytes per row (``"bulk"``: the threads of every warp issue the
+    rows, wait for the read before the next staging and for completion at the end); ``bwd_delta`` and
     ``bwd_dq_cast`` around it. ``per_query_head`` (grouped KV heads): ``bwd_dkdv`` takes float32
     ``dk_accum``, ``dv_accum`` and adds each pair of adjacent dK, dV columns by ``red.global.add.v2.f32``;
     ``bwd_kv_cast`` casts them, and no split or component sum of dk/dv runs. It compiles for

@@ -871,10 +871,11 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
         # c, :] += staged row c, one bulk reduction each, committed as one bulk group
         for it in T.serial((BC + DQ_ISSUERS - 1) // DQ_ISSUERS):
             if tid % DQ_SPREAD == 0:
-                if it * DQ_ISSUERS + tid // DQ_SPREAD < block_rows(col0, sig):
+                row: T.let[T.int32] = it * DQ_ISSUERS + tid // DQ_SPREAD
+                if row < block_rows(col0, sig):
                     T.ptx["cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32"](
-                        T.address_of(dq_accum[b, h, col0 + sig * (it * DQ_ISSUERS + tid // DQ_SPREAD), 0]),
-                        T.address_of(dqstage[(it * DQ_ISSUERS + tid // DQ_SPREAD) * DQS]), T.uint32(D * 4))
+                        T.address_of(dq_accum[b, h, col0 + sig * row, 0]), T.address_of(dqstage[row * DQS]),
+                        T.uint32(D * 4))
         T.ptx["cp.async.bulk.commit_group"]()
 
     @T.macro
