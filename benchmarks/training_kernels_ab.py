@@ -6,7 +6,8 @@ CASE: names of :data:`CASES` (default: all). VARIANTS: a JSON list of
 :class:`~tvm_splat.schedules.backward_mma.BackwardMmaKnobs` overrides for the cases at head_dim
 64 and at 128 (default: :data:`VARIANTS`), e.g. ``'[{}, {"dq_bc": 32, "dkdv_bc": 32}]'``;
 ``{}`` is the default knobs (at head_dim 128 on one segment per key row: the bulk fused dQ,
-so variants there that change ``stages`` add ``"fused_dq": false``), and every other variant's
+so variants there that change ``stages`` add ``"fused_dq": false, "dkdv_tma": false``; where the
+transposed plan steps rows by one the default's bwd_dkdv takes Q and dO by TMA), and every other variant's
 gradients are compared with its (``max_diff``). Times: throughput of ``fwd_lse`` (the plan's forward) and of the backward
 (``TrainingPlan.backward``, both kernels), then of ``bwd_dq`` and ``bwd_dkdv`` alone (plans of
 one component), each by CUDA events over back-to-back calls

@@ -30,7 +30,8 @@ Two kernel families (``TrainingPlan.kernels``):
   zeroed float32 ``dq_accum [B, H, n, head_dim]`` by atomics (or bulk reductions,
   ``fused_dq="bulk"``), between ``bwd_delta`` and ``bwd_dq_cast``, and ``bwd_dq`` does not run;
   with ``per_query_head`` too and grouped KV heads, ``bwd_dkdv`` runs a program per query head
-  and adds dk, dv into zeroed float32 sums that ``bwd_kv_cast`` casts. Workloads that kernel
+  and adds dk, dv into zeroed float32 sums that ``bwd_kv_cast`` casts; where bwd_dkdv's plan
+  steps rows by one, its Q and dO blocks arrive by TMA (``dkdv_tma``). Workloads that kernel
   family cannot take (CSR fallback rows, per-head masks with grouped KV heads, head dims not a
   multiple of 16) run the CUDA-core kernels instead, the reason in ``fallback_reason`` and the
   plan's repr;
@@ -105,7 +106,8 @@ class TrainingPlan:
         elif is_gpu(target) and spec.rows.dtype in MMA_TYPES:
             # the forward planner's rule: several components keep the mma form; one component of
             # unit-step blocks at a head_dim multiple of 64 on sm_90a takes the TMA form
-            knobs = mma_knobs or default_backward_mma_knobs(spec, target, default_knobs(spec.rows, target, acsr))
+            forward = default_knobs(spec.rows, target, acsr)
+            knobs = mma_knobs or default_backward_mma_knobs(spec, target, forward)
             # the split rule sees each kernel's grid: the forward and bwd_dq run a program per
             # query head, bwd_dkdv one per KV head unless it sums per query head
             batch, heads = spec.rows.batch, spec.rows.heads
@@ -119,6 +121,8 @@ class TrainingPlan:
                                          grid_heads=batch * heads),
                      _training_tile_plan(transposed, br=knobs.br, bc=knobs.dkdv_bc, split_blocks=knobs.split_blocks,
                                          grid_heads=batch * dkdv_heads))
+            if mma_knobs is None:  # the default's TMA form of bwd_dkdv asks its plan for unit steps
+                knobs = default_backward_mma_knobs(spec, target, forward, plans[2].blocks)
             self.fallback_reason = tensor_core_training_refusal(spec, target, knobs, plans)
             if self.fallback_reason is None:
                 self.kernels, self.mma_knobs, self.tile_plans = "tensor-cores", knobs, plans

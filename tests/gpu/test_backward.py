@@ -84,9 +84,9 @@ def test_nan_in_padded_keys_does_not_leak_on_the_gpu():
 
 
 # ---------------------------------------------------------------------------- tensor cores
-def _affine_with_empty_rows(n):
+def _affine_with_empty_rows(n, empty=slice(20, 37)):
     mask = Window(9).dense_mask(n)
-    mask[20:37] = False  # empty query rows (more than a 16-row m-tile)
+    mask[empty] = False  # empty query rows (more than a 16-row m-tile)
     mask[:, 70:75] = False  # keys nobody sees
     return ACSR.from_mask(mask)
 
@@ -119,7 +119,8 @@ def _tensor_core_plan(mask, heads, kv_heads, n, d, dtype, stages=None, **knobs):
     """The training plan (tensor cores asserted); ``stages``: the backward kernels' K/V stages
     (None: the default); ``knobs``: other :class:`BackwardMmaKnobs` overrides (``wgmma=True``).
     A plan with overrides that name no fused-dQ form runs the two kernels (``bwd_dq`` and
-    ``bwd_dkdv``), not the default's fused dQ (head_dim 128, one segment per key row)."""
+    ``bwd_dkdv``), not the default's fused dQ (head_dim 128, one segment per key row), and with
+    overrides that do not name ``dkdv_tma``, bwd_dkdv's cp.async form."""
     import dataclasses
 
     from tvm_splat.training import plan_training
@@ -130,6 +131,8 @@ def _tensor_core_plan(mask, heads, kv_heads, n, d, dtype, stages=None, **knobs):
         knobs["stages"] = stages
     if knobs and "fused_dq" not in knobs:
         knobs.update(fused_dq=False, per_query_head=False)
+    if knobs:  # bwd_dkdv's cp.async form unless the TMA form is named
+        knobs.setdefault("dkdv_tma", False)
     if knobs:
         plan = plan_training(mask, *shapes, mma_knobs=dataclasses.replace(plan.mma_knobs, **knobs))
     assert plan.kernels == "tensor-cores", repr(plan)
@@ -272,6 +275,35 @@ def test_fused_dq_bulk_with_more_block_columns_than_threads():
     _check_against_float64(plan, q, k, v, dout, dtype)
 
 
+#: the TMA form of bwd_dkdv (``BackwardMmaKnobs.dkdv_tma``): the cases whose transposed plans
+#: step rows by one (window, causal window with GQA, global tokens with GQA), in the two-kernel
+#: form, the bulk fused dQ (one program per query head where heads are grouped), and split-KV
+DKDV_TMA_CASES = [c for c in TC_CASES if c[0] in ("window n=197", "causal window gqa n=333", "global+window gqa n=300")]
+DKDV_TMA_FORMS = {"two kernels": {"fused_dq": False, "per_query_head": False}, "fused dq bulk": None,
+                  "split": {"fused_dq": False, "per_query_head": False, "split_blocks": 2}}
+
+
+@pytest.mark.parametrize("form", list(DKDV_TMA_FORMS))
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name,mask,heads,kv_heads,n", DKDV_TMA_CASES, ids=[c[0] for c in DKDV_TMA_CASES])
+def test_dkdv_tma_training_matches_float64_at_dense_sdpa_error(name, mask, heads, kv_heads, n, dtype, d, form):
+    """bwd_dkdv with its Q and dO blocks by TMA (128-byte swizzled, read by the swizzled wgmma
+    descriptors, one mbarrier a stage) against the float64 dense reference at the default-knob
+    test's tolerance: odd lengths (the last block's rows past n arrive as zeros), GQA (the
+    tensor maps' head is the step's query head), global rows (long key tiles; ``split``: cut
+    into chunks of 2 blocks, their slots summed)."""
+    if not _hopper():
+        pytest.skip("TMA and wgmma need an sm_90 GPU")
+    knobs = DKDV_TMA_FORMS[form] or _fused_dq_knobs(d, "bulk", kv_heads < heads)
+    plan = _tensor_core_plan(mask, heads, kv_heads, n, d, dtype, 2, **{**knobs, "wgmma": True, "dkdv_tma": True})
+    assert plan.mma_knobs.dkdv_tma
+    if form == "split" and "global" in name:
+        assert plan.tile_plans[2].shape.num_slots
+    q, k, v, dout = _inputs(2, heads, kv_heads, n, d, dtype, seed=n + 3)
+    _check_against_float64(plan, q, k, v, dout, dtype)
+
+
 #: split-KV of the backward plans, forced small (chunks of 2 blocks) so these shapes split:
 #: global rows and columns (GQA), with two components (MQA), per-head masks
 SPLIT_CASES = [TC_CASES[2], MULTI_COMPONENT_CASES[2],
@@ -344,9 +376,10 @@ def test_tensor_core_kernels_one_by_one_against_the_row_kernels(name, mask, head
 
 
 @pytest.mark.parametrize("stages,wgmma", [(2, False), (1, False), (2, True), (1, True), (3, True), (2, "atomics"),
-                                          (2, "bulk"), (2, "bulk per head")],
+                                          (2, "bulk"), (2, "bulk per head"), (2, "dkdv tma")],
                          ids=["2 stages", "1 stage", "2 stages wgmma", "1 stage wgmma", "3 stages wgmma overlapped",
-                              "wgmma fused dq", "wgmma fused dq bulk", "wgmma fused dq bulk per head"])
+                              "wgmma fused dq", "wgmma fused dq bulk", "wgmma fused dq bulk per head",
+                              "wgmma dkdv tma"])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_tensor_core_nan_in_masked_out_rows_does_not_leak(dtype, d, stages, wgmma):
@@ -357,26 +390,31 @@ def test_tensor_core_nan_in_masked_out_rows_does_not_leak(dtype, d, stages, wgmm
     queries exactly zero. ``wgmma``: the backward kernels' Hopper form (their exact path is the
     same CUDA-core code over its core-matrix layout); a form name of ``FUSED_FORM``: that fused-dQ
     form, whose key tiles holding the NaN keys take its exact dQ path (CUDA cores, zero entries
-    of dS skipped)."""
+    of dS skipped). ``"dkdv tma"``: bwd_dkdv's Q and dO blocks by TMA, swizzled, so the flags
+    and the exact path read them through the swizzle; its plan needs unit steps, so the empty
+    query rows are the last 20 (rows in the middle would give the transposed mask steps over
+    them), inside a block whose rows past n the copy zero-fills."""
     if wgmma and not _hopper():
         pytest.skip("wgmma needs an sm_90 GPU")
     n, heads, kv_heads = 150, 4, 2
-    acsr = _affine_with_empty_rows(n)
-    knobs = _fused_dq_knobs(d, *FUSED_FORM[wgmma]) if isinstance(wgmma, str) else {"wgmma": True} if wgmma else {}
+    empty = slice(130, 150) if wgmma == "dkdv tma" else slice(20, 37)
+    acsr = _affine_with_empty_rows(n, empty)
+    knobs = ({"wgmma": True, "dkdv_tma": True} if wgmma == "dkdv tma" else _fused_dq_knobs(d, *FUSED_FORM[wgmma])
+             if isinstance(wgmma, str) else {"wgmma": True} if wgmma else {})
     plan = _tensor_core_plan(acsr, heads, kv_heads, n, d, dtype, stages, **knobs)
     q, k, v, dout = _inputs(2, heads, kv_heads, n, d, dtype, seed=7)
     out, lse = plan.forward(q, k, v)
     clean = plan.backward(q, k, v, out, lse, dout)
     q2, k2, v2, dout2 = (x.clone() for x in (q, k, v, dout))
     k2[:, :, 70:75], v2[:, :, 70:75] = float("nan"), float("inf")
-    q2[:, :, 20:37], dout2[:, :, 20:37] = float("nan"), float("-inf")
+    q2[:, :, empty], dout2[:, :, empty] = float("nan"), float("-inf")
     out2, lse2 = plan.forward(q2, k2, v2)
     torch.testing.assert_close(lse2, lse, rtol=0, atol=0)
     dirty = plan.backward(q2, k2, v2, out2, lse2, dout2)
     for which, a, b in zip(("out", "dq", "dk", "dv"), (out, *clean), (out2, *dirty)):
         assert torch.isfinite(b).all(), which
         assert float((b.float() - a.float()).abs().max()) <= 4 * EPS[dtype] * float(a.float().abs().max()), which
-    assert (dirty[0][:, :, 20:37] == 0).all() and (dirty[1][:, :, 70:75] == 0).all() and (dirty[2][:, :, 70:75] == 0).all()
+    assert (dirty[0][:, :, empty] == 0).all() and (dirty[1][:, :, 70:75] == 0).all() and (dirty[2][:, :, 70:75] == 0).all()
 
 
 @pytest.mark.parametrize("d", [64, 128])

@@ -496,7 +496,8 @@ def test_wgmma_backward_builds_for_sm90a(name, mask, heads, kv_heads, n, d, dtyp
     shapes = ((2, heads, n, d), (2, kv_heads, n, d), dtype, "cuda")
     base = plan_training(mask, *shapes, target=H100)
     # the two kernels (at d=128 on one segment per key row the default fuses dQ into bwd_dkdv)
-    knobs = dataclasses.replace(base.mma_knobs, wgmma=True, stages=stages, fused_dq=False, per_query_head=False)
+    knobs = dataclasses.replace(base.mma_knobs, wgmma=True, stages=stages, fused_dq=False, per_query_head=False,
+                                dkdv_tma=False)
     plan = plan_training(mask, *shapes, target=H100, mma_knobs=knobs)
     assert plan.kernels == "tensor-cores" and plan.mma_knobs.wgmma, repr(plan)
     lib = compile_backward_mma(plan.spec, plan.target, plan.mma_knobs, [p.shape for p in plan.tile_plans],
@@ -549,9 +550,14 @@ def test_wgmma_backward_is_refused_where_it_cannot_run():
     assert default.fused_dq == "bulk"
     plan = plan_training(Window(8), *wide, target=H100, mma_knobs=dataclasses.replace(default, stages=3))
     assert "fused_dq='bulk': bwd_dkdv adding dQ by bulk" in plan.fallback_reason
-    assert "fused_dq=False (with per_query_head=False) runs the two kernels" in plan.fallback_reason
+    assert "fused_dq=False (with per_query_head=False, and dkdv_tma=False" in plan.fallback_reason
+    assert default.dkdv_tma  # and its bwd_dkdv takes Q and dO by TMA, a form of the two-stage kernel too
     plan = plan_training(Window(8), *wide, target=H100,
                          mma_knobs=dataclasses.replace(default, stages=3, fused_dq=False, per_query_head=False))
+    assert "dkdv_tma=False runs its cp.async form" in plan.fallback_reason
+    plan = plan_training(Window(8), *wide, target=H100,
+                         mma_knobs=dataclasses.replace(default, stages=3, fused_dq=False, per_query_head=False,
+                                                       dkdv_tma=False))
     assert plan.kernels == "tensor-cores", plan.fallback_reason
     plan = plan_training(Window(8), *shapes, target=H100,
                          mma_knobs=dataclasses.replace(base.mma_knobs, wgmma=True, fused_dq="tma"))
@@ -607,7 +613,7 @@ def test_fused_dq_backward_builds_for_sm90a(name, mask, heads, kv_heads, n, d, d
     shapes = ((2, heads, n, d), (2, kv_heads, n, d), dtype, "cuda")
     base = plan_training(mask, *shapes, target=H100)
     knobs = dataclasses.replace(base.mma_knobs, wgmma=True, fused_dq=form, stages=2, br=d, warps=d // 16,
-                                per_query_head=per_head)
+                                per_query_head=per_head, dkdv_tma=False)  # the cp.async form (TMA: below)
     plan = plan_training(mask, *shapes, target=H100, mma_knobs=knobs)
     assert plan.kernels == "tensor-cores" and plan.mma_knobs.fused_dq == form, repr(plan)
     src = cuda_source(compile_backward_mma(plan.spec, plan.target, plan.mma_knobs, [p.shape for p in plan.tile_plans],
@@ -657,6 +663,94 @@ def test_fused_dq_backward_builds_for_sm90a(name, mask, heads, kv_heads, n, d, d
     assert wgmma_serialized(src, H100) == []
 
 
+#: the TMA form of bwd_dkdv, built: the unit-step cases of WGMMA_BUILD_CASES in the two-kernel
+#: form and in the default's fused dQ (bulk; one program per query head where heads are grouped)
+DKDV_TMA_BUILDS = [(case, fused) for case in WGMMA_BUILD_CASES if "strided" not in case[0]
+                   for fused in (False, "bulk")]
+
+
+@pytest.mark.parametrize("name,mask,heads,kv_heads,n,d,dtype,fused", [(*case, fused) for case, fused in DKDV_TMA_BUILDS],
+                         ids=[f"{case[0]}-{'fused dq bulk' if fused else 'two kernels'}"
+                              for case, fused in DKDV_TMA_BUILDS])
+def test_dkdv_tma_builds_for_sm90a(name, mask, heads, kv_heads, n, d, dtype, fused):
+    """``BackwardMmaKnobs.dkdv_tma``: bwd_dkdv takes the tensor maps of Q and dO instead of their
+    pointers, thread 0 issues two ``cp.async.bulk.tensor`` copies a block (the first block, and
+    each next one) against an mbarrier every thread waits on, and no 16-byte ``cp.async`` is left
+    (the lse and delta stay 4-byte copies); the wgmma descriptors of the block operands are the
+    128-byte swizzled ones (mode 3: K-major S^T and dP^T, 2 x head_dim / 16 k-steps; MN-major dK
+    and dV, 2 x bc / 16); its dynamic shared array is 1024-byte aligned under a name of its own,
+    so bwd_dq's 64-byte one may share the module. ptxas: no spill, wgmma not serialized."""
+    import dataclasses
+
+    from tvm_splat.compile import wgmma_serialized
+    from tvm_splat.training import plan_training
+
+    shapes = ((2, heads, n, d), (2, kv_heads, n, d), dtype, "cuda")
+    base = plan_training(mask, *shapes, target=H100)
+    knobs = dataclasses.replace(base.mma_knobs, wgmma=True, stages=2, dkdv_tma=True, fused_dq=fused,
+                                per_query_head=bool(fused) and kv_heads < heads,
+                                **(dict(br=d, warps=d // 16) if fused else {}))
+    plan = plan_training(mask, *shapes, target=H100, mma_knobs=knobs)
+    assert plan.kernels == "tensor-cores" and plan.mma_knobs.dkdv_tma, plan.fallback_reason
+    src = cuda_source(compile_backward_mma(plan.spec, plan.target, plan.mma_knobs, [p.shape for p in plan.tile_plans],
+                                           use_disk_cache=False))
+    body = src[src.rindex("bwd_dkdv_kernel("):].split('extern "C"')[0]
+    signature = body[:body.index(")")]
+    assert "CUtensorMap qmap" in signature and "CUtensorMap dmap" in signature
+    assert "q_ptr" not in signature and "dout_ptr" not in signature
+    tensor_copy = "cp_async_bulk_tensor_g2s_cluster_async_bulk_tensor_4d_shared__cluster_global_mbarrier__complete_tx__bytes("
+    assert body.count(tensor_copy) == 4 and "tvm_builtin_cuda_mbarrier_wait(" in body
+    assert "async_cg_shared_global_16" not in body and body.count("async_ca_shared_global_4(") == 4
+    bc = plan.mma_knobs.dkdv_bc
+    assert body.count(", 1, 64, 3);") == 2 * (d // 16) and body.count(f", {bc * 8}, 64, 3);") == 2 * (bc // 16)
+    assert re.search(r"extern __shared__ __align__\(1024\) \w+ dkdv_smem_ptr\[\]", body)
+    assert ("bwd_dq_kernel(" in src) == (not fused)
+    check_shared_declarations(src)
+    registers, spills = ptxas_usage(src, "bwd_dkdv_kernel", H100)
+    assert spills == 0 and registers <= 255, (registers, spills)
+    assert wgmma_serialized(src, H100) == []
+    assert len(nvcc_compile(src, H100)) > 1000
+
+
+def test_dkdv_tma_is_refused_where_it_cannot_run():
+    """The TMA form of bwd_dkdv is a form of the two-stage wgmma kernel at a head_dim multiple of
+    64, on plans whose bwd_dkdv blocks step rows by one; elsewhere the plan names the reason and
+    the knob (and runs the row kernels)."""
+    import dataclasses
+
+    from tvm_splat.training import plan_training
+
+    shapes = ((1, 2, 300, 64), (1, 2, 300, 64), "float16", "cuda")
+    base = plan_training(Window(8), *shapes, target=H100).mma_knobs
+    for knobs in (dict(dkdv_tma=True), dict(dkdv_tma=True, wgmma=True, stages=1)):
+        plan = plan_training(Window(8), *shapes, target=H100, mma_knobs=dataclasses.replace(base, **knobs))
+        assert plan.kernels == "rows" and "the TMA form of bwd_dkdv (dkdv_tma)" in plan.fallback_reason, knobs
+    narrow = ((1, 2, 300, 32), (1, 2, 300, 32), "float16", "cuda")
+    plan = plan_training(Window(8), *narrow, target=H100,
+                         mma_knobs=dataclasses.replace(plan_training(Window(8), *narrow, target=H100).mma_knobs,
+                                                       wgmma=True, dkdv_tma=True))
+    assert "head_dim a multiple of 64" in plan.fallback_reason
+    # dilated: the transposed mask's blocks step rows by 2
+    dilated = plan_training(DilatedWindow(16, 2), *shapes, target=H100)
+    assert (dilated.tile_plans[2].blocks[..., 1] == 2).any()
+    plan = plan_training(DilatedWindow(16, 2), *shapes, target=H100,
+                         mma_knobs=dataclasses.replace(dilated.mma_knobs, wgmma=True, dkdv_tma=True))
+    assert plan.kernels == "rows"
+    assert "bwd_dkdv's plan (the transposed mask's) has blocks of step 2" in plan.fallback_reason
+    assert "use dkdv_tma=False" in plan.fallback_reason
+    plan = plan_training(Window(8), *shapes, target=H100, mma_knobs=dataclasses.replace(base, wgmma=True,
+                                                                                        dkdv_tma=True))
+    assert plan.kernels == "tensor-cores", plan.fallback_reason
+    # by default (head_dim 128, the fused dQ): where the transposed mask steps over 17 empty query
+    # rows (a key column's rows are one segment of step 18), the cp.async form, and the plan runs
+    mask = Window(9).dense_mask(150)
+    mask[20:37] = False
+    wide = ((1, 2, 150, 128), (1, 2, 150, 128), "float16", "cuda")
+    plan = plan_training(ACSR.from_mask(mask), *wide, target=H100)
+    assert (plan.tile_plans[2].blocks[..., 1] > 1).any() and plan.kernels == "tensor-cores"
+    assert plan.mma_knobs.fused_dq == "bulk" and not plan.mma_knobs.dkdv_tma
+
+
 @pytest.mark.parametrize("d", [64, 128])
 def test_chunk_order_fills_core_matrices_without_bank_conflicts(d):
     """Every 16-byte chunk of a [rows, d] operand is copied exactly once in either order; in the
@@ -698,7 +792,7 @@ def test_default_backward_knobs_take_wgmma_where_measured_faster(target, d, mask
 
     plan = plan_training(parse_pattern(mask), (1, 2, 300, d), (1, 2, 300, d), "float16", "cuda", target=target)
     assert (plan.tile_plans[0].shape.num_components > 1) == mask.startswith("causal_strided")
-    knobs = default_backward_mma_knobs(plan.spec, plan.target, plan.mma_knobs.forward)
+    knobs = default_backward_mma_knobs(plan.spec, plan.target, plan.mma_knobs.forward, plan.tile_plans[2].blocks)
     if expected == "wgmma":
         # bwd_dkdv's blocks: 64 columns where each key row is one segment (22% faster, no spill),
         # else the 32 of WGMMA_BACKWARD_WIDE_HEADS (64 spills there)
@@ -710,7 +804,11 @@ def test_default_backward_knobs_take_wgmma_where_measured_faster(target, d, mask
         # with two segments per key row (32-column blocks) the two kernels
         assert {k: getattr(knobs, k) for k in WGMMA_FUSED_DQ_ONE_SEGMENT} == (
             WGMMA_FUSED_DQ_ONE_SEGMENT if one_segment else {"fused_dq": False, "per_query_head": False})
+        # its Q and dO blocks by TMA (18% faster backward at head_dim 128), a window's transpose
+        # stepping rows by one; without the plan's blocks, the cp.async form
+        assert knobs.dkdv_tma == one_segment
+        assert not default_backward_mma_knobs(plan.spec, plan.target, plan.mma_knobs.forward).dkdv_tma
     else:
-        assert not knobs.wgmma and knobs.br == BACKWARD_BR and not knobs.fused_dq
+        assert not knobs.wgmma and knobs.br == BACKWARD_BR and not knobs.fused_dq and not knobs.dkdv_tma
     assert plan.mma_knobs == knobs and plan.kernels == "tensor-cores"
     assert tensor_core_training_refusal(plan.spec, plan.target, knobs, plan.tile_plans) is None

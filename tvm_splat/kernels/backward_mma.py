@@ -102,6 +102,16 @@ yet run on a GPU**):
   (:func:`kv_cast_func`) casts them, so no split or component sums of dk/dv run. 255 registers
   at d=128 in either dQ form, no spill.
 
+TMA form of ``bwd_dkdv`` (``tma``, wgmma with two stages, head_dim a multiple of 64, plans whose
+blocks step rows by one: :func:`check_tma_plan`): each step's Q and dO blocks arrive by two
+``cp.async.bulk.tensor`` copies that thread 0 issues against the stage's mbarrier, 128-byte
+swizzled as the forward's K and V (:func:`~tvm_splat.kernels.tiled_mma.swizzle128_elem`), in
+place of 8 ``cp.async`` chunks per thread; the lse and delta stay 4-byte ``cp.async`` copies.
+H200, fp16, with the fused bulk dQ: bwd_dkdv Mistral n=8192 3.72 -> 3.00 ms, window +-1024
+n=32k 5.22 -> 4.21, 255 registers and no spill either way (``h200_backward_knobs.json``, form
+``fourteenth_dkdv_tma_d128``); the default there
+(:data:`~tvm_splat.schedules.backward_mma.WGMMA_DKDV_TMA`).
+
 Masked-out entries contribute exactly nothing: once per block, each row slot turns its cached
 segments into ranges of block columns (:func:`~tvm_splat.kernels.common.block_range_cache`: a
 segment of the block's step and residue holds the columns ``c`` between two exact quotients; a
@@ -167,12 +177,12 @@ from tvm.script import tirx as T
 from .common import LOG2E, block_range_cache, nonfinite_halves, row_segment_cache, tile_grid_rows
 from .spec import AttentionSpec
 from .tiled_mma import (MMA_TYPES, ROW_PAD, SHARED_BYTES_MAX, WGMMA_PAIR_TYPES, chunk_position, core_matrix_elem,
-                        wgmma_op)
+                        encode_row_block_map, init_stage_barriers, issue_tma_pair, swizzle128_elem, wgmma_op)
 
 __all__ = ["BACKWARD_MMA_KERNEL_NAMES", "check_backward_mma_shape", "check_backward_mma_plan", "part_shape",
            "split_part_shape", "backward_dq_mma_func", "backward_dkdv_mma_func", "sum_components_func",
            "split_sum_func", "delta_func", "dq_cast_func", "kv_cast_func", "fused_dq_form", "dq_stage_bytes",
-           "per_query_head_programs", "kv_sums_form", "check_kv_sums"]
+           "per_query_head_programs", "kv_sums_form", "check_kv_sums", "check_tma_plan"]
 
 BACKWARD_MMA_KERNEL_NAMES = ("bwd_dq", "bwd_dkdv")
 #: the blocks of :func:`sum_components_func` and :func:`split_sum_func` (what their GPU schedule binds)
@@ -241,11 +251,13 @@ def dq_stage_bytes(bc: int, d: int, fused_dq) -> int:
 
 
 def check_backward_mma_shape(spec: AttentionSpec, br: int, bc: int, warps: int, stages: int = 2,
-                             wgmma: bool = False, fused_dq=False) -> None:
+                             wgmma: bool = False, fused_dq=False, tma: bool = False) -> None:
     """Raise ``ValueError`` when the tensor-core backward cannot take this spec and tile shape
     (``wgmma``: in its Hopper form, which needs whole warpgroups and bc, head_dim <= 256;
     ``fused_dq``: bwd_dkdv adding dQ by atomics or bulk reductions (:func:`fused_dq_form`),
-    wgmma with two stages and head_dim 64 per warpgroup)."""
+    wgmma with two stages and head_dim 64 per warpgroup; ``tma``: bwd_dkdv's block operands by
+    TMA, a form of the two-stage wgmma kernel whose tensor maps cut head_dim into 64-element
+    swizzle rows; the plan's block steps are checked apart, :func:`check_tma_plan`)."""
     form = fused_dq_form(fused_dq)
     if spec.dtype not in MMA_TYPES:
         raise ValueError(f"the tensor-core backward needs float16 or bfloat16 inputs, got {spec.dtype}")
@@ -266,11 +278,25 @@ def check_backward_mma_shape(spec: AttentionSpec, br: int, bc: int, warps: int, 
         raise ValueError(f"the fused dQ (fused_dq={fused_dq!r}: bwd_dkdv adding dQ by {form}) is a form of the "
                          f"two-stage wgmma backward with head_dim = 64 x warpgroups (each warpgroup computes 64 "
                          f"columns of dQ), got wgmma={wgmma}, stages={stages}, warps={warps}, head_dim={spec.head_dim}; "
-                         f"fused_dq=False (with per_query_head=False) runs the two kernels, bwd_dq and bwd_dkdv")
+                         f"fused_dq=False (with per_query_head=False, and dkdv_tma=False unless the form stays wgmma "
+                         f"with two stages) runs the two kernels, bwd_dq and bwd_dkdv")
+    if tma and (not wgmma or stages != 2 or spec.head_dim % 64):
+        raise ValueError(f"the TMA form of bwd_dkdv (dkdv_tma) is a form of the two-stage wgmma backward with "
+                         f"head_dim a multiple of 64 (128-byte swizzle rows), got wgmma={wgmma}, stages={stages}, "
+                         f"head_dim={spec.head_dim}; dkdv_tma=False runs its cp.async form")
     if (_shared_elems(br, bc, spec.head_dim, stages, wgmma=wgmma, fused_dq=bool(form)) * 2
             + dq_stage_bytes(bc, spec.head_dim, form) > SHARED_BYTES_MAX):
         raise ValueError(f"br={br}, bc={bc}, head_dim={spec.head_dim}, stages={stages} need more than the "
                          f"{SHARED_BYTES_MAX // 1024} KB of shared memory a block may have")
+
+
+def check_tma_plan(blocks, which: str, knob: str) -> None:
+    """Raise ``ValueError`` unless every column block of a plan (``blocks [HM, NB, 3]``: first
+    row, step, FULL; ``which`` names the plan, ``knob`` the setting that avoids TMA) steps rows
+    by one, as the TMA forms' tensor maps do (a box is consecutive rows)."""
+    if (blocks[..., 1] > 1).any():
+        raise ValueError(f"the TMA form loads column blocks of step 1 only; {which} has blocks of step "
+                         f"{int(blocks[..., 1].max())} (dilated or strided): use {knob}")
 
 
 def check_backward_mma_plan(plan_shape, num_comp) -> None:
@@ -317,13 +343,14 @@ def _shared_elems(br, bc, d, stages, pair=True, wgmma=False, fused_dq=False):
 
 
 def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool = False, wgmma: bool = False,
-           fused_dq=False):
+           fused_dq=False, tma: bool = False):
     """The steps both kernels are made of, as a namespace of TIR helpers and ``T.macro``\\ s;
     ``dkdv`` (bwd_dkdv): a block brings its query rows' lse and delta into shared memory, and the
     exact path stages P beside dS. ``wgmma`` (Hopper, sm_90a): the products are warpgroup MMAs
-    (see the module docstring)."""
+    (see the module docstring). ``tma``: the block operands arrive by TMA, 128-byte swizzled (the
+    TMA form of ``bwd_dkdv``, :func:`backward_dkdv_mma_func`)."""
     BR, BC, W = plan_shape.br, plan_shape.bc, warps
-    check_backward_mma_shape(spec, BR, BC, W, stages, wgmma, fused_dq)
+    check_backward_mma_shape(spec, BR, BC, W, stages, wgmma, fused_dq, tma)
     D, N, S, dt = spec.head_dim, spec.seq_len, spec.max_segments, spec.dtype
     ab = MMA_TYPES[dt]
     DP = D if wgmma else D + ROW_PAD  # elements per shared row (wgmma: 8x8 core matrices, unpadded)
@@ -349,10 +376,20 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
     # block operand read MN-major (U or W as the B of dS U, P W: along its rows) steps
     # D / 8 * 128 B between 8-row groups (LBO) and 128 B along D (SBO)
     KM_LBO, KM_SBO, MN_LBO, MN_SBO = 8, D, D, 8
+    # TMA form: block operands as the forward's TMA K/V (:func:`~tvm_splat.kernels.tiled_mma.swizzle128_elem`,
+    # 128-byte swizzle, descriptor mode 3): read K-major, a k-step is 32 bytes along the swizzled
+    # row and a new 64-column half every 4 steps, 8-row groups 1024 B apart (SBO); read MN-major,
+    # 16 rows are 16 swizzled rows, 8-row groups 1024 B apart (SBO) and the 64-column halves
+    # BC x 128 B apart (LBO)
+    SW_SBO, SW_MN_LBO, SWIZZLE_128B = 64, BC * 8, 3
+    BLOCK_BYTES = BC * D * 2  # one block operand of one stage
     WG_S, WG_D, PAIR = wgmma_op(BC, dt), wgmma_op(D, dt), WGMMA_PAIR_TYPES[dt]
 
     def elem(base, u, c):  # element (row u, column c) of a [*, D] operand at ``base``
         return core_matrix_elem(base, u, c, D) if wgmma else base + u * DP + c
+
+    def block_elem(base, u, c):  # element (u, c) of a stage's block operand at ``base`` (TMA: swizzled)
+        return swizzle128_elem(base, BC, u, c) if tma else elem(base, u, c)
 
     def tile_row(w, lane, r):  # tile-local row of the thread's row slot r (0: row g, 1: row g + 8)
         return w * 16 + lane // 4 + 8 * r
@@ -365,6 +402,10 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
 
     def chunk_col(it, tid):  # its first element within the row
         return chunk_position(it * NTHR + tid, CH, wgmma)[1]
+
+    def own_chunk(base, it, tid, landed):  # first element of the it-th chunk a thread checks
+        # (``landed``: of a block that landed by TMA, in order: any order covers it)
+        return base + (it * NTHR + tid) * 8 if landed else elem(base, chunk_row(it, tid), chunk_col(it, tid))
 
     def ldmatrix_x4(frag, offset, smem, smem_offset, trans=False):
         return T.ptx_legacy.ldmatrix(trans, 4, ".b16", frag.data, offset, smem.access_ptr("r"), smem_offset, dtype=dt)
@@ -431,11 +472,17 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
                 copy_stat(stats, st * 2 * BC + BC + it * NTHR + tid, delta, b, h, col0, sig, it * NTHR + tid)
 
     @T.macro
-    def fetch_block(smem, u_src, w_src, b, h, col0, sig, st, tid, stats, lse, delta):
+    def fetch_block(smem, u_src, w_src, b, h, col0, sig, st, tid, stats, lse, delta, umap, wmap, ready):
         # a column block's two operands (and with dkdv: its rows' lse and delta) -> stage st:
-        # plain loads (stages == 1, the caller's barriers order them) or cp.async (stages == 2,
-        # committed as one group)
-        if stages == 1:
+        # plain loads (stages == 1, the caller's barriers order them), cp.async (stages == 2,
+        # committed as one group) or, in the TMA form, two tensor copies by thread 0 on the
+        # stage's mbarrier (umap, wmap: the tensor maps of u_src, w_src) beside the statistics'
+        # cp.async group (the block's step is 1: :func:`check_tma_plan`)
+        if tma:
+            if tid == 0:
+                issue_tma_pair(smem, ready, st, 2 * BLOCK_BYTES, umap, U_OFF + st * BC * D, wmap, W_OFF + st * BC * D,
+                               col0, b * u_src.shape[1] + h)
+        elif stages == 1:
             load_rows(smem, U_OFF, u_src, b, h, col0, sig, block_rows(col0, sig), BC, tid)
             load_rows(smem, W_OFF, w_src, b, h, col0, sig, block_rows(col0, sig), BC, tid)
         else:
@@ -447,8 +494,9 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
             T.evaluate(T.ptx.cp.async_.commit_group())
 
     @T.macro
-    def flag_nonfinite(smem, base, bad, slot, words, nonfinite, tag, nrows_max, tid):
-        # this thread's own chunks of the rows at base (its stores or cp.async copies): if one
+    def flag_nonfinite(smem, base, bad, slot, words, nonfinite, tag, nrows_max, tid, landed):
+        # this thread's own chunks of the rows at base (its stores or cp.async copies; ``landed``:
+        # a TMA block every thread has waited for, read in order, whatever its layout): if one
         # holds a NaN or inf, tag ``bad[slot]`` (one slot per stage) with ``tag`` (through PTX,
         # untracked by TVM's barrier planner, as in the forward; the barrier that follows
         # publishes the tag)
@@ -456,7 +504,7 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
         for it in T.serial((nrows_max * CH + NTHR - 1) // NTHR):
             if it * NTHR + tid < nrows_max * CH:
                 T.ptx.ld.shared.v4.b32(words[0], words[1], words[2], words[3], T.address_of(
-                    smem[elem(base, chunk_row(it, tid), chunk_col(it, tid))]))
+                    smem[own_chunk(base, it, tid, landed)]))
                 for i in T.unroll(4):
                     nonfinite[0] = nonfinite[0] | nonfinite_halves(words[i], dt)
         if nonfinite[0] != T.uint32(0):
@@ -487,8 +535,12 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
         for kk in T.unroll(KD):
             T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[0]), T.address_of(
                 smem[a_base + (w // 4) * 64 * D + kk * 128]), KM_LBO, KM_SBO, 0)
-            T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(smem[b_base + kk * 128]),
-                                                  KM_LBO, KM_SBO, 0)
+            if tma:
+                T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(
+                    smem[b_base + (kk // 4) * BC * 64 + (kk % 4) * 16]), 1, SW_SBO, SWIZZLE_128B)
+            else:
+                T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(smem[b_base + kk * 128]),
+                                                      KM_LBO, KM_SBO, 0)
             T.ptx[WG_S](*[acc[i] for i in range(NTL * 4)], desc[0], desc[1], kk > 0, 1, 1, 0, 0)
 
     @T.macro
@@ -497,8 +549,12 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
         # is wgmma's A fragment), B the block operand at b_base read MN-major from shared.
         # Issued; the caller fences, commits and waits
         for kc in T.unroll(KC):
-            T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(smem[elem(b_base, kc * 16, 0)]),
-                                                  MN_LBO, MN_SBO, 0)
+            if tma:
+                T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(smem[b_base + kc * 16 * 64]),
+                                                      SW_MN_LBO, SW_SBO, SWIZZLE_128B)
+            else:
+                T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(
+                    smem[elem(b_base, kc * 16, 0)]), MN_LBO, MN_SBO, 0)
             T.ptx[WG_D](*[acc[i] for i in range(DT * 4)],
                         *[T.reinterpret("uint32", frag.vload([kc * 8 + 2 * i], PAIR)) for i in range(4)],
                         desc[1], True, 1, 1, 1)
@@ -541,7 +597,7 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
                         acc[dtl * 4 + r * 2 + e] = acc[dtl * 4 + r * 2 + e] + T.if_then_else(
                             smem[s_base + tile_row(w, lane, r) * PP + c] == zero, T.float32(0),
                             T.Cast("float32", smem[s_base + tile_row(w, lane, r) * PP + c]) * T.Cast(
-                                "float32", smem[elem(b_base, c, dtl * 8 + lane % 4 * 2 + e)]))
+                                "float32", smem[block_elem(b_base, c, dtl * 8 + lane % 4 * 2 + e)]))
 
     @T.macro
     def full_row_sum(x, i):
@@ -599,39 +655,46 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
 
     @T.macro
     def load_tile(smem, x_src, y_src, b, h, row0, rstr, nrows, any_block, u_src, w_src, hb, col0, sig, tid, stats,
-                  lse, delta):
+                  lse, delta, umap, wmap, ready):
         # the tile's two operands -> shared (plain loads); stages == 2: the first block's
-        # cp.async goes out at once (``any_block``: the tile has one; head hb, at col0, sig)
+        # copies go out at once (``any_block``: the tile has one; head hb, at col0, sig); the TMA
+        # form's mbarriers (one a stage, one arrival: the issuing thread's) are set up first
         load_rows(smem, X_OFF, x_src, b, h, row0, rstr, nrows, BR, tid)
         load_rows(smem, Y_OFF, y_src, b, h, row0, rstr, nrows, BR, tid)
         if wgmma:  # this thread's stores, visible to the async proxy after the caller's barrier
             T.ptx["fence.proxy.async.shared::cta"]()
+        if tma:
+            init_stage_barriers(ready, stages, tid)
         if stages >= 2:
             if any_block:
-                fetch_block(smem, u_src, w_src, b, hb, col0, sig, 0, tid, stats, lse, delta)
+                fetch_block(smem, u_src, w_src, b, hb, col0, sig, 0, tid, stats, lse, delta, umap, wmap, ready)
 
     @T.macro
-    def await_block(smem, u_src, w_src, b, h, col0, sig, tid, stats, lse, delta):
-        # this thread's copies of the block are in: stages == 1 loads it now (after a barrier:
-        # the previous block is consumed), stages == 2 waits for its cp.async group
+    def await_block(smem, u_src, w_src, b, h, col0, sig, tid, stats, lse, delta, ready, t):
+        # this thread's copies of step t's block are in: stages == 1 loads it now (after a
+        # barrier: the previous block is consumed), stages == 2 waits for its cp.async group
+        # (the TMA form: the statistics'; the operands: the (t // 2)-th phase of the stage's
+        # mbarrier, after which every thread sees all of them)
         if stages == 1:
             T.tvm_storage_sync("shared.dyn")
-            fetch_block(smem, u_src, w_src, b, h, col0, sig, 0, tid, stats, lse, delta)
+            fetch_block(smem, u_src, w_src, b, h, col0, sig, 0, tid, stats, lse, delta, None, None, None)
         else:
             T.evaluate(T.ptx["cp.async.wait_group"](0))
+            if tma:
+                T.cuda.mbarrier_wait(T.address_of(ready[t % stages]), (t // stages) % 2)
 
     @T.macro
     def flag_block(smem, bad, stg, words, nonfinite, tag, full, pair, tid):
         # PARTIAL blocks: tag stage stg when a block operand the products multiply holds a NaN
         # or inf (U always; W too with ``pair``)
         if full == 0:
-            flag_nonfinite(smem, U_OFF + stg * BC * DP, bad, stg, words, nonfinite, tag, BC, tid)
+            flag_nonfinite(smem, U_OFF + stg * BC * DP, bad, stg, words, nonfinite, tag, BC, tid, tma)
             if pair:
-                flag_nonfinite(smem, W_OFF + stg * BC * DP, bad, stg, words, nonfinite, tag, BC, tid)
+                flag_nonfinite(smem, W_OFF + stg * BC * DP, bad, stg, words, nonfinite, tag, BC, tid, tma)
 
     @T.macro
     def publish_block(smem, u_src, w_src, b, has_next, h_next, col0_next, sig_next, stg_next, tid, stats, lse,
-                      delta):
+                      delta, umap, wmap, ready):
         # everyone's copies (and flags) of the block are in (wgmma: this thread's copies made
         # visible to the async proxy first); stages == 2: the previous block's stage is free, the
         # next block's cp.async goes out into it; stages == 3: the stage of the block before the
@@ -641,7 +704,8 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
         T.tvm_storage_sync("shared.dyn")
         if stages >= 2:
             if has_next:
-                fetch_block(smem, u_src, w_src, b, h_next, col0_next, sig_next, stg_next, tid, stats, lse, delta)
+                fetch_block(smem, u_src, w_src, b, h_next, col0_next, sig_next, stg_next, tid, stats, lse, delta, umap,
+                            wmap, ready)
 
     @T.macro
     def block_products(sacc, dpacc, af, bf, desc, smem, stg, w, lane):
@@ -804,7 +868,7 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
         # the tile operand K (X) holds a NaN or inf in this thread's chunks: tag kbad[0] (zeroed
         # by start_tile, published by the barrier before the block loop; the tag by the first
         # block's barrier)
-        flag_nonfinite(smem, X_OFF, kbad, 0, words, nonfinite, 1, BR, tid)
+        flag_nonfinite(smem, X_OFF, kbad, 0, words, nonfinite, 1, BR, tid, False)
 
     @T.macro
     def dq_products(dqacc, desc, smem, w):
@@ -1050,7 +1114,8 @@ def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages
                             tid: T.let[T.int32] = w * 32 + lane
                             start_tile(rows, acc, None, False, bad, row0, rstr, w, lane, tid)
                             load_tile(smem, q, dout, b, h, row0, rstr, nrows, blk_hi > blk_lo, k, v, hk,
-                                      blocks[hm, blk_lo, 0], blocks[hm, blk_lo, 1], tid, None, None, None)
+                                      blocks[hm, blk_lo, 0], blocks[hm, blk_lo, 1], tid, None, None, None, None, None,
+                                      None)
                             cache_row_segments(sg, rows, seg_start, seg_count, seg_sigma, hm, w, lane, nrows)
                             row_stats(lrow, drow, dout, out, lse, dlse, delta, rows, b, h, w, lane, nrows,
                                       True if direct else tiles[hm, vt, 3] == 0)
@@ -1060,10 +1125,11 @@ def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages
                                 sig: T.let[T.int32] = blocks[hm, blk_lo + j, 1]
                                 full: T.let[T.int32] = blocks[hm, blk_lo + j, 2]
                                 stg: T.let[T.int32] = j % stages
-                                await_block(smem, k, v, b, hk, col0, sig, tid, None, None, None)
+                                await_block(smem, k, v, b, hk, col0, sig, tid, None, None, None, None, j)
                                 flag_block(smem, bad, stg, words, nonfinite, j + 1, full, False, tid)  # K's block rows
                                 publish_block(smem, k, v, b, j + 1 < blk_hi - blk_lo, hk, blocks[hm, blk_lo + j + 1, 0],
-                                              blocks[hm, blk_lo + j + 1, 1], (j + 1) % stages, tid, None, None, None)
+                                              blocks[hm, blk_lo + j + 1, 1], (j + 1) % stages, tid, None, None, None,
+                                              None, None, None)
                                 block_ranges(rng, sg, full, col0, sig, None)
                                 if overlap:  # a tagged previous block: dQ += dS K exactly, now
                                     previous_exact(acc, dsf, None, None, False, smem, bad, flag, j, w, lane)
@@ -1087,7 +1153,7 @@ def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages
 
 
 def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages: int = 2, wgmma: bool = False,
-                           fused_dq=False, per_query_head=False):
+                           fused_dq=False, per_query_head=False, tma: bool = False):
     """``bwd_dkdv`` on tensor cores for ``spec`` (the *transposed* mask's spec) and the
     transposed mask's tile plan of shape ``plan_shape``: ``dk`` and ``dv`` per key tile, summed
     over the query heads of the KV head's group, or with ``C > 1`` components the last
@@ -1106,11 +1172,24 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
     ``per_query_head="bulk"`` (and ``fused_dq="bulk"``) by one bulk reduction per row staged in
     the dQ staging (:func:`kv_sums_form`). Every query head's, component's and chunk's share is
     added alike, so this form has no dk/dv partial or split parameters; ``dk`` and ``dv`` stay
-    in the signature, unwritten."""
+    in the signature, unwritten.
+
+    ``tma`` (wgmma, two stages, head_dim a multiple of 64; plans whose blocks step rows by one,
+    :func:`check_tma_plan`): each step's Q and dO blocks arrive by TMA, as the forward's K and V
+    do (:mod:`tvm_splat.kernels.tiled_mma`): thread 0 issues both tensor copies against the
+    stage's mbarrier, every thread waits on it, and the blocks land 128-byte swizzled, which the
+    wgmma descriptors, the finiteness flags and the exact path read; the lse and delta of the
+    block's rows stay 4-byte ``cp.async`` copies. The cp.async form spent its time there
+    (``ncu`` by source line, Mistral n=8192: 15% of the stall samples issuing the copies' 8
+    ``LDGSTS.128`` a thread, 6% on their addresses, and nearly all of the kernel's excess global
+    sectors and shared wavefronts on them: a warp copies 8 rows x 64 bytes, and each of its
+    8-thread phases touches half of each 32-byte sector). The shared buffer is named ``dkdv_smem`` (aligned to 1024
+    bytes here: the swizzle's atoms) apart from ``bwd_dq``'s, which shares a CUDA module with it
+    (``tvm_splat.compile.check_shared_declarations``)."""
     check_kv_sums(fused_dq, per_query_head)
     form = fused_dq_form(fused_dq)
     fused_dq, bulk = form is not None, form == "bulk"
-    st = _steps(spec, plan_shape, warps, stages, dkdv=True, wgmma=wgmma, fused_dq=fused_dq)
+    st = _steps(spec, plan_shape, warps, stages, dkdv=True, wgmma=wgmma, fused_dq=fused_dq, tma=tma)
     stage_dq_rows, dq_bulk_add, dq_staging_free, dq_bulk_done = (st.stage_dq_rows, st.dq_bulk_add,
                                                                  st.dq_staging_free, st.dq_bulk_done)
     stage_ds_t, flag_tile, dq_products, dq_exact, dq_atomics = (st.stage_ds_t, st.flag_tile, st.dq_products,
@@ -1138,6 +1217,8 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
     PH = H if per_head else KVH  # programs per batch entry (and tile)
     GS = 1 if per_head else G  # query heads a program walks
     add_tile, add_tile_bulk = st.add_tile, st.add_tile_bulk
+    # the TMA form's swizzle is a function of the shared address: its 1024-byte atoms start the stages
+    SMEM_ALIGN = 1024 if tma else 64
 
     def kv_head_of(vbk):  # the KV head of program vbk (of the B x PH)
         return vbk % H // G if per_head else vbk % KVH
@@ -1208,6 +1289,11 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
         dv_accum: T.Buffer((B, KVH, N, D) if per_head else (1,), "float32"),
     ):
         T.func_attr({"global_symbol": "bwd_dkdv", "tirx.noalias": True})
+        if tma:  # host side: the tensor maps of Q and dO, boxes of BC rows of one query head
+            qmap: T.let[T.TensorMap()] = T.tvm_stack_alloca("tensormap", 1)
+            dmap: T.let[T.TensorMap()] = T.tvm_stack_alloca("tensormap", 1)
+            T.evaluate(encode_row_block_map(qmap, q.data, B * H, N, D, BC, dt))
+            T.evaluate(encode_row_block_map(dmap, dout.data, B * H, N, D, BC, dt))
         for vbk in T.thread_binding(B * PH, thread="blockIdx.x"):
             for vt in T.thread_binding(tile_grid_rows(NT, "bwd_dkdv"), thread="blockIdx.y"):
                 for w in T.thread_binding(W, thread="threadIdx.y"):
@@ -1215,7 +1301,9 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
                         with T.sblock("tile"):
                             T.reads()
                             T.writes()
-                            smem = T.sblock_alloc_buffer((SMEM,), dt, scope="shared.dyn")
+                            dkdv_smem = T.sblock_alloc_buffer((SMEM,), dt, scope="shared.dyn", align=SMEM_ALIGN)
+                            if tma:  # per stage: the mbarrier its Q and dO copies complete on
+                                block_ready = T.sblock_alloc_buffer((stages,), "uint64", scope="shared", align=8)
                             # per stage: 1 + the step whose Q or dO block holds a non-finite value
                             bad = T.sblock_alloc_buffer((stages,), "int32", scope="shared")
                             af = T.sblock_alloc_buffer((8,), dt, scope="local")
@@ -1255,12 +1343,13 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
                             if fused_dq:
                                 if tid == 0:
                                     T.ptx.st.shared.b32(T.address_of(kbad[0]), 0)
-                            load_tile(smem, k, v, b, hk, row0, rstr, nrows, nblk > 0, q, dout, first_head(vbk, hk),
-                                      tblocks[hm, blk_lo, 0], tblocks[hm, blk_lo, 1], tid, stats, lse, delta)
+                            load_tile(dkdv_smem, k, v, b, hk, row0, rstr, nrows, nblk > 0, q, dout, first_head(vbk, hk),
+                                      tblocks[hm, blk_lo, 0], tblocks[hm, blk_lo, 1], tid, stats, lse, delta,
+                                      qmap if tma else None, dmap if tma else None, block_ready if tma else None)
                             cache_row_segments(sg, rows, tseg_start, tseg_count, tseg_sigma, hm, w, lane, nrows)
                             T.tvm_storage_sync("shared.dyn")  # the flags' zeros come before any tag
                             if fused_dq:
-                                flag_tile(smem, kbad, words, nonfinite, tid)
+                                flag_tile(dkdv_smem, kbad, words, nonfinite, tid)
                             # step t: query head first_head + t // nblk of the program's GS, block t % nblk
                             for t in T.serial(GS * nblk):
                                 h: T.let[T.int32] = step_head(vbk, hk, t, nblk)
@@ -1268,37 +1357,39 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
                                 sig: T.let[T.int32] = tblocks[hm, blk_lo + step_block(t, nblk), 1]
                                 full: T.let[T.int32] = tblocks[hm, blk_lo + step_block(t, nblk), 2]
                                 stg: T.let[T.int32] = t % stages
-                                await_block(smem, q, dout, b, h, col0, sig, tid, stats, lse, delta)
-                                flag_block(smem, bad, stg, words, nonfinite, t + 1, full, True, tid)  # Q's and dO's rows
+                                await_block(dkdv_smem, q, dout, b, h, col0, sig, tid, stats, lse, delta,
+                                            block_ready if tma else None, t)
+                                flag_block(dkdv_smem, bad, stg, words, nonfinite, t + 1, full, True, tid)  # Q's and dO's rows
                                 if bulk:  # the previous step's staged dQ rows are read, before the barrier
                                     dq_staging_free()
                                 nxt: T.let[T.int32] = T.min(t + 1, GS * nblk - 1)  # the next step, if any
-                                publish_block(smem, q, dout, b, t + 1 < GS * nblk, step_head(vbk, hk, nxt, nblk),
+                                publish_block(dkdv_smem, q, dout, b, t + 1 < GS * nblk, step_head(vbk, hk, nxt, nblk),
                                               tblocks[hm, blk_lo + step_block(nxt, nblk), 0],
                                               tblocks[hm, blk_lo + step_block(nxt, nblk), 1], (t + 1) % stages,
-                                              tid, stats, lse, delta)
+                                              tid, stats, lse, delta, qmap if tma else None, dmap if tma else None,
+                                              block_ready if tma else None)
                                 block_ranges(rng, sg, full, col0, sig, None)
                                 if overlap:  # a tagged previous step: dK, dV exactly, now
-                                    previous_exact(acc_k, dsf, acc_v, pf, True, smem, bad, flag, t, w, lane)
-                                block_products(sacc, dpacc, af, bf, desc, smem, stg, w, lane)  # S^T = K Q^T, dP^T = V dO^T
+                                    previous_exact(acc_k, dsf, acc_v, pf, True, dkdv_smem, bad, flag, t, w, lane)
+                                block_products(sacc, dpacc, af, bf, desc, dkdv_smem, stg, w, lane)  # S^T = K Q^T, dP^T = V dO^T
                                 if overlap:  # dK += dS^T Q, dV += P^T dO of the previous step, behind S and dP
-                                    previous_products(acc_k, dsf, acc_v, pf, True, smem, desc, flag, t)
+                                    previous_products(acc_k, dsf, acc_v, pf, True, dkdv_smem, desc, flag, t)
                                 probabilities_t(sacc, dpacc, rng, full, stats, stg, lane)
                                 if overlap:
                                     wait_fragments()
                                 as_operand(pf, sacc)
                                 as_operand(dsf, dpacc)
                                 if fused_dq:  # dQ^T = K^T dS^T, issued before dK and dV's products
-                                    stage_ds_t(smem, dsf, w, lane)
+                                    stage_ds_t(dkdv_smem, dsf, w, lane)
                                     T.ptx["fence.proxy.async.shared::cta"]()
                                     T.tvm_storage_sync("shared.dyn")
                                     T.ptx.ld.shared.b32(flag[0], T.address_of(kbad[0]))
                                     if flag[0] == 1:
-                                        dq_exact(dqacc, smem, w, lane)
+                                        dq_exact(dqacc, dkdv_smem, w, lane)
                                     else:
-                                        dq_products(dqacc, desc, smem, w)
+                                        dq_products(dqacc, desc, dkdv_smem, w)
                                 if not overlap:
-                                    accumulate_block(acc_k, dsf, acc_v, pf, True, smem, bf, desc, bad, flag, stg, t + 1,
+                                    accumulate_block(acc_k, dsf, acc_v, pf, True, dkdv_smem, bf, desc, bad, flag, stg, t + 1,
                                                      w, lane)  # dK += dS^T Q, dV += P^T dO
                                 if bulk:  # dQ rows staged, then one bulk reduction each
                                     stage_dq_rows(dqstage, dqacc, w, lane)
@@ -1309,7 +1400,7 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
                             if bulk:
                                 dq_bulk_done()
                             if overlap:
-                                last_accumulation(acc_k, dsf, acc_v, pf, True, smem, bf, desc, bad, flag, GS * nblk, w,
+                                last_accumulation(acc_k, dsf, acc_v, pf, True, dkdv_smem, bf, desc, bad, flag, GS * nblk, w,
                                                   lane)
                             store_gradients(dk, dv, dk_part, dv_part, dk_split, dv_split, dk_accum, dv_accum,
                                             ttiles[hm, vt, 3], ttiles[hm, vt, 6], b, hk, vbk, acc_k, acc_v, rows, w,

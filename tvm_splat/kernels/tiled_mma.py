@@ -77,6 +77,57 @@ def core_matrix_elem(base, u, c, d: int):
     return base + ((u // 8) * (d // 8) + c // 8) * 64 + (u % 8) * 8 + c % 8
 
 
+def swizzle128_elem(base, rows: int, u, c):
+    """Element (row ``u``, column ``c``) of a ``[rows, d]`` block that TMA landed at ``base``
+    (1024-byte aligned) with the 128-byte swizzle of :func:`encode_row_block_map`: the 64-column
+    halves of the rows one after the other (``[d / 64, rows, 64]``), and 16-byte chunk ``(c % 64)
+    // 8`` of row ``u`` stored at chunk ``((c % 64) // 8) ^ (u % 8)`` of its 128-byte row."""
+    return base + (c // 64) * (rows * 64) + u * 64 + T.bitwise_xor((c % 64) // 8, u % 8) * 8 + c % 8
+
+
+def encode_row_block_map(tmap, data, heads: int, n: int, d: int, rows: int, dtype: str):
+    """Host side: encode ``tmap`` as the tensor map of a ``[heads, n, d]`` tensor (``heads``:
+    batch x heads, flattened) whose boxes are ``rows`` consecutive sequence rows of one head,
+    landing as :func:`swizzle128_elem` reads them. Dimensions innermost first: 64 elements (128
+    bytes: one swizzle row), sequence rows, 64-column halves, heads; rows past ``n`` arrive as
+    zeros."""
+    return T.tensormap_encode_tiled(tmap, data, 64, n, d // 64, heads, d * 2, 128, n * d * 2,
+                                    64, rows, d // 64, 1, 1, 1, 1, 1, descriptor_dtype=dtype, rank=4, swizzle=3)
+
+
+def tma_copy_rows(smem, offset, tmap, row0, head, ready, st):
+    """One TMA copy: the box of :func:`encode_row_block_map`'s ``tmap`` at sequence row ``row0``
+    of flattened head ``head`` -> ``smem[offset]``, completing its bytes on mbarrier ``ready[st]``
+    (a TIR expression; one thread issues it, after the barrier's ``expect_tx``)."""
+    return T.ptx.cp(T.cuda.cvta_generic_to_shared(T.address_of(smem[offset])),
+                    T.reinterpret(T.handle().ty, T.address_of(tmap)), 0, row0, 0, head,
+                    T.cuda.cvta_generic_to_shared(T.address_of(ready[st])),
+                    "async", "bulk", "tensor", "4d", "shared::cluster", "global", "",
+                    "mbarrier::complete_tx::bytes", "", "", "", "")
+
+
+@T.macro
+def init_stage_barriers(ready, stages: int, tid):
+    # thread 0: one mbarrier per stage, one arrival (the issuing thread's) per use
+    if tid == 0:
+        for st in T.unroll(stages):
+            T.ptx.mbarrier.init.shared.b64(T.cuda.cvta_generic_to_shared(T.address_of(ready[st])), T.uint32(1))
+        T.ptx.fence("mbarrier_init", "release", "cluster", "")
+
+
+@T.macro
+def issue_tma_pair(smem, ready, st, nbytes, first_map, first_offset, second_map, second_offset, row0, head):
+    # one thread: stage st's mbarrier expects the ``nbytes`` of both copies, then the two tensor
+    # copies (rows row0.. of flattened head ``head``; rows past n arrive as zeros) land at the two
+    # offsets. The fence orders the generic-proxy accesses of the stage's previous block before
+    # the copies' writes
+    T.ptx["fence.proxy.async.shared::cta"]()
+    T.ptx.mbarrier(T.cuda.cvta_generic_to_shared(T.address_of(ready[st])), T.uint32(nbytes),
+                   "arrive", "expect_tx", "", "", "shared", "b64", "")
+    T.evaluate(tma_copy_rows(smem, first_offset, first_map, row0, head, ready, st))
+    T.evaluate(tma_copy_rows(smem, second_offset, second_map, row0, head, ready, st))
+
+
 def chunk_position(i, chunks_per_row: int, core_rows_first: bool):
     """``(row, first column)`` of the ``i``-th 16-byte chunk (8 elements) of a ``[rows, 8 *
     chunks_per_row]`` operand copied into shared memory (``i``: an int or a TIR expression).
@@ -250,9 +301,8 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         return core_matrix_elem(base, u, c, D) if wgmma else base + u * DP + c
 
     def kv_elem(base, st, u, c):  # element (u, c) of stage st of the K or V ring
-        if tma:  # 128-byte swizzle: 16-byte chunk (c % 64) // 8 of row u sits at chunk ^ (u % 8)
-            return (base + st * BC * D + (c // 64) * (BC * 64) + u * 64
-                    + T.bitwise_xor((c % 64) // 8, u % 8) * 8 + c % 8)
+        if tma:
+            return swizzle128_elem(base + st * BC * D, BC, u, c)
         return tile_elem(base + st * BC * DP, u, c)
 
     def p_elem(row, c):  # element (row, c) of P staged for the exact P V path
@@ -260,13 +310,6 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
 
     def kv_stage(base, st, u):  # offset of row u of stage st of the K or V ring (mma layout)
         return base + (st * BC + u) * DP
-
-    def tma_copy(smem, offset, tmap, col0, bhk, ready, st):  # rows col0.. of K or V head bhk -> smem[offset]
-        return T.ptx.cp(T.cuda.cvta_generic_to_shared(T.address_of(smem[offset])),
-                        T.reinterpret(T.handle().ty, T.address_of(tmap)), 0, col0, 0, bhk,
-                        T.cuda.cvta_generic_to_shared(T.address_of(ready[st])),
-                        "async", "bulk", "tensor", "4d", "shared::cluster", "global", "",
-                        "mbarrier::complete_tx::bytes", "", "", "", "")
 
     def ldmatrix_x4(frag, offset, smem, smem_offset, trans=False):  # 4 8x8 tiles of shared -> registers
         return T.ptx_legacy.ldmatrix(trans, 4, ".b16", frag.data, offset, smem.access_ptr("r"), smem_offset, dtype=dt)
@@ -332,22 +375,9 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                 copy_rows(smem, V_OFF, v, col0, sig, b, hk, tid, it, klen)
 
     @T.macro
-    def init_kv_barriers(ready, tid):
-        # one mbarrier per stage, one arrival (the issuing thread's) per use
-        if tid == 0:
-            for st in T.unroll(stages):
-                T.ptx.mbarrier.init.shared.b64(T.cuda.cvta_generic_to_shared(T.address_of(ready[st])), T.uint32(1))
-            T.ptx.fence("mbarrier_init", "release", "cluster", "")
-
-    @T.macro
     def issue_kv_tma(smem, ready, kmap, vmap, col0, bhk, st):
-        # one thread: stage st expects both blocks' bytes, then the two tensor copies land there
-        # (rows past n are zero-filled by the copy)
-        T.ptx["fence.proxy.async.shared::cta"]()
-        T.ptx.mbarrier(T.cuda.cvta_generic_to_shared(T.address_of(ready[st])), T.uint32(2 * KV_BYTES),
-                       "arrive", "expect_tx", "", "", "shared", "b64", "")
-        T.evaluate(tma_copy(smem, K_OFF + st * BC * D, kmap, col0, bhk, ready, st))
-        T.evaluate(tma_copy(smem, V_OFF + st * BC * D, vmap, col0, bhk, ready, st))
+        # one thread: the K and V blocks at rows col0.. of KV head bhk -> stage st
+        issue_tma_pair(smem, ready, st, 2 * KV_BYTES, kmap, K_OFF + st * BC * D, vmap, V_OFF + st * BC * D, col0, bhk)
 
     @T.macro
     def flag_nonfinite_v(smem, vbad, words, nonfinite, st, j, tid):
@@ -626,10 +656,8 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
             # row, rows, d-halves, batch x KV head), boxes of BC rows, 128-byte swizzle
             kmap: T.let[T.TensorMap()] = T.tvm_stack_alloca("tensormap", 1)
             vmap: T.let[T.TensorMap()] = T.tvm_stack_alloca("tensormap", 1)
-            T.tensormap_encode_tiled(kmap, k.data, 64, N, D // 64, B * KVH, D * 2, 128, N * D * 2,
-                                     64, BC, D // 64, 1, 1, 1, 1, 1, descriptor_dtype=dt, rank=4, swizzle=3)
-            T.tensormap_encode_tiled(vmap, v.data, 64, N, D // 64, B * KVH, D * 2, 128, N * D * 2,
-                                     64, BC, D // 64, 1, 1, 1, 1, 1, descriptor_dtype=dt, rank=4, swizzle=3)
+            T.evaluate(encode_row_block_map(kmap, k.data, B * KVH, N, D, BC, dt))
+            T.evaluate(encode_row_block_map(vmap, v.data, B * KVH, N, D, BC, dt))
         for vbh in T.thread_binding(B * H, thread="blockIdx.x"):
             for vt in T.thread_binding(tile_grid_rows(NT, "tiled"), thread="blockIdx.y"):
                 with launch_bounds(MIN_BLOCKS):
@@ -706,7 +734,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                         if blocks[hm, blk_lo, 2] == 0:
                                             flag_nonfinite_v(qkv_smem, vbad, words, nonfinite, 0, 0, tid)
                                 if tma:
-                                    init_kv_barriers(kv_ready, tid)
+                                    init_stage_barriers(kv_ready, stages, tid)
                                     if tid == 0 and blk_hi > blk_lo:
                                         issue_kv_tma(qkv_smem, kv_ready, kmap, vmap, blocks[hm, blk_lo, 0], b * KVH + hk, 0)
                                     T.evaluate(T.ptx.cp.async_.commit_group())  # Q

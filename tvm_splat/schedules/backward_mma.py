@@ -31,8 +31,8 @@ from tvm import s_tir
 
 from ..kernels.backward import BackwardSpec
 from ..kernels.backward_mma import (SPLIT_SUM_BLOCK, SUM_BLOCK, backward_dkdv_mma_func, backward_dq_mma_func,
-                                    check_backward_mma_plan, check_backward_mma_shape, check_kv_sums, delta_func,
-                                    dq_cast_func, kv_cast_func, per_query_head_programs, split_sum_func,
+                                    check_backward_mma_plan, check_backward_mma_shape, check_kv_sums, check_tma_plan,
+                                    delta_func, dq_cast_func, kv_cast_func, per_query_head_programs, split_sum_func,
                                     sum_components_func)
 from ..kernels.tiled import MERGE_BLOCK, merge_func, split_merge_func
 from ..kernels.tiled_mma import MMA_TYPES, check_mma_shape, check_tma_shape, tiled_mma_func
@@ -41,7 +41,7 @@ from .tiled import TiledKnobs, bind_flat_gpu, default_tiled_knobs
 
 __all__ = ["BackwardMmaKnobs", "default_backward_mma_knobs", "tensor_core_training_refusal", "backward_mma_funcs",
            "BACKWARD_BR", "BACKWARD_BC", "WGMMA_BACKWARD_MIN_HEAD_DIM", "WGMMA_BACKWARD_WIDE_HEADS",
-           "WGMMA_DKDV_BC_ONE_SEGMENT", "WGMMA_FUSED_DQ_ONE_SEGMENT"]
+           "WGMMA_DKDV_BC_ONE_SEGMENT", "WGMMA_FUSED_DQ_ONE_SEGMENT", "WGMMA_DKDV_TMA"]
 
 #: rows per tile of both backward kernels (4 warps x 16 rows). Measured on the H200 (fp16,
 #: ``benchmarks/results/h200_backward_knobs.json``, the per-score membership form of the kernels):
@@ -99,6 +99,15 @@ WGMMA_DKDV_BC_ONE_SEGMENT = 64
 #: suite (fp16 and bf16 alike) the eight d=128 cases' backward went from 5.32-22.9 ms to
 #: 4.74-21.0 (``h200_models_backward.json``).
 WGMMA_FUSED_DQ_ONE_SEGMENT = {"fused_dq": "bulk", "per_query_head": True}
+#: the default fused form's ``bwd_dkdv`` takes its Q and dO blocks by TMA (``dkdv_tma``) where every
+#: block of its plan (the transposed mask's) steps rows by one. Measured on the H200 (fp16,
+#: ``h200_backward_knobs.json`` form ``fourteenth_dkdv_tma_d128``, alternated twice): bwd_dkdv
+#: Mistral n=8192 3.72 -> 3.00 ms, window +-1024 n=32k 5.22 -> 4.21 (backward 4.06 -> 3.32 and
+#: 5.76 -> 4.74, 18% faster); ptxas: 255 registers and no spill either way. At head_dim 64 the
+#: wgmma form it needs ties bwd_dq to wgmma too, 8% slower there: Longformer-base b=4 backward
+#: 0.75 -> 0.715 ms, n=1024 b=32 1.07 -> 1.01 (bwd_dkdv 0.645 -> 0.557, bwd_dq 0.41 -> 0.45),
+#: Longformer-base b=1 within noise (form ``fourteenth_dkdv_tma_d64``): not taken there yet.
+WGMMA_DKDV_TMA = True
 
 
 @dataclass(frozen=True)
@@ -148,7 +157,13 @@ class BackwardMmaKnobs:
     atomics (from 6.97), 4.31 with the bulk form. ``per_query_head="bulk"`` (with
     ``fused_dq="bulk"``): dK and dV added by one bulk reduction per staged row instead, as
     FlashAttention-3's epilogue for grouped heads does; built and checked by ptxas, not yet
-    measured, so no default."""
+    measured, so no default. ``dkdv_tma`` (wgmma, two stages, head_dim a multiple of 64, plans
+    whose ``bwd_dkdv`` blocks all step rows by one): ``bwd_dkdv``'s Q and dO blocks arrive by TMA,
+    128-byte swizzled, one thread issuing both copies a step, as the forward's K and V do
+    (:func:`~tvm_splat.kernels.backward_mma.backward_dkdv_mma_func`): 18% faster backward at
+    head_dim 128, the default with the fused dQ there (:data:`WGMMA_DKDV_TMA`); knobs derived
+    from that default for a form it does not go with (``stages`` other than 2, ``wgmma=False``)
+    must add ``dkdv_tma=False``, as they add ``fused_dq=False``."""
 
     forward: TiledKnobs
     br: int = BACKWARD_BR
@@ -160,9 +175,11 @@ class BackwardMmaKnobs:
     wgmma: bool = False
     fused_dq: bool | str = False
     per_query_head: bool | str = False
+    dkdv_tma: bool = False
 
 
-def default_backward_mma_knobs(spec: BackwardSpec, target, forward: TiledKnobs | None = None) -> BackwardMmaKnobs:
+def default_backward_mma_knobs(spec: BackwardSpec, target, forward: TiledKnobs | None = None,
+                               dkdv_blocks=None) -> BackwardMmaKnobs:
     """The knobs when nothing is tuned (see the module docstring); ``forward``: the forward's
     untuned knobs as the planner chose them from the tile plan
     (:func:`tvm_splat.planner.default_knobs`, which :mod:`tvm_splat.training` passes; default:
@@ -171,7 +188,10 @@ def default_backward_mma_knobs(spec: BackwardSpec, target, forward: TiledKnobs |
     wgmma form (:data:`WGMMA_BACKWARD_WIDE_HEADS`) from :data:`WGMMA_BACKWARD_MIN_HEAD_DIM` where
     the forward took its own: on sm_90a, for a plan of one component; ``bwd_dkdv``'s blocks are
     :data:`WGMMA_DKDV_BC_ONE_SEGMENT` wide there when every key row is one segment, and there,
-    at head_dim 128, ``bwd_dkdv`` computes dQ too (:data:`WGMMA_FUSED_DQ_ONE_SEGMENT`)."""
+    at head_dim 128, ``bwd_dkdv`` computes dQ too (:data:`WGMMA_FUSED_DQ_ONE_SEGMENT`), its Q and
+    dO blocks by TMA (:data:`WGMMA_DKDV_TMA`) when ``dkdv_blocks`` (the blocks ``[HM, NB, 3]`` of
+    bwd_dkdv's tile plan under these knobs, which ``dkdv_tma`` does not change) all step rows by
+    one; without them, the cp.async form."""
     forward = forward or default_tiled_knobs(spec.rows, target)
     bc = BACKWARD_BC if spec.rows.head_dim <= 64 else BACKWARD_BC_WIDE_HEADS
     mma = BackwardMmaKnobs(forward, dq_bc=bc, dkdv_bc=bc)
@@ -191,9 +211,17 @@ def default_backward_mma_knobs(spec: BackwardSpec, target, forward: TiledKnobs |
         try:
             check_backward_mma_shape(spec.columns, fused.br, fused.dkdv_bc, fused.warps, fused.stages, True,
                                      fused.fused_dq)
-            return fused
         except ValueError:  # its staging of dQ rows past the shared memory: the two kernels
-            pass
+            return hopper
+        try:
+            if not WGMMA_DKDV_TMA or dkdv_blocks is None:
+                return fused
+            check_backward_mma_shape(spec.columns, fused.br, fused.dkdv_bc, fused.warps, fused.stages, True,
+                                     fused.fused_dq, tma=True)
+            check_tma_plan(dkdv_blocks, "bwd_dkdv's plan", "dkdv_tma=False")
+            return dataclasses.replace(fused, dkdv_tma=True)
+        except ValueError:  # a head_dim TMA cannot cut, or blocks of a step above one: cp.async
+            return fused
     return hopper
 
 
@@ -213,15 +241,14 @@ def tensor_core_training_refusal(spec: BackwardSpec, target, knobs: BackwardMmaK
         check_mma_shape(rows, f.br, f.bc, f.warps, f.m_tiles)
         if f.tma:
             check_tma_shape(rows, f.wgmma, f.stages)
-            if (plans[0].blocks[..., 1] > 1).any():
-                raise ValueError("the TMA form loads column blocks of step 1 only; this mask's forward plan has "
-                                 f"blocks of step {int(plans[0].blocks[..., 1].max())} (dilated or strided): use "
-                                 "tma=False")
+            check_tma_plan(plans[0].blocks, "the forward's plan", "tma=False")
         if knobs.wgmma and not supports_wgmma(as_target(target)):
             raise ValueError(f"the wgmma backward needs a Hopper target (sm_90), got {as_target(target)}")
         check_backward_mma_shape(rows, knobs.br, knobs.dq_bc, knobs.warps, knobs.stages, knobs.wgmma)
         check_backward_mma_shape(spec.columns, knobs.br, knobs.dkdv_bc, knobs.warps, knobs.stages, knobs.wgmma,
-                                 knobs.fused_dq)
+                                 knobs.fused_dq, knobs.dkdv_tma)
+        if knobs.dkdv_tma:
+            check_tma_plan(plans[2].blocks, "bwd_dkdv's plan (the transposed mask's)", "dkdv_tma=False")
         check_kv_sums(knobs.fused_dq, knobs.per_query_head)
         for plan in plans:
             check_backward_mma_plan(plan.shape, plan.num_comp)
@@ -255,7 +282,7 @@ def backward_mma_funcs(spec: BackwardSpec, knobs: BackwardMmaKnobs, plan_shapes)
     funcs = {"fwd_lse": tiled_mma_func(spec.rows, fwd, f.warps, f.m_tiles, f.stages, wgmma=f.wgmma, tma=f.tma,
                                        with_lse=True),
              "bwd_dkdv": backward_dkdv_mma_func(spec.columns, dkdv, knobs.warps, knobs.stages, knobs.wgmma,
-                                                knobs.fused_dq, knobs.per_query_head)}
+                                                knobs.fused_dq, knobs.per_query_head, knobs.dkdv_tma)}
     kv_sums = per_query_head_sums(spec, knobs)
     if kv_sums:  # dK, dV added into float32 sums by the per-query-head programs: the cast after
         funcs["bwd_kv_cast"] = _flat(kv_cast_func(spec.columns), SUM_BLOCK)
