@@ -280,7 +280,8 @@ def test_fused_dq_bulk_with_more_block_columns_than_threads():
 #: form, the bulk fused dQ (one program per query head where heads are grouped), and split-KV
 DKDV_TMA_CASES = [c for c in TC_CASES if c[0] in ("window n=197", "causal window gqa n=333", "global+window gqa n=300")]
 DKDV_TMA_FORMS = {"two kernels": {"fused_dq": False, "per_query_head": False}, "fused dq bulk": None,
-                  "split": {"fused_dq": False, "per_query_head": False, "split_blocks": 2}}
+                  "split": {"fused_dq": False, "per_query_head": False, "split_blocks": 2},
+                  "mma bwd_dq": {"fused_dq": False, "per_query_head": False, "dq_wgmma": False}}
 
 
 @pytest.mark.parametrize("form", list(DKDV_TMA_FORMS))
@@ -292,7 +293,8 @@ def test_dkdv_tma_training_matches_float64_at_dense_sdpa_error(name, mask, heads
     descriptors, one mbarrier a stage) against the float64 dense reference at the default-knob
     test's tolerance: odd lengths (the last block's rows past n arrive as zeros), GQA (the
     tensor maps' head is the step's query head), global rows (long key tiles; ``split``: cut
-    into chunks of 2 blocks, their slots summed)."""
+    into chunks of 2 blocks, their slots summed; ``mma bwd_dq``: beside bwd_dq in its mma.sync
+    form, ``dq_wgmma=False``)."""
     if not _hopper():
         pytest.skip("TMA and wgmma need an sm_90 GPU")
     knobs = DKDV_TMA_FORMS[form] or _fused_dq_knobs(d, "bulk", kv_heads < heads)

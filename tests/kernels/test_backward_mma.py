@@ -528,6 +528,8 @@ def test_wgmma_backward_is_refused_where_it_cannot_run():
     base = plan_training(Window(8), *shapes, target=A100)
     plan = plan_training(Window(8), *shapes, target=A100, mma_knobs=dataclasses.replace(base.mma_knobs, wgmma=True))
     assert plan.kernels != "tensor-cores" and "needs a Hopper target" in plan.fallback_reason
+    plan = plan_training(Window(8), *shapes, target=A100, mma_knobs=dataclasses.replace(base.mma_knobs, dq_wgmma=True))
+    assert plan.kernels != "tensor-cores" and "needs a Hopper target" in plan.fallback_reason
     base = plan_training(Window(8), *shapes, target=H100)
     narrow = dataclasses.replace(base.mma_knobs, wgmma=True, br=32, warps=2)
     plan = plan_training(Window(8), *shapes, target=H100, mma_knobs=narrow)
@@ -664,22 +666,23 @@ def test_fused_dq_backward_builds_for_sm90a(name, mask, heads, kv_heads, n, d, d
 
 
 #: the TMA form of bwd_dkdv, built: the unit-step cases of WGMMA_BUILD_CASES in the two-kernel
-#: form and in the default's fused dQ (bulk; one program per query head where heads are grouped)
-DKDV_TMA_BUILDS = [(case, fused) for case in WGMMA_BUILD_CASES if "strided" not in case[0]
-                   for fused in (False, "bulk")]
+#: form, beside an mma.sync bwd_dq (``dq_wgmma=False``), and in the default's fused dQ (bulk; one
+#: program per query head where heads are grouped)
+DKDV_TMA_BUILDS = [(case, form) for case in WGMMA_BUILD_CASES if "strided" not in case[0]
+                   for form in ("two kernels", "mma bwd_dq", "fused dq bulk")]
 
 
-@pytest.mark.parametrize("name,mask,heads,kv_heads,n,d,dtype,fused", [(*case, fused) for case, fused in DKDV_TMA_BUILDS],
-                         ids=[f"{case[0]}-{'fused dq bulk' if fused else 'two kernels'}"
-                              for case, fused in DKDV_TMA_BUILDS])
-def test_dkdv_tma_builds_for_sm90a(name, mask, heads, kv_heads, n, d, dtype, fused):
+@pytest.mark.parametrize("name,mask,heads,kv_heads,n,d,dtype,form", [(*case, form) for case, form in DKDV_TMA_BUILDS],
+                         ids=[f"{case[0]}-{form}" for case, form in DKDV_TMA_BUILDS])
+def test_dkdv_tma_builds_for_sm90a(name, mask, heads, kv_heads, n, d, dtype, form):
     """``BackwardMmaKnobs.dkdv_tma``: bwd_dkdv takes the tensor maps of Q and dO instead of their
     pointers, thread 0 issues two ``cp.async.bulk.tensor`` copies a block (the first block, and
     each next one) against an mbarrier every thread waits on, and no 16-byte ``cp.async`` is left
     (the lse and delta stay 4-byte copies); the wgmma descriptors of the block operands are the
     128-byte swizzled ones (mode 3: K-major S^T and dP^T, 2 x head_dim / 16 k-steps; MN-major dK
     and dV, 2 x bc / 16); its dynamic shared array is 1024-byte aligned under a name of its own,
-    so bwd_dq's 64-byte one may share the module. ptxas: no spill, wgmma not serialized."""
+    so bwd_dq's 64-byte one may share the module. ptxas: no spill, wgmma not serialized.
+    ``mma bwd_dq``: bwd_dq in its mma.sync form (ldmatrix, no warpgroup MMA) in the same module."""
     import dataclasses
 
     from tvm_splat.compile import wgmma_serialized
@@ -687,8 +690,10 @@ def test_dkdv_tma_builds_for_sm90a(name, mask, heads, kv_heads, n, d, dtype, fus
 
     shapes = ((2, heads, n, d), (2, kv_heads, n, d), dtype, "cuda")
     base = plan_training(mask, *shapes, target=H100)
+    fused = "bulk" if form == "fused dq bulk" else False
     knobs = dataclasses.replace(base.mma_knobs, wgmma=True, stages=2, dkdv_tma=True, fused_dq=fused,
                                 per_query_head=bool(fused) and kv_heads < heads,
+                                dq_wgmma=False if form == "mma bwd_dq" else None,
                                 **(dict(br=d, warps=d // 16) if fused else {}))
     plan = plan_training(mask, *shapes, target=H100, mma_knobs=knobs)
     assert plan.kernels == "tensor-cores" and plan.mma_knobs.dkdv_tma, plan.fallback_reason
@@ -705,6 +710,10 @@ def test_dkdv_tma_builds_for_sm90a(name, mask, heads, kv_heads, n, d, dtype, fus
     assert body.count(", 1, 64, 3);") == 2 * (d // 16) and body.count(f", {bc * 8}, 64, 3);") == 2 * (bc // 16)
     assert re.search(r"extern __shared__ __align__\(1024\) \w+ dkdv_smem_ptr\[\]", body)
     assert ("bwd_dq_kernel(" in src) == (not fused)
+    if not fused:
+        dq_body = src[src.rindex("bwd_dq_kernel("):].split('extern "C"')[0]
+        mma_form = form == "mma bwd_dq"
+        assert ("ldmatrix" in dq_body) == mma_form and ("mma_async" in dq_body) != mma_form
     check_shared_declarations(src)
     registers, spills = ptxas_usage(src, "bwd_dkdv_kernel", H100)
     assert spills == 0 and registers <= 255, (registers, spills)

@@ -41,7 +41,7 @@ from .tiled import TiledKnobs, bind_flat_gpu, default_tiled_knobs
 
 __all__ = ["BackwardMmaKnobs", "default_backward_mma_knobs", "tensor_core_training_refusal", "backward_mma_funcs",
            "BACKWARD_BR", "BACKWARD_BC", "WGMMA_BACKWARD_MIN_HEAD_DIM", "WGMMA_BACKWARD_WIDE_HEADS",
-           "WGMMA_DKDV_BC_ONE_SEGMENT", "WGMMA_FUSED_DQ_ONE_SEGMENT", "WGMMA_DKDV_TMA"]
+           "WGMMA_DKDV_BC_ONE_SEGMENT", "WGMMA_FUSED_DQ_ONE_SEGMENT", "WGMMA_DKDV_TMA", "dq_wgmma_form"]
 
 #: rows per tile of both backward kernels (4 warps x 16 rows). Measured on the H200 (fp16,
 #: ``benchmarks/results/h200_backward_knobs.json``, the per-score membership form of the kernels):
@@ -163,7 +163,12 @@ class BackwardMmaKnobs:
     (:func:`~tvm_splat.kernels.backward_mma.backward_dkdv_mma_func`): 18% faster backward at
     head_dim 128, the default with the fused dQ there (:data:`WGMMA_DKDV_TMA`); knobs derived
     from that default for a form it does not go with (``stages`` other than 2, ``wgmma=False``)
-    must add ``dkdv_tma=False``, as they add ``fused_dq=False``."""
+    must add ``dkdv_tma=False``, as they add ``fused_dq=False``. ``dq_wgmma``: ``bwd_dq``'s form
+    where it differs from ``bwd_dkdv``'s (``None``: ``wgmma``, both kernels alike; ``False``:
+    ``mma.sync`` beside a wgmma ``bwd_dkdv``, whose TMA form needs wgmma, at head_dim 64 where
+    the wgmma ``bwd_dq`` measured slower: n=1024 b=32 0.45 against 0.41 ms,
+    ``h200_backward_knobs.json`` form ``fourteenth_dkdv_tma_d64``); built and CPU-tested, not yet
+    run on a GPU, so no default."""
 
     forward: TiledKnobs
     br: int = BACKWARD_BR
@@ -176,6 +181,13 @@ class BackwardMmaKnobs:
     fused_dq: bool | str = False
     per_query_head: bool | str = False
     dkdv_tma: bool = False
+    dq_wgmma: bool | None = None
+
+
+def dq_wgmma_form(knobs: BackwardMmaKnobs) -> bool:
+    """Whether ``bwd_dq`` takes its wgmma form: ``knobs.dq_wgmma``, or ``knobs.wgmma`` when that
+    is None."""
+    return knobs.wgmma if knobs.dq_wgmma is None else knobs.dq_wgmma
 
 
 def default_backward_mma_knobs(spec: BackwardSpec, target, forward: TiledKnobs | None = None,
@@ -242,9 +254,9 @@ def tensor_core_training_refusal(spec: BackwardSpec, target, knobs: BackwardMmaK
         if f.tma:
             check_tma_shape(rows, f.wgmma, f.stages)
             check_tma_plan(plans[0].blocks, "the forward's plan", "tma=False")
-        if knobs.wgmma and not supports_wgmma(as_target(target)):
+        if (knobs.wgmma or dq_wgmma_form(knobs)) and not supports_wgmma(as_target(target)):
             raise ValueError(f"the wgmma backward needs a Hopper target (sm_90), got {as_target(target)}")
-        check_backward_mma_shape(rows, knobs.br, knobs.dq_bc, knobs.warps, knobs.stages, knobs.wgmma)
+        check_backward_mma_shape(rows, knobs.br, knobs.dq_bc, knobs.warps, knobs.stages, dq_wgmma_form(knobs))
         check_backward_mma_shape(spec.columns, knobs.br, knobs.dkdv_bc, knobs.warps, knobs.stages, knobs.wgmma,
                                  knobs.fused_dq, knobs.dkdv_tma)
         if knobs.dkdv_tma:
@@ -290,7 +302,7 @@ def backward_mma_funcs(spec: BackwardSpec, knobs: BackwardMmaKnobs, plan_shapes)
         funcs["bwd_delta"] = delta_func(spec.rows)
         funcs["bwd_dq_cast"] = _flat(dq_cast_func(spec.rows), SUM_BLOCK)
     else:
-        funcs["bwd_dq"] = backward_dq_mma_func(spec.rows, dq, knobs.warps, knobs.stages, knobs.wgmma)
+        funcs["bwd_dq"] = backward_dq_mma_func(spec.rows, dq, knobs.warps, knobs.stages, dq_wgmma_form(knobs))
     if fwd.num_slots:
         funcs["fwd_split_merge"] = _flat(split_merge_func(spec.rows, fwd, with_lse=True), MERGE_BLOCK)
     if dq.num_slots and not knobs.fused_dq:
