@@ -106,7 +106,7 @@ class TrainingPlan:
         elif is_gpu(target) and spec.rows.dtype in MMA_TYPES:
             # the forward planner's rule: several components keep the mma form; one component of
             # unit-step blocks at a head_dim multiple of 64 on sm_90a takes the TMA form
-            forward = default_knobs(spec.rows, target, acsr)
+            forward = None if mma_knobs else default_knobs(spec.rows, target, acsr)
             knobs = mma_knobs or default_backward_mma_knobs(spec, target, forward)
             # the split rule sees each kernel's grid: the forward and bwd_dq run a program per
             # query head, bwd_dkdv one per KV head unless it sums per query head
