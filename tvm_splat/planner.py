@@ -45,6 +45,7 @@ from .kernels import VARIANTS
 from .kernels.common import KV_LEN
 from .kernels.spec import SUPPORTED_DTYPES, AttentionSpec, check_buffer_sizes
 from .kernels.tiled import partial_shapes, split_shapes
+from .kernels.tiled_mma import check_tma_plan
 from .records import tuned_tiled_knobs
 from .schedules.row import RowKnobs
 from .schedules.targets import arch_specific, as_target, is_gpu, target_key
@@ -239,9 +240,8 @@ class AttentionPlan:
         self.target, self.device = target, device
         if variant == "tiled":
             self.tile_plan = tile_plan_of(acsr, knobs, spec.batch * spec.heads)
-            if knobs.tma and uses_mma(spec, knobs, target) and (self.tile_plan.blocks[..., 1] > 1).any():
-                raise ValueError("the TMA form loads column blocks of step 1 only; this mask has blocks of step "
-                                 f"{int(self.tile_plan.blocks[..., 1].max())} (dilated or strided): use tma=False")
+            if knobs.tma and uses_mma(spec, knobs, target):
+                check_tma_plan(self.tile_plan.blocks, "this mask", "tma=False")
             o_shape, ml_shape = partial_shapes(spec, self.tile_plan.shape.num_components)
             so_shape, sml_shape = split_shapes(spec, self.tile_plan.shape)
             self.scratch = {"o_part": (o_shape, "float32"), "ml_part": (ml_shape, "float32"),

@@ -103,8 +103,8 @@ yet run on a GPU**):
   at d=128 in either dQ form, no spill.
 
 TMA form of ``bwd_dkdv`` (``tma``, wgmma with two stages, head_dim a multiple of 64, plans whose
-blocks step rows by one: :func:`check_tma_plan`): each step's Q and dO blocks arrive by two
-``cp.async.bulk.tensor`` copies that thread 0 issues against the stage's mbarrier, 128-byte
+blocks step rows by one: :func:`~tvm_splat.kernels.tiled_mma.check_tma_plan`): each step's Q
+and dO blocks arrive by two ``cp.async.bulk.tensor`` copies that thread 0 issues against the stage's mbarrier, 128-byte
 swizzled as the forward's K and V (:func:`~tvm_splat.kernels.tiled_mma.swizzle128_elem`), in
 place of 8 ``cp.async`` chunks per thread; the lse and delta stay 4-byte ``cp.async`` copies.
 H200, fp16, with the fused bulk dQ: bwd_dkdv Mistral n=8192 3.72 -> 3.00 ms, window +-1024
@@ -177,12 +177,13 @@ from tvm.script import tirx as T
 from .common import LOG2E, block_range_cache, nonfinite_halves, row_segment_cache, tile_grid_rows
 from .spec import AttentionSpec
 from .tiled_mma import (MMA_TYPES, ROW_PAD, SHARED_BYTES_MAX, WGMMA_PAIR_TYPES, chunk_position, core_matrix_elem,
-                        encode_row_block_map, init_stage_barriers, issue_tma_pair, swizzle128_elem, wgmma_op)
+                        encode_row_block_map, init_stage_barriers, issue_tma_pair, swizzle128_elem,
+                        swizzled_k_major_desc, swizzled_mn_major_desc, wgmma_op)
 
 __all__ = ["BACKWARD_MMA_KERNEL_NAMES", "check_backward_mma_shape", "check_backward_mma_plan", "part_shape",
            "split_part_shape", "backward_dq_mma_func", "backward_dkdv_mma_func", "sum_components_func",
            "split_sum_func", "delta_func", "dq_cast_func", "kv_cast_func", "fused_dq_form", "dq_stage_bytes",
-           "per_query_head_programs", "kv_sums_form", "check_kv_sums", "check_tma_plan"]
+           "per_query_head_programs", "kv_sums_form", "check_kv_sums"]
 
 BACKWARD_MMA_KERNEL_NAMES = ("bwd_dq", "bwd_dkdv")
 #: the blocks of :func:`sum_components_func` and :func:`split_sum_func` (what their GPU schedule binds)
@@ -257,7 +258,7 @@ def check_backward_mma_shape(spec: AttentionSpec, br: int, bc: int, warps: int, 
     ``fused_dq``: bwd_dkdv adding dQ by atomics or bulk reductions (:func:`fused_dq_form`),
     wgmma with two stages and head_dim 64 per warpgroup; ``tma``: bwd_dkdv's block operands by
     TMA, a form of the two-stage wgmma kernel whose tensor maps cut head_dim into 64-element
-    swizzle rows; the plan's block steps are checked apart, :func:`check_tma_plan`)."""
+    swizzle rows; the plan's block steps are checked apart, :func:`~tvm_splat.kernels.tiled_mma.check_tma_plan`)."""
     form = fused_dq_form(fused_dq)
     if spec.dtype not in MMA_TYPES:
         raise ValueError(f"the tensor-core backward needs float16 or bfloat16 inputs, got {spec.dtype}")
@@ -288,15 +289,6 @@ def check_backward_mma_shape(spec: AttentionSpec, br: int, bc: int, warps: int, 
             + dq_stage_bytes(bc, spec.head_dim, form) > SHARED_BYTES_MAX):
         raise ValueError(f"br={br}, bc={bc}, head_dim={spec.head_dim}, stages={stages} need more than the "
                          f"{SHARED_BYTES_MAX // 1024} KB of shared memory a block may have")
-
-
-def check_tma_plan(blocks, which: str, knob: str) -> None:
-    """Raise ``ValueError`` unless every column block of a plan (``blocks [HM, NB, 3]``: first
-    row, step, FULL; ``which`` names the plan, ``knob`` the setting that avoids TMA) steps rows
-    by one, as the TMA forms' tensor maps do (a box is consecutive rows)."""
-    if (blocks[..., 1] > 1).any():
-        raise ValueError(f"the TMA form loads column blocks of step 1 only; {which} has blocks of step "
-                         f"{int(blocks[..., 1].max())} (dilated or strided): use {knob}")
 
 
 def check_backward_mma_plan(plan_shape, num_comp) -> None:
@@ -376,12 +368,8 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
     # block operand read MN-major (U or W as the B of dS U, P W: along its rows) steps
     # D / 8 * 128 B between 8-row groups (LBO) and 128 B along D (SBO)
     KM_LBO, KM_SBO, MN_LBO, MN_SBO = 8, D, D, 8
-    # TMA form: block operands as the forward's TMA K/V (:func:`~tvm_splat.kernels.tiled_mma.swizzle128_elem`,
-    # 128-byte swizzle, descriptor mode 3): read K-major, a k-step is 32 bytes along the swizzled
-    # row and a new 64-column half every 4 steps, 8-row groups 1024 B apart (SBO); read MN-major,
-    # 16 rows are 16 swizzled rows, 8-row groups 1024 B apart (SBO) and the 64-column halves
-    # BC x 128 B apart (LBO)
-    SW_SBO, SW_MN_LBO, SWIZZLE_128B = 64, BC * 8, 3
+    # TMA form: block operands as the forward's TMA K/V (``tiled_mma.swizzle128_elem``, read
+    # through ``swizzled_k_major_desc`` and ``swizzled_mn_major_desc``)
     BLOCK_BYTES = BC * D * 2  # one block operand of one stage
     WG_S, WG_D, PAIR = wgmma_op(BC, dt), wgmma_op(D, dt), WGMMA_PAIR_TYPES[dt]
 
@@ -477,7 +465,7 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
         # plain loads (stages == 1, the caller's barriers order them), cp.async (stages == 2,
         # committed as one group) or, in the TMA form, two tensor copies by thread 0 on the
         # stage's mbarrier (umap, wmap: the tensor maps of u_src, w_src) beside the statistics'
-        # cp.async group (the block's step is 1: :func:`check_tma_plan`)
+        # cp.async group (the block's step is 1: :func:`~tvm_splat.kernels.tiled_mma.check_tma_plan`)
         if tma:
             if tid == 0:
                 issue_tma_pair(smem, ready, st, 2 * BLOCK_BYTES, umap, U_OFF + st * BC * D, wmap, W_OFF + st * BC * D,
@@ -536,8 +524,7 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
             T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[0]), T.address_of(
                 smem[a_base + (w // 4) * 64 * D + kk * 128]), KM_LBO, KM_SBO, 0)
             if tma:
-                T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(
-                    smem[b_base + (kk // 4) * BC * 64 + (kk % 4) * 16]), 1, SW_SBO, SWIZZLE_128B)
+                T.evaluate(swizzled_k_major_desc(desc[1], smem, b_base, BC, kk))
             else:
                 T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(smem[b_base + kk * 128]),
                                                       KM_LBO, KM_SBO, 0)
@@ -550,8 +537,7 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
         # Issued; the caller fences, commits and waits
         for kc in T.unroll(KC):
             if tma:
-                T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(smem[b_base + kc * 16 * 64]),
-                                                      SW_MN_LBO, SW_SBO, SWIZZLE_128B)
+                T.evaluate(swizzled_mn_major_desc(desc[1], smem, b_base, BC, kc))
             else:
                 T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(
                     smem[elem(b_base, kc * 16, 0)]), MN_LBO, MN_SBO, 0)
@@ -1175,17 +1161,18 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
     in the signature, unwritten.
 
     ``tma`` (wgmma, two stages, head_dim a multiple of 64; plans whose blocks step rows by one,
-    :func:`check_tma_plan`): each step's Q and dO blocks arrive by TMA, as the forward's K and V
-    do (:mod:`tvm_splat.kernels.tiled_mma`): thread 0 issues both tensor copies against the
-    stage's mbarrier, every thread waits on it, and the blocks land 128-byte swizzled, which the
-    wgmma descriptors, the finiteness flags and the exact path read; the lse and delta of the
+    :func:`~tvm_splat.kernels.tiled_mma.check_tma_plan`): each step's Q and dO blocks arrive by
+    TMA, as the forward's K and V do (:mod:`tvm_splat.kernels.tiled_mma`): thread 0 issues both
+    tensor copies against the stage's mbarrier, every thread waits on it, and the blocks land
+    128-byte swizzled, which the wgmma descriptors, the finiteness flags and the exact path
+    read; the lse and delta of the
     block's rows stay 4-byte ``cp.async`` copies. The cp.async form spent its time there
     (``ncu`` by source line, Mistral n=8192: 15% of the stall samples issuing the copies' 8
     ``LDGSTS.128`` a thread, 6% on their addresses, and nearly all of the kernel's excess global
     sectors and shared wavefronts on them: a warp copies 8 rows x 64 bytes, and each of its
-    8-thread phases touches half of each 32-byte sector). The shared buffer is named ``dkdv_smem`` (aligned to 1024
-    bytes here: the swizzle's atoms) apart from ``bwd_dq``'s, which shares a CUDA module with it
-    (``tvm_splat.compile.check_shared_declarations``)."""
+    8-thread phases touches half of each 32-byte sector). The shared buffer is named
+    ``dkdv_smem`` (aligned to 1024 bytes here: the swizzle's atoms) apart from ``bwd_dq``'s, which
+    shares a CUDA module with it (``tvm_splat.compile.check_shared_declarations``)."""
     check_kv_sums(fused_dq, per_query_head)
     form = fused_dq_form(fused_dq)
     fused_dq, bulk = form is not None, form == "bulk"
@@ -1359,7 +1346,8 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
                                 stg: T.let[T.int32] = t % stages
                                 await_block(dkdv_smem, q, dout, b, h, col0, sig, tid, stats, lse, delta,
                                             block_ready if tma else None, t)
-                                flag_block(dkdv_smem, bad, stg, words, nonfinite, t + 1, full, True, tid)  # Q's and dO's rows
+                                # Q's and dO's rows
+                                flag_block(dkdv_smem, bad, stg, words, nonfinite, t + 1, full, True, tid)
                                 if bulk:  # the previous step's staged dQ rows are read, before the barrier
                                     dq_staging_free()
                                 nxt: T.let[T.int32] = T.min(t + 1, GS * nblk - 1)  # the next step, if any
@@ -1371,7 +1359,8 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
                                 block_ranges(rng, sg, full, col0, sig, None)
                                 if overlap:  # a tagged previous step: dK, dV exactly, now
                                     previous_exact(acc_k, dsf, acc_v, pf, True, dkdv_smem, bad, flag, t, w, lane)
-                                block_products(sacc, dpacc, af, bf, desc, dkdv_smem, stg, w, lane)  # S^T = K Q^T, dP^T = V dO^T
+                                # S^T = K Q^T, dP^T = V dO^T
+                                block_products(sacc, dpacc, af, bf, desc, dkdv_smem, stg, w, lane)
                                 if overlap:  # dK += dS^T Q, dV += P^T dO of the previous step, behind S and dP
                                     previous_products(acc_k, dsf, acc_v, pf, True, dkdv_smem, desc, flag, t)
                                 probabilities_t(sacc, dpacc, rng, full, stats, stg, lane)
@@ -1389,8 +1378,8 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
                                     else:
                                         dq_products(dqacc, desc, dkdv_smem, w)
                                 if not overlap:
-                                    accumulate_block(acc_k, dsf, acc_v, pf, True, dkdv_smem, bf, desc, bad, flag, stg, t + 1,
-                                                     w, lane)  # dK += dS^T Q, dV += P^T dO
+                                    accumulate_block(acc_k, dsf, acc_v, pf, True, dkdv_smem, bf, desc, bad, flag, stg,
+                                                     t + 1, w, lane)  # dK += dS^T Q, dV += P^T dO
                                 if bulk:  # dQ rows staged, then one bulk reduction each
                                     stage_dq_rows(dqstage, dqacc, w, lane)
                                     T.tvm_storage_sync("shared")
@@ -1400,8 +1389,8 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
                             if bulk:
                                 dq_bulk_done()
                             if overlap:
-                                last_accumulation(acc_k, dsf, acc_v, pf, True, dkdv_smem, bf, desc, bad, flag, GS * nblk, w,
-                                                  lane)
+                                last_accumulation(acc_k, dsf, acc_v, pf, True, dkdv_smem, bf, desc, bad, flag,
+                                                  GS * nblk, w, lane)
                             store_gradients(dk, dv, dk_part, dv_part, dk_split, dv_split, dk_accum, dv_accum,
                                             ttiles[hm, vt, 3], ttiles[hm, vt, 6], b, hk, vbk, acc_k, acc_v, rows, w,
                                             lane, nrows, dqstage, row0, rstr, tid)

@@ -85,6 +85,25 @@ def swizzle128_elem(base, rows: int, u, c):
     return base + (c // 64) * (rows * 64) + u * 64 + T.bitwise_xor((c % 64) // 8, u % 8) * 8 + c % 8
 
 
+def swizzled_k_major_desc(desc, smem, base, rows: int, kk):
+    """Encode ``desc`` as the wgmma descriptor of k-step ``kk`` (16 columns) of a ``[rows, d]``
+    block at ``base`` in the layout of :func:`swizzle128_elem`, read K-major (the B operand of
+    ``X B^T``): 32 bytes along the swizzled row, a new 64-column half every 4 steps, 8-row groups
+    1024 bytes apart (SBO 64 in 16-byte units; LBO unused), 128-byte swizzle (mode 3). A TIR
+    expression."""
+    return T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc), T.address_of(
+        smem[base + (kk // 4) * rows * 64 + (kk % 4) * 16]), 1, 64, 3)
+
+
+def swizzled_mn_major_desc(desc, smem, base, rows: int, kc):
+    """Encode ``desc`` as the wgmma descriptor of rows ``16 kc`` to ``16 kc + 15`` of a ``[rows,
+    d]`` block at ``base`` in the layout of :func:`swizzle128_elem`, read MN-major (the B operand
+    of ``A B`` over the rows): 16 swizzled rows, 8-row groups 1024 bytes apart (SBO 64), the
+    64-column halves ``rows`` x 128 bytes apart (LBO), 128-byte swizzle. A TIR expression."""
+    return T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc), T.address_of(smem[base + kc * 16 * 64]),
+                                                 rows * 8, 64, 3)
+
+
 def encode_row_block_map(tmap, data, heads: int, n: int, d: int, rows: int, dtype: str):
     """Host side: encode ``tmap`` as the tensor map of a ``[heads, n, d]`` tensor (``heads``:
     batch x heads, flattened) whose boxes are ``rows`` consecutive sequence rows of one head,
@@ -180,6 +199,15 @@ def check_tma_shape(spec: AttentionSpec, wgmma: bool, stages: int) -> None:
         raise ValueError(f"the TMA form needs head_dim a multiple of 64, got {spec.head_dim}")
 
 
+def check_tma_plan(blocks, which: str, knob: str) -> None:
+    """Raise ``ValueError`` unless every column block of a plan (``blocks [HM, NB, 3]``: first
+    row, step, FULL; ``which`` names the plan, ``knob`` the setting that avoids TMA) steps rows
+    by one, as the TMA forms' tensor maps do (a box is consecutive rows)."""
+    if (blocks[..., 1] > 1).any():
+        raise ValueError(f"the TMA form loads column blocks of step 1 only; {which} has blocks of step "
+                         f"{int(blocks[..., 1].max())} (dilated or strided): use {knob}")
+
+
 def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int = 1, stages: int = 2,
                    wgmma: bool = False, tma: bool = False, with_lse: bool = False):
     """The warp-level tiled kernel for ``spec`` and a plan of shape ``plan_shape``
@@ -261,9 +289,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         raise ValueError(f"this form needs {SMEM * 2 // 1024} KB of shared memory per block, more than the "
                          f"{SHARED_BYTES_MAX // 1024} KB a block may have (fewer stages, smaller bc or br)")
     # TMA form: K/V rows of 64 elements (128 bytes) per swizzle row, the d-halves one after the
-    # other; K (K-major) steps 1024 B between 8-row groups (SBO), V (read MN-major) 1024 B
-    # between 8-key groups (SBO) and BC * 128 B between 64-wide d-halves (LBO)
-    KV_TMA_SBO, V_TMA_LBO = 64, BC * 8
+    # other (:func:`swizzle128_elem`; descriptors: :func:`swizzled_k_major_desc`, :func:`swizzled_mn_major_desc`)
     KV_BYTES = BC * D * 2  # one K or V block
     # the swizzle is a function of the shared address: its 1024-byte atoms must start the stages
     SMEM_ALIGN = 1024 if tma else 64
@@ -496,9 +522,8 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         for kk in T.unroll(KD):
             T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[0]), T.address_of(
                 smem[(w // 4) * 64 * D + kk * 128]), QK_LBO, QK_SBO, 0)
-            if tma:  # k-step kk: 32 bytes along the swizzled row, a new d-half every 4 steps
-                T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(
-                    smem[K_OFF + stg * BC * D + (kk // 4) * BC * 64 + (kk % 4) * 16]), 1, KV_TMA_SBO, 3)
+            if tma:
+                T.evaluate(swizzled_k_major_desc(desc[1], smem, K_OFF + stg * BC * D, BC, kk))
             else:
                 T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(
                     smem[kv_elem(K_OFF, stg, 0, 0) + kk * 128]), QK_LBO, QK_SBO, 0)
@@ -511,9 +536,8 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         # shared memory read transposed. Issued and committed; the caller waits
         T.ptx.wgmma.fence.sync.aligned()
         for kc in T.unroll(KC):
-            if tma:  # 16 keys = 16 swizzled rows of 128 bytes
-                T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(
-                    smem[V_OFF + stg * BC * D + kc * 16 * 64]), V_TMA_LBO, KV_TMA_SBO, 3)
+            if tma:
+                T.evaluate(swizzled_mn_major_desc(desc[1], smem, V_OFF + stg * BC * D, BC, kc))
             else:
                 T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(
                     smem[kv_elem(V_OFF, stg, kc * 16, 0)]), V_LBO, V_SBO, 0)

@@ -31,11 +31,11 @@ from tvm import s_tir
 
 from ..kernels.backward import BackwardSpec
 from ..kernels.backward_mma import (SPLIT_SUM_BLOCK, SUM_BLOCK, backward_dkdv_mma_func, backward_dq_mma_func,
-                                    check_backward_mma_plan, check_backward_mma_shape, check_kv_sums, check_tma_plan,
-                                    delta_func, dq_cast_func, kv_cast_func, per_query_head_programs, split_sum_func,
+                                    check_backward_mma_plan, check_backward_mma_shape, check_kv_sums, delta_func,
+                                    dq_cast_func, kv_cast_func, per_query_head_programs, split_sum_func,
                                     sum_components_func)
 from ..kernels.tiled import MERGE_BLOCK, merge_func, split_merge_func
-from ..kernels.tiled_mma import MMA_TYPES, check_mma_shape, check_tma_shape, tiled_mma_func
+from ..kernels.tiled_mma import MMA_TYPES, check_mma_shape, check_tma_plan, check_tma_shape, tiled_mma_func
 from .targets import as_target, is_gpu, supports_wgmma
 from .tiled import TiledKnobs, bind_flat_gpu, default_tiled_knobs
 
@@ -107,7 +107,7 @@ WGMMA_FUSED_DQ_ONE_SEGMENT = {"fused_dq": "bulk", "per_query_head": True}
 #: wgmma form it needs ties bwd_dq to wgmma too, 8% slower there: Longformer-base b=4 backward
 #: 0.75 -> 0.715 ms, n=1024 b=32 1.07 -> 1.01 (bwd_dkdv 0.645 -> 0.557, bwd_dq 0.41 -> 0.45),
 #: Longformer-base b=1 within noise (form ``fourteenth_dkdv_tma_d64``): not taken there yet.
-WGMMA_DKDV_TMA = True
+WGMMA_DKDV_TMA = {"dkdv_tma": True}
 
 
 @dataclass(frozen=True)
@@ -225,15 +225,15 @@ def default_backward_mma_knobs(spec: BackwardSpec, target, forward: TiledKnobs |
                                      fused.fused_dq)
         except ValueError:  # its staging of dQ rows past the shared memory: the two kernels
             return hopper
+        if dkdv_blocks is None:
+            return fused
         try:
-            if not WGMMA_DKDV_TMA or dkdv_blocks is None:
-                return fused
             check_backward_mma_shape(spec.columns, fused.br, fused.dkdv_bc, fused.warps, fused.stages, True,
                                      fused.fused_dq, tma=True)
             check_tma_plan(dkdv_blocks, "bwd_dkdv's plan", "dkdv_tma=False")
-            return dataclasses.replace(fused, dkdv_tma=True)
         except ValueError:  # a head_dim TMA cannot cut, or blocks of a step above one: cp.async
             return fused
+        return dataclasses.replace(fused, **WGMMA_DKDV_TMA)
     return hopper
 
 
