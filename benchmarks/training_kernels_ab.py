@@ -7,7 +7,9 @@ CASE: names of :data:`CASES` (default: all). VARIANTS: a JSON list of
 64 and at 128 (default: :data:`VARIANTS`), e.g. ``'[{}, {"dq_bc": 32, "dkdv_bc": 32}]'``;
 ``{}`` is the default knobs (at head_dim 128 on one segment per key row: the bulk fused dQ,
 so variants there that change ``stages`` add ``"fused_dq": false, "dkdv_tma": false``; where the
-transposed plan steps rows by one the default's bwd_dkdv takes Q and dO by TMA), and every other variant's
+transposed plan steps rows by one the default's bwd_dkdv takes Q and dO by TMA, at head_dim 64 too,
+in its wgmma form beside an mma.sync bwd_dq, so variants there that leave that form add
+``"wgmma": false, "dkdv_tma": false, "dq_wgmma": null``), and every other variant's
 gradients are compared with its (``max_diff``). Times: throughput of ``fwd_lse`` (the plan's forward) and of the backward
 (``TrainingPlan.backward``, both kernels), then of ``bwd_dq`` and ``bwd_dkdv`` alone (plans of
 one component), each by CUDA events over back-to-back calls
@@ -37,9 +39,11 @@ CASES = {
     "lf8": ("global:4+window:256", 8, 16, 16, 4096, 64),  # Longformer-large, batch 8: a grid of 128 heads
     "g1k": ("global:4+window:128", 32, 12, 12, 1024, 64),  # n=1024, batch 32: 384 heads of 16 short tiles
 }
+#: both backward kernels in mma.sync (from a head_dim 64 default whose bwd_dkdv takes TMA)
+_MMA_SYNC = {"wgmma": False, "dkdv_tma": False, "dq_wgmma": None}
 #: head_dim -> knob overrides tried by default
 VARIANTS = {
-    64: [{}, {"dq_bc": 32, "dkdv_bc": 32}, {"stages": 1}, {"br": 128, "warps": 8}, {"br": 32, "warps": 2}],
+    64: [{}, _MMA_SYNC, {"dq_bc": 32, "dkdv_bc": 32}, {**_MMA_SYNC, "stages": 1}, {**_MMA_SYNC, "br": 32, "warps": 2}],
     128: [{}, {"dq_bc": 16, "dkdv_bc": 16}, {"dq_bc": 64}, {"stages": 1}, {"br": 128, "warps": 8}],
 }
 

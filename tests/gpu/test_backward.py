@@ -120,7 +120,10 @@ def _tensor_core_plan(mask, heads, kv_heads, n, d, dtype, stages=None, **knobs):
     (None: the default); ``knobs``: other :class:`BackwardMmaKnobs` overrides (``wgmma=True``).
     A plan with overrides that name no fused-dQ form runs the two kernels (``bwd_dq`` and
     ``bwd_dkdv``), not the default's fused dQ (head_dim 128, one segment per key row), and with
-    overrides that do not name ``dkdv_tma``, bwd_dkdv's cp.async form."""
+    overrides that do not name ``dkdv_tma``, bwd_dkdv's cp.async form; with overrides that do not
+    name ``dq_wgmma``, both kernels in one form: ``wgmma``'s, or where that is not named either
+    and the default mixes forms (head_dim 64: a wgmma bwd_dkdv beside an mma.sync bwd_dq),
+    ``mma.sync``."""
     import dataclasses
 
     from tvm_splat.training import plan_training
@@ -133,6 +136,10 @@ def _tensor_core_plan(mask, heads, kv_heads, n, d, dtype, stages=None, **knobs):
         knobs.update(fused_dq=False, per_query_head=False)
     if knobs:  # bwd_dkdv's cp.async form unless the TMA form is named
         knobs.setdefault("dkdv_tma", False)
+    if knobs and "dq_wgmma" not in knobs:
+        knobs["dq_wgmma"] = None
+        if plan.mma_knobs.dq_wgmma is False:
+            knobs.setdefault("wgmma", False)
     if knobs:
         plan = plan_training(mask, *shapes, mma_knobs=dataclasses.replace(plan.mma_knobs, **knobs))
     assert plan.kernels == "tensor-cores", repr(plan)
@@ -337,7 +344,7 @@ def test_split_training_matches_float64_at_dense_sdpa_error(name, mask, heads, k
     base = _tensor_core_plan(mask, heads, kv_heads, n, d, dtype)
     forward = dataclasses.replace(base.mma_knobs.forward, split_blocks=2)
     knobs = dataclasses.replace(base.mma_knobs, **{"split_blocks": 2, "wgmma": wgmma, "stages": stages,
-                                                   "forward": forward,
+                                                   "forward": forward, "dkdv_tma": False, "dq_wgmma": None,
                                                    **(_fused_dq_knobs(d, *FUSED_FORM[fused]) if fused
                                                       else {"fused_dq": False, "per_query_head": False})})
     plan = plan_training(mask, (2, heads, n, d), (2, kv_heads, n, d), str(dtype).replace("torch.", ""), "cuda",

@@ -417,7 +417,7 @@ def test_training_plans_pick_and_build_the_tensor_core_kernels(name, mask, heads
     plans of one have none of that."""
     import dataclasses
 
-    from tvm_splat.schedules.backward_mma import default_backward_mma_knobs
+    from tvm_splat.schedules.backward_mma import default_backward_mma_knobs, dq_wgmma_form
     from tvm_splat.training import plan_training
 
     plan = plan_training(mask, (2, heads, n, d), (2, kv_heads, n, d), dtype, "cuda", target=target)
@@ -438,14 +438,19 @@ def test_training_plans_pick_and_build_the_tensor_core_kernels(name, mask, heads
     dq_body = src[src.rindex("bwd_dq_kernel("):].split('extern "C"')[0]  # the definition
     dkdv_body = src[src.rindex("bwd_dkdv_kernel("):].split('extern "C"')[0]
     # the backward's form: wgmma from head_dim 128 on sm_90a for plans of one component
-    # (WGMMA_BACKWARD_WIDE_HEADS), else mma.sync
-    assert plan.mma_knobs.wgmma == (d >= 128 and target == H100 and not several)
-    for body in (dq_body, dkdv_body):
-        if plan.mma_knobs.wgmma:
+    # (WGMMA_BACKWARD_WIDE_HEADS); at head_dim 64 there, bwd_dkdv alone, its Q and dO by TMA,
+    # where its plan steps rows by one (WGMMA_DKDV_TMA_NARROW_HEADS); else mma.sync
+    unit_steps = bool((plan.tile_plans[2].blocks[..., 1] == 1).all())
+    assert plan.mma_knobs.wgmma == (target == H100 and not several and (d >= 128 or unit_steps and stages == 2))
+    assert dq_wgmma_form(plan.mma_knobs) == (plan.mma_knobs.wgmma and d >= 128)
+    assert plan.mma_knobs.dkdv_tma == (plan.mma_knobs.wgmma and d == 64)
+    for body, wgmma in ((dq_body, dq_wgmma_form(plan.mma_knobs)), (dkdv_body, plan.mma_knobs.wgmma)):
+        if wgmma:
             assert "_ss_mma_async_sync_aligned_m64n" in body and "ldmatrix" not in body
         else:
             assert "mma.sync.aligned.m16n8k16.row.col.f32" in body
             assert "ldmatrix" in body
+    assert ("cp_async_bulk_tensor" in dkdv_body) == plan.mma_knobs.dkdv_tma
     assert ("cp_async_wait_group" in dq_body) == (stages == 2)
     assert ("dq_part_ptr" in dq_body, "dq_ptr" in dq_body) == (several, not several)
     assert ("dk_part_ptr" in dkdv_body, "dk_ptr" in dkdv_body, "dv_ptr" in dkdv_body) == (several, not several,
@@ -496,8 +501,9 @@ def test_wgmma_backward_builds_for_sm90a(name, mask, heads, kv_heads, n, d, dtyp
     shapes = ((2, heads, n, d), (2, kv_heads, n, d), dtype, "cuda")
     base = plan_training(mask, *shapes, target=H100)
     # the two kernels (at d=128 on one segment per key row the default fuses dQ into bwd_dkdv)
+    # (and at d=64 the default's mma.sync bwd_dq beside a TMA bwd_dkdv: both in the wgmma form here)
     knobs = dataclasses.replace(base.mma_knobs, wgmma=True, stages=stages, fused_dq=False, per_query_head=False,
-                                dkdv_tma=False)
+                                dkdv_tma=False, dq_wgmma=None)
     plan = plan_training(mask, *shapes, target=H100, mma_knobs=knobs)
     assert plan.kernels == "tensor-cores" and plan.mma_knobs.wgmma, repr(plan)
     lib = compile_backward_mma(plan.spec, plan.target, plan.mma_knobs, [p.shape for p in plan.tile_plans],
@@ -531,19 +537,21 @@ def test_wgmma_backward_is_refused_where_it_cannot_run():
     plan = plan_training(Window(8), *shapes, target=A100, mma_knobs=dataclasses.replace(base.mma_knobs, dq_wgmma=True))
     assert plan.kernels != "tensor-cores" and "needs a Hopper target" in plan.fallback_reason
     base = plan_training(Window(8), *shapes, target=H100)
-    narrow = dataclasses.replace(base.mma_knobs, wgmma=True, br=32, warps=2)
+    assert base.mma_knobs.dkdv_tma and not base.mma_knobs.dq_wgmma  # head_dim 64's mixed default
+    mma = dataclasses.replace(base.mma_knobs, wgmma=False, dkdv_tma=False, dq_wgmma=None)  # the mma.sync form
+    narrow = dataclasses.replace(mma, wgmma=True, br=32, warps=2)
     plan = plan_training(Window(8), *shapes, target=H100, mma_knobs=narrow)
     assert "whole warpgroups" in plan.fallback_reason
     # three stages are the overlapped wgmma form only
-    plan = plan_training(Window(8), *shapes, target=H100, mma_knobs=dataclasses.replace(base.mma_knobs, stages=3))
+    plan = plan_training(Window(8), *shapes, target=H100, mma_knobs=dataclasses.replace(mma, stages=3))
     assert "stages=3 is the wgmma backward's overlapped form" in plan.fallback_reason
     plan = plan_training(Window(8), *shapes, target=H100,
-                         mma_knobs=dataclasses.replace(base.mma_knobs, wgmma=True, stages=4))
+                         mma_knobs=dataclasses.replace(mma, wgmma=True, stages=4))
     assert "stages must be 1, 2 or 3" in plan.fallback_reason
     # the fused dQ: the two-stage wgmma form, 64 head-dim columns of dQ per warpgroup
     for knobs in (dict(fused_dq=True), dict(fused_dq=True, wgmma=True, stages=3),
                   dict(fused_dq=True, wgmma=True, br=128, warps=8)):
-        plan = plan_training(Window(8), *shapes, target=H100, mma_knobs=dataclasses.replace(base.mma_knobs, **knobs))
+        plan = plan_training(Window(8), *shapes, target=H100, mma_knobs=dataclasses.replace(mma, **knobs))
         assert "the fused dQ (fused_dq=True: bwd_dkdv adding dQ by atomics)" in plan.fallback_reason, knobs
     # at head_dim 128 the default fuses dQ (bulk): changing its stages alone is refused, the
     # reason naming the knob that turns the fused form off
@@ -562,10 +570,10 @@ def test_wgmma_backward_is_refused_where_it_cannot_run():
                                                        dkdv_tma=False))
     assert plan.kernels == "tensor-cores", plan.fallback_reason
     plan = plan_training(Window(8), *shapes, target=H100,
-                         mma_knobs=dataclasses.replace(base.mma_knobs, wgmma=True, fused_dq="tma"))
+                         mma_knobs=dataclasses.replace(mma, wgmma=True, fused_dq="tma"))
     assert "fused_dq must be False, True (\"atomics\") or \"bulk\", got 'tma'" in plan.fallback_reason
     plan = plan_training(Window(8), *shapes, target=H100,
-                         mma_knobs=dataclasses.replace(base.mma_knobs, wgmma=True, per_query_head=True))
+                         mma_knobs=dataclasses.replace(mma, wgmma=True, per_query_head=True))
     assert "per_query_head is a form of the fused dQ backward" in plan.fallback_reason
     # the bulk dK/dV sums stage in the bulk dQ's staging: with the atomics dQ they are refused
     gqa = ((1, 4, 100, 128), (1, 2, 100, 128), "float16", "cuda")
@@ -731,6 +739,8 @@ def test_dkdv_tma_is_refused_where_it_cannot_run():
 
     shapes = ((1, 2, 300, 64), (1, 2, 300, 64), "float16", "cuda")
     base = plan_training(Window(8), *shapes, target=H100).mma_knobs
+    # (head_dim 64's default takes it, beside an mma.sync bwd_dq): from the mma.sync form
+    base = dataclasses.replace(base, wgmma=False, dkdv_tma=False, dq_wgmma=None)
     for knobs in (dict(dkdv_tma=True), dict(dkdv_tma=True, wgmma=True, stages=1)):
         plan = plan_training(Window(8), *shapes, target=H100, mma_knobs=dataclasses.replace(base, **knobs))
         assert plan.kernels == "rows" and "the TMA form of bwd_dkdv (dkdv_tma)" in plan.fallback_reason, knobs
@@ -786,16 +796,19 @@ def test_chunk_order_fills_core_matrices_without_bank_conflicts(d):
 @pytest.mark.parametrize("target,d,mask,expected", [
     (H100, 128, "window:8", "wgmma"),  # measured 8% faster at head_dim 128 (WGMMA_BACKWARD_WIDE_HEADS)
     (H100, 128, "global:2+window:8", "wgmma"),  # two segments per key row: bwd_dkdv keeps 32-column blocks
-    (H100, 64, "window:8", "mma"),  # every wgmma tiling tried was slower at 64
+    (H100, 64, "window:8", "wgmma dkdv"),  # bwd_dkdv by TMA; bwd_dq in mma.sync, its wgmma forms slower at 64
+    (H100, 64, "global:2+window:8", "wgmma dkdv"),  # global rows and columns too: blocks of step 1
+    (H100, 64, "dilated:16:2", "mma"),  # the forward's mma form on blocks of step 2
     (A100, 128, "window:8", "mma"),  # no wgmma before sm_90
     (H100, 256, "window:8", "mma"),  # the wgmma tiles do not fit a block's shared memory: the mma form
     (H100, 128, "causal_strided:16", "mma"),  # two components (as the forward): 38% slower
     (H100, 128, "dilated:16:2", "mma"),  # the forward's mma form on blocks of step 2; the backward measured the same
-], ids=["h100-d128", "h100-d128-global", "h100-d64", "a100-d128", "h100-d256", "h100-d128-causal-strided",
-        "h100-d128-dilated"])
+], ids=["h100-d128", "h100-d128-global", "h100-d64", "h100-d64-global", "h100-d64-dilated", "a100-d128", "h100-d256",
+        "h100-d128-causal-strided", "h100-d128-dilated"])
 def test_default_backward_knobs_take_wgmma_where_measured_faster(target, d, mask, expected):
     from tvm_splat.schedules.backward_mma import (BACKWARD_BR, WGMMA_BACKWARD_WIDE_HEADS, WGMMA_DKDV_BC_ONE_SEGMENT,
-                                                  WGMMA_FUSED_DQ_ONE_SEGMENT, default_backward_mma_knobs,
+                                                  WGMMA_DKDV_TMA_NARROW_HEADS, WGMMA_FUSED_DQ_ONE_SEGMENT,
+                                                  default_backward_mma_knobs, dq_wgmma_form,
                                                   tensor_core_training_refusal)
     from tvm_splat.training import plan_training
 
@@ -817,6 +830,13 @@ def test_default_backward_knobs_take_wgmma_where_measured_faster(target, d, mask
         # stepping rows by one; without the plan's blocks, the cp.async form
         assert knobs.dkdv_tma == one_segment
         assert not default_backward_mma_knobs(plan.spec, plan.target, plan.mma_knobs.forward).dkdv_tma
+    elif expected == "wgmma dkdv":
+        # at head_dim 64, bwd_dkdv alone in its wgmma form, Q and dO by TMA, at the mma form's
+        # tiles (bwd_dkdv 14% faster); bwd_dq keeps mma.sync (its wgmma form 8% slower there);
+        # without the plan's blocks, the mma form
+        assert {k: getattr(knobs, k) for k in WGMMA_DKDV_TMA_NARROW_HEADS} == WGMMA_DKDV_TMA_NARROW_HEADS
+        assert knobs.br == BACKWARD_BR and not knobs.fused_dq and not dq_wgmma_form(knobs)
+        assert not default_backward_mma_knobs(plan.spec, plan.target, plan.mma_knobs.forward).wgmma
     else:
         assert not knobs.wgmma and knobs.br == BACKWARD_BR and not knobs.fused_dq and not knobs.dkdv_tma
     assert plan.mma_knobs == knobs and plan.kernels == "tensor-cores"

@@ -41,7 +41,8 @@ from .tiled import TiledKnobs, bind_flat_gpu, default_tiled_knobs
 
 __all__ = ["BackwardMmaKnobs", "default_backward_mma_knobs", "tensor_core_training_refusal", "backward_mma_funcs",
            "BACKWARD_BR", "BACKWARD_BC", "WGMMA_BACKWARD_MIN_HEAD_DIM", "WGMMA_BACKWARD_WIDE_HEADS",
-           "WGMMA_DKDV_BC_ONE_SEGMENT", "WGMMA_FUSED_DQ_ONE_SEGMENT", "WGMMA_DKDV_TMA", "dq_wgmma_form"]
+           "WGMMA_DKDV_BC_ONE_SEGMENT", "WGMMA_FUSED_DQ_ONE_SEGMENT", "WGMMA_DKDV_TMA", "WGMMA_DKDV_TMA_NARROW_HEADS",
+           "dq_wgmma_form"]
 
 #: rows per tile of both backward kernels (4 warps x 16 rows). Measured on the H200 (fp16,
 #: ``benchmarks/results/h200_backward_knobs.json``, the per-score membership form of the kernels):
@@ -106,8 +107,20 @@ WGMMA_FUSED_DQ_ONE_SEGMENT = {"fused_dq": "bulk", "per_query_head": True}
 #: 5.76 -> 4.74, 18% faster); ptxas: 255 registers and no spill either way. At head_dim 64 the
 #: wgmma form it needs ties bwd_dq to wgmma too, 8% slower there: Longformer-base b=4 backward
 #: 0.75 -> 0.715 ms, n=1024 b=32 1.07 -> 1.01 (bwd_dkdv 0.645 -> 0.557, bwd_dq 0.41 -> 0.45),
-#: Longformer-base b=1 within noise (form ``fourteenth_dkdv_tma_d64``): not taken there yet.
+#: Longformer-base b=1 within noise (form ``fourteenth_dkdv_tma_d64``): taken there beside an
+#: ``mma.sync`` bwd_dq instead (:data:`WGMMA_DKDV_TMA_NARROW_HEADS`).
 WGMMA_DKDV_TMA = {"dkdv_tma": True}
+#: below head_dim 128 (64: TMA cuts head_dim into 64-element rows), where the forward takes its
+#: wgmma form and ``bwd_dkdv``'s plan steps rows by one: ``bwd_dkdv`` in its wgmma form with Q
+#: and dO by TMA, at the mma form's 64-row tiles and 64-column blocks, beside ``bwd_dq`` in its
+#: ``mma.sync`` form (``dq_wgmma=False``). The two kernels are separate launches, so each keeps
+#: its faster form (H200, fp16, ``h200_backward_knobs.json`` form ``fourteenth_dkdv_tma_d64``,
+#: n=1024 b=32: bwd_dkdv 0.645 ms mma -> 0.557 wgmma+TMA; bwd_dq 0.41 mma against 0.45 wgmma).
+#: Measured together against the mma.sync form (form ``fifteenth_d64_default``, alternated
+#: twice, gradients identical), backward: Longformer-large b=8 1.83 -> 1.70 ms (bwd_dkdv 1.10 ->
+#: 0.965), n=1024 b=32 1.06 -> 0.97, Longformer-base b=4 0.752 -> 0.679, b=1 0.224 -> 0.206
+#: (8-10% faster). Dilated and causal strided keep mma.sync (the forward's mma form).
+WGMMA_DKDV_TMA_NARROW_HEADS = {"wgmma": True, "dkdv_tma": True, "dq_wgmma": False}
 
 
 @dataclass(frozen=True)
@@ -120,8 +133,9 @@ class BackwardMmaKnobs:
     backward plans' long tiles, chunk length in blocks: -1 the forward's rule,
     :func:`~tvm_splat.formats.tile_plan.split_length`; 0 off), ``wgmma`` (the backward kernels'
     Hopper form, sm_90a: their products as warpgroup MMAs). The default takes it from head_dim
-    128 on sm_90a, with 128-row tiles (:data:`WGMMA_BACKWARD_WIDE_HEADS`); below, ``mma.sync``:
-    at the default 64-row tiles the wgmma form ran 4-8% slower on the H200 (fp16, backward of
+    128 on sm_90a, with 128-row tiles (:data:`WGMMA_BACKWARD_WIDE_HEADS`); below, ``mma.sync``
+    for both kernels unless ``bwd_dkdv`` takes TMA (:data:`WGMMA_DKDV_TMA_NARROW_HEADS`): at
+    the default 64-row tiles the cp.async wgmma form ran 4-8% slower on the H200 (fp16, backward of
     both kernels, ``h200_backward_knobs.json`` form ``wgmma_core_rows``: Longformer-base batch
     4 0.815 vs 0.760 ms, Mistral n=8192 6.42 vs 5.99 ms, causal strided 0.374 vs 0.356; each
     product waits for its MMA before the next step, so nothing overlaps).
@@ -167,8 +181,8 @@ class BackwardMmaKnobs:
     where it differs from ``bwd_dkdv``'s (``None``: ``wgmma``, both kernels alike; ``False``:
     ``mma.sync`` beside a wgmma ``bwd_dkdv``, whose TMA form needs wgmma, at head_dim 64 where
     the wgmma ``bwd_dq`` measured slower: n=1024 b=32 0.45 against 0.41 ms,
-    ``h200_backward_knobs.json`` form ``fourteenth_dkdv_tma_d64``); built and CPU-tested, not yet
-    run on a GPU, so no default."""
+    ``h200_backward_knobs.json`` form ``fourteenth_dkdv_tma_d64``): the default at head_dim 64
+    where ``bwd_dkdv`` takes TMA (:data:`WGMMA_DKDV_TMA_NARROW_HEADS`, 8-10% faster backward)."""
 
     forward: TiledKnobs
     br: int = BACKWARD_BR
@@ -203,13 +217,17 @@ def default_backward_mma_knobs(spec: BackwardSpec, target, forward: TiledKnobs |
     at head_dim 128, ``bwd_dkdv`` computes dQ too (:data:`WGMMA_FUSED_DQ_ONE_SEGMENT`), its Q and
     dO blocks by TMA (:data:`WGMMA_DKDV_TMA`) when ``dkdv_blocks`` (the blocks ``[HM, NB, 3]`` of
     bwd_dkdv's tile plan under these knobs, which ``dkdv_tma`` does not change) all step rows by
-    one; without them, the cp.async form."""
+    one; without them, the cp.async form. Below head_dim 128, where the forward takes its wgmma
+    form and ``dkdv_blocks`` all step rows by one, ``bwd_dkdv`` alone takes its wgmma form with
+    TMA, beside an ``mma.sync`` ``bwd_dq`` (:data:`WGMMA_DKDV_TMA_NARROW_HEADS`); else, and
+    without ``dkdv_blocks``, both kernels keep ``mma.sync``."""
     forward = forward or default_tiled_knobs(spec.rows, target)
     bc = BACKWARD_BC if spec.rows.head_dim <= 64 else BACKWARD_BC_WIDE_HEADS
     mma = BackwardMmaKnobs(forward, dq_bc=bc, dkdv_bc=bc)
-    if (spec.rows.head_dim < WGMMA_BACKWARD_MIN_HEAD_DIM or not forward.wgmma
-            or not supports_wgmma(as_target(target))):
+    if not forward.wgmma or not supports_wgmma(as_target(target)):
         return mma
+    if spec.rows.head_dim < WGMMA_BACKWARD_MIN_HEAD_DIM:
+        return _with_dkdv_tma(spec, dataclasses.replace(mma, **WGMMA_DKDV_TMA_NARROW_HEADS), dkdv_blocks) or mma
     hopper = dataclasses.replace(mma, **WGMMA_BACKWARD_WIDE_HEADS)
     if spec.columns.max_segments == 1:
         hopper = dataclasses.replace(hopper, dkdv_bc=WGMMA_DKDV_BC_ONE_SEGMENT)
@@ -225,16 +243,22 @@ def default_backward_mma_knobs(spec: BackwardSpec, target, forward: TiledKnobs |
                                      fused.fused_dq)
         except ValueError:  # its staging of dQ rows past the shared memory: the two kernels
             return hopper
-        if dkdv_blocks is None:
-            return fused
-        try:
-            check_backward_mma_shape(spec.columns, fused.br, fused.dkdv_bc, fused.warps, fused.stages, True,
-                                     fused.fused_dq, tma=True)
-            check_tma_plan(dkdv_blocks, "bwd_dkdv's plan", "dkdv_tma=False")
-        except ValueError:  # a head_dim TMA cannot cut, or blocks of a step above one: cp.async
-            return fused
-        return dataclasses.replace(fused, **WGMMA_DKDV_TMA)
+        return _with_dkdv_tma(spec, dataclasses.replace(fused, **WGMMA_DKDV_TMA), dkdv_blocks) or fused
     return hopper
+
+
+def _with_dkdv_tma(spec: BackwardSpec, knobs: BackwardMmaKnobs, dkdv_blocks) -> BackwardMmaKnobs | None:
+    """``knobs`` (a ``dkdv_tma`` form) where ``bwd_dkdv`` can take its Q and dO blocks by TMA:
+    ``dkdv_blocks`` given, all stepping rows by one, and a head_dim TMA can cut; else None."""
+    if dkdv_blocks is None:
+        return None
+    try:
+        check_backward_mma_shape(spec.columns, knobs.br, knobs.dkdv_bc, knobs.warps, knobs.stages, True,
+                                 knobs.fused_dq, tma=True)
+        check_tma_plan(dkdv_blocks, "bwd_dkdv's plan", "dkdv_tma=False")
+    except ValueError:  # a head_dim TMA cannot cut, or blocks of a step above one: cp.async
+        return None
+    return knobs
 
 
 def tensor_core_training_refusal(spec: BackwardSpec, target, knobs: BackwardMmaKnobs, plans) -> str | None:
