@@ -393,6 +393,10 @@ def test_split_sum_adds_each_split_tiles_chunks_into_its_rows(kv, components):
 #: the combining kernels of plans of several components (forward, dq, dk/dv)
 COMBINING = ("fwd_merge", "bwd_dq_sum", "bwd_dkdv_sum")
 
+#: overrides that turn head_dim 64's default (a wgmma bwd_dkdv by TMA beside an mma.sync
+#: bwd_dq) into the mma.sync form of both kernels
+MMA_SYNC_FORM = {"wgmma": False, "dkdv_tma": False, "dq_wgmma": None}
+
 BUILD_CASES = [  # (name, mask, heads, kv_heads, n, head_dim, dtype, stages, target, several components)
     ("gqa causal window d64 fp16", Window(16, causal=True), 4, 2, 200, 64, "float16", 2, H100, False),
     ("global+causal window d128 bf16", GlobalTokens(2) | Window(8, causal=True), 4, 4, 300, 128, "bfloat16", 2, H100,
@@ -538,7 +542,7 @@ def test_wgmma_backward_is_refused_where_it_cannot_run():
     assert plan.kernels != "tensor-cores" and "needs a Hopper target" in plan.fallback_reason
     base = plan_training(Window(8), *shapes, target=H100)
     assert base.mma_knobs.dkdv_tma and not base.mma_knobs.dq_wgmma  # head_dim 64's mixed default
-    mma = dataclasses.replace(base.mma_knobs, wgmma=False, dkdv_tma=False, dq_wgmma=None)  # the mma.sync form
+    mma = dataclasses.replace(base.mma_knobs, **MMA_SYNC_FORM)
     narrow = dataclasses.replace(mma, wgmma=True, br=32, warps=2)
     plan = plan_training(Window(8), *shapes, target=H100, mma_knobs=narrow)
     assert "whole warpgroups" in plan.fallback_reason
@@ -740,7 +744,7 @@ def test_dkdv_tma_is_refused_where_it_cannot_run():
     shapes = ((1, 2, 300, 64), (1, 2, 300, 64), "float16", "cuda")
     base = plan_training(Window(8), *shapes, target=H100).mma_knobs
     # (head_dim 64's default takes it, beside an mma.sync bwd_dq): from the mma.sync form
-    base = dataclasses.replace(base, wgmma=False, dkdv_tma=False, dq_wgmma=None)
+    base = dataclasses.replace(base, **MMA_SYNC_FORM)
     for knobs in (dict(dkdv_tma=True), dict(dkdv_tma=True, wgmma=True, stages=1)):
         plan = plan_training(Window(8), *shapes, target=H100, mma_knobs=dataclasses.replace(base, **knobs))
         assert plan.kernels == "rows" and "the TMA form of bwd_dkdv (dkdv_tma)" in plan.fallback_reason, knobs

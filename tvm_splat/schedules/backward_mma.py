@@ -216,8 +216,8 @@ def default_backward_mma_knobs(spec: BackwardSpec, target, forward: TiledKnobs |
     :data:`WGMMA_DKDV_BC_ONE_SEGMENT` wide there when every key row is one segment, and there,
     at head_dim 128, ``bwd_dkdv`` computes dQ too (:data:`WGMMA_FUSED_DQ_ONE_SEGMENT`), its Q and
     dO blocks by TMA (:data:`WGMMA_DKDV_TMA`) when ``dkdv_blocks`` (the blocks ``[HM, NB, 3]`` of
-    bwd_dkdv's tile plan under these knobs, which ``dkdv_tma`` does not change) all step rows by
-    one; without them, the cp.async form. Below head_dim 128, where the forward takes its wgmma
+    bwd_dkdv's tile plan under the knobs returned without them: the TMA forms keep their tile
+    shapes and grids) all step rows by one; without them, the cp.async form. Below head_dim 128, where the forward takes its wgmma
     form and ``dkdv_blocks`` all step rows by one, ``bwd_dkdv`` alone takes its wgmma form with
     TMA, beside an ``mma.sync`` ``bwd_dq`` (:data:`WGMMA_DKDV_TMA_NARROW_HEADS`); else, and
     without ``dkdv_blocks``, both kernels keep ``mma.sync``."""
@@ -253,7 +253,7 @@ def _with_dkdv_tma(spec: BackwardSpec, knobs: BackwardMmaKnobs, dkdv_blocks) -> 
     if dkdv_blocks is None:
         return None
     try:
-        check_backward_mma_shape(spec.columns, knobs.br, knobs.dkdv_bc, knobs.warps, knobs.stages, True,
+        check_backward_mma_shape(spec.columns, knobs.br, knobs.dkdv_bc, knobs.warps, knobs.stages, knobs.wgmma,
                                  knobs.fused_dq, tma=True)
         check_tma_plan(dkdv_blocks, "bwd_dkdv's plan", "dkdv_tma=False")
     except ValueError:  # a head_dim TMA cannot cut, or blocks of a step above one: cp.async
