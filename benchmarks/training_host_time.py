@@ -8,7 +8,10 @@ CUDA; float32 on the CPU), whose GPU kernels take about 0.36 ms for forward + ba
 each of the plan's own ``forward`` and ``backward`` (``TrainingPlan``), the op's forward
 (``sparse_attention`` with autograd recording), its backward (``torch.autograd.grad`` of one
 retained graph), both (a fresh forward, then its gradients), and both through
-``torch.compile(fullgraph=True)`` (which calls the custom op), three figures in microseconds:
+``torch.compile(fullgraph=True)`` (which calls the custom op), and torch's own floor for such a
+step (``autograd alone forward+backward``: an autograd Function that allocates its outputs and
+gradients and launches nothing, :class:`NoKernels`; on CUDA its backward, like ours, runs on
+autograd's device thread), three figures in microseconds:
 
 * ``host_us``: wall time to enqueue one call (200 calls between two synchronizations);
 * ``throughput_us``: back-to-back throughput (:func:`tvm_splat.timing.throughput_ms`: CUDA
@@ -69,6 +72,21 @@ def profile_call(fn, device, calls=CALLS) -> str:
     return text.getvalue() + "\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
 
 
+class NoKernels(torch.autograd.Function):
+    """What torch's autograd costs a forward + backward of one op on these tensors by itself:
+    the op's outputs and gradients allocated, no kernel launched."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        ctx.save_for_backward(q, k, v)
+        return torch.empty_like(q)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        return tuple(torch.empty_like(x) for x in ctx.saved_tensors)
+
+
 def main(out_path, pattern="global:4+window:256", shape=(1, 12, 4096, 64), device="cuda", profile=None):
     b, h, n, d = shape
     dtype = torch.float16 if device == "cuda" else torch.float32
@@ -88,6 +106,7 @@ def main(out_path, pattern="global:4+window:256", shape=(1, 12, 4096, 64), devic
         "op backward": lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True),
         "op forward+backward": lambda: torch.autograd.grad(sparse_attention(q, k, v, handle), (q, k, v), dout),
         "compiled op forward+backward": lambda: torch.autograd.grad(compiled(q, k, v), (q, k, v), dout),
+        "autograd alone forward+backward": lambda: torch.autograd.grad(NoKernels.apply(q, k, v), (q, k, v), dout),
     }
     rows = []
     for name, fn in calls.items():

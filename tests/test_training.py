@@ -177,3 +177,102 @@ def test_the_float64_cpu_path_of_multi_component_masks_is_the_row_kernels():
     mask = torch.from_numpy(plan.acsr.to_dense()[0])
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=8 ** -0.5)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def _stubbed_tensor_core_plan(mask, q_shape, kv_shape, dtype="float16"):
+    """A tensor-core plan (sm_90a) whose kernels are stubs that check each launch's arguments
+    against the kernel's own parameters (count, shapes, dtypes), run on CPU tensors: what the
+    host path hands the kernels, without a GPU. Returns ``(plan, launched, built)``: ``launched``
+    records ``(name, args)`` per launch (tensors copied as they were at the launch), ``built``
+    the names of the kernels the plan compiles."""
+    import contextlib
+
+    import tvm
+
+    from tvm_splat.schedules.backward_mma import backward_mma_funcs
+    from tvm_splat.training import _SCRATCH
+
+    plan = plan_training(mask, q_shape, kv_shape, dtype, "cuda", target="nvidia/nvidia-h100")
+    assert plan.kernels == "tensor-cores"
+    funcs = backward_mma_funcs(plan.spec, plan.mma_knobs, [p.shape for p in plan.tile_plans])
+    launched = []
+
+    def stub(name):
+        params = funcs[name].params
+
+        def check(*args):
+            assert len(args) == len(params), (name, len(args), [p.name for p in params])
+            for p, a in zip(params, args):
+                shape = tuple(a.shape)
+                dtype = str(a.dtype).removeprefix("torch.")
+                assert shape == tuple(int(s) for s in p.shape) and dtype == p.dtype, (name, p.name, shape, dtype)
+            launched.append((name, [a.clone() if isinstance(a, torch.Tensor) else a for a in args]))
+        return check
+
+    tables = {name: tvm.runtime.tensor(a) for name, a in plan.tables().items()}
+    tables.update({name: tvm.runtime.empty(shape, "float32") for name, shape in _SCRATCH})
+    tables["zero_dlse"] = tvm.runtime.tensor(np.zeros(plan.stats_shape, "float32"))
+    plan._lib, plan._tables = {name: stub(name) for name in funcs}, tables
+    plan._torch().device = torch.device("cpu")
+    plan._on_stream = contextlib.nullcontext
+    return plan, launched, set(funcs)
+
+
+@pytest.mark.parametrize("mask,q_shape,kv_shape,extra", [
+    ("global:2+window:16", (1, 2, 1024, 64), None,  # split-KV in all three plans
+     {"bwd_dq", "fwd_split_merge", "bwd_dq_split_sum", "bwd_dkdv_split_sum"}),
+    ("causal_strided:32", (1, 2, 256, 64), None,  # two components: partials and their sums
+     {"bwd_dq", "fwd_merge", "bwd_dq_sum", "bwd_dkdv_sum"}),
+    ("causal_window:64", (2, 4, 200, 128), (2, 2, 200, 128),  # fused dQ, per-query-head dK/dV sums
+     {"bwd_delta", "bwd_dq_cast", "bwd_kv_cast"}),
+    ("window:24", (1, 2, 160, 128), None, {"bwd_delta", "bwd_dq_cast"}),  # fused dQ
+], ids=["split", "components", "fused-gqa", "fused"])
+def test_the_tensor_core_host_path_hands_each_kernel_its_own_parameters(mask, q_shape, kv_shape, extra):
+    """Every launch of the tensor-core forward and backward passes the kernel's parameters in
+    number, shape and dtype (the stubs check them against the PrimFuncs), each kernel the plan
+    built runs, the lse gradient defaults to zeros (``zero_dlse``), and the buffers the kernels
+    add into arrive zeroed."""
+    plan, launched, built = _stubbed_tensor_core_plan(mask, q_shape, kv_shape)
+    g = torch.Generator().manual_seed(0)
+    q, dout = (torch.randn(q_shape, generator=g).half() for _ in range(2))
+    k, v = (torch.randn(kv_shape or q_shape, generator=g).half() for _ in range(2))
+    out, lse = plan.forward(q, k, v)
+    assert out.shape == q.shape and lse.shape == q.shape[:3] and lse.dtype == torch.float32
+    dq, dk, dv = plan.backward(q, k, v, out, lse, dout)
+    assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
+    assert {name for name, _ in launched} == built == {"fwd_lse", "bwd_dkdv"} | extra
+    knobs = plan.mma_knobs
+    for name, args in launched:
+        if name == "bwd_dkdv" and knobs.fused_dq:  # dq_accum (then dk_accum, dv_accum) start at zero
+            accums = args[-3:] if "dk_accum" in plan._scratch_shapes else args[-1:]
+            assert all(not a.any() for a in accums)
+        if name in ("bwd_dq", "bwd_delta"):  # dlse: the plan's zeros, a table
+            dlse = args[6] if name == "bwd_dq" else args[2]
+            assert not isinstance(dlse, torch.Tensor) and not dlse.numpy().any()
+    if mask.startswith("causal_window"):
+        assert knobs.fused_dq and "dk_accum" in plan._scratch_shapes
+    launched.clear()
+    plan.backward(q, k, v, out, lse, dout, torch.ones(q.shape[:3]))  # a given dlse goes as it is
+    given = next(args for name, args in launched if name in ("bwd_dq", "bwd_delta"))
+    assert any(isinstance(a, torch.Tensor) and a.shape == q.shape[:3] and bool((a == 1).all()) for a in given)
+
+
+def test_the_lse_gradient_defaults_to_zeros():
+    """``backward`` without ``dlse`` reads the plan's zeros: the same gradients as given zeros."""
+    plan = plan_training("global:1+window:3", (1, 2, 17, 8), (1, 1, 17, 8), "float32")
+    g = torch.Generator().manual_seed(1)
+    q, dout = torch.randn(1, 2, 17, 8, generator=g), torch.randn(1, 2, 17, 8, generator=g)
+    k, v = torch.randn(1, 1, 17, 8, generator=g), torch.randn(1, 1, 17, 8, generator=g)
+    out, lse = plan.forward(q, k, v)
+    for ours, given in zip(plan.backward(q, k, v, out, lse, dout),
+                           plan.backward(q, k, v, out, lse, dout, torch.zeros(1, 2, 17))):
+        assert torch.equal(ours, given)
+
+
+def test_training_scratch_past_int32_indexing_is_refused_when_planned():
+    """The tensor-core kernels' float32 partials (components x q's size) are sized when the plan
+    is made, so a plan whose partials the kernels' int32 offsets cannot reach is refused then,
+    naming the buffer, not on its first call."""
+    with pytest.raises(ValueError, match=r"the training scratch buffer o_part \[128, 2, 65536, 128\] would hold"):
+        plan_training("causal_strided:128", (1, 128, 65536, 128), dtype="float16", device="cuda",
+                      target="nvidia/nvidia-h100")

@@ -151,11 +151,14 @@ class _EagerSparseAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan = plan
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # no zeros for the lse's gradient: the plan has its own
         return out, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):
+        if dout is None:  # unmaterialised: no gradient reached out
+            return None, None, None, None, None
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = ctx.plan.backward(q, k, v, out, lse, dout)
         return dq, dk, dv, None, None

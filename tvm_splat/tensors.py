@@ -15,7 +15,7 @@ import weakref
 import numpy as np
 import tvm
 
-__all__ = ["KERNEL_ALIGNMENT", "to_tvm", "is_aligned", "is_torch", "check_acsr_tables", "check_scale"]
+__all__ = ["KERNEL_ALIGNMENT", "to_tvm", "kernel_readable", "is_aligned", "is_torch", "check_acsr_tables", "check_scale"]
 
 # Bytes. TVM declares every buffer argument of a compiled PrimFunc 64-byte aligned
 # (``tir.Buffer.data_alignment`` defaults to ``kAllocAlignment`` = 64, and the argument binder
@@ -47,17 +47,22 @@ def to_tvm(x, dev):
     read through ``detach()``: the kernels are inference-only.
     """
     if is_torch(x):
-        x = x.detach()
-        if not x.is_contiguous():
-            x = x.contiguous()
-        elif not is_aligned(x):
-            x = x.clone()
-        return tvm.runtime.from_dlpack(x)
+        return tvm.runtime.from_dlpack(kernel_readable(x))
     array = np.ascontiguousarray(x)
     if (dev.dlpack_device_type() == tvm.cpu().dlpack_device_type() and array.flags.writeable
             and array.ctypes.data % KERNEL_ALIGNMENT == 0):
         return tvm.runtime.from_dlpack(array)
     return tvm.runtime.tensor(array, dev)
+
+
+def kernel_readable(x):
+    """Torch tensor ``x`` as the kernels read it in place: ``x.detach()`` (no copy: DLPack
+    refuses tensors that require grad) when it is contiguous and 64-byte aligned, else a
+    contiguous copy, or a clone on an aligned boundary (see :func:`to_tvm`)."""
+    x = x.detach()
+    if not x.is_contiguous():
+        return x.contiguous()
+    return x if is_aligned(x) else x.clone()
 
 
 def check_scale(scale):

@@ -65,7 +65,7 @@ from .kernels.tiled_mma import MMA_TYPES
 from .planner import SEGMENTS, as_acsr, default_knobs
 from .schedules.backward_mma import default_backward_mma_knobs, per_query_head_sums, tensor_core_training_refusal
 from .schedules.targets import as_target, is_gpu, target_key
-from .tensors import check_scale, is_aligned, is_torch, to_tvm
+from .tensors import check_scale, is_aligned, kernel_readable
 
 __all__ = ["TrainingPlan", "plan_training", "TRAINING_DTYPES"]
 
@@ -130,8 +130,10 @@ class TrainingPlan:
         self.q_shape = (rows.batch, rows.heads, rows.seq_len, rows.head_dim)
         self.kv_shape = (rows.batch, rows.kv_heads, rows.seq_len, rows.head_dim)
         self.stats_shape = self.q_shape[:3]  # lse, dlse, delta
+        self._scratch_shapes = self._scratch_layout() if self.kernels == "tensor-cores" else {}
+        check_buffer_sizes({f"the training scratch buffer {name}": shape for name, shape in self._scratch_shapes.items()})
         self._lib = None
-        self._functions, self._device = {}, None
+        self._functions, self._facts = {}, None
         self._tables = None
 
     def __repr__(self):
@@ -159,79 +161,111 @@ class TrainingPlan:
         return {name: np.ascontiguousarray(a, dtype=np.int32) for name, a in tables.items()}
 
     def _kernels(self):
-        """(library, tables on the device): compiled and uploaded once, on first use."""
+        """(library, tables on the device): compiled and uploaded once, on first use. The tables
+        hold the one-element dummies of the partial buffers a plan does not use (tensor cores)
+        and ``zero_dlse``, the zeros the backward reads when no lse gradient is given."""
         if self._lib is None:
             dev = self.device
             tables = {name: tvm.runtime.tensor(a, dev) for name, a in self.tables().items()}
             if self.kernels == "tensor-cores":
                 tables.update({name: tvm.runtime.empty(shape, "float32", dev) for name, shape in _SCRATCH})
+            tables["zero_dlse"] = tvm.runtime.tensor(np.zeros(self.stats_shape, self.spec.rows.accum_dtype), dev)
             self._lib, self._tables = self.compiled(), tables
         return self._lib, self._tables
 
+    def _scratch_layout(self) -> dict:
+        """Name -> shape of the float32 buffers the tensor-core kernels take besides their
+        outputs, only those this plan's kernels use (allocated per call: :meth:`_scratch`)."""
+        rows, knobs = self.spec.rows, self.mma_knobs
+        fwd, dq, dkdv = (p.shape for p in self.tile_plans)
+        shapes = {}
+        if fwd.num_components > 1:
+            shapes["o_part"], shapes["ml_part"] = partial_shapes(rows, fwd.num_components)
+        if fwd.num_slots:
+            shapes["split_o"], shapes["split_ml"] = split_shapes(rows, fwd)
+        if knobs.fused_dq:
+            shapes["dq_accum"] = self.q_shape
+        else:
+            if dq.num_components > 1:
+                shapes["dq_part"] = part_shape(rows, dq.num_components, rows.heads)
+            if dq.num_slots:
+                shapes["dq_split"] = split_part_shape(rows, dq, rows.heads)
+        if per_query_head_sums(self.spec, knobs):
+            shapes["dk_accum"] = shapes["dv_accum"] = self.kv_shape
+        else:
+            if dkdv.num_components > 1:
+                shapes["dk_part"] = shapes["dv_part"] = part_shape(rows, dkdv.num_components, rows.kv_heads)
+            if dkdv.num_slots:
+                shapes["dk_split"] = shapes["dv_split"] = split_part_shape(rows, dkdv, rows.kv_heads)
+        return shapes
+
     # ------------------------------------------------------------------ running
-    def _check(self, **tensors):
-        device = self._torch_device()
+    def _torch(self) -> "_TorchFacts":
+        """The plan's torch device and dtypes (looked up once: every call checks against them)."""
+        if self._facts is None:
+            self._facts = _TorchFacts(self)
+        return self._facts
+
+    def _inputs(self, **tensors) -> list:
+        """``tensors`` as the kernels read them, in order. Each is checked against the plan (a
+        torch tensor of the plan's shape, dtype and device, else an error naming it), then passed
+        as it is when the kernels can read it in place (contiguous, 64-byte aligned, not
+        requiring grad: tvm_ffi takes torch tensors through DLPack), else as a contiguous aligned
+        copy (:func:`~tvm_splat.tensors.kernel_readable`)."""
+        facts = self._torch()
+        readable = []
         for name, x in tensors.items():
-            shape = self.kv_shape if name in ("k", "v") else \
-                self.stats_shape if name in ("lse", "dlse") else self.q_shape
-            dtype = self.spec.rows.accum_dtype if name in ("lse", "dlse") else self.spec.rows.dtype
-            if not is_torch(x):
+            shape, dtype = facts.expected[name]
+            if not isinstance(x, facts.tensor_type):
                 raise TypeError(f"{name} must be a torch tensor, got {type(x).__name__}")
             if x.shape != shape:
-                raise ValueError(f"{name} has shape {tuple(x.shape)}, this plan expects {shape}")
-            if dtype_name(x) != dtype:
-                raise ValueError(f"{name} has dtype {dtype_name(x)}, this plan expects {dtype}")
-            if x.device != device:
+                raise ValueError(f"{name} has shape {tuple(x.shape)}, this plan expects {tuple(shape)}")
+            if x.dtype != dtype:
+                raise ValueError(f"{name} has dtype {dtype_name(x)}, this plan expects {str(dtype).removeprefix('torch.')}")
+            if x.device != facts.device:
                 raise ValueError(f"{name} is on {x.device}, this plan runs on {self.device}")
+            readable.append(x if not x.requires_grad and x.is_contiguous() and is_aligned(x) else kernel_readable(x))
+        return readable
 
-    def _torch_device(self):
-        """The torch device of ``self.device`` (looked up once: every call checks against it)."""
-        if self._device is None:
-            import torch
+    def _new(self, shape, dtype):
+        """An uninitialised tensor on the plan's device (torch's allocators align to 64 bytes on
+        the CPU, 512 on CUDA: the kernels read it in place)."""
+        return self._facts.empty(shape, dtype=dtype, device=self._facts.device)
 
-            self._device = torch.device(f"cuda:{self.device.index}" if is_gpu_device(self.device) else "cpu")
-        return self._device
-
-    def _empty(self, like, shape, dtype):
-        import torch
-
-        check_buffer_sizes({"a training scratch buffer": shape})
-        x = torch.empty(shape, dtype=getattr(torch, dtype), device=like.device)
-        if not is_aligned(x):  # torch's allocators align to 64 bytes (CPU) and more (CUDA)
-            raise RuntimeError(f"torch allocated a {shape} buffer that is not 64-byte aligned")
-        return x
+    def _scratch(self, name):
+        """A fresh float32 scratch buffer of :meth:`_scratch_layout` (sizes checked when planned)."""
+        return self._facts.empty(self._scratch_shapes[name], dtype=self._facts.float32, device=self._facts.device)
 
     def _launch(self, name, *args):
-        """Run kernel ``name`` (inside :meth:`_on_stream`) on ``args``: table names, or tensors,
-        which go to the kernel as they are when it can read them in place (contiguous, 64-byte
-        aligned, not requiring grad: tvm_ffi takes torch tensors through DLPack), else through
-        :func:`to_tvm` (a copy).
-        Functions are looked up once. Host time on the CPU (tiny shapes, 2 cores): forward
-        120 -> 86 us, backward 310 -> 210 us against converting every tensor and the string
-        device checks."""
-        lib, tables = self._kernels()
+        """Run kernel ``name`` (inside :meth:`_on_stream`) on ``args``: table names (the plan's
+        device tables), or torch tensors the kernels read in place (from :meth:`_inputs`,
+        :meth:`_new`, :meth:`_scratch`), which tvm_ffi passes through DLPack. Functions are
+        looked up once. Every argument is made readable before this, once a call rather than
+        per launch: Longformer-base's backward (6 launches, stubbed) took 150 us of host time on
+        the CPU with checks of every argument here, 50 us with the lean host path; on the H200
+        machine the plan's backward went 221 -> 72 us (``h200_training_host_time.json``, forms
+        ``sixteenth_*``)."""
         func = self._functions.get(name)
         if func is None:
-            func = self._functions[name] = lib[name]
-        func(*(tables[a] if isinstance(a, str) else a if _in_place(a) else to_tvm(a, self.device) for a in args))
+            func = self._functions[name] = self._kernels()[0][name]
+        tables = self._tables
+        func(*[tables[a] if a.__class__ is str else a for a in args])
 
     def _on_stream(self):
         """The context the kernels of one forward or backward launch in: torch's current stream
-        of the plan's device, looked up once for all of them (on the GPU machine a lookup cost
-        more host time than a launch's arguments); nothing to set on the CPU."""
+        of the plan's device, looked up once for all of them; nothing to set on the CPU."""
         if not is_gpu_device(self.device):
             return contextlib.nullcontext()
-        import torch
         import tvm_ffi
 
-        return tvm_ffi.use_raw_stream(self.device, torch.cuda.current_stream(self._torch_device()).cuda_stream)
+        return tvm_ffi.use_raw_stream(self.device, self._facts.raw_stream())
 
     def forward(self, q, k, v):
         """``(out, lse)``: sparse attention and its row log-sum-exp (see the module docstring)."""
-        self._check(q=q, k=k, v=v)
-        rows = self.spec.rows
-        out = self._empty(q, self.q_shape, rows.dtype)
-        lse = self._empty(q, self.stats_shape, rows.accum_dtype)
+        q, k, v = self._inputs(q=q, k=k, v=v)
+        facts = self._facts
+        out = self._new(self.q_shape, facts.dtype)
+        lse = self._new(self.stats_shape, facts.accum_dtype)
         with self._on_stream():
             if self.kernels == "tensor-cores":
                 self._forward_mma(q, k, v, out, lse)
@@ -244,12 +278,11 @@ class TrainingPlan:
         component, else per-component partial states that ``fwd_merge`` combines (writing the
         lse); with split-KV the chunks of long tiles write their states to slots first, which
         ``fwd_split_merge`` combines (into out and lse, or the component's state)."""
-        rows, plan = self.spec.rows, self.tile_plans[0].shape
+        plan = self.tile_plans[0].shape
         several = plan.num_components > 1
-        o_part, ml_part = ((self._empty(q, shape, "float32") for shape in partial_shapes(rows, plan.num_components))
-                           if several else ("o_part", "ml_part"))
-        split_o, split_ml = ((self._empty(q, shape, "float32") for shape in split_shapes(rows, plan))
-                             if plan.num_slots else ("split_o", "split_ml"))
+        o_part, ml_part = (self._scratch("o_part"), self._scratch("ml_part")) if several else ("o_part", "ml_part")
+        split_o, split_ml = (self._scratch("split_o"), self._scratch("split_ml")) if plan.num_slots \
+            else ("split_o", "split_ml")
         direct_lse = [] if several else [lse]
         self._launch("fwd_lse", q, k, v, *_FWD_PLAN, out, o_part, ml_part, split_o, split_ml, *direct_lse)
         if plan.num_slots:
@@ -260,16 +293,16 @@ class TrainingPlan:
     def backward(self, q, k, v, out, lse, dout, dlse=None):
         """``(dq, dk, dv)`` for the output gradient ``dout`` (and ``dlse``, the gradient of the
         ``lse`` output; None: zeros), from the ``out`` and ``lse`` of :meth:`forward`."""
-        import torch
-
-        rows = self.spec.rows
         if dlse is None:
-            dlse = torch.zeros(self.stats_shape, dtype=getattr(torch, rows.accum_dtype), device=q.device)
-        self._check(q=q, k=k, v=v, out=out, lse=lse, dout=dout, dlse=dlse)
-        dq = self._empty(q, self.q_shape, rows.dtype)
-        dk = self._empty(q, self.kv_shape, rows.dtype)
-        dv = self._empty(q, self.kv_shape, rows.dtype)
-        delta = self._empty(q, self.stats_shape, rows.accum_dtype)
+            q, k, v, out, lse, dout = self._inputs(q=q, k=k, v=v, out=out, lse=lse, dout=dout)
+            dlse = "zero_dlse"
+        else:
+            q, k, v, out, lse, dout, dlse = self._inputs(q=q, k=k, v=v, out=out, lse=lse, dout=dout, dlse=dlse)
+        facts = self._facts
+        dq = self._new(self.q_shape, facts.dtype)
+        dk = self._new(self.kv_shape, facts.dtype)
+        dv = self._new(self.kv_shape, facts.dtype)
+        delta = self._new(self.stats_shape, facts.accum_dtype)
         with self._on_stream():
             if self.kernels == "tensor-cores":
                 self._backward_mma(q, k, v, out, lse, dout, dlse, dq, dk, dv, delta)
@@ -284,19 +317,16 @@ class TrainingPlan:
         docstring); on a plan with split-KV the chunks of long tiles write float32 slots first,
         which ``split_sum`` adds into the gradient (or its component's partial). With
         ``fused_dq`` (the knobs' docstring): ``bwd_delta``, ``bwd_dkdv`` with dQ, ``bwd_dq_cast``."""
-        rows = self.spec.rows
         dq_plan, dkdv_plan = (p.shape for p in self.tile_plans[1:])
         if self.mma_knobs.fused_dq:  # bwd_dkdv adds dQ by atomics into a zeroed float32 buffer
-            import torch
-
             self._launch("bwd_delta", out, dout, dlse, delta)
-            dq_accum = torch.zeros(self.q_shape, dtype=torch.float32, device=q.device)
+            dq_accum = self._scratch("dq_accum").zero_()
             self._backward_dkdv(q, k, v, dout, lse, delta, dk, dv, dkdv_plan, [dq_accum])
             self._launch("bwd_dq_cast", dq_accum, dq)
             return
         several, split = dq_plan.num_components > 1, dq_plan.num_slots
-        dq_part = self._empty(q, part_shape(rows, dq_plan.num_components, rows.heads), "float32") if several else "part"
-        dq_split = self._empty(q, split_part_shape(rows, dq_plan, rows.heads), "float32") if split else None
+        dq_part = self._scratch("dq_part") if several else "part"
+        dq_split = self._scratch("dq_split") if split else None
         self._launch("bwd_dq", q, k, v, out, dout, lse, dlse, *_DQ_PLAN, dq, delta,
                      *_present((dq_part, several), (dq_split, split)))
         if split:
@@ -309,19 +339,14 @@ class TrainingPlan:
         """``bwd_dkdv`` (``dq_accum``: its last parameter in the fused-dQ form, else empty), then
         the split-KV and component sums of dk and dv; with ``per_query_head`` (grouped KV heads)
         its programs add dk and dv into zeroed float32 sums, which ``bwd_kv_cast`` casts."""
-        if per_query_head_sums(self.spec, self.mma_knobs):
-            import torch
-
-            dk_accum, dv_accum = (torch.zeros(dk.shape, dtype=torch.float32, device=dk.device) for _ in range(2))
+        if "dk_accum" in self._scratch_shapes:  # per_query_head_sums
+            dk_accum, dv_accum = self._scratch("dk_accum").zero_(), self._scratch("dv_accum").zero_()
             self._launch("bwd_dkdv", q, k, v, dout, lse, delta, *_DKDV_PLAN, dk, dv, *dq_accum, dk_accum, dv_accum)
             self._launch("bwd_kv_cast", dk_accum, dv_accum, dk, dv)
             return
-        rows = self.spec.rows
         several, split = dkdv_plan.num_components > 1, dkdv_plan.num_slots
-        dk_part, dv_part = ((self._empty(q, part_shape(rows, dkdv_plan.num_components, rows.kv_heads), "float32")
-                             for _ in range(2)) if several else ("part", "part"))
-        dk_split, dv_split = ((self._empty(q, split_part_shape(rows, dkdv_plan, rows.kv_heads), "float32")
-                               for _ in range(2)) if split else (None, None))
+        dk_part, dv_part = (self._scratch("dk_part"), self._scratch("dv_part")) if several else ("part", "part")
+        dk_split, dv_split = (self._scratch("dk_split"), self._scratch("dv_split")) if split else (None, None)
         self._launch("bwd_dkdv", q, k, v, dout, lse, delta, *_DKDV_PLAN, dk, dv,
                      *_present((dk_part, several), (dv_part, several), (dk_split, split), (dv_split, split)), *dq_accum)
         for grad, part, chunks in ((dk, dk_part, dk_split), (dv, dv_part, dv_split)):
@@ -331,14 +356,31 @@ class TrainingPlan:
                 self._launch("bwd_dkdv_sum", part, "tnum_comp", grad)
 
 
+class _TorchFacts:
+    """What every call of a :class:`TrainingPlan` compares against or allocates with, looked up
+    once per plan: torch's device, dtypes and expected input shapes, ``torch.empty``, and the
+    current-stream lookup (importing torch lazily: the plan is also used without it)."""
+
+    def __init__(self, plan: TrainingPlan):
+        import torch
+
+        self.tensor_type, self.empty, self.float32 = torch.Tensor, torch.empty, torch.float32
+        self.device = torch.device(f"cuda:{plan.device.index}" if is_gpu_device(plan.device) else "cpu")
+        self.dtype, self.accum_dtype = getattr(torch, plan.spec.rows.dtype), getattr(torch, plan.spec.rows.accum_dtype)
+        q, kv, stats = (torch.Size(s) for s in (plan.q_shape, plan.kv_shape, plan.stats_shape))
+        self.expected = {"q": (q, self.dtype), "k": (kv, self.dtype), "v": (kv, self.dtype), "out": (q, self.dtype),
+                         "dout": (q, self.dtype), "lse": (stats, self.accum_dtype), "dlse": (stats, self.accum_dtype)}
+        if self.device.type == "cuda":
+            index = self.device.index
+            # the dispatcher's own lookup, as TorchInductor's generated launchers make it
+            raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+            self.raw_stream = (lambda: raw(index)) if raw is not None else \
+                (lambda: torch.cuda.current_stream(index).cuda_stream)
+
+
 def _present(*buffers):
     """The buffers whose condition holds (the optional last parameters of a kernel)."""
     return [buf for buf, wanted in buffers if wanted]
-
-
-def _in_place(x) -> bool:
-    """Whether torch tensor ``x`` can go to a kernel as it is (see :meth:`TrainingPlan._launch`)."""
-    return is_torch(x) and not x.requires_grad and x.is_contiguous() and is_aligned(x)
 
 
 def _training_tile_plan(acsr: ACSR, br: int, bc: int, split_blocks: int = 0, grid_heads: int | None = None):

@@ -1,5 +1,6 @@
 """benchmarks/training_host_time.py on the CPU at a tiny shape: every row (the plan's own
-forward and backward, the op eager and compiled) is timed and written, with no kernel column."""
+forward and backward, the op eager and compiled, autograd alone) is timed and written, with no
+kernel column."""
 import json
 
 import pytest
@@ -15,7 +16,8 @@ def test_tiny_cpu_run_writes_every_row(tmp_path, repo_script):
     result = json.loads(out.read_text())
     assert result["device"] == "cpu" and "float32" in result["case"] and "TrainingPlan" in result["plan"]
     assert [r["call"] for r in result["runs"]] == ["plan.forward", "plan.backward", "op forward", "op backward",
-                                                   "op forward+backward", "compiled op forward+backward"]
+                                                   "op forward+backward", "compiled op forward+backward",
+                                                   "autograd alone forward+backward"]
     for row in result["runs"]:
         assert row["host_us"] > 0 and row["throughput_us"] > 0 and row["kernel_us"] is None, row
 

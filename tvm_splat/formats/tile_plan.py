@@ -42,6 +42,7 @@ tile's output, or into its component's partial state when there are several comp
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -115,7 +116,7 @@ class TilePlan:
     def num_heads(self) -> int:
         return int(self.tiles.shape[0])
 
-    @property
+    @cached_property  # read by every launch of the training op (its arrays are never changed)
     def shape(self) -> PlanShape:
         groups = int(self.splits.shape[1]) if self.num_slots else 0  # padded to the most of a head
         return PlanShape(int(self.tiles.shape[1]), int(self.blocks.shape[1]),
