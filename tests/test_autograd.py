@@ -66,6 +66,39 @@ def test_gradcheck_of_both_outputs_with_a_given_scale():
         lambda q, k, v: torch.ops.tvm_splat.sparse_attention(q, k, v, "global:1+causal_window:2", 0.7), (q, k, v))
 
 
+def test_gradcheck_where_only_one_output_reaches_the_loss():
+    """An output that does not reach the loss gets no gradient made for it: only the lse
+    (``dout`` None: zeros for the backward kernels), or only out (``dlse`` None: the plan's
+    zeros), each against float64 finite differences."""
+    q, k, v = _qkv(9, 2, 1, batch=2)
+    for which in (0, 1):
+        assert torch.autograd.gradcheck(
+            lambda q, k, v: torch.ops.tvm_splat.sparse_attention(q, k, v, "global:1+causal_window:2", None)[which],
+            (q, k, v))
+
+
+def test_a_compiled_backward_makes_no_zeros_for_the_unused_lse():
+    """Under ``torch.compile`` the backward graph passes None for the lse's gradient when only
+    out reaches the loss (``set_materialize_grads(False)``): no float32 fill a step."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    backward_graphs = []
+
+    def keep_backward(gm, example_inputs):
+        backward_graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()  # a cached compiled backward would skip the compiler
+    compiled = torch.compile(lambda q, k, v: sparse_attention(q, k, v, "window:2"), fullgraph=True,
+                             backend=aot_autograd(fw_compiler=lambda gm, _: gm, bw_compiler=keep_backward))
+    q, k, v = _qkv(9, 2, 2)
+    torch.autograd.grad(compiled(q, k, v).sum(), (q, k, v))
+    (graph,) = backward_graphs
+    calls = [n for n in graph.graph.nodes if n.target == torch.ops.tvm_splat.sparse_attention_backward.default]
+    assert len(calls) == 1 and calls[0].args[6] is None
+    assert not [n for n in graph.graph.nodes if n.op == "call_function" and "zeros" in str(n.target)]
+
+
 def test_opcheck_registration():
     q, k, v = _qkv(9, 2, 2)
     result = torch.library.opcheck(torch.ops.tvm_splat.sparse_attention.default, (q, k, v, "window:2", None))

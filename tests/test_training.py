@@ -181,7 +181,8 @@ def test_the_float64_cpu_path_of_multi_component_masks_is_the_row_kernels():
 
 def _stubbed_tensor_core_plan(mask, q_shape, kv_shape, dtype="float16"):
     """A tensor-core plan (sm_90a) whose kernels are stubs that check each launch's arguments
-    against the kernel's own parameters (count, shapes, dtypes), run on CPU tensors: what the
+    against the kernel's own parameters (count, shapes, dtypes; tensors contiguous, 64-byte
+    aligned, not requiring grad), run on CPU tensors: what the
     host path hands the kernels, without a GPU. Returns ``(plan, launched, built)``: ``launched``
     records ``(name, args)`` per launch (tensors copied as they were at the launch), ``built``
     the names of the kernels the plan compiles."""
@@ -206,6 +207,8 @@ def _stubbed_tensor_core_plan(mask, q_shape, kv_shape, dtype="float16"):
                 shape = tuple(a.shape)
                 dtype = str(a.dtype).removeprefix("torch.")
                 assert shape == tuple(int(s) for s in p.shape) and dtype == p.dtype, (name, p.name, shape, dtype)
+                if isinstance(a, torch.Tensor):  # what DLPack hands the kernel as it is
+                    assert a.is_contiguous() and a.data_ptr() % 64 == 0 and not a.requires_grad, (name, p.name)
             launched.append((name, [a.clone() if isinstance(a, torch.Tensor) else a for a in args]))
         return check
 
@@ -236,6 +239,8 @@ def test_the_tensor_core_host_path_hands_each_kernel_its_own_parameters(mask, q_
     g = torch.Generator().manual_seed(0)
     q, dout = (torch.randn(q_shape, generator=g).half() for _ in range(2))
     k, v = (torch.randn(kv_shape or q_shape, generator=g).half() for _ in range(2))
+    q.requires_grad_()  # read through detach()
+    dout = dout.transpose(-1, -2).contiguous().transpose(-1, -2)  # not contiguous: copied once
     out, lse = plan.forward(q, k, v)
     assert out.shape == q.shape and lse.shape == q.shape[:3] and lse.dtype == torch.float32
     dq, dk, dv = plan.backward(q, k, v, out, lse, dout)
@@ -276,3 +281,24 @@ def test_training_scratch_past_int32_indexing_is_refused_when_planned():
     with pytest.raises(ValueError, match=r"the training scratch buffer o_part \[128, 2, 65536, 128\] would hold"):
         plan_training("causal_strided:128", (1, 128, 65536, 128), dtype="float16", device="cuda",
                       target="nvidia/nvidia-h100")
+
+
+def test_a_default_whose_load_form_changes_the_tiles_is_refused(monkeypatch):
+    """The default knobs are chosen twice: for the tile plans, then with ``bwd_dkdv``'s blocks
+    for its load form (TMA); a second choice with other tile shapes would run kernels built for
+    plans that were not made, so the plan refuses it."""
+    import dataclasses
+
+    import tvm_splat.training as training
+
+    chosen = training.default_backward_mma_knobs
+
+    def wider_with_blocks(spec, target, forward=None, dkdv_blocks=None):
+        knobs = chosen(spec, target, forward, dkdv_blocks)
+        return knobs if dkdv_blocks is None else dataclasses.replace(knobs, dkdv_bc=2 * knobs.dkdv_bc)
+
+    args = ("window:24", (1, 2, 160, 64), None, "float16", "cuda")
+    assert plan_training(*args, target="nvidia/nvidia-h100").kernels == "tensor-cores"
+    monkeypatch.setattr(training, "default_backward_mma_knobs", wider_with_blocks)
+    with pytest.raises(RuntimeError, match="changed their tile shapes with the load form"):
+        plan_training(*args, target="nvidia/nvidia-h100")

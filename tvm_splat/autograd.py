@@ -123,10 +123,16 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.mask, ctx.scale = mask, scale
+    # an unused output's gradient arrives as None, not as zeros made for it: the lse's, where
+    # only out reaches the loss (sparse_attention), is the plan's own zeros then; a compiled
+    # backward graph otherwise fills a float32 [batch, heads, n] tensor every step
+    ctx.set_materialize_grads(False)
 
 
 def _grads(ctx, dout, dlse):
     q, k, v, out, lse = ctx.saved_tensors
+    if dout is None:  # only the lse reached the loss
+        dout = torch.zeros_like(out)
     dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, ctx.mask, ctx.scale)
     return dq, dk, dv, None, None
 

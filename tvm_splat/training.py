@@ -122,7 +122,11 @@ class TrainingPlan:
                      _training_tile_plan(transposed, br=knobs.br, bc=knobs.dkdv_bc, split_blocks=knobs.split_blocks,
                                          grid_heads=batch * dkdv_heads))
             if mma_knobs is None:  # the default's TMA form of bwd_dkdv asks its plan for unit steps
+                sized = knobs
                 knobs = default_backward_mma_knobs(spec, target, forward, plans[2].blocks)
+                if _tile_fields(spec, knobs) != _tile_fields(spec, sized):
+                    raise RuntimeError(f"the default backward knobs changed their tile shapes with the load form "
+                                       f"({sized} -> {knobs}): the plans were made for the first")
             self.fallback_reason = tensor_core_training_refusal(spec, target, knobs, plans)
             if self.fallback_reason is None:
                 self.kernels, self.mma_knobs, self.tile_plans = "tensor-cores", knobs, plans
@@ -376,6 +380,12 @@ class _TorchFacts:
             raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
             self.raw_stream = (lambda: raw(index)) if raw is not None else \
                 (lambda: torch.cuda.current_stream(index).cuda_stream)
+
+
+def _tile_fields(spec: BackwardSpec, knobs) -> tuple:
+    """What the tile plans of :class:`TrainingPlan` depend on in ``knobs``: the tile shapes,
+    the split rule and whether ``bwd_dkdv`` runs per query head (its grid)."""
+    return knobs.br, knobs.dq_bc, knobs.dkdv_bc, knobs.split_blocks, knobs.forward, per_query_head_sums(spec, knobs)
 
 
 def _present(*buffers):

@@ -217,7 +217,7 @@ def default_backward_mma_knobs(spec: BackwardSpec, target, forward: TiledKnobs |
     at head_dim 128, ``bwd_dkdv`` computes dQ too (:data:`WGMMA_FUSED_DQ_ONE_SEGMENT`), its Q and
     dO blocks by TMA (:data:`WGMMA_DKDV_TMA`) when ``dkdv_blocks`` (the blocks ``[HM, NB, 3]`` of
     bwd_dkdv's tile plan under the knobs returned without them: the TMA forms keep their tile
-    shapes and grids) all step rows by one; without them, the cp.async form. Below head_dim 128, where the forward takes its wgmma
+    shapes and grids, which the training plans check) all step rows by one; without them, the cp.async form. Below head_dim 128, where the forward takes its wgmma
     form and ``dkdv_blocks`` all step rows by one, ``bwd_dkdv`` alone takes its wgmma form with
     TMA, beside an ``mma.sync`` ``bwd_dq`` (:data:`WGMMA_DKDV_TMA_NARROW_HEADS`); else, and
     without ``dkdv_blocks``, both kernels keep ``mma.sync``."""
