@@ -21,7 +21,9 @@ autograd's device thread), three figures in microseconds:
 
 Where ``host_us`` exceeds ``kernel_us`` the host sets the pace. ``--profile [CALL]`` prints where
 one row's host time goes as well (:func:`profile_call`; default: the op's forward + backward;
-``'compiled op forward+backward'`` for the compiled graph).
+``'compiled op forward+backward'`` for the compiled graph), and the plan's own methods' share of
+it, on every thread (:func:`method_us`: on CUDA the backward runs on autograd's device thread,
+which cProfile does not see), also written to the JSON as ``methods``.
 """
 import argparse
 import cProfile
@@ -72,6 +74,44 @@ def profile_call(fn, device, calls=CALLS) -> str:
     return text.getvalue() + "\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
 
 
+#: the TrainingPlan methods :func:`method_us` times (inclusive: forward and backward hold the rest)
+PLAN_METHODS = ("forward", "backward", "_inputs", "_new", "_scratch", "_on_stream", "_launch")
+
+
+def method_us(fn, device, calls=CALLS) -> dict:
+    """Per call of ``fn``, the wall time spent inside each of :data:`PLAN_METHODS` of
+    :class:`~tvm_splat.training.TrainingPlan` (inclusive, summed over the calls of that method,
+    on whichever thread ran it), in microseconds, with the number of calls of each: ``{method:
+    {"us": .., "calls": ..}}``. The methods are wrapped for the measurement only."""
+    from tvm_splat.training import TrainingPlan
+
+    spent, count = dict.fromkeys(PLAN_METHODS, 0.0), dict.fromkeys(PLAN_METHODS, 0)
+    originals = {name: getattr(TrainingPlan, name) for name in PLAN_METHODS}
+
+    def timed(name, method):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - start
+                count[name] += 1
+        return wrapper
+
+    fn()
+    synchronize(device)
+    try:
+        for name, method in originals.items():
+            setattr(TrainingPlan, name, timed(name, method))
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+    finally:
+        for name, method in originals.items():
+            setattr(TrainingPlan, name, method)
+    return {name: {"us": spent[name] / calls * 1e6, "calls": count[name] / calls} for name in PLAN_METHODS}
+
+
 class NoKernels(torch.autograd.Function):
     """What torch's autograd costs a forward + backward of one op on these tensors by itself:
     the op's outputs and gradients allocated, no kernel launched."""
@@ -116,14 +156,20 @@ def main(out_path, pattern="global:4+window:256", shape=(1, 12, 4096, 64), devic
                "kernel_us": cuda_kernel_ms(fn, calls=10, warmup=1) * 1e3 if device == "cuda" else None}
         print(json.dumps(row), flush=True)
         rows.append(row)
+    methods = None
     if profile:
         if profile not in calls:
             raise SystemExit(f"--profile takes one of {', '.join(calls)}, got {profile!r}")
         print(profile_call(calls[profile], device))
+        methods = method_us(calls[profile], device)
+        print(json.dumps({"call": profile, "methods": methods}, indent=1))
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     case = f"{pattern} b={b} h={h} n={n} d={d} {str(dtype).removeprefix('torch.')}"
+    result = {"device": name, "case": case, "plan": repr(plan), "runs": rows}
+    if methods is not None:
+        result["methods"] = {"call": profile, "per_call": methods}
     with open(out_path, "w") as f:
-        json.dump({"device": name, "case": case, "plan": repr(plan), "runs": rows}, f, indent=1)
+        json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":
