@@ -191,7 +191,6 @@ def _stubbed_tensor_core_plan(mask, q_shape, kv_shape, dtype="float16"):
     import tvm
 
     from tvm_splat.schedules.backward_mma import backward_mma_funcs
-    from tvm_splat.training import _SCRATCH
 
     plan = plan_training(mask, q_shape, kv_shape, dtype, "cuda", target="nvidia/nvidia-h100")
     assert plan.kernels == "tensor-cores"
@@ -212,10 +211,7 @@ def _stubbed_tensor_core_plan(mask, q_shape, kv_shape, dtype="float16"):
             launched.append((name, [a.clone() if isinstance(a, torch.Tensor) else a for a in args]))
         return check
 
-    tables = {name: tvm.runtime.tensor(a) for name, a in plan.tables().items()}
-    tables.update({name: tvm.runtime.empty(shape, "float32") for name, shape in _SCRATCH})
-    tables["zero_dlse"] = tvm.runtime.tensor(np.zeros(plan.stats_shape, "float32"))
-    plan._lib, plan._tables = {name: stub(name) for name in funcs}, tables
+    plan._lib, plan._tables = {name: stub(name) for name in funcs}, plan.device_tables(tvm.cpu())
     plan._torch().device = torch.device("cpu")
     plan._on_stream = contextlib.nullcontext
     return plan, launched, set(funcs)

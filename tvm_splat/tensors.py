@@ -56,9 +56,13 @@ def to_tvm(x, dev):
 
 
 def kernel_readable(x):
-    """Torch tensor ``x`` as the kernels read it in place: ``x.detach()`` (no copy: DLPack
-    refuses tensors that require grad) when it is contiguous and 64-byte aligned, else a
-    contiguous copy, or a clone on an aligned boundary (see :func:`to_tvm`)."""
+    """Torch tensor ``x`` as the kernels read it in place: ``x`` itself when it is contiguous,
+    64-byte aligned and does not require grad (the common case, checked first: the training op
+    calls this for every input of every call), ``x.detach()`` (no copy: DLPack refuses tensors
+    that require grad) when only that differs, else a contiguous copy, or a clone on an aligned
+    boundary (see :func:`to_tvm`)."""
+    if not x.requires_grad and x.is_contiguous() and is_aligned(x):
+        return x
     x = x.detach()
     if not x.is_contiguous():
         return x.contiguous()

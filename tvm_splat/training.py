@@ -65,7 +65,7 @@ from .kernels.tiled_mma import MMA_TYPES
 from .planner import SEGMENTS, as_acsr, default_knobs
 from .schedules.backward_mma import default_backward_mma_knobs, per_query_head_sums, tensor_core_training_refusal
 from .schedules.targets import as_target, is_gpu, target_key
-from .tensors import check_scale, is_aligned, kernel_readable
+from .tensors import check_scale, kernel_readable
 
 __all__ = ["TrainingPlan", "plan_training", "TRAINING_DTYPES"]
 
@@ -169,13 +169,18 @@ class TrainingPlan:
         hold the one-element dummies of the partial buffers a plan does not use (tensor cores)
         and ``zero_dlse``, the zeros the backward reads when no lse gradient is given."""
         if self._lib is None:
-            dev = self.device
-            tables = {name: tvm.runtime.tensor(a, dev) for name, a in self.tables().items()}
-            if self.kernels == "tensor-cores":
-                tables.update({name: tvm.runtime.empty(shape, "float32", dev) for name, shape in _SCRATCH})
-            tables["zero_dlse"] = tvm.runtime.tensor(np.zeros(self.stats_shape, self.spec.rows.accum_dtype), dev)
+            tables = self.device_tables(self.device)
             self._lib, self._tables = self.compiled(), tables
         return self._lib, self._tables
+
+    def device_tables(self, dev) -> dict:
+        """Everything the kernels read by name, as TVM tensors on ``dev``: :meth:`tables`, the
+        dummies of ``_SCRATCH`` (tensor cores) and ``zero_dlse``."""
+        tables = {name: tvm.runtime.tensor(a, dev) for name, a in self.tables().items()}
+        if self.kernels == "tensor-cores":
+            tables.update({name: tvm.runtime.empty(shape, "float32", dev) for name, shape in _SCRATCH})
+        tables["zero_dlse"] = tvm.runtime.tensor(np.zeros(self.stats_shape, self.spec.rows.accum_dtype), dev)
+        return tables
 
     def _scratch_layout(self) -> dict:
         """Name -> shape of the float32 buffers the tensor-core kernels take besides their
@@ -228,7 +233,7 @@ class TrainingPlan:
                 raise ValueError(f"{name} has dtype {dtype_name(x)}, this plan expects {str(dtype).removeprefix('torch.')}")
             if x.device != facts.device:
                 raise ValueError(f"{name} is on {x.device}, this plan runs on {self.device}")
-            readable.append(x if not x.requires_grad and x.is_contiguous() and is_aligned(x) else kernel_readable(x))
+            readable.append(kernel_readable(x))
         return readable
 
     def _new(self, shape, dtype):
