@@ -38,6 +38,9 @@ CASES = {
     "dil": ("dilated:256:2", 1, 12, 12, 8192, 128),  # dilated at d=128: one component, column blocks of step 2
     "lf8": ("global:4+window:256", 8, 16, 16, 4096, 64),  # Longformer-large, batch 8: a grid of 128 heads
     "g1k": ("global:4+window:128", 32, 12, 12, 1024, 64),  # n=1024, batch 32: 384 heads of 16 short tiles
+    "gqa64": ("causal_window:1023", 4, 16, 4, 4096, 64),  # grouped KV heads at head_dim 64
+    "w16": ("window:256", 16, 16, 16, 2048, 64),  # a window at batch 16: one segment per key row
+    "blk": ("block:128", 1, 16, 16, 8192, 64),  # block-local (BigBird's local part), n=8192
 }
 #: both backward kernels in mma.sync (from a head_dim 64 default whose bwd_dkdv takes TMA)
 _MMA_SYNC = {"wgmma": False, "dkdv_tma": False, "dq_wgmma": None}

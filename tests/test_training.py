@@ -179,20 +179,24 @@ def test_the_float64_cpu_path_of_multi_component_masks_is_the_row_kernels():
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
 
 
-def _stubbed_tensor_core_plan(mask, q_shape, kv_shape, dtype="float16"):
+def _stubbed_tensor_core_plan(mask, q_shape, kv_shape, dtype="float16", knobs=None):
     """A tensor-core plan (sm_90a) whose kernels are stubs that check each launch's arguments
     against the kernel's own parameters (count, shapes, dtypes; tensors contiguous, 64-byte
     aligned, not requiring grad), run on CPU tensors: what the
     host path hands the kernels, without a GPU. Returns ``(plan, launched, built)``: ``launched``
     records ``(name, args)`` per launch (tensors copied as they were at the launch), ``built``
-    the names of the kernels the plan compiles."""
+    the names of the kernels the plan compiles. ``knobs``: overrides of the default knobs."""
     import contextlib
+    import dataclasses
 
     import tvm
 
     from tvm_splat.schedules.backward_mma import backward_mma_funcs
 
     plan = plan_training(mask, q_shape, kv_shape, dtype, "cuda", target="nvidia/nvidia-h100")
+    if knobs:
+        plan = plan_training(mask, q_shape, kv_shape, dtype, "cuda", target="nvidia/nvidia-h100",
+                             mma_knobs=dataclasses.replace(plan.mma_knobs, **knobs))
     assert plan.kernels == "tensor-cores"
     funcs = backward_mma_funcs(plan.spec, plan.mma_knobs, [p.shape for p in plan.tile_plans])
     launched = []
@@ -208,7 +212,8 @@ def _stubbed_tensor_core_plan(mask, q_shape, kv_shape, dtype="float16"):
                 assert shape == tuple(int(s) for s in p.shape) and dtype == p.dtype, (name, p.name, shape, dtype)
                 if isinstance(a, torch.Tensor):  # what DLPack hands the kernel as it is
                     assert a.is_contiguous() and a.data_ptr() % 64 == 0 and not a.requires_grad, (name, p.name)
-            launched.append((name, [a.clone() if isinstance(a, torch.Tensor) else a for a in args]))
+            launched.append((name, [a.clone() if isinstance(a, torch.Tensor) else a for a in args],
+                             [a.data_ptr() if isinstance(a, torch.Tensor) else None for a in args]))
         return check
 
     plan._lib, plan._tables = {name: stub(name) for name in funcs}, plan.device_tables(tvm.cpu())
@@ -217,21 +222,27 @@ def _stubbed_tensor_core_plan(mask, q_shape, kv_shape, dtype="float16"):
     return plan, launched, set(funcs)
 
 
-@pytest.mark.parametrize("mask,q_shape,kv_shape,extra", [
-    ("global:2+window:16", (1, 2, 1024, 64), None,  # split-KV in all three plans
+_TWO_KERNELS = {"fused_dq": False, "per_query_head": False, "dq_wgmma": False}
+
+
+@pytest.mark.parametrize("mask,q_shape,kv_shape,knobs,extra", [
+    ("global:2+window:16", (1, 2, 1024, 64), None, _TWO_KERNELS,  # split-KV in all three plans
      {"bwd_dq", "fwd_split_merge", "bwd_dq_split_sum", "bwd_dkdv_split_sum"}),
-    ("causal_strided:32", (1, 2, 256, 64), None,  # two components: partials and their sums
+    ("global:2+window:16", (1, 2, 1024, 64), None, None,  # the d=64 default: fused dQ, split dK/dV
+     {"bwd_delta", "bwd_dq_cast", "fwd_split_merge", "bwd_dkdv_split_sum"}),
+    ("causal_strided:32", (1, 2, 256, 64), None, None,  # two components: partials and their sums
      {"bwd_dq", "fwd_merge", "bwd_dq_sum", "bwd_dkdv_sum"}),
-    ("causal_window:64", (2, 4, 200, 128), (2, 2, 200, 128),  # fused dQ, per-query-head dK/dV sums
+    ("causal_window:64", (2, 4, 200, 128), (2, 2, 200, 128), None,  # fused dQ, per-query-head dK/dV sums
      {"bwd_delta", "bwd_dq_cast", "bwd_kv_cast"}),
-    ("window:24", (1, 2, 160, 128), None, {"bwd_delta", "bwd_dq_cast"}),  # fused dQ
-], ids=["split", "components", "fused-gqa", "fused"])
-def test_the_tensor_core_host_path_hands_each_kernel_its_own_parameters(mask, q_shape, kv_shape, extra):
+    ("window:24", (1, 2, 160, 128), None, None, {"bwd_delta", "bwd_dq_cast"}),  # fused dQ
+], ids=["split", "split-fused", "components", "fused-gqa", "fused"])
+def test_the_tensor_core_host_path_hands_each_kernel_its_own_parameters(mask, q_shape, kv_shape, knobs, extra):
     """Every launch of the tensor-core forward and backward passes the kernel's parameters in
     number, shape and dtype (the stubs check them against the PrimFuncs), each kernel the plan
-    built runs, the lse gradient defaults to zeros (``zero_dlse``), and the buffers the kernels
-    add into arrive zeroed."""
-    plan, launched, built = _stubbed_tensor_core_plan(mask, q_shape, kv_shape)
+    built runs, the lse gradient defaults to zeros (``zero_dlse``), and the float32 sums the
+    fused ``bwd_dkdv`` adds into are the buffers ``bwd_delta`` zeroes (the same memory, passed
+    in the same order), which ``bwd_dq_cast`` and ``bwd_kv_cast`` then read."""
+    plan, launched, built = _stubbed_tensor_core_plan(mask, q_shape, kv_shape, knobs=knobs)
     g = torch.Generator().manual_seed(0)
     q, dout = (torch.randn(q_shape, generator=g).half() for _ in range(2))
     k, v = (torch.randn(kv_shape or q_shape, generator=g).half() for _ in range(2))
@@ -241,12 +252,18 @@ def test_the_tensor_core_host_path_hands_each_kernel_its_own_parameters(mask, q_
     assert out.shape == q.shape and lse.shape == q.shape[:3] and lse.dtype == torch.float32
     dq, dk, dv = plan.backward(q, k, v, out, lse, dout)
     assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
-    assert {name for name, _ in launched} == built == {"fwd_lse", "bwd_dkdv"} | extra
+    assert {name for name, _, _ in launched} == built == {"fwd_lse", "bwd_dkdv"} | extra
     knobs = plan.mma_knobs
-    for name, args in launched:
-        if name == "bwd_dkdv" and knobs.fused_dq:  # dq_accum (then dk_accum, dv_accum) start at zero
-            accums = args[-3:] if "dk_accum" in plan._scratch_shapes else args[-1:]
-            assert all(not a.any() for a in accums)
+    pointers = {name: ptrs for name, _, ptrs in launched}
+    if knobs.fused_dq:  # dq_accum (then dk_accum, dv_accum): zeroed by bwd_delta, added into by bwd_dkdv
+        sums = 3 if "dk_accum" in plan._scratch_shapes else 1
+        zeroed = pointers["bwd_delta"][4:]
+        assert len(zeroed) == sums and None not in zeroed and len(set(zeroed)) == sums
+        assert pointers["bwd_dkdv"][-sums:] == zeroed
+        assert pointers["bwd_dq_cast"][0] == zeroed[0]
+        if sums == 3:
+            assert pointers["bwd_kv_cast"][:2] == zeroed[1:]
+    for name, args, _ in launched:
         if name in ("bwd_dq", "bwd_delta"):  # dlse: the plan's zeros, a table
             dlse = args[6] if name == "bwd_dq" else args[2]
             assert not isinstance(dlse, torch.Tensor) and not dlse.numpy().any()
@@ -254,7 +271,7 @@ def test_the_tensor_core_host_path_hands_each_kernel_its_own_parameters(mask, q_
         assert knobs.fused_dq and "dk_accum" in plan._scratch_shapes
     launched.clear()
     plan.backward(q, k, v, out, lse, dout, torch.ones(q.shape[:3]))  # a given dlse goes as it is
-    given = next(args for name, args in launched if name in ("bwd_dq", "bwd_delta"))
+    given = next(args for name, args, _ in launched if name in ("bwd_dq", "bwd_delta"))
     assert any(isinstance(a, torch.Tensor) and a.shape == q.shape[:3] and bool((a == 1).all()) for a in given)
 
 

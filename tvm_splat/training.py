@@ -26,11 +26,13 @@ Two kernel families (``TrainingPlan.kernels``):
   allocated per call with ``torch.empty`` on the tensors' device (the caching allocator reuses
   them) and freed when the call returns; one-component plans need none. With
   ``BackwardMmaKnobs.fused_dq`` (the default in the wgmma form at head_dim 128 where each
-  key row of the transposed mask is one segment: windows, causal windows) ``bwd_dkdv`` computes dq as well, into a
-  zeroed float32 ``dq_accum [B, H, n, head_dim]`` by atomics (or bulk reductions,
-  ``fused_dq="bulk"``), between ``bwd_delta`` and ``bwd_dq_cast``, and ``bwd_dq`` does not run;
-  with ``per_query_head`` too and grouped KV heads, ``bwd_dkdv`` runs a program per query head
-  and adds dk, dv into zeroed float32 sums that ``bwd_kv_cast`` casts; where bwd_dkdv's plan
+  key row of the transposed mask is one segment: windows, causal windows; and at head_dim 64
+  where it is two or more: global tokens) ``bwd_dkdv`` computes dq as well, into a float32
+  ``dq_accum [B, H, n, head_dim]`` by atomics (or bulk reductions, ``fused_dq="bulk"``),
+  between ``bwd_delta`` (which computes delta and zeroes the float32 sums) and ``bwd_dq_cast``,
+  and ``bwd_dq`` does not run; with ``per_query_head`` too and grouped KV heads, ``bwd_dkdv``
+  runs a program per query head and adds dk, dv into float32 sums (zeroed by ``bwd_delta``)
+  that ``bwd_kv_cast`` casts; where bwd_dkdv's plan
   steps rows by one, its Q and dO blocks arrive by TMA (``dkdv_tma``). Workloads that kernel
   family cannot take (CSR fallback rows, per-head masks with grouped KV heads, head dims not a
   multiple of 16) run the CUDA-core kernels instead, the reason in ``fallback_reason`` and the
@@ -327,11 +329,11 @@ class TrainingPlan:
         which ``split_sum`` adds into the gradient (or its component's partial). With
         ``fused_dq`` (the knobs' docstring): ``bwd_delta``, ``bwd_dkdv`` with dQ, ``bwd_dq_cast``."""
         dq_plan, dkdv_plan = (p.shape for p in self.tile_plans[1:])
-        if self.mma_knobs.fused_dq:  # bwd_dkdv adds dQ by atomics into a zeroed float32 buffer
-            self._launch("bwd_delta", out, dout, dlse, delta)
-            dq_accum = self._scratch("dq_accum").zero_()
-            self._backward_dkdv(q, k, v, dout, lse, delta, dk, dv, dkdv_plan, [dq_accum])
-            self._launch("bwd_dq_cast", dq_accum, dq)
+        if self.mma_knobs.fused_dq:  # bwd_dkdv adds dQ into a float32 sum that bwd_delta zeroes
+            sums = [self._scratch(name) for name in ("dq_accum", "dk_accum", "dv_accum") if name in self._scratch_shapes]
+            self._launch("bwd_delta", out, dout, dlse, delta, *sums)
+            self._backward_dkdv(q, k, v, dout, lse, delta, dk, dv, dkdv_plan, sums)
+            self._launch("bwd_dq_cast", sums[0], dq)
             return
         several, split = dq_plan.num_components > 1, dq_plan.num_slots
         dq_part = self._scratch("dq_part") if several else "part"
@@ -344,20 +346,20 @@ class TrainingPlan:
             self._launch("bwd_dq_sum", dq_part, "num_comp", dq)
         self._backward_dkdv(q, k, v, dout, lse, delta, dk, dv, dkdv_plan, [])
 
-    def _backward_dkdv(self, q, k, v, dout, lse, delta, dk, dv, dkdv_plan, dq_accum):
-        """``bwd_dkdv`` (``dq_accum``: its last parameter in the fused-dQ form, else empty), then
-        the split-KV and component sums of dk and dv; with ``per_query_head`` (grouped KV heads)
-        its programs add dk and dv into zeroed float32 sums, which ``bwd_kv_cast`` casts."""
-        if "dk_accum" in self._scratch_shapes:  # per_query_head_sums
-            dk_accum, dv_accum = self._scratch("dk_accum").zero_(), self._scratch("dv_accum").zero_()
-            self._launch("bwd_dkdv", q, k, v, dout, lse, delta, *_DKDV_PLAN, dk, dv, *dq_accum, dk_accum, dv_accum)
-            self._launch("bwd_kv_cast", dk_accum, dv_accum, dk, dv)
+    def _backward_dkdv(self, q, k, v, dout, lse, delta, dk, dv, dkdv_plan, sums):
+        """``bwd_dkdv`` (``sums``: its last parameters in the fused-dQ form, ``bwd_delta``'s
+        zeroed float32 ``dq_accum``, then ``dk_accum`` and ``dv_accum`` with ``per_query_head``
+        and grouped KV heads; else empty), then the split-KV and component sums of dk and dv, or
+        ``bwd_kv_cast`` of the float32 sums."""
+        if len(sums) == 3:  # per_query_head_sums: its programs add dk and dv into float32 sums
+            self._launch("bwd_dkdv", q, k, v, dout, lse, delta, *_DKDV_PLAN, dk, dv, *sums)
+            self._launch("bwd_kv_cast", *sums[1:], dk, dv)
             return
         several, split = dkdv_plan.num_components > 1, dkdv_plan.num_slots
         dk_part, dv_part = (self._scratch("dk_part"), self._scratch("dv_part")) if several else ("part", "part")
         dk_split, dv_split = (self._scratch("dk_split"), self._scratch("dv_split")) if split else (None, None)
         self._launch("bwd_dkdv", q, k, v, dout, lse, delta, *_DKDV_PLAN, dk, dv,
-                     *_present((dk_part, several), (dv_part, several), (dk_split, split), (dv_split, split)), *dq_accum)
+                     *_present((dk_part, several), (dv_part, several), (dk_split, split), (dv_split, split)), *sums)
         for grad, part, chunks in ((dk, dk_part, dk_split), (dv, dv_part, dv_split)):
             if split:
                 self._launch("bwd_dkdv_split_sum", chunks, "tsplits", grad, part)

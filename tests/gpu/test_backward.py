@@ -122,10 +122,11 @@ def _tensor_core_plan(mask, heads, kv_heads, n, d, dtype, stages=None, **knobs):
     ``bwd_dkdv``), not the default's fused dQ (head_dim 128, one segment per key row), and with
     overrides that do not name ``dkdv_tma``, bwd_dkdv's cp.async form; with overrides that do not
     name ``dq_wgmma``, both kernels in one form: ``wgmma``'s, or where that is not named either
-    and the default mixes forms (head_dim 64: a wgmma bwd_dkdv beside an mma.sync bwd_dq),
-    ``mma.sync``."""
+    and the default is head_dim 64's (a wgmma bwd_dkdv by TMA, with the fused dQ or beside an
+    mma.sync bwd_dq), ``mma.sync``."""
     import dataclasses
 
+    from tvm_splat.schedules.backward_mma import WGMMA_BACKWARD_MIN_HEAD_DIM
     from tvm_splat.training import plan_training
 
     shapes = ((2, heads, n, d), (2, kv_heads, n, d), str(dtype).replace("torch.", ""), "cuda")
@@ -138,7 +139,7 @@ def _tensor_core_plan(mask, heads, kv_heads, n, d, dtype, stages=None, **knobs):
         knobs.setdefault("dkdv_tma", False)
     if knobs and "dq_wgmma" not in knobs:
         knobs["dq_wgmma"] = None
-        if plan.mma_knobs.dq_wgmma is False:
+        if plan.mma_knobs.wgmma and d < WGMMA_BACKWARD_MIN_HEAD_DIM:
             knobs.setdefault("wgmma", False)
     if knobs:
         plan = plan_training(mask, *shapes, mma_knobs=dataclasses.replace(plan.mma_knobs, **knobs))

@@ -429,6 +429,13 @@ def test_training_plans_pick_and_build_the_tensor_core_kernels(name, mask, heads
         knobs = dataclasses.replace(default_backward_mma_knobs(plan.spec, plan.target), stages=stages)
         plan = plan_training(mask, (2, heads, n, d), (2, kv_heads, n, d), dtype, "cuda", target=target,
                              mma_knobs=knobs)
+    if plan.mma_knobs.fused_dq:  # head_dim 64 with global tokens (WGMMA_FUSED_DQ_NARROW_HEADS): bwd_dq
+        # does not run; this test reads the two kernels, so it builds them (the fused form's sources:
+        # test_dkdv_tma_builds_for_sm90a, test_the_fused_backward_prologue_and_casts_move_vectors)
+        assert d == 64 and plan.spec.columns.max_segments > 1
+        knobs = dataclasses.replace(plan.mma_knobs, fused_dq=False, dq_wgmma=False)
+        plan = plan_training(mask, (2, heads, n, d), (2, kv_heads, n, d), dtype, "cuda", target=target,
+                             mma_knobs=knobs)
     assert plan.kernels == "tensor-cores" and plan.fallback_reason is None
     assert "kernels=tensor-cores" in repr(plan)
     assert all((p.shape.num_components > 1) == several for p in plan.tile_plans)
@@ -677,6 +684,41 @@ def test_fused_dq_backward_builds_for_sm90a(name, mask, heads, kv_heads, n, d, d
     assert wgmma_serialized(src, H100) == []
 
 
+@pytest.mark.parametrize("mask,heads,kv_heads,n,d,kv_sums", [
+    (GlobalTokens(2) | Window(24), 4, 4, 300, 64, False),  # head_dim 64's fused default (two segments)
+    (Window(40, causal=True), 4, 2, 333, 128, True),  # head_dim 128's, with per-query-head dK/dV sums
+], ids=["d64 global+window", "d128 gqa causal window"])
+def test_the_fused_backward_prologue_and_casts_move_vectors(mask, heads, kv_heads, n, d, kv_sums):
+    """The default fused-dQ backward's small kernels (``delta_func``, the casts): ``bwd_delta``
+    reads dout and out in 16-byte vectors, head_dim / 8 lanes a row whose partial sums meet by
+    log2(head_dim / 8) shuffles, and zeroes the float32 sums ``bwd_dkdv`` adds into (dq_accum;
+    dk_accum and dv_accum with per-query-head programs, for the rows of the first KV-head-count
+    query heads) by 16-byte stores; the casts load 4 floats and store 4 halves a thread; no
+    ``zero_()`` is left to the host (the plan's scratch is allocated, not filled). nvcc builds
+    it. A head_dim that 8-element vectors cannot cut in a power of two per row is refused."""
+    from tvm_splat.kernels.backward_mma import delta_func
+    from tvm_splat.training import plan_training
+
+    plan = plan_training(mask, (2, heads, n, d), (2, kv_heads, n, d), "float16", "cuda", target=H100)
+    assert plan.mma_knobs.fused_dq == "bulk" and ("dk_accum" in plan._scratch_shapes) == kv_sums
+    src = cuda_source(compile_backward_mma(plan.spec, plan.target, plan.mma_knobs, [p.shape for p in plan.tile_plans],
+                                           use_disk_cache=False))
+    body = src[src.rindex("bwd_delta_kernel("):].split('extern "C"')[0]
+    assert body.count("*(uint4*)(xo_ptr + 0) = *(uint4*)(out_ptr") == 1
+    assert body.count("*(uint4*)(xd_ptr + 0) = *(uint4*)(dout_ptr") == 1
+    assert body.count("__shfl_xor_sync") == (d // 8).bit_length() - 1
+    zeroing = [name for name in ("dq_accum", "dk_accum", "dv_accum") if f"*(float4*)({name}_ptr" in body]
+    assert zeroing == ["dq_accum", "dk_accum", "dv_accum"][:1 + 2 * kv_sums]
+    assert all(body.count(f"*(float4*)({name}_ptr") == 2 for name in zeroing)  # 8 floats a lane
+    casts = ["bwd_dq_cast"] + ["bwd_kv_cast"] * kv_sums
+    for cast in casts:
+        cast_body = src[src.rindex(f"{cast}_kernel("):].split('extern "C"')[0]
+        assert "= *(float4*)(" in cast_body and "*(half4*)(" in cast_body
+    assert len(nvcc_compile(src, H100)) > 1000
+    with pytest.raises(ValueError, match="head_dim 48"):
+        delta_func(AttentionSpec(1, 2, 64, 48, "float16", 1, 1, 3, 1, False, 48 ** -0.5))
+
+
 #: the TMA form of bwd_dkdv, built: the unit-step cases of WGMMA_BUILD_CASES in the two-kernel
 #: form, beside an mma.sync bwd_dq (``dq_wgmma=False``), and in the default's fused dQ (bulk; one
 #: program per query head where heads are grouped)
@@ -811,7 +853,8 @@ def test_chunk_order_fills_core_matrices_without_bank_conflicts(d):
         "h100-d128-causal-strided", "h100-d128-dilated"])
 def test_default_backward_knobs_take_wgmma_where_measured_faster(target, d, mask, expected):
     from tvm_splat.schedules.backward_mma import (BACKWARD_BR, WGMMA_BACKWARD_WIDE_HEADS, WGMMA_DKDV_BC_ONE_SEGMENT,
-                                                  WGMMA_DKDV_TMA_NARROW_HEADS, WGMMA_FUSED_DQ_ONE_SEGMENT,
+                                                  WGMMA_DKDV_TMA_NARROW_HEADS, WGMMA_FUSED_DQ_NARROW_HEADS,
+                                                  WGMMA_FUSED_DQ_ONE_SEGMENT,
                                                   default_backward_mma_knobs, dq_wgmma_form,
                                                   tensor_core_training_refusal)
     from tvm_splat.training import plan_training
@@ -835,11 +878,19 @@ def test_default_backward_knobs_take_wgmma_where_measured_faster(target, d, mask
         assert knobs.dkdv_tma == one_segment
         assert not default_backward_mma_knobs(plan.spec, plan.target, plan.mma_knobs.forward).dkdv_tma
     elif expected == "wgmma dkdv":
-        # at head_dim 64, bwd_dkdv alone in its wgmma form, Q and dO by TMA, at the mma form's
-        # tiles (bwd_dkdv 14% faster); bwd_dq keeps mma.sync (its wgmma form 8% slower there);
+        # at head_dim 64, bwd_dkdv in its wgmma form, Q and dO by TMA, at the mma form's tiles
+        # (bwd_dkdv 14% faster): with two segments per key row (global tokens) computing dQ too
+        # (12-15% faster backward: that bwd_dkdv's registers allow two blocks per SM, as many as
+        # the fused form's shared memory), with one beside an mma.sync bwd_dq (its wgmma form 8%
+        # slower there; the fused form's shared memory would cost a third block per SM);
         # without the plan's blocks, the mma form
-        assert {k: getattr(knobs, k) for k in WGMMA_DKDV_TMA_NARROW_HEADS} == WGMMA_DKDV_TMA_NARROW_HEADS
-        assert knobs.br == BACKWARD_BR and not knobs.fused_dq and not dq_wgmma_form(knobs)
+        two_segments = plan.spec.columns.max_segments > 1
+        assert two_segments == mask.startswith("global")
+        fused = {**WGMMA_DKDV_TMA_NARROW_HEADS, **WGMMA_FUSED_DQ_NARROW_HEADS}
+        expected_knobs = fused if two_segments else {**WGMMA_DKDV_TMA_NARROW_HEADS, "fused_dq": False,
+                                                     "per_query_head": False}
+        assert {k: getattr(knobs, k) for k in expected_knobs} == expected_knobs
+        assert knobs.br == BACKWARD_BR and dq_wgmma_form(knobs) == two_segments
         assert not default_backward_mma_knobs(plan.spec, plan.target, plan.mma_knobs.forward).wgmma
     else:
         assert not knobs.wgmma and knobs.br == BACKWARD_BR and not knobs.fused_dq and not knobs.dkdv_tma

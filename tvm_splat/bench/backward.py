@@ -327,7 +327,8 @@ def run_backward_bench(args):
                     "the forward planner's wgmma/TMA forms and, from head_dim 128 on one-component plans, the "
                     "wgmma backward, whose bwd_dkdv computes dQ too at head_dim 128 where each key row of the "
                     "transposed mask is one segment; bwd_dkdv takes its Q and dO blocks by TMA where its plan "
-                    "steps rows by one, at head_dim 64 in its wgmma form beside an mma.sync bwd_dq), else "
+                    "steps rows by one, at head_dim 64 in its wgmma form, computing dQ too where key rows of the "
+                    "transposed mask have two segments (global tokens), else beside an mma.sync bwd_dq), else "
                     "row-parallel CUDA-core kernels; each case's plan repr (results.splat_train.plan) and "
                     "backward_knobs say which"}
     rows, start = [], time.time()

@@ -112,7 +112,9 @@ n=32k 5.22 -> 4.21, 255 registers and no spill either way (``h200_backward_knobs
 ``fourteenth_dkdv_tma_d128``); the default there
 (:data:`~tvm_splat.schedules.backward_mma.WGMMA_DKDV_TMA`), and at head_dim 64 beside an
 ``mma.sync`` bwd_dq (:data:`~tvm_splat.schedules.backward_mma.WGMMA_DKDV_TMA_NARROW_HEADS`:
-backward 8-10% faster, ``fifteenth_d64_default``).
+backward 8-10% faster, ``fifteenth_d64_default``) or, with two segments per key row, with the
+fused dQ (:data:`~tvm_splat.schedules.backward_mma.WGMMA_FUSED_DQ_NARROW_HEADS`: 12-15% faster
+again, ``seventeenth_prologue``).
 
 Masked-out entries contribute exactly nothing: once per block, each row slot turns its cached
 segments into ranges of block columns (:func:`~tvm_splat.kernels.common.block_range_cache`: a
@@ -1148,7 +1150,7 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
     parameters ``dk_part`` and ``dv_part`` (see the module docstring). The program walks (group
     head, block) pairs as one sequence, so ``stages=2`` prefetches across heads. ``wgmma``: the
     Hopper form (the module docstring). ``fused_dq``: it computes dQ too, adding each step's
-    share into the float32 parameter ``dq_accum [B, H, N, D]`` (zeroed before; ``bwd_dq`` does
+    share into the float32 parameter ``dq_accum [B, H, N, D]`` (zeroed by :func:`delta_func` before; ``bwd_dq`` does
     not run, see the module docstring) by atomics (``True`` or ``"atomics"``) or by one bulk
     reduction per staged dQ row (``"bulk"``).
 
@@ -1156,7 +1158,7 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
     program per (batch x query head, tile) instead of per KV head, FlashAttention-3's grid, so
     the programs running at once add dQ into the rows of fewer heads; each adds its scaled dK
     and dV into the float32 parameters ``dk_accum``, ``dv_accum [B, KVH, N, D]`` by
-    ``red.global.add.v2.f32`` (zeroed before, cast by :func:`kv_cast_func` after), or with
+    ``red.global.add.v2.f32`` (zeroed by :func:`delta_func` before, cast by :func:`kv_cast_func` after), or with
     ``per_query_head="bulk"`` (and ``fused_dq="bulk"``) by one bulk reduction per row staged in
     the dQ staging (:func:`kv_sums_form`). Every query head's, component's and chunk's share is
     added alike, so this form has no dk/dv partial or split parameters; ``dk`` and ``dv`` stay
@@ -1402,14 +1404,42 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
                     + ("dq_accum",) * (not fused_dq) + ("dk_accum", "dv_accum") * (not per_head))
 
 
-def delta_func(spec: AttentionSpec):
-    """``bwd_delta`` (the fused-dQ backward's first kernel; ``bwd_dq`` computes it otherwise):
-    ``delta[b, h, i] = sum_d dout[b, h, i, d] out[b, h, i, d] - dlse[b, h, i]`` in float32. One
-    warp per row (consecutive lanes read consecutive columns), 8 rows per thread block, the
-    lanes' partial sums added by 5 shuffles."""
-    B, H, N, D, dt = spec.batch, spec.heads, spec.seq_len, spec.head_dim, spec.dtype
-    ROWS = 8
+#: head-dim elements of dout and of out one lane of ``bwd_delta`` reads (16 bytes of fp16/bf16,
+#: one vector load each), and its warps per thread block
+DELTA_VECTOR = 8
+DELTA_WARPS = 4
+
+
+def delta_func(spec: AttentionSpec, zero_kv: bool = False):
+    """``bwd_delta`` (the fused-dQ backward's first kernel; ``bwd_dq`` computes delta otherwise):
+    ``delta[b, h, i] = sum_d dout[b, h, i, d] out[b, h, i, d] - dlse[b, h, i]`` in float32, and
+    zeros into the float32 sums the fused ``bwd_dkdv`` adds into: ``dq_accum [B, H, N, D]`` and,
+    with ``zero_kv`` (its per-query-head programs), ``dk_accum`` and ``dv_accum [B, KVH, N, D]``
+    (row ``(b, x, i)`` of those by the lanes of row ``(b, x, i)`` of q, for ``x < KVH``), as
+    FlashAttention-3's preprocessing kernel clears its dQ accumulator. One row per
+    ``head_dim / DELTA_VECTOR`` consecutive lanes, each lane reading ``DELTA_VECTOR`` elements of
+    dout and of out by one vector load apiece, the lanes' partial sums added by shuffles;
+    ``DELTA_WARPS`` warps per block.
+
+    Measured on the H200 (fp16, ``h200_backward_knobs.json`` forms ``seventeenth_before_prologue``
+    and ``seventeenth_prologue``), the fused backward's time outside ``bwd_dkdv`` (its backward
+    minus ``bwd_dkdv`` alone), against the earlier form (one warp per row reading 2 bytes a lane,
+    torch's ``zero_()`` of each float32 sum, one element per thread in the casts): Mistral n=8192
+    0.26 -> 0.19 ms, window +-1024 n=32k 0.53 -> 0.26 (backward 3.31 -> 3.19 and 4.74 -> 4.46;
+    0.64 and 0.94 GB move through these kernels there, 0.16 and 0.23 ms at 4 TB/s),
+    Longformer-large batch 8 at head_dim 64 0.27 -> 0.12."""
+    B, H, KVH, N, D, dt = spec.batch, spec.heads, spec.kv_heads, spec.seq_len, spec.head_dim, spec.dtype
+    V = DELTA_VECTOR
+    lanes = D // V  # lanes per row
+    if D % V or lanes & (lanes - 1) or lanes > 32:
+        raise ValueError(f"bwd_delta reads head_dim in {V}-element vectors, {V} to {32 * V} of them a power of two "
+                         f"per row; got head_dim {D}")
+    per_warp = 32 // lanes
+    per_block = DELTA_WARPS * per_warp
+    shuffles = lanes.bit_length() - 1
+    total = B * H * N
     full_mask = T.uint32(0xFFFFFFFF)
+    zero = T.float32(0)
 
     @T.prim_func(s_tir=True)
     def bwd_delta(
@@ -1417,30 +1447,49 @@ def delta_func(spec: AttentionSpec):
         dout: T.Buffer((B, H, N, D), dt),
         dlse: T.Buffer((B, H, N), "float32"),
         delta: T.Buffer((B, H, N), "float32"),
+        dq_accum: T.Buffer((B, H, N, D), "float32"),
+        dk_accum: T.Buffer((B, KVH, N, D), "float32"),
+        dv_accum: T.Buffer((B, KVH, N, D), "float32"),
     ):
         T.func_attr({"global_symbol": "bwd_delta", "tirx.noalias": True})
-        for vr in T.thread_binding((B * H * N + ROWS - 1) // ROWS, thread="blockIdx.x"):
-            for w in T.thread_binding(ROWS, thread="threadIdx.y"):
+        for vr in T.thread_binding((total + per_block - 1) // per_block, thread="blockIdx.x"):
+            for w in T.thread_binding(DELTA_WARPS, thread="threadIdx.y"):
                 for lane in T.thread_binding(32, thread="threadIdx.x"):
                     with T.sblock("row"):
                         T.reads()
                         T.writes()
                         acc = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                        r: T.let[T.int32] = vr * ROWS + w
-                        acc[0] = T.float32(0)
-                        if r < B * H * N:
-                            for j in T.serial((D + 31) // 32):
-                                if j * 32 + lane < D:
-                                    acc[0] = acc[0] + T.Cast("float32", dout[r // (H * N), r // N % H, r % N,
-                                                                               j * 32 + lane]) * T.Cast(
-                                        "float32", out[r // (H * N), r // N % H, r % N, j * 32 + lane])
-                        for sh in T.unroll(5):
-                            acc[0] = acc[0] + T.tvm_warp_shuffle_xor(full_mask, acc[0], 16 >> sh, 32, 32)
-                        if r < B * H * N:
-                            if lane == 0:
-                                delta[r // (H * N), r // N % H, r % N] = acc[0] - dlse[r // (H * N), r // N % H, r % N]
+                        xo = T.sblock_alloc_buffer((V,), dt, scope="local")
+                        xd = T.sblock_alloc_buffer((V,), dt, scope="local")
+                        r: T.let[T.int32] = vr * per_block + w * per_warp + lane // lanes
+                        c0: T.let[T.int32] = lane % lanes * V
+                        b: T.let[T.int32] = r // (H * N)
+                        h: T.let[T.int32] = r // N % H
+                        i: T.let[T.int32] = r % N
+                        acc[0] = zero
+                        if r < total:
+                            for e in T.vectorized(V):
+                                xo[e] = out[b, h, i, c0 + e]
+                            for e in T.vectorized(V):
+                                xd[e] = dout[b, h, i, c0 + e]
+                            for e in T.serial(V):
+                                acc[0] = acc[0] + T.Cast("float32", xd[e]) * T.Cast("float32", xo[e])
+                            for half in T.unroll(V // 4):
+                                for e in T.vectorized(4):
+                                    dq_accum[b, h, i, c0 + half * 4 + e] = zero
+                            if zero_kv:
+                                if h < KVH:
+                                    for half in T.unroll(V // 4):
+                                        for e in T.vectorized(4):
+                                            dk_accum[b, h, i, c0 + half * 4 + e] = zero
+                                            dv_accum[b, h, i, c0 + half * 4 + e] = zero
+                        for sh in T.unroll(shuffles):
+                            acc[0] = acc[0] + T.tvm_warp_shuffle_xor(full_mask, acc[0], lanes >> (sh + 1), 32, 32)
+                        if r < total:
+                            if lane % lanes == 0:
+                                delta[b, h, i] = acc[0] - dlse[b, h, i]
 
-    return bwd_delta
+    return bwd_delta if zero_kv else _without(bwd_delta, ("dk_accum", "dv_accum"))
 
 
 def dq_cast_func(spec: AttentionSpec):

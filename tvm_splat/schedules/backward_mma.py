@@ -42,6 +42,7 @@ from .tiled import TiledKnobs, bind_flat_gpu, default_tiled_knobs
 __all__ = ["BackwardMmaKnobs", "default_backward_mma_knobs", "tensor_core_training_refusal", "backward_mma_funcs",
            "BACKWARD_BR", "BACKWARD_BC", "WGMMA_BACKWARD_MIN_HEAD_DIM", "WGMMA_BACKWARD_WIDE_HEADS",
            "WGMMA_DKDV_BC_ONE_SEGMENT", "WGMMA_FUSED_DQ_ONE_SEGMENT", "WGMMA_DKDV_TMA", "WGMMA_DKDV_TMA_NARROW_HEADS",
+           "WGMMA_FUSED_DQ_NARROW_HEADS",
            "dq_wgmma_form"]
 
 #: rows per tile of both backward kernels (4 warps x 16 rows). Measured on the H200 (fp16,
@@ -121,6 +122,23 @@ WGMMA_DKDV_TMA = {"dkdv_tma": True}
 #: 0.965), n=1024 b=32 1.06 -> 0.97, Longformer-base b=4 0.752 -> 0.679, b=1 0.224 -> 0.206
 #: (8-10% faster). Dilated and causal strided keep mma.sync (the forward's mma form).
 WGMMA_DKDV_TMA_NARROW_HEADS = {"wgmma": True, "dkdv_tma": True, "dq_wgmma": False}
+#: and there, where key rows of the transposed mask have two or more segments (global tokens),
+#: ``bwd_dkdv`` computes dQ too, by bulk reductions (the head_dim 128 default's form,
+#: :data:`WGMMA_FUSED_DQ_ONE_SEGMENT`, one program per KV head; no ``bwd_dq``). Measured on the
+#: H200 (fp16, ``h200_backward_knobs.json`` form ``seventeenth_prologue``, alternated twice,
+#: against the two kernels): backward Longformer-large b=8 1.68 -> 1.44 ms, n=1024 b=32 0.97 ->
+#: 0.89, Longformer-base b=4 0.67 -> 0.59, b=1 0.20 -> 0.17. The rule is shared memory: the fused
+#: form's dQ staging makes its block 91 KB, two per SM, while the two-kernel ``bwd_dkdv`` (66 KB)
+#: runs three where its registers allow: 168 (ptxas, sm_90a) with one segment per key row, 220
+#: with two, which allow two anyway. With one segment the fused form was 17% slower in the
+#: backward models suite (window +-256 n=2048 batch 16, forward+backward kernels: 1.433 ms fused
+#: in the seventeenth session's first run, 1.227 with the two kernels in its second, 1.217 in the
+#: sixteenth session's run) and no faster on block-local n=8192 (0.150 against 0.146-0.147 ms);
+#: grouped KV heads with one segment
+#: (causal window +-1023, 16/4 heads) measured 0.83 -> 0.79 (a program per query head 0.78) but
+#: are left to the two kernels by this rule. A program per query head is not taken at head_dim 64:
+#: the plans' grids would change between the default's two calls (:class:`~tvm_splat.training.TrainingPlan`).
+WGMMA_FUSED_DQ_NARROW_HEADS = {"fused_dq": "bulk", "per_query_head": False, "dq_wgmma": None}
 
 
 @dataclass(frozen=True)
@@ -182,7 +200,8 @@ class BackwardMmaKnobs:
     ``mma.sync`` beside a wgmma ``bwd_dkdv``, whose TMA form needs wgmma, at head_dim 64 where
     the wgmma ``bwd_dq`` measured slower: n=1024 b=32 0.45 against 0.41 ms,
     ``h200_backward_knobs.json`` form ``fourteenth_dkdv_tma_d64``): the default at head_dim 64
-    where ``bwd_dkdv`` takes TMA (:data:`WGMMA_DKDV_TMA_NARROW_HEADS`, 8-10% faster backward)."""
+    where ``bwd_dkdv`` takes TMA with one segment per key row (:data:`WGMMA_DKDV_TMA_NARROW_HEADS`,
+    8-10% faster backward; with two, the fused dQ: :data:`WGMMA_FUSED_DQ_NARROW_HEADS`)."""
 
     forward: TiledKnobs
     br: int = BACKWARD_BR
@@ -218,16 +237,22 @@ def default_backward_mma_knobs(spec: BackwardSpec, target, forward: TiledKnobs |
     dO blocks by TMA (:data:`WGMMA_DKDV_TMA`) when ``dkdv_blocks`` (the blocks ``[HM, NB, 3]`` of
     bwd_dkdv's tile plan under the knobs returned without them: the TMA forms keep their tile
     shapes and grids, which the training plans check) all step rows by one; without them, the cp.async form. Below head_dim 128, where the forward takes its wgmma
-    form and ``dkdv_blocks`` all step rows by one, ``bwd_dkdv`` alone takes its wgmma form with
-    TMA, beside an ``mma.sync`` ``bwd_dq`` (:data:`WGMMA_DKDV_TMA_NARROW_HEADS`); else, and
-    without ``dkdv_blocks``, both kernels keep ``mma.sync``."""
+    form and ``dkdv_blocks`` all step rows by one, ``bwd_dkdv`` takes its wgmma form with TMA:
+    where key rows of the transposed mask have two or more segments computing dQ too
+    (:data:`WGMMA_FUSED_DQ_NARROW_HEADS`), else beside an ``mma.sync`` ``bwd_dq``
+    (:data:`WGMMA_DKDV_TMA_NARROW_HEADS`); otherwise, and without ``dkdv_blocks``, both kernels
+    keep ``mma.sync``."""
     forward = forward or default_tiled_knobs(spec.rows, target)
     bc = BACKWARD_BC if spec.rows.head_dim <= 64 else BACKWARD_BC_WIDE_HEADS
     mma = BackwardMmaKnobs(forward, dq_bc=bc, dkdv_bc=bc)
     if not forward.wgmma or not supports_wgmma(as_target(target)):
         return mma
     if spec.rows.head_dim < WGMMA_BACKWARD_MIN_HEAD_DIM:
-        return _with_dkdv_tma(spec, dataclasses.replace(mma, **WGMMA_DKDV_TMA_NARROW_HEADS), dkdv_blocks) or mma
+        narrow = dataclasses.replace(mma, **WGMMA_DKDV_TMA_NARROW_HEADS)
+        fused = dataclasses.replace(narrow, **WGMMA_FUSED_DQ_NARROW_HEADS)
+        if spec.columns.max_segments > 1 and _with_dkdv_tma(spec, fused, dkdv_blocks):
+            return fused
+        return _with_dkdv_tma(spec, narrow, dkdv_blocks) or mma
     hopper = dataclasses.replace(mma, **WGMMA_BACKWARD_WIDE_HEADS)
     if spec.columns.max_segments == 1:
         hopper = dataclasses.replace(hopper, dkdv_bc=WGMMA_DKDV_BC_ONE_SEGMENT)
@@ -293,9 +318,15 @@ def tensor_core_training_refusal(spec: BackwardSpec, target, knobs: BackwardMmaK
     return None
 
 
-def _flat(func, block):
+#: elements per thread of the elementwise casts (``bwd_dq_cast``, ``bwd_kv_cast``): one 16-byte
+#: float32 load and one 8-byte fp16/bf16 store each, where one element per thread moved 4 and 2
+#: bytes (measured with ``bwd_delta``'s docstring)
+CAST_VECTOR = 4
+
+
+def _flat(func, block, vector: int = 1):
     sch = s_tir.Schedule(func)
-    bind_flat_gpu(sch, block)
+    bind_flat_gpu(sch, block, vector=vector)
     return sch.mod["main"]
 
 
@@ -321,10 +352,10 @@ def backward_mma_funcs(spec: BackwardSpec, knobs: BackwardMmaKnobs, plan_shapes)
                                                 knobs.fused_dq, knobs.per_query_head, knobs.dkdv_tma)}
     kv_sums = per_query_head_sums(spec, knobs)
     if kv_sums:  # dK, dV added into float32 sums by the per-query-head programs: the cast after
-        funcs["bwd_kv_cast"] = _flat(kv_cast_func(spec.columns), SUM_BLOCK)
-    if knobs.fused_dq:  # dQ by bwd_dkdv: delta before it, the cast after
-        funcs["bwd_delta"] = delta_func(spec.rows)
-        funcs["bwd_dq_cast"] = _flat(dq_cast_func(spec.rows), SUM_BLOCK)
+        funcs["bwd_kv_cast"] = _flat(kv_cast_func(spec.columns), SUM_BLOCK, CAST_VECTOR)
+    if knobs.fused_dq:  # dQ by bwd_dkdv: delta (and the zeroed sums) before it, the cast after
+        funcs["bwd_delta"] = delta_func(spec.rows, zero_kv=kv_sums)
+        funcs["bwd_dq_cast"] = _flat(dq_cast_func(spec.rows), SUM_BLOCK, CAST_VECTOR)
     else:
         funcs["bwd_dq"] = backward_dq_mma_func(spec.rows, dq, knobs.warps, knobs.stages, dq_wgmma_form(knobs))
     if fwd.num_slots:

@@ -419,11 +419,16 @@ def _apply_tiled_gpu(sch, knobs, spec):
 FLAT_THREADS = 128
 
 
-def bind_flat_gpu(sch, block_name: str, threads: int = FLAT_THREADS) -> None:
+def bind_flat_gpu(sch, block_name: str, threads: int = FLAT_THREADS, vector: int = 1) -> None:
     """GPU schedule of a kernel whose block ``block_name`` does one independent piece of work
     per iteration of its loops (a row of ``merge`` or ``fallback``, an element of a sum): the
-    loops fused, ``threads`` iterations per thread block, one per thread."""
+    loops fused, ``threads`` iterations per thread block, one per thread; with ``vector`` > 1
+    (elementwise kernels whose iteration count it divides: the last loop is head_dim),
+    ``vector`` consecutive iterations per thread as one vector load and store."""
     fused = sch.fuse(*sch.get_loops(sch.get_sblock(block_name)))
+    if vector > 1:  # exact split first, so the bound check of the thread split leaves the lanes alone
+        fused, lanes = sch.split(fused, [None, vector])
+        sch.vectorize(lanes)
     bx, tx = sch.split(fused, [None, threads])
     sch.bind(bx, "blockIdx.x")
     sch.bind(tx, "threadIdx.x")
