@@ -1432,8 +1432,8 @@ def delta_func(spec: AttentionSpec, zero_kv: bool = False):
     V = DELTA_VECTOR
     lanes = D // V  # lanes per row
     if D % V or lanes & (lanes - 1) or lanes > 32:
-        raise ValueError(f"bwd_delta reads head_dim in {V}-element vectors, {V} to {32 * V} of them a power of two "
-                         f"per row; got head_dim {D}")
+        raise ValueError(f"bwd_delta reads head_dim in {V}-element vectors, a power of two of them from 1 to 32 "
+                         f"per row (head_dim {V} to {32 * V}); got head_dim {D}")
     per_warp = 32 // lanes
     per_block = DELTA_WARPS * per_warp
     shuffles = lanes.bit_length() - 1

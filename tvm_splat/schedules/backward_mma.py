@@ -134,9 +134,8 @@ WGMMA_DKDV_TMA_NARROW_HEADS = {"wgmma": True, "dkdv_tma": True, "dq_wgmma": Fals
 #: backward models suite (window +-256 n=2048 batch 16, forward+backward kernels: 1.433 ms fused
 #: in the seventeenth session's first run, 1.227 with the two kernels in its second, 1.217 in the
 #: sixteenth session's run) and no faster on block-local n=8192 (0.150 against 0.146-0.147 ms);
-#: grouped KV heads with one segment
-#: (causal window +-1023, 16/4 heads) measured 0.83 -> 0.79 (a program per query head 0.78) but
-#: are left to the two kernels by this rule. A program per query head is not taken at head_dim 64:
+#: grouped KV heads with one segment (causal window +-1023, 16/4 heads) measured 0.83 -> 0.79 (a
+#: program per query head 0.78) but are left to the two kernels by this rule. A program per query head is not taken at head_dim 64:
 #: the plans' grids would change between the default's two calls (:class:`~tvm_splat.training.TrainingPlan`).
 WGMMA_FUSED_DQ_NARROW_HEADS = {"fused_dq": "bulk", "per_query_head": False, "dq_wgmma": None}
 
