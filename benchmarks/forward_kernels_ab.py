@@ -1,8 +1,8 @@
 """Forward kernel throughput of the default plan, for A/B runs of two versions of the code (CUDA GPU).
 
-    python benchmarks/forward_kernels_ab.py LABEL OUT.json [--cases I,J..] [--variants JSON]
+    python benchmarks/forward_kernels_ab.py LABEL OUT.json [--cases I,J..] [--variants JSON] [--dtype bfloat16]
 
-Runs :data:`CASES` (fp16, seeded random inputs; ``--cases``: their indices) with the planner's
+Runs :data:`CASES` (fp16 unless ``--dtype``, seeded random inputs; ``--cases``: their indices) with the planner's
 default knobs and times
 ``AttentionPlan.run`` by CUDA events over 50 back-to-back calls, the median of 7 windows
 (:func:`tvm_splat.timing.throughput_ms`); each row also holds the output's absolute sum, which
@@ -31,21 +31,23 @@ CASES = [("global:4+window:256", 1, 12, 12, 4096, 64), ("global:4+window:256", 4
          ("global:4+window:128", 32, 12, 12, 1024, 64), ("window:256", 16, 16, 16, 2048, 64),
          ("causal_window:4095", 1, 32, 8, 8192, 128), ("window:1024", 1, 16, 16, 32768, 128),
          ("dilated:256:2", 1, 12, 12, 8192, 64), ("causal_strided:128", 1, 12, 12, 8192, 64),
-         ("dilated:512:4", 1, 8, 8, 8192, 128)]  # the cp.async wgmma form (non-unit steps at d=128)
+         ("dilated:512:4", 1, 8, 8, 8192, 128),  # the cp.async wgmma form (non-unit steps at d=128)
+         ("dilated:256:2", 1, 12, 12, 4096, 64), ("dilated:128:4", 1, 12, 12, 4096, 64)]  # the quick suite's
 
 
-def run_case(pattern, b, h, kvh, n, d, label, variants=({},)):
+def run_case(pattern, b, h, kvh, n, d, label, variants=({},), dtype="float16"):
     """One row per knob variant of the case (the first variant's output is the yardstick)."""
     gen = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(b, h, n, d, device="cuda", dtype=torch.float16, generator=gen)
-    k, v = (torch.randn(b, kvh, n, d, device="cuda", dtype=torch.float16, generator=gen) for _ in range(2))
+    q = torch.randn(b, h, n, d, device="cuda", dtype=getattr(torch, dtype), generator=gen)
+    k, v = (torch.randn(b, kvh, n, d, device="cuda", dtype=getattr(torch, dtype), generator=gen) for _ in range(2))
     mask = parse_pattern(pattern)
-    default = plan(mask, q.shape, k.shape, "float16", "cuda")
+    default = plan(mask, q.shape, k.shape, dtype, "cuda")
     rows, first = [], None
     for variant in variants:
-        row = {"tree": label, "case": f"{pattern} b={b} n={n} d={d}", **({"variant": variant} if variant else {})}
+        row = {"tree": label, "case": f"{pattern} b={b} n={n} d={d}", **({"dtype": dtype} if dtype != "float16" else {}),
+               **({"variant": variant} if variant else {})}
         try:
-            p = plan(mask, q.shape, k.shape, "float16", "cuda",
+            p = plan(mask, q.shape, k.shape, dtype, "cuda",
                      knobs=dataclasses.replace(default.knobs, **variant)) if variant else default
             out = p.run(q, k, v)
             first = out if first is None else first
@@ -58,14 +60,14 @@ def run_case(pattern, b, h, kvh, n, d, label, variants=({},)):
     return rows
 
 
-def main(label, out_path, cases=None, variants=({},)):
+def main(label, out_path, cases=None, variants=({},), dtype="float16"):
     if not torch.cuda.is_available():
         raise SystemExit("forward_kernels_ab.py needs a CUDA GPU")
     chosen = [CASES[i] for i in (range(len(CASES)) if cases is None else cases)]
-    run_case(*chosen[0], label)  # warm-up: the GPU leaves its idle clock
+    run_case(*chosen[0], label, dtype=dtype)  # warm-up: the GPU leaves its idle clock
     rows = []
     for case in chosen:
-        for row in run_case(*case, label, variants):
+        for row in run_case(*case, label, variants, dtype):
             print(json.dumps(row), flush=True)
             rows.append(row)
         with open(out_path, "w") as f:
@@ -92,5 +94,6 @@ if __name__ == "__main__":
     parser.add_argument("out")
     parser.add_argument("--cases", type=_indices, default=None, help="indices of CASES, comma-separated")
     parser.add_argument("--variants", type=_variants, default=[{}], help="JSON list of TiledKnobs overrides")
+    parser.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
     args = parser.parse_args()
-    main(args.label, args.out, args.cases, args.variants)
+    main(args.label, args.out, args.cases, args.variants, args.dtype)

@@ -145,5 +145,5 @@ def test_default_variant_and_untuned_knobs():
     # a plan without a record uses them (the tuning logs hold nothing for n=4096, b=3)
     made = plan(acsr, (3, 12, 4096, 64), None, "float16", None, target=h100)
     assert made.knobs_source == "default"
-    assert made.knobs == default_tiled_knobs(made.spec, h100, unit_steps=True) and made.knobs.stages == 2
+    assert made.knobs == default_tiled_knobs(made.spec, h100, tma_steps=True) and made.knobs.stages == 2
     assert made.knobs.tma  # a window's blocks all have step 1: the Hopper TMA form

@@ -45,7 +45,7 @@ from .kernels import VARIANTS
 from .kernels.common import KV_LEN
 from .kernels.spec import SUPPORTED_DTYPES, AttentionSpec, check_buffer_sizes
 from .kernels.tiled import partial_shapes, split_shapes
-from .kernels.tiled_mma import check_tma_plan
+from .kernels.tiled_mma import check_tma_step
 from .records import tuned_tiled_knobs
 from .schedules.row import RowKnobs
 from .schedules.targets import arch_specific, as_target, is_gpu, target_key
@@ -123,23 +123,27 @@ CPU_VARIANT = "separate"
 CPU_SCRATCH_BYTES = 1 << 30
 
 
-def default_knobs(spec: AttentionSpec, target, acsr: ACSR | None = None, tma: bool = True) -> TiledKnobs:
+def default_knobs(spec: AttentionSpec, target, acsr: ACSR | None = None, tma: bool = True,
+                  stepped_tma: bool = True) -> TiledKnobs:
     """The untuned tiled knobs of a workload: :func:`default_tiled_knobs`, told what the tile
     plan of its Hopper form looks like (when the ACSR is known): how many components it has
-    (multi-component plans keep the mma form) and the largest step of its column blocks (step
-    1 everywhere is the TMA form's condition, ``tma=False`` never takes that form; above 1 the
-    mma form). Without the ACSR: the spec
-    alone, never TMA."""
+    (multi-component plans keep the mma form), the largest step of its column blocks, and
+    whether a tensor map loads them (the TMA form's condition: one step for all blocks, 1 or a
+    dilation dividing n, :func:`~tvm_splat.kernels.tiled_mma.check_tma_step`; ``tma=False``
+    never takes that form, ``stepped_tma=False`` only with blocks of step 1). Without the ACSR:
+    the spec alone, never TMA."""
     knobs = default_tiled_knobs(spec, target)
     if acsr is None:
         return knobs
-    hopper = default_tiled_knobs(spec, target, unit_steps=tma)
+    hopper = default_tiled_knobs(spec, target, tma_steps=tma)
     if not hopper.wgmma:
         return knobs
     tile_plan = tile_plan_of(acsr, hopper, spec.batch * spec.heads)
     components = tile_plan.shape.num_components
     max_step = int(tile_plan.blocks[..., 1].max(initial=1))
-    return default_tiled_knobs(spec, target, components, tma and max_step <= 1, max_step)
+    step = tile_plan.shape.step
+    tma_steps = tma and (step == 1 or stepped_tma and step > 1 and spec.seq_len % step == 0)
+    return default_tiled_knobs(spec, target, components, tma_steps, max_step)
 
 
 def choose_knobs(spec: AttentionSpec, target, variant: str, knobs=None, acsr: ACSR | None = None):
@@ -241,7 +245,7 @@ class AttentionPlan:
         if variant == "tiled":
             self.tile_plan = tile_plan_of(acsr, knobs, spec.batch * spec.heads)
             if knobs.tma and uses_mma(spec, knobs, target):
-                check_tma_plan(self.tile_plan.blocks, "this mask", "tma=False")
+                check_tma_step(self.tile_plan.shape.step, spec.seq_len, "this mask", "tma=False")
             o_shape, ml_shape = partial_shapes(spec, self.tile_plan.shape.num_components)
             so_shape, sml_shape = split_shapes(spec, self.tile_plan.shape)
             self.scratch = {"o_part": (o_shape, "float32"), "ml_part": (ml_shape, "float32"),

@@ -107,8 +107,11 @@ class TrainingPlan:
             self.fallback_reason = "tensor_cores=False"
         elif is_gpu(target) and spec.rows.dtype in MMA_TYPES:
             # the forward planner's rule: several components keep the mma form; one component of
-            # unit-step blocks at a head_dim multiple of 64 on sm_90a takes the TMA form
-            forward = None if mma_knobs else default_knobs(spec.rows, target, acsr)
+            # unit-step blocks at a head_dim multiple of 64 on sm_90a takes the TMA form. Not on
+            # dilated blocks (the inference default there since the eighteenth session): the
+            # backward's default form follows the forward's wgmma, and on stepped plans its
+            # wgmma form was never measured faster (the same at d=128); asked for, it runs
+            forward = None if mma_knobs else default_knobs(spec.rows, target, acsr, stepped_tma=False)
             knobs = mma_knobs or default_backward_mma_knobs(spec, target, forward)
             # the split rule sees each kernel's grid: the forward and bwd_dq run a program per
             # query head, bwd_dkdv one per KV head unless it sums per query head

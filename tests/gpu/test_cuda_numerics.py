@@ -208,6 +208,38 @@ def test_cuda_wgmma_gqa_and_head_dims(pattern, n, d, stages, kv_heads, dtype, rn
     np.testing.assert_allclose(out.double().cpu().numpy(), ref, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("kv_heads", [1, 2])
+@pytest.mark.parametrize("form", ["tma", "tma_two_warpgroups", "tma_bc16_split_kv"])
+@pytest.mark.parametrize("pattern,n,d", [("dilated:24:3", 300, 128), ("dilated:17:2", 302, 64),
+                                         ("dilated:9:4", 260, 64)])
+def test_cuda_tma_dilated_forms(pattern, n, d, form, kv_heads, dtype, rng):
+    """The TMA form on dilated masks: rows regrouped by residue, column blocks of one step > 1
+    loaded through the 5-D tensor map (residue, row within the class; the last block of a
+    class zero-filled past n); GQA/MQA, d = 64 and 128, split-KV. A NaN in one key and another
+    value reaches exactly the rows whose mask holds them: the blocks loaded hold keys that many
+    of their rows do not attend (window edges), and those rows stay finite."""
+    from tvm_splat import parse_pattern, sparse_attention
+    from tvm_splat.attention import plan_for
+    from tvm_splat.schedules.tiled import TiledKnobs
+
+    q = rng.standard_normal((2, 4, n, d))
+    k, v = (rng.standard_normal((2, kv_heads, n, d)) for _ in range(2))
+    k[0, 0, 101, 7] = np.nan
+    v[1, kv_heads - 1, 150, 3] = np.nan
+    (tq, tk, tv), (q64, k64, v64) = _cuda([q, k, v], dtype)
+    knobs = TiledKnobs(use_tensor_cores=True, **TMA_FORMS[form])
+    made = plan_for(tq, tk, tv, pattern, knobs=knobs)
+    assert made.knobs.tma and made.tile_plan.shape.step == int(pattern.split(":")[-1])
+    out = sparse_attention(tq, tk, tv, pattern, variant="tiled", knobs=knobs).double().cpu().numpy()
+    ref = masked_attention(q64, k64, v64, parse_pattern(pattern).dense_mask(n))
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
+    assert np.isnan(ref).any() and (~np.isnan(ref)).any()
+    ok = ~np.isnan(ref)
+    tol = 2e-2 if dtype == "float16" else 4e-2
+    np.testing.assert_allclose(out[ok], ref[ok], atol=tol, rtol=tol)
+
+
 @pytest.mark.parametrize("form", [dict(stages=1), dict(stages=2), dict(stages=4), dict(stages=2, tma=True)],
                          ids=["one_stage", "two_stages", "pipelined", "tma"])
 def test_cuda_wgmma_nan_in_masked_keys_and_values_does_not_leak(form, rng):

@@ -131,8 +131,9 @@ def test_training_forward_takes_the_tma_form_where_inference_does(d):
     """The training forward follows the forward planner's rule, TMA included (one component of
     unit-step blocks, head_dim a multiple of 64, sm_90a), and fwd_lse is then really built in
     the TMA form: K/V by cp.async.bulk.tensor against mbarriers, its registers capped at 128
-    without spilling (ptxas), as the inference kernel. Dilated blocks keep the cp.async form,
-    and TMA knobs asked for them are refused with the reason named."""
+    without spilling (ptxas), as the inference kernel. Dilated blocks keep the cp.async form
+    by default; asked for, the TMA form takes them where the step divides n (the 5-D tensor
+    map) and is refused with the reason named where it does not."""
     import dataclasses
 
     from tvm_splat.planner import default_knobs
@@ -155,12 +156,21 @@ def test_training_forward_takes_the_tma_form_where_inference_does(d):
     registers, spills = ptxas_usage(src, "fwd_lse_kernel", H100)
     assert registers <= 128 and spills == 0, (registers, spills)
 
+    # dilated blocks: the cp.async form by default (the backward's form follows the forward's
+    # wgmma, unmeasured on stepped plans); the TMA form when asked for and the step divides n
     dilated = plan_training(DilatedWindow(16, 2), shape, shape, "float16", "cuda", target=H100)
     assert dilated.kernels == "tensor-cores" and not dilated.mma_knobs.forward.tma
+    assert default_knobs(dilated.spec.rows, dilated.target, dilated.acsr).tma  # inference's default
     tma = dataclasses.replace(dilated.mma_knobs, forward=dataclasses.replace(plan.mma_knobs.forward,
                                                                              split_blocks=0))
-    refused = plan_training(DilatedWindow(16, 2), shape, shape, "float16", "cuda", target=H100, mma_knobs=tma)
-    assert refused.kernels == "rows" and "step 1 only" in refused.fallback_reason
+    stepped = plan_training(DilatedWindow(16, 2), shape, shape, "float16", "cuda", target=H100, mma_knobs=tma)
+    assert stepped.kernels == "tensor-cores" and stepped.tile_plans[0].shape.step == 2  # 512 = 2 x 256
+    src = cuda_source(compile_backward_mma(stepped.spec, stepped.target, stepped.mma_knobs,
+                                           [p.shape for p in stepped.tile_plans], use_disk_cache=False))
+    assert "cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes" in src
+    odd = (1, 4, 511, d)
+    refused = plan_training(DilatedWindow(16, 2), odd, odd, "float16", "cuda", target=H100, mma_knobs=tma)
+    assert refused.kernels == "rows" and "n=511: use tma=False" in refused.fallback_reason
 
 
 def test_shapes_it_cannot_take_are_named():

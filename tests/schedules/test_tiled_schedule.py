@@ -206,6 +206,23 @@ def test_tma_form_compiles_with_tensor_maps(d, dtype, kv_len):
     assert nvcc_compile(src, H100)
 
 
+@pytest.mark.parametrize("step,d,warps", [(2, 64, 4), (4, 128, 8)])
+def test_tma_form_loads_dilated_blocks_by_a_strided_tensor_map(step, d, warps):
+    """A dilated mask's column blocks (rows ``r, r + step, ...``, one step for the whole plan)
+    arrive by TMA through a 5-D tensor map (residue, row within the residue class): the copies
+    are 5-D, their coordinates the block's first row split by the step, and nvcc compiles it;
+    the plan's shape carries the step, so it names the compiled kernel."""
+    from tvm_splat.compile import nvcc_compile
+    from tvm_splat.formats import DilatedWindow
+
+    knobs = TiledKnobs(use_tensor_cores=True, br=16 * warps, warps=warps, wgmma=True, tma=True)
+    src, plan = _cuda_source(DilatedWindow(40, step), 512, knobs, heads=4, d=d)
+    assert plan.shape.step == step and plan.shape.key.endswith(f"_st{step}")
+    assert "cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes" in src
+    assert "cp.async.bulk.tensor.4d" not in src
+    assert nvcc_compile(src, H100)
+
+
 @pytest.mark.parametrize("pattern,d,warps,blocks", [(Window(256), 128, 8, 2), (GlobalTokens(4) | Window(256), 64, 4, 4),
                                                      (GlobalTokens(4) | Window(256), 128, 8, 0)])
 def test_tma_form_fits_its_blocks_per_sm_without_spills(pattern, d, warps, blocks):
@@ -232,8 +249,11 @@ def test_tma_knobs_and_masks_it_refuses():
 
     knobs = TiledKnobs(use_tensor_cores=True, wgmma=True, tma=True)
     plan(Window(8), (1, 2, 128, 64), None, "float16", None, target=H100, knobs=knobs)  # step 1: taken
-    with pytest.raises(ValueError, match="step 1 only"):
-        plan(DilatedWindow(8, 2), (1, 2, 128, 64), None, "float16", None, target=H100, knobs=knobs)
+    plan(DilatedWindow(8, 2), (1, 2, 128, 64), None, "float16", None, target=H100, knobs=knobs)  # one step: taken
+    with pytest.raises(ValueError, match="multiple of it; this mask has n=129"):
+        plan(DilatedWindow(8, 2), (1, 2, 129, 64), None, "float16", None, target=H100, knobs=knobs)
+    with pytest.raises(ValueError, match="mixes steps"):
+        plan("global:2+dilated:8:2", (1, 2, 128, 64), None, "float16", None, target=H100, knobs=knobs)
     acsr = ACSR.from_pattern(Window(8), 128)
     with pytest.raises(ValueError, match="multiple of 64"):
         tiled_funcs(AttentionSpec.from_acsr(acsr, 1, 2, 32, "float16"), plan_tiles(acsr, knobs).shape, knobs, H100)

@@ -67,13 +67,13 @@ def test_mma_programs_and_batches_for_the_gpu():
     groups = program_choices(TiledKnobs(br=64, bc=64, use_tensor_cores=True), spec, h100, m_tiles=(1, 2))
     assert sorted((g[0].warps, g[0].m_tiles, g[0].stages, g[0].wgmma) for g in groups) == [
         (2, 2, 1, False), (2, 2, 2, False), (4, 1, 1, False), (4, 1, 1, True), (4, 1, 2, False), (4, 1, 2, True)]
-    with_tma = program_choices(TiledKnobs(br=64, bc=64, use_tensor_cores=True), spec, h100, unit_steps=True)
+    with_tma = program_choices(TiledKnobs(br=64, bc=64, use_tensor_cores=True), spec, h100, tma_steps=True)
     assert [(g[0].stages, g[0].tma) for g in with_tma if g[0].wgmma] == [(1, False), (2, False), (2, True)]
     assert not any(g[0].tma for g in program_choices(TiledKnobs(br=64, bc=64, use_tensor_cores=True), spec, h100,
-                                                     stages=(1,), unit_steps=True))  # TMA is two-stage
+                                                     stages=(1,), tma_steps=True))  # TMA is two-stage
     spec96 = AttentionSpec.from_acsr(acsr, 1, 2, 96, "float16")  # not a multiple of 64: no TMA
     assert not any(g[0].tma for g in program_choices(TiledKnobs(br=64, bc=64, use_tensor_cores=True), spec96, h100,
-                                                     unit_steps=True))
+                                                     tma_steps=True))
     sm80 = tvm.target.Target("nvidia/nvidia-a100")  # no wgmma before Hopper
     assert not any(g[0].wgmma for g in program_choices(TiledKnobs(br=64, bc=64, use_tensor_cores=True), spec, sm80))
     assert all(len(g) == 1 for g in groups)
@@ -111,7 +111,7 @@ def test_the_tuners_builder_builds_the_tma_program():
     h100 = tvm.target.Target("nvidia/nvidia-h100")
     made = plan(Window(24), (1, 2, 200, 64), None, "float16", None, target=h100,
                 knobs=TiledKnobs(br=64, bc=64, use_tensor_cores=True))
-    (tma,) = [g[0] for g in program_choices(made.knobs, made.spec, h100, unit_steps=True) if g[0].tma]
+    (tma,) = [g[0] for g in program_choices(made.knobs, made.spec, h100, tma_steps=True) if g[0].tma]
     name = tiled_program_name(tma, True)
     assert name.endswith("_s2_wg_tma")
     func = tiled_funcs(made.spec, made.tile_plan.shape, tma, h100)["tiled"].with_attr("global_symbol", name)

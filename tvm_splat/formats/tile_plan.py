@@ -68,12 +68,14 @@ class PlanShape:
     bc: int
     num_slots: int = 0   # NS: split-KV chunks of a head (0 = no split, no split-merge kernel)
     num_groups: int = 0  # NG: split tiles of a head
+    step: int = 1        # the step every column block shares (dilated: the dilation), 0: mixed
 
     @property
     def key(self) -> str:
         split = f"_s{self.num_slots}g{self.num_groups}" if self.num_slots else ""
+        step = f"_st{self.step}" if self.step != 1 else ""
         return (f"t{self.num_tiles}_nb{self.num_blocks}_c{self.num_components}"
-                f"_f{self.num_fallback}_br{self.br}_bc{self.bc}{split}")
+                f"_f{self.num_fallback}_br{self.br}_bc{self.bc}{split}{step}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -121,7 +123,21 @@ class TilePlan:
         groups = int(self.splits.shape[1]) if self.num_slots else 0  # padded to the most of a head
         return PlanShape(int(self.tiles.shape[1]), int(self.blocks.shape[1]),
                          int(self.comp_rstride.shape[1]), int(self.num_fallback),
-                         self.br, self.bc, int(self.num_slots), groups)
+                         self.br, self.bc, int(self.num_slots), groups, self.block_step)
+
+    @cached_property
+    def block_step(self) -> int:
+        """The step every column block the tiles use shares: 1 for windows and blocks, the
+        dilation for a dilated mask (whose rows are regrouped by residue), 0 when the steps
+        differ (unions such as causal strided); 1 for a plan without blocks. A tensor map can
+        load a block of one fixed step (:func:`~tvm_splat.kernels.tiled_mma.encode_row_block_map`)."""
+        heads, nb = self.blocks.shape[:2]
+        ranges = np.zeros((heads, nb + 1), dtype=np.int64)  # +1 at each tile's first block, -1 past its last
+        h = np.broadcast_to(np.arange(heads)[:, None], self.tiles.shape[:2])
+        np.add.at(ranges, (h, self.tiles[..., 4]), 1)
+        np.add.at(ranges, (h, self.tiles[..., 5]), -1)
+        steps = np.unique(self.blocks[..., 1][np.cumsum(ranges, axis=1)[:, :nb] > 0])
+        return 1 if steps.size == 0 else int(steps[0]) if steps.size == 1 else 0
 
     def stats(self) -> dict:
         """Work counters (for tuning and reports): blocks, full blocks, computed scores."""

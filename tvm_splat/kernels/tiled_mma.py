@@ -63,6 +63,18 @@ WGMMA_TYPES = {"float16": "f16", "bfloat16": "bf16"}
 WGMMA_PAIR_TYPES = {"float16": "float16x2", "bfloat16": "bfloat16x2"}
 
 
+#: ``cvt`` to two rounded 16-bit values in one 32-bit register, per input dtype
+PACKED_CVT = {"float16": "f16x2", "bfloat16": "bf16x2"}
+
+
+def convert_pair(words, index, lo, hi, dtype: str):
+    """``words[index]`` (a uint32 view of a ``dtype`` buffer, float16 or bfloat16) = float32
+    ``lo`` and ``hi`` rounded to nearest, ``lo`` in the low half (the element at the even
+    position): one ``cvt.rn.{f16x2,bf16x2}.f32``, whose first source is the high half. A TIR
+    expression."""
+    return T.ptx[f"cvt.rn.{PACKED_CVT[dtype]}.f32"](words[index], hi, lo)
+
+
 def wgmma_op(n: int, dtype: str) -> str:
     """The PTX name of a warpgroup MMA of 64 x ``n`` x 16 with float32 accumulators on
     ``dtype`` operands (``T.ptx[...]``; ss or rs by its arguments)."""
@@ -104,24 +116,35 @@ def swizzled_mn_major_desc(desc, smem, base, rows: int, kc):
                                                  rows * 8, 64, 3)
 
 
-def encode_row_block_map(tmap, data, heads: int, n: int, d: int, rows: int, dtype: str):
+def encode_row_block_map(tmap, data, heads: int, n: int, d: int, rows: int, dtype: str, step: int = 1):
     """Host side: encode ``tmap`` as the tensor map of a ``[heads, n, d]`` tensor (``heads``:
-    batch x heads, flattened) whose boxes are ``rows`` consecutive sequence rows of one head,
+    batch x heads, flattened) whose boxes are ``rows`` sequence rows of one head, ``step`` apart,
     landing as :func:`swizzle128_elem` reads them. Dimensions innermost first: 64 elements (128
     bytes: one swizzle row), sequence rows, 64-column halves, heads; rows past ``n`` arrive as
-    zeros."""
-    return T.tensormap_encode_tiled(tmap, data, 64, n, d // 64, heads, d * 2, 128, n * d * 2,
-                                    64, rows, d // 64, 1, 1, 1, 1, 1, descriptor_dtype=dtype, rank=4, swizzle=3)
+    zeros. With ``step > 1`` (``n`` a multiple of it: the rows of a dilated mask's column
+    blocks, ``r, r + step, ...``) the rows are two dimensions, the residue ``r`` (box 1) and
+    the row within the residue class (stride ``step`` rows, box ``rows``): the box lands in
+    the same layout."""
+    if step == 1:
+        return T.tensormap_encode_tiled(tmap, data, 64, n, d // 64, heads, d * 2, 128, n * d * 2,
+                                        64, rows, d // 64, 1, 1, 1, 1, 1, descriptor_dtype=dtype, rank=4, swizzle=3)
+    if step < 1 or n % step:
+        raise ValueError(f"a tensor map of rows {step} apart needs n a multiple of the step, got n={n}")
+    return T.tensormap_encode_tiled(tmap, data, 64, step, n // step, d // 64, heads,
+                                    d * 2, step * d * 2, 128, n * d * 2,
+                                    64, 1, rows, d // 64, 1, 1, 1, 1, 1, 1, descriptor_dtype=dtype, rank=5, swizzle=3)
 
 
-def tma_copy_rows(smem, offset, tmap, row0, head, ready, st):
-    """One TMA copy: the box of :func:`encode_row_block_map`'s ``tmap`` at sequence row ``row0``
-    of flattened head ``head`` -> ``smem[offset]``, completing its bytes on mbarrier ``ready[st]``
-    (a TIR expression; one thread issues it, after the barrier's ``expect_tx``)."""
+def tma_copy_rows(smem, offset, tmap, row0, head, ready, st, step: int = 1):
+    """One TMA copy: the box of :func:`encode_row_block_map`'s ``tmap`` (of the same ``step``)
+    whose first row is sequence row ``row0`` of flattened head ``head`` -> ``smem[offset]``,
+    completing its bytes on mbarrier ``ready[st]`` (a TIR expression; one thread issues it,
+    after the barrier's ``expect_tx``). A row before 0 or past n arrives as zeros."""
+    coords = (0, row0, 0, head) if step == 1 else (0, T.floormod(row0, step), T.floordiv(row0, step), 0, head)
     return T.ptx.cp(T.cuda.cvta_generic_to_shared(T.address_of(smem[offset])),
-                    T.reinterpret(T.handle().ty, T.address_of(tmap)), 0, row0, 0, head,
+                    T.reinterpret(T.handle().ty, T.address_of(tmap)), *coords,
                     T.cuda.cvta_generic_to_shared(T.address_of(ready[st])),
-                    "async", "bulk", "tensor", "4d", "shared::cluster", "global", "",
+                    "async", "bulk", "tensor", f"{len(coords)}d", "shared::cluster", "global", "",
                     "mbarrier::complete_tx::bytes", "", "", "", "")
 
 
@@ -135,16 +158,17 @@ def init_stage_barriers(ready, stages: int, tid):
 
 
 @T.macro
-def issue_tma_pair(smem, ready, st, nbytes, first_map, first_offset, second_map, second_offset, row0, head):
+def issue_tma_pair(smem, ready, st, nbytes, first_map, first_offset, second_map, second_offset, row0, head,
+                   step: int):
     # one thread: stage st's mbarrier expects the ``nbytes`` of both copies, then the two tensor
-    # copies (rows row0.. of flattened head ``head``; rows past n arrive as zeros) land at the two
-    # offsets. The fence orders the generic-proxy accesses of the stage's previous block before
-    # the copies' writes
+    # copies (rows row0, row0 + step, ... of flattened head ``head``; rows past n arrive as
+    # zeros) land at the two offsets. The fence orders the generic-proxy accesses of the
+    # stage's previous block before the copies' writes
     T.ptx["fence.proxy.async.shared::cta"]()
     T.ptx.mbarrier(T.cuda.cvta_generic_to_shared(T.address_of(ready[st])), T.uint32(nbytes),
                    "arrive", "expect_tx", "", "", "shared", "b64", "")
-    T.evaluate(tma_copy_rows(smem, first_offset, first_map, row0, head, ready, st))
-    T.evaluate(tma_copy_rows(smem, second_offset, second_map, row0, head, ready, st))
+    T.evaluate(tma_copy_rows(smem, first_offset, first_map, row0, head, ready, st, step))
+    T.evaluate(tma_copy_rows(smem, second_offset, second_map, row0, head, ready, st, step))
 
 
 def chunk_position(i, chunks_per_row: int, core_rows_first: bool):
@@ -208,6 +232,18 @@ def check_tma_plan(blocks, which: str, knob: str) -> None:
                          f"{int(blocks[..., 1].max())} (dilated or strided): use {knob}")
 
 
+def check_tma_step(step: int, n: int, which: str, knob: str) -> None:
+    """Raise ``ValueError`` unless the forward's TMA form can load the column blocks of a plan
+    whose blocks share the step ``step`` (``PlanShape.step``; 0: steps differ) for sequences of
+    ``n``: one step, and ``n`` a multiple of it (:func:`encode_row_block_map`)."""
+    if step < 1:
+        raise ValueError(f"the TMA form loads column blocks of one step; {which} mixes steps "
+                         f"(a union such as causal strided): use {knob}")
+    if n % step:
+        raise ValueError(f"the TMA form loads column blocks of step {step} only where the sequence "
+                         f"length is a multiple of it; {which} has n={n}: use {knob}")
+
+
 def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int = 1, stages: int = 2,
                    wgmma: bool = False, tma: bool = False, with_lse: bool = False):
     """The warp-level tiled kernel for ``spec`` and a plan of shape ``plan_shape``
@@ -233,10 +269,11 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     (``cp.async.bulk.tensor``), one thread issuing both copies of a block against an mbarrier
     of its stage that every thread then waits on, instead of 128-256 threads each issuing
     ``cp.async`` chunks; the blocks land 128-byte swizzled (:func:`check_tma_shape`), which the
-    wgmma descriptors and every shared read of K/V follow. For unit-step column blocks only
-    (the tensor map steps rows by one); key rows past a length are not zero-filled (their
-    scores are selected away and every block crossing the length checks its V, as PARTIAL
-    blocks do).
+    wgmma descriptors and every shared read of K/V follow. For plans whose column blocks share
+    one step (``plan_shape.step``: 1, or a dilated mask's dilation, with n a multiple of it,
+    :func:`check_tma_step`): the tensor map steps rows by it (:func:`encode_row_block_map`);
+    key rows past a length are not zero-filled (their scores are selected away and every
+    block crossing the length at its last row checks its V, as PARTIAL blocks do).
 
     ``with_lse=True`` (training, :mod:`tvm_splat.kernels.backward_mma`): on a plan of one
     component, a last parameter ``lse [B, H, N]`` float32 receives the natural-log log-sum-exp
@@ -252,7 +289,9 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         check_wgmma_shape(spec, plan_shape.br, plan_shape.bc, warps, m_tiles)
     if tma:
         check_tma_shape(spec, wgmma, stages)
+        check_tma_step(plan_shape.step, spec.seq_len, "this plan", "tma=False")
     B, H, KVH, G, N, D = spec.batch, spec.heads, spec.kv_heads, spec.group, spec.seq_len, spec.head_dim
+    STEP = plan_shape.step if tma else 1  # rows between a TMA block's rows
     HM, S, dt = spec.mask_heads, spec.max_segments, spec.dtype
     NT, NB, C = plan_shape.num_tiles, plan_shape.num_blocks, plan_shape.num_components
     BR, BC, W, MT = plan_shape.br, plan_shape.bc, warps, m_tiles
@@ -403,7 +442,8 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     @T.macro
     def issue_kv_tma(smem, ready, kmap, vmap, col0, bhk, st):
         # one thread: the K and V blocks at rows col0.. of KV head bhk -> stage st
-        issue_tma_pair(smem, ready, st, 2 * KV_BYTES, kmap, K_OFF + st * BC * D, vmap, V_OFF + st * BC * D, col0, bhk)
+        issue_tma_pair(smem, ready, st, 2 * KV_BYTES, kmap, K_OFF + st * BC * D, vmap, V_OFF + st * BC * D, col0, bhk,
+                       STEP)
 
     @T.macro
     def flag_nonfinite_v(smem, vbad, words, nonfinite, st, j, tid):
@@ -474,9 +514,17 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                             sacc[(mt * NTL + nt) * 4 + i] * scale, neg_inf)
 
     @T.macro
-    def online_softmax(sacc, pf, oacc, ms, ls, mb, al):
+    def online_softmax(sacc, pf, pw, oacc, ms, ls, mb, al):
         # running max (4 lanes per row), rescale factor, P = 2^(S - m) as the A operand of
-        # P V (two 8-column accumulator tiles = one 16-deep k-step), row sums of the rounded P
+        # P V (two 8-column accumulator tiles = one 16-deep k-step), row sums of the float32 P.
+        # Each pair of a row's columns is rounded by one packed cvt: ptxas merged element-wise
+        # float16 casts into packed F2FP instructions, but half of the bfloat16 ones became
+        # single F2F.BF16.F32 (SASS of window +-1024 d=128 on the H200: 32 F2FP + 32 F2F for
+        # 64 F2FP at float16). Summing the float32 P, as FlashAttention does, also drops the
+        # widening of each rounded P back to float32 (160 HADD2.F32 at float16). Both: window
+        # +-1024 n=32k d=128 bf16 1.431 -> 1.287 ms, fp16 1.395 -> 1.320; causal window 4095
+        # n=8k bf16 0.996 -> 0.892, fp16 0.964 -> 0.918; Longformer-base b=8 bf16 0.445 -> 0.398
+        # (``benchmarks/results/h200_forward_ab.json`` form ``eighteenth_packed_cvt``)
         for i in T.unroll(RS):
             mb[i] = neg_inf
         for mt in T.unroll(MT):
@@ -493,10 +541,14 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         for mt in T.unroll(MT):
             for kc in T.unroll(KC):
                 for hn in T.unroll(2):
-                    for i in T.unroll(4):
-                        pf[(mt * KC + kc) * 8 + hn * 4 + i] = T.Cast(
-                            dt, T.exp2(sacc[(mt * NTL + kc * 2 + hn) * 4 + i] - ms[mt * 2 + i // 2]))
-                        ls[mt * 2 + i // 2] = ls[mt * 2 + i // 2] + T.Cast("float32", pf[(mt * KC + kc) * 8 + hn * 4 + i])
+                    for r2 in T.unroll(2):  # columns 2 r2, 2 r2 + 1 (one row): one packed cvt
+                        T.evaluate(convert_pair(
+                            pw, (mt * KC + kc) * 4 + hn * 2 + r2,
+                            T.exp2(sacc[(mt * NTL + kc * 2 + hn) * 4 + r2 * 2] - ms[mt * 2 + r2]),
+                            T.exp2(sacc[(mt * NTL + kc * 2 + hn) * 4 + r2 * 2 + 1] - ms[mt * 2 + r2]), dt))
+                        ls[mt * 2 + r2] = ls[mt * 2 + r2] + (
+                            T.exp2(sacc[(mt * NTL + kc * 2 + hn) * 4 + r2 * 2] - ms[mt * 2 + r2])
+                            + T.exp2(sacc[(mt * NTL + kc * 2 + hn) * 4 + r2 * 2 + 1] - ms[mt * 2 + r2]))
         for mt in T.unroll(MT):
             for dtl in T.unroll(DT):
                 for i in T.unroll(4):
@@ -586,7 +638,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
 
     @T.macro
     def pipelined_block(j, nblk, s_cur, s_next, smem, k, v, blocks, hm, blk_lo, b, hk, tid, w, lane, sg, rng,
-                        pf, oacc, ms, ls, mb, al, desc, vbad, vflag, words, nonfinite, klen):
+                        pf, pw, oacc, ms, ls, mb, al, desc, vbad, vflag, words, nonfinite, klen):
         # block j of the pipelined form: S_j is in flight in s_cur (issued one block before)
         if j + 1 < nblk:  # block j + 1 has landed (own copies), its V checked, then the barrier
             T.evaluate(T.ptx["cp.async.wait_group"](0))
@@ -608,7 +660,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         sig: T.let[T.int32] = blocks[hm, blk_lo + j, 1]
         full: T.let[T.int32] = blocks[hm, blk_lo + j, 2]
         mask_scores(s_cur, sg, rng, full, col0, sig, lane, klen)
-        online_softmax(s_cur, pf, oacc, ms, ls, mb, al)
+        online_softmax(s_cur, pf, pw, oacc, ms, ls, mb, al)
         T.ptx.ld.shared.b32(vflag[0], T.address_of(vbad[j % stages]))
         if vflag[0] == j + 1:
             T.ptx.wgmma.wait_group.sync.aligned(0)  # nothing of ours in flight across the exact path
@@ -680,8 +732,8 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
             # row, rows, d-halves, batch x KV head), boxes of BC rows, 128-byte swizzle
             kmap: T.let[T.TensorMap()] = T.tvm_stack_alloca("tensormap", 1)
             vmap: T.let[T.TensorMap()] = T.tvm_stack_alloca("tensormap", 1)
-            T.evaluate(encode_row_block_map(kmap, k.data, B * KVH, N, D, BC, dt))
-            T.evaluate(encode_row_block_map(vmap, v.data, B * KVH, N, D, BC, dt))
+            T.evaluate(encode_row_block_map(kmap, k.data, B * KVH, N, D, BC, dt, STEP))
+            T.evaluate(encode_row_block_map(vmap, v.data, B * KVH, N, D, BC, dt, STEP))
         for vbh in T.thread_binding(B * H, thread="blockIdx.x"):
             for vt in T.thread_binding(tile_grid_rows(NT, "tiled"), thread="blockIdx.y"):
                 with launch_bounds(MIN_BLOCKS):
@@ -701,6 +753,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                 qf = T.sblock_alloc_buffer((MT * KD * 8,), dt, scope="local")
                                 bf = T.sblock_alloc_buffer((8,), dt, scope="local")
                                 pf = T.sblock_alloc_buffer((MT * KC * 8,), dt, scope="local")
+                                pw = T.decl_buffer((MT * KC * 4,), "uint32", data=pf.data, scope="local")  # pf's pairs
                                 sacc = T.sblock_alloc_buffer((MT * NTL * 4,), "float32", scope="local")
                                 sacc2 = T.sblock_alloc_buffer((MT * NTL * 4,), "float32", scope="local")
                                 oacc = T.sblock_alloc_buffer((MT * DT * 4,), "float32", scope="local")
@@ -782,11 +835,11 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                     # register sets named statically
                                     for jj in T.serial((blk_hi - blk_lo + 1) // 2):
                                         pipelined_block(2 * jj, blk_hi - blk_lo, sacc, sacc2, qkv_smem, k, v, blocks, hm, blk_lo,
-                                                        b, hk, tid, w, lane, sg, rng, pf, oacc, ms, ls, mb, al, desc, vbad,
+                                                        b, hk, tid, w, lane, sg, rng, pf, pw, oacc, ms, ls, mb, al, desc, vbad,
                                                         vflag, words, nonfinite, key_length(spec, kv_len, b))
                                         if 2 * jj + 1 < blk_hi - blk_lo:
                                             pipelined_block(2 * jj + 1, blk_hi - blk_lo, sacc2, sacc, qkv_smem, k, v, blocks, hm,
-                                                            blk_lo, b, hk, tid, w, lane, sg, rng, pf, oacc, ms, ls, mb, al,
+                                                            blk_lo, b, hk, tid, w, lane, sg, rng, pf, pw, oacc, ms, ls, mb, al,
                                                             desc, vbad, vflag, words, nonfinite, key_length(spec, kv_len, b))
                                     T.ptx.wgmma.wait_group.sync.aligned(0)
                                 if stages != 4:
@@ -806,7 +859,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                             T.evaluate(T.ptx["cp.async.wait_group"](0))
                                         if tma and spec.has_kv_len:  # a block crossing the length holds
                                             # rows past it that no load zeroed
-                                            if full == 0 or col0 + BC > key_length(spec, kv_len, b):
+                                            if full == 0 or col0 + sig * (BC - 1) >= key_length(spec, kv_len, b):
                                                 flag_nonfinite_v(qkv_smem, vbad, words, nonfinite, stg, j, tid)
                                         elif full == 0:  # FULL blocks: every row attends every column
                                             flag_nonfinite_v(qkv_smem, vbad, words, nonfinite, stg, j, tid)
@@ -828,7 +881,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                         else:
                                             qk_tile(sacc, qf, bf, qkv_smem, stg, lane)
                                         mask_scores(sacc, sg, rng, full, col0, sig, lane, key_length(spec, kv_len, b))
-                                        online_softmax(sacc, pf, oacc, ms, ls, mb, al)
+                                        online_softmax(sacc, pf, pw, oacc, ms, ls, mb, al)
                                         T.ptx.ld.shared.b32(vflag[0], T.address_of(vbad[stg]))
                                         if vflag[0] == j + 1:
                                             pv_exact(oacc, pf, qkv_smem, stg, w, lane)

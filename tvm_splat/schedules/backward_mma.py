@@ -35,7 +35,8 @@ from ..kernels.backward_mma import (SPLIT_SUM_BLOCK, SUM_BLOCK, backward_dkdv_mm
                                     dq_cast_func, kv_cast_func, per_query_head_programs, split_sum_func,
                                     sum_components_func)
 from ..kernels.tiled import MERGE_BLOCK, merge_func, split_merge_func
-from ..kernels.tiled_mma import MMA_TYPES, check_mma_shape, check_tma_plan, check_tma_shape, tiled_mma_func
+from ..kernels.tiled_mma import (MMA_TYPES, check_mma_shape, check_tma_plan, check_tma_shape, check_tma_step,
+                                 tiled_mma_func)
 from .targets import as_target, is_gpu, supports_wgmma
 from .tiled import TiledKnobs, bind_flat_gpu, default_tiled_knobs
 
@@ -301,7 +302,7 @@ def tensor_core_training_refusal(spec: BackwardSpec, target, knobs: BackwardMmaK
         check_mma_shape(rows, f.br, f.bc, f.warps, f.m_tiles)
         if f.tma:
             check_tma_shape(rows, f.wgmma, f.stages)
-            check_tma_plan(plans[0].blocks, "the forward's plan", "tma=False")
+            check_tma_step(plans[0].shape.step, rows.seq_len, "the forward's plan", "tma=False")
         if (knobs.wgmma or dq_wgmma_form(knobs)) and not supports_wgmma(as_target(target)):
             raise ValueError(f"the wgmma backward needs a Hopper target (sm_90), got {as_target(target)}")
         check_backward_mma_shape(rows, knobs.br, knobs.dq_bc, knobs.warps, knobs.stages, dq_wgmma_form(knobs))

@@ -59,7 +59,8 @@ class TiledKnobs:
       (``wgmma.mma_async``), one warpgroup per 64 rows; needs ``warps`` a multiple of 4 and
       ``m_tiles == 1``.
     * ``tma``: K/V blocks by TMA into 128-byte-swizzled stages (the two-stage wgmma form;
-      head_dim a multiple of 64; tile plans whose column blocks all have step 1).
+      head_dim a multiple of 64; tile plans whose column blocks share one step, 1 or a
+      dilation dividing n).
     """
 
     br: int = 64
@@ -157,41 +158,44 @@ WGMMA_MIN_HEAD_DIM = 128
 TMA_HEAD_DIM_MULTIPLE = 64
 
 
-def default_tiled_knobs(spec: AttentionSpec, target, num_components: int = 1, unit_steps: bool = False,
+def default_tiled_knobs(spec: AttentionSpec, target, num_components: int = 1, tma_steps: bool = False,
                         max_step: int = 1) -> TiledKnobs:
     """The knobs when nothing is tuned: the ``mma`` kernel for float16/bfloat16 on the GPU, and
     the number of K/V stages by grid size (``TWO_STAGE_MIN_TILES``). On an ``sm_90a`` target,
     for a tile plan of one component:
 
-    * ``unit_steps`` (every column block of the plan has step 1; the caller read it off the
-      plan, :func:`tvm_splat.planner.default_knobs`) and ``head_dim`` a multiple of
+    * ``tma_steps`` (the plan's column blocks share one step a tensor map loads: step 1, or a
+      dilated mask's dilation dividing n; the caller read it off the plan,
+      :func:`tvm_splat.planner.default_knobs`) and ``head_dim`` a multiple of
       ``TMA_HEAD_DIM_MULTIPLE``: the TMA form (two stages), with two warpgroups (128-row tiles)
       from ``WGMMA_MIN_HEAD_DIM``, one below;
-    * else, from ``WGMMA_MIN_HEAD_DIM``: the wgmma form with two warpgroups.
+    * else, with blocks of step 1, from ``WGMMA_MIN_HEAD_DIM``: the wgmma form with two warpgroups.
 
     ``num_components`` and ``max_step`` (the largest step of a column block) of the tile plan
     the wgmma knobs give (:func:`tvm_splat.planner.default_knobs` passes them; the defaults
     stand for a plan not known): with two or more components (unions such as causal strided,
     merged after the tiles) the 128-row wgmma tiles lost to 64-row mma tiles on the H200
     (causal strided, d=128: 0.844 vs 0.699 ms, ``h200_models.json`` before and after the wgmma
-    default), and with column blocks of a step above 1 (dilated, strided: no TMA form) the
-    cp.async wgmma form lost to them on every shape measured at d=128, by 8-29% (H200, fp16, 50
-    back-to-back calls, ``benchmarks/results/h200_forward_ab.json`` run ``dilated d=128
-    forms``, outputs identical): dilated +-512 step 4, n=8192, 8 heads 0.223 -> 0.174 ms, n=32k
-    0.778 -> 0.672; +-256 step 2, 12 heads 0.223 -> 0.160; +-128 step 8, n=16k, batch 2 0.672
-    -> 0.476; +-1024 step 2, 32 heads 1.211 -> 1.115. So both keep the mma form."""
+    default). Column blocks of a step above 1 (dilated) keep the mma form unless the TMA form
+    loads them: the cp.async wgmma form lost to mma on every shape measured at d=128, by 8-29%
+    (H200, fp16, 50 back-to-back calls, ``benchmarks/results/h200_forward_ab.json`` run
+    ``dilated d=128 forms``: dilated +-512 step 4, n=8192, 8 heads 0.223 -> 0.174 ms), while
+    the TMA form (a 5-D tensor map steps the rows) beat mma on all four dilated shapes of the
+    run ``eighteenth_dilated_tma`` (fp16 and bf16): +-512 step 4 d=128 0.168 -> 0.088 ms (128-row
+    tiles; 64-row 0.101), +-256 step 2 n=8192 d=64 0.077 -> 0.056 (64-row tiles; 128-row
+    0.070), n=4096 0.042 -> 0.036, +-128 step 4 0.032 -> 0.029 (bf16 0.027 -> 0.022)."""
     target = as_target(target)
     knobs = TiledKnobs(use_tensor_cores=is_gpu(target) and spec.dtype in MMA_TYPES)
     tiles = spec.batch * spec.heads * -(-spec.seq_len // 64)  # the rule was measured with 64-row tiles
     knobs = dataclasses.replace(knobs, stages=2 if tiles >= TWO_STAGE_MIN_TILES else 1)
     if not (knobs.use_tensor_cores and str(target.attrs.get("arch", "")) == "sm_90a" and num_components <= 1
-            and spec.head_dim <= 256 and max_step <= 1):
+            and spec.head_dim <= 256):
         return knobs
     two_warpgroups = spec.head_dim >= WGMMA_MIN_HEAD_DIM
-    if unit_steps and spec.head_dim % TMA_HEAD_DIM_MULTIPLE == 0:
+    if tma_steps and spec.head_dim % TMA_HEAD_DIM_MULTIPLE == 0:
         rows = 128 if two_warpgroups else 64
         return dataclasses.replace(knobs, br=rows, warps=rows // 16, wgmma=True, tma=True, stages=2)
-    if two_warpgroups:
+    if two_warpgroups and max_step <= 1:
         return dataclasses.replace(knobs, br=128, warps=8, wgmma=True)
     return knobs
 

@@ -75,13 +75,14 @@ def _design_spaces(name, target, spec, choices):
     return space
 
 
-def program_choices(base, spec, target, stages=(1, 2), m_tiles=(1,), unit_steps=False):
+def program_choices(base, spec, target, stages=(1, 2), m_tiles=(1,), tma_steps=False):
     """Groups of knobs for one plan, each group one program (one MetaSchedule task) whose
     members differ only in their schedule. ``m_tiles=(1,)`` by default: two m-tiles per warp
     ran slower for every case of ``benchmarks/tc_variants.py`` on the H100 (register spills at
     d=128), so they are searched only when asked for. On Hopper the wgmma form joins, and its
-    TMA form where the plan's column blocks all have step 1 (``unit_steps``, read off the plan)
-    and ``head_dim`` is a multiple of ``TMA_HEAD_DIM_MULTIPLE``."""
+    TMA form where a tensor map loads the plan's column blocks (``tma_steps``, read off the plan:
+    one step for all, 1 or a dilation dividing n) and ``head_dim`` is a multiple of
+    ``TMA_HEAD_DIM_MULTIPLE``."""
     if not uses_mma(spec, base, target):
         return [schedule_choices(base, target)]
     groups = []
@@ -91,7 +92,7 @@ def program_choices(base, spec, target, stages=(1, 2), m_tiles=(1,), unit_steps=
         groups.append([dataclasses.replace(base, warps=warps, m_tiles=mt, stages=st)])
     if _has_wgmma(target) and base.br % 64 == 0 and spec.head_dim <= 256:  # Hopper: the wgmma form too
         groups += [[dataclasses.replace(base, warps=base.br // 16, m_tiles=1, stages=st, wgmma=True)] for st in stages]
-        if 2 in stages and unit_steps and spec.head_dim % TMA_HEAD_DIM_MULTIPLE == 0:
+        if 2 in stages and tma_steps and spec.head_dim % TMA_HEAD_DIM_MULTIPLE == 0:
             groups.append([dataclasses.replace(base, warps=base.br // 16, m_tiles=1, stages=2, wgmma=True, tma=True)])
     return groups
 
@@ -167,8 +168,9 @@ def tune_tiled(workload: AttentionPlan, *, plans=None, root=None, console=None, 
             continue
         candidate = plan(acsr, workload.q_shape, workload.kv_shape, spec.dtype, None, target=target,
                          scale=spec.scale, variant="tiled", knobs=base)
-        unit_steps = bool((candidate.tile_plan.blocks[..., 1] <= 1).all())
-        for choices in program_choices(base, spec, target, stages, unit_steps=unit_steps):
+        step = candidate.tile_plan.shape.step
+        tma_steps = step >= 1 and spec.seq_len % step == 0
+        for choices in program_choices(base, spec, target, stages, tma_steps=tma_steps):
             name = tiled_program_name(choices[0], mma)
             try:
                 func = tiled_funcs(spec, candidate.tile_plan.shape, choices[0], target)["tiled"]
