@@ -118,3 +118,20 @@ def test_the_tuners_builder_builds_the_tma_program():
     src = cuda_source(build_kernel(tvm.IRModule({name: func}), h100))
     assert "cp.async.bulk.tensor" in src and "wgmma.mma_async" in src
     assert nvcc_compile(src, h100)
+
+
+@pytest.mark.parametrize("n,tma", [(256, True), (257, False)])
+def test_the_tuning_space_holds_the_tma_form_of_dilated_masks_where_a_tensor_map_loads_them(n, tma, log_root):
+    """On sm_90a the tiled tuning space of a dilated mask holds the TMA programs (a 5-D tensor
+    map of the step) exactly where the step divides n, as the default rule takes them; the
+    mma and cp.async wgmma programs stay in it either way."""
+    import tvm
+
+    from tvm_splat.tuning.tiled import tiled_tasks
+
+    h100 = tvm.target.Target("nvidia/nvidia-h100")
+    workload = plan("dilated:16:2", (1, 2, n, 64), None, "float16", None, target=h100)
+    tasks = tiled_tasks(workload, h100, plans=((64, 64),))
+    assert any(name.endswith("_s2_wg") for name in tasks) and any(not name.endswith(("_wg", "_wg_tma")) for name in tasks)
+    assert any(name.endswith("_wg_tma") for name in tasks) == tma
+    assert workload.knobs.tma == tma  # the untuned default agrees

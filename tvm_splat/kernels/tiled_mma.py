@@ -524,7 +524,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         # widening of each rounded P back to float32 (160 HADD2.F32 at float16). Both: window
         # +-1024 n=32k d=128 bf16 1.431 -> 1.287 ms, fp16 1.395 -> 1.320; causal window 4095
         # n=8k bf16 0.996 -> 0.892, fp16 0.964 -> 0.918; Longformer-base b=8 bf16 0.445 -> 0.398
-        # (``benchmarks/results/h200_forward_ab.json`` form ``eighteenth_packed_cvt``)
+        # (``benchmarks/results/h200_forward_ab.json`` run ``eighteenth_packed_cvt``)
         for i in T.unroll(RS):
             mb[i] = neg_inf
         for mt in T.unroll(MT):

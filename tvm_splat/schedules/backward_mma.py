@@ -6,10 +6,12 @@ runs on, and whether the workload can take the tensor-core path at all.
 
 * ``fwd_lse``: the forward's own warp-level kernel with its ``lse`` output
   (:func:`~tvm_splat.kernels.tiled_mma.tiled_mma_func`, ``with_lse=True``), under the forward
-  planner's default knobs (:func:`tvm_splat.planner.default_knobs`: the plan's component count
-  and block steps decide, so one component of unit-step blocks at a head_dim multiple of 64
-  takes the TMA form on sm_90a, as inference does), split-KV included (the lse is written by
-  the tile's one program, by the chunks' merge, or by the merge of its components).
+  planner's default knobs (:func:`tvm_splat.planner.default_knobs` with ``stepped_tma=False``:
+  the plan's component count and block steps decide, so one component of unit-step blocks at a
+  head_dim multiple of 64 takes the TMA form on sm_90a, as inference does; dilated blocks, which
+  inference also loads by TMA, keep the cp.async form unless asked, since the backward's form
+  below follows the forward's), split-KV included (the lse is written by the tile's one
+  program, by the chunks' merge, or by the merge of its components).
 * ``bwd_dq``: query tiles of ``BACKWARD_BR`` rows over column blocks of the mask's plan;
   ``bwd_dkdv``: key tiles of ``BACKWARD_BR`` over blocks of the transposed mask's plan; blocks
   of ``BACKWARD_BC`` columns, ``BACKWARD_BC_WIDE_HEADS`` above head_dim 64

@@ -145,17 +145,12 @@ def _same(a, b):
     return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
 
 
-def tune_tiled(workload: AttentionPlan, *, plans=None, root=None, console=None, stages=(1, 2),
-               rpc: RPCTracker | None = None) -> TuneResult:
-    """Measure every plan, program and schedule variation of the tiled kernel for the workload
-    of ``workload`` (a plan of any variant: its ACSR, shapes, dtype, scale and target); keep the
-    best record of each task in ``<root>/<target>/tiled_<spec.key>/`` and the best knobs in its
-    ``best.json``. Re-running resumes from the database (measured candidates are not measured
-    again). ``rpc``: measure on the servers of TVM's RPC tracker instead of here."""
-    from tvm.s_tir import meta_schedule as ms
-
+def tiled_tasks(workload: AttentionPlan, target, plans=None, stages=(1, 2)) -> dict:
+    """The programs :func:`tune_tiled` measures for ``workload`` on ``target``: name ->
+    ``(PrimFunc, knob choices, fixed tables)``, one per plan shape of ``plans`` (default: the
+    target's) and program of :func:`program_choices`, the TMA form where the candidate plan's
+    column blocks share one step a tensor map loads (1, or a dilation dividing n)."""
     spec, acsr = workload.spec, workload.acsr
-    target = tuning_target(workload.target)
     tc = default_tiled_knobs(spec, target).use_tensor_cores
     mma = uses_mma(spec, TiledKnobs(use_tensor_cores=tc), target)
     if plans is None:
@@ -179,6 +174,21 @@ def tune_tiled(workload: AttentionPlan, *, plans=None, root=None, console=None, 
                 continue
             func = func.with_attr("global_symbol", name)
             tasks[name] = (func, choices, _metadata_args(func, candidate.tables))
+    return tasks
+
+
+def tune_tiled(workload: AttentionPlan, *, plans=None, root=None, console=None, stages=(1, 2),
+               rpc: RPCTracker | None = None) -> TuneResult:
+    """Measure every plan, program and schedule variation of the tiled kernel for the workload
+    of ``workload`` (a plan of any variant: its ACSR, shapes, dtype, scale and target); keep the
+    best record of each task in ``<root>/<target>/tiled_<spec.key>/`` and the best knobs in its
+    ``best.json``. Re-running resumes from the database (measured candidates are not measured
+    again). ``rpc``: measure on the servers of TVM's RPC tracker instead of here."""
+    from tvm.s_tir import meta_schedule as ms
+
+    spec = workload.spec
+    target = tuning_target(workload.target)
+    tasks = tiled_tasks(workload, target, plans, stages)
     path = workload_dir("tiled", spec, target, root)
     path.mkdir(parents=True, exist_ok=True)
     result, records = TuneResult(), {}
