@@ -221,6 +221,15 @@ def test_tma_form_loads_dilated_blocks_by_a_strided_tensor_map(step, d, warps):
     assert "cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes" in src
     assert "cp.async.bulk.tensor.4d" not in src
     assert nvcc_compile(src, H100)
+    # the map's geometry (innermost first): 64 elements, the residue (box 1), n / step rows of
+    # the class ``step`` rows apart (box bc), head_dim halves 128 bytes apart, the 4 heads
+    acsr = ACSR.from_pattern(DilatedWindow(40, step), 512)
+    spec = AttentionSpec.from_acsr(acsr, 1, 4, d, "float16")
+    script = tiled_funcs(spec, plan_tiles(acsr, knobs).shape, knobs, H100)["tiled"].script()
+    dims, strides = (64, step, 512 // step, d // 64, 4), (2 * d, 2 * d * step, 128, 2 * d * 512)
+    box = (64, 1, knobs.bc, d // 64, 1)
+    encode = f"T.tensormap_encode_tiled(kmap, k.data, {', '.join(map(str, dims + strides + box + (1,) * 5))},"
+    assert encode in script and "rank=5" in script
 
 
 @pytest.mark.parametrize("pattern,d,warps,blocks", [(Window(256), 128, 8, 2), (GlobalTokens(4) | Window(256), 64, 4, 4),
