@@ -45,7 +45,7 @@ from .kernels import VARIANTS
 from .kernels.common import KV_LEN
 from .kernels.spec import SUPPORTED_DTYPES, AttentionSpec, check_buffer_sizes
 from .kernels.tiled import partial_shapes, split_shapes
-from .kernels.tiled_mma import check_tma_step
+from .kernels.tiled_mma import check_tma_step, tma_loads_step
 from .records import tuned_tiled_knobs
 from .schedules.row import RowKnobs
 from .schedules.targets import arch_specific, as_target, is_gpu, target_key
@@ -129,7 +129,7 @@ def default_knobs(spec: AttentionSpec, target, acsr: ACSR | None = None, tma: bo
     plan of its Hopper form looks like (when the ACSR is known): how many components it has
     (multi-component plans keep the mma form), the largest step of its column blocks, and
     whether a tensor map loads them (the TMA form's condition: one step for all blocks, 1 or a
-    dilation dividing n, :func:`~tvm_splat.kernels.tiled_mma.check_tma_step`; ``tma=False``
+    dilation dividing n, :func:`~tvm_splat.kernels.tiled_mma.tma_loads_step`; ``tma=False``
     never takes that form, ``stepped_tma=False`` only with blocks of step 1). Without the ACSR:
     the spec alone, never TMA."""
     knobs = default_tiled_knobs(spec, target)
@@ -142,7 +142,7 @@ def default_knobs(spec: AttentionSpec, target, acsr: ACSR | None = None, tma: bo
     components = tile_plan.shape.num_components
     max_step = int(tile_plan.blocks[..., 1].max(initial=1))
     step = tile_plan.shape.step
-    tma_steps = tma and (step == 1 or stepped_tma and step > 1 and spec.seq_len % step == 0)
+    tma_steps = tma and tma_loads_step(step, spec.seq_len) and (stepped_tma or step == 1)
     return default_tiled_knobs(spec, target, components, tma_steps, max_step)
 
 

@@ -128,7 +128,7 @@ def encode_row_block_map(tmap, data, heads: int, n: int, d: int, rows: int, dtyp
     if step == 1:
         return T.tensormap_encode_tiled(tmap, data, 64, n, d // 64, heads, d * 2, 128, n * d * 2,
                                         64, rows, d // 64, 1, 1, 1, 1, 1, descriptor_dtype=dtype, rank=4, swizzle=3)
-    if step < 1 or n % step:
+    if not tma_loads_step(step, n):
         raise ValueError(f"a tensor map of rows {step} apart needs n a multiple of the step, got n={n}")
     return T.tensormap_encode_tiled(tmap, data, 64, step, n // step, d // 64, heads,
                                     d * 2, step * d * 2, 128, n * d * 2,
@@ -232,10 +232,15 @@ def check_tma_plan(blocks, which: str, knob: str) -> None:
                          f"{int(blocks[..., 1].max())} (dilated or strided): use {knob}")
 
 
+def tma_loads_step(step: int, n: int) -> bool:
+    """Whether the TMA form's tensor map loads the column blocks of a plan whose blocks share the
+    step ``step`` (``PlanShape.step``; 0: steps differ) for sequences of ``n``: one step, and
+    ``n`` a multiple of it (:func:`encode_row_block_map`)."""
+    return step >= 1 and n % step == 0
+
+
 def check_tma_step(step: int, n: int, which: str, knob: str) -> None:
-    """Raise ``ValueError`` unless the forward's TMA form can load the column blocks of a plan
-    whose blocks share the step ``step`` (``PlanShape.step``; 0: steps differ) for sequences of
-    ``n``: one step, and ``n`` a multiple of it (:func:`encode_row_block_map`)."""
+    """Raise ``ValueError``, saying which condition fails, unless :func:`tma_loads_step`."""
     if step < 1:
         raise ValueError(f"the TMA form loads column blocks of one step; {which} mixes steps "
                          f"(a union such as causal strided): use {knob}")
@@ -542,13 +547,10 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
             for kc in T.unroll(KC):
                 for hn in T.unroll(2):
                     for r2 in T.unroll(2):  # columns 2 r2, 2 r2 + 1 (one row): one packed cvt
-                        T.evaluate(convert_pair(
-                            pw, (mt * KC + kc) * 4 + hn * 2 + r2,
-                            T.exp2(sacc[(mt * NTL + kc * 2 + hn) * 4 + r2 * 2] - ms[mt * 2 + r2]),
-                            T.exp2(sacc[(mt * NTL + kc * 2 + hn) * 4 + r2 * 2 + 1] - ms[mt * 2 + r2]), dt))
-                        ls[mt * 2 + r2] = ls[mt * 2 + r2] + (
-                            T.exp2(sacc[(mt * NTL + kc * 2 + hn) * 4 + r2 * 2] - ms[mt * 2 + r2])
-                            + T.exp2(sacc[(mt * NTL + kc * 2 + hn) * 4 + r2 * 2 + 1] - ms[mt * 2 + r2]))
+                        lo: T.let[T.float32] = T.exp2(sacc[(mt * NTL + kc * 2 + hn) * 4 + r2 * 2] - ms[mt * 2 + r2])
+                        hi: T.let[T.float32] = T.exp2(sacc[(mt * NTL + kc * 2 + hn) * 4 + r2 * 2 + 1] - ms[mt * 2 + r2])
+                        T.evaluate(convert_pair(pw, (mt * KC + kc) * 4 + hn * 2 + r2, lo, hi, dt))
+                        ls[mt * 2 + r2] = ls[mt * 2 + r2] + (lo + hi)
         for mt in T.unroll(MT):
             for dtl in T.unroll(DT):
                 for i in T.unroll(4):

@@ -24,6 +24,7 @@ import numpy as np
 import tvm
 
 from ..planner import AttentionPlan, plan
+from ..kernels.tiled_mma import tma_loads_step
 from ..records import best_knobs_path, open_database, workload_dir
 from ..schedules.targets import is_gpu
 from ..schedules.tiled import (TILE_BLOCK, TMA_HEAD_DIM_MULTIPLE, TiledKnobs, apply_tiled_schedule,
@@ -163,8 +164,7 @@ def tiled_tasks(workload: AttentionPlan, target, plans=None, stages=(1, 2)) -> d
             continue
         candidate = plan(acsr, workload.q_shape, workload.kv_shape, spec.dtype, None, target=target,
                          scale=spec.scale, variant="tiled", knobs=base)
-        step = candidate.tile_plan.shape.step
-        tma_steps = step >= 1 and spec.seq_len % step == 0
+        tma_steps = tma_loads_step(candidate.tile_plan.shape.step, spec.seq_len)
         for choices in program_choices(base, spec, target, stages, tma_steps=tma_steps):
             name = tiled_program_name(choices[0], mma)
             try:
