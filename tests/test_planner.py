@@ -190,3 +190,27 @@ def test_a_record_that_never_measured_the_default_program_is_stale(tmp_path, mon
     assert tuned.knobs_source == "tuned" and (tuned.knobs.br, tuned.knobs.bc, tuned.knobs.tma) == (32, 32, False)
     path.write_text(json.dumps({"knobs": knobs, "us": 9.0}))  # no programs listed: cannot tell, kept
     assert plan(Window(40), shape, None, "float16", None, target=H100).knobs_source == "tuned"
+
+
+@pytest.mark.parametrize("shape,d,warp_specialized", [
+    ((8, 32, 1024), 128, True),     # 8 x 32 x 8 = 2048 tiles of 128 rows: the rule's threshold
+    ((8, 32, 896), 128, False),     # 1792 tiles: the two-block-per-SM TMA form
+    ((8, 32, 1024), 64, False),     # d=64: it lost on every shape measured
+])
+def test_hopper_default_warp_specialized_from_its_tile_count(shape, d, warp_specialized, tmp_path, monkeypatch):
+    """At d >= 128 on sm_90a the inference default is the TMA form's warp-specialized variant
+    (128x128 tiles) from WARP_SPECIALIZED_MIN_TILES row tiles of 128; the training forward never
+    takes it (its backward was measured with the other form)."""
+    monkeypatch.setenv("TVM_SPLAT_TUNING_LOGS", str(tmp_path))
+    from tvm_splat.planner import default_knobs
+    from tvm_splat.schedules.tiled import WARP_SPECIALIZED_MIN_TILES
+
+    b, h, n = shape
+    assert (b * h * -(-n // 128) >= WARP_SPECIALIZED_MIN_TILES) == (warp_specialized or d == 64)
+    made = plan(Window(64), (b, h, n, d), None, "bfloat16", None, target=H100)
+    assert made.knobs_source == "default" and made.knobs.tma
+    assert made.knobs.warp_specialized == warp_specialized
+    if warp_specialized:
+        assert (made.knobs.br, made.knobs.bc, made.knobs.warps) == (128, 128, 8)
+    training = default_knobs(made.spec, made.target, made.acsr, stepped_tma=False, warp_specialized=False)
+    assert training.tma and not training.warp_specialized

@@ -124,14 +124,15 @@ CPU_SCRATCH_BYTES = 1 << 30
 
 
 def default_knobs(spec: AttentionSpec, target, acsr: ACSR | None = None, tma: bool = True,
-                  stepped_tma: bool = True) -> TiledKnobs:
+                  stepped_tma: bool = True, warp_specialized: bool = True) -> TiledKnobs:
     """The untuned tiled knobs of a workload: :func:`default_tiled_knobs`, told what the tile
     plan of its Hopper form looks like (when the ACSR is known): how many components it has
     (multi-component plans keep the mma form), the largest step of its column blocks, and
     whether a tensor map loads them (the TMA form's condition: one step for all blocks, 1 or a
     dilation dividing n, :func:`~tvm_splat.kernels.tiled_mma.tma_loads_step`; ``tma=False``
-    never takes that form, ``stepped_tma=False`` only with blocks of step 1). Without the ACSR:
-    the spec alone, never TMA."""
+    never takes that form, ``stepped_tma=False`` only with blocks of step 1;
+    ``warp_specialized=False`` never takes the TMA form's warp-specialized variant). Without
+    the ACSR: the spec alone, never TMA."""
     knobs = default_tiled_knobs(spec, target)
     if acsr is None:
         return knobs
@@ -143,7 +144,7 @@ def default_knobs(spec: AttentionSpec, target, acsr: ACSR | None = None, tma: bo
     max_step = int(tile_plan.blocks[..., 1].max(initial=1))
     step = tile_plan.shape.step
     tma_steps = tma and tma_loads_step(step, spec.seq_len) and (stepped_tma or step == 1)
-    return default_tiled_knobs(spec, target, components, tma_steps, max_step)
+    return default_tiled_knobs(spec, target, components, tma_steps, max_step, warp_specialized)
 
 
 def choose_knobs(spec: AttentionSpec, target, variant: str, knobs=None, acsr: ACSR | None = None):

@@ -111,7 +111,7 @@ class TrainingPlan:
             # dilated blocks (the inference default there since the eighteenth session): the
             # backward's default form follows the forward's wgmma, and on stepped plans its
             # wgmma form was never measured faster (the same at d=128); asked for, it runs
-            forward = None if mma_knobs else default_knobs(spec.rows, target, acsr, stepped_tma=False)
+            forward = None if mma_knobs else default_knobs(spec.rows, target, acsr, stepped_tma=False, warp_specialized=False)
             knobs = mma_knobs or default_backward_mma_knobs(spec, target, forward)
             # the split rule sees each kernel's grid: the forward and bwd_dq run a program per
             # query head, bwd_dkdv one per KV head unless it sums per query head

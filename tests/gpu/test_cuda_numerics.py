@@ -210,7 +210,7 @@ def test_cuda_wgmma_gqa_and_head_dims(pattern, n, d, stages, kv_heads, dtype, rn
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("kv_heads", [1, 2])
-@pytest.mark.parametrize("form", ["tma", "tma_two_warpgroups", "tma_bc16_split_kv"])
+@pytest.mark.parametrize("form", ["tma", "tma_two_warpgroups", "tma_bc16_split_kv", "tma_ws", "tma_ws_one_group"])
 @pytest.mark.parametrize("pattern,n,d", [("dilated:24:3", 300, 128), ("dilated:17:2", 302, 64),
                                          ("dilated:9:4", 260, 64)])
 def test_cuda_tma_dilated_forms(pattern, n, d, form, kv_heads, dtype, rng):
@@ -240,12 +240,15 @@ def test_cuda_tma_dilated_forms(pattern, n, d, form, kv_heads, dtype, rng):
     np.testing.assert_allclose(out[ok], ref[ok], atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("form", [dict(stages=1), dict(stages=2), dict(stages=4), dict(stages=2, tma=True)],
-                         ids=["one_stage", "two_stages", "pipelined", "tma"])
+@pytest.mark.parametrize("form", [dict(stages=1), dict(stages=2), dict(stages=4), dict(stages=2, tma=True),
+                                  dict(tma=True, warp_specialized=True),
+                                  dict(br=128, warps=8, bc=128, tma=True, warp_specialized=True)],
+                         ids=["one_stage", "two_stages", "pipelined", "tma", "tma_ws_one_group", "tma_ws"])
 def test_cuda_wgmma_nan_in_masked_keys_and_values_does_not_leak(form, rng):
     """The NaN test of the other forms, on the wgmma forms (their exact P V path stages P in a
     region of its own: wgmma reads Q from shared memory for the whole tile; the TMA form's
-    copies fetch the NaN rows too)."""
+    copies fetch the NaN rows too; the warp-specialized form checks V per consumer warpgroup
+    and runs the exact path by PTX loads and stores, one block behind S)."""
     from tvm_splat import ACSR, sparse_attention
     from tvm_splat.schedules.tiled import TiledKnobs
 
@@ -273,6 +276,10 @@ TMA_FORMS = {
     "tma_two_warpgroups": dict(br=128, warps=8, wgmma=True, tma=True),
     "tma_bc128": dict(bc=128, wgmma=True, tma=True),
     "tma_bc16_split_kv": dict(bc=16, wgmma=True, tma=True, split_blocks=1),
+    # warp-specialized: a producer warpgroup, one or two consumer warpgroups
+    "tma_ws": dict(br=128, warps=8, bc=128, wgmma=True, tma=True, warp_specialized=True),
+    "tma_ws_one_group": dict(bc=128, wgmma=True, tma=True, warp_specialized=True),
+    "tma_ws_bc16_split_kv": dict(br=128, warps=8, bc=16, wgmma=True, tma=True, warp_specialized=True, split_blocks=1),
 }
 
 

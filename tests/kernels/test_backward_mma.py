@@ -906,3 +906,21 @@ def test_default_backward_knobs_take_wgmma_where_measured_faster(target, d, mask
         assert not knobs.wgmma and knobs.br == BACKWARD_BR and not knobs.fused_dq and not knobs.dkdv_tma
     assert plan.mma_knobs == knobs and plan.kernels == "tensor-cores"
     assert tensor_core_training_refusal(plan.spec, plan.target, knobs, plan.tile_plans) is None
+
+
+def test_training_refuses_a_warp_specialized_forward():
+    """The training forward (fwd_lse) has no warp-specialized form: forward knobs asking for it
+    are refused, with the reason, and the default training forward never takes it (its
+    inference default does, from WARP_SPECIALIZED_MIN_TILES tiles of 128 rows)."""
+    import dataclasses
+
+    from tvm_splat.schedules.backward_mma import tensor_core_training_refusal
+    from tvm_splat.training import plan_training
+
+    shape = (8, 32, 1024, 128)  # 2048 tiles: the inference default is warp-specialized here
+    made = plan_training(parse_pattern("window:64"), shape, shape, "bfloat16", "cuda", target=H100)
+    assert made.mma_knobs.forward.tma and not made.mma_knobs.forward.warp_specialized
+    forward = dataclasses.replace(made.mma_knobs.forward, warp_specialized=True)
+    knobs = dataclasses.replace(made.mma_knobs, forward=forward)
+    why = tensor_core_training_refusal(made.spec, made.target, knobs, made.tile_plans)
+    assert why is not None and "no warp-specialized form" in why

@@ -1,6 +1,8 @@
 """GPU schedules of the tiled kernel: the CUDA code generates and compiles for the H100
 (numerics are checked on CPU in tests/kernels/test_tiled.py; GPU runs happen elsewhere)."""
 
+import dataclasses
+
 import pytest
 import tvm
 
@@ -9,7 +11,7 @@ from tvm_splat.compile import tiled_module as build_module
 from tvm_splat.formats import ACSR, GlobalTokens, Strided, Window
 from tvm_splat.formats.tile_plan import plan_tiles
 from tvm_splat.kernels.spec import AttentionSpec
-from tvm_splat.schedules.tiled import TiledKnobs, tiled_funcs
+from tvm_splat.schedules.tiled import TiledKnobs, program_form, tiled_form, tiled_funcs, tiled_program_name
 
 H100 = "nvidia/nvidia-h100"
 
@@ -246,6 +248,46 @@ def test_tma_form_fits_its_blocks_per_sm_without_spills(pattern, d, warps, block
     assert f"__launch_bounds__({bounds}) tiled_kernel" in src
     registers, spills = ptxas_usage(src, "tiled_kernel", H100)
     assert spills == 0 and (registers <= 128 or not blocks), (registers, spills)
+
+
+@pytest.mark.parametrize("d,warps,dtype,kv_len", [(128, 8, "float16", False), (128, 8, "bfloat16", True),
+                                                   (64, 4, "float16", False)])
+def test_warp_specialized_form_compiles_with_roles_and_no_cta_barrier_in_the_loop(d, warps, dtype, kv_len):
+    """The warp-specialized TMA form: a producer warpgroup beside the consumer warps (launch
+    bounds of one thread block per SM with two consumer warpgroups, two with one), registers
+    moved by setmaxnreg, K and V copies on mbarriers of their own, stages released by the
+    consumers' mbarrier arrivals, and with two consumer warpgroups their turns at the tensor
+    cores by named barriers (bar.sync / bar.arrive). The one __syncthreads precedes the role
+    split: past it the producer never reaches a CTA-wide barrier. nvcc compiles it; ptxas
+    neither spills nor serializes the wgmma (remark C7515)."""
+    from tvm_splat.compile import cuda_source, nvcc_compile, wgmma_serialized
+
+    knobs = TiledKnobs(use_tensor_cores=True, br=16 * warps, bc=128, warps=warps, wgmma=True, tma=True,
+                       warp_specialized=True)
+    src, plan = _cuda_source(Window(300), 2048, knobs, dtype=dtype, heads=4, d=d)
+    body = _definition(src, "tiled_kernel")
+    threads, blocks = 32 * (warps + 4), 8 // warps
+    assert f"__launch_bounds__({threads}, {blocks}) tiled_kernel" in src
+    assert "setmaxnreg.dec.sync.aligned.u32 24;" in src
+    assert f"setmaxnreg.inc.sync.aligned.u32 {240 if warps == 8 else 232};" in src
+    assert body.count("__syncthreads()") == 1 and body.index("__syncthreads()") < body.index("setmaxnreg")
+    assert "mbarrier.arrive.shared.b64" in src and "cp.async.bulk.tensor.4d" in src
+    assert ("bar.arrive" in src) == (warps == 8)
+    assert wgmma_serialized(src, H100) == []
+    registers, spills = ptxas_usage(src, "tiled_kernel", H100)
+    assert spills == 0 and registers <= 65536 // (threads * blocks)
+    assert nvcc_compile(src, H100)
+
+
+def test_warp_specialized_knobs_it_refuses():
+    with pytest.raises(ValueError, match="form of the TMA kernel"):
+        TiledKnobs(use_tensor_cores=True, wgmma=True, warp_specialized=True)
+    with pytest.raises(ValueError, match="one or two consumer warpgroups"):
+        TiledKnobs(use_tensor_cores=True, br=256, warps=16, wgmma=True, tma=True, warp_specialized=True)
+    knobs = TiledKnobs(use_tensor_cores=True, br=128, bc=128, warps=8, wgmma=True, tma=True, warp_specialized=True)
+    name = tiled_program_name(knobs, True)
+    assert name.endswith("_wg_tma_ws") and program_form(name) == tiled_form(knobs) == "wg_tma_ws"
+    assert program_form(tiled_program_name(dataclasses.replace(knobs, warp_specialized=False), True)) == "wg_tma"
 
 
 def test_tma_knobs_and_masks_it_refuses():

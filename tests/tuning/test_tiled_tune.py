@@ -135,3 +135,21 @@ def test_the_tuning_space_holds_the_tma_form_of_dilated_masks_where_a_tensor_map
     assert any(name.endswith("_s2_wg") for name in tasks) and any(not name.endswith(("_wg", "_wg_tma")) for name in tasks)
     assert any(name.endswith("_wg_tma") for name in tasks) == tma
     assert workload.knobs.tma == tma  # the untuned default agrees
+
+
+@pytest.mark.parametrize("d,n,warp_specialized", [(128, 256, True), (128, 257, False), (64, 256, False)])
+def test_the_tuning_space_holds_the_warp_specialized_program_on_its_own_plan(d, n, warp_specialized, log_root):
+    """On sm_90a, at head_dim >= 128, the tuning space holds the warp-specialized TMA program, on
+    the 128x128 plan and alone there, where a tensor map loads the plan's blocks (a dilated
+    mask: n a multiple of the step); never at d=64 (it lost on every shape measured)."""
+    import tvm
+
+    from tvm_splat.tuning.tiled import WARP_SPECIALIZED_PLAN, tiled_tasks
+
+    h100 = tvm.target.Target("nvidia/nvidia-h100")
+    workload = plan("dilated:16:2", (1, 2, n, d), None, "float16", None, target=h100)
+    tasks = tiled_tasks(workload, h100)
+    ws = [name for name in tasks if name.endswith("_wg_tma_ws")]
+    assert ws == (["tiled_128x128_w8_m1_s2_wg_tma_ws"] if warp_specialized else [])
+    br, bc = WARP_SPECIALIZED_PLAN
+    assert [name for name in tasks if name.startswith(f"tiled_{br}x{bc}_")] == ws

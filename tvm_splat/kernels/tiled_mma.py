@@ -223,6 +223,30 @@ def check_tma_shape(spec: AttentionSpec, wgmma: bool, stages: int) -> None:
         raise ValueError(f"the TMA form needs head_dim a multiple of 64, got {spec.head_dim}")
 
 
+#: registers a producer warpgroup keeps in the warp-specialized form (``setmaxnreg.dec``; 24 is
+#: the least the instruction takes: the producer holds a loop counter, addresses and the
+#: tensor maps' pointers), and the most its consumers ask for (``setmaxnreg.inc``)
+WS_PRODUCER_REGS = 24
+WS_CONSUMER_REGS_MAX = 240
+
+
+def check_warp_specialized_shape(tma: bool, warps: int) -> None:
+    """Raise ``ValueError`` unless the warp-specialized form can run: a form of the TMA kernel
+    (its producer issues the TMA copies) with one or two consumer warpgroups."""
+    if not tma:
+        raise ValueError("the warp-specialized form is a form of the TMA kernel (its producer warp issues "
+                         "the TMA copies): it needs tma=True")
+    if warps not in (4, 8):
+        raise ValueError(f"the warp-specialized form needs one or two consumer warpgroups (warps 4 or 8), got {warps}")
+
+
+def named_barrier(barrier, threads: int):
+    """``bar.sync barrier, threads``: wait until ``threads`` threads (a multiple of 32) reached
+    named barrier ``barrier`` (1-15; 0 is ``__syncthreads``'s); orders their shared-memory
+    accesses like ``__syncthreads``. A TIR expression."""
+    return T.ptx["bar.sync"](T.Cast("uint32", barrier), T.uint32(threads))
+
+
 def check_tma_plan(blocks, which: str, knob: str) -> None:
     """Raise ``ValueError`` unless every column block of a plan (``blocks [HM, NB, 3]``: first
     row, step, FULL; ``which`` names the plan, ``knob`` the setting that avoids TMA) steps rows
@@ -250,7 +274,7 @@ def check_tma_step(step: int, n: int, which: str, knob: str) -> None:
 
 
 def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int = 1, stages: int = 2,
-                   wgmma: bool = False, tma: bool = False, with_lse: bool = False):
+                   wgmma: bool = False, tma: bool = False, with_lse: bool = False, warp_specialized: bool = False):
     """The warp-level tiled kernel for ``spec`` and a plan of shape ``plan_shape``
     (``plan_shape.br == 16 * warps * m_tiles``); signature of
     :func:`~tvm_splat.kernels.tiled.tiled_func`.
@@ -280,6 +304,23 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     key rows past a length are not zero-filled (their scores are selected away and every
     block crossing the length at its last row checks its V, as PARTIAL blocks do).
 
+    ``warp_specialized=True`` (with ``tma``; warps 4 or 8): FlashAttention-3's arrangement. A
+    producer warpgroup beside the ``W`` consumer warps, its first thread issuing every K and V
+    copy of the tile (each on an mbarrier of its own) as soon as the consumers released the
+    stage (one mbarrier arrival per consumer warp; a K stage once its S is computed, a V stage
+    once its P V is); ``setmaxnreg`` moves the producer's registers to the consumers (one
+    thread block per SM with two consumer warpgroups, two with one). Each consumer warpgroup
+    walks the tile's blocks at its own pace with no CTA-wide barrier: S of block j and P V of
+    block j - 1 are issued together and the softmax of block j runs while that P V does, and
+    two consumer warpgroups take turns issuing their GEMMs (named barriers), so that one's
+    softmax overlaps the other's tensor-core work. A warpgroup checks the V of its own blocks
+    for non-finite values and runs the exact path by PTX shared loads and stores (TVM's barrier
+    planner would need a barrier inside the consumers' branch). H200: 3-6% faster than the
+    two-block TMA form at d=128 on large grids, slower at d=64 and on small grids
+    (:data:`~tvm_splat.schedules.tiled.WARP_SPECIALIZED_MIN_TILES`); ``ncu`` of window +-1024
+    n=32k put the tensor pipe at 51% (two-block form) and 48% (this form before the turns) of
+    its peak.
+
     ``with_lse=True`` (training, :mod:`tvm_splat.kernels.backward_mma`): on a plan of one
     component, a last parameter ``lse [B, H, N]`` float32 receives the natural-log log-sum-exp
     of each row of a whole tile (``-inf`` for a row that attends to nothing); the rows of split
@@ -295,6 +336,8 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     if tma:
         check_tma_shape(spec, wgmma, stages)
         check_tma_step(plan_shape.step, spec.seq_len, "this plan", "tma=False")
+    if warp_specialized:
+        check_warp_specialized_shape(tma, warps)
     B, H, KVH, G, N, D = spec.batch, spec.heads, spec.kv_heads, spec.group, spec.seq_len, spec.head_dim
     STEP = plan_shape.step if tma else 1  # rows between a TMA block's rows
     HM, S, dt = spec.mask_heads, spec.max_segments, spec.dtype
@@ -322,6 +365,16 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     # spilling, S D <= 128 (one segment at d=128, two at d=64); two segments at d=128 spilled
     # 184 bytes, and the two-component causal_strided form (not TMA) 24 bytes.
     MIN_BLOCKS = 512 // NTHR if tma and S * D <= 128 else 0
+    # warp-specialized form: a producer warpgroup (its first thread issues the TMA copies) beside
+    # the W consumer warps; one thread block per SM with two consumer warpgroups, two with one.
+    # setmaxnreg moves registers from the producer (PRODUCER_REGS) to the consumers: the launch
+    # gives every thread 65536 / (blocks x threads) (168 at two consumer warpgroups), the
+    # consumers then hold up to 240 (232 at one)
+    PRODUCER_WARPS = 4 if warp_specialized else 0
+    FLAG_GROUPS = W // 4 if warp_specialized else 1  # groups whose threads tag a block's V apart
+    if warp_specialized:
+        MIN_BLOCKS = 8 // W
+        CONSUMER_REGS = min(WS_CONSUMER_REGS_MAX, (65536 // MIN_BLOCKS - 128 * WS_PRODUCER_REGS) // NTHR // 8 * 8)
     CH = D // 8  # 16-byte chunks per row
     Q_IT = (BR * CH + NTHR - 1) // NTHR
     KV_IT = (BC * CH + NTHR - 1) // NTHR
@@ -557,6 +610,45 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                     oacc[(mt * DT + dtl) * 4 + i] = oacc[(mt * DT + dtl) * 4 + i] * al[mt * 2 + i // 2]
 
     @T.macro
+    def softmax_scores(sacc, ms, ls, mb, al):
+        # online_softmax's first half, for the overlapped loop: the running max and rescale
+        # factor, and the block's exponentials 2^(S - m) in place in sacc (float32), summed
+        for i in T.unroll(RS):
+            mb[i] = neg_inf
+        for mt in T.unroll(MT):
+            for nt in T.unroll(NTL):
+                for i in T.unroll(4):
+                    mb[mt * 2 + i // 2] = T.max(mb[mt * 2 + i // 2], sacc[(mt * NTL + nt) * 4 + i])
+        for i in T.unroll(RS):
+            mb[i] = T.max(mb[i], T.tvm_warp_shuffle_xor(full_mask, mb[i], 1, 32, 32))
+            mb[i] = T.max(mb[i], T.tvm_warp_shuffle_xor(full_mask, mb[i], 2, 32, 32))
+            mb[i] = T.max(ms[i], mb[i])
+            al[i] = T.exp2(ms[i] - mb[i])
+            ms[i] = mb[i]
+            ls[i] = ls[i] * al[i]
+        for mt in T.unroll(MT):
+            for nt in T.unroll(NTL):
+                for i in T.unroll(4):
+                    sacc[(mt * NTL + nt) * 4 + i] = T.exp2(sacc[(mt * NTL + nt) * 4 + i] - ms[mt * 2 + i // 2])
+                    ls[mt * 2 + i // 2] = ls[mt * 2 + i // 2] + sacc[(mt * NTL + nt) * 4 + i]
+
+    @T.macro
+    def probabilities(sacc, pw, oacc, al):
+        # online_softmax's second half: O rescaled, and the exponentials rounded in pairs into
+        # P (the A operand of P V); only once the previous P V completed
+        for mt in T.unroll(MT):
+            for dtl in T.unroll(DT):
+                for i in T.unroll(4):
+                    oacc[(mt * DT + dtl) * 4 + i] = oacc[(mt * DT + dtl) * 4 + i] * al[mt * 2 + i // 2]
+        for mt in T.unroll(MT):
+            for kc in T.unroll(KC):
+                for hn in T.unroll(2):
+                    for r2 in T.unroll(2):
+                        T.evaluate(convert_pair(pw, (mt * KC + kc) * 4 + hn * 2 + r2,
+                                                sacc[(mt * NTL + kc * 2 + hn) * 4 + r2 * 2],
+                                                sacc[(mt * NTL + kc * 2 + hn) * 4 + r2 * 2 + 1], dt))
+
+    @T.macro
     def pv_tile(oacc, pf, bf, smem, stg, lane):
         # O += P V on tensor cores (V through ldmatrix.trans: the B operand)
         for kc in T.unroll(KC):
@@ -613,13 +705,22 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         T.ptx.wgmma.wait_group.sync.aligned(0)
 
     @T.macro
+    def exact_path_sync(w):
+        # the barrier of pv_exact: CTA-wide, or the consumer warpgroup's named barrier
+        if warp_specialized:
+            T.evaluate(named_barrier(2 + w // 4, 128))
+        else:
+            T.tvm_storage_sync("shared.dyn")
+
+    @T.macro
     def pv_exact(oacc, pf, smem, stg, w, lane):
         # O += P V on CUDA cores, skipping zero probabilities (a block with a non-finite V).
         # Each warp stages its own rows of P in its own rows of the Q region (dead once the Q
         # fragments are in registers), PW columns at a time. The barriers are CTA-wide although
         # a warp reads only its own rows: TVM's barrier planner knows no warp-private shared
-        # memory, and the branch is uniform and rare.
-        T.tvm_storage_sync("shared.dyn")
+        # memory, and the branch is uniform and rare (warp-specialized: the warpgroup's named
+        # barrier; the producer warps never reach a CTA-wide one).
+        exact_path_sync(w)
         for chunk in T.unroll(P_CHUNKS):
             for mt in T.unroll(MT):
                 for kc in T.unroll(KC):
@@ -627,7 +728,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                         if chunk * PW <= kc * 16 + hn * 8 and kc * 16 + hn * 8 < chunk * PW + PW:
                             for i in T.unroll(4):
                                 smem[p_elem(tile_row(w, lane, mt * 2 + i // 2), kc * 16 + hn * 8 + lane % 4 * 2 + i % 2 - chunk * PW)] = pf[(mt * KC + kc) * 8 + hn * 4 + i]
-            T.tvm_storage_sync("shared.dyn")
+            exact_path_sync(w)
             for c in T.serial(PW):
                 for r in T.unroll(RS):
                     for dtl in T.unroll(DT):
@@ -636,7 +737,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                 smem[p_elem(tile_row(w, lane, r), c)] == zero, T.float32(0),
                                 T.Cast("float32", smem[p_elem(tile_row(w, lane, r), c)]) * T.Cast(
                                     "float32", smem[kv_elem(V_OFF, stg, chunk * PW + c, dtl * 8 + lane % 4 * 2 + e)]))
-            T.tvm_storage_sync("shared.dyn")
+            exact_path_sync(w)
 
     @T.macro
     def pipelined_block(j, nblk, s_cur, s_next, smem, k, v, blocks, hm, blk_lo, b, hk, tid, w, lane, sg, rng,
@@ -711,6 +812,226 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                     split_ml[vbh, slot, tile_row(w, lane, r), 0] = ms[r]
                     split_ml[vbh, slot, tile_row(w, lane, r), 1] = ls[r]
 
+    # -- the warp-specialized form -------------------------------------------------------
+    # mbarriers (one buffer, ``4 stages`` of them): a stage's K bytes, its V bytes (one arrival:
+    # the producer's expect_tx), the release of its K, of its V (one arrival per consumer warp)
+    K_READY, V_READY, K_FREE, V_FREE = 0, stages, 2 * stages, 3 * stages
+    # named barriers: 1 the consumers' Q, 2 + g consumer warpgroup g's own (V checks, the exact
+    # path), TURN_BARRIER + g group g's turn at the tensor cores (two consumer warpgroups)
+    TURN_BARRIER = 4
+    PINGPONG = warp_specialized and W == 8
+
+    def group_thread(w, lane):  # a consumer thread's index within its warpgroup
+        return (w % 4) * 32 + lane
+
+    def bar_addr(bars, i):  # shared address of mbarrier i
+        return T.cuda.cvta_generic_to_shared(T.address_of(bars[i]))
+
+    def v_checked(full, col0, sig, klen):  # whether a block's V is checked for non-finite values
+        if not spec.has_kv_len:
+            return full == 0
+        return T.Or(full == 0, col0 + sig * (BC - 1) >= klen)
+
+    @T.macro
+    def flag_nonfinite_v_group(smem, vbad, words, nonfinite, st, j, w, lane):
+        # flag_nonfinite_v over the 128 threads of one consumer warpgroup, tagging the group's
+        # own flag of stage st: each group checks the whole block, so that the groups never wait
+        # for each other (the group's named barrier publishes the tag)
+        nonfinite[0] = T.uint32(0)
+        for it in T.serial((BC * CH + 127) // 128):
+            if it * 128 + group_thread(w, lane) < BC * CH:
+                T.ptx.ld.shared.v4.b32(words[0], words[1], words[2], words[3], T.address_of(smem[kv_elem(
+                    V_OFF, st, chunk_position(it * 128 + group_thread(w, lane), CH, False)[0],
+                    chunk_position(it * 128 + group_thread(w, lane), CH, False)[1])]))
+                for i in T.unroll(4):
+                    nonfinite[0] = nonfinite[0] | nonfinite_halves(words[i], dt)
+        if nonfinite[0] != T.uint32(0):
+            T.ptx.st.shared.b32(T.address_of(vbad[(w // 4) * stages + st]), j + 1)
+
+    @T.macro
+    def pv_exact_shared_ptx(oacc, pw, px, pxw, vx, vxw, smem, stg, w, lane):
+        # pv_exact of the warp-specialized form: the same sums, with P staged and P, V read by PTX
+        # on shared addresses (pairs of adjacent columns, 32 bits at a time), which TVM's barrier
+        # planner does not track: tracked, it would have to place a barrier inside the consumers'
+        # branch (it refuses to), and a CTA-wide one there would wait for the producer forever.
+        # The warpgroup's named barrier orders the staging
+        for chunk in T.unroll(P_CHUNKS):
+            exact_path_sync(w)
+            for kc in T.unroll(KC):
+                for hn in T.unroll(2):
+                    if chunk * PW <= kc * 16 + hn * 8 and kc * 16 + hn * 8 < chunk * PW + PW:
+                        for r2 in T.unroll(2):
+                            T.ptx.st.shared.b32(T.address_of(smem[p_elem(
+                                tile_row(w, lane, r2), kc * 16 + hn * 8 + lane % 4 * 2 - chunk * PW)]), pw[kc * 4 + hn * 2 + r2])
+            exact_path_sync(w)
+            for c2 in T.serial(PW // 2):
+                for r in T.unroll(RS):
+                    T.ptx.ld.shared.b32(pxw[r], T.address_of(smem[p_elem(tile_row(w, lane, r), 2 * c2)]))
+                for e2 in T.unroll(2):
+                    for dtl in T.unroll(DT):
+                        T.ptx.ld.shared.b32(vxw[0], T.address_of(smem[kv_elem(
+                            V_OFF, stg, chunk * PW + 2 * c2 + e2, dtl * 8 + lane % 4 * 2)]))
+                        for r in T.unroll(RS):
+                            for e in T.unroll(2):
+                                oacc[((r // 2) * DT + dtl) * 4 + (r % 2) * 2 + e] = oacc[((r // 2) * DT + dtl) * 4 + (r % 2) * 2 + e] + T.if_then_else(
+                                    px[r * 2 + e2] == zero, T.float32(0),
+                                    T.Cast("float32", px[r * 2 + e2]) * T.Cast("float32", vx[e]))
+        exact_path_sync(w)
+
+    @T.macro
+    def issue_tma_one(smem, bars, ready, nbytes, tmap, offset, row0, bhk):
+        # one thread: mbarrier ``ready`` expects ``nbytes``, then one tensor copy lands at offset
+        T.ptx["fence.proxy.async.shared::cta"]()
+        T.ptx.mbarrier(bar_addr(bars, ready), T.uint32(nbytes), "arrive", "expect_tx", "", "", "shared", "b64", "")
+        T.evaluate(tma_copy_rows(smem, offset, tmap, row0, bhk, bars, ready, STEP))
+
+    @T.macro
+    def producer_loop(smem, blocks, bars, kmap, vmap, hm, blk_lo, blk_hi, bhk):
+        # one thread: K then V of block j into stage j % stages, each once the consumers
+        # released what the stage held (block j - stages: its (j / stages - 1)-th release).
+        # K and V have barriers of their own: a K stage is free once S is computed, a V stage
+        # only after P V, which the consumers issue one block later
+        for j in T.serial(blk_hi - blk_lo):
+            if j >= stages:
+                T.cuda.mbarrier_wait(T.address_of(bars[K_FREE + j % stages]), (j // stages + 1) % 2)
+            issue_tma_one(smem, bars, K_READY + j % stages, KV_BYTES, kmap, K_OFF + (j % stages) * BC * D,
+                          blocks[hm, blk_lo + j, 0], bhk)
+            if j >= stages:
+                T.cuda.mbarrier_wait(T.address_of(bars[V_FREE + j % stages]), (j // stages + 1) % 2)
+            issue_tma_one(smem, bars, V_READY + j % stages, KV_BYTES, vmap, V_OFF + (j % stages) * BC * D,
+                          blocks[hm, blk_lo + j, 0], bhk)
+
+    @T.macro
+    def release(bars, i, lane):
+        # every lane of the warp is past its reads of the stage; one arrival per warp
+        T.evaluate(T.ptx["bar.warp.sync"](full_mask))
+        if lane == 0:
+            T.ptx.mbarrier.arrive.shared.b64(bar_addr(bars, i), T.uint32(1))
+
+    @T.macro
+    def scores_of_block(j, smem, blocks, bars, sg, rng, desc, sacc, ms, ls, mb, al, hm, blk_lo, w, lane, klen):
+        # S of block j is complete in sacc: release its K stage, mask, and turn it into the
+        # block's exponentials in place (softmax_scores)
+        release(bars, K_FREE + j % stages, lane)
+        mask_scores(sacc, sg, rng, blocks[hm, blk_lo + j, 2], blocks[hm, blk_lo + j, 0], blocks[hm, blk_lo + j, 1],
+                    lane, klen)
+        softmax_scores(sacc, ms, ls, mb, al)
+
+    @T.macro
+    def issue_pv_of_block(j, smem, blocks, bars, vbad, desc, pf, pw, oacc, words, nonfinite, vflag, px, pxw, vx, vxw,
+                          hm, blk_lo, w, lane, klen):
+        # O += P V of block j, P in pf: wait for its V, check it where a row may skip a column
+        # (PARTIAL, or crossing the key length; the group's named barrier publishes the tag),
+        # then either the exact path (any wgmma in flight waited for first) or the wgmma,
+        # issued and committed
+        T.cuda.mbarrier_wait(T.address_of(bars[V_READY + j % stages]), (j // stages) % 2)
+        vflag[0] = 0
+        if v_checked(blocks[hm, blk_lo + j, 2], blocks[hm, blk_lo + j, 0], blocks[hm, blk_lo + j, 1], klen):
+            flag_nonfinite_v_group(smem, vbad, words, nonfinite, j % stages, j, w, lane)
+            T.evaluate(named_barrier(2 + w // 4, 128))
+            T.ptx.ld.shared.b32(vflag[0], T.address_of(vbad[(w // 4) * stages + j % stages]))
+        if vflag[0] == j + 1:
+            # nothing in flight while the CUDA cores write O (ptxas serializes every wgmma of a
+            # kernel whose accumulators other instructions may define while one is in flight)
+            T.ptx.wgmma.wait_group.sync.aligned(0)
+            pv_exact_shared_ptx(oacc, pw, px, pxw, vx, vxw, smem, j % stages, w, lane)
+        else:
+            pv_wgmma_issue(oacc, pf, desc, smem, j % stages)
+
+    def take_turn(w):  # wait for this consumer warpgroup's turn at the tensor cores
+        return named_barrier(TURN_BARRIER + w // 4, 256)
+
+    def pass_turn(w):  # give the other consumer warpgroup its turn
+        return T.ptx["bar.arrive"](T.Cast("uint32", TURN_BARRIER + 1 - w // 4), T.uint32(256))
+
+    @T.macro
+    def turn_begin(w):
+        if PINGPONG:
+            T.evaluate(take_turn(w))
+
+    @T.macro
+    def turn_end(w, last):
+        # warpgroup 1 passes every turn but its last, so that each group's syncs meet as many
+        # arrivals of the other's (warpgroup 1 passed one before the tile, warpgroup 0 every turn)
+        if PINGPONG:
+            if T.Or(w // 4 == 0, T.Not(last)):
+                T.evaluate(pass_turn(w))
+
+    @T.macro
+    def consumer_loop(smem, blocks, bars, vbad, sg, rng, desc, sacc, pf, pw, oacc, ms, ls, mb, al, words, nonfinite,
+                      vflag, px, pxw, vx, vxw, hm, blk_lo, blk_hi, w, lane, klen):
+        # a consumer warpgroup's walk over the tile's blocks, FlashAttention-3's intra-warpgroup
+        # overlap: S of block j is issued, then P V of block j - 1, and the softmax of block j
+        # runs while that P V is on the tensor cores (the wgmma reads P_{j-1} from registers and
+        # accumulates into O, so O is rescaled and P_j written only once it completed). With two
+        # consumer warpgroups (PINGPONG) they take turns issuing their GEMMs (named barriers):
+        # one group's S and P V run while the other group's softmax does
+        if PINGPONG:
+            if w // 4 == 1 and blk_hi > blk_lo:
+                T.evaluate(pass_turn(w))  # group 0 goes first
+        if blk_hi > blk_lo:
+            T.cuda.mbarrier_wait(T.address_of(bars[K_READY]), 0)
+            turn_begin(w)
+            qk_wgmma_issue(sacc, desc, smem, 0, w)
+            turn_end(w, False)
+            T.ptx.wgmma.wait_group.sync.aligned(0)
+            scores_of_block(0, smem, blocks, bars, sg, rng, desc, sacc, ms, ls, mb, al, hm, blk_lo, w, lane, klen)
+            probabilities(sacc, pw, oacc, al)
+        for jj in T.serial(blk_hi - blk_lo - 1):
+            T.cuda.mbarrier_wait(T.address_of(bars[K_READY + (jj + 1) % stages]), ((jj + 1) // stages) % 2)
+            turn_begin(w)
+            qk_wgmma_issue(sacc, desc, smem, (jj + 1) % stages, w)
+            issue_pv_of_block(jj, smem, blocks, bars, vbad, desc, pf, pw, oacc, words, nonfinite, vflag, px, pxw, vx,
+                              vxw, hm, blk_lo, w, lane, klen)
+            turn_end(w, False)
+            T.ptx.wgmma.wait_group.sync.aligned(1)  # S of block jj + 1
+            scores_of_block(jj + 1, smem, blocks, bars, sg, rng, desc, sacc, ms, ls, mb, al, hm, blk_lo, w, lane, klen)
+            T.ptx.wgmma.wait_group.sync.aligned(0)  # P V of block jj
+            release(bars, V_FREE + jj % stages, lane)
+            probabilities(sacc, pw, oacc, al)
+        if blk_hi > blk_lo:
+            turn_begin(w)
+            issue_pv_of_block(blk_hi - blk_lo - 1, smem, blocks, bars, vbad, desc, pf, pw, oacc, words, nonfinite,
+                              vflag, px, pxw, vx, vxw, hm, blk_lo, w, lane, klen)
+            turn_end(w, True)
+            T.ptx.wgmma.wait_group.sync.aligned(0)
+            release(bars, V_FREE + (blk_hi - blk_lo - 1) % stages, lane)
+
+    @T.macro
+    def ws_tile(smem, q, k, v, blocks, kv_len, out, o_part, ml_part, split_o, split_ml, lse, bars, vbad,
+                kmap, vmap, seg_start, seg_count, seg_sigma, sg, rng, desc, sacc, pf, pw, oacc, ms, ls, mb, al, rows,
+                words, nonfinite, vflag, px, pxw, vx, vxw, b, h, hk, hm, vbh, row0, rstr, nrows, comp, blk_lo, blk_hi,
+                slot, tid, w, lane):
+        # the tile in the warp-specialized form: thread 0 sets up the mbarriers, the one
+        # CTA-wide barrier publishes them, then the producer warpgroup (warps W..W+3) streams the
+        # tile's blocks through the stages while each consumer warpgroup runs its 64 rows
+        # through them at its own pace (no barrier between the groups in the loop)
+        if tid == 0:
+            for i in T.unroll(4 * stages):
+                T.ptx.mbarrier.init.shared.b64(bar_addr(bars, i), T.uint32(1 if i < K_FREE else W))
+            T.ptx.fence("mbarrier_init", "release", "cluster", "")
+        if tid < stages * FLAG_GROUPS:
+            T.ptx.st.shared.b32(T.address_of(vbad[tid]), 0)
+        T.tvm_storage_sync("shared")
+        if w >= W:
+            T.evaluate(T.ptx["setmaxnreg.dec.sync.aligned.u32"](WS_PRODUCER_REGS))
+            if w == W and lane == 0:
+                producer_loop(smem, blocks, bars, kmap, vmap, hm, blk_lo, blk_hi, b * KVH + hk)
+        else:
+            T.evaluate(T.ptx["setmaxnreg.inc.sync.aligned.u32"](CONSUMER_REGS))
+            load_q_tile(smem, q, b, h, row0, rstr, nrows, tid)
+            T.evaluate(T.ptx.cp.async_.commit_group())
+            T.evaluate(T.ptx["cp.async.wait_group"](0))
+            cache_row_segments(sg, rows, seg_start, seg_count, seg_sigma, hm, w, lane, nrows)
+            T.ptx["fence.proxy.async.shared::cta"]()  # Q, written by this thread, for wgmma
+            T.evaluate(named_barrier(1, NTHR))  # every consumer's Q rows have landed
+            consumer_loop(smem, blocks, bars, vbad, sg, rng, desc, sacc, pf, pw, oacc, ms, ls, mb, al, words,
+                          nonfinite, vflag, px, pxw, vx, vxw, hm, blk_lo, blk_hi, w, lane, key_length(spec, kv_len, b))
+            if split_chunk(plan_shape, slot):
+                store_slot(split_o, split_ml, oacc, ms, ls, vbh, slot, w, lane, nrows)
+            else:
+                store_rows(out, o_part, ml_part, lse, oacc, ms, ls, rows, b, h, vbh, comp, w, lane, nrows)
+
     @T.prim_func(s_tir=True)
     def tiled(
         q: T.Buffer((B, H, N, D), dt),
@@ -739,7 +1060,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         for vbh in T.thread_binding(B * H, thread="blockIdx.x"):
             for vt in T.thread_binding(tile_grid_rows(NT, "tiled"), thread="blockIdx.y"):
                 with launch_bounds(MIN_BLOCKS):
-                    for w in T.thread_binding(W, thread="threadIdx.y"):
+                    for w in T.thread_binding(W + PRODUCER_WARPS, thread="threadIdx.y"):
                         for lane in T.thread_binding(32, thread="threadIdx.x"):
                             with T.sblock("tile"):
                                 T.reads()
@@ -751,7 +1072,8 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                 # stages need 1024 bytes (compile.check_shared_declarations)
                                 qkv_smem = T.sblock_alloc_buffer((SMEM,), dt, scope="shared.dyn", align=SMEM_ALIGN)
                                 # per stage: 1 + the block index whose V holds a non-finite value
-                                vbad = T.sblock_alloc_buffer((stages,), "int32", scope="shared")
+                                # (warp-specialized: per consumer warpgroup and stage)
+                                vbad = T.sblock_alloc_buffer((stages * FLAG_GROUPS,), "int32", scope="shared")
                                 qf = T.sblock_alloc_buffer((MT * KD * 8,), dt, scope="local")
                                 bf = T.sblock_alloc_buffer((8,), dt, scope="local")
                                 pf = T.sblock_alloc_buffer((MT * KC * 8,), dt, scope="local")
@@ -762,6 +1084,11 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                 nonfinite = T.sblock_alloc_buffer((1,), "uint32", scope="local")
                                 words = T.sblock_alloc_buffer((4,), "uint32", scope="local")
                                 vflag = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                                if warp_specialized:  # its exact path's pairs of P (one per row slot) and of V
+                                    px = T.sblock_alloc_buffer((RS * 2,), dt, scope="local")
+                                    pxw = T.decl_buffer((RS,), "uint32", data=px.data, scope="local")
+                                    vx = T.sblock_alloc_buffer((2,), dt, scope="local")
+                                    vxw = T.decl_buffer((1,), "uint32", data=vx.data, scope="local")
                                 # per thread row: sequence row, running max, running (per-thread) sum,
                                 # block max / new max, rescale factor, cached segments
                                 rows = T.sblock_alloc_buffer((RS,), "int32", scope="local")
@@ -774,6 +1101,8 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                 desc = T.sblock_alloc_buffer((2,), "uint64", scope="local")
                                 if tma:  # per stage: the mbarrier its TMA copies complete on
                                     kv_ready = T.sblock_alloc_buffer((stages,), "uint64", scope="shared", align=8)
+                                if warp_specialized:  # per stage: K and V landed, K and V released
+                                    ws_bars = T.sblock_alloc_buffer((4 * stages,), "uint64", scope="shared", align=8)
                                 b: T.let[T.int32] = vbh // H
                                 h: T.let[T.int32] = vbh % H
                                 hk: T.let[T.int32] = h // G
@@ -792,109 +1121,115 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                     ls[r] = T.float32(0)
                                 for i in T.unroll(MT * DT * 4):
                                     oacc[i] = T.float32(0)
-                                if tid < stages:
-                                    T.ptx.st.shared.b32(T.address_of(vbad[tid]), 0)
-                                load_q_tile(qkv_smem, q, b, h, row0, rstr, nrows, tid)
-                                if stages == 4:
-                                    # blocks 0 and 1 in flight; block 0 (and Q) landed and checked;
-                                    # S_0 issued
-                                    if blk_hi > blk_lo:
-                                        issue_kv_block(qkv_smem, k, v, blocks[hm, blk_lo, 0], blocks[hm, blk_lo, 1], b, hk, tid, 0,
-                                                       key_length(spec, kv_len, b))
-                                    T.evaluate(T.ptx.cp.async_.commit_group())
-                                    if blk_hi - blk_lo > 1:
-                                        issue_kv_block(qkv_smem, k, v, blocks[hm, blk_lo + 1, 0], blocks[hm, blk_lo + 1, 1], b, hk, tid, 1,
-                                                       key_length(spec, kv_len, b))
-                                    T.evaluate(T.ptx.cp.async_.commit_group())
-                                    T.evaluate(T.ptx["cp.async.wait_group"](1))
-                                    # the flags' initial zeros are written before anyone tags block 0
-                                    T.tvm_storage_sync("shared.dyn")
-                                    if blk_hi > blk_lo:
-                                        if blocks[hm, blk_lo, 2] == 0:
-                                            flag_nonfinite_v(qkv_smem, vbad, words, nonfinite, 0, 0, tid)
-                                if tma:
-                                    init_stage_barriers(kv_ready, stages, tid)
-                                    if tid == 0 and blk_hi > blk_lo:
-                                        issue_kv_tma(qkv_smem, kv_ready, kmap, vmap, blocks[hm, blk_lo, 0], b * KVH + hk, 0)
-                                    T.evaluate(T.ptx.cp.async_.commit_group())  # Q
-                                    T.evaluate(T.ptx["cp.async.wait_group"](0))
-                                elif stages == 2:
-                                    if blk_hi > blk_lo:
-                                        issue_kv_block(qkv_smem, k, v, blocks[hm, blk_lo, 0], blocks[hm, blk_lo, 1], b, hk, tid, 0,
-                                                       key_length(spec, kv_len, b))
-                                    T.evaluate(T.ptx.cp.async_.commit_group())
-                                    T.evaluate(T.ptx["cp.async.wait_group"](0))
-                                cache_row_segments(sg, rows, seg_start, seg_count, seg_sigma, hm, w, lane, nrows)
-                                if wgmma:  # make this thread's shared writes visible to the async proxy
-                                    T.ptx["fence.proxy.async.shared::cta"]()
-                                T.tvm_storage_sync("shared.dyn")
-                                if not wgmma:
-                                    load_q_fragments(qf, qkv_smem, w, lane)
-                                if stages == 4:
-                                    if blk_hi > blk_lo:
-                                        qk_wgmma_issue(sacc, desc, qkv_smem, 0, w)
-                                    # two blocks per iteration, so that S_j and S_j+1 live in two
-                                    # register sets named statically
-                                    for jj in T.serial((blk_hi - blk_lo + 1) // 2):
-                                        pipelined_block(2 * jj, blk_hi - blk_lo, sacc, sacc2, qkv_smem, k, v, blocks, hm, blk_lo,
-                                                        b, hk, tid, w, lane, sg, rng, pf, pw, oacc, ms, ls, mb, al, desc, vbad,
-                                                        vflag, words, nonfinite, key_length(spec, kv_len, b))
-                                        if 2 * jj + 1 < blk_hi - blk_lo:
-                                            pipelined_block(2 * jj + 1, blk_hi - blk_lo, sacc2, sacc, qkv_smem, k, v, blocks, hm,
-                                                            blk_lo, b, hk, tid, w, lane, sg, rng, pf, pw, oacc, ms, ls, mb, al,
-                                                            desc, vbad, vflag, words, nonfinite, key_length(spec, kv_len, b))
-                                    T.ptx.wgmma.wait_group.sync.aligned(0)
-                                if stages != 4:
-                                    for j in T.serial(blk_hi - blk_lo):
-                                        col0: T.let[T.int32] = blocks[hm, blk_lo + j, 0]
-                                        sig: T.let[T.int32] = blocks[hm, blk_lo + j, 1]
-                                        full: T.let[T.int32] = blocks[hm, blk_lo + j, 2]
-                                        stg: T.let[T.int32] = j % stages
-                                        if stages == 1:
-                                            T.tvm_storage_sync("shared.dyn")
-                                            load_kv_block(qkv_smem, k, v, col0, sig, b, hk, tid, key_length(spec, kv_len, b))
-                                        elif tma:  # block j's bytes have landed (its stage's (j // 2)-th phase)
-                                            T.cuda.mbarrier_wait(T.address_of(kv_ready[stg]), (j // stages) % 2)
-                                        else:
-                                            # block j has landed (this thread's copies: wait; everyone's:
-                                            # the barrier, which also frees the other stage for block j + 1)
-                                            T.evaluate(T.ptx["cp.async.wait_group"](0))
-                                        if tma and spec.has_kv_len:  # a block crossing the length holds
-                                            # rows past it that no load zeroed
-                                            if full == 0 or col0 + sig * (BC - 1) >= key_length(spec, kv_len, b):
-                                                flag_nonfinite_v(qkv_smem, vbad, words, nonfinite, stg, j, tid)
-                                        elif full == 0:  # FULL blocks: every row attends every column
-                                            flag_nonfinite_v(qkv_smem, vbad, words, nonfinite, stg, j, tid)
-                                        if wgmma:
-                                            T.ptx["fence.proxy.async.shared::cta"]()
-                                        T.tvm_storage_sync("shared.dyn")
-                                        if tma:
-                                            if tid == 0 and j + 1 < blk_hi - blk_lo:
-                                                issue_kv_tma(qkv_smem, kv_ready, kmap, vmap, blocks[hm, blk_lo + j + 1, 0],
-                                                             b * KVH + hk, (j + 1) % stages)
-                                        elif stages == 2:
-                                            if j + 1 < blk_hi - blk_lo:
-                                                issue_kv_block(qkv_smem, k, v, blocks[hm, blk_lo + j + 1, 0],
-                                                               blocks[hm, blk_lo + j + 1, 1], b, hk, tid, (j + 1) % stages,
-                                                               key_length(spec, kv_len, b))
-                                            T.evaluate(T.ptx.cp.async_.commit_group())
-                                        if wgmma:
-                                            qk_wgmma(sacc, desc, qkv_smem, stg, w)
-                                        else:
-                                            qk_tile(sacc, qf, bf, qkv_smem, stg, lane)
-                                        mask_scores(sacc, sg, rng, full, col0, sig, lane, key_length(spec, kv_len, b))
-                                        online_softmax(sacc, pf, pw, oacc, ms, ls, mb, al)
-                                        T.ptx.ld.shared.b32(vflag[0], T.address_of(vbad[stg]))
-                                        if vflag[0] == j + 1:
-                                            pv_exact(oacc, pf, qkv_smem, stg, w, lane)
-                                        elif wgmma:
-                                            pv_wgmma(oacc, pf, desc, qkv_smem, stg)
-                                        else:
-                                            pv_tile(oacc, pf, bf, qkv_smem, stg, lane)
-                                if split_chunk(plan_shape, slot):
-                                    store_slot(split_o, split_ml, oacc, ms, ls, vbh, slot, w, lane, nrows)
+                                if warp_specialized:
+                                    ws_tile(qkv_smem, q, k, v, blocks, kv_len, out, o_part, ml_part, split_o, split_ml, lse, ws_bars, vbad,
+                                            kmap, vmap, seg_start, seg_count, seg_sigma, sg, rng, desc, sacc, pf, pw, oacc, ms, ls, mb, al, rows,
+                                            words, nonfinite, vflag, px, pxw, vx, vxw, b, h, hk, hm, vbh, row0, rstr, nrows, comp,
+                                            blk_lo, blk_hi, slot, tid, w, lane)
                                 else:
-                                    store_rows(out, o_part, ml_part, lse, oacc, ms, ls, rows, b, h, vbh, comp, w, lane, nrows)
+                                    if tid < stages:
+                                        T.ptx.st.shared.b32(T.address_of(vbad[tid]), 0)
+                                    load_q_tile(qkv_smem, q, b, h, row0, rstr, nrows, tid)
+                                    if stages == 4:
+                                        # blocks 0 and 1 in flight; block 0 (and Q) landed and checked;
+                                        # S_0 issued
+                                        if blk_hi > blk_lo:
+                                            issue_kv_block(qkv_smem, k, v, blocks[hm, blk_lo, 0], blocks[hm, blk_lo, 1], b, hk, tid, 0,
+                                                           key_length(spec, kv_len, b))
+                                        T.evaluate(T.ptx.cp.async_.commit_group())
+                                        if blk_hi - blk_lo > 1:
+                                            issue_kv_block(qkv_smem, k, v, blocks[hm, blk_lo + 1, 0], blocks[hm, blk_lo + 1, 1], b, hk, tid, 1,
+                                                           key_length(spec, kv_len, b))
+                                        T.evaluate(T.ptx.cp.async_.commit_group())
+                                        T.evaluate(T.ptx["cp.async.wait_group"](1))
+                                        # the flags' initial zeros are written before anyone tags block 0
+                                        T.tvm_storage_sync("shared.dyn")
+                                        if blk_hi > blk_lo:
+                                            if blocks[hm, blk_lo, 2] == 0:
+                                                flag_nonfinite_v(qkv_smem, vbad, words, nonfinite, 0, 0, tid)
+                                    if tma:
+                                        init_stage_barriers(kv_ready, stages, tid)
+                                        if tid == 0 and blk_hi > blk_lo:
+                                            issue_kv_tma(qkv_smem, kv_ready, kmap, vmap, blocks[hm, blk_lo, 0], b * KVH + hk, 0)
+                                        T.evaluate(T.ptx.cp.async_.commit_group())  # Q
+                                        T.evaluate(T.ptx["cp.async.wait_group"](0))
+                                    elif stages == 2:
+                                        if blk_hi > blk_lo:
+                                            issue_kv_block(qkv_smem, k, v, blocks[hm, blk_lo, 0], blocks[hm, blk_lo, 1], b, hk, tid, 0,
+                                                           key_length(spec, kv_len, b))
+                                        T.evaluate(T.ptx.cp.async_.commit_group())
+                                        T.evaluate(T.ptx["cp.async.wait_group"](0))
+                                    cache_row_segments(sg, rows, seg_start, seg_count, seg_sigma, hm, w, lane, nrows)
+                                    if wgmma:  # make this thread's shared writes visible to the async proxy
+                                        T.ptx["fence.proxy.async.shared::cta"]()
+                                    T.tvm_storage_sync("shared.dyn")
+                                    if not wgmma:
+                                        load_q_fragments(qf, qkv_smem, w, lane)
+                                    if stages == 4:
+                                        if blk_hi > blk_lo:
+                                            qk_wgmma_issue(sacc, desc, qkv_smem, 0, w)
+                                        # two blocks per iteration, so that S_j and S_j+1 live in two
+                                        # register sets named statically
+                                        for jj in T.serial((blk_hi - blk_lo + 1) // 2):
+                                            pipelined_block(2 * jj, blk_hi - blk_lo, sacc, sacc2, qkv_smem, k, v, blocks, hm, blk_lo,
+                                                            b, hk, tid, w, lane, sg, rng, pf, pw, oacc, ms, ls, mb, al, desc, vbad,
+                                                            vflag, words, nonfinite, key_length(spec, kv_len, b))
+                                            if 2 * jj + 1 < blk_hi - blk_lo:
+                                                pipelined_block(2 * jj + 1, blk_hi - blk_lo, sacc2, sacc, qkv_smem, k, v, blocks, hm,
+                                                                blk_lo, b, hk, tid, w, lane, sg, rng, pf, pw, oacc, ms, ls, mb, al,
+                                                                desc, vbad, vflag, words, nonfinite, key_length(spec, kv_len, b))
+                                        T.ptx.wgmma.wait_group.sync.aligned(0)
+                                    if stages != 4:
+                                        for j in T.serial(blk_hi - blk_lo):
+                                            col0: T.let[T.int32] = blocks[hm, blk_lo + j, 0]
+                                            sig: T.let[T.int32] = blocks[hm, blk_lo + j, 1]
+                                            full: T.let[T.int32] = blocks[hm, blk_lo + j, 2]
+                                            stg: T.let[T.int32] = j % stages
+                                            if stages == 1:
+                                                T.tvm_storage_sync("shared.dyn")
+                                                load_kv_block(qkv_smem, k, v, col0, sig, b, hk, tid, key_length(spec, kv_len, b))
+                                            elif tma:  # block j's bytes have landed (its stage's (j // 2)-th phase)
+                                                T.cuda.mbarrier_wait(T.address_of(kv_ready[stg]), (j // stages) % 2)
+                                            else:
+                                                # block j has landed (this thread's copies: wait; everyone's:
+                                                # the barrier, which also frees the other stage for block j + 1)
+                                                T.evaluate(T.ptx["cp.async.wait_group"](0))
+                                            if tma and spec.has_kv_len:  # a block crossing the length holds
+                                                # rows past it that no load zeroed
+                                                if full == 0 or col0 + sig * (BC - 1) >= key_length(spec, kv_len, b):
+                                                    flag_nonfinite_v(qkv_smem, vbad, words, nonfinite, stg, j, tid)
+                                            elif full == 0:  # FULL blocks: every row attends every column
+                                                flag_nonfinite_v(qkv_smem, vbad, words, nonfinite, stg, j, tid)
+                                            if wgmma:
+                                                T.ptx["fence.proxy.async.shared::cta"]()
+                                            T.tvm_storage_sync("shared.dyn")
+                                            if tma:
+                                                if tid == 0 and j + 1 < blk_hi - blk_lo:
+                                                    issue_kv_tma(qkv_smem, kv_ready, kmap, vmap, blocks[hm, blk_lo + j + 1, 0],
+                                                                 b * KVH + hk, (j + 1) % stages)
+                                            elif stages == 2:
+                                                if j + 1 < blk_hi - blk_lo:
+                                                    issue_kv_block(qkv_smem, k, v, blocks[hm, blk_lo + j + 1, 0],
+                                                                   blocks[hm, blk_lo + j + 1, 1], b, hk, tid, (j + 1) % stages,
+                                                                   key_length(spec, kv_len, b))
+                                                T.evaluate(T.ptx.cp.async_.commit_group())
+                                            if wgmma:
+                                                qk_wgmma(sacc, desc, qkv_smem, stg, w)
+                                            else:
+                                                qk_tile(sacc, qf, bf, qkv_smem, stg, lane)
+                                            mask_scores(sacc, sg, rng, full, col0, sig, lane, key_length(spec, kv_len, b))
+                                            online_softmax(sacc, pf, pw, oacc, ms, ls, mb, al)
+                                            T.ptx.ld.shared.b32(vflag[0], T.address_of(vbad[stg]))
+                                            if vflag[0] == j + 1:
+                                                pv_exact(oacc, pf, qkv_smem, stg, w, lane)
+                                            elif wgmma:
+                                                pv_wgmma(oacc, pf, desc, qkv_smem, stg)
+                                            else:
+                                                pv_tile(oacc, pf, bf, qkv_smem, stg, lane)
+                                    if split_chunk(plan_shape, slot):
+                                        store_slot(split_o, split_ml, oacc, ms, ls, vbh, slot, w, lane, nrows)
+                                    else:
+                                        store_rows(out, o_part, ml_part, lse, oacc, ms, ls, rows, b, h, vbh, comp, w, lane, nrows)
 
     tiled = without_unused_kv_len(spec, tiled)
     if with_lse and direct:

@@ -302,6 +302,9 @@ def tensor_core_training_refusal(spec: BackwardSpec, target, knobs: BackwardMmaK
     try:
         f = knobs.forward
         check_mma_shape(rows, f.br, f.bc, f.warps, f.m_tiles)
+        if f.warp_specialized:
+            raise ValueError("the training forward (fwd_lse) has no warp-specialized form (measured for "
+                             "inference only): forward knobs with warp_specialized=False")
         if f.tma:
             check_tma_shape(rows, f.wgmma, f.stages)
             check_tma_step(plans[0].shape.step, rows.seq_len, "the forward's plan", "tma=False")

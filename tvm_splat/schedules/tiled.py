@@ -36,6 +36,7 @@ from ..kernels.tiled_mma import MMA_TYPES, tiled_mma_func
 from .targets import as_target, is_gpu, supports_wgmma, target_key
 
 __all__ = ["TiledKnobs", "default_tiled_knobs", "TWO_STAGE_MIN_TILES", "WGMMA_MIN_HEAD_DIM", "TMA_HEAD_DIM_MULTIPLE",
+           "WARP_SPECIALIZED_MIN_TILES",
            "tiled_funcs", "tiled_program_name", "tiled_form", "program_form", "uses_mma", "schedule_tiled", "apply_tiled_schedule", "bind_flat_gpu"]
 
 
@@ -61,6 +62,10 @@ class TiledKnobs:
     * ``tma``: K/V blocks by TMA into 128-byte-swizzled stages (the two-stage wgmma form;
       head_dim a multiple of 64; tile plans whose column blocks share one step, 1 or a
       dilation dividing n).
+    * ``warp_specialized``: the TMA form with a producer warpgroup issuing the copies and
+      consumer warpgroups that release stages through mbarriers instead of a CTA-wide barrier
+      per block (``setmaxnreg`` gives the consumers the producer's registers; one thread block
+      per SM at two consumer warpgroups); needs ``tma`` and ``warps`` 4 or 8.
     """
 
     br: int = 64
@@ -74,13 +79,14 @@ class TiledKnobs:
     split_blocks: int = -1
     wgmma: bool = False
     tma: bool = False
+    warp_specialized: bool = False
 
     def __post_init__(self):
         for name in ("br", "bc", "warps", "vector_bytes", "m_tiles", "stages", "row_pad", "split_blocks"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an int, got {value!r}")
-        for name in ("use_tensor_cores", "wgmma", "tma"):
+        for name in ("use_tensor_cores", "wgmma", "tma", "warp_specialized"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.wgmma and (not self.use_tensor_cores or self.warps % 4 or self.m_tiles != 1
@@ -89,6 +95,9 @@ class TiledKnobs:
                              f"br == 16 * warps (64 rows per warpgroup), got {self}")
         if self.tma and (not self.wgmma or self.stages != 2):
             raise ValueError(f"tma is a form of the two-stage wgmma kernel (wgmma=True, stages=2), got {self}")
+        if self.warp_specialized and (not self.tma or self.warps not in (4, 8)):
+            raise ValueError(f"warp_specialized is a form of the TMA kernel with one or two consumer warpgroups "
+                             f"(tma=True, warps 4 or 8), got {self}")
         if self.stages not in (1, 2, 4) or (self.stages == 4 and not self.wgmma):
             raise ValueError(f"stages must be 1 or 2 (4: the pipelined wgmma form), got {self.stages}")
         for name in ("br", "bc", "warps", "vector_bytes", "m_tiles"):
@@ -117,21 +126,23 @@ class TiledKnobs:
 def tiled_program_name(knobs: TiledKnobs, mma: bool) -> str:
     """The name of the program ``knobs`` make (one MetaSchedule task of a tuning run, a key
     of a record's ``programs_us``): the plan's tiles, and for the warp-level kernel its warps,
-    m-tiles, stages and Hopper form (``_wg``, ``_wg_tma``)."""
+    m-tiles, stages and Hopper form (``_wg``, ``_wg_tma``, ``_wg_tma_ws``)."""
     name = f"tiled_{knobs.br}x{knobs.bc}"
     form = f"_{tiled_form(knobs)}" if knobs.wgmma else ""
     return name + (f"_w{knobs.warps}_m{knobs.m_tiles}_s{knobs.stages}{form}" if mma else "")
 
 
 def tiled_form(knobs: TiledKnobs) -> str:
-    """The Hopper form of the knobs' kernel: ``"wg_tma"``, ``"wg"`` or ``""`` (any other),
-    the last part of its :func:`tiled_program_name`."""
+    """The Hopper form of the knobs' kernel: ``"wg_tma_ws"``, ``"wg_tma"``, ``"wg"`` or ``""``
+    (any other), the last part of its :func:`tiled_program_name`."""
+    if knobs.warp_specialized:
+        return "wg_tma_ws"
     return "wg_tma" if knobs.tma else "wg" if knobs.wgmma else ""
 
 
 def program_form(name: str) -> str:
     """:func:`tiled_form` read back from a program name."""
-    return next((form for form in ("wg_tma", "wg") if name.endswith("_" + form)), "")
+    return next((form for form in ("wg_tma_ws", "wg_tma", "wg") if name.endswith("_" + form)), "")
 
 
 # Grids of at least this many row tiles get two K/V stages (cp.async one block ahead); smaller
@@ -158,8 +169,22 @@ WGMMA_MIN_HEAD_DIM = 128
 TMA_HEAD_DIM_MULTIPLE = 64
 
 
+#: 128-row tiles (batch x heads x tiles of a head) from which the Hopper default at d >= 128 is
+#: the warp-specialized TMA form (a producer warpgroup, two consumer warpgroups taking turns at
+#: the tensor cores, 128x128 tiles, one thread block per SM) instead of the two-block-per-SM TMA
+#: form (128x64). H200, 50 back-to-back calls, same process
+#: (``benchmarks/results/h200_forward_ab.json`` run ``nineteenth_warp_specialized``): window
+#: +-1024 n=32k (4096 tiles) fp16 1.317 -> 1.258 ms, bf16 1.284 -> 1.229; causal window 4095
+#: GQA n=8k (2048 tiles) 0.912 -> 0.855; +-256 + 4 global, batch 4, 16 heads (2048 tiles)
+#: 0.559 -> 0.529 (bf16 0.560 -> 0.524); dilated +-512 step 4 n=8k (512 tiles) 0.0904 ->
+#: 0.0897; lost at window +-256 n=4096, 16 heads (512 tiles: four waves of one block per SM
+#: where the other form runs two of two): fp16 0.0698 -> 0.0733 (bf16 0.0715 -> 0.0713). At
+#: d=64 (one consumer warpgroup, or two) it lost on all nine shapes measured, by 10-90%.
+WARP_SPECIALIZED_MIN_TILES = 2048
+
+
 def default_tiled_knobs(spec: AttentionSpec, target, num_components: int = 1, tma_steps: bool = False,
-                        max_step: int = 1) -> TiledKnobs:
+                        max_step: int = 1, warp_specialized: bool = False) -> TiledKnobs:
     """The knobs when nothing is tuned: the ``mma`` kernel for float16/bfloat16 on the GPU, and
     the number of K/V stages by grid size (``TWO_STAGE_MIN_TILES``). On an ``sm_90a`` target,
     for a tile plan of one component:
@@ -168,7 +193,10 @@ def default_tiled_knobs(spec: AttentionSpec, target, num_components: int = 1, tm
       dilated mask's dilation dividing n; the caller read it off the plan,
       :func:`tvm_splat.planner.default_knobs`) and ``head_dim`` a multiple of
       ``TMA_HEAD_DIM_MULTIPLE``: the TMA form (two stages), with two warpgroups (128-row tiles)
-      from ``WGMMA_MIN_HEAD_DIM``, one below;
+      from ``WGMMA_MIN_HEAD_DIM``, one below; with ``warp_specialized`` (inference; the
+      training forward keeps the form its backward was measured with), two warpgroups and at
+      least ``WARP_SPECIALIZED_MIN_TILES`` 128-row tiles: its warp-specialized form, 128x128
+      tiles (:data:`WARP_SPECIALIZED_MIN_TILES` says what was measured);
     * else, with blocks of step 1, from ``WGMMA_MIN_HEAD_DIM``: the wgmma form with two warpgroups.
 
     ``num_components`` and ``max_step`` (the largest step of a column block) of the tile plan
@@ -193,6 +221,10 @@ def default_tiled_knobs(spec: AttentionSpec, target, num_components: int = 1, tm
         return knobs
     two_warpgroups = spec.head_dim >= WGMMA_MIN_HEAD_DIM
     if tma_steps and spec.head_dim % TMA_HEAD_DIM_MULTIPLE == 0:
+        if warp_specialized and two_warpgroups and \
+                spec.batch * spec.heads * -(-spec.seq_len // 128) >= WARP_SPECIALIZED_MIN_TILES:
+            return dataclasses.replace(knobs, br=128, bc=128, warps=8, wgmma=True, tma=True, stages=2,
+                                       warp_specialized=True)
         rows = 128 if two_warpgroups else 64
         return dataclasses.replace(knobs, br=rows, warps=rows // 16, wgmma=True, tma=True, stages=2)
     if two_warpgroups and max_step <= 1:
@@ -218,7 +250,7 @@ def tiled_funcs(spec: AttentionSpec, plan_shape: PlanShape, knobs: TiledKnobs = 
         if knobs.wgmma and not supports_wgmma(as_target(target)):
             raise ValueError(f"wgmma needs a Hopper target (sm_90 / sm_90a), got {target_key(as_target(target))}")
         funcs = {"tiled": tiled_mma_func(spec, plan_shape, knobs.warps, knobs.m_tiles, knobs.stages,
-                                         wgmma=knobs.wgmma, tma=knobs.tma)}
+                                         wgmma=knobs.wgmma, tma=knobs.tma, warp_specialized=knobs.warp_specialized)}
     else:
         funcs = {"tiled": tiled_func(spec, plan_shape)}
     if plan_shape.num_slots > 0:

@@ -27,7 +27,7 @@ from ..planner import AttentionPlan, plan
 from ..kernels.tiled_mma import tma_loads_step
 from ..records import best_knobs_path, open_database, workload_dir
 from ..schedules.targets import is_gpu
-from ..schedules.tiled import (TILE_BLOCK, TMA_HEAD_DIM_MULTIPLE, TiledKnobs, apply_tiled_schedule,
+from ..schedules.tiled import (TILE_BLOCK, TMA_HEAD_DIM_MULTIPLE, WGMMA_MIN_HEAD_DIM, TiledKnobs, apply_tiled_schedule,
                                default_tiled_knobs, tiled_funcs, tiled_program_name, uses_mma)
 from .tune import (RPCTracker, TuneResult, _metadata_args, _progress_callback, alloc_arguments, local_builder,
                    measure_runner, prune_database, run_us, tuning_progress, tuning_target, unnamed_log_handlers_detached)
@@ -40,6 +40,10 @@ PLAN_CHOICES = ((64, 64), (64, 128), (128, 64), (32, 64))
 MMA_PLAN_CHOICES = ((64, 64), (64, 32), (32, 64), (32, 32))
 #: extra plans on Hopper: two warpgroups of the wgmma form (128 rows; see WGMMA_MIN_HEAD_DIM)
 WGMMA_PLAN_CHOICES = ((128, 64),)
+#: the plan of the warp-specialized TMA form (Hopper, head_dim from WGMMA_MIN_HEAD_DIM, a
+#: tensor map loading the plan's blocks): searched with that program alone, the form its
+#: default takes from WARP_SPECIALIZED_MIN_TILES row tiles
+WARP_SPECIALIZED_PLAN = (128, 128)
 KNOB_ANNOTATION = "tvm_splat.knobs"
 
 
@@ -83,9 +87,14 @@ def program_choices(base, spec, target, stages=(1, 2), m_tiles=(1,), tma_steps=F
     d=128), so they are searched only when asked for. On Hopper the wgmma form joins, and its
     TMA form where a tensor map loads the plan's column blocks (``tma_steps``, read off the plan:
     one step for all, 1 or a dilation dividing n) and ``head_dim`` is a multiple of
-    ``TMA_HEAD_DIM_MULTIPLE``."""
+    ``TMA_HEAD_DIM_MULTIPLE``; the plan ``WARP_SPECIALIZED_PLAN`` is one program, the TMA form's
+    warp-specialized variant, where it applies (:func:`warp_specialized_applies`)."""
     if not uses_mma(spec, base, target):
         return [schedule_choices(base, target)]
+    if (base.br, base.bc) == WARP_SPECIALIZED_PLAN:  # that program alone, where it applies
+        if not warp_specialized_applies(spec, target, stages, tma_steps):
+            return []
+        return [[dataclasses.replace(base, warps=8, m_tiles=1, stages=2, wgmma=True, tma=True, warp_specialized=True)]]
     groups = []
     for warps, mt, st in itertools.product((1, 2, 4, 8), m_tiles, stages):
         if 16 * warps * mt != base.br:
@@ -96,6 +105,14 @@ def program_choices(base, spec, target, stages=(1, 2), m_tiles=(1,), tma_steps=F
         if 2 in stages and tma_steps and spec.head_dim % TMA_HEAD_DIM_MULTIPLE == 0:
             groups.append([dataclasses.replace(base, warps=base.br // 16, m_tiles=1, stages=2, wgmma=True, tma=True)])
     return groups
+
+
+def warp_specialized_applies(spec, target, stages=(1, 2), tma_steps=False) -> bool:
+    """Whether the tuning space holds the warp-specialized TMA program: Hopper, two-stage
+    programs searched, a tensor map loading the plan's blocks, head_dim a multiple of
+    ``TMA_HEAD_DIM_MULTIPLE`` from ``WGMMA_MIN_HEAD_DIM`` (at d=64 it lost on every shape)."""
+    return (_has_wgmma(target) and 2 in stages and tma_steps and spec.head_dim % TMA_HEAD_DIM_MULTIPLE == 0
+            and WGMMA_MIN_HEAD_DIM <= spec.head_dim <= 256)
 
 
 def _has_wgmma(target) -> bool:
@@ -150,12 +167,16 @@ def tiled_tasks(workload: AttentionPlan, target, plans=None, stages=(1, 2)) -> d
     """The programs :func:`tune_tiled` measures for ``workload`` on ``target``: name ->
     ``(PrimFunc, knob choices, fixed tables)``, one per plan shape of ``plans`` (default: the
     target's) and program of :func:`program_choices`, the TMA form where the candidate plan's
-    column blocks share one step a tensor map loads (1, or a dilation dividing n)."""
+    column blocks share one step a tensor map loads (1, or a dilation dividing n), and at
+    head_dim >= 128 the warp-specialized program on its own plan (``WARP_SPECIALIZED_PLAN``)
+    where the same holds."""
     spec, acsr = workload.spec, workload.acsr
     tc = default_tiled_knobs(spec, target).use_tensor_cores
     mma = uses_mma(spec, TiledKnobs(use_tensor_cores=tc), target)
     if plans is None:
         plans = MMA_PLAN_CHOICES + (WGMMA_PLAN_CHOICES if _has_wgmma(target) else ()) if mma else PLAN_CHOICES
+        if mma and warp_specialized_applies(spec, target, stages, tma_steps=True):
+            plans += (WARP_SPECIALIZED_PLAN,)
     tasks = {}
     for br, bc in plans:
         try:
