@@ -260,7 +260,7 @@ def test_warp_specialized_form_compiles_with_roles_and_no_cta_barrier_in_the_loo
     cores by named barriers (bar.sync / bar.arrive). The one __syncthreads precedes the role
     split: past it the producer never reaches a CTA-wide barrier. nvcc compiles it; ptxas
     neither spills nor serializes the wgmma (remark C7515)."""
-    from tvm_splat.compile import cuda_source, nvcc_compile, wgmma_serialized
+    from tvm_splat.compile import nvcc_compile, wgmma_serialized
 
     knobs = TiledKnobs(use_tensor_cores=True, br=16 * warps, bc=128, warps=warps, wgmma=True, tma=True,
                        warp_specialized=True)
