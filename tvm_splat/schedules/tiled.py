@@ -179,7 +179,7 @@ TMA_HEAD_DIM_MULTIPLE = 64
 #: 0.559 -> 0.529 (bf16 0.560 -> 0.524); dilated +-512 step 4 n=8k (512 tiles) 0.0904 ->
 #: 0.0897; lost at window +-256 n=4096, 16 heads (512 tiles: four waves of one block per SM
 #: where the other form runs two of two): fp16 0.0698 -> 0.0733 (bf16 0.0715 -> 0.0713). At
-#: d=64 (one consumer warpgroup, or two) it lost on all nine shapes measured, by 10-90%.
+#: d=64 (one consumer warpgroup, or two) it lost on all nine shapes measured, by 10-84%.
 WARP_SPECIALIZED_MIN_TILES = 2048
 
 
