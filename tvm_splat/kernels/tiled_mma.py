@@ -572,17 +572,9 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                             sacc[(mt * NTL + nt) * 4 + i] * scale, neg_inf)
 
     @T.macro
-    def online_softmax(sacc, pf, pw, oacc, ms, ls, mb, al):
-        # running max (4 lanes per row), rescale factor, P = 2^(S - m) as the A operand of
-        # P V (two 8-column accumulator tiles = one 16-deep k-step), row sums of the float32 P.
-        # Each pair of a row's columns is rounded by one packed cvt: ptxas merged element-wise
-        # float16 casts into packed F2FP instructions, but half of the bfloat16 ones became
-        # single F2F.BF16.F32 (SASS of window +-1024 d=128 on the H200: 32 F2FP + 32 F2F for
-        # 64 F2FP at float16). Summing the float32 P, as FlashAttention does, also drops the
-        # widening of each rounded P back to float32 (160 HADD2.F32 at float16). Both: window
-        # +-1024 n=32k d=128 bf16 1.431 -> 1.287 ms, fp16 1.395 -> 1.320; causal window 4095
-        # n=8k bf16 0.996 -> 0.892, fp16 0.964 -> 0.918; Longformer-base b=8 bf16 0.445 -> 0.398
-        # (``benchmarks/results/h200_forward_ab.json`` run ``eighteenth_packed_cvt``)
+    def running_max(sacc, ms, ls, mb, al):
+        # each row's block max (over its 4 lanes), the new running max, the rescale factor of the
+        # old one, and the running sum rescaled
         for i in T.unroll(RS):
             mb[i] = neg_inf
         for mt in T.unroll(MT):
@@ -596,6 +588,28 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
             al[i] = T.exp2(ms[i] - mb[i])
             ms[i] = mb[i]
             ls[i] = ls[i] * al[i]
+
+    @T.macro
+    def rescale_o(oacc, al):
+        # O of each row times its rescale factor
+        for mt in T.unroll(MT):
+            for dtl in T.unroll(DT):
+                for i in T.unroll(4):
+                    oacc[(mt * DT + dtl) * 4 + i] = oacc[(mt * DT + dtl) * 4 + i] * al[mt * 2 + i // 2]
+
+    @T.macro
+    def online_softmax(sacc, pf, pw, oacc, ms, ls, mb, al):
+        # running max (4 lanes per row), rescale factor, P = 2^(S - m) as the A operand of
+        # P V (two 8-column accumulator tiles = one 16-deep k-step), row sums of the float32 P.
+        # Each pair of a row's columns is rounded by one packed cvt: ptxas merged element-wise
+        # float16 casts into packed F2FP instructions, but half of the bfloat16 ones became
+        # single F2F.BF16.F32 (SASS of window +-1024 d=128 on the H200: 32 F2FP + 32 F2F for
+        # 64 F2FP at float16). Summing the float32 P, as FlashAttention does, also drops the
+        # widening of each rounded P back to float32 (160 HADD2.F32 at float16). Both: window
+        # +-1024 n=32k d=128 bf16 1.431 -> 1.287 ms, fp16 1.395 -> 1.320; causal window 4095
+        # n=8k bf16 0.996 -> 0.892, fp16 0.964 -> 0.918; Longformer-base b=8 bf16 0.445 -> 0.398
+        # (``benchmarks/results/h200_forward_ab.json`` run ``eighteenth_packed_cvt``)
+        running_max(sacc, ms, ls, mb, al)
         for mt in T.unroll(MT):
             for kc in T.unroll(KC):
                 for hn in T.unroll(2):
@@ -604,28 +618,13 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                         hi: T.let[T.float32] = T.exp2(sacc[(mt * NTL + kc * 2 + hn) * 4 + r2 * 2 + 1] - ms[mt * 2 + r2])
                         T.evaluate(convert_pair(pw, (mt * KC + kc) * 4 + hn * 2 + r2, lo, hi, dt))
                         ls[mt * 2 + r2] = ls[mt * 2 + r2] + (lo + hi)
-        for mt in T.unroll(MT):
-            for dtl in T.unroll(DT):
-                for i in T.unroll(4):
-                    oacc[(mt * DT + dtl) * 4 + i] = oacc[(mt * DT + dtl) * 4 + i] * al[mt * 2 + i // 2]
+        rescale_o(oacc, al)
 
     @T.macro
     def softmax_scores(sacc, ms, ls, mb, al):
         # online_softmax's first half, for the overlapped loop: the running max and rescale
         # factor, and the block's exponentials 2^(S - m) in place in sacc (float32), summed
-        for i in T.unroll(RS):
-            mb[i] = neg_inf
-        for mt in T.unroll(MT):
-            for nt in T.unroll(NTL):
-                for i in T.unroll(4):
-                    mb[mt * 2 + i // 2] = T.max(mb[mt * 2 + i // 2], sacc[(mt * NTL + nt) * 4 + i])
-        for i in T.unroll(RS):
-            mb[i] = T.max(mb[i], T.tvm_warp_shuffle_xor(full_mask, mb[i], 1, 32, 32))
-            mb[i] = T.max(mb[i], T.tvm_warp_shuffle_xor(full_mask, mb[i], 2, 32, 32))
-            mb[i] = T.max(ms[i], mb[i])
-            al[i] = T.exp2(ms[i] - mb[i])
-            ms[i] = mb[i]
-            ls[i] = ls[i] * al[i]
+        running_max(sacc, ms, ls, mb, al)
         for mt in T.unroll(MT):
             for nt in T.unroll(NTL):
                 for i in T.unroll(4):
@@ -636,10 +635,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     def probabilities(sacc, pw, oacc, al):
         # online_softmax's second half: O rescaled, and the exponentials rounded in pairs into
         # P (the A operand of P V); only once the previous P V completed
-        for mt in T.unroll(MT):
-            for dtl in T.unroll(DT):
-                for i in T.unroll(4):
-                    oacc[(mt * DT + dtl) * 4 + i] = oacc[(mt * DT + dtl) * 4 + i] * al[mt * 2 + i // 2]
+        rescale_o(oacc, al)
         for mt in T.unroll(MT):
             for kc in T.unroll(KC):
                 for hn in T.unroll(2):
