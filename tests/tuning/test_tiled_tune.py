@@ -153,3 +153,35 @@ def test_the_tuning_space_holds_the_warp_specialized_program_on_its_own_plan(d, 
     assert ws == (["tiled_128x128_w8_m1_s2_wg_tma_ws"] if warp_specialized else [])
     br, bc = WARP_SPECIALIZED_PLAN
     assert [name for name in tasks if name.startswith(f"tiled_{br}x{bc}_")] == ws
+
+
+def test_enumerated_tuning_builds_all_candidates_at_once_and_resumes(log_root, monkeypatch):
+    """The tiled space is enumerated: every candidate of a tuning batch goes to the builder in
+    one call (its workers build them in parallel; MetaSchedule's task scheduler sent one task's
+    candidates at a time, one apiece for the mma programs), and a second run measures nothing
+    already in the database: the run keeps each task's best record (``prune_database``), so it
+    measures again only the others (a program of the GPU's mma space is a task of one
+    candidate: nothing)."""
+    import tvm_splat.tuning.tiled as tt
+
+    calls = []
+    real = tt.local_builder
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def build(self, inputs):
+            calls.append(len(inputs))
+            return self.inner.build(inputs)
+
+    monkeypatch.setattr(tt, "local_builder", lambda *a, **k: Counting(real(*a, **k)))
+    acsr = ACSR.from_pattern(Window(5), 50)
+    workload = plan(acsr, (1, 2, 50, 8), None, "float32", None, target="llvm")
+    first = tune_tiled(workload, plans=((16, 16), (32, 16)))
+    tasks = tt.tiled_tasks(workload, tt.tuning_target("llvm"), ((16, 16), (32, 16)))
+    candidates = sum(len(choices) for _, choices, _ in tasks.values())
+    assert len(calls) == len(tt._batches(tasks)) and sum(calls) == candidates > len(tasks)
+    calls.clear()
+    second = tune_tiled(workload, plans=((16, 16), (32, 16)))
+    assert calls == [candidates - len(tasks)] and set(second.best_us) == set(first.best_us)
