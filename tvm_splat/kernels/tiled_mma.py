@@ -504,25 +504,39 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                        STEP)
 
     @T.macro
-    def flag_nonfinite_v(smem, vbad, words, nonfinite, st, j, tid):
-        # this thread's own chunks of V's stage st (its cp.async copies, or its stores): if an
-        # element is NaN or inf, tag stage st with block j; the loop's barrier then publishes
-        # the tag. Reads and the tag go through PTX on raw shared addresses, which TVM's barrier
-        # planner does not track: tracked, it would add a barrier per block (the data is the
-        # thread's own, and the barrier that follows orders everything else).
+    def flag_nonfinite_chunks(smem, vbad, words, nonfinite, st, j, tid, threads, flag):
+        # thread ``tid`` of ``threads``: its 16-byte chunks of V's stage st (in the order the
+        # copies take them); if an element is NaN or inf, set ``vbad[flag]`` to block j + 1.
+        # Reads and the tag go through PTX on raw shared addresses, which TVM's barrier planner
+        # does not track: tracked, it would add a barrier per block (the caller's barrier
+        # publishes the tag and orders everything else).
         nonfinite[0] = T.uint32(0)
-        for it in T.serial(KV_IT):
-            if it * NTHR + tid < BC * CH:
-                T.ptx.ld.shared.v4.b32(words[0], words[1], words[2], words[3], T.address_of(
-                    smem[kv_elem(V_OFF, st, chunk_row(it, tid), chunk_col(it, tid))]))
+        for it in T.serial((BC * CH + threads - 1) // threads):
+            if it * threads + tid < BC * CH:
+                T.ptx.ld.shared.v4.b32(words[0], words[1], words[2], words[3], T.address_of(smem[kv_elem(
+                    V_OFF, st, chunk_position(it * threads + tid, CH, core_rows_first)[0],
+                    chunk_position(it * threads + tid, CH, core_rows_first)[1])]))
                 for i in T.unroll(4):
                     nonfinite[0] = nonfinite[0] | nonfinite_halves(words[i], dt)
         if nonfinite[0] != T.uint32(0):
-            T.ptx.st.shared.b32(T.address_of(vbad[st]), j + 1)
+            T.ptx.st.shared.b32(T.address_of(vbad[flag]), j + 1)
+
+    @T.macro
+    def flag_nonfinite_v(smem, vbad, words, nonfinite, st, j, tid):
+        # this thread's own chunks of V's stage st (its cp.async copies, or its stores), the
+        # stage's flag tagged with block j; the loop's barrier then publishes the tag
+        flag_nonfinite_chunks(smem, vbad, words, nonfinite, st, j, tid, NTHR, st)
 
     # per thread row: (start, last, sigma) of every segment (sigma 0: none)
     cache_row_segments = row_segment_cache(RS, S, tile_row)
     block_ranges, in_block = block_range_cache(RS, S, BC)
+
+    def v_checked(full, col0, sig, klen):
+        # whether a block's V is checked for non-finite values: a PARTIAL block, and with TMA
+        # copies (which zero no row past a length) a block crossing the key length at its last row
+        if not (tma and spec.has_kv_len):
+            return full == 0
+        return T.Or(full == 0, col0 + sig * (BC - 1) >= klen)
 
     def whole_block(full, col0, sig, klen):
         # a FULL block whose every column is a key (it may cross kv_len[b])
@@ -700,11 +714,14 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         pv_wgmma_issue(oacc, pf, desc, smem, stg)
         T.ptx.wgmma.wait_group.sync.aligned(0)
 
+    def group_barrier(w):  # warp-specialized: consumer warpgroup w // 4's own named barrier
+        return named_barrier(2 + w // 4, 128)
+
     @T.macro
     def exact_path_sync(w):
         # the barrier of pv_exact: CTA-wide, or the consumer warpgroup's named barrier
         if warp_specialized:
-            T.evaluate(named_barrier(2 + w // 4, 128))
+            T.evaluate(group_barrier(w))
         else:
             T.tvm_storage_sync("shared.dyn")
 
@@ -823,26 +840,13 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     def bar_addr(bars, i):  # shared address of mbarrier i
         return T.cuda.cvta_generic_to_shared(T.address_of(bars[i]))
 
-    def v_checked(full, col0, sig, klen):  # whether a block's V is checked for non-finite values
-        if not spec.has_kv_len:
-            return full == 0
-        return T.Or(full == 0, col0 + sig * (BC - 1) >= klen)
 
     @T.macro
     def flag_nonfinite_v_group(smem, vbad, words, nonfinite, st, j, w, lane):
         # flag_nonfinite_v over the 128 threads of one consumer warpgroup, tagging the group's
         # own flag of stage st: each group checks the whole block, so that the groups never wait
         # for each other (the group's named barrier publishes the tag)
-        nonfinite[0] = T.uint32(0)
-        for it in T.serial((BC * CH + 127) // 128):
-            if it * 128 + group_thread(w, lane) < BC * CH:
-                T.ptx.ld.shared.v4.b32(words[0], words[1], words[2], words[3], T.address_of(smem[kv_elem(
-                    V_OFF, st, chunk_position(it * 128 + group_thread(w, lane), CH, False)[0],
-                    chunk_position(it * 128 + group_thread(w, lane), CH, False)[1])]))
-                for i in T.unroll(4):
-                    nonfinite[0] = nonfinite[0] | nonfinite_halves(words[i], dt)
-        if nonfinite[0] != T.uint32(0):
-            T.ptx.st.shared.b32(T.address_of(vbad[(w // 4) * stages + st]), j + 1)
+        flag_nonfinite_chunks(smem, vbad, words, nonfinite, st, j, group_thread(w, lane), 128, (w // 4) * stages + st)
 
     @T.macro
     def pv_exact_shared_ptx(oacc, pw, px, pxw, vx, vxw, smem, stg, w, lane):
@@ -924,7 +928,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         vflag[0] = 0
         if v_checked(blocks[hm, blk_lo + j, 2], blocks[hm, blk_lo + j, 0], blocks[hm, blk_lo + j, 1], klen):
             flag_nonfinite_v_group(smem, vbad, words, nonfinite, j % stages, j, w, lane)
-            T.evaluate(named_barrier(2 + w // 4, 128))
+            T.evaluate(group_barrier(w))
             T.ptx.ld.shared.b32(vflag[0], T.address_of(vbad[(w // 4) * stages + j % stages]))
         if vflag[0] == j + 1:
             # nothing in flight while the CUDA cores write O (ptxas serializes every wgmma of a
@@ -1190,11 +1194,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                                 # block j has landed (this thread's copies: wait; everyone's:
                                                 # the barrier, which also frees the other stage for block j + 1)
                                                 T.evaluate(T.ptx["cp.async.wait_group"](0))
-                                            if tma and spec.has_kv_len:  # a block crossing the length holds
-                                                # rows past it that no load zeroed
-                                                if full == 0 or col0 + sig * (BC - 1) >= key_length(spec, kv_len, b):
-                                                    flag_nonfinite_v(qkv_smem, vbad, words, nonfinite, stg, j, tid)
-                                            elif full == 0:  # FULL blocks: every row attends every column
+                                            if v_checked(full, col0, sig, key_length(spec, kv_len, b)):
                                                 flag_nonfinite_v(qkv_smem, vbad, words, nonfinite, stg, j, tid)
                                             if wgmma:
                                                 T.ptx["fence.proxy.async.shared::cta"]()

@@ -269,9 +269,8 @@ def measure_enumerated(run, target, spec, database, builder, runner, advance=lam
         workload = database.commit_workload(mod)
         done = {_knob_text(TiledKnobs.from_dict(k)) for k in (
             _annotated_knobs(r.trace) for r in database.get_top_k(workload, 1 << 20)) if k is not None}
-        for sch in _design_spaces("tiled", target, spec, choices)(s_tir.Schedule(mod)):
-            text = _knob_text(TiledKnobs.from_dict(_annotated_knobs(sch.trace)))
-            if text in done:
+        for knobs, sch in zip(choices, _design_spaces("tiled", target, spec, choices)(s_tir.Schedule(mod))):
+            if _knob_text(knobs) in done:
                 advance(None)
                 continue
             pending.append((workload, sch, ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)))
