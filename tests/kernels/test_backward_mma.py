@@ -771,7 +771,10 @@ def test_dkdv_tma_builds_for_sm90a(name, mask, heads, kv_heads, n, d, dtype, for
     assert body.count(tensor_copy) == 4 and "tvm_builtin_cuda_mbarrier_wait(" in body
     assert "async_cg_shared_global_16" not in body and body.count("async_ca_shared_global_4(") == 4
     bc = plan.mma_knobs.dkdv_bc
-    assert body.count(", 1, 64, 3);") == 2 * (d // 16) and body.count(f", {bc * 8}, 64, 3);") == 2 * (bc // 16)
+    # the swizzled descriptors: encoded once per product (S^T and dP^T read K-major, dV and dK
+    # MN-major), each later k-step's advanced from it (16-byte units: 2 along a swizzled row)
+    assert body.count(", 1, 64, 3);") == 2 and body.count(f", {bc * 8}, 64, 3);") == 2
+    assert body.count("(desc_ptr[1] + (uint64_t)2ULL)") == 2
     assert re.search(r"extern __shared__ __align__\(1024\) \w+ dkdv_smem_ptr\[\]", body)
     assert ("bwd_dq_kernel(" in src) == (not fused)
     if not fused:

@@ -180,9 +180,9 @@ from tvm.script import tirx as T
 
 from .common import LOG2E, block_range_cache, nonfinite_halves, row_segment_cache, tile_grid_rows
 from .spec import AttentionSpec
-from .tiled_mma import (MMA_TYPES, ROW_PAD, SHARED_BYTES_MAX, WGMMA_PAIR_TYPES, chunk_position, core_matrix_elem,
-                        encode_row_block_map, init_stage_barriers, issue_tma_pair, swizzle128_elem,
-                        swizzled_k_major_desc, swizzled_mn_major_desc, wgmma_op)
+from .tiled_mma import (MMA_TYPES, ROW_PAD, SHARED_BYTES_MAX, WGMMA_PAIR_TYPES, advance_desc, chunk_position,
+                        core_matrix_elem, encode_row_block_map, init_stage_barriers, issue_tma_pair, swizzle128_elem,
+                        swizzled_k_major_desc, swizzled_k_major_step, swizzled_mn_major_desc, wgmma_op)
 
 __all__ = ["BACKWARD_MMA_KERNEL_NAMES", "check_backward_mma_shape", "check_backward_mma_plan", "part_shape",
            "split_part_shape", "backward_dq_mma_func", "backward_dkdv_mma_func", "sum_components_func",
@@ -523,31 +523,31 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
     def tile_by_block_wgmma(acc, desc, smem, a_base, b_base, w):
         # acc = A B^T by warpgroup MMAs: A this warpgroup's 64 rows of the tile operand at
         # a_base, B the block operand at b_base, both read K-major from shared; the first
-        # k-step overwrites acc. Issued; the caller fences, commits and waits
-        for kk in T.unroll(KD):
-            T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[0]), T.address_of(
-                smem[a_base + (w // 4) * 64 * D + kk * 128]), KM_LBO, KM_SBO, 0)
-            if tma:
-                T.evaluate(swizzled_k_major_desc(desc[1], smem, b_base, BC, kk))
-            else:
-                T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(smem[b_base + kk * 128]),
-                                                      KM_LBO, KM_SBO, 0)
-            T.ptx[WG_S](*[acc[i] for i in range(NTL * 4)], desc[0], desc[1], kk > 0, 1, 1, 0, 0)
+        # k-step overwrites acc. Descriptors encoded once, each k-step's advanced. Issued; the
+        # caller fences, commits and waits
+        T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[0]), T.address_of(smem[a_base + (w // 4) * 64 * D]),
+                                              KM_LBO, KM_SBO, 0)
+        if tma:
+            T.evaluate(swizzled_k_major_desc(desc[1], smem, b_base, BC))
+        else:
+            T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(smem[b_base]), KM_LBO, KM_SBO, 0)
+        for kk in T.unroll(KD):  # K-major core matrices: 128 bytes (8 units) apart along K
+            T.ptx[WG_S](*[acc[i] for i in range(NTL * 4)], advance_desc(desc[0], kk * 16),
+                        advance_desc(desc[1], swizzled_k_major_step(BC, kk) if tma else kk * 16), kk > 0, 1, 1, 0, 0)
 
     @T.macro
     def accumulate_wgmma(acc, frag, desc, smem, b_base):
         # acc += frag B by warpgroup MMAs: frag the A operand in registers (as_operand's layout
         # is wgmma's A fragment), B the block operand at b_base read MN-major from shared.
         # Issued; the caller fences, commits and waits
-        for kc in T.unroll(KC):
-            if tma:
-                T.evaluate(swizzled_mn_major_desc(desc[1], smem, b_base, BC, kc))
-            else:
-                T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(
-                    smem[elem(b_base, kc * 16, 0)]), MN_LBO, MN_SBO, 0)
+        if tma:
+            T.evaluate(swizzled_mn_major_desc(desc[1], smem, b_base, BC))
+        else:
+            T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(smem[b_base]), MN_LBO, MN_SBO, 0)
+        for kc in T.unroll(KC):  # 16 rows on: 1024 bytes (swizzled), 2 D core matrices (plain)
             T.ptx[WG_D](*[acc[i] for i in range(DT * 4)],
                         *[T.reinterpret("uint32", frag.vload([kc * 8 + 2 * i], PAIR)) for i in range(4)],
-                        desc[1], True, 1, 1, 1)
+                        advance_desc(desc[1], kc * 128 if tma else kc * 2 * D), True, 1, 1, 1)
 
     @T.macro
     def as_operand(frag, acc):
@@ -865,12 +865,12 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
         # dQ^T = K^T dS^T by warpgroup MMAs over the tile's BR keys (BR / 16 k-steps); issued and
         # committed, the caller waits
         T.ptx.wgmma.fence.sync.aligned()
-        for ks in T.unroll(BR // 16):
-            T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[0]), T.address_of(
-                smem[core_matrix_elem(X_OFF, ks * 16, (w // 4) * 64, D)]), MN_LBO, MN_SBO, 0)
-            T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(
-                smem[core_matrix_elem(DQ_OFF, ks * 16, 0, BC)]), DQ_LBO, 8, 0)
-            T.ptx[WG_S](*[dqacc[i] for i in range(NTL * 4)], desc[0], desc[1], ks > 0, 1, 1, 1, 1)
+        T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[0]), T.address_of(
+            smem[core_matrix_elem(X_OFF, 0, (w // 4) * 64, D)]), MN_LBO, MN_SBO, 0)
+        T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(smem[DQ_OFF]), DQ_LBO, 8, 0)
+        for ks in T.unroll(BR // 16):  # 16 rows on: 2 D (K^T) and 2 BC (dS^T) core matrices
+            T.ptx[WG_S](*[dqacc[i] for i in range(NTL * 4)], advance_desc(desc[0], ks * 2 * D),
+                        advance_desc(desc[1], ks * 2 * BC), ks > 0, 1, 1, 1, 1)
         T.ptx.wgmma.commit_group.sync.aligned()
 
     @T.macro

@@ -97,23 +97,39 @@ def swizzle128_elem(base, rows: int, u, c):
     return base + (c // 64) * (rows * 64) + u * 64 + T.bitwise_xor((c % 64) // 8, u % 8) * 8 + c % 8
 
 
-def swizzled_k_major_desc(desc, smem, base, rows: int, kk):
-    """Encode ``desc`` as the wgmma descriptor of k-step ``kk`` (16 columns) of a ``[rows, d]``
-    block at ``base`` in the layout of :func:`swizzle128_elem`, read K-major (the B operand of
-    ``X B^T``): 32 bytes along the swizzled row, a new 64-column half every 4 steps, 8-row groups
-    1024 bytes apart (SBO 64 in 16-byte units; LBO unused), 128-byte swizzle (mode 3). A TIR
-    expression."""
-    return T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc), T.address_of(
-        smem[base + (kk // 4) * rows * 64 + (kk % 4) * 16]), 1, 64, 3)
+def swizzled_k_major_desc(desc, smem, base, rows: int):
+    """Encode ``desc`` as the wgmma descriptor of k-step 0 (16 columns) of a ``[rows, d]`` block
+    at ``base`` in the layout of :func:`swizzle128_elem`, read K-major (the B operand of ``X
+    B^T``): 32 bytes along the swizzled row, a new 64-column half every 4 steps, 8-row groups
+    1024 bytes apart (SBO 64 in 16-byte units; LBO unused), 128-byte swizzle (mode 3). Step
+    ``kk``: :func:`advance_desc` by :func:`swizzled_k_major_step`. A TIR expression."""
+    return T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc), T.address_of(smem[base]), 1, 64, 3)
 
 
-def swizzled_mn_major_desc(desc, smem, base, rows: int, kc):
-    """Encode ``desc`` as the wgmma descriptor of rows ``16 kc`` to ``16 kc + 15`` of a ``[rows,
-    d]`` block at ``base`` in the layout of :func:`swizzle128_elem`, read MN-major (the B operand
-    of ``A B`` over the rows): 16 swizzled rows, 8-row groups 1024 bytes apart (SBO 64), the
-    64-column halves ``rows`` x 128 bytes apart (LBO), 128-byte swizzle. A TIR expression."""
-    return T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc), T.address_of(smem[base + kc * 16 * 64]),
-                                                 rows * 8, 64, 3)
+def swizzled_k_major_step(rows: int, kk):
+    """16-byte units from k-step 0 to k-step ``kk`` of :func:`swizzled_k_major_desc`'s block."""
+    return (kk // 4) * (rows * 8) + (kk % 4) * 2
+
+
+def swizzled_mn_major_desc(desc, smem, base, rows: int):
+    """Encode ``desc`` as the wgmma descriptor of rows 0 to 15 of a ``[rows, d]`` block at
+    ``base`` in the layout of :func:`swizzle128_elem`, read MN-major (the B operand of ``A B``
+    over the rows): 16 swizzled rows, 8-row groups 1024 bytes apart (SBO 64), the 64-column
+    halves ``rows`` x 128 bytes apart (LBO), 128-byte swizzle. Rows ``16 kc`` on:
+    :func:`advance_desc` by ``kc * 128``. A TIR expression."""
+    return T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc), T.address_of(smem[base]), rows * 8, 64, 3)
+
+
+def advance_desc(desc, units):
+    """The wgmma descriptor ``desc`` (uint64) of an operand ``units`` 16-byte units further on in
+    shared memory: its start address (bits 0-13, in 16-byte units) plus ``units``; the other
+    fields are kept. Exact while the operand stays inside the block's shared memory (under
+    256 KB, so the field never carries). Encoding each k-step's descriptor from its address
+    instead costs a generic-to-shared conversion, shifts and masks per operand per wgmma (about
+    8 uniform-datapath instructions per wgmma in the SASS); advancing one per product: window
+    +-1024 n=32k d=128 1.288 -> 1.257 ms, Mistral n=8k 0.865 -> 0.830 (H200, fp16,
+    ``h200_forward_ab.json`` run ``twentieth_descriptors``)."""
+    return desc + T.Cast("uint64", units)
 
 
 def encode_row_block_map(tmap, data, heads: int, n: int, d: int, rows: int, dtype: str, step: int = 1):
@@ -397,6 +413,12 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     QK_LBO, QK_SBO, V_LBO, V_SBO = 8, D, D, 8
     WG_S, WG_O, PAIR = wgmma_op(BC, dt), wgmma_op(D, dt), WGMMA_PAIR_TYPES[dt]
     scale = T.float32(spec.scale * LOG2E)
+    # the warp-specialized form keeps scores unscaled until the exponent, 2^(s scale - m) one
+    # FFMA per score (the running max m stays scaled: the block max times the scale, once per
+    # row): window +-1024 n=32k d=128 1.259 -> 1.235 ms, Mistral n=8k 0.847 -> 0.818 (H200, fp16,
+    # run ``twentieth_descriptors``). The other forms scale each score first (FMUL, then FADD in
+    # the exponent): at 128 registers (two blocks per SM, TMA, d=128) the fold spilled 48 bytes
+    SCALE_IN_EXP = warp_specialized
     neg_init = T.float32(NEG_INIT)
     neg_inf = T.min_value("float32")
     zero = T.Cast(dt, T.float32(0))
@@ -565,16 +587,26 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                     for hn in T.unroll(2):
                         T.evaluate(mma_16x8x16(qf, (mt * KD + kk) * 8, bf, hn * 4, sacc, (mt * NTL + np * 2 + hn) * 4))
 
+    def scaled(x):  # a score as mask_scores leaves it (see SCALE_IN_EXP)
+        return x if SCALE_IN_EXP else x * scale
+
+    def scaled_max(x):  # a block max of scores as mask_scores left them, in the running max's units
+        return x * scale if SCALE_IN_EXP else x
+
+    def exponent(x, m):  # log2 of a score's exponential, x as mask_scores left it, m the running max
+        return x * scale - m if SCALE_IN_EXP else x - m
+
     @T.macro
     def mask_scores(sacc, sg, rng, full, col0, sig, lane, klen):
-        # scale; then, unless the block is FULL inside the key length (a branch uniform over the
-        # block), select to -inf the scores outside the block's ranges (block_ranges, once per
-        # block; capped at the key length, so a FULL block crossing it is masked past it): 2 S
-        # integer compares per score, no branch per score. Testing FULL blocks too cost the
+        # scale (unless SCALE_IN_EXP); then, unless the block is FULL inside the key length (a
+        # branch uniform over the block), select to -inf the scores outside the block's ranges
+        # (block_ranges, once per block; capped at the key length, so a FULL block crossing it is
+        # masked past it): 2 S integer compares per score, no branch per score. Testing FULL blocks too cost the
         # FULL-heavy masks 14% at d=128 (H200, window +-1024 n=32k: 1.55 -> 1.79 ms).
         if whole_block(full, col0, sig, klen):
-            for i in T.unroll(MT * NTL * 4):
-                sacc[i] = sacc[i] * scale
+            if not SCALE_IN_EXP:
+                for i in T.unroll(MT * NTL * 4):
+                    sacc[i] = sacc[i] * scale
         else:
             block_ranges(rng, sg, full, col0, sig,
                          T.floordiv(klen - 1 - col0, sig) if spec.has_kv_len else None)
@@ -583,7 +615,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                     for i in T.unroll(4):
                         sacc[(mt * NTL + nt) * 4 + i] = T.Select(
                             in_block(rng, mt * 2 + i // 2, nt * 8 + lane % 4 * 2 + i % 2),
-                            sacc[(mt * NTL + nt) * 4 + i] * scale, neg_inf)
+                            scaled(sacc[(mt * NTL + nt) * 4 + i]), neg_inf)
 
     @T.macro
     def running_max(sacc, ms, ls, mb, al):
@@ -591,14 +623,20 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         # old one, and the running sum rescaled
         for i in T.unroll(RS):
             mb[i] = neg_inf
+            al[i] = neg_inf  # free until the rescale factor: the odd 8-column tiles' max
         for mt in T.unroll(MT):
-            for nt in T.unroll(NTL):
+            # two independent max chains per row (as the row sums of softmax_scores): within
+            # noise in the A/B (window +-1024 1.257 -> 1.259 ms, Mistral n=8k 0.830 -> 0.847, the
+            # 11 other cases within 4%, run twentieth_descriptors); the measured and tested form
+            for nt2 in T.unroll(NTL // 2):
                 for i in T.unroll(4):
-                    mb[mt * 2 + i // 2] = T.max(mb[mt * 2 + i // 2], sacc[(mt * NTL + nt) * 4 + i])
+                    mb[mt * 2 + i // 2] = T.max(mb[mt * 2 + i // 2], sacc[(mt * NTL + nt2 * 2) * 4 + i])
+                    al[mt * 2 + i // 2] = T.max(al[mt * 2 + i // 2], sacc[(mt * NTL + nt2 * 2 + 1) * 4 + i])
         for i in T.unroll(RS):
+            mb[i] = T.max(mb[i], al[i])
             mb[i] = T.max(mb[i], T.tvm_warp_shuffle_xor(full_mask, mb[i], 1, 32, 32))
             mb[i] = T.max(mb[i], T.tvm_warp_shuffle_xor(full_mask, mb[i], 2, 32, 32))
-            mb[i] = T.max(ms[i], mb[i])  # the new running max
+            mb[i] = T.max(ms[i], scaled_max(mb[i]))  # the new running max
             al[i] = T.exp2(ms[i] - mb[i])
             ms[i] = mb[i]
             ls[i] = ls[i] * al[i]
@@ -628,8 +666,10 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
             for kc in T.unroll(KC):
                 for hn in T.unroll(2):
                     for r2 in T.unroll(2):  # columns 2 r2, 2 r2 + 1 (one row): one packed cvt
-                        lo: T.let[T.float32] = T.exp2(sacc[(mt * NTL + kc * 2 + hn) * 4 + r2 * 2] - ms[mt * 2 + r2])
-                        hi: T.let[T.float32] = T.exp2(sacc[(mt * NTL + kc * 2 + hn) * 4 + r2 * 2 + 1] - ms[mt * 2 + r2])
+                        lo: T.let[T.float32] = T.exp2(exponent(sacc[(mt * NTL + kc * 2 + hn) * 4 + r2 * 2],
+                                                               ms[mt * 2 + r2]))
+                        hi: T.let[T.float32] = T.exp2(exponent(sacc[(mt * NTL + kc * 2 + hn) * 4 + r2 * 2 + 1],
+                                                               ms[mt * 2 + r2]))
                         T.evaluate(convert_pair(pw, (mt * KC + kc) * 4 + hn * 2 + r2, lo, hi, dt))
                         ls[mt * 2 + r2] = ls[mt * 2 + r2] + (lo + hi)
         rescale_o(oacc, al)
@@ -639,11 +679,19 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         # online_softmax's first half, for the overlapped loop: the running max and rescale
         # factor, and the block's exponentials 2^(S - m) in place in sacc (float32), summed
         running_max(sacc, ms, ls, mb, al)
+        for i in T.unroll(RS):
+            mb[i] = T.float32(0)  # free now (ms holds the new max): the odd 8-column tiles' sum
         for mt in T.unroll(MT):
-            for nt in T.unroll(NTL):
+            for nt2 in T.unroll(NTL // 2):  # two independent sum chains per row
                 for i in T.unroll(4):
-                    sacc[(mt * NTL + nt) * 4 + i] = T.exp2(sacc[(mt * NTL + nt) * 4 + i] - ms[mt * 2 + i // 2])
-                    ls[mt * 2 + i // 2] = ls[mt * 2 + i // 2] + sacc[(mt * NTL + nt) * 4 + i]
+                    sacc[(mt * NTL + nt2 * 2) * 4 + i] = T.exp2(exponent(sacc[(mt * NTL + nt2 * 2) * 4 + i],
+                                                                         ms[mt * 2 + i // 2]))
+                    sacc[(mt * NTL + nt2 * 2 + 1) * 4 + i] = T.exp2(exponent(sacc[(mt * NTL + nt2 * 2 + 1) * 4 + i],
+                                                                             ms[mt * 2 + i // 2]))
+                    ls[mt * 2 + i // 2] = ls[mt * 2 + i // 2] + sacc[(mt * NTL + nt2 * 2) * 4 + i]
+                    mb[mt * 2 + i // 2] = mb[mt * 2 + i // 2] + sacc[(mt * NTL + nt2 * 2 + 1) * 4 + i]
+        for i in T.unroll(RS):
+            ls[i] = ls[i] + mb[i]
 
     @T.macro
     def probabilities(sacc, pw, oacc, al):
@@ -673,17 +721,18 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     def qk_wgmma_issue(sacc, desc, smem, stg, w):
         # S = Q K^T: one warpgroup MMA per 16-deep k-step, both operands from shared memory
         # (this warpgroup's 64 Q rows); the first step overwrites the accumulators. Issued and
-        # committed; the caller waits
+        # committed; the caller waits. Descriptors encoded once, each step's advanced
         T.ptx.wgmma.fence.sync.aligned()
-        for kk in T.unroll(KD):
-            T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[0]), T.address_of(
-                smem[(w // 4) * 64 * D + kk * 128]), QK_LBO, QK_SBO, 0)
-            if tma:
-                T.evaluate(swizzled_k_major_desc(desc[1], smem, K_OFF + stg * BC * D, BC, kk))
-            else:
-                T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(
-                    smem[kv_elem(K_OFF, stg, 0, 0) + kk * 128]), QK_LBO, QK_SBO, 0)
-            T.ptx[WG_S](*[sacc[i] for i in range(NTL * 4)], desc[0], desc[1], kk > 0, 1, 1, 0, 0)
+        T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[0]), T.address_of(smem[(w // 4) * 64 * D]),
+                                              QK_LBO, QK_SBO, 0)
+        if tma:
+            T.evaluate(swizzled_k_major_desc(desc[1], smem, K_OFF + stg * BC * D, BC))
+        else:
+            T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(
+                smem[kv_elem(K_OFF, stg, 0, 0)]), QK_LBO, QK_SBO, 0)
+        for kk in T.unroll(KD):  # K-major core matrices: 128 bytes (8 units) apart along K
+            T.ptx[WG_S](*[sacc[i] for i in range(NTL * 4)], advance_desc(desc[0], kk * 16),
+                        advance_desc(desc[1], swizzled_k_major_step(BC, kk) if tma else kk * 16), kk > 0, 1, 1, 0, 0)
         T.ptx.wgmma.commit_group.sync.aligned()
 
     @T.macro
@@ -691,15 +740,15 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         # O += P V: P from registers (the accumulator layout of S is wgmma's A fragment), V from
         # shared memory read transposed. Issued and committed; the caller waits
         T.ptx.wgmma.fence.sync.aligned()
-        for kc in T.unroll(KC):
-            if tma:
-                T.evaluate(swizzled_mn_major_desc(desc[1], smem, V_OFF + stg * BC * D, BC, kc))
-            else:
-                T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(
-                    smem[kv_elem(V_OFF, stg, kc * 16, 0)]), V_LBO, V_SBO, 0)
+        if tma:
+            T.evaluate(swizzled_mn_major_desc(desc[1], smem, V_OFF + stg * BC * D, BC))
+        else:
+            T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(
+                smem[kv_elem(V_OFF, stg, 0, 0)]), V_LBO, V_SBO, 0)
+        for kc in T.unroll(KC):  # 16 rows on: 1024 bytes (swizzled), 2 D core matrices (plain)
             T.ptx[WG_O](*[oacc[i] for i in range(DT * 4)],
                         *[T.reinterpret("uint32", pf.vload([kc * 8 + 2 * i], PAIR)) for i in range(4)],
-                        desc[1], True, 1, 1, 1)
+                        advance_desc(desc[1], kc * 128 if tma else kc * 2 * D), True, 1, 1, 1)
         T.ptx.wgmma.commit_group.sync.aligned()
 
     @T.macro
