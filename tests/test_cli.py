@@ -1,4 +1,6 @@
 """The command line: demo runs on the CPU and checks itself; bad arguments fail clearly."""
+from types import SimpleNamespace
+
 import pytest
 
 from tvm_splat.cli import build_parser, main
@@ -43,6 +45,43 @@ def test_autotune_suite_tunes_each_case_once(tmp_path, capsys):
     assert "tiled_16x16" in capsys.readouterr().out
     assert main(argv) == 0
     assert "already tuned, skipped" in capsys.readouterr().out
+
+
+def test_autotune_suite_tunes_gqa_cases_as_gqa(tmp_path, monkeypatch):
+    """A GQA case of a suite is tuned as itself: its workload has the case's key/value heads,
+    so its record is the one the planner finds for the case (records are keyed by kv_heads)."""
+    import tvm_splat.bench.suite as bench_suite
+    import tvm_splat.tuning as tuning
+    from tvm_splat.bench.suite import BenchCase
+    from tvm_splat.planner import plan
+
+    case = BenchCase("window:8", 64, 4, 16, 1, dtype="float32", kv_heads=2)
+    seen = []
+
+    def fake_tune(workload, **_):
+        seen.append(workload)
+        return SimpleNamespace(best_us={}, dirs={})
+
+    monkeypatch.setattr(bench_suite, "suite", lambda name: [case])
+    monkeypatch.setattr(tuning, "tune_tiled", fake_tune)
+    assert main(["autotune", "--suite", "tiny", "--target", "llvm", "--log-dir", str(tmp_path)]) == 0
+    expected = plan("window:8", (1, 4, 64, 16), (1, 2, 64, 16), "float32", None, target="llvm")
+    assert [w.kv_shape for w in seen] == [(1, 2, 64, 16)] and seen[0].spec.key == expected.spec.key
+
+
+def test_autotune_kv_heads_option(tmp_path, monkeypatch, capsys):
+    """``--kv-heads`` reaches the tuned workload; one that does not divide ``--heads`` is refused
+    with a message naming both."""
+    import tvm_splat.tuning as tuning
+
+    seen = []
+    monkeypatch.setattr(tuning, "tune_tiled", lambda workload, **_: seen.append(workload) or SimpleNamespace(best_us={}, dirs={}))
+    argv = ["autotune", "--pattern", "window:8", "--seq", "64", "--heads", "4", "--head-dim", "16",
+            "--dtype", "float32", "--target", "llvm", "--log-dir", str(tmp_path)]
+    assert main([*argv, "--kv-heads", "1"]) == 0
+    assert seen[0].kv_shape == (1, 1, 64, 16) and seen[0].spec.kv_heads == 1
+    assert main([*argv, "--kv-heads", "3"]) == 2
+    assert "multiple of the number of key/value heads (3)" in capsys.readouterr().err
 
 
 def test_autotune_plans_option(capsys):

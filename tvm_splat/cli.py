@@ -23,12 +23,13 @@ def _bench(args):
     run_bench(args)
 
 
-def _workload(args, pattern, seq_len, heads, head_dim, batch, dtype):
-    """The plan of one tuning workload (compile only: tuning measures through MetaSchedule)."""
+def _workload(args, pattern, seq_len, heads, head_dim, batch, dtype, kv_heads=None):
+    """The plan of one tuning workload (compile only: tuning measures through MetaSchedule);
+    ``kv_heads`` (default ``heads``) key/value heads: a GQA workload's records are its own."""
     from .planner import plan
 
-    shape = (batch, heads, seq_len, head_dim)
-    return plan(pattern, shape, shape, dtype, None, target=args.target)
+    return plan(pattern, (batch, heads, seq_len, head_dim), (batch, kv_heads or heads, seq_len, head_dim), dtype,
+                None, target=args.target)
 
 
 def _check_through_plan(workload, console):
@@ -86,7 +87,8 @@ def _autotune(args):
                                     console=console)
         console.print(f"TVM dense attention (masked) tuned -> {path}")
         return
-    workload = _workload(args, args.pattern, args.seq, args.heads, args.head_dim, args.batch, args.dtype)
+    workload = _workload(args, args.pattern, args.seq, args.heads, args.head_dim, args.batch, args.dtype,
+                         args.kv_heads)
     variants = ("tiled", "row", "separate") if args.variant == "all" else (args.variant,)
     for variant in variants:
         if variant == "tiled":
@@ -147,7 +149,8 @@ def _autotune_suite(args, console):
                                             root=args.log_dir, console=console)
                 console.print(f"TVM dense attention {shape} -> {path}")
             continue
-        workload = _workload(args, case.pattern, case.seq_len, case.heads, case.head_dim, case.batch, case.dtype)
+        workload = _workload(args, case.pattern, case.seq_len, case.heads, case.head_dim, case.batch, case.dtype,
+                             case.kv_heads)
         if best_knobs_path(workload.spec, args.target, args.log_dir).exists():
             console.print(f"{case.name}: already tuned, skipped")
             continue
@@ -226,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--pattern", default="window:256")
     tune.add_argument("--seq", type=_positive_int, default=4096)
     tune.add_argument("--heads", type=_positive_int, default=12)
+    tune.add_argument("--kv-heads", type=_positive_int, default=None,
+                      help="key/value heads (GQA/MQA; must divide --heads; default: --heads)")
     tune.add_argument("--head-dim", type=_positive_int, default=64)
     tune.add_argument("--batch", type=_positive_int, default=1)
     tune.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
