@@ -155,6 +155,24 @@ def test_the_tuning_space_holds_the_warp_specialized_program_on_its_own_plan(d, 
     assert [name for name in tasks if name.startswith(f"tiled_{br}x{bc}_")] == ws
 
 
+def test_programs_made_in_worker_processes_equal_those_made_here(log_root):
+    """The tuning space's PrimFuncs, parsed by worker processes and sent back as TVM JSON, are
+    those parsed here, program for program (sm_90a: the mma, cp.async wgmma and TMA programs of a
+    dilated mask at d=64 on two plans)."""
+    import tvm
+
+    from tvm_splat.tuning.tiled import tiled_tasks
+
+    h100 = tvm.target.Target("nvidia/nvidia-h100")
+    workload = plan("dilated:16:2", (1, 2, 256, 64), None, "float16", None, target=h100)
+    here = tiled_tasks(workload, h100, plans=((64, 64), (128, 64)), workers=1)
+    there = tiled_tasks(workload, h100, plans=((64, 64), (128, 64)), workers=2)
+    assert list(here) == list(there) and len(here) >= 4
+    for name in here:
+        tvm.ir.assert_structural_equal(here[name][0], there[name][0])
+        assert here[name][1] == there[name][1]
+
+
 def test_enumerated_tuning_builds_all_candidates_at_once_and_resumes(log_root, monkeypatch):
     """The tiled space is enumerated: every candidate of a tuning batch goes to the builder in
     one call (its workers build them in parallel; MetaSchedule's task scheduler sent one task's

@@ -17,10 +17,12 @@ when the workload matches.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import itertools
 import json
 import logging
+import multiprocessing
 import os
 
 import numpy as np
@@ -166,13 +168,13 @@ def _same(a, b):
     return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
 
 
-def tiled_tasks(workload: AttentionPlan, target, plans=None, stages=(1, 2)) -> dict:
+def tiled_tasks(workload: AttentionPlan, target, plans=None, stages=(1, 2), workers=None) -> dict:
     """The programs :func:`tune_tiled` measures for ``workload`` on ``target``: name ->
     ``(PrimFunc, knob choices, fixed tables)``, one per plan shape of ``plans`` (default: the
     target's) and program of :func:`program_choices`, the TMA form where the candidate plan's
     column blocks share one step a tensor map loads (1, or a dilation dividing n), and at
     head_dim >= 128 the warp-specialized program on its own plan (``WARP_SPECIALIZED_PLAN``)
-    where the same holds."""
+    where the same holds. The PrimFuncs are made by ``workers`` processes (:func:`program_funcs`)."""
     spec, acsr = workload.spec, workload.acsr
     tc = default_tiled_knobs(spec, target).use_tensor_cores
     mma = uses_mma(spec, TiledKnobs(use_tensor_cores=tc), target)
@@ -180,7 +182,7 @@ def tiled_tasks(workload: AttentionPlan, target, plans=None, stages=(1, 2)) -> d
         plans = MMA_PLAN_CHOICES + (WGMMA_PLAN_CHOICES if _has_wgmma(target) else ()) if mma else PLAN_CHOICES
         if mma and warp_specialized_applies(spec, target, stages, tma_steps=True):
             plans += (WARP_SPECIALIZED_PLAN,)
-    tasks = {}
+    programs = {}  # name -> (plan shape, knob choices, fixed tables)
     for br, bc in plans:
         try:
             base = TiledKnobs(br=br, bc=bc, use_tensor_cores=tc)
@@ -190,15 +192,57 @@ def tiled_tasks(workload: AttentionPlan, target, plans=None, stages=(1, 2)) -> d
                          scale=spec.scale, variant="tiled", knobs=base)
         tma_steps = tma_loads_step(candidate.tile_plan.shape.step, spec.seq_len)
         for choices in program_choices(base, spec, target, stages, tma_steps=tma_steps):
-            name = tiled_program_name(choices[0], mma)
-            try:
-                func = tiled_funcs(spec, candidate.tile_plan.shape, choices[0], target)["tiled"]
-            except ValueError as why:  # a program this spec cannot run (e.g. head_dim)
-                logger.info("skipping %s: %s", name, why)
-                continue
-            func = func.with_attr("global_symbol", name)
-            tasks[name] = (func, choices, _metadata_args(func, candidate.tables))
+            programs[tiled_program_name(choices[0], mma)] = (candidate.tile_plan.shape, choices, candidate.tables)
+    funcs = program_funcs(spec, target, {name: (shape, choices[0]) for name, (shape, choices, _) in programs.items()},
+                          workers)
+    tasks = {}
+    for name, (_, choices, tables) in programs.items():
+        if isinstance(funcs[name], ValueError):  # a program this spec cannot run (e.g. head_dim)
+            logger.info("skipping %s: %s", name, funcs[name])
+            continue
+        func = funcs[name].with_attr("global_symbol", name)
+        tasks[name] = (func, choices, _metadata_args(func, tables))
     return tasks
+
+
+def program_funcs(spec, target, programs: dict, workers=None) -> dict:
+    """name -> the ``tiled`` PrimFunc of ``programs`` (name -> (plan shape, knobs)), or the
+    ``ValueError`` that refused it. ``workers`` processes (default: one per core for 8 programs
+    or more on machines of 4 cores or more, else 1) each parse some of them (``spawn``: fresh interpreters, each
+    importing tvm_splat first) and send them back as TVM JSON (a warp-specialized program: 0.7
+    MB, 0.07 s to save, 0.2 s to load). TVMScript's parser makes a program in 1-4 s; on the H200
+    machine about 20 s of each models-suite workload's ~50 s of tuning went outside the build
+    and measurement, serially here. On this 2-core machine two workers took 27 s against 16 s
+    serially for 10 programs (the imports), hence the 4-core floor; not yet timed on the GPU
+    machine. Any failure of the pool falls back to parsing here."""
+    jobs = [(name, spec, shape, knobs, target.export()) for name, (shape, knobs) in programs.items()]
+    if workers is None:  # spawned workers pay for their imports: many programs, several cores
+        cores = os.cpu_count() or 1
+        workers = cores if cores >= 4 and len(jobs) >= 8 else 1
+    if workers > 1 and len(jobs) > 1:
+        try:
+            with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)),
+                                                        mp_context=multiprocessing.get_context("spawn")) as pool:
+                return {name: tvm.ir.load_json(made) if isinstance(made, str) else made
+                        for name, made in pool.map(_program_json, jobs)}
+        except Exception as why:  # noqa: BLE001 - a broken pool costs time, not the tuning run
+            logger.warning("making the programs in %d processes failed (%s); making them here", workers, why)
+    return {name: made for name, made in map(_program_func, jobs)}
+
+
+def _program_func(job):
+    """``(name, PrimFunc or the ValueError refusing it)`` of one :func:`program_funcs` job."""
+    name, spec, shape, knobs, target = job
+    try:
+        return name, tiled_funcs(spec, shape, knobs, tvm.target.Target(target))["tiled"]
+    except ValueError as why:
+        return name, why
+
+
+def _program_json(job):
+    """:func:`_program_func` in a worker process: the PrimFunc as TVM JSON."""
+    name, made = _program_func(job)
+    return name, made if isinstance(made, ValueError) else tvm.ir.save_json(made)
 
 
 def tune_tiled(workload: AttentionPlan, *, plans=None, root=None, console=None, stages=(1, 2),
