@@ -181,8 +181,8 @@ from tvm.script import tirx as T
 from .common import LOG2E, block_range_cache, nonfinite_halves, row_segment_cache, tile_grid_rows
 from .spec import AttentionSpec
 from .tiled_mma import (MMA_TYPES, ROW_PAD, SHARED_BYTES_MAX, WGMMA_PAIR_TYPES, advance_desc, chunk_position,
-                        core_matrix_elem, encode_row_block_map, init_stage_barriers, issue_tma_pair, swizzle128_elem,
-                        swizzled_k_major_desc, swizzled_k_major_step, swizzled_mn_major_desc, wgmma_op)
+                        core_matrix_elem, encode_row_block_map, init_stage_barriers, issue_tma_pair, k_major_step,
+                        mn_major_step, swizzle128_elem, swizzled_k_major_desc, swizzled_mn_major_desc, wgmma_op)
 
 __all__ = ["BACKWARD_MMA_KERNEL_NAMES", "check_backward_mma_shape", "check_backward_mma_plan", "part_shape",
            "split_part_shape", "backward_dq_mma_func", "backward_dkdv_mma_func", "sum_components_func",
@@ -531,9 +531,9 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
             T.evaluate(swizzled_k_major_desc(desc[1], smem, b_base, BC))
         else:
             T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(smem[b_base]), KM_LBO, KM_SBO, 0)
-        for kk in T.unroll(KD):  # K-major core matrices: 128 bytes (8 units) apart along K
-            T.ptx[WG_S](*[acc[i] for i in range(NTL * 4)], advance_desc(desc[0], kk * 16),
-                        advance_desc(desc[1], swizzled_k_major_step(BC, kk) if tma else kk * 16), kk > 0, 1, 1, 0, 0)
+        for kk in T.unroll(KD):
+            T.ptx[WG_S](*[acc[i] for i in range(NTL * 4)], advance_desc(desc[0], k_major_step(kk, BR, False)),
+                        advance_desc(desc[1], k_major_step(kk, BC, tma)), kk > 0, 1, 1, 0, 0)
 
     @T.macro
     def accumulate_wgmma(acc, frag, desc, smem, b_base):
@@ -544,10 +544,10 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
             T.evaluate(swizzled_mn_major_desc(desc[1], smem, b_base, BC))
         else:
             T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(smem[b_base]), MN_LBO, MN_SBO, 0)
-        for kc in T.unroll(KC):  # 16 rows on: 1024 bytes (swizzled), 2 D core matrices (plain)
+        for kc in T.unroll(KC):
             T.ptx[WG_D](*[acc[i] for i in range(DT * 4)],
                         *[T.reinterpret("uint32", frag.vload([kc * 8 + 2 * i], PAIR)) for i in range(4)],
-                        advance_desc(desc[1], kc * 128 if tma else kc * 2 * D), True, 1, 1, 1)
+                        advance_desc(desc[1], mn_major_step(kc, D, tma)), True, 1, 1, 1)
 
     @T.macro
     def as_operand(frag, acc):
@@ -868,9 +868,9 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
         T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[0]), T.address_of(
             smem[core_matrix_elem(X_OFF, 0, (w // 4) * 64, D)]), MN_LBO, MN_SBO, 0)
         T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(smem[DQ_OFF]), DQ_LBO, 8, 0)
-        for ks in T.unroll(BR // 16):  # 16 rows on: 2 D (K^T) and 2 BC (dS^T) core matrices
-            T.ptx[WG_S](*[dqacc[i] for i in range(NTL * 4)], advance_desc(desc[0], ks * 2 * D),
-                        advance_desc(desc[1], ks * 2 * BC), ks > 0, 1, 1, 1, 1)
+        for ks in T.unroll(BR // 16):  # 16 key rows on in K^T ([*, D]) and dS^T ([*, BC])
+            T.ptx[WG_S](*[dqacc[i] for i in range(NTL * 4)], advance_desc(desc[0], mn_major_step(ks, D, False)),
+                        advance_desc(desc[1], mn_major_step(ks, BC, False)), ks > 0, 1, 1, 1, 1)
         T.ptx.wgmma.commit_group.sync.aligned()
 
     @T.macro

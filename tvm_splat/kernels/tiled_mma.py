@@ -102,13 +102,23 @@ def swizzled_k_major_desc(desc, smem, base, rows: int):
     at ``base`` in the layout of :func:`swizzle128_elem`, read K-major (the B operand of ``X
     B^T``): 32 bytes along the swizzled row, a new 64-column half every 4 steps, 8-row groups
     1024 bytes apart (SBO 64 in 16-byte units; LBO unused), 128-byte swizzle (mode 3). Step
-    ``kk``: :func:`advance_desc` by :func:`swizzled_k_major_step`. A TIR expression."""
+    ``kk``: :func:`advance_desc` by :func:`k_major_step`. A TIR expression."""
     return T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc), T.address_of(smem[base]), 1, 64, 3)
 
 
-def swizzled_k_major_step(rows: int, kk):
-    """16-byte units from k-step 0 to k-step ``kk`` of :func:`swizzled_k_major_desc`'s block."""
-    return (kk // 4) * (rows * 8) + (kk % 4) * 2
+def k_major_step(kk, rows: int, swizzled: bool):
+    """16-byte units from k-step 0 to k-step ``kk`` (16 columns each) of a ``[rows, d]`` operand
+    read K-major: in the layout of :func:`swizzle128_elem` (32 bytes along the swizzled row, a
+    new 64-column half, ``rows`` x 128 bytes on, every 4 steps) or of :func:`core_matrix_elem`
+    (core matrices 128 bytes apart along K)."""
+    return (kk // 4) * (rows * 8) + (kk % 4) * 2 if swizzled else kk * 16
+
+
+def mn_major_step(kc, d: int, swizzled: bool):
+    """16-byte units from row 0 to row ``16 kc`` of a ``[rows, d]`` operand read MN-major: in the
+    layout of :func:`swizzle128_elem` (16 rows of 128 bytes) or of :func:`core_matrix_elem` (two
+    8-row groups of ``d / 8`` core matrices of 128 bytes)."""
+    return kc * 128 if swizzled else kc * 2 * d
 
 
 def swizzled_mn_major_desc(desc, smem, base, rows: int):
@@ -116,7 +126,7 @@ def swizzled_mn_major_desc(desc, smem, base, rows: int):
     ``base`` in the layout of :func:`swizzle128_elem`, read MN-major (the B operand of ``A B``
     over the rows): 16 swizzled rows, 8-row groups 1024 bytes apart (SBO 64), the 64-column
     halves ``rows`` x 128 bytes apart (LBO), 128-byte swizzle. Rows ``16 kc`` on:
-    :func:`advance_desc` by ``kc * 128``. A TIR expression."""
+    :func:`advance_desc` by :func:`mn_major_step`. A TIR expression."""
     return T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc), T.address_of(smem[base]), rows * 8, 64, 3)
 
 
@@ -601,8 +611,9 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         # scale (unless SCALE_IN_EXP); then, unless the block is FULL inside the key length (a
         # branch uniform over the block), select to -inf the scores outside the block's ranges
         # (block_ranges, once per block; capped at the key length, so a FULL block crossing it is
-        # masked past it): 2 S integer compares per score, no branch per score. Testing FULL blocks too cost the
-        # FULL-heavy masks 14% at d=128 (H200, window +-1024 n=32k: 1.55 -> 1.79 ms).
+        # masked past it): 2 S integer compares per score, no branch per score. Testing FULL
+        # blocks too cost the FULL-heavy masks 14% at d=128 (H200, window +-1024 n=32k: 1.55 ->
+        # 1.79 ms).
         if whole_block(full, col0, sig, klen):
             if not SCALE_IN_EXP:
                 for i in T.unroll(MT * NTL * 4):
@@ -730,9 +741,9 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         else:
             T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(
                 smem[kv_elem(K_OFF, stg, 0, 0)]), QK_LBO, QK_SBO, 0)
-        for kk in T.unroll(KD):  # K-major core matrices: 128 bytes (8 units) apart along K
-            T.ptx[WG_S](*[sacc[i] for i in range(NTL * 4)], advance_desc(desc[0], kk * 16),
-                        advance_desc(desc[1], swizzled_k_major_step(BC, kk) if tma else kk * 16), kk > 0, 1, 1, 0, 0)
+        for kk in T.unroll(KD):
+            T.ptx[WG_S](*[sacc[i] for i in range(NTL * 4)], advance_desc(desc[0], k_major_step(kk, BR, False)),
+                        advance_desc(desc[1], k_major_step(kk, BC, tma)), kk > 0, 1, 1, 0, 0)
         T.ptx.wgmma.commit_group.sync.aligned()
 
     @T.macro
@@ -745,10 +756,10 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         else:
             T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(
                 smem[kv_elem(V_OFF, stg, 0, 0)]), V_LBO, V_SBO, 0)
-        for kc in T.unroll(KC):  # 16 rows on: 1024 bytes (swizzled), 2 D core matrices (plain)
+        for kc in T.unroll(KC):
             T.ptx[WG_O](*[oacc[i] for i in range(DT * 4)],
                         *[T.reinterpret("uint32", pf.vload([kc * 8 + 2 * i], PAIR)) for i in range(4)],
-                        advance_desc(desc[1], kc * 128 if tma else kc * 2 * D), True, 1, 1, 1)
+                        advance_desc(desc[1], mn_major_step(kc, D, tma)), True, 1, 1, 1)
         T.ptx.wgmma.commit_group.sync.aligned()
 
     @T.macro

@@ -208,9 +208,9 @@ def tiled_tasks(workload: AttentionPlan, target, plans=None, stages=(1, 2), work
 def program_funcs(spec, target, programs: dict, workers=None) -> dict:
     """name -> the ``tiled`` PrimFunc of ``programs`` (name -> (plan shape, knobs)), or the
     ``ValueError`` that refused it. ``workers`` processes (default: one per core for 8 programs
-    or more on machines of 4 cores or more, else 1) each parse some of them (``spawn``: fresh interpreters, each
-    importing tvm_splat first) and send them back as TVM JSON (a warp-specialized program: 0.7
-    MB, 0.07 s to save, 0.2 s to load). TVMScript's parser makes a program in 1-4 s; on the H200
+    or more on machines of 4 cores or more, else 1) each parse some of them (``spawn``: fresh
+    interpreters, each importing tvm_splat first) and send them back as TVM JSON (a
+    warp-specialized program: 0.7 MB, 0.07 s to save, 0.2 s to load). TVMScript's parser makes a program in 1-4 s; on the H200
     machine about 20 s of each models-suite workload's ~50 s of tuning went outside the build
     and measurement, serially here. On this 2-core machine two workers took 27 s against 16 s
     serially for 10 programs (the imports), hence the 4-core floor; not yet timed on the GPU
