@@ -266,6 +266,16 @@ def check_warp_specialized_shape(tma: bool, warps: int) -> None:
         raise ValueError(f"the warp-specialized form needs one or two consumer warpgroups (warps 4 or 8), got {warps}")
 
 
+def check_persistent(persistent: int, warp_specialized: bool) -> None:
+    """Raise ``ValueError`` unless ``persistent`` (thread blocks of the persistent form; 0: off)
+    is an int >= 0, and > 0 only for the warp-specialized form (the form it is a variant of)."""
+    if isinstance(persistent, bool) or not isinstance(persistent, int) or persistent < 0:
+        raise ValueError(f"persistent is a number of thread blocks (0: off), got {persistent!r}")
+    if persistent and not warp_specialized:
+        raise ValueError(f"the persistent form is a form of the warp-specialized kernel: persistent={persistent} "
+                         f"needs warp_specialized=True")
+
+
 def named_barrier(barrier, threads: int):
     """``bar.sync barrier, threads``: wait until ``threads`` threads (a multiple of 32) reached
     named barrier ``barrier`` (1-15; 0 is ``__syncthreads``'s); orders their shared-memory
@@ -300,7 +310,8 @@ def check_tma_step(step: int, n: int, which: str, knob: str) -> None:
 
 
 def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int = 1, stages: int = 2,
-                   wgmma: bool = False, tma: bool = False, with_lse: bool = False, warp_specialized: bool = False):
+                   wgmma: bool = False, tma: bool = False, with_lse: bool = False, warp_specialized: bool = False,
+                   persistent: int = 0):
     """The warp-level tiled kernel for ``spec`` and a plan of shape ``plan_shape``
     (``plan_shape.br == 16 * warps * m_tiles``); signature of
     :func:`~tvm_splat.kernels.tiled.tiled_func`.
@@ -347,6 +358,17 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     n=32k put the tensor pipe at 51% (two-block form) and 48% (this form before the turns) of
     its peak.
 
+    ``persistent=P`` (P > 0, with ``warp_specialized``): the persistent form of the
+    warp-specialized kernel. ``P`` thread blocks (grid ``(P, 1)``) walk the grid's ``B H x
+    tiles`` programs in rounds, program ``it P + cta`` in round ``it``, heads first (program
+    ``p``: ``vbh = p % (B H)``, ``vt = p // (B H)``, so the first round takes every head's first
+    (heaviest) row tile, as the grid's dispatch order does). The mbarriers are set up once; the
+    producer thread and the consumer warpgroups each loop over the rounds on their own, stage,
+    phase and V tag of a block taken from a running count of the blocks walked so far, so that
+    the producer's copies run on into the next tile while the consumers finish this one. The
+    consumers reset their state per tile and reload Q (one named barrier first: every consumer
+    is past the previous tile's reads of Q). Not yet measured on a GPU.
+
     ``with_lse=True`` (training, :mod:`tvm_splat.kernels.backward_mma`): on a plan of one
     component, a last parameter ``lse [B, H, N]`` float32 receives the natural-log log-sum-exp
     of each row of a whole tile (``-inf`` for a row that attends to nothing); the rows of split
@@ -364,6 +386,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         check_tma_step(plan_shape.step, spec.seq_len, "this plan", "tma=False")
     if warp_specialized:
         check_warp_specialized_shape(tma, warps)
+    check_persistent(persistent, warp_specialized)
     B, H, KVH, G, N, D = spec.batch, spec.heads, spec.kv_heads, spec.group, spec.seq_len, spec.head_dim
     STEP = plan_shape.step if tma else 1  # rows between a TMA block's rows
     HM, S, dt = spec.mask_heads, spec.max_segments, spec.dtype
@@ -401,6 +424,11 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     if warp_specialized:
         MIN_BLOCKS = 8 // W
         CONSUMER_REGS = min(WS_CONSUMER_REGS_MAX, (65536 // MIN_BLOCKS - 128 * WS_PRODUCER_REGS) // NTHR // 8 * 8)
+    # persistent form: P thread blocks walk the B H x NT programs, TILE_ROUNDS rounds each
+    PERSISTENT = persistent > 0
+    GRID_ROWS = tile_grid_rows(NT, "tiled")
+    PROGRAMS = B * H * GRID_ROWS
+    TILE_ROUNDS = -(-PROGRAMS // persistent) if PERSISTENT else 1
     CH = D // 8  # 16-byte chunks per row
     Q_IT = (BR * CH + NTHR - 1) // NTHR
     KV_IT = (BC * CH + NTHR - 1) // NTHR
@@ -945,21 +973,35 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         T.ptx.mbarrier(bar_addr(bars, ready), T.uint32(nbytes), "arrive", "expect_tx", "", "", "shared", "b64", "")
         T.evaluate(tma_copy_rows(smem, offset, tmap, row0, bhk, bars, ready, STEP))
 
+    def running(base, j):
+        # the running index of block j of a tile whose first block is the base-th the role walks
+        # (the persistent form counts on across tiles; a single tile starts at 0). Stage, phase
+        # and V tag of a block are those of its running index
+        return j if isinstance(base, int) and base == 0 else base + j
+
+    def stage_of(r):  # the K/V stage of the block of running index r
+        return r % stages
+
+    def phase_of(r):  # the parity of the block's use of its stage (its (r // stages)-th)
+        return (r // stages) % 2
+
     @T.macro
-    def producer_loop(smem, blocks, bars, kmap, vmap, hm, blk_lo, blk_hi, bhk):
-        # one thread: K then V of block j into stage j % stages, each once the consumers
-        # released what the stage held (block j - stages: its (j / stages - 1)-th release).
-        # K and V have barriers of their own: a K stage is free once S is computed, a V stage
-        # only after P V, which the consumers issue one block later
+    def producer_loop(smem, blocks, bars, kmap, vmap, hm, blk_lo, blk_hi, bhk, base):
+        # one thread: K then V of block j (running index r) into stage r % stages, each once the
+        # consumers released what the stage held (block r - stages: its (r / stages - 1)-th
+        # release). K and V have barriers of their own: a K stage is free once S is computed, a V
+        # stage only after P V, which the consumers issue one block later
         for j in T.serial(blk_hi - blk_lo):
-            if j >= stages:
-                T.cuda.mbarrier_wait(T.address_of(bars[K_FREE + j % stages]), (j // stages + 1) % 2)
-            issue_tma_one(smem, bars, K_READY + j % stages, KV_BYTES, kmap, K_OFF + (j % stages) * BC * D,
-                          blocks[hm, blk_lo + j, 0], bhk)
-            if j >= stages:
-                T.cuda.mbarrier_wait(T.address_of(bars[V_FREE + j % stages]), (j // stages + 1) % 2)
-            issue_tma_one(smem, bars, V_READY + j % stages, KV_BYTES, vmap, V_OFF + (j % stages) * BC * D,
-                          blocks[hm, blk_lo + j, 0], bhk)
+            if running(base, j) >= stages:
+                T.cuda.mbarrier_wait(T.address_of(bars[K_FREE + stage_of(running(base, j))]),
+                                     (running(base, j) // stages + 1) % 2)
+            issue_tma_one(smem, bars, K_READY + stage_of(running(base, j)), KV_BYTES, kmap,
+                          K_OFF + stage_of(running(base, j)) * BC * D, blocks[hm, blk_lo + j, 0], bhk)
+            if running(base, j) >= stages:
+                T.cuda.mbarrier_wait(T.address_of(bars[V_FREE + stage_of(running(base, j))]),
+                                     (running(base, j) // stages + 1) % 2)
+            issue_tma_one(smem, bars, V_READY + stage_of(running(base, j)), KV_BYTES, vmap,
+                          V_OFF + stage_of(running(base, j)) * BC * D, blocks[hm, blk_lo + j, 0], bhk)
 
     @T.macro
     def release(bars, i, lane):
@@ -969,34 +1011,34 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
             T.ptx.mbarrier.arrive.shared.b64(bar_addr(bars, i), T.uint32(1))
 
     @T.macro
-    def scores_of_block(j, smem, blocks, bars, sg, rng, desc, sacc, ms, ls, mb, al, hm, blk_lo, w, lane, klen):
-        # S of block j is complete in sacc: release its K stage, mask, and turn it into the
-        # block's exponentials in place (softmax_scores)
-        release(bars, K_FREE + j % stages, lane)
+    def scores_of_block(j, r, smem, blocks, bars, sg, rng, desc, sacc, ms, ls, mb, al, hm, blk_lo, w, lane, klen):
+        # S of block j (running index r) is complete in sacc: release its K stage, mask, and turn
+        # it into the block's exponentials in place (softmax_scores)
+        release(bars, K_FREE + stage_of(r), lane)
         mask_scores(sacc, sg, rng, blocks[hm, blk_lo + j, 2], blocks[hm, blk_lo + j, 0], blocks[hm, blk_lo + j, 1],
                     lane, klen)
         softmax_scores(sacc, ms, ls, mb, al)
 
     @T.macro
-    def issue_pv_of_block(j, smem, blocks, bars, vbad, desc, pf, pw, oacc, words, nonfinite, vflag, px, pxw, vx, vxw,
-                          hm, blk_lo, w, lane, klen):
-        # O += P V of block j, P in pf: wait for its V, check it where a row may skip a column
-        # (PARTIAL, or crossing the key length; the group's named barrier publishes the tag),
-        # then either the exact path (any wgmma in flight waited for first) or the wgmma,
-        # issued and committed
-        T.cuda.mbarrier_wait(T.address_of(bars[V_READY + j % stages]), (j // stages) % 2)
+    def issue_pv_of_block(j, r, smem, blocks, bars, vbad, desc, pf, pw, oacc, words, nonfinite, vflag, px, pxw, vx,
+                          vxw, hm, blk_lo, w, lane, klen):
+        # O += P V of block j (running index r), P in pf: wait for its V, check it where a row
+        # may skip a column (PARTIAL, or crossing the key length; the group's named barrier
+        # publishes the tag, r + 1), then either the exact path (any wgmma in flight waited for
+        # first) or the wgmma, issued and committed
+        T.cuda.mbarrier_wait(T.address_of(bars[V_READY + stage_of(r)]), phase_of(r))
         vflag[0] = 0
         if v_checked(blocks[hm, blk_lo + j, 2], blocks[hm, blk_lo + j, 0], blocks[hm, blk_lo + j, 1], klen):
-            flag_nonfinite_v_group(smem, vbad, words, nonfinite, j % stages, j, w, lane)
+            flag_nonfinite_v_group(smem, vbad, words, nonfinite, stage_of(r), r, w, lane)
             T.evaluate(group_barrier(w))
-            T.ptx.ld.shared.b32(vflag[0], T.address_of(vbad[(w // 4) * stages + j % stages]))
-        if vflag[0] == j + 1:
+            T.ptx.ld.shared.b32(vflag[0], T.address_of(vbad[(w // 4) * stages + stage_of(r)]))
+        if vflag[0] == r + 1:
             # nothing in flight while the CUDA cores write O (ptxas serializes every wgmma of a
             # kernel whose accumulators other instructions may define while one is in flight)
             T.ptx.wgmma.wait_group.sync.aligned(0)
-            pv_exact_shared_ptx(oacc, pw, px, pxw, vx, vxw, smem, j % stages, w, lane)
+            pv_exact_shared_ptx(oacc, pw, px, pxw, vx, vxw, smem, stage_of(r), w, lane)
         else:
-            pv_wgmma_issue(oacc, pf, desc, smem, j % stages)
+            pv_wgmma_issue(oacc, pf, desc, smem, stage_of(r))
 
     def take_turn(w):  # wait for this consumer warpgroup's turn at the tensor cores
         return named_barrier(TURN_BARRIER + w // 4, 256)
@@ -1012,60 +1054,75 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     @T.macro
     def turn_end(w, last):
         # warpgroup 1 passes every turn but its last, so that each group's syncs meet as many
-        # arrivals of the other's (warpgroup 1 passed one before the tile, warpgroup 0 every turn)
+        # arrivals of the other's (warpgroup 1 passed one before the tile, warpgroup 0 every turn).
+        # Per tile of n >= 1 blocks each group syncs n + 1 times and is passed n + 1 turns, in
+        # alternation (group 1: pass, then sync and pass, ..., sync; group 0: sync and pass, ...):
+        # the tiles of the persistent form, one after the other, keep that alternation, and an
+        # empty tile takes and passes no turn
         if PINGPONG:
             if T.Or(w // 4 == 0, T.Not(last)):
                 T.evaluate(pass_turn(w))
 
     @T.macro
     def consumer_loop(smem, blocks, bars, vbad, sg, rng, desc, sacc, pf, pw, oacc, ms, ls, mb, al, words, nonfinite,
-                      vflag, px, pxw, vx, vxw, hm, blk_lo, blk_hi, w, lane, klen):
+                      vflag, px, pxw, vx, vxw, hm, blk_lo, blk_hi, w, lane, klen, base):
         # a consumer warpgroup's walk over the tile's blocks, FlashAttention-3's intra-warpgroup
         # overlap: S of block j is issued, then P V of block j - 1, and the softmax of block j
         # runs while that P V is on the tensor cores (the wgmma reads P_{j-1} from registers and
         # accumulates into O, so O is rescaled and P_j written only once it completed). With two
         # consumer warpgroups (PINGPONG) they take turns issuing their GEMMs (named barriers):
-        # one group's S and P V run while the other group's softmax does
+        # one group's S and P V run while the other group's softmax does. Block j's stage, phase
+        # and V tag are those of its running index running(base, j)
         if PINGPONG:
             if w // 4 == 1 and blk_hi > blk_lo:
                 T.evaluate(pass_turn(w))  # group 0 goes first
         if blk_hi > blk_lo:
-            T.cuda.mbarrier_wait(T.address_of(bars[K_READY]), 0)
+            T.cuda.mbarrier_wait(T.address_of(bars[K_READY + stage_of(running(base, 0))]), phase_of(running(base, 0)))
             turn_begin(w)
-            qk_wgmma_issue(sacc, desc, smem, 0, w)
+            qk_wgmma_issue(sacc, desc, smem, stage_of(running(base, 0)), w)
             turn_end(w, False)
             T.ptx.wgmma.wait_group.sync.aligned(0)
-            scores_of_block(0, smem, blocks, bars, sg, rng, desc, sacc, ms, ls, mb, al, hm, blk_lo, w, lane, klen)
+            scores_of_block(0, running(base, 0), smem, blocks, bars, sg, rng, desc, sacc, ms, ls, mb, al, hm, blk_lo,
+                            w, lane, klen)
             probabilities(sacc, pw, oacc, al)
         for jj in T.serial(blk_hi - blk_lo - 1):
-            T.cuda.mbarrier_wait(T.address_of(bars[K_READY + (jj + 1) % stages]), ((jj + 1) // stages) % 2)
+            T.cuda.mbarrier_wait(T.address_of(bars[K_READY + stage_of(running(base, jj + 1))]),
+                                 phase_of(running(base, jj + 1)))
             turn_begin(w)
-            qk_wgmma_issue(sacc, desc, smem, (jj + 1) % stages, w)
-            issue_pv_of_block(jj, smem, blocks, bars, vbad, desc, pf, pw, oacc, words, nonfinite, vflag, px, pxw, vx,
-                              vxw, hm, blk_lo, w, lane, klen)
+            qk_wgmma_issue(sacc, desc, smem, stage_of(running(base, jj + 1)), w)
+            issue_pv_of_block(jj, running(base, jj), smem, blocks, bars, vbad, desc, pf, pw, oacc, words, nonfinite,
+                              vflag, px, pxw, vx, vxw, hm, blk_lo, w, lane, klen)
             turn_end(w, False)
             T.ptx.wgmma.wait_group.sync.aligned(1)  # S of block jj + 1
-            scores_of_block(jj + 1, smem, blocks, bars, sg, rng, desc, sacc, ms, ls, mb, al, hm, blk_lo, w, lane, klen)
+            scores_of_block(jj + 1, running(base, jj + 1), smem, blocks, bars, sg, rng, desc, sacc, ms, ls, mb, al,
+                            hm, blk_lo, w, lane, klen)
             T.ptx.wgmma.wait_group.sync.aligned(0)  # P V of block jj
-            release(bars, V_FREE + jj % stages, lane)
+            release(bars, V_FREE + stage_of(running(base, jj)), lane)
             probabilities(sacc, pw, oacc, al)
         if blk_hi > blk_lo:
             turn_begin(w)
-            issue_pv_of_block(blk_hi - blk_lo - 1, smem, blocks, bars, vbad, desc, pf, pw, oacc, words, nonfinite,
-                              vflag, px, pxw, vx, vxw, hm, blk_lo, w, lane, klen)
+            issue_pv_of_block(blk_hi - blk_lo - 1, running(base, blk_hi - blk_lo - 1), smem, blocks, bars, vbad, desc,
+                              pf, pw, oacc, words, nonfinite, vflag, px, pxw, vx, vxw, hm, blk_lo, w, lane, klen)
             turn_end(w, True)
             T.ptx.wgmma.wait_group.sync.aligned(0)
-            release(bars, V_FREE + (blk_hi - blk_lo - 1) % stages, lane)
+            release(bars, V_FREE + stage_of(running(base, blk_hi - blk_lo - 1)), lane)
 
     @T.macro
-    def ws_tile(smem, q, k, v, blocks, kv_len, out, o_part, ml_part, split_o, split_ml, lse, bars, vbad,
-                kmap, vmap, seg_start, seg_count, seg_sigma, sg, rng, desc, sacc, pf, pw, oacc, ms, ls, mb, al, rows,
-                words, nonfinite, vflag, px, pxw, vx, vxw, b, h, hk, hm, vbh, row0, rstr, nrows, comp, blk_lo, blk_hi,
-                slot, tid, w, lane):
-        # the tile in the warp-specialized form: thread 0 sets up the mbarriers, the one
-        # CTA-wide barrier publishes them, then the producer warpgroup (warps W..W+3) streams the
-        # tile's blocks through the stages while each consumer warpgroup runs its 64 rows
-        # through them at its own pace (no barrier between the groups in the loop)
+    def start_tile_state(rows, ms, ls, oacc, row0, rstr, w, lane):
+        # a tile's per-thread state: the sequence rows of the thread's row slots, running max
+        # and sum, the O accumulators
+        for r in T.unroll(RS):
+            rows[r] = row0 + rstr * tile_row(w, lane, r)
+            ms[r] = neg_init
+            ls[r] = T.float32(0)
+        for i in T.unroll(MT * DT * 4):
+            oacc[i] = T.float32(0)
+
+    @T.macro
+    def ws_setup(bars, vbad, tid):
+        # warp-specialized form, once per thread block: thread 0 sets up the mbarriers, the V
+        # tags start at 0, and the one CTA-wide barrier publishes both (past it, the producer
+        # never reaches a CTA-wide barrier)
         if tid == 0:
             for i in T.unroll(4 * stages):
                 T.ptx.mbarrier.init.shared.b64(bar_addr(bars, i), T.uint32(1 if i < K_FREE else W))
@@ -1073,24 +1130,120 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         if tid < stages * FLAG_GROUPS:
             T.ptx.st.shared.b32(T.address_of(vbad[tid]), 0)
         T.tvm_storage_sync("shared")
+
+    @T.macro
+    def consumer_q_tile(smem, q, seg_start, seg_count, seg_sigma, sg, rows, b, h, hm, row0, rstr, nrows, tid, w, lane):
+        # the consumers: the tile's Q rows -> shared, the rows' segments -> registers; the named
+        # barrier: every consumer's Q rows have landed
+        load_q_tile(smem, q, b, h, row0, rstr, nrows, tid)
+        T.evaluate(T.ptx.cp.async_.commit_group())
+        T.evaluate(T.ptx["cp.async.wait_group"](0))
+        cache_row_segments(sg, rows, seg_start, seg_count, seg_sigma, hm, w, lane, nrows)
+        T.ptx["fence.proxy.async.shared::cta"]()  # Q, written by this thread, for wgmma
+        T.evaluate(named_barrier(1, NTHR))  # every consumer's Q rows have landed
+
+    @T.macro
+    def consumer_tile(smem, blocks, out, o_part, ml_part, split_o, split_ml, lse, bars, vbad, sg, rng, desc, sacc, pf,
+                      pw, oacc, ms, ls, mb, al, rows, words, nonfinite, vflag, px, pxw, vx, vxw, b, h, hm, vbh, comp,
+                      blk_lo, blk_hi, slot, nrows, w, lane, klen, base):
+        # a consumer warpgroup's tile once Q is in: the walk over its blocks (the first the
+        # base-th block of the role), then the rows' state or output stored
+        consumer_loop(smem, blocks, bars, vbad, sg, rng, desc, sacc, pf, pw, oacc, ms, ls, mb, al, words,
+                      nonfinite, vflag, px, pxw, vx, vxw, hm, blk_lo, blk_hi, w, lane, klen, base)
+        if split_chunk(plan_shape, slot):
+            store_slot(split_o, split_ml, oacc, ms, ls, vbh, slot, w, lane, nrows)
+        else:
+            store_rows(out, o_part, ml_part, lse, oacc, ms, ls, rows, b, h, vbh, comp, w, lane, nrows)
+
+    @T.macro
+    def ws_tile(smem, q, k, v, blocks, kv_len, out, o_part, ml_part, split_o, split_ml, lse, bars, vbad,
+                kmap, vmap, seg_start, seg_count, seg_sigma, sg, rng, desc, sacc, pf, pw, oacc, ms, ls, mb, al, rows,
+                words, nonfinite, vflag, px, pxw, vx, vxw, b, h, hk, hm, vbh, row0, rstr, nrows, comp, blk_lo, blk_hi,
+                slot, tid, w, lane):
+        # the tile in the warp-specialized form: the setup (mbarriers, one CTA-wide barrier),
+        # then the producer warpgroup (warps W..W+3) streams the tile's blocks through the stages
+        # while each consumer warpgroup runs its 64 rows through them at its own pace (no barrier
+        # between the groups in the loop)
+        ws_setup(bars, vbad, tid)
         if w >= W:
             T.evaluate(T.ptx["setmaxnreg.dec.sync.aligned.u32"](WS_PRODUCER_REGS))
             if w == W and lane == 0:
-                producer_loop(smem, blocks, bars, kmap, vmap, hm, blk_lo, blk_hi, b * KVH + hk)
+                producer_loop(smem, blocks, bars, kmap, vmap, hm, blk_lo, blk_hi, b * KVH + hk, 0)
         else:
             T.evaluate(T.ptx["setmaxnreg.inc.sync.aligned.u32"](CONSUMER_REGS))
-            load_q_tile(smem, q, b, h, row0, rstr, nrows, tid)
-            T.evaluate(T.ptx.cp.async_.commit_group())
-            T.evaluate(T.ptx["cp.async.wait_group"](0))
-            cache_row_segments(sg, rows, seg_start, seg_count, seg_sigma, hm, w, lane, nrows)
-            T.ptx["fence.proxy.async.shared::cta"]()  # Q, written by this thread, for wgmma
-            T.evaluate(named_barrier(1, NTHR))  # every consumer's Q rows have landed
-            consumer_loop(smem, blocks, bars, vbad, sg, rng, desc, sacc, pf, pw, oacc, ms, ls, mb, al, words,
-                          nonfinite, vflag, px, pxw, vx, vxw, hm, blk_lo, blk_hi, w, lane, key_length(spec, kv_len, b))
-            if split_chunk(plan_shape, slot):
-                store_slot(split_o, split_ml, oacc, ms, ls, vbh, slot, w, lane, nrows)
-            else:
-                store_rows(out, o_part, ml_part, lse, oacc, ms, ls, rows, b, h, vbh, comp, w, lane, nrows)
+            consumer_q_tile(smem, q, seg_start, seg_count, seg_sigma, sg, rows, b, h, hm, row0, rstr, nrows, tid, w,
+                            lane)
+            consumer_tile(smem, blocks, out, o_part, ml_part, split_o, split_ml, lse, bars, vbad, sg, rng, desc, sacc,
+                          pf, pw, oacc, ms, ls, mb, al, rows, words, nonfinite, vflag, px, pxw, vx, vxw, b, h, hm, vbh,
+                          comp, blk_lo, blk_hi, slot, nrows, w, lane, key_length(spec, kv_len, b), 0)
+
+    def program_of(it, cta):  # persistent form: the program thread block cta runs in round it
+        return it * persistent + cta
+
+    @T.macro
+    def persistent_producer(smem, tiles, blocks, bars, kmap, vmap, count, cta):
+        # persistent form, the producer thread: the blocks of every tile of thread block cta,
+        # round after round, the running count carried across the tiles
+        count[0] = 0
+        for it in T.serial(TILE_ROUNDS):
+            if program_of(it, cta) < PROGRAMS:
+                pvbh: T.let[T.int32] = program_of(it, cta) % (B * H)
+                pvt: T.let[T.int32] = program_of(it, cta) // (B * H)
+                ph: T.let[T.int32] = pvbh % H
+                phm: T.let[T.int32] = ph % HM
+                plo: T.let[T.int32] = tiles[phm, pvt, 4]
+                phi: T.let[T.int32] = tiles[phm, pvt, 5]
+                producer_loop(smem, blocks, bars, kmap, vmap, phm, plo, phi, (pvbh // H) * KVH + ph // G, count[0])
+                count[0] = count[0] + (phi - plo)
+
+    @T.macro
+    def persistent_consumers(smem, q, tiles, blocks, kv_len, out, o_part, ml_part, split_o, split_ml, lse, bars, vbad,
+                             seg_start, seg_count, seg_sigma, sg, rng, desc, sacc, pf, pw, oacc, ms, ls, mb, al, rows,
+                             words, nonfinite, vflag, px, pxw, vx, vxw, count, cta, tid, w, lane):
+        # persistent form, the consumer warpgroups: every tile of thread block cta, round after
+        # round, each from a fresh state and Q, the running count carried across the tiles (the
+        # same count as the producer's: both walk the same tiles' blocks)
+        count[0] = 0
+        for it in T.serial(TILE_ROUNDS):
+            if program_of(it, cta) < PROGRAMS:
+                pvbh: T.let[T.int32] = program_of(it, cta) % (B * H)
+                pvt: T.let[T.int32] = program_of(it, cta) // (B * H)
+                pb: T.let[T.int32] = pvbh // H
+                ph: T.let[T.int32] = pvbh % H
+                phm: T.let[T.int32] = ph % HM
+                prow0: T.let[T.int32] = tiles[phm, pvt, 0]
+                prstr: T.let[T.int32] = tiles[phm, pvt, 1]
+                pnrows: T.let[T.int32] = tiles[phm, pvt, 2]
+                pcomp: T.let[T.int32] = tiles[phm, pvt, 3]
+                plo: T.let[T.int32] = tiles[phm, pvt, 4]
+                phi: T.let[T.int32] = tiles[phm, pvt, 5]
+                pslot: T.let[T.int32] = tiles[phm, pvt, 6]
+                start_tile_state(rows, ms, ls, oacc, prow0, prstr, w, lane)
+                T.evaluate(named_barrier(1, NTHR))  # every consumer is past its reads of the last tile's Q
+                consumer_q_tile(smem, q, seg_start, seg_count, seg_sigma, sg, rows, pb, ph, phm, prow0, prstr, pnrows,
+                                tid, w, lane)
+                consumer_tile(smem, blocks, out, o_part, ml_part, split_o, split_ml, lse, bars, vbad, sg, rng, desc,
+                              sacc, pf, pw, oacc, ms, ls, mb, al, rows, words, nonfinite, vflag, px, pxw, vx, vxw, pb,
+                              ph, phm, pvbh, pcomp, plo, phi, pslot, pnrows, w, lane, key_length(spec, kv_len, pb),
+                              count[0])
+                count[0] = count[0] + (phi - plo)
+
+    @T.macro
+    def persistent_ws(smem, q, tiles, blocks, kv_len, out, o_part, ml_part, split_o, split_ml, lse, bars, vbad, kmap,
+                      vmap, seg_start, seg_count, seg_sigma, sg, rng, desc, sacc, pf, pw, oacc, ms, ls, mb, al, rows,
+                      words, nonfinite, vflag, px, pxw, vx, vxw, count, cta, tid, w, lane):
+        # the persistent warp-specialized form: the setup once, then each role its own loop over
+        # the rounds (one loop holding both roles made ptxas keep a 216-byte stack)
+        ws_setup(bars, vbad, tid)
+        if w >= W:
+            T.evaluate(T.ptx["setmaxnreg.dec.sync.aligned.u32"](WS_PRODUCER_REGS))
+            if w == W and lane == 0:
+                persistent_producer(smem, tiles, blocks, bars, kmap, vmap, count, cta)
+        else:
+            T.evaluate(T.ptx["setmaxnreg.inc.sync.aligned.u32"](CONSUMER_REGS))
+            persistent_consumers(smem, q, tiles, blocks, kv_len, out, o_part, ml_part, split_o, split_ml, lse, bars,
+                                 vbad, seg_start, seg_count, seg_sigma, sg, rng, desc, sacc, pf, pw, oacc, ms, ls, mb,
+                                 al, rows, words, nonfinite, vflag, px, pxw, vx, vxw, count, cta, tid, w, lane)
 
     @T.prim_func(s_tir=True)
     def tiled(
@@ -1117,8 +1270,10 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
             vmap: T.let[T.TensorMap()] = T.tvm_stack_alloca("tensormap", 1)
             T.evaluate(encode_row_block_map(kmap, k.data, B * KVH, N, D, BC, dt, STEP))
             T.evaluate(encode_row_block_map(vmap, v.data, B * KVH, N, D, BC, dt, STEP))
-        for vbh in T.thread_binding(B * H, thread="blockIdx.x"):
-            for vt in T.thread_binding(tile_grid_rows(NT, "tiled"), thread="blockIdx.y"):
+        # blockIdx.x: batch x head (persistent form: the thread block, which walks programs
+        # of its own), blockIdx.y: the head's row tile (persistent form: 1)
+        for vbh in T.thread_binding(persistent if PERSISTENT else B * H, thread="blockIdx.x"):
+            for vt in T.thread_binding(1 if PERSISTENT else GRID_ROWS, thread="blockIdx.y"):
                 with launch_bounds(MIN_BLOCKS):
                     for w in T.thread_binding(W + PRODUCER_WARPS, thread="threadIdx.y"):
                         for lane in T.thread_binding(32, thread="threadIdx.x"):
@@ -1163,129 +1318,133 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                     kv_ready = T.sblock_alloc_buffer((stages,), "uint64", scope="shared", align=8)
                                 if warp_specialized:  # per stage: K and V landed, K and V released
                                     ws_bars = T.sblock_alloc_buffer((4 * stages,), "uint64", scope="shared", align=8)
-                                b: T.let[T.int32] = vbh // H
-                                h: T.let[T.int32] = vbh % H
-                                hk: T.let[T.int32] = h // G
-                                hm: T.let[T.int32] = h % HM
-                                row0: T.let[T.int32] = tiles[hm, vt, 0]
-                                rstr: T.let[T.int32] = tiles[hm, vt, 1]
-                                nrows: T.let[T.int32] = tiles[hm, vt, 2]
-                                comp: T.let[T.int32] = tiles[hm, vt, 3]
-                                blk_lo: T.let[T.int32] = tiles[hm, vt, 4]
-                                blk_hi: T.let[T.int32] = tiles[hm, vt, 5]
-                                slot: T.let[T.int32] = tiles[hm, vt, 6]
-                                tid: T.let[T.int32] = w * 32 + lane
-                                for r in T.unroll(RS):
-                                    rows[r] = row0 + rstr * tile_row(w, lane, r)
-                                    ms[r] = neg_init
-                                    ls[r] = T.float32(0)
-                                for i in T.unroll(MT * DT * 4):
-                                    oacc[i] = T.float32(0)
-                                if warp_specialized:
-                                    ws_tile(qkv_smem, q, k, v, blocks, kv_len, out, o_part, ml_part, split_o, split_ml, lse, ws_bars, vbad,
-                                            kmap, vmap, seg_start, seg_count, seg_sigma, sg, rng, desc, sacc, pf, pw, oacc, ms, ls, mb, al, rows,
-                                            words, nonfinite, vflag, px, pxw, vx, vxw, b, h, hk, hm, vbh, row0, rstr, nrows, comp,
-                                            blk_lo, blk_hi, slot, tid, w, lane)
-                                else:
-                                    if tid < stages:
-                                        T.ptx.st.shared.b32(T.address_of(vbad[tid]), 0)
-                                    load_q_tile(qkv_smem, q, b, h, row0, rstr, nrows, tid)
-                                    if stages == 4:
-                                        # blocks 0 and 1 in flight; block 0 (and Q) landed and checked;
-                                        # S_0 issued
-                                        if blk_hi > blk_lo:
-                                            issue_kv_block(qkv_smem, k, v, blocks[hm, blk_lo, 0], blocks[hm, blk_lo, 1], b, hk, tid, 0,
-                                                           key_length(spec, kv_len, b))
-                                        T.evaluate(T.ptx.cp.async_.commit_group())
-                                        if blk_hi - blk_lo > 1:
-                                            issue_kv_block(qkv_smem, k, v, blocks[hm, blk_lo + 1, 0], blocks[hm, blk_lo + 1, 1], b, hk, tid, 1,
-                                                           key_length(spec, kv_len, b))
-                                        T.evaluate(T.ptx.cp.async_.commit_group())
-                                        T.evaluate(T.ptx["cp.async.wait_group"](1))
-                                        # the flags' initial zeros are written before anyone tags block 0
-                                        T.tvm_storage_sync("shared.dyn")
-                                        if blk_hi > blk_lo:
-                                            if blocks[hm, blk_lo, 2] == 0:
-                                                flag_nonfinite_v(qkv_smem, vbad, words, nonfinite, 0, 0, tid)
-                                    if tma:
-                                        init_stage_barriers(kv_ready, stages, tid)
-                                        if tid == 0 and blk_hi > blk_lo:
-                                            issue_kv_tma(qkv_smem, kv_ready, kmap, vmap, blocks[hm, blk_lo, 0], b * KVH + hk, 0)
-                                        T.evaluate(T.ptx.cp.async_.commit_group())  # Q
-                                        T.evaluate(T.ptx["cp.async.wait_group"](0))
-                                    elif stages == 2:
-                                        if blk_hi > blk_lo:
-                                            issue_kv_block(qkv_smem, k, v, blocks[hm, blk_lo, 0], blocks[hm, blk_lo, 1], b, hk, tid, 0,
-                                                           key_length(spec, kv_len, b))
-                                        T.evaluate(T.ptx.cp.async_.commit_group())
-                                        T.evaluate(T.ptx["cp.async.wait_group"](0))
-                                    cache_row_segments(sg, rows, seg_start, seg_count, seg_sigma, hm, w, lane, nrows)
-                                    if wgmma:  # make this thread's shared writes visible to the async proxy
-                                        T.ptx["fence.proxy.async.shared::cta"]()
-                                    T.tvm_storage_sync("shared.dyn")
-                                    if not wgmma:
-                                        load_q_fragments(qf, qkv_smem, w, lane)
-                                    if stages == 4:
-                                        if blk_hi > blk_lo:
-                                            qk_wgmma_issue(sacc, desc, qkv_smem, 0, w)
-                                        # two blocks per iteration, so that S_j and S_j+1 live in two
-                                        # register sets named statically
-                                        for jj in T.serial((blk_hi - blk_lo + 1) // 2):
-                                            pipelined_block(2 * jj, blk_hi - blk_lo, sacc, sacc2, qkv_smem, k, v, blocks, hm, blk_lo,
-                                                            b, hk, tid, w, lane, sg, rng, pf, pw, oacc, ms, ls, mb, al, desc, vbad,
-                                                            vflag, words, nonfinite, key_length(spec, kv_len, b))
-                                            if 2 * jj + 1 < blk_hi - blk_lo:
-                                                pipelined_block(2 * jj + 1, blk_hi - blk_lo, sacc2, sacc, qkv_smem, k, v, blocks, hm,
-                                                                blk_lo, b, hk, tid, w, lane, sg, rng, pf, pw, oacc, ms, ls, mb, al,
-                                                                desc, vbad, vflag, words, nonfinite, key_length(spec, kv_len, b))
-                                        T.ptx.wgmma.wait_group.sync.aligned(0)
-                                    if stages != 4:
-                                        for j in T.serial(blk_hi - blk_lo):
-                                            col0: T.let[T.int32] = blocks[hm, blk_lo + j, 0]
-                                            sig: T.let[T.int32] = blocks[hm, blk_lo + j, 1]
-                                            full: T.let[T.int32] = blocks[hm, blk_lo + j, 2]
-                                            stg: T.let[T.int32] = j % stages
-                                            if stages == 1:
-                                                T.tvm_storage_sync("shared.dyn")
-                                                load_kv_block(qkv_smem, k, v, col0, sig, b, hk, tid, key_length(spec, kv_len, b))
-                                            elif tma:  # block j's bytes have landed (its stage's (j // 2)-th phase)
-                                                T.cuda.mbarrier_wait(T.address_of(kv_ready[stg]), (j // stages) % 2)
-                                            else:
-                                                # block j has landed (this thread's copies: wait; everyone's:
-                                                # the barrier, which also frees the other stage for block j + 1)
-                                                T.evaluate(T.ptx["cp.async.wait_group"](0))
-                                            if v_checked(full, col0, sig, key_length(spec, kv_len, b)):
-                                                flag_nonfinite_v(qkv_smem, vbad, words, nonfinite, stg, j, tid)
-                                            if wgmma:
-                                                T.ptx["fence.proxy.async.shared::cta"]()
-                                            T.tvm_storage_sync("shared.dyn")
-                                            if tma:
-                                                if tid == 0 and j + 1 < blk_hi - blk_lo:
-                                                    issue_kv_tma(qkv_smem, kv_ready, kmap, vmap, blocks[hm, blk_lo + j + 1, 0],
-                                                                 b * KVH + hk, (j + 1) % stages)
-                                            elif stages == 2:
-                                                if j + 1 < blk_hi - blk_lo:
-                                                    issue_kv_block(qkv_smem, k, v, blocks[hm, blk_lo + j + 1, 0],
-                                                                   blocks[hm, blk_lo + j + 1, 1], b, hk, tid, (j + 1) % stages,
-                                                                   key_length(spec, kv_len, b))
-                                                T.evaluate(T.ptx.cp.async_.commit_group())
-                                            if wgmma:
-                                                qk_wgmma(sacc, desc, qkv_smem, stg, w)
-                                            else:
-                                                qk_tile(sacc, qf, bf, qkv_smem, stg, lane)
-                                            mask_scores(sacc, sg, rng, full, col0, sig, lane, key_length(spec, kv_len, b))
-                                            online_softmax(sacc, pf, pw, oacc, ms, ls, mb, al)
-                                            T.ptx.ld.shared.b32(vflag[0], T.address_of(vbad[stg]))
-                                            if vflag[0] == j + 1:
-                                                pv_exact(oacc, pf, qkv_smem, stg, w, lane)
-                                            elif wgmma:
-                                                pv_wgmma(oacc, pf, desc, qkv_smem, stg)
-                                            else:
-                                                pv_tile(oacc, pf, bf, qkv_smem, stg, lane)
-                                    if split_chunk(plan_shape, slot):
-                                        store_slot(split_o, split_ml, oacc, ms, ls, vbh, slot, w, lane, nrows)
+                                if PERSISTENT:
+                                    # blocks a role has walked in the tiles before this one
+                                    count = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                                    tid: T.let[T.int32] = w * 32 + lane
+                                    persistent_ws(qkv_smem, q, tiles, blocks, kv_len, out, o_part, ml_part, split_o,
+                                                  split_ml, lse, ws_bars, vbad, kmap, vmap, seg_start, seg_count,
+                                                  seg_sigma, sg, rng, desc, sacc, pf, pw, oacc, ms, ls, mb, al, rows,
+                                                  words, nonfinite, vflag, px, pxw, vx, vxw, count, vbh, tid, w, lane)
+                                else:  # one program: (batch x head vbh, row tile vt)
+                                    b: T.let[T.int32] = vbh // H
+                                    h: T.let[T.int32] = vbh % H
+                                    hk: T.let[T.int32] = h // G
+                                    hm: T.let[T.int32] = h % HM
+                                    row0: T.let[T.int32] = tiles[hm, vt, 0]
+                                    rstr: T.let[T.int32] = tiles[hm, vt, 1]
+                                    nrows: T.let[T.int32] = tiles[hm, vt, 2]
+                                    comp: T.let[T.int32] = tiles[hm, vt, 3]
+                                    blk_lo: T.let[T.int32] = tiles[hm, vt, 4]
+                                    blk_hi: T.let[T.int32] = tiles[hm, vt, 5]
+                                    slot: T.let[T.int32] = tiles[hm, vt, 6]
+                                    tid: T.let[T.int32] = w * 32 + lane
+                                    start_tile_state(rows, ms, ls, oacc, row0, rstr, w, lane)
+                                    if warp_specialized:
+                                        ws_tile(qkv_smem, q, k, v, blocks, kv_len, out, o_part, ml_part, split_o, split_ml, lse, ws_bars, vbad,
+                                                kmap, vmap, seg_start, seg_count, seg_sigma, sg, rng, desc, sacc, pf, pw, oacc, ms, ls, mb, al, rows,
+                                                words, nonfinite, vflag, px, pxw, vx, vxw, b, h, hk, hm, vbh, row0, rstr, nrows, comp,
+                                                blk_lo, blk_hi, slot, tid, w, lane)
                                     else:
-                                        store_rows(out, o_part, ml_part, lse, oacc, ms, ls, rows, b, h, vbh, comp, w, lane, nrows)
+                                        if tid < stages:
+                                            T.ptx.st.shared.b32(T.address_of(vbad[tid]), 0)
+                                        load_q_tile(qkv_smem, q, b, h, row0, rstr, nrows, tid)
+                                        if stages == 4:
+                                            # blocks 0 and 1 in flight; block 0 (and Q) landed and checked;
+                                            # S_0 issued
+                                            if blk_hi > blk_lo:
+                                                issue_kv_block(qkv_smem, k, v, blocks[hm, blk_lo, 0], blocks[hm, blk_lo, 1], b, hk, tid, 0,
+                                                               key_length(spec, kv_len, b))
+                                            T.evaluate(T.ptx.cp.async_.commit_group())
+                                            if blk_hi - blk_lo > 1:
+                                                issue_kv_block(qkv_smem, k, v, blocks[hm, blk_lo + 1, 0], blocks[hm, blk_lo + 1, 1], b, hk, tid, 1,
+                                                               key_length(spec, kv_len, b))
+                                            T.evaluate(T.ptx.cp.async_.commit_group())
+                                            T.evaluate(T.ptx["cp.async.wait_group"](1))
+                                            # the flags' initial zeros are written before anyone tags block 0
+                                            T.tvm_storage_sync("shared.dyn")
+                                            if blk_hi > blk_lo:
+                                                if blocks[hm, blk_lo, 2] == 0:
+                                                    flag_nonfinite_v(qkv_smem, vbad, words, nonfinite, 0, 0, tid)
+                                        if tma:
+                                            init_stage_barriers(kv_ready, stages, tid)
+                                            if tid == 0 and blk_hi > blk_lo:
+                                                issue_kv_tma(qkv_smem, kv_ready, kmap, vmap, blocks[hm, blk_lo, 0], b * KVH + hk, 0)
+                                            T.evaluate(T.ptx.cp.async_.commit_group())  # Q
+                                            T.evaluate(T.ptx["cp.async.wait_group"](0))
+                                        elif stages == 2:
+                                            if blk_hi > blk_lo:
+                                                issue_kv_block(qkv_smem, k, v, blocks[hm, blk_lo, 0], blocks[hm, blk_lo, 1], b, hk, tid, 0,
+                                                               key_length(spec, kv_len, b))
+                                            T.evaluate(T.ptx.cp.async_.commit_group())
+                                            T.evaluate(T.ptx["cp.async.wait_group"](0))
+                                        cache_row_segments(sg, rows, seg_start, seg_count, seg_sigma, hm, w, lane, nrows)
+                                        if wgmma:  # make this thread's shared writes visible to the async proxy
+                                            T.ptx["fence.proxy.async.shared::cta"]()
+                                        T.tvm_storage_sync("shared.dyn")
+                                        if not wgmma:
+                                            load_q_fragments(qf, qkv_smem, w, lane)
+                                        if stages == 4:
+                                            if blk_hi > blk_lo:
+                                                qk_wgmma_issue(sacc, desc, qkv_smem, 0, w)
+                                            # two blocks per iteration, so that S_j and S_j+1 live in two
+                                            # register sets named statically
+                                            for jj in T.serial((blk_hi - blk_lo + 1) // 2):
+                                                pipelined_block(2 * jj, blk_hi - blk_lo, sacc, sacc2, qkv_smem, k, v, blocks, hm, blk_lo,
+                                                                b, hk, tid, w, lane, sg, rng, pf, pw, oacc, ms, ls, mb, al, desc, vbad,
+                                                                vflag, words, nonfinite, key_length(spec, kv_len, b))
+                                                if 2 * jj + 1 < blk_hi - blk_lo:
+                                                    pipelined_block(2 * jj + 1, blk_hi - blk_lo, sacc2, sacc, qkv_smem, k, v, blocks, hm,
+                                                                    blk_lo, b, hk, tid, w, lane, sg, rng, pf, pw, oacc, ms, ls, mb, al,
+                                                                    desc, vbad, vflag, words, nonfinite, key_length(spec, kv_len, b))
+                                            T.ptx.wgmma.wait_group.sync.aligned(0)
+                                        if stages != 4:
+                                            for j in T.serial(blk_hi - blk_lo):
+                                                col0: T.let[T.int32] = blocks[hm, blk_lo + j, 0]
+                                                sig: T.let[T.int32] = blocks[hm, blk_lo + j, 1]
+                                                full: T.let[T.int32] = blocks[hm, blk_lo + j, 2]
+                                                stg: T.let[T.int32] = j % stages
+                                                if stages == 1:
+                                                    T.tvm_storage_sync("shared.dyn")
+                                                    load_kv_block(qkv_smem, k, v, col0, sig, b, hk, tid, key_length(spec, kv_len, b))
+                                                elif tma:  # block j's bytes have landed (its stage's (j // 2)-th phase)
+                                                    T.cuda.mbarrier_wait(T.address_of(kv_ready[stg]), (j // stages) % 2)
+                                                else:
+                                                    # block j has landed (this thread's copies: wait; everyone's:
+                                                    # the barrier, which also frees the other stage for block j + 1)
+                                                    T.evaluate(T.ptx["cp.async.wait_group"](0))
+                                                if v_checked(full, col0, sig, key_length(spec, kv_len, b)):
+                                                    flag_nonfinite_v(qkv_smem, vbad, words, nonfinite, stg, j, tid)
+                                                if wgmma:
+                                                    T.ptx["fence.proxy.async.shared::cta"]()
+                                                T.tvm_storage_sync("shared.dyn")
+                                                if tma:
+                                                    if tid == 0 and j + 1 < blk_hi - blk_lo:
+                                                        issue_kv_tma(qkv_smem, kv_ready, kmap, vmap, blocks[hm, blk_lo + j + 1, 0],
+                                                                     b * KVH + hk, (j + 1) % stages)
+                                                elif stages == 2:
+                                                    if j + 1 < blk_hi - blk_lo:
+                                                        issue_kv_block(qkv_smem, k, v, blocks[hm, blk_lo + j + 1, 0],
+                                                                       blocks[hm, blk_lo + j + 1, 1], b, hk, tid, (j + 1) % stages,
+                                                                       key_length(spec, kv_len, b))
+                                                    T.evaluate(T.ptx.cp.async_.commit_group())
+                                                if wgmma:
+                                                    qk_wgmma(sacc, desc, qkv_smem, stg, w)
+                                                else:
+                                                    qk_tile(sacc, qf, bf, qkv_smem, stg, lane)
+                                                mask_scores(sacc, sg, rng, full, col0, sig, lane, key_length(spec, kv_len, b))
+                                                online_softmax(sacc, pf, pw, oacc, ms, ls, mb, al)
+                                                T.ptx.ld.shared.b32(vflag[0], T.address_of(vbad[stg]))
+                                                if vflag[0] == j + 1:
+                                                    pv_exact(oacc, pf, qkv_smem, stg, w, lane)
+                                                elif wgmma:
+                                                    pv_wgmma(oacc, pf, desc, qkv_smem, stg)
+                                                else:
+                                                    pv_tile(oacc, pf, bf, qkv_smem, stg, lane)
+                                        if split_chunk(plan_shape, slot):
+                                            store_slot(split_o, split_ml, oacc, ms, ls, vbh, slot, w, lane, nrows)
+                                        else:
+                                            store_rows(out, o_part, ml_part, lse, oacc, ms, ls, rows, b, h, vbh, comp, w, lane, nrows)
 
     tiled = without_unused_kv_len(spec, tiled)
     if with_lse and direct:
