@@ -11,9 +11,10 @@ in one GPU lease (``PYTHONPATH=<other checkout> python ...``), alternating, and 
 rows by case. One warm-up case runs first, untimed, so that no timed case meets the GPU's idle
 clock. ``benchmarks/results/h200_forward_ab.json`` holds such runs. ``--variants``: a JSON list
 of :class:`~tvm_splat.schedules.tiled.TiledKnobs` overrides of each case's default knobs (``{}``
-the default), e.g. ``'[{}, {"br": 128, "warps": 8}, {"split_blocks": 0}]'``: one row per
-variant (``variant``, its knobs, and ``max_diff``, the largest difference of its output from
-the first variant's); a variant the planner refuses is a row with its ``error``.
+the default), e.g. ``'[{}, {"br": 128, "warps": 8}, {"split_blocks": 0}]'``, or ``'[{}, {"persistent":
+132}]'`` (the persistent form, 132 thread blocks, of the cases whose default is warp-specialized):
+one row per variant (``variant``, its knobs, and ``max_diff``, the largest difference of its
+output from the first variant's); a variant the planner refuses is a row with its ``error``.
 """
 import argparse
 import dataclasses

@@ -19,7 +19,25 @@ def test_case_indices_and_variants_are_checked(repo_script):
     # every variant key is a knob of the forward's tile knobs (what dataclasses.replace takes)
     from tvm_splat.schedules.tiled import TiledKnobs
 
-    assert {"br", "warps", "split_blocks", "stages", "m_tiles", "wgmma", "tma"} <= set(TiledKnobs.__dataclass_fields__)
+    assert {"br", "warps", "split_blocks", "stages", "m_tiles", "wgmma", "tma", "warp_specialized",
+            "persistent"} <= set(TiledKnobs.__dataclass_fields__)
+
+
+def test_a_persistent_variant_applies_to_warp_specialized_defaults(repo_script):
+    """``--variants '[{}, {"persistent": 132}]'``: the persistent form of a case whose default is
+    the warp-specialized form; on another default the planner's knobs refuse it, which
+    ``run_case`` records as the variant's error."""
+    import dataclasses
+
+    from tvm_splat.schedules.tiled import TiledKnobs
+
+    ab = repo_script(SCRIPT)
+    variants = ab._variants('[{}, {"persistent": 132}]')
+    assert variants == [{}, {"persistent": 132}]
+    ws = TiledKnobs(use_tensor_cores=True, br=128, bc=128, warps=8, wgmma=True, tma=True, warp_specialized=True)
+    assert dataclasses.replace(ws, **variants[1]).persistent == 132
+    with pytest.raises(ValueError, match="needs warp_specialized"):
+        dataclasses.replace(dataclasses.replace(ws, warp_specialized=False), **variants[1])
 
 
 def test_without_a_gpu_it_refuses(repo_script, tmp_path):

@@ -290,6 +290,32 @@ def test_warp_specialized_knobs_it_refuses():
     assert program_form(tiled_program_name(dataclasses.replace(knobs, warp_specialized=False), True)) == "wg_tma"
 
 
+def test_persistent_knob_refusals_name_and_kernel():
+    """``persistent`` (P thread blocks walking the programs) is a variant of the warp-specialized
+    form: refused without it and when negative; its program name adds ``_pP`` and reads back as
+    the same form; it reaches the kernel (grid of P blocks); off by default."""
+    ws = TiledKnobs(use_tensor_cores=True, br=128, bc=128, warps=8, wgmma=True, tma=True, warp_specialized=True)
+    assert ws.persistent == 0 and TiledKnobs().persistent == 0
+    with pytest.raises(ValueError, match="needs warp_specialized"):
+        TiledKnobs(use_tensor_cores=True, br=128, bc=128, warps=8, wgmma=True, tma=True, persistent=132)
+    with pytest.raises(ValueError, match="needs warp_specialized"):
+        TiledKnobs(persistent=1)
+    with pytest.raises(ValueError, match="number of thread blocks"):
+        dataclasses.replace(ws, persistent=-1)
+    with pytest.raises(ValueError, match="persistent must be an int"):
+        dataclasses.replace(ws, persistent=True)
+    knobs = dataclasses.replace(ws, persistent=132)
+    name = tiled_program_name(knobs, True)
+    assert name == "tiled_128x128_w8_m1_s2_wg_tma_ws_p132"
+    assert program_form(name) == tiled_form(knobs) == program_form(tiled_program_name(ws, True)) == "wg_tma_ws"
+    assert tiled_program_name(ws, True) == "tiled_128x128_w8_m1_s2_wg_tma_ws"  # unchanged when off
+    assert TiledKnobs.from_dict(dataclasses.asdict(knobs)) == knobs
+    acsr = ACSR.from_pattern(Window(40), 300)
+    spec = AttentionSpec.from_acsr(acsr, 1, 4, 128, "float16")
+    func = tiled_funcs(spec, plan_tiles(acsr, knobs).shape, dataclasses.replace(knobs, persistent=3), H100)["tiled"]
+    assert 'T.thread_binding(3, thread="blockIdx.x")' in func.script()
+
+
 def test_tma_knobs_and_masks_it_refuses():
     with pytest.raises(ValueError, match="two-stage wgmma"):
         TiledKnobs(use_tensor_cores=True, tma=True)

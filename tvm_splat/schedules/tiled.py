@@ -22,6 +22,7 @@ Public API: :class:`TiledKnobs`, :func:`default_tiled_knobs`, :func:`tiled_funcs
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import tvm
@@ -66,6 +67,10 @@ class TiledKnobs:
       consumer warpgroups that release stages through mbarriers instead of a CTA-wide barrier
       per block (``setmaxnreg`` gives the consumers the producer's registers; one thread block
       per SM at two consumer warpgroups); needs ``tma`` and ``warps`` 4 or 8.
+    * ``persistent``: 0 (off), or ``P`` > 0 thread blocks of the warp-specialized form's
+      persistent variant, each walking the grid's programs round after round (heads first)
+      with its K/V stages running on across tiles; needs ``warp_specialized``. Not measured on
+      a GPU yet, so neither a default nor in the tuning space.
     """
 
     br: int = 64
@@ -80,9 +85,11 @@ class TiledKnobs:
     wgmma: bool = False
     tma: bool = False
     warp_specialized: bool = False
+    persistent: int = 0
 
     def __post_init__(self):
-        for name in ("br", "bc", "warps", "vector_bytes", "m_tiles", "stages", "row_pad", "split_blocks"):
+        for name in ("br", "bc", "warps", "vector_bytes", "m_tiles", "stages", "row_pad", "split_blocks",
+                     "persistent"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an int, got {value!r}")
@@ -98,6 +105,11 @@ class TiledKnobs:
         if self.warp_specialized and (not self.tma or self.warps not in (4, 8)):
             raise ValueError(f"warp_specialized is a form of the TMA kernel with one or two consumer warpgroups "
                              f"(tma=True, warps 4 or 8), got {self}")
+        if self.persistent < 0:
+            raise ValueError(f"persistent is a number of thread blocks (0: off), got {self.persistent}")
+        if self.persistent and not self.warp_specialized:
+            raise ValueError(f"persistent is a form of the warp-specialized kernel: persistent={self.persistent} "
+                             f"needs warp_specialized=True, got {self}")
         if self.stages not in (1, 2, 4) or (self.stages == 4 and not self.wgmma):
             raise ValueError(f"stages must be 1 or 2 (4: the pipelined wgmma form), got {self.stages}")
         for name in ("br", "bc", "warps", "vector_bytes", "m_tiles"):
@@ -126,10 +138,12 @@ class TiledKnobs:
 def tiled_program_name(knobs: TiledKnobs, mma: bool) -> str:
     """The name of the program ``knobs`` make (one MetaSchedule task of a tuning run, a key
     of a record's ``programs_us``): the plan's tiles, and for the warp-level kernel its warps,
-    m-tiles, stages and Hopper form (``_wg``, ``_wg_tma``, ``_wg_tma_ws``)."""
+    m-tiles, stages and Hopper form (``_wg``, ``_wg_tma``, ``_wg_tma_ws``), and ``_pP`` for the
+    persistent variant of ``P`` thread blocks (the same form: :func:`program_form` drops it)."""
     name = f"tiled_{knobs.br}x{knobs.bc}"
     form = f"_{tiled_form(knobs)}" if knobs.wgmma else ""
-    return name + (f"_w{knobs.warps}_m{knobs.m_tiles}_s{knobs.stages}{form}" if mma else "")
+    persistent = f"_p{knobs.persistent}" if knobs.persistent else ""
+    return name + (f"_w{knobs.warps}_m{knobs.m_tiles}_s{knobs.stages}{form}{persistent}" if mma else "")
 
 
 def tiled_form(knobs: TiledKnobs) -> str:
@@ -141,7 +155,9 @@ def tiled_form(knobs: TiledKnobs) -> str:
 
 
 def program_form(name: str) -> str:
-    """:func:`tiled_form` read back from a program name."""
+    """:func:`tiled_form` read back from a program name (a persistent program's ``_pP`` dropped:
+    it is a variant of its form)."""
+    name = re.sub(r"_p\d+$", "", name)
     return next((form for form in ("wg_tma_ws", "wg_tma", "wg") if name.endswith("_" + form)), "")
 
 
@@ -250,7 +266,8 @@ def tiled_funcs(spec: AttentionSpec, plan_shape: PlanShape, knobs: TiledKnobs = 
         if knobs.wgmma and not supports_wgmma(as_target(target)):
             raise ValueError(f"wgmma needs a Hopper target (sm_90 / sm_90a), got {target_key(as_target(target))}")
         funcs = {"tiled": tiled_mma_func(spec, plan_shape, knobs.warps, knobs.m_tiles, knobs.stages,
-                                         wgmma=knobs.wgmma, tma=knobs.tma, warp_specialized=knobs.warp_specialized)}
+                                         wgmma=knobs.wgmma, tma=knobs.tma, warp_specialized=knobs.warp_specialized,
+                                         persistent=knobs.persistent)}
     else:
         funcs = {"tiled": tiled_func(spec, plan_shape)}
     if plan_shape.num_slots > 0:
