@@ -210,7 +210,8 @@ def test_cuda_wgmma_gqa_and_head_dims(pattern, n, d, stages, kv_heads, dtype, rn
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("kv_heads", [1, 2])
-@pytest.mark.parametrize("form", ["tma", "tma_two_warpgroups", "tma_bc16_split_kv", "tma_ws", "tma_ws_one_group"])
+@pytest.mark.parametrize("form", ["tma", "tma_two_warpgroups", "tma_bc16_split_kv", "tma_ws", "tma_ws_one_group",
+                                  "tma_ws_persistent3", "tma_ws_one_group_persistent5"])
 @pytest.mark.parametrize("pattern,n,d", [("dilated:24:3", 300, 128), ("dilated:17:2", 302, 64),
                                          ("dilated:9:4", 260, 64)])
 def test_cuda_tma_dilated_forms(pattern, n, d, form, kv_heads, dtype, rng):
@@ -242,13 +243,18 @@ def test_cuda_tma_dilated_forms(pattern, n, d, form, kv_heads, dtype, rng):
 
 @pytest.mark.parametrize("form", [dict(stages=1), dict(stages=2), dict(stages=4), dict(stages=2, tma=True),
                                   dict(tma=True, warp_specialized=True),
-                                  dict(br=128, warps=8, bc=128, tma=True, warp_specialized=True)],
-                         ids=["one_stage", "two_stages", "pipelined", "tma", "tma_ws_one_group", "tma_ws"])
+                                  dict(br=128, warps=8, bc=128, tma=True, warp_specialized=True),
+                                  dict(tma=True, warp_specialized=True, persistent=1),
+                                  dict(br=128, warps=8, bc=128, tma=True, warp_specialized=True, persistent=1)],
+                         ids=["one_stage", "two_stages", "pipelined", "tma", "tma_ws_one_group", "tma_ws",
+                              "tma_ws_one_group_persistent1", "tma_ws_persistent1"])
 def test_cuda_wgmma_nan_in_masked_keys_and_values_does_not_leak(form, rng):
     """The NaN test of the other forms, on the wgmma forms (their exact P V path stages P in a
     region of its own: wgmma reads Q from shared memory for the whole tile; the TMA form's
     copies fetch the NaN rows too; the warp-specialized form checks V per consumer warpgroup
-    and runs the exact path by PTX loads and stores, one block behind S)."""
+    and runs the exact path by PTX loads and stores, one block behind S). ``persistent=1``: one
+    thread block walks both heads' tiles, so the second head's blocks (its NaN value, tagged by
+    running block index) follow the first's through the same stages."""
     from tvm_splat import ACSR, sparse_attention
     from tvm_splat.schedules.tiled import TiledKnobs
 
@@ -280,6 +286,11 @@ TMA_FORMS = {
     "tma_ws": dict(br=128, warps=8, bc=128, wgmma=True, tma=True, warp_specialized=True),
     "tma_ws_one_group": dict(bc=128, wgmma=True, tma=True, warp_specialized=True),
     "tma_ws_bc16_split_kv": dict(br=128, warps=8, bc=16, wgmma=True, tma=True, warp_specialized=True, split_blocks=1),
+    # their persistent form: a few thread blocks, each walking several tiles (and heads)
+    "tma_ws_persistent3": dict(br=128, warps=8, bc=128, wgmma=True, tma=True, warp_specialized=True, persistent=3),
+    "tma_ws_one_group_persistent5": dict(bc=128, wgmma=True, tma=True, warp_specialized=True, persistent=5),
+    "tma_ws_bc16_split_kv_persistent2": dict(br=128, warps=8, bc=16, wgmma=True, tma=True, warp_specialized=True,
+                                             split_blocks=1, persistent=2),
 }
 
 
@@ -303,3 +314,33 @@ def test_cuda_tma_forms(pattern, n, d, form, kv_heads, dtype, rng):
     tol = 2e-2 if dtype == "float16" else 4e-2
     np.testing.assert_allclose(out.double().cpu().numpy(), ref, atol=tol, rtol=tol)
 
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("persistent", [1, 4, 200])
+@pytest.mark.parametrize("form", ["tma_ws_persistent3", "tma_ws_one_group_persistent5"])
+def test_cuda_persistent_forms_walk_empty_tiles(form, persistent, dtype, rng):
+    """The persistent forms where some row tiles have no column block (rows 128-255 attend
+    nothing): a thread block walking them resets its state, takes no turn and no stage, and
+    writes zeros; the tiles after them take up the running block count (stages, phases, V tags)
+    where the last non-empty tile left it. One block (all tiles), four, and more blocks than
+    programs (some walk nothing). n = 389, 3 heads on 1 KV head, d = 128 (two consumer
+    warpgroups) or 64 (one)."""
+    import dataclasses
+
+    from tvm_splat import ACSR, sparse_attention
+    from tvm_splat.schedules.tiled import TiledKnobs
+
+    n, d = 389, 128 if form == "tma_ws_persistent3" else 64
+    mask = np.zeros((n, n), dtype=bool)
+    for i in range(n):
+        if not 128 <= i < 256:
+            mask[i, max(0, i - 70):i + 71] = True
+    acsr = ACSR.from_mask(mask)
+    (tq,), (q,) = _cuda([rng.standard_normal((2, 3, n, d))], dtype)
+    (tk, tv), (k, v) = _cuda([rng.standard_normal((2, 1, n, d)) for _ in range(2)], dtype)
+    knobs = dataclasses.replace(TiledKnobs(use_tensor_cores=True, **TMA_FORMS[form]), persistent=persistent)
+    out = sparse_attention(tq, tk, tv, acsr, variant="tiled", knobs=knobs).double().cpu().numpy()
+    ref = masked_attention(q, k, v, mask)
+    assert not out[:, :, 128:256].any()
+    tol = 2e-2 if dtype == "float16" else 4e-2
+    np.testing.assert_allclose(out, ref, atol=tol, rtol=tol)

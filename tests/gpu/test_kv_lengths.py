@@ -120,18 +120,24 @@ def test_cuda_lengths_match_sdpa_with_the_same_boolean_mask(head_dim, rng):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("br,warps,ws", [(64, 4, False), (128, 8, False), (128, 8, True)])
+@pytest.mark.parametrize("br,warps,ws,persistent", [(64, 4, False, 0), (128, 8, False, 0), (128, 8, True, 0),
+                                                    (128, 8, True, 3), (64, 4, True, 5)],
+                         ids=["64-4-False", "128-8-False", "128-8-True", "128-8-True-persistent3",
+                              "64-4-True-persistent5"])
 @pytest.mark.parametrize("pattern", ["block:64", "global:3+causal_window:100", "dilated:40:7"])
-def test_cuda_tma_form_blocks_cross_lengths(pattern, br, warps, ws, dtype, rng):
+def test_cuda_tma_form_blocks_cross_lengths(pattern, br, warps, ws, persistent, dtype, rng):
     """The TMA form does not zero rows past a length: their scores are selected away and every
     block crossing a length checks its V (NaN there); GQA, n = 301, d = 128; a dilated mask's
     blocks (rows 7 apart, 301 = 7 x 43) cross a length at their last row, not at first + bc.
-    ``ws``: the warp-specialized form, whose consumer warpgroups check V apart."""
+    ``ws``: the warp-specialized form, whose consumer warpgroups check V apart; ``persistent``:
+    its persistent form, a few thread blocks each walking tiles of several batches (each tile
+    its batch's length)."""
     from tvm_splat import parse_pattern, sparse_attention
 
     n, lengths = 301, np.array([70, 301, 250, 0])
     (tq, tk, tv), (q, k, v) = _cuda_inputs(rng, 4, 4, 2, n, 128, dtype, lengths)
-    kind, knobs = _knobs("tiled", br=br, warps=warps, wgmma=True, tma=True, warp_specialized=ws)
+    kind, knobs = _knobs("tiled", br=br, warps=warps, wgmma=True, tma=True, warp_specialized=ws,
+                         persistent=persistent)
     out = sparse_attention(tq, tk, tv, pattern, variant=kind, knobs=knobs, kv_lengths=lengths)
     ref = _padded_reference(q, k, v, parse_pattern(pattern).dense_mask(n), lengths)
     got = out.double().cpu().numpy()
