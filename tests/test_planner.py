@@ -192,6 +192,39 @@ def test_a_record_that_never_measured_the_default_program_is_stale(tmp_path, mon
     assert plan(Window(40), shape, None, "float16", None, target=H100).knobs_source == "tuned"
 
 
+def test_a_record_that_beat_the_default_program_by_less_than_the_margin_keeps_the_default(tmp_path, monkeypatch):
+    """A record whose winner measured less than ``TUNED_MIN_GAIN`` faster than the default
+    program is not taken (the tuner times the tiled kernel alone and one program's time moves
+    by 1-2%); one that beat it by more is, and so is one that never measured that program."""
+    monkeypatch.setenv("TVM_SPLAT_TUNING_LOGS", str(tmp_path))
+    import json
+
+    from tvm_splat.records import TUNED_MIN_GAIN, best_knobs_path
+    from tvm_splat.schedules.tiled import tiled_program_name
+
+    shape = (1, 2, 384, 64)
+    untuned = plan(Window(40), shape, None, "float16", None, target=H100)
+    default_name = tiled_program_name(untuned.knobs, True)
+    path = best_knobs_path(untuned.spec, untuned.target)
+    path.parent.mkdir(parents=True)
+    knobs = {"br": 32, "bc": 32, "warps": 2, "use_tensor_cores": True, "stages": 2}
+
+    def planned_with(best_us, default_us):
+        path.write_text(json.dumps({"knobs": knobs, "us": best_us, "programs_us": {
+            "tiled_32x32_w2_m1_s2": best_us, default_name: default_us, "tiled_128x64_w8_m1_s2_wg_tma": 99.0}}))
+        return plan(Window(40), shape, None, "float16", None, target=H100)
+
+    near = planned_with(26.1, 26.3)  # the models suite's global 64 + block 64 + window 32 record
+    assert near.knobs_source == "default" and near.knobs == untuned.knobs
+    edge = planned_with(100.0 * (1 - TUNED_MIN_GAIN) + 0.01, 100.0)
+    assert edge.knobs_source == "default"
+    clear = planned_with(158.6, 184.0)  # causal strided 128, d=128
+    assert clear.knobs_source == "tuned" and (clear.knobs.br, clear.knobs.bc, clear.knobs.tma) == (32, 32, False)
+    path.write_text(json.dumps({"knobs": knobs, "us": 26.1, "programs_us": {  # the default not measured
+        "tiled_32x32_w2_m1_s2": 26.1, "tiled_128x64_w8_m1_s2_wg_tma": 26.3}}))
+    assert plan(Window(40), shape, None, "float16", None, target=H100).knobs_source == "tuned"
+
+
 @pytest.mark.parametrize("shape,d,warp_specialized", [
     ((8, 32, 1024), 128, True),     # 8 x 32 x 8 = 2048 tiles of 128 rows: the rule's threshold
     ((8, 32, 896), 128, False),     # 1792 tiles: the two-block-per-SM TMA form

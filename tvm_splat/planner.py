@@ -49,7 +49,7 @@ from .kernels.tiled_mma import check_tma_step, tma_loads_step
 from .records import tuned_tiled_knobs
 from .schedules.row import RowKnobs
 from .schedules.targets import arch_specific, as_target, is_gpu, target_key
-from .schedules.tiled import TiledKnobs, default_tiled_knobs, tiled_form, uses_mma
+from .schedules.tiled import TiledKnobs, default_tiled_knobs, tiled_form, tiled_program_name, uses_mma
 from .tensors import check_acsr_tables, check_scale, is_aligned, is_torch, to_tvm
 
 __all__ = ["AttentionPlan", "Step", "plan", "choose_knobs", "default_knobs", "choose_variant", "as_acsr"]
@@ -149,7 +149,9 @@ def default_knobs(spec: AttentionSpec, target, acsr: ACSR | None = None, tma: bo
 
 def choose_knobs(spec: AttentionSpec, target, variant: str, knobs=None, acsr: ACSR | None = None):
     """``(knobs, source)`` of a workload, the one place this is decided: the ``knobs`` given
-    (``source="given"``), else the tuning record of the workload (``"tuned"``), else the
+    (``source="given"``), else the tuning record of the workload (``"tuned"``; not a stale one,
+    nor one whose winner beat the default program by less than
+    :data:`~tvm_splat.records.TUNED_MIN_GAIN`: :func:`~tvm_splat.records.tuned_tiled_knobs`), else the
     defaults (``"default"``, :func:`default_knobs` of ``acsr``). Tiled: :class:`TiledKnobs`;
     row variants: :class:`RowKnobs`, or None when the compiler applies a MetaSchedule record or
     the default schedule itself."""
@@ -164,7 +166,8 @@ def choose_knobs(spec: AttentionSpec, target, variant: str, knobs=None, acsr: AC
     # key lengths change a few comparisons, not the work: the record of the same shapes serves;
     # a record whose search measured no program of the default's form is stale (records.py)
     default = default_knobs(spec, target, acsr)
-    tuned = tuned_tiled_knobs(dataclasses.replace(spec, has_kv_len=False), target, default_form=tiled_form(default))
+    tuned = tuned_tiled_knobs(dataclasses.replace(spec, has_kv_len=False), target, default_form=tiled_form(default),
+                              default_program=tiled_program_name(default, uses_mma(spec, default, as_target(target))))
     if tuned is not None:
         return tuned, "tuned"
     return default, "default"

@@ -80,7 +80,19 @@ def best_knobs_path(spec, target, root=None) -> Path:
     return workload_dir("tiled", spec, target, root) / "best.json"
 
 
-def tuned_tiled_knobs(spec, target, root=None, default_form: str | None = None):
+#: how much faster than the default program a record's winner must have measured for the
+#: planner to take it (relative, of the default's time). The tuner times the ``tiled`` kernel
+#: alone: not the split-KV ``split_merge`` nor a multi-component plan's ``merge``, whose cost
+#: changes with the plan (global 64 + block 64 + window 32, n=4096, 12 heads: 16 split slots
+#: of 64 rows in the default's 64x64 plan, 52 of 32 rows in the 32x32 plan that won its
+#: record by 0.8%), while the default rules were measured end to end. And one program's time
+#: moves by 1-2% between measurements (H200, ``h200_models.json``: the ``splat_fused`` and
+#: ``splat_fused_untuned`` rows of one knob set 0.994-1.003x apart; window +-1024 fp16: 1137 us
+#: in the tuner, 1156 us of kernel time in the bench).
+TUNED_MIN_GAIN = 0.02
+
+
+def tuned_tiled_knobs(spec, target, root=None, default_form: str | None = None, default_program: str | None = None):
     """Knobs of the best tuning record of the tiled kernel for this workload, or None.
 
     ``default_form``: the kernel form (:func:`~tvm_splat.schedules.tiled.tiled_form`) the
@@ -91,7 +103,12 @@ def tuned_tiled_knobs(spec, target, root=None, default_form: str | None = None):
     (``benchmarks/results/h200_quick.json``, both rows in one process): of the 9 cases whose
     default is now the TMA form, the records tuned on the H100 before the wgmma/TMA forms
     existed were 1.14-1.49x slower than it on 7 and faster on 2 (window:128 and window:256 at
-    batch 1, 0.78x and 0.94x); the dilated and strided records cover their defaults and stay."""
+    batch 1, 0.78x and 0.94x); the dilated and strided records cover their defaults and stay.
+
+    ``default_program``: the name of the program the workload runs untuned
+    (:func:`~tvm_splat.schedules.tiled.tiled_program_name`). Where the record measured it and
+    its winner was less than :data:`TUNED_MIN_GAIN` faster, None is returned too: a tie within
+    what the tuner cannot see is the default's."""
     path = best_knobs_path(spec, as_target(target), root)
     if not path.exists():
         return None
@@ -101,6 +118,12 @@ def tuned_tiled_knobs(spec, target, root=None, default_form: str | None = None):
             and not any(program_form(name) == default_form for name in measured):
         logger.info("ignoring the tiled knobs of %s: its search measured no program of the default's "
                     "form %r (re-tune to compare them)", path.parent, default_form)
+        return None
+    default_us = (measured or {}).get(default_program)
+    if default_us is not None and record["us"] > default_us * (1 - TUNED_MIN_GAIN):
+        logger.info("keeping the default program %s of %s: the record's winner measured %.1f us against its "
+                    "%.1f us, less than %.0f%% faster", default_program, path.parent, record["us"], default_us,
+                    100 * TUNED_MIN_GAIN)
         return None
     _announce(path.parent, True, "tiled knobs")
     return TiledKnobs.from_dict(record["knobs"])
