@@ -96,6 +96,22 @@ def test_tiled_split_kv_matches_reference(name, pattern, n, chunk, rng):
     _check(acsr, rng, batch=2, heads=3, knobs=knobs)
 
 
+@pytest.mark.parametrize("d,lanes", [(9, 1), (18, 2), (40, 4)])
+def test_merges_combine_runs_of_a_row_at_every_head_dim(d, lanes, rng):
+    """The merge kernels take ``merge_lanes(d)`` consecutive elements of a row an iteration (4
+    where d allows, else 2 or 1): a union of two components with split chunks (split_merge
+    into component states, then merge) at head dims of each run length."""
+    from tvm_splat import plan
+    from tvm_splat.kernels.tiled import merge_lanes
+
+    assert merge_lanes(d) == lanes
+    acsr = ACSR.from_pattern(Strided(8) | GlobalTokens(2), 70)
+    knobs = TiledKnobs(br=16, bc=16, split_blocks=1)
+    planned = plan(acsr, (2, 3, 70, d), dtype="float32", target="llvm", variant="tiled", knobs=knobs)
+    assert {"split_merge", "merge"} <= {s.kernel for s in planned.steps}
+    _check(acsr, rng, batch=2, heads=3, d=d, knobs=knobs)
+
+
 def test_tiled_split_kv_nan_in_masked_keys_does_not_leak(rng):
     """A NaN in a key/value no split chunk's rows attend stays out of every output."""
     acsr = ACSR.from_pattern(Window(3) | GlobalTokens(1), 64)

@@ -275,33 +275,51 @@ def tiled_func(spec: AttentionSpec, plan_shape):
     return without_unused_kv_len(spec, tiled)
 
 
-#: name of the merge kernels' block: one output element (row, d) per iteration
+#: name of the merge kernels' block: one run of ``merge_lanes`` output elements of a row per
+#: iteration
 MERGE_BLOCK = "merge_element"
 
 
-@T.macro
-def merge_states(st, ml, o, vbh, base, count, row, d):
-    """The merge of ``count`` partial states ``ml[vbh, base + i, row, :] = (m, l)`` and
-    ``o[vbh, base + i, row, d]`` for one element ``d`` of the row: ``st[0] = M = max_i m_i``,
-    ``st[1] = sum_i 2^(m_i - M) l_i``, ``st[3] = sum_i 2^(m_i - M) O_i[d]`` (``st[2]`` is
-    scratch); components for :func:`merge_func`, split-KV slots for :func:`split_merge_func`.
+def merge_lanes(head_dim: int) -> int:
+    """Consecutive elements of a row that one iteration of the merge kernels combines: 4 where
+    ``head_dim`` allows (one 16-byte load of each partial ``O``'s float32 values, and the
+    row's ``(M, L)`` and weights computed once for the 4), else 2 or 1.
 
-    One element per GPU thread, each thread of a row recomputing its ``(M, L)`` from the same
-    ``count`` pairs (one broadcast load per warp), so that a warp reads 32 consecutive floats of
-    every partial ``O`` row. Measured on the H200 (forward, fp16, ``h200_forward_ab.json``): the
-    split plan of BigBird-like 64 global + block 64 + ±32, n=4096, batch 4, 12 heads (its
-    global tiles in 16 chunks, the heads-first grid) ran 0.185 ms with the former
-    one-thread-per-row merge (a serial loop over ``d``, a warp's loads 4·D bytes apart) and
-    0.105 ms with this one."""
+    One element an iteration (the form before) reads 4 bytes of each partial ``O`` per thread:
+    on the H200 the merge of causal strided 128 (two components, n=8192, 16 heads, d=128)
+    took ~130 of the case's 313 us (bench kernel time, ``h200_models.json``, against 184 us
+    for its ``tiled`` kernel alone in the tuner), ~1.3 TB/s for the ~170 MB it moves.
+    Four lanes give each thread four times the bytes in flight; not yet measured."""
+    return next(lanes for lanes in (4, 2, 1) if head_dim % lanes == 0)
+
+
+@T.macro
+def merge_states(st, acc, ml, o, vbh, base, count, row, d0, lanes: int):
+    """The merge of ``count`` partial states ``ml[vbh, base + i, row, :] = (m, l)`` and
+    ``o[vbh, base + i, row, d0:d0 + lanes]`` for ``lanes`` elements of the row:
+    ``st[0] = M = max_i m_i``, ``st[1] = L = sum_i 2^(m_i - M) l_i`` (``st[2]`` is scratch),
+    ``acc[e] = sum_i 2^(m_i - M) O_i[d0 + e]``; components for :func:`merge_func`, split-KV
+    slots for :func:`split_merge_func`.
+
+    Consecutive lanes of a warp take consecutive runs of a row (each thread recomputing the
+    row's ``(M, L)`` from the same ``count`` pairs, one broadcast load per warp), so that a
+    warp reads ``32 lanes`` consecutive floats of every partial ``O`` row. Measured on the
+    H200 (forward, fp16, ``h200_forward_ab.json``): the split plan of BigBird-like 64 global +
+    block 64 + ±32, n=4096, batch 4, 12 heads (its global tiles in 16 chunks, the heads-first
+    grid) ran 0.185 ms with the former one-thread-per-row merge (a serial loop over ``d``, a
+    warp's loads 4·D bytes apart) and 0.105 ms with one element a thread
+    (:func:`merge_lanes` says what the lanes are for)."""
     st[0] = T.float32(NEG_INIT)
     st[1] = T.float32(0)
-    st[3] = T.float32(0)
+    for e in T.vectorized(lanes):
+        acc[e] = T.float32(0)
     for c in T.serial(count):
         st[0] = T.max(st[0], ml[vbh, base + c, row, 0])
     for c in T.serial(count):
         st[2] = T.exp2(ml[vbh, base + c, row, 0] - st[0])
         st[1] = st[1] + st[2] * ml[vbh, base + c, row, 1]
-        st[3] = st[3] + st[2] * o[vbh, base + c, row, d]
+        for e in T.vectorized(lanes):
+            acc[e] = acc[e] + st[2] * o[vbh, base + c, row, d0 + e]
 
 
 def split_merge_func(spec: AttentionSpec, plan_shape, with_lse: bool = False):
@@ -312,10 +330,11 @@ def split_merge_func(spec: AttentionSpec, plan_shape, with_lse: bool = False):
     ``with_lse=True`` (training) on a plan of one component: a last parameter ``lse [B, H, N]``
     float32 receives the split rows' log-sum-exp, as :func:`merge_func` writes it (on a plan of
     several, the merge of the components writes it). One iteration of block
-    :data:`MERGE_BLOCK` per output element (see :func:`merge_states`)."""
+    :data:`MERGE_BLOCK` per :func:`merge_lanes` output elements (see :func:`merge_states`)."""
     B, H, N, D, HM, dt = spec.batch, spec.heads, spec.seq_len, spec.head_dim, spec.mask_heads, spec.dtype
     NG, BR, C = max(plan_shape.num_groups, 1), plan_shape.br, plan_shape.num_components
     NS = plan_shape.num_slots
+    L = merge_lanes(D)
     direct = C <= 1
     o_shape, ml_shape = partial_shapes(spec, C)
     so_shape, sml_shape = split_shapes(spec, plan_shape)
@@ -331,26 +350,31 @@ def split_merge_func(spec: AttentionSpec, plan_shape, with_lse: bool = False):
         lse: T.Buffer((B, H, N) if with_lse and direct else (1,), "float32"),
     ):
         T.func_attr({"global_symbol": "split_merge", "tirx.noalias": True})
-        for bh, g, r, d in T.grid(B * H, NG, BR, D):
+        for bh, g, r, dc in T.grid(B * H, NG, BR, D // L):
             with T.sblock(MERGE_BLOCK):
-                vbh, vg, vr, vd = T.axis.remap("SSSS", [bh, g, r, d])
-                T.reads(split_o[vbh, 0:NS, vr, vd], split_ml[vbh, 0:NS, vr, 0:2], splits[0:HM, vg, 0:6])
-                T.writes(out[vbh // H, vbh % H, 0:N, vd], o_part[vbh, 0:C, 0:N, vd], ml_part[vbh, 0:C, 0:N, 0:2])
-                st = T.sblock_alloc_buffer((4,), "float32", scope="local")
+                vbh, vg, vr, vdc = T.axis.remap("SSSS", [bh, g, r, dc])
+                T.reads(split_o[vbh, 0:NS, vr, vdc * L:vdc * L + L], split_ml[vbh, 0:NS, vr, 0:2],
+                        splits[0:HM, vg, 0:6])
+                T.writes(out[vbh // H, vbh % H, 0:N, vdc * L:vdc * L + L], o_part[vbh, 0:C, 0:N, vdc * L:vdc * L + L],
+                         ml_part[vbh, 0:C, 0:N, 0:2])
+                st = T.sblock_alloc_buffer((3,), "float32", scope="local")
+                acc = T.sblock_alloc_buffer((L,), "float32", scope="local")
                 hm: T.let[T.int32] = (vbh % H) % HM
                 row: T.let[T.int32] = splits[hm, vg, 0] + splits[hm, vg, 1] * vr
                 slot_lo: T.let[T.int32] = splits[hm, vg, 4]
                 slot_hi: T.let[T.int32] = splits[hm, vg, 5]
                 if vr < splits[hm, vg, 2]:
-                    merge_states(st, split_ml, split_o, vbh, slot_lo, slot_hi - slot_lo, vr, vd)
+                    merge_states(st, acc, split_ml, split_o, vbh, slot_lo, slot_hi - slot_lo, vr, vdc * L, L)
                     if direct:
-                        out[vbh // H, vbh % H, row, vd] = T.Cast(dt, normalised(st[3], st[1]))
+                        for e in T.vectorized(L):
+                            out[vbh // H, vbh % H, row, vdc * L + e] = T.Cast(dt, normalised(acc[e], st[1]))
                         if with_lse:
-                            if vd == 0:
+                            if vdc == 0:
                                 lse[vbh // H, vbh % H, row] = natural_lse(st[0], st[1])
                     else:
-                        o_part[vbh, splits[hm, vg, 3], row, vd] = st[3]
-                        if vd == 0:
+                        for e in T.vectorized(L):
+                            o_part[vbh, splits[hm, vg, 3], row, vdc * L + e] = acc[e]
+                        if vdc == 0:
                             ml_part[vbh, splits[hm, vg, 3], row, 0] = st[0]
                             ml_part[vbh, splits[hm, vg, 3], row, 1] = st[1]
 
@@ -368,10 +392,11 @@ def merge_func(spec: AttentionSpec, num_components: int, with_lse: bool = False)
     float32 receives each row's natural-log log-sum-exp ``(M + log2 L) ln 2`` (``-inf`` for a
     row that attends to nothing, ``L == 0``; NaN when a score was not finite), the value the
     warp-level forward writes itself on a one-component plan. One iteration of block
-    :data:`MERGE_BLOCK` per output element (see :func:`merge_states`).
+    :data:`MERGE_BLOCK` per :func:`merge_lanes` output elements (see :func:`merge_states`).
     """
     B, H, N, D, HM, dt = spec.batch, spec.heads, spec.seq_len, spec.head_dim, spec.mask_heads, spec.dtype
     C = num_components
+    L = merge_lanes(D)
     o_shape, ml_shape = partial_shapes(spec, C)
 
     @T.prim_func(s_tir=True)
@@ -383,17 +408,19 @@ def merge_func(spec: AttentionSpec, num_components: int, with_lse: bool = False)
         lse: T.Buffer((B, H, N) if with_lse else (1,), "float32"),
     ):
         T.func_attr({"global_symbol": "merge", "tirx.noalias": True})
-        for bh, i, d in T.grid(B * H, N, D):
+        for bh, i, dc in T.grid(B * H, N, D // L):
             with T.sblock(MERGE_BLOCK):
-                vbh, vi, vd = T.axis.remap("SSS", [bh, i, d])
-                T.reads(o_part[vbh, 0:C, vi, vd], ml_part[vbh, 0:C, vi, 0:2], num_comp[0:HM])
-                T.writes(out[vbh // H, vbh % H, vi, vd])
-                st = T.sblock_alloc_buffer((4,), "float32", scope="local")
+                vbh, vi, vdc = T.axis.remap("SSS", [bh, i, dc])
+                T.reads(o_part[vbh, 0:C, vi, vdc * L:vdc * L + L], ml_part[vbh, 0:C, vi, 0:2], num_comp[0:HM])
+                T.writes(out[vbh // H, vbh % H, vi, vdc * L:vdc * L + L])
+                st = T.sblock_alloc_buffer((3,), "float32", scope="local")
+                acc = T.sblock_alloc_buffer((L,), "float32", scope="local")
                 hm: T.let[T.int32] = (vbh % H) % HM
-                merge_states(st, ml_part, o_part, vbh, 0, num_comp[hm], vi, vd)
-                out[vbh // H, vbh % H, vi, vd] = T.Cast(dt, normalised(st[3], st[1]))
+                merge_states(st, acc, ml_part, o_part, vbh, 0, num_comp[hm], vi, vdc * L, L)
+                for e in T.vectorized(L):
+                    out[vbh // H, vbh % H, vi, vdc * L + e] = T.Cast(dt, normalised(acc[e], st[1]))
                 if with_lse:
-                    if vd == 0:
+                    if vdc == 0:
                         lse[vbh // H, vbh % H, vi] = natural_lse(st[0], st[1])
 
     if with_lse:
