@@ -193,14 +193,15 @@ def test_a_record_that_never_measured_the_default_program_is_stale(tmp_path, mon
 
 
 def test_a_record_that_beat_the_default_program_by_less_than_the_margin_keeps_the_default(tmp_path, monkeypatch):
-    """A record whose winner measured less than ``TUNED_MIN_GAIN`` faster than the default
-    program is not taken (the tuner times the tiled kernel alone and one program's time moves
-    by 1-2%); one that beat it by more is, and so is one that never measured that program."""
+    """A record whose winner, another program, measured less than ``TUNED_MIN_GAIN`` faster
+    than the default program is not taken (the tuner times the tiled kernel alone and one
+    program's time moves by 1-2%); one that beat it by more is, one whose winner is the default
+    program itself, and one that never measured that program."""
     monkeypatch.setenv("TVM_SPLAT_TUNING_LOGS", str(tmp_path))
     import json
 
     from tvm_splat.records import TUNED_MIN_GAIN, best_knobs_path
-    from tvm_splat.schedules.tiled import tiled_program_name
+    from tvm_splat.schedules.tiled import TiledKnobs, tiled_program_name
 
     shape = (1, 2, 384, 64)
     untuned = plan(Window(40), shape, None, "float16", None, target=H100)
@@ -220,6 +221,10 @@ def test_a_record_that_beat_the_default_program_by_less_than_the_margin_keeps_th
     assert edge.knobs_source == "default"
     clear = planned_with(158.6, 184.0)  # causal strided 128, d=128
     assert clear.knobs_source == "tuned" and (clear.knobs.br, clear.knobs.bc, clear.knobs.tma) == (32, 32, False)
+    same = dict(knobs, br=64, bc=64, warps=4, wgmma=True, tma=True)  # the default program won
+    assert tiled_program_name(TiledKnobs.from_dict(same), True) == default_name
+    path.write_text(json.dumps({"knobs": same, "us": 26.3, "programs_us": {default_name: 26.3, "tiled_32x32_w2_m1_s2": 26.4}}))
+    assert plan(Window(40), shape, None, "float16", None, target=H100).knobs_source == "tuned"
     path.write_text(json.dumps({"knobs": knobs, "us": 26.1, "programs_us": {  # the default not measured
         "tiled_32x32_w2_m1_s2": 26.1, "tiled_128x64_w8_m1_s2_wg_tma": 26.3}}))
     assert plan(Window(40), shape, None, "float16", None, target=H100).knobs_source == "tuned"

@@ -20,7 +20,7 @@ from pathlib import Path
 import tvm
 
 from .schedules.targets import as_target, target_name
-from .schedules.tiled import TiledKnobs, program_form
+from .schedules.tiled import TiledKnobs, program_form, tiled_program_name, uses_mma
 
 logger = logging.getLogger("tvm_splat.tuning")
 _ANNOUNCED: set = set()  # (path, hit/miss) already logged once
@@ -107,8 +107,9 @@ def tuned_tiled_knobs(spec, target, root=None, default_form: str | None = None, 
 
     ``default_program``: the name of the program the workload runs untuned
     (:func:`~tvm_splat.schedules.tiled.tiled_program_name`). Where the record measured it and
-    its winner was less than :data:`TUNED_MIN_GAIN` faster, None is returned too: a tie within
-    what the tuner cannot see is the default's."""
+    its winner, another program, was less than :data:`TUNED_MIN_GAIN` faster, None is returned
+    too: a tie within what the tuner cannot see is the default's. A winner that is the default
+    program itself (its best schedule knobs) is taken."""
     path = best_knobs_path(spec, as_target(target), root)
     if not path.exists():
         return None
@@ -119,14 +120,16 @@ def tuned_tiled_knobs(spec, target, root=None, default_form: str | None = None, 
         logger.info("ignoring the tiled knobs of %s: its search measured no program of the default's "
                     "form %r (re-tune to compare them)", path.parent, default_form)
         return None
+    knobs = TiledKnobs.from_dict(record["knobs"])
     default_us = (measured or {}).get(default_program)
-    if default_us is not None and record["us"] > default_us * (1 - TUNED_MIN_GAIN):
+    winner = tiled_program_name(knobs, uses_mma(spec, knobs, as_target(target)))
+    if default_us is not None and winner != default_program and record["us"] > default_us * (1 - TUNED_MIN_GAIN):
         logger.info("keeping the default program %s of %s: the record's winner measured %.1f us against its "
                     "%.1f us, less than %.0f%% faster", default_program, path.parent, record["us"], default_us,
                     100 * TUNED_MIN_GAIN)
         return None
     _announce(path.parent, True, "tiled knobs")
-    return TiledKnobs.from_dict(record["knobs"])
+    return knobs
 
 
 def record_mark(paths) -> str:
