@@ -33,7 +33,8 @@ CASES = [("global:4+window:256", 1, 12, 12, 4096, 64), ("global:4+window:256", 4
          ("causal_window:4095", 1, 32, 8, 8192, 128), ("window:1024", 1, 16, 16, 32768, 128),
          ("dilated:256:2", 1, 12, 12, 8192, 64), ("causal_strided:128", 1, 12, 12, 8192, 64),
          ("dilated:512:4", 1, 8, 8, 8192, 128),  # the cp.async wgmma form (non-unit steps at d=128)
-         ("dilated:256:2", 1, 12, 12, 4096, 64), ("dilated:128:4", 1, 12, 12, 4096, 64)]  # the quick suite's
+         ("dilated:256:2", 1, 12, 12, 4096, 64), ("dilated:128:4", 1, 12, 12, 4096, 64),  # the quick suite's
+         ("causal_strided:128", 1, 16, 16, 8192, 128)]  # a union's merge at d=128 (its tuned 32x32 tiles)
 
 
 def run_case(pattern, b, h, kvh, n, d, label, variants=({},), dtype="float16"):

@@ -336,13 +336,14 @@ def test_tma_knobs_and_masks_it_refuses():
         tiled_funcs(AttentionSpec.from_acsr(acsr, 1, 2, 32, "float16"), plan_tiles(acsr, knobs).shape, knobs, H100)
 
 
-def test_tensor_core_grid_runs_heads_first_and_its_merges_four_elements_a_thread():
+def test_tensor_core_grid_runs_heads_first_and_its_merges_vector_widths():
     """The tensor-core forward's grid is (batch x heads, tiles): ``blockIdx.x``, dispatched
     first, picks the head, ``blockIdx.y`` the tile, so every head's longest tile (the plan's
-    first) starts in the first wave. Its split-KV merge reads the partial outputs four elements
-    a thread (``merge_lanes``: one 16-byte load of each chunk's floats, one 8-byte store;
-    consecutive threads, consecutive runs of ``d``). A plan with more tiles per head than
-    CUDA's ``gridDim.y`` limit is refused by name."""
+    first) starts in the first wave. Its split-KV merge reads the partial outputs one element
+    a thread (``SPLIT_MERGE_LANES``: ``d`` the fastest index, consecutive threads, consecutive
+    floats); a union's merge four (``merge_lanes``: one 16-byte load of each component's
+    floats, one 8-byte store; consecutive threads, consecutive runs of ``d``). A plan with
+    more tiles per head than CUDA's ``gridDim.y`` limit is refused by name."""
     from tvm_splat.kernels.common import GRID_Y_MAX, tile_grid_rows
 
     knobs = TiledKnobs(use_tensor_cores=True, wgmma=True, split_blocks=2)
@@ -351,9 +352,15 @@ def test_tensor_core_grid_runs_heads_first_and_its_merges_four_elements_a_thread
     body, merge = _definition(src, "tiled_kernel"), _definition(src, "split_merge_kernel")
     assert "tiles_ptr[(((int)blockIdx.y) * 7)]" in body  # row0 of tile blockIdx.y
     assert "(((int)blockIdx.x) * 32768)" in body  # out's (batch x head) offset, n * d = 512 * 64
-    assert "for (int d" not in merge  # no loop over d in a thread: its 4 elements are one vector
-    assert "= *(float4*)(split_o_ptr + " in merge  # 4 floats of a chunk's partial O at once
-    assert "((((int)threadIdx.x) & 15) * 4))) = " in merge  # out[..., d:d + 4], d = 4 (threadIdx.x % 16)
+    assert "for (int d" not in merge  # no loop over d in a thread: d is the thread's own
+    assert "(((int)threadIdx.x) & 63))] = ((half)" in merge  # out[..., d], d = threadIdx.x % 64
+    assert "float4" not in merge
+    src, plan = _cuda_source(Strided(128, causal=True), 1024, TiledKnobs(use_tensor_cores=True), heads=3)
+    assert plan.shape.num_components == 2
+    merge = _definition(src, "merge_kernel")
+    assert "for (int d" not in merge  # its 4 elements are one vector
+    assert "= *(float4*)(o_part_ptr + " in merge  # 4 floats of a component's partial O at once
+    assert "(((int)threadIdx.x) * 4))) = " in merge  # out's elements 4 t .. 4 t + 3 (rows of d = 64 contiguous)
     assert "*(half4*)(out_ptr + " in merge
     assert tile_grid_rows(GRID_Y_MAX, "tiled") == GRID_Y_MAX
     with pytest.raises(ValueError, match=r"tiled: 65536 row tiles per head exceed CUDA's grid limit"):

@@ -289,8 +289,20 @@ def merge_lanes(head_dim: int) -> int:
     on the H200 the merge of causal strided 128 (two components, n=8192, 16 heads, d=128)
     took ~130 of the case's 313 us (bench kernel time, ``h200_models.json``, against 184 us
     for its ``tiled`` kernel alone in the tuner), ~1.3 TB/s for the ~170 MB it moves.
-    Four lanes give each thread four times the bytes in flight; not yet measured."""
+    Four lanes give each thread four times the bytes in flight: measured on the H200 (fp16,
+    50 back-to-back calls, two runs of each tree alternating in one lease,
+    ``h200_forward_ab.json`` run ``twenty_second_merge_lanes``) causal strided 128, n=8192,
+    d=128, 16 heads 0.291 -> 0.212 ms, d=64, 12 heads 0.119 -> 0.090 ms. The split-KV merge
+    keeps one element an iteration (:data:`SPLIT_MERGE_LANES`)."""
     return next(lanes for lanes in (4, 2, 1) if head_dim % lanes == 0)
+
+
+#: elements of a row one iteration of :func:`split_merge_func` combines. Its rows are few (the
+#: split tiles' rows only) and each reads all its slots, so the kernel wants threads more than
+#: bytes per thread: with 4 lanes (:func:`merge_lanes`) the two split-KV cases of the same
+#: A/B as :func:`merge_lanes` ran slower, global 64 + block 64 + window 32, n=4096, batch 4,
+#: 12 heads, d=64 0.1016 -> 0.1035 ms, global 4 + window 256 batch 4 0.1606 -> 0.1616 ms.
+SPLIT_MERGE_LANES = 1
 
 
 @T.macro
@@ -330,11 +342,11 @@ def split_merge_func(spec: AttentionSpec, plan_shape, with_lse: bool = False):
     ``with_lse=True`` (training) on a plan of one component: a last parameter ``lse [B, H, N]``
     float32 receives the split rows' log-sum-exp, as :func:`merge_func` writes it (on a plan of
     several, the merge of the components writes it). One iteration of block
-    :data:`MERGE_BLOCK` per :func:`merge_lanes` output elements (see :func:`merge_states`)."""
+    :data:`MERGE_BLOCK` per :data:`SPLIT_MERGE_LANES` output elements (see :func:`merge_states`)."""
     B, H, N, D, HM, dt = spec.batch, spec.heads, spec.seq_len, spec.head_dim, spec.mask_heads, spec.dtype
     NG, BR, C = max(plan_shape.num_groups, 1), plan_shape.br, plan_shape.num_components
     NS = plan_shape.num_slots
-    L = merge_lanes(D)
+    L = SPLIT_MERGE_LANES
     direct = C <= 1
     o_shape, ml_shape = partial_shapes(spec, C)
     so_shape, sml_shape = split_shapes(spec, plan_shape)
