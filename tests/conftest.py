@@ -44,3 +44,15 @@ def cuda_available() -> bool:
         return bool(tvm.cuda(0).exist)
     except Exception:
         return False
+
+
+@pytest.fixture
+def warp_specialized_spill_bytes():
+    """``bytes(head_dim, warps)``: the spill (bytes stored + loaded) ptxas reports for the
+    warp-specialized forward built as TVM builds it (``compile.runtime_ptxas_options``:
+    ``--register-usage-level=10``): at two consumer warpgroups (d=128, 8 warps) one register
+    is kept on the stack, 4 bytes stored at the kernel's start and 12 loaded in the tile's
+    epilogue, outside the block loop (its SASS, ``cuobjdump -sass``); none at one group. A
+    larger spill fails the checks."""
+    return lambda head_dim, warps: 16 if warps == 8 else 0
+

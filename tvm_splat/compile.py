@@ -149,15 +149,35 @@ def nvcc_compile(source: str, target="nvidia/nvidia-h100") -> bytes:
         return bytes(compile_cuda(source, target_format="fatbin", arch=gencode, compiler="nvcc"))
 
 
+def runtime_ptxas_options() -> list[str]:
+    """The nvcc options with which TVM itself builds CUDA kernels (``tvm.support.nvcc``, by NVRTC
+    or nvcc) that change the machine code: ``-O3 --use_fast_math`` and its ptxas options, among
+    them ``--register-usage-level`` (``TVM_CUDA_PTXAS_REG_LEVEL``, default 10).
+
+    Checks of registers and spills must compile with them: the warp-specialized window kernel
+    (d=128, fp16) compiled with ptxas's own defaults uses 168 registers without spilling, with
+    TVM's level 10 it keeps one register on the stack (4 bytes stored, 12 loaded, in the tile's
+    epilogue), and ``ncu`` on the H200 counted those local-memory accesses in the kernel TVM
+    built there."""
+    from tvm.support import nvcc
+
+    # the flags TVM passes are a private helper of its nvcc module; without it (another TVM),
+    # ptxas's verbose report alone
+    flags = nvcc._ptxas_option_flags() if hasattr(nvcc, "_ptxas_option_flags") else ["-v"]
+    return ["-O3", "--use_fast_math", f"--ptxas-options={','.join(dict.fromkeys(['-v', *flags]))}"]
+
+
 def ptxas_report(source: str, target="nvidia/nvidia-h100") -> str:
     """What ptxas says (``-v``) compiling CUDA ``source`` with the local ``nvcc`` for the target's
-    architecture: per entry function its registers and spills, and its remarks (e.g. C7515,
-    wgmma instructions serialized)."""
+    architecture and the options TVM's own builds use (:func:`runtime_ptxas_options`): per entry
+    function its registers and spills, and its remarks (e.g. C7515, wgmma instructions
+    serialized)."""
     arch = str(as_target(target).attrs["arch"])
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "k.cu").write_text(source)
-        run = subprocess.run(["nvcc", f"-arch={arch}", "-cubin", "-Xptxas", "-v", "-o", str(Path(tmp, "k.cubin")),
-                              str(Path(tmp, "k.cu"))], capture_output=True, text=True, check=True)
+        run = subprocess.run(["nvcc", f"-arch={arch}", "-cubin", *runtime_ptxas_options(), "-o",
+                              str(Path(tmp, "k.cubin")), str(Path(tmp, "k.cu"))],
+                             capture_output=True, text=True, check=True)
     return run.stderr
 
 
