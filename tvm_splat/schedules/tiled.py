@@ -33,7 +33,7 @@ import dataclasses
 from ..formats.tile_plan import PlanShape
 from ..kernels.spec import AttentionSpec
 from ..kernels.tiled import MERGE_BLOCK, TILE_BLOCK, fallback_func, merge_func, split_merge_func, tiled_func
-from ..kernels.tiled_mma import MMA_TYPES, tiled_mma_func
+from ..kernels.tiled_mma import MMA_TYPES, check_persistent, tiled_mma_func
 from .targets import as_target, is_gpu, supports_wgmma, target_key
 
 __all__ = ["TiledKnobs", "default_tiled_knobs", "TWO_STAGE_MIN_TILES", "WGMMA_MIN_HEAD_DIM", "TMA_HEAD_DIM_MULTIPLE",
@@ -107,11 +107,7 @@ class TiledKnobs:
         if self.warp_specialized and (not self.tma or self.warps not in (4, 8)):
             raise ValueError(f"warp_specialized is a form of the TMA kernel with one or two consumer warpgroups "
                              f"(tma=True, warps 4 or 8), got {self}")
-        if self.persistent < 0:
-            raise ValueError(f"persistent is a number of thread blocks (0: off), got {self.persistent}")
-        if self.persistent and not self.warp_specialized:
-            raise ValueError(f"persistent is a form of the warp-specialized kernel: persistent={self.persistent} "
-                             f"needs warp_specialized=True, got {self}")
+        check_persistent(self.persistent, self.warp_specialized)
         if self.stages not in (1, 2, 4) or (self.stages == 4 and not self.wgmma):
             raise ValueError(f"stages must be 1 or 2 (4: the pipelined wgmma form), got {self.stages}")
         for name in ("br", "bc", "warps", "vector_bytes", "m_tiles"):
