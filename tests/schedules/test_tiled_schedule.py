@@ -2,6 +2,7 @@
 (numerics are checked on CPU in tests/kernels/test_tiled.py; GPU runs happen elsewhere)."""
 
 import dataclasses
+import re
 
 import pytest
 import tvm
@@ -275,6 +276,11 @@ def test_warp_specialized_form_compiles_with_roles_and_no_cta_barrier_in_the_loo
     assert body.count("__syncthreads()") == 1 and body.index("__syncthreads()") < body.index("setmaxnreg")
     assert "mbarrier.arrive.shared.b64" in src and "cp.async.bulk.tensor.4d" in src
     assert ("bar.arrive" in src) == (warps == 8)
+    # Q's descriptor: with two consumer warpgroups, from lane 0's warpgroup index (a shuffle),
+    # which ptxas keeps in uniform registers; with one, at the start of shared memory
+    q_desc = re.findall(r"ptx_wgmma_encode_matrix_descriptor\(\(&\(desc_ptr\[0\]\)\), \(&\(\w+\[(.*?)\]\)\)", body)
+    shuffled = "(__shfl_sync((uint)4294967295, (((int)threadIdx.y) >> 2), 0, 32) * "
+    assert q_desc and all(x.startswith(shuffled) if warps == 8 else x == "0" for x in q_desc), q_desc
     assert wgmma_serialized(src, H100) == []
     registers, spills = ptxas_usage(src, "tiled_kernel", H100)
     assert spills == warp_specialized_spill_bytes(d, warps) and registers <= 65536 // (threads * blocks)
