@@ -275,6 +275,20 @@ def test_the_tensor_core_host_path_hands_each_kernel_its_own_parameters(mask, q_
     assert any(isinstance(a, torch.Tensor) and a.shape == q.shape[:3] and bool((a == 1).all()) for a in given)
 
 
+def test_the_training_forward_takes_lazy_rescale_from_its_knobs():
+    """``lazy_rescale`` on the forward's knobs reaches the training forward (``fwd_lse``: the
+    warp vote before O's rescale), and the default leaves it out."""
+    import dataclasses
+
+    from tvm_splat.schedules.backward_mma import backward_mma_funcs
+
+    plan = plan_training("causal_window:64", (1, 2, 256, 128), None, "float16", "cuda", target="nvidia/nvidia-h100")
+    shapes = [p.shape for p in plan.tile_plans]
+    lazy = dataclasses.replace(plan.mma_knobs, forward=dataclasses.replace(plan.mma_knobs.forward, lazy_rescale=True))
+    assert "any_sync" not in backward_mma_funcs(plan.spec, plan.mma_knobs, shapes)["fwd_lse"].script()
+    assert "T.cuda.any_sync" in backward_mma_funcs(plan.spec, lazy, shapes)["fwd_lse"].script()
+
+
 def test_the_lse_gradient_defaults_to_zeros():
     """``backward`` without ``dlse`` reads the plan's zeros: the same gradients as given zeros."""
     plan = plan_training("global:1+window:3", (1, 2, 17, 8), (1, 1, 17, 8), "float32")

@@ -228,6 +228,32 @@ def test_training_forward_tma_form_on_dilated_blocks(dtype, d):
     _check_against_float64(plan, q, k, v, dout, dtype)
 
 
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name,mask,heads,kv_heads,n", [TC_CASES[2], TC_CASES[5], TC_CASES[6]],
+                         ids=[TC_CASES[i][0] for i in (2, 5, 6)])
+def test_training_forward_lazy_rescale(name, mask, heads, kv_heads, n, dtype, d):
+    """The training forward with ``lazy_rescale`` (the running max moves only by more than
+    RESCALE_THRESHOLD), the rest of the default plan unchanged: its lse (kept max plus log2 of
+    sums taken against it) drives the backward, so out, dq, dk, dv are checked against float64
+    at the default-knob test's tolerance; empty rows keep lse -inf and dq 0."""
+    import dataclasses
+
+    from tvm_splat.training import plan_training
+
+    shapes = ((2, heads, n, d), (2, kv_heads, n, d), str(dtype).replace("torch.", ""), "cuda")
+    plan = plan_training(mask, *shapes)
+    forward = dataclasses.replace(plan.mma_knobs.forward, lazy_rescale=True)
+    plan = plan_training(mask, *shapes, mma_knobs=dataclasses.replace(plan.mma_knobs, forward=forward))
+    assert plan.kernels == "tensor-cores" and plan.mma_knobs.forward.lazy_rescale, repr(plan)
+    q, k, v, dout = _inputs(2, heads, kv_heads, n, d, dtype, seed=n + 1)
+    dense, lse, (dq, dk, dv) = _check_against_float64(plan, q, k, v, dout, dtype)
+    empty = ~np.broadcast_to(dense, (heads, n, n)).any(-1)
+    lse_cpu = lse.cpu().numpy()
+    assert np.isneginf(lse_cpu[:, empty]).all() and np.isfinite(lse_cpu[:, ~empty]).all()
+    assert (dq.cpu()[:, torch.from_numpy(empty)] == 0).all()
+
+
 @pytest.mark.parametrize("stages", [2, 3], ids=["two stages", "overlapped"])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

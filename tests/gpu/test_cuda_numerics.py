@@ -245,9 +245,10 @@ def test_cuda_tma_dilated_forms(pattern, n, d, form, kv_heads, dtype, rng):
                                   dict(tma=True, warp_specialized=True),
                                   dict(br=128, warps=8, bc=128, tma=True, warp_specialized=True),
                                   dict(tma=True, warp_specialized=True, persistent=1),
-                                  dict(br=128, warps=8, bc=128, tma=True, warp_specialized=True, persistent=1)],
+                                  dict(br=128, warps=8, bc=128, tma=True, warp_specialized=True, persistent=1),
+                                  dict(br=128, warps=8, bc=128, tma=True, warp_specialized=True, lazy_rescale=True)],
                          ids=["one_stage", "two_stages", "pipelined", "tma", "tma_ws_one_group", "tma_ws",
-                              "tma_ws_one_group_persistent1", "tma_ws_persistent1"])
+                              "tma_ws_one_group_persistent1", "tma_ws_persistent1", "tma_ws_lazy_rescale"])
 def test_cuda_wgmma_nan_in_masked_keys_and_values_does_not_leak(form, rng):
     """The NaN test of the other forms, on the wgmma forms (their exact P V path stages P in a
     region of its own: wgmma reads Q from shared memory for the whole tile; the TMA form's
@@ -276,6 +277,46 @@ def test_cuda_wgmma_nan_in_masked_keys_and_values_does_not_leak(form, rng):
     np.testing.assert_allclose(out[ok], ref[ok], atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("form", [dict(stages=2), dict(wgmma=True, stages=2), dict(br=128, warps=8, wgmma=True),
+                                  dict(wgmma=True, tma=True),
+                                  dict(br=128, warps=8, bc=128, wgmma=True, tma=True, warp_specialized=True),
+                                  dict(bc=128, wgmma=True, tma=True, warp_specialized=True, split_blocks=1)],
+                         ids=["mma", "wgmma", "wgmma_two_warpgroups", "tma", "tma_ws", "tma_ws_one_group_split_kv"])
+def test_cuda_lazy_rescale_rows_whose_max_moves_by_small_and_large_steps(form, dtype, rng):
+    """``lazy_rescale``: the running max moves only when a block raises it by more than
+    RESCALE_THRESHOLD (2^8), so a row's probabilities are taken against a max up to 8 (log2)
+    below the true one and O is rescaled only in a warp where a row moved. Keys whose scores
+    climb along the sequence (log2 units: a ramp of 0.1 a key, 6.4 a 64-key block, plus a wave
+    of +-6) make every row's max move through both cases block after block: raises that keep
+    the old max, and raises past the threshold; head 1 walks the ramp downwards (the max
+    settles in the first block), head 2 has plain random scores. float64 reference, window and
+    global rows, odd n, split-KV in one form; the knob off and on agree within rounding."""
+    import dataclasses
+
+    from tvm_splat import parse_pattern, sparse_attention
+    from tvm_splat.schedules.tiled import TiledKnobs
+
+    n, d, pattern = 777, 64 if "warps" not in form else 128, "global:2+window:200"
+    j = np.arange(n)
+    ramp = (0.1 * j + 6.0 * np.sin(j / 15.0)) * np.log(2)  # the scores (natural units) of heads 0 and 1
+    q = rng.standard_normal((1, 3, n, d)) * 0.1
+    k = rng.standard_normal((1, 3, n, d)) * 0.1
+    v = rng.standard_normal((1, 3, n, d))
+    q[:, :2, :, 0] = np.sqrt(d)  # times the softmax scale 1 / sqrt(d): the score is k[..., 0]
+    k[:, 0, :, 0], k[:, 1, :, 0] = ramp, ramp[::-1]
+    k[:, 2] = rng.standard_normal((n, d))
+    q[:, 2] = rng.standard_normal((n, d))
+    (tq, tk, tv), (q64, k64, v64) = _cuda([q, k, v], dtype)
+    knobs = TiledKnobs(use_tensor_cores=True, lazy_rescale=True, **form)
+    out = sparse_attention(tq, tk, tv, pattern, variant="tiled", knobs=knobs)
+    exact = sparse_attention(tq, tk, tv, pattern, variant="tiled", knobs=dataclasses.replace(knobs, lazy_rescale=False))
+    ref = masked_attention(q64, k64, v64, parse_pattern(pattern).dense_mask(n))
+    tol = 2e-2 if dtype == "float16" else 4e-2
+    np.testing.assert_allclose(out.double().cpu().numpy(), ref, atol=tol, rtol=tol)
+    np.testing.assert_allclose(out.double().cpu().numpy(), exact.double().cpu().numpy(), atol=tol / 2, rtol=tol / 2)
+
+
 #: TMA forms (K/V by cp.async.bulk.tensor into 128-byte-swizzled stages; two-stage wgmma)
 TMA_FORMS = {
     "tma": dict(wgmma=True, tma=True),
@@ -291,6 +332,10 @@ TMA_FORMS = {
     "tma_ws_one_group_persistent5": dict(bc=128, wgmma=True, tma=True, warp_specialized=True, persistent=5),
     "tma_ws_bc16_split_kv_persistent2": dict(br=128, warps=8, bc=16, wgmma=True, tma=True, warp_specialized=True,
                                              split_blocks=1, persistent=2),
+    # lazy rescaling: the running max moves only by more than RESCALE_THRESHOLD
+    "tma_lazy_rescale": dict(wgmma=True, tma=True, lazy_rescale=True),
+    "tma_ws_lazy_rescale": dict(br=128, warps=8, bc=128, wgmma=True, tma=True, warp_specialized=True,
+                                lazy_rescale=True),
 }
 
 

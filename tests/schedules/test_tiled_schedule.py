@@ -324,6 +324,43 @@ def test_persistent_knob_refusals_name_and_kernel():
     assert 'T.thread_binding(3, thread="blockIdx.x")' in func.script()
 
 
+@pytest.mark.parametrize("form,d", [(dict(), 64), (dict(wgmma=True), 64),
+                                    (dict(br=128, bc=128, warps=8, wgmma=True, tma=True, warp_specialized=True), 128)],
+                         ids=["mma", "wgmma", "tma_ws"])
+def test_lazy_rescale_knob_name_and_kernel(form, d):
+    """``lazy_rescale`` (the running max moves only by more than RESCALE_THRESHOLD; O rescaled
+    only in a warp where a row moved it): a variant of the warp-level kernel, refused without
+    tensor cores; its program name adds ``_lr`` and reads back as the same form. In the kernel:
+    the max kept unless a block raises it by more than the threshold, and O's multiplies behind
+    one warp vote (``__any_sync``) that the knob's absence leaves out; nvcc compiles it, ptxas
+    spills no more than without it and does not serialize the wgmma."""
+    from tvm_splat.compile import nvcc_compile, wgmma_serialized
+    from tvm_splat.kernels.tiled_mma import RESCALE_THRESHOLD
+
+    with pytest.raises(ValueError, match="warp-level kernel"):
+        TiledKnobs(lazy_rescale=True)
+    with pytest.raises(ValueError, match="lazy_rescale must be a bool"):
+        TiledKnobs(use_tensor_cores=True, lazy_rescale=1)
+    exact = TiledKnobs(use_tensor_cores=True, **form)
+    knobs = dataclasses.replace(exact, lazy_rescale=True)
+    assert not exact.lazy_rescale and not TiledKnobs().lazy_rescale
+    name = tiled_program_name(knobs, True)
+    assert name == tiled_program_name(exact, True) + "_lr" and program_form(name) == tiled_form(exact)
+    if exact.warp_specialized:
+        persistent = tiled_program_name(dataclasses.replace(knobs, persistent=3), True)
+        assert persistent.endswith("_wg_tma_ws_p3_lr") and program_form(persistent) == "wg_tma_ws"
+    assert TiledKnobs.from_dict(dataclasses.asdict(knobs)) == knobs
+    src, _ = _cuda_source(Window(300), 2048, knobs, heads=4, d=d)
+    src_exact, _ = _cuda_source(Window(300), 2048, exact, heads=4, d=d)
+    body, body_exact = _definition(src, "tiled_kernel"), _definition(src_exact, "tiled_kernel")
+    assert "any_sync(" not in body_exact and "any_sync((uint)4294967295, ((al_ptr[0] != " in body
+    kept = re.compile(r"\(ms_ptr\[0\] \+ \w+\.?\w*\+?\w*f" + re.escape(f"/*{RESCALE_THRESHOLD:e}*/) < mb_ptr[0]"))
+    assert kept.search(body) and not kept.search(body_exact)
+    assert wgmma_serialized(src, H100) == []
+    assert ptxas_usage(src, "tiled_kernel", H100)[1] == ptxas_usage(src_exact, "tiled_kernel", H100)[1]
+    assert nvcc_compile(src, H100)
+
+
 def test_tma_knobs_and_masks_it_refuses():
     with pytest.raises(ValueError, match="two-stage wgmma"):
         TiledKnobs(use_tensor_cores=True, tma=True)

@@ -66,6 +66,13 @@ WGMMA_PAIR_TYPES = {"float16": "float16x2", "bfloat16": "bfloat16x2"}
 #: ``cvt`` to two rounded 16-bit values in one 32-bit register, per input dtype
 PACKED_CVT = {"float16": "f16x2", "bfloat16": "bf16x2"}
 
+#: ``lazy_rescale``: a row's running max moves only when a block raises it by more than this
+#: (log2 units, the exponent's), so its probabilities stay at most ``2 ** 8 = 256``: far inside
+#: float16's range (65504), with the same relative rounding as below 1, and the float32 row sums
+#: and O accumulators gain 8 bits of magnitude out of 127. FlashAttention-4 rescales on the
+#: same condition with the same bound
+RESCALE_THRESHOLD = 8.0
+
 
 def convert_pair(words, index, lo, hi, dtype: str):
     """``words[index]`` (a uint32 view of a ``dtype`` buffer, float16 or bfloat16) = float32
@@ -311,7 +318,7 @@ def check_tma_step(step: int, n: int, which: str, knob: str) -> None:
 
 def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int = 1, stages: int = 2,
                    wgmma: bool = False, tma: bool = False, with_lse: bool = False, warp_specialized: bool = False,
-                   persistent: int = 0):
+                   persistent: int = 0, lazy_rescale: bool = False):
     """The warp-level tiled kernel for ``spec`` and a plan of shape ``plan_shape``
     (``plan_shape.br == 16 * warps * m_tiles``); signature of
     :func:`~tvm_splat.kernels.tiled.tiled_func`.
@@ -376,6 +383,19 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     tiles of unequal length worse than the GPU's own dispatch of a grid's thread blocks. So it
     is an opt-in knob, neither a default nor in the tuning space; 110 GPU ids pass
     (``tests/gpu -k persistent``).
+
+    ``lazy_rescale=True`` (any form): a row's running max is raised only when a block's max
+    exceeds it by more than :data:`RESCALE_THRESHOLD` (else the block's probabilities are
+    taken against the old max, at most ``2 ** RESCALE_THRESHOLD``), and a warp multiplies its O
+    accumulators by the rescale factors only when one of its rows moved its max (a warp vote,
+    one branch uniform over the warp). The row sums and O stay in the same units, so the
+    output, the log-sum-exp and the split-KV states are those of the exact running max up to
+    rounding. Once a row's max has settled (after its first blocks, on typical scores) a block
+    skips the ``MT * DT * 4`` multiplies of O: SASS of window +-1024 d=128, warp-specialized
+    (fp16 and bf16, by cuobjdump), 511 instructions a thread a FULL block without the knob; with
+    it 458 where the warp keeps its maxima and 522 where a row moves one (the vote, the selects).
+    Not yet measured on a GPU: an opt-in knob, neither a default nor in the tuning space, until
+    an A/B says it pays.
 
     ``with_lse=True`` (training, :mod:`tvm_splat.kernels.backward_mma`): on a plan of one
     component, a last parameter ``lse [B, H, N]`` float32 receives the natural-log log-sum-exp
@@ -684,17 +704,35 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
             mb[i] = T.max(mb[i], T.tvm_warp_shuffle_xor(full_mask, mb[i], 1, 32, 32))
             mb[i] = T.max(mb[i], T.tvm_warp_shuffle_xor(full_mask, mb[i], 2, 32, 32))
             mb[i] = T.max(ms[i], scaled_max(mb[i]))  # the new running max
+            if lazy_rescale:  # kept unless raised by more than RESCALE_THRESHOLD (al exactly 1 then)
+                mb[i] = T.Select(mb[i] > ms[i] + T.float32(RESCALE_THRESHOLD), mb[i], ms[i])
             al[i] = T.exp2(ms[i] - mb[i])
             ms[i] = mb[i]
             ls[i] = ls[i] * al[i]
 
     @T.macro
-    def rescale_o(oacc, al):
+    def multiply_o(oacc, al):
         # O of each row times its rescale factor
         for mt in T.unroll(MT):
             for dtl in T.unroll(DT):
                 for i in T.unroll(4):
                     oacc[(mt * DT + dtl) * 4 + i] = oacc[(mt * DT + dtl) * 4 + i] * al[mt * 2 + i // 2]
+
+    def any_row_moved(al):  # lazy_rescale: whether a row of the thread's warp moved its max
+        moved = al[0] != T.float32(1)
+        for i in range(1, RS):
+            moved = T.Or(moved, al[i] != T.float32(1))
+        return T.cuda.any_sync(full_mask, moved) != 0
+
+    @T.macro
+    def rescale_o(oacc, al):
+        # O of each row times its rescale factor; with lazy_rescale only in a warp where a row
+        # moved its max (a branch uniform over the warp)
+        if lazy_rescale:
+            if any_row_moved(al):
+                multiply_o(oacc, al)
+        else:
+            multiply_o(oacc, al)
 
     @T.macro
     def online_softmax(sacc, pf, pw, oacc, ms, ls, mb, al):

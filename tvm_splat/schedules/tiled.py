@@ -73,6 +73,11 @@ class TiledKnobs:
       H200 within 0.5% of the grid form on window +-1024 and 2.2-2.5% slower on a causal window
       (:func:`~tvm_splat.kernels.tiled_mma.tiled_mma_func`), so neither a default nor in the
       tuning space.
+    * ``lazy_rescale``: the warp-level kernel moves a row's running max only when a block
+      raises it by more than :data:`~tvm_splat.kernels.tiled_mma.RESCALE_THRESHOLD`, and
+      rescales O only in a warp where a row moved it (fewer instructions a block; not yet
+      measured on a GPU, so neither a default nor in the tuning space); needs
+      ``use_tensor_cores``.
     """
 
     br: int = 64
@@ -88,6 +93,7 @@ class TiledKnobs:
     tma: bool = False
     warp_specialized: bool = False
     persistent: int = 0
+    lazy_rescale: bool = False
 
     def __post_init__(self):
         for name in ("br", "bc", "warps", "vector_bytes", "m_tiles", "stages", "row_pad", "split_blocks",
@@ -95,7 +101,7 @@ class TiledKnobs:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an int, got {value!r}")
-        for name in ("use_tensor_cores", "wgmma", "tma", "warp_specialized"):
+        for name in ("use_tensor_cores", "wgmma", "tma", "warp_specialized", "lazy_rescale"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.wgmma and (not self.use_tensor_cores or self.warps % 4 or self.m_tiles != 1
@@ -108,6 +114,8 @@ class TiledKnobs:
             raise ValueError(f"warp_specialized is a form of the TMA kernel with one or two consumer warpgroups "
                              f"(tma=True, warps 4 or 8), got {self}")
         check_persistent(self.persistent, self.warp_specialized)
+        if self.lazy_rescale and not self.use_tensor_cores:
+            raise ValueError(f"lazy_rescale is a form of the warp-level kernel (use_tensor_cores=True), got {self}")
         if self.stages not in (1, 2, 4) or (self.stages == 4 and not self.wgmma):
             raise ValueError(f"stages must be 1 or 2 (4: the pipelined wgmma form), got {self.stages}")
         for name in ("br", "bc", "warps", "vector_bytes", "m_tiles"):
@@ -136,12 +144,14 @@ class TiledKnobs:
 def tiled_program_name(knobs: TiledKnobs, mma: bool) -> str:
     """The name of the program ``knobs`` make (one MetaSchedule task of a tuning run, a key
     of a record's ``programs_us``): the plan's tiles, and for the warp-level kernel its warps,
-    m-tiles, stages and Hopper form (``_wg``, ``_wg_tma``, ``_wg_tma_ws``), and ``_pP`` for the
-    persistent variant of ``P`` thread blocks (the same form: :func:`program_form` drops it)."""
+    m-tiles, stages and Hopper form (``_wg``, ``_wg_tma``, ``_wg_tma_ws``), ``_pP`` for the
+    persistent variant of ``P`` thread blocks and ``_lr`` for ``lazy_rescale`` (variants of the
+    form: :func:`program_form` drops them)."""
     name = f"tiled_{knobs.br}x{knobs.bc}"
     form = f"_{tiled_form(knobs)}" if knobs.wgmma else ""
     persistent = f"_p{knobs.persistent}" if knobs.persistent else ""
-    return name + (f"_w{knobs.warps}_m{knobs.m_tiles}_s{knobs.stages}{form}{persistent}" if mma else "")
+    lazy = "_lr" if knobs.lazy_rescale else ""
+    return name + (f"_w{knobs.warps}_m{knobs.m_tiles}_s{knobs.stages}{form}{persistent}{lazy}" if mma else "")
 
 
 def tiled_form(knobs: TiledKnobs) -> str:
@@ -153,9 +163,9 @@ def tiled_form(knobs: TiledKnobs) -> str:
 
 
 def program_form(name: str) -> str:
-    """:func:`tiled_form` read back from a program name (a persistent program's ``_pP`` dropped:
-    it is a variant of its form)."""
-    name = re.sub(r"_p\d+$", "", name)
+    """:func:`tiled_form` read back from a program name (a persistent program's ``_pP`` and a
+    lazy-rescale program's ``_lr`` dropped: variants of their form)."""
+    name = re.sub(r"(_p\d+)?(_lr)?$", "", name)
     return next((form for form in ("wg_tma_ws", "wg_tma", "wg") if name.endswith("_" + form)), "")
 
 
@@ -265,7 +275,7 @@ def tiled_funcs(spec: AttentionSpec, plan_shape: PlanShape, knobs: TiledKnobs = 
             raise ValueError(f"wgmma needs a Hopper target (sm_90 / sm_90a), got {target_key(as_target(target))}")
         funcs = {"tiled": tiled_mma_func(spec, plan_shape, knobs.warps, knobs.m_tiles, knobs.stages,
                                          wgmma=knobs.wgmma, tma=knobs.tma, warp_specialized=knobs.warp_specialized,
-                                         persistent=knobs.persistent)}
+                                         persistent=knobs.persistent, lazy_rescale=knobs.lazy_rescale)}
     else:
         funcs = {"tiled": tiled_func(spec, plan_shape)}
     if plan_shape.num_slots > 0:
