@@ -29,8 +29,10 @@ true}'``). Steps:
    ``OP``, e.g. ``--require FMUL>=64`` for a block that rescales O.
 
 Printed and written (``--out``): the path's instruction count, its opcodes by count, the
-conditional branches it takes (address: taken or not), and how many conditional branches the
-loop's paths meet. ``--sass FILE`` reads a saved ``cuobjdump -sass`` text instead of building.
+conditional branches it takes (address: taken or not), how many conditional branches the
+loop's paths meet, and for the warp-specialized form how many of its exponentials issue while
+the previous block's P V may still run (:func:`exponentials_beside_pv`: the overlap the loop is
+written for; ptxas can undo it, ``TiledKnobs.softmax_overlap``). ``--sass FILE`` reads a saved ``cuobjdump -sass`` text instead of building.
 """
 import argparse
 import json
@@ -172,6 +174,21 @@ def opcode_counts(instructions, indices) -> Counter:
     return Counter(instructions[i][2].split(".")[0] for i in indices)
 
 
+def exponentials_beside_pv(instructions, indices) -> int | None:
+    """How many exponentials (``MUFU.EX2``) of the path issue while the previous block's P V may
+    still run: between the wait for S (``WARPGROUP.DEPBAR.LE gsb0, 0x1``: all but the last
+    group done) and the next wait for everything (``gsb0, 0x0``). None on a path without the
+    first wait (a loop that does not overlap its GEMMs)."""
+    ops = [(instructions[i][2], instructions[i][3]) for i in indices]
+    start = next((k for k, (op, args) in enumerate(ops) if op.startswith("WARPGROUP.DEPBAR")
+                  and args.replace(" ", "").endswith("gsb0,0x1")), None)
+    if start is None:
+        return None
+    end = next((k for k, (op, args) in enumerate(ops) if k > start and op.startswith("WARPGROUP.DEPBAR")
+                and args.replace(" ", "").endswith("gsb0,0x0")), len(ops))
+    return sum(op.startswith("MUFU.EX2") for op, _ in ops[start:end])
+
+
 def _requirement(text):
     m = re.fullmatch(r"([A-Z][A-Z0-9_]*)>=(\d+)", text)
     if not m:
@@ -232,12 +249,16 @@ def main(argv=None):
     instructions = parse_sass(sass)
     path, decisions, branches = fast_path(instructions, args.require)
     counts = opcode_counts(instructions, path)
+    beside = exponentials_beside_pv(instructions, path)
     result = {"pattern": args.pattern, "shape": list(args.shape), "kv_heads": args.kv_heads, "dtype": args.dtype,
               "knobs": knobs, "require": [f"{op}>={n}" for op, n in args.require], "instructions": len(path),
               "opcodes": dict(counts.most_common()), "branches_in_loop": branches,
+              "exponentials_beside_pv": beside,
               "branches": {f"{a:#x}": ("taken" if t else "not taken") for a, t in sorted(decisions.items())}}
     print(f"{len(path)} instructions a thread a block ({branches} conditional branches in the loop): "
           + ", ".join(f"{op} {c}" for op, c in counts.most_common()))
+    if beside is not None:
+        print(f"{beside} of {counts['MUFU']} MUFU between the wait for S and the wait for the previous P V")
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
     return result

@@ -78,3 +78,22 @@ def test_the_command_line_reads_a_listing_and_refuses_what_it_cannot_read(repo_s
     no_loop = "\n".join(line for line in LISTING.splitlines() if "/*00f0*/" not in line)
     with pytest.raises(ValueError, match="no loop holds a matrix instruction"):
         sbp.block_loop(sbp.parse_sass(no_loop))
+
+
+def test_exponentials_beside_the_previous_p_v(repo_script):
+    """The exponentials between the wait for S (all but the last wgmma group done) and the wait
+    for everything: those that may issue while the previous block's P V runs."""
+    sbp = repo_script(SCRIPT)
+
+    def path(*ops):
+        return [(16 * i, False, op, args) for i, (op, args) in enumerate(ops)]
+
+    hgmma, mufu = ("HGMMA.64x128x16.F32", "R24, gdesc[UR8], R24, gsb0"), ("MUFU.EX2", "R5, R5")
+    wait_s, wait_all = ("WARPGROUP.DEPBAR.LE", "gsb0, 0x1"), ("WARPGROUP.DEPBAR.LE", "gsb0, 0x0")
+    hoisted = path(hgmma, hgmma, wait_s, ("FMNMX.FTZ", "R4, R24, R25, !PT"), wait_all, mufu, mufu)
+    overlapped = path(hgmma, hgmma, wait_s, mufu, mufu, mufu, ("VOTE.ANY", "P1, P1"), wait_all, mufu)
+    assert sbp.exponentials_beside_pv(hoisted, range(len(hoisted))) == 0
+    assert sbp.exponentials_beside_pv(overlapped, range(len(overlapped))) == 3
+    assert sbp.exponentials_beside_pv(overlapped, [0, 1, 3, 4]) is None  # no wait for S on the path
+    no_end = path(wait_s, mufu, mufu)
+    assert sbp.exponentials_beside_pv(no_end, range(3)) == 2

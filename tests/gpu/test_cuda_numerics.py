@@ -246,9 +246,12 @@ def test_cuda_tma_dilated_forms(pattern, n, d, form, kv_heads, dtype, rng):
                                   dict(br=128, warps=8, bc=128, tma=True, warp_specialized=True),
                                   dict(tma=True, warp_specialized=True, persistent=1),
                                   dict(br=128, warps=8, bc=128, tma=True, warp_specialized=True, persistent=1),
-                                  dict(br=128, warps=8, bc=128, tma=True, warp_specialized=True, lazy_rescale=True)],
+                                  dict(br=128, warps=8, bc=128, tma=True, warp_specialized=True, lazy_rescale=True),
+                                  dict(br=128, warps=8, bc=128, tma=True, warp_specialized=True, early_rescale=True,
+                                       softmax_overlap=True)],
                          ids=["one_stage", "two_stages", "pipelined", "tma", "tma_ws_one_group", "tma_ws",
-                              "tma_ws_one_group_persistent1", "tma_ws_persistent1", "tma_ws_lazy_rescale"])
+                              "tma_ws_one_group_persistent1", "tma_ws_persistent1", "tma_ws_lazy_rescale",
+                              "tma_ws_early_rescale_softmax_overlap"])
 def test_cuda_wgmma_nan_in_masked_keys_and_values_does_not_leak(form, rng):
     """The NaN test of the other forms, on the wgmma forms (their exact P V path stages P in a
     region of its own: wgmma reads Q from shared memory for the whole tile; the TMA form's
@@ -281,8 +284,11 @@ def test_cuda_wgmma_nan_in_masked_keys_and_values_does_not_leak(form, rng):
 @pytest.mark.parametrize("form", [dict(stages=2), dict(wgmma=True, stages=2), dict(br=128, warps=8, wgmma=True),
                                   dict(wgmma=True, tma=True),
                                   dict(br=128, warps=8, bc=128, wgmma=True, tma=True, warp_specialized=True),
-                                  dict(bc=128, wgmma=True, tma=True, warp_specialized=True, split_blocks=1)],
-                         ids=["mma", "wgmma", "wgmma_two_warpgroups", "tma", "tma_ws", "tma_ws_one_group_split_kv"])
+                                  dict(bc=128, wgmma=True, tma=True, warp_specialized=True, split_blocks=1),
+                                  dict(br=128, warps=8, bc=128, wgmma=True, tma=True, warp_specialized=True,
+                                       early_rescale=True, softmax_overlap=True)],
+                         ids=["mma", "wgmma", "wgmma_two_warpgroups", "tma", "tma_ws", "tma_ws_one_group_split_kv",
+                              "tma_ws_early_rescale_softmax_overlap"])
 def test_cuda_lazy_rescale_rows_whose_max_moves_by_small_and_large_steps(form, dtype, rng):
     """``lazy_rescale``: the running max moves only when a block raises it by more than
     RESCALE_THRESHOLD (2^8), so a row's probabilities are taken against a max up to 8 (log2)
@@ -336,6 +342,16 @@ TMA_FORMS = {
     "tma_lazy_rescale": dict(wgmma=True, tma=True, lazy_rescale=True),
     "tma_ws_lazy_rescale": dict(br=128, warps=8, bc=128, wgmma=True, tma=True, warp_specialized=True,
                                 lazy_rescale=True),
+    # the warp-specialized loop's variants: O rescaled while S runs; the softmax kept beside P V
+    "tma_ws_early_rescale": dict(br=128, warps=8, bc=128, wgmma=True, tma=True, warp_specialized=True,
+                                 early_rescale=True),
+    "tma_ws_softmax_overlap": dict(br=128, warps=8, bc=128, wgmma=True, tma=True, warp_specialized=True,
+                                   softmax_overlap=True),
+    "tma_ws_one_group_loop_variants": dict(bc=128, wgmma=True, tma=True, warp_specialized=True, lazy_rescale=True,
+                                           early_rescale=True, softmax_overlap=True),
+    "tma_ws_persistent3_loop_variants": dict(br=128, warps=8, bc=128, wgmma=True, tma=True, warp_specialized=True,
+                                             persistent=3, lazy_rescale=True, early_rescale=True,
+                                             softmax_overlap=True),
 }
 
 

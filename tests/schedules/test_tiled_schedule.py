@@ -361,6 +361,60 @@ def test_lazy_rescale_knob_name_and_kernel(form, d):
     assert nvcc_compile(src, H100)
 
 
+@pytest.mark.parametrize("warps", [8, 4])
+def test_loop_variants_of_the_warp_specialized_form(warps, warp_specialized_spill_bytes):
+    """``early_rescale`` (O multiplied while the next block's S runs, before the block's P V is
+    issued) and ``softmax_overlap`` (a warp-uniform branch on the row sums before the wait for
+    the previous P V, which ptxas would otherwise hoist above the softmax): variants of the
+    warp-specialized form, refused elsewhere, named ``_er`` / ``_so`` and read back as the same
+    form. In the CUDA of the consumers' block loop: with ``early_rescale`` the multiplies of O
+    sit between S's commit and P V's wgmmas (without it, after the wait for everything); with
+    ``softmax_overlap`` the vote and its 0 ns sleep come right before that wait. nvcc compiles
+    both, ptxas spills no more than the form's one register and serializes no wgmma."""
+    from tvm_splat.compile import nvcc_compile, wgmma_serialized
+
+    for name in ("early_rescale", "softmax_overlap"):
+        with pytest.raises(ValueError, match=f"{name} is a form of the warp-specialized kernel"):
+            TiledKnobs(use_tensor_cores=True, br=128, bc=128, warps=8, wgmma=True, tma=True, **{name: True})
+        with pytest.raises(ValueError, match=f"{name} must be a bool"):
+            TiledKnobs(use_tensor_cores=True, br=128, bc=128, warps=8, wgmma=True, tma=True, warp_specialized=True,
+                       **{name: 1})
+    ws = TiledKnobs(use_tensor_cores=True, br=16 * warps, bc=128, warps=warps, wgmma=True, tma=True,
+                    warp_specialized=True)
+    both = dataclasses.replace(ws, early_rescale=True, softmax_overlap=True)
+    assert not (ws.early_rescale or ws.softmax_overlap)
+    assert tiled_program_name(both, True) == tiled_program_name(ws, True) + "_er_so"
+    assert program_form(tiled_program_name(dataclasses.replace(both, lazy_rescale=True, persistent=2), True)) \
+        == "wg_tma_ws"
+    assert TiledKnobs.from_dict(dataclasses.asdict(both)) == both
+    d = 16 * warps
+    loops = {}
+    for knobs in (ws, both):
+        src, _ = _cuda_source(Window(300), 2048, knobs, heads=4, d=d)
+        body = _definition(src, "tiled_kernel")
+        # the loop's block: from the wait for S (wait_group 1) back to the S wgmmas' commit before it
+        wait_s = body.index("wgmma_wait_group_wait_group_sync_aligned_1();")
+        start = body.rindex("for (int jj = 0;", 0, wait_s)
+        wait_all = body.index("wgmma_wait_group_wait_group_sync_aligned_0();", wait_s)
+        loops[knobs.early_rescale] = (body[start:wait_all + 80], src)
+        assert wgmma_serialized(src, H100) == []
+        registers, spills = ptxas_usage(src, "tiled_kernel", H100)
+        assert spills == warp_specialized_spill_bytes(d, warps)
+        assert nvcc_compile(src, H100)
+    plain, early = loops[False][0], loops[True][0]
+    rescale = "oacc_ptr[0] = (oacc_ptr[0] * al_ptr[0]);"
+    s_commit = plain.index("wgmma_commit_group_commit_group_sync_aligned();")
+    pv = plain.index("_rs_mma_async_sync_aligned_")
+    assert rescale not in plain[s_commit:pv]
+    s_commit = early.index("wgmma_commit_group_commit_group_sync_aligned();")
+    pv = early.index("_rs_mma_async_sync_aligned_")
+    assert s_commit < early.index(rescale) < pv
+    vote = "any_sync((uint)4294967295, ((ls_ptr[0] < 0x0p+0f/*0.000000e+00*/) || (ls_ptr[1] < 0x0p+0f"
+    assert vote not in plain and early.count(vote) == 1
+    tail = early[early.index(vote):]
+    assert tail.index("nano_sleep(") < tail.index("wgmma_wait_group_wait_group_sync_aligned_0();")
+
+
 def test_tma_knobs_and_masks_it_refuses():
     with pytest.raises(ValueError, match="two-stage wgmma"):
         TiledKnobs(use_tensor_cores=True, tma=True)

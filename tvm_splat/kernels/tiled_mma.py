@@ -283,6 +283,24 @@ def check_persistent(persistent: int, warp_specialized: bool) -> None:
                          f"needs warp_specialized=True")
 
 
+def check_early_rescale(early_rescale: bool, warp_specialized: bool) -> None:
+    """Raise ``ValueError`` unless ``early_rescale`` is a bool, True only for the
+    warp-specialized form (the only one whose loop issues S before P V)."""
+    if not isinstance(early_rescale, bool):
+        raise ValueError(f"early_rescale must be a bool, got {early_rescale!r}")
+    if early_rescale and not warp_specialized:
+        raise ValueError("early_rescale is a form of the warp-specialized kernel: it needs warp_specialized=True")
+
+
+def check_softmax_overlap(softmax_overlap: bool, warp_specialized: bool) -> None:
+    """Raise ``ValueError`` unless ``softmax_overlap`` is a bool, True only for the
+    warp-specialized form (the only one whose softmax runs beside a P V in flight)."""
+    if not isinstance(softmax_overlap, bool):
+        raise ValueError(f"softmax_overlap must be a bool, got {softmax_overlap!r}")
+    if softmax_overlap and not warp_specialized:
+        raise ValueError("softmax_overlap is a form of the warp-specialized kernel: it needs warp_specialized=True")
+
+
 def named_barrier(barrier, threads: int):
     """``bar.sync barrier, threads``: wait until ``threads`` threads (a multiple of 32) reached
     named barrier ``barrier`` (1-15; 0 is ``__syncthreads``'s); orders their shared-memory
@@ -318,7 +336,8 @@ def check_tma_step(step: int, n: int, which: str, knob: str) -> None:
 
 def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int = 1, stages: int = 2,
                    wgmma: bool = False, tma: bool = False, with_lse: bool = False, warp_specialized: bool = False,
-                   persistent: int = 0, lazy_rescale: bool = False):
+                   persistent: int = 0, lazy_rescale: bool = False, early_rescale: bool = False,
+                   softmax_overlap: bool = False):
     """The warp-level tiled kernel for ``spec`` and a plan of shape ``plan_shape``
     (``plan_shape.br == 16 * warps * m_tiles``); signature of
     :func:`~tvm_splat.kernels.tiled.tiled_func`.
@@ -397,6 +416,28 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     Not yet measured on a GPU: an opt-in knob, neither a default nor in the tuning space, until
     an A/B says it pays.
 
+    ``early_rescale=True`` (with ``warp_specialized``): a consumer warpgroup multiplies O by a
+    block's rescale factors after issuing the next block's S, while that GEMM runs and before
+    it issues the block's P V (FlashAttention's ``RescaleOBeforeGemm``), instead of after the
+    previous P V completed, where the multiplies sit between the softmax and the group's next
+    turn at the tensor cores: the same instructions (the path stays 511 a FULL block), moved
+    out of the window in which one group's softmax must fit the other group's GEMMs. Not yet
+    measured on a GPU: an opt-in knob, neither a default nor in the tuning space.
+
+    ``softmax_overlap=True`` (with ``warp_specialized``): the softmax of block j runs while P V
+    of block j - 1 is on the tensor cores, as the loop is written. Without it ptxas hoists the
+    wait for that P V (``WARPGROUP.DEPBAR.LE gsb0, 0x0``) above the whole softmax, to the first
+    instructions after S's wait, so that none of the block's 66 exponentials (MUFU) overlaps
+    the P V: it schedules within a basic block and a wait looks cheap to it. This form ends the
+    softmax with a warp-uniform branch on the row sums (a vote on a negative sum, which a sum
+    of exponentials never is, around a 0 ns sleep) that the wait cannot move above. SASS of
+    window +-1024 d=128 fp16 (``benchmarks/sass_block_path.py``): the wait at instruction 126
+    of 511, all 66 MUFU after it; with the branch, 516 instructions, the 66 MUFU at 213-395
+    and the wait at 410, with the same 168 registers and 16-byte spill and no wgmma
+    serialization (a ``trap`` in the branch instead made ptxas fall back to 168 registers in
+    the consumers, spill 332 bytes and serialize the wgmma). Not yet measured on a GPU: an
+    opt-in knob, neither a default nor in the tuning space.
+
     ``with_lse=True`` (training, :mod:`tvm_splat.kernels.backward_mma`): on a plan of one
     component, a last parameter ``lse [B, H, N]`` float32 receives the natural-log log-sum-exp
     of each row of a whole tile (``-inf`` for a row that attends to nothing); the rows of split
@@ -415,6 +456,8 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     if warp_specialized:
         check_warp_specialized_shape(tma, warps)
     check_persistent(persistent, warp_specialized)
+    check_early_rescale(early_rescale, warp_specialized)
+    check_softmax_overlap(softmax_overlap, warp_specialized)
     B, H, KVH, G, N, D = spec.batch, spec.heads, spec.kv_heads, spec.group, spec.seq_len, spec.head_dim
     STEP = plan_shape.step if tma else 1  # rows between a TMA block's rows
     HM, S, dt = spec.mask_heads, spec.max_segments, spec.dtype
@@ -780,9 +823,11 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
 
     @T.macro
     def probabilities(sacc, pw, oacc, al):
-        # online_softmax's second half: O rescaled, and the exponentials rounded in pairs into
-        # P (the A operand of P V); only once the previous P V completed
-        rescale_o(oacc, al)
+        # online_softmax's second half: O rescaled (unless early_rescale: consumer_loop does it
+        # later), and the exponentials rounded in pairs into P (the A operand of P V); only once
+        # the previous P V completed
+        if not early_rescale:
+            rescale_o(oacc, al)
         for mt in T.unroll(MT):
             for kc in T.unroll(KC):
                 for hn in T.unroll(2):
@@ -1057,6 +1102,20 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
             issue_tma_one(smem, bars, V_READY + stage_of(running(base, j)), KV_BYTES, vmap,
                           V_OFF + stage_of(running(base, j)) * BC * D, blocks[hm, blk_lo + j, 0], bhk)
 
+    def any_negative_sum(ls):  # softmax_overlap: whether a row of the warp has a negative sum (never)
+        negative = ls[0] < T.float32(0)
+        for i in range(1, RS):
+            negative = T.Or(negative, ls[i] < T.float32(0))
+        return T.cuda.any_sync(full_mask, negative) != 0
+
+    @T.macro
+    def after_row_sums(ls):
+        # softmax_overlap: a warp-uniform branch on the row sums, never taken (a sum of
+        # exponentials is not negative; its body a 0 ns sleep), that ends the softmax's basic
+        # block, so that ptxas cannot hoist the next wait (P V's) above the softmax
+        if any_negative_sum(ls):
+            T.cuda.nano_sleep(T.uint64(0))
+
     @T.macro
     def release(bars, i, lane):
         # every lane of the warp is past its reads of the stage; one arrival per warp
@@ -1126,7 +1185,10 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         # accumulates into O, so O is rescaled and P_j written only once it completed). With two
         # consumer warpgroups (PINGPONG) they take turns issuing their GEMMs (named barriers):
         # one group's S and P V run while the other group's softmax does. Block j's stage, phase
-        # and V tag are those of its running index running(base, j)
+        # and V tag are those of its running index running(base, j). With early_rescale, O is
+        # brought to block j's max (al, from block j's softmax) after S of block j + 1 is issued.
+        # As written the softmax overlaps the P V in flight; ptxas hoists the wait for that P V
+        # above the softmax unless softmax_overlap ends the softmax with a branch
         if PINGPONG:
             if w // 4 == 1 and blk_hi > blk_lo:
                 T.evaluate(pass_turn(w))  # group 0 goes first
@@ -1144,17 +1206,23 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                  phase_of(running(base, jj + 1)))
             turn_begin(w)
             qk_wgmma_issue(sacc, desc, smem, stage_of(running(base, jj + 1)), w)
+            if early_rescale:  # O to block jj's max while S of block jj + 1 runs
+                rescale_o(oacc, al)
             issue_pv_of_block(jj, running(base, jj), smem, blocks, bars, vbad, desc, pf, pw, oacc, words, nonfinite,
                               vflag, px, pxw, vx, vxw, hm, blk_lo, w, lane, klen)
             turn_end(w, False)
             T.ptx.wgmma.wait_group.sync.aligned(1)  # S of block jj + 1
             scores_of_block(jj + 1, running(base, jj + 1), smem, blocks, bars, sg, rng, desc, sacc, ms, ls, mb, al,
                             hm, blk_lo, w, lane, klen)
+            if softmax_overlap:
+                after_row_sums(ls)
             T.ptx.wgmma.wait_group.sync.aligned(0)  # P V of block jj
             release(bars, V_FREE + stage_of(running(base, jj)), lane)
             probabilities(sacc, pw, oacc, al)
         if blk_hi > blk_lo:
             turn_begin(w)
+            if early_rescale:
+                rescale_o(oacc, al)
             issue_pv_of_block(blk_hi - blk_lo - 1, running(base, blk_hi - blk_lo - 1), smem, blocks, bars, vbad, desc,
                               pf, pw, oacc, words, nonfinite, vflag, px, pxw, vx, vxw, hm, blk_lo, w, lane, klen)
             turn_end(w, True)

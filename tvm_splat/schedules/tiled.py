@@ -33,7 +33,8 @@ import dataclasses
 from ..formats.tile_plan import PlanShape
 from ..kernels.spec import AttentionSpec
 from ..kernels.tiled import MERGE_BLOCK, TILE_BLOCK, fallback_func, merge_func, split_merge_func, tiled_func
-from ..kernels.tiled_mma import MMA_TYPES, check_persistent, tiled_mma_func
+from ..kernels.tiled_mma import (MMA_TYPES, check_early_rescale, check_persistent, check_softmax_overlap,
+                                 tiled_mma_func)
 from .targets import as_target, is_gpu, supports_wgmma, target_key
 
 __all__ = ["TiledKnobs", "default_tiled_knobs", "TWO_STAGE_MIN_TILES", "WGMMA_MIN_HEAD_DIM", "TMA_HEAD_DIM_MULTIPLE",
@@ -78,6 +79,15 @@ class TiledKnobs:
       rescales O only in a warp where a row moved it (fewer instructions a block; not yet
       measured on a GPU, so neither a default nor in the tuning space); needs
       ``use_tensor_cores``.
+    * ``early_rescale``: the warp-specialized form multiplies O by a block's rescale factors
+      while the next block's S runs, before issuing the block's P V, instead of after the
+      previous P V (not yet measured on a GPU: neither a default nor in the tuning space);
+      needs ``warp_specialized``.
+    * ``softmax_overlap``: the warp-specialized form ends each block's softmax with a branch
+      that keeps ptxas from hoisting the wait for the previous P V above it, so that the
+      softmax overlaps that P V as the loop is written (without it none of its exponentials
+      does, by the SASS; not yet measured on a GPU: neither a default nor in the tuning
+      space); needs ``warp_specialized``.
     """
 
     br: int = 64
@@ -94,6 +104,8 @@ class TiledKnobs:
     warp_specialized: bool = False
     persistent: int = 0
     lazy_rescale: bool = False
+    early_rescale: bool = False
+    softmax_overlap: bool = False
 
     def __post_init__(self):
         for name in ("br", "bc", "warps", "vector_bytes", "m_tiles", "stages", "row_pad", "split_blocks",
@@ -114,6 +126,8 @@ class TiledKnobs:
             raise ValueError(f"warp_specialized is a form of the TMA kernel with one or two consumer warpgroups "
                              f"(tma=True, warps 4 or 8), got {self}")
         check_persistent(self.persistent, self.warp_specialized)
+        check_early_rescale(self.early_rescale, self.warp_specialized)
+        check_softmax_overlap(self.softmax_overlap, self.warp_specialized)
         if self.lazy_rescale and not self.use_tensor_cores:
             raise ValueError(f"lazy_rescale is a form of the warp-level kernel (use_tensor_cores=True), got {self}")
         if self.stages not in (1, 2, 4) or (self.stages == 4 and not self.wgmma):
@@ -145,13 +159,15 @@ def tiled_program_name(knobs: TiledKnobs, mma: bool) -> str:
     """The name of the program ``knobs`` make (one MetaSchedule task of a tuning run, a key
     of a record's ``programs_us``): the plan's tiles, and for the warp-level kernel its warps,
     m-tiles, stages and Hopper form (``_wg``, ``_wg_tma``, ``_wg_tma_ws``), ``_pP`` for the
-    persistent variant of ``P`` thread blocks and ``_lr`` for ``lazy_rescale`` (variants of the
-    form: :func:`program_form` drops them)."""
+    persistent variant of ``P`` thread blocks, ``_lr`` for ``lazy_rescale``, ``_er`` for
+    ``early_rescale`` and ``_so`` for ``softmax_overlap`` (variants of the form:
+    :func:`program_form` drops them)."""
     name = f"tiled_{knobs.br}x{knobs.bc}"
     form = f"_{tiled_form(knobs)}" if knobs.wgmma else ""
     persistent = f"_p{knobs.persistent}" if knobs.persistent else ""
-    lazy = "_lr" if knobs.lazy_rescale else ""
-    return name + (f"_w{knobs.warps}_m{knobs.m_tiles}_s{knobs.stages}{form}{persistent}{lazy}" if mma else "")
+    variants = ("_lr" if knobs.lazy_rescale else "") + ("_er" if knobs.early_rescale else "") + \
+        ("_so" if knobs.softmax_overlap else "")
+    return name + (f"_w{knobs.warps}_m{knobs.m_tiles}_s{knobs.stages}{form}{persistent}{variants}" if mma else "")
 
 
 def tiled_form(knobs: TiledKnobs) -> str:
@@ -163,9 +179,9 @@ def tiled_form(knobs: TiledKnobs) -> str:
 
 
 def program_form(name: str) -> str:
-    """:func:`tiled_form` read back from a program name (a persistent program's ``_pP`` and a
-    lazy-rescale program's ``_lr`` dropped: variants of their form)."""
-    name = re.sub(r"(_p\d+)?(_lr)?$", "", name)
+    """:func:`tiled_form` read back from a program name (a persistent program's ``_pP``, and
+    ``_lr``, ``_er``, ``_so`` of the loop's variants, dropped: variants of their form)."""
+    name = re.sub(r"(_p\d+)?(_lr)?(_er)?(_so)?$", "", name)
     return next((form for form in ("wg_tma_ws", "wg_tma", "wg") if name.endswith("_" + form)), "")
 
 
@@ -275,7 +291,8 @@ def tiled_funcs(spec: AttentionSpec, plan_shape: PlanShape, knobs: TiledKnobs = 
             raise ValueError(f"wgmma needs a Hopper target (sm_90 / sm_90a), got {target_key(as_target(target))}")
         funcs = {"tiled": tiled_mma_func(spec, plan_shape, knobs.warps, knobs.m_tiles, knobs.stages,
                                          wgmma=knobs.wgmma, tma=knobs.tma, warp_specialized=knobs.warp_specialized,
-                                         persistent=knobs.persistent, lazy_rescale=knobs.lazy_rescale)}
+                                         persistent=knobs.persistent, lazy_rescale=knobs.lazy_rescale,
+                                         early_rescale=knobs.early_rescale, softmax_overlap=knobs.softmax_overlap)}
     else:
         funcs = {"tiled": tiled_func(spec, plan_shape)}
     if plan_shape.num_slots > 0:
