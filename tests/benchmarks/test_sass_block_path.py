@@ -3,6 +3,7 @@ kernel needs nvcc and cuobjdump): the block loop found, the fast path through bo
 ``--require`` filter, and the errors for a listing it cannot read."""
 import argparse
 import json
+import shutil
 
 import pytest
 
@@ -97,3 +98,21 @@ def test_exponentials_beside_the_previous_p_v(repo_script):
     assert sbp.exponentials_beside_pv(overlapped, [0, 1, 3, 4]) is None  # no wait for S on the path
     no_end = path(wait_s, mufu, mufu)
     assert sbp.exponentials_beside_pv(no_end, range(3)) == 2
+
+
+@pytest.mark.skipif(not all(shutil.which(t) for t in ("nvcc", "cuobjdump", "nvdisasm")),
+                    reason="needs nvcc, cuobjdump and nvdisasm on PATH (the nvidia-cuda-cuobjdump and -nvdisasm wheels)")
+def test_softmax_overlap_keeps_the_exponentials_beside_p_v(repo_script, tmp_path):
+    """Built and disassembled (where the tools are): the warp-specialized form of a small window
+    issues none of its exponentials while the previous block's P V may run (ptxas hoists the
+    wait), and all of them with ``softmax_overlap``; both paths hold the block's 16 HGMMA."""
+    sbp = repo_script(SCRIPT)
+    args = ["--pattern", "window:300", "--shape", "1", "4", "2048", "128"]
+    knobs = ['{"br": 128, "bc": 128, "warps": 8, "wgmma": true, "tma": true, "warp_specialized": true}',
+             '{"br": 128, "bc": 128, "warps": 8, "wgmma": true, "tma": true, "warp_specialized": true, '
+             '"softmax_overlap": true}']
+    hoisted, overlapped = (sbp.main([*args, "--knobs", k, "--out", str(tmp_path / f"{i}.json")])
+                           for i, k in enumerate(knobs))
+    assert hoisted["opcodes"]["HGMMA"] == overlapped["opcodes"]["HGMMA"] == 16
+    assert hoisted["exponentials_beside_pv"] == 0
+    assert overlapped["exponentials_beside_pv"] == overlapped["opcodes"]["MUFU"] > 0
