@@ -283,22 +283,18 @@ def check_persistent(persistent: int, warp_specialized: bool) -> None:
                          f"needs warp_specialized=True")
 
 
-def check_early_rescale(early_rescale: bool, warp_specialized: bool) -> None:
-    """Raise ``ValueError`` unless ``early_rescale`` is a bool, True only for the
-    warp-specialized form (the only one whose loop issues S before P V)."""
-    if not isinstance(early_rescale, bool):
-        raise ValueError(f"early_rescale must be a bool, got {early_rescale!r}")
-    if early_rescale and not warp_specialized:
-        raise ValueError("early_rescale is a form of the warp-specialized kernel: it needs warp_specialized=True")
+#: the variants of the warp-specialized form's block loop (:func:`tiled_mma_func`): the only
+#: loop that issues S before the previous P V and runs its softmax beside that P V
+LOOP_VARIANTS = ("early_rescale", "softmax_overlap")
 
 
-def check_softmax_overlap(softmax_overlap: bool, warp_specialized: bool) -> None:
-    """Raise ``ValueError`` unless ``softmax_overlap`` is a bool, True only for the
-    warp-specialized form (the only one whose softmax runs beside a P V in flight)."""
-    if not isinstance(softmax_overlap, bool):
-        raise ValueError(f"softmax_overlap must be a bool, got {softmax_overlap!r}")
-    if softmax_overlap and not warp_specialized:
-        raise ValueError("softmax_overlap is a form of the warp-specialized kernel: it needs warp_specialized=True")
+def check_loop_variant(name: str, value: bool, warp_specialized: bool) -> None:
+    """Raise ``ValueError`` unless the loop variant ``name`` (:data:`LOOP_VARIANTS`) is a bool,
+    True only for the warp-specialized form."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+    if value and not warp_specialized:
+        raise ValueError(f"{name} is a form of the warp-specialized kernel: it needs warp_specialized=True")
 
 
 def named_barrier(barrier, threads: int):
@@ -412,7 +408,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     rounding. Once a row's max has settled (after its first blocks, on typical scores) a block
     skips the ``MT * DT * 4`` multiplies of O: SASS of window +-1024 d=128, warp-specialized
     (fp16 and bf16, by cuobjdump), 511 instructions a thread a FULL block without the knob; with
-    it 458 where the warp keeps its maxima and 522 where a row moves one (the vote, the selects).
+    it 462 where the warp keeps its maxima and 526 where a row moves one (the vote, the selects).
     Not yet measured on a GPU: an opt-in knob, neither a default nor in the tuning space, until
     an A/B says it pays.
 
@@ -456,8 +452,8 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     if warp_specialized:
         check_warp_specialized_shape(tma, warps)
     check_persistent(persistent, warp_specialized)
-    check_early_rescale(early_rescale, warp_specialized)
-    check_softmax_overlap(softmax_overlap, warp_specialized)
+    check_loop_variant("early_rescale", early_rescale, warp_specialized)
+    check_loop_variant("softmax_overlap", softmax_overlap, warp_specialized)
     B, H, KVH, G, N, D = spec.batch, spec.heads, spec.kv_heads, spec.group, spec.seq_len, spec.head_dim
     STEP = plan_shape.step if tma else 1  # rows between a TMA block's rows
     HM, S, dt = spec.mask_heads, spec.max_segments, spec.dtype
@@ -747,9 +743,11 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
             mb[i] = T.max(mb[i], T.tvm_warp_shuffle_xor(full_mask, mb[i], 1, 32, 32))
             mb[i] = T.max(mb[i], T.tvm_warp_shuffle_xor(full_mask, mb[i], 2, 32, 32))
             mb[i] = T.max(ms[i], scaled_max(mb[i]))  # the new running max
-            if lazy_rescale:  # kept unless raised by more than RESCALE_THRESHOLD (al exactly 1 then)
+            if lazy_rescale:  # kept unless raised by more than RESCALE_THRESHOLD, al exactly 1 then
                 mb[i] = T.Select(mb[i] > ms[i] + T.float32(RESCALE_THRESHOLD), mb[i], ms[i])
-            al[i] = T.exp2(ms[i] - mb[i])
+                al[i] = T.Select(mb[i] == ms[i], T.float32(1), T.exp2(ms[i] - mb[i]))
+            else:
+                al[i] = T.exp2(ms[i] - mb[i])
             ms[i] = mb[i]
             ls[i] = ls[i] * al[i]
 

@@ -33,8 +33,7 @@ import dataclasses
 from ..formats.tile_plan import PlanShape
 from ..kernels.spec import AttentionSpec
 from ..kernels.tiled import MERGE_BLOCK, TILE_BLOCK, fallback_func, merge_func, split_merge_func, tiled_func
-from ..kernels.tiled_mma import (MMA_TYPES, check_early_rescale, check_persistent, check_softmax_overlap,
-                                 tiled_mma_func)
+from ..kernels.tiled_mma import LOOP_VARIANTS, MMA_TYPES, check_loop_variant, check_persistent, tiled_mma_func
 from .targets import as_target, is_gpu, supports_wgmma, target_key
 
 __all__ = ["TiledKnobs", "default_tiled_knobs", "TWO_STAGE_MIN_TILES", "WGMMA_MIN_HEAD_DIM", "TMA_HEAD_DIM_MULTIPLE",
@@ -126,8 +125,8 @@ class TiledKnobs:
             raise ValueError(f"warp_specialized is a form of the TMA kernel with one or two consumer warpgroups "
                              f"(tma=True, warps 4 or 8), got {self}")
         check_persistent(self.persistent, self.warp_specialized)
-        check_early_rescale(self.early_rescale, self.warp_specialized)
-        check_softmax_overlap(self.softmax_overlap, self.warp_specialized)
+        for name in LOOP_VARIANTS:
+            check_loop_variant(name, getattr(self, name), self.warp_specialized)
         if self.lazy_rescale and not self.use_tensor_cores:
             raise ValueError(f"lazy_rescale is a form of the warp-level kernel (use_tensor_cores=True), got {self}")
         if self.stages not in (1, 2, 4) or (self.stages == 4 and not self.wgmma):
