@@ -275,18 +275,24 @@ def test_the_tensor_core_host_path_hands_each_kernel_its_own_parameters(mask, q_
     assert any(isinstance(a, torch.Tensor) and a.shape == q.shape[:3] and bool((a == 1).all()) for a in given)
 
 
-def test_the_training_forward_takes_lazy_rescale_from_its_knobs():
-    """``lazy_rescale`` on the forward's knobs reaches the training forward (``fwd_lse``: the
-    warp vote before O's rescale), and the default leaves it out."""
+def test_the_training_forward_takes_lazy_rescale_and_fold_scale_from_its_knobs():
+    """``lazy_rescale`` and ``fold_scale`` on the forward's knobs reach the training forward
+    (``fwd_lse``: the warp vote before O's rescale; the scale in the exponent), and the default
+    leaves them out."""
     import dataclasses
 
     from tvm_splat.schedules.backward_mma import backward_mma_funcs
 
     plan = plan_training("causal_window:64", (1, 2, 256, 128), None, "float16", "cuda", target="nvidia/nvidia-h100")
     shapes = [p.shape for p in plan.tile_plans]
-    lazy = dataclasses.replace(plan.mma_knobs, forward=dataclasses.replace(plan.mma_knobs.forward, lazy_rescale=True))
-    assert "any_sync" not in backward_mma_funcs(plan.spec, plan.mma_knobs, shapes)["fwd_lse"].script()
-    assert "T.cuda.any_sync" in backward_mma_funcs(plan.spec, lazy, shapes)["fwd_lse"].script()
+    lazy = dataclasses.replace(plan.mma_knobs, forward=dataclasses.replace(plan.mma_knobs.forward, lazy_rescale=True,
+                                                                            fold_scale=True))
+    default, changed = (backward_mma_funcs(plan.spec, k, shapes)["fwd_lse"].script() for k in (plan.mma_knobs, lazy))
+    assert "any_sync" not in default and "T.cuda.any_sync" in changed
+    # the scale: a multiply of each score before the exponent, or inside it
+    unscaled = "T.exp2(sacc[(mt * 8 + kc * 2 + hn) * 4 + r2 * 2] - ms[mt * 2 + r2])"
+    assert unscaled in default and unscaled not in changed
+    assert "T.exp2(sacc[(mt * 8 + kc * 2 + hn) * 4 + r2 * 2] * T.float32(" in changed
 
 
 def test_the_lse_gradient_defaults_to_zeros():

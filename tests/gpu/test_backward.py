@@ -232,20 +232,22 @@ def test_training_forward_tma_form_on_dilated_blocks(dtype, d):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name,mask,heads,kv_heads,n", [TC_CASES[2], TC_CASES[5], TC_CASES[6]],
                          ids=[TC_CASES[i][0] for i in (2, 5, 6)])
-def test_training_forward_lazy_rescale(name, mask, heads, kv_heads, n, dtype, d):
+def test_training_forward_lazy_rescale_and_fold_scale(name, mask, heads, kv_heads, n, dtype, d):
     """The training forward with ``lazy_rescale`` (the running max moves only by more than
-    RESCALE_THRESHOLD), the rest of the default plan unchanged: its lse (kept max plus log2 of
-    sums taken against it) drives the backward, so out, dq, dk, dv are checked against float64
-    at the default-knob test's tolerance; empty rows keep lse -inf and dq 0."""
+    RESCALE_THRESHOLD) and ``fold_scale`` (the scale in the exponent's FFMA), the rest of the
+    default plan unchanged: its lse (kept max plus log2 of sums taken against it) drives the
+    backward, so out, dq, dk, dv are checked against float64 at the default-knob test's
+    tolerance; empty rows keep lse -inf and dq 0."""
     import dataclasses
 
     from tvm_splat.training import plan_training
 
     shapes = ((2, heads, n, d), (2, kv_heads, n, d), str(dtype).replace("torch.", ""), "cuda")
     plan = plan_training(mask, *shapes)
-    forward = dataclasses.replace(plan.mma_knobs.forward, lazy_rescale=True)
+    forward = dataclasses.replace(plan.mma_knobs.forward, lazy_rescale=True, fold_scale=True)
     plan = plan_training(mask, *shapes, mma_knobs=dataclasses.replace(plan.mma_knobs, forward=forward))
     assert plan.kernels == "tensor-cores" and plan.mma_knobs.forward.lazy_rescale, repr(plan)
+    assert plan.mma_knobs.forward.fold_scale
     q, k, v, dout = _inputs(2, heads, kv_heads, n, d, dtype, seed=n + 1)
     dense, lse, (dq, dk, dv) = _check_against_float64(plan, q, k, v, dout, dtype)
     empty = ~np.broadcast_to(dense, (heads, n, n)).any(-1)

@@ -248,10 +248,11 @@ def test_cuda_tma_dilated_forms(pattern, n, d, form, kv_heads, dtype, rng):
                                   dict(br=128, warps=8, bc=128, tma=True, warp_specialized=True, persistent=1),
                                   dict(br=128, warps=8, bc=128, tma=True, warp_specialized=True, lazy_rescale=True),
                                   dict(br=128, warps=8, bc=128, tma=True, warp_specialized=True, early_rescale=True,
-                                       softmax_overlap=True)],
+                                       softmax_overlap=True),
+                                  dict(stages=2, tma=True, fold_scale=True)],
                          ids=["one_stage", "two_stages", "pipelined", "tma", "tma_ws_one_group", "tma_ws",
                               "tma_ws_one_group_persistent1", "tma_ws_persistent1", "tma_ws_lazy_rescale",
-                              "tma_ws_early_rescale_softmax_overlap"])
+                              "tma_ws_early_rescale_softmax_overlap", "tma_fold_scale"])
 def test_cuda_wgmma_nan_in_masked_keys_and_values_does_not_leak(form, rng):
     """The NaN test of the other forms, on the wgmma forms (their exact P V path stages P in a
     region of its own: wgmma reads Q from shared memory for the whole tile; the TMA form's
@@ -286,9 +287,10 @@ def test_cuda_wgmma_nan_in_masked_keys_and_values_does_not_leak(form, rng):
                                   dict(br=128, warps=8, bc=128, wgmma=True, tma=True, warp_specialized=True),
                                   dict(bc=128, wgmma=True, tma=True, warp_specialized=True, split_blocks=1),
                                   dict(br=128, warps=8, bc=128, wgmma=True, tma=True, warp_specialized=True,
-                                       early_rescale=True, softmax_overlap=True)],
+                                       early_rescale=True, softmax_overlap=True),
+                                  dict(stages=2, fold_scale=True), dict(wgmma=True, tma=True, fold_scale=True)],
                          ids=["mma", "wgmma", "wgmma_two_warpgroups", "tma", "tma_ws", "tma_ws_one_group_split_kv",
-                              "tma_ws_early_rescale_softmax_overlap"])
+                              "tma_ws_early_rescale_softmax_overlap", "mma_fold_scale", "tma_fold_scale"])
 def test_cuda_lazy_rescale_rows_whose_max_moves_by_small_and_large_steps(form, dtype, rng):
     """``lazy_rescale``: the running max moves only when a block raises it by more than
     RESCALE_THRESHOLD (2^8), so a row's probabilities are taken against a max up to 8 (log2)
@@ -352,6 +354,9 @@ TMA_FORMS = {
     "tma_ws_persistent3_loop_variants": dict(br=128, warps=8, bc=128, wgmma=True, tma=True, warp_specialized=True,
                                              persistent=3, lazy_rescale=True, early_rescale=True,
                                              softmax_overlap=True),
+    # the scale folded into the exponent (as the warp-specialized form always does)
+    "tma_fold_scale": dict(wgmma=True, tma=True, fold_scale=True),
+    "tma_two_warpgroups_fold_scale": dict(br=128, warps=8, wgmma=True, tma=True, fold_scale=True),
 }
 
 

@@ -415,6 +415,42 @@ def test_loop_variants_of_the_warp_specialized_form(warps, warp_specialized_spil
     assert tail.index("nano_sleep(") < tail.index("wgmma_wait_group_wait_group_sync_aligned_0();")
 
 
+@pytest.mark.parametrize("form,d,spill", [(dict(wgmma=True, tma=True), 64, 0), (dict(), 64, 0),
+                                          (dict(br=128, warps=8, wgmma=True), 128, 0),
+                                          (dict(br=128, warps=8, wgmma=True, tma=True), 128, 24)],
+                         ids=["tma", "mma", "wgmma_two_warpgroups", "tma_two_warpgroups"])
+def test_fold_scale_knob_name_and_kernel(form, d, spill):
+    """``fold_scale``: the softmax scale in the exponent's FFMA (``2^(s scale - m)``) instead of
+    one multiply a score first, in the forms other than the warp-specialized one (which always
+    folds it, so the knob refuses it there, and refuses the CUDA-core kernel); named ``_fs``,
+    read back as the same form. In the CUDA every exponent multiplies its score by the scale
+    and no score is scaled before; nvcc compiles it; ptxas spills nothing but on the d=128
+    two-block TMA form (128 registers), 24 bytes."""
+    from tvm_splat.compile import nvcc_compile
+
+    with pytest.raises(ValueError, match="always folds"):
+        TiledKnobs(use_tensor_cores=True, br=128, bc=128, warps=8, wgmma=True, tma=True, warp_specialized=True,
+                   fold_scale=True)
+    with pytest.raises(ValueError, match="fold_scale is a form of the warp-level kernel"):
+        TiledKnobs(fold_scale=True)
+    with pytest.raises(ValueError, match="fold_scale must be a bool"):
+        TiledKnobs(use_tensor_cores=True, fold_scale="yes")
+    plain = TiledKnobs(use_tensor_cores=True, **form)
+    folded = dataclasses.replace(plain, fold_scale=True)
+    assert tiled_program_name(folded, True) == tiled_program_name(plain, True) + "_fs"
+    assert program_form(tiled_program_name(folded, True)) == tiled_form(plain)
+    exponent = re.compile(r"exp2f\(\(\(sacc_ptr\[\d+\] \* 0x[0-9a-fp.+-]+f/\*[0-9.e+-]+\*/\) - ms_ptr\[\d\]\)\)")
+    scaled_first = re.compile(r"sacc_ptr\[(\d+)\] = \(sacc_ptr\[\1\] \* 0x[0-9a-fp.+-]+f")
+    for knobs in (plain, folded):
+        src, _ = _cuda_source(Window(300), 2048, knobs, heads=4, d=d)
+        body = _definition(src, "tiled_kernel")
+        assert bool(exponent.search(body)) == knobs.fold_scale
+        assert bool(scaled_first.search(body)) != knobs.fold_scale
+        if knobs.fold_scale:
+            assert ptxas_usage(src, "tiled_kernel", H100)[1] == spill
+            assert nvcc_compile(src, H100)
+
+
 def test_tma_knobs_and_masks_it_refuses():
     with pytest.raises(ValueError, match="two-stage wgmma"):
         TiledKnobs(use_tensor_cores=True, tma=True)

@@ -297,6 +297,16 @@ def check_loop_variant(name: str, value: bool, warp_specialized: bool) -> None:
         raise ValueError(f"{name} is a form of the warp-specialized kernel: it needs warp_specialized=True")
 
 
+def check_fold_scale(fold_scale: bool, warp_specialized: bool) -> None:
+    """Raise ``ValueError`` unless ``fold_scale`` is a bool, False for the warp-specialized
+    form (which always folds the scale into the exponent)."""
+    if not isinstance(fold_scale, bool):
+        raise ValueError(f"fold_scale must be a bool, got {fold_scale!r}")
+    if fold_scale and warp_specialized:
+        raise ValueError("fold_scale is for the forms other than the warp-specialized one, which always folds the "
+                         "scale into the exponent")
+
+
 def named_barrier(barrier, threads: int):
     """``bar.sync barrier, threads``: wait until ``threads`` threads (a multiple of 32) reached
     named barrier ``barrier`` (1-15; 0 is ``__syncthreads``'s); orders their shared-memory
@@ -333,7 +343,7 @@ def check_tma_step(step: int, n: int, which: str, knob: str) -> None:
 def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int = 1, stages: int = 2,
                    wgmma: bool = False, tma: bool = False, with_lse: bool = False, warp_specialized: bool = False,
                    persistent: int = 0, lazy_rescale: bool = False, early_rescale: bool = False,
-                   softmax_overlap: bool = False):
+                   softmax_overlap: bool = False, fold_scale: bool = False):
     """The warp-level tiled kernel for ``spec`` and a plan of shape ``plan_shape``
     (``plan_shape.br == 16 * warps * m_tiles``); signature of
     :func:`~tvm_splat.kernels.tiled.tiled_func`.
@@ -434,6 +444,15 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     the consumers, spill 332 bytes and serialize the wgmma). Not yet measured on a GPU: an
     opt-in knob, neither a default nor in the tuning space.
 
+    ``fold_scale=True`` (the forms other than the warp-specialized one, which always folds): the
+    softmax scale goes into the exponent's FFMA, ``2^(s scale - m)``, instead of one FMUL a score
+    first and an FADD in the exponent. SASS (``benchmarks/sass_block_path.py``, fp16): the d=64
+    TMA form of Longformer-base, of window ±256 b=16 and of dilated ±256 step 2 317 -> 286
+    instructions a thread a FULL block; ptxas spills nothing with it on the d=64 TMA, cp.async
+    wgmma and mma forms nor on the d=128 mma and cp.async wgmma forms, and 24 bytes on the d=128
+    two-block TMA form (128 registers). Not yet measured on a GPU: an opt-in knob, neither a
+    default nor in the tuning space.
+
     ``with_lse=True`` (training, :mod:`tvm_splat.kernels.backward_mma`): on a plan of one
     component, a last parameter ``lse [B, H, N]`` float32 receives the natural-log log-sum-exp
     of each row of a whole tile (``-inf`` for a row that attends to nothing); the rows of split
@@ -454,6 +473,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     check_persistent(persistent, warp_specialized)
     check_loop_variant("early_rescale", early_rescale, warp_specialized)
     check_loop_variant("softmax_overlap", softmax_overlap, warp_specialized)
+    check_fold_scale(fold_scale, warp_specialized)
     B, H, KVH, G, N, D = spec.batch, spec.heads, spec.kv_heads, spec.group, spec.seq_len, spec.head_dim
     STEP = plan_shape.step if tma else 1  # rows between a TMA block's rows
     HM, S, dt = spec.mask_heads, spec.max_segments, spec.dtype
@@ -522,8 +542,10 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     # FFMA per score (the running max m stays scaled: the block max times the scale, once per
     # row): window +-1024 n=32k d=128 1.259 -> 1.235 ms, Mistral n=8k 0.847 -> 0.818 (H200, fp16,
     # run ``twentieth_descriptors``). The other forms scale each score first (FMUL, then FADD in
-    # the exponent): at 128 registers (two blocks per SM, TMA, d=128) the fold spilled 48 bytes
-    SCALE_IN_EXP = warp_specialized
+    # the exponent) unless fold_scale: at 128 registers (two blocks per SM, TMA, d=128) the fold
+    # spilled 48 bytes (24 with TVM's ptxas options); the d=64 forms and the others fold without
+    # a spill (fold_scale's docstring)
+    SCALE_IN_EXP = warp_specialized or fold_scale
     neg_init = T.float32(NEG_INIT)
     neg_inf = T.min_value("float32")
     zero = T.Cast(dt, T.float32(0))

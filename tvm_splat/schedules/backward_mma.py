@@ -352,7 +352,7 @@ def backward_mma_funcs(spec: BackwardSpec, knobs: BackwardMmaKnobs, plan_shapes)
     fwd, dq, dkdv = plan_shapes
     f = knobs.forward
     funcs = {"fwd_lse": tiled_mma_func(spec.rows, fwd, f.warps, f.m_tiles, f.stages, wgmma=f.wgmma, tma=f.tma,
-                                       with_lse=True, lazy_rescale=f.lazy_rescale),
+                                       with_lse=True, lazy_rescale=f.lazy_rescale, fold_scale=f.fold_scale),
              "bwd_dkdv": backward_dkdv_mma_func(spec.columns, dkdv, knobs.warps, knobs.stages, knobs.wgmma,
                                                 knobs.fused_dq, knobs.per_query_head, knobs.dkdv_tma)}
     kv_sums = per_query_head_sums(spec, knobs)

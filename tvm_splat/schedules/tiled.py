@@ -33,7 +33,8 @@ import dataclasses
 from ..formats.tile_plan import PlanShape
 from ..kernels.spec import AttentionSpec
 from ..kernels.tiled import MERGE_BLOCK, TILE_BLOCK, fallback_func, merge_func, split_merge_func, tiled_func
-from ..kernels.tiled_mma import LOOP_VARIANTS, MMA_TYPES, check_loop_variant, check_persistent, tiled_mma_func
+from ..kernels.tiled_mma import (LOOP_VARIANTS, MMA_TYPES, check_fold_scale, check_loop_variant, check_persistent,
+                                 tiled_mma_func)
 from .targets import as_target, is_gpu, supports_wgmma, target_key
 
 __all__ = ["TiledKnobs", "default_tiled_knobs", "TWO_STAGE_MIN_TILES", "WGMMA_MIN_HEAD_DIM", "TMA_HEAD_DIM_MULTIPLE",
@@ -87,6 +88,10 @@ class TiledKnobs:
       softmax overlaps that P V as the loop is written (without it none of its exponentials
       does, by the SASS; not yet measured on a GPU: neither a default nor in the tuning
       space); needs ``warp_specialized``.
+    * ``fold_scale``: the warp-level kernel's forms other than the warp-specialized one (which
+      always does) fold the softmax scale into the exponent's FFMA instead of one FMUL a score
+      (fewer instructions a block; not yet measured on a GPU: neither a default nor in the
+      tuning space); needs ``use_tensor_cores``.
     """
 
     br: int = 64
@@ -105,6 +110,7 @@ class TiledKnobs:
     lazy_rescale: bool = False
     early_rescale: bool = False
     softmax_overlap: bool = False
+    fold_scale: bool = False
 
     def __post_init__(self):
         for name in ("br", "bc", "warps", "vector_bytes", "m_tiles", "stages", "row_pad", "split_blocks",
@@ -127,8 +133,10 @@ class TiledKnobs:
         check_persistent(self.persistent, self.warp_specialized)
         for name in LOOP_VARIANTS:
             check_loop_variant(name, getattr(self, name), self.warp_specialized)
-        if self.lazy_rescale and not self.use_tensor_cores:
-            raise ValueError(f"lazy_rescale is a form of the warp-level kernel (use_tensor_cores=True), got {self}")
+        check_fold_scale(self.fold_scale, self.warp_specialized)
+        for name in ("lazy_rescale", "fold_scale"):
+            if getattr(self, name) and not self.use_tensor_cores:
+                raise ValueError(f"{name} is a form of the warp-level kernel (use_tensor_cores=True), got {self}")
         if self.stages not in (1, 2, 4) or (self.stages == 4 and not self.wgmma):
             raise ValueError(f"stages must be 1 or 2 (4: the pipelined wgmma form), got {self.stages}")
         for name in ("br", "bc", "warps", "vector_bytes", "m_tiles"):
@@ -159,13 +167,13 @@ def tiled_program_name(knobs: TiledKnobs, mma: bool) -> str:
     of a record's ``programs_us``): the plan's tiles, and for the warp-level kernel its warps,
     m-tiles, stages and Hopper form (``_wg``, ``_wg_tma``, ``_wg_tma_ws``), ``_pP`` for the
     persistent variant of ``P`` thread blocks, ``_lr`` for ``lazy_rescale``, ``_er`` for
-    ``early_rescale`` and ``_so`` for ``softmax_overlap`` (variants of the form:
-    :func:`program_form` drops them)."""
+    ``early_rescale``, ``_so`` for ``softmax_overlap`` and ``_fs`` for ``fold_scale`` (variants
+    of the form: :func:`program_form` drops them)."""
     name = f"tiled_{knobs.br}x{knobs.bc}"
     form = f"_{tiled_form(knobs)}" if knobs.wgmma else ""
     persistent = f"_p{knobs.persistent}" if knobs.persistent else ""
     variants = ("_lr" if knobs.lazy_rescale else "") + ("_er" if knobs.early_rescale else "") + \
-        ("_so" if knobs.softmax_overlap else "")
+        ("_so" if knobs.softmax_overlap else "") + ("_fs" if knobs.fold_scale else "")
     return name + (f"_w{knobs.warps}_m{knobs.m_tiles}_s{knobs.stages}{form}{persistent}{variants}" if mma else "")
 
 
@@ -179,8 +187,8 @@ def tiled_form(knobs: TiledKnobs) -> str:
 
 def program_form(name: str) -> str:
     """:func:`tiled_form` read back from a program name (a persistent program's ``_pP``, and
-    ``_lr``, ``_er``, ``_so`` of the loop's variants, dropped: variants of their form)."""
-    name = re.sub(r"(_p\d+)?(_lr)?(_er)?(_so)?$", "", name)
+    ``_lr``, ``_er``, ``_so``, ``_fs`` of the loop's variants, dropped: variants of their form)."""
+    name = re.sub(r"(_p\d+)?(_lr)?(_er)?(_so)?(_fs)?$", "", name)
     return next((form for form in ("wg_tma_ws", "wg_tma", "wg") if name.endswith("_" + form)), "")
 
 
@@ -291,7 +299,8 @@ def tiled_funcs(spec: AttentionSpec, plan_shape: PlanShape, knobs: TiledKnobs = 
         funcs = {"tiled": tiled_mma_func(spec, plan_shape, knobs.warps, knobs.m_tiles, knobs.stages,
                                          wgmma=knobs.wgmma, tma=knobs.tma, warp_specialized=knobs.warp_specialized,
                                          persistent=knobs.persistent, lazy_rescale=knobs.lazy_rescale,
-                                         early_rescale=knobs.early_rescale, softmax_overlap=knobs.softmax_overlap)}
+                                         early_rescale=knobs.early_rescale, softmax_overlap=knobs.softmax_overlap,
+                                         fold_scale=knobs.fold_scale)}
     else:
         funcs = {"tiled": tiled_func(spec, plan_shape)}
     if plan_shape.num_slots > 0:
