@@ -12,7 +12,7 @@ true}'``). Steps:
 
 1. the plan's ``tiled`` kernel is built for ``nvidia/nvidia-h100`` (sm_90a) as the planner builds
    it, its CUDA source compiled to a cubin by the local ``nvcc`` with the options TVM's own
-   builds use (:func:`tvm_splat.compile.runtime_ptxas_options`);
+   builds use (:func:`tvm_splat.compile.compile_cubin`);
 2. ``cuobjdump -sass`` disassembles it (``cuobjdump`` and ``nvdisasm`` on ``PATH``: the
    ``nvidia-cuda-cuobjdump`` and ``nvidia-cuda-nvdisasm`` wheels hold them, under
    ``nvidia/cu13/bin``);
@@ -202,7 +202,7 @@ def kernel_sass(pattern: str, shape, kv_heads, dtype: str, overrides: dict) -> t
 
     import tvm
 
-    from tvm_splat.compile import runtime_ptxas_options
+    from tvm_splat.compile import compile_cubin
     from tvm_splat.formats import parse_pattern
     from tvm_splat.planner import plan
     from tvm_splat.schedules.targets import arch_specific
@@ -212,21 +212,17 @@ def kernel_sass(pattern: str, shape, kv_heads, dtype: str, overrides: dict) -> t
             raise SystemExit(f"{tool} is not on PATH (cuobjdump and nvdisasm: pip download --no-deps "
                              f"nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm, unzip, nvidia/cu13/bin)")
     batch, heads, n, d = shape
-    made = plan(parse_pattern(pattern), (batch, heads, n, d), (batch, kv_heads or heads, n, d), dtype, None,
-                target=TARGET)
+    workload = (parse_pattern(pattern), (batch, heads, n, d), (batch, kv_heads or heads, n, d), dtype, None)
+    made = plan(*workload, target=TARGET)
     if overrides:
-        made = plan(parse_pattern(pattern), (batch, heads, n, d), (batch, kv_heads or heads, n, d), dtype, None,
-                    target=TARGET, knobs=dataclasses.replace(made.knobs, **overrides))
+        made = plan(*workload, target=TARGET, knobs=dataclasses.replace(made.knobs, **overrides))
     if made.variant != "tiled" or not made.knobs.use_tensor_cores:
         raise SystemExit(f"the plan is not the warp-level tiled kernel: {made!r}")
     target = arch_specific(made.target) if made.knobs.wgmma else made.target
     source = tvm.tirx.build(made.module(), target=target).imports[0].inspect_source()
-    arch = str(target.attrs["arch"])
     with tempfile.TemporaryDirectory() as tmp:
-        cu, cubin = Path(tmp, "k.cu"), Path(tmp, "k.cubin")
-        cu.write_text(source)
-        subprocess.run(["nvcc", f"-arch={arch}", "-cubin", *runtime_ptxas_options(), "-o", str(cubin), str(cu)],
-                       check=True, capture_output=True, text=True)
+        cubin = Path(tmp, "k.cubin")
+        cubin.write_bytes(compile_cubin(source, target)[0])
         sass = subprocess.run(["cuobjdump", "-sass", str(cubin)], check=True, capture_output=True, text=True).stdout
     return repr(made.knobs), sass
 

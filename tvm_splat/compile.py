@@ -167,18 +167,24 @@ def runtime_ptxas_options() -> list[str]:
     return ["-O3", "--use_fast_math", f"--ptxas-options={','.join(dict.fromkeys(['-v', *flags]))}"]
 
 
-def ptxas_report(source: str, target="nvidia/nvidia-h100") -> str:
-    """What ptxas says (``-v``) compiling CUDA ``source`` with the local ``nvcc`` for the target's
-    architecture and the options TVM's own builds use (:func:`runtime_ptxas_options`): per entry
-    function its registers and spills, and its remarks (e.g. C7515, wgmma instructions
-    serialized)."""
+def compile_cubin(source: str, target="nvidia/nvidia-h100") -> tuple[bytes, str]:
+    """``(cubin, ptxas report)``: CUDA ``source`` compiled by the local ``nvcc`` for the target's
+    architecture with the options TVM's own builds use (:func:`runtime_ptxas_options`), and what
+    ptxas says (``-v``) doing so (:func:`ptxas_report`)."""
     arch = str(as_target(target).attrs["arch"])
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "k.cu").write_text(source)
         run = subprocess.run(["nvcc", f"-arch={arch}", "-cubin", *runtime_ptxas_options(), "-o",
                               str(Path(tmp, "k.cubin")), str(Path(tmp, "k.cu"))],
                              capture_output=True, text=True, check=True)
-    return run.stderr
+        return Path(tmp, "k.cubin").read_bytes(), run.stderr
+
+
+def ptxas_report(source: str, target="nvidia/nvidia-h100") -> str:
+    """What ptxas says (``-v``) compiling CUDA ``source`` as :func:`compile_cubin` does: per entry
+    function its registers and spills, and its remarks (e.g. C7515, wgmma instructions
+    serialized)."""
+    return compile_cubin(source, target)[1]
 
 
 def ptxas_usage(source: str, kernel: str, target="nvidia/nvidia-h100") -> tuple[int, int]:

@@ -781,18 +781,18 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                 for i in T.unroll(4):
                     oacc[(mt * DT + dtl) * 4 + i] = oacc[(mt * DT + dtl) * 4 + i] * al[mt * 2 + i // 2]
 
-    def any_row_moved(al):  # lazy_rescale: whether a row of the thread's warp moved its max
-        moved = al[0] != T.float32(1)
+    def any_row_of_warp(holds):  # whether holds(i) for some row slot i of some thread of the warp (a vote)
+        held = holds(0)
         for i in range(1, RS):
-            moved = T.Or(moved, al[i] != T.float32(1))
-        return T.cuda.any_sync(full_mask, moved) != 0
+            held = T.Or(held, holds(i))
+        return T.cuda.any_sync(full_mask, held) != 0
 
     @T.macro
     def rescale_o(oacc, al):
         # O of each row times its rescale factor; with lazy_rescale only in a warp where a row
         # moved its max (a branch uniform over the warp)
         if lazy_rescale:
-            if any_row_moved(al):
+            if any_row_of_warp(lambda i: al[i] != T.float32(1)):  # a row moved its max
                 multiply_o(oacc, al)
         else:
             multiply_o(oacc, al)
@@ -1122,18 +1122,12 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
             issue_tma_one(smem, bars, V_READY + stage_of(running(base, j)), KV_BYTES, vmap,
                           V_OFF + stage_of(running(base, j)) * BC * D, blocks[hm, blk_lo + j, 0], bhk)
 
-    def any_negative_sum(ls):  # softmax_overlap: whether a row of the warp has a negative sum (never)
-        negative = ls[0] < T.float32(0)
-        for i in range(1, RS):
-            negative = T.Or(negative, ls[i] < T.float32(0))
-        return T.cuda.any_sync(full_mask, negative) != 0
-
     @T.macro
     def after_row_sums(ls):
         # softmax_overlap: a warp-uniform branch on the row sums, never taken (a sum of
         # exponentials is not negative; its body a 0 ns sleep), that ends the softmax's basic
         # block, so that ptxas cannot hoist the next wait (P V's) above the softmax
-        if any_negative_sum(ls):
+        if any_row_of_warp(lambda i: ls[i] < T.float32(0)):
             T.cuda.nano_sleep(T.uint64(0))
 
     @T.macro

@@ -162,18 +162,23 @@ class TiledKnobs:
         return cls(**{k: v for k, v in fields.items() if k in names})
 
 
+#: program-name suffixes of the warp-level kernel's variants of a form, in name order: the
+#: knobs' boolean fields that change the code but not the form (:func:`program_form` drops them)
+VARIANT_SUFFIXES = (("lazy_rescale", "_lr"), ("early_rescale", "_er"), ("softmax_overlap", "_so"),
+                    ("fold_scale", "_fs"))
+
+
 def tiled_program_name(knobs: TiledKnobs, mma: bool) -> str:
     """The name of the program ``knobs`` make (one MetaSchedule task of a tuning run, a key
     of a record's ``programs_us``): the plan's tiles, and for the warp-level kernel its warps,
     m-tiles, stages and Hopper form (``_wg``, ``_wg_tma``, ``_wg_tma_ws``), ``_pP`` for the
-    persistent variant of ``P`` thread blocks, ``_lr`` for ``lazy_rescale``, ``_er`` for
-    ``early_rescale``, ``_so`` for ``softmax_overlap`` and ``_fs`` for ``fold_scale`` (variants
-    of the form: :func:`program_form` drops them)."""
+    persistent variant of ``P`` thread blocks and the :data:`VARIANT_SUFFIXES` of the knobs
+    that are on (``_lr`` for ``lazy_rescale``, ...; variants of the form: :func:`program_form`
+    drops them)."""
     name = f"tiled_{knobs.br}x{knobs.bc}"
     form = f"_{tiled_form(knobs)}" if knobs.wgmma else ""
     persistent = f"_p{knobs.persistent}" if knobs.persistent else ""
-    variants = ("_lr" if knobs.lazy_rescale else "") + ("_er" if knobs.early_rescale else "") + \
-        ("_so" if knobs.softmax_overlap else "") + ("_fs" if knobs.fold_scale else "")
+    variants = "".join(suffix for name, suffix in VARIANT_SUFFIXES if getattr(knobs, name))
     return name + (f"_w{knobs.warps}_m{knobs.m_tiles}_s{knobs.stages}{form}{persistent}{variants}" if mma else "")
 
 
@@ -186,9 +191,9 @@ def tiled_form(knobs: TiledKnobs) -> str:
 
 
 def program_form(name: str) -> str:
-    """:func:`tiled_form` read back from a program name (a persistent program's ``_pP``, and
-    ``_lr``, ``_er``, ``_so``, ``_fs`` of the loop's variants, dropped: variants of their form)."""
-    name = re.sub(r"(_p\d+)?(_lr)?(_er)?(_so)?(_fs)?$", "", name)
+    """:func:`tiled_form` read back from a program name (a persistent program's ``_pP`` and the
+    :data:`VARIANT_SUFFIXES` dropped: variants of their form)."""
+    name = re.sub(r"(_p\d+)?" + "".join(f"({suffix})?" for _, suffix in VARIANT_SUFFIXES) + "$", "", name)
     return next((form for form in ("wg_tma_ws", "wg_tma", "wg") if name.endswith("_" + form)), "")
 
 
