@@ -12,7 +12,10 @@ true}'``). Steps:
 
 1. the plan's ``tiled`` kernel is built for ``nvidia/nvidia-h100`` (sm_90a) as the planner builds
    it, its CUDA source compiled to a cubin by the local ``nvcc`` with the options TVM's own
-   builds use (:func:`tvm_splat.compile.compile_cubin`);
+   builds use (:func:`tvm_splat.compile.compile_cubin`), or with ``--compiler runtime`` by
+   the compiler TVM's loader calls on a GPU machine (:func:`runtime_cubin`:
+   NVRTC, the ``cuda-bindings`` package; what a user's process runs, where its ptxas may be
+   another version than the local ``nvcc``'s);
 2. ``cuobjdump -sass`` disassembles it (``cuobjdump`` and ``nvdisasm`` on ``PATH``: the
    ``nvidia-cuda-cuobjdump`` and ``nvidia-cuda-nvdisasm`` wheels hold them, under
    ``nvidia/cu13/bin``);
@@ -196,7 +199,18 @@ def _requirement(text):
     return m.group(1), int(m.group(2))
 
 
-def kernel_sass(pattern: str, shape, kv_heads, dtype: str, overrides: dict) -> tuple[str, str]:
+def runtime_cubin(source: str, target) -> bytes:
+    """CUDA ``source`` compiled to a cubin as TVM's loader compiles it on a GPU machine
+    (``tvm_callback_cuda_compile``: NVRTC through the ``cuda-bindings`` package, with TVM's
+    ptxas options), for the target's architecture. Raises RuntimeError without
+    ``cuda-bindings``."""
+    from tvm.support.nvcc import compile_cuda
+
+    with target:  # NVRTC's architecture comes from the current target
+        return bytes(compile_cuda(source, target_format="cubin", compiler="nvrtc"))
+
+
+def kernel_sass(pattern: str, shape, kv_heads, dtype: str, overrides: dict, compiler: str = "nvcc") -> tuple[str, str]:
     """``(knobs repr, SASS text)`` of the plan's ``tiled`` kernel (module docstring, steps 1-2)."""
     import dataclasses
 
@@ -207,7 +221,7 @@ def kernel_sass(pattern: str, shape, kv_heads, dtype: str, overrides: dict) -> t
     from tvm_splat.planner import plan
     from tvm_splat.schedules.targets import arch_specific
 
-    for tool in ("nvcc", "cuobjdump", "nvdisasm"):
+    for tool in ("nvcc", "cuobjdump", "nvdisasm")[compiler == "runtime":]:
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not on PATH (cuobjdump and nvdisasm: pip download --no-deps "
                              f"nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm, unzip, nvidia/cu13/bin)")
@@ -222,7 +236,7 @@ def kernel_sass(pattern: str, shape, kv_heads, dtype: str, overrides: dict) -> t
     source = tvm.tirx.build(made.module(), target=target).imports[0].inspect_source()
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp, "k.cubin")
-        cubin.write_bytes(compile_cubin(source, target)[0])
+        cubin.write_bytes(runtime_cubin(source, target) if compiler == "runtime" else compile_cubin(source, target)[0])
         sass = subprocess.run(["cuobjdump", "-sass", str(cubin)], check=True, capture_output=True, text=True).stdout
     return repr(made.knobs), sass
 
@@ -235,18 +249,20 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
     parser.add_argument("--knobs", type=json.loads, default={}, help="TiledKnobs overrides (a JSON object)")
     parser.add_argument("--require", type=_requirement, action="append", default=[])
+    parser.add_argument("--compiler", choices=("nvcc", "runtime"), default="nvcc",
+                        help="the local nvcc with TVM's options, or TVM's loader's own (NVRTC)")
     parser.add_argument("--sass", type=Path, help="read this cuobjdump -sass text instead of building")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if args.sass is not None:
         knobs, sass = None, args.sass.read_text()
     else:
-        knobs, sass = kernel_sass(args.pattern, args.shape, args.kv_heads, args.dtype, args.knobs)
+        knobs, sass = kernel_sass(args.pattern, args.shape, args.kv_heads, args.dtype, args.knobs, args.compiler)
     instructions = parse_sass(sass)
     path, decisions, branches = fast_path(instructions, args.require)
     counts = opcode_counts(instructions, path)
     beside = exponentials_beside_pv(instructions, path)
-    result = {"pattern": args.pattern, "shape": list(args.shape), "kv_heads": args.kv_heads, "dtype": args.dtype,
+    result = {"compiler": None if args.sass else args.compiler, "pattern": args.pattern, "shape": list(args.shape), "kv_heads": args.kv_heads, "dtype": args.dtype,
               "knobs": knobs, "require": [f"{op}>={n}" for op, n in args.require], "instructions": len(path),
               "opcodes": dict(counts.most_common()), "branches_in_loop": branches,
               "exponentials_beside_pv": beside,

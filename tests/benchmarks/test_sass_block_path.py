@@ -116,3 +116,16 @@ def test_softmax_overlap_keeps_the_exponentials_beside_p_v(repo_script, tmp_path
     assert hoisted["opcodes"]["HGMMA"] == overlapped["opcodes"]["HGMMA"] == 16
     assert hoisted["exponentials_beside_pv"] == 0
     assert overlapped["exponentials_beside_pv"] == overlapped["opcodes"]["MUFU"] > 0
+
+
+def test_the_runtime_compiler_needs_cuda_bindings(repo_script, monkeypatch):
+    """``--compiler runtime`` compiles as TVM's loader does (NVRTC); without the
+    ``cuda-bindings`` package it fails naming it, before anything is disassembled."""
+    import importlib.util
+
+    if importlib.util.find_spec("cuda") is not None and importlib.util.find_spec("cuda.bindings") is not None:
+        pytest.skip("cuda-bindings is installed: NVRTC would compile")
+    sbp = repo_script(SCRIPT)
+    monkeypatch.setattr(sbp.shutil, "which", lambda tool: f"/bin/{tool}")  # cuobjdump is not what fails
+    with pytest.raises(RuntimeError, match="cuda-bindings"):
+        sbp.main(["--compiler", "runtime", "--pattern", "window:300", "--shape", "1", "4", "2048", "128"])
