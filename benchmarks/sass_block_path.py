@@ -200,14 +200,15 @@ def _requirement(text):
 
 
 def runtime_cubin(source: str, target) -> bytes:
-    """CUDA ``source`` compiled to a cubin as TVM's loader compiles it on a GPU machine
-    (``tvm_callback_cuda_compile``: NVRTC through the ``cuda-bindings`` package, with TVM's
-    ptxas options), for the target's architecture. Raises RuntimeError without
+    """CUDA ``source`` compiled as TVM's loader compiles it on a GPU machine: TVM's own
+    ``tvm_callback_cuda_compile`` (NVRTC through the ``cuda-bindings`` package by default, or
+    ``nvcc`` with ``TVM_CUDA_COMPILE_MODE=nvcc``; TVM's ptxas options either way), for the
+    target's architecture. Raises RuntimeError when NVRTC is asked for without
     ``cuda-bindings``."""
-    from tvm.support.nvcc import compile_cuda
+    from tvm.support.nvcc import tvm_callback_cuda_compile
 
-    with target:  # NVRTC's architecture comes from the current target
-        return bytes(compile_cuda(source, target_format="cubin", compiler="nvrtc"))
+    with target:  # the callback reads the architecture off the current target
+        return bytes(tvm_callback_cuda_compile(source))
 
 
 def kernel_sass(pattern: str, shape, kv_heads, dtype: str, overrides: dict, compiler: str = "nvcc") -> tuple[str, str]:
@@ -221,7 +222,7 @@ def kernel_sass(pattern: str, shape, kv_heads, dtype: str, overrides: dict, comp
     from tvm_splat.planner import plan
     from tvm_splat.schedules.targets import arch_specific
 
-    for tool in ("nvcc", "cuobjdump", "nvdisasm")[compiler == "runtime":]:
+    for tool in ("cuobjdump", "nvdisasm") + (("nvcc",) if compiler == "nvcc" else ()):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not on PATH (cuobjdump and nvdisasm: pip download --no-deps "
                              f"nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm, unzip, nvidia/cu13/bin)")
@@ -262,7 +263,8 @@ def main(argv=None):
     path, decisions, branches = fast_path(instructions, args.require)
     counts = opcode_counts(instructions, path)
     beside = exponentials_beside_pv(instructions, path)
-    result = {"compiler": None if args.sass else args.compiler, "pattern": args.pattern, "shape": list(args.shape), "kv_heads": args.kv_heads, "dtype": args.dtype,
+    result = {"compiler": None if args.sass else args.compiler, "pattern": args.pattern, "shape": list(args.shape),
+              "kv_heads": args.kv_heads, "dtype": args.dtype,
               "knobs": knobs, "require": [f"{op}>={n}" for op, n in args.require], "instructions": len(path),
               "opcodes": dict(counts.most_common()), "branches_in_loop": branches,
               "exponentials_beside_pv": beside,

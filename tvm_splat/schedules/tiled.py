@@ -178,7 +178,7 @@ def tiled_program_name(knobs: TiledKnobs, mma: bool) -> str:
     name = f"tiled_{knobs.br}x{knobs.bc}"
     form = f"_{tiled_form(knobs)}" if knobs.wgmma else ""
     persistent = f"_p{knobs.persistent}" if knobs.persistent else ""
-    variants = "".join(suffix for name, suffix in VARIANT_SUFFIXES if getattr(knobs, name))
+    variants = "".join(suffix for field, suffix in VARIANT_SUFFIXES if getattr(knobs, field))
     return name + (f"_w{knobs.warps}_m{knobs.m_tiles}_s{knobs.stages}{form}{persistent}{variants}" if mma else "")
 
 
