@@ -175,7 +175,7 @@ def test_a_record_that_never_measured_the_default_program_is_stale(tmp_path, mon
     untuned = plan(Window(40), shape, None, "float16", None, target=H100)
     assert untuned.knobs_source == "default" and untuned.knobs.tma
     default_name = tiled_program_name(untuned.knobs, True)
-    assert default_name == "tiled_64x64_w4_m1_s2_wg_tma"
+    assert default_name == "tiled_64x64_w4_m1_s2_wg_tma_fs"  # d=64: fold_scale, its measured variant
     assert program_form(default_name) == tiled_form(untuned.knobs) == "wg_tma"
     path = best_knobs_path(untuned.spec, untuned.target)
     path.parent.mkdir(parents=True)
@@ -221,13 +221,47 @@ def test_a_record_that_beat_the_default_program_by_less_than_the_margin_keeps_th
     assert edge.knobs_source == "default"
     clear = planned_with(158.6, 184.0)  # causal strided 128, d=128
     assert clear.knobs_source == "tuned" and (clear.knobs.br, clear.knobs.bc, clear.knobs.tma) == (32, 32, False)
-    same = dict(knobs, br=64, bc=64, warps=4, wgmma=True, tma=True)  # the default program won
+    same = dict(knobs, br=64, bc=64, warps=4, wgmma=True, tma=True, fold_scale=True)  # the default program won
     assert tiled_program_name(TiledKnobs.from_dict(same), True) == default_name
     path.write_text(json.dumps({"knobs": same, "us": 26.3, "programs_us": {default_name: 26.3, "tiled_32x32_w2_m1_s2": 26.4}}))
     assert plan(Window(40), shape, None, "float16", None, target=H100).knobs_source == "tuned"
     path.write_text(json.dumps({"knobs": knobs, "us": 26.1, "programs_us": {  # the default not measured
         "tiled_32x32_w2_m1_s2": 26.1, "tiled_128x64_w8_m1_s2_wg_tma": 26.3}}))
     assert plan(Window(40), shape, None, "float16", None, target=H100).knobs_source == "tuned"
+
+
+def test_a_record_tuned_before_its_form_took_a_variant_runs_with_it(tmp_path, monkeypatch):
+    """Loop variants are not searched: a record tuned before its form took the variant that
+    won its A/B (``with_measured_variants``) keeps its plan and schedule knobs and runs with the
+    variant, and it compares with the default program by name without variant suffixes (a
+    winner within the margin of the pre-variant default program still yields to the
+    default)."""
+    monkeypatch.setenv("TVM_SPLAT_TUNING_LOGS", str(tmp_path))
+    import json
+
+    from tvm_splat.records import best_knobs_path
+    from tvm_splat.schedules.tiled import program_without_variants, tiled_program_name
+
+    ws_shape = (8, 32, 1024, 128)  # 2048 row tiles of 128: the warp-specialized default
+    untuned = plan(Window(64), ws_shape, None, "bfloat16", None, target=H100)
+    assert untuned.knobs.warp_specialized and untuned.knobs.early_rescale
+    default_name = tiled_program_name(untuned.knobs, True)
+    assert default_name.endswith("_wg_tma_ws_er") and program_without_variants(default_name).endswith("_wg_tma_ws")
+    path = best_knobs_path(untuned.spec, untuned.target)
+    path.parent.mkdir(parents=True)
+    old = {"br": 128, "bc": 128, "warps": 8, "use_tensor_cores": True, "stages": 2, "wgmma": True, "tma": True,
+           "warp_specialized": True, "row_pad": 8}  # a schedule knob the default does not have
+    old_name = program_without_variants(default_name)
+    path.write_text(json.dumps({"knobs": old, "us": 800.0, "programs_us": {old_name: 800.0,
+                                                                           "tiled_128x64_w8_m1_s2_wg_tma": 850.0}}))
+    tuned = plan(Window(64), ws_shape, None, "bfloat16", None, target=H100)
+    assert tuned.knobs_source == "tuned" and tuned.knobs.row_pad == 8
+    assert tuned.knobs.early_rescale and not (tuned.knobs.lazy_rescale or tuned.knobs.softmax_overlap)
+    near = dict(old, br=128, bc=64, warp_specialized=False, row_pad=4)  # another program, 0.5% faster
+    path.write_text(json.dumps({"knobs": near, "us": 796.0, "programs_us": {old_name: 800.0,
+                                                                            "tiled_128x64_w8_m1_s2_wg_tma": 796.0}}))
+    kept = plan(Window(64), ws_shape, None, "bfloat16", None, target=H100)
+    assert kept.knobs_source == "default" and kept.knobs == untuned.knobs
 
 
 @pytest.mark.parametrize("shape,d,warp_specialized", [
@@ -238,7 +272,9 @@ def test_a_record_that_beat_the_default_program_by_less_than_the_margin_keeps_th
 def test_hopper_default_warp_specialized_from_its_tile_count(shape, d, warp_specialized, tmp_path, monkeypatch):
     """At d >= 128 on sm_90a the inference default is the TMA form's warp-specialized variant
     (128x128 tiles) from WARP_SPECIALIZED_MIN_TILES row tiles of 128; the training forward never
-    takes it (its backward was measured with the other form)."""
+    takes it (its backward was measured with the other form). Each form carries the loop
+    variant that won its A/B: early_rescale in the warp-specialized form, fold_scale in the
+    TMA form at d=64 (inference and training), neither in the d=128 two-block TMA form."""
     monkeypatch.setenv("TVM_SPLAT_TUNING_LOGS", str(tmp_path))
     from tvm_splat.planner import default_knobs
     from tvm_splat.schedules.tiled import WARP_SPECIALIZED_MIN_TILES
@@ -252,3 +288,6 @@ def test_hopper_default_warp_specialized_from_its_tile_count(shape, d, warp_spec
         assert (made.knobs.br, made.knobs.bc, made.knobs.warps) == (128, 128, 8)
     training = default_knobs(made.spec, made.target, made.acsr, stepped_tma=False, warp_specialized=False)
     assert training.tma and not training.warp_specialized
+    assert made.knobs.early_rescale == warp_specialized and not training.early_rescale
+    assert made.knobs.fold_scale == training.fold_scale == (d == 64)
+    assert not (made.knobs.lazy_rescale or made.knobs.softmax_overlap)

@@ -20,7 +20,8 @@ from pathlib import Path
 import tvm
 
 from .schedules.targets import as_target, target_name
-from .schedules.tiled import TiledKnobs, program_form, tiled_program_name, uses_mma
+from .schedules.tiled import (TiledKnobs, program_form, program_without_variants, tiled_program_name, uses_mma,
+                              with_measured_variants)
 
 logger = logging.getLogger("tvm_splat.tuning")
 _ANNOUNCED: set = set()  # (path, hit/miss) already logged once
@@ -109,7 +110,14 @@ def tuned_tiled_knobs(spec, target, root=None, default_form: str | None = None, 
     (:func:`~tvm_splat.schedules.tiled.tiled_program_name`). Where the record measured it and
     its winner, another program, was less than :data:`TUNED_MIN_GAIN` faster, None is returned
     too: a tie within what the tuner cannot see is the default's. A winner that is the default
-    program itself (its best schedule knobs) is taken."""
+    program itself (its best schedule knobs) is taken.
+
+    The loop variants are not searched (each program of the tuning space has those its form
+    won an A/B with, :func:`~tvm_splat.schedules.tiled.with_measured_variants`), so the
+    winner takes its form's current ones, and programs compare without their variant suffixes:
+    a record tuned before a form took a variant keeps its plan, form and schedule knobs and
+    runs them with the variant (the eight warp-specialized records of the models suite, tuned
+    before ``early_rescale`` won its A/B, run with it)."""
     path = best_knobs_path(spec, as_target(target), root)
     if not path.exists():
         return None
@@ -120,10 +128,14 @@ def tuned_tiled_knobs(spec, target, root=None, default_form: str | None = None, 
         logger.info("ignoring the tiled knobs of %s: its search measured no program of the default's "
                     "form %r (re-tune to compare them)", path.parent, default_form)
         return None
-    knobs = TiledKnobs.from_dict(record["knobs"])
-    default_us = (measured or {}).get(default_program)
+    knobs = with_measured_variants(TiledKnobs.from_dict(record["knobs"]), spec.head_dim)
+    default_us = None
+    if default_program is not None:
+        default_us = {program_without_variants(name): us for name, us in (measured or {}).items()}.get(
+            program_without_variants(default_program))
     winner = tiled_program_name(knobs, uses_mma(spec, knobs, as_target(target)))
-    if default_us is not None and winner != default_program and record["us"] > default_us * (1 - TUNED_MIN_GAIN):
+    if default_us is not None and program_without_variants(winner) != program_without_variants(default_program) \
+            and record["us"] > default_us * (1 - TUNED_MIN_GAIN):
         logger.info("keeping the default program %s of %s: the record's winner measured %.1f us against its "
                     "%.1f us, less than %.0f%% faster", default_program, path.parent, record["us"], default_us,
                     100 * TUNED_MIN_GAIN)

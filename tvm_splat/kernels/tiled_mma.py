@@ -419,16 +419,20 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     skips the ``MT * DT * 4`` multiplies of O: SASS of window +-1024 d=128, warp-specialized
     (fp16 and bf16, by cuobjdump), 511 instructions a thread a FULL block without the knob; with
     it 462 where the warp keeps its maxima and 526 where a row moves one (the vote, the selects).
-    Not yet measured on a GPU: an opt-in knob, neither a default nor in the tuning space, until
-    an A/B says it pays.
+    Not faster on the H100 (``benchmarks/results/h100_forward_ab.json``, runs
+    ``twenty_fifth_*``, one run a case): within +-1.4% of the plain loop in the warp-specialized
+    form (window +-1024 and Mistral's causal window, d=128, fp16 and bf16) and +-1.3% in the
+    d=64 TMA form, so an opt-in knob, neither a default nor in the tuning space.
 
     ``early_rescale=True`` (with ``warp_specialized``): a consumer warpgroup multiplies O by a
     block's rescale factors after issuing the next block's S, while that GEMM runs and before
     it issues the block's P V (FlashAttention's ``RescaleOBeforeGemm``), instead of after the
     previous P V completed, where the multiplies sit between the softmax and the group's next
     turn at the tensor cores: the same instructions (the path stays 511 a FULL block), moved
-    out of the window in which one group's softmax must fit the other group's GEMMs. Not yet
-    measured on a GPU: an opt-in knob, neither a default nor in the tuning space.
+    out of the window in which one group's softmax must fit the other group's GEMMs. H100, the
+    same two cases, fp16 and bf16, same-process pairs against the plain loop: faster in 19 of
+    24, median 1.2%, outputs identical; so the warp-specialized form's default and its program
+    in the tuning space (:func:`~tvm_splat.schedules.tiled.with_measured_variants`).
 
     ``softmax_overlap=True`` (with ``warp_specialized``): the softmax of block j runs while P V
     of block j - 1 is on the tensor cores, as the loop is written. Without it ptxas hoists the
@@ -441,8 +445,12 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     of 511, all 66 MUFU after it; with the branch, 516 instructions, the 66 MUFU at 213-395
     and the wait at 410, with the same 168 registers and 16-byte spill and no wgmma
     serialization (a ``trap`` in the branch instead made ptxas fall back to 168 registers in
-    the consumers, spill 332 bytes and serialize the wgmma). Not yet measured on a GPU: an
-    opt-in knob, neither a default nor in the tuning space.
+    the consumers, spill 332 bytes and serialize the wgmma). The H100's own compiler (NVRTC of
+    CUDA 13, as TVM's loader calls it: ``sass_block_path.py --compiler runtime``) hoists the
+    wait the same way (508 instructions, 0 of 66 MUFU between the waits). Yet the branch did not
+    pay on the H100, one run a case, fp16 and bf16: 0.4-1.4% slower on window +-1024, 0.3-1.3%
+    faster on Mistral's causal window, 1.4-2.2% slower than the plain loop on both with
+    ``early_rescale``. An opt-in knob, neither a default nor in the tuning space.
 
     ``fold_scale=True`` (the forms other than the warp-specialized one, which always folds): the
     softmax scale goes into the exponent's FFMA, ``2^(s scale - m)``, instead of one FMUL a score
@@ -450,8 +458,11 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     TMA form of Longformer-base, of window ±256 b=16 and of dilated ±256 step 2 317 -> 286
     instructions a thread a FULL block; ptxas spills nothing with it on the d=64 TMA, cp.async
     wgmma and mma forms nor on the d=128 mma and cp.async wgmma forms, and 24 bytes on the d=128
-    two-block TMA form (128 registers). Not yet measured on a GPU: an opt-in knob, neither a
-    default nor in the tuning space.
+    two-block TMA form (128 registers). H100, fp16, d=64 TMA form (+-256 + 4 global, batch 8,
+    n=4096; dilated +-256 step 2, n=8192): faster in all 8 same-process pairs, 1.0-3.0%; the
+    default of the one-warpgroup TMA form and its programs in the tuning space
+    (:func:`~tvm_splat.schedules.tiled.with_measured_variants`), not of the d=128 forms
+    (unmeasured there, and the two-block TMA form spills with it).
 
     ``with_lse=True`` (training, :mod:`tvm_splat.kernels.backward_mma`): on a plan of one
     component, a last parameter ``lse [B, H, N]`` float32 receives the natural-log log-sum-exp

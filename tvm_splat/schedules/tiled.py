@@ -76,22 +76,26 @@ class TiledKnobs:
       tuning space.
     * ``lazy_rescale``: the warp-level kernel moves a row's running max only when a block
       raises it by more than :data:`~tvm_splat.kernels.tiled_mma.RESCALE_THRESHOLD`, and
-      rescales O only in a warp where a row moved it (fewer instructions a block; not yet
-      measured on a GPU, so neither a default nor in the tuning space); needs
+      rescales O only in a warp where a row moved it (fewer instructions a block, but on the
+      H100, one run a case, within +-1.4% of the plain loop in the warp-specialized form at
+      d=128, fp16 and bf16, and within +-1.3% in the d=64 TMA form, alone or with
+      ``fold_scale``: neither a default nor in the tuning space); needs
       ``use_tensor_cores``.
     * ``early_rescale``: the warp-specialized form multiplies O by a block's rescale factors
       while the next block's S runs, before issuing the block's P V, instead of after the
-      previous P V (not yet measured on a GPU: neither a default nor in the tuning space);
-      needs ``warp_specialized``.
+      previous P V; the default of that form and its program in the tuning space
+      (:func:`with_measured_variants` gives the figures); needs ``warp_specialized``.
     * ``softmax_overlap``: the warp-specialized form ends each block's softmax with a branch
       that keeps ptxas from hoisting the wait for the previous P V above it, so that the
       softmax overlaps that P V as the loop is written (without it none of its exponentials
-      does, by the SASS; not yet measured on a GPU: neither a default nor in the tuning
-      space); needs ``warp_specialized``.
+      does, by the SASS; yet on the H100, one run a case, fp16 and bf16, it was 0.4-1.4% slower
+      on window +-1024 and 0.3-1.3% faster on Mistral's causal window, and with
+      ``early_rescale`` 1.4-2.2% slower than the plain loop on both: neither a default nor in
+      the tuning space); needs ``warp_specialized``.
     * ``fold_scale``: the warp-level kernel's forms other than the warp-specialized one (which
       always does) fold the softmax scale into the exponent's FFMA instead of one FMUL a score
-      (fewer instructions a block; not yet measured on a GPU: neither a default nor in the
-      tuning space); needs ``use_tensor_cores``.
+      (fewer instructions a block); the default of the one-warpgroup TMA form and its programs
+      in the tuning space (:func:`with_measured_variants`); needs ``use_tensor_cores``.
     """
 
     br: int = 64
@@ -190,10 +194,17 @@ def tiled_form(knobs: TiledKnobs) -> str:
     return "wg_tma" if knobs.tma else "wg" if knobs.wgmma else ""
 
 
+def program_without_variants(name: str) -> str:
+    """A program name with its :data:`VARIANT_SUFFIXES` dropped: the program a tuning run
+    measured before the form took the variants it now carries
+    (:func:`with_measured_variants`)."""
+    return re.sub("".join(f"({suffix})?" for _, suffix in VARIANT_SUFFIXES) + "$", "", name)
+
+
 def program_form(name: str) -> str:
     """:func:`tiled_form` read back from a program name (a persistent program's ``_pP`` and the
     :data:`VARIANT_SUFFIXES` dropped: variants of their form)."""
-    name = re.sub(r"(_p\d+)?" + "".join(f"({suffix})?" for _, suffix in VARIANT_SUFFIXES) + "$", "", name)
+    name = re.sub(r"_p\d+$", "", program_without_variants(name))
     return next((form for form in ("wg_tma_ws", "wg_tma", "wg") if name.endswith("_" + form)), "")
 
 
@@ -235,6 +246,27 @@ TMA_HEAD_DIM_MULTIPLE = 64
 WARP_SPECIALIZED_MIN_TILES = 2048
 
 
+def with_measured_variants(knobs: TiledKnobs, head_dim: int) -> TiledKnobs:
+    """``knobs`` with the loop variants that won their A/B on the form they make (the default
+    knobs and the tuning space take them; a tuning record keeps the knobs it measured):
+
+    * the warp-specialized form: ``early_rescale``. H100, fp16 and bf16, window +-1024 n=32k and
+      Mistral's causal window 4095 (GQA, n=8k), d=128: faster in 19 of 24 same-process pairs,
+      median 1.2% (geomean 0.8%), outputs identical
+      (``benchmarks/results/h100_forward_ab.json``, runs ``twenty_fifth_*``);
+      ``softmax_overlap`` (alone or with it) and ``lazy_rescale`` did not win there.
+    * the TMA form below :data:`WGMMA_MIN_HEAD_DIM` (d=64's default has one warpgroup, the
+      form measured; ptxas spills nothing there with it at either size): ``fold_scale``. H100, fp16, +-256 + 4 global (batch 8, n=4096) and dilated +-256 step 2 (n=8192), d=64:
+      faster in all 8 pairs, 1.0-3.0%. At d=128 the two-block TMA form spills with it
+      (:func:`~tvm_splat.kernels.tiled_mma.tiled_mma_func`), so it stays off there.
+    """
+    if knobs.warp_specialized:
+        return dataclasses.replace(knobs, early_rescale=True)
+    if knobs.tma and head_dim < WGMMA_MIN_HEAD_DIM:
+        return dataclasses.replace(knobs, fold_scale=True)
+    return knobs
+
+
 def default_tiled_knobs(spec: AttentionSpec, target, num_components: int = 1, tma_steps: bool = False,
                         max_step: int = 1, warp_specialized: bool = False) -> TiledKnobs:
     """The knobs when nothing is tuned: the ``mma`` kernel for float16/bfloat16 on the GPU, and
@@ -248,7 +280,8 @@ def default_tiled_knobs(spec: AttentionSpec, target, num_components: int = 1, tm
       from ``WGMMA_MIN_HEAD_DIM``, one below; with ``warp_specialized`` (inference; the
       training forward keeps the form its backward was measured with), two warpgroups and at
       least ``WARP_SPECIALIZED_MIN_TILES`` 128-row tiles: its warp-specialized form, 128x128
-      tiles (:data:`WARP_SPECIALIZED_MIN_TILES` says what was measured);
+      tiles (:data:`WARP_SPECIALIZED_MIN_TILES` says what was measured); both with the loop
+      variants that won their A/B (:func:`with_measured_variants`);
     * else, with blocks of step 1, from ``WGMMA_MIN_HEAD_DIM``: the wgmma form with two warpgroups.
 
     ``num_components`` and ``max_step`` (the largest step of a column block) of the tile plan
@@ -275,10 +308,11 @@ def default_tiled_knobs(spec: AttentionSpec, target, num_components: int = 1, tm
     if tma_steps and spec.head_dim % TMA_HEAD_DIM_MULTIPLE == 0:
         if warp_specialized and two_warpgroups and \
                 spec.batch * spec.heads * -(-spec.seq_len // 128) >= WARP_SPECIALIZED_MIN_TILES:
-            return dataclasses.replace(knobs, br=128, bc=128, warps=8, wgmma=True, tma=True, stages=2,
-                                       warp_specialized=True)
+            return with_measured_variants(dataclasses.replace(knobs, br=128, bc=128, warps=8, wgmma=True, tma=True,
+                                                              stages=2, warp_specialized=True), spec.head_dim)
         rows = 128 if two_warpgroups else 64
-        return dataclasses.replace(knobs, br=rows, warps=rows // 16, wgmma=True, tma=True, stages=2)
+        return with_measured_variants(dataclasses.replace(knobs, br=rows, warps=rows // 16, wgmma=True, tma=True,
+                                                          stages=2), spec.head_dim)
     if two_warpgroups and max_step <= 1:
         return dataclasses.replace(knobs, br=128, warps=8, wgmma=True)
     return knobs

@@ -33,7 +33,8 @@ from ..kernels.tiled_mma import tma_loads_step
 from ..records import best_knobs_path, open_database, workload_dir
 from ..schedules.targets import is_gpu
 from ..schedules.tiled import (TILE_BLOCK, TMA_HEAD_DIM_MULTIPLE, WGMMA_MIN_HEAD_DIM, TiledKnobs, apply_tiled_schedule,
-                               default_tiled_knobs, tiled_funcs, tiled_program_name, uses_mma)
+                               default_tiled_knobs, tiled_funcs, tiled_program_name, uses_mma,
+                               with_measured_variants)
 from .tune import (RPCTracker, TuneResult, _metadata_args, alloc_arguments, local_builder, measure_runner,
                    prune_database, run_us, tuning_progress, tuning_target)
 
@@ -93,13 +94,16 @@ def program_choices(base, spec, target, stages=(1, 2), m_tiles=(1,), tma_steps=F
     TMA form where a tensor map loads the plan's column blocks (``tma_steps``, read off the plan:
     one step for all, 1 or a dilation dividing n) and ``head_dim`` is a multiple of
     ``TMA_HEAD_DIM_MULTIPLE``; the plan ``WARP_SPECIALIZED_PLAN`` is one program, the TMA form's
-    warp-specialized variant, where it applies (:func:`warp_specialized_applies`)."""
+    warp-specialized variant, where it applies (:func:`warp_specialized_applies`). The TMA
+    programs carry the loop variants that won their A/B
+    (:func:`~tvm_splat.schedules.tiled.with_measured_variants`)."""
     if not uses_mma(spec, base, target):
         return [schedule_choices(base, target)]
     if (base.br, base.bc) == WARP_SPECIALIZED_PLAN:  # that program alone, where it applies
         if not warp_specialized_applies(spec, target, stages, tma_steps):
             return []
-        return [[dataclasses.replace(base, warps=8, m_tiles=1, stages=2, wgmma=True, tma=True, warp_specialized=True)]]
+        return [[with_measured_variants(dataclasses.replace(base, warps=8, m_tiles=1, stages=2, wgmma=True, tma=True,
+                                                            warp_specialized=True), spec.head_dim)]]
     groups = []
     for warps, mt, st in itertools.product((1, 2, 4, 8), m_tiles, stages):
         if 16 * warps * mt != base.br:
@@ -108,7 +112,8 @@ def program_choices(base, spec, target, stages=(1, 2), m_tiles=(1,), tma_steps=F
     if _has_wgmma(target) and base.br % 64 == 0 and spec.head_dim <= 256:  # Hopper: the wgmma form too
         groups += [[dataclasses.replace(base, warps=base.br // 16, m_tiles=1, stages=st, wgmma=True)] for st in stages]
         if 2 in stages and tma_steps and spec.head_dim % TMA_HEAD_DIM_MULTIPLE == 0:
-            groups.append([dataclasses.replace(base, warps=base.br // 16, m_tiles=1, stages=2, wgmma=True, tma=True)])
+            groups.append([with_measured_variants(dataclasses.replace(base, warps=base.br // 16, m_tiles=1, stages=2,
+                                                                      wgmma=True, tma=True), spec.head_dim)])
     return groups
 
 
