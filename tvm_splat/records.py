@@ -129,8 +129,8 @@ def tuned_tiled_knobs(spec, target, root=None, default_form: str | None = None, 
                     "form %r (re-tune to compare them)", path.parent, default_form)
         return None
     knobs = with_measured_variants(TiledKnobs.from_dict(record["knobs"]), spec.head_dim)
-    default_us = None
-    if default_program is not None:
+    default_us = (measured or {}).get(default_program)
+    if default_us is None and default_program is not None:  # measured before the form took its variants
         default_us = {program_without_variants(name): us for name, us in (measured or {}).items()}.get(
             program_without_variants(default_program))
     winner = tiled_program_name(knobs, uses_mma(spec, knobs, as_target(target)))
