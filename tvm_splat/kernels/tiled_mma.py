@@ -460,9 +460,9 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     wgmma and mma forms nor on the d=128 mma and cp.async wgmma forms, and 24 bytes on the d=128
     two-block TMA form (128 registers). H100, fp16, d=64 TMA form (+-256 + 4 global, batch 8,
     n=4096; dilated +-256 step 2, n=8192): faster in all 8 same-process pairs, 1.0-3.0%; the
-    default of the one-warpgroup TMA form and its programs in the tuning space
-    (:func:`~tvm_splat.schedules.tiled.with_measured_variants`), not of the d=128 forms
-    (unmeasured there, and the two-block TMA form spills with it).
+    TMA form's default below d=128 (one warpgroup at d=64) and its TMA programs in the tuning
+    space there (:func:`~tvm_splat.schedules.tiled.with_measured_variants`), not of the d=128
+    forms (unmeasured there, and the two-block TMA form spills with it).
 
     ``with_lse=True`` (training, :mod:`tvm_splat.kernels.backward_mma`): on a plan of one
     component, a last parameter ``lse [B, H, N]`` float32 receives the natural-log log-sum-exp

@@ -94,8 +94,8 @@ class TiledKnobs:
       the tuning space); needs ``warp_specialized``.
     * ``fold_scale``: the warp-level kernel's forms other than the warp-specialized one (which
       always does) fold the softmax scale into the exponent's FFMA instead of one FMUL a score
-      (fewer instructions a block); the default of the one-warpgroup TMA form and its programs
-      in the tuning space (:func:`with_measured_variants`); needs ``use_tensor_cores``.
+      (fewer instructions a block); on the TMA form below ``WGMMA_MIN_HEAD_DIM`` the default
+      and the tuning space's (:func:`with_measured_variants`); needs ``use_tensor_cores``.
     """
 
     br: int = 64
@@ -247,18 +247,19 @@ WARP_SPECIALIZED_MIN_TILES = 2048
 
 
 def with_measured_variants(knobs: TiledKnobs, head_dim: int) -> TiledKnobs:
-    """``knobs`` with the loop variants that won their A/B on the form they make (the default
-    knobs and the tuning space take them; a tuning record keeps the knobs it measured):
+    """``knobs`` with the loop variants that won their A/B on the form they make. The default
+    knobs, the tuning space and the knobs of a tuning record
+    (:func:`~tvm_splat.records.tuned_tiled_knobs`) take them: variants are not searched.
 
     * the warp-specialized form: ``early_rescale``. H100, fp16 and bf16, window +-1024 n=32k and
       Mistral's causal window 4095 (GQA, n=8k), d=128: faster in 19 of 24 same-process pairs,
       median 1.2% (geomean 0.8%), outputs identical
       (``benchmarks/results/h100_forward_ab.json``, runs ``twenty_fifth_*``);
       ``softmax_overlap`` (alone or with it) and ``lazy_rescale`` did not win there.
-    * the TMA form below :data:`WGMMA_MIN_HEAD_DIM` (d=64's default has one warpgroup, the
-      form measured; ptxas spills nothing there with it at either size): ``fold_scale``. H100, fp16, +-256 + 4 global (batch 8, n=4096) and dilated +-256 step 2 (n=8192), d=64:
-      faster in all 8 pairs, 1.0-3.0%. At d=128 the two-block TMA form spills with it
-      (:func:`~tvm_splat.kernels.tiled_mma.tiled_mma_func`), so it stays off there.
+    * the TMA form below :data:`WGMMA_MIN_HEAD_DIM`: ``fold_scale``. H100, fp16, d=64's
+      default (one warpgroup), +-256 + 4 global (batch 8, n=4096) and dilated +-256 step 2
+      (n=8192): faster in all 8 pairs, 1.0-3.0%. At d=128 the two-block TMA form spills with
+      it (:func:`~tvm_splat.kernels.tiled_mma.tiled_mma_func`), so it stays off there.
     """
     if knobs.warp_specialized:
         return dataclasses.replace(knobs, early_rescale=True)
