@@ -7,10 +7,10 @@ import pytest
 import tvm
 
 from tvm_splat.compile import nvcc_compile, ptxas_report, ptxas_usage, wgmma_serialized
-from tvm_splat.formats import ACSR, Window
+from tvm_splat.formats import ACSR, Window, parse_pattern
 from tvm_splat.formats.tile_plan import plan_tiles
 from tvm_splat.kernels.spec import AttentionSpec
-from tvm_splat.kernels.tiled_mma import tiled_mma_func
+from tvm_splat.kernels.tiled_mma import persistent_block_loads, persistent_program, tiled_mma_func
 from tvm_splat.schedules.tiled import TiledKnobs
 
 H100 = "nvidia/nvidia-h100"
@@ -41,15 +41,17 @@ def _stack_bytes(src):
 
 @pytest.mark.parametrize("d,warps,dtype,persistent,kv_len,kv_heads", [(128, 8, "bfloat16", 5, True, None),
                                                                      (64, 4, "float16", 3, False, 2)])
-def test_persistent_form_compiles_with_rounds_and_one_cta_barrier(d, warps, dtype, persistent, kv_len, kv_heads,
-                                                                  warp_specialized_spill_bytes):
+def test_persistent_form_compiles_with_rounds_and_one_cta_barrier(d, warps, dtype, persistent, kv_len, kv_heads):
     """The persistent form: a grid of ``persistent`` thread blocks (blockIdx.y of extent 1), the
     producer thread and the consumers each looping over the ``ceil(programs / P)`` rounds
-    (program ``it P + cta``, skipped past the last), the one __syncthreads before the roles
-    split (mbarriers set up once), a named barrier before each tile's Q load; nvcc compiles it
-    for sm_90a, and ptxas spills no more than the grid form's one register of the epilogue
-    (``warp_specialized_spill_bytes``; d=128 bf16, 8 warps, 2 stages) and does not serialize
-    the wgmma."""
+    (program ``it P + cta``, ``it P + P - 1 - cta`` in odd rounds, skipped past the last), the
+    one __syncthreads before the roles
+    split (mbarriers set up once), one named barrier a tile once its Q has landed; the next
+    tile's Q read ahead (cp.async, every round) into the other of two Q slots after that
+    barrier and before the tile's first wgmma, the Q descriptors on the round's slot, the first
+    tile's Q loaded before the round loop and the last read-ahead waited for after it; nvcc
+    compiles it for sm_90a, and ptxas spills nothing (the grid form keeps one register of its
+    epilogue on the stack at d=128) and does not serialize the wgmma."""
     func, src, programs = _persistent(d, warps, dtype, persistent, kv_len, kv_heads)
     script = func.script()
     assert f'T.thread_binding({persistent}, thread="blockIdx.x")' in script
@@ -57,20 +59,36 @@ def test_persistent_form_compiles_with_rounds_and_one_cta_barrier(d, warps, dtyp
     body = _kernel_body(src)
     rounds = -(-programs // persistent)
     assert programs > persistent and len(re.findall(rf"for \(int it\w* = 0; it\w* < {rounds}; \+\+it\w*\)", body)) == 2
-    assert len(re.findall(rf"\(\(it\w* \* {persistent}\) \+ \(\(int\)blockIdx\.x\)\) < {programs}\)", body)) == 2
+    # each role's rounds: the program it P + (cta, or P - 1 - cta in odd rounds), walked below the last
+    assert len(re.findall(rf"\(\(it\w* \* {persistent}\) \+ condval\w*\) < {programs}\)", body)) == 2
+    assert len(re.findall(rf"condval\w* = \({persistent - 1} - \(\(int\)blockIdx\.x\)\);", body)) >= 2
     assert "blockIdx.y" not in body
     assert body.count("__syncthreads()") == 1
     assert body.index("__syncthreads()") < body.index("setmaxnreg") < body.index("for (int it")
     init = "mbarrier_init_init_shared_b64"  # once, 4 mbarriers per stage, before the barrier
     assert body.count(init) == 4 * 2 and body.rindex(init) < body.index("__syncthreads()")
     consumers = body[body.index("setmaxnreg_inc"):]
-    # per tile: one named barrier over the consumers before the Q load, one after it
-    assert consumers.count(f"bar_sync_count_sync((uint)1, (uint){32 * warps})") == 2
+    # per tile: one named barrier over the consumers once this tile's Q has landed
+    q_landed = f"bar_sync_count_sync((uint)1, (uint){32 * warps})"
+    assert consumers.count(q_landed) == 1
+    # two Q slots of br x d elements: the round's, in the Q descriptors; the next round's, written
+    # by the read-ahead between the barrier and the tile's first wgmma
+    rounds_loop = re.search(rf"for \(int (it\w*) = 0; it\w* < {rounds};", consumers)
+    it, slot = rounds_loop.group(1), 16 * warps * d
+    first_wgmma = consumers.index("mma_async", consumers.index(q_landed))
+    ahead = consumers.find(f"((({it} + 1) & 1) * {slot})", consumers.index(q_landed))
+    assert 0 < ahead < first_wgmma and "cp_async_cg" in consumers[ahead - 300:ahead]
+    q_desc = re.findall(r"ptx_wgmma_encode_matrix_descriptor\(\(&\(desc_ptr\[0\]\)\), \(&\(\w+\[(.*?)\]\)\)", consumers)
+    assert q_desc and all(f"(({it} & 1) * {slot})" in x and x.startswith("__shfl_sync") for x in q_desc), q_desc
+    # this thread's Q chunks waited for: once a tile before the barrier, once after the rounds
+    waits = [m.start() for m in re.finditer(r"cp_async_wait_group_async_wait_group_0\(\)", consumers)]
+    assert len(waits) == 2 and waits[0] < consumers.index(q_landed) and waits[1] > consumers.rindex("mma_async")
+    assert consumers.index("cp_async_cg") < rounds_loop.start()  # the first tile's Q, before the rounds
     threads, blocks = 32 * (warps + 4), 8 // warps
     assert f"__launch_bounds__({threads}, {blocks}) tiled_kernel" in src
     registers, spills = ptxas_usage(src, "tiled_kernel", H100)
-    assert spills == warp_specialized_spill_bytes(d, warps) and registers <= 65536 // (threads * blocks), registers
-    assert _stack_bytes(src) == (8 if spills else 0)  # the spilled register's slot, 8-byte aligned
+    assert spills == 0 and registers <= 65536 // (threads * blocks), registers
+    assert _stack_bytes(src) == 0
     assert wgmma_serialized(src, H100) == []
     assert nvcc_compile(src, H100)
 
@@ -84,3 +102,35 @@ def test_persistent_refusals():
     for bad in (-1, True, 2.0):
         with pytest.raises(ValueError, match="number of thread blocks"):
             tiled_mma_func(spec, shape, 4, 1, 2, wgmma=True, tma=True, warp_specialized=True, persistent=bad)
+
+
+def _program_blocks(pattern, n, grid_heads):
+    """Each program's column blocks, in the order of the grid's programs (heads first), on the
+    tile plan of the warp-specialized form's 128 x 128 tiles (one mask head)."""
+    knobs = TiledKnobs(use_tensor_cores=True, br=128, bc=128, warps=8, wgmma=True, tma=True, warp_specialized=True)
+    tiles = plan_tiles(ACSR.from_pattern(parse_pattern(pattern), n), knobs, grid_heads=grid_heads).tiles
+    lengths = tiles[0, :, 5] - tiles[0, :, 4]
+    return [int(lengths[vt]) for vt in range(len(lengths)) for _ in range(grid_heads)]
+
+
+@pytest.mark.parametrize("programs,blocks", [(2048, 132), (7, 3), (5, 5), (3, 8), (133, 132)])
+def test_persistent_programs_each_run_once(programs, blocks):
+    """The snake order hands every program to exactly one thread block and round, each round's
+    programs to all the blocks (the last round: those below the count)."""
+    taken = [persistent_program(it, cta, blocks, lambda c, a, b: a if c else b)
+             for it in range(-(-programs // blocks)) for cta in range(blocks)]
+    assert sorted(p for p in taken if p < programs) == list(range(programs))
+    assert len(set(taken)) == len(taken)
+
+
+def test_persistent_snake_order_balances_a_causal_plan():
+    """Mistral's causal window (n=8192, 32 heads over 8 KV heads, d=128) on 132 thread blocks:
+    the plan's programs are 1 to 33 column blocks long, longest first; the snake order leaves the
+    busiest block at the mean, 384 blocks (the round robin it replaced: 400)."""
+    lengths = _program_blocks("causal_window:4095", 8192, 32)
+    assert len(lengths) == 2048 and lengths == sorted(lengths, reverse=True)
+    assert (min(lengths), max(lengths)) == (1, 33)
+    loads = persistent_block_loads(lengths, 132)
+    assert sum(loads) == sum(lengths) and max(loads) == sum(lengths) / 132 == 384
+    round_robin = [sum(lengths[cta::132]) for cta in range(132)]
+    assert max(round_robin) == 400

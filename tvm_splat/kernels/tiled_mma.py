@@ -283,6 +283,31 @@ def check_persistent(persistent: int, warp_specialized: bool) -> None:
                          f"needs warp_specialized=True")
 
 
+def persistent_program(it, cta, blocks: int, select=T.if_then_else):
+    """The program (index into the grid's ``B H x tiles`` programs, heads first) that thread
+    block ``cta`` of the persistent form's ``blocks`` runs in round ``it``: ``it blocks + cta``
+    in even rounds and ``it blocks + blocks - 1 - cta`` in odd ones (snake order); a TIR
+    expression, or ints with ``select=lambda c, a, b: a if c else b``. The plan's programs come
+    longest first, so the block that takes a round's longest program takes the next round's
+    shortest (:func:`persistent_block_loads`)."""
+    return it * blocks + select(it % 2 == 0, cta, blocks - 1 - cta)
+
+
+def persistent_block_loads(program_blocks, blocks: int) -> list[int]:
+    """The column blocks each of the persistent form's ``blocks`` thread blocks walks, given
+    each program's (``program_blocks[p]``, in program order): the largest of them bounds the
+    kernel's time. On the tile plan of Mistral's causal window (n=8192, 32 heads, 128 x 128
+    tiles) over 132 thread blocks the snake order gives the busiest 384, the mean; the round
+    robin of the twenty-second session (``it blocks + cta``) gave it 400."""
+    loads = [0] * blocks
+    for it in range(-(-len(program_blocks) // blocks)):
+        for cta in range(blocks):
+            program = persistent_program(it, cta, blocks, lambda c, a, b: a if c else b)
+            if program < len(program_blocks):
+                loads[cta] += int(program_blocks[program])
+    return loads
+
+
 #: the variants of the warp-specialized form's block loop (:func:`tiled_mma_func`): the only
 #: loop that issues S before the previous P V and runs its softmax beside that P V
 LOOP_VARIANTS = ("early_rescale", "softmax_overlap")
@@ -392,22 +417,38 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
 
     ``persistent=P`` (P > 0, with ``warp_specialized``): the persistent form of the
     warp-specialized kernel. ``P`` thread blocks (grid ``(P, 1)``) walk the grid's ``B H x
-    tiles`` programs in rounds, program ``it P + cta`` in round ``it``, heads first (program
-    ``p``: ``vbh = p % (B H)``, ``vt = p // (B H)``, so the first round takes every head's first
-    (heaviest) row tile, as the grid's dispatch order does). The mbarriers are set up once; the
+    tiles`` programs in rounds, program ``it P + cta`` in round ``it`` (``it P + P - 1 - cta``
+    in odd rounds: snake order, since the twenty-sixth session), heads first (program ``p``:
+    ``vbh = p % (B H)``, ``vt = p // (B H)``, so the first round takes every head's first
+    (heaviest) row tile, as the grid's dispatch order does). The snake order balances the
+    plan's programs of unequal length (longest first) as the GPU's dispatch of a grid does: on
+    Mistral's causal window (n=8192, 32 heads, P = 132) the busiest thread block walks 384 column
+    blocks, the mean, where the round robin before it walked 400 (4% longer; it measured 2.2-2.5%
+    slower than the grid form, below). The mbarriers are set up once; the
     producer thread and the consumer warpgroups each loop over the rounds on their own, stage,
     phase and V tag of a block taken from a running count of the blocks walked so far, so that
     the producer's copies run on into the next tile while the consumers finish this one. The
-    consumers reset their state per tile and reload Q (one named barrier first: every consumer
-    is past the previous tile's reads of Q). H200 (``h200_forward_ab.json`` run
+    consumers reset their state per tile and read the next tile's start ahead (since the
+    twenty-sixth session): its Q rows land by ``cp.async`` in the other of two Q slots while
+    this tile runs (issued once every consumer passed this tile's one named barrier, so past
+    its reads of the previous tile's Q in that slot), and its rows' segments are loaded once
+    this tile's last softmax is done, while its last P V runs and O is stored. The ``ncu``
+    profile of the grid form (window +-1024, H100, ``benchmarks/README.md``) put 7.6% of the
+    consumers' samples in a tile's setup and Q load, the tensor cores idle there (one block per
+    SM). The second Q slot costs ``br d`` elements of shared memory (224 KB at d=128, bc=128,
+    two consumer warpgroups; 227 KB is the limit). SASS (``benchmarks/sass_block_path.py``,
+    window +-1024 d=128 fp16): 502 instructions a FULL block (the grid form 511, the persistent
+    form before the read-ahead 522) and no spill (16 and 8 bytes). Not yet run on a GPU: its
+    tests and its A/B against the grid form are the next lease's (``benchmarks/README.md``).
+    Before the read-ahead, H200 (``h200_forward_ab.json`` run
     ``twenty_second_persistent``, P = 132, both forms in one process, 50 back-to-back calls):
     window +-1024, n=32k, 16 heads, d=128 1.238 -> 1.232 ms fp16, 1.200 -> 1.193 bf16 (0.5%,
     within run-to-run noise), Mistral's causal window 4096, n=8192, 32/8 heads 0.834 -> 0.853
     fp16, 0.806 -> 0.826 bf16 (2.2-2.5% slower): the per-tile start and end it hides are small
     beside a tile's 17 blocks, and its fixed round-robin order balances the causal plan's
     tiles of unequal length worse than the GPU's own dispatch of a grid's thread blocks. So it
-    is an opt-in knob, neither a default nor in the tuning space; 110 GPU ids pass
-    (``tests/gpu -k persistent``).
+    is an opt-in knob, neither a default nor in the tuning space; 110 GPU ids passed before the
+    read-ahead (``tests/gpu -k persistent``).
 
     ``lazy_rescale=True`` (any form): a row's running max is raised only when a block's max
     exceeds it by more than :data:`RESCALE_THRESHOLD` (else the block's probabilities are
@@ -530,7 +571,10 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     CH = D // 8  # 16-byte chunks per row
     Q_IT = (BR * CH + NTHR - 1) // NTHR
     KV_IT = (BC * CH + NTHR - 1) // NTHR
-    K_OFF = BR * DP
+    # Q slots: one, or two in the persistent form (the next tile's Q lands in the other while
+    # this tile runs; q_slot(it): the slot of the tile of round it)
+    Q_SLOTS = 2 if PERSISTENT else 1
+    K_OFF = Q_SLOTS * BR * DP
     V_OFF = K_OFF + stages * BC * DP
     P_OFF = V_OFF + stages * BC * DP
     SMEM = P_OFF + (BR * PW if wgmma else 0)
@@ -608,17 +652,17 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         T.evaluate(T.ptx["cp.async.cg.shared.global"](dst, src, 16, T.Cast("uint32", T.if_then_else(valid, 16, 0))))
 
     @T.macro
-    def load_q_tile(smem, q, b, h, row0, rstr, nrows, tid):
-        # the tile's Q rows -> shared (16-byte vectors; rows past nrows are zero)
+    def load_q_tile(smem, q, b, h, row0, rstr, nrows, tid, q_off):
+        # the tile's Q rows -> shared at q_off (its Q slot; 16-byte vectors; rows past nrows are zero)
         for it in T.serial(Q_IT):
             if it * NTHR + tid < BR * CH:
                 if stages == 1:
                     for e in T.vectorized(8):
-                        smem[tile_elem(0, chunk_row(it, tid), chunk_col(it, tid)) + e] = T.if_then_else(
+                        smem[tile_elem(q_off, chunk_row(it, tid), chunk_col(it, tid)) + e] = T.if_then_else(
                             chunk_row(it, tid) < nrows,
                             q[b, h, row0 + rstr * chunk_row(it, tid), chunk_col(it, tid) + e], zero)
                 else:
-                    copy16(T.address_of(smem[tile_elem(0, chunk_row(it, tid), chunk_col(it, tid))]),
+                    copy16(T.address_of(smem[tile_elem(q_off, chunk_row(it, tid), chunk_col(it, tid))]),
                            q.access_ptr("r", offset=((b * H + h) * N + T.if_then_else(
                                chunk_row(it, tid) < nrows, row0 + rstr * chunk_row(it, tid), 0)) * D
                                + chunk_col(it, tid)),
@@ -878,11 +922,20 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                     for hn in T.unroll(2):
                         T.evaluate(mma_16x8x16(pf, (mt * KC + kc) * 8, bf, hn * 4, oacc, (mt * DT + dp * 2 + hn) * 4))
 
-    def warpgroup_of(w):  # warp w's consumer warpgroup, as lane 0 holds it (ptxas knows it warp-uniform)
-        return T.tvm_warp_shuffle(full_mask, w // 4, 0, 32, 32) if W > 4 else 0
+    def q_rows_of(w, q_off):
+        # the offset of warp w's consumer warpgroup's 64 Q rows in the Q slot at q_off, from what
+        # lane 0 holds (ptxas then knows it warp-uniform): the warpgroup index, or with the
+        # persistent form's two slots the whole offset (its slot from the tile's round; the
+        # warpgroup alone shuffled: 512 instructions a FULL block instead of 502, SASS of window
+        # +-1024 d=128 fp16, benchmarks/sass_block_path.py)
+        if not isinstance(q_off, int):
+            return T.tvm_warp_shuffle(full_mask, q_off + (w // 4) * 64 * D, 0, 32, 32)
+        if W > 4:
+            return q_off + T.tvm_warp_shuffle(full_mask, w // 4, 0, 32, 32) * 64 * D
+        return q_off
 
     @T.macro
-    def qk_wgmma_issue(sacc, desc, smem, stg, w):
+    def qk_wgmma_issue(sacc, desc, smem, stg, w, q_off):
         # S = Q K^T: one warpgroup MMA per 16-deep k-step, both operands from shared memory
         # (this warpgroup's 64 Q rows); the first step overwrites the accumulators. Issued and
         # committed; the caller waits. Descriptors encoded once, each step's advanced. The
@@ -893,7 +946,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         # eight QK wgmmas issued back to back)
         T.ptx.wgmma.fence.sync.aligned()
         T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[0]),
-                                              T.address_of(smem[warpgroup_of(w) * 64 * D]), QK_LBO, QK_SBO, 0)
+                                              T.address_of(smem[q_rows_of(w, q_off)]), QK_LBO, QK_SBO, 0)
         if tma:
             T.evaluate(swizzled_k_major_desc(desc[1], smem, K_OFF + stg * BC * D, BC))
         else:
@@ -923,7 +976,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     @T.macro
     def qk_wgmma(sacc, desc, smem, stg, w):
         # S = Q K^T, waited for
-        qk_wgmma_issue(sacc, desc, smem, stg, w)
+        qk_wgmma_issue(sacc, desc, smem, stg, w, 0)
         T.ptx.wgmma.wait_group.sync.aligned(0)
 
     @T.macro
@@ -986,7 +1039,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                            tid, (j + 2) % stages, klen)
         T.evaluate(T.ptx.cp.async_.commit_group())
         if j + 1 < nblk:
-            qk_wgmma_issue(s_next, desc, smem, (j + 1) % stages, w)
+            qk_wgmma_issue(s_next, desc, smem, (j + 1) % stages, w, 0)
             T.ptx.wgmma.wait_group.sync.aligned(1)  # S_j and P V of block j - 1 are done
         else:
             T.ptx.wgmma.wait_group.sync.aligned(0)
@@ -1202,9 +1255,10 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                 T.evaluate(pass_turn(w))
 
     @T.macro
-    def consumer_loop(smem, blocks, bars, vbad, sg, rng, desc, sacc, pf, pw, oacc, ms, ls, mb, al, words, nonfinite,
-                      vflag, px, pxw, vx, vxw, hm, blk_lo, blk_hi, w, lane, klen, base):
-        # a consumer warpgroup's walk over the tile's blocks, FlashAttention-3's intra-warpgroup
+    def consumer_blocks(smem, blocks, bars, vbad, sg, rng, desc, sacc, pf, pw, oacc, ms, ls, mb, al, words, nonfinite,
+                        vflag, px, pxw, vx, vxw, hm, blk_lo, blk_hi, w, lane, klen, base, q_off):
+        # a consumer warpgroup's walk over the tile's blocks (Q in the slot at q_off) up to the
+        # last block's softmax (consumer_last_pv issues its P V), FlashAttention-3's intra-warpgroup
         # overlap: S of block j is issued, then P V of block j - 1, and the softmax of block j
         # runs while that P V is on the tensor cores (the wgmma reads P_{j-1} from registers and
         # accumulates into O, so O is rescaled and P_j written only once it completed). With two
@@ -1220,7 +1274,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         if blk_hi > blk_lo:
             T.cuda.mbarrier_wait(T.address_of(bars[K_READY + stage_of(running(base, 0))]), phase_of(running(base, 0)))
             turn_begin(w)
-            qk_wgmma_issue(sacc, desc, smem, stage_of(running(base, 0)), w)
+            qk_wgmma_issue(sacc, desc, smem, stage_of(running(base, 0)), w, q_off)
             turn_end(w, False)
             T.ptx.wgmma.wait_group.sync.aligned(0)
             scores_of_block(0, running(base, 0), smem, blocks, bars, sg, rng, desc, sacc, ms, ls, mb, al, hm, blk_lo,
@@ -1230,7 +1284,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
             T.cuda.mbarrier_wait(T.address_of(bars[K_READY + stage_of(running(base, jj + 1))]),
                                  phase_of(running(base, jj + 1)))
             turn_begin(w)
-            qk_wgmma_issue(sacc, desc, smem, stage_of(running(base, jj + 1)), w)
+            qk_wgmma_issue(sacc, desc, smem, stage_of(running(base, jj + 1)), w, q_off)
             if early_rescale:  # O to block jj's max while S of block jj + 1 runs
                 rescale_o(oacc, al)
             issue_pv_of_block(jj, running(base, jj), smem, blocks, bars, vbad, desc, pf, pw, oacc, words, nonfinite,
@@ -1244,6 +1298,12 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
             T.ptx.wgmma.wait_group.sync.aligned(0)  # P V of block jj
             release(bars, V_FREE + stage_of(running(base, jj)), lane)
             probabilities(sacc, pw, oacc, al)
+
+    @T.macro
+    def consumer_last_pv(smem, blocks, bars, vbad, desc, pf, pw, oacc, al, words, nonfinite, vflag, px, pxw, vx, vxw,
+                         hm, blk_lo, blk_hi, w, lane, klen, base):
+        # the end of consumer_blocks' walk: P V of the tile's last block, issued in the group's
+        # turn, waited for, and its V stage released
         if blk_hi > blk_lo:
             turn_begin(w)
             if early_rescale:
@@ -1253,6 +1313,15 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
             turn_end(w, True)
             T.ptx.wgmma.wait_group.sync.aligned(0)
             release(bars, V_FREE + stage_of(running(base, blk_hi - blk_lo - 1)), lane)
+
+    @T.macro
+    def consumer_loop(smem, blocks, bars, vbad, sg, rng, desc, sacc, pf, pw, oacc, ms, ls, mb, al, words, nonfinite,
+                      vflag, px, pxw, vx, vxw, hm, blk_lo, blk_hi, w, lane, klen, base):
+        # a consumer warpgroup's whole walk over the tile's blocks, Q in slot 0
+        consumer_blocks(smem, blocks, bars, vbad, sg, rng, desc, sacc, pf, pw, oacc, ms, ls, mb, al, words, nonfinite,
+                        vflag, px, pxw, vx, vxw, hm, blk_lo, blk_hi, w, lane, klen, base, 0)
+        consumer_last_pv(smem, blocks, bars, vbad, desc, pf, pw, oacc, al, words, nonfinite, vflag, px, pxw, vx, vxw,
+                         hm, blk_lo, blk_hi, w, lane, klen, base)
 
     @T.macro
     def start_tile_state(rows, ms, ls, oacc, row0, rstr, w, lane):
@@ -1282,12 +1351,21 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     def consumer_q_tile(smem, q, seg_start, seg_count, seg_sigma, sg, rows, b, h, hm, row0, rstr, nrows, tid, w, lane):
         # the consumers: the tile's Q rows -> shared, the rows' segments -> registers; the named
         # barrier: every consumer's Q rows have landed
-        load_q_tile(smem, q, b, h, row0, rstr, nrows, tid)
+        load_q_tile(smem, q, b, h, row0, rstr, nrows, tid, 0)
         T.evaluate(T.ptx.cp.async_.commit_group())
         T.evaluate(T.ptx["cp.async.wait_group"](0))
         cache_row_segments(sg, rows, seg_start, seg_count, seg_sigma, hm, w, lane, nrows)
         T.ptx["fence.proxy.async.shared::cta"]()  # Q, written by this thread, for wgmma
         T.evaluate(named_barrier(1, NTHR))  # every consumer's Q rows have landed
+
+    @T.macro
+    def store_tile(out, o_part, ml_part, split_o, split_ml, lse, oacc, ms, ls, rows, b, h, vbh, comp, slot, w, lane,
+                   nrows):
+        # a walked tile's rows: a split chunk's partial state, or the output (a component's state)
+        if split_chunk(plan_shape, slot):
+            store_slot(split_o, split_ml, oacc, ms, ls, vbh, slot, w, lane, nrows)
+        else:
+            store_rows(out, o_part, ml_part, lse, oacc, ms, ls, rows, b, h, vbh, comp, w, lane, nrows)
 
     @T.macro
     def consumer_tile(smem, blocks, out, o_part, ml_part, split_o, split_ml, lse, bars, vbad, sg, rng, desc, sacc, pf,
@@ -1297,10 +1375,8 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         # base-th block of the role), then the rows' state or output stored
         consumer_loop(smem, blocks, bars, vbad, sg, rng, desc, sacc, pf, pw, oacc, ms, ls, mb, al, words,
                       nonfinite, vflag, px, pxw, vx, vxw, hm, blk_lo, blk_hi, w, lane, klen, base)
-        if split_chunk(plan_shape, slot):
-            store_slot(split_o, split_ml, oacc, ms, ls, vbh, slot, w, lane, nrows)
-        else:
-            store_rows(out, o_part, ml_part, lse, oacc, ms, ls, rows, b, h, vbh, comp, w, lane, nrows)
+        store_tile(out, o_part, ml_part, split_o, split_ml, lse, oacc, ms, ls, rows, b, h, vbh, comp, slot, w, lane,
+                   nrows)
 
     @T.macro
     def ws_tile(smem, q, k, v, blocks, kv_len, out, o_part, ml_part, split_o, split_ml, lse, bars, vbad,
@@ -1325,7 +1401,10 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                           comp, blk_lo, blk_hi, slot, nrows, w, lane, key_length(spec, kv_len, b), 0)
 
     def program_of(it, cta):  # persistent form: the program thread block cta runs in round it
-        return it * persistent + cta
+        return persistent_program(it, cta, persistent)
+
+    def q_slot(it):  # persistent form: the offset of the Q slot of the tile of round it
+        return (it % 2) * BR * DP
 
     @T.macro
     def persistent_producer(smem, tiles, blocks, bars, kmap, vmap, count, cta):
@@ -1344,13 +1423,46 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                 count[0] = count[0] + (phi - plo)
 
     @T.macro
+    def next_q_rows(smem, q, tiles, it, cta, tid):
+        # persistent form: the Q rows of the tile of round it (program_of(it, cta)) -> its slot,
+        # cp.async chunks that the caller commits
+        nprog: T.let[T.int32] = T.min(program_of(it, cta), PROGRAMS - 1)
+        nvbh: T.let[T.int32] = nprog % (B * H)
+        nvt: T.let[T.int32] = nprog // (B * H)
+        nhm: T.let[T.int32] = nvbh % H % HM
+        load_q_tile(smem, q, nvbh // H, nvbh % H, tiles[nhm, nvt, 0], tiles[nhm, nvt, 1],
+                    T.if_then_else(program_of(it, cta) < PROGRAMS, tiles[nhm, nvt, 2], 0), tid, q_slot(it))
+
+    @T.macro
+    def next_row_segments(sg, next_rows, seg_start, seg_count, seg_sigma, tiles, it, cta, w, lane):
+        # persistent form: the segments of this thread's rows of the tile of round it -> sg
+        nvbh: T.let[T.int32] = program_of(it, cta) % (B * H)
+        nvt: T.let[T.int32] = program_of(it, cta) // (B * H)
+        nhm: T.let[T.int32] = nvbh % H % HM
+        for r in T.unroll(RS):
+            next_rows[r] = tiles[nhm, nvt, 0] + tiles[nhm, nvt, 1] * tile_row(w, lane, r)
+        cache_row_segments(sg, next_rows, seg_start, seg_count, seg_sigma, nhm, w, lane, tiles[nhm, nvt, 2])
+
+    @T.macro
     def persistent_consumers(smem, q, tiles, blocks, kv_len, out, o_part, ml_part, split_o, split_ml, lse, bars, vbad,
                              seg_start, seg_count, seg_sigma, sg, rng, desc, sacc, pf, pw, oacc, ms, ls, mb, al, rows,
-                             words, nonfinite, vflag, px, pxw, vx, vxw, count, cta, tid, w, lane):
+                             next_rows, words, nonfinite, vflag, px, pxw, vx, vxw, count, cta, tid, w, lane):
         # persistent form, the consumer warpgroups: every tile of thread block cta, round after
-        # round, each from a fresh state and Q, the running count carried across the tiles (the
-        # same count as the producer's: both walk the same tiles' blocks)
+        # round, each from a fresh state, the running count carried across the tiles (the same
+        # count as the producer's: both walk the same tiles' blocks). The next tile's start is
+        # read ahead: its Q rows (cp.async into the other Q slot, issued once every consumer is
+        # past the previous tile, which read that slot) land while this tile runs, and its rows'
+        # segments are loaded into sg once this tile's last softmax no longer needs them, while
+        # its last P V runs and O is stored. Only the first tile loads both at its start, its
+        # Q before the round loop. As ptxas compiles it (window +-1024 d=128 fp16, SASS): 168
+        # registers and no spill (the grid form: 16 bytes), 502 instructions a FULL block (the
+        # grid form 511). Each read-ahead issued every round, past the last tile too (zero rows
+        # of the last program into the free slot): behind a branch, ptxas kept the block loop's
+        # descriptors in vector registers (562 instructions); and the first tile's Q loaded in
+        # the round loop kept its thread offsets live through it (76-96 bytes spilled)
         count[0] = 0
+        next_q_rows(smem, q, tiles, 0, cta, tid)  # the first tile's, into slot 0
+        T.evaluate(T.ptx.cp.async_.commit_group())
         for it in T.serial(TILE_ROUNDS):
             if program_of(it, cta) < PROGRAMS:
                 pvbh: T.let[T.int32] = program_of(it, cta) % (B * H)
@@ -1366,19 +1478,31 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                 phi: T.let[T.int32] = tiles[phm, pvt, 5]
                 pslot: T.let[T.int32] = tiles[phm, pvt, 6]
                 start_tile_state(rows, ms, ls, oacc, prow0, prstr, w, lane)
-                T.evaluate(named_barrier(1, NTHR))  # every consumer is past its reads of the last tile's Q
-                consumer_q_tile(smem, q, seg_start, seg_count, seg_sigma, sg, rows, pb, ph, phm, prow0, prstr, pnrows,
-                                tid, w, lane)
-                consumer_tile(smem, blocks, out, o_part, ml_part, split_o, split_ml, lse, bars, vbad, sg, rng, desc,
-                              sacc, pf, pw, oacc, ms, ls, mb, al, rows, words, nonfinite, vflag, px, pxw, vx, vxw, pb,
-                              ph, phm, pvbh, pcomp, plo, phi, pslot, pnrows, w, lane, key_length(spec, kv_len, pb),
-                              count[0])
+                if it == 0:
+                    cache_row_segments(sg, rows, seg_start, seg_count, seg_sigma, phm, w, lane, pnrows)
+                T.evaluate(T.ptx["cp.async.wait_group"](0))  # this thread's chunks of this tile's Q
+                T.ptx["fence.proxy.async.shared::cta"]()  # Q, written by this thread, for wgmma
+                # every consumer's Q rows of this tile have landed, and every consumer is past the
+                # previous tile (its wgmmas read the other slot's Q, which the next tile's takes)
+                T.evaluate(named_barrier(1, NTHR))
+                next_q_rows(smem, q, tiles, it + 1, cta, tid)
+                T.evaluate(T.ptx.cp.async_.commit_group())
+                consumer_blocks(smem, blocks, bars, vbad, sg, rng, desc, sacc, pf, pw, oacc, ms, ls, mb, al, words,
+                                nonfinite, vflag, px, pxw, vx, vxw, phm, plo, phi, w, lane,
+                                key_length(spec, kv_len, pb), count[0], q_slot(it))
+                if program_of(it + 1, cta) < PROGRAMS:
+                    next_row_segments(sg, next_rows, seg_start, seg_count, seg_sigma, tiles, it + 1, cta, w, lane)
+                consumer_last_pv(smem, blocks, bars, vbad, desc, pf, pw, oacc, al, words, nonfinite, vflag, px, pxw,
+                                 vx, vxw, phm, plo, phi, w, lane, key_length(spec, kv_len, pb), count[0])
+                store_tile(out, o_part, ml_part, split_o, split_ml, lse, oacc, ms, ls, rows, pb, ph, pvbh, pcomp,
+                           pslot, w, lane, pnrows)
                 count[0] = count[0] + (phi - plo)
+        T.evaluate(T.ptx["cp.async.wait_group"](0))  # the last read-ahead (of no tile) lands before the exit
 
     @T.macro
     def persistent_ws(smem, q, tiles, blocks, kv_len, out, o_part, ml_part, split_o, split_ml, lse, bars, vbad, kmap,
                       vmap, seg_start, seg_count, seg_sigma, sg, rng, desc, sacc, pf, pw, oacc, ms, ls, mb, al, rows,
-                      words, nonfinite, vflag, px, pxw, vx, vxw, count, cta, tid, w, lane):
+                      next_rows, words, nonfinite, vflag, px, pxw, vx, vxw, count, cta, tid, w, lane):
         # the persistent warp-specialized form: the setup once, then each role its own loop over
         # the rounds (one loop holding both roles made ptxas keep a 216-byte stack)
         ws_setup(bars, vbad, tid)
@@ -1390,7 +1514,8 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
             T.evaluate(T.ptx["setmaxnreg.inc.sync.aligned.u32"](CONSUMER_REGS))
             persistent_consumers(smem, q, tiles, blocks, kv_len, out, o_part, ml_part, split_o, split_ml, lse, bars,
                                  vbad, seg_start, seg_count, seg_sigma, sg, rng, desc, sacc, pf, pw, oacc, ms, ls, mb,
-                                 al, rows, words, nonfinite, vflag, px, pxw, vx, vxw, count, cta, tid, w, lane)
+                                 al, rows, next_rows, words, nonfinite, vflag, px, pxw, vx, vxw, count, cta, tid, w,
+                                 lane)
 
     @T.prim_func(s_tir=True)
     def tiled(
@@ -1468,11 +1593,14 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                 if PERSISTENT:
                                     # blocks a role has walked in the tiles before this one
                                     count = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                                    # the sequence rows of the next tile's row slots (its segments' loads)
+                                    next_rows = T.sblock_alloc_buffer((RS,), "int32", scope="local")
                                     tid: T.let[T.int32] = w * 32 + lane
                                     persistent_ws(qkv_smem, q, tiles, blocks, kv_len, out, o_part, ml_part, split_o,
                                                   split_ml, lse, ws_bars, vbad, kmap, vmap, seg_start, seg_count,
                                                   seg_sigma, sg, rng, desc, sacc, pf, pw, oacc, ms, ls, mb, al, rows,
-                                                  words, nonfinite, vflag, px, pxw, vx, vxw, count, vbh, tid, w, lane)
+                                                  next_rows, words, nonfinite, vflag, px, pxw, vx, vxw, count, vbh, tid,
+                                                  w, lane)
                                 else:  # one program: (batch x head vbh, row tile vt)
                                     b: T.let[T.int32] = vbh // H
                                     h: T.let[T.int32] = vbh % H
@@ -1495,7 +1623,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                     else:
                                         if tid < stages:
                                             T.ptx.st.shared.b32(T.address_of(vbad[tid]), 0)
-                                        load_q_tile(qkv_smem, q, b, h, row0, rstr, nrows, tid)
+                                        load_q_tile(qkv_smem, q, b, h, row0, rstr, nrows, tid, 0)
                                         if stages == 4:
                                             # blocks 0 and 1 in flight; block 0 (and Q) landed and checked;
                                             # S_0 issued
@@ -1533,7 +1661,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                             load_q_fragments(qf, qkv_smem, w, lane)
                                         if stages == 4:
                                             if blk_hi > blk_lo:
-                                                qk_wgmma_issue(sacc, desc, qkv_smem, 0, w)
+                                                qk_wgmma_issue(sacc, desc, qkv_smem, 0, w, 0)
                                             # two blocks per iteration, so that S_j and S_j+1 live in two
                                             # register sets named statically
                                             for jj in T.serial((blk_hi - blk_lo + 1) // 2):

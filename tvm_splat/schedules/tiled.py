@@ -69,8 +69,10 @@ class TiledKnobs:
       per block (``setmaxnreg`` gives the consumers the producer's registers; one thread block
       per SM at two consumer warpgroups); needs ``tma`` and ``warps`` 4 or 8.
     * ``persistent``: 0 (off), or ``P`` > 0 thread blocks of the warp-specialized form's
-      persistent variant, each walking the grid's programs round after round (heads first)
-      with its K/V stages running on across tiles; needs ``warp_specialized``. Measured on the
+      persistent variant, each walking the grid's programs round after round (heads first,
+      the rounds' thread blocks in snake order) with its K/V stages running on across tiles and
+      the next tile's Q and segments read ahead; needs ``warp_specialized``. Before the snake
+      order and the read-ahead (twenty-sixth session, not yet run on a GPU) it measured on the
       H200 within 0.5% of the grid form on window +-1024 and 2.2-2.5% slower on a causal window
       (:func:`~tvm_splat.kernels.tiled_mma.tiled_mma_func`), so neither a default nor in the
       tuning space.
