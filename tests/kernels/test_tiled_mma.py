@@ -49,7 +49,8 @@ def test_persistent_form_compiles_with_rounds_and_one_cta_barrier(d, warps, dtyp
     split (mbarriers set up once), one named barrier a tile once its Q has landed; the next
     tile's Q read ahead (cp.async, every round) into the other of two Q slots after that
     barrier and before the tile's first wgmma, the Q descriptors on the round's slot, the first
-    tile's Q loaded before the round loop and the last read-ahead waited for after it; nvcc
+    tile's Q loaded before the round loop and the last read-ahead waited for after it, Q's
+    chunks copied down the core matrices' rows (conflict-free shared stores); nvcc
     compiles it for sm_90a, and ptxas spills nothing (the grid form keeps one register of its
     epilogue on the stack at d=128) and does not serialize the wgmma."""
     func, src, programs = _persistent(d, warps, dtype, persistent, kv_len, kv_heads)
@@ -84,6 +85,10 @@ def test_persistent_form_compiles_with_rounds_and_one_cta_barrier(d, warps, dtyp
     waits = [m.start() for m in re.finditer(r"cp_async_wait_group_async_wait_group_0\(\)", consumers)]
     assert len(waits) == 2 and waits[0] < consumers.index(q_landed) and waits[1] > consumers.rindex("mma_async")
     assert consumers.index("cp_async_cg") < rounds_loop.start()  # the first tile's Q, before the rounds
+    # Q's chunks copied down the core matrices' rows: lane l's 16 bytes right after lane l - 1's,
+    # so a shared-memory phase's 8 chunks fill 32 banks (along a row they would share 4)
+    q_copies = re.findall(r"cp_async_cg\w*\(tvm_builtin_cuda_cvta_generic_to_shared\(\(&\(qkv_smem_ptr\[(.*?)\]\)", body)
+    assert len(q_copies) == 2 and all(x.endswith("(((int)threadIdx.x) * 8))") for x in q_copies), q_copies
     threads, blocks = 32 * (warps + 4), 8 // warps
     assert f"__launch_bounds__({threads}, {blocks}) tiled_kernel" in src
     registers, spills = ptxas_usage(src, "tiled_kernel", H100)

@@ -614,12 +614,25 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     # form h27_core_rows_first). The mma form's padded rows and the TMA form (K/V by TMA; its Q
     # load and flag checks as before, under the 128-register cap) keep the along-the-row order
     core_rows_first = wgmma and not tma
+    # the persistent form copies Q down the core matrices' rows too: its read-ahead runs beside
+    # the tile's GEMMs, whose operands keep the shared pipe the SM's busiest (58%, ncu of the
+    # grid form, window +-1024 d=128, H100), and along a row a phase's 8 chunks share 4 banks
+    # (the grid form's Q cp.async: 2x the ideal in that profile). SASS of window +-1024 d=128:
+    # the same 502 instructions a FULL block and no spill either way; the grid warp-specialized
+    # form took 517 and 48 bytes of spill with it (511 and 16 without), so keeps the row order
+    q_rows_first = core_rows_first or PERSISTENT
 
-    def chunk_row(it, tid):  # row of the it-th 16-byte chunk this thread copies
+    def chunk_row(it, tid):  # row of the it-th 16-byte chunk of K or V this thread copies
         return chunk_position(it * NTHR + tid, CH, core_rows_first)[0]
 
     def chunk_col(it, tid):  # first element of that chunk within its row
         return chunk_position(it * NTHR + tid, CH, core_rows_first)[1]
+
+    def q_row(it, tid):  # row of the it-th 16-byte chunk of Q this thread copies
+        return chunk_position(it * NTHR + tid, CH, q_rows_first)[0]
+
+    def q_col(it, tid):  # first element of that chunk within its row
+        return chunk_position(it * NTHR + tid, CH, q_rows_first)[1]
 
     def tile_row(w, lane, r):  # tile-local row of the thread's row slot r = mt * 2 + half
         return (w * MT + r // 2) * 16 + lane // 4 + 8 * (r % 2)
@@ -658,15 +671,15 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
             if it * NTHR + tid < BR * CH:
                 if stages == 1:
                     for e in T.vectorized(8):
-                        smem[tile_elem(q_off, chunk_row(it, tid), chunk_col(it, tid)) + e] = T.if_then_else(
-                            chunk_row(it, tid) < nrows,
-                            q[b, h, row0 + rstr * chunk_row(it, tid), chunk_col(it, tid) + e], zero)
+                        smem[tile_elem(q_off, q_row(it, tid), q_col(it, tid)) + e] = T.if_then_else(
+                            q_row(it, tid) < nrows,
+                            q[b, h, row0 + rstr * q_row(it, tid), q_col(it, tid) + e], zero)
                 else:
-                    copy16(T.address_of(smem[tile_elem(q_off, chunk_row(it, tid), chunk_col(it, tid))]),
+                    copy16(T.address_of(smem[tile_elem(q_off, q_row(it, tid), q_col(it, tid))]),
                            q.access_ptr("r", offset=((b * H + h) * N + T.if_then_else(
-                               chunk_row(it, tid) < nrows, row0 + rstr * chunk_row(it, tid), 0)) * D
-                               + chunk_col(it, tid)),
-                           chunk_row(it, tid) < nrows)
+                               q_row(it, tid) < nrows, row0 + rstr * q_row(it, tid), 0)) * D
+                               + q_col(it, tid)),
+                           q_row(it, tid) < nrows)
 
     @T.macro
     def copy_rows_async(smem, base, src, col0, sig, b, hk, tid, st, it, klen):
