@@ -46,9 +46,12 @@ def test_persistent_form_compiles_with_rounds_and_one_cta_barrier(d, warps, dtyp
     producer thread and the consumers each looping over the ``ceil(programs / P)`` rounds
     (program ``it P + cta``, ``it P + P - 1 - cta`` in odd rounds, skipped past the last), the
     one __syncthreads before the roles
-    split (mbarriers set up once), one named barrier a tile once its Q has landed; the next
-    tile's Q read ahead (cp.async, every round) into the other of two Q slots after that
-    barrier and before the tile's first wgmma, the Q descriptors on the round's slot, the first
+    split (mbarriers set up once), each consumer warpgroup's own named barrier a tile once its
+    Q rows have landed (none over both groups; with two, their turns at the tensor cores
+    alternate across tiles: group 1 passes one before the rounds and each turn it takes, group
+    0 takes one after them); the group's Q rows of the next tile read ahead (cp.async, every
+    round) into its half of the other of two Q slots after that barrier and before the
+    tile's first wgmma, the Q descriptors on the round's slot, the first
     tile's Q loaded before the round loop and the last read-ahead waited for after it, Q's
     chunks copied down the core matrices' rows (conflict-free shared stores); nvcc
     compiles it for sm_90a, and ptxas spills nothing (the grid form keeps one register of its
@@ -69,12 +72,15 @@ def test_persistent_form_compiles_with_rounds_and_one_cta_barrier(d, warps, dtyp
     init = "mbarrier_init_init_shared_b64"  # once, 4 mbarriers per stage, before the barrier
     assert body.count(init) == 4 * 2 and body.rindex(init) < body.index("__syncthreads()")
     consumers = body[body.index("setmaxnreg_inc"):]
-    # per tile: one named barrier over the consumers once this tile's Q has landed
-    q_landed = f"bar_sync_count_sync((uint)1, (uint){32 * warps})"
-    assert consumers.count(q_landed) == 1
+    # per tile: the warpgroup's own named barrier once its Q rows of the tile have landed; no
+    # barrier over both consumer warpgroups (they run on across tiles at their own pace)
+    assert f"bar_sync_count_sync((uint)1, (uint){32 * warps})" not in consumers
+    q_landed = ("bar_sync_count_sync(((uint)((((int)threadIdx.y) >> 2) + 2)), (uint)128)" if warps == 8
+                else "bar_sync_count_sync((uint)2, (uint)128)")
     # two Q slots of br x d elements: the round's, in the Q descriptors; the next round's, written
     # by the read-ahead between the barrier and the tile's first wgmma
     rounds_loop = re.search(rf"for \(int (it\w*) = 0; it\w* < {rounds};", consumers)
+    assert consumers.index(q_landed, rounds_loop.start()) > consumers.index("wait_group_0()", rounds_loop.start())
     it, slot = rounds_loop.group(1), 16 * warps * d
     first_wgmma = consumers.index("mma_async", consumers.index(q_landed))
     ahead = consumers.find(f"((({it} + 1) & 1) * {slot})", consumers.index(q_landed))
@@ -85,6 +91,17 @@ def test_persistent_form_compiles_with_rounds_and_one_cta_barrier(d, warps, dtyp
     waits = [m.start() for m in re.finditer(r"cp_async_wait_group_async_wait_group_0\(\)", consumers)]
     assert len(waits) == 2 and waits[0] < consumers.index(q_landed) and waits[1] > consumers.rindex("mma_async")
     assert consumers.index("cp_async_cg") < rounds_loop.start()  # the first tile's Q, before the rounds
+    # two consumer warpgroups: their turns at the tensor cores alternate across tiles; group 1
+    # passes one before the rounds and every turn it takes, group 0 takes one more after them
+    arrive, take = "bar_arrive_arrive(", "bar_sync_count_sync(((uint)((((int)threadIdx.y) >> 2) + 4)), (uint)256)"
+    if warps == 8:
+        before, after = consumers[:rounds_loop.start()], consumers[consumers.rindex("mma_async"):]
+        assert before.count(arrive) == 1 and "== 1) {" in before[before.rindex("__shfl_sync"):]
+        assert after.count(take) == 1 and "== 0) {" in after[after.rindex("__shfl_sync"):]
+        assert "bar_arrive" in after[:after.index(take)] and re.search(r"if \(.*\|\|.*\)\s*\{\s*tvm_builtin_ptx_bar_arrive",
+                                                                      consumers) is None
+    else:
+        assert arrive not in consumers and take not in consumers
     # Q's chunks copied down the core matrices' rows: lane l's 16 bytes right after lane l - 1's,
     # so a shared-memory phase's 8 chunks fill 32 banks (along a row they would share 4)
     q_copies = re.findall(r"cp_async_cg\w*\(tvm_builtin_cuda_cvta_generic_to_shared\(\(&\(qkv_smem_ptr\[(.*?)\]\)", body)

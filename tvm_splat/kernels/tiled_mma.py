@@ -428,27 +428,32 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     producer thread and the consumer warpgroups each loop over the rounds on their own, stage,
     phase and V tag of a block taken from a running count of the blocks walked so far, so that
     the producer's copies run on into the next tile while the consumers finish this one. The
-    consumers reset their state per tile and read the next tile's start ahead (since the
-    twenty-sixth session): its Q rows land by ``cp.async`` in the other of two Q slots while
-    this tile runs (issued once every consumer passed this tile's one named barrier, so past
-    its reads of the previous tile's Q in that slot), and its rows' segments are loaded once
-    this tile's last softmax is done, while its last P V runs and O is stored. The ``ncu``
-    profile of the grid form (window +-1024, H100, ``benchmarks/README.md``) put 7.6% of the
-    consumers' samples in a tile's setup and Q load, the tensor cores idle there (one block per
-    SM). The second Q slot costs ``br d`` elements of shared memory (224 KB at d=128, bc=128,
+    consumers reset their state per tile. Since the twenty-sixth session each consumer
+    warpgroup runs on its own across tiles: it loads its own 64 Q rows and waits on its own
+    named barrier (none over both groups), and with two groups their turns at the tensor cores
+    alternate across tiles as within one (warpgroup 1 passes a turn before the rounds and
+    every turn it takes, warpgroup 0 takes one after them), so that one group's last P V, O
+    stores and next tile's start run beside the other group's GEMMs, as FlashAttention-3's
+    persistent kernel does. And each reads the next tile's start ahead: its Q rows land by
+    ``cp.async`` in its half of the other of two Q slots while this tile runs, and its rows'
+    segments are loaded once this tile's last softmax is done, while its last P V runs and O
+    is stored. The ``ncu`` profile of the grid form (window +-1024, H100,
+    ``benchmarks/README.md``) put about a fifth of the consumers' samples in a tile's fixed
+    costs (7.6% in its setup and Q load), the tensor cores idle there (one block per SM, its
+    two groups meeting at a barrier at each tile's start). The second Q slot costs ``br d`` elements of shared memory (224 KB at d=128, bc=128,
     two consumer warpgroups; 227 KB is the limit). SASS (``benchmarks/sass_block_path.py``,
     window +-1024 d=128 fp16): 502 instructions a FULL block (the grid form 511, the persistent
-    form before the read-ahead 522) and no spill (16 and 8 bytes). Not yet run on a GPU: its
+    form before these changes 522) and no spill (16 and 8 bytes). Not yet run on a GPU: its
     tests and its A/B against the grid form are the next lease's (``benchmarks/README.md``).
-    Before the read-ahead, H200 (``h200_forward_ab.json`` run
+    Before these changes, H200 (``h200_forward_ab.json`` run
     ``twenty_second_persistent``, P = 132, both forms in one process, 50 back-to-back calls):
     window +-1024, n=32k, 16 heads, d=128 1.238 -> 1.232 ms fp16, 1.200 -> 1.193 bf16 (0.5%,
     within run-to-run noise), Mistral's causal window 4096, n=8192, 32/8 heads 0.834 -> 0.853
     fp16, 0.806 -> 0.826 bf16 (2.2-2.5% slower): the per-tile start and end it hides are small
     beside a tile's 17 blocks, and its fixed round-robin order balances the causal plan's
     tiles of unequal length worse than the GPU's own dispatch of a grid's thread blocks. So it
-    is an opt-in knob, neither a default nor in the tuning space; 110 GPU ids passed before the
-    read-ahead (``tests/gpu -k persistent``).
+    is an opt-in knob, neither a default nor in the tuning space; 110 GPU ids passed before
+    these changes (``tests/gpu -k persistent``).
 
     ``lazy_rescale=True`` (any form): a row's running max is raised only when a block's max
     exceeds it by more than :data:`RESCALE_THRESHOLD` (else the block's probabilities are
@@ -935,6 +940,9 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                     for hn in T.unroll(2):
                         T.evaluate(mma_16x8x16(pf, (mt * KC + kc) * 8, bf, hn * 4, oacc, (mt * DT + dp * 2 + hn) * 4))
 
+    def warpgroup_index(w):  # warp w's consumer warpgroup, as lane 0 holds it (ptxas knows it warp-uniform)
+        return T.tvm_warp_shuffle(full_mask, w // 4, 0, 32, 32)
+
     def q_rows_of(w, q_off):
         # the offset of warp w's consumer warpgroup's 64 Q rows in the Q slot at q_off, from what
         # lane 0 holds (ptxas then knows it warp-uniform): the warpgroup index, or with the
@@ -944,7 +952,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         if not isinstance(q_off, int):
             return T.tvm_warp_shuffle(full_mask, q_off + (w // 4) * 64 * D, 0, 32, 32)
         if W > 4:
-            return q_off + T.tvm_warp_shuffle(full_mask, w // 4, 0, 32, 32) * 64 * D
+            return q_off + warpgroup_index(w) * 64 * D
         return q_off
 
     @T.macro
@@ -1261,15 +1269,16 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         # arrivals of the other's (warpgroup 1 passed one before the tile, warpgroup 0 every turn).
         # Per tile of n >= 1 blocks each group syncs n + 1 times and is passed n + 1 turns, in
         # alternation (group 1: pass, then sync and pass, ..., sync; group 0: sync and pass, ...):
-        # the tiles of the persistent form, one after the other, keep that alternation, and an
-        # empty tile takes and passes no turn
+        # an empty tile takes and passes no turn. The persistent form passes every turn of
+        # warpgroup 1 (last=False) and balances the counts once per thread block instead
+        # (persistent_consumers), so that the turns alternate across tiles as within one
         if PINGPONG:
             if T.Or(w // 4 == 0, T.Not(last)):
                 T.evaluate(pass_turn(w))
 
     @T.macro
     def consumer_blocks(smem, blocks, bars, vbad, sg, rng, desc, sacc, pf, pw, oacc, ms, ls, mb, al, words, nonfinite,
-                        vflag, px, pxw, vx, vxw, hm, blk_lo, blk_hi, w, lane, klen, base, q_off):
+                        vflag, px, pxw, vx, vxw, hm, blk_lo, blk_hi, w, lane, klen, base, q_off, tile_turns):
         # a consumer warpgroup's walk over the tile's blocks (Q in the slot at q_off) up to the
         # last block's softmax (consumer_last_pv issues its P V), FlashAttention-3's intra-warpgroup
         # overlap: S of block j is issued, then P V of block j - 1, and the softmax of block j
@@ -1281,7 +1290,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         # brought to block j's max (al, from block j's softmax) after S of block j + 1 is issued.
         # As written the softmax overlaps the P V in flight; ptxas hoists the wait for that P V
         # above the softmax unless softmax_overlap ends the softmax with a branch
-        if PINGPONG:
+        if PINGPONG and tile_turns:  # (a python bool: False in the persistent form)
             if w // 4 == 1 and blk_hi > blk_lo:
                 T.evaluate(pass_turn(w))  # group 0 goes first
         if blk_hi > blk_lo:
@@ -1314,7 +1323,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
 
     @T.macro
     def consumer_last_pv(smem, blocks, bars, vbad, desc, pf, pw, oacc, al, words, nonfinite, vflag, px, pxw, vx, vxw,
-                         hm, blk_lo, blk_hi, w, lane, klen, base):
+                         hm, blk_lo, blk_hi, w, lane, klen, base, tile_turns):
         # the end of consumer_blocks' walk: P V of the tile's last block, issued in the group's
         # turn, waited for, and its V stage released
         if blk_hi > blk_lo:
@@ -1323,7 +1332,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                 rescale_o(oacc, al)
             issue_pv_of_block(blk_hi - blk_lo - 1, running(base, blk_hi - blk_lo - 1), smem, blocks, bars, vbad, desc,
                               pf, pw, oacc, words, nonfinite, vflag, px, pxw, vx, vxw, hm, blk_lo, w, lane, klen)
-            turn_end(w, True)
+            turn_end(w, tile_turns)
             T.ptx.wgmma.wait_group.sync.aligned(0)
             release(bars, V_FREE + stage_of(running(base, blk_hi - blk_lo - 1)), lane)
 
@@ -1332,9 +1341,9 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                       vflag, px, pxw, vx, vxw, hm, blk_lo, blk_hi, w, lane, klen, base):
         # a consumer warpgroup's whole walk over the tile's blocks, Q in slot 0
         consumer_blocks(smem, blocks, bars, vbad, sg, rng, desc, sacc, pf, pw, oacc, ms, ls, mb, al, words, nonfinite,
-                        vflag, px, pxw, vx, vxw, hm, blk_lo, blk_hi, w, lane, klen, base, 0)
+                        vflag, px, pxw, vx, vxw, hm, blk_lo, blk_hi, w, lane, klen, base, 0, True)
         consumer_last_pv(smem, blocks, bars, vbad, desc, pf, pw, oacc, al, words, nonfinite, vflag, px, pxw, vx, vxw,
-                         hm, blk_lo, blk_hi, w, lane, klen, base)
+                         hm, blk_lo, blk_hi, w, lane, klen, base, True)
 
     @T.macro
     def start_tile_state(rows, ms, ls, oacc, row0, rstr, w, lane):
@@ -1419,6 +1428,12 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     def q_slot(it):  # persistent form: the offset of the Q slot of the tile of round it
         return (it % 2) * BR * DP
 
+    def group_q_row(it, w, lane):  # row (of the group's 64) of its it-th Q chunk this thread copies
+        return chunk_position(it * 128 + group_thread(w, lane), CH, q_rows_first)[0]
+
+    def group_q_col(it, w, lane):  # first element of that chunk within its row
+        return chunk_position(it * 128 + group_thread(w, lane), CH, q_rows_first)[1]
+
     @T.macro
     def persistent_producer(smem, tiles, blocks, bars, kmap, vmap, count, cta):
         # persistent form, the producer thread: the blocks of every tile of thread block cta,
@@ -1436,15 +1451,28 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                 count[0] = count[0] + (phi - plo)
 
     @T.macro
-    def next_q_rows(smem, q, tiles, it, cta, tid):
-        # persistent form: the Q rows of the tile of round it (program_of(it, cta)) -> its slot,
-        # cp.async chunks that the caller commits
+    def load_group_q_rows(smem, q, b, h, row0, rstr, nrows, w, lane, q_off):
+        # persistent form: the 64 Q rows of warp w's consumer warpgroup (tile rows 64 g.., g =
+        # w // 4), by its 128 threads, into the group's half of the Q slot at q_off (the core
+        # matrices of a [64, D] block; rows past nrows are zero): the rows its wgmmas alone read
+        for it in T.serial(64 * CH // 128):
+            copy16(T.address_of(smem[tile_elem(q_off + (w // 4) * 64 * D, group_q_row(it, w, lane),
+                                               group_q_col(it, w, lane))]),
+                   q.access_ptr("r", offset=((b * H + h) * N + T.if_then_else(
+                       (w // 4) * 64 + group_q_row(it, w, lane) < nrows,
+                       row0 + rstr * ((w // 4) * 64 + group_q_row(it, w, lane)), 0)) * D + group_q_col(it, w, lane)),
+                   (w // 4) * 64 + group_q_row(it, w, lane) < nrows)
+
+    @T.macro
+    def next_q_rows(smem, q, tiles, it, cta, w, lane):
+        # persistent form: the warpgroup's Q rows of the tile of round it (program_of(it, cta))
+        # -> its slot, cp.async chunks that the caller commits
         nprog: T.let[T.int32] = T.min(program_of(it, cta), PROGRAMS - 1)
         nvbh: T.let[T.int32] = nprog % (B * H)
         nvt: T.let[T.int32] = nprog // (B * H)
         nhm: T.let[T.int32] = nvbh % H % HM
-        load_q_tile(smem, q, nvbh // H, nvbh % H, tiles[nhm, nvt, 0], tiles[nhm, nvt, 1],
-                    T.if_then_else(program_of(it, cta) < PROGRAMS, tiles[nhm, nvt, 2], 0), tid, q_slot(it))
+        load_group_q_rows(smem, q, nvbh // H, nvbh % H, tiles[nhm, nvt, 0], tiles[nhm, nvt, 1],
+                          T.if_then_else(program_of(it, cta) < PROGRAMS, tiles[nhm, nvt, 2], 0), w, lane, q_slot(it))
 
     @T.macro
     def next_row_segments(sg, next_rows, seg_start, seg_count, seg_sigma, tiles, it, cta, w, lane):
@@ -1462,20 +1490,32 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                              next_rows, words, nonfinite, vflag, px, pxw, vx, vxw, count, cta, tid, w, lane):
         # persistent form, the consumer warpgroups: every tile of thread block cta, round after
         # round, each from a fresh state, the running count carried across the tiles (the same
-        # count as the producer's: both walk the same tiles' blocks). The next tile's start is
-        # read ahead: its Q rows (cp.async into the other Q slot, issued once every consumer is
-        # past the previous tile, which read that slot) land while this tile runs, and its rows'
-        # segments are loaded into sg once this tile's last softmax no longer needs them, while
-        # its last P V runs and O is stored. Only the first tile loads both at its start, its
-        # Q before the round loop. As ptxas compiles it (window +-1024 d=128 fp16, SASS): 168
-        # registers and no spill (the grid form: 16 bytes), 502 instructions a FULL block (the
-        # grid form 511). Each read-ahead issued every round, past the last tile too (zero rows
-        # of the last program into the free slot): behind a branch, ptxas kept the block loop's
-        # descriptors in vector registers (562 instructions); and the first tile's Q loaded in
-        # the round loop kept its thread offsets live through it (76-96 bytes spilled)
+        # count as the producer's: both walk the same tiles' blocks). Each warpgroup works on its
+        # own: its 64 rows of Q (its half of a Q slot, read by its wgmmas alone), its segments,
+        # its flags and exact path; nothing waits for the other group but the producer's stages
+        # and, with two groups, the turns at the tensor cores, which alternate across tiles as
+        # within one (so one group's last P V, O stores and next tile's start run beside the
+        # other group's GEMMs). The next tile's start is read ahead: the group's Q rows
+        # (cp.async into its half of the other slot, once its warps are past the previous tile,
+        # which read it) land while this tile runs, and its rows' segments are loaded into sg
+        # once this tile's last softmax no longer needs them, while its last P V runs and O is
+        # stored. Only the first tile loads both at its start, its Q before the round loop. As
+        # ptxas compiles it (window +-1024 d=128 fp16, SASS): 168 registers and no spill (the
+        # grid form: 16 bytes), 502 instructions a FULL block (the grid form 511). Each
+        # read-ahead is issued every round, past the last tile too (zero rows of the last
+        # program into the free slot): behind a branch, ptxas kept the block loop's descriptors
+        # in vector registers (562 instructions); and the first tile's Q loaded in the round
+        # loop kept its thread offsets live through it (76-96 bytes spilled)
         count[0] = 0
-        next_q_rows(smem, q, tiles, 0, cta, tid)  # the first tile's, into slot 0
+        next_q_rows(smem, q, tiles, 0, cta, w, lane)  # the first tile's, into slot 0
         T.evaluate(T.ptx.cp.async_.commit_group())
+        # group 0 goes first; group 1 passes every turn it takes, the last included. The
+        # group's index from lane 0 (a shuffle), so that ptxas knows the branch warp-uniform:
+        # on threadIdx.y, it made the block loop's descriptors vector registers (560
+        # instructions a FULL block instead of 502)
+        if PINGPONG:
+            if warpgroup_index(w) == 1:
+                T.evaluate(pass_turn(w))
         for it in T.serial(TILE_ROUNDS):
             if program_of(it, cta) < PROGRAMS:
                 pvbh: T.let[T.int32] = program_of(it, cta) % (B * H)
@@ -1495,22 +1535,26 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                     cache_row_segments(sg, rows, seg_start, seg_count, seg_sigma, phm, w, lane, pnrows)
                 T.evaluate(T.ptx["cp.async.wait_group"](0))  # this thread's chunks of this tile's Q
                 T.ptx["fence.proxy.async.shared::cta"]()  # Q, written by this thread, for wgmma
-                # every consumer's Q rows of this tile have landed, and every consumer is past the
-                # previous tile (its wgmmas read the other slot's Q, which the next tile's takes)
-                T.evaluate(named_barrier(1, NTHR))
-                next_q_rows(smem, q, tiles, it + 1, cta, tid)
+                # the group's Q rows of this tile have landed, and each of its warps is past the
+                # previous tile (its wgmmas read the group's half of the other slot, which the
+                # next tile's rows take); the other group is not waited for
+                T.evaluate(group_barrier(w))
+                next_q_rows(smem, q, tiles, it + 1, cta, w, lane)
                 T.evaluate(T.ptx.cp.async_.commit_group())
                 consumer_blocks(smem, blocks, bars, vbad, sg, rng, desc, sacc, pf, pw, oacc, ms, ls, mb, al, words,
                                 nonfinite, vflag, px, pxw, vx, vxw, phm, plo, phi, w, lane,
-                                key_length(spec, kv_len, pb), count[0], q_slot(it))
+                                key_length(spec, kv_len, pb), count[0], q_slot(it), False)
                 if program_of(it + 1, cta) < PROGRAMS:
                     next_row_segments(sg, next_rows, seg_start, seg_count, seg_sigma, tiles, it + 1, cta, w, lane)
                 consumer_last_pv(smem, blocks, bars, vbad, desc, pf, pw, oacc, al, words, nonfinite, vflag, px, pxw,
-                                 vx, vxw, phm, plo, phi, w, lane, key_length(spec, kv_len, pb), count[0])
+                                 vx, vxw, phm, plo, phi, w, lane, key_length(spec, kv_len, pb), count[0], False)
                 store_tile(out, o_part, ml_part, split_o, split_ml, lse, oacc, ms, ls, rows, pb, ph, pvbh, pcomp,
                            pslot, w, lane, pnrows)
                 count[0] = count[0] + (phi - plo)
         T.evaluate(T.ptx["cp.async.wait_group"](0))  # the last read-ahead (of no tile) lands before the exit
+        if PINGPONG:  # group 1's first pass and last pass meet one sync each: the counts balance
+            if warpgroup_index(w) == 0:
+                T.evaluate(take_turn(w))
 
     @T.macro
     def persistent_ws(smem, q, tiles, blocks, kv_len, out, o_part, ml_part, split_o, split_ml, lse, bars, vbad, kmap,
