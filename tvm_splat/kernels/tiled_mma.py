@@ -1289,8 +1289,10 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         # and V tag are those of its running index running(base, j). With early_rescale, O is
         # brought to block j's max (al, from block j's softmax) after S of block j + 1 is issued.
         # As written the softmax overlaps the P V in flight; ptxas hoists the wait for that P V
-        # above the softmax unless softmax_overlap ends the softmax with a branch
-        if PINGPONG and tile_turns:  # (a python bool: False in the persistent form)
+        # above the softmax unless softmax_overlap ends the softmax with a branch. tile_turns (a
+        # python bool): the turns balance within the tile (group 1 passes one first and none at
+        # its last, consumer_last_pv); False in the persistent form, which balances them once
+        if PINGPONG and tile_turns:
             if w // 4 == 1 and blk_hi > blk_lo:
                 T.evaluate(pass_turn(w))  # group 0 goes first
         if blk_hi > blk_lo:
