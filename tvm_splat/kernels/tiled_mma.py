@@ -1489,7 +1489,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     @T.macro
     def persistent_consumers(smem, q, tiles, blocks, kv_len, out, o_part, ml_part, split_o, split_ml, lse, bars, vbad,
                              seg_start, seg_count, seg_sigma, sg, rng, desc, sacc, pf, pw, oacc, ms, ls, mb, al, rows,
-                             next_rows, words, nonfinite, vflag, px, pxw, vx, vxw, count, cta, tid, w, lane):
+                             next_rows, words, nonfinite, vflag, px, pxw, vx, vxw, count, cta, w, lane):
         # persistent form, the consumer warpgroups: every tile of thread block cta, round after
         # round, each from a fresh state, the running count carried across the tiles (the same
         # count as the producer's: both walk the same tiles' blocks). Each warpgroup works on its
@@ -1573,8 +1573,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
             T.evaluate(T.ptx["setmaxnreg.inc.sync.aligned.u32"](CONSUMER_REGS))
             persistent_consumers(smem, q, tiles, blocks, kv_len, out, o_part, ml_part, split_o, split_ml, lse, bars,
                                  vbad, seg_start, seg_count, seg_sigma, sg, rng, desc, sacc, pf, pw, oacc, ms, ls, mb,
-                                 al, rows, next_rows, words, nonfinite, vflag, px, pxw, vx, vxw, count, cta, tid, w,
-                                 lane)
+                                 al, rows, next_rows, words, nonfinite, vflag, px, pxw, vx, vxw, count, cta, w, lane)
 
     @T.prim_func(s_tir=True)
     def tiled(
