@@ -45,17 +45,16 @@ def test_persistent_form_compiles_with_rounds_and_one_cta_barrier(d, warps, dtyp
     """The persistent form: a grid of ``persistent`` thread blocks (blockIdx.y of extent 1), the
     producer thread and the consumers each looping over the ``ceil(programs / P)`` rounds
     (program ``it P + cta``, ``it P + P - 1 - cta`` in odd rounds, skipped past the last), the
-    one __syncthreads before the roles
-    split (mbarriers set up once), each consumer warpgroup's own named barrier a tile once its
-    Q rows have landed (none over both groups; with two, their turns at the tensor cores
-    alternate across tiles: group 1 passes one before the rounds and each turn it takes, group
-    0 takes one after them); the group's Q rows of the next tile read ahead (cp.async, every
-    round) into its half of the other of two Q slots after that barrier and before the
-    tile's first wgmma, the Q descriptors on the round's slot, the first
-    tile's Q loaded before the round loop and the last read-ahead waited for after it, Q's
-    chunks copied down the core matrices' rows (conflict-free shared stores); nvcc
-    compiles it for sm_90a, and ptxas spills nothing (the grid form keeps one register of its
-    epilogue on the stack at d=128) and does not serialize the wgmma."""
+    one __syncthreads before the roles split (mbarriers set up once), each consumer
+    warpgroup's own named barrier a tile once its Q rows have landed (none over both groups;
+    with two, their turns at the tensor cores alternate across tiles: group 1 passes one before
+    the rounds and each turn it takes, group 0 takes one after them); the group's Q rows of the
+    next tile read ahead (cp.async, every round) into its half of the other of two Q slots after
+    that barrier and before the tile's first wgmma, the Q descriptors on the round's slot, the
+    first tile's Q loaded before the round loop and the last read-ahead waited for after it,
+    Q's chunks copied down the core matrices' rows (conflict-free shared stores); nvcc compiles
+    it for sm_90a, and ptxas spills nothing (the grid form keeps one register of its epilogue on
+    the stack at d=128) and does not serialize the wgmma."""
     func, src, programs = _persistent(d, warps, dtype, persistent, kv_len, kv_heads)
     script = func.script()
     assert f'T.thread_binding({persistent}, thread="blockIdx.x")' in script
