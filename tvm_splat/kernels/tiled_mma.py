@@ -1121,8 +1121,9 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     # mbarriers (one buffer, ``4 stages`` of them): a stage's K bytes, its V bytes (one arrival:
     # the producer's expect_tx), the release of its K, of its V (one arrival per consumer warp)
     K_READY, V_READY, K_FREE, V_FREE = 0, stages, 2 * stages, 3 * stages
-    # named barriers: 1 the consumers' Q, 2 + g consumer warpgroup g's own (V checks, the exact
-    # path), TURN_BARRIER + g group g's turn at the tensor cores (two consumer warpgroups)
+    # named barriers: 1 the consumers' Q (the grid form), 2 + g consumer warpgroup g's own (V
+    # checks, the exact path; the persistent form's Q of each tile), TURN_BARRIER + g group g's
+    # turn at the tensor cores (two consumer warpgroups)
     TURN_BARRIER = 4
     PINGPONG = warp_specialized and W == 8
 
