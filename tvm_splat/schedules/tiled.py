@@ -71,9 +71,12 @@ class TiledKnobs:
     * ``persistent``: 0 (off), or ``P`` > 0 thread blocks of the warp-specialized form's
       persistent variant, each walking the grid's programs round after round (heads first,
       the rounds' thread blocks in snake order) with its K/V stages running on across tiles and
-      the next tile's Q and segments read ahead; needs ``warp_specialized``. Before the snake
-      order and the read-ahead (twenty-sixth session, not yet run on a GPU) it measured on the
-      H200 within 0.5% of the grid form on window +-1024 and 2.2-2.5% slower on a causal window
+      the next tile's Q and segments read ahead; needs ``warp_specialized``. ``P`` is meant to
+      be the number of thread blocks the device runs at once: its SM count with two consumer
+      warpgroups (one block per SM; 132 on the H100 SXM and the H200, 114 on the H100 PCIe),
+      twice that with one; blocks past it wait for a second wave. Before the snake order and the
+      read-ahead (twenty-sixth session, not yet run on a GPU) it measured on the H200 within
+      0.5% of the grid form on window +-1024 and 2.2-2.5% slower on a causal window
       (:func:`~tvm_splat.kernels.tiled_mma.tiled_mma_func`), so neither a default nor in the
       tuning space.
     * ``lazy_rescale``: the warp-level kernel moves a row's running max only when a block
