@@ -1749,7 +1749,16 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                                     T.evaluate(T.ptx["cp.async.wait_group"](0))
                                                 if v_checked(full, col0, sig, key_length(spec, kv_len, b)):
                                                     flag_nonfinite_v(qkv_smem, vbad, words, nonfinite, stg, j, tid)
-                                                if wgmma:
+                                                # the cp.async wgmma form: K/V are generic writes that wgmma reads
+                                                # (the async proxy). The TMA form's K/V come by the async proxy
+                                                # and its generic shared writes (V flags, the exact path's P) are
+                                                # read by CUDA cores only; its thread 0 fences before each copy
+                                                # (issue_tma_pair), after the barrier, which orders the other
+                                                # threads' reads of the stage before the copy that overwrites it.
+                                                # Dropped for TMA: H100, d=64 with fold_scale, three alternations
+                                                # (h100_forward_ab.json run twenty_sixth_fence): dilated +-256
+                                                # step 2 -1.6 to -1.8%, +-256 + 4 global b=8 -1.2, -1.3, +0.2%
+                                                if wgmma and not tma:
                                                     T.ptx["fence.proxy.async.shared::cta"]()
                                                 T.tvm_storage_sync("shared.dyn")
                                                 if tma:
