@@ -291,3 +291,28 @@ def test_hopper_default_warp_specialized_from_its_tile_count(shape, d, warp_spec
     assert made.knobs.early_rescale == warp_specialized and not training.early_rescale
     assert made.knobs.fold_scale == training.fold_scale == (d == 64)
     assert not (made.knobs.lazy_rescale or made.knobs.softmax_overlap)
+
+
+def test_warp_specialized_form_runs_persistent_over_the_devices_sms(tmp_path, monkeypatch):
+    """Where the plan has a GPU, the warp-specialized form's default (and tuned) knobs become its
+    persistent form over the thread blocks the device runs at once: the SM count with two
+    consumer warpgroups, twice it with one; other forms, knobs already persistent and a count
+    the device does not give stay as they are. A compile-only plan (a target, no device) keeps
+    the grid form, and so do knobs the caller gave."""
+    monkeypatch.setenv("TVM_SPLAT_TUNING_LOGS", str(tmp_path))
+    from tvm_splat.planner import PERSISTENT_WARP_SPECIALIZED, persistent_default
+
+    assert PERSISTENT_WARP_SPECIALIZED
+    compile_only = plan(Window(64), (8, 32, 1024, 128), None, "bfloat16", None, target=H100)
+    ws = compile_only.knobs
+    assert ws.warp_specialized and ws.warps == 8 and ws.persistent == 0
+    assert persistent_default(ws, 132).persistent == 132 and persistent_default(ws, 114).persistent == 114
+    assert dataclasses.replace(persistent_default(ws, 132), persistent=0) == ws  # nothing else moves
+    one_group = dataclasses.replace(ws, br=64, warps=4)
+    assert persistent_default(one_group, 132).persistent == 264
+    assert persistent_default(ws, None) == ws and persistent_default(ws, 0) == ws
+    assert persistent_default(dataclasses.replace(ws, persistent=7), 132).persistent == 7
+    grid_tma = plan(Window(64), (8, 32, 896, 128), None, "bfloat16", None, target=H100).knobs
+    assert not grid_tma.warp_specialized and persistent_default(grid_tma, 132) == grid_tma
+    given = plan(Window(64), (8, 32, 1024, 128), None, "bfloat16", None, target=H100, knobs=ws)
+    assert given.knobs_source == "given" and given.knobs.persistent == 0

@@ -123,6 +123,29 @@ CPU_VARIANT = "separate"
 CPU_SCRATCH_BYTES = 1 << 30
 
 
+#: the warp-specialized form runs persistent (:attr:`TiledKnobs.persistent`) where the plan has
+#: a GPU to count its SMs, unless the knobs were given: H100, window +-1024 (n=32k, 16 heads) and
+#: Mistral's causal window (n=8192, 32/8 heads), d=128, fp16 and bf16, three alternations, the
+#: persistent form faster than the grid form in all 12 same-process pairs, by 1.0-6.3% (window
+#: bf16 1.200 -> 1.163 ms, Mistral bf16 0.817 -> 0.767; outputs identical;
+#: ``benchmarks/results/h100_forward_ab.json`` run ``twenty_sixth_persistent``); as the planner's
+#: default on another H100 of the same lease (P = 132 from the device), window +-1024 bf16 1.147
+#: -> 1.105 ms (490 TFLOP/s), fp16 1.182 -> 1.162, Mistral bf16 0.775 -> 0.733, fp16 0.797 ->
+#: 0.781 (run ``twenty_sixth_persistent_default``). A plan with only a target (compile only)
+#: keeps the grid form: the target does not tell the SM count.
+PERSISTENT_WARP_SPECIALIZED = True
+
+
+def persistent_default(knobs: TiledKnobs, sm_count: int | None) -> TiledKnobs:
+    """``knobs`` of the warp-specialized form made persistent over the thread blocks a device of
+    ``sm_count`` SMs runs at once (one a SM with two consumer warpgroups, two with one;
+    :data:`PERSISTENT_WARP_SPECIALIZED`); other knobs, knobs already persistent, or no SM count:
+    unchanged."""
+    if not (PERSISTENT_WARP_SPECIALIZED and knobs.warp_specialized and knobs.persistent == 0 and sm_count):
+        return knobs
+    return dataclasses.replace(knobs, persistent=int(sm_count) * (8 // knobs.warps))
+
+
 def default_knobs(spec: AttentionSpec, target, acsr: ACSR | None = None, tma: bool = True,
                   stepped_tma: bool = True, warp_specialized: bool = True) -> TiledKnobs:
     """The untuned tiled knobs of a workload: :func:`default_tiled_knobs`, told what the tile
@@ -414,7 +437,9 @@ def plan(mask, q_shape, kv_shape=None, dtype="float32", device="cpu", *, target=
     ``"separate"``. ``knobs``: :class:`TiledKnobs` / :class:`RowKnobs` to force; default, the
     workload's tuning record, else the defaults. ``scale`` defaults to ``1/sqrt(head_dim)``.
     ``kv_lengths=True``: the kernels take per-batch key lengths at run time (a padding mask on
-    top of ``mask``; see the module docstring), passed to :meth:`AttentionPlan.run`.
+    top of ``mask``; see the module docstring), passed to :meth:`AttentionPlan.run`. With a GPU
+    device, the warp-specialized form's default or tuned knobs run its persistent form over
+    the device's SMs (:func:`persistent_default`); with only a target, the grid form.
     """
     if not isinstance(kv_lengths, (bool, np.bool_)):
         raise ValueError(f"plan's kv_lengths says whether the kernels take key lengths (True/False), "
@@ -446,6 +471,8 @@ def plan(mask, q_shape, kv_shape=None, dtype="float32", device="cpu", *, target=
                                    has_kv_len=bool(kv_lengths))
     variant = choose_variant(variant, target, spec)
     knobs, source = choose_knobs(spec, target, variant, knobs, acsr)
+    if source != "given" and variant == "tiled" and dev is not None and is_gpu_device(dev):
+        knobs = persistent_default(knobs, dev.multi_processor_count)
     return AttentionPlan(mask, acsr, spec, variant, knobs, source, target, dev)
 
 
