@@ -443,17 +443,20 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     two groups meeting at a barrier at each tile's start). The second Q slot costs ``br d`` elements of shared memory (224 KB at d=128, bc=128,
     two consumer warpgroups; 227 KB is the limit). SASS (``benchmarks/sass_block_path.py``,
     window +-1024 d=128 fp16): 502 instructions a FULL block (the grid form 511, the persistent
-    form before these changes 522) and no spill (16 and 8 bytes). Not yet run on a GPU: its
-    tests and its A/B against the grid form are the next lease's (``benchmarks/README.md``).
-    Before these changes, H200 (``h200_forward_ab.json`` run
+    form before these changes 522) and no spill (16 and 8 bytes). H100 (``h100_forward_ab.json``
+    run ``twenty_sixth_persistent``, trees before and after, three alternations, both forms in
+    each process): faster than the grid form in all 12 pairs, window +-1024 by 1.0-2.2% (fp16)
+    and 2.7-3.7% (bf16), Mistral's causal window by 1.0-6.3% (fp16) and 3.8-6.2% (bf16), outputs
+    identical; 130 GPU ids pass. So the planner's default where a plan has a GPU
+    (:func:`tvm_splat.planner.persistent_default`). Before these changes, H200 (``h200_forward_ab.json`` run
     ``twenty_second_persistent``, P = 132, both forms in one process, 50 back-to-back calls):
     window +-1024, n=32k, 16 heads, d=128 1.238 -> 1.232 ms fp16, 1.200 -> 1.193 bf16 (0.5%,
     within run-to-run noise), Mistral's causal window 4096, n=8192, 32/8 heads 0.834 -> 0.853
     fp16, 0.806 -> 0.826 bf16 (2.2-2.5% slower): the per-tile start and end it hides are small
     beside a tile's 17 blocks, and its fixed round-robin order balances the causal plan's
     tiles of unequal length worse than the GPU's own dispatch of a grid's thread blocks. So it
-    is an opt-in knob, neither a default nor in the tuning space; 110 GPU ids passed before
-    these changes (``tests/gpu -k persistent``).
+    was an opt-in knob then; 110 GPU ids passed before these changes (``tests/gpu -k
+    persistent``).
 
     ``lazy_rescale=True`` (any form): a row's running max is raised only when a block's max
     exceeds it by more than :data:`RESCALE_THRESHOLD` (else the block's probabilities are

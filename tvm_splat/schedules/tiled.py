@@ -74,11 +74,12 @@ class TiledKnobs:
       the next tile's Q and segments read ahead; needs ``warp_specialized``. ``P`` is meant to
       be the number of thread blocks the device runs at once: its SM count with two consumer
       warpgroups (one block per SM; 132 on the H100 SXM and the H200, 114 on the H100 PCIe),
-      twice that with one; blocks past it wait for a second wave. Before the snake order and the
-      read-ahead (twenty-sixth session, not yet run on a GPU) it measured on the H200 within
+      twice that with one; blocks past it wait for a second wave. Not in the tuning space; the
+      planner sets it where a plan has a GPU (:func:`tvm_splat.planner.persistent_default`):
+      with the snake order and the read-ahead (twenty-sixth session) it beat the grid form on an
+      H100 in all 12 same-process pairs, 1.0-6.3%; before them it measured on the H200 within
       0.5% of the grid form on window +-1024 and 2.2-2.5% slower on a causal window
-      (:func:`~tvm_splat.kernels.tiled_mma.tiled_mma_func`), so neither a default nor in the
-      tuning space.
+      (:func:`~tvm_splat.kernels.tiled_mma.tiled_mma_func`).
     * ``lazy_rescale``: the warp-level kernel moves a row's running max only when a block
       raises it by more than :data:`~tvm_splat.kernels.tiled_mma.RESCALE_THRESHOLD`, and
       rescales O only in a warp where a row moved it (fewer instructions a block, but on the
