@@ -622,25 +622,12 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     # form h27_core_rows_first). The mma form's padded rows and the TMA form (K/V by TMA; its Q
     # load and flag checks as before, under the 128-register cap) keep the along-the-row order
     core_rows_first = wgmma and not tma
-    # the persistent form copies Q down the core matrices' rows too: its read-ahead runs beside
-    # the tile's GEMMs, whose operands keep the shared pipe the SM's busiest (58%, ncu of the
-    # grid form, window +-1024 d=128, H100), and along a row a phase's 8 chunks share 4 banks
-    # (the grid form's Q cp.async: 2x the ideal in that profile). SASS of window +-1024 d=128:
-    # the same 502 instructions a FULL block and no spill either way; the grid warp-specialized
-    # form took 517 and 48 bytes of spill with it (511 and 16 without), so keeps the row order
-    q_rows_first = core_rows_first or PERSISTENT
 
-    def chunk_row(it, tid):  # row of the it-th 16-byte chunk of K or V this thread copies
+    def chunk_row(it, tid):  # row of the it-th 16-byte chunk this thread copies
         return chunk_position(it * NTHR + tid, CH, core_rows_first)[0]
 
     def chunk_col(it, tid):  # first element of that chunk within its row
         return chunk_position(it * NTHR + tid, CH, core_rows_first)[1]
-
-    def q_row(it, tid):  # row of the it-th 16-byte chunk of Q this thread copies
-        return chunk_position(it * NTHR + tid, CH, q_rows_first)[0]
-
-    def q_col(it, tid):  # first element of that chunk within its row
-        return chunk_position(it * NTHR + tid, CH, q_rows_first)[1]
 
     def tile_row(w, lane, r):  # tile-local row of the thread's row slot r = mt * 2 + half
         return (w * MT + r // 2) * 16 + lane // 4 + 8 * (r % 2)
@@ -673,21 +660,21 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         T.evaluate(T.ptx["cp.async.cg.shared.global"](dst, src, 16, T.Cast("uint32", T.if_then_else(valid, 16, 0))))
 
     @T.macro
-    def load_q_tile(smem, q, b, h, row0, rstr, nrows, tid, q_off):
-        # the tile's Q rows -> shared at q_off (its Q slot; 16-byte vectors; rows past nrows are zero)
+    def load_q_tile(smem, q, b, h, row0, rstr, nrows, tid):
+        # the tile's Q rows -> shared (16-byte vectors; rows past nrows are zero)
         for it in T.serial(Q_IT):
             if it * NTHR + tid < BR * CH:
                 if stages == 1:
                     for e in T.vectorized(8):
-                        smem[tile_elem(q_off, q_row(it, tid), q_col(it, tid)) + e] = T.if_then_else(
-                            q_row(it, tid) < nrows,
-                            q[b, h, row0 + rstr * q_row(it, tid), q_col(it, tid) + e], zero)
+                        smem[tile_elem(0, chunk_row(it, tid), chunk_col(it, tid)) + e] = T.if_then_else(
+                            chunk_row(it, tid) < nrows,
+                            q[b, h, row0 + rstr * chunk_row(it, tid), chunk_col(it, tid) + e], zero)
                 else:
-                    copy16(T.address_of(smem[tile_elem(q_off, q_row(it, tid), q_col(it, tid))]),
+                    copy16(T.address_of(smem[tile_elem(0, chunk_row(it, tid), chunk_col(it, tid))]),
                            q.access_ptr("r", offset=((b * H + h) * N + T.if_then_else(
-                               q_row(it, tid) < nrows, row0 + rstr * q_row(it, tid), 0)) * D
-                               + q_col(it, tid)),
-                           q_row(it, tid) < nrows)
+                               chunk_row(it, tid) < nrows, row0 + rstr * chunk_row(it, tid), 0)) * D
+                               + chunk_col(it, tid)),
+                           chunk_row(it, tid) < nrows)
 
     @T.macro
     def copy_rows_async(smem, base, src, col0, sig, b, hk, tid, st, it, klen):
@@ -1379,7 +1366,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     def consumer_q_tile(smem, q, seg_start, seg_count, seg_sigma, sg, rows, b, h, hm, row0, rstr, nrows, tid, w, lane):
         # the consumers: the tile's Q rows -> shared, the rows' segments -> registers; the named
         # barrier: every consumer's Q rows have landed
-        load_q_tile(smem, q, b, h, row0, rstr, nrows, tid, 0)
+        load_q_tile(smem, q, b, h, row0, rstr, nrows, tid)
         T.evaluate(T.ptx.cp.async_.commit_group())
         T.evaluate(T.ptx["cp.async.wait_group"](0))
         cache_row_segments(sg, rows, seg_start, seg_count, seg_sigma, hm, w, lane, nrows)
@@ -1434,11 +1421,18 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     def q_slot(it):  # persistent form: the offset of the Q slot of the tile of round it
         return (it % 2) * BR * DP
 
+    # the persistent form's Q chunks go down the core matrices' rows (chunk_position's
+    # core_rows_first): its read-ahead runs beside the tile's GEMMs, whose operands keep the
+    # shared pipe the SM's busiest (58%, ncu of the grid form, window +-1024 d=128, H100), and
+    # along a row a phase's 8 chunks share 4 banks (the grid form's Q cp.async: 2x the ideal in
+    # that profile). SASS of window +-1024 d=128: the same 502 instructions a FULL block and no
+    # spill either way; the grid warp-specialized form took 517 and 48 bytes of spill with it
+    # (511 and 16 without), so keeps the row order
     def group_q_row(it, w, lane):  # row (of the group's 64) of its it-th Q chunk this thread copies
-        return chunk_position(it * 128 + group_thread(w, lane), CH, q_rows_first)[0]
+        return chunk_position(it * 128 + group_thread(w, lane), CH, True)[0]
 
     def group_q_col(it, w, lane):  # first element of that chunk within its row
-        return chunk_position(it * 128 + group_thread(w, lane), CH, q_rows_first)[1]
+        return chunk_position(it * 128 + group_thread(w, lane), CH, True)[1]
 
     @T.macro
     def persistent_producer(smem, tiles, blocks, bars, kmap, vmap, count, cta):
@@ -1685,7 +1679,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                     else:
                                         if tid < stages:
                                             T.ptx.st.shared.b32(T.address_of(vbad[tid]), 0)
-                                        load_q_tile(qkv_smem, q, b, h, row0, rstr, nrows, tid, 0)
+                                        load_q_tile(qkv_smem, q, b, h, row0, rstr, nrows, tid)
                                         if stages == 4:
                                             # blocks 0 and 1 in flight; block 0 (and Q) landed and checked;
                                             # S_0 issued
