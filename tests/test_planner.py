@@ -2,6 +2,7 @@
 import dataclasses
 import numpy as np
 import pytest
+import tvm
 
 from tvm_splat import ACSR, Window, plan, parse_pattern
 from tvm_splat.planner import Step, choose_knobs
@@ -316,3 +317,31 @@ def test_warp_specialized_form_runs_persistent_over_the_devices_sms(tmp_path, mo
     assert not grid_tma.warp_specialized and persistent_default(grid_tma, 132) == grid_tma
     given = plan(Window(64), (8, 32, 1024, 128), None, "bfloat16", None, target=H100, knobs=ws)
     assert given.knobs_source == "given" and given.knobs.persistent == 0
+
+
+def test_untuned_knobs_are_the_defaults_as_the_device_runs_them(tmp_path, monkeypatch):
+    """``untuned_knobs`` (the bench's ``splat_fused_untuned``) gives the plan's default knobs as
+    its device runs them: a compile-only plan or a CPU device keeps them; a GPU device (a
+    stand-in with the DLPack type and SM count of an H100) makes the warp-specialized form
+    persistent over its SMs, as ``plan`` does, whatever the tuning logs hold."""
+    monkeypatch.setenv("TVM_SPLAT_TUNING_LOGS", str(tmp_path))
+    from tvm_splat.planner import knobs_on_device, untuned_knobs
+
+    compile_only = plan(Window(64), (8, 32, 1024, 128), None, "bfloat16", None, target=H100)
+    assert untuned_knobs(compile_only) == compile_only.knobs and compile_only.knobs_source == "default"
+
+    class FakeH100:
+        multi_processor_count = 132
+
+        def dlpack_device_type(self):
+            return 2
+
+    on_gpu = knobs_on_device(compile_only.knobs, "tiled", FakeH100())
+    assert on_gpu == dataclasses.replace(compile_only.knobs, persistent=132)
+    assert knobs_on_device(compile_only.knobs, "tiled", tvm.cpu()) == compile_only.knobs
+    assert knobs_on_device(compile_only.knobs, "tiled", None) == compile_only.knobs
+    compile_only.device = FakeH100()
+    assert untuned_knobs(compile_only) == on_gpu
+    row = plan(Window(64), (1, 2, 256, 64), None, "float32", "cpu", variant="row")
+    with pytest.raises(ValueError, match="only the tiled variant has default knobs"):
+        untuned_knobs(row)

@@ -18,3 +18,32 @@ def test_throughput_calls_back_to_back_and_divides_by_the_calls(monkeypatch):
 def test_throughput_rejects_empty_windows():
     with pytest.raises(ValueError, match="calls and windows must be >= 1"):
         throughput_ms(lambda: None, calls=0, device="cpu")
+
+
+def test_gpu_windows_open_after_one_queued_call(monkeypatch):
+    """On the GPU each window's start event is recorded after one call is already queued (the
+    window opens on a busy GPU), and only the calls between the two events are divided by."""
+    import torch
+
+    events, made = [], []
+
+    class FakeEvent:
+        def __init__(self, enable_timing):
+            assert enable_timing
+            self.name = ("start", "end")[len(made) % 2]
+            made.append(self)
+
+        def record(self):
+            events.append(self.name)
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return 8.0
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    ms = throughput_ms(lambda: events.append("call"), calls=4, windows=2, warmup=1, device="cuda")
+    assert events == ["call"] + 2 * (["call", "start"] + ["call"] * 4 + ["end"])
+    assert ms == pytest.approx(8.0 / 4)

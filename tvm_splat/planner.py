@@ -146,6 +146,24 @@ def persistent_default(knobs: TiledKnobs, sm_count: int | None) -> TiledKnobs:
     return dataclasses.replace(knobs, persistent=int(sm_count) * (8 // knobs.warps))
 
 
+def knobs_on_device(knobs, variant: str, device):
+    """The tiled ``knobs`` as a plan runs them on ``device`` (a TVM device, or None to compile
+    only): on a GPU, :func:`persistent_default` over its SMs; otherwise as they are."""
+    if variant != "tiled" or device is None or not is_gpu_device(device):
+        return knobs
+    return persistent_default(knobs, device.multi_processor_count)
+
+
+def untuned_knobs(workload: "AttentionPlan"):
+    """The knobs :func:`plan` gives ``workload`` when no tuning record is read: the defaults
+    (:func:`default_knobs`), as its device runs them (:func:`knobs_on_device`). The bench's
+    ``splat_fused_untuned`` runs these, so that tuned and untuned differ only by the record."""
+    if workload.variant != "tiled":
+        raise ValueError(f"only the tiled variant has default knobs, not {workload.variant!r}")
+    knobs = default_knobs(workload.spec, workload.target, workload.acsr)
+    return knobs_on_device(knobs, workload.variant, workload.device)
+
+
 def default_knobs(spec: AttentionSpec, target, acsr: ACSR | None = None, tma: bool = True,
                   stepped_tma: bool = True, warp_specialized: bool = True) -> TiledKnobs:
     """The untuned tiled knobs of a workload: :func:`default_tiled_knobs`, told what the tile
@@ -471,8 +489,8 @@ def plan(mask, q_shape, kv_shape=None, dtype="float32", device="cpu", *, target=
                                    has_kv_len=bool(kv_lengths))
     variant = choose_variant(variant, target, spec)
     knobs, source = choose_knobs(spec, target, variant, knobs, acsr)
-    if source != "given" and variant == "tiled" and dev is not None and is_gpu_device(dev):
-        knobs = persistent_default(knobs, dev.multi_processor_count)
+    if source != "given":
+        knobs = knobs_on_device(knobs, variant, dev)
     return AttentionPlan(mask, acsr, spec, variant, knobs, source, target, dev)
 
 

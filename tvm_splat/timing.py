@@ -49,7 +49,11 @@ def throughput_ms(fn, calls: int = 100, windows: int = 5, warmup: int = 3,
     """Time per call of ``fn()`` issued back to back, in milliseconds: ``calls`` calls between
     two CUDA events (the host clock for ``device="cpu"``), divided by ``calls``; the median of
     ``windows`` such windows. Launch overhead overlaps the previous call's GPU work here, as in
-    a training step or a prefill loop; per-call latency does not see that."""
+    a training step or a prefill loop; per-call latency does not see that. On the GPU one more
+    call is queued before each window's start event, so that the window opens on a busy GPU, as
+    in such a loop, and not with the first call's host time (the launch path of a Python call,
+    tens of microseconds, was a share of a 5 ms window of 1 ms calls: H100, window +-1024
+    bf16, 1.053 ms by throughput against 1.037 ms of kernel time)."""
     if calls < 1 or windows < 1:
         raise ValueError(f"calls and windows must be >= 1, got {calls} and {windows}")
     for _ in range(warmup):
@@ -67,6 +71,7 @@ def _window_ms(fn, calls: int, device: str) -> float:
     import torch
 
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    fn()  # queued ahead of the start event: the host is past its launch when the window opens
     start.record()
     for _ in range(calls):
         fn()

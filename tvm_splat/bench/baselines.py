@@ -108,13 +108,16 @@ def tvm_splat_variant(variant):
 
 
 def tvm_splat_fused_untuned(inputs):
-    """The default path with its default knobs, whatever the tuning logs hold."""
+    """The default path with its default knobs, whatever the tuning logs hold: the knobs
+    :func:`~tvm_splat.planner.plan` gives these inputs without a record, on their device (on a
+    GPU the warp-specialized form's persistent form, as in ``splat_fused``)."""
     from ..attention import sparse_attention
-    from ..planner import default_knobs, plan
+    from ..devices import device_of
+    from ..planner import plan, untuned_knobs
 
     q, k, v, acsr = inputs.q, inputs.k, inputs.v, inputs.fresh_acsr()
-    workload = plan(acsr, q.shape, k.shape, inputs.dtype, None, target=target_of(q))
-    knobs = default_knobs(workload.spec, workload.target, acsr)
+    workload = plan(acsr, q.shape, k.shape, inputs.dtype, device_of(q), target=target_of(q), variant="tiled")
+    knobs = untuned_knobs(workload)
     return lambda: sparse_attention(q, k, v, acsr, variant="tiled", knobs=knobs)
 
 
@@ -135,10 +138,11 @@ def fused_knobs_used(inputs):
     makes, through the one knob decision), and whether they came from a tuning record."""
     import dataclasses
 
+    from ..devices import device_of
     from ..planner import plan
 
     q, k = inputs.q, inputs.k
-    used = plan(inputs.acsr, q.shape, k.shape, inputs.dtype, None, target=target_of(q))
+    used = plan(inputs.acsr, q.shape, k.shape, inputs.dtype, device_of(q), target=target_of(q))
     fields = dataclasses.asdict(used.knobs) if used.knobs is not None else {}
     return {"variant": used.variant, "tuned": used.knobs_source == "tuned", **fields}
 
