@@ -3,9 +3,10 @@ the same inputs; check each output against a float64 reference; write JSON + PNG
 
 Each implementation gets three timings (:func:`measure`): per-call latency ``ms`` (one call,
 one synchronisation; median), ``throughput_ms`` (calls back to back between two CUDA events,
-a call already queued when the first is recorded; per call; median of windows) and ``kernel_ms`` (GPU time of its kernels, CUPTI), plus the cost
-of its first call (``first_call_s``: compile + run; for ours with cold compile caches) and of
-building it (``setup_s``: FlexAttention's block mask, TVM dense's compile, ...).
+one call already queued when the start event is recorded; per call; median of windows) and
+``kernel_ms`` (GPU time of its kernels, CUPTI), plus the cost of its first call
+(``first_call_s``: compile + run; for ours with cold compile caches) and of building it
+(``setup_s``: FlexAttention's block mask, TVM dense's compile, ...).
 """
 from __future__ import annotations
 
