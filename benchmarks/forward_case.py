@@ -1,0 +1,144 @@
+"""One case of the forward A/B, run for a profiler or under a clock and power log (CUDA GPU).
+
+    python benchmarks/forward_case.py CASE [--variant JSON] [--dtype bfloat16] [--calls N]
+    python benchmarks/forward_case.py CASE [--dtype D] --seconds S --clock-log OUT.csv
+
+``CASE`` indexes :data:`forward_kernels_ab.CASES` (seeded random inputs); the plan is the
+planner's default for the device (``--variant``: :class:`~tvm_splat.schedules.tiled.TiledKnobs`
+overrides of it, a JSON object). Without ``--seconds`` it makes ``--calls`` calls (default 4)
+and prints the knobs: the command ``ncu`` profiles, e.g.
+``ncu -k regex:tiled -s 2 -c 1 --section SpeedOfLight python benchmarks/forward_case.py 7``.
+
+With ``--seconds S`` the calls run back to back for about ``S`` seconds while ``nvidia-smi``
+samples the GPU's SM clock, power draw, temperature and throttle reasons every 200 ms into
+``--clock-log`` (CSV). The script prints the time a call and the medians of the samples taken
+while the loop ran (:func:`clock_summary`). The power cap shows there: window ±1024 (case 7) on
+an H200 drew a median 692 W of its 700 W, throttled for the software power cap (reason 0x4),
+the SM clock at 1620 MHz in fp16 and 1710 MHz in bf16 instead of 1980
+(``benchmarks/results/h200_window1024_power.csv``).
+"""
+import argparse
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from forward_kernels_ab import CASES
+
+#: the fields ``nvidia-smi --query-gpu`` logs, in its CSV's order
+CLOCK_FIELDS = ("timestamp", "clocks.sm", "power.draw", "temperature.gpu", "clocks_throttle_reasons.active")
+
+
+def clock_summary(csv_text: str, start: float, end: float) -> dict:
+    """Medians of the ``nvidia-smi`` samples (``CLOCK_FIELDS``, ``--format=csv,noheader``)
+    taken between the epoch times ``start`` and ``end``: ``sm_clock_mhz``, ``power_w``,
+    ``temperature_c``, the throttle reasons seen (``throttle_reasons``, as ``nvidia-smi``
+    prints them) and the sample count. No sample in the interval: ``{"samples": 0}``."""
+    clocks, powers, temps, reasons = [], [], [], set()
+    for line in csv_text.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != len(CLOCK_FIELDS):
+            continue
+        try:
+            stamp = time.mktime(time.strptime(parts[0].split(".")[0], "%Y/%m/%d %H:%M:%S"))
+        except ValueError:
+            continue
+        if not start - 1 <= stamp <= end:  # the stamps have whole seconds here
+            continue
+        clocks.append(float(parts[1].split()[0]))
+        powers.append(float(parts[2].split()[0]))
+        temps.append(float(parts[3].split()[0]))
+        reasons.add(parts[4])
+    if not clocks:
+        return {"samples": 0}
+    return {"samples": len(clocks), "sm_clock_mhz": statistics.median(clocks), "power_w": statistics.median(powers),
+            "temperature_c": statistics.median(temps), "throttle_reasons": sorted(reasons)}
+
+
+def make_plan(case: int, variant: dict, dtype: str):
+    """``(plan, q, k, v)`` of ``CASES[case]`` on the GPU: the planner's default, or its knobs
+    with ``variant``'s overrides."""
+    import torch
+
+    from tvm_splat.formats import parse_pattern
+    from tvm_splat.planner import plan
+
+    pattern, b, h, kvh, n, d = CASES[case]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(b, h, n, d, device="cuda", dtype=getattr(torch, dtype), generator=gen)
+    k, v = (torch.randn(b, kvh, n, d, device="cuda", dtype=getattr(torch, dtype), generator=gen) for _ in range(2))
+    mask = parse_pattern(pattern)
+    made = plan(mask, q.shape, k.shape, dtype, "cuda")
+    if variant:
+        made = plan(mask, q.shape, k.shape, dtype, "cuda", knobs=dataclasses.replace(made.knobs, **variant))
+    return made, q, k, v
+
+
+def main(case: int, variant: dict, dtype: str = "float16", calls: int = 4, seconds: float = 0.0,
+         clock_log: "str | None" = None) -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("forward_case.py needs a CUDA GPU")
+    if seconds and not clock_log:
+        raise SystemExit("--seconds needs --clock-log (where nvidia-smi's samples go)")
+    made, q, k, v = make_plan(case, variant, dtype)
+    for _ in range(calls):
+        made.run(q, k, v)
+    torch.cuda.synchronize()
+    result = {"case": CASES[case], "dtype": dtype, "knobs": repr(made.knobs)}
+    if seconds:
+        with open(clock_log, "w") as log:
+            sampler = subprocess.Popen(["nvidia-smi", f"--query-gpu={','.join(CLOCK_FIELDS)}",
+                                        "--format=csv,noheader", "-lms", "200"], stdout=log)
+            try:
+                time.sleep(1.0)  # the sampler's first lines
+                done, start = 0, time.time()
+                first, last = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                first.record()
+                while time.time() - start < seconds:
+                    for _ in range(50):
+                        made.run(q, k, v)
+                    done += 50
+                    torch.cuda.synchronize()
+                last.record()
+                last.synchronize()
+                end = time.time()
+            finally:
+                sampler.terminate()
+                sampler.wait()
+        result.update(calls=done, ms=first.elapsed_time(last) / done,
+                      **clock_summary(Path(clock_log).read_text(), start, end))
+    print(json.dumps(result))
+    return result
+
+
+def _variant(text):
+    variant = json.loads(text)
+    if not isinstance(variant, dict):
+        raise argparse.ArgumentTypeError(f"--variant takes a JSON object of knob overrides, got {text}")
+    return variant
+
+
+def _case(text):
+    case = int(text)
+    if not 0 <= case < len(CASES):
+        raise argparse.ArgumentTypeError(f"case indices run from 0 to {len(CASES) - 1}, got {text}")
+    return case
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("case", type=_case, help="index of forward_kernels_ab.CASES")
+    parser.add_argument("--variant", type=_variant, default={}, help="TiledKnobs overrides (a JSON object)")
+    parser.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
+    parser.add_argument("--calls", type=int, default=4, help="calls before any timed loop")
+    parser.add_argument("--seconds", type=float, default=0.0, help="run back to back this long, logging clocks")
+    parser.add_argument("--clock-log", help="CSV of nvidia-smi's samples (with --seconds)")
+    args = parser.parse_args()
+    main(args.case, args.variant, args.dtype, args.calls, args.seconds, args.clock_log)
