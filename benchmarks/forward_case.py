@@ -18,7 +18,6 @@ the SM clock at 1620 MHz in fp16 and 1710 MHz in bf16 instead of 1980
 (``benchmarks/results/h200_window1024_power.csv``).
 """
 import argparse
-import dataclasses
 import json
 import statistics
 import subprocess
@@ -28,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from forward_kernels_ab import CASES
+from forward_kernels_ab import CASES, _case, case_inputs, variant_plan
 
 #: the fields ``nvidia-smi --query-gpu`` logs, in its CSV's order
 CLOCK_FIELDS = ("timestamp", "clocks.sm", "power.draw", "temperature.gpu", "clocks_throttle_reasons.active")
@@ -61,22 +60,12 @@ def clock_summary(csv_text: str, start: float, end: float) -> dict:
 
 
 def make_plan(case: int, variant: dict, dtype: str):
-    """``(plan, q, k, v)`` of ``CASES[case]`` on the GPU: the planner's default, or its knobs
-    with ``variant``'s overrides."""
-    import torch
-
-    from tvm_splat.formats import parse_pattern
+    """``(plan, q, k, v)`` of ``CASES[case]`` on the GPU, as ``forward_kernels_ab.py`` makes
+    them: the planner's default, or its knobs with ``variant``'s overrides."""
     from tvm_splat.planner import plan
 
-    pattern, b, h, kvh, n, d = CASES[case]
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(b, h, n, d, device="cuda", dtype=getattr(torch, dtype), generator=gen)
-    k, v = (torch.randn(b, kvh, n, d, device="cuda", dtype=getattr(torch, dtype), generator=gen) for _ in range(2))
-    mask = parse_pattern(pattern)
-    made = plan(mask, q.shape, k.shape, dtype, "cuda")
-    if variant:
-        made = plan(mask, q.shape, k.shape, dtype, "cuda", knobs=dataclasses.replace(made.knobs, **variant))
-    return made, q, k, v
+    mask, q, k, v = case_inputs(*CASES[case], dtype)
+    return variant_plan(mask, q, k, dtype, plan(mask, q.shape, k.shape, dtype, "cuda"), variant), q, k, v
 
 
 def main(case: int, variant: dict, dtype: str = "float16", calls: int = 4, seconds: float = 0.0,
@@ -123,13 +112,6 @@ def _variant(text):
     if not isinstance(variant, dict):
         raise argparse.ArgumentTypeError(f"--variant takes a JSON object of knob overrides, got {text}")
     return variant
-
-
-def _case(text):
-    case = int(text)
-    if not 0 <= case < len(CASES):
-        raise argparse.ArgumentTypeError(f"case indices run from 0 to {len(CASES) - 1}, got {text}")
-    return case
 
 
 if __name__ == "__main__":

@@ -37,20 +37,32 @@ CASES = [("global:4+window:256", 1, 12, 12, 4096, 64), ("global:4+window:256", 4
          ("causal_strided:128", 1, 16, 16, 8192, 128)]  # a union's merge at d=128 (its tuned 32x32 tiles)
 
 
-def run_case(pattern, b, h, kvh, n, d, label, variants=({},), dtype="float16"):
-    """One row per knob variant of the case (the first variant's output is the yardstick)."""
+def case_inputs(pattern, b, h, kvh, n, d, dtype="float16"):
+    """``(mask, q, k, v)`` of a case: its parsed pattern and seeded random inputs on the GPU."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(b, h, n, d, device="cuda", dtype=getattr(torch, dtype), generator=gen)
     k, v = (torch.randn(b, kvh, n, d, device="cuda", dtype=getattr(torch, dtype), generator=gen) for _ in range(2))
-    mask = parse_pattern(pattern)
+    return parse_pattern(pattern), q, k, v
+
+
+def variant_plan(mask, q, k, dtype, default, variant):
+    """``default`` (the planner's plan of the case), or a plan of its knobs with ``variant``'s
+    overrides (a dict of :class:`~tvm_splat.schedules.tiled.TiledKnobs` fields; ``{}``: the default)."""
+    if not variant:
+        return default
+    return plan(mask, q.shape, k.shape, dtype, "cuda", knobs=dataclasses.replace(default.knobs, **variant))
+
+
+def run_case(pattern, b, h, kvh, n, d, label, variants=({},), dtype="float16"):
+    """One row per knob variant of the case (the first variant's output is the yardstick)."""
+    mask, q, k, v = case_inputs(pattern, b, h, kvh, n, d, dtype)
     default = plan(mask, q.shape, k.shape, dtype, "cuda")
     rows, first = [], None
     for variant in variants:
         row = {"tree": label, "case": f"{pattern} b={b} n={n} d={d}", **({"dtype": dtype} if dtype != "float16" else {}),
                **({"variant": variant} if variant else {})}
         try:
-            p = plan(mask, q.shape, k.shape, dtype, "cuda",
-                     knobs=dataclasses.replace(default.knobs, **variant)) if variant else default
+            p = variant_plan(mask, q, k, dtype, default, variant)
             out = p.run(q, k, v)
             first = out if first is None else first
             row.update(ms=throughput_ms(lambda: p.run(q, k, v), calls=50, windows=7, warmup=5),
@@ -76,11 +88,15 @@ def main(label, out_path, cases=None, variants=({},), dtype="float16"):
             json.dump(rows, f, indent=1)
 
 
-def _indices(text):
-    indices = [int(i) for i in text.split(",")]
-    if any(not 0 <= i < len(CASES) for i in indices):
+def _case(text):
+    case = int(text)
+    if not 0 <= case < len(CASES):
         raise argparse.ArgumentTypeError(f"case indices run from 0 to {len(CASES) - 1}, got {text}")
-    return indices
+    return case
+
+
+def _indices(text):
+    return [_case(i) for i in text.split(",")]
 
 
 def _variants(text):
