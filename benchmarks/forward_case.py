@@ -2,6 +2,7 @@
 
     python benchmarks/forward_case.py CASE [--variant JSON] [--dtype bfloat16] [--calls N]
     python benchmarks/forward_case.py CASE [--dtype D] --seconds S --clock-log OUT.csv
+    python benchmarks/forward_case.py CASE [--dtype D] --dense cudnn --seconds S --clock-log OUT.csv
 
 ``CASE`` indexes :data:`forward_kernels_ab.CASES` (seeded random inputs); the plan is the
 planner's default for the device (``--variant``: :class:`~tvm_splat.schedules.tiled.TiledKnobs`
@@ -16,6 +17,12 @@ while the loop ran (:func:`clock_summary`). The power cap shows there: window ±
 an H200 drew a median 692 W of its 700 W, throttled for the software power cap (reason 0x4),
 the SM clock at 1620 MHz in fp16 and 1710 MHz in bf16 instead of 1980
 (``benchmarks/results/h200_window1024_power.csv``).
+
+``--dense BACKEND`` (``flash``, ``cudnn`` or ``efficient``) runs PyTorch's dense SDPA with only
+that backend on the same q, k, v instead (``is_causal`` for a causal mask, GQA by
+``enable_gqa``): the rate a dense kernel reaches on the same GPU under the same cap. ``tflops``
+is the rate of the work each one is given: ours ``4·B·H·nnz·d`` (effective: the mask's nonzeros),
+dense ``4·B·H·n²·d`` (half of it when causal, the triangle the kernel computes).
 """
 import argparse
 import json
@@ -59,6 +66,46 @@ def clock_summary(csv_text: str, start: float, end: float) -> dict:
             "temperature_c": statistics.median(temps), "throttle_reasons": sorted(reasons)}
 
 
+#: ``--dense`` choices: PyTorch's SDPA backends by name
+DENSE_BACKENDS = ("flash", "cudnn", "efficient")
+
+
+def dense_call(backend: str, q, k, v, causal: bool):
+    """``fn()`` running PyTorch's dense SDPA on q, k, v with only ``backend`` allowed (one of
+    :data:`DENSE_BACKENDS`); a backend that refuses the inputs raises on the first call."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    chosen = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+              "efficient": SDPBackend.EFFICIENT_ATTENTION}[backend]
+    gqa = k.shape[1] != q.shape[1]
+
+    def run():
+        with sdpa_kernel([chosen]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+    return run
+
+
+def mask_is_causal(pattern: str, n: int) -> bool:
+    """Whether the case's mask keeps no key after its query (dense SDPA then runs ``is_causal``)."""
+    from tvm_splat.bench.inputs import is_causal
+    from tvm_splat.formats import ACSR, parse_pattern
+
+    return is_causal(ACSR.from_pattern(parse_pattern(pattern), n))
+
+
+def work_flop(pattern: str, b: int, h: int, n: int, d: int, dense: bool) -> float:
+    """FLOPs of one call: ``4·b·h·nnz·d`` over the mask's mean nonzeros a head (ours), or over
+    the scores a dense kernel computes (``dense``: n², or n(n+1)/2 for a causal mask)."""
+    from tvm_splat.formats import parse_pattern
+
+    if not dense:
+        mask = parse_pattern(pattern)
+        return 4.0 * b * h * (mask.nnz(n) / mask.num_heads) * d
+    scores = n * (n + 1) / 2 if mask_is_causal(pattern, n) else float(n) * n
+    return 4.0 * b * h * scores * d
+
+
 def make_plan(case: int, variant: dict, dtype: str):
     """``(plan, q, k, v)`` of ``CASES[case]`` on the GPU, as ``forward_kernels_ab.py`` makes
     them: the planner's default, or its knobs with ``variant``'s overrides."""
@@ -69,18 +116,28 @@ def make_plan(case: int, variant: dict, dtype: str):
 
 
 def main(case: int, variant: dict, dtype: str = "float16", calls: int = 4, seconds: float = 0.0,
-         clock_log: "str | None" = None) -> dict:
+         clock_log: "str | None" = None, dense: "str | None" = None) -> dict:
     import torch
 
-    if not torch.cuda.is_available():
-        raise SystemExit("forward_case.py needs a CUDA GPU")
     if seconds and not clock_log:
         raise SystemExit("--seconds needs --clock-log (where nvidia-smi's samples go)")
-    made, q, k, v = make_plan(case, variant, dtype)
+    if dense and variant:
+        raise SystemExit("--variant sets our kernel's knobs; it has no meaning with --dense")
+    if not torch.cuda.is_available():
+        raise SystemExit("forward_case.py needs a CUDA GPU")
+    pattern, b, h, _, n, d = CASES[case]
+    if dense:
+        _, q, k, v = case_inputs(*CASES[case], dtype)
+        flop = work_flop(pattern, b, h, n, d, dense=True)
+        call, result = dense_call(dense, q, k, v, mask_is_causal(pattern, n)), {"dense": dense}
+    else:
+        made, q, k, v = make_plan(case, variant, dtype)
+        flop = work_flop(pattern, b, h, n, d, dense=False)
+        call, result = (lambda: made.run(q, k, v)), {"knobs": repr(made.knobs)}
     for _ in range(calls):
-        made.run(q, k, v)
+        call()
     torch.cuda.synchronize()
-    result = {"case": CASES[case], "dtype": dtype, "knobs": repr(made.knobs)}
+    result = {"case": CASES[case], "dtype": dtype, **result}
     if seconds:
         with open(clock_log, "w") as log:
             sampler = subprocess.Popen(["nvidia-smi", f"--query-gpu={','.join(CLOCK_FIELDS)}",
@@ -92,7 +149,7 @@ def main(case: int, variant: dict, dtype: str = "float16", calls: int = 4, secon
                 first.record()
                 while time.time() - start < seconds:
                     for _ in range(50):
-                        made.run(q, k, v)
+                        call()
                     done += 50
                     torch.cuda.synchronize()
                 last.record()
@@ -101,7 +158,8 @@ def main(case: int, variant: dict, dtype: str = "float16", calls: int = 4, secon
             finally:
                 sampler.terminate()
                 sampler.wait()
-        result.update(calls=done, ms=first.elapsed_time(last) / done,
+        ms = first.elapsed_time(last) / done
+        result.update(calls=done, ms=ms, tflops=flop / ms / 1e9,
                       **clock_summary(Path(clock_log).read_text(), start, end))
     print(json.dumps(result))
     return result
@@ -122,5 +180,6 @@ if __name__ == "__main__":
     parser.add_argument("--calls", type=int, default=4, help="calls before any timed loop")
     parser.add_argument("--seconds", type=float, default=0.0, help="run back to back this long, logging clocks")
     parser.add_argument("--clock-log", help="CSV of nvidia-smi's samples (with --seconds)")
+    parser.add_argument("--dense", choices=DENSE_BACKENDS, help="time PyTorch's dense SDPA (this backend) instead")
     args = parser.parse_args()
-    main(args.case, args.variant, args.dtype, args.calls, args.seconds, args.clock_log)
+    main(args.case, args.variant, args.dtype, args.calls, args.seconds, args.clock_log, args.dense)

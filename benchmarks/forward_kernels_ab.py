@@ -34,7 +34,11 @@ CASES = [("global:4+window:256", 1, 12, 12, 4096, 64), ("global:4+window:256", 4
          ("dilated:256:2", 1, 12, 12, 8192, 64), ("causal_strided:128", 1, 12, 12, 8192, 64),
          ("dilated:512:4", 1, 8, 8, 8192, 128),  # the cp.async wgmma form (non-unit steps at d=128)
          ("dilated:256:2", 1, 12, 12, 4096, 64), ("dilated:128:4", 1, 12, 12, 4096, 64),  # the quick suite's
-         ("causal_strided:128", 1, 16, 16, 8192, 128)]  # a union's merge at d=128 (its tuned 32x32 tiles)
+         ("causal_strided:128", 1, 16, 16, 8192, 128),  # a union's merge at d=128 (its tuned 32x32 tiles)
+         # case 7's shape with wider windows: the same kernel over 65 and 256 column blocks a
+         # 128-row tile instead of 17 (a tile's fixed costs spread thinner; 32767: every block
+         # FULL, the work of dense attention, beside dense SDPA in forward_case.py --dense)
+         ("window:4096", 1, 16, 16, 32768, 128), ("window:32767", 1, 16, 16, 32768, 128)]
 
 
 def case_inputs(pattern, b, h, kvh, n, d, dtype="float16"):

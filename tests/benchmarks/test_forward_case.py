@@ -44,3 +44,32 @@ def test_without_a_gpu_it_refuses(repo_script):
         pytest.skip("a GPU is present")
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         repo_script(SCRIPT).main(7, {})
+
+
+def test_work_is_the_masks_nonzeros_for_ours_and_the_computed_scores_for_dense(repo_script):
+    fc = repo_script(SCRIPT)
+    window = 4 * 3 * 2 * 64 * (16 * 5 - 6)  # n=16, +-2: 5 keys a row, less 2+1 at each end
+    assert fc.work_flop("window:2", 3, 2, 16, 64, dense=False) == window
+    assert fc.work_flop("window:2", 3, 2, 16, 64, dense=True) == 4 * 3 * 2 * 64 * 16 * 16
+    assert fc.work_flop("causal_window:3", 1, 2, 16, 64, dense=True) == 4 * 2 * 64 * 16 * 17 / 2
+    assert fc.mask_is_causal("causal_window:3", 16) and not fc.mask_is_causal("window:2", 16)
+
+
+def test_dense_call_runs_only_the_named_backend(repo_script):
+    """On the CPU PyTorch's flash backend runs (GQA, causal) and matches the math form;
+    a backend that refuses the inputs raises rather than falling back to another."""
+    import torch
+    import torch.nn.functional as F
+
+    fc = repo_script(SCRIPT)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, 37, 16, generator=gen) for heads in (4, 2, 2))
+    expect = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
+    torch.testing.assert_close(fc.dense_call("flash", q, k, v, True)(), expect)
+    with pytest.raises(RuntimeError, match="No viable backend"):
+        fc.dense_call("cudnn", q, k, v, True)()
+
+
+def test_dense_with_a_variant_is_refused_before_anything_runs(repo_script):
+    with pytest.raises(SystemExit, match="no meaning with --dense"):
+        repo_script(SCRIPT).main(7, {"lazy_rescale": True}, dense="flash")
