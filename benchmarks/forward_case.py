@@ -94,16 +94,17 @@ def mask_is_causal(pattern: str, n: int) -> bool:
     return is_causal(ACSR.from_pattern(parse_pattern(pattern), n))
 
 
-def work_flop(pattern: str, b: int, h: int, n: int, d: int, dense: bool) -> float:
-    """FLOPs of one call: ``4·b·h·nnz·d`` over the mask's mean nonzeros a head (ours), or over
-    the scores a dense kernel computes (``dense``: n², or n(n+1)/2 for a causal mask)."""
+def work_flop(pattern: str, b: int, h: int, n: int, d: int, dense: bool, causal: bool = False) -> float:
+    """FLOPs of one call: ``4·b·h·nnz·d`` over the mask's mean nonzeros a head (ours, as the
+    bench counts them: :func:`tvm_splat.bench.baselines.flops`), or over the scores a dense
+    kernel computes (``dense``: n², or n(n+1)/2 when it runs ``causal``)."""
+    from tvm_splat.bench.baselines import flops
     from tvm_splat.formats import parse_pattern
 
     if not dense:
         mask = parse_pattern(pattern)
-        return 4.0 * b * h * (mask.nnz(n) / mask.num_heads) * d
-    scores = n * (n + 1) / 2 if mask_is_causal(pattern, n) else float(n) * n
-    return 4.0 * b * h * scores * d
+        return flops(b, h, mask.nnz(n) / mask.num_heads, d)
+    return flops(b, h, n * (n + 1) / 2 if causal else float(n) * n, d)
 
 
 def make_plan(case: int, variant: dict, dtype: str):
@@ -128,8 +129,9 @@ def main(case: int, variant: dict, dtype: str = "float16", calls: int = 4, secon
     pattern, b, h, _, n, d = CASES[case]
     if dense:
         _, q, k, v = case_inputs(*CASES[case], dtype)
-        flop = work_flop(pattern, b, h, n, d, dense=True)
-        call, result = dense_call(dense, q, k, v, mask_is_causal(pattern, n)), {"dense": dense}
+        causal = mask_is_causal(pattern, n)
+        flop = work_flop(pattern, b, h, n, d, dense=True, causal=causal)
+        call, result = dense_call(dense, q, k, v, causal), {"dense": dense}
     else:
         made, q, k, v = make_plan(case, variant, dtype)
         flop = work_flop(pattern, b, h, n, d, dense=False)

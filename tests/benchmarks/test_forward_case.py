@@ -51,7 +51,7 @@ def test_work_is_the_masks_nonzeros_for_ours_and_the_computed_scores_for_dense(r
     window = 4 * 3 * 2 * 64 * (16 * 5 - 6)  # n=16, +-2: 5 keys a row, less 2+1 at each end
     assert fc.work_flop("window:2", 3, 2, 16, 64, dense=False) == window
     assert fc.work_flop("window:2", 3, 2, 16, 64, dense=True) == 4 * 3 * 2 * 64 * 16 * 16
-    assert fc.work_flop("causal_window:3", 1, 2, 16, 64, dense=True) == 4 * 2 * 64 * 16 * 17 / 2
+    assert fc.work_flop("causal_window:3", 1, 2, 16, 64, dense=True, causal=True) == 4 * 2 * 64 * 16 * 17 / 2
     assert fc.mask_is_causal("causal_window:3", 16) and not fc.mask_is_causal("window:2", 16)
 
 
