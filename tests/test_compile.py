@@ -2,7 +2,8 @@
 import pytest
 import tvm
 
-from tvm_splat.compile import check_shared_declarations, compile_attention, cuda_source, nvcc_compile, row_module
+from tvm_splat.compile import (check_shared_declarations, compile_attention, cuda_source, nvcc_compile, row_module,
+                               serialized_kernels)
 from tvm_splat.formats import ACSR, GlobalTokens, Window
 from tvm_splat.kernels import AttentionSpec
 
@@ -64,3 +65,24 @@ def test_one_dynamic_shared_array_with_two_alignments_is_refused():
     check_shared_declarations(kernel.format("a", 64, "smem_ptr") + kernel.format("b", 64, "smem_ptr"))
     with pytest.raises(ValueError, match="'smem_ptr' is declared with alignments 1024 and 64"):
         check_shared_declarations(kernel.format("a", 1024, "smem_ptr") + kernel.format("b", 64, "smem_ptr"))
+
+
+def test_serialized_kernels_reads_every_remark_that_says_so():
+    """ptxas's remarks that serialize the wgmma of a kernel, as its report prints them (C7514 and
+    C7520 as ptxas 13 wrote them for drafts of the persistent form; C7515 as for an accumulator
+    defined in flight): each names its kernel; the fence it injects (C7519) alone does not."""
+    report = "\n".join([
+        "ptxas info    : (C7519) warpgroup.arrive is injected in around line 11359 by compiler to allow use of "
+        "registers in GMMA in function 'tiled_kernel'",
+        "ptxas info    : (C7520) Potential Performance Loss: wgmma.mma_async instructions are serialized due to "
+        "program dependence on compiler-inserted WG.AR in divergent path in the function 'tiled_kernel'",
+        "ptxas info    : (C7514) Potential Performance Loss: wgmma.mma_async instructions are serialized due to "
+        "non wgmma instructions reading accumulator registers of  a wgmma between start and end of the pipeline "
+        "stage in the function 'bwd_dkdv_kernel'",
+        "ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to "
+        "the presence of Extern calls in the function 'fallback_kernel'",
+        "ptxas info    : Used 168 registers, used 16 barriers, 1024 bytes smem",
+    ])
+    assert serialized_kernels(report) == ["bwd_dkdv_kernel", "fallback_kernel", "tiled_kernel"]
+    assert serialized_kernels(report.splitlines()[0]) == []
+    assert serialized_kernels("ptxas info    : Used 168 registers") == []

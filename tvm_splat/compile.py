@@ -182,8 +182,8 @@ def compile_cubin(source: str, target="nvidia/nvidia-h100") -> tuple[bytes, str]
 
 def ptxas_report(source: str, target="nvidia/nvidia-h100") -> str:
     """What ptxas says (``-v``) compiling CUDA ``source`` as :func:`compile_cubin` does: per entry
-    function its registers and spills, and its remarks (e.g. C7515, wgmma instructions
-    serialized)."""
+    function its registers and spills, and its remarks (e.g. C7514, C7515, C7520: wgmma
+    instructions serialized)."""
     return compile_cubin(source, target)[1]
 
 
@@ -197,10 +197,22 @@ def ptxas_usage(source: str, kernel: str, target="nvidia/nvidia-h100") -> tuple[
     return registers, sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
 
 
+def serialized_kernels(report: str) -> list[str]:
+    """The entry functions a ptxas report (``-v``) says it serialized the ``wgmma.mma_async`` of
+    (it then waits for each one, so nothing overlaps them), sorted: any remark saying so. Seen:
+    C7515 (an accumulator defined while its wgmma may run), C7514 (non-wgmma instructions
+    reading an accumulator within a pipeline stage), C7520 (a fence ptxas injected on a
+    divergent path). Reading C7515 alone let through a draft of the persistent form that ptxas
+    serialized by C7520, then by C7514 (its block loop: 526 and 530 instructions a FULL block
+    instead of 502, ``benchmarks/sass_block_path.py``)."""
+    return sorted(set(re.findall(r"\(C75\d\d\) [^\n]*wgmma\.mma_async instructions are serialized[^\n]*"
+                                 r"in the function '(\w+)'", report)))
+
+
 def wgmma_serialized(source: str, target="nvidia/nvidia-h100") -> list[str]:
-    """The kernels of ``source`` whose ``wgmma.mma_async`` ptxas serializes (remark C7515: it
-    waits for each one, so nothing overlaps them), by entry function name."""
-    return sorted(set(re.findall(r"C7515\).*?in the function '(\w+)'", ptxas_report(source, target))))
+    """The kernels of ``source`` whose ``wgmma.mma_async`` ptxas serializes, by entry function
+    name (:func:`serialized_kernels` of its report)."""
+    return serialized_kernels(ptxas_report(source, target))
 
 
 def load_or_build(ident: str, build, use_disk_cache=True):

@@ -3,14 +3,16 @@ machine (its numerics run in tests/gpu; the other forms' compile tests are in
 tests/schedules/test_tiled_schedule.py)."""
 import re
 
+import numpy as np
 import pytest
 import tvm
+from tvm.script import tirx as T
 
 from tvm_splat.compile import nvcc_compile, ptxas_report, ptxas_usage, wgmma_serialized
 from tvm_splat.formats import ACSR, Window, parse_pattern
 from tvm_splat.formats.tile_plan import plan_tiles
 from tvm_splat.kernels.spec import AttentionSpec
-from tvm_splat.kernels.tiled_mma import persistent_block_loads, persistent_program, tiled_mma_func
+from tvm_splat.kernels.tiled_mma import persistent_block_loads, persistent_program, row_column_bits, tiled_mma_func
 from tvm_splat.schedules.tiled import TiledKnobs
 
 H100 = "nvidia/nvidia-h100"
@@ -155,3 +157,39 @@ def test_persistent_snake_order_balances_a_causal_plan():
     assert sum(loads) == sum(lengths) and max(loads) == sum(lengths) / 132 == 384
     round_robin = [sum(lengths[cta::132]) for cta in range(132)]
     assert max(round_robin) == 400
+
+
+def _column_bits_func(n_slots, segments, ntl):
+    """A CPU function of :func:`row_column_bits`: ``out[r]`` the word of row slot ``r`` from
+    ``rng`` (``block_ranges``' layout) for the thread of lane ``lane[0]``."""
+    @T.prim_func(s_tir=True)
+    def bits(rng: T.Buffer((2 * n_slots * segments,), "int32"), lane: T.Buffer((1,), "int32"),
+             out: T.Buffer((n_slots,), "uint32")):
+        for r in range(n_slots):
+            out[r] = row_column_bits(rng, r, lane[0], segments, ntl)
+
+    return tvm.tirx.build(bits, target="llvm")
+
+
+@pytest.mark.parametrize("segments,ntl", [(1, 16), (2, 16), (3, 8), (2, 2)])
+def test_row_column_bits_hold_exactly_the_columns_in_the_ranges(segments, ntl):
+    """The mask of the warp-level kernels' PARTIAL blocks, one word a row slot: bit ``k`` is set
+    exactly where the thread's ``k``-th column of the row, ``8 (k // 2) + 2 (lane % 4) + k %
+    2``, lies in one of the slot's block ranges, for every lane residue, ranges anywhere in and
+    around the block (cut at either edge, past it, empty as ``1 .. 0``, overlapping), one to
+    three segments, 4 to 32 columns a thread. Compiled by TVM for the CPU and run, the
+    expression the kernels use."""
+    rng_gen = np.random.default_rng(7 + segments * 100 + ntl)
+    bc = 8 * ntl
+    ends = np.arange(-3, bc + 3)
+    slots = 64
+    func = _column_bits_func(slots, segments, ntl)
+    for lane in range(8):
+        rng = rng_gen.choice(ends, size=(slots, segments, 2)).astype("int32")
+        rng[::5, 0] = (1, 0)  # empty ranges
+        out = tvm.runtime.tensor(np.zeros(slots, "uint32"))
+        func(tvm.runtime.tensor(rng.reshape(-1)), tvm.runtime.tensor(np.array([lane], "int32")), out)
+        columns = np.array([8 * (k // 2) + 2 * (lane % 4) + k % 2 for k in range(2 * ntl)])
+        inside = ((columns[None, None, :] >= rng[:, :, :1]) & (columns[None, None, :] <= rng[:, :, 1:])).any(axis=1)
+        expected = (inside * (1 << np.arange(2 * ntl, dtype=np.uint64))).sum(axis=1).astype("uint32")
+        np.testing.assert_array_equal(out.numpy(), expected)

@@ -150,7 +150,7 @@ def launch_bounds(min_blocks_per_sm: int):
     return contextlib.nullcontext()
 
 
-def block_range_cache(rows_per_thread, max_segments, bc):
+def block_range_cache(rows_per_thread, max_segments, bc, unit_step_branch=False):
     """``(block_ranges, in_block)`` of a kernel whose threads own ``rows_per_thread`` row slots
     with segments cached by :func:`row_segment_cache`, over column blocks of ``bc`` columns
     ``col0 + sig c`` (``0 <= c < bc``):
@@ -165,7 +165,12 @@ def block_range_cache(rows_per_thread, max_segments, bc):
     * ``in_block(rng, r, c)``: whether block column ``c`` lies in a range of slot ``r``: ``2 S``
       integer compares, where a test against the segments themselves needs a residue by the
       runtime step per score (measured in the training kernels,
-      :mod:`tvm_splat.kernels.backward_mma`)."""
+      :mod:`tvm_splat.kernels.backward_mma`).
+
+    ``unit_step_branch``: ``block_ranges`` first branches on the block's step (uniform over the
+    block): at step 1 (windows, causal and block-local masks) a segment's range is its ends
+    less ``col0``, without the residue and the two divisions by the runtime step (about 15
+    instructions each, per row slot and segment)."""
     RS, S, BC = rows_per_thread, max_segments, bc
 
     def in_block(rng, r, c):
@@ -175,12 +180,16 @@ def block_range_cache(rows_per_thread, max_segments, bc):
         return hi if c_last is None else T.min(hi, c_last)
 
     @T.macro
-    def block_ranges(rng, sg, full, col0, sig, c_last):
+    def whole_block_range(rng, r, s, c_last):  # a FULL block: every column, in the first range
+        rng[(r * S + s) * 2] = T.if_then_else(s == 0, 0, 1)
+        rng[(r * S + s) * 2 + 1] = T.if_then_else(s == 0, capped(BC - 1, c_last), 0)
+
+    @T.macro
+    def any_step_ranges(rng, sg, full, col0, sig, c_last):
         for r in T.unroll(RS):
             for s in T.unroll(S):
                 if full == 1:
-                    rng[(r * S + s) * 2] = T.if_then_else(s == 0, 0, 1)
-                    rng[(r * S + s) * 2 + 1] = T.if_then_else(s == 0, capped(BC - 1, c_last), 0)
+                    whole_block_range(rng, r, s, c_last)
                 else:
                     if T.And(sg[(r * S + s) * 3 + 2] == sig, T.truncmod(col0 - sg[(r * S + s) * 3], sig) == 0):
                         rng[(r * S + s) * 2] = T.truncdiv(sg[(r * S + s) * 3] - col0, sig)
@@ -188,5 +197,29 @@ def block_range_cache(rows_per_thread, max_segments, bc):
                     else:
                         rng[(r * S + s) * 2] = 1
                         rng[(r * S + s) * 2 + 1] = 0
+
+    @T.macro
+    def unit_step_ranges(rng, sg, full, col0, c_last):
+        for r in T.unroll(RS):
+            for s in T.unroll(S):
+                if full == 1:
+                    whole_block_range(rng, r, s, c_last)
+                else:
+                    if sg[(r * S + s) * 3 + 2] == 1:
+                        rng[(r * S + s) * 2] = sg[(r * S + s) * 3] - col0
+                        rng[(r * S + s) * 2 + 1] = capped(sg[(r * S + s) * 3 + 1] - col0, c_last)
+                    else:
+                        rng[(r * S + s) * 2] = 1
+                        rng[(r * S + s) * 2 + 1] = 0
+
+    @T.macro
+    def block_ranges(rng, sg, full, col0, sig, c_last):
+        if unit_step_branch:
+            if sig == 1:
+                unit_step_ranges(rng, sg, full, col0, c_last)
+            else:
+                any_step_ranges(rng, sg, full, col0, sig, c_last)
+        else:
+            any_step_ranges(rng, sg, full, col0, sig, c_last)
 
     return block_ranges, in_block

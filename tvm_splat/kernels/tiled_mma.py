@@ -365,6 +365,42 @@ def check_tma_step(step: int, n: int, which: str, knob: str) -> None:
                          f"length is a multiple of it; {which} has n={n}: use {knob}")
 
 
+def columns_below(x, lane, ntl: int):
+    """How many of a thread's columns of a block row lie left of block column ``x`` (int32).
+
+    The thread's ``2 ntl`` columns of a row, ``k = 0 .. 2 ntl - 1``, are ``c_k = 8 (k // 2) +
+    2 (lane % 4) + k % 2``: the accumulator layout of ``mma.sync`` m16n8 and of ``wgmma``
+    alike, ``ntl`` tiles of 8 columns. They increase with ``k``, so the ones left of ``x`` are
+    the first ``columns_below`` of them: the even ``k`` with ``8 (k // 2) + 2 (lane % 4) < x``
+    and the odd with one more (an arithmetic shift floors a negative difference)."""
+    return (T.min(T.max(T.shift_right(x - lane % 4 * 2 + 7, 3), 0), ntl)
+            + T.min(T.max(T.shift_right(x - lane % 4 * 2 + 6, 3), 0), ntl))
+
+
+def low_bits(m):
+    """The uint32 word of the ``m`` lowest bits, ``0 <= m <= 32`` (a shift by 32 is undefined in
+    CUDA C, so 32 is its own case)."""
+    return T.if_then_else(m >= 32, T.bitwise_not(T.uint32(0)),
+                          T.shift_left(T.uint32(1), T.Cast("uint32", m)) - T.uint32(1))
+
+
+def row_column_bits(rng, r, lane, segments: int, ntl: int):
+    """The uint32 word of a thread's columns of row slot ``r`` that lie in one of its block
+    ranges, bit ``k`` for column ``c_k`` (:func:`columns_below`; ``2 ntl <= 32``): ``rng`` as
+    ``block_range_cache``'s ``block_ranges`` leaves it, ``rng[2 (r segments + s)] ..
+    rng[2 (r segments + s) + 1]`` the block columns of segment ``s`` (empty: ``1 .. 0``). A
+    range ``[lo, hi]`` holds bits ``columns_below(lo)`` up to ``columns_below(hi + 1) - 1``.
+    The masked scores then take one bit test each where the ranges took ``2 segments``
+    integer compares (window +-1024 d=128 on an H100, sustained: bf16 +1.2%, fp16 +2.2%;
+    ``benchmarks/results/h100_window1024_sustained.json``)."""
+    word = T.uint32(0)
+    for s in range(segments):
+        word = T.bitwise_or(word, T.bitwise_and(
+            low_bits(columns_below(rng[(r * segments + s) * 2 + 1] + 1, lane, ntl)),
+            T.bitwise_not(low_bits(columns_below(rng[(r * segments + s) * 2], lane, ntl)))))
+    return word
+
+
 def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int = 1, stages: int = 2,
                    wgmma: bool = False, tma: bool = False, with_lse: bool = False, warp_specialized: bool = False,
                    persistent: int = 0, lazy_rescale: bool = False, early_rescale: bool = False,
@@ -741,7 +777,11 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
 
     # per thread row: (start, last, sigma) of every segment (sigma 0: none)
     cache_row_segments = row_segment_cache(RS, S, tile_row)
-    block_ranges, in_block = block_range_cache(RS, S, BC)
+    # the capped TMA form at d=128 (128 registers a thread, no producer warpgroup) keeps the
+    # ranges' compares and one path of block_ranges: with the column bits and the unit-step
+    # branch ptxas spilled 24 bytes there (12 with the branch alone), none before
+    TIGHT_REGISTERS = bool(MIN_BLOCKS) and not warp_specialized and D >= 128
+    block_ranges, in_block = block_range_cache(RS, S, BC, unit_step_branch=not TIGHT_REGISTERS)
 
     def v_checked(full, col0, sig, klen):
         # whether a block's V is checked for non-finite values: a PARTIAL block, and with TMA
@@ -786,14 +826,20 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     def exponent(x, m):  # log2 of a score's exponential, x as mask_scores left it, m the running max
         return x * scale - m if SCALE_IN_EXP else x - m
 
+    # the mask by column bits where a thread's columns of a block row fit one word
+    COLUMN_BITS = 2 * NTL <= 32 and not TIGHT_REGISTERS
+
     @T.macro
     def mask_scores(sacc, sg, rng, full, col0, sig, lane, klen):
         # scale (unless SCALE_IN_EXP); then, unless the block is FULL inside the key length (a
         # branch uniform over the block), select to -inf the scores outside the block's ranges
         # (block_ranges, once per block; capped at the key length, so a FULL block crossing it is
-        # masked past it): 2 S integer compares per score, no branch per score. Testing FULL
-        # blocks too cost the FULL-heavy masks 14% at d=128 (H200, window +-1024 n=32k: 1.55 ->
-        # 1.79 ms).
+        # masked past it): with COLUMN_BITS the ranges of each row slot as one word
+        # (row_column_bits, kept in the slot's first range) and one bit test per score, which
+        # ptxas turns into R2P moves of bits into predicates (a window's PARTIAL block 772 ->
+        # 685 instructions with the unit-step ranges, SASS of the persistent default), else 2 S
+        # integer compares per score; no branch per score. Testing FULL blocks too cost the
+        # FULL-heavy masks 14% at d=128 (H200, window +-1024 n=32k: 1.55 -> 1.79 ms).
         if whole_block(full, col0, sig, klen):
             if not SCALE_IN_EXP:
                 for i in T.unroll(MT * NTL * 4):
@@ -801,12 +847,23 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         else:
             block_ranges(rng, sg, full, col0, sig,
                          T.floordiv(klen - 1 - col0, sig) if spec.has_kv_len else None)
-            for mt in T.unroll(MT):
-                for nt in T.unroll(NTL):
-                    for i in T.unroll(4):
-                        sacc[(mt * NTL + nt) * 4 + i] = T.Select(
-                            in_block(rng, mt * 2 + i // 2, nt * 8 + lane % 4 * 2 + i % 2),
-                            scaled(sacc[(mt * NTL + nt) * 4 + i]), neg_inf)
+            if COLUMN_BITS:
+                for r in T.unroll(RS):
+                    rng[r * S * 2] = T.reinterpret("int32", row_column_bits(rng, r, lane, S, NTL))
+                for mt in T.unroll(MT):
+                    for nt in T.unroll(NTL):
+                        for i in T.unroll(4):
+                            sacc[(mt * NTL + nt) * 4 + i] = T.Select(
+                                T.bitwise_and(T.shift_right(T.reinterpret("uint32", rng[(mt * 2 + i // 2) * S * 2]),
+                                                            T.uint32(nt * 2 + i % 2)), T.uint32(1)) != T.uint32(0),
+                                scaled(sacc[(mt * NTL + nt) * 4 + i]), neg_inf)
+            else:
+                for mt in T.unroll(MT):
+                    for nt in T.unroll(NTL):
+                        for i in T.unroll(4):
+                            sacc[(mt * NTL + nt) * 4 + i] = T.Select(
+                                in_block(rng, mt * 2 + i // 2, nt * 8 + lane % 4 * 2 + i % 2),
+                                scaled(sacc[(mt * NTL + nt) * 4 + i]), neg_inf)
 
     @T.macro
     def running_max(sacc, ms, ls, mb, al):
