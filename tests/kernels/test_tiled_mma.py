@@ -1,6 +1,6 @@
 """The warp-level tiled kernel's persistent warp-specialized form, built for sm_90a on the CPU
 machine (its numerics run in tests/gpu; the other forms' compile tests are in
-tests/schedules/test_tiled_schedule.py)."""
+tests/schedules/test_tiled_schedule.py), and its PARTIAL blocks' mask words, run on the CPU."""
 import re
 
 import numpy as np
