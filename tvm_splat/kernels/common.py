@@ -180,16 +180,12 @@ def block_range_cache(rows_per_thread, max_segments, bc, unit_step_branch=False)
         return hi if c_last is None else T.min(hi, c_last)
 
     @T.macro
-    def whole_block_range(rng, r, s, c_last):  # a FULL block: every column, in the first range
-        rng[(r * S + s) * 2] = T.if_then_else(s == 0, 0, 1)
-        rng[(r * S + s) * 2 + 1] = T.if_then_else(s == 0, capped(BC - 1, c_last), 0)
-
-    @T.macro
-    def any_step_ranges(rng, sg, full, col0, sig, c_last):
+    def block_ranges(rng, sg, full, col0, sig, c_last):
         for r in T.unroll(RS):
             for s in T.unroll(S):
                 if full == 1:
-                    whole_block_range(rng, r, s, c_last)
+                    rng[(r * S + s) * 2] = T.if_then_else(s == 0, 0, 1)
+                    rng[(r * S + s) * 2 + 1] = T.if_then_else(s == 0, capped(BC - 1, c_last), 0)
                 else:
                     if T.And(sg[(r * S + s) * 3 + 2] == sig, T.truncmod(col0 - sg[(r * S + s) * 3], sig) == 0):
                         rng[(r * S + s) * 2] = T.truncdiv(sg[(r * S + s) * 3] - col0, sig)
@@ -199,27 +195,12 @@ def block_range_cache(rows_per_thread, max_segments, bc, unit_step_branch=False)
                         rng[(r * S + s) * 2 + 1] = 0
 
     @T.macro
-    def unit_step_ranges(rng, sg, full, col0, c_last):
-        for r in T.unroll(RS):
-            for s in T.unroll(S):
-                if full == 1:
-                    whole_block_range(rng, r, s, c_last)
-                else:
-                    if sg[(r * S + s) * 3 + 2] == 1:
-                        rng[(r * S + s) * 2] = sg[(r * S + s) * 3] - col0
-                        rng[(r * S + s) * 2 + 1] = capped(sg[(r * S + s) * 3 + 1] - col0, c_last)
-                    else:
-                        rng[(r * S + s) * 2] = 1
-                        rng[(r * S + s) * 2 + 1] = 0
-
-    @T.macro
-    def block_ranges(rng, sg, full, col0, sig, c_last):
-        if unit_step_branch:
-            if sig == 1:
-                unit_step_ranges(rng, sg, full, col0, c_last)
-            else:
-                any_step_ranges(rng, sg, full, col0, sig, c_last)
+    def step_branched_ranges(rng, sg, full, col0, sig, c_last):
+        # block_ranges twice, the step a literal 1 in the first copy (its residue and divisions
+        # fold away)
+        if sig == 1:
+            block_ranges(rng, sg, full, col0, 1, c_last)
         else:
-            any_step_ranges(rng, sg, full, col0, sig, c_last)
+            block_ranges(rng, sg, full, col0, sig, c_last)
 
-    return block_ranges, in_block
+    return (step_branched_ranges if unit_step_branch else block_ranges), in_block

@@ -829,6 +829,14 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     # the mask by column bits where a thread's columns of a block row fit one word
     COLUMN_BITS = 2 * NTL <= 32 and not TIGHT_REGISTERS
 
+    def kept_column(rng, r, k, lane):
+        # whether the thread's k-th column of row slot r (block column 8 (k // 2) + 2 (lane % 4)
+        # + k % 2) lies in the slot's ranges: bit k of its word (COLUMN_BITS), or the compares
+        if COLUMN_BITS:
+            return T.bitwise_and(T.shift_right(T.reinterpret("uint32", rng[r * S * 2]), T.uint32(k)),
+                                 T.uint32(1)) != T.uint32(0)
+        return in_block(rng, r, k // 2 * 8 + lane % 4 * 2 + k % 2)
+
     @T.macro
     def mask_scores(sacc, sg, rng, full, col0, sig, lane, klen):
         # scale (unless SCALE_IN_EXP); then, unless the block is FULL inside the key length (a
@@ -850,20 +858,11 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
             if COLUMN_BITS:
                 for r in T.unroll(RS):
                     rng[r * S * 2] = T.reinterpret("int32", row_column_bits(rng, r, lane, S, NTL))
-                for mt in T.unroll(MT):
-                    for nt in T.unroll(NTL):
-                        for i in T.unroll(4):
-                            sacc[(mt * NTL + nt) * 4 + i] = T.Select(
-                                T.bitwise_and(T.shift_right(T.reinterpret("uint32", rng[(mt * 2 + i // 2) * S * 2]),
-                                                            T.uint32(nt * 2 + i % 2)), T.uint32(1)) != T.uint32(0),
-                                scaled(sacc[(mt * NTL + nt) * 4 + i]), neg_inf)
-            else:
-                for mt in T.unroll(MT):
-                    for nt in T.unroll(NTL):
-                        for i in T.unroll(4):
-                            sacc[(mt * NTL + nt) * 4 + i] = T.Select(
-                                in_block(rng, mt * 2 + i // 2, nt * 8 + lane % 4 * 2 + i % 2),
-                                scaled(sacc[(mt * NTL + nt) * 4 + i]), neg_inf)
+            for mt in T.unroll(MT):
+                for nt in T.unroll(NTL):
+                    for i in T.unroll(4):
+                        sacc[(mt * NTL + nt) * 4 + i] = T.Select(kept_column(rng, mt * 2 + i // 2, nt * 2 + i % 2, lane),
+                                                                 scaled(sacc[(mt * NTL + nt) * 4 + i]), neg_inf)
 
     @T.macro
     def running_max(sacc, ms, ls, mb, al):
