@@ -38,7 +38,11 @@ CASES = [("global:4+window:256", 1, 12, 12, 4096, 64), ("global:4+window:256", 4
          # case 7's shape with wider windows: the same kernel over 65 and 256 column blocks a
          # 128-row tile instead of 17 (a tile's fixed costs spread thinner; 32767: every block
          # FULL, the work of dense attention, beside dense SDPA in forward_case.py --dense)
-         ("window:4096", 1, 16, 16, 32768, 128), ("window:32767", 1, 16, 16, 32768, 128)]
+         ("window:4096", 1, 16, 16, 32768, 128), ("window:32767", 1, 16, 16, 32768, 128),
+         # dense attention cut into case 7's 4,096 programs of 128 rows, 16 and 64 FULL blocks
+         # a tile (window +-(n-1) keeps every key): ours and dense SDPA (--dense) on the same
+         # work, so the cost of a tile beyond its blocks is read off both kernels alike
+         ("window:2047", 16, 16, 16, 2048, 128), ("window:8191", 4, 16, 16, 8192, 128)]
 
 
 def case_inputs(pattern, b, h, kvh, n, d, dtype="float16"):

@@ -381,6 +381,31 @@ def test_cuda_tma_forms(pattern, n, d, form, kv_heads, dtype, rng):
     np.testing.assert_allclose(out.double().cpu().numpy(), ref, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("form,d", [("tma", 64), ("tma_ws_persistent3", 128), ("tma_ws", 128)])
+def test_cuda_many_heads_walk_row_tiles_in_groups(form, d, rng):
+    """With batch x heads >= GROUPED_MIN_HEADS the programs walk a head's row tiles in groups
+    (program_tile): every tile computed once, against float64, where the tiles do not fill
+    the last group (d=64: 18 row tiles of 64, groups of 16 and 2), in the grid TMA form, the
+    warp-specialized one, and its persistent form (3 thread blocks, 132 and 1 over the heads'
+    tiles: 64 heads x 9 tiles of 128 rows). bf16, window +-100, 4 heads on 2 KV heads."""
+    import dataclasses
+
+    from tvm_splat import parse_pattern, sparse_attention
+    from tvm_splat.kernels.tiled_mma import GROUPED_MIN_HEADS, program_group
+    from tvm_splat.schedules.tiled import TiledKnobs
+
+    batch, heads, n = 16, 4, 1093
+    assert batch * heads >= GROUPED_MIN_HEADS and program_group(batch * heads) > 1
+    (tq,), (q,) = _cuda([rng.standard_normal((batch, heads, n, d))], "bfloat16")
+    (tk, tv), (k, v) = _cuda([rng.standard_normal((batch, 2, n, d)) for _ in range(2)], "bfloat16")
+    knobs = TiledKnobs(use_tensor_cores=True, **TMA_FORMS[form])
+    ref = masked_attention(q, k, v, parse_pattern("window:100").dense_mask(n))
+    for persistent in ((3, 132, 1) if knobs.persistent else (0,)):
+        out = sparse_attention(tq, tk, tv, "window:100", variant="tiled",
+                               knobs=dataclasses.replace(knobs, persistent=persistent))
+        np.testing.assert_allclose(out.double().cpu().numpy(), ref, atol=4e-2, rtol=4e-2)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("persistent", [1, 4, 200])
 @pytest.mark.parametrize("form", ["tma_ws_persistent3", "tma_ws_one_group_persistent5"])

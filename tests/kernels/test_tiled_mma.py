@@ -12,7 +12,9 @@ from tvm_splat.compile import nvcc_compile, ptxas_report, ptxas_usage, wgmma_ser
 from tvm_splat.formats import ACSR, Window, parse_pattern
 from tvm_splat.formats.tile_plan import plan_tiles
 from tvm_splat.kernels.spec import AttentionSpec
-from tvm_splat.kernels.tiled_mma import persistent_block_loads, persistent_program, row_column_bits, tiled_mma_func
+from tvm_splat.kernels.tiled_mma import (GROUPED_MIN_HEADS, PROGRAM_ROW_GROUP, persistent_block_loads,
+                                         persistent_program, program_group, program_tile, row_column_bits,
+                                         tiled_mma_func)
 from tvm_splat.schedules.tiled import TiledKnobs
 
 H100 = "nvidia/nvidia-h100"
@@ -128,12 +130,15 @@ def test_persistent_refusals():
 
 
 def _program_blocks(pattern, n, grid_heads):
-    """Each program's column blocks, in the order of the grid's programs (heads first), on the
-    tile plan of the warp-specialized form's 128 x 128 tiles (one mask head)."""
+    """Each program's column blocks, in the order of the kernel's programs
+    (:func:`program_tile`, :func:`program_group`), on the tile plan of the warp-specialized
+    form's 128 x 128 tiles (one mask head)."""
     knobs = TiledKnobs(use_tensor_cores=True, br=128, bc=128, warps=8, wgmma=True, tma=True, warp_specialized=True)
     tiles = plan_tiles(ACSR.from_pattern(parse_pattern(pattern), n), knobs, grid_heads=grid_heads).tiles
     lengths = tiles[0, :, 5] - tiles[0, :, 4]
-    return [int(lengths[vt]) for vt in range(len(lengths)) for _ in range(grid_heads)]
+    group = program_group(grid_heads)
+    return [int(lengths[program_tile(p, grid_heads, len(lengths), group, min)[1]])
+            for p in range(grid_heads * len(lengths))]
 
 
 @pytest.mark.parametrize("programs,blocks", [(2048, 132), (7, 3), (5, 5), (3, 8), (133, 132)])
@@ -148,8 +153,9 @@ def test_persistent_programs_each_run_once(programs, blocks):
 
 def test_persistent_snake_order_balances_a_causal_plan():
     """Mistral's causal window (n=8192, 32 heads over 8 KV heads, d=128) on 132 thread blocks:
-    the plan's programs are 1 to 33 column blocks long, longest first; the snake order leaves the
-    busiest block at the mean, 384 blocks (the round robin it replaced: 400)."""
+    the plan's programs are 1 to 33 column blocks long, longest first (32 heads: heads first);
+    the snake order leaves the busiest block at the mean, 384 blocks (the round robin it
+    replaced: 400)."""
     lengths = _program_blocks("causal_window:4095", 8192, 32)
     assert len(lengths) == 2048 and lengths == sorted(lengths, reverse=True)
     assert (min(lengths), max(lengths)) == (1, 33)
@@ -157,6 +163,49 @@ def test_persistent_snake_order_balances_a_causal_plan():
     assert sum(loads) == sum(lengths) and max(loads) == sum(lengths) / 132 == 384
     round_robin = [sum(lengths[cta::132]) for cta in range(132)]
     assert max(round_robin) == 400
+
+
+@pytest.mark.parametrize("grid_heads,grid_rows,group", [(12, 32, 16), (3, 7, 4), (5, 3, 16), (1, 9, 2), (4, 6, 1),
+                                                       (256, 16, 16), (16, 256, 1 << 20), (384, 16, 16)])
+def test_program_tile_walks_every_tile_once_a_group_of_rows_a_head_at_a_time(grid_heads, grid_rows, group):
+    """Every (head, row tile) is one program's; the programs take the row tiles in groups of
+    ``group`` (the plan's order, longest first), a head's tiles of a group one after another;
+    group 1 is heads first, a group past the rows is rows first."""
+    tiles = [program_tile(p, grid_heads, grid_rows, group, min) for p in range(grid_heads * grid_rows)]
+    assert sorted(tiles) == [(h, t) for h in range(grid_heads) for t in range(grid_rows)]
+    for p, (h, t) in enumerate(tiles):
+        first = t // group * group
+        rows = min(group, grid_rows - first)
+        assert p == first * grid_heads + h * rows + t - first
+    if group == 1:
+        assert tiles == [(p % grid_heads, p // grid_heads) for p in range(len(tiles))]
+    if group >= grid_rows:
+        assert tiles == [(p // grid_rows, p % grid_rows) for p in range(len(tiles))]
+
+
+def test_program_group_keeps_heads_first_below_the_measured_threshold():
+    """Groups only where the grid has many heads (the H100 A/B: faster from 64 on, slower on
+    Mistral's 32 and window +-1024's 16 heads)."""
+    assert program_group(GROUPED_MIN_HEADS - 1) == 1 and program_group(32) == 1
+    assert program_group(GROUPED_MIN_HEADS) == PROGRAM_ROW_GROUP == program_group(384)
+
+
+def test_program_tile_in_tir_is_the_python_mapping():
+    """The expression the kernels evaluate (``T.min``, int32 divisions), built for the CPU,
+    gives the same tiles as the Python mapping, the last group short of rows included."""
+    grid_heads, grid_rows, group = 5, 13, 4
+
+    @T.prim_func(s_tir=True)
+    def tiles_of(out: T.Buffer((grid_heads * grid_rows, 2), "int32")):
+        for p in range(grid_heads * grid_rows):
+            out[p, 0] = program_tile(p, grid_heads, grid_rows, group)[0]
+            out[p, 1] = program_tile(p, grid_heads, grid_rows, group)[1]
+
+    lib = tvm.tirx.build(tiles_of, target="llvm")
+    out = tvm.runtime.tensor(np.zeros((grid_heads * grid_rows, 2), "int32"))
+    lib(out)
+    assert [tuple(t) for t in out.numpy().tolist()] == [program_tile(p, grid_heads, grid_rows, group, min)
+                                                        for p in range(grid_heads * grid_rows)]
 
 
 def _column_bits_func(n_slots, segments, ntl):

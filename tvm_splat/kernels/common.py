@@ -133,7 +133,10 @@ def tile_grid_rows(num_tiles: int, kernel: str) -> int:
     dispatches first, runs over the heads, so every head's program ``t`` starts before any
     head's program ``t + 1``. The tile plan puts each head's longest programs first, so the
     heaviest tiles of *all* heads start in the first wave (longest-first over the whole grid)
-    instead of one head's at a time, whose last heavy tile then ends the kernel alone."""
+    instead of one head's at a time, whose last heavy tile then ends the kernel alone. The
+    warp-level kernel (``tiled_mma``) reads its launch order through
+    :func:`~tvm_splat.kernels.tiled_mma.program_tile`, which on grids of many heads takes a
+    head's row tiles in groups instead, so that fewer heads' K and V share L2 at once."""
     if num_tiles > GRID_Y_MAX:
         raise ValueError(f"{kernel}: {num_tiles} row tiles per head exceed CUDA's grid limit of {GRID_Y_MAX}; "
                          f"use larger row tiles (br) or a shorter sequence")

@@ -293,6 +293,40 @@ def persistent_program(it, cta, blocks: int, select=T.if_then_else):
     return it * blocks + select(it % 2 == 0, cta, blocks - 1 - cta)
 
 
+#: row tiles of one head that the warp-level kernel's programs keep together where the grid
+#: has GROUPED_MIN_HEADS (batch x heads) or more (:func:`program_tile`). H100, bf16, against
+#: heads first (``benchmarks/results/h100_program_order_ab.json``, outputs equal): dense n=2048
+#: b=16 (16 heads, d=128) 1.56 -> 1.04 ms (groups of 4: 1.10, a head's tiles all together:
+#: 1.14); dense n=8192 b=4 4.22 -> 3.82; window +-256 n=2048 b=16 d=64 0.293 -> 0.243 (0.253,
+#: 0.232); Longformer-like n=1024 b=32 0.200 -> 0.166. Below 64 it lost: Mistral's causal
+#: window (n=8192, 32 heads) 0.75 -> 0.79 and window +-1024 (n=32k, 16 heads) 1.13 -> 1.14,
+#: where heads first already keeps few heads' K and V in L2 at once
+PROGRAM_ROW_GROUP = 16
+GROUPED_MIN_HEADS = 64
+
+
+def program_group(grid_heads: int) -> int:
+    """The row tiles a head's programs take together in a grid of ``grid_heads`` (batch x
+    heads): :data:`PROGRAM_ROW_GROUP` from :data:`GROUPED_MIN_HEADS` on, else 1 (heads first)."""
+    return PROGRAM_ROW_GROUP if grid_heads >= GROUPED_MIN_HEADS else 1
+
+
+def program_tile(program, grid_heads: int, grid_rows: int, group: int, minimum=T.min):
+    """``(vbh, vt)``, the (batch x head, row tile) of a program of the warp-level kernel's
+    ``grid_heads x grid_rows`` programs: the row tiles (the plan's order, longest first) go in
+    groups of ``group``, each group over all heads, one head's tiles of the group after another
+    (the last group holds what is left). ``group=1`` is heads first: every head's tile t before
+    any head's tile t + 1. Heads first, the thread blocks running at once on a short sequence
+    and a large batch hold as many heads, whose K and V then pass through L2 once each. A TIR
+    expression, or ints with ``minimum=min``."""
+    if group == 1:
+        return program % grid_heads, program // grid_heads
+    first = program // (grid_heads * group) * group  # the group's first row tile
+    rows = minimum(group, grid_rows - first)  # row tiles in the group
+    within = program - first * grid_heads
+    return within // rows, first + within % rows
+
+
 def persistent_block_loads(program_blocks, blocks: int) -> list[int]:
     """The column blocks each of the persistent form's ``blocks`` thread blocks walks, given
     each program's (``program_blocks[p]``, in program order): the largest of them bounds the
@@ -1474,6 +1508,9 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     def program_of(it, cta):  # persistent form: the program thread block cta runs in round it
         return persistent_program(it, cta, persistent)
 
+    def tile_of(program):  # (batch x head, row tile) of a program (program_tile)
+        return program_tile(program, B * H, GRID_ROWS, program_group(B * H))
+
     def q_slot(it):  # persistent form: the offset of the Q slot of the tile of round it
         return (it % 2) * BR * DP
 
@@ -1497,8 +1534,8 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         count[0] = 0
         for it in T.serial(TILE_ROUNDS):
             if program_of(it, cta) < PROGRAMS:
-                pvbh: T.let[T.int32] = program_of(it, cta) % (B * H)
-                pvt: T.let[T.int32] = program_of(it, cta) // (B * H)
+                pvbh: T.let[T.int32] = tile_of(program_of(it, cta))[0]
+                pvt: T.let[T.int32] = tile_of(program_of(it, cta))[1]
                 ph: T.let[T.int32] = pvbh % H
                 phm: T.let[T.int32] = ph % HM
                 plo: T.let[T.int32] = tiles[phm, pvt, 4]
@@ -1524,8 +1561,8 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         # persistent form: the warpgroup's Q rows of the tile of round it (program_of(it, cta))
         # -> its slot, cp.async chunks that the caller commits
         nprog: T.let[T.int32] = T.min(program_of(it, cta), PROGRAMS - 1)
-        nvbh: T.let[T.int32] = nprog % (B * H)
-        nvt: T.let[T.int32] = nprog // (B * H)
+        nvbh: T.let[T.int32] = tile_of(nprog)[0]
+        nvt: T.let[T.int32] = tile_of(nprog)[1]
         nhm: T.let[T.int32] = nvbh % H % HM
         load_group_q_rows(smem, q, nvbh // H, nvbh % H, tiles[nhm, nvt, 0], tiles[nhm, nvt, 1],
                           T.if_then_else(program_of(it, cta) < PROGRAMS, tiles[nhm, nvt, 2], 0), w, lane, q_slot(it))
@@ -1533,8 +1570,8 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     @T.macro
     def next_row_segments(sg, next_rows, seg_start, seg_count, seg_sigma, tiles, it, cta, w, lane):
         # persistent form: the segments of this thread's rows of the tile of round it -> sg
-        nvbh: T.let[T.int32] = program_of(it, cta) % (B * H)
-        nvt: T.let[T.int32] = program_of(it, cta) // (B * H)
+        nvbh: T.let[T.int32] = tile_of(program_of(it, cta))[0]
+        nvt: T.let[T.int32] = tile_of(program_of(it, cta))[1]
         nhm: T.let[T.int32] = nvbh % H % HM
         for r in T.unroll(RS):
             next_rows[r] = tiles[nhm, nvt, 0] + tiles[nhm, nvt, 1] * tile_row(w, lane, r)
@@ -1574,8 +1611,8 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                 T.evaluate(pass_turn(w))
         for it in T.serial(TILE_ROUNDS):
             if program_of(it, cta) < PROGRAMS:
-                pvbh: T.let[T.int32] = program_of(it, cta) % (B * H)
-                pvt: T.let[T.int32] = program_of(it, cta) // (B * H)
+                pvbh: T.let[T.int32] = tile_of(program_of(it, cta))[0]
+                pvt: T.let[T.int32] = tile_of(program_of(it, cta))[1]
                 pb: T.let[T.int32] = pvbh // H
                 ph: T.let[T.int32] = pvbh % H
                 phm: T.let[T.int32] = ph % HM
@@ -1654,10 +1691,11 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
             vmap: T.let[T.TensorMap()] = T.tvm_stack_alloca("tensormap", 1)
             T.evaluate(encode_row_block_map(kmap, k.data, B * KVH, N, D, BC, dt, STEP))
             T.evaluate(encode_row_block_map(vmap, v.data, B * KVH, N, D, BC, dt, STEP))
-        # blockIdx.x: batch x head (persistent form: the thread block, which walks programs
-        # of its own), blockIdx.y: the head's row tile (persistent form: 1)
-        for vbh in T.thread_binding(persistent if PERSISTENT else B * H, thread="blockIdx.x"):
-            for vt in T.thread_binding(1 if PERSISTENT else GRID_ROWS, thread="blockIdx.y"):
+        # the grid form: program gy B H + gx (the order the GPU dispatches thread blocks in) is
+        # the tile program_tile says (tile_of); the persistent form: gx is the thread block,
+        # which walks programs of its own (gy: 1)
+        for gx in T.thread_binding(persistent if PERSISTENT else B * H, thread="blockIdx.x"):
+            for gy in T.thread_binding(1 if PERSISTENT else GRID_ROWS, thread="blockIdx.y"):
                 with launch_bounds(MIN_BLOCKS):
                     for w in T.thread_binding(W + PRODUCER_WARPS, thread="threadIdx.y"):
                         for lane in T.thread_binding(32, thread="threadIdx.x"):
@@ -1711,9 +1749,11 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                     persistent_ws(qkv_smem, q, tiles, blocks, kv_len, out, o_part, ml_part, split_o,
                                                   split_ml, lse, ws_bars, vbad, kmap, vmap, seg_start, seg_count,
                                                   seg_sigma, sg, rng, desc, sacc, pf, pw, oacc, ms, ls, mb, al, rows,
-                                                  next_rows, words, nonfinite, vflag, px, pxw, vx, vxw, count, vbh, tid,
+                                                  next_rows, words, nonfinite, vflag, px, pxw, vx, vxw, count, gx, tid,
                                                   w, lane)
                                 else:  # one program: (batch x head vbh, row tile vt)
+                                    vbh: T.let[T.int32] = tile_of(gy * (B * H) + gx)[0]
+                                    vt: T.let[T.int32] = tile_of(gy * (B * H) + gx)[1]
                                     b: T.let[T.int32] = vbh // H
                                     h: T.let[T.int32] = vbh % H
                                     hk: T.let[T.int32] = h // G
