@@ -129,6 +129,10 @@ def test_persistent_refusals():
             tiled_mma_func(spec, shape, 4, 1, 2, wgmma=True, tma=True, warp_specialized=True, persistent=bad)
 
 
+def _pick(cond, a, b):  # program_tile's select on ints
+    return a if cond else b
+
+
 def _program_blocks(pattern, n, grid_heads):
     """Each program's column blocks, in the order of the kernel's programs
     (:func:`program_tile`, :func:`program_group`), on the tile plan of the warp-specialized
@@ -137,7 +141,7 @@ def _program_blocks(pattern, n, grid_heads):
     tiles = plan_tiles(ACSR.from_pattern(parse_pattern(pattern), n), knobs, grid_heads=grid_heads).tiles
     lengths = tiles[0, :, 5] - tiles[0, :, 4]
     group = program_group(grid_heads)
-    return [int(lengths[program_tile(p, grid_heads, len(lengths), group, min)[1]])
+    return [int(lengths[program_tile(p, grid_heads, len(lengths), group, _pick)[1]])
             for p in range(grid_heads * len(lengths))]
 
 
@@ -171,7 +175,7 @@ def test_program_tile_walks_every_tile_once_a_group_of_rows_a_head_at_a_time(gri
     """Every (head, row tile) is one program's; the programs take the row tiles in groups of
     ``group`` (the plan's order, longest first), a head's tiles of a group one after another;
     group 1 is heads first, a group past the rows is rows first."""
-    tiles = [program_tile(p, grid_heads, grid_rows, group, min) for p in range(grid_heads * grid_rows)]
+    tiles = [program_tile(p, grid_heads, grid_rows, group, _pick) for p in range(grid_heads * grid_rows)]
     assert sorted(tiles) == [(h, t) for h in range(grid_heads) for t in range(grid_rows)]
     for p, (h, t) in enumerate(tiles):
         first = t // group * group
@@ -190,9 +194,23 @@ def test_program_group_keeps_heads_first_below_the_measured_threshold():
     assert program_group(GROUPED_MIN_HEADS) == PROGRAM_ROW_GROUP == program_group(384)
 
 
+def test_grouped_programs_build_for_a_union_plan():
+    """Causal strided 128 at n=8192, d=128, batch 4 (64 heads: grouped programs) in its mma
+    form builds for sm_90a: with the groups' rows divided by their runtime minimum, TVM's build
+    failed there on an int32 literal of 2**31."""
+    from tvm_splat.planner import plan
+    from tvm_splat.schedules.targets import arch_specific, as_target
+
+    target = arch_specific(as_target(H100))
+    made = plan("causal_strided:128", (4, 16, 8192, 128), None, "bfloat16", None, target=target)
+    assert program_group(4 * 16) > 1 and made.tile_plan.shape.num_components == 2
+    assert "tiled_kernel" in tvm.tirx.build(made.module(), target=target).imports[0].inspect_source()
+
+
 def test_program_tile_in_tir_is_the_python_mapping():
-    """The expression the kernels evaluate (``T.min``, int32 divisions), built for the CPU,
-    gives the same tiles as the Python mapping, the last group short of rows included."""
+    """The expression the kernels evaluate (``T.if_then_else``, int32 divisions by constants),
+    built for the CPU, gives the same tiles as the Python mapping, the last group short of rows
+    included."""
     grid_heads, grid_rows, group = 5, 13, 4
 
     @T.prim_func(s_tir=True)
@@ -204,7 +222,7 @@ def test_program_tile_in_tir_is_the_python_mapping():
     lib = tvm.tirx.build(tiles_of, target="llvm")
     out = tvm.runtime.tensor(np.zeros((grid_heads * grid_rows, 2), "int32"))
     lib(out)
-    assert [tuple(t) for t in out.numpy().tolist()] == [program_tile(p, grid_heads, grid_rows, group, min)
+    assert [tuple(t) for t in out.numpy().tolist()] == [program_tile(p, grid_heads, grid_rows, group, _pick)
                                                         for p in range(grid_heads * grid_rows)]
 
 

@@ -311,20 +311,25 @@ def program_group(grid_heads: int) -> int:
     return PROGRAM_ROW_GROUP if grid_heads >= GROUPED_MIN_HEADS else 1
 
 
-def program_tile(program, grid_heads: int, grid_rows: int, group: int, minimum=T.min):
+def program_tile(program, grid_heads: int, grid_rows: int, group: int, select=T.if_then_else):
     """``(vbh, vt)``, the (batch x head, row tile) of a program of the warp-level kernel's
     ``grid_heads x grid_rows`` programs: the row tiles (the plan's order, longest first) go in
     groups of ``group``, each group over all heads, one head's tiles of the group after another
     (the last group holds what is left). ``group=1`` is heads first: every head's tile t before
     any head's tile t + 1. Heads first, the thread blocks running at once on a short sequence
-    and a large batch hold as many heads, whose K and V then pass through L2 once each. A TIR
-    expression, or ints with ``minimum=min``."""
+    and a large batch hold as many heads, whose K and V then pass through L2 once each. Every
+    division is by a constant (a group's rows: ``group``, or the last group's ``grid_rows %
+    group``), and the program's place in its group is a remainder: written ``program - first
+    grid_heads``, TVM's FlattenBuffer built a literal of 2**31, past int32, from it (causal
+    strided 128 at n=8192, d=128, batch 4). A TIR
+    expression, or ints with ``select=lambda c, a, b: a if c else b``."""
     if group == 1:
         return program % grid_heads, program // grid_heads
+    last = grid_rows % group or group  # the last group's row tiles
     first = program // (grid_heads * group) * group  # the group's first row tile
-    rows = minimum(group, grid_rows - first)  # row tiles in the group
-    within = program - first * grid_heads
-    return within // rows, first + within % rows
+    within = program % (grid_heads * group)  # (not program - first heads: see above)
+    whole = program < grid_rows // group * group * grid_heads  # a group of ``group`` row tiles
+    return select(whole, within // group, within // last), first + select(whole, within % group, within % last)
 
 
 def persistent_block_loads(program_blocks, blocks: int) -> list[int]:
