@@ -12,7 +12,7 @@ from tvm_splat.compile import nvcc_compile, ptxas_report, ptxas_usage, wgmma_ser
 from tvm_splat.formats import ACSR, Window, parse_pattern
 from tvm_splat.formats.tile_plan import plan_tiles
 from tvm_splat.kernels.spec import AttentionSpec
-from tvm_splat.kernels.tiled_mma import (GROUPED_MIN_HEADS, PROGRAM_ROW_GROUP, persistent_block_loads,
+from tvm_splat.kernels.tiled_mma import (GROUPED_MIN_HEADS, PROGRAM_ROW_GROUP, int_select, persistent_block_loads,
                                          persistent_program, program_group, program_tile, row_column_bits,
                                          tiled_mma_func)
 from tvm_splat.schedules.tiled import TiledKnobs
@@ -129,10 +129,6 @@ def test_persistent_refusals():
             tiled_mma_func(spec, shape, 4, 1, 2, wgmma=True, tma=True, warp_specialized=True, persistent=bad)
 
 
-def _pick(cond, a, b):  # program_tile's select on ints
-    return a if cond else b
-
-
 def _program_blocks(pattern, n, grid_heads):
     """Each program's column blocks, in the order of the kernel's programs
     (:func:`program_tile`, :func:`program_group`), on the tile plan of the warp-specialized
@@ -141,7 +137,7 @@ def _program_blocks(pattern, n, grid_heads):
     tiles = plan_tiles(ACSR.from_pattern(parse_pattern(pattern), n), knobs, grid_heads=grid_heads).tiles
     lengths = tiles[0, :, 5] - tiles[0, :, 4]
     group = program_group(grid_heads)
-    return [int(lengths[program_tile(p, grid_heads, len(lengths), group, _pick)[1]])
+    return [int(lengths[program_tile(p, grid_heads, len(lengths), group, int_select)[1]])
             for p in range(grid_heads * len(lengths))]
 
 
@@ -149,7 +145,7 @@ def _program_blocks(pattern, n, grid_heads):
 def test_persistent_programs_each_run_once(programs, blocks):
     """The snake order hands every program to exactly one thread block and round, each round's
     programs to all the blocks (the last round: those below the count)."""
-    taken = [persistent_program(it, cta, blocks, lambda c, a, b: a if c else b)
+    taken = [persistent_program(it, cta, blocks, int_select)
              for it in range(-(-programs // blocks)) for cta in range(blocks)]
     assert sorted(p for p in taken if p < programs) == list(range(programs))
     assert len(set(taken)) == len(taken)
@@ -175,7 +171,7 @@ def test_program_tile_walks_every_tile_once_a_group_of_rows_a_head_at_a_time(gri
     """Every (head, row tile) is one program's; the programs take the row tiles in groups of
     ``group`` (the plan's order, longest first), a head's tiles of a group one after another;
     group 1 is heads first, a group past the rows is rows first."""
-    tiles = [program_tile(p, grid_heads, grid_rows, group, _pick) for p in range(grid_heads * grid_rows)]
+    tiles = [program_tile(p, grid_heads, grid_rows, group, int_select) for p in range(grid_heads * grid_rows)]
     assert sorted(tiles) == [(h, t) for h in range(grid_heads) for t in range(grid_rows)]
     for p, (h, t) in enumerate(tiles):
         first = t // group * group
@@ -222,7 +218,7 @@ def test_program_tile_in_tir_is_the_python_mapping():
     lib = tvm.tirx.build(tiles_of, target="llvm")
     out = tvm.runtime.tensor(np.zeros((grid_heads * grid_rows, 2), "int32"))
     lib(out)
-    assert [tuple(t) for t in out.numpy().tolist()] == [program_tile(p, grid_heads, grid_rows, group, _pick)
+    assert [tuple(t) for t in out.numpy().tolist()] == [program_tile(p, grid_heads, grid_rows, group, int_select)
                                                         for p in range(grid_heads * grid_rows)]
 
 

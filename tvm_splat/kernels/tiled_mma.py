@@ -283,11 +283,17 @@ def check_persistent(persistent: int, warp_specialized: bool) -> None:
                          f"needs warp_specialized=True")
 
 
+def int_select(cond, a, b):
+    """``T.if_then_else`` on Python ints: the ``select`` that evaluates :func:`persistent_program`
+    and :func:`program_tile` on the host."""
+    return a if cond else b
+
+
 def persistent_program(it, cta, blocks: int, select=T.if_then_else):
     """The program (index into the grid's ``B H x tiles`` programs, heads first) that thread
     block ``cta`` of the persistent form's ``blocks`` runs in round ``it``: ``it blocks + cta``
     in even rounds and ``it blocks + blocks - 1 - cta`` in odd ones (snake order); a TIR
-    expression, or ints with ``select=lambda c, a, b: a if c else b``. The plan's programs come
+    expression, or ints with ``select=int_select``. The plan's programs come
     longest first, so the block that takes a round's longest program takes the next round's
     shortest (:func:`persistent_block_loads`)."""
     return it * blocks + select(it % 2 == 0, cta, blocks - 1 - cta)
@@ -321,8 +327,8 @@ def program_tile(program, grid_heads: int, grid_rows: int, group: int, select=T.
     division is by a constant (a group's rows: ``group``, or the last group's ``grid_rows %
     group``), and the program's place in its group is a remainder: written ``program - first
     grid_heads``, TVM's FlattenBuffer built a literal of 2**31, past int32, from it (causal
-    strided 128 at n=8192, d=128, batch 4). A TIR
-    expression, or ints with ``select=lambda c, a, b: a if c else b``."""
+    strided 128 at n=8192, d=128, batch 4). A TIR expression, or ints with
+    ``select=int_select``."""
     if group == 1:
         return program % grid_heads, program // grid_heads
     last = grid_rows % group or group  # the last group's row tiles
@@ -341,7 +347,7 @@ def persistent_block_loads(program_blocks, blocks: int) -> list[int]:
     loads = [0] * blocks
     for it in range(-(-len(program_blocks) // blocks)):
         for cta in range(blocks):
-            program = persistent_program(it, cta, blocks, lambda c, a, b: a if c else b)
+            program = persistent_program(it, cta, blocks, int_select)
             if program < len(program_blocks):
                 loads[cta] += int(program_blocks[program])
     return loads
