@@ -406,6 +406,51 @@ def test_cuda_many_heads_walk_row_tiles_in_groups(form, d, rng):
         np.testing.assert_allclose(out.double().cpu().numpy(), ref, atol=4e-2, rtol=4e-2)
 
 
+#: (form, pattern, n, d): plan features the grouped program order meets, each with batch x heads
+#: = 64 (groups of row tiles): a union's merge, split-KV chunks of heavy global rows, a TMA map
+#: stepping by a dilation, the cp.async wgmma form of non-unit steps, the persistent form on a
+#: causal plan (row tiles of unequal length, longest first)
+GROUPED_CASES = [
+    ("mma", dict(), "global:2+strided:32", 1093, 64),
+    ("wgmma_two_warpgroups_bc128", dict(br=128, warps=8, bc=128, wgmma=True), "dilated:24:3", 1093, 128),
+    ("tma_bc16_split_kv", TMA_FORMS["tma_bc16_split_kv"], "global:3+window:40", 1093, 64),
+    ("tma_step2", TMA_FORMS["tma"], "dilated:17:2", 1094, 64),
+    ("tma_ws_persistent3", TMA_FORMS["tma_ws_persistent3"], "causal_window:300", 1093, 128),
+    ("tma_ws_bc16_split_kv_persistent2", TMA_FORMS["tma_ws_bc16_split_kv_persistent2"], "global:3+window:40",
+     1093, 128),
+]
+
+
+@pytest.mark.parametrize("lengths", [False, True])
+@pytest.mark.parametrize("form,knobs,pattern,n,d", GROUPED_CASES, ids=[c[0] for c in GROUPED_CASES])
+def test_cuda_grouped_programs_on_unions_split_kv_and_steps(form, knobs, pattern, n, d, lengths, rng):
+    """The grouped program order (:func:`~tvm_splat.kernels.tiled_mma.program_tile`, batch 16 x
+    4 heads on 2 KV heads) in every kernel form that has it, on the plans whose programs index
+    more than a row tile (a union's per-component states, split-KV slots, stepped TMA maps) or
+    walk tiles of unequal length (causal, persistent); with per-batch key lengths (NaN in every padded key and value) or without. bf16 against
+    the float64 reference."""
+    from tvm_splat import parse_pattern, sparse_attention
+    from tvm_splat.kernels.tiled_mma import program_group
+    from tvm_splat.schedules.tiled import TiledKnobs
+
+    batch, heads = 16, 4
+    assert program_group(batch * heads) > 1
+    q = rng.standard_normal((batch, heads, n, d))
+    k, v = (rng.standard_normal((batch, 2, n, d)) for _ in range(2))
+    kv_lengths = rng.integers(0, n + 1, batch) if lengths else np.full(batch, n)
+    kv_lengths[:2] = (n, 0) if lengths else (n, n)
+    for b, length in enumerate(kv_lengths):
+        k[b, :, length:] = np.nan
+        v[b, :, length:] = np.nan
+    (tq, tk, tv), (q, k, v) = _cuda([q, k, v], "bfloat16")
+    out = sparse_attention(tq, tk, tv, pattern, variant="tiled", knobs=TiledKnobs(use_tensor_cores=True, **knobs),
+                           kv_lengths=torch.from_numpy(kv_lengths).cuda() if lengths else None)
+    mask = parse_pattern(pattern).dense_mask(n)
+    ref = np.stack([masked_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], mask & (np.arange(n) < length))[0]
+                    for b, length in enumerate(kv_lengths)])
+    np.testing.assert_allclose(out.double().cpu().numpy(), ref, atol=4e-2, rtol=4e-2)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("persistent", [1, 4, 200])
 @pytest.mark.parametrize("form", ["tma_ws_persistent3", "tma_ws_one_group_persistent5"])
