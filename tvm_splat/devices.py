@@ -63,3 +63,17 @@ def default_target(dev: tvm.runtime.Device) -> tvm.target.Target:
     on Hopper), or
     ``llvm`` for the CPU. Built once per device (constructing Targets is slow)."""
     return _target_of_device(str(dev))
+
+
+def torch_raw_stream(index: int):
+    """``() -> int``: the handle of torch's current CUDA stream on device ``index``, as torch's
+    dispatcher keeps it (``torch._C._cuda_getCurrentRawStream``, which TorchInductor's generated
+    launchers call), or ``torch.cuda.current_stream(index).cuda_stream`` where torch lacks it.
+    Resolved once, called before every launch: the public call builds a Stream object each time
+    (3-7 us on the lent GPU machines, the sixteenth session's host-time runs)."""
+    import torch
+
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return lambda: raw(index)
+    return lambda: torch.cuda.current_stream(index).cuda_stream

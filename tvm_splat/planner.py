@@ -38,7 +38,7 @@ import numpy as np
 import tvm
 
 from .compile import compile_attention, compile_module, row_module, tiled_module
-from .devices import as_device, default_target, device_of, dtype_name, is_gpu_device
+from .devices import as_device, default_target, device_of, dtype_name, is_gpu_device, torch_raw_stream
 from .formats import ACSR
 from .formats.tile_plan import TilePlan, kernel_arrays, plan_tiles
 from .kernels import VARIANTS
@@ -311,6 +311,7 @@ class AttentionPlan:
         self.kv_shape = (spec.batch, spec.kv_heads, spec.seq_len, spec.head_dim)
         self._launch = None  # the compiled launcher (self.device), made on first use
         self._torch_kind = None  # (torch dtype, torch device) once a torch call passed the checks
+        self._raw_stream = None  # () -> torch's current stream on that device (CUDA; devices.torch_raw_stream)
 
     def __repr__(self):
         return (f"AttentionPlan({self.variant}, {self.spec.key}, knobs={self.knobs_source}, "
@@ -395,6 +396,7 @@ class AttentionPlan:
             raise ValueError(f"out must be a {self.q_shape} {q.dtype} tensor on {q.device}, got "
                              f"{tuple(out.shape)} {out.dtype} on {out.device}")
         self._torch_kind = (q.dtype, q.device)
+        self._raw_stream = torch_raw_stream(q.device.index) if q.device.type == "cuda" else None
         return self._run_torch(*(x if self._ready(x, tuple(x.shape)) else to_tvm(x, self.device) for x in (q, k, v)),
                                out, lengths)
 
@@ -433,7 +435,7 @@ class AttentionPlan:
         if device.type == "cuda":
             import tvm_ffi
 
-            with tvm_ffi.use_raw_stream(self.device, torch.cuda.current_stream(device).cuda_stream):
+            with tvm_ffi.use_raw_stream(self.device, self._raw_stream()):
                 launch(q, k, v, target, *lengths)
         else:
             launch(q, k, v, target, *lengths)

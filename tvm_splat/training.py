@@ -55,7 +55,7 @@ import numpy as np
 import tvm
 
 from .compile import compile_backward, compile_backward_mma
-from .devices import as_device, default_target, dtype_name, is_gpu_device
+from .devices import as_device, default_target, dtype_name, is_gpu_device, torch_raw_stream
 from .formats import ACSR, parse_pattern
 from .formats.tile_plan import plan_tiles
 from .formats.transpose import transpose_acsr, transposed_acsr
@@ -385,11 +385,7 @@ class _TorchFacts:
         self.expected = {"q": (q, self.dtype), "k": (kv, self.dtype), "v": (kv, self.dtype), "out": (q, self.dtype),
                          "dout": (q, self.dtype), "lse": (stats, self.accum_dtype), "dlse": (stats, self.accum_dtype)}
         if self.device.type == "cuda":
-            index = self.device.index
-            # the dispatcher's own lookup, as TorchInductor's generated launchers make it
-            raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-            self.raw_stream = (lambda: raw(index)) if raw is not None else \
-                (lambda: torch.cuda.current_stream(index).cuda_stream)
+            self.raw_stream = torch_raw_stream(self.device.index)
 
 
 def _tile_fields(spec: BackwardSpec, knobs) -> tuple:
