@@ -12,8 +12,9 @@ time to enqueue one call of 200 back-to-back; ``throughput_us``; ``kernel_us``: 
   mask as a pattern string: the plan cache's lookup, ``run``'s checks, the output's allocation,
   the stream, the launches;
 * ``plan.run``: the same without the lookup;
-* ``launch``: the plan's launch steps alone into a preallocated output, inside one raw-stream
-  context (no checks, no allocation: the floor our Python can reach);
+* ``launch``: the plan's launch steps alone into a preallocated output, inside the raw-stream
+  context ``run`` enters (the same stream lookup; no checks, no allocation: the floor our Python
+  can reach);
 * ``torch.empty``: one output allocation, for scale.
 
 Where ``host_us`` exceeds ``kernel_us`` the host sets the pace. ``--profile`` prints where the
@@ -34,16 +35,18 @@ from training_host_time import host_us, profile_call
 
 from tvm_splat import ACSR, parse_pattern, sparse_attention
 from tvm_splat.attention import plan_for
+from tvm_splat.devices import torch_raw_stream
 from tvm_splat.timing import cuda_kernel_ms, throughput_ms
 
 
-def _raw_stream(plan, device):
-    """The raw-stream context ``AttentionPlan.run`` launches in (CUDA), or none (CPU)."""
-    if device != "cuda":
+def _raw_stream(plan, stream):
+    """The raw-stream context ``AttentionPlan.run`` launches in (CUDA: ``stream``, its
+    :func:`~tvm_splat.devices.torch_raw_stream`), or none (CPU: ``stream`` None)."""
+    if stream is None:
         return contextlib.nullcontext()
     import tvm_ffi
 
-    return tvm_ffi.use_raw_stream(plan.device, torch.cuda.current_stream().cuda_stream)
+    return tvm_ffi.use_raw_stream(plan.device, stream())
 
 
 def calls_of(pattern, shape, dtype, device):
@@ -55,9 +58,10 @@ def calls_of(pattern, shape, dtype, device):
     plan = plan_for(q, k, v, acsr, variant="tiled")
     out = torch.empty_like(q)
     launch = plan._launcher()
+    stream = torch_raw_stream(q.device.index) if device == "cuda" else None
 
     def launch_only():
-        with _raw_stream(plan, device):
+        with _raw_stream(plan, stream):
             launch(q, k, v, out)
 
     calls = {
