@@ -34,13 +34,11 @@ TARGET = "nvidia/nvidia-h100"
 def device_plan(case: int, dtype: str, sms: int):
     """The plan the GPU machine makes for ``CASES[case]`` in ``dtype`` (with ``sms`` SMs)."""
     pattern, b, h, kvh, n, d = CASES[case]
+    workload = (parse_pattern(pattern), (b, h, n, d), (b, kvh, n, d), dtype, None)
     target = arch_specific(as_target(TARGET))
-    made = plan(parse_pattern(pattern), (b, h, n, d), (b, kvh, n, d), dtype, None, target=target, variant="tiled")
+    made = plan(*workload, target=target, variant="tiled")
     knobs = persistent_default(made.knobs, sms)
-    if knobs == made.knobs:
-        return made
-    return plan(parse_pattern(pattern), (b, h, n, d), (b, kvh, n, d), dtype, None, target=target, variant="tiled",
-                knobs=knobs)
+    return made if knobs == made.knobs else plan(*workload, target=target, variant="tiled", knobs=knobs)
 
 
 def main(argv=None):
