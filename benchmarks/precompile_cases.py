@@ -1,6 +1,6 @@
 """Compile the kernels of ``forward_kernels_ab.CASES`` on a machine without a GPU, for a GPU lease.
 
-    python benchmarks/precompile_cases.py CASES [--dtype D ...] [--sms 132] [--worker I --workers N]
+    python benchmarks/precompile_cases.py CASES [--dtype D ...] [--sms 132] [--variants JSON] [--worker I --workers N]
 
 ``CASES``: indices into :data:`forward_kernels_ab.CASES` (``7,6,14``). Each case's plan is made as
 ``plan(mask, q, k, dtype, "cuda")`` makes it on an H100 or H200 (their sm_90a target; the tuning
@@ -12,9 +12,15 @@ machine's two cores; the cache key holds a fingerprint of the kernel sources, so
 good for the code it was built from: build one per checkout or tree of an A/B, with
 ``PYTHONPATH`` on the tree). Loading a library for CUDA fails here after it was written (no CUDA
 runtime): that error is expected and reported as ``built``. ``--worker I --workers N``: this
-process takes every ``N``-th job from ``I`` on (run ``N`` in parallel).
+process takes every ``N``-th job from ``I`` on (run ``N`` in parallel). ``--variants``: the JSON list
+``forward_kernels_ab.py --variants`` takes (``'[{}, {"early_rescale": false}]'``): each case is
+built once per variant, its knobs overridden as that script overrides them (``{}``: the plan
+as made); a variant the knobs refuse is reported as ``refused`` and not counted as a failure,
+as that script reports its row as an ``error``.
 """
 import argparse
+import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -31,13 +37,15 @@ from tvm_splat.schedules.targets import arch_specific, as_target
 TARGET = "nvidia/nvidia-h100"
 
 
-def device_plan(case: int, dtype: str, sms: int):
-    """The plan the GPU machine makes for ``CASES[case]`` in ``dtype`` (with ``sms`` SMs)."""
+def device_plan(case: int, dtype: str, sms: int, variant: dict | None = None):
+    """The plan the GPU machine makes for ``CASES[case]`` in ``dtype`` (with ``sms`` SMs), its
+    knobs overridden by ``variant`` (:class:`~tvm_splat.schedules.tiled.TiledKnobs` fields, as in
+    ``forward_kernels_ab.variant_plan``; ``ValueError`` where the knobs refuse them)."""
     pattern, b, h, kvh, n, d = CASES[case]
     workload = (parse_pattern(pattern), (b, h, n, d), (b, kvh, n, d), dtype, None)
     target = arch_specific(as_target(TARGET))
     made = plan(*workload, target=target, variant="tiled")
-    knobs = persistent_default(made.knobs, sms)
+    knobs = dataclasses.replace(persistent_default(made.knobs, sms), **(variant or {}))
     return made if knobs == made.knobs else plan(*workload, target=target, variant="tiled", knobs=knobs)
 
 
@@ -46,16 +54,22 @@ def main(argv=None):
     parser.add_argument("cases", type=lambda text: [int(i) for i in text.split(",")])
     parser.add_argument("--dtype", action="append", choices=("float16", "bfloat16"))
     parser.add_argument("--sms", type=int, default=132)
+    parser.add_argument("--variants", type=json.loads, default=[{}])
     parser.add_argument("--worker", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)
-    jobs = [(case, dtype) for dtype in (args.dtype or ["bfloat16"]) for case in args.cases]
+    jobs = [(case, dtype, variant) for dtype in (args.dtype or ["bfloat16"]) for case in args.cases
+            for variant in args.variants]
     failed = 0
-    for index, (case, dtype) in enumerate(jobs):
+    for index, (case, dtype, variant) in enumerate(jobs):
         if index % args.workers != args.worker:
             continue
         start = time.time()
-        made = device_plan(case, dtype, args.sms)
+        try:
+            made = device_plan(case, dtype, args.sms, variant)
+        except ValueError as err:  # the knobs refuse the variant: forward_kernels_ab's error row
+            print(f"case {case} {dtype} {variant}: refused: {err}", flush=True)
+            continue
         try:
             made.compiled()
             outcome = "built"
