@@ -1626,10 +1626,11 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         # stored. Only the first tile loads both at its start, its Q before the round loop. The
         # tile's seven fields (tile_ahead) and the next tile's first three (q_ahead, for its Q
         # and segments) are read a tile ahead into registers, and the next rows' segments are
-        # loaded after the last P V is issued, before it is waited for: on an H100, same-process
-        # pairs, window +-1024 n=32k d=128 0.4-0.7% faster in bf16 (4 of 4 pairs) and 1.1-1.6% in
-        # fp16, dense n=2048 b=16 (16 blocks a tile) 2.1-2.8% and n=8192 b=4 0.6-1.3% faster,
-        # Mistral's causal window within +-2.3% either way, window +-4096 0-1.3% slower
+        # loaded after the last P V is issued, before it is waited for: on an H100, A/B pairs
+        # (one process a tree, alternating), window +-1024 n=32k d=128 0.4-0.7% faster in bf16
+        # (4 of 4 pairs) and 1.1-1.6% in fp16, dense n=2048 b=16 (16 blocks a tile) 2.1-2.8% and
+        # n=8192 b=4 0.6-1.3% faster, Mistral's causal window within +-2.3% either way, window
+        # +-4096 0-1.3% slower
         # (benchmarks/results/h100_thirty_first_ab.json tree pf, h100_thirty_third_ab.json). As
         # ptxas compiles it (window +-1024 d=128 fp16, SASS): 168 registers and no spill (the
         # grid form: 16 bytes), 502 instructions a FULL block (the grid form 511). Each
