@@ -56,7 +56,9 @@ def test_persistent_form_compiles_with_rounds_and_one_cta_barrier(d, warps, dtyp
     next tile read ahead (cp.async, every round) into its half of the other of two Q slots after
     that barrier and before the tile's first wgmma, the Q descriptors on the round's slot, the
     first tile's Q loaded before the round loop and the last read-ahead waited for after it,
-    Q's chunks copied down the core matrices' rows (conflict-free shared stores); nvcc compiles
+    Q's chunks copied down the core matrices' rows (conflict-free shared stores), the output
+    staged in the group's half of the tile's Q slot and stored by TMA (16 bytes a thread at a
+    time where the box is not the group's rows); nvcc compiles
     it for sm_90a, and ptxas spills nothing (the grid form keeps one register of its epilogue on
     the stack at d=128) and does not serialize the wgmma."""
     func, src, programs = _persistent(d, warps, dtype, persistent, kv_len, kv_heads)
@@ -109,6 +111,16 @@ def test_persistent_form_compiles_with_rounds_and_one_cta_barrier(d, warps, dtyp
     # so a shared-memory phase's 8 chunks fill 32 banks (along a row they would share 4)
     q_copies = re.findall(r"cp_async_cg\w*\(tvm_builtin_cuda_cvta_generic_to_shared\(\(&\(qkv_smem_ptr\[(.*?)\]\)", body)
     assert len(q_copies) == 2 and all(x.endswith("(((int)threadIdx.x) * 8))") for x in q_copies), q_copies
+    # the output staged in the group's half of the Q slot, then stored by one TMA store of the
+    # group's 64 rows, or where that box is not the group's rows, 16 bytes a thread at a time
+    # (64 rows of d / 8 chunks over the group's 128 threads), and stored nowhere else; the
+    # store's reads waited for before the slot's next Q read-ahead and before the exit
+    stores = consumers.count("tvm_builtin_ptx_st_vec_global_v4_b32(")
+    assert stores == 64 * (d // 8) // 128 and consumers.count("out_ptr") == stores
+    assert consumers.count("tvm_builtin_ptx_cp_async_bulk_tensor_s2g") == 1
+    read_waits = [m.start() for m in re.finditer("async_bulk_wait_group_read_0", consumers)]
+    assert len(read_waits) == 2 and read_waits[0] < consumers.index(q_landed) < read_waits[1]
+    assert read_waits[1] > consumers.index("tvm_builtin_ptx_cp_async_bulk_tensor_s2g")
     threads, blocks = 32 * (warps + 4), 8 // warps
     assert f"__launch_bounds__({threads}, {blocks}) tiled_kernel" in src
     registers, spills = ptxas_usage(src, "tiled_kernel", H100)

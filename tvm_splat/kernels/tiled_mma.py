@@ -1217,6 +1217,8 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     # turn at the tensor cores (two consumer warpgroups)
     TURN_BARRIER = 4
     PINGPONG = warp_specialized and W == 8
+    # the persistent form's direct output through the tile's Q slot (store_rows_staged)
+    STAGED_STORE = direct and wgmma
 
     def group_thread(w, lane):  # a consumer thread's index within its warpgroup
         return (w % 4) * 32 + lane
@@ -1608,8 +1610,66 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         cache_row_segments(sg, next_rows, seg_start, seg_count, seg_sigma, nhm, w, lane, q_fields[2])
 
     @T.macro
+    def store_rows_staged(out, lse, oacc, ms, ls, rows, smem, omap, q_off, b, h, row0, rstr, w, lane, words, nrows):
+        # persistent form, the direct output: O / l of the warpgroup's 64 rows staged in its half
+        # of the tile's Q slot (free once the tile's last S completed; the next tile's Q is in
+        # the other slot, and this one takes Q again only a tile later, after the group's
+        # barrier), in the 128-byte swizzle of omap (conflict-free: a warp's pairs of one
+        # 8-column tile land in 8 distinct 16-byte chunks), then one thread stores the group's
+        # 64 rows by TMA (cp.async.bulk.tensor, a bulk group that the next use of the slot waits
+        # for: wait_for_staged_store) where the box is the group's rows (unit row stride, and
+        # none of its rows past the tile but past the sequence, which TMA leaves out); elsewhere
+        # each thread reads 16-byte chunks back along the rows and stores them. Shared memory is
+        # written and read by PTX on raw addresses (the group's named barrier orders them), which
+        # TVM's barrier planner does not track (tracked, it would want a barrier inside the
+        # consumers' branch). Each row slot's pairs are written only for rows inside the tile,
+        # as store_rows stores them: written for every slot, ptxas serialized the wgmmas (C7514).
+        # On an H100 (thirty-fourth session, h100_thirty_fourth_ab.json), against store_rows'
+        # 32 four-byte stores a thread, one process a tree, alternating: faster in all 8 pairs
+        # (window +-1024 n=32k d=128 bf16 1.2-3.2%, Mistral's causal window 3.6-5.3%, dense
+        # n=2048 b=16 4.1-7.2%, n=8192 b=4 2.5-3.3%), and faster than the 16-byte path alone in
+        # all 8; sustained 4 s under the power cap, window +-1024 2.8-4.0% (bf16) and 3.7-4.4% (fp16)
+        full_row_sums(ls)
+        for r in T.unroll(RS):
+            if tile_row(w, lane, r) < nrows:
+                if with_lse:
+                    if lane % 4 == 0:
+                        lse[b, h, rows[r]] = natural_lse(ms[r], ls[r])
+                for dtl in T.unroll(DT):
+                    T.evaluate(convert_pair(words, 0, normalised(oacc[((r // 2) * DT + dtl) * 4 + (r % 2) * 2], ls[r]),
+                                            normalised(oacc[((r // 2) * DT + dtl) * 4 + (r % 2) * 2 + 1], ls[r]), dt))
+                    T.ptx.st.shared.b32(T.address_of(smem[swizzle128_elem(q_off + (w // 4) * 64 * D, 64,
+                                                                          tile_row(w, lane, r) - (w // 4) * 64,
+                                                                          dtl * 8 + lane % 4 * 2)]), words[0])
+        T.ptx["fence.proxy.async.shared::cta"]()  # the staged rows, for the TMA store
+        T.evaluate(group_barrier(w))
+        if T.And(rstr == 1, T.Or((w // 4) * 64 + 64 <= nrows, row0 + nrows >= N)):
+            if group_thread(w, lane) == 0:
+                if (w // 4) * 64 < nrows:
+                    T.evaluate(T.ptx.cp(T.reinterpret(T.handle().ty, T.address_of(omap)), 0, row0 + (w // 4) * 64, 0,
+                                        b * H + h,
+                                        T.cuda.cvta_generic_to_shared(T.address_of(smem[q_off + (w // 4) * 64 * D])),
+                                        "async", "bulk", "tensor", "4d", "global", "shared::cta", "", "bulk_group",
+                                        ""))
+                    T.evaluate(T.ptx.cp.async_.bulk.commit_group())
+        else:
+            for it in T.unroll(64 * CH // 128):
+                T.ptx.ld.shared.v4.b32(words[0], words[1], words[2], words[3], T.address_of(smem[swizzle128_elem(
+                    q_off + (w // 4) * 64 * D, 64, group_q_row(it, w, lane), group_q_col(it, w, lane))]))
+                if (w // 4) * 64 + group_q_row(it, w, lane) < nrows:
+                    T.ptx.st.global_.v4.b32(T.address_of(out[b, h, row0 + rstr * ((w // 4) * 64 + group_q_row(it, w, lane)),
+                                                                group_q_col(it, w, lane)]),
+                                            words[0], words[1], words[2], words[3])
+
+    @T.macro
+    def wait_for_staged_store():
+        # the TMA store of the group's staged rows has read them (its thread; no-op elsewhere)
+        if STAGED_STORE:
+            T.evaluate(T.ptx.cp.async_.bulk.wait_group.read(0))
+
+    @T.macro
     def persistent_consumers(smem, q, tiles, blocks, kv_len, out, o_part, ml_part, split_o, split_ml, lse, bars, vbad,
-                             seg_start, seg_count, seg_sigma, sg, rng, desc, sacc, pf, pw, oacc, ms, ls, mb, al, rows,
+                             omap, seg_start, seg_count, seg_sigma, sg, rng, desc, sacc, pf, pw, oacc, ms, ls, mb, al, rows,
                              next_rows, tile_ahead, q_ahead, words, nonfinite, vflag, px, pxw, vx, vxw, count, cta, w,
                              lane):
         # persistent form, the consumer warpgroups: every tile of thread block cta, round after
@@ -1668,6 +1728,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                 if it == 0:
                     cache_row_segments(sg, rows, seg_start, seg_count, seg_sigma, phm, w, lane, pnrows)
                 T.evaluate(T.ptx["cp.async.wait_group"](0))  # this thread's chunks of this tile's Q
+                wait_for_staged_store()  # the previous tile's O left the slot the read-ahead takes
                 T.ptx["fence.proxy.async.shared::cta"]()  # Q, written by this thread, for wgmma
                 # the group's Q rows of this tile have landed, and each of its warps is past the
                 # previous tile (its wgmmas read the group's half of the other slot, which the
@@ -1687,17 +1748,25 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                 load_tile_fields(q_ahead, tiles, it + 2, cta, 3)
                 if phi > plo:
                     finish_last_pv(bars, plo, phi, lane, count[0])
-                store_tile(out, o_part, ml_part, split_o, split_ml, lse, oacc, ms, ls, rows, pb, ph, pvbh, pcomp,
-                           pslot, w, lane, pnrows)
+                if STAGED_STORE:
+                    if split_chunk(plan_shape, pslot):
+                        store_slot(split_o, split_ml, oacc, ms, ls, pvbh, pslot, w, lane, pnrows)
+                    else:
+                        store_rows_staged(out, lse, oacc, ms, ls, rows, smem, omap, q_slot(it), pb, ph, prow0, prstr,
+                                          w, lane, words, pnrows)
+                else:
+                    store_tile(out, o_part, ml_part, split_o, split_ml, lse, oacc, ms, ls, rows, pb, ph, pvbh, pcomp,
+                               pslot, w, lane, pnrows)
                 count[0] = count[0] + (phi - plo)
         T.evaluate(T.ptx["cp.async.wait_group"](0))  # the last read-ahead (of no tile) lands before the exit
+        wait_for_staged_store()  # and the last tile's O store has read its rows
         if PINGPONG:  # group 1's first pass and last pass meet one sync each: the counts balance
             if warpgroup_index(w) == 0:
                 T.evaluate(take_turn(w))
 
     @T.macro
     def persistent_ws(smem, q, tiles, blocks, kv_len, out, o_part, ml_part, split_o, split_ml, lse, bars, vbad, kmap,
-                      vmap, seg_start, seg_count, seg_sigma, sg, rng, desc, sacc, pf, pw, oacc, ms, ls, mb, al, rows,
+                      vmap, omap, seg_start, seg_count, seg_sigma, sg, rng, desc, sacc, pf, pw, oacc, ms, ls, mb, al, rows,
                       next_rows, tile_ahead, q_ahead, words, nonfinite, vflag, px, pxw, vx, vxw, count, cta, tid, w,
                       lane):
         # the persistent warp-specialized form: the setup once, then each role its own loop over
@@ -1710,7 +1779,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         else:
             T.evaluate(T.ptx["setmaxnreg.inc.sync.aligned.u32"](CONSUMER_REGS))
             persistent_consumers(smem, q, tiles, blocks, kv_len, out, o_part, ml_part, split_o, split_ml, lse, bars,
-                                 vbad, seg_start, seg_count, seg_sigma, sg, rng, desc, sacc, pf, pw, oacc, ms, ls, mb,
+                                 vbad, omap, seg_start, seg_count, seg_sigma, sg, rng, desc, sacc, pf, pw, oacc, ms, ls, mb,
                                  al, rows, next_rows, tile_ahead, q_ahead, words, nonfinite, vflag, px, pxw, vx, vxw, count,
                                  cta, w, lane)
 
@@ -1739,6 +1808,9 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
             vmap: T.let[T.TensorMap()] = T.tvm_stack_alloca("tensormap", 1)
             T.evaluate(encode_row_block_map(kmap, k.data, B * KVH, N, D, BC, dt, STEP))
             T.evaluate(encode_row_block_map(vmap, v.data, B * KVH, N, D, BC, dt, STEP))
+            if PERSISTENT and STAGED_STORE:  # the output's, boxes of one consumer warpgroup's 64 rows
+                omap: T.let[T.TensorMap()] = T.tvm_stack_alloca("tensormap", 1)
+                T.evaluate(encode_row_block_map(omap, out.data, B * H, N, D, 64, dt, 1))
         # the grid form: program gy B H + gx (the order the GPU dispatches thread blocks in) is
         # the tile program_tile says (tile_of); the persistent form: gx is the thread block,
         # which walks programs of its own (gy: 1)
@@ -1799,7 +1871,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                     q_ahead = T.sblock_alloc_buffer((3,), "int32", scope="local")
                                     tid: T.let[T.int32] = w * 32 + lane
                                     persistent_ws(qkv_smem, q, tiles, blocks, kv_len, out, o_part, ml_part, split_o,
-                                                  split_ml, lse, ws_bars, vbad, kmap, vmap, seg_start, seg_count,
+                                                  split_ml, lse, ws_bars, vbad, kmap, vmap, omap, seg_start, seg_count,
                                                   seg_sigma, sg, rng, desc, sacc, pf, pw, oacc, ms, ls, mb, al, rows,
                                                   next_rows, tile_ahead, q_ahead, words, nonfinite, vflag, px, pxw,
                                                   vx, vxw, count, gx, tid, w, lane)
