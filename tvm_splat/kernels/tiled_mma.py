@@ -1218,7 +1218,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     TURN_BARRIER = 4
     PINGPONG = warp_specialized and W == 8
     # the persistent form's direct output through the tile's Q slot (store_rows_staged)
-    STAGED_STORE = direct and wgmma
+    STAGED_STORE = PERSISTENT and direct and wgmma
 
     def group_thread(w, lane):  # a consumer thread's index within its warpgroup
         return (w % 4) * 32 + lane
@@ -1808,7 +1808,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
             vmap: T.let[T.TensorMap()] = T.tvm_stack_alloca("tensormap", 1)
             T.evaluate(encode_row_block_map(kmap, k.data, B * KVH, N, D, BC, dt, STEP))
             T.evaluate(encode_row_block_map(vmap, v.data, B * KVH, N, D, BC, dt, STEP))
-            if PERSISTENT and STAGED_STORE:  # the output's, boxes of one consumer warpgroup's 64 rows
+            if STAGED_STORE:  # the output's, boxes of one consumer warpgroup's 64 rows
                 omap: T.let[T.TensorMap()] = T.tvm_stack_alloca("tensormap", 1)
                 T.evaluate(encode_row_block_map(omap, out.data, B * H, N, D, 64, dt, 1))
         # the grid form: program gy B H + gx (the order the GPU dispatches thread blocks in) is
