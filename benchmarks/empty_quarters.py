@@ -30,14 +30,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from forward_kernels_ab import CASES, _indices
 from tvm_splat.formats.patterns import parse_pattern
 from tvm_splat.planner import plan
-
-
-def _cases_table():
-    # forward_kernels_ab imports torch's CUDA helpers lazily; only its CASES are read here
-    from forward_kernels_ab import CASES
-    return CASES
 
 
 def count_pieces(pattern_text: str, tile_plan, rows: int = 64, cols: int = 64) -> dict:
@@ -75,18 +70,18 @@ def count_pieces(pattern_text: str, tile_plan, rows: int = 64, cols: int = 64) -
 
 
 def main(argv=None) -> list:
-    cases = _cases_table()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", default=None, help="comma-separated indices of forward_kernels_ab.CASES (default: all)")
+    ap.add_argument("--cases", type=_indices, default=None,
+                    help="comma-separated indices of forward_kernels_ab.CASES (default: all)")
     ap.add_argument("--dtype", default="bfloat16", help="the dtype the knobs are chosen for (default bfloat16)")
     ap.add_argument("--target", default="nvidia/nvidia-h100", help="the target the knobs are chosen for")
     ap.add_argument("--rows", type=int, default=64, help="rows of a piece (a consumer warpgroup's: 64)")
     ap.add_argument("--cols", type=int, default=64, help="columns of a piece (half a block: 64)")
     args = ap.parse_args(argv)
-    picked = range(len(cases)) if args.cases is None else [int(x) for x in args.cases.split(",")]
+    picked = range(len(CASES)) if args.cases is None else args.cases
     seen, rows = set(), []
     for i in picked:
-        pattern, b, h, kvh, n, d = cases[i]
+        pattern, b, h, kvh, n, d = CASES[i]
         workload = plan(pattern, (b, h, n, d), (b, kvh, n, d), args.dtype, device=None, target=args.target)
         if workload.tile_plan is None:
             print(json.dumps({"case": i, "pattern": pattern, "variant": workload.variant}))

@@ -69,3 +69,10 @@ def test_main_plans_each_case_for_the_target(repo_script, capsys):
     assert rows[0]["masked_share"] == 0 and rows[0]["empty_quarter_share"] == 0
     assert rows[0]["blocks_per_tile"] == 16
     assert '"case": 16' in capsys.readouterr().out
+
+
+def test_a_case_index_out_of_range_is_refused(repo_script, capsys):
+    eq = repo_script(SCRIPT)
+    with pytest.raises(SystemExit):
+        eq.main(["--cases", "7,999"])
+    assert "case indices run from 0 to" in capsys.readouterr().err
