@@ -44,12 +44,11 @@ def count_pieces(pattern_text: str, tile_plan, rows: int = 64, cols: int = 64) -
     pieces_fit = br % rows == 0 and bc % cols == 0
     pattern = parse_pattern(pattern_text)
     mask_mod = pattern.mask_mod(n)
-    tiles = blocks = kept = pieces = empty = 0
+    kept = pieces = empty = 0
     for h in range(tile_plan.num_heads):
         for row0, rstride, nrows, _comp, lo, hi, _slot in tile_plan.tiles[h].tolist():
             if nrows == 0:
                 continue
-            tiles += 1
             r = row0 + rstride * np.arange(br, dtype=np.int64)
             row_ok = np.arange(br) < nrows
             for col0, sigma, _full in tile_plan.blocks[h, lo:hi].tolist():
@@ -57,15 +56,16 @@ def count_pieces(pattern_text: str, tile_plan, rows: int = 64, cols: int = 64) -
                 ok = row_ok[:, None] & (c < n)[None, :]
                 inside = np.asarray(mask_mod(0, h, np.minimum(r, n - 1)[:, None], np.minimum(c, n - 1)[None, :]))
                 keep = np.broadcast_to(inside, ok.shape) & ok
-                blocks += 1
                 kept += int(keep.sum())
                 if pieces_fit:
                     quarters = keep.reshape(br // rows, rows, bc // cols, cols).any(axis=(1, 3))
                     pieces += quarters.size
                     empty += int((~quarters).sum())
+    stats = tile_plan.stats()  # tiles with rows, their blocks and the scores those compute
     return {"pattern": pattern_text, "n": n, "br": br, "bc": bc, "rows": rows, "cols": cols,
-            "tiles": tiles, "blocks": blocks, "blocks_per_tile": blocks / max(tiles, 1),
-            "masked_share": 1.0 - kept / max(blocks * br * bc, 1),
+            "tiles": stats["tiles"], "blocks": stats["blocks"],
+            "blocks_per_tile": stats["blocks"] / max(stats["tiles"], 1),
+            "masked_share": 1.0 - kept / max(stats["scores"], 1),
             "empty_quarter_share": empty / max(pieces, 1) if pieces_fit else None}
 
 

@@ -10,7 +10,8 @@ SCRIPT = "benchmarks/empty_quarters.py"
 
 
 def _brute_force(text, n, br, bc, rows, cols):
-    """(blocks, kept, empty pieces, pieces) of the row-stride-1 tiles of a plan, from the dense mask."""
+    """``(plan, blocks, kept, empty pieces, pieces)``: the plan of ``text`` (row stride 1, step 1)
+    and its counts from the dense mask."""
     dense = parse_pattern(text).dense_mask(n)
     tile_plan = plan_tiles(ACSR.from_pattern(parse_pattern(text), n), br=br, bc=bc, split_blocks=0)
     blocks = kept = empty = pieces = 0
