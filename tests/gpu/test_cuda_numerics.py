@@ -282,6 +282,42 @@ def test_cuda_wgmma_nan_in_masked_keys_and_values_does_not_leak(form, rng):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("value", [np.inf, -np.inf, np.nan], ids=["inf", "minus_inf", "nan"])
+@pytest.mark.parametrize("d,form", [(64, dict(tma=True, warp_specialized=True)),
+                                    (128, dict(br=128, warps=8, bc=128, tma=True, warp_specialized=True,
+                                               persistent=1))],
+                         ids=["d64_one_group", "d128_two_groups_persistent1"])
+def test_cuda_warp_specialized_non_finite_masked_values_do_not_leak(d, form, value, dtype, rng):
+    """The warp-specialized form's V check (each word of a landed V stage folded by a packed
+    fma, x * 0 + acc, NaN once an element is NaN or either inf) in both dtypes and with each
+    non-finite value: keys and values 200..255 hold it and every row masks them out, so no row
+    may see it; one NaN value of a kept key (head 1, key 37) reaches exactly the rows that keep
+    that key (its column d=5)."""
+    from tvm_splat import ACSR, sparse_attention
+    from tvm_splat.schedules.tiled import TiledKnobs
+
+    n = 256
+    mask = np.zeros((n, n), dtype=bool)
+    for i in range(n):
+        mask[i, max(0, i - 9):min(200, i + 10)] = True  # a window clipped to the 200 valid keys
+    acsr = ACSR.from_mask(mask)
+    q, k, v = (rng.standard_normal((1, 2, n, d)).astype(np.float32) for _ in range(3))
+    k[:, :, 200:] = value
+    v[:, :, 200:] = value
+    v[:, 1, 37, 5] = np.nan  # kept by rows 28..46 of head 1
+    (tq, tk, tv), (q64, k64, v64) = _cuda([q, k, v], dtype)
+    knobs = TiledKnobs(use_tensor_cores=True, wgmma=True, **form)
+    out = sparse_attention(tq, tk, tv, acsr, variant="tiled", knobs=knobs).double().cpu().numpy()
+    ref = masked_attention(q64, k64, v64, mask)
+    assert np.isnan(ref).sum() == 19 and not np.isinf(ref).any()
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
+    assert not np.isinf(out).any()
+    ok = ~np.isnan(ref)
+    tol = 2e-2 if dtype == "float16" else 4e-2
+    np.testing.assert_allclose(out[ok], ref[ok], atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("form", [dict(stages=2), dict(wgmma=True, stages=2), dict(br=128, warps=8, wgmma=True),
                                   dict(wgmma=True, tma=True),
                                   dict(br=128, warps=8, bc=128, wgmma=True, tma=True, warp_specialized=True),
