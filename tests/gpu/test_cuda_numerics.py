@@ -288,11 +288,12 @@ def test_cuda_wgmma_nan_in_masked_keys_and_values_does_not_leak(form, rng):
                                                persistent=1))],
                          ids=["d64_one_group", "d128_two_groups_persistent1"])
 def test_cuda_warp_specialized_non_finite_masked_values_do_not_leak(d, form, value, dtype, rng):
-    """The warp-specialized form's V check (each word of a landed V stage folded by a packed
-    fma, x * 0 + acc, NaN once an element is NaN or either inf) in both dtypes and with each
-    non-finite value: keys and values 200..255 hold it and every row masks them out, so no row
-    may see it; one NaN value of a kept key (head 1, key 37) reaches exactly the rows that keep
-    that key (its column d=5)."""
+    """The warp-specialized form's V check (each consumer warpgroup tests a PARTIAL block's
+    landed V stage for NaN and inf, and such a block takes the exact P V path) in both dtypes
+    and with each non-finite value: keys and values 200..255 hold it and every row masks them
+    out, so no row may see it; one NaN value of a kept key (head 1, key 37) reaches exactly the
+    rows that keep that key (its column d=5). Also the test of the drafts that changed how V is
+    checked (benchmarks/README.md, "The thirty-sixth session")."""
     from tvm_splat import ACSR, sparse_attention
     from tvm_splat.schedules.tiled import TiledKnobs
 
