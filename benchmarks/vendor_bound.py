@@ -8,8 +8,8 @@ efficiency". What a dense kernel of that class reaches depends on how long its r
 so this script sets ours beside PyTorch's dense SDPA with only the cuDNN backend (the fastest
 dense kernel on the lent H100 and H200: ``forward_case.py --dense``) at the window's tile
 length, each timed by :func:`tvm_splat.bench.run.measure` (per-call latency, back-to-back
-throughput, CUPTI kernel time: ``tvm-splat bench``'s three measures), in one process on the
-same seeded inputs. The rows, in this order each round:
+throughput, CUPTI kernel time: ``tvm-splat bench``'s three measures), in one process, the
+rows of a case on the same seeded q, k, v tensors. The rows, in this order each round:
 
 * ``ours_window``: our kernel (the planner's default for the device) on case 7;
 * ``cudnn_tiles16``: cuDNN on case 16 (dense n=2048, b=16: each 128-row tile walks 16 blocks
@@ -36,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from forward_case import dense_call, make_plan, work_flop
-from forward_kernels_ab import CASES, case_inputs
+from forward_kernels_ab import CASES
 
 #: issue 16's target for window ±1024, effective TFLOP/s
 TARGET_TFLOPS = 550.0
@@ -55,19 +55,20 @@ def computed_scores_per_head(tile_plan) -> float:
     return tile_plan.stats()["scores"] / tile_plan.num_heads
 
 
-def row_callable(case: int, impl: str, dtype: str):
-    """``(fn, effective_flop, computed_flop, knobs)`` of one row: ``fn()`` runs the case once.
-    Ours: the planner's default plan for the device; cudnn: dense SDPA, cuDNN only (no causal
-    case here: every row is a full window or dense)."""
+def row_callable(case: int, impl: str, made):
+    """``(fn, effective_flop, computed_flop, knobs)`` of one row: ``fn()`` runs the case once on
+    ``made``, the case's ``(plan, q, k, v)`` (:func:`forward_case.make_plan`: the planner's
+    default plan for the device), shared by the case's rows. Ours: that plan; cudnn: dense
+    SDPA, cuDNN only, on the same q, k, v (no causal case here: every row is a full window or
+    dense)."""
     pattern, b, h, _kvh, n, d = CASES[case]
+    workload, q, k, v = made
     if impl == "cudnn":
-        _, q, k, v = case_inputs(*CASES[case], dtype)
         flop = work_flop(pattern, b, h, n, d, dense=True, causal=False)
         return dense_call("cudnn", q, k, v, False), flop, flop, None
-    made, q, k, v = make_plan(case, {}, dtype)
     effective = work_flop(pattern, b, h, n, d, dense=False)
-    computed = 4.0 * b * h * computed_scores_per_head(made.tile_plan) * d
-    return (lambda: made.run(q, k, v)), effective, computed, repr(made.knobs)
+    computed = 4.0 * b * h * computed_scores_per_head(workload.tile_plan) * d
+    return (lambda: workload.run(q, k, v)), effective, computed, repr(workload.knobs)
 
 
 def summarize(rows: list) -> dict:
@@ -107,7 +108,8 @@ def main(out_path: str, dtype: str = "bfloat16", rounds: int = 2, impl_seconds: 
     if rounds < 1:
         raise SystemExit(f"--rounds must be >= 1, got {rounds}")
     opts = RunOptions(impl_seconds=impl_seconds)
-    made = {(case, impl): row_callable(case, impl, dtype) for _, case, impl in ROWS}
+    cases = {case: make_plan(case, {}, dtype) for case in dict.fromkeys(case for _, case, _ in ROWS)}
+    made = {(case, impl): row_callable(case, impl, cases[case]) for _, case, impl in ROWS}
     rows = []
     for rnd in range(rounds):
         for name, case, impl in ROWS:

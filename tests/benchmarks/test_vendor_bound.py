@@ -74,3 +74,26 @@ def test_rows_run_the_window_and_the_dense_tiles_of_its_length(repo_script):
     # window +-(n - 1): every key kept, so dense SDPA computes exactly the same work; 16 blocks a tile
     assert parse_pattern(pattern).nnz(n) == n * n and n // 128 == 16 and d == 128
     assert (b, h) == (16, 16)
+
+
+def test_a_cases_rows_share_its_inputs_and_count_their_work(repo_script):
+    # ours and cuDNN's rows of case 16 (dense n=2048 b=16) on one (plan, q, k, v); the plan as
+    # the planner makes it for the H100 without a device, q, k, v CPU stand-ins (nothing runs)
+    import types
+
+    from tvm_splat.planner import plan
+
+    vb = repo_script(SCRIPT)
+    pattern, b, h, kvh, n, d = vb.CASES[16]
+    tile_plan = plan(pattern, (b, h, n, d), (b, kvh, n, d), "bfloat16", device=None,
+                     target="nvidia/nvidia-h100").tile_plan
+    q, k, v = (torch.zeros(1, 1, 1, 1) for _ in range(3))
+    calls = []
+    workload = types.SimpleNamespace(tile_plan=tile_plan, knobs="knobs", run=lambda *x: calls.append(x))
+    fn, effective, computed, knobs = vb.row_callable(16, "ours", (workload, q, k, v))
+    dense_flop = 4.0 * b * h * n * n * d
+    assert effective == pytest.approx(dense_flop) and computed == pytest.approx(dense_flop) and knobs == "'knobs'"
+    fn()
+    assert len(calls) == 1 and all(a is e for a, e in zip(calls[0], (q, k, v)))
+    fn, effective, computed, knobs = vb.row_callable(16, "cudnn", (workload, q, k, v))
+    assert effective == computed == pytest.approx(dense_flop) and knobs is None and callable(fn)
