@@ -324,6 +324,33 @@ def test_persistent_knob_refusals_name_and_kernel():
     assert 'T.thread_binding(3, thread="blockIdx.x")' in func.script()
 
 
+def test_head_group_knob_refusals_name_and_kernel():
+    """``head_group`` (runs of G heads, all their row tiles; 0: the default order) is an int >= 0
+    of the warp-level kernel: refused when negative, a bool, or on CUDA cores; its program name
+    adds ``_hgG`` and reads back as the same form; it reaches the kernel's program arithmetic."""
+    ws = TiledKnobs(use_tensor_cores=True, br=128, bc=128, warps=8, wgmma=True, tma=True, warp_specialized=True,
+                    persistent=132, early_rescale=True)
+    assert ws.head_group == 0 and TiledKnobs().head_group == 0
+    with pytest.raises(ValueError, match="number of heads"):
+        dataclasses.replace(ws, head_group=-1)
+    with pytest.raises(ValueError, match="head_group must be an int"):
+        dataclasses.replace(ws, head_group=True)
+    with pytest.raises(ValueError, match="warp-level kernel"):
+        TiledKnobs(head_group=4)
+    knobs = dataclasses.replace(ws, head_group=4)
+    name = tiled_program_name(knobs, True)
+    assert name == "tiled_128x128_w8_m1_s2_wg_tma_ws_p132_er_hg4"
+    assert program_form(name) == tiled_form(knobs) == "wg_tma_ws"
+    assert tiled_program_name(ws, True) == "tiled_128x128_w8_m1_s2_wg_tma_ws_p132_er"  # unchanged when 0
+    assert TiledKnobs.from_dict(dataclasses.asdict(knobs)) == knobs
+    acsr = ACSR.from_pattern(Window(40), 300)
+    spec = AttentionSpec.from_acsr(acsr, 1, 8, 128, "float16")
+    shape = plan_tiles(acsr, knobs).shape
+    grouped, default = (tiled_funcs(spec, shape, dataclasses.replace(k, persistent=3), H100)["tiled"].script()
+                        for k in (knobs, ws))
+    assert grouped != default and 'T.thread_binding(3, thread="blockIdx.x")' in grouped
+
+
 @pytest.mark.parametrize("form,d", [(dict(), 64), (dict(wgmma=True), 64),
                                     (dict(br=128, bc=128, warps=8, wgmma=True, tma=True, warp_specialized=True), 128)],
                          ids=["mma", "wgmma", "tma_ws"])

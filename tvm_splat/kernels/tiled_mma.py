@@ -338,6 +338,33 @@ def program_tile(program, grid_heads: int, grid_rows: int, group: int, select=T.
     return select(whole, within // group, within // last), first + select(whole, within % group, within % last)
 
 
+def head_group_tile(program, grid_heads: int, grid_rows: int, head_group: int, select=T.if_then_else):
+    """``(vbh, vt)`` of a program in runs of ``head_group`` heads: every row tile of heads 0 ..
+    ``head_group - 1`` (heads first within the run: each of its heads' tile t before any of
+    their tiles t + 1), then the next run of heads (the last run holds the heads left).
+    ``head_group >= grid_heads`` is heads first (:func:`program_tile` with ``group=1``). The
+    thread blocks running at once then hold few heads' K and V and move along the sequence
+    round after round, so a window's K/V blocks, each wanted by the row tiles about it, stay
+    in L2 between rounds, where heads first spreads one round over every head. Divisions by
+    constants only, as in :func:`program_tile`. A TIR expression, or ints with
+    ``select=int_select``."""
+    if head_group >= grid_heads:
+        return program % grid_heads, program // grid_heads
+    per_run = head_group * grid_rows
+    last = grid_heads % head_group or head_group  # the last run's heads
+    first = program // per_run * head_group  # the run's first head
+    within = program % per_run
+    whole = program < grid_heads // head_group * per_run  # a run of ``head_group`` heads
+    return first + select(whole, within % head_group, within % last), select(whole, within // head_group, within // last)
+
+
+def check_head_group(head_group: int) -> None:
+    """Raise ``ValueError`` unless ``head_group`` (heads a run of the program order takes,
+    :func:`head_group_tile`; 0: the default order, :func:`program_group`) is an int >= 0."""
+    if isinstance(head_group, bool) or not isinstance(head_group, int) or head_group < 0:
+        raise ValueError(f"head_group is a number of heads (0: the default program order), got {head_group!r}")
+
+
 def persistent_block_loads(program_blocks, blocks: int) -> list[int]:
     """The column blocks each of the persistent form's ``blocks`` thread blocks walks, given
     each program's (``program_blocks[p]``, in program order): the largest of them bounds the
@@ -449,7 +476,7 @@ def row_column_bits(rng, r, lane, segments: int, ntl: int):
 def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int = 1, stages: int = 2,
                    wgmma: bool = False, tma: bool = False, with_lse: bool = False, warp_specialized: bool = False,
                    persistent: int = 0, lazy_rescale: bool = False, early_rescale: bool = False,
-                   softmax_overlap: bool = False, fold_scale: bool = False):
+                   softmax_overlap: bool = False, fold_scale: bool = False, head_group: int = 0):
     """The warp-level tiled kernel for ``spec`` and a plan of shape ``plan_shape``
     (``plan_shape.br == 16 * warps * m_tiles``); signature of
     :func:`~tvm_splat.kernels.tiled.tiled_func`.
@@ -594,6 +621,11 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     space there (:func:`~tvm_splat.schedules.tiled.with_measured_variants`), not of the d=128
     forms (unmeasured there, and the two-block TMA form spills with it).
 
+    ``head_group=G`` (G >= 1): the programs run in runs of G heads, all of their row tiles
+    (:func:`head_group_tile`), instead of the default order (heads first below
+    :data:`GROUPED_MIN_HEADS` heads, row tiles in groups of :data:`PROGRAM_ROW_GROUP` above:
+    :func:`program_tile`). It changes which programs run at once, not a program's code.
+
     ``with_lse=True`` (training, :mod:`tvm_splat.kernels.backward_mma`): on a plan of one
     component, a last parameter ``lse [B, H, N]`` float32 receives the natural-log log-sum-exp
     of each row of a whole tile (``-inf`` for a row that attends to nothing); the rows of split
@@ -612,6 +644,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     if warp_specialized:
         check_warp_specialized_shape(tma, warps)
     check_persistent(persistent, warp_specialized)
+    check_head_group(head_group)
     check_loop_variant("early_rescale", early_rescale, warp_specialized)
     check_loop_variant("softmax_overlap", softmax_overlap, warp_specialized)
     check_fold_scale(fold_scale, warp_specialized)
@@ -1533,7 +1566,9 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     def program_of(it, cta):  # persistent form: the program thread block cta runs in round it
         return persistent_program(it, cta, persistent)
 
-    def tile_of(program):  # (batch x head, row tile) of a program (program_tile)
+    def tile_of(program):  # (batch x head, row tile) of a program (program_tile, head_group_tile)
+        if head_group:
+            return head_group_tile(program, B * H, GRID_ROWS, head_group)
         return program_tile(program, B * H, GRID_ROWS, program_group(B * H))
 
     def q_slot(it):  # persistent form: the offset of the Q slot of the tile of round it

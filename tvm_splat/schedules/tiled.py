@@ -33,8 +33,8 @@ import dataclasses
 from ..formats.tile_plan import PlanShape
 from ..kernels.spec import AttentionSpec
 from ..kernels.tiled import MERGE_BLOCK, TILE_BLOCK, fallback_func, merge_func, split_merge_func, tiled_func
-from ..kernels.tiled_mma import (LOOP_VARIANTS, MMA_TYPES, check_fold_scale, check_loop_variant, check_persistent,
-                                 tiled_mma_func)
+from ..kernels.tiled_mma import (LOOP_VARIANTS, MMA_TYPES, check_fold_scale, check_head_group, check_loop_variant,
+                                 check_persistent, tiled_mma_func)
 from .targets import as_target, is_gpu, supports_wgmma, target_key
 
 __all__ = ["TiledKnobs", "default_tiled_knobs", "TWO_STAGE_MIN_TILES", "WGMMA_MIN_HEAD_DIM", "TMA_HEAD_DIM_MULTIPLE",
@@ -98,6 +98,10 @@ class TiledKnobs:
       on window +-1024 and 0.3-1.3% faster on Mistral's causal window, and with
       ``early_rescale`` 1.4-2.2% slower than the plain loop on both: neither a default nor in
       the tuning space); needs ``warp_specialized``.
+    * ``head_group``: 0, the default program order of the warp-level kernel (heads first, or
+      row tiles in groups on many heads: :func:`~tvm_splat.kernels.tiled_mma.program_tile`),
+      or ``G`` >= 1: runs of ``G`` heads, all their row tiles
+      (:func:`~tvm_splat.kernels.tiled_mma.head_group_tile`); needs ``use_tensor_cores``.
     * ``fold_scale``: the warp-level kernel's forms other than the warp-specialized one (which
       always does) fold the softmax scale into the exponent's FFMA instead of one FMUL a score
       (fewer instructions a block); on the TMA form below ``WGMMA_MIN_HEAD_DIM`` the default
@@ -121,10 +125,11 @@ class TiledKnobs:
     early_rescale: bool = False
     softmax_overlap: bool = False
     fold_scale: bool = False
+    head_group: int = 0
 
     def __post_init__(self):
         for name in ("br", "bc", "warps", "vector_bytes", "m_tiles", "stages", "row_pad", "split_blocks",
-                     "persistent"):
+                     "persistent", "head_group"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an int, got {value!r}")
@@ -141,6 +146,9 @@ class TiledKnobs:
             raise ValueError(f"warp_specialized is a form of the TMA kernel with one or two consumer warpgroups "
                              f"(tma=True, warps 4 or 8), got {self}")
         check_persistent(self.persistent, self.warp_specialized)
+        check_head_group(self.head_group)
+        if self.head_group and not self.use_tensor_cores:
+            raise ValueError(f"head_group orders the warp-level kernel's programs (use_tensor_cores=True), got {self}")
         for name in LOOP_VARIANTS:
             check_loop_variant(name, getattr(self, name), self.warp_specialized)
         check_fold_scale(self.fold_scale, self.warp_specialized)
@@ -189,7 +197,9 @@ def tiled_program_name(knobs: TiledKnobs, mma: bool) -> str:
     form = f"_{tiled_form(knobs)}" if knobs.wgmma else ""
     persistent = f"_p{knobs.persistent}" if knobs.persistent else ""
     variants = "".join(suffix for field, suffix in VARIANT_SUFFIXES if getattr(knobs, field))
-    return name + (f"_w{knobs.warps}_m{knobs.m_tiles}_s{knobs.stages}{form}{persistent}{variants}" if mma else "")
+    order = f"_hg{knobs.head_group}" if knobs.head_group else ""
+    return name + (f"_w{knobs.warps}_m{knobs.m_tiles}_s{knobs.stages}{form}{persistent}{variants}{order}"
+                   if mma else "")
 
 
 def tiled_form(knobs: TiledKnobs) -> str:
@@ -208,9 +218,10 @@ def program_without_variants(name: str) -> str:
 
 
 def program_form(name: str) -> str:
-    """:func:`tiled_form` read back from a program name (a persistent program's ``_pP`` and the
-    :data:`VARIANT_SUFFIXES` dropped: variants of their form)."""
-    name = re.sub(r"_p\d+$", "", program_without_variants(name))
+    """:func:`tiled_form` read back from a program name (a program order's ``_hgG``, a
+    persistent program's ``_pP`` and the :data:`VARIANT_SUFFIXES` dropped: variants of their
+    form)."""
+    name = re.sub(r"_p\d+$", "", program_without_variants(re.sub(r"_hg\d+$", "", name)))
     return next((form for form in ("wg_tma_ws", "wg_tma", "wg") if name.endswith("_" + form)), "")
 
 
@@ -346,7 +357,7 @@ def tiled_funcs(spec: AttentionSpec, plan_shape: PlanShape, knobs: TiledKnobs = 
                                          wgmma=knobs.wgmma, tma=knobs.tma, warp_specialized=knobs.warp_specialized,
                                          persistent=knobs.persistent, lazy_rescale=knobs.lazy_rescale,
                                          early_rescale=knobs.early_rescale, softmax_overlap=knobs.softmax_overlap,
-                                         fold_scale=knobs.fold_scale)}
+                                         fold_scale=knobs.fold_scale, head_group=knobs.head_group)}
     else:
         funcs = {"tiled": tiled_func(spec, plan_shape)}
     if plan_shape.num_slots > 0:
