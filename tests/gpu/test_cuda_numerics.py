@@ -488,6 +488,30 @@ def test_cuda_grouped_programs_on_unions_split_kv_and_steps(form, knobs, pattern
     np.testing.assert_allclose(out.double().cpu().numpy(), ref, atol=4e-2, rtol=4e-2)
 
 
+@pytest.mark.parametrize("head_group", [1, 5])
+@pytest.mark.parametrize("form,knobs,pattern,n,d", GROUPED_CASES[2:], ids=[c[0] for c in GROUPED_CASES[2:]])
+def test_cuda_head_group_order_changes_no_output(form, knobs, pattern, n, d, head_group, rng):
+    """``head_group`` (runs of G heads, all their row tiles: :func:`~tvm_splat.kernels.tiled_mma.head_group_tile`)
+    on batch 3 x 4 heads over 2 KV heads (12 grid heads: G = 5 leaves a short last run), in the
+    forms with split-KV slots, stepped TMA maps and the persistent walk of a causal plan: the
+    output equals the default order's to the bit (the order moves programs between thread
+    blocks and rounds, not the arithmetic of one) and the float64 reference. bf16."""
+    import dataclasses
+
+    from tvm_splat import parse_pattern, sparse_attention
+    from tvm_splat.schedules.tiled import TiledKnobs
+
+    batch, heads = 3, 4
+    (tq,), (q,) = _cuda([rng.standard_normal((batch, heads, n, d))], "bfloat16")
+    (tk, tv), (k, v) = _cuda([rng.standard_normal((batch, 2, n, d)) for _ in range(2)], "bfloat16")
+    default = TiledKnobs(use_tensor_cores=True, **knobs)
+    out_default, out = (sparse_attention(tq, tk, tv, pattern, variant="tiled", knobs=order)
+                        for order in (default, dataclasses.replace(default, head_group=head_group)))
+    assert torch.equal(out, out_default)
+    ref = masked_attention(q, k, v, parse_pattern(pattern).dense_mask(n))
+    np.testing.assert_allclose(out.double().cpu().numpy(), ref, atol=4e-2, rtol=4e-2)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("persistent", [1, 4, 200])
 @pytest.mark.parametrize("form", ["tma_ws_persistent3", "tma_ws_one_group_persistent5"])
