@@ -319,6 +319,40 @@ def test_warp_specialized_form_runs_persistent_over_the_devices_sms(tmp_path, mo
     assert given.knobs_source == "given" and given.knobs.persistent == 0
 
 
+@pytest.mark.parametrize("pattern,b,h,kvh,n,expected", [
+    ("window:4096", 1, 16, 16, 32768, 4),    # 65 blocks a tile, 75% of tiles that long: measured faster
+    ("window:32767", 1, 16, 16, 32768, 4),   # every key: 256 blocks, every tile
+    ("window:1024", 1, 16, 16, 32768, 0),    # 17 blocks: measured no faster
+    ("causal_window:4095", 1, 32, 8, 8192, 0),    # 1-33 blocks: runs lost 18-20%
+    ("causal_window:32767", 1, 16, 16, 32768, 0),  # 256 blocks in one tile only (causal)
+    ("window:8191", 4, 16, 16, 8192, 0),     # 64 heads: row tiles in groups already
+    ("window:32767", 1, 4, 4, 32768, 0),     # no more heads than a run
+])
+def test_head_group_default_takes_runs_of_heads_on_long_equal_tiles_of_few_heads(pattern, b, h, kvh, n, expected):
+    """``head_group_default``: the persistent form takes runs of :data:`HEAD_GROUP` heads where
+    heads first is the order and the row tiles are long and mostly equal; otherwise, for the
+    grid form, and for knobs that set a ``head_group``, the knobs stay as they are. A device
+    stand-in (an H100's SM count) gives the same through ``knobs_on_device``."""
+    from tvm_splat.planner import HEAD_GROUP, head_group_default, knobs_on_device, persistent_default, tile_plan_of
+
+    made = plan(pattern, (b, h, n, 128), (b, kvh, n, 128), "bfloat16", None, target=H100)
+    persistent = persistent_default(made.knobs, 132)
+    grouped = head_group_default(persistent, tile_plan_of(made.acsr, persistent, b * h), b * h)
+    assert grouped == dataclasses.replace(persistent, head_group=expected) and expected in (0, HEAD_GROUP)
+    assert head_group_default(made.knobs, made.tile_plan, b * h) == made.knobs  # the grid form
+
+    class FakeH100:
+        multi_processor_count = 132
+
+        def dlpack_device_type(self):
+            return 2
+
+    assert knobs_on_device(made.knobs, "tiled", FakeH100(), made.acsr, b * h) == grouped
+    assert knobs_on_device(made.knobs, "tiled", FakeH100()) == persistent
+    chosen = dataclasses.replace(persistent, head_group=2)
+    assert head_group_default(chosen, tile_plan_of(made.acsr, chosen, b * h), b * h) == chosen
+
+
 def test_untuned_knobs_are_the_defaults_as_the_device_runs_them(tmp_path, monkeypatch):
     """``untuned_knobs`` (the bench's ``splat_fused_untuned``) gives the plan's default knobs as
     its device runs them: a compile-only plan or a CPU device keeps them; a GPU device (a
