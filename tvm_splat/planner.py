@@ -148,18 +148,23 @@ def persistent_default(knobs: TiledKnobs, sm_count: int | None) -> TiledKnobs:
 
 #: the persistent form takes its programs in runs of this many heads (:attr:`TiledKnobs.head_group`)
 #: where heads first would spread each round over every head's long K and V
-#: (:func:`head_group_default`). H100, bf16, 16 heads at n=32k, d=128, knobs otherwise the
-#: default, outputs identical (``benchmarks/results/h100_thirty_eighth_ab.json``): in 3-second
-#: loops at the same 690-695 W, window +-4096 (65 blocks a tile) 552.3 and
-#: 554.1 -> 573.1 and 576.9 TFLOP/s (SM clock 1470 -> 1530-1545 MHz), window +-32767 (every key,
-#: 256 blocks) 580.7 and 580.2 -> 606.6 and 607.4 (1470 -> 1522-1545); 50-call pairs 2.7-4.7%
-#: (one fp16 pair of +-4096 3.7% slower). Runs of 2 or 1 heads gained less (0.9-4.4%). Less
-#: DRAM traffic a call (each K/V block read once while the round's thread blocks walk past
-#: it) leaves more of the power cap to the SMs. Where it is not taken, measured: window
-#: +-1024 (17 blocks a tile: heads first already keeps a round's K and V in L2) -0.6% to +7.7%,
-#: Mistral's causal window (tiles of 1 to 33 blocks, longest first across heads: runs of heads
-#: undo that balance) 18-20% slower, dense n=2048 b=16 and n=8192 b=4 (row tiles in groups
-#: already) -1.5% to +6.3%
+#: (:func:`head_group_default`). H100, 16 heads at n=32k, d=128, knobs otherwise the default,
+#: outputs identical to the bit (``benchmarks/results/h100_thirty_eighth_ab.json``). bf16,
+#: 3-second loops at the same 690-695 W: window +-4096 (65 blocks a tile) 552.3 and 554.1 ->
+#: 573.1 and 576.9 TFLOP/s, SM clock 1470 -> 1530-1545 MHz; window +-32767 (every key, 256
+#: blocks) 580.7 and 580.2 -> 606.6 and 607.4, 1470 -> 1522-1545. 50-call pairs (bf16, bf16,
+#: fp16, fp16): +-4096 -4.7%, -2.7%, -6.0%, +3.7%; +-32767 -3.5%, -3.9%, -4.1%, -4.4%. Runs of
+#: 2 heads: +-4096 -3.1%, -1.4%, +-32767 -3.4%, -4.0%; of 1 (rows first, bf16) -0.9%, -4.4%.
+#: Why, by the clock at equal power and an earlier profile (this lease ran no ``ncu``): heads
+#: first, a round's thread blocks walk every head's K and V, more than L2 holds at these tile
+#: lengths; ``ncu`` of that order on +-32767 (thirty-third session) read 9.1 GB from DRAM a call
+#: at a 77% L2 hit rate where cuDNN's dense kernel read 0.9 GB at 98%. DRAM traffic takes part
+#: of the 700 W cap, and with less of it the SMs clock higher. Where it is not taken,
+#: measured: window +-1024 (17 blocks a tile: heads first already keeps a round's K and V in
+#: L2) +1.6%, +7.7%, +1.4%, +2.7% (runs of 2: +1.1%, -4.8%; of 1: -0.6%); Mistral's causal
+#: window (tiles of 1 to 33 blocks, longest first across heads, which runs of heads undo)
+#: +20.3%, +18.5% (2: +19.9%; 1: +8.3%); dense n=2048 b=16 and n=8192 b=4 (row tiles already
+#: in groups there) +1.1%, +6.3% and -2.0%, +1.4%, -1.5%, +0.5%
 HEAD_GROUP = 4
 #: the longest row tile, in column blocks, from which :data:`HEAD_GROUP` applies (window +-4096:
 #: 65 blocks of 128 gained; +-1024: 17 did not), and the share of the row tiles that must be
