@@ -215,25 +215,6 @@ def test_grouped_programs_build_for_a_union_plan():
     assert "tiled_kernel" in tvm.tirx.build(made.module(), target=target).imports[0].inspect_source()
 
 
-def test_program_tile_in_tir_is_the_python_mapping():
-    """The expression the kernels evaluate (``T.if_then_else``, int32 divisions by constants),
-    built for the CPU, gives the same tiles as the Python mapping, the last group short of rows
-    included."""
-    grid_heads, grid_rows, group = 5, 13, 4
-
-    @T.prim_func(s_tir=True)
-    def tiles_of(out: T.Buffer((grid_heads * grid_rows, 2), "int32")):
-        for p in range(grid_heads * grid_rows):
-            out[p, 0] = program_tile(p, grid_heads, grid_rows, group)[0]
-            out[p, 1] = program_tile(p, grid_heads, grid_rows, group)[1]
-
-    lib = tvm.tirx.build(tiles_of, target="llvm")
-    out = tvm.runtime.tensor(np.zeros((grid_heads * grid_rows, 2), "int32"))
-    lib(out)
-    assert [tuple(t) for t in out.numpy().tolist()] == [program_tile(p, grid_heads, grid_rows, group, int_select)
-                                                        for p in range(grid_heads * grid_rows)]
-
-
 @pytest.mark.parametrize("grid_heads,grid_rows,head_group", [(16, 256, 4), (16, 256, 1), (5, 7, 2), (7, 3, 3),
                                                             (4, 6, 4), (4, 6, 9), (32, 64, 4)])
 def test_head_group_tile_walks_every_tile_once_a_run_of_heads_at_a_time(grid_heads, grid_rows, head_group):
@@ -251,22 +232,23 @@ def test_head_group_tile_walks_every_tile_once_a_run_of_heads_at_a_time(grid_hea
         assert tiles == [program_tile(p, grid_heads, grid_rows, 1, int_select) for p in range(len(tiles))]
 
 
-def test_head_group_tile_in_tir_is_the_python_mapping():
-    """The kernels' expression of :func:`head_group_tile`, built for the CPU, gives the Python
-    mapping's tiles, a short last run of heads included."""
-    grid_heads, grid_rows, head_group = 7, 5, 3
-
+@pytest.mark.parametrize("mapping,grid_heads,grid_rows,group", [(program_tile, 5, 13, 4), (head_group_tile, 7, 5, 3)],
+                         ids=["row_groups", "head_runs"])
+def test_program_mappings_in_tir_are_the_python_mappings(mapping, grid_heads, grid_rows, group):
+    """The expressions the kernels evaluate (``T.if_then_else``, int32 divisions by constants),
+    built for the CPU, give the same tiles as the Python mappings: :func:`program_tile` with a
+    last group short of rows, :func:`head_group_tile` with a last run short of heads."""
     @T.prim_func(s_tir=True)
     def tiles_of(out: T.Buffer((grid_heads * grid_rows, 2), "int32")):
         for p in range(grid_heads * grid_rows):
-            out[p, 0] = head_group_tile(p, grid_heads, grid_rows, head_group)[0]
-            out[p, 1] = head_group_tile(p, grid_heads, grid_rows, head_group)[1]
+            out[p, 0] = mapping(p, grid_heads, grid_rows, group)[0]
+            out[p, 1] = mapping(p, grid_heads, grid_rows, group)[1]
 
     lib = tvm.tirx.build(tiles_of, target="llvm")
     out = tvm.runtime.tensor(np.zeros((grid_heads * grid_rows, 2), "int32"))
     lib(out)
-    assert [tuple(t) for t in out.numpy().tolist()] == [
-        head_group_tile(p, grid_heads, grid_rows, head_group, int_select) for p in range(grid_heads * grid_rows)]
+    assert [tuple(t) for t in out.numpy().tolist()] == [mapping(p, grid_heads, grid_rows, group, int_select)
+                                                        for p in range(grid_heads * grid_rows)]
 
 
 def test_head_group_orders_the_persistent_form_and_nothing_else():
