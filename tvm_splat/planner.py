@@ -160,8 +160,9 @@ def persistent_default(knobs: TiledKnobs, sm_count: int | None) -> TiledKnobs:
 #: lengths; ``ncu`` of that order on +-32767 (thirty-third session) read 9.1 GB from DRAM a call
 #: at a 77% L2 hit rate where cuDNN's dense kernel read 0.9 GB at 98%. DRAM traffic takes part
 #: of the 700 W cap, and with less of it the SMs clock higher. Where it is not taken,
-#: measured: window +-1024 (17 blocks a tile: heads first already keeps a round's K and V in
-#: L2) +1.6%, +7.7%, +1.4%, +2.7% (runs of 2: +1.1%, -4.8%; of 1: -0.6%); Mistral's causal
+#: measured: window +-1024 (17 blocks a tile: a round's K and V, about 25 MB heads first,
+#: mostly fit L2, an estimate) +1.6%, +7.7%, +1.4%, +2.7% (runs of 2: +1.1%, -4.8%; of 1:
+#: -0.6%); Mistral's causal
 #: window (tiles of 1 to 33 blocks, longest first across heads, which runs of heads undo)
 #: +20.3%, +18.5% (2: +19.9%; 1: +8.3%); dense n=2048 b=16 and n=8192 b=4 (row tiles already
 #: in groups there) +1.1%, +6.3% and -2.0%, +1.4%, -1.5%, +0.5%
