@@ -4,9 +4,9 @@
 
 ``CASES``: indices into :data:`forward_kernels_ab.CASES` (``7,6,14``). Each case's plan is made as
 ``plan(mask, q, k, dtype, "cuda")`` makes it on an H100 or H200 (their sm_90a target; the tuning
-record of the workload or the default knobs, the warp-specialized form's persistent form over
-``--sms`` thread blocks: :func:`tvm_splat.planner.persistent_default`, and its program order,
-:func:`tvm_splat.planner.head_group_default`) and compiled into
+record of the workload or the default knobs as a GPU of ``--sms`` SMs runs them:
+:func:`tvm_splat.planner.knobs_on_sms`, the warp-specialized form's persistent form and its
+program order) and compiled into
 ``$TVM_SPLAT_CACHE_DIR``. Carry that folder to the GPU machine and set the variable there: the
 benchmarks then load the libraries instead of compiling them (about 7 s a kernel on this
 machine's two cores; the cache key holds a fingerprint of the kernel sources, so a folder is
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from forward_kernels_ab import CASES
 
 from tvm_splat.formats import parse_pattern
-from tvm_splat.planner import head_group_default, persistent_default, plan, tile_plan_of
+from tvm_splat.planner import knobs_on_sms, plan
 from tvm_splat.schedules.targets import arch_specific, as_target
 
 #: the compile target of the lent H100 and H200 (both sm_90a)
@@ -46,9 +46,7 @@ def device_plan(case: int, dtype: str, sms: int, variant: dict | None = None):
     workload = (parse_pattern(pattern), (b, h, n, d), (b, kvh, n, d), dtype, None)
     target = arch_specific(as_target(TARGET))
     made = plan(*workload, target=target, variant="tiled")
-    on_device = persistent_default(made.knobs, sms)
-    on_device = head_group_default(on_device, tile_plan_of(made.acsr, on_device, b * h), b * h)
-    knobs = dataclasses.replace(on_device, **(variant or {}))
+    knobs = dataclasses.replace(knobs_on_sms(made.knobs, sms, made.acsr, b * h), **(variant or {}))
     return made if knobs == made.knobs else plan(*workload, target=target, variant="tiled", knobs=knobs)
 
 

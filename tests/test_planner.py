@@ -319,6 +319,14 @@ def test_warp_specialized_form_runs_persistent_over_the_devices_sms(tmp_path, mo
     assert given.knobs_source == "given" and given.knobs.persistent == 0
 
 
+class _FakeH100:
+    """A GPU device as the planner reads one: the DLPack device type of CUDA and an H100's SM count."""
+    multi_processor_count = 132
+
+    def dlpack_device_type(self):
+        return 2
+
+
 @pytest.mark.parametrize("pattern,b,h,kvh,n,expected", [
     ("window:4096", 1, 16, 16, 32768, 4),    # 65 blocks a tile, 75% of tiles that long: measured faster
     ("window:32767", 1, 16, 16, 32768, 4),   # every key: 256 blocks, every tile
@@ -341,14 +349,8 @@ def test_head_group_default_takes_runs_of_heads_on_long_equal_tiles_of_few_heads
     assert grouped == dataclasses.replace(persistent, head_group=expected) and expected in (0, HEAD_GROUP)
     assert head_group_default(made.knobs, made.tile_plan, b * h) == made.knobs  # the grid form
 
-    class FakeH100:
-        multi_processor_count = 132
-
-        def dlpack_device_type(self):
-            return 2
-
-    assert knobs_on_device(made.knobs, "tiled", FakeH100(), made.acsr, b * h) == grouped
-    assert knobs_on_device(made.knobs, "tiled", FakeH100()) == persistent
+    assert knobs_on_device(made.knobs, "tiled", _FakeH100(), made.acsr, b * h) == grouped
+    assert knobs_on_device(made.knobs, "tiled", _FakeH100()) == persistent
     chosen = dataclasses.replace(persistent, head_group=2)
     assert head_group_default(chosen, tile_plan_of(made.acsr, chosen, b * h), b * h) == chosen
 
@@ -364,17 +366,11 @@ def test_untuned_knobs_are_the_defaults_as_the_device_runs_them(tmp_path, monkey
     compile_only = plan(Window(64), (8, 32, 1024, 128), None, "bfloat16", None, target=H100)
     assert untuned_knobs(compile_only) == compile_only.knobs and compile_only.knobs_source == "default"
 
-    class FakeH100:
-        multi_processor_count = 132
-
-        def dlpack_device_type(self):
-            return 2
-
-    on_gpu = knobs_on_device(compile_only.knobs, "tiled", FakeH100())
+    on_gpu = knobs_on_device(compile_only.knobs, "tiled", _FakeH100())
     assert on_gpu == dataclasses.replace(compile_only.knobs, persistent=132)
     assert knobs_on_device(compile_only.knobs, "tiled", tvm.cpu()) == compile_only.knobs
     assert knobs_on_device(compile_only.knobs, "tiled", None) == compile_only.knobs
-    compile_only.device = FakeH100()
+    compile_only.device = _FakeH100()
     assert untuned_knobs(compile_only) == on_gpu
     row = plan(Window(64), (1, 2, 256, 64), None, "float32", "cpu", variant="row")
     with pytest.raises(ValueError, match="only the tiled variant has default knobs"):

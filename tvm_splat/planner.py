@@ -191,16 +191,25 @@ def head_group_default(knobs: TiledKnobs, tile_plan: TilePlan, grid_heads: int) 
     return dataclasses.replace(knobs, head_group=HEAD_GROUP)
 
 
-def knobs_on_device(knobs, variant: str, device, acsr: ACSR | None = None, grid_heads: int | None = None):
-    """The tiled ``knobs`` as a plan runs them on ``device`` (a TVM device, or None to compile
-    only): on a GPU, :func:`persistent_default` over its SMs, then, given the ``acsr`` and the
-    grid's ``grid_heads`` (batch x heads), :func:`head_group_default`; otherwise as they are."""
-    if variant != "tiled" or device is None or not is_gpu_device(device):
-        return knobs
-    knobs = persistent_default(knobs, device.multi_processor_count)
+def knobs_on_sms(knobs: TiledKnobs, sm_count: int | None, acsr: ACSR | None = None,
+                 grid_heads: int | None = None) -> TiledKnobs:
+    """The tiled ``knobs`` as a GPU of ``sm_count`` SMs runs them: :func:`persistent_default`,
+    then, given the ``acsr`` and the grid's ``grid_heads`` (batch x heads),
+    :func:`head_group_default` on the persistent form's tile plan. What :func:`knobs_on_device`
+    does on a GPU, and what a CPU machine compiling for one (``benchmarks/precompile_cases.py``)
+    must do to build the same kernels."""
+    knobs = persistent_default(knobs, sm_count)
     if acsr is None or grid_heads is None or not knobs.persistent:
         return knobs
     return head_group_default(knobs, tile_plan_of(acsr, knobs, grid_heads), grid_heads)
+
+
+def knobs_on_device(knobs, variant: str, device, acsr: ACSR | None = None, grid_heads: int | None = None):
+    """The tiled ``knobs`` as a plan runs them on ``device`` (a TVM device, or None to compile
+    only): on a GPU, :func:`knobs_on_sms` over its SMs; otherwise as they are."""
+    if variant != "tiled" or device is None or not is_gpu_device(device):
+        return knobs
+    return knobs_on_sms(knobs, device.multi_processor_count, acsr, grid_heads)
 
 
 def untuned_knobs(workload: "AttentionPlan"):
