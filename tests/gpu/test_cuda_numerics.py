@@ -512,6 +512,39 @@ def test_cuda_head_group_order_changes_no_output(form, knobs, pattern, n, d, hea
     np.testing.assert_allclose(out.double().cpu().numpy(), ref, atol=4e-2, rtol=4e-2)
 
 
+@pytest.mark.parametrize("form,knobs,pattern,n,d", GROUPED_CASES[2:], ids=[c[0] for c in GROUPED_CASES[2:]])
+def test_cuda_l2_hints_change_no_output(form, knobs, pattern, n, d, rng):
+    """``kv_evict_last`` (L2's evict_last on the K/V tensor copies) and, in the persistent
+    forms, ``out_evict_first`` (evict_first on the TMA store of O), in the TMA forms with
+    split-KV slots, stepped tensor maps and the persistent walk of a causal plan, batch 3 x 4
+    heads on 2 KV heads, NaN in every padded key and value (per-batch key lengths): the output
+    equals the unhinted one to the bit (a hint moves lines in L2, not values) and the float64
+    reference. bf16."""
+    import dataclasses
+
+    from tvm_splat import parse_pattern, sparse_attention
+    from tvm_splat.schedules.tiled import TiledKnobs
+
+    batch, heads = 3, 4
+    q = rng.standard_normal((batch, heads, n, d))
+    k, v = (rng.standard_normal((batch, 2, n, d)) for _ in range(2))
+    kv_lengths = np.array([n, n - 37, n // 2 + 5])
+    for b, length in enumerate(kv_lengths):
+        k[b, :, length:] = np.nan
+        v[b, :, length:] = np.nan
+    (tq, tk, tv), (q, k, v) = _cuda([q, k, v], "bfloat16")
+    plain = TiledKnobs(use_tensor_cores=True, **knobs)
+    out_plain, out = (sparse_attention(tq, tk, tv, pattern, variant="tiled", knobs=hinted,
+                                       kv_lengths=torch.from_numpy(kv_lengths).cuda())
+                      for hinted in (plain, dataclasses.replace(plain, kv_evict_last=True,
+                                                                out_evict_first=bool(plain.persistent))))
+    assert torch.equal(out, out_plain)
+    mask = parse_pattern(pattern).dense_mask(n)
+    ref = np.stack([masked_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], mask & (np.arange(n) < length))[0]
+                    for b, length in enumerate(kv_lengths)])
+    np.testing.assert_allclose(out.double().cpu().numpy(), ref, atol=4e-2, rtol=4e-2)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("persistent", [1, 4, 200])
 @pytest.mark.parametrize("form", ["tma_ws_persistent3", "tma_ws_one_group_persistent5"])

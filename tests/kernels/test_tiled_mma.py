@@ -12,9 +12,9 @@ from tvm_splat.compile import nvcc_compile, ptxas_report, ptxas_usage, wgmma_ser
 from tvm_splat.formats import ACSR, Window, parse_pattern
 from tvm_splat.formats.tile_plan import plan_tiles
 from tvm_splat.kernels.spec import AttentionSpec
-from tvm_splat.kernels.tiled_mma import (GROUPED_MIN_HEADS, PROGRAM_ROW_GROUP, head_group_tile, int_select,
-                                         persistent_block_loads, persistent_program, program_group, program_tile,
-                                         row_column_bits, tiled_mma_func)
+from tvm_splat.kernels.tiled_mma import (GROUPED_MIN_HEADS, PROGRAM_ROW_GROUP, create_l2_policy, head_group_tile,
+                                         int_select, persistent_block_loads, persistent_program, program_group,
+                                         program_tile, row_column_bits, tiled_mma_func)
 from tvm_splat.schedules.tiled import TiledKnobs
 
 H100 = "nvidia/nvidia-h100"
@@ -270,6 +270,64 @@ def test_head_group_orders_the_persistent_form_and_nothing_else():
     assert spilled == spilled_4 == 0 and registers == registers_4
     with pytest.raises(ValueError, match="head_group is a number of heads"):
         tiled_mma_func(spec, shape, 8, 1, 2, wgmma=True, tma=True, warp_specialized=True, head_group=-1)
+
+
+def _copies(body, family):
+    """``(unhinted, hinted)`` calls of a copy family's PTX helpers in a kernel body."""
+    calls = re.findall(rf"tvm_builtin_ptx_{family}\w*\(", body)
+    return sum("L2__cache_hint" not in c for c in calls), sum("L2__cache_hint" in c for c in calls)
+
+
+@pytest.mark.parametrize("persistent", [7, 0])
+def test_l2_hints_change_only_the_copies_hints(persistent):
+    """``kv_evict_last`` and ``out_evict_first`` (L2 cache hints): off, the source is the one
+    without the parameters; on, every K/V tensor copy (``evict_last``), or the persistent form's
+    TMA store of O (``evict_first``), takes the ``.L2::cache_hint`` form with a ``createpolicy``
+    of its own, and no other copy changes (Q's ``cp.async`` never takes one: ptxas 13.0
+    miscompiles it); every form builds for sm_90a at the unhinted registers and spill. Refused
+    where the hinted copy is not made, or as non-bools."""
+    acsr = ACSR.from_pattern(Window(300), 2048)
+    knobs = TiledKnobs(use_tensor_cores=True, br=128, bc=128, warps=8, wgmma=True, tma=True, warp_specialized=True)
+    shape = plan_tiles(acsr, knobs).shape
+    spec = AttentionSpec.from_acsr(acsr, 2, 8, 128, "bfloat16")
+    hint_sets = [None, (False, False), (True, False)] + ([(False, True)] if persistent else [])
+    sources = {}
+    for hints in hint_sets:
+        extra = {} if hints is None else {"kv_evict_last": hints[0], "out_evict_first": hints[1]}
+        func = tiled_mma_func(spec, shape, 8, 1, 2, wgmma=True, tma=True, warp_specialized=True,
+                              persistent=persistent, **extra).with_attr("global_symbol", "tiled")
+        sources[hints] = tvm.tirx.build(tvm.IRModule({"tiled": func}), target=H100).imports[0].inspect_source()
+    assert sources[None] == sources[False, False] and "cache_hint" not in sources[None]
+    families = ("cp_async_bulk_tensor_g2s", "cp_async_bulk_tensor_s2g", "cp_async_cg")
+    plain = {family: _copies(_kernel_body(sources[None]), family) for family in families}
+    assert plain["cp_async_bulk_tensor_g2s"][0] > 0 and plain["cp_async_cg"][0] > 0
+    assert plain["cp_async_bulk_tensor_s2g"][0] == (1 if persistent else 0)  # the staged O store
+    usage = ptxas_usage(sources[None], "tiled_kernel", H100)
+    hinted = {(True, False): ("cp_async_bulk_tensor_g2s", "evict_last"),
+              (False, True): ("cp_async_bulk_tensor_s2g", "evict_first")}
+    for hints in hint_sets[2:]:
+        hinted_family, priority = hinted[hints]
+        body = _kernel_body(sources[hints])
+        for family in families:
+            unhinted = plain[family][0]
+            assert _copies(body, family) == ((0, unhinted) if family == hinted_family else (unhinted, 0)), family
+        policies = re.findall(r"tvm_builtin_ptx_createpolicy_fractional_\w*\(", body)
+        assert len(policies) == plain[hinted_family][0] and all(f"L2__{priority}" in p for p in policies)
+        assert ptxas_usage(sources[hints], "tiled_kernel", H100) == usage
+    cp_async_shape = plan_tiles(acsr, TiledKnobs(use_tensor_cores=True, br=128, bc=128, warps=8, wgmma=True)).shape
+    with pytest.raises(ValueError, match="kv_evict_last is an L2 hint of the TMA forms' K/V copies"):
+        tiled_mma_func(spec, cp_async_shape, 8, 1, 2, wgmma=True, kv_evict_last=True)
+    with pytest.raises(ValueError, match="out_evict_first is an L2 hint of the persistent form's TMA store"):
+        tiled_mma_func(spec, shape, 8, 1, 2, wgmma=True, tma=True, warp_specialized=True, out_evict_first=True)
+    for name in ("kv_evict_last", "out_evict_first"):
+        with pytest.raises(ValueError, match=f"{name} must be a bool"):
+            tiled_mma_func(spec, shape, 8, 1, 2, wgmma=True, tma=True, **{name: 1})
+
+
+def test_create_l2_policy_names_its_priority():
+    """:func:`create_l2_policy` takes the two priorities the copies hint and names the others."""
+    with pytest.raises(ValueError, match="an L2 priority is one of"):
+        create_l2_policy(None, "evict_normal")
 
 
 def _column_bits_func(n_slots, segments, ntl):

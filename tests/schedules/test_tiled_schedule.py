@@ -351,6 +351,35 @@ def test_head_group_knob_refusals_name_and_kernel():
     assert grouped != default and 'T.thread_binding(3, thread="blockIdx.x")' in grouped
 
 
+def test_l2_hint_knobs_refusals_name_and_kernel():
+    """``kv_evict_last`` and ``out_evict_first`` (L2 cache hints of the K/V tensor copies and of
+    the persistent form's O store) are off by default, refused without the copy they hint (TMA,
+    the persistent form) or as non-bools; the program name adds ``_kl`` / ``_of`` after the
+    program order's ``_hgG`` and reads back as the same form; they reach the kernel."""
+    ws = TiledKnobs(use_tensor_cores=True, br=128, bc=128, warps=8, wgmma=True, tma=True, warp_specialized=True,
+                    persistent=132, early_rescale=True, head_group=4)
+    assert not (ws.kv_evict_last or ws.out_evict_first)
+    with pytest.raises(ValueError, match="kv_evict_last is an L2 hint of the TMA forms"):
+        TiledKnobs(use_tensor_cores=True, wgmma=True, kv_evict_last=True)
+    with pytest.raises(ValueError, match="out_evict_first is an L2 hint of the persistent form"):
+        dataclasses.replace(ws, persistent=0, out_evict_first=True)
+    with pytest.raises(ValueError, match="out_evict_first must be a bool"):
+        dataclasses.replace(ws, out_evict_first="yes")
+    both = dataclasses.replace(ws, kv_evict_last=True, out_evict_first=True)
+    for knobs, suffix in ((dataclasses.replace(ws, kv_evict_last=True), "_kl"),
+                          (dataclasses.replace(ws, out_evict_first=True), "_of"), (both, "_kl_of")):
+        name = tiled_program_name(knobs, True)
+        assert name == "tiled_128x128_w8_m1_s2_wg_tma_ws_p132_er_hg4" + suffix
+        assert program_form(name) == tiled_form(knobs) == "wg_tma_ws"
+        assert TiledKnobs.from_dict(dataclasses.asdict(knobs)) == knobs
+    acsr = ACSR.from_pattern(Window(40), 300)
+    spec = AttentionSpec.from_acsr(acsr, 1, 8, 128, "float16")
+    shape = plan_tiles(acsr, ws).shape
+    hinted, plain = (tiled_funcs(spec, shape, dataclasses.replace(k, persistent=3), H100)["tiled"].script()
+                     for k in (both, ws))
+    assert "L2::cache_hint" in hinted and "L2::cache_hint" not in plain
+
+
 @pytest.mark.parametrize("form,d", [(dict(), 64), (dict(wgmma=True), 64),
                                     (dict(br=128, bc=128, warps=8, wgmma=True, tma=True, warp_specialized=True), 128)],
                          ids=["mma", "wgmma", "tma_ws"])

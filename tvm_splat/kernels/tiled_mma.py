@@ -168,17 +168,48 @@ def encode_row_block_map(tmap, data, heads: int, n: int, d: int, rows: int, dtyp
                                     64, 1, rows, d // 64, 1, 1, 1, 1, 1, 1, descriptor_dtype=dtype, rank=5, swizzle=3)
 
 
-def tma_copy_rows(smem, offset, tmap, row0, head, ready, st, step: int = 1):
+def tma_copy_rows(smem, offset, tmap, row0, head, ready, st, step: int = 1, policy=None):
     """One TMA copy: the box of :func:`encode_row_block_map`'s ``tmap`` (of the same ``step``)
     whose first row is sequence row ``row0`` of flattened head ``head`` -> ``smem[offset]``,
     completing its bytes on mbarrier ``ready[st]`` (a TIR expression; one thread issues it,
-    after the barrier's ``expect_tx``). A row before 0 or past n arrives as zeros."""
+    after the barrier's ``expect_tx``). A row before 0 or past n arrives as zeros. ``policy``
+    (a uint64 from :func:`create_l2_policy`): the copy's L2 cache hint."""
     coords = (0, row0, 0, head) if step == 1 else (0, T.floormod(row0, step), T.floordiv(row0, step), 0, head)
-    return T.ptx.cp(T.cuda.cvta_generic_to_shared(T.address_of(smem[offset])),
-                    T.reinterpret(T.handle().ty, T.address_of(tmap)), *coords,
-                    T.cuda.cvta_generic_to_shared(T.address_of(ready[st])),
-                    "async", "bulk", "tensor", f"{len(coords)}d", "shared::cluster", "global", "",
-                    "mbarrier::complete_tx::bytes", "", "", "", "")
+    dst = T.cuda.cvta_generic_to_shared(T.address_of(smem[offset]))
+    tmap_ptr = T.reinterpret(T.handle().ty, T.address_of(tmap))
+    bar = T.cuda.cvta_generic_to_shared(T.address_of(ready[st]))
+    if policy is not None:
+        return T.ptx[f"cp.async.bulk.tensor.{len(coords)}d.shared::cluster.global.mbarrier::complete_tx::bytes"
+                     ".L2::cache_hint"](dst, tmap_ptr, *coords, bar, policy)
+    return T.ptx.cp(dst, tmap_ptr, *coords, bar, "async", "bulk", "tensor", f"{len(coords)}d", "shared::cluster",
+                    "global", "", "mbarrier::complete_tx::bytes", "", "", "", "")
+
+
+#: the L2 eviction priorities a kernel's copies can hint (:func:`create_l2_policy`)
+L2_PRIORITIES = ("evict_first", "evict_last")
+
+
+def create_l2_policy(policy, priority: str):
+    """``createpolicy.fractional`` (fraction 1: every access the policy covers) of L2
+    ``priority`` (:data:`L2_PRIORITIES`) into ``policy`` (a uint64 register: a local buffer's
+    element), for the ``.L2::cache_hint`` operand of a copy. A TIR expression."""
+    if priority not in L2_PRIORITIES:
+        raise ValueError(f"an L2 priority is one of {L2_PRIORITIES}, got {priority!r}")
+    return T.ptx[f"createpolicy.fractional.L2::{priority}.b64"](policy)
+
+
+def check_l2_hints(kv_evict_last: bool, out_evict_first: bool, tma: bool, persistent: int) -> None:
+    """Raise ``ValueError`` unless the L2 hints (:func:`tiled_mma_func`'s ``kv_evict_last`` and
+    ``out_evict_first``) are bools, on only for the forms with the copies they hint: the TMA
+    forms' K/V tensor copies, the persistent form's TMA store of O."""
+    for name, value in (("kv_evict_last", kv_evict_last), ("out_evict_first", out_evict_first)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be a bool, got {value!r}")
+    if kv_evict_last and not tma:
+        raise ValueError("kv_evict_last is an L2 hint of the TMA forms' K/V copies: it needs tma=True")
+    if out_evict_first and not persistent:
+        raise ValueError("out_evict_first is an L2 hint of the persistent form's TMA store of O: it needs "
+                         "persistent > 0")
 
 
 @T.macro
@@ -192,16 +223,22 @@ def init_stage_barriers(ready, stages: int, tid):
 
 @T.macro
 def issue_tma_pair(smem, ready, st, nbytes, first_map, first_offset, second_map, second_offset, row0, head,
-                   step: int):
+                   step: int, evict_last: bool):
     # one thread: stage st's mbarrier expects the ``nbytes`` of both copies, then the two tensor
     # copies (rows row0, row0 + step, ... of flattened head ``head``; rows past n arrive as
-    # zeros) land at the two offsets. The fence orders the generic-proxy accesses of the
-    # stage's previous block before the copies' writes
+    # zeros) land at the two offsets, with L2's evict_last hint if ``evict_last``. The fence
+    # orders the generic-proxy accesses of the stage's previous block before the copies' writes
     T.ptx["fence.proxy.async.shared::cta"]()
     T.ptx.mbarrier(T.cuda.cvta_generic_to_shared(T.address_of(ready[st])), T.uint32(nbytes),
                    "arrive", "expect_tx", "", "", "shared", "b64", "")
-    T.evaluate(tma_copy_rows(smem, first_offset, first_map, row0, head, ready, st, step))
-    T.evaluate(tma_copy_rows(smem, second_offset, second_map, row0, head, ready, st, step))
+    if evict_last:
+        policy = T.alloc_local((1,), "uint64")
+        T.evaluate(create_l2_policy(policy[0], "evict_last"))
+        T.evaluate(tma_copy_rows(smem, first_offset, first_map, row0, head, ready, st, step, policy[0]))
+        T.evaluate(tma_copy_rows(smem, second_offset, second_map, row0, head, ready, st, step, policy[0]))
+    else:
+        T.evaluate(tma_copy_rows(smem, first_offset, first_map, row0, head, ready, st, step))
+        T.evaluate(tma_copy_rows(smem, second_offset, second_map, row0, head, ready, st, step))
 
 
 def chunk_position(i, chunks_per_row: int, core_rows_first: bool):
@@ -476,7 +513,8 @@ def row_column_bits(rng, r, lane, segments: int, ntl: int):
 def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int = 1, stages: int = 2,
                    wgmma: bool = False, tma: bool = False, with_lse: bool = False, warp_specialized: bool = False,
                    persistent: int = 0, lazy_rescale: bool = False, early_rescale: bool = False,
-                   softmax_overlap: bool = False, fold_scale: bool = False, head_group: int = 0):
+                   softmax_overlap: bool = False, fold_scale: bool = False, head_group: int = 0,
+                   kv_evict_last: bool = False, out_evict_first: bool = False):
     """The warp-level tiled kernel for ``spec`` and a plan of shape ``plan_shape``
     (``plan_shape.br == 16 * warps * m_tiles``); signature of
     :func:`~tvm_splat.kernels.tiled.tiled_func`.
@@ -626,6 +664,18 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     :data:`GROUPED_MIN_HEADS` heads, row tiles in groups of :data:`PROGRAM_ROW_GROUP` above:
     :func:`program_tile`). It changes which programs run at once, not a program's code.
 
+    ``kv_evict_last=True`` (with ``tma``) and ``out_evict_first=True`` (with ``persistent``):
+    L2 cache hints (``.L2::cache_hint`` with a ``createpolicy`` policy,
+    :func:`create_l2_policy`). The first marks the K/V tensor copies ``evict_last``: the tiles of
+    one head's window read the same K/V rows, and a row's next reader runs a round or two later.
+    The second marks the persistent form's TMA store of O ``evict_first``: nothing reads it
+    again. They change only the copies' hints, not what they copy. Q's ``cp.async`` chunks take
+    no hint: with ``evict_first`` policies on them and on the O store, the persistent kernel
+    built by ptxas 13.0 stopped on an illegal instruction (H100, window +-1024, thirty-ninth
+    session), as ptxas 13 before 13.4.59 is reported to miscompile ``cp.async`` with a
+    fractional policy (Triton disabled those policies for it). Neither hint is a default: see
+    :class:`~tvm_splat.schedules.tiled.TiledKnobs`.
+
     ``with_lse=True`` (training, :mod:`tvm_splat.kernels.backward_mma`): on a plan of one
     component, a last parameter ``lse [B, H, N]`` float32 receives the natural-log log-sum-exp
     of each row of a whole tile (``-inf`` for a row that attends to nothing); the rows of split
@@ -645,6 +695,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         check_warp_specialized_shape(tma, warps)
     check_persistent(persistent, warp_specialized)
     check_head_group(head_group)
+    check_l2_hints(kv_evict_last, out_evict_first, tma, persistent)
     check_loop_variant("early_rescale", early_rescale, warp_specialized)
     check_loop_variant("softmax_overlap", softmax_overlap, warp_specialized)
     check_fold_scale(fold_scale, warp_specialized)
@@ -827,7 +878,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     def issue_kv_tma(smem, ready, kmap, vmap, col0, bhk, st):
         # one thread: the K and V blocks at rows col0.. of KV head bhk -> stage st
         issue_tma_pair(smem, ready, st, 2 * KV_BYTES, kmap, K_OFF + st * BC * D, vmap, V_OFF + st * BC * D, col0, bhk,
-                       STEP)
+                       STEP, kv_evict_last)
 
     @T.macro
     def flag_nonfinite_chunks(smem, vbad, words, nonfinite, st, j, tid, threads, flag):
@@ -1252,6 +1303,9 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     PINGPONG = warp_specialized and W == 8
     # the persistent form's direct output through the tile's Q slot (store_rows_staged)
     STAGED_STORE = PERSISTENT and direct and wgmma
+    if out_evict_first and not STAGED_STORE:
+        raise ValueError("out_evict_first hints the persistent form's TMA store of O, which a plan of several "
+                         "components does not make (it stores partial states)")
 
     def group_thread(w, lane):  # a consumer thread's index within its warpgroup
         return (w % 4) * 32 + lane
@@ -1302,7 +1356,12 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         # one thread: mbarrier ``ready`` expects ``nbytes``, then one tensor copy lands at offset
         T.ptx["fence.proxy.async.shared::cta"]()
         T.ptx.mbarrier(bar_addr(bars, ready), T.uint32(nbytes), "arrive", "expect_tx", "", "", "shared", "b64", "")
-        T.evaluate(tma_copy_rows(smem, offset, tmap, row0, bhk, bars, ready, STEP))
+        if kv_evict_last:
+            policy = T.alloc_local((1,), "uint64")
+            T.evaluate(create_l2_policy(policy[0], "evict_last"))
+            T.evaluate(tma_copy_rows(smem, offset, tmap, row0, bhk, bars, ready, STEP, policy[0]))
+        else:
+            T.evaluate(tma_copy_rows(smem, offset, tmap, row0, bhk, bars, ready, STEP))
 
     def running(base, j):
         # the running index of block j of a tile whose first block is the base-th the role walks
@@ -1681,11 +1740,18 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         if T.And(rstr == 1, T.Or((w // 4) * 64 + 64 <= nrows, row0 + nrows >= N)):
             if group_thread(w, lane) == 0:
                 if (w // 4) * 64 < nrows:
-                    T.evaluate(T.ptx.cp(T.reinterpret(T.handle().ty, T.address_of(omap)), 0, row0 + (w // 4) * 64, 0,
-                                        b * H + h,
-                                        T.cuda.cvta_generic_to_shared(T.address_of(smem[q_off + (w // 4) * 64 * D])),
-                                        "async", "bulk", "tensor", "4d", "global", "shared::cta", "", "bulk_group",
-                                        ""))
+                    if out_evict_first:
+                        policy = T.alloc_local((1,), "uint64")
+                        T.evaluate(create_l2_policy(policy[0], "evict_first"))
+                        T.evaluate(T.ptx["cp.async.bulk.tensor.4d.global.shared::cta.bulk_group.L2::cache_hint"](
+                            T.reinterpret(T.handle().ty, T.address_of(omap)), 0, row0 + (w // 4) * 64, 0, b * H + h,
+                            T.cuda.cvta_generic_to_shared(T.address_of(smem[q_off + (w // 4) * 64 * D])), policy[0]))
+                    else:
+                        T.evaluate(T.ptx.cp(T.reinterpret(T.handle().ty, T.address_of(omap)), 0, row0 + (w // 4) * 64,
+                                            0, b * H + h,
+                                            T.cuda.cvta_generic_to_shared(T.address_of(smem[q_off + (w // 4) * 64 * D])),
+                                            "async", "bulk", "tensor", "4d", "global", "shared::cta", "", "bulk_group",
+                                            ""))
                     T.evaluate(T.ptx.cp.async_.bulk.commit_group())
         else:
             for it in T.unroll(64 * CH // 128):

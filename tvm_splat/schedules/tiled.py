@@ -33,8 +33,8 @@ import dataclasses
 from ..formats.tile_plan import PlanShape
 from ..kernels.spec import AttentionSpec
 from ..kernels.tiled import MERGE_BLOCK, TILE_BLOCK, fallback_func, merge_func, split_merge_func, tiled_func
-from ..kernels.tiled_mma import (LOOP_VARIANTS, MMA_TYPES, check_fold_scale, check_head_group, check_loop_variant,
-                                 check_persistent, tiled_mma_func)
+from ..kernels.tiled_mma import (LOOP_VARIANTS, MMA_TYPES, check_fold_scale, check_head_group, check_l2_hints,
+                                 check_loop_variant, check_persistent, tiled_mma_func)
 from .targets import as_target, is_gpu, supports_wgmma, target_key
 
 __all__ = ["TiledKnobs", "default_tiled_knobs", "TWO_STAGE_MIN_TILES", "WGMMA_MIN_HEAD_DIM", "TMA_HEAD_DIM_MULTIPLE",
@@ -105,6 +105,10 @@ class TiledKnobs:
       ``persistent``, not in the tuning space: the planner sets it on a GPU from the tile plan
       (:func:`tvm_splat.planner.head_group_default`: runs of 4 heads on long, mostly equal
       tiles, 3.8-4.7% faster sustained on window +-4096 and on every key at n=32k, H100 bf16).
+    * ``kv_evict_last`` / ``out_evict_first``: L2 cache hints, ``evict_last`` on the TMA forms'
+      K/V tensor copies (needs ``tma``) and ``evict_first`` on the persistent form's TMA store
+      of O (needs ``persistent``; :func:`~tvm_splat.kernels.tiled_mma.tiled_mma_func`). Off by
+      default.
     * ``fold_scale``: the warp-level kernel's forms other than the warp-specialized one (which
       always does) fold the softmax scale into the exponent's FFMA instead of one FMUL a score
       (fewer instructions a block); on the TMA form below ``WGMMA_MIN_HEAD_DIM`` the default
@@ -129,6 +133,8 @@ class TiledKnobs:
     softmax_overlap: bool = False
     fold_scale: bool = False
     head_group: int = 0
+    kv_evict_last: bool = False
+    out_evict_first: bool = False
 
     def __post_init__(self):
         for name in ("br", "bc", "warps", "vector_bytes", "m_tiles", "stages", "row_pad", "split_blocks",
@@ -150,6 +156,7 @@ class TiledKnobs:
                              f"(tma=True, warps 4 or 8), got {self}")
         check_persistent(self.persistent, self.warp_specialized)
         check_head_group(self.head_group)
+        check_l2_hints(self.kv_evict_last, self.out_evict_first, self.tma, self.persistent)
         if self.head_group and not self.use_tensor_cores:
             raise ValueError(f"head_group orders the warp-level kernel's programs (use_tensor_cores=True), got {self}")
         for name in LOOP_VARIANTS:
@@ -187,6 +194,8 @@ class TiledKnobs:
 #: knobs' boolean fields that change the code but not the form (:func:`program_form` drops them)
 VARIANT_SUFFIXES = (("lazy_rescale", "_lr"), ("early_rescale", "_er"), ("softmax_overlap", "_so"),
                     ("fold_scale", "_fs"))
+#: the program-name suffixes of the L2 hints (the last part of :func:`tiled_program_name`)
+L2_HINT_SUFFIXES = (("kv_evict_last", "_kl"), ("out_evict_first", "_of"))
 
 
 def tiled_program_name(knobs: TiledKnobs, mma: bool) -> str:
@@ -201,7 +210,8 @@ def tiled_program_name(knobs: TiledKnobs, mma: bool) -> str:
     persistent = f"_p{knobs.persistent}" if knobs.persistent else ""
     variants = "".join(suffix for field, suffix in VARIANT_SUFFIXES if getattr(knobs, field))
     order = f"_hg{knobs.head_group}" if knobs.head_group else ""
-    return name + (f"_w{knobs.warps}_m{knobs.m_tiles}_s{knobs.stages}{form}{persistent}{variants}{order}"
+    hints = "".join(suffix for field, suffix in L2_HINT_SUFFIXES if getattr(knobs, field))
+    return name + (f"_w{knobs.warps}_m{knobs.m_tiles}_s{knobs.stages}{form}{persistent}{variants}{order}{hints}"
                    if mma else "")
 
 
@@ -221,9 +231,10 @@ def program_without_variants(name: str) -> str:
 
 
 def program_form(name: str) -> str:
-    """:func:`tiled_form` read back from a program name (a program order's ``_hgG``, a
-    persistent program's ``_pP`` and the :data:`VARIANT_SUFFIXES` dropped: variants of their
-    form)."""
+    """:func:`tiled_form` read back from a program name (the :data:`L2_HINT_SUFFIXES`, a
+    program order's ``_hgG``, a persistent program's ``_pP`` and the :data:`VARIANT_SUFFIXES`
+    dropped: variants of their form)."""
+    name = re.sub("".join(f"({suffix})?" for _, suffix in L2_HINT_SUFFIXES) + "$", "", name)
     name = re.sub(r"_p\d+$", "", program_without_variants(re.sub(r"_hg\d+$", "", name)))
     return next((form for form in ("wg_tma_ws", "wg_tma", "wg") if name.endswith("_" + form)), "")
 
@@ -360,7 +371,9 @@ def tiled_funcs(spec: AttentionSpec, plan_shape: PlanShape, knobs: TiledKnobs = 
                                          wgmma=knobs.wgmma, tma=knobs.tma, warp_specialized=knobs.warp_specialized,
                                          persistent=knobs.persistent, lazy_rescale=knobs.lazy_rescale,
                                          early_rescale=knobs.early_rescale, softmax_overlap=knobs.softmax_overlap,
-                                         fold_scale=knobs.fold_scale, head_group=knobs.head_group)}
+                                         fold_scale=knobs.fold_scale, head_group=knobs.head_group,
+                                         kv_evict_last=knobs.kv_evict_last,
+                                         out_evict_first=knobs.out_evict_first)}
     else:
         funcs = {"tiled": tiled_func(spec, plan_shape)}
     if plan_shape.num_slots > 0:
