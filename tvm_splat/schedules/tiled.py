@@ -108,7 +108,13 @@ class TiledKnobs:
     * ``kv_evict_last`` / ``out_evict_first``: L2 cache hints, ``evict_last`` on the TMA forms'
       K/V tensor copies (needs ``tma``) and ``evict_first`` on the persistent form's TMA store
       of O (needs ``persistent``; :func:`~tvm_splat.kernels.tiled_mma.tiled_mma_func`). Off by
-      default.
+      default and not in the tuning space: on window +-1024 (n=32k, 16 heads, d=128, bf16,
+      H100, ``benchmarks/results/h100_thirty_ninth_l2.json``) ``ncu`` read 605 MB from DRAM a
+      call heads first; ``kv_evict_last`` 600 (within the context's default persisting L2
+      limit, which read 9 MiB; with the limit raised to 31 MiB by ``cuCtxSetLimit``, 446),
+      ``out_evict_first`` 583 at the same cycles a call; runs of one head
+      (``head_group=1``) 424. Their 50-call pairs (bf16 and fp16, up to three cases) moved by -3.9% to
+      +5.7%, the later rows of a process the slower.
     * ``fold_scale``: the warp-level kernel's forms other than the warp-specialized one (which
       always does) fold the softmax scale into the exponent's FFMA instead of one FMUL a score
       (fewer instructions a block); on the TMA form below ``WGMMA_MIN_HEAD_DIM`` the default
