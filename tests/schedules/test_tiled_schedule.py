@@ -324,6 +324,15 @@ def test_persistent_knob_refusals_name_and_kernel():
     assert 'T.thread_binding(3, thread="blockIdx.x")' in func.script()
 
 
+def _persistent_scripts(*knobs):
+    """The TVMScript of the tiled kernel each of ``knobs`` makes with 3 persistent thread blocks,
+    window +-40 over n=300, 8 heads, d=128, float16, on the H100 target."""
+    acsr = ACSR.from_pattern(Window(40), 300)
+    spec = AttentionSpec.from_acsr(acsr, 1, 8, 128, "float16")
+    shape = plan_tiles(acsr, knobs[0]).shape
+    return [tiled_funcs(spec, shape, dataclasses.replace(k, persistent=3), H100)["tiled"].script() for k in knobs]
+
+
 def test_head_group_knob_refusals_name_and_kernel():
     """``head_group`` (runs of G heads, all their row tiles; 0: the default order) is an int >= 0
     of the warp-level kernel: refused when negative, a bool, or on CUDA cores; its program name
@@ -343,11 +352,7 @@ def test_head_group_knob_refusals_name_and_kernel():
     assert program_form(name) == tiled_form(knobs) == "wg_tma_ws"
     assert tiled_program_name(ws, True) == "tiled_128x128_w8_m1_s2_wg_tma_ws_p132_er"  # unchanged when 0
     assert TiledKnobs.from_dict(dataclasses.asdict(knobs)) == knobs
-    acsr = ACSR.from_pattern(Window(40), 300)
-    spec = AttentionSpec.from_acsr(acsr, 1, 8, 128, "float16")
-    shape = plan_tiles(acsr, knobs).shape
-    grouped, default = (tiled_funcs(spec, shape, dataclasses.replace(k, persistent=3), H100)["tiled"].script()
-                        for k in (knobs, ws))
+    grouped, default = _persistent_scripts(knobs, ws)
     assert grouped != default and 'T.thread_binding(3, thread="blockIdx.x")' in grouped
 
 
@@ -372,11 +377,7 @@ def test_l2_hint_knobs_refusals_name_and_kernel():
         assert name == "tiled_128x128_w8_m1_s2_wg_tma_ws_p132_er_hg4" + suffix
         assert program_form(name) == tiled_form(knobs) == "wg_tma_ws"
         assert TiledKnobs.from_dict(dataclasses.asdict(knobs)) == knobs
-    acsr = ACSR.from_pattern(Window(40), 300)
-    spec = AttentionSpec.from_acsr(acsr, 1, 8, 128, "float16")
-    shape = plan_tiles(acsr, ws).shape
-    hinted, plain = (tiled_funcs(spec, shape, dataclasses.replace(k, persistent=3), H100)["tiled"].script()
-                     for k in (both, ws))
+    hinted, plain = _persistent_scripts(both, ws)
     assert "L2::cache_hint" in hinted and "L2::cache_hint" not in plain
 
 
