@@ -185,6 +185,20 @@ def tma_copy_rows(smem, offset, tmap, row0, head, ready, st, step: int = 1, poli
                     "global", "", "mbarrier::complete_tx::bytes", "", "", "", "")
 
 
+def tma_store_rows(tmap, row0, head, smem, offset, policy=None):
+    """One TMA store: the box of ``tmap`` (a ``[heads, n, d]`` tensor map, step 1) whose first
+    row is sequence row ``row0`` of flattened head ``head`` <- ``smem[offset]`` (its layout),
+    in a bulk group the issuing thread commits. ``policy`` (a uint64 from
+    :func:`create_l2_policy`): the store's L2 cache hint. A TIR expression."""
+    tmap_ptr = T.reinterpret(T.handle().ty, T.address_of(tmap))
+    src = T.cuda.cvta_generic_to_shared(T.address_of(smem[offset]))
+    if policy is not None:
+        return T.ptx["cp.async.bulk.tensor.4d.global.shared::cta.bulk_group.L2::cache_hint"](
+            tmap_ptr, 0, row0, 0, head, src, policy)
+    return T.ptx.cp(tmap_ptr, 0, row0, 0, head, src, "async", "bulk", "tensor", "4d", "global", "shared::cta", "",
+                    "bulk_group", "")
+
+
 #: the L2 eviction priorities a kernel's copies can hint (:func:`create_l2_policy`)
 L2_PRIORITIES = ("evict_first", "evict_last")
 
@@ -670,11 +684,11 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     one head's window read the same K/V rows, and a row's next reader runs a round or two later.
     The second marks the persistent form's TMA store of O ``evict_first``: nothing reads it
     again. They change only the copies' hints, not what they copy. Q's ``cp.async`` chunks take
-    no hint: with ``evict_first`` policies on them and on the O store, the persistent kernel
-    built by ptxas 13.0 stopped on an illegal instruction (H100, window +-1024, thirty-ninth
-    session), as ptxas 13 before 13.4.59 is reported to miscompile ``cp.async`` with a
-    fractional policy (Triton disabled those policies for it). Neither hint is a default: see
-    :class:`~tvm_splat.schedules.tiled.TiledKnobs`.
+    no hint: built by ptxas 13.0 with an ``evict_first`` policy on them, the persistent kernel
+    stopped on an illegal instruction, and with the same policy on the O store alone it ran
+    (H100, window +-1024, thirty-ninth session), as ptxas 13 before 13.4.59 is reported to
+    miscompile ``cp.async`` with a fractional policy (Triton disabled those policies for it).
+    Neither hint is a default: see :class:`~tvm_splat.schedules.tiled.TiledKnobs`.
 
     ``with_lse=True`` (training, :mod:`tvm_splat.kernels.backward_mma`): on a plan of one
     component, a last parameter ``lse [B, H, N]`` float32 receives the natural-log log-sum-exp
@@ -1743,15 +1757,10 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                     if out_evict_first:
                         policy = T.alloc_local((1,), "uint64")
                         T.evaluate(create_l2_policy(policy[0], "evict_first"))
-                        T.evaluate(T.ptx["cp.async.bulk.tensor.4d.global.shared::cta.bulk_group.L2::cache_hint"](
-                            T.reinterpret(T.handle().ty, T.address_of(omap)), 0, row0 + (w // 4) * 64, 0, b * H + h,
-                            T.cuda.cvta_generic_to_shared(T.address_of(smem[q_off + (w // 4) * 64 * D])), policy[0]))
+                        T.evaluate(tma_store_rows(omap, row0 + (w // 4) * 64, b * H + h, smem,
+                                                  q_off + (w // 4) * 64 * D, policy[0]))
                     else:
-                        T.evaluate(T.ptx.cp(T.reinterpret(T.handle().ty, T.address_of(omap)), 0, row0 + (w // 4) * 64,
-                                            0, b * H + h,
-                                            T.cuda.cvta_generic_to_shared(T.address_of(smem[q_off + (w // 4) * 64 * D])),
-                                            "async", "bulk", "tensor", "4d", "global", "shared::cta", "", "bulk_group",
-                                            ""))
+                        T.evaluate(tma_store_rows(omap, row0 + (w // 4) * 64, b * H + h, smem, q_off + (w // 4) * 64 * D))
                     T.evaluate(T.ptx.cp.async_.bulk.commit_group())
         else:
             for it in T.unroll(64 * CH // 128):
