@@ -473,7 +473,7 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
         if tma:
             if tid == 0:
                 issue_tma_pair(smem, ready, st, 2 * BLOCK_BYTES, umap, U_OFF + st * BC * D, wmap, W_OFF + st * BC * D,
-                               col0, b * u_src.shape[1] + h, 1)
+                               col0, b * u_src.shape[1] + h, 1, False)
         elif stages == 1:
             load_rows(smem, U_OFF, u_src, b, h, col0, sig, block_rows(col0, sig), BC, tid)
             load_rows(smem, W_OFF, w_src, b, h, col0, sig, block_rows(col0, sig), BC, tid)
