@@ -170,10 +170,10 @@ def persistent_default(knobs: TiledKnobs, sm_count: int | None) -> TiledKnobs:
 #: DRAM a call heads first at an 80.4% L2 hit rate, 424 MB at 87.8% in runs of one head and 426
 #: at 87.2% in runs of two (the minimum, Q, K and V once: 384). Sustained 3 s, runs of one head
 #: against heads first: bf16 +1.2%, +2.0%, fp16 +0.1%, +0.9% (50-call pairs: bf16 -0.9%, +1.9%,
-#: fp16 -2.5%, +8.2%, the later row of a process the slower). Not taken at 17 blocks: Mistral's
-#: causal window at n=16k and 32k has tiles of its longest length (33 blocks) in a share (0.75,
-#: 0.88) this rule cannot tell from a sliding window's (+-1024: 0.94), and runs of heads cost it
-#: 8-20% at n=8k
+#: fp16 -2.5%, +8.2%; a variant's second row in a process ran slow in most A/Bs). Not taken at
+#: 17 blocks: Mistral's causal window at n=16k and 32k has tiles of its longest length (33
+#: blocks) in a share (0.75, 0.88) this rule cannot tell from a sliding window's (+-1024: 0.94),
+#: and runs of heads cost it 8-20% at n=8k
 HEAD_GROUP = 4
 #: the longest row tile, in column blocks, from which :data:`HEAD_GROUP` applies (window +-4096:
 #: 65 blocks of 128 gained; +-1024: 17 did not), and the share of the row tiles that must be

@@ -114,7 +114,7 @@ class TiledKnobs:
       limit, which read 9 MiB; with the limit raised to 31 MiB by ``cuCtxSetLimit``, 446),
       ``out_evict_first`` 583 at the same cycles a call; runs of one head
       (``head_group=1``) 424. Their 50-call pairs (bf16 and fp16, up to three cases) moved by -3.9% to
-      +5.7%, the later rows of a process the slower.
+      +5.7%, a variant's second row in a process the slower in most.
     * ``fold_scale``: the warp-level kernel's forms other than the warp-specialized one (which
       always does) fold the softmax scale into the exponent's FFMA instead of one FMUL a score
       (fewer instructions a block); on the TMA form below ``WGMMA_MIN_HEAD_DIM`` the default
