@@ -47,3 +47,26 @@ def test_without_a_gpu_it_refuses(repo_script, tmp_path):
         pytest.skip("a GPU is present")
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         repo_script(SCRIPT).main("label", str(tmp_path / "ab.json"), [0], [{}])
+
+
+def test_a_variant_listed_twice_times_one_plan(repo_script, monkeypatch):
+    """``plan_once``: each distinct variant's plan is made once (keys in any order name the same
+    variant) and its rows reuse it; the default (``{}``) is the case's own plan."""
+    from types import SimpleNamespace
+
+    from tvm_splat.schedules.tiled import TiledKnobs
+
+    ab = repo_script(SCRIPT)
+    made = []
+    monkeypatch.setattr(ab, "plan", lambda *args, **kwargs: made.append(kwargs["knobs"]) or object())
+    default = SimpleNamespace(knobs=TiledKnobs(use_tensor_cores=True, br=128, bc=128, warps=8, wgmma=True, tma=True,
+                                               warp_specialized=True, persistent=132))
+    q = k = SimpleNamespace(shape=(1, 16, 4096, 128))
+    plans = {}
+    first, again = (ab.plan_once(plans, None, q, k, "bfloat16", default, {"head_group": 1, "out_evict_first": True})
+                    for _ in range(2))
+    reordered = ab.plan_once(plans, None, q, k, "bfloat16", default, {"out_evict_first": True, "head_group": 1})
+    other = ab.plan_once(plans, None, q, k, "bfloat16", default, {"head_group": 2})
+    assert first is again is reordered and other is not first
+    assert [(m.head_group, m.out_evict_first) for m in made] == [(1, True), (2, False)]
+    assert ab.plan_once(plans, None, q, k, "bfloat16", default, {}) is default
