@@ -45,7 +45,11 @@ CASES = [("global:4+window:256", 1, 12, 12, 4096, 64), ("global:4+window:256", 4
          ("window:2047", 16, 16, 16, 2048, 128), ("window:8191", 4, 16, 16, 8192, 128),
          # case 13 at batch 4 (64 heads: row tiles in groups), whose plan did not compile with
          # the first grouped decode (an int32 literal of 2**31 in TVM's FlattenBuffer)
-         ("causal_strided:128", 4, 16, 16, 8192, 128)]
+         ("causal_strided:128", 4, 16, 16, 8192, 128),
+         # the program order's rule (planner.head_group_default) between case 7's 17 blocks a
+         # tile and case 14's 65: a sliding window of 33 blocks, and Mistral's causal window at
+         # n=32k, whose tiles are 33 blocks long in 88% of the plan (a ramp of 1 to 32 before)
+         ("window:2048", 1, 16, 16, 32768, 128), ("causal_window:4095", 1, 32, 8, 32768, 128)]
 
 
 def case_inputs(pattern, b, h, kvh, n, d, dtype="float16"):

@@ -328,31 +328,66 @@ class _FakeH100:
 
 
 @pytest.mark.parametrize("pattern,b,h,kvh,n,expected", [
-    ("window:4096", 1, 16, 16, 32768, 4),    # 65 blocks a tile, 75% of tiles that long: measured faster
+    ("window:4096", 1, 16, 16, 32768, 4),    # 65 blocks a tile: runs of 4 measured faster
     ("window:32767", 1, 16, 16, 32768, 4),   # every key: 256 blocks, every tile
-    ("window:1024", 1, 16, 16, 32768, 0),    # 17 blocks: measured no faster
-    ("causal_window:4095", 1, 32, 8, 8192, 0),    # 1-33 blocks: runs lost 18-20%
+    ("window:1024", 1, 16, 16, 32768, 1),    # 17 blocks: runs of 1 read 30% less from DRAM
+    ("window:2048", 1, 16, 16, 32768, 1),    # 33 blocks, runs of 1 within the balance (1.5% over)
+    ("window:1024", 2, 8, 8, 32768, 1),      # batch x heads is the grid's heads
+    ("causal_window:4095", 1, 32, 8, 8192, 0),    # 1-33 blocks: runs lost 8-20% (3.1% over)
+    ("causal_window:4095", 1, 32, 8, 16384, 0),   # the same ramp, 75% of the tiles at 33 blocks
+    ("causal_window:4095", 1, 32, 8, 32768, 0),   # 88%: a sliding window's share, 3.1% over
+    ("causal_window:8191", 1, 32, 8, 32768, 4),   # 65 blocks in 75% of the tiles: 0.4% over
     ("causal_window:32767", 1, 16, 16, 32768, 0),  # 256 blocks in one tile only (causal)
     ("window:8191", 4, 16, 16, 8192, 0),     # 64 heads: row tiles in groups already
     ("window:32767", 1, 4, 4, 32768, 0),     # no more heads than a run
+    ("window:1024", 1, 1, 1, 32768, 0),      # one head: a run is heads first
 ])
-def test_head_group_default_takes_runs_of_heads_on_long_equal_tiles_of_few_heads(pattern, b, h, kvh, n, expected):
-    """``head_group_default``: the persistent form takes runs of :data:`HEAD_GROUP` heads where
-    heads first is the order and the row tiles are long and mostly equal; otherwise, for the
-    grid form, and for knobs that set a ``head_group``, the knobs stay as they are. A device
-    stand-in (an H100's SM count) gives the same through ``knobs_on_device``."""
-    from tvm_splat.planner import HEAD_GROUP, head_group_default, knobs_on_device, persistent_default, tile_plan_of
+def test_head_group_default_takes_runs_of_heads_that_keep_the_balance(pattern, b, h, kvh, n, expected):
+    """``head_group_default``: the persistent form takes runs of :data:`HEAD_GROUP` heads on
+    tiles of 64 blocks or more and of :data:`HEAD_GROUP_SHORT` below, where heads first is the
+    order and the runs keep the busiest thread block within :data:`HEAD_GROUP_MAX_IMBALANCE` of
+    heads first's; otherwise, for the grid form, and for knobs that set a ``head_group``, the
+    knobs stay as they are. A device stand-in (an H100's SM count) gives the same through
+    ``knobs_on_device``."""
+    from tvm_splat.kernels.tiled_mma import persistent_block_loads, program_block_counts
+    from tvm_splat.planner import (HEAD_GROUP, HEAD_GROUP_MAX_IMBALANCE, HEAD_GROUP_SHORT, head_group_default,
+                                   knobs_on_device, persistent_default, tile_plan_of)
 
     made = plan(pattern, (b, h, n, 128), (b, kvh, n, 128), "bfloat16", None, target=H100)
     persistent = persistent_default(made.knobs, 132)
-    grouped = head_group_default(persistent, tile_plan_of(made.acsr, persistent, b * h), b * h)
-    assert grouped == dataclasses.replace(persistent, head_group=expected) and expected in (0, HEAD_GROUP)
+    tile_plan = tile_plan_of(made.acsr, persistent, b * h)
+    grouped = head_group_default(persistent, tile_plan, b * h)
+    assert grouped == dataclasses.replace(persistent, head_group=expected)
+    assert expected in (0, HEAD_GROUP, HEAD_GROUP_SHORT)
+    if expected:  # the busiest thread block within the measured tolerance of heads first's
+        lengths = tile_plan.tiles[..., 5] - tile_plan.tiles[..., 4]
+        busiest = [max(persistent_block_loads(program_block_counts(lengths, b * h, group), 132)) for group in (0, expected)]
+        assert busiest[1] <= busiest[0] * (1 + HEAD_GROUP_MAX_IMBALANCE)
     assert head_group_default(made.knobs, made.tile_plan, b * h) == made.knobs  # the grid form
 
     assert knobs_on_device(made.knobs, "tiled", _FakeH100(), made.acsr, b * h) == grouped
     assert knobs_on_device(made.knobs, "tiled", _FakeH100()) == persistent
     chosen = dataclasses.replace(persistent, head_group=2)
     assert head_group_default(chosen, tile_plan_of(made.acsr, chosen, b * h), b * h) == chosen
+
+
+def test_head_group_default_refuses_runs_that_unbalance_the_thread_blocks():
+    """Mistral's causal window at n=8192 (32 heads on 8 KV heads): its tiles are 1 to 33 blocks,
+    longest first; in runs of one head its busiest thread block walks 396 blocks against heads
+    first's 384 (3.1% over), and the planner keeps heads first. With a tolerance past that the
+    same plan takes the runs, so the balance, not the tile lengths, decides."""
+    import tvm_splat.planner as planner
+
+    made = plan("causal_window:4095", (1, 32, 8192, 128), (1, 8, 8192, 128), "bfloat16", None, target=H100)
+    persistent = planner.persistent_default(made.knobs, 132)
+    tile_plan = planner.tile_plan_of(made.acsr, persistent, 32)
+    assert planner.head_group_default(persistent, tile_plan, 32).head_group == 0
+    lengths = tile_plan.tiles[..., 5] - tile_plan.tiles[..., 4]
+    busiest = [max(planner.persistent_block_loads(planner.program_block_counts(lengths, 32, group), 132)) for group in (0, 1)]
+    assert busiest == [384, 396]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(planner, "HEAD_GROUP_MAX_IMBALANCE", 0.04)
+        assert planner.head_group_default(persistent, tile_plan, 32).head_group == planner.HEAD_GROUP_SHORT
 
 
 def test_untuned_knobs_are_the_defaults_as_the_device_runs_them(tmp_path, monkeypatch):

@@ -45,7 +45,8 @@ from .kernels import VARIANTS
 from .kernels.common import KV_LEN
 from .kernels.spec import SUPPORTED_DTYPES, AttentionSpec, check_buffer_sizes
 from .kernels.tiled import partial_shapes, split_shapes
-from .kernels.tiled_mma import check_tma_step, program_group, tma_loads_step
+from .kernels.tiled_mma import (check_tma_step, persistent_block_loads, program_block_counts, program_group,
+                                tma_loads_step)
 from .records import tuned_tiled_knobs
 from .schedules.row import RowKnobs
 from .schedules.targets import arch_specific, as_target, is_gpu, target_key
@@ -147,56 +148,62 @@ def persistent_default(knobs: TiledKnobs, sm_count: int | None) -> TiledKnobs:
 
 
 #: the persistent form takes its programs in runs of this many heads (:attr:`TiledKnobs.head_group`)
-#: where heads first would spread each round over every head's long K and V
-#: (:func:`head_group_default`). H100, 16 heads at n=32k, d=128, knobs otherwise the default,
-#: outputs identical to the bit (``benchmarks/results/h100_thirty_eighth_ab.json``). bf16,
-#: 3-second loops at the same 690-695 W: window +-4096 (65 blocks a tile) 552.3 and 554.1 ->
-#: 573.1 and 576.9 TFLOP/s, SM clock 1470 -> 1530-1545 MHz; window +-32767 (every key, 256
-#: blocks) 580.7 and 580.2 -> 606.6 and 607.4, 1470 -> 1522-1545. 50-call pairs (bf16, bf16,
-#: fp16, fp16): +-4096 -4.7%, -2.7%, -6.0%, +3.7%; +-32767 -3.5%, -3.9%, -4.1%, -4.4%. Runs of
-#: 2 heads: +-4096 -3.1%, -1.4%, +-32767 -3.4%, -4.0%; of 1 (rows first, bf16) -0.9%, -4.4%.
-#: Why, by the clock at equal power and an earlier profile (this lease ran no ``ncu``): heads
-#: first, a round's thread blocks walk every head's K and V, more than L2 holds at these tile
-#: lengths; ``ncu`` of that order on +-32767 (thirty-third session) read 9.1 GB from DRAM a call
-#: at a 77% L2 hit rate where cuDNN's dense kernel read 0.9 GB at 98%. DRAM traffic takes part
-#: of the 700 W cap, and with less of it the SMs clock higher. Where it is not taken,
-#: measured: window +-1024 (17 blocks a tile: a round's K and V, about 25 MB heads first,
-#: mostly fit L2, an estimate) +1.6%, +7.7%, +1.4%, +2.7% (runs of 2: +1.1%, -4.8%; of 1:
-#: -0.6%); Mistral's causal
-#: window (tiles of 1 to 33 blocks, longest first across heads, which runs of heads undo)
-#: +20.3%, +18.5% (2: +19.9%; 1: +8.3%); dense n=2048 b=16 and n=8192 b=4 (row tiles already
-#: in groups there) +1.1%, +6.3% and -2.0%, +1.4%, -1.5%, +0.5%. The traffic itself, measured on
-#: +-1024 (thirty-ninth session, ``h100_thirty_ninth_l2.json``, bf16): ``ncu`` read 605 MB from
-#: DRAM a call heads first at an 80.4% L2 hit rate, 424 MB at 87.8% in runs of one head and 426
-#: at 87.2% in runs of two (the minimum, Q, K and V once: 384). Sustained 3 s, runs of one head
-#: against heads first: bf16 +1.2%, +2.0%, fp16 +0.1%, +0.9% (50-call pairs: bf16 -0.9%, +1.9%,
-#: fp16 -2.5%, +8.2%; a variant's second row in a process ran slow in most A/Bs). Not taken at
-#: 17 blocks: Mistral's causal window at n=16k and 32k has tiles of its longest length (33
-#: blocks) in a share (0.75, 0.88) this rule cannot tell from a sliding window's (+-1024: 0.94),
-#: and runs of heads cost it 8-20% at n=8k
+#: where the plan's longest row tile has :data:`HEAD_GROUP_MIN_BLOCKS` or more, and in runs of
+#: :data:`HEAD_GROUP_SHORT` below, where the runs keep the thread blocks' balance
+#: (:func:`head_group_default`). Why: heads first, each round of the persistent form holds
+#: tile t of every head, whose K and V rows leave L2 before the next tiles of the same head
+#: reuse them. Measured on an H100, 16 heads at n=32k, d=128, knobs otherwise the default,
+#: outputs identical to the bit. Runs of 4 (``benchmarks/results/h100_thirty_eighth_ab.json``),
+#: bf16, 3-second loops at the same 690-695 W: window +-4096 (65 blocks a tile) 552.3 and 554.1
+#: -> 573.1 and 576.9 TFLOP/s, SM clock 1470 -> 1530-1545 MHz; window +-32767 (every key, 256
+#: blocks) 580.7 and 580.2 -> 606.6 and 607.4, 1470 -> 1522-1545 (50-call pairs, bf16, bf16,
+#: fp16, fp16: +-4096 -4.7%, -2.7%, -6.0%, +3.7%; +-32767 -3.5%, -3.9%, -4.1%, -4.4%; runs of 1:
+#: -0.9%, -4.4%, of 2: -3.1%, -1.4%, -3.4%, -4.0%). ``ncu`` of heads first on +-32767
+#: (thirty-third session) read 9.1 GB from DRAM a call at a 77% L2 hit rate where cuDNN's dense
+#: kernel read 0.9 GB at 98%: DRAM traffic takes part of the 700 W cap, and with less of it
+#: the SMs clock higher. Runs of 1 on window +-1024 (17 blocks,
+#: ``h100_thirty_ninth_l2.json``, bf16): ``ncu`` read 605 MB from DRAM a call heads first at an
+#: 80.4% L2 hit rate, 424 MB at 87.8% in runs of one head, 426 at 87.2% in runs of two (the
+#: minimum, Q, K and V once: 384); sustained 3 s, bf16 +1.2%, +2.0%, fp16 +0.1%, +0.9% (runs of
+#: 4 there: 50-call pairs 1.4-7.7% slower, thirty-eighth session)
 HEAD_GROUP = 4
-#: the longest row tile, in column blocks, from which :data:`HEAD_GROUP` applies (window +-4096:
-#: 65 blocks of 128 gained; +-1024: 17 did not), and the share of the row tiles that must be
-#: that long (the runs keep the plan's longest-first order only where most tiles are equal:
-#: +-4096 at n=32k has 75%, a causal plan 1/n_tiles)
+HEAD_GROUP_SHORT = 1
+#: the longest row tile, in column blocks, from which runs of :data:`HEAD_GROUP` heads are
+#: taken (window +-4096: 65 blocks gained with them; +-1024: 17 lost with them, gained with 1)
 HEAD_GROUP_MIN_BLOCKS = 64
-HEAD_GROUP_MIN_LONGEST_SHARE = 0.5
+#: the most a run order may raise the busiest thread block's column blocks
+#: (:func:`~tvm_splat.kernels.tiled_mma.persistent_block_loads`) over heads first's. Runs of
+#: heads restart the plan's longest-first order in every run, and where the tiles differ in
+#: length that unbalances the thread blocks. Measured points (H100, 132 thread blocks): window
+#: +-4096 in runs of 4, 1.0% over heads first's busiest block, ran 3.8-4.1% faster; Mistral's
+#: causal window at n=8192 (tiles of 1 to 33 blocks), 3.1% over in runs of 1 and 29% in runs of
+#: 4, ran 8.3% and 18-20% slower (50-call pairs, thirty-eighth session)
+HEAD_GROUP_MAX_IMBALANCE = 0.02
 
 
 def head_group_default(knobs: TiledKnobs, tile_plan: TilePlan, grid_heads: int) -> TiledKnobs:
-    """``knobs`` of the persistent form with :data:`HEAD_GROUP` heads a run
-    (:attr:`TiledKnobs.head_group`) where the default order is heads first
+    """``knobs`` of the persistent form with runs of heads (:attr:`TiledKnobs.head_group`:
+    :data:`HEAD_GROUP` where ``tile_plan``'s longest row tile has :data:`HEAD_GROUP_MIN_BLOCKS`
+    or more, :data:`HEAD_GROUP_SHORT` below) where the default order is heads first
     (:func:`~tvm_splat.kernels.tiled_mma.program_group` of ``grid_heads``, batch x heads, is 1),
-    the grid has more heads than a run, and ``tile_plan``'s row tiles are long and mostly equal
-    (:data:`HEAD_GROUP_MIN_BLOCKS`, :data:`HEAD_GROUP_MIN_LONGEST_SHARE`, over every mask head);
-    otherwise, or with a ``head_group`` already set, unchanged."""
-    if not knobs.persistent or knobs.head_group or program_group(grid_heads) != 1 or grid_heads <= HEAD_GROUP:
+    the grid has more heads than a run, and the busiest thread block walks at most
+    :data:`HEAD_GROUP_MAX_IMBALANCE` more column blocks in runs than heads first (a sliding
+    window's equal tiles keep the balance; a causal plan's growing ones lose it where the
+    ramp is a large share of the tiles); otherwise, or with a ``head_group`` already set,
+    unchanged."""
+    if not knobs.persistent or knobs.head_group or program_group(grid_heads) != 1:
         return knobs
-    lengths = (tile_plan.tiles[..., 5] - tile_plan.tiles[..., 4]).ravel()
-    longest = int(lengths.max()) if lengths.size else 0
-    if longest < HEAD_GROUP_MIN_BLOCKS or np.mean(lengths == longest) < HEAD_GROUP_MIN_LONGEST_SHARE:
+    lengths = tile_plan.tiles[..., 5] - tile_plan.tiles[..., 4]
+    if not lengths.size:
         return knobs
-    return dataclasses.replace(knobs, head_group=HEAD_GROUP)
+    run = HEAD_GROUP if int(lengths.max()) >= HEAD_GROUP_MIN_BLOCKS else HEAD_GROUP_SHORT
+    if run >= grid_heads:
+        return knobs
+    heads_first, in_runs = (max(persistent_block_loads(program_block_counts(lengths, grid_heads, group),
+                                                       knobs.persistent)) for group in (0, run))
+    if in_runs > heads_first * (1 + HEAD_GROUP_MAX_IMBALANCE):
+        return knobs
+    return dataclasses.replace(knobs, head_group=run)
 
 
 def knobs_on_sms(knobs: TiledKnobs, sm_count: int | None, acsr: ACSR | None = None,

@@ -13,8 +13,8 @@ from tvm_splat.formats import ACSR, Window, parse_pattern
 from tvm_splat.formats.tile_plan import plan_tiles
 from tvm_splat.kernels.spec import AttentionSpec
 from tvm_splat.kernels.tiled_mma import (GROUPED_MIN_HEADS, PROGRAM_ROW_GROUP, create_l2_policy, head_group_tile,
-                                         int_select, persistent_block_loads, persistent_program, program_group,
-                                         program_tile, row_column_bits, tiled_mma_func)
+                                         int_select, persistent_block_loads, persistent_program, program_block_counts,
+                                         program_group, program_tile, row_column_bits, tiled_mma_func)
 from tvm_splat.schedules.tiled import TiledKnobs
 
 H100 = "nvidia/nvidia-h100"
@@ -141,16 +141,47 @@ def test_persistent_refusals():
             tiled_mma_func(spec, shape, 4, 1, 2, wgmma=True, tma=True, warp_specialized=True, persistent=bad)
 
 
-def _program_blocks(pattern, n, grid_heads):
-    """Each program's column blocks, in the order of the kernel's programs
-    (:func:`program_tile`, :func:`program_group`), on the tile plan of the warp-specialized
-    form's 128 x 128 tiles (one mask head)."""
+def _tile_lengths(pattern, n, grid_heads):
+    """The column blocks of each row tile ``[1, T]`` of the warp-specialized form's 128 x 128
+    tile plan (one mask head)."""
     knobs = TiledKnobs(use_tensor_cores=True, br=128, bc=128, warps=8, wgmma=True, tma=True, warp_specialized=True)
     tiles = plan_tiles(ACSR.from_pattern(parse_pattern(pattern), n), knobs, grid_heads=grid_heads).tiles
-    lengths = tiles[0, :, 5] - tiles[0, :, 4]
-    group = program_group(grid_heads)
-    return [int(lengths[program_tile(p, grid_heads, len(lengths), group, int_select)[1]])
-            for p in range(grid_heads * len(lengths))]
+    return tiles[..., 5] - tiles[..., 4]
+
+
+def _program_blocks(pattern, n, grid_heads, head_group=0):
+    """Each program's column blocks, in the order of the kernel's programs
+    (:func:`program_tile`, :func:`program_group`; :func:`head_group_tile` with a
+    ``head_group``), one program at a time on Python ints."""
+    lengths = _tile_lengths(pattern, n, grid_heads)[0]
+    rows = len(lengths)
+    if head_group:
+        order = [head_group_tile(p, grid_heads, rows, head_group, int_select) for p in range(grid_heads * rows)]
+    else:
+        order = [program_tile(p, grid_heads, rows, program_group(grid_heads), int_select)
+                 for p in range(grid_heads * rows)]
+    return [int(lengths[t]) for _, t in order]
+
+
+@pytest.mark.parametrize("pattern,n,grid_heads,head_group", [
+    ("causal_window:4095", 8192, 32, 0), ("causal_window:4095", 8192, 32, 4), ("window:1024", 32768, 16, 1),
+    ("window:1024", 8192, 6, 4), ("window:256", 4096, 64, 0), ("causal_strided:128", 8192, 5, 2)])
+def test_program_blocks_and_block_loads_follow_the_programs_one_by_one(pattern, n, grid_heads, head_group):
+    """``program_block_counts`` (numpy, for the planner) gives the column blocks of the programs in
+    the order the kernel takes them (a short last run of heads; row tiles in groups on 64
+    heads), and ``persistent_block_loads`` adds them up as the snake order hands them out,
+    both as one program at a time on Python ints does."""
+    expected = _program_blocks(pattern, n, grid_heads, head_group)
+    made = program_block_counts(_tile_lengths(pattern, n, grid_heads), grid_heads, head_group)
+    assert made.tolist() == expected
+    for blocks in (132, 7):
+        loads = [0] * blocks
+        for it in range(-(-len(expected) // blocks)):
+            for cta in range(blocks):
+                program = persistent_program(it, cta, blocks, int_select)
+                loads[cta] += expected[program] if program < len(expected) else 0
+        assert persistent_block_loads(made, blocks) == loads
+    assert persistent_block_loads([], 4) == [0, 0, 0, 0]
 
 
 @pytest.mark.parametrize("programs,blocks", [(2048, 132), (7, 3), (5, 5), (3, 8), (133, 132)])

@@ -41,6 +41,7 @@ Buffers and dtypes are those of :func:`~tvm_splat.kernels.tiled.tiled_func`.
 """
 from __future__ import annotations
 
+import numpy
 import tvm
 from tvm.script import tirx as T
 
@@ -344,9 +345,9 @@ def persistent_program(it, cta, blocks: int, select=T.if_then_else):
     """The program (index into the grid's ``B H x tiles`` programs, heads first) that thread
     block ``cta`` of the persistent form's ``blocks`` runs in round ``it``: ``it blocks + cta``
     in even rounds and ``it blocks + blocks - 1 - cta`` in odd ones (snake order); a TIR
-    expression, or ints with ``select=int_select``. The plan's programs come
-    longest first, so the block that takes a round's longest program takes the next round's
-    shortest (:func:`persistent_block_loads`)."""
+    expression, or ints with ``select=int_select`` (numpy arrays with ``numpy.where``). The plan's
+    programs come longest first, so the block that takes a round's longest program takes the
+    next round's shortest (:func:`persistent_block_loads`)."""
     return it * blocks + select(it % 2 == 0, cta, blocks - 1 - cta)
 
 
@@ -379,7 +380,7 @@ def program_tile(program, grid_heads: int, grid_rows: int, group: int, select=T.
     group``), and the program's place in its group is a remainder: written ``program - first
     grid_heads``, TVM's FlattenBuffer built a literal of 2**31, past int32, from it (causal
     strided 128 at n=8192, d=128, batch 4). A TIR expression, or ints with
-    ``select=int_select``."""
+    ``select=int_select`` (numpy arrays with ``numpy.where``)."""
     if group == 1:
         return program % grid_heads, program // grid_heads
     last = grid_rows % group or group  # the last group's row tiles
@@ -398,7 +399,7 @@ def head_group_tile(program, grid_heads: int, grid_rows: int, head_group: int, s
     round after round, so a window's K/V blocks, each wanted by the row tiles about it, stay
     in L2 between rounds, where heads first spreads one round over every head. Divisions by
     constants only, as in :func:`program_tile`. A TIR expression, or ints with
-    ``select=int_select``."""
+    ``select=int_select`` (numpy arrays with ``numpy.where``)."""
     if head_group >= grid_heads:
         return program % grid_heads, program // grid_heads
     per_run = head_group * grid_rows
@@ -418,17 +419,32 @@ def check_head_group(head_group: int) -> None:
 
 def persistent_block_loads(program_blocks, blocks: int) -> list[int]:
     """The column blocks each of the persistent form's ``blocks`` thread blocks walks, given
-    each program's (``program_blocks[p]``, in program order): the largest of them bounds the
-    kernel's time. On the tile plan of Mistral's causal window (n=8192, 32 heads, 128 x 128
-    tiles) over 132 thread blocks the snake order gives the busiest 384, the mean; the round
-    robin of the twenty-second session (``it blocks + cta``) gave it 400."""
-    loads = [0] * blocks
-    for it in range(-(-len(program_blocks) // blocks)):
-        for cta in range(blocks):
-            program = persistent_program(it, cta, blocks, int_select)
-            if program < len(program_blocks):
-                loads[cta] += int(program_blocks[program])
-    return loads
+    each program's (``program_blocks[p]``, in program order: :func:`program_block_counts`): the
+    largest of them bounds the kernel's time. On the tile plan of Mistral's causal window
+    (n=8192, 32 heads, 128 x 128 tiles) over 132 thread blocks the snake order gives the
+    busiest 384, the mean; the round robin of the twenty-second session (``it blocks + cta``)
+    gave it 400."""
+    program_blocks = numpy.asarray(program_blocks, dtype=numpy.int64)
+    rounds = numpy.arange(-(-len(program_blocks) // blocks))[:, None]
+    programs = persistent_program(rounds, numpy.arange(blocks)[None, :], blocks, numpy.where)
+    taken = programs < len(program_blocks)
+    return numpy.where(taken, program_blocks[numpy.where(taken, programs, 0)], 0).sum(axis=0).tolist()
+
+
+def program_block_counts(tile_lengths, grid_heads: int, head_group: int) -> numpy.ndarray:
+    """The column blocks of each of the grid's ``grid_heads x T`` programs, in program order
+    (:func:`head_group_tile` with ``head_group``, else :func:`program_tile`, as the kernel takes
+    them), from ``tile_lengths [mask_heads, T]`` (a tile plan's ``blk_hi - blk_lo``; mask head
+    ``vbh % mask_heads``, exact as ``mask_heads`` is 1 or the heads). int64 ``[grid_heads x T]``:
+    what :func:`persistent_block_loads` takes."""
+    tile_lengths = numpy.asarray(tile_lengths)
+    rows = tile_lengths.shape[1]
+    programs = numpy.arange(grid_heads * rows)
+    if head_group:
+        vbh, vt = head_group_tile(programs, grid_heads, rows, head_group, numpy.where)
+    else:
+        vbh, vt = program_tile(programs, grid_heads, rows, program_group(grid_heads), numpy.where)
+    return tile_lengths[vbh % tile_lengths.shape[0], vt].astype(numpy.int64)
 
 
 #: the variants of the warp-specialized form's block loop (:func:`tiled_mma_func`): the only

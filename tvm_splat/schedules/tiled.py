@@ -103,8 +103,11 @@ class TiledKnobs:
       or ``G`` >= 1: runs of ``G`` heads, all their row tiles
       (:func:`~tvm_splat.kernels.tiled_mma.head_group_tile`); needs ``use_tensor_cores``. Like
       ``persistent``, not in the tuning space: the planner sets it on a GPU from the tile plan
-      (:func:`tvm_splat.planner.head_group_default`: runs of 4 heads on long, mostly equal
-      tiles, 3.8-4.7% faster sustained on window +-4096 and on every key at n=32k, H100 bf16).
+      (:func:`tvm_splat.planner.head_group_default`: runs of 4 heads on tiles of 64 blocks or
+      more, 3.8-4.7% faster sustained on window +-4096 and on every key at n=32k, H100 bf16;
+      runs of 1 below, which cut window +-1024's DRAM reads from 605 to 424 MB a call; either
+      only where the runs keep the thread blocks' balance, which a causal plan's ramp of tile
+      lengths can lose).
     * ``kv_evict_last`` / ``out_evict_first``: L2 cache hints, ``evict_last`` on the TMA forms'
       K/V tensor copies (needs ``tma``) and ``evict_first`` on the persistent form's TMA store
       of O (needs ``persistent``; :func:`~tvm_splat.kernels.tiled_mma.tiled_mma_func`). Off by
