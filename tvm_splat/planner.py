@@ -165,7 +165,10 @@ def persistent_default(knobs: TiledKnobs, sm_count: int | None) -> TiledKnobs:
 #: ``h100_thirty_ninth_l2.json``, bf16): ``ncu`` read 605 MB from DRAM a call heads first at an
 #: 80.4% L2 hit rate, 424 MB at 87.8% in runs of one head, 426 at 87.2% in runs of two (the
 #: minimum, Q, K and V once: 384); sustained 3 s, bf16 +1.2%, +2.0%, fp16 +0.1%, +0.9% (runs of
-#: 4 there: 50-call pairs 1.4-7.7% slower, thirty-eighth session)
+#: 4 there: 50-call pairs 1.4-7.7% slower, thirty-eighth session); 50-call pairs in one process
+#: (fortieth session, ``h100_fortieth_head_group.json``, bf16) faster in all 6, by 1.8-12.1%. Window
+#: +-2048 (33 blocks, fortieth session), runs of 1, sustained 3 s, bf16: 534.6 and 534.9 -> 551.9
+#: and 551.3 TFLOP/s, SM clock 1522-1590 -> 1695 MHz at 676-678 W against 685-692
 HEAD_GROUP = 4
 HEAD_GROUP_SHORT = 1
 #: the longest row tile, in column blocks, from which runs of :data:`HEAD_GROUP` heads are
@@ -175,9 +178,11 @@ HEAD_GROUP_MIN_BLOCKS = 64
 #: (:func:`~tvm_splat.kernels.tiled_mma.persistent_block_loads`) over heads first's. Runs of
 #: heads restart the plan's longest-first order in every run, and where the tiles differ in
 #: length that unbalances the thread blocks. Measured points (H100, 132 thread blocks): window
-#: +-4096 in runs of 4, 1.0% over heads first's busiest block, ran 3.8-4.1% faster; Mistral's
-#: causal window at n=8192 (tiles of 1 to 33 blocks), 3.1% over in runs of 1 and 29% in runs of
-#: 4, ran 8.3% and 18-20% slower (50-call pairs, thirty-eighth session)
+#: +-4096 in runs of 4, 1.0% over heads first's busiest block, ran 3.8-4.1% faster, and +-2048 in
+#: runs of 1, 1.5% over, 3.2% faster (sustained); Mistral's causal window at n=8192 (tiles of 1
+#: to 33 blocks), 3.1% over in runs of 1 and 29% in runs of 4, ran 8.3% and 18-20% slower
+#: (50-call pairs, thirty-eighth session), and at n=32768, 3.1% over in runs of 1, 3.0% and 3.1%
+#: slower sustained at the same 1590 MHz (fortieth session: the loss the balance predicts)
 HEAD_GROUP_MAX_IMBALANCE = 0.02
 
 
