@@ -170,6 +170,7 @@ def persistent_default(knobs: TiledKnobs, sm_count: int | None) -> TiledKnobs:
 #: +-2048 (33 blocks, fortieth session), runs of 1, sustained 3 s, bf16: 534.6 and 534.9 -> 551.9
 #: and 551.3 TFLOP/s, SM clock 1522-1590 -> 1695 MHz at 676-678 W against 685-692
 HEAD_GROUP = 4
+#: heads a run below :data:`HEAD_GROUP_MIN_BLOCKS` (window +-1024 and +-2048, above)
 HEAD_GROUP_SHORT = 1
 #: the longest row tile, in column blocks, from which runs of :data:`HEAD_GROUP` heads are
 #: taken (window +-4096: 65 blocks gained with them; +-1024: 17 lost with them, gained with 1)
