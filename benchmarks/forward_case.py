@@ -25,6 +25,7 @@ is the rate of the work each one is given: ours ``4·B·H·nnz·d`` (effective: 
 dense ``4·B·H·n²·d`` (half of it when causal, the triangle the kernel computes).
 """
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -40,21 +41,29 @@ from forward_kernels_ab import CASES, _case, case_inputs, variant_plan
 CLOCK_FIELDS = ("timestamp", "clocks.sm", "power.draw", "temperature.gpu", "clocks_throttle_reasons.active")
 
 
+def sample_stamp(text: str) -> float:
+    """The epoch time of an ``nvidia-smi`` timestamp (local time, ``2026/12/06 22:30:44.123``:
+    the milliseconds kept); ``ValueError`` if it is none."""
+    whole, _, fraction = text.partition(".")
+    return time.mktime(time.strptime(whole, "%Y/%m/%d %H:%M:%S")) + (float("0." + fraction) if fraction else 0.0)
+
+
 def clock_summary(csv_text: str, start: float, end: float) -> dict:
     """Medians of the ``nvidia-smi`` samples (``CLOCK_FIELDS``, ``--format=csv,noheader``)
-    taken between the epoch times ``start`` and ``end``: ``sm_clock_mhz``, ``power_w``,
-    ``temperature_c``, the throttle reasons seen (``throttle_reasons``, as ``nvidia-smi``
-    prints them) and the sample count. No sample in the interval: ``{"samples": 0}``."""
+    taken between the epoch times ``start`` and ``end`` (to the millisecond of the samples'
+    stamps): ``sm_clock_mhz``, ``power_w``, ``temperature_c``, the throttle reasons seen
+    (``throttle_reasons``, as ``nvidia-smi`` prints them) and the sample count. No sample in
+    the interval: ``{"samples": 0}``."""
     clocks, powers, temps, reasons = [], [], [], set()
     for line in csv_text.splitlines():
         parts = [p.strip() for p in line.split(",")]
         if len(parts) != len(CLOCK_FIELDS):
             continue
         try:
-            stamp = time.mktime(time.strptime(parts[0].split(".")[0], "%Y/%m/%d %H:%M:%S"))
+            stamp = sample_stamp(parts[0])
         except ValueError:
             continue
-        if not start - 1 <= stamp <= end:  # the stamps have whole seconds here
+        if not start <= stamp <= end:
             continue
         clocks.append(float(parts[1].split()[0]))
         powers.append(float(parts[2].split()[0]))
@@ -64,6 +73,22 @@ def clock_summary(csv_text: str, start: float, end: float) -> dict:
         return {"samples": 0}
     return {"samples": len(clocks), "sm_clock_mhz": statistics.median(clocks), "power_w": statistics.median(powers),
             "temperature_c": statistics.median(temps), "throttle_reasons": sorted(reasons)}
+
+
+@contextlib.contextmanager
+def clock_sampler(path: str, interval_ms: int = 200):
+    """``nvidia-smi`` sampling :data:`CLOCK_FIELDS` every ``interval_ms`` into the CSV at
+    ``path`` while the ``with`` block runs (its first second waited out, so that the samples
+    cover the block); read them with :func:`clock_summary`."""
+    with open(path, "w") as log:
+        sampler = subprocess.Popen(["nvidia-smi", f"--query-gpu={','.join(CLOCK_FIELDS)}",
+                                    "--format=csv,noheader", "-lms", str(interval_ms)], stdout=log)
+        try:
+            time.sleep(1.0)  # the sampler's first lines
+            yield
+        finally:
+            sampler.terminate()
+            sampler.wait()
 
 
 #: ``--dense`` choices: PyTorch's SDPA backends by name
@@ -141,25 +166,18 @@ def main(case: int, variant: dict, dtype: str = "float16", calls: int = 4, secon
     torch.cuda.synchronize()
     result = {"case": CASES[case], "dtype": dtype, **result}
     if seconds:
-        with open(clock_log, "w") as log:
-            sampler = subprocess.Popen(["nvidia-smi", f"--query-gpu={','.join(CLOCK_FIELDS)}",
-                                        "--format=csv,noheader", "-lms", "200"], stdout=log)
-            try:
-                time.sleep(1.0)  # the sampler's first lines
-                done, start = 0, time.time()
-                first, last = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                first.record()
-                while time.time() - start < seconds:
-                    for _ in range(50):
-                        call()
-                    done += 50
-                    torch.cuda.synchronize()
-                last.record()
-                last.synchronize()
-                end = time.time()
-            finally:
-                sampler.terminate()
-                sampler.wait()
+        with clock_sampler(clock_log):
+            done, start = 0, time.time()
+            first, last = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            first.record()
+            while time.time() - start < seconds:
+                for _ in range(50):
+                    call()
+                done += 50
+                torch.cuda.synchronize()
+            last.record()
+            last.synchronize()
+            end = time.time()
         ms = first.elapsed_time(last) / done
         result.update(calls=done, ms=ms, tflops=flop / ms / 1e9,
                       **clock_summary(Path(clock_log).read_text(), start, end))

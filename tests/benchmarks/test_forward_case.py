@@ -27,6 +27,51 @@ def test_clock_summary_takes_the_medians_of_the_samples_in_the_loop(repo_script)
     assert fc.clock_summary("\n".join(lines), t0 + 100, t0 + 200) == {"samples": 0}
 
 
+def test_clock_summary_keeps_the_samples_milliseconds(repo_script):
+    """Rows of half a second (``vendor_bound.py --clock-log``) take the samples within their
+    own interval, to the millisecond of the stamps."""
+    fc = repo_script(SCRIPT)
+    t0 = float(int(time.time()))
+    whole = time.strftime("%Y/%m/%d %H:%M:%S", time.localtime(t0))
+    assert fc.sample_stamp(whole + ".250") == pytest.approx(t0 + 0.25)
+    assert fc.sample_stamp(whole) == t0
+    with pytest.raises(ValueError):
+        fc.sample_stamp("not a time")
+    lines = [f"{whole}.{ms:03d}, {clock} MHz, 600.00 W, 60, 0x0000000000000004"
+             for ms, clock in ((100, 1500), (300, 1600), (500, 1700), (700, 1800), (900, 1900))]
+    assert fc.clock_summary("\n".join(lines), t0 + 0.2, t0 + 0.6)["sm_clock_mhz"] == 1650.0
+    assert fc.clock_summary("\n".join(lines), t0 + 0.6, t0 + 1.0)["samples"] == 2
+
+
+def test_clock_sampler_runs_nvidia_smi_through_the_block_and_stops_it(repo_script, tmp_path, monkeypatch):
+    fc = repo_script(SCRIPT)
+    events = []
+
+    class FakeSampler:
+        def __init__(self, args, stdout):
+            events.append(args)
+            stdout.write("a sample\n")
+
+        def terminate(self):
+            events.append("terminate")
+
+        def wait(self):
+            events.append("wait")
+
+    monkeypatch.setattr(fc.subprocess, "Popen", FakeSampler)
+    monkeypatch.setattr(fc.time, "sleep", lambda seconds: events.append(f"sleep {seconds}"))
+    log = tmp_path / "clocks.csv"
+    with pytest.raises(RuntimeError, match="in the block"):
+        with fc.clock_sampler(str(log), 50):
+            events.append("block")
+            raise RuntimeError("in the block")
+    command, *rest = events
+    assert command[0] == "nvidia-smi" and command[-2:] == ["-lms", "50"]
+    assert f"--query-gpu={','.join(fc.CLOCK_FIELDS)}" in command
+    assert rest == ["sleep 1.0", "block", "terminate", "wait"]  # stopped even though the block raised
+    assert log.read_text() == "a sample\n"
+
+
 def test_case_and_variant_are_checked(repo_script):
     fc = repo_script(SCRIPT)
     assert fc._case("7") == 7 and fc.CASES[7][0] == "window:1024"

@@ -55,6 +55,32 @@ def test_summary_takes_medians_and_scales_the_dense_rate_by_the_windows_kept_sha
     assert set(summary["bound"]) == {"throughput", "latency", "kernel"}
 
 
+def test_summary_gives_each_rows_median_clock_where_the_rows_were_sampled(repo_script):
+    vb = repo_script(SCRIPT)
+    rows = []
+    for rnd, clock in enumerate([1590.0, 1695.0, 1620.0]):
+        for name in ("ours_window", "cudnn_tiles16", "ours_tiles16", "cudnn_dense"):
+            rows.append(_row(name, rnd, 0.2, 1e9, 1e9))
+    assert "sm_clock_mhz" not in vb.summarize(rows)  # no --clock-log
+    for i, row in enumerate(rows):
+        row["clock"] = {"samples": 9, "sm_clock_mhz": 1500.0 + 10 * i} if row["name"] != "cudnn_dense" \
+            else {"samples": 0}  # a row too short for a sample
+    clocks = vb.summarize(rows)["sm_clock_mhz"]
+    assert clocks == {"ours_window": 1540.0, "cudnn_tiles16": 1550.0, "ours_tiles16": 1560.0}
+
+
+def test_snake_rounds_never_put_the_window_row_after_the_dense_row(repo_script):
+    """``--snake``: odd rounds reversed, so across the rounds our window row follows cuDNN's
+    16-block row or itself (plain rounds: cuDNN's dense row, from the second round on)."""
+    vb = repo_script(SCRIPT)
+    for snake, expected in ((False, {"cudnn_dense"}), (True, {"cudnn_tiles16", "ours_window"})):
+        order = [name for rnd in range(6) for name, _, _ in vb.round_rows(rnd, snake)]
+        assert sorted(order) == sorted([name for name, _, _ in vb.ROWS] * 6)
+        before = {order[i - 1] for i in range(1, len(order)) if order[i] == "ours_window"}
+        assert before == expected
+    assert vb.round_rows(0, True) == vb.round_rows(2, True) == vb.ROWS
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_refuses_without_a_gpu_and_writes_nothing(repo_script, tmp_path):
     vb = repo_script(SCRIPT)
