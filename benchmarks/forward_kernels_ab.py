@@ -72,7 +72,8 @@ def plan_once(plans, mask, q, k, dtype, default, variant):
     """:func:`variant_plan`, made once per distinct variant and kept in ``plans`` (a dict), so a
     variant listed twice times one plan object in both its rows, as the default's rows do.
     (Thirty-ninth session: with a new plan each row, a variant's second row ran 2-8% slower in 6
-    of 7 processes, never the default's; the cause is not known.)"""
+    of 7 processes, never the default's. Fortieth session: with one plan, each process's fourth
+    row, the variant's second, still ran slow, so the plan was not the cause.)"""
     key = json.dumps(variant, sort_keys=True)
     if key not in plans:
         plans[key] = variant_plan(mask, q, k, dtype, default, variant)

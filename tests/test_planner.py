@@ -349,7 +349,7 @@ def test_head_group_default_takes_runs_of_heads_that_keep_the_balance(pattern, b
     heads first's; otherwise, for the grid form, and for knobs that set a ``head_group``, the
     knobs stay as they are. A device stand-in (an H100's SM count) gives the same through
     ``knobs_on_device``."""
-    from tvm_splat.kernels.tiled_mma import persistent_block_loads, program_block_counts
+    from tvm_splat.kernels.tiled_mma import busiest_block
     from tvm_splat.planner import (HEAD_GROUP, HEAD_GROUP_MAX_IMBALANCE, HEAD_GROUP_SHORT, head_group_default,
                                    knobs_on_device, persistent_default, tile_plan_of)
 
@@ -360,8 +360,7 @@ def test_head_group_default_takes_runs_of_heads_that_keep_the_balance(pattern, b
     assert grouped == dataclasses.replace(persistent, head_group=expected)
     assert expected in (0, HEAD_GROUP, HEAD_GROUP_SHORT)
     if expected:  # the busiest thread block within the measured tolerance of heads first's
-        lengths = tile_plan.tiles[..., 5] - tile_plan.tiles[..., 4]
-        busiest = [max(persistent_block_loads(program_block_counts(lengths, b * h, group), 132)) for group in (0, expected)]
+        busiest = [busiest_block(tile_plan.tile_blocks, b * h, group, 132) for group in (0, expected)]
         assert busiest[1] <= busiest[0] * (1 + HEAD_GROUP_MAX_IMBALANCE)
     assert head_group_default(made.knobs, made.tile_plan, b * h) == made.knobs  # the grid form
 
@@ -382,8 +381,7 @@ def test_head_group_default_refuses_runs_that_unbalance_the_thread_blocks():
     persistent = planner.persistent_default(made.knobs, 132)
     tile_plan = planner.tile_plan_of(made.acsr, persistent, 32)
     assert planner.head_group_default(persistent, tile_plan, 32).head_group == 0
-    lengths = tile_plan.tiles[..., 5] - tile_plan.tiles[..., 4]
-    busiest = [max(planner.persistent_block_loads(planner.program_block_counts(lengths, 32, group), 132)) for group in (0, 1)]
+    busiest = [planner.busiest_block(tile_plan.tile_blocks, 32, group, 132) for group in (0, 1)]
     assert busiest == [384, 396]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(planner, "HEAD_GROUP_MAX_IMBALANCE", 0.04)

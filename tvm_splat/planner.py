@@ -45,8 +45,7 @@ from .kernels import VARIANTS
 from .kernels.common import KV_LEN
 from .kernels.spec import SUPPORTED_DTYPES, AttentionSpec, check_buffer_sizes
 from .kernels.tiled import partial_shapes, split_shapes
-from .kernels.tiled_mma import (check_tma_step, persistent_block_loads, program_block_counts, program_group,
-                                tma_loads_step)
+from .kernels.tiled_mma import busiest_block, check_tma_step, program_group, tma_loads_step
 from .records import tuned_tiled_knobs
 from .schedules.row import RowKnobs
 from .schedules.targets import arch_specific, as_target, is_gpu, target_key
@@ -176,7 +175,7 @@ HEAD_GROUP_SHORT = 1
 #: taken (window +-4096: 65 blocks gained with them; +-1024: 17 lost with them, gained with 1)
 HEAD_GROUP_MIN_BLOCKS = 64
 #: the most a run order may raise the busiest thread block's column blocks
-#: (:func:`~tvm_splat.kernels.tiled_mma.persistent_block_loads`) over heads first's. Runs of
+#: (:func:`~tvm_splat.kernels.tiled_mma.busiest_block`) over heads first's. Runs of
 #: heads restart the plan's longest-first order in every run, and where the tiles differ in
 #: length that unbalances the thread blocks. Measured points (H100, 132 thread blocks): window
 #: +-4096 in runs of 4, 1.0% over heads first's busiest block, ran 3.8-4.1% faster, and +-2048 in
@@ -199,14 +198,13 @@ def head_group_default(knobs: TiledKnobs, tile_plan: TilePlan, grid_heads: int) 
     unchanged."""
     if not knobs.persistent or knobs.head_group or program_group(grid_heads) != 1:
         return knobs
-    lengths = tile_plan.tiles[..., 5] - tile_plan.tiles[..., 4]
+    lengths = tile_plan.tile_blocks
     if not lengths.size:
         return knobs
     run = HEAD_GROUP if int(lengths.max()) >= HEAD_GROUP_MIN_BLOCKS else HEAD_GROUP_SHORT
     if run >= grid_heads:
         return knobs
-    heads_first, in_runs = (max(persistent_block_loads(program_block_counts(lengths, grid_heads, group),
-                                                       knobs.persistent)) for group in (0, run))
+    heads_first, in_runs = (busiest_block(lengths, grid_heads, group, knobs.persistent) for group in (0, run))
     if in_runs > heads_first * (1 + HEAD_GROUP_MAX_IMBALANCE):
         return knobs
     return dataclasses.replace(knobs, head_group=run)

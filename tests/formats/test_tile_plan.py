@@ -131,7 +131,7 @@ def test_plan_geometry_choices():
     assert sorted(plan.comp_rstride[0].tolist()) == [1, 128]
     # window + global: tiles get [0, g) and the band, not everything between
     plan = plan_tiles(ACSR.from_pattern(Window(64) | GlobalTokens(64), 2048), br=64, bc=64, split_blocks=0)
-    per_tile = plan.tiles[0, :, 5] - plan.tiles[0, :, 4]
+    per_tile = plan.tile_blocks[0]
     assert per_tile.max() == 32  # the tile of the global rows: every column
     assert np.sort(per_tile)[-2] <= 4  # others: [0, 64) + a 192-wide band in <= 3 blocks
 

@@ -12,9 +12,10 @@ from tvm_splat.compile import nvcc_compile, ptxas_report, ptxas_usage, wgmma_ser
 from tvm_splat.formats import ACSR, Window, parse_pattern
 from tvm_splat.formats.tile_plan import plan_tiles
 from tvm_splat.kernels.spec import AttentionSpec
-from tvm_splat.kernels.tiled_mma import (GROUPED_MIN_HEADS, PROGRAM_ROW_GROUP, create_l2_policy, head_group_tile,
-                                         int_select, persistent_block_loads, persistent_program, program_block_counts,
-                                         program_group, program_tile, row_column_bits, tiled_mma_func)
+from tvm_splat.kernels.tiled_mma import (GROUPED_MIN_HEADS, PROGRAM_ROW_GROUP, busiest_block, create_l2_policy,
+                                         head_group_tile, int_select, persistent_block_loads, persistent_program,
+                                         program_block_counts, program_group, program_tile, row_column_bits,
+                                         tiled_mma_func)
 from tvm_splat.schedules.tiled import TiledKnobs
 
 H100 = "nvidia/nvidia-h100"
@@ -145,8 +146,7 @@ def _tile_lengths(pattern, n, grid_heads):
     """The column blocks of each row tile ``[1, T]`` of the warp-specialized form's 128 x 128
     tile plan (one mask head)."""
     knobs = TiledKnobs(use_tensor_cores=True, br=128, bc=128, warps=8, wgmma=True, tma=True, warp_specialized=True)
-    tiles = plan_tiles(ACSR.from_pattern(parse_pattern(pattern), n), knobs, grid_heads=grid_heads).tiles
-    return tiles[..., 5] - tiles[..., 4]
+    return plan_tiles(ACSR.from_pattern(parse_pattern(pattern), n), knobs, grid_heads=grid_heads).tile_blocks
 
 
 def _program_blocks(pattern, n, grid_heads, head_group=0):
@@ -181,6 +181,7 @@ def test_program_blocks_and_block_loads_follow_the_programs_one_by_one(pattern, 
                 program = persistent_program(it, cta, blocks, int_select)
                 loads[cta] += expected[program] if program < len(expected) else 0
         assert persistent_block_loads(made, blocks) == loads
+        assert busiest_block(_tile_lengths(pattern, n, grid_heads), grid_heads, head_group, blocks) == max(loads)
     assert persistent_block_loads([], 4) == [0, 0, 0, 0]
 
 

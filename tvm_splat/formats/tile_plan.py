@@ -118,6 +118,12 @@ class TilePlan:
     def num_heads(self) -> int:
         return int(self.tiles.shape[0])
 
+    @property
+    def tile_blocks(self) -> np.ndarray:
+        """int ``[Hm, T]``: the column blocks each tile walks (``blk_hi - blk_lo``; 0 for a
+        padding tile)."""
+        return self.tiles[..., 5] - self.tiles[..., 4]
+
     @cached_property  # read by every launch of the training op (its arrays are never changed)
     def shape(self) -> PlanShape:
         groups = int(self.splits.shape[1]) if self.num_slots else 0  # padded to the most of a head
@@ -142,12 +148,12 @@ class TilePlan:
     def stats(self) -> dict:
         """Work counters (for tuning and reports): blocks, full blocks, computed scores."""
         lo, hi = self.tiles[..., 4], self.tiles[..., 5]
-        nblk = int((hi - lo).sum())
+        nblk = int(self.tile_blocks.sum())
         full = 0
         for h in range(self.num_heads):
             for t in range(self.tiles.shape[1]):
                 full += int(self.blocks[h, lo[h, t]:hi[h, t], 2].sum())
-        per_tile = (hi - lo)[self.tiles[..., 2] > 0]
+        per_tile = self.tile_blocks[self.tiles[..., 2] > 0]
         return {"tiles": int((self.tiles[..., 2] > 0).sum()), "blocks": nblk, "full_blocks": full,
                 "scores": nblk * self.br * self.bc, "components": int(self.num_comp.max()),
                 "fallback_rows": int(self.num_fallback), "split_slots": int(self.num_slots),

@@ -447,6 +447,13 @@ def program_block_counts(tile_lengths, grid_heads: int, head_group: int) -> nump
     return tile_lengths[vbh % tile_lengths.shape[0], vt].astype(numpy.int64)
 
 
+def busiest_block(tile_lengths, grid_heads: int, head_group: int, blocks: int) -> int:
+    """The column blocks the busiest of the persistent form's ``blocks`` thread blocks walks,
+    the programs in the order of ``head_group`` (0: the default order): what bounds the kernel's
+    time (:func:`program_block_counts`, :func:`persistent_block_loads`)."""
+    return max(persistent_block_loads(program_block_counts(tile_lengths, grid_heads, head_group), blocks))
+
+
 #: the variants of the warp-specialized form's block loop (:func:`tiled_mma_func`): the only
 #: loop that issues S before the previous P V and runs its softmax beside that P V
 LOOP_VARIANTS = ("early_rescale", "softmax_overlap")
