@@ -49,7 +49,10 @@ CASES = [("global:4+window:256", 1, 12, 12, 4096, 64), ("global:4+window:256", 4
          # the program order's rule (planner.head_group_default) between case 7's 17 blocks a
          # tile and case 14's 65: a sliding window of 33 blocks, and Mistral's causal window at
          # n=32k, whose tiles are 33 blocks long in 88% of the plan (a ramp of 1 to 32 before)
-         ("window:2048", 1, 16, 16, 32768, 128), ("causal_window:4095", 1, 32, 8, 32768, 128)]
+         ("window:2048", 1, 16, 16, 32768, 128), ("causal_window:4095", 1, 32, 8, 32768, 128),
+         # a causal window of 8191 at n=32k (32 heads on 8): tiles of 65 blocks after a ramp of
+         # 64, where the rule takes runs of 4 heads (0.4% over heads first's busiest block)
+         ("causal_window:8191", 1, 32, 8, 32768, 128)]
 
 
 def case_inputs(pattern, b, h, kvh, n, d, dtype="float16"):
@@ -81,8 +84,9 @@ def plan_once(plans, mask, q, k, dtype, default, variant):
 
 
 def run_case(pattern, b, h, kvh, n, d, label, variants=({},), dtype="float16"):
-    """One row per knob variant of the case (the first variant's output is the yardstick); a
-    variant listed more than once reuses its plan (:func:`plan_once`)."""
+    """One row per knob variant of the case, in the order given (the first variant's output is
+    the yardstick of ``max_diff``); a variant listed more than once reuses its plan
+    (:func:`plan_once`)."""
     mask, q, k, v = case_inputs(pattern, b, h, kvh, n, d, dtype)
     default = plan(mask, q.shape, k.shape, dtype, "cuda")
     rows, first, plans = [], None, {}
@@ -102,14 +106,20 @@ def run_case(pattern, b, h, kvh, n, d, label, variants=({},), dtype="float16"):
     return rows
 
 
-def main(label, out_path, cases=None, variants=({},), dtype="float16"):
+def main(label, out_path, cases=None, variants=({},), dtype="float16", reverse=False):
+    """Time ``cases`` × ``variants`` and write the rows to ``out_path``. Each row's ``position``
+    is its place among the process's timed rows (1 first). ``reverse``: each case's variants run
+    last to first (the last variant is then the yardstick of ``max_diff``), so that two
+    processes, one in each order, put every variant at every place of a case's rows. (Fortieth
+    session: the fourth timed row of a process ran 4-8% slow, whichever variant it held.)"""
     if not torch.cuda.is_available():
         raise SystemExit("forward_kernels_ab.py needs a CUDA GPU")
     chosen = [CASES[i] for i in (range(len(CASES)) if cases is None else cases)]
     run_case(*chosen[0], label, dtype=dtype)  # warm-up: the GPU leaves its idle clock
     rows = []
     for case in chosen:
-        for row in run_case(*case, label, variants, dtype):
+        for row in run_case(*case, label, list(variants)[::-1] if reverse else variants, dtype):
+            row["position"] = len(rows) + 1
             print(json.dumps(row), flush=True)
             rows.append(row)
         with open(out_path, "w") as f:
@@ -141,5 +151,6 @@ if __name__ == "__main__":
     parser.add_argument("--cases", type=_indices, default=None, help="indices of CASES, comma-separated")
     parser.add_argument("--variants", type=_variants, default=[{}], help="JSON list of TiledKnobs overrides")
     parser.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
+    parser.add_argument("--reverse", action="store_true", help="run each case's variants last to first")
     args = parser.parse_args()
-    main(args.label, args.out, args.cases, args.variants, args.dtype)
+    main(args.label, args.out, args.cases, args.variants, args.dtype, args.reverse)

@@ -70,3 +70,33 @@ def test_a_variant_listed_twice_times_one_plan(repo_script, monkeypatch):
     assert first is again is reordered and other is not first
     assert [(m.head_group, m.out_evict_first) for m in made] == [(1, True), (2, False)]
     assert ab.plan_once(plans, None, q, k, "bfloat16", default, {}) is default
+
+
+def test_reverse_runs_each_cases_variants_last_to_first(repo_script, monkeypatch, tmp_path):
+    """``--reverse``: a case's variants run last to first, the last one the yardstick of
+    ``max_diff``; every row's ``position`` counts the process's timed rows (the warm-up is not
+    one), so two processes in the two orders put each variant at each place."""
+    import json
+
+    import torch
+
+    ab = repo_script(SCRIPT)
+    timed = []
+
+    def fake_run_case(pattern, b, h, kvh, n, d, label, variants=({},), dtype="float16"):
+        timed.append((pattern, list(variants)))
+        return [{"case": pattern, **({"variant": v} if v else {})} for v in variants]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ab, "run_case", fake_run_case)
+    variants = [{}, {"head_group": 0}, {"head_group": 1}]
+    for reverse in (False, True):
+        timed.clear()
+        out = tmp_path / f"ab_{reverse}.json"
+        ab.main("t", str(out), [7, 19], variants, "bfloat16", reverse=reverse)
+        order = variants[::-1] if reverse else variants
+        assert timed == [(ab.CASES[7][0], [{}]), (ab.CASES[7][0], order), (ab.CASES[19][0], order)]
+        rows = json.loads(out.read_text())
+        assert [r["position"] for r in rows] == [1, 2, 3, 4, 5, 6]
+        assert [r.get("variant", {}) for r in rows] == order * 2
+    assert ab.CASES[21] == ("causal_window:8191", 1, 32, 8, 32768, 128)
