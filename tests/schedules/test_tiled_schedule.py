@@ -147,7 +147,8 @@ def test_tensor_cores_wgmma_compiles(knobs, d, dtype, kv_heads):
     """The Hopper form: S = Q K^T as wgmma.mma_async with both operands in shared memory (8x8
     core-matrix layout, descriptors), O += P V with P from registers and V read transposed;
     fences between the generic and async proxies; compiles with nvcc for sm_90a. The K/V tiles
-    still arrive by cp.async issued by every thread (no TMA, no producer warp: see README)."""
+    still arrive by cp.async issued by every thread (no TMA, no producer warp: see benchmarks/HISTORY.md,
+    "The Hopper wgmma form")."""
     from tvm_splat.compile import nvcc_compile
 
     src, _ = _cuda_source(Window(64) | GlobalTokens(16), 512, knobs, d=d, heads=2, dtype=dtype, kv_heads=kv_heads)
