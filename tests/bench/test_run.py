@@ -1,6 +1,7 @@
 """The bench runner: bookkeeping (summaries, budgets, resuming) with made-up times, and real
 CPU runs of tiny cases through every non-Flex implementation (Flex: tests/bench/test_flex.py)."""
 import json
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -196,11 +197,48 @@ def test_tflops_counts_the_mask_nonzeros():
     assert min_bytes(1, 8, 2, 16, 4, 2) == (2 * 8 + 2 * 2) * 16 * 4 * 2  # GQA: k, v have 2 heads
 
 
+def test_sustained_times_the_last_two_thirds_of_its_seconds():
+    """``--sustained S``: after the three timings, about S seconds of calls back to back, a third
+    untimed then one window over the rest (``sustained_ms``); off by default."""
+    calls = []
+    opts = R.RunOptions(device="cpu", max_repeats=4, impl_seconds=0.03, sustained_seconds=0.05)
+    _, fields = R.measure(lambda: calls.append(1) or time.sleep(1e-3), opts)
+    s = fields["samples"]
+    planned = 2 + s["latency"] + s["throughput_windows"] * s["throughput_calls"]
+    total = s["sustained_calls"]
+    assert total == R._count(50.0 / fields["throughput_ms"], 3, 10**7)
+    assert len(calls) == planned + total
+    assert fields["sustained_ms"] >= 1.0  # each call sleeps 1 ms
+    _, plain = R.measure(lambda: None, R.RunOptions(device="cpu", max_repeats=4, impl_seconds=0.03))
+    assert "sustained_ms" not in plain and "sustained_calls" not in plain["samples"]
+
+
+def test_sustained_speedups_and_summary_on_cpu():
+    """A case run with ``sustained_seconds``: every implementation has ``sustained_ms`` and
+    ``sustained_tflops``; ours get ``sustained_speedup`` over each baseline, and the summary its
+    geomean, beside the other three timings."""
+    case = BenchCase("window:3", 40, 1, 16, 1, "float32")
+    impls = ["sdpa_masked", "splat_fused"]
+    opts = R.RunOptions(device="cpu", max_repeats=3, impl_seconds=0.05, sustained_seconds=0.05)
+    row = R.run_case(case, impls, opts, _Quiet())
+    for name in impls:
+        res = row["results"][name]
+        assert res["sustained_ms"] > 0
+        expected = 4 * row["nnz_per_head"] * 16 / (res["sustained_ms"] * 1e-3) / 1e12
+        assert res["sustained_tflops"] == pytest.approx(expected)
+    mine, base = row["results"]["splat_fused"], row["results"]["sdpa_masked"]
+    assert mine["sustained_speedup"]["sdpa_masked"] == pytest.approx(base["sustained_ms"] / mine["sustained_ms"])
+    summary = R.summarise([row])["splat_fused"]["sdpa_masked"]
+    assert summary["sustained_cases"] == 1
+    assert summary["geomean_sustained_speedup"] == pytest.approx(mine["sustained_speedup"]["sdpa_masked"])
+
+
 def test_bench_suite_choices_include_models():
     import argparse
 
     p = argparse.ArgumentParser()
     R.add_bench_args(p)
     args = p.parse_args(["--suite", "models", "--device", "cpu"])
-    assert (args.suite, args.device, args.impl) == ("models", "cpu", None)
+    assert (args.suite, args.device, args.impl, args.sustained) == ("models", "cpu", None, 0.0)
+    assert p.parse_args(["--sustained", "3"]).sustained == 3.0
     assert np.isfinite(args.impl_seconds)

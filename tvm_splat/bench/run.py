@@ -4,7 +4,9 @@ the same inputs; check each output against a float64 reference; write JSON + PNG
 Each implementation gets three timings (:func:`measure`): per-call latency ``ms`` (one call,
 one synchronisation; median), ``throughput_ms`` (calls back to back between two CUDA events,
 one call already queued when the start event is recorded; per call; median of windows) and
-``kernel_ms`` (GPU time of its kernels, CUPTI), plus the cost of its first call
+``kernel_ms`` (GPU time of its kernels, CUPTI), and with ``--sustained S`` a fourth,
+``sustained_ms`` (S seconds of calls back to back, the last two thirds timed: the rate at the
+GPU's power cap, see :data:`TIMINGS`), plus the cost of its first call
 (``first_call_s``: compile + run; for ours with cold compile caches) and of building it
 (``setup_s``: FlexAttention's block mask, TVM dense's compile, ...).
 """
@@ -54,8 +56,13 @@ UNMASKED = ("sdpa_dense",)
 # window masks, n = 1024-2048): 0.0005-0.0011 in fp16, 0.004-0.012 in bf16 (8-10x, the ratio of
 # their epsilons 2**-10 and 2**-7).
 TOLERANCE = {"float16": 2e-2, "bfloat16": 1.6e-1, "float32": 1e-3}
-# The timing fields, their speedup keys, and what they measure.
-TIMINGS = {"throughput": "throughput_ms", "latency": "ms", "kernel": "kernel_ms"}
+# The timing fields, their speedup keys, and what they measure. ``sustained`` is timed only with
+# ``--sustained S``: a throughput window lasts ~5 ms (THROUGHPUT_WINDOW_MS), 4-5 calls of a 1 ms
+# kernel, too short for the GPU's power limit to pull its clock down, while a prefill loop of
+# seconds runs at the cap (H100, window +-1024 n=32k bf16: 559-583 TFLOP/s in the windows, about
+# 500 over 3-4 s at 700 W; benchmarks/HISTORY.md), and the cap slows each implementation by
+# how much power it draws, so the two can rank differently.
+TIMINGS = {"throughput": "throughput_ms", "latency": "ms", "kernel": "kernel_ms", "sustained": "sustained_ms"}
 # H100 SXM: dense fp16 tensor-core peak and HBM3 bandwidth.
 H100_PEAK_TFLOPS = 989.0
 H100_BANDWIDTH_TBS = 3.35
@@ -79,6 +86,7 @@ class RunOptions:
     impl_seconds: float = 1.0  # measuring time per implementation and case, after the first calls
     peak_tflops: float = H100_PEAK_TFLOPS
     bandwidth_tbs: float = H100_BANDWIDTH_TBS
+    sustained_seconds: float = 0.0  # > 0: also time this long back to back (``sustained_ms``)
 
 
 def add_bench_args(p):
@@ -97,6 +105,10 @@ def add_bench_args(p):
                         f"samples (never under {MIN_REPEATS})")
     p.add_argument("--peak-tflops", type=float, default=H100_PEAK_TFLOPS)
     p.add_argument("--bandwidth-tbs", type=float, default=H100_BANDWIDTH_TBS)
+    p.add_argument("--sustained", type=float, default=0.0, metavar="SECONDS",
+                   help="also time SECONDS of calls back to back per implementation and case, the last two "
+                        "thirds (sustained_ms): the rate under the GPU's power cap, which the ~5 ms throughput "
+                        "windows do not reach for kernels of a millisecond; off by default")
     p.add_argument("--time-budget", type=float, default=float("inf"),
                    help="stop starting new cases after this many seconds (results so far are kept)")
     p.add_argument("--backward", action="store_true",
@@ -139,6 +151,11 @@ def measure(fn, opts: RunOptions):
         if dev == "cuda" else None,
         "samples": {"latency": repeats, "throughput_calls": calls, "throughput_windows": windows},
     }
+    if opts.sustained_seconds > 0:
+        total = _count(opts.sustained_seconds * 1e3 / fields["throughput_ms"], 3, 10**7)
+        # a third untimed brings the GPU to its power cap's steady clock; one window over the rest
+        fields["sustained_ms"] = throughput_ms(fn, total - total // 3, 1, warmup=total // 3, device=dev)
+        fields["samples"]["sustained_calls"] = total
     return out, fields
 
 
@@ -166,6 +183,8 @@ def run_impl(name, inputs, ref, opts: RunOptions, flop, nbytes) -> dict:
             return {"refused": refusal, **res}
         res.update(fields)
         res["tflops"] = flop / (res["throughput_ms"] * 1e-3) / 1e12
+        if "sustained_ms" in res:
+            res["sustained_tflops"] = flop / (res["sustained_ms"] * 1e-3) / 1e12
         res["roofline_fraction"] = B.roofline_fraction(res["throughput_ms"], flop, nbytes, opts.peak_tflops,
                                                        opts.bandwidth_tbs)
         if name == "splat_fused":
@@ -283,7 +302,8 @@ def print_table(rows, summary, console):
     impls = [i for i in IMPLEMENTATIONS if any(i in r["results"] for r in rows)]
     for key, title in (("throughput", "back to back, ms per call (median of windows)"),
                        ("latency", "one call + one sync, ms (median)"),
-                       ("kernel", "GPU time of the kernels, ms (CUPTI)")):
+                       ("kernel", "GPU time of the kernels, ms (CUPTI)"),
+                       ("sustained", "back to back for --sustained seconds, ms per call (the last two thirds)")):
         field = TIMINGS[key]
         if not any(res.get(field) is not None for r in rows for res in r["results"].values()):
             continue  # no kernel times on the CPU
@@ -317,7 +337,8 @@ def _meta(args, opts, impls):
         "torch": torch.__version__, "tvm": tvm.__version__, "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "max_repeats": opts.max_repeats,
         "impl_seconds": opts.impl_seconds, "peak_tflops": opts.peak_tflops,
-        "bandwidth_tbs": opts.bandwidth_tbs, "reference": "float64 masked attention (bench/inputs.py)",
+        "bandwidth_tbs": opts.bandwidth_tbs, "sustained_seconds": opts.sustained_seconds,
+        "reference": "float64 masked attention (bench/inputs.py)",
         "tolerance": TOLERANCE, "implementations": list(impls),
         "ours_first_call": "cold: empty in-memory kernel cache and a fresh TVM_SPLAT_CACHE_DIR per case "
                            "(untuned and tuned share kernels when their knobs agree)",
@@ -334,7 +355,8 @@ def run_bench(args):
     console = Console()
     if not console.is_terminal:  # a log file: wide enough for a column per implementation
         console = Console(width=220)
-    opts = RunOptions(args.device, args.repeats, args.impl_seconds, args.peak_tflops, args.bandwidth_tbs)
+    opts = RunOptions(args.device, args.repeats, args.impl_seconds, args.peak_tflops, args.bandwidth_tbs,
+                      getattr(args, "sustained", 0.0))
     if opts.device == "cuda":
         import torch
 
