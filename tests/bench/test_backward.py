@@ -40,6 +40,18 @@ def test_tiny_suite_on_the_cpu(tmp_path):
     assert again["cases"] == data["cases"] and again["meta"]["resumed_from"] == data["meta"]["date"]
 
 
+def test_sustained_is_refused_with_backward(tmp_path, capsys):
+    """``--sustained`` times the forward bench only: with ``--backward`` it is refused before any
+    case runs (exit status 2, the reason on stderr), not ignored."""
+    from tvm_splat.cli import main
+
+    out = tmp_path / "out"
+    assert main(["bench", "--backward", "--suite", "tiny", "--device", "cpu", "--out", str(out),
+                 "--sustained", "1"]) == 2
+    assert "--sustained times the forward bench only" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_reference_gradients_agree_with_the_numpy_reference():
     inputs = BW._leaves(make_inputs(BenchCase("global:2+causal_window:5", 40, 4, 8, 2, "float32", kv_heads=2), "cpu"))
     dout = torch.randn(inputs.q.shape)

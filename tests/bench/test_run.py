@@ -241,4 +241,7 @@ def test_bench_suite_choices_include_models():
     args = p.parse_args(["--suite", "models", "--device", "cpu"])
     assert (args.suite, args.device, args.impl, args.sustained) == ("models", "cpu", None, 0.0)
     assert p.parse_args(["--sustained", "3"]).sustained == 3.0
+    for bad in ("-1", "nan", "inf"):
+        with pytest.raises(argparse.ArgumentTypeError, match="number of seconds >= 0"):
+            R._seconds(bad)
     assert np.isfinite(args.impl_seconds)

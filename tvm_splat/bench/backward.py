@@ -301,6 +301,9 @@ def plot(rows, path):
 def run_backward_bench(args):
     from rich.console import Console
 
+    if getattr(args, "sustained", 0.0):
+        raise ValueError("--sustained times the forward bench only; tvm-splat bench --backward has no sustained "
+                         "timing (run it without --sustained)")
     console = Console(width=200)
     opts = RunOptions(args.device, args.repeats, args.impl_seconds, args.peak_tflops, args.bandwidth_tbs)
     if opts.device == "cuda":

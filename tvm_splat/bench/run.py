@@ -89,6 +89,16 @@ class RunOptions:
     sustained_seconds: float = 0.0  # > 0: also time this long back to back (``sustained_ms``)
 
 
+def _seconds(text) -> float:
+    """``--sustained``'s value: a finite number of seconds, 0 (off) or more."""
+    import argparse
+
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"--sustained takes a number of seconds >= 0 (0: off), got {text}")
+    return value
+
+
 def add_bench_args(p):
     p.add_argument("--suite", default="quick", choices=SUITES)
     p.add_argument("--pattern", action="append", default=None,
@@ -105,7 +115,7 @@ def add_bench_args(p):
                         f"samples (never under {MIN_REPEATS})")
     p.add_argument("--peak-tflops", type=float, default=H100_PEAK_TFLOPS)
     p.add_argument("--bandwidth-tbs", type=float, default=H100_BANDWIDTH_TBS)
-    p.add_argument("--sustained", type=float, default=0.0, metavar="SECONDS",
+    p.add_argument("--sustained", type=_seconds, default=0.0, metavar="SECONDS",
                    help="also time SECONDS of calls back to back per implementation and case, the last two "
                         "thirds (sustained_ms): the rate under the GPU's power cap, which the ~5 ms throughput "
                         "windows do not reach for kernels of a millisecond; off by default")
