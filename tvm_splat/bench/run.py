@@ -59,9 +59,10 @@ TOLERANCE = {"float16": 2e-2, "bfloat16": 1.6e-1, "float32": 1e-3}
 # The timing fields, their speedup keys, and what they measure. ``sustained`` is timed only with
 # ``--sustained S``: a throughput window lasts ~5 ms (THROUGHPUT_WINDOW_MS), 4-5 calls of a 1 ms
 # kernel, too short for the GPU's power limit to pull its clock down, while a prefill loop of
-# seconds runs at the cap (H100, window +-1024 n=32k bf16: 559-583 TFLOP/s in the windows, about
-# 500 over 3-4 s at 700 W; benchmarks/HISTORY.md), and the cap slows each implementation by
-# how much power it draws, so the two can rank differently.
+# seconds runs at the cap, which slows each implementation by how much power it draws, so the two
+# can rank differently. H100, window +-1024 n=32k (results/h100_forty_first_sustained.json): ours
+# 518 (bf16) and 540 (fp16) TFLOP/s in the windows, 491 and 478 with --sustained 3 at 1500 and
+# 1455 MHz; FlexAttention 383 and 358, then 355 and 347 at 1710 and 1680 MHz (all at ~700 W).
 TIMINGS = {"throughput": "throughput_ms", "latency": "ms", "kernel": "kernel_ms", "sustained": "sustained_ms"}
 # H100 SXM: dense fp16 tensor-core peak and HBM3 bandwidth.
 H100_PEAK_TFLOPS = 989.0
