@@ -1,6 +1,7 @@
 """Forward kernel throughput of the default plan, for A/B runs of two versions of the code (CUDA GPU).
 
     python benchmarks/forward_kernels_ab.py LABEL OUT.json [--cases I,J..] [--variants JSON] [--dtype bfloat16]
+        [--reverse] [--warm SECONDS]
 
 Runs :data:`CASES` (fp16 unless ``--dtype``, seeded random inputs; ``--cases``: their indices) with the planner's
 default knobs and times
@@ -9,7 +10,8 @@ default knobs and times
 must agree between the versions compared. For an A/B, run it once per version of the package
 in one GPU lease (``PYTHONPATH=<other checkout> python ...``), alternating, and compare the
 rows by case. One warm-up case runs first, untimed, so that no timed case meets the GPU's idle
-clock. ``benchmarks/results/h200_forward_ab.json`` holds such runs. ``--variants``: a JSON list
+clock; ``--warm S`` then runs the first case's default plan back to back for ``S`` seconds, untimed,
+so that the timed rows start where the GPU has settled under its power cap (:func:`warm_gpu`). ``benchmarks/results/h200_forward_ab.json`` holds such runs. ``--variants``: a JSON list
 of :class:`~tvm_splat.schedules.tiled.TiledKnobs` overrides of each case's default knobs (``{}``
 the default), e.g. ``'[{}, {"br": 128, "warps": 8}, {"split_blocks": 0}]'``, or ``'[{}, {"persistent":
 132}]'`` (the persistent form, 132 thread blocks, of the cases whose default is warp-specialized):
@@ -19,6 +21,8 @@ output from the first variant's); a variant the planner refuses is a row with it
 import argparse
 import dataclasses
 import json
+import math
+import time
 
 import torch
 
@@ -106,20 +110,49 @@ def run_case(pattern, b, h, kvh, n, d, label, variants=({},), dtype="float16"):
     return rows
 
 
-def main(label, out_path, cases=None, variants=({},), dtype="float16", reverse=False):
+def warm_gpu(case, dtype: str, seconds: float) -> int:
+    """Run ``case``'s default plan back to back for about ``seconds`` (a sync every 20 calls),
+    untimed; returns the number of calls. The rows a process times first can meet the GPU before
+    it has settled under its 700 W cap: in the fortieth session (H100, case 7 bf16, two
+    processes of six rows) the fourth row ran 1.150 and 1.099 ms against 1.023-1.084 for the
+    others, the rows after it fast again; in the forty-second (H200) case 7's four rows ran
+    1.058, 1.063, 1.068 and 1.091 ms (bf16) while case 6, timed after them, stayed within 0.8%.
+    The clock logs of such loops show a transient (``forward_case.py 7 --seconds 3``, H200,
+    ``results/h200_forty_second_v_check.json``, ``clock_logs``): the SM clock fell from 1980 to
+    1605-1710 MHz at the first sample under load; the power read (an average) rose to the cap
+    over 0.8 s, and there the clock dipped to 1395-1470 MHz in all five logs before it held
+    1545-1710 MHz at 686-692 W. One warm-up case (about 0.4 s of calls) ends before that dip."""
+    mask, q, k, v = case_inputs(*case, dtype)
+    warm = plan(mask, q.shape, k.shape, dtype, "cuda")
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(20):
+            warm.run(q, k, v)
+        calls += 20
+        torch.cuda.synchronize()
+    return calls
+
+
+def main(label, out_path, cases=None, variants=({},), dtype="float16", reverse=False, warm=0.0):
     """Time ``cases`` × ``variants`` and write the rows to ``out_path``. Each row's ``position``
     is its place among the process's timed rows (1 first). ``reverse``: each case's variants run
     last to first (the last variant is then the yardstick of ``max_diff``), so that two
     processes, one in each order, put every variant at every place of a case's rows. (Fortieth
-    session: the fourth timed row of a process ran 4-8% slow, whichever variant it held.)"""
+    session: the fourth timed row of a process ran 4-8% slow, whichever variant it held.)
+    ``warm``: seconds of :func:`warm_gpu` on the first case after the warm-up case, recorded in
+    every row as ``warm_s`` (0: none, as before)."""
     if not torch.cuda.is_available():
         raise SystemExit("forward_kernels_ab.py needs a CUDA GPU")
     chosen = [CASES[i] for i in (range(len(CASES)) if cases is None else cases)]
     run_case(*chosen[0], label, dtype=dtype)  # warm-up: the GPU leaves its idle clock
+    if warm:
+        warm_gpu(chosen[0], dtype, warm)
     rows = []
     for case in chosen:
         for row in run_case(*case, label, list(variants)[::-1] if reverse else variants, dtype):
             row["position"] = len(rows) + 1
+            if warm:
+                row["warm_s"] = warm
             print(json.dumps(row), flush=True)
             rows.append(row)
         with open(out_path, "w") as f:
@@ -137,6 +170,13 @@ def _indices(text):
     return [_case(i) for i in text.split(",")]
 
 
+def _warm(text):
+    seconds = float(text)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise argparse.ArgumentTypeError(f"--warm takes a number of seconds >= 0, got {text}")
+    return seconds
+
+
 def _variants(text):
     variants = json.loads(text)
     if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants) or not variants:
@@ -152,5 +192,7 @@ if __name__ == "__main__":
     parser.add_argument("--variants", type=_variants, default=[{}], help="JSON list of TiledKnobs overrides")
     parser.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
     parser.add_argument("--reverse", action="store_true", help="run each case's variants last to first")
+    parser.add_argument("--warm", type=_warm, default=0.0,
+                        help="seconds of the first case back to back, untimed, before the timed rows")
     args = parser.parse_args()
-    main(args.label, args.out, args.cases, args.variants, args.dtype, args.reverse)
+    main(args.label, args.out, args.cases, args.variants, args.dtype, args.reverse, args.warm)

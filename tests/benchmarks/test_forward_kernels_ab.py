@@ -100,3 +100,35 @@ def test_reverse_runs_each_cases_variants_last_to_first(repo_script, monkeypatch
         assert [r["position"] for r in rows] == [1, 2, 3, 4, 5, 6]
         assert [r.get("variant", {}) for r in rows] == order * 2
     assert ab.CASES[21] == ("causal_window:8191", 1, 32, 8, 32768, 128)
+
+
+def test_warm_runs_the_first_case_before_the_timed_rows(repo_script, monkeypatch, tmp_path):
+    """``--warm S``: after the warm-up case, :func:`warm_gpu` runs the first case for S seconds
+    before any row is timed, and every row records ``warm_s``; without it nothing more runs and
+    the rows are as before. The value is a finite number of seconds >= 0."""
+    import json
+
+    import torch
+
+    ab = repo_script(SCRIPT)
+    events = []
+
+    def fake_run_case(pattern, b, h, kvh, n, d, label, variants=({},), dtype="float16"):
+        events.append(("case", pattern, len(list(variants))))
+        return [{"case": pattern} for _ in variants]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ab, "run_case", fake_run_case)
+    monkeypatch.setattr(ab, "warm_gpu", lambda case, dtype, seconds: events.append(("warm", case, dtype, seconds)))
+    for warm in (0.0, 2.5):
+        events.clear()
+        out = tmp_path / f"ab_{warm}.json"
+        ab.main("t", str(out), [7, 6], [{}, {"head_group": 0}], "bfloat16", warm=warm)
+        expected = [("case", ab.CASES[7][0], 1)] + ([("warm", ab.CASES[7], "bfloat16", 2.5)] if warm else [])
+        assert events == expected + [("case", ab.CASES[7][0], 2), ("case", ab.CASES[6][0], 2)]
+        rows = json.loads(out.read_text())
+        assert [r.get("warm_s") for r in rows] == [2.5 if warm else None] * 4
+    assert ab._warm("3") == 3.0 and ab._warm("0") == 0.0
+    for bad in ("-1", "nan", "inf"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--warm takes a number of seconds"):
+            ab._warm(bad)
