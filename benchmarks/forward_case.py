@@ -37,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from forward_kernels_ab import CASES, _case, case_inputs, variant_plan
 
+from tvm_splat.timing import run_for
+
 #: the fields ``nvidia-smi --query-gpu`` logs, in its CSV's order
 CLOCK_FIELDS = ("timestamp", "clocks.sm", "power.draw", "temperature.gpu", "clocks_throttle_reasons.active")
 
@@ -167,14 +169,10 @@ def main(case: int, variant: dict, dtype: str = "float16", calls: int = 4, secon
     result = {"case": CASES[case], "dtype": dtype, **result}
     if seconds:
         with clock_sampler(clock_log):
-            done, start = 0, time.time()
+            start = time.time()
             first, last = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             first.record()
-            while time.time() - start < seconds:
-                for _ in range(50):
-                    call()
-                done += 50
-                torch.cuda.synchronize()
+            done = run_for(call, seconds, batch=50)
             last.record()
             last.synchronize()
             end = time.time()

@@ -21,14 +21,13 @@ output from the first variant's); a variant the planner refuses is a row with it
 import argparse
 import dataclasses
 import json
-import math
-import time
 
 import torch
 
+from tvm_splat.bench.run import seconds_type
 from tvm_splat.formats import parse_pattern
 from tvm_splat.planner import plan
-from tvm_splat.timing import throughput_ms
+from tvm_splat.timing import run_for, throughput_ms
 
 #: (pattern, batch, heads, kv_heads, n, head_dim): models-suite shapes, partial-heavy first
 CASES = [("global:4+window:256", 1, 12, 12, 4096, 64), ("global:4+window:256", 4, 12, 12, 4096, 64),
@@ -111,8 +110,8 @@ def run_case(pattern, b, h, kvh, n, d, label, variants=({},), dtype="float16"):
 
 
 def warm_gpu(case, dtype: str, seconds: float) -> int:
-    """Run ``case``'s default plan back to back for about ``seconds`` (a sync every 20 calls),
-    untimed; returns the number of calls. The rows a process times first can meet the GPU before
+    """Run ``case``'s default plan back to back for about ``seconds`` (:func:`~tvm_splat.timing.run_for`,
+    a sync every 20 calls), untimed; returns the number of calls. The rows a process times first can meet the GPU before
     it has settled under its 700 W cap: in the fortieth session (H100, case 7 bf16, two
     processes of six rows) the fourth row ran 1.150 and 1.099 ms against 1.023-1.084 for the
     others, the rows after it fast again; in the forty-second (H200) case 7's four rows ran
@@ -124,13 +123,7 @@ def warm_gpu(case, dtype: str, seconds: float) -> int:
     1545-1710 MHz at 686-692 W. One warm-up case (about 0.4 s of calls) ends before that dip."""
     mask, q, k, v = case_inputs(*case, dtype)
     warm = plan(mask, q.shape, k.shape, dtype, "cuda")
-    calls, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        for _ in range(20):
-            warm.run(q, k, v)
-        calls += 20
-        torch.cuda.synchronize()
-    return calls
+    return run_for(lambda: warm.run(q, k, v), seconds, batch=20)
 
 
 def main(label, out_path, cases=None, variants=({},), dtype="float16", reverse=False, warm=0.0):
@@ -170,11 +163,7 @@ def _indices(text):
     return [_case(i) for i in text.split(",")]
 
 
-def _warm(text):
-    seconds = float(text)
-    if not math.isfinite(seconds) or seconds < 0:
-        raise argparse.ArgumentTypeError(f"--warm takes a number of seconds >= 0, got {text}")
-    return seconds
+_warm = seconds_type("--warm")
 
 
 def _variants(text):

@@ -47,3 +47,19 @@ def test_gpu_windows_open_after_one_queued_call(monkeypatch):
     ms = throughput_ms(lambda: events.append("call"), calls=4, windows=2, warmup=1, device="cuda")
     assert events == ["call"] + 2 * (["call", "start"] + ["call"] * 4 + ["end"])
     assert ms == pytest.approx(8.0 / 4)
+
+
+def test_run_for_calls_in_batches_until_the_time_is_up(monkeypatch):
+    """``run_for``: batches of ``batch`` calls, each followed by a synchronisation, started only
+    while less than ``seconds`` have passed; it returns the calls made (none for 0 seconds)."""
+    import tvm_splat.timing as T
+
+    clock = iter(range(0, 1000))  # one "second" a reading: the start, then one reading a batch
+    monkeypatch.setattr(T.time, "perf_counter", lambda: next(clock))
+    events = []
+    monkeypatch.setattr(T, "synchronize", lambda device: events.append(("sync", device)))
+    # readings 1 and 2 are under 3 s, reading 3 is not: two batches
+    assert T.run_for(lambda: events.append("call"), 3, batch=2, device="cuda") == 4
+    assert events == 2 * ["call", "call", ("sync", "cuda")]
+    events.clear()
+    assert T.run_for(lambda: events.append("call"), 0, device="cpu") == 0 and events == []

@@ -79,6 +79,21 @@ def _window_ms(fn, calls: int, device: str) -> float:
     return start.elapsed_time(end)
 
 
+def run_for(fn, seconds: float, batch: int = 50, device: str = "cuda") -> int:
+    """Call ``fn()`` back to back for about ``seconds``, ``batch`` calls at a time with a
+    synchronisation of ``device`` after each batch (a batch starts only while less than
+    ``seconds`` have passed, so 0 seconds makes no call); returns the number of calls. The loop
+    of a sustained load: a warm-up to the GPU's power cap, or a loop timed and clock-logged from
+    outside (``benchmarks/forward_case.py --seconds``)."""
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(batch):
+            fn()
+        calls += batch
+        synchronize(device)
+    return calls
+
+
 def synchronize(device: str) -> None:
     """Wait for the work queued on ``device`` ("cpu": nothing is asynchronous)."""
     if device != "cpu":

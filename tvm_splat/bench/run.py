@@ -90,14 +90,22 @@ class RunOptions:
     sustained_seconds: float = 0.0  # > 0: also time this long back to back (``sustained_ms``)
 
 
-def _seconds(text) -> float:
-    """``--sustained``'s value: a finite number of seconds, 0 (off) or more."""
+def seconds_type(option: str):
+    """An argparse ``type`` for ``option``: a finite number of seconds, 0 (off) or more, refused
+    otherwise with a message naming the option (``--sustained`` here; ``--warm`` of
+    ``benchmarks/forward_kernels_ab.py``)."""
     import argparse
 
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"--sustained takes a number of seconds >= 0 (0: off), got {text}")
-    return value
+    def seconds(text) -> float:
+        value = float(text)
+        if not math.isfinite(value) or value < 0:
+            raise argparse.ArgumentTypeError(f"{option} takes a number of seconds >= 0 (0: off), got {text}")
+        return value
+
+    return seconds
+
+
+_seconds = seconds_type("--sustained")
 
 
 def add_bench_args(p):
