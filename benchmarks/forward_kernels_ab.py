@@ -120,7 +120,12 @@ def warm_gpu(case, dtype: str, seconds: float) -> int:
     ``results/h200_forty_second_v_check.json``, ``clock_logs``): the SM clock fell from 1980 to
     1605-1710 MHz at the first sample under load; the power read (an average) rose to the cap
     over 0.8 s, and there the clock dipped to 1395-1470 MHz in all five logs before it held
-    1545-1710 MHz at 686-692 W. One warm-up case (about 0.4 s of calls) ends before that dip."""
+    1545-1710 MHz at 686-692 W. One warm-up case (about 0.4 s of calls) ends before that dip.
+    Measured since (forty-third session, H100, ``results/h100_forty_third_ablations.json``,
+    ``row_positions``): the default plan as every variant, cases 7 and 6 (bf16), spread 5-14%
+    between its rows in one process with ``--warm 3`` as without, the slow row at no fixed place.
+    So the warm-up does not remove the slow rows, and a difference under about 10% needs the
+    sustained rows of ``forward_case.py --seconds``."""
     mask, q, k, v = case_inputs(*case, dtype)
     warm = plan(mask, q.shape, k.shape, dtype, "cuda")
     return run_for(lambda: warm.run(q, k, v), seconds, batch=20)
