@@ -10,8 +10,11 @@ default knobs and times
 must agree between the versions compared. For an A/B, run it once per version of the package
 in one GPU lease (``PYTHONPATH=<other checkout> python ...``), alternating, and compare the
 rows by case. One warm-up case runs first, untimed, so that no timed case meets the GPU's idle
-clock; ``--warm S`` then runs the first case's default plan back to back for ``S`` seconds, untimed,
-so that the timed rows start where the GPU has settled under its power cap (:func:`warm_gpu`). ``benchmarks/results/h200_forward_ab.json`` holds such runs. ``--variants``: a JSON list
+clock; ``--warm S`` then runs the first case's default plan back to back for ``S`` seconds,
+untimed, so that the timed rows start where the GPU has settled under its power cap
+(:func:`warm_gpu`; measured, it does not remove the rows that run slow at random places, so
+differences under about 10% need ``forward_case.py --seconds``).
+``benchmarks/results/h200_forward_ab.json`` holds such runs. ``--variants``: a JSON list
 of :class:`~tvm_splat.schedules.tiled.TiledKnobs` overrides of each case's default knobs (``{}``
 the default), e.g. ``'[{}, {"br": 128, "warps": 8}, {"split_blocks": 0}]'``, or ``'[{}, {"persistent":
 132}]'`` (the persistent form, 132 thread blocks, of the cases whose default is warp-specialized):
@@ -110,9 +113,10 @@ def run_case(pattern, b, h, kvh, n, d, label, variants=({},), dtype="float16"):
 
 
 def warm_gpu(case, dtype: str, seconds: float) -> int:
-    """Run ``case``'s default plan back to back for about ``seconds`` (:func:`~tvm_splat.timing.run_for`,
-    a sync every 20 calls), untimed; returns the number of calls. The rows a process times first can meet the GPU before
-    it has settled under its 700 W cap: in the fortieth session (H100, case 7 bf16, two
+    """Run ``case``'s default plan back to back for about ``seconds``
+    (:func:`~tvm_splat.timing.run_for`, a sync every 20 calls), untimed; returns the number of
+    calls. The rows a process times first can meet the GPU before it has settled under its
+    700 W cap: in the fortieth session (H100, case 7 bf16, two
     processes of six rows) the fourth row ran 1.150 and 1.099 ms against 1.023-1.084 for the
     others, the rows after it fast again; in the forty-second (H200) case 7's four rows ran
     1.058, 1.063, 1.068 and 1.091 ms (bf16) while case 6, timed after them, stayed within 0.8%.
