@@ -1004,47 +1004,71 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         return in_block(rng, r, k // 2 * 8 + lane % 4 * 2 + k % 2)
 
     @T.macro
+    def scale_scores(sacc):
+        # a FULL block's scores scaled (unless SCALE_IN_EXP: the exponent scales them)
+        if not SCALE_IN_EXP:
+            for i in T.unroll(MT * NTL * 4):
+                sacc[i] = sacc[i] * scale
+
+    @T.macro
+    def partial_block_ranges(rng, sg, full, col0, sig, lane, klen):
+        # a PARTIAL block's column ranges of the thread's row slots (block_ranges, capped at the
+        # key length, so a FULL block crossing it is masked past it), with COLUMN_BITS as one
+        # word a slot (row_column_bits, kept in the slot's first range)
+        block_ranges(rng, sg, full, col0, sig, T.floordiv(klen - 1 - col0, sig) if spec.has_kv_len else None)
+        if COLUMN_BITS:
+            for r in T.unroll(RS):
+                rng[r * S * 2] = T.reinterpret("int32", row_column_bits(rng, r, lane, S, NTL))
+
+    def kept_score(sacc, rng, mt, nt, i, lane):  # score i of 8-column tile nt of sacc, scaled, or -inf if masked out
+        return T.Select(kept_column(rng, mt * 2 + i // 2, nt * 2 + i % 2, lane), scaled(sacc[(mt * NTL + nt) * 4 + i]),
+                        neg_inf)
+
+    @T.macro
     def mask_scores(sacc, sg, rng, full, col0, sig, lane, klen):
         # scale (unless SCALE_IN_EXP); then, unless the block is FULL inside the key length (a
         # branch uniform over the block), select to -inf the scores outside the block's ranges
-        # (block_ranges, once per block; capped at the key length, so a FULL block crossing it is
-        # masked past it): with COLUMN_BITS the ranges of each row slot as one word
-        # (row_column_bits, kept in the slot's first range) and one bit test per score, which
+        # (partial_block_ranges, once per block): with COLUMN_BITS one bit test per score, which
         # ptxas turns into R2P moves of bits into predicates (a window's PARTIAL block 772 ->
         # 685 instructions with the unit-step ranges, SASS of the persistent default), else 2 S
         # integer compares per score; no branch per score. Testing FULL blocks too cost the
         # FULL-heavy masks 14% at d=128 (H200, window +-1024 n=32k: 1.55 -> 1.79 ms).
         if whole_block(full, col0, sig, klen):
-            if not SCALE_IN_EXP:
-                for i in T.unroll(MT * NTL * 4):
-                    sacc[i] = sacc[i] * scale
+            scale_scores(sacc)
         else:
-            block_ranges(rng, sg, full, col0, sig,
-                         T.floordiv(klen - 1 - col0, sig) if spec.has_kv_len else None)
-            if COLUMN_BITS:
-                for r in T.unroll(RS):
-                    rng[r * S * 2] = T.reinterpret("int32", row_column_bits(rng, r, lane, S, NTL))
+            partial_block_ranges(rng, sg, full, col0, sig, lane, klen)
             for mt in T.unroll(MT):
                 for nt in T.unroll(NTL):
                     for i in T.unroll(4):
-                        sacc[(mt * NTL + nt) * 4 + i] = T.Select(kept_column(rng, mt * 2 + i // 2, nt * 2 + i % 2, lane),
-                                                                 scaled(sacc[(mt * NTL + nt) * 4 + i]), neg_inf)
+                        sacc[(mt * NTL + nt) * 4 + i] = kept_score(sacc, rng, mt, nt, i, lane)
 
     @T.macro
-    def running_max(sacc, ms, ls, mb, al):
-        # each row's block max (over its 4 lanes), the new running max, the rescale factor of the
-        # old one, and the running sum rescaled
+    def block_maxima(sacc, mb, al, rng, lane, masked: bool):
+        # each row slot's max over the thread's scores of the block, in two independent chains
+        # (mb: the even 8-column tiles, al: the odd ones; as the row sums of block_exponentials:
+        # within noise in the A/B, window +-1024 1.257 -> 1.259 ms, Mistral n=8k 0.830 -> 0.847,
+        # the 11 other cases within 4%, run twentieth_descriptors). masked (a python bool): each
+        # score is first selected to -inf outside the ranges of partial_block_ranges and scaled,
+        # in place, its select followed by its max rather than all 64 selects before the first
+        # max: the warp-specialized window +-1024 n=32k d=128 held 3 s on the H100 went bf16
+        # 501.8, 501.1 -> 509.1, 509.0 TFLOP/s, fp16 481.6, 479.7 -> 490.5, 491.0 (a PARTIAL
+        # block's mask path 682 -> 667 SASS instructions a thread; forty-third session)
         for i in T.unroll(RS):
             mb[i] = neg_inf
-            al[i] = neg_inf  # free until the rescale factor: the odd 8-column tiles' max
+            al[i] = neg_inf  # free until the rescale factor
         for mt in T.unroll(MT):
-            # two independent max chains per row (as the row sums of softmax_scores): within
-            # noise in the A/B (window +-1024 1.257 -> 1.259 ms, Mistral n=8k 0.830 -> 0.847, the
-            # 11 other cases within 4%, run twentieth_descriptors); the measured and tested form
             for nt2 in T.unroll(NTL // 2):
                 for i in T.unroll(4):
+                    if masked:
+                        for hn in T.unroll(2):
+                            sacc[(mt * NTL + nt2 * 2 + hn) * 4 + i] = kept_score(sacc, rng, mt, nt2 * 2 + hn, i, lane)
                     mb[mt * 2 + i // 2] = T.max(mb[mt * 2 + i // 2], sacc[(mt * NTL + nt2 * 2) * 4 + i])
                     al[mt * 2 + i // 2] = T.max(al[mt * 2 + i // 2], sacc[(mt * NTL + nt2 * 2 + 1) * 4 + i])
+
+    @T.macro
+    def update_running_max(ms, ls, mb, al):
+        # from the thread's block maxima (block_maxima): each row's block max (over its 4 lanes),
+        # the new running max, the rescale factor of the old one (al), and the running sum rescaled
         for i in T.unroll(RS):
             mb[i] = T.max(mb[i], al[i])
             mb[i] = T.max(mb[i], T.tvm_warp_shuffle_xor(full_mask, mb[i], 1, 32, 32))
@@ -1057,6 +1081,13 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                 al[i] = T.exp2(ms[i] - mb[i])
             ms[i] = mb[i]
             ls[i] = ls[i] * al[i]
+
+    @T.macro
+    def running_max(sacc, ms, ls, mb, al):
+        # each row's block max, the new running max, the rescale factor of the old one and the
+        # running sum rescaled, of scores mask_scores left
+        block_maxima(sacc, mb, al, None, None, False)
+        update_running_max(ms, ls, mb, al)
 
     @T.macro
     def multiply_o(oacc, al):
@@ -1108,10 +1139,9 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         rescale_o(oacc, al)
 
     @T.macro
-    def softmax_scores(sacc, ms, ls, mb, al):
-        # online_softmax's first half, for the overlapped loop: the running max and rescale
-        # factor, and the block's exponentials 2^(S - m) in place in sacc (float32), summed
-        running_max(sacc, ms, ls, mb, al)
+    def block_exponentials(sacc, ms, ls, mb):
+        # the softmax's first half past the running max (update_running_max), for the overlapped
+        # loop: the block's exponentials 2^(S - m) in place in sacc (float32), summed into ls
         for i in T.unroll(RS):
             mb[i] = T.float32(0)  # free now (ms holds the new max): the odd 8-column tiles' sum
         for mt in T.unroll(MT):
@@ -1448,11 +1478,17 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     @T.macro
     def scores_of_block(j, r, smem, blocks, bars, sg, rng, desc, sacc, ms, ls, mb, al, hm, blk_lo, w, lane, klen):
         # S of block j (running index r) is complete in sacc: release its K stage, mask, and turn
-        # it into the block's exponentials in place (softmax_scores)
+        # it into the block's exponentials in place (block_maxima, update_running_max, block_exponentials)
         release(bars, K_FREE + stage_of(r), lane)
-        mask_scores(sacc, sg, rng, blocks[hm, blk_lo + j, 2], blocks[hm, blk_lo + j, 0], blocks[hm, blk_lo + j, 1],
-                    lane, klen)
-        softmax_scores(sacc, ms, ls, mb, al)
+        if whole_block(blocks[hm, blk_lo + j, 2], blocks[hm, blk_lo + j, 0], blocks[hm, blk_lo + j, 1], klen):
+            scale_scores(sacc)
+            block_maxima(sacc, mb, al, rng, lane, False)
+        else:  # each score's select followed by its max (block_maxima)
+            partial_block_ranges(rng, sg, blocks[hm, blk_lo + j, 2], blocks[hm, blk_lo + j, 0],
+                                 blocks[hm, blk_lo + j, 1], lane, klen)
+            block_maxima(sacc, mb, al, rng, lane, True)
+        update_running_max(ms, ls, mb, al)
+        block_exponentials(sacc, ms, ls, mb)
 
     @T.macro
     def issue_pv_of_block(j, r, smem, blocks, bars, vbad, desc, pf, pw, oacc, words, nonfinite, vflag, px, pxw, vx,
