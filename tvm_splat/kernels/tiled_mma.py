@@ -917,21 +917,37 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         issue_tma_pair(smem, ready, st, 2 * KV_BYTES, kmap, K_OFF + st * BC * D, vmap, V_OFF + st * BC * D, col0, bhk,
                        STEP, kv_evict_last)
 
+    # the V check by packed FMAs (the warp-specialized form): x 0 + c over both 16-bit halves
+    # of a word is a signed zero for a finite x and NaN for NaN or inf, and NaN stays NaN
+    NONFINITE_BY_FMA = warp_specialized
+    NONFINITE_CHAINS = 4 if NONFINITE_BY_FMA else 1
+    fma_halves = {"float16": T.ptx.fma.rn.f16x2, "bfloat16": T.ptx.fma.rn.bf16x2}.get(dt)
+
     @T.macro
     def flag_nonfinite_chunks(smem, vbad, words, nonfinite, st, j, tid, threads, flag):
         # thread ``tid`` of ``threads``: its 16-byte chunks of V's stage st (in the order the
         # copies take them); if an element is NaN or inf, set ``vbad[flag]`` to block j + 1.
-        # Reads and the tag go through PTX on raw shared addresses, which TVM's barrier planner
-        # does not track: tracked, it would add a barrier per block (the caller's barrier
-        # publishes the tag and orders everything else).
-        nonfinite[0] = T.uint32(0)
+        # With NONFINITE_BY_FMA one packed FMA a word into one of 4 independent chains (the
+        # sign bits dropped at the end), else 3 integer operations a word (nonfinite_halves):
+        # SASS of window +-1024 d=128, a PARTIAL block's path with the check
+        # (sass_block_path.py --require FSEL>=64 --require LDS>=16) 887 -> 793 instructions a
+        # thread in bf16, 895 -> 801 in fp16 (HFMA2 64, where LOP3 went 123 -> 29). Reads and the tag go through PTX on raw shared addresses, which
+        # TVM's barrier planner does not track: tracked, it would add a barrier per block (the
+        # caller's barrier publishes the tag and orders everything else).
+        for c in T.unroll(NONFINITE_CHAINS):
+            nonfinite[c] = T.uint32(0)
         for it in T.serial((BC * CH + threads - 1) // threads):
             if it * threads + tid < BC * CH:
                 T.ptx.ld.shared.v4.b32(words[0], words[1], words[2], words[3], T.address_of(smem[kv_elem(
                     V_OFF, st, chunk_position(it * threads + tid, CH, core_rows_first)[0],
                     chunk_position(it * threads + tid, CH, core_rows_first)[1])]))
                 for i in T.unroll(4):
-                    nonfinite[0] = nonfinite[0] | nonfinite_halves(words[i], dt)
+                    if NONFINITE_BY_FMA:
+                        fma_halves(nonfinite[i], words[i], T.uint32(0), nonfinite[i])
+                    else:
+                        nonfinite[0] = nonfinite[0] | nonfinite_halves(words[i], dt)
+        if NONFINITE_BY_FMA:
+            nonfinite[0] = (nonfinite[0] | nonfinite[1] | nonfinite[2] | nonfinite[3]) & T.uint32(0x7FFF7FFF)
         if nonfinite[0] != T.uint32(0):
             T.ptx.st.shared.b32(T.address_of(vbad[flag]), j + 1)
 
@@ -2007,7 +2023,7 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                                 sacc = T.sblock_alloc_buffer((MT * NTL * 4,), "float32", scope="local")
                                 sacc2 = T.sblock_alloc_buffer((MT * NTL * 4,), "float32", scope="local")
                                 oacc = T.sblock_alloc_buffer((MT * DT * 4,), "float32", scope="local")
-                                nonfinite = T.sblock_alloc_buffer((1,), "uint32", scope="local")
+                                nonfinite = T.sblock_alloc_buffer((NONFINITE_CHAINS,), "uint32", scope="local")
                                 words = T.sblock_alloc_buffer((4,), "uint32", scope="local")
                                 vflag = T.sblock_alloc_buffer((1,), "int32", scope="local")
                                 if warp_specialized:  # its exact path's pairs of P (one per row slot) and of V
