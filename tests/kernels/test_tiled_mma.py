@@ -148,7 +148,7 @@ def test_warp_specialized_v_check_is_packed_fmas_in_four_chains(dtype, halves):
     assert body.count(joined) == body.count("if (nonfinite_ptr[0] != (uint)0)") > 0
     for exponent_bits in (0x7C007C00, 0x7F807F80):
         assert f"(uint){exponent_bits}" not in body
-    nvcc_compile(src, H100)
+    assert nvcc_compile(src, H100)
 
 
 def test_persistent_refusals():

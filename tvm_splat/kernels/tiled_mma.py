@@ -931,9 +931,12 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         # sign bits dropped at the end), else 3 integer operations a word (nonfinite_halves):
         # SASS of window +-1024 d=128, a PARTIAL block's path with the check
         # (sass_block_path.py --require FSEL>=64 --require LDS>=16) 887 -> 793 instructions a
-        # thread in bf16, 895 -> 801 in fp16 (HFMA2 64, where LOP3 went 123 -> 29). Reads and the tag go through PTX on raw shared addresses, which
-        # TVM's barrier planner does not track: tracked, it would add a barrier per block (the
-        # caller's barrier publishes the tag and orders everything else).
+        # thread in bf16, 895 -> 801 in fp16 (HFMA2 64, where LOP3 went 123 -> 29); held 3 s on
+        # an H100, two ABBA rounds, bf16 +0.7% and fp16 +0.4% (forty-fourth session,
+        # benchmarks/results/h100_forty_fourth_ab.json, v_check_fma). Reads and the tag go
+        # through PTX on raw shared addresses, which TVM's barrier planner does not track:
+        # tracked, it would add a barrier per block (the caller's barrier publishes the tag and
+        # orders everything else).
         for c in T.unroll(NONFINITE_CHAINS):
             nonfinite[c] = T.uint32(0)
         for it in T.serial((BC * CH + threads - 1) // threads):
@@ -1066,9 +1069,10 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         # the 11 other cases within 4%, run twentieth_descriptors). masked (a python bool): each
         # score is first selected to -inf outside the ranges of partial_block_ranges and scaled,
         # in place, its select followed by its max rather than all 64 selects before the first
-        # max: the warp-specialized window +-1024 n=32k d=128 held 3 s on the H100 went bf16
-        # 501.8, 501.1 -> 509.1, 509.0 TFLOP/s, fp16 481.6, 479.7 -> 490.5, 491.0 (a PARTIAL
-        # block's mask path 682 -> 667 SASS instructions a thread; forty-third session)
+        # max: the warp-specialized window +-1024 n=32k d=128 held 3 s on an H100, one process a
+        # row, ABBA, went bf16 508.7, 507.7 -> 514.9, 515.1 TFLOP/s and fp16 488.7, 489.7 ->
+        # 499.7, 500.9 (forty-fourth session, benchmarks/results/h100_forty_fourth_ab.json,
+        # interleave; a PARTIAL block's mask path 696 -> 681 SASS instructions a thread in bf16)
         for i in T.unroll(RS):
             mb[i] = neg_inf
             al[i] = neg_inf  # free until the rescale factor
@@ -1494,7 +1498,8 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     @T.macro
     def scores_of_block(j, r, smem, blocks, bars, sg, rng, desc, sacc, ms, ls, mb, al, hm, blk_lo, w, lane, klen):
         # S of block j (running index r) is complete in sacc: release its K stage, mask, and turn
-        # it into the block's exponentials in place (block_maxima, update_running_max, block_exponentials)
+        # it into the block's exponentials in place (block_maxima, update_running_max,
+        # block_exponentials)
         release(bars, K_FREE + stage_of(r), lane)
         if whole_block(blocks[hm, blk_lo + j, 2], blocks[hm, blk_lo + j, 0], blocks[hm, blk_lo + j, 1], klen):
             scale_scores(sacc)
