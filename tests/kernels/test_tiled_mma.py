@@ -12,7 +12,8 @@ from tvm_splat.compile import nvcc_compile, ptxas_report, ptxas_usage, wgmma_ser
 from tvm_splat.formats import ACSR, Window, parse_pattern
 from tvm_splat.formats.tile_plan import plan_tiles
 from tvm_splat.kernels.spec import AttentionSpec
-from tvm_splat.kernels.tiled_mma import (GROUPED_MIN_HEADS, PROGRAM_ROW_GROUP, busiest_block, create_l2_policy,
+from tvm_splat.kernels.tiled_mma import (GROUPED_MIN_HEADS, PROGRAM_ROW_GROUP, WS_CONSUMER_REGS_MAX,
+                                         WS_PRODUCER_REGS, busiest_block, consumer_registers, create_l2_policy,
                                          head_group_tile, int_select, persistent_block_loads, persistent_program,
                                          program_block_counts, program_group, program_tile, row_column_bits,
                                          tiled_mma_func)
@@ -129,6 +130,29 @@ def test_persistent_form_compiles_with_rounds_and_one_cta_barrier(d, warps, dtyp
     assert _stack_bytes(src) == 0
     assert wgmma_serialized(src, H100) == []
     assert nvcc_compile(src, H100)
+
+
+def test_consumer_registers_take_only_what_the_producer_gives_back():
+    """The consumers' ``setmaxnreg.inc`` asks for at most what the producer's ``.dec`` gave back
+    to the thread block: each thread starts with the launch's registers (65536 / (blocks x
+    threads), rounded down to 8), and an ``inc`` past the returned pool waits forever (a draft
+    of the forty-fifth session kept the producer at 32 registers and the consumers at 240, and
+    hung on the GPU). The most that fits, a multiple of 8; the forms' own figures: beside a
+    producer of 24, two consumer warpgroups (launch 168) take 240, one (launch 128) 232, and the
+    kernel asks for them."""
+    for threads, blocks in ((256, 1), (128, 2)):
+        launch = 65536 // blocks // (threads + 128) // 8 * 8
+        for producer in (24, 32, 40, 56):
+            consumer = consumer_registers(threads, blocks, producer)
+            assert consumer % 8 == 0 and consumer <= WS_CONSUMER_REGS_MAX
+            assert threads * (consumer - launch) <= 128 * (launch - producer)
+            assert consumer == WS_CONSUMER_REGS_MAX or threads * (consumer + 8 - launch) > 128 * (launch - producer)
+    assert (consumer_registers(256, 1, WS_PRODUCER_REGS), consumer_registers(128, 2, WS_PRODUCER_REGS)) == (240, 232)
+    assert (consumer_registers(256, 1, 32), consumer_registers(128, 2, 32)) == (232, 224)  # not 240, 224
+    for d, warps, consumer in ((128, 8, 240), (64, 4, 232)):
+        body = _kernel_body(_persistent(d, warps, "bfloat16", 3)[1])
+        assert f"setmaxnreg_inc_sync_aligned_u32_{consumer}()" in body
+        assert f"setmaxnreg_dec_sync_aligned_u32_{WS_PRODUCER_REGS}()" in body
 
 
 @pytest.mark.parametrize("dtype,halves", [("bfloat16", "bf16x2"), ("float16", "f16x2")])

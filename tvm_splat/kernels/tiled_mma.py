@@ -315,6 +315,21 @@ WS_PRODUCER_REGS = 24
 WS_CONSUMER_REGS_MAX = 240
 
 
+def consumer_registers(consumer_threads: int, blocks_per_sm: int, producer_regs: int) -> int:
+    """The registers a consumer thread of the warp-specialized form asks for (``setmaxnreg.inc``)
+    beside a producer warpgroup that keeps ``producer_regs`` (``setmaxnreg.dec``), with
+    ``blocks_per_sm`` thread blocks of ``consumer_threads + 128`` threads a SM: the launch gives
+    each thread ``65536 / (blocks x threads)`` rounded down to 8, and the consumers may take only
+    what the producer gave back to the thread block (asked for more, their ``setmaxnreg.inc``
+    waits forever), rounded down to 8 and at most :data:`WS_CONSUMER_REGS_MAX`. Two consumer
+    warpgroups: launch 168, producer 24 -> 240, producer 32 -> 232 (the formula before this one,
+    ``(65536 / blocks - 128 producer) / consumer threads``, said 240 there: a draft with it hung on
+    an H100, forty-fifth session); one: launch 128, 24 -> 232, 32 -> 224."""
+    launch = 65536 // blocks_per_sm // (consumer_threads + 128) // 8 * 8
+    given_back = 128 * (launch - producer_regs)
+    return min(WS_CONSUMER_REGS_MAX, (launch + given_back // consumer_threads) // 8 * 8)
+
+
 def check_warp_specialized_shape(tma: bool, warps: int) -> None:
     """Raise ``ValueError`` unless the warp-specialized form can run: a form of the TMA kernel
     (its producer issues the TMA copies) with one or two consumer warpgroups."""
@@ -765,14 +780,14 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
     MIN_BLOCKS = 512 // NTHR if tma and S * D <= 128 else 0
     # warp-specialized form: a producer warpgroup (its first thread issues the TMA copies) beside
     # the W consumer warps; one thread block per SM with two consumer warpgroups, two with one.
-    # setmaxnreg moves registers from the producer (PRODUCER_REGS) to the consumers: the launch
-    # gives every thread 65536 / (blocks x threads) (168 at two consumer warpgroups), the
-    # consumers then hold up to 240 (232 at one)
+    # setmaxnreg moves registers from the producer (WS_PRODUCER_REGS) to the consumers: the launch
+    # gives every thread 65536 / (blocks x threads) rounded down to 8 (168 at two consumer
+    # warpgroups, 128 at one), and the consumers take what the producer gave back: 240 (232 at one)
     PRODUCER_WARPS = 4 if warp_specialized else 0
     FLAG_GROUPS = W // 4 if warp_specialized else 1  # groups whose threads tag a block's V apart
     if warp_specialized:
         MIN_BLOCKS = 8 // W
-        CONSUMER_REGS = min(WS_CONSUMER_REGS_MAX, (65536 // MIN_BLOCKS - 128 * WS_PRODUCER_REGS) // NTHR // 8 * 8)
+        CONSUMER_REGS = consumer_registers(NTHR, MIN_BLOCKS, WS_PRODUCER_REGS)
     # persistent form: P thread blocks walk the B H x NT programs, TILE_ROUNDS rounds each
     PERSISTENT = persistent > 0
     GRID_ROWS = tile_grid_rows(NT, "tiled")
