@@ -135,9 +135,9 @@ def test_persistent_form_compiles_with_rounds_and_one_cta_barrier(d, warps, dtyp
 def test_consumer_registers_take_only_what_the_producer_gives_back():
     """The consumers' ``setmaxnreg.inc`` asks for at most what the producer's ``.dec`` gave back
     to the thread block: each thread starts with the launch's registers (65536 / (blocks x
-    threads), rounded down to 8), and an ``inc`` past the returned pool waits forever (a draft
-    of the forty-fifth session kept the producer at 32 registers and the consumers at 240, and
-    hung on the GPU). The most that fits, a multiple of 8; the forms' own figures: beside a
+    threads), rounded down to 8), and an ``inc`` past the returned pool waits forever (most
+    likely why a draft of the forty-fifth session, the producer at 32 registers and the consumers
+    at 240, hung on the GPU). The most that fits, a multiple of 8; the forms' own figures: beside a
     producer of 24, two consumer warpgroups (launch 168) take 240, one (launch 128) 232, and the
     kernel asks for them."""
     for threads, blocks in ((256, 1), (128, 2)):

@@ -323,8 +323,8 @@ def consumer_registers(consumer_threads: int, blocks_per_sm: int, producer_regs:
     what the producer gave back to the thread block (asked for more, their ``setmaxnreg.inc``
     waits forever), rounded down to 8 and at most :data:`WS_CONSUMER_REGS_MAX`. Two consumer
     warpgroups: launch 168, producer 24 -> 240, producer 32 -> 232 (the formula before this one,
-    ``(65536 / blocks - 128 producer) / consumer threads``, said 240 there: a draft with it hung on
-    an H100, forty-fifth session); one: launch 128, 24 -> 232, 32 -> 224."""
+    ``(65536 / blocks - 128 producer) / consumer threads``, said 240 there, most likely why a draft
+    with it hung on an H100, forty-fifth session); one: launch 128, 24 -> 232, 32 -> 224."""
     launch = 65536 // blocks_per_sm // (consumer_threads + 128) // 8 * 8
     given_back = 128 * (launch - producer_regs)
     return min(WS_CONSUMER_REGS_MAX, (launch + given_back // consumer_threads) // 8 * 8)
