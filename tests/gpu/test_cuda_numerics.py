@@ -283,17 +283,22 @@ def test_cuda_wgmma_nan_in_masked_keys_and_values_does_not_leak(form, rng):
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("value", [np.inf, -np.inf, np.nan], ids=["inf", "minus_inf", "nan"])
-@pytest.mark.parametrize("d,form", [(64, dict(tma=True, warp_specialized=True)),
-                                    (128, dict(br=128, warps=8, bc=128, tma=True, warp_specialized=True,
-                                               persistent=1))],
-                         ids=["d64_one_group", "d128_two_groups_persistent1"])
-def test_cuda_warp_specialized_non_finite_masked_values_do_not_leak(d, form, value, dtype, rng):
-    """The warp-specialized form's V check (each consumer warpgroup tests a PARTIAL block's
-    landed V stage for NaN and inf, and such a block takes the exact P V path) in both dtypes
-    and with each non-finite value: keys and values 200..255 hold it and every row masks them
-    out, so no row may see it; one NaN value of a kept key (head 1, key 37) reaches exactly the
-    rows that keep that key (its column d=5). Also the test of the drafts that changed how V is
-    checked (benchmarks/README.md, "The thirty-sixth session")."""
+@pytest.mark.parametrize("d,form", [(64, dict(wgmma=True, tma=True, warp_specialized=True)),
+                                    (128, dict(br=128, warps=8, bc=128, wgmma=True, tma=True, warp_specialized=True,
+                                               persistent=1)),
+                                    (64, dict(wgmma=True, tma=True)),
+                                    (128, dict(br=128, warps=8, wgmma=True, tma=True)),
+                                    (128, dict(wgmma=True, stages=2)),
+                                    (64, dict(stages=2)), (128, dict(stages=1))],
+                         ids=["ws_d64_one_group", "ws_d128_two_groups_persistent1", "tma_d64",
+                              "tma_d128_two_warpgroups", "wgmma_d128", "mma_d64", "mma_d128_one_stage"])
+def test_cuda_non_finite_masked_values_do_not_leak(d, form, value, dtype, rng):
+    """Each tensor-core form's V check (a PARTIAL block's V stage tested for NaN and inf by
+    packed FMAs, by each consumer warpgroup in the warp-specialized form; such a block takes the
+    exact P V path) in both dtypes and with each non-finite value: keys and values 200..255 hold
+    it and every row masks them out, so no row may see it; one NaN value of a kept key (head 1,
+    key 37) reaches exactly the rows that keep that key (its column d=5). Also the test of the
+    drafts that changed how V is checked (benchmarks/README.md, "The thirty-sixth session")."""
     from tvm_splat import ACSR, sparse_attention
     from tvm_splat.schedules.tiled import TiledKnobs
 
@@ -307,7 +312,7 @@ def test_cuda_warp_specialized_non_finite_masked_values_do_not_leak(d, form, val
     v[:, :, 200:] = value
     v[:, 1, 37, 5] = np.nan  # kept by rows 28..46 of head 1
     (tq, tk, tv), (q64, k64, v64) = _cuda([q, k, v], dtype)
-    knobs = TiledKnobs(use_tensor_cores=True, wgmma=True, **form)
+    knobs = TiledKnobs(use_tensor_cores=True, **form)
     out = sparse_attention(tq, tk, tv, acsr, variant="tiled", knobs=knobs).double().cpu().numpy()
     ref = masked_attention(q64, k64, v64, mask)
     assert np.isnan(ref).sum() == 19 and not np.isinf(ref).any()

@@ -927,3 +927,43 @@ def test_training_refuses_a_warp_specialized_forward():
     knobs = dataclasses.replace(made.mma_knobs, forward=forward)
     why = tensor_core_training_refusal(made.spec, made.target, knobs, made.tile_plans)
     assert why is not None and "no warp-specialized form" in why
+
+
+#: both backward kernels in mma.sync at head_dim 64 (two kernels: the fused dQ is a wgmma form)
+_MMA_SYNC_TWO_KERNELS = {"wgmma": False, "dkdv_tma": False, "dq_wgmma": None, "fused_dq": False,
+                         "per_query_head": False}
+
+
+@pytest.mark.parametrize("d,over", [(64, {}), (64, _MMA_SYNC_TWO_KERNELS), (128, {})],
+                         ids=["d64", "d64 mma.sync", "d128"])
+@pytest.mark.parametrize("dtype,halves", [("bfloat16", "bf16x2"), ("float16", "f16x2")])
+def test_training_kernels_check_blocks_by_packed_fmas_in_four_chains(dtype, halves, d, over):
+    """fwd_lse, bwd_dq and bwd_dkdv test a block's rows for NaN and inf as the forward does
+    (``common.nonfinite_fma``): one packed FMA a word of a thread's 16-byte chunks, word i into
+    chain i, the four chains joined without their sign bits before the flag is tagged; none of
+    the integer test's exponent masks is left."""
+    import dataclasses
+
+    from tvm_splat.training import plan_training
+
+    shapes = ((2, 4, 300, d), (2, 2, 300, d), dtype, "cuda")
+    plan = plan_training(GlobalTokens(2) | Window(24), *shapes, target=H100)
+    if over:
+        plan = plan_training(GlobalTokens(2) | Window(24), *shapes, target=H100,
+                             mma_knobs=dataclasses.replace(plan.mma_knobs, **over))
+    assert plan.kernels == "tensor-cores", plan.fallback_reason
+    src = cuda_source(compile_backward_mma(plan.spec, plan.target, plan.mma_knobs, [p.shape for p in plan.tile_plans],
+                                           use_disk_cache=False))
+    joined = ("nonfinite_ptr[0] = ((((nonfinite_ptr[0] | nonfinite_ptr[1]) | nonfinite_ptr[2]) | nonfinite_ptr[3])"
+              " & (uint)2147450879);")  # 0x7FFF7FFF
+    kernels = [k for k in ("fwd_lse", "bwd_dq", "bwd_dkdv") if f" {k}_kernel(" in src]
+    assert "bwd_dkdv" in kernels and "fwd_lse" in kernels
+    for kernel in kernels:
+        body = src[src.rindex(f" {kernel}_kernel("):].split('extern "C"')[0]
+        calls = re.findall(rf"tvm_builtin_ptx_fma_half_rn_{halves}\(nonfinite_ptr\[(\d)\], words_ptr\[(\d)\], "
+                           rf"\(uint\)0, nonfinite_ptr\[(\d)\]\);", body)
+        assert calls and all(acc == word == acc2 for acc, word, acc2 in calls), kernel
+        assert {acc for acc, _, _ in calls} == {"0", "1", "2", "3"}, kernel
+        assert body.count(joined) == body.count("if (nonfinite_ptr[0] != (uint)0)") > 0, kernel
+        for exponent_bits in (0x7C007C00, 0x7F807F80):
+            assert f"(uint){exponent_bits}" not in body, kernel

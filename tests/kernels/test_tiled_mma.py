@@ -155,13 +155,39 @@ def test_consumer_registers_take_only_what_the_producer_gives_back():
         assert f"setmaxnreg_dec_sync_aligned_u32_{WS_PRODUCER_REGS}()" in body
 
 
+#: the forms whose V check the next test reads: head_dim and knobs (the persistent
+#: warp-specialized form, the TMA form with one and two warpgroups, the cp.async wgmma form and
+#: the mma.sync form)
+V_CHECK_FORMS = {
+    "ws_persistent": (64, dict(br=64, warps=4, bc=128, wgmma=True, tma=True, warp_specialized=True, persistent=3)),
+    "tma": (64, dict(wgmma=True, tma=True)),
+    "tma_two_warpgroups": (128, dict(br=128, warps=8, wgmma=True, tma=True)),
+    "wgmma": (128, dict(wgmma=True, stages=2)),
+    "mma": (64, dict(stages=2)),
+}
+
+
+def _window_source(d, dtype, knobs):
+    """The CUDA source of the tiled family's plan of window +-300 (n=2048, 2 x 4 heads) under
+    ``knobs`` (sm_90a for the wgmma forms)."""
+    from tvm_splat.planner import plan
+    from tvm_splat.schedules.targets import arch_specific
+
+    made = plan(parse_pattern("window:300"), (2, 4, 2048, d), None, dtype, None, target=H100, variant="tiled",
+                knobs=knobs)
+    target = arch_specific(made.target) if knobs.wgmma else made.target
+    return tvm.tirx.build(made.module(), target=target).imports[0].inspect_source()
+
+
+@pytest.mark.parametrize("form", sorted(V_CHECK_FORMS))
 @pytest.mark.parametrize("dtype,halves", [("bfloat16", "bf16x2"), ("float16", "f16x2")])
-def test_warp_specialized_v_check_is_packed_fmas_in_four_chains(dtype, halves):
-    """The warp-specialized form checks a PARTIAL block's V by packed FMAs (x 0 + c, NaN exactly
+def test_v_check_is_packed_fmas_in_four_chains(dtype, halves, form):
+    """Every tensor-core form checks a PARTIAL block's V by packed FMAs (x 0 + c, NaN exactly
     for a NaN or inf x) into four independent chains, each the i-th word of the thread's 16-byte
     chunks, joined without their sign bits (a finite x leaves a signed zero) before the flag is
     tagged; none of the integer test's exponent masks is left in the kernel."""
-    _, src, _ = _persistent(64, 4, dtype, 3)
+    d, over = V_CHECK_FORMS[form]
+    src = _window_source(d, dtype, TiledKnobs(use_tensor_cores=True, **over))
     body = _kernel_body(src)
     calls = re.findall(rf"tvm_builtin_ptx_fma_half_rn_{halves}\(nonfinite_ptr\[(\d)\], words_ptr\[(\d)\], "
                        rf"\(uint\)0, nonfinite_ptr\[(\d)\]\);", body)

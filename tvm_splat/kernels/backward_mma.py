@@ -178,7 +178,8 @@ from types import SimpleNamespace
 import tvm
 from tvm.script import tirx as T
 
-from .common import LOG2E, block_range_cache, nonfinite_halves, row_segment_cache, tile_grid_rows
+from .common import (LOG2E, NONFINITE_CHAINS, block_range_cache, nonfinite_fma, nonfinite_joined, row_segment_cache,
+                     tile_grid_rows)
 from .spec import AttentionSpec
 from .tiled_mma import (MMA_TYPES, ROW_PAD, SHARED_BYTES_MAX, WGMMA_PAIR_TYPES, advance_desc, chunk_position,
                         core_matrix_elem, encode_row_block_map, init_stage_barriers, issue_tma_pair, k_major_step,
@@ -349,6 +350,7 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
     check_backward_mma_shape(spec, BR, BC, W, stages, wgmma, fused_dq, tma)
     D, N, S, dt = spec.head_dim, spec.seq_len, spec.max_segments, spec.dtype
     ab = MMA_TYPES[dt]
+    fma_halves = nonfinite_fma(dt)  # the check of a block's rows for NaN and inf (flag_nonfinite)
     DP = D if wgmma else D + ROW_PAD  # elements per shared row (wgmma: 8x8 core matrices, unpadded)
     PP = BC + ROW_PAD  # elements per staged P / dS row
     KD, NTL, KC, DT = D // 16, BC // 8, BC // 16, D // 8  # k-steps of S, n-tiles of S, k-steps, n-tiles of dQ
@@ -492,13 +494,15 @@ def _steps(spec: AttentionSpec, plan_shape, warps: int, stages: int, dkdv: bool 
         # holds a NaN or inf, tag ``bad[slot]`` (one slot per stage) with ``tag`` (through PTX,
         # untracked by TVM's barrier planner, as in the forward; the barrier that follows
         # publishes the tag)
-        nonfinite[0] = T.uint32(0)
+        for c in T.unroll(NONFINITE_CHAINS):
+            nonfinite[c] = T.uint32(0)
         for it in T.serial((nrows_max * CH + NTHR - 1) // NTHR):
             if it * NTHR + tid < nrows_max * CH:
                 T.ptx.ld.shared.v4.b32(words[0], words[1], words[2], words[3], T.address_of(
                     smem[own_chunk(base, it, tid, landed)]))
-                for i in T.unroll(4):
-                    nonfinite[0] = nonfinite[0] | nonfinite_halves(words[i], dt)
+                for i in T.unroll(NONFINITE_CHAINS):  # one packed FMA a word, a chain each
+                    fma_halves(nonfinite[i], words[i], T.uint32(0), nonfinite[i])
+        nonfinite[0] = nonfinite_joined(nonfinite)
         if nonfinite[0] != T.uint32(0):
             T.ptx.st.shared.b32(T.address_of(bad[slot]), tag)
 
@@ -1089,7 +1093,7 @@ def backward_dq_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stages
                             drow = T.sblock_alloc_buffer((2,), "float32", scope="local")
                             sg = T.sblock_alloc_buffer((2 * S * 3,), "int32", scope="local")
                             rng = T.sblock_alloc_buffer((2 * S * 2,), "int32", scope="local")
-                            nonfinite = T.sblock_alloc_buffer((1,), "uint32", scope="local")
+                            nonfinite = T.sblock_alloc_buffer((NONFINITE_CHAINS,), "uint32", scope="local")
                             words = T.sblock_alloc_buffer((4,), "uint32", scope="local")
                             flag = T.sblock_alloc_buffer((1,), "int32", scope="local")
                             b: T.let[T.int32] = vbh // H
@@ -1311,7 +1315,7 @@ def backward_dkdv_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, stag
                             rng = T.sblock_alloc_buffer((2 * S * 2,), "int32", scope="local")
                             # per stage: the lse, then the delta, of the block's query rows
                             stats = T.sblock_alloc_buffer((stages * 2 * BC,), "float32", scope="shared")
-                            nonfinite = T.sblock_alloc_buffer((1,), "uint32", scope="local")
+                            nonfinite = T.sblock_alloc_buffer((NONFINITE_CHAINS,), "uint32", scope="local")
                             words = T.sblock_alloc_buffer((4,), "uint32", scope="local")
                             flag = T.sblock_alloc_buffer((1,), "int32", scope="local")
                             # fused_dq: 1 when the tile's K holds a NaN or inf; dQ^T accumulators

@@ -87,12 +87,26 @@ def without_unused_kv_len(spec, func):
 # Pieces of the warp-level kernels (kernels/tiled_mma.py, kernels/backward_mma.py), in which a
 # thread owns a few rows of a tile ("row slots") and caches their segments in registers.
 
-def nonfinite_halves(word, dtype):
-    """Non-zero exactly when one of the two 16-bit ``dtype`` (float16 / bfloat16) elements
-    packed in the uint32 ``word`` is NaN or inf: its exponent bits are all ones exactly when
-    adding one to its exponent carries into its sign bit (the result is those sign bits)."""
-    exp_bits, exp_carry = {"float16": (0x7C007C00, 0x04000400), "bfloat16": (0x7F807F80, 0x00800080)}[dtype]
-    return ((word & T.uint32(exp_bits)) + T.uint32(exp_carry)) & T.uint32(0x80008000)
+#: the V check's independent chains of packed FMAs: one a 32-bit word of a thread's 16-byte chunk
+NONFINITE_CHAINS = 4
+
+
+def nonfinite_fma(dtype):
+    """The packed FMA of two 16-bit ``dtype`` (float16 / bfloat16) elements that a non-finite
+    check chains, ``fma(chain, word, 0, chain)``: ``x 0 + c`` over both halves of ``word`` is a
+    signed zero for a finite ``x`` and NaN for NaN or inf, and NaN stays NaN. One instruction a
+    word, where an integer test (exponent mask, carry into the sign bit, sign mask) takes three."""
+    return {"float16": T.ptx.fma.rn.f16x2, "bfloat16": T.ptx.fma.rn.bf16x2}[dtype]
+
+
+def nonfinite_joined(chains):
+    """Non-zero exactly when one of the :data:`NONFINITE_CHAINS` chains of :func:`nonfinite_fma`
+    (a uint32 buffer) met a NaN or inf: the chains or-ed, their halves' sign bits dropped (a
+    finite element leaves a signed zero)."""
+    joined = chains[0]
+    for c in range(1, NONFINITE_CHAINS):
+        joined = joined | chains[c]
+    return joined & T.uint32(0x7FFF7FFF)
 
 
 def row_segment_cache(rows_per_thread, max_segments, tile_row):

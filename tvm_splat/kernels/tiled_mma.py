@@ -45,8 +45,9 @@ import numpy
 import tvm
 from tvm.script import tirx as T
 
-from .common import (LOG2E, NEG_INIT, block_range_cache, key_length, launch_bounds, natural_lse, nonfinite_halves,
-                     normalised, row_segment_cache, tile_grid_rows, without_unused_kv_len)
+from .common import (LOG2E, NEG_INIT, NONFINITE_CHAINS, block_range_cache, key_length, launch_bounds, natural_lse,
+                     nonfinite_fma, nonfinite_joined, normalised, row_segment_cache, tile_grid_rows,
+                     without_unused_kv_len)
 from .spec import AttentionSpec
 from .tiled import partial_shapes, split_chunk, split_shapes
 
@@ -932,26 +933,26 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
         issue_tma_pair(smem, ready, st, 2 * KV_BYTES, kmap, K_OFF + st * BC * D, vmap, V_OFF + st * BC * D, col0, bhk,
                        STEP, kv_evict_last)
 
-    # the V check by packed FMAs (the warp-specialized form): x 0 + c over both 16-bit halves
-    # of a word is a signed zero for a finite x and NaN for NaN or inf, and NaN stays NaN
-    NONFINITE_BY_FMA = warp_specialized
-    NONFINITE_CHAINS = 4 if NONFINITE_BY_FMA else 1
-    fma_halves = {"float16": T.ptx.fma.rn.f16x2, "bfloat16": T.ptx.fma.rn.bf16x2}.get(dt)
+    # the V check by packed FMAs (every form; common.nonfinite_fma), one chain a word of a
+    # thread's 16-byte chunks
+    fma_halves = nonfinite_fma(dt)
 
     @T.macro
     def flag_nonfinite_chunks(smem, vbad, words, nonfinite, st, j, tid, threads, flag):
         # thread ``tid`` of ``threads``: its 16-byte chunks of V's stage st (in the order the
         # copies take them); if an element is NaN or inf, set ``vbad[flag]`` to block j + 1.
-        # With NONFINITE_BY_FMA one packed FMA a word into one of 4 independent chains (the
-        # sign bits dropped at the end), else 3 integer operations a word (nonfinite_halves):
-        # SASS of window +-1024 d=128, a PARTIAL block's path with the check
-        # (sass_block_path.py --require FSEL>=64 --require LDS>=16) 887 -> 793 instructions a
-        # thread in bf16, 895 -> 801 in fp16 (HFMA2 64, where LOP3 went 123 -> 29); held 3 s on
-        # an H100, two ABBA rounds, bf16 +0.7% and fp16 +0.4% (forty-fourth session,
-        # benchmarks/results/h100_forty_fourth_ab.json, v_check_fma). Reads and the tag go
-        # through PTX on raw shared addresses, which TVM's barrier planner does not track:
-        # tracked, it would add a barrier per block (the caller's barrier publishes the tag and
-        # orders everything else).
+        # One packed FMA a word into one of 4 independent chains (the sign bits dropped at the
+        # end), where the integer test took 3 operations a word. SASS of window +-1024 d=128, a
+        # PARTIAL block's path with the check (sass_block_path.py --require FSEL>=64 --require
+        # LDS>=16): 887 -> 793 instructions a thread in bf16, 895 -> 801 in fp16 (HFMA2 64, where
+        # LOP3 went 123 -> 29). Held 3 s on an H100, ABBA: the warp-specialized form bf16 +0.7%
+        # and fp16 +0.4% (forty-fourth session, benchmarks/results/h100_forty_fourth_ab.json,
+        # v_check_fma); the d=64 TMA form +0.4-0.5% (window +-256 and global + window, bf16 and
+        # fp16), the mma.sync form level (-0.2%, causal strided d=64) (forty-sixth session,
+        # h100_forty_sixth_ab.json); the same registers and no spill in every form (ptxas).
+        # Reads and the tag go through PTX on raw shared addresses, which TVM's barrier planner
+        # does not track: tracked, it would add a barrier per block (the caller's barrier
+        # publishes the tag and orders everything else).
         for c in T.unroll(NONFINITE_CHAINS):
             nonfinite[c] = T.uint32(0)
         for it in T.serial((BC * CH + threads - 1) // threads):
@@ -959,13 +960,9 @@ def tiled_mma_func(spec: AttentionSpec, plan_shape, warps: int = 4, m_tiles: int
                 T.ptx.ld.shared.v4.b32(words[0], words[1], words[2], words[3], T.address_of(smem[kv_elem(
                     V_OFF, st, chunk_position(it * threads + tid, CH, core_rows_first)[0],
                     chunk_position(it * threads + tid, CH, core_rows_first)[1])]))
-                for i in T.unroll(4):
-                    if NONFINITE_BY_FMA:
-                        fma_halves(nonfinite[i], words[i], T.uint32(0), nonfinite[i])
-                    else:
-                        nonfinite[0] = nonfinite[0] | nonfinite_halves(words[i], dt)
-        if NONFINITE_BY_FMA:
-            nonfinite[0] = (nonfinite[0] | nonfinite[1] | nonfinite[2] | nonfinite[3]) & T.uint32(0x7FFF7FFF)
+                for i in T.unroll(NONFINITE_CHAINS):
+                    fma_halves(nonfinite[i], words[i], T.uint32(0), nonfinite[i])
+        nonfinite[0] = nonfinite_joined(nonfinite)
         if nonfinite[0] != T.uint32(0):
             T.ptx.st.shared.b32(T.address_of(vbad[flag]), j + 1)
 
