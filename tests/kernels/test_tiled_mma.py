@@ -181,23 +181,14 @@ def _window_source(d, dtype, knobs):
 
 @pytest.mark.parametrize("form", sorted(V_CHECK_FORMS))
 @pytest.mark.parametrize("dtype,halves", [("bfloat16", "bf16x2"), ("float16", "f16x2")])
-def test_v_check_is_packed_fmas_in_four_chains(dtype, halves, form):
+def test_v_check_is_packed_fmas_in_four_chains(dtype, halves, form, packed_fma_check):
     """Every tensor-core form checks a PARTIAL block's V by packed FMAs (x 0 + c, NaN exactly
     for a NaN or inf x) into four independent chains, each the i-th word of the thread's 16-byte
     chunks, joined without their sign bits (a finite x leaves a signed zero) before the flag is
     tagged; none of the integer test's exponent masks is left in the kernel."""
     d, over = V_CHECK_FORMS[form]
     src = _window_source(d, dtype, TiledKnobs(use_tensor_cores=True, **over))
-    body = _kernel_body(src)
-    calls = re.findall(rf"tvm_builtin_ptx_fma_half_rn_{halves}\(nonfinite_ptr\[(\d)\], words_ptr\[(\d)\], "
-                       rf"\(uint\)0, nonfinite_ptr\[(\d)\]\);", body)
-    assert calls and all(acc == word == acc2 for acc, word, acc2 in calls)
-    assert {acc for acc, _, _ in calls} == {"0", "1", "2", "3"}
-    joined = ("nonfinite_ptr[0] = ((((nonfinite_ptr[0] | nonfinite_ptr[1]) | nonfinite_ptr[2]) | nonfinite_ptr[3])"
-              " & (uint)2147450879);")  # 0x7FFF7FFF
-    assert body.count(joined) == body.count("if (nonfinite_ptr[0] != (uint)0)") > 0
-    for exponent_bits in (0x7C007C00, 0x7F807F80):
-        assert f"(uint){exponent_bits}" not in body
+    packed_fma_check(_kernel_body(src), halves)
     assert nvcc_compile(src, H100)
 
 
