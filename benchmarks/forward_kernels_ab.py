@@ -58,7 +58,10 @@ CASES = [("global:4+window:256", 1, 12, 12, 4096, 64), ("global:4+window:256", 4
          ("window:2048", 1, 16, 16, 32768, 128), ("causal_window:4095", 1, 32, 8, 32768, 128),
          # a causal window of 8191 at n=32k (32 heads on 8): tiles of 65 blocks after a ramp of
          # 64, where the rule takes runs of 4 heads (0.4% over heads first's busiest block)
-         ("causal_window:8191", 1, 32, 8, 32768, 128)]
+         ("causal_window:8191", 1, 32, 8, 32768, 128),
+         # block-local attention, the models suite's and the quick suite's: one or two blocks a
+         # tile, so each tile's loads and store bound it, not its GEMMs
+         ("block:128", 1, 16, 16, 8192, 64), ("block:256", 1, 12, 12, 4096, 64)]
 
 
 def case_inputs(pattern, b, h, kvh, n, d, dtype="float16"):
