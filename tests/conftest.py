@@ -58,24 +58,24 @@ def warp_specialized_spill_bytes():
     return lambda head_dim, warps: 16 if warps == 8 else 0
 
 
-
 @pytest.fixture
 def packed_fma_check():
-    """``check(body, halves)``: the CUDA ``body`` of one kernel (``halves``: ``bf16x2`` or
-    ``f16x2``) tests 16-bit rows for NaN and inf as ``kernels.common.nonfinite_fma`` builds it:
-    one packed FMA a word of a thread's 16-byte chunks, word i into chain i of four, the chains
-    joined without their sign bits (a finite x leaves a signed zero) before each flag is tagged,
-    and none of the integer test's exponent masks left."""
+    """``check(body, halves, kernel="")``: the CUDA ``body`` of one kernel (``halves``: ``bf16x2``
+    or ``f16x2``; ``kernel``: its name in a failure's message) tests 16-bit rows for NaN and inf
+    as ``kernels.common.nonfinite_fma`` builds it: one packed FMA a word of a thread's 16-byte
+    chunks, word i into chain i of four, the chains joined without their sign bits (a finite x
+    leaves a signed zero) before each flag is tagged, and none of the integer test's exponent
+    masks left."""
     joined = ("nonfinite_ptr[0] = ((((nonfinite_ptr[0] | nonfinite_ptr[1]) | nonfinite_ptr[2]) | nonfinite_ptr[3])"
               " & (uint)2147450879);")  # 0x7FFF7FFF
 
-    def check(body, halves):
+    def check(body, halves, kernel=""):
         calls = re.findall(rf"tvm_builtin_ptx_fma_half_rn_{halves}\(nonfinite_ptr\[(\d)\], words_ptr\[(\d)\], "
                            rf"\(uint\)0, nonfinite_ptr\[(\d)\]\);", body)
-        assert calls and all(acc == word == acc2 for acc, word, acc2 in calls)
-        assert {acc for acc, _, _ in calls} == {"0", "1", "2", "3"}
-        assert body.count(joined) == body.count("if (nonfinite_ptr[0] != (uint)0)") > 0
+        assert calls and all(acc == word == acc2 for acc, word, acc2 in calls), kernel
+        assert {acc for acc, _, _ in calls} == {"0", "1", "2", "3"}, kernel
+        assert body.count(joined) == body.count("if (nonfinite_ptr[0] != (uint)0)") > 0, kernel
         for exponent_bits in (0x7C007C00, 0x7F807F80):
-            assert f"(uint){exponent_bits}" not in body
+            assert f"(uint){exponent_bits}" not in body, kernel
 
     return check

@@ -957,4 +957,4 @@ def test_training_kernels_check_blocks_by_packed_fmas_in_four_chains(dtype, halv
     kernels = [k for k in ("fwd_lse", "bwd_dq", "bwd_dkdv") if f" {k}_kernel(" in src]
     assert "bwd_dkdv" in kernels and "fwd_lse" in kernels
     for kernel in kernels:
-        packed_fma_check(src[src.rindex(f" {kernel}_kernel("):].split('extern "C"')[0], halves)
+        packed_fma_check(src[src.rindex(f" {kernel}_kernel("):].split('extern "C"')[0], halves, kernel)
