@@ -1,7 +1,7 @@
 """Forward kernel throughput of the default plan, for A/B runs of two versions of the code (CUDA GPU).
 
     python benchmarks/forward_kernels_ab.py LABEL OUT.json [--cases I,J..] [--variants JSON] [--dtype bfloat16]
-        [--reverse] [--warm SECONDS]
+        [--reverse] [--warm SECONDS] [--kernel-time]
 
 Runs :data:`CASES` (fp16 unless ``--dtype``, seeded random inputs; ``--cases``: their indices) with the planner's
 default knobs and times
@@ -20,6 +20,8 @@ the default), e.g. ``'[{}, {"br": 128, "warps": 8}, {"split_blocks": 0}]'``, or 
 132}]'`` (the persistent form, 132 thread blocks, of the cases whose default is warp-specialized):
 one row per variant (``variant``, its knobs, and ``max_diff``, the largest difference of its
 output from the first variant's); a variant the planner refuses is a row with its ``error``.
+``--kernel-time``: each row also holds ``kernel_ms`` by CUPTI, for kernels short enough that the
+host paces the calls (:func:`run_case`).
 """
 import argparse
 import dataclasses
@@ -30,7 +32,7 @@ import torch
 from tvm_splat.bench.run import seconds_type
 from tvm_splat.formats import parse_pattern
 from tvm_splat.planner import plan
-from tvm_splat.timing import run_for, throughput_ms
+from tvm_splat.timing import cuda_kernel_ms, run_for, throughput_ms
 
 #: (pattern, batch, heads, kv_heads, n, head_dim): models-suite shapes, partial-heavy first
 CASES = [("global:4+window:256", 1, 12, 12, 4096, 64), ("global:4+window:256", 4, 12, 12, 4096, 64),
@@ -92,10 +94,15 @@ def plan_once(plans, mask, q, k, dtype, default, variant):
     return plans[key]
 
 
-def run_case(pattern, b, h, kvh, n, d, label, variants=({},), dtype="float16"):
+def run_case(pattern, b, h, kvh, n, d, label, variants=({},), dtype="float16", kernel_time=False):
     """One row per knob variant of the case, in the order given (the first variant's output is
     the yardstick of ``max_diff``); a variant listed more than once reuses its plan
-    (:func:`plan_once`)."""
+    (:func:`plan_once`). ``kernel_time``: each row also holds ``kernel_ms``, the GPU time of one
+    call's kernels by CUPTI (:func:`~tvm_splat.timing.cuda_kernel_ms`, 50 calls), taken after its
+    throughput rows. Kernels shorter than a call's host time are paced by the host in ``ms``:
+    block-local 256 (0.018 ms kernels) read 19.4-20.9 or 28-36 us by run, whatever its tiling,
+    against 17-21 us of ``AttentionPlan.run`` host time a call (forty-eighth session, H100,
+    ``results/h100_forty_eighth_block_variants.json``); ``kernel_ms`` ranks such variants."""
     mask, q, k, v = case_inputs(pattern, b, h, kvh, n, d, dtype)
     default = plan(mask, q.shape, k.shape, dtype, "cuda")
     rows, first, plans = [], None, {}
@@ -109,6 +116,8 @@ def run_case(pattern, b, h, kvh, n, d, label, variants=({},), dtype="float16"):
             row.update(ms=throughput_ms(lambda: p.run(q, k, v), calls=50, windows=7, warmup=5),
                        sum=float(out.float().abs().sum()), max_diff=float((out.float() - first.float()).abs().max()),
                        knobs=repr(p.knobs))
+            if kernel_time:
+                row["kernel_ms"] = cuda_kernel_ms(lambda: p.run(q, k, v), calls=50)
         except Exception as err:  # noqa: BLE001 - a refused or failing variant is a result
             row["error"] = f"{type(err).__name__}: {err}"[:300]
         rows.append(row)
@@ -138,14 +147,14 @@ def warm_gpu(case, dtype: str, seconds: float) -> int:
     return run_for(lambda: warm.run(q, k, v), seconds, batch=20)
 
 
-def main(label, out_path, cases=None, variants=({},), dtype="float16", reverse=False, warm=0.0):
+def main(label, out_path, cases=None, variants=({},), dtype="float16", reverse=False, warm=0.0, kernel_time=False):
     """Time ``cases`` × ``variants`` and write the rows to ``out_path``. Each row's ``position``
     is its place among the process's timed rows (1 first). ``reverse``: each case's variants run
     last to first (the last variant is then the yardstick of ``max_diff``), so that two
     processes, one in each order, put every variant at every place of a case's rows. (Fortieth
     session: the fourth timed row of a process ran 4-8% slow, whichever variant it held.)
     ``warm``: seconds of :func:`warm_gpu` on the first case after the warm-up case, recorded in
-    every row as ``warm_s`` (0: none, as before)."""
+    every row as ``warm_s`` (0: none, as before). ``kernel_time``: :func:`run_case`'s."""
     if not torch.cuda.is_available():
         raise SystemExit("forward_kernels_ab.py needs a CUDA GPU")
     chosen = [CASES[i] for i in (range(len(CASES)) if cases is None else cases)]
@@ -154,7 +163,7 @@ def main(label, out_path, cases=None, variants=({},), dtype="float16", reverse=F
         warm_gpu(chosen[0], dtype, warm)
     rows = []
     for case in chosen:
-        for row in run_case(*case, label, list(variants)[::-1] if reverse else variants, dtype):
+        for row in run_case(*case, label, list(variants)[::-1] if reverse else variants, dtype, kernel_time=kernel_time):
             row["position"] = len(rows) + 1
             if warm:
                 row["warm_s"] = warm
@@ -195,5 +204,7 @@ if __name__ == "__main__":
     parser.add_argument("--reverse", action="store_true", help="run each case's variants last to first")
     parser.add_argument("--warm", type=_warm, default=0.0,
                         help="seconds of the first case back to back, untimed, before the timed rows")
+    parser.add_argument("--kernel-time", action="store_true",
+                        help="each row also holds kernel_ms, one call's kernels by CUPTI")
     args = parser.parse_args()
-    main(args.label, args.out, args.cases, args.variants, args.dtype, args.reverse, args.warm)
+    main(args.label, args.out, args.cases, args.variants, args.dtype, args.reverse, args.warm, args.kernel_time)

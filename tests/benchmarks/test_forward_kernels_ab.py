@@ -83,7 +83,7 @@ def test_reverse_runs_each_cases_variants_last_to_first(repo_script, monkeypatch
     ab = repo_script(SCRIPT)
     timed = []
 
-    def fake_run_case(pattern, b, h, kvh, n, d, label, variants=({},), dtype="float16"):
+    def fake_run_case(pattern, b, h, kvh, n, d, label, variants=({},), dtype="float16", kernel_time=False):
         timed.append((pattern, list(variants)))
         return [{"case": pattern, **({"variant": v} if v else {})} for v in variants]
 
@@ -113,7 +113,7 @@ def test_warm_runs_the_first_case_before_the_timed_rows(repo_script, monkeypatch
     ab = repo_script(SCRIPT)
     events = []
 
-    def fake_run_case(pattern, b, h, kvh, n, d, label, variants=({},), dtype="float16"):
+    def fake_run_case(pattern, b, h, kvh, n, d, label, variants=({},), dtype="float16", kernel_time=False):
         events.append(("case", pattern, len(list(variants))))
         return [{"case": pattern} for _ in variants]
 
@@ -132,3 +132,49 @@ def test_warm_runs_the_first_case_before_the_timed_rows(repo_script, monkeypatch
     for bad in ("-1", "nan", "inf"):
         with pytest.raises(argparse.ArgumentTypeError, match="--warm takes a number of seconds"):
             ab._warm(bad)
+
+
+def test_kernel_time_adds_each_rows_cupti_time(repo_script, monkeypatch, tmp_path):
+    """``--kernel-time``: every timed row of a variant that ran also holds ``kernel_ms``, one call's
+    kernels by CUPTI over 50 calls of that variant's own plan; a refused variant's row stays an
+    error without one; without the flag no row has it. ``main`` passes the flag to every timed
+    case and not to the warm-up case's call."""
+    import json
+    from types import SimpleNamespace
+
+    import torch
+
+    ab = repo_script(SCRIPT)
+    out = torch.ones(1, 2, 8, 4)
+
+    def fake_plan(mask, q_shape, k_shape, dtype, target, knobs=None):
+        if knobs is not None and knobs.warps == 3:
+            raise ValueError("warps must be 4 or 8")
+        return SimpleNamespace(knobs=knobs or ab_knobs, run=lambda q, k, v: out * (2 if knobs else 1))
+
+    from tvm_splat.schedules.tiled import TiledKnobs
+
+    ab_knobs = TiledKnobs(use_tensor_cores=True, br=64, bc=64, warps=4)
+    profiled = []
+    monkeypatch.setattr(ab, "case_inputs", lambda *case: (None, out, out, out))
+    monkeypatch.setattr(ab, "plan", fake_plan)
+    monkeypatch.setattr(ab, "throughput_ms", lambda fn, **kw: 0.02)
+    monkeypatch.setattr(ab, "cuda_kernel_ms", lambda fn, calls: profiled.append((float(fn().sum()), calls)) or 0.0178)
+    variants = [{}, {"warps": 8}, {"warps": 3}]
+    rows = ab.run_case(*ab.CASES[23], "t", variants, "bfloat16", kernel_time=True)
+    assert [r.get("kernel_ms") for r in rows] == [0.0178, 0.0178, None]
+    assert "error" in rows[2] and "warps must be" in rows[2]["error"]
+    assert profiled == [(float(out.sum()), 50), (float(out.sum()) * 2, 50)]  # each variant's own plan
+    assert all("kernel_ms" not in r for r in ab.run_case(*ab.CASES[23], "t", variants, "bfloat16"))
+
+    calls = []
+
+    def fake_run_case(pattern, b, h, kvh, n, d, label, variants=({},), dtype="float16", kernel_time=False):
+        calls.append(kernel_time)
+        return [{"case": pattern, **({"kernel_ms": 0.0178} if kernel_time else {})} for _ in variants]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ab, "run_case", fake_run_case)
+    ab.main("t", str(tmp_path / "ab.json"), [22, 23], [{}], "bfloat16", kernel_time=True)
+    assert calls == [False, True, True]
+    assert [r["kernel_ms"] for r in json.loads((tmp_path / "ab.json").read_text())] == [0.0178, 0.0178]
