@@ -144,17 +144,17 @@ def test_kernel_time_adds_each_rows_cupti_time(repo_script, monkeypatch, tmp_pat
 
     import torch
 
+    from tvm_splat.schedules.tiled import TiledKnobs
+
     ab = repo_script(SCRIPT)
     out = torch.ones(1, 2, 8, 4)
+    default_knobs = TiledKnobs(use_tensor_cores=True, br=64, bc=64, warps=4)
 
     def fake_plan(mask, q_shape, k_shape, dtype, target, knobs=None):
         if knobs is not None and knobs.warps == 3:
             raise ValueError("warps must be 4 or 8")
-        return SimpleNamespace(knobs=knobs or ab_knobs, run=lambda q, k, v: out * (2 if knobs else 1))
+        return SimpleNamespace(knobs=knobs or default_knobs, run=lambda q, k, v: out * (2 if knobs else 1))
 
-    from tvm_splat.schedules.tiled import TiledKnobs
-
-    ab_knobs = TiledKnobs(use_tensor_cores=True, br=64, bc=64, warps=4)
     profiled = []
     monkeypatch.setattr(ab, "case_inputs", lambda *case: (None, out, out, out))
     monkeypatch.setattr(ab, "plan", fake_plan)
